@@ -1,0 +1,1 @@
+"""jaxlm: a functional transformer framework for JAX."""
