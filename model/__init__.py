@@ -1,0 +1,14 @@
+"""Pure-function models over parameter pytrees."""
+
+from jaxlm.model.config import ModelConfig
+from jaxlm.model.families import forward, model_specs
+from jaxlm.model.params import abstract, initialize, logical_axes
+
+
+def init_params(cfg: ModelConfig, key):
+    """Initialised parameters for cfg (unsharded; see jaxlm.sharding for sharded init)."""
+    return initialize(model_specs(cfg), key)
+
+
+__all__ = ["ModelConfig", "forward", "model_specs", "init_params", "abstract", "initialize",
+           "logical_axes"]

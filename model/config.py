@@ -1,0 +1,416 @@
+"""Config: frozen dataclasses loaded from YAML presets, `a.b=value` overrides.
+
+Every section is a frozen (hashable) dataclass, so `ModelConfig` can be a
+static argument of `jax.jit`. Unknown keys and inconsistent values stop with
+one `ConfigError` line naming the key (and the nearest valid key for a typo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from jaxlm.errors import ConfigError
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str = "decoder"
+    vocab_size: int = 32000
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (MHA); 1: MQA; between: GQA
+    head_dim: int = 0  # 0: d_model // n_heads
+    d_ff: int = 1024
+    max_seq_len: int = 2048
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "swiglu"
+    positions: str = "rope"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # activations and matmuls
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+    remat: str = "none"
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
+        _choice(self, "family", ("decoder",))
+        _choice(self, "norm", ("rmsnorm",))
+        _choice(self, "mlp", ("swiglu",))
+        _choice(self, "positions", ("rope",))
+        _choice(self, "remat", REMAT_POLICIES)
+        _choice(self, "attention_impl", ATTENTION_IMPLS)
+        _choice(self, "dtype", DTYPES)
+        _choice(self, "param_dtype", DTYPES)
+        if self.n_kv_heads == 0:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim == 0:
+            if self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model} "
+                    "(set model.head_dim explicitly or change one of them)")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        _positive(self, "n_kv_heads", "head_dim")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even for rope positions")
+        if not (self.norm_eps > 0 and self.init_std > 0 and self.rope_theta > 0):
+            raise ConfigError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "stdlib"  # "stdlib", a directory, a text file or a .jsonl file
+    max_docs: int = 0  # 0: all
+    eval_fraction: float = 0.02
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    tokenizer: str = ""  # "": train a sentencepiece model on the corpus; else its path
+    tokenizer_max_chars: int = 4_000_000
+
+    def __post_init__(self):
+        _positive(self, "seq_len", "batch_size", "tokenizer_max_chars")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
+        if self.max_docs < 0:
+            raise ConfigError(f"data.max_docs={self.max_docs} must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
+                  "checkpoint_every", "keep_checkpoints", "log_every")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ConfigError(
+                f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
+
+
+# Logical axis -> mesh axis (or None: replicated). Changing parallelism is
+# changing this table and the mesh sizes, never model code.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not taken by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    rules: tuple = DEFAULT_RULES
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if sum(1 for v in sizes.values() if v == -1) > 1:
+            raise ConfigError("mesh: at most one axis may be -1")
+        for name, v in sizes.items():
+            if v == 0 or v < -1:
+                raise ConfigError(f"mesh.{name}={v} must be a positive size or -1")
+        rules = tuple((str(k), _mesh_axes(v)) for k, v in (
+            self.rules.items() if isinstance(self.rules, dict) else self.rules))
+        for logical, axes in rules:
+            for a in axes or ():
+                if a not in sizes:
+                    raise ConfigError(
+                        f"mesh.rules.{logical}: unknown mesh axis {a!r} "
+                        f"(valid: {', '.join(sizes)})")
+        object.__setattr__(self, "rules", rules)
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return ("data", "fsdp", "tensor")
+
+
+def _mesh_axes(v):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return (v,)
+    return tuple(v)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive(self, "max_new_tokens")
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(
+                "generate: temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    run_dir: str = "runs/default"
+
+    def __post_init__(self):
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} is longer than "
+                f"model.max_seq_len={self.model.max_seq_len}")
+
+
+# ---------------------------------------------------------------- loading
+
+def _positive(obj, *names):
+    for n in names:
+        v = getattr(obj, n)
+        if not v > 0:
+            raise ConfigError(f"{_section(obj)}{n}={v} must be > 0")
+
+
+def _choice(obj, name, choices):
+    v = getattr(obj, name)
+    if v not in choices:
+        hint = difflib.get_close_matches(str(v), choices, n=1)
+        raise ConfigError(
+            f"{_section(obj)}{name}={v!r} is not one of {', '.join(choices)}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+_SECTION_NAMES = {"ModelConfig": "model.", "DataConfig": "data.", "TrainConfig": "train.",
+                  "MeshConfig": "mesh.", "GenerateConfig": "generate."}
+
+
+def _section(obj) -> str:
+    return _SECTION_NAMES.get(type(obj).__name__, "")
+
+
+def _all_keys(cls, prefix="") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += _all_keys(t, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key(path: str, cls) -> ConfigError:
+    candidates = _all_keys(Config)
+    hint = difflib.get_close_matches(path, candidates, n=1, cutoff=0.5)
+    return ConfigError(f"unknown config key {path!r}"
+                       + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+def _coerce(value, typ, path):
+    """Coerce a YAML/CLI value to the field's type, or raise a ConfigError."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typ is tuple or origin is tuple:
+        if isinstance(value, (list, tuple, dict)):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{path}={value!r} should be of type {getattr(typ, '__name__', typ)}")
+
+
+def _build(cls, data: dict, prefix=""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} should be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = prefix + str(key)
+        if key not in names:
+            raise _unknown_key(path, cls)
+        t = hints[key]
+        if dataclasses.is_dataclass(t):
+            kwargs[key] = _build(t, value or {}, path + ".")
+        else:
+            kwargs[key] = _coerce(value, t, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # e.g. a value of a type the dataclass refuses
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
+
+
+def _deep_set(tree: dict, path: str, value):
+    parts = path.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: {p!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`a.b=value` -> ("a.b", value), the value parsed as YAML (1e-3, true, [1, 2])."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} should look like key=value (e.g. train.steps=100)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def resolve_preset(name_or_path: str) -> str:
+    """A YAML path, or a preset name shipped in jaxlm/configs (e.g. `tiny-llama`)."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    name = os.path.basename(name_or_path)
+    name = name if name.endswith(".yaml") else name + ".yaml"
+    preset = importlib.resources.files("jaxlm.configs") / name
+    if preset.is_file():
+        return str(preset)
+    known = sorted(p.name[:-5] for p in importlib.resources.files("jaxlm.configs").iterdir()
+                   if p.name.endswith(".yaml"))
+    hint = difflib.get_close_matches(name[:-5], known, n=1)
+    raise ConfigError(f"config {name_or_path!r} not found: not a file, nor a preset ("
+                      + ", ".join(known) + ")" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+
+
+def config_from_dict(data: dict, overrides=()) -> Config:
+    data = _plain(data)
+    for text in overrides:
+        key, value = parse_override(text) if isinstance(text, str) else text
+        _deep_set(data, key, value)
+    return _build(Config, data)
+
+
+def load_config(path: str | None = None, overrides=()) -> Config:
+    """Load a preset (path or name) and apply `a.b=value` overrides."""
+    data = {}
+    if path:
+        path = resolve_preset(path)
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    return config_from_dict(data, overrides)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def to_dict(cfg) -> dict:
+    """A YAML-safe dict that `config_from_dict` turns back into the same config."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif f.name == "rules":
+            out[f.name] = {k: (list(a) if a else None) for k, a in v}
+        else:
+            out[f.name] = v
+    return out
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    return _build(ModelConfig, data, "model.")
+
+
+def dtype_of(name: str):
+    import jax.numpy as jnp
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls only.
+
+    6 * (matmul params, output head included, input embedding excluded since
+    it is a gather) + 6 * 2 * layers * seq * heads * head_dim for the two
+    attention matmuls (QK^T and PV) over the full, unmasked score matrix,
+    which is what the XLA reference computes.
+    """
+    d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
+    attn_proj = d * hd * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
+    mlp = 3 * d * cfg.d_ff
+    head = d * cfg.vocab_size
+    matmul_params = L * (attn_proj + mlp) + head
+    attn_scores = 2 * L * seq_len * cfg.n_heads * hd
+    return 6.0 * matmul_params + 6.0 * attn_scores
+
+
+__all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "MeshConfig", "GenerateConfig",
+           "load_config", "config_from_dict", "to_dict", "parse_override"]

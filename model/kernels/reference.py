@@ -1,0 +1,32 @@
+"""The XLA reference attention: the oracle every kernel is tested against."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.model.kernels.mask import MaskSpec
+
+
+def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None):
+    """q [B,Sq,H,D], k/v [B,Sk,KVH,D] -> [B,Sq,H,D].
+
+    GQA/MQA: query heads are grouped over their KV head (no repeated K/V).
+    Scores and softmax in float32. Rows with no visible key return zeros.
+    """
+    b, sq, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, sq, kvh, g, d)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:  # [B or 1, H, Sq, Sk]
+        scores = scores + bias.reshape(bias.shape[0], kvh, g, sq, -1).astype(jnp.float32)
+    visible = mask.visible(sq, k.shape[1])  # [B or 1, Sq, Sk]
+    visible = visible[:, None, None]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(jnp.any(visible, axis=-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, sq, h, d).astype(q.dtype)
