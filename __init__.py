@@ -1,1 +1,37 @@
-"""jaxlm: a functional transformer framework for JAX."""
+"""jaxlm: a functional transformer framework for JAX.
+
+    import jaxlm
+    cfg, params = jaxlm.load("runs/tiny-llama")       # a jaxlm run/checkpoint dir
+    logits, aux = jaxlm.forward(params, cfg, tokens)
+    out = jaxlm.generate(params, cfg, [[1, 5, 9]], max_new_tokens=64)
+    jaxlm.save("exported", cfg, params)
+    tok = jaxlm.load_tokenizer("runs/tiny-llama")
+
+Names are imported on first use, so `import jaxlm` (and `jaxlm --help`) stay fast.
+"""
+
+import importlib
+
+from jaxlm.errors import CheckpointError, ConfigError, InputError, JaxlmError
+
+_LAZY = {
+    "load": "jaxlm.api", "save": "jaxlm.api",
+    "forward": "jaxlm.model", "init_params": "jaxlm.model", "ModelConfig": "jaxlm.model",
+    "generate": "jaxlm.infer.generate",
+    "load_tokenizer": "jaxlm.model.tokenizer",
+    "Config": "jaxlm.model.config", "load_config": "jaxlm.model.config",
+}
+
+__all__ = sorted(_LAZY) + ["JaxlmError", "ConfigError", "CheckpointError", "InputError"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jaxlm' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -147,9 +147,12 @@ class MeshConfig:
     data: int = -1  # -1: all devices not taken by the other axes
     fsdp: int = 1
     tensor: int = 1
+    devices: int = 0  # 0: every device; N: only the first N (single-process runs)
     rules: tuple = DEFAULT_RULES
 
     def __post_init__(self):
+        if self.devices < 0:
+            raise ConfigError(f"mesh.devices={self.devices} must be >= 0 (0: all devices)")
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         if sum(1 for v in sizes.values() if v == -1) > 1:
             raise ConfigError("mesh: at most one axis may be -1")
@@ -248,7 +251,10 @@ def _all_keys(cls, prefix="") -> list[str]:
     return keys
 
 
-def _unknown_key(path: str, cls) -> ConfigError:
+def _unknown_key(path: str, value) -> ConfigError:
+    while isinstance(value, dict) and len(value) == 1:  # name the full key: trian.steps
+        (key, value), = value.items()
+        path = f"{path}.{key}"
     candidates = _all_keys(Config)
     hint = difflib.get_close_matches(path, candidates, n=1, cutoff=0.5)
     return ConfigError(f"unknown config key {path!r}"
@@ -269,6 +275,11 @@ def _coerce(value, typ, path):
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -289,7 +300,7 @@ def _build(cls, data: dict, prefix=""):
     for key, value in data.items():
         path = prefix + str(key)
         if key not in names:
-            raise _unknown_key(path, cls)
+            raise _unknown_key(path, value)
         t = hints[key]
         if dataclasses.is_dataclass(t):
             kwargs[key] = _build(t, value or {}, path + ".")

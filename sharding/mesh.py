@@ -29,6 +29,13 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
+    if mesh_cfg.devices:
+        if mesh_cfg.devices > len(devices):
+            raise ConfigError(f"mesh.devices={mesh_cfg.devices} but there are only {len(devices)}")
+        if jax.process_count() > 1:
+            raise ConfigError("mesh.devices selects a subset of devices, which only works in a "
+                              "single-process run; set it to 0 for multi-host")
+        devices = devices[:mesh_cfg.devices]
     sizes = mesh_shape(mesh_cfg, len(devices))
     grid = np.asarray(devices).reshape(tuple(sizes.values()))
     return Mesh(grid, tuple(sizes))

@@ -1,0 +1,46 @@
+"""`jaxlm.load` / `jaxlm.save`: checkpoints as (ModelConfig, params)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.model import model_specs
+from jaxlm.model.config import Config, DataConfig, ModelConfig
+from jaxlm.model.params import abstract
+from jaxlm.train import checkpoint
+from jaxlm.train.loop import CONFIG_FILE, _write_config, read_run_config
+
+
+def load(path: str, step: int | None = None) -> tuple[ModelConfig, dict]:
+    """(model config, params) from a jaxlm run/checkpoint dir (latest step by default)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint dir {path} does not exist")
+    cfg = read_run_config(path).model
+    params = checkpoint.restore_params(path, abstract(model_specs(cfg)), step)
+    return cfg, params
+
+
+def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") -> str:
+    """Write params + config as a jaxlm checkpoint dir that `load` reads back."""
+    if format != "jaxlm":
+        raise ConfigError(f"save: unknown format {format!r} (supported: 'jaxlm')")
+    full = cfg if isinstance(cfg, Config) else Config(
+        model=cfg, data=DataConfig(seq_len=min(DataConfig().seq_len, cfg.max_seq_len)))
+    expected = jax.tree.map(lambda s: s.shape, abstract(model_specs(full.model)))
+    got = jax.tree.map(lambda a: a.shape, params)
+    if expected != got:
+        raise ConfigError("save: params do not match the config's parameter shapes")
+    if checkpoint.latest_step(path) is not None:
+        raise CheckpointError(f"save: {path} already holds a checkpoint; choose a new directory")
+    os.makedirs(path, exist_ok=True)
+    _write_config(dataclasses.replace(full, run_dir=path))
+    mngr = checkpoint.manager(path, keep=1)
+    mngr.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": params})))
+    mngr.wait_until_finished()
+    mngr.close()
+    return os.path.join(path, CONFIG_FILE)

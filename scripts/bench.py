@@ -1,0 +1,85 @@
+"""`jaxlm bench`: matmul peak, train tokens/s and MFU, decode tokens/s.
+
+Prints readable lines, then one JSON line with peak_gflops,
+train_tokens_per_s, train_mfu, decode_tokens_per_s_b1, decode_tokens_per_s_b16.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.model import init_params, model_specs
+from jaxlm.model.config import model_flops_per_token
+from jaxlm.sharding.mesh import make_mesh
+from jaxlm.sharding.rules import named_sharding, use_mesh
+from jaxlm.train.metrics import measure_matmul_peak
+from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxlm.train.state import create_state, state_shardings
+from jaxlm.train.step import compile_steps
+
+
+def synthetic_batch(cfg, seed=0):
+    b, s = cfg.data.batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.model.vocab_size, (b, s + 1), dtype=np.int32)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+            "segment_ids": np.ones((b, s), np.int32), "loss_mask": np.ones((b, s), np.float32)}
+
+
+def bench_train(cfg, steps: int = 10) -> float:
+    """Steady-state train tokens/s on synthetic batches (data loading excluded)."""
+    mesh = make_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.train, model_specs(cfg.model))
+    with use_mesh(mesh, cfg.mesh.rules):
+        state = create_state(cfg, mesh, tx, seed=0)
+        batch_sharding = named_sharding(mesh, ("batch", "seq"), cfg.mesh.rules)
+        step, _ = compile_steps(cfg.model, tx, learning_rate_schedule(cfg.train),
+                                state_shardings(cfg, mesh, tx), batch_sharding)
+        batch = jax.device_put(synthetic_batch(cfg), batch_sharding)
+        for _ in range(2):
+            state, m = step(state, batch)
+        jax.block_until_ready(m)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, m = step(state, batch)
+        jax.block_until_ready(m)
+        dt = time.perf_counter() - t0
+    return cfg.data.batch_size * cfg.data.seq_len * steps / dt
+
+
+def bench_decode(cfg, params, batch: int, prompt_len: int = 16, new_tokens: int = 128) -> float:
+    from jaxlm.infer.generate import generate
+    rng = np.random.default_rng(batch)
+    prompts = rng.integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
+    generate(params, cfg, prompts, max_new_tokens=new_tokens)  # compile
+    t0 = time.perf_counter()
+    out = generate(params, cfg, prompts, max_new_tokens=new_tokens)
+    dt = time.perf_counter() - t0
+    return float(np.sum(out.lengths)) / dt
+
+
+def run_bench(cfg) -> dict:
+    peak = measure_matmul_peak(cfg.model.dtype, seconds=2.0)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
+          f"{cfg.model.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
+    tps = bench_train(cfg)
+    mfu = tps * model_flops_per_token(cfg.model, cfg.data.seq_len) / peak
+    print(f"train: {tps:.0f} tokens/s, MFU {mfu:.1%} "
+          f"({model_flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.1f} MFLOP/token)")
+    params = init_params(cfg.model, jax.random.key(0))
+    dec = {b: bench_decode(cfg.model, params, b) for b in (1, 16)}
+    print(f"decode: {dec[1]:.0f} tokens/s at batch 1, {dec[16]:.0f} tokens/s at batch 16")
+    result = {"peak_gflops": round(peak / 1e9, 2), "train_tokens_per_s": round(tps, 1),
+              "train_mfu": round(mfu, 4), "decode_tokens_per_s_b1": round(dec[1], 1),
+              "decode_tokens_per_s_b16": round(dec[16], 1)}
+    print(json.dumps(result))
+    return result
+
+
+__all__ = ["run_bench"]

@@ -1,0 +1,82 @@
+"""The `jaxlm` command: train | generate | bench.
+
+Each subcommand takes `--config` (a YAML path or a preset name) and
+`key=value` overrides. Bad input prints one `error:` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _config(args):
+    from jaxlm.model.config import load_config
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args):
+    from jaxlm.train.loop import train
+    cfg = _config(args)
+    summary = train(cfg, resume=args.resume)
+    evals = summary["eval"]
+    if evals:
+        print(f"trained to step {summary['final_step']}: eval loss "
+              f"{evals[0]['eval_loss']:.4f} (step {evals[0]['step']}) -> "
+              f"{evals[-1]['eval_loss']:.4f} (step {evals[-1]['step']}); run dir {cfg.run_dir}")
+
+
+def cmd_generate(args):
+    from jaxlm.scripts.generate import run_generate
+    run_generate(args)
+
+
+def cmd_bench(args):
+    from jaxlm.scripts.bench import run_bench
+    run_bench(_config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxlm", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="pretrain a model from a config")
+    t.add_argument("--config", required=True, help="YAML file or preset name (e.g. tiny-llama)")
+    t.add_argument("--resume", action="store_true", help="continue the run dir's latest checkpoint")
+    t.add_argument("overrides", nargs="*", metavar="key=value")
+    t.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint")
+    g.add_argument("--checkpoint", required=True, help="a jaxlm run/checkpoint dir")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    g.add_argument("--prompts-file", help="a text file, one prompt per line")
+    g.add_argument("--config", help="optional YAML with a generate: section")
+    g.add_argument("overrides", nargs="*", metavar="generate.key=value")
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="measure train and decode speed")
+    b.add_argument("--config", default="bench-cpu", help="YAML file or preset (default bench-cpu)")
+    b.add_argument("overrides", nargs="*", metavar="key=value")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxlm.errors import JaxlmError
+    try:
+        args.fn(args)
+    except JaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted" + (" (a checkpoint of the last step was saved; continue with --resume)"
+                               if args.command == "train" else ""), file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`jaxlm generate`: prompts in, text out, from a run/checkpoint dir."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxlm.errors import InputError
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        except OSError as e:
+            raise InputError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror}") from None
+    if not prompts:
+        raise InputError("no prompt given: use --prompt TEXT or --prompts-file FILE")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise InputError(f"prompt {i} is empty")
+    return prompts
+
+
+def run_generate(args):
+    import jaxlm
+    from jaxlm.model.config import config_from_dict, load_config, to_dict
+    from jaxlm.train.loop import read_run_config
+
+    prompts = read_prompts(args)
+    run_cfg = read_run_config(args.checkpoint)
+    gen_cfg = load_config(args.config, args.overrides) if args.config else config_from_dict(
+        {"generate": to_dict(run_cfg.generate)}, args.overrides)
+    g = gen_cfg.generate
+    cfg, params = jaxlm.load(args.checkpoint)
+    tok = jaxlm.load_tokenizer(args.checkpoint)
+    ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+    out = jaxlm.generate(params, cfg, ids, max_new_tokens=g.max_new_tokens,
+                         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
+                         eos_id=tok.eos_id)
+    for prompt, new in zip(prompts, out.sequences()):
+        print(f"=== prompt: {prompt!r}")
+        print(prompt + tok.decode(new))
+    return dataclasses.asdict(g)

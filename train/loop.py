@@ -1,0 +1,209 @@
+"""The training loop: data, sharded state, jitted steps, eval, checkpoints, logs."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import yaml
+from tqdm.auto import tqdm
+
+from jaxlm.errors import CheckpointError, ConfigError, JaxlmError
+from jaxlm.model import model_specs
+from jaxlm.model.config import Config, config_from_dict, model_flops_per_token, to_dict
+from jaxlm.model.tokenizer import load_tokenizer, train_sentencepiece
+from jaxlm.sharding.mesh import check_divisible, make_mesh
+from jaxlm.sharding.rules import named_sharding, use_mesh
+from jaxlm.train import checkpoint
+from jaxlm.train.data import eval_batches, load_documents, make_batches, split_documents
+from jaxlm.train.metrics import MetricsLog, measure_matmul_peak
+from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxlm.train.state import abstract_state, create_state, state_shardings
+from jaxlm.train.step import compile_steps
+
+CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
+          progress: bool = True) -> dict:
+    """Train `cfg` in `cfg.run_dir`; with `resume`, continue its latest checkpoint.
+
+    `stop_after`: stop (with a checkpoint) once this step is reached, as an
+    interrupted run would. Returns a summary with the eval losses.
+    """
+    run_dir = cfg.run_dir
+    _check_run_dir(cfg, resume)
+    os.makedirs(run_dir, exist_ok=True)
+    _write_config(cfg)
+
+    docs = load_documents(cfg.data.corpus, max_docs=cfg.data.max_docs or None)
+    train_docs, eval_docs = split_documents(docs, cfg.data.eval_fraction, cfg.data.seed)
+    tokenizer = _tokenizer(cfg, train_docs)
+
+    mesh = make_mesh(cfg.mesh)
+    rules = cfg.mesh.rules
+    check_divisible(mesh, rules, {"batch": cfg.data.batch_size, "vocab": cfg.model.vocab_size,
+                                  "heads": cfg.model.n_heads, "kv_heads": cfg.model.n_kv_heads,
+                                  "mlp": cfg.model.d_ff, "embed": cfg.model.d_model})
+    tx = make_optimizer(cfg.train, model_specs(cfg.model))
+    lr = learning_rate_schedule(cfg.train)
+    mngr = checkpoint.manager(run_dir, keep=cfg.train.keep_checkpoints)
+    batches = make_batches(train_docs, tokenizer, seq_len=cfg.data.seq_len,
+                           batch_size=cfg.data.batch_size, seed=cfg.data.seed)
+    with use_mesh(mesh, rules):
+        if resume:
+            state, data_state = checkpoint.restore_state(mngr, abstract_state(cfg, mesh, tx))
+            batches.set_state(data_state)
+        else:
+            state = create_state(cfg, mesh, tx, cfg.train.seed)
+        batch_sharding = named_sharding(mesh, ("batch", "seq"), rules)
+        train_step, eval_step = compile_steps(cfg.model, tx, lr, state_shardings(cfg, mesh, tx),
+                                              batch_sharding)
+        evals = [jax.device_put(b, batch_sharding) for b in eval_batches(
+            eval_docs, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+            num_batches=cfg.train.eval_batches)]
+        loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress)
+        try:
+            return loop.run(state, stop_after)
+        finally:
+            mngr.wait_until_finished()
+            mngr.close()
+            loop.log.close()
+
+
+class _Loop:
+    def __init__(self, cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress):
+        self.cfg, self.mngr, self.batches = cfg, mngr, batches
+        self.train_step, self.eval_step, self.evals = train_step, eval_step, evals
+        self.batch_sharding = batch_sharding
+        self.progress = progress
+        self.log = MetricsLog(os.path.join(cfg.run_dir, "metrics.jsonl"))
+        self.peak = measure_matmul_peak(cfg.model.dtype, seconds=0.5)
+        self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
+
+    def evaluate(self, state) -> float:
+        sums = [self.eval_step(state.params, b) for b in self.evals]
+        loss_sum, count = (sum(float(s[i]) for s in sums) for i in (0, 1))
+        return loss_sum / max(count, 1.0)
+
+    def checkpoint(self, state):
+        checkpoint.save(self.mngr, state, self.batches.get_state())
+
+    def run(self, state, stop_after):
+        tcfg = self.cfg.train
+        start = int(state.step)
+        end = tcfg.steps if stop_after is None else min(tcfg.steps, stop_after)
+        summary = {"start_step": start, "end_step": end, "eval": []}
+        if start == 0:
+            summary["eval"].append(self._eval(state, 0))
+        bar = tqdm(total=end, initial=start, disable=not self.progress, dynamic_ncols=True,
+                   desc="train")
+        pending, t_mark, step = [], None, start
+        try:
+            while step < end:
+                batch = jax.device_put(next(self.batches), self.batch_sharding)
+                state, metrics = self.train_step(state, batch)
+                step += 1
+                pending.append((step, metrics))
+                eval_due = step % tcfg.eval_every == 0 or step == tcfg.steps
+                save_due = step % tcfg.checkpoint_every == 0 or step == end
+                if eval_due or save_due or step % tcfg.log_every == 0:
+                    self._flush(pending, t_mark, bar)
+                    pending = []
+                    if eval_due:
+                        summary["eval"].append(self._eval(state, step))
+                    if save_due:
+                        self.checkpoint(state)
+                    t_mark = time.perf_counter()  # the first interval holds the compile
+        except KeyboardInterrupt:
+            self.checkpoint(state)
+            raise
+        finally:
+            bar.close()
+        summary["final_step"] = int(state.step)
+        return summary
+
+    def _flush(self, pending, t_mark, bar):
+        """Fetch the pending steps' metrics (the loop's only host sync) and log them."""
+        rows = jax.device_get(pending)
+        speed = {}
+        if t_mark is not None:
+            tokens = self.cfg.data.batch_size * self.cfg.data.seq_len * len(rows)
+            tps = tokens / (time.perf_counter() - t_mark)
+            speed = {"tokens_per_s": tps, "mfu": tps * self.flops_per_token / self.peak}
+        for i, (s, m) in enumerate(rows):
+            self.log.write({"step": s, **m, **(speed if i == len(rows) - 1 else {})})
+        step, last = rows[-1]
+        if not math.isfinite(last["loss"]):
+            raise JaxlmError(f"training diverged: loss is {last['loss']} at step {step}")
+        bar.update(len(rows))
+        postfix = {"loss": f"{last['loss']:.3f}"}
+        if speed:
+            postfix.update({"tok/s": f"{speed['tokens_per_s']:.0f}", "mfu": f"{speed['mfu']:.0%}"})
+        bar.set_postfix(postfix)
+
+    def _eval(self, state, step):
+        loss = self.evaluate(state)
+        record = {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        self.log.write(record)
+        if self.progress:
+            tqdm.write(f"step {step}: eval loss {loss:.4f}, perplexity {record['eval_perplexity']:.2f}")
+        return record
+
+
+def _check_run_dir(cfg: Config, resume: bool):
+    latest = checkpoint.latest_step(cfg.run_dir)
+    if resume:
+        if latest is None:
+            raise CheckpointError(f"--resume: no checkpoint to resume in {cfg.run_dir}")
+        saved = read_run_config(cfg.run_dir)
+        for section in ("model", "data"):
+            a, b = to_dict(getattr(saved, section)), to_dict(getattr(cfg, section))
+            for key in a:
+                if a[key] != b[key]:
+                    raise ConfigError(
+                        f"--resume: {section}.{key}={b[key]!r} differs from the run's "
+                        f"{a[key]!r} ({os.path.join(cfg.run_dir, CONFIG_FILE)})")
+    elif latest is not None:
+        raise ConfigError(f"run_dir {cfg.run_dir} already holds checkpoints (latest step {latest}): "
+                          "pass --resume to continue it, or choose another run_dir")
+
+
+def _write_config(cfg: Config):
+    path = os.path.join(cfg.run_dir, CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def read_run_config(run_dir: str) -> Config:
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir} is not a jaxlm run dir: {CONFIG_FILE} is missing")
+    try:
+        with open(path) as f:
+            return config_from_dict(yaml.safe_load(f) or {})
+    except (yaml.YAMLError, ConfigError) as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
+
+
+def _tokenizer(cfg: Config, train_docs):
+    path = cfg.data.tokenizer or os.path.join(cfg.run_dir, TOKENIZER_FILE)
+    if cfg.data.tokenizer or os.path.exists(path):
+        tok = load_tokenizer(path)
+    else:
+        tok = train_sentencepiece(train_docs, cfg.model.vocab_size, cfg.run_dir,
+                                  max_chars=cfg.data.tokenizer_max_chars, seed=cfg.data.seed)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size="
+                          f"{cfg.model.vocab_size}")
+    if cfg.data.tokenizer:  # keep a copy with the run, so a checkpoint is self-contained
+        tok.save(cfg.run_dir)
+    return tok
+
+
+__all__ = ["train", "read_run_config"]
