@@ -1,0 +1,263 @@
+"""Tokenizers behind one small interface: sentencepiece now, HF tokenizer.json later.
+
+`train_sentencepiece` builds a byte-fallback BPE model for source code whose
+`decode(encode(s)) == s` holds exactly for every string: spaces, tabs, blank
+lines, "\\r\\n", and any Unicode (rare characters fall back to byte pieces).
+`load_tokenizer` opens a saved tokenizer from a directory or a file.
+
+Special ids of a trained model: pad=0, unk=1, bos=2, eos=3, then "\\n".
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import random
+from collections.abc import Iterable, Sequence
+
+import sentencepiece as spm
+
+from jaxlm.errors import InputError
+
+MODEL_FILENAME = "tokenizer.model"
+
+# sentencepiece writes whitespace as U+2581 ("▁") inside pieces and turns every
+# "▁" back into a space on decode; a literal "▁" in the text is therefore
+# encoded as its UTF-8 byte pieces, which decode to "▁" unchanged.
+_SPACE_MARK = "\u2581"
+
+# Trainer options; each one is checked by tests/test_tokenizer.py.
+_TRAINER_OPTIONS = dict(
+    model_type="bpe",
+    byte_fallback=True,  # any character outside the vocab -> its UTF-8 bytes
+    normalization_rule_name="identity",  # no NFKC: text is kept as is
+    add_dummy_prefix=False,  # no space invented at the start
+    remove_extra_whitespaces=False,  # keep leading/trailing/repeated spaces
+    allow_whitespace_only_pieces=True,  # indentation runs become pieces
+    split_digits=True,
+    user_defined_symbols=["\n"],  # training lines have no "\n"; encode keeps it
+    pad_id=0,
+    unk_id=1,
+    bos_id=2,
+    eos_id=3,
+    character_coverage=0.9995,
+    max_sentence_length=16384,  # bytes; longer lines are skipped in training
+    input_sentence_size=0,  # use every line given (subsampled by us)
+    shuffle_input_sentence=False,  # deterministic: same input -> same bytes
+    minloglevel=2,  # quiet
+)
+
+
+class Tokenizer:
+    """Interface: text <-> ids, special ids, and saving to a directory."""
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, without bos/eos."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of each text (subclasses may parallelise)."""
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special ids (pad/bos/eos) decode to nothing."""
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def bos_id(self) -> int | None:
+        """Beginning-of-sequence id, or None for models that have none (T5)."""
+        raise NotImplementedError
+
+    @property
+    def eos_id(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id, distinct from bos and eos."""
+        raise NotImplementedError
+
+    def save(self, directory) -> pathlib.Path:
+        """Writes the tokenizer file into `directory`; returns its path."""
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model (any type), held as its serialized bytes."""
+
+    def __init__(self, model_proto: bytes):
+        if not model_proto:
+            raise InputError("not a valid sentencepiece model (empty)")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError
+            raise InputError("not a valid sentencepiece model") from e
+        self._proto = bytes(model_proto)
+        self._bytes_of_mark = self._byte_ids(_SPACE_MARK)
+        self._pad = self._find_pad_id()
+        if self._sp.eos_id() < 0:
+            raise InputError("sentencepiece model has no eos piece")
+
+    @classmethod
+    def from_file(cls, path) -> SentencePieceTokenizer:
+        """Loads a `.model` file; InputError if missing or corrupt."""
+        path = pathlib.Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise InputError(f"cannot read tokenizer file {path}: {e.strerror or e}") from e
+        try:
+            return cls(data)
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from e
+
+    def _find_pad_id(self) -> int:
+        """The model's pad id, else its unk id (e.g. Llama has no pad piece)."""
+        specials = {self._sp.bos_id(), self._sp.eos_id()}
+        for candidate in (self._sp.pad_id(), self._sp.unk_id()):
+            if candidate >= 0 and candidate not in specials:
+                return candidate
+        raise InputError("sentencepiece model has no pad (or unk) id distinct from bos/eos")
+
+    def _byte_ids(self, text: str) -> list[int] | None:
+        """Byte-fallback ids of `text`, or None if the model has no byte pieces."""
+        ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in text.encode("utf-8")]
+        if any(i == self._sp.unk_id() for i in ids):
+            return None
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        if _SPACE_MARK not in text or self._bytes_of_mark is None:
+            return self._sp.encode(text)
+        ids: list[int] = []
+        for i, part in enumerate(text.split(_SPACE_MARK)):
+            if i:
+                ids.extend(self._bytes_of_mark)
+            ids.extend(self._sp.encode(part))
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 2) -> list[list[int]]:
+        texts = list(texts)
+        out = self._sp.encode(texts, num_threads=num_threads)
+        for i, text in enumerate(texts):
+            if _SPACE_MARK in text:
+                out[i] = self.encode(text)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def bos_id(self) -> int | None:
+        bos = self._sp.bos_id()
+        return bos if bos >= 0 else None
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    @property
+    def model_proto(self) -> bytes:
+        """The serialized model, byte for byte what `save` writes."""
+        return self._proto
+
+    def save(self, directory) -> pathlib.Path:
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / MODEL_FILENAME
+        path.write_bytes(self._proto)
+        return path
+
+
+def _one_line(e: BaseException) -> str:
+    """The readable part of a sentencepiece error, on one line."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return lines[-1].rsplit("] ", 1)[-1]
+
+
+def _training_lines(texts: Iterable[str], max_chars: int, seed: int) -> list[str]:
+    """Non-empty lines of the documents in a seeded order, up to `max_chars`."""
+    docs = [t for t in texts if t]
+    random.Random(seed).shuffle(docs)
+    lines: list[str] = []
+    total = 0
+    for doc in docs:
+        for line in doc.split("\n"):
+            if not line:
+                continue
+            lines.append(line)
+            total += len(line)
+            if total >= max_chars:
+                return lines
+    return lines
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_dir,
+    *,
+    max_chars: int = 4_000_000,
+    seed: int = 0,
+    num_threads: int = 2,
+) -> SentencePieceTokenizer:
+    """Trains a byte-fallback BPE model and saves it as `out_dir/tokenizer.model`.
+
+    The documents are shuffled with `seed` and cut at `max_chars` characters;
+    sentencepiece then trains on their lines ("\\n" is a user-defined piece).
+    Deterministic: the same arguments give the same model bytes.
+    """
+    lines = _training_lines(texts, max_chars, seed)
+    if not lines:
+        raise InputError("no text to train the tokenizer on (all documents are empty)")
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=vocab_size,
+            num_threads=num_threads,
+            **_TRAINER_OPTIONS,
+        )
+    except RuntimeError as e:  # e.g. vocab_size too small or too large for the text
+        raise InputError(f"sentencepiece training failed: {_one_line(e)}") from e
+    tokenizer = SentencePieceTokenizer(model.getvalue())
+    tokenizer.save(out_dir)
+    return tokenizer
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Opens a tokenizer: a directory holding `tokenizer.model`, or the file itself."""
+    path = pathlib.Path(os.fspath(path))
+    if path.is_dir():
+        path = _tokenizer_file_in(path)
+    elif not path.is_file():
+        raise InputError(f"tokenizer not found: {path}")
+    if path.suffix == ".model":
+        return SentencePieceTokenizer.from_file(path)
+    # Hugging Face tokenizer.json goes here, as a branch on the file name.
+    raise InputError(f"unsupported tokenizer file {path} (expected a sentencepiece .model)")
+
+
+def _tokenizer_file_in(directory: pathlib.Path) -> pathlib.Path:
+    """The tokenizer file inside a directory (first match in preference order)."""
+    for name in (MODEL_FILENAME,):
+        if (directory / name).is_file():
+            return directory / name
+    raise InputError(f"no {MODEL_FILENAME} in {directory}")
