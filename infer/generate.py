@@ -1,0 +1,250 @@
+"""Generation: one prefill + one compiled decode loop over a preallocated KV cache.
+
+    out = generate(params, cfg, [[5, 7, 9], [3, 4]], max_new_tokens=64, eos_id=2)
+    out.tokens       # np.int32 [B, max_new_tokens], PAD_ID (-1) after a row stopped
+    out.lengths      # np.int32 [B]: tokens generated per row, EOS included
+    out.sequences()  # list of lists of generated ids, EOS excluded
+
+Two jitted functions do all the work, `cfg` and the sampler settings being
+static arguments and the cache buffer donated to both:
+
+* `prefill(params, cfg, cache, tokens, prompt_lengths)`: right-padded prompts
+  [B, P] are written into the cache in one pass; returns the next-token logits
+  at each row's last prompt token and the cache with lengths advanced by the
+  prompt lengths (garbage K/V written past a row's length is masked by
+  `lengths` and overwritten by the decode).
+* `decode(params, cfg, cache, logits, row_keys, max_new_tokens, eos_id, ...)`:
+  a `lax.while_loop` that samples, feeds the token back and stops when every
+  row is done or `max_new_tokens` is reached. No re-tracing and no host round
+  trip per token; `max_new_tokens` and `eos_id` are traced values, so they do
+  not recompile either (the output width is bucketed).
+
+Shapes are bucketed (prompt length to a power of two, cache length to a
+multiple of 128, output width to a multiple of 64) so that nearby requests
+reuse the compiled functions. Row r samples with `fold_in(fold_in(key(seed),
+r), step)`: deterministic per seed, and independent of the other rows.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.errors import InputError
+from jaxlm.infer.cache import init_cache
+from jaxlm.infer.sampling import check_sampling, sample
+from jaxlm.model import forward
+
+PAD_ID = -1  # fills GenerateOutput.tokens after a row has stopped
+CACHE_BUCKET = 128
+WIDTH_BUCKET = 64
+MIN_PROMPT_BUCKET = 16
+
+# Python-side trace counters (incremented while tracing, never at run time):
+# tests use them to check that the decode step is compiled once.
+TRACE_COUNTS = {"prefill": 0, "decode_step": 0}
+
+
+class GenerateOutput(NamedTuple):
+    tokens: np.ndarray  # int32 [B, max_new_tokens]; PAD_ID after a row stopped
+    lengths: np.ndarray  # int32 [B]: generated tokens per row, EOS included
+    finished: np.ndarray  # bool [B]: the row stopped because it emitted eos_id
+    logits: Optional[np.ndarray] = None  # f32 [B, max_new_tokens, V] with return_logits
+
+    def sequences(self, include_eos: bool = False) -> list[list[int]]:
+        """Generated ids per row; the final EOS is dropped unless include_eos."""
+        out = []
+        for row, n, eos in zip(self.tokens, self.lengths, self.finished):
+            n = int(n) - (1 if eos and not include_eos else 0)
+            out.append([int(t) for t in row[:n]])
+        return out
+
+
+def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None,
+             max_len: Optional[int] = None, return_logits: bool = False) -> GenerateOutput:
+    """Continue each prompt (a list of token-id lists, or a 2-D int array) by up to
+    max_new_tokens tokens; a row stops after emitting eos_id.
+
+    max_len: cache length (default: longest prompt + max_new_tokens rounded up
+    to a multiple of 128, capped at cfg.max_seq_len). return_logits: also
+    return the [B, max_new_tokens, V] next-token logits of every step (tests,
+    debugging: it is B * max_new_tokens * V floats).
+    """
+    rows = _check_prompts(prompts, cfg.vocab_size)
+    _check_args(cfg, max_new_tokens, temperature, top_k, top_p, eos_id)
+    longest = max(len(r) for r in rows)
+    max_len = _cache_len(cfg, longest, max_new_tokens, max_len)
+    _check_fits(rows, max_new_tokens, max_len, cfg)
+
+    tokens, prompt_lengths = _pad_prompts(rows, min(_prompt_bucket(longest), max_len))
+    cache = init_cache(cfg, len(rows), max_len)
+    logits, cache = prefill(params, cfg, cache, tokens, prompt_lengths)
+    width = min(_round_up(max_new_tokens, WIDTH_BUCKET), max_len)
+    out = decode(params, cfg, cache, logits, row_keys(seed, len(rows)),
+                 jnp.int32(max_new_tokens), jnp.int32(-1 if eos_id is None else eos_id),
+                 width=width, temperature=float(temperature), top_k=int(top_k),
+                 top_p=float(top_p), return_logits=return_logits)
+    out = jax.device_get({k: v for k, v in out.items() if k != "cache"})  # one transfer
+    step_logits = out["logits"][:, :max_new_tokens] if return_logits else None
+    return GenerateOutput(out["tokens"][:, :max_new_tokens], out["lengths"], out["finished"],
+                          step_logits)
+
+
+# ------------------------------------------------------------ compiled parts
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def prefill(params, cfg, cache, tokens, prompt_lengths):
+    """Right-padded tokens [B, P] -> (logits [B, V] after each row's last prompt
+    token, cache with lengths advanced by prompt_lengths)."""
+    TRACE_COUNTS["prefill"] += 1
+    logits, aux = forward(params, cfg, tokens, cache=cache)
+    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    return last, dict(aux["cache"], lengths=cache["lengths"] + prompt_lengths)
+
+
+def decode_step(params, cfg, cache, tokens):
+    """One token per row: tokens [B] -> (logits [B, V], cache advanced by 1)."""
+    logits, aux = forward(params, cfg, tokens[:, None], cache=cache)
+    return logits[:, 0], aux["cache"]
+
+
+def row_keys(seed: int, batch: int) -> jax.Array:
+    """One PRNG key per row: fold_in(key(seed), row)."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(batch, dtype=jnp.uint32))
+
+
+class _Loop(NamedTuple):
+    step: jax.Array  # next output column
+    cache: dict
+    logits: jax.Array  # [B, V] next-token logits
+    tokens: jax.Array  # [B, width] int32
+    step_logits: Optional[jax.Array]  # [B, width, V] or None
+    done: jax.Array  # [B] bool
+    lengths: jax.Array  # [B] int32
+
+
+@partial(jax.jit, static_argnames=("cfg", "width", "temperature", "top_k", "top_p",
+                                   "return_logits"), donate_argnames=("cache",))
+def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: int,
+           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           return_logits: bool = False):
+    """Sample from logits [B, V], feed back, repeat: up to max_new_tokens (<= width)
+    tokens per row, a row stopping after eos_id (-1: never). Returns a dict of
+    tokens [B, width], lengths [B], finished [B], logits ([B, width, V] or None)
+    and the final cache."""
+    b = logits.shape[0]
+    pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def emit(state: _Loop) -> _Loop:
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, state.step)
+        token = jnp.where(state.done, PAD_ID, pick(state.logits, step_keys))
+        tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
+        step_logits = state.step_logits
+        if return_logits:
+            step_logits = jax.lax.dynamic_update_slice(
+                step_logits, state.logits[:, None], (0, state.step, 0))
+        return state._replace(step=state.step + 1, tokens=tokens, step_logits=step_logits,
+                              done=state.done | (token == eos_id),
+                              lengths=state.lengths + (~state.done))
+
+    def body(state: _Loop) -> _Loop:
+        TRACE_COUNTS["decode_step"] += 1
+        last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1, keepdims=False)
+        logits, cache = decode_step(params, cfg, state.cache, jnp.maximum(last, 0))
+        return emit(state._replace(logits=logits, cache=cache))
+
+    def more(state: _Loop):
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+
+    state = _Loop(step=jnp.int32(0), cache=cache, logits=logits,
+                  tokens=jnp.full((b, width), PAD_ID, jnp.int32),
+                  step_logits=jnp.zeros((b, width, logits.shape[-1]), jnp.float32)
+                  if return_logits else None,
+                  done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32))
+    state = jax.lax.while_loop(more, body, emit(state))
+    return {"tokens": state.tokens, "lengths": state.lengths,
+            "finished": state.done, "logits": state.step_logits, "cache": state.cache}
+
+
+# ------------------------------------------------------------ host-side helpers
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _prompt_bucket(n: int) -> int:
+    return max(MIN_PROMPT_BUCKET, 1 << (n - 1).bit_length())
+
+
+def _cache_len(cfg, longest: int, max_new_tokens: int, max_len: Optional[int]) -> int:
+    if max_len is None:
+        return min(_round_up(longest + max_new_tokens, CACHE_BUCKET), cfg.max_seq_len)
+    if int(max_len) != max_len or max_len < 1:
+        raise InputError(f"max_len={max_len} must be a positive integer")
+    if max_len > cfg.max_seq_len:
+        raise InputError(f"max_len={max_len} is longer than model.max_seq_len={cfg.max_seq_len}")
+    return int(max_len)
+
+
+def _pad_prompts(rows, length: int):
+    tokens = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+    return jnp.asarray(tokens), jnp.asarray([len(r) for r in rows], jnp.int32)
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
+    """Prompts as a list of 1-D int arrays, or a one-line InputError."""
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if prompts.ndim != 2:
+            raise InputError(f"prompts as an array must be 2-D [batch, length], got shape "
+                             f"{tuple(prompts.shape)} (wrap a single prompt in a list)")
+        prompts = list(np.asarray(prompts))
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise InputError("prompts must be a non-empty list of token-id lists")
+    rows = []
+    for i, p in enumerate(prompts):
+        if np.isscalar(p):
+            raise InputError(f"prompt {i} is a single value {p!r}, not a list of token ids "
+                             "(wrap a single prompt in a list: [[...]])")
+        try:
+            r = np.asarray(p)
+        except ValueError:
+            raise InputError(f"prompt {i} must be a flat list of integer token ids") from None
+        if r.size == 0:
+            raise InputError(f"prompt {i} is empty: every prompt needs at least one token")
+        if r.ndim != 1 or not np.issubdtype(r.dtype, np.integer):
+            raise InputError(f"prompt {i} must be a flat list of integer token ids, "
+                             f"got {r.dtype} with shape {r.shape}")
+        bad = np.flatnonzero((r < 0) | (r >= vocab_size))
+        if bad.size:
+            j = int(bad[0])
+            raise InputError(f"prompt {i} has token id {int(r[j])} at position {j}, "
+                             f"outside [0, {vocab_size}) (model.vocab_size={vocab_size})")
+        rows.append(r.astype(np.int32))
+    return rows
+
+
+def _check_args(cfg, max_new_tokens, temperature, top_k, top_p, eos_id) -> None:
+    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens \
+            or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens} must be an integer >= 1")
+    check_sampling(temperature, top_k, top_p)
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+        raise InputError(f"eos_id={eos_id} is outside [0, {cfg.vocab_size}) "
+                         f"(model.vocab_size={cfg.vocab_size})")
+
+
+def _check_fits(rows, max_new_tokens: int, max_len: int, cfg) -> None:
+    for i, r in enumerate(rows):
+        if len(r) + max_new_tokens > max_len:
+            raise InputError(
+                f"prompt {i} has {len(r)} tokens + max_new_tokens={max_new_tokens} = "
+                f"{len(r) + max_new_tokens}, longer than the cache (max_len={max_len}, "
+                f"model.max_seq_len={cfg.max_seq_len})")
