@@ -37,7 +37,7 @@ import numpy as np
 from jaxlm.errors import InputError
 from jaxlm.infer.cache import init_cache
 from jaxlm.infer.sampling import check_sampling, sample
-from jaxlm.model import forward
+from jaxlm.model import forward, unembed
 
 PAD_ID = -1  # fills GenerateOutput.tokens after a row has stopped
 CACHE_BUCKET = 128
@@ -102,9 +102,10 @@ def prefill(params, cfg, cache, tokens, prompt_lengths):
     """Right-padded tokens [B, P] -> (logits [B, V] after each row's last prompt
     token, cache with lengths advanced by prompt_lengths)."""
     TRACE_COUNTS["prefill"] += 1
-    logits, aux = forward(params, cfg, tokens, cache=cache)
-    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, dict(aux["cache"], lengths=cache["lengths"] + prompt_lengths)
+    hidden, aux = forward(params, cfg, tokens, cache=cache, return_hidden=True)
+    last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)  # [B,1,D]
+    cache = dict(aux["cache"], lengths=cache["lengths"] + prompt_lengths)
+    return unembed(params, last, cfg)[:, 0], cache
 
 
 def decode_step(params, cfg, cache, tokens):

@@ -2,6 +2,7 @@
 
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.families import forward, model_specs
+from jaxlm.model.layers.embeddings import head_weights, unembed
 from jaxlm.model.params import abstract, initialize, logical_axes
 
 
@@ -10,5 +11,5 @@ def init_params(cfg: ModelConfig, key):
     return initialize(model_specs(cfg), key)
 
 
-__all__ = ["ModelConfig", "forward", "model_specs", "init_params", "abstract", "initialize",
+__all__ = ["ModelConfig", "forward", "unembed", "head_weights", "model_specs", "init_params", "abstract", "initialize",
            "logical_axes"]

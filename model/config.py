@@ -114,6 +114,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     seed: int = 0
+    # Cross-entropy over vocab chunks of about this many columns, never
+    # materialising [batch, seq, vocab] logits; 0: plain full logits.
+    loss_vocab_chunk: int = 4096
 
     def __post_init__(self):
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
@@ -123,6 +126,8 @@ class TrainConfig:
                 f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.loss_vocab_chunk < 0:
+            raise ConfigError(f"train.loss_vocab_chunk={self.loss_vocab_chunk} must be >= 0")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
 

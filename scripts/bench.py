@@ -40,7 +40,8 @@ def bench_train(cfg, steps: int = 10) -> float:
         state = create_state(cfg, mesh, tx, seed=0)
         batch_sharding = named_sharding(mesh, ("batch", "seq"), cfg.mesh.rules)
         step, _ = compile_steps(cfg.model, tx, learning_rate_schedule(cfg.train),
-                                state_shardings(cfg, mesh, tx), batch_sharding)
+                                state_shardings(cfg, mesh, tx), batch_sharding,
+                                cfg.train.loss_vocab_chunk)
         batch = jax.device_put(synthetic_batch(cfg), batch_sharding)
         for _ in range(2):
             state, m = step(state, batch)

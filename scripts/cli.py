@@ -21,7 +21,10 @@ def cmd_train(args):
     cfg = _config(args)
     summary = train(cfg, resume=args.resume)
     evals = summary["eval"]
-    if evals:
+    if not evals:
+        print(f"{cfg.run_dir} is at step {summary['final_step']} of train.steps={cfg.train.steps}: "
+              "nothing left to train")
+    else:
         print(f"trained to step {summary['final_step']}: eval loss "
               f"{evals[0]['eval_loss']:.4f} (step {evals[0]['step']}) -> "
               f"{evals[-1]['eval_loss']:.4f} (step {evals[-1]['step']}); run dir {cfg.run_dir}")

@@ -61,7 +61,7 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
             state = create_state(cfg, mesh, tx, cfg.train.seed)
         batch_sharding = named_sharding(mesh, ("batch", "seq"), rules)
         train_step, eval_step = compile_steps(cfg.model, tx, lr, state_shardings(cfg, mesh, tx),
-                                              batch_sharding)
+                                              batch_sharding, cfg.train.loss_vocab_chunk)
         evals = [jax.device_put(b, batch_sharding) for b in eval_batches(
             eval_docs, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
             num_batches=cfg.train.eval_batches)]

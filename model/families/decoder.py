@@ -35,8 +35,13 @@ def remat(fn, cfg):
     return jax.checkpoint(fn, policy=_REMAT[cfg.remat], prevent_cse=False)
 
 
-def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None):
+def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
+            return_hidden=False):
     """tokens [B,S] -> (logits [B,S,V] float32, aux).
+
+    `return_hidden`: return the final-norm hidden states [B,S,D] instead of
+    logits (`jaxlm.model.unembed` maps them to logits; the chunked loss and
+    prefill use it to skip logits they do not need).
 
     Without a cache: a full causal pass; `segment_ids` (0 = padding) keep
     packed documents from attending to each other, `positions` restart per
@@ -64,7 +69,8 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None):
     else:
         x, cache = _decode_layers(params, cfg, x, cache)
         aux = {"cache": cache}
-    return unembed(params, norm(params["final_ln"], x, cfg), cfg), aux
+    hidden = norm(params["final_ln"], x, cfg)
+    return (hidden if return_hidden else unembed(params, hidden, cfg)), aux
 
 
 def _decode_layers(params, cfg, x, cache):

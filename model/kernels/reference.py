@@ -18,8 +18,12 @@ def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None):
     kvh = k.shape[2]
     g = h // kvh
     scale = d ** -0.5 if scale is None else scale
-    qg = q.reshape(b, sq, kvh, g, d)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    # Head-major operands: the two matmuls become plain batched GEMMs on
+    # every backend (the transposes are small next to the scores).
+    qg = q.reshape(b, sq, kvh, g, d).transpose(0, 2, 3, 1, 4)  # [B,KVH,G,Sq,D]
+    kt = k.transpose(0, 2, 1, 3)  # [B,KVH,Sk,D]
+    vt = v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg * scale, kt, preferred_element_type=jnp.float32)
     if bias is not None:  # [B or 1, H, Sq, Sk]
         scores = scores + bias.reshape(bias.shape[0], kvh, g, sq, -1).astype(jnp.float32)
     visible = mask.visible(sq, k.shape[1])  # [B or 1, Sq, Sk]
@@ -27,6 +31,6 @@ def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None):
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(jnp.any(visible, axis=-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
+    out = jnp.einsum("bhgqk,bhkd->bhgqd", probs.astype(v.dtype), vt,
                      preferred_element_type=jnp.float32)
-    return out.reshape(b, sq, h, d).astype(q.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, h, d).astype(q.dtype)

@@ -1,8 +1,7 @@
 """Self-attention block: projections, RoPE, the attention call, output projection."""
 
-import jax.numpy as jnp
-
 from jaxlm.model.kernels import attention
+from jaxlm.model.layers.dense import dense
 from jaxlm.model.layers.positions import rope
 from jaxlm.model.params import Spec, normal
 from jaxlm.sharding.rules import constrain
@@ -21,9 +20,9 @@ def attention_specs(cfg):
 
 def project_qkv(p, x, positions, cfg):
     dt = x.dtype
-    q = jnp.einsum("btd,dhk->bthk", x, p["q"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, p["k"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, p["v"].astype(dt))
+    q = dense(x, p["q"].astype(dt))  # btd,dhk->bthk
+    k = dense(x, p["k"].astype(dt))
+    v = dense(x, p["v"].astype(dt))
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
     q = constrain(q, ("batch", "seq", "heads", "head_dim"))
@@ -33,7 +32,7 @@ def project_qkv(p, x, positions, cfg):
 
 
 def output_projection(p, o, cfg):
-    out = jnp.einsum("bthk,hkd->btd", o, p["o"].astype(o.dtype))
+    out = dense(o, p["o"].astype(o.dtype), 2)  # bthk,hkd->btd
     return constrain(out, ("batch", "seq", "embed"))
 
 

@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 
 from jaxlm.model.config import dtype_of
+from jaxlm.model.layers.dense import dense
 from jaxlm.model.params import Spec, normal
 from jaxlm.sharding.rules import constrain
 
@@ -22,12 +23,14 @@ def embed(p, tokens, cfg):
     return constrain(x, ("batch", "seq", "embed"))
 
 
-def unembed(params, x, cfg):
-    """Logits in float32, from the tied embedding or the separate head."""
+def head_weights(params, cfg):
+    """The output head as [d_model, vocab]: the tied embedding or the separate head."""
     if cfg.tie_embeddings:
-        w = params["embed"]["tokens"].astype(x.dtype)
-        logits = jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
-    else:
-        w = params["head"]["kernel"].astype(x.dtype)
-        logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+        return params["embed"]["tokens"].T
+    return params["head"]["kernel"]
+
+
+def unembed(params, x, cfg):
+    """Logits in float32 from hidden states [..., D]."""
+    logits = dense(x, head_weights(params, cfg).astype(x.dtype), out_dtype=jnp.float32)
     return constrain(logits, ("batch", "seq", "vocab"))

@@ -1,8 +1,8 @@
 """Feed-forward blocks."""
 
 import jax
-import jax.numpy as jnp
 
+from jaxlm.model.layers.dense import dense
 from jaxlm.model.params import Spec, normal
 from jaxlm.sharding.rules import constrain
 
@@ -19,7 +19,7 @@ def mlp_specs(cfg):
 def mlp(p, x, cfg):
     """SwiGLU: down(silu(x @ gate) * (x @ up))."""
     dt = x.dtype
-    gate = jnp.einsum("btd,df->btf", x, p["gate"].astype(dt))
-    up = jnp.einsum("btd,df->btf", x, p["up"].astype(dt))
+    gate = dense(x, p["gate"].astype(dt))  # btd,df->btf
+    up = dense(x, p["up"].astype(dt))
     h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-    return constrain(jnp.einsum("btf,fd->btd", h, p["down"].astype(dt)), ("batch", "seq", "embed"))
+    return constrain(dense(h, p["down"].astype(dt)), ("batch", "seq", "embed"))  # btf,fd->btd
