@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from absl import logging as absl_logging  # orbax logs routine notices as warnings
+    absl_logging.set_verbosity(absl_logging.ERROR)
     from jaxlm.errors import JaxlmError
     try:
         args.fn(args)

@@ -20,8 +20,11 @@ CHECKPOINTS = "checkpoints"
 
 def manager(run_dir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
     path = os.path.abspath(os.path.join(run_dir, CHECKPOINTS))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           read_only=read_only, enable_async_checkpointing=True)
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                               save_interval_steps=0)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
     return ocp.CheckpointManager(path, options=options, item_names=("state", "data"))
 
 

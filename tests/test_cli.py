@@ -1,0 +1,80 @@
+"""The `jaxlm` command: bad input gets one `error:` line and exit 2, no traceback."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import jaxlm
+from jaxlm.model.config import ModelConfig
+from jaxlm.model.tokenizer import train_sentencepiece
+from jaxlm.train.data import load_documents
+
+
+def run_cli(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "jaxlm.scripts.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, needle):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A random tiny model with a 32-token context and a real tokenizer."""
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32)
+    jaxlm.save(str(path), cfg, jaxlm.init_params(cfg, jax.random.key(0)))
+    train_sentencepiece(load_documents("stdlib", max_docs=20), 512, path, max_chars=200_000)
+    return str(path)
+
+
+def test_help():
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "train" in proc.stdout and "generate" in proc.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--config", "tiny-llama", "model.d_modle=3"],
+     "unknown config key 'model.d_modle' (did you mean 'model.d_model'?)"),
+    (["train", "--config", "no-such-preset"], "config 'no-such-preset' not found"),
+    (["train", "--config", "tiny-llama", "mesh.data=3"], "needs a multiple of 3 devices"),
+    (["train", "--config", "tiny-llama", "data.corpus=/no/such/corpus"], "/no/such/corpus"),
+    (["generate", "--checkpoint", "/no/such/dir", "--prompt", "x"], "/no/such/dir"),
+])
+def test_bad_input_is_one_line(args, needle, tmp_path):
+    assert_one_line_error(run_cli(*args, f"run_dir={tmp_path}/run") if args[0] == "train"
+                          else run_cli(*args), needle)
+
+
+def test_generate_errors(small_checkpoint, tmp_path):
+    assert_one_line_error(run_cli("generate", "--checkpoint", small_checkpoint, "--prompt", ""),
+                          "prompt 0 is empty")
+    assert_one_line_error(run_cli("generate", "--checkpoint", small_checkpoint),
+                          "no prompt given")
+    long_prompt = "def f(x):\n    return x\n" * 20
+    assert_one_line_error(run_cli("generate", "--checkpoint", small_checkpoint,
+                                  "--prompt", long_prompt), "32")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.yaml").write_text("model: [not, a, mapping\n")
+    assert_one_line_error(run_cli("generate", "--checkpoint", str(broken), "--prompt", "x"),
+                          "corrupt")
+
+
+def test_generate_prints_text(small_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\ndef main():\n")
+    proc = run_cli("generate", "--checkpoint", small_checkpoint, "--prompts-file", str(prompts),
+                   "--prompt", "class A:", "generate.max_new_tokens=5")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("=== prompt:") == 3
+    for p in ("import os", "def main():", "class A:"):
+        assert f"=== prompt: {p!r}" in proc.stdout
