@@ -191,8 +191,17 @@ def test_eval_batches(tok, docs):
     for b in batches:
         for row in range(BATCH):
             check_row(tok, *(b[k][row] for k in BATCH_KEYS))
-    again = eval_batches(docs, tok, seq_len=SEQ, batch_size=BATCH, num_batches=3)
-    assert_batches_equal(again, batches[:3])
+    # Fewer batches than the split holds: evenly spaced rows from all of it, in order.
+    all_rows = [b["tokens"][r] for b in batches for r in range(BATCH) if b["segment_ids"][r].any()]
+    spread = eval_batches(docs, tok, seq_len=SEQ, batch_size=BATCH, num_batches=3,
+                          max_rows_read=10**6)
+    assert len(spread) == 3
+    picked = [b["tokens"][r] for b in spread for r in range(BATCH)]
+    keep = np.linspace(0, len(all_rows) - 1, 3 * BATCH).round().astype(int)
+    for got, i in zip(picked, keep):
+        np.testing.assert_array_equal(got, all_rows[i])
+    assert_batches_equal(spread, eval_batches(docs, tok, seq_len=SEQ, batch_size=BATCH,
+                                              num_batches=3, max_rows_read=10**6))
 
 
 def test_split_documents(docs):

@@ -374,12 +374,17 @@ def eval_batches(
     num_batches: int,
     process_index: int = 0,
     process_count: int = 1,
+    max_rows_read: int = 64,
 ) -> list[dict[str, np.ndarray]]:
-    """A fixed list of eval batches: documents in order, no shuffle, no repeat.
+    """A fixed, deterministic list of eval batches spread over the eval documents.
 
-    Eval documents are read once: if they pack into fewer than `num_batches`
-    batches, fewer are returned (never repeated data), the last one padded
-    with empty rows (loss_mask 0). Always at least one batch.
+    The eval documents are packed in order (no shuffle, no repeat). If they
+    give more rows than `num_batches * batch_size`, evenly spaced rows are
+    kept (reading at most `max_rows_read` times the rows needed), so the eval
+    covers the whole split rather than its first documents. If they give
+    fewer, every row is kept and fewer batches come back (never repeated
+    data), the last one padded with empty rows (segment 0, loss_mask 0).
+    Always at least one batch.
     """
     _check_shapes(seq_len, batch_size)
     if num_batches < 1:
@@ -387,9 +392,17 @@ def eval_batches(
     shard = _shard(docs, process_index, process_count)
     ds = _dataset(shard, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=None,
                   num_epochs=1, num_threads=2)
-    batches = []
+    wanted = num_batches * batch_size
+    rows = []
     for batch in ds:
-        batches.append(batch)
-        if len(batches) == num_batches:
+        rows += [{k: v[r] for k, v in batch.items()} for r in range(batch_size)
+                 if batch["segment_ids"][r].any()]
+        if len(rows) >= wanted * max_rows_read:
             break
-    return batches
+    if len(rows) > wanted:
+        keep = np.linspace(0, len(rows) - 1, wanted).round().astype(int)
+        rows = [rows[i] for i in keep]
+    empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
+    rows += [empty] * (-len(rows) % batch_size)
+    return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
+            for i in range(0, len(rows), batch_size)]
