@@ -34,11 +34,26 @@ class ModelConfig:
     head_dim: int = 0  # 0: d_model // n_heads
     d_ff: int = 1024
     max_seq_len: int = 2048
-    norm: str = "rmsnorm"
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5
-    mlp: str = "swiglu"
-    positions: str = "rope"
+    mlp: str = "swiglu"  # swiglu | geglu (gated) | gelu | relu
+    gelu_approximate: bool = False  # tanh-approximated GELU (GPT-2's "gelu_new")
+    positions: str = "rope"  # rope | learned | sinusoidal | alibi | none
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | llama3
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    qkv_bias: bool = False
+    out_bias: bool = False  # attention output projection
+    mlp_bias: bool = False
+    sliding_window: int = 0  # 0: full attention; W: a token sees the last W positions
+    n_experts: int = 0  # 0: dense MLP; E: mixture of experts in every layer
+    experts_per_token: int = 2
+    moe_capacity_factor: float = 0.0  # 0: dropless; c: each expert takes c * T * k / E tokens
+    router_aux_loss_coef: float = 0.02  # load balancing
+    router_z_loss_coef: float = 0.001
     tie_embeddings: bool = False
     dtype: str = "float32"  # activations and matmuls
     param_dtype: str = "float32"
@@ -49,9 +64,10 @@ class ModelConfig:
     def __post_init__(self):
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
         _choice(self, "family", ("decoder",))
-        _choice(self, "norm", ("rmsnorm",))
-        _choice(self, "mlp", ("swiglu",))
-        _choice(self, "positions", ("rope",))
+        _choice(self, "norm", ("rmsnorm", "layernorm"))
+        _choice(self, "mlp", ("swiglu", "geglu", "gelu", "relu"))
+        _choice(self, "positions", ("rope", "learned", "sinusoidal", "alibi", "none"))
+        _choice(self, "rope_scaling", ("none", "llama3"))
         _choice(self, "remat", REMAT_POLICIES)
         _choice(self, "attention_impl", ATTENTION_IMPLS)
         _choice(self, "dtype", DTYPES)
@@ -70,8 +86,17 @@ class ModelConfig:
                 f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}")
         if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even for rope positions")
+        if self.positions == "sinusoidal" and self.d_model % 2:
+            raise ConfigError(f"model.d_model={self.d_model} must be even for sinusoidal positions")
         if not (self.norm_eps > 0 and self.init_std > 0 and self.rope_theta > 0):
             raise ConfigError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
+        if self.sliding_window < 0:
+            raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: off)")
+        if self.n_experts < 0 or self.moe_capacity_factor < 0:
+            raise ConfigError("model.n_experts and model.moe_capacity_factor must be >= 0")
+        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            raise ConfigError(f"model.experts_per_token={self.experts_per_token} must be in "
+                              f"[1, model.n_experts={self.n_experts}]")
 
     @property
     def q_per_kv(self) -> int:
@@ -86,6 +111,7 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 8
     seed: int = 0
+    shuffle_rows: int = 2048  # packed rows shuffled within windows of this many; 0: off
     tokenizer: str = ""  # "": train a sentencepiece model on the corpus; else its path
     tokenizer_max_chars: int = 4_000_000
 
@@ -93,8 +119,8 @@ class DataConfig:
         _positive(self, "seq_len", "batch_size", "tokenizer_max_chars")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
-        if self.max_docs < 0:
-            raise ConfigError(f"data.max_docs={self.max_docs} must be >= 0")
+        if self.max_docs < 0 or self.shuffle_rows < 0:
+            raise ConfigError("data.max_docs and data.shuffle_rows must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -259,8 +259,14 @@ class _EpochShuffle(grain.MapDataset):
         return self._parent[int(self._permutation(epoch)[i])]
 
 
-def _dataset(docs, tokenizer, *, seq_len, batch_size, seed, num_epochs, num_threads) -> grain.IterDataset:
-    """The grain pipeline; `seed=None` keeps document order; `num_epochs=None` repeats forever."""
+def _dataset(docs, tokenizer, *, seq_len, batch_size, seed, num_epochs, num_threads,
+             shuffle_rows: int = 0) -> grain.IterDataset:
+    """The grain pipeline; `seed=None` keeps document order; `num_epochs=None` repeats forever.
+
+    `shuffle_rows` > 0 shuffles packed rows within windows of that many rows,
+    so a batch's rows come from many documents rather than one or two
+    consecutive ones (whose gradients are strongly correlated).
+    """
     ds = grain.MapDataset.source(docs)
     if seed is not None:
         ds = _EpochShuffle(ds, seed)  # a new order each epoch (indices run on past len)
@@ -268,6 +274,8 @@ def _dataset(docs, tokenizer, *, seq_len, batch_size, seed, num_epochs, num_thre
     ds = ds.map(_Tokenize(tokenizer))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=_PREFETCH_BUFFER))
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
+    if seed is not None and shuffle_rows > 1:
+        it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_rows, seed=seed)
     it = it.batch(batch_size, batch_fn=lambda rows: _stack_rows(rows, batch_size))
     pad_id = tokenizer.pad_id
     return it.map(lambda batch: _add_targets(batch, pad_id))
@@ -343,6 +351,7 @@ def make_batches(
     process_index: int = 0,
     process_count: int = 1,
     num_threads: int = 2,
+    shuffle_rows: int = 0,
 ) -> BatchIterator:
     """Training batches: dicts of `[batch_size, seq_len]` numpy arrays.
 
@@ -351,7 +360,8 @@ def make_batches(
     `repeat=False` after one; the last batch of a finite stream is padded
     (segment_ids 0, loss_mask 0). Each process reads a disjoint share of the
     documents (`docs[process_index::process_count]`), so shares may differ
-    in length. Same arguments -> same batches, in any process.
+    in length. `shuffle_rows` > 0 shuffles packed rows within windows of
+    that many rows. Same arguments -> same batches, in any process.
     """
     _check_shapes(seq_len, batch_size)
     if num_epochs is not None and num_epochs < 1:
@@ -359,9 +369,10 @@ def make_batches(
     shard = _shard(docs, process_index, process_count)
     epochs = num_epochs if repeat else 1
     ds = _dataset(shard, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                  num_epochs=epochs, num_threads=num_threads)
+                  num_epochs=epochs, num_threads=num_threads, shuffle_rows=shuffle_rows)
     fingerprint = _fingerprint(shard, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                               num_epochs=epochs, process_index=process_index, process_count=process_count)
+                               num_epochs=epochs, process_index=process_index, process_count=process_count,
+                               shuffle_rows=shuffle_rows)
     return BatchIterator(ds, fingerprint)
 
 

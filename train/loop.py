@@ -52,7 +52,8 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     lr = learning_rate_schedule(cfg.train)
     mngr = checkpoint.manager(run_dir, keep=cfg.train.keep_checkpoints)
     batches = make_batches(train_docs, tokenizer, seq_len=cfg.data.seq_len,
-                           batch_size=cfg.data.batch_size, seed=cfg.data.seed)
+                           batch_size=cfg.data.batch_size, seed=cfg.data.seed,
+                           shuffle_rows=cfg.data.shuffle_rows)
     with use_mesh(mesh, rules):
         if resume:
             state, data_state = checkpoint.restore_state(mngr, abstract_state(cfg, mesh, tx))

@@ -47,7 +47,11 @@ class MetricsLog:
 
 
 def _plain(v):
+    if isinstance(v, (int, str, bool, float)):
+        return v
+    if hasattr(v, "ndim") and v.ndim > 0:  # e.g. the per-expert load
+        return [round(float(x), 6) for x in v.reshape(-1)]
     try:
-        return float(v) if not isinstance(v, (int, str, bool)) else v
+        return float(v)
     except (TypeError, ValueError):
         return str(v)

@@ -14,29 +14,41 @@ from jaxlm.train.state import TrainState
 
 
 def loss_fn(params, mcfg, batch, vocab_chunk: int = 0):
-    """Mean token loss and (sum, count); `vocab_chunk` > 0: the chunked loss."""
-    out, _ = forward(params, mcfg, batch["tokens"], batch["positions"], batch["segment_ids"],
-                     return_hidden=vocab_chunk > 0)
+    """(training objective, (token loss sum, token count, extra metrics)).
+
+    The objective is the mean token loss plus, for MoE configs, the router's
+    load-balancing and z losses times their coefficients (logged apart).
+    `vocab_chunk` > 0 computes the token loss over vocab chunks.
+    """
+    out, aux = forward(params, mcfg, batch["tokens"], batch["positions"], batch["segment_ids"],
+                       return_hidden=vocab_chunk > 0)
     if vocab_chunk > 0:
         w = head_weights(params, mcfg).astype(out.dtype)
         loss_sum, count = chunked_lm_loss(out, w, batch["targets"], batch["loss_mask"], vocab_chunk)
     else:
         loss_sum, count = causal_lm_loss(out, batch["targets"], batch["loss_mask"])
-    return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count)
+    objective = loss_sum / jnp.maximum(count, 1.0)
+    extra = {}
+    if "moe" in aux:
+        stats = aux["moe"]
+        objective = (objective + mcfg.router_aux_loss_coef * stats["load_balancing_loss"]
+                     + mcfg.router_z_loss_coef * stats["router_z_loss"])
+        extra = {f"moe_{k}": v for k, v in stats.items()}
+    return objective, (loss_sum, count, extra)
 
 
 def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk):
-    grads, (loss_sum, count) = jax.grad(loss_fn, has_aux=True)(state.params, mcfg, batch,
-                                                               vocab_chunk)
+    grads, (loss_sum, count, extra) = jax.grad(loss_fn, has_aux=True)(state.params, mcfg, batch,
+                                                                      vocab_chunk)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "tokens": count,
-               "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+               "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step), **extra}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params, batch, *, mcfg, vocab_chunk):
-    _, (loss_sum, count) = loss_fn(params, mcfg, batch, vocab_chunk)
+    _, (loss_sum, count, _) = loss_fn(params, mcfg, batch, vocab_chunk)
     return loss_sum, count
 
 

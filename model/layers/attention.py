@@ -1,30 +1,41 @@
-"""Self-attention block: projections, RoPE, the attention call, output projection."""
+"""Self-attention block: projections (+ biases), RoPE, the attention call, output."""
 
 from jaxlm.model.kernels import attention
 from jaxlm.model.layers.dense import dense
-from jaxlm.model.layers.positions import rope
-from jaxlm.model.params import Spec, normal
+from jaxlm.model.layers.positions import alibi_bias, rope
+from jaxlm.model.params import Spec, normal, zeros
 from jaxlm.sharding.rules import constrain
 
 
 def attention_specs(cfg):
     init = normal(cfg.init_std)
     d, h, kvh, hd, dt = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
-    return {
+    specs = {
         "q": Spec((d, h, hd), ("embed", "heads", "head_dim"), init, dt),
         "k": Spec((d, kvh, hd), ("embed", "kv_heads", "head_dim"), init, dt),
         "v": Spec((d, kvh, hd), ("embed", "kv_heads", "head_dim"), init, dt),
         "o": Spec((h, hd, d), ("heads", "head_dim", "embed"), init, dt),
     }
+    if cfg.qkv_bias:
+        specs["q_bias"] = Spec((h, hd), ("heads", "head_dim"), zeros, dt)
+        specs["k_bias"] = Spec((kvh, hd), ("kv_heads", "head_dim"), zeros, dt)
+        specs["v_bias"] = Spec((kvh, hd), ("kv_heads", "head_dim"), zeros, dt)
+    if cfg.out_bias:
+        specs["o_bias"] = Spec((d,), ("embed",), zeros, dt)
+    return specs
+
+
+def _project(p, x, name):
+    y = dense(x, p[name].astype(x.dtype))  # btd,dhk->bthk
+    if name + "_bias" in p:
+        y = y + p[name + "_bias"].astype(x.dtype)
+    return y
 
 
 def project_qkv(p, x, positions, cfg):
-    dt = x.dtype
-    q = dense(x, p["q"].astype(dt))  # btd,dhk->bthk
-    k = dense(x, p["k"].astype(dt))
-    v = dense(x, p["v"].astype(dt))
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
+    q, k, v = (_project(p, x, n) for n in ("q", "k", "v"))
+    if cfg.positions == "rope":
+        q, k = rope(q, positions, cfg), rope(k, positions, cfg)
     q = constrain(q, ("batch", "seq", "heads", "head_dim"))
     k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -33,11 +44,21 @@ def project_qkv(p, x, positions, cfg):
 
 def output_projection(p, o, cfg):
     out = dense(o, p["o"].astype(o.dtype), 2)  # bthk,hkd->btd
+    if "o_bias" in p:
+        out = out + p["o_bias"].astype(out.dtype)
     return constrain(out, ("batch", "seq", "embed"))
+
+
+def attend(q, k, v, mask, cfg):
+    """The attention call with this config's scale, window and position bias."""
+    bias = None
+    if cfg.positions == "alibi":
+        kv_pos = mask.kv_positions if mask.kv_positions is not None else mask.q_positions
+        bias = alibi_bias(mask.q_positions, kv_pos, cfg.n_heads)
+    return attention(q, k, v, mask, bias, impl=cfg.attention_impl)
 
 
 def self_attention(p, x, positions, mask, cfg):
     """x [B,S,D] -> [B,S,D]; mask is a MaskSpec over the same sequence."""
     q, k, v = project_qkv(p, x, positions, cfg)
-    o = attention(q, k, v, mask, impl=cfg.attention_impl)
-    return output_projection(p, o, cfg)
+    return output_projection(p, attend(q, k, v, mask, cfg), cfg)

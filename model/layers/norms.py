@@ -1,21 +1,35 @@
-"""Normalisation layers."""
+"""Normalisation layers: RMSNorm (no mean, no bias) and LayerNorm."""
 
 import jax
 import jax.numpy as jnp
 
-from jaxlm.model.params import Spec, ones
+from jaxlm.model.params import Spec, ones, zeros
 
 
 def norm_specs(cfg):
-    return {"scale": Spec((cfg.d_model,), ("embed",), ones, cfg.param_dtype)}
+    specs = {"scale": Spec((cfg.d_model,), ("embed",), ones, cfg.param_dtype)}
+    if cfg.norm == "layernorm":
+        specs["bias"] = Spec((cfg.d_model,), ("embed",), zeros, cfg.param_dtype)
+    return specs
 
 
 def rmsnorm(p, x, eps: float):
     """x * rsqrt(mean(x^2) + eps) * scale, computed in float32."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y.astype(x.dtype) * p["scale"].astype(x.dtype))
+    return y.astype(x.dtype) * p["scale"].astype(x.dtype)
+
+
+def layernorm(p, x, eps: float):
+    """(x - mean) * rsqrt(var + eps) * scale + bias, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
 def norm(p, x, cfg):
+    if cfg.norm == "layernorm":
+        return layernorm(p, x, cfg.norm_eps)
     return rmsnorm(p, x, cfg.norm_eps)
