@@ -25,7 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str = "decoder"
+    family: str = "decoder"  # decoder | encoder | encoder_decoder
     vocab_size: int = 32000
     d_model: int = 256
     n_layers: int = 4
@@ -36,9 +36,15 @@ class ModelConfig:
     max_seq_len: int = 2048
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5
+    norm_position: str = "pre"  # pre (GPT-2, Llama, T5) | post (BERT)
     mlp: str = "swiglu"  # swiglu | geglu (gated) | gelu | relu
     gelu_approximate: bool = False  # tanh-approximated GELU (GPT-2's "gelu_new")
-    positions: str = "rope"  # rope | learned | sinusoidal | alibi | none
+    positions: str = "rope"  # rope | learned | sinusoidal | alibi | t5_relative | none
+    relative_buckets: int = 32  # t5_relative
+    relative_max_distance: int = 128  # t5_relative
+    type_vocab_size: int = 0  # token-type (segment) embeddings, BERT: 2
+    n_decoder_layers: int = 0  # encoder_decoder: decoder depth (0: n_layers)
+    attn_scale: float = 0.0  # 0: head_dim ** -0.5; T5: 1.0
     rope_theta: float = 10000.0
     rope_scaling: str = "none"  # none | llama3
     rope_scaling_factor: float = 8.0
@@ -63,10 +69,12 @@ class ModelConfig:
 
     def __post_init__(self):
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
-        _choice(self, "family", ("decoder",))
+        _choice(self, "family", ("decoder", "encoder", "encoder_decoder"))
+        _choice(self, "norm_position", ("pre", "post"))
         _choice(self, "norm", ("rmsnorm", "layernorm"))
         _choice(self, "mlp", ("swiglu", "geglu", "gelu", "relu"))
-        _choice(self, "positions", ("rope", "learned", "sinusoidal", "alibi", "none"))
+        _choice(self, "positions", ("rope", "learned", "sinusoidal", "alibi", "t5_relative",
+                                    "none"))
         _choice(self, "rope_scaling", ("none", "llama3"))
         _choice(self, "remat", REMAT_POLICIES)
         _choice(self, "attention_impl", ATTENTION_IMPLS)
@@ -143,6 +151,10 @@ class TrainConfig:
     # Cross-entropy over vocab chunks of about this many columns, never
     # materialising [batch, seq, vocab] logits; 0: plain full logits.
     loss_vocab_chunk: int = 4096
+    objective: str = "clm"  # clm (causal LM) | mlm (masked LM) | span (T5 span corruption)
+    mlm_probability: float = 0.15  # mlm: tokens chosen; of them 80% [MASK], 10% random, 10% kept
+    span_noise_density: float = 0.15  # span: fraction of tokens corrupted
+    span_mean_length: float = 3.0  # span: mean corrupted span length
 
     def __post_init__(self):
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
@@ -152,6 +164,11 @@ class TrainConfig:
                 f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _choice(self, "objective", ("clm", "mlm", "span"))
+        if not (0 < self.mlm_probability < 1 and 0 < self.span_noise_density < 1
+                and self.span_mean_length >= 1):
+            raise ConfigError("train: 0 < mlm_probability < 1, 0 < span_noise_density < 1 and "
+                              "span_mean_length >= 1 are required")
         if self.loss_vocab_chunk < 0:
             raise ConfigError(f"train.loss_vocab_chunk={self.loss_vocab_chunk} must be >= 0")
         if self.grad_clip < 0 or self.weight_decay < 0:
