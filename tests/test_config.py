@@ -47,7 +47,7 @@ def test_defaults_fill_heads_and_head_dim():
     (["model.remat=ful"], "model.remat='ful' is not one of none, full, dots, dots_no_batch "
                           "(did you mean 'full'?)"),
     (["train.steps=abc"], "train.steps='abc' should be of type int"),
-    (["train.warmup_steps=5000"], "train.warmup_steps=5000 must be in [0, train.steps=600]"),
+    (["train.warmup_steps=5000"], "train.warmup_steps=5000 must be in [0, train.steps=1000]"),
     (["mesh.data=0"], "mesh.data=0 must be a positive size or -1"),
     (["mesh.fsdp=-1"], "mesh: at most one axis may be -1"),
     (["model.n_layers"], "should look like key=value"),
