@@ -16,9 +16,10 @@ from jaxlm.model.config import Config, config_from_dict, model_flops_per_token, 
 from jaxlm.model.tokenizer import load_tokenizer, train_sentencepiece
 from jaxlm.sharding.mesh import check_divisible, make_mesh
 from jaxlm.sharding.rules import named_sharding, use_mesh
-from jaxlm.train import checkpoint
+from jaxlm.train import checkpoint, span
 from jaxlm.train.data import eval_batches, load_documents, make_batches, split_documents
 from jaxlm.train.metrics import MetricsLog, measure_matmul_peak
+from jaxlm.train.objectives import batch_objective
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.train.state import abstract_state, create_state, state_shardings
 from jaxlm.train.step import compile_steps
@@ -51,9 +52,10 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     tx = make_optimizer(cfg.train, model_specs(cfg.model))
     lr = learning_rate_schedule(cfg.train)
     mngr = checkpoint.manager(run_dir, keep=cfg.train.keep_checkpoints)
-    batches = make_batches(train_docs, tokenizer, seq_len=cfg.data.seq_len,
+    batches = make_batches(train_docs, tokenizer, seq_len=span.row_length(cfg),
                            batch_size=cfg.data.batch_size, seed=cfg.data.seed,
                            shuffle_rows=cfg.data.shuffle_rows)
+    batches = span.wrap_batches(cfg, tokenizer, batches)  # span: T5 corruption on the host
     with use_mesh(mesh, rules):
         if resume:
             state, data_state = checkpoint.restore_state(mngr, abstract_state(cfg, mesh, tx))
@@ -62,10 +64,12 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
             state = create_state(cfg, mesh, tx, cfg.train.seed)
         batch_sharding = named_sharding(mesh, ("batch", "seq"), rules)
         train_step, eval_step = compile_steps(cfg.model, tx, lr, state_shardings(cfg, mesh, tx),
-                                              batch_sharding, cfg.train.loss_vocab_chunk)
-        evals = [jax.device_put(b, batch_sharding) for b in eval_batches(
-            eval_docs, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-            num_batches=cfg.train.eval_batches)]
+                                              batch_sharding, cfg.train.loss_vocab_chunk,
+                                              batch_objective(cfg.train, cfg.model, tokenizer))
+        evals = [jax.device_put(b, batch_sharding) for b in span.map_batches(
+            cfg, tokenizer, eval_batches(
+                eval_docs, tokenizer, seq_len=span.row_length(cfg),
+                batch_size=cfg.data.batch_size, num_batches=cfg.train.eval_batches))]
         loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress)
         try:
             return loop.run(state, stop_after)
@@ -188,7 +192,11 @@ def read_run_config(run_dir: str) -> Config:
     try:
         with open(path) as f:
             return config_from_dict(yaml.safe_load(f) or {})
-    except (yaml.YAMLError, ConfigError) as e:
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise CheckpointError(f"{path} is corrupt: not valid YAML{where}") from None
+    except ConfigError as e:
         raise CheckpointError(f"{path} is corrupt: {e}") from None
 
 
@@ -197,7 +205,9 @@ def _tokenizer(cfg: Config, train_docs):
     if cfg.data.tokenizer or os.path.exists(path):
         tok = load_tokenizer(path)
     else:
-        tok = train_sentencepiece(train_docs, cfg.model.vocab_size, cfg.run_dir,
+        # mlm: the last id is [MASK]; span: the top ids are the sentinels
+        reserved = 1 if cfg.train.objective == "mlm" else span.reserved_ids(cfg)
+        tok = train_sentencepiece(train_docs, cfg.model.vocab_size - reserved, cfg.run_dir,
                                   max_chars=cfg.data.tokenizer_max_chars, seed=cfg.data.seed)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size="
