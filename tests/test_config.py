@@ -7,12 +7,28 @@ from jaxlm.model.config import (Config, ModelConfig, config_from_dict, load_conf
                                 to_dict)
 
 
+PARAMS_B = {"llama3-8b": 8.03, "mistral-7b": 7.24, "qwen2-0.5b": 0.494, "mixtral-8x7b": 46.70,
+            "gpt2": 0.124}
+
+
 def test_presets_load_and_round_trip():
-    for name in ("tiny-llama", "bench-cpu"):
+    import importlib.resources
+    names = sorted(p.name[:-5] for p in importlib.resources.files("jaxlm.configs").iterdir()
+                   if p.name.endswith(".yaml"))
+    assert {"tiny-llama", "bench-cpu", *PARAMS_B} <= set(names)
+    for name in names:
         cfg = load_config(name)
         assert isinstance(cfg, Config)
         assert config_from_dict(to_dict(cfg)) == cfg
         hash(cfg.model)  # static jit argument
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS_B))
+def test_published_shapes_have_their_parameter_counts(name):
+    from jaxlm.model import model_specs
+    from jaxlm.model.params import count
+    billions = count(model_specs(load_config(name).model)) / 1e9
+    assert abs(billions - PARAMS_B[name]) / PARAMS_B[name] < 0.002, billions
 
 
 def test_bench_preset_is_the_issue_shape():
