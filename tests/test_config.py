@@ -8,7 +8,7 @@ from jaxlm.model.config import (Config, ModelConfig, config_from_dict, load_conf
 
 
 PARAMS_B = {"llama3-8b": 8.03, "mistral-7b": 7.24, "qwen2-0.5b": 0.494, "mixtral-8x7b": 46.70,
-            "gpt2": 0.124}
+            "gpt2": 0.1244}
 
 
 def test_presets_load_and_round_trip():
