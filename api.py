@@ -9,7 +9,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxlm.errors import CheckpointError, ConfigError
-from jaxlm.model import model_specs
+from jaxlm.model import hf, model_specs
 from jaxlm.model.config import Config, DataConfig, ModelConfig
 from jaxlm.model.params import abstract
 from jaxlm.train import checkpoint
@@ -17,18 +17,25 @@ from jaxlm.train.loop import CONFIG_FILE, _write_config, read_run_config
 
 
 def load(path: str, step: int | None = None) -> tuple[ModelConfig, dict]:
-    """(model config, params) from a jaxlm run/checkpoint dir (latest step by default)."""
+    """(model config, params) from a jaxlm run/checkpoint dir (latest step by default)
+    or a Hugging Face directory (config.json + *.safetensors)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint dir {path} does not exist")
+    if not os.path.exists(os.path.join(path, CONFIG_FILE)) and hf.is_hf_checkpoint(path):
+        return hf.load_hf(path)
     cfg = read_run_config(path).model
     params = checkpoint.restore_params(path, abstract(model_specs(cfg)), step)
     return cfg, params
 
 
 def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") -> str:
-    """Write params + config as a jaxlm checkpoint dir that `load` reads back."""
+    """Write params + config as a jaxlm checkpoint dir that `load` reads back, or
+    (format="hf") as a Hugging Face directory that `transformers` loads."""
+    if format == "hf":
+        model_cfg = cfg.model if isinstance(cfg, Config) else cfg
+        return str(hf.save_hf(path, model_cfg, params) / "config.json")
     if format != "jaxlm":
-        raise ConfigError(f"save: unknown format {format!r} (supported: 'jaxlm')")
+        raise ConfigError(f"save: unknown format {format!r} (supported: 'jaxlm', 'hf')")
     full = cfg if isinstance(cfg, Config) else Config(
         model=cfg, data=DataConfig(seq_len=min(DataConfig().seq_len, cfg.max_seq_len)))
     expected = jax.tree.map(lambda s: s.shape, abstract(model_specs(full.model)))

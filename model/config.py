@@ -102,6 +102,9 @@ class ModelConfig:
             raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: off)")
         if self.n_experts < 0 or self.moe_capacity_factor < 0:
             raise ConfigError("model.n_experts and model.moe_capacity_factor must be >= 0")
+        if self.n_experts and self.mlp != "swiglu":
+            raise ConfigError(f"model.n_experts={self.n_experts} needs model.mlp='swiglu' "
+                              f"(the experts are SwiGLU), not {self.mlp!r}")
         if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
             raise ConfigError(f"model.experts_per_token={self.experts_per_token} must be in "
                               f"[1, model.n_experts={self.n_experts}]")

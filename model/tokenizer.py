@@ -1,4 +1,4 @@
-"""Tokenizers behind one small interface: sentencepiece now, HF tokenizer.json later.
+"""Tokenizers behind one small interface: sentencepiece, and HF tokenizer.json.
 
 `train_sentencepiece` builds a byte-fallback BPE model for source code whose
 `decode(encode(s)) == s` holds exactly for every string: spaces, tabs, blank
@@ -11,6 +11,7 @@ Special ids of a trained model: pad=0, unk=1, bos=2, eos=3, then "\\n".
 from __future__ import annotations
 
 import io
+import json
 import os
 import pathlib
 import random
@@ -21,6 +22,9 @@ import sentencepiece as spm
 from jaxlm.errors import InputError
 
 MODEL_FILENAME = "tokenizer.model"
+HF_TOKENIZER_FILENAME = "tokenizer.json"  # Hugging Face `tokenizers`
+# Files next to tokenizer.json that name its special tokens (first wins).
+_HF_SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 # sentencepiece writes whitespace as U+2581 ("▁") inside pieces and turns every
 # "▁" back into a space on decode; a literal "▁" in the text is therefore
@@ -185,6 +189,127 @@ class SentencePieceTokenizer(Tokenizer):
         return path
 
 
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (BPE, WordPiece, Unigram, ...), via `tokenizers`.
+
+    `encode` reads text as text: a special token's string in the text (say
+    "<|endoftext|>") is encoded as ordinary pieces, never as the special id,
+    and no bos/eos/template tokens are added. Special ids come from
+    tokenizer_config.json / special_tokens_map.json beside the file if present,
+    else from the tokenizer's added tokens by their usual names (<s>, </s>,
+    <|endoftext|>, ...). pad: the pad token, else unk, else eos.
+    """
+
+    _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|endoftext|>")
+    _EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|im_end|>")
+    _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
+    _UNK_NAMES = ("<unk>", "[UNK]", "<|unk|>")
+
+    def __init__(self, json_text: str, special_files: dict[str, str] | None = None):
+        from tokenizers import Tokenizer as _Tokenizer
+        try:
+            self._tok = _Tokenizer.from_str(json_text)
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise InputError(f"not a valid tokenizer.json ({_one_line(e)})") from e
+        self._tok.encode_special_tokens = True
+        self._json = json_text
+        self._special_files = dict(special_files or {})
+        named = self._named_special_tokens()
+        self._bos = self._pick(named.get("bos_token"), self._BOS_NAMES)
+        self._eos = self._pick(named.get("eos_token"), self._EOS_NAMES)
+        if self._eos is None:
+            raise InputError("tokenizer.json has no eos token (name one as eos_token in "
+                             "tokenizer_config.json)")
+        unk = self._pick(named.get("unk_token"), self._UNK_NAMES)
+        if unk is None and getattr(self._tok.model, "unk_token", None):  # BPE/WordPiece unk
+            unk = self._tok.token_to_id(self._tok.model.unk_token)
+        pad = self._pick(named.get("pad_token"), self._PAD_NAMES)
+        self._pad = next(i for i in (pad, unk, self._eos) if i is not None)
+        self._skip = {i for i in (self._bos, self._eos, self._pad) if i is not None}
+
+    @classmethod
+    def from_file(cls, path) -> HFTokenizer:
+        """Loads `tokenizer.json` (+ the special-token files beside it); InputError if bad."""
+        path = pathlib.Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            special = {name: (path.parent / name).read_text(encoding="utf-8")
+                       for name in _HF_SPECIAL_FILES if (path.parent / name).is_file()}
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read tokenizer file {path}: "
+                             f"{getattr(e, 'strerror', None) or e}") from e
+        try:
+            return cls(text, special)
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from e
+
+    def _named_special_tokens(self) -> dict[str, str]:
+        """{"bos_token": "<s>", ...} from the special-token files (first file wins)."""
+        names: dict[str, str] = {}
+        for file_name in _HF_SPECIAL_FILES:
+            if file_name not in self._special_files:
+                continue
+            try:
+                data = json.loads(self._special_files[file_name])
+            except ValueError as e:
+                raise InputError(f"{file_name} is not valid JSON") from e
+            for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+                value = data.get(key) if isinstance(data, dict) else None
+                if isinstance(value, dict):  # a serialized AddedToken
+                    value = value.get("content")
+                if isinstance(value, str) and key not in names:
+                    names[key] = value
+        return names
+
+    def _pick(self, configured: str | None, usual: Sequence[str]) -> int | None:
+        if configured is not None:
+            return self._tok.token_to_id(configured)
+        added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+        for name in usual:
+            if name in added:
+                return added[name]
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if int(i) not in self._skip],
+                                skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    def save(self, directory) -> pathlib.Path:
+        """Writes tokenizer.json as loaded (+ the special-token files it came with)."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in self._special_files.items():
+            (directory / name).write_text(text, encoding="utf-8")
+        path = directory / HF_TOKENIZER_FILENAME
+        path.write_text(self._json, encoding="utf-8")
+        return path
+
+
 def _one_line(e: BaseException) -> str:
     """The readable part of a sentencepiece error, on one line."""
     lines = str(e).strip().splitlines() or [type(e).__name__]
@@ -243,7 +368,8 @@ def train_sentencepiece(
 
 
 def load_tokenizer(path) -> Tokenizer:
-    """Opens a tokenizer: a directory holding `tokenizer.model`, or the file itself."""
+    """Opens a tokenizer: a directory holding `tokenizer.model` (else `tokenizer.json`),
+    or the file itself."""
     path = pathlib.Path(os.fspath(path))
     if path.is_dir():
         path = _tokenizer_file_in(path)
@@ -251,13 +377,15 @@ def load_tokenizer(path) -> Tokenizer:
         raise InputError(f"tokenizer not found: {path}")
     if path.suffix == ".model":
         return SentencePieceTokenizer.from_file(path)
-    # Hugging Face tokenizer.json goes here, as a branch on the file name.
-    raise InputError(f"unsupported tokenizer file {path} (expected a sentencepiece .model)")
+    if path.name.endswith(".json"):
+        return HFTokenizer.from_file(path)
+    raise InputError(f"unsupported tokenizer file {path} "
+                     "(expected a sentencepiece .model or a Hugging Face tokenizer.json)")
 
 
 def _tokenizer_file_in(directory: pathlib.Path) -> pathlib.Path:
     """The tokenizer file inside a directory (first match in preference order)."""
-    for name in (MODEL_FILENAME,):
+    for name in (MODEL_FILENAME, HF_TOKENIZER_FILENAME):
         if (directory / name).is_file():
             return directory / name
-    raise InputError(f"no {MODEL_FILENAME} in {directory}")
+    raise InputError(f"no {MODEL_FILENAME} (or {HF_TOKENIZER_FILENAME}) in {directory}")
