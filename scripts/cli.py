@@ -1,4 +1,4 @@
-"""The `jaxlm` command: train | generate | bench.
+"""The `jaxlm` command: train | generate | convert | bench.
 
 Each subcommand takes `--config` (a YAML path or a preset name) and
 `key=value` overrides. Bad input prints one `error:` line and exits 2.
@@ -35,6 +35,11 @@ def cmd_generate(args):
     run_generate(args)
 
 
+def cmd_convert(args):
+    from jaxlm.scripts.convert import run_convert
+    print(run_convert(args.input, args.output, args.to))
+
+
 def cmd_bench(args):
     from jaxlm.scripts.bench import run_bench
     run_bench(_config(args))
@@ -57,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", help="optional YAML with a generate: section")
     g.add_argument("overrides", nargs="*", metavar="generate.key=value")
     g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert a checkpoint between jaxlm and Hugging Face")
+    c.add_argument("--input", required=True, help="a jaxlm run/checkpoint dir or a HF dir")
+    c.add_argument("--output", required=True, help="a new directory")
+    c.add_argument("--to", choices=("jaxlm", "hf"), required=True, help="the output format")
+    c.set_defaults(fn=cmd_convert)
 
     b = sub.add_parser("bench", help="measure train and decode speed")
     b.add_argument("--config", default="bench-cpu", help="YAML file or preset (default bench-cpu)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from jaxlm.errors import InputError
 
@@ -28,10 +29,16 @@ def run_generate(args):
     from jaxlm.model.config import config_from_dict, load_config, to_dict
     from jaxlm.train.loop import read_run_config
 
+    from jaxlm.model.hf import is_hf_checkpoint
+
     prompts = read_prompts(args)
-    run_cfg = read_run_config(args.checkpoint)
+    if is_hf_checkpoint(args.checkpoint) and not os.path.exists(
+            os.path.join(args.checkpoint, "config.yaml")):
+        saved = {}  # a Hugging Face dir: generation settings from the command line only
+    else:
+        saved = {"generate": to_dict(read_run_config(args.checkpoint).generate)}
     gen_cfg = load_config(args.config, args.overrides) if args.config else config_from_dict(
-        {"generate": to_dict(run_cfg.generate)}, args.overrides)
+        saved, args.overrides)
     g = gen_cfg.generate
     cfg, params = jaxlm.load(args.checkpoint)
     tok = jaxlm.load_tokenizer(args.checkpoint)

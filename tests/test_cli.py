@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 import jaxlm
@@ -78,3 +79,21 @@ def test_generate_prints_text(small_checkpoint, tmp_path):
     assert proc.stdout.count("=== prompt:") == 3
     for p in ("import os", "def main():", "class A:"):
         assert f"=== prompt: {p!r}" in proc.stdout
+
+
+def test_convert_round_trip_and_generate_from_hf(small_checkpoint, tmp_path):
+    hf_dir, back = str(tmp_path / "hf"), str(tmp_path / "back")
+    proc = run_cli("convert", "--input", small_checkpoint, "--output", hf_dir, "--to", "hf")
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.isfile(os.path.join(hf_dir, "model.safetensors"))
+    assert os.path.isfile(os.path.join(hf_dir, "tokenizer.model"))
+    proc = run_cli("convert", "--input", hf_dir, "--output", back, "--to", "jaxlm")
+    assert proc.returncode == 0, proc.stderr
+    _, original = jaxlm.load(small_checkpoint)
+    _, restored = jaxlm.load(back)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), original, restored)
+    proc = run_cli("generate", "--checkpoint", hf_dir, "--prompt", "import os",
+                   "generate.max_new_tokens=4")
+    assert proc.returncode == 0 and "=== prompt: 'import os'" in proc.stdout, proc.stderr
+    assert_one_line_error(run_cli("convert", "--input", hf_dir, "--output", back, "--to", "hf"),
+                          "not empty")

@@ -1,0 +1,29 @@
+"""`jaxlm convert`: a jaxlm checkpoint <-> a Hugging Face directory.
+
+The tokenizer files beside the weights (tokenizer.model, tokenizer.json and
+its special-token files) are copied along.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from jaxlm.errors import CheckpointError
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+
+def run_convert(src: str, dst: str, to: str) -> str:
+    import jaxlm
+    if os.path.exists(dst) and os.listdir(dst):
+        raise CheckpointError(f"--output {dst} exists and is not empty; choose a new directory")
+    cfg, params = jaxlm.load(src)
+    jaxlm.save(dst, cfg, params, format=to)
+    copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(src, name))]
+    for name in copied:
+        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    return (f"wrote {to} checkpoint {dst} ({cfg.family}, {cfg.n_layers} layers, d_model "
+            f"{cfg.d_model}, vocab {cfg.vocab_size})"
+            + (f"; copied {', '.join(copied)}" if copied else ""))
