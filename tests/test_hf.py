@@ -440,3 +440,20 @@ def test_hf_tokenizer_special_ids_from_tokenizer_config(tmp_path):
     (no_eos / "tokenizer.json").write_text("{not json")
     with pytest.raises(InputError, match="not a valid tokenizer.json"):
         load_tokenizer(no_eos)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "mistral"])
+def test_greedy_generation_matches_transformers(family, tmp_path):
+    """jaxlm's compiled decode loop emits transformers' greedy tokens, token for token."""
+    from jaxlm.infer.generate import generate
+    model = hf_model(family)
+    model.save_pretrained(tmp_path)
+    cfg, params = load_hf(str(tmp_path))
+    prompt = [int(t) for t in TOKENS[0, :5]]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),
+                             max_new_tokens=10, do_sample=False, num_beams=1,
+                             eos_token_id=None, pad_token_id=0)
+    expected = ref[0, 5:].tolist()
+    got = generate(params, cfg, [prompt], max_new_tokens=10)
+    assert got.sequences()[0] == expected
