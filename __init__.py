@@ -3,6 +3,7 @@
     import jaxlm
     cfg, params = jaxlm.load("runs/tiny-llama")       # a jaxlm run/checkpoint dir
     logits, aux = jaxlm.forward(params, cfg, tokens)
+    vectors = jaxlm.embed(params, cfg, tokens, mask)  # encoders: [B, D] masked-mean pooled
     out = jaxlm.generate(params, cfg, [[1, 5, 9]], max_new_tokens=64)
     jaxlm.save("exported", cfg, params)
     tok = jaxlm.load_tokenizer("runs/tiny-llama")
@@ -18,6 +19,7 @@ _LAZY = {
     "load": "jaxlm.api", "save": "jaxlm.api",
     "forward": "jaxlm.model", "init_params": "jaxlm.model", "ModelConfig": "jaxlm.model",
     "generate": "jaxlm.infer.generate",
+    "embed": "jaxlm.model.embed",
     "load_tokenizer": "jaxlm.model.tokenizer",
     "Config": "jaxlm.model.config", "load_config": "jaxlm.model.config",
 }

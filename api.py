@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxlm.errors import CheckpointError, ConfigError
-from jaxlm.model import hf, model_specs
+from jaxlm.model import hf, hf_bert, hf_t5, model_specs
 from jaxlm.model.config import Config, DataConfig, ModelConfig
 from jaxlm.model.params import abstract
 from jaxlm.train import checkpoint
@@ -22,10 +23,24 @@ def load(path: str, step: int | None = None) -> tuple[ModelConfig, dict]:
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint dir {path} does not exist")
     if not os.path.exists(os.path.join(path, CONFIG_FILE)) and hf.is_hf_checkpoint(path):
-        return hf.load_hf(path)
+        return load_hf_any(path)
     cfg = read_run_config(path).model
     params = checkpoint.restore_params(path, abstract(model_specs(cfg)), step)
     return cfg, params
+
+
+HF_LOADERS = {"bert": hf_bert.load_bert, "t5": hf_t5.load_t5,
+              **{model_type: hf.load_hf for model_type in hf.SUPPORTED}}
+
+
+def load_hf_any(path: str):
+    """A Hugging Face directory of any supported model_type."""
+    with open(os.path.join(path, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in HF_LOADERS:
+        raise CheckpointError(f"config.json: model_type {model_type!r} is not supported "
+                              f"(supported: {', '.join(HF_LOADERS)})")
+    return HF_LOADERS[model_type](path)
 
 
 def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") -> str:
@@ -33,7 +48,9 @@ def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") ->
     (format="hf") as a Hugging Face directory that `transformers` loads."""
     if format == "hf":
         model_cfg = cfg.model if isinstance(cfg, Config) else cfg
-        return str(hf.save_hf(path, model_cfg, params) / "config.json")
+        save_fn = {"encoder": hf_bert.save_bert,
+                   "encoder_decoder": hf_t5.save_t5}.get(model_cfg.family, hf.save_hf)
+        return str(save_fn(path, model_cfg, params) / "config.json")
     if format != "jaxlm":
         raise ConfigError(f"save: unknown format {format!r} (supported: 'jaxlm', 'hf')")
     full = cfg if isinstance(cfg, Config) else Config(

@@ -66,15 +66,27 @@ class GenerateOutput(NamedTuple):
 
 def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None,
-             max_len: Optional[int] = None, return_logits: bool = False) -> GenerateOutput:
+             max_len: Optional[int] = None, return_logits: bool = False,
+             decoder_start_id: int = 0) -> GenerateOutput:
     """Continue each prompt (a list of token-id lists, or a 2-D int array) by up to
     max_new_tokens tokens; a row stops after emitting eos_id.
 
     max_len: cache length (default: longest prompt + max_new_tokens rounded up
     to a multiple of 128, capped at cfg.max_seq_len). return_logits: also
     return the [B, max_new_tokens, V] next-token logits of every step (tests,
-    debugging: it is B * max_new_tokens * V floats).
+    debugging: it is B * max_new_tokens * V floats). Encoder-decoder models
+    (T5): the prompts are the encoder inputs, the decoder starts from
+    decoder_start_id (T5: pad = 0), see jaxlm.infer.seq2seq.
     """
+    if cfg.family == "encoder":
+        raise InputError("encoders do not generate text; use jaxlm.forward (masked-LM logits) "
+                         "or jaxlm.embed (sentence vectors)")
+    if cfg.family == "encoder_decoder":
+        from jaxlm.infer.seq2seq import generate_seq2seq
+        return generate_seq2seq(params, cfg, prompts, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                eos_id=eos_id, decoder_start_id=decoder_start_id,
+                                max_len=max_len, return_logits=return_logits)
     rows = _check_prompts(prompts, cfg.vocab_size)
     _check_args(cfg, max_new_tokens, temperature, top_k, top_p, eos_id)
     longest = max(len(r) for r in rows)

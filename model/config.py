@@ -461,13 +461,16 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), matmuls only.
 
     6 * (matmul params, output head included, input embedding excluded since
-    it is a gather) + 6 * 2 * layers * seq * heads * head_dim for the two
-    attention matmuls (QK^T and PV) over the full, unmasked score matrix,
-    which is what the XLA reference computes.
+    it is a gather; for MoE the experts a token visits) + 6 * 2 * layers * seq
+    * heads * head_dim for the two attention matmuls (QK^T and PV) over the
+    full, unmasked score matrix, which is what the XLA reference computes.
+    Decoder-only accounting: encoder-decoder runs are approximate.
     """
     d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
     attn_proj = d * hd * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
-    mlp = 3 * d * cfg.d_ff
+    mlp = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * d * cfg.d_ff
+    if cfg.n_experts:  # each token runs through k experts, plus the router
+        mlp = cfg.experts_per_token * mlp + d * cfg.n_experts
     head = d * cfg.vocab_size
     matmul_params = L * (attn_proj + mlp) + head
     attn_scores = 2 * L * seq_len * cfg.n_heads * hd

@@ -24,6 +24,19 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def decode_ids(tok, ids, vocab_size: int) -> str:
+    """Text for ids; ids past the tokenizer (T5 span sentinels, counting down from
+    the top of the model's vocab) print as <extra_id_N>."""
+    parts, run = [], []
+    for i in ids:
+        if i < tok.vocab_size:
+            run.append(i)
+            continue
+        parts += [tok.decode(run), f"<extra_id_{vocab_size - 1 - i}>"]
+        run = []
+    return "".join(parts) + tok.decode(run)
+
+
 def run_generate(args):
     import jaxlm
     from jaxlm.model.config import config_from_dict, load_config, to_dict
@@ -48,5 +61,5 @@ def run_generate(args):
                          eos_id=tok.eos_id)
     for prompt, new in zip(prompts, out.sequences()):
         print(f"=== prompt: {prompt!r}")
-        print(prompt + tok.decode(new))
+        print(prompt + decode_ids(tok, new, cfg.vocab_size))
     return dataclasses.asdict(g)

@@ -12,6 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxlm.errors import ConfigError
+
 
 def causal_lm_loss(logits, targets, loss_mask):
     """Token cross-entropy from logits [B,S,V] float32, targets [B,S], loss_mask [B,S]."""
@@ -102,3 +104,93 @@ def _chunked_ce_bwd(chunking, res, g):
 
 
 _chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
+
+
+# ---------------------------------------------------------------- masked LM
+#
+# BERT's corruption, done inside the jitted steps with a key derived from
+# (train.seed, step), so a resumed run masks exactly as a straight one.
+# [MASK] is the tokenizer's own `mask_id` when it has one; otherwise the last
+# id of the model vocab is reserved for it (jaxlm trains its sentencepiece
+# tokenizer with vocab_size - 1 pieces for mlm runs, so no text maps to it).
+
+_MLM_TRAIN_STREAM, _MLM_EVAL_STREAM = 0x6D6C6D00, 0x6D6C6D01  # "mlm" + 0/1: fold_in tags
+
+
+MASK_PIECES = ("[MASK]", "<mask>")  # BERT's WordPiece, RoBERTa-style BPE
+
+
+def mlm_mask_id(tokenizer, vocab_size: int) -> int:
+    """The [MASK] id for a tokenizer and a model vocab: the tokenizer's `mask_id`,
+    else its piece named [MASK] or <mask> (an HF BERT tokenizer.json), else the
+    reserved last model id (see above)."""
+    own = getattr(tokenizer, "mask_id", None)
+    if own is not None:
+        return int(own)
+    piece = getattr(tokenizer, "id_to_piece", None)
+    if piece is not None:
+        found = [i for i in range(tokenizer.vocab_size) if piece(i) in MASK_PIECES]
+        if found:
+            return found[0]
+    if tokenizer.vocab_size >= vocab_size:
+        raise ConfigError(
+            f"train.objective=mlm: the tokenizer has no mask token and uses all "
+            f"model.vocab_size={vocab_size} ids; set model.vocab_size={tokenizer.vocab_size + 1} "
+            "to reserve the last id as [MASK]")
+    return vocab_size - 1
+
+
+def mlm_corrupt(tokens, segment_ids, key, *, probability: float, mask_id: int,
+                random_vocab: int, special_ids=()):
+    """(inputs, chosen) from tokens [B,S]: each real token (segment id > 0, not one
+    of `special_ids`) is chosen with `probability`; a chosen token becomes
+    `mask_id` (80%), a uniform random id in [0, random_vocab) (10%), or stays (10%)."""
+    k_choose, k_how, k_random = jax.random.split(key, 3)
+    real = segment_ids > 0
+    for special in special_ids:
+        real = real & (tokens != special)
+    chosen = real & (jax.random.uniform(k_choose, tokens.shape) < probability)
+    how = jax.random.uniform(k_how, tokens.shape)
+    random_ids = jax.random.randint(k_random, tokens.shape, 0, random_vocab, tokens.dtype)
+    inputs = jnp.where(chosen & (how < 0.8), jnp.asarray(mask_id, tokens.dtype), tokens)
+    inputs = jnp.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, inputs)
+    return inputs, chosen
+
+
+def mlm_key(seed: int, step=None):
+    """The masking key of a train step (a traced int is fine), or the fixed eval key."""
+    base = jax.random.key(seed)
+    if step is None:
+        return jax.random.fold_in(base, _MLM_EVAL_STREAM)
+    return jax.random.fold_in(jax.random.fold_in(base, _MLM_TRAIN_STREAM), step)
+
+
+def mlm_batch(batch, key, **corrupt):
+    """A data batch as an MLM batch: corrupted tokens in, the originals as targets,
+    the loss on the chosen tokens only."""
+    inputs, chosen = mlm_corrupt(batch["tokens"], batch["segment_ids"], key, **corrupt)
+    return {**batch, "tokens": inputs, "targets": batch["tokens"],
+            "loss_mask": chosen.astype(jnp.float32)}
+
+
+def batch_objective(tcfg, mcfg, tokenizer):
+    """`(batch, step) -> batch`: train.objective's batch transform for the jitted
+    steps (step None: eval, a fixed key), or None when batches are used as they
+    come (clm). ConfigError when the objective does not fit the model family."""
+    if mcfg.family == "encoder" and tcfg.objective != "mlm":
+        raise ConfigError(f"train.objective={tcfg.objective!r} does not fit model.family=encoder "
+                          "(bidirectional attention sees its targets); use train.objective=mlm")
+    if (mcfg.family == "encoder_decoder") != (tcfg.objective == "span"):
+        raise ConfigError(f"train.objective={tcfg.objective!r} does not fit model.family="
+                          f"{mcfg.family} (span corruption is the encoder_decoder objective)")
+    if tcfg.objective != "mlm":  # span: corrupted on the host (jaxlm.train.span)
+        return None
+    corrupt = dict(probability=tcfg.mlm_probability,
+                   mask_id=mlm_mask_id(tokenizer, mcfg.vocab_size),
+                   random_vocab=min(tokenizer.vocab_size, mcfg.vocab_size),
+                   special_ids=tuple(i for i in (tokenizer.bos_id, tokenizer.eos_id)
+                                     if i is not None))
+
+    def apply(batch, step):
+        return mlm_batch(batch, mlm_key(tcfg.seed, step), **corrupt)
+    return apply

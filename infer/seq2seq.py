@@ -1,0 +1,184 @@
+"""Encoder-decoder generation: encode once, then one compiled decode loop.
+
+    out = generate_seq2seq(params, cfg, [[5, 7, 9], [3, 4]], max_new_tokens=32, eos_id=1)
+    out.tokens / out.lengths / out.finished / out.sequences()   # as jaxlm.generate
+
+Two jitted functions, `cfg` and the sampler settings static:
+
+* `start(params, cfg, tokens, segment_ids, cache_len, decoder_start_id)`: runs
+  the encoder once on the right-padded inputs [B, S] (segment ids 1 / 0 =
+  padding), projects the cross-attention keys/values of every decoder layer
+  once ([L, B, S, H, D], kept for the whole loop), allocates the decoder's
+  self-attention KV cache [L, B, cache_len, H, D] and feeds the start id
+  (T5: pad = 0); returns the first next-token logits and the state.
+* `decode(...)`: a `lax.while_loop` that samples (`infer.sampling.sample`),
+  writes the token, feeds it back through the cached decoder (self-attention
+  over the cache, cross-attention over the cached encoder K/V) and stops when
+  every row has emitted eos_id or max_new_tokens is reached. The state is
+  donated; `max_new_tokens` and `eos_id` are traced values.
+
+Shapes are bucketed like `jaxlm.generate` (inputs to a power of two >= 16,
+output width to a multiple of 64, cache to a multiple of 128), and row r
+samples with fold_in(fold_in(key(seed), r), step), so sampled runs are
+reproducible and independent of the other rows.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.errors import InputError
+from jaxlm.infer.generate import (CACHE_BUCKET, PAD_ID, WIDTH_BUCKET, GenerateOutput,
+                                  _check_args, _check_prompts, _prompt_bucket, _round_up,
+                                  row_keys)
+from jaxlm.infer.sampling import sample
+from jaxlm.model.config import dtype_of
+from jaxlm.model.families.encoder_decoder import cross_kv, decode as decode_tokens, \
+    decoder_layers, encode
+
+# Python-side trace counters (incremented while tracing): tests check that the
+# decode step is compiled once.
+TRACE_COUNTS = {"start": 0, "decode_step": 0}
+
+
+class Seq2SeqState(NamedTuple):
+    cache: dict  # decoder self-attention: k, v [L,B,T,KVH,D], lengths [B]
+    cross_k: jax.Array  # [L,B,S,KVH,D]
+    cross_v: jax.Array
+    segment_ids: jax.Array  # [B,S] encoder padding (0)
+
+
+def generate_seq2seq(params, cfg, inputs, *, max_new_tokens: int, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                     eos_id: Optional[int] = None, decoder_start_id: int = 0,
+                     max_len: Optional[int] = None, return_logits: bool = False
+                     ) -> GenerateOutput:
+    """Generate up to max_new_tokens decoder tokens for each input (a list of
+    token-id lists, or a 2-D int array); a row stops after emitting eos_id.
+
+    decoder_start_id: the first decoder input (T5: the pad id, 0). max_len:
+    decoder cache length (default max_new_tokens rounded up to 128; relative
+    positions have no length limit). return_logits: also return the
+    [B, max_new_tokens, V] next-token logits of every step.
+    """
+    if cfg.family != "encoder_decoder":
+        raise InputError(f"generate_seq2seq needs an encoder_decoder model, not {cfg.family!r}")
+    rows = _check_prompts(inputs, cfg.vocab_size)
+    _check_args(cfg, max_new_tokens, temperature, top_k, top_p, eos_id)
+    if not 0 <= decoder_start_id < cfg.vocab_size:
+        raise InputError(f"decoder_start_id={decoder_start_id} is outside [0, {cfg.vocab_size})")
+    if max_len is None:
+        max_len = _round_up(max_new_tokens, CACHE_BUCKET)
+    elif int(max_len) != max_len or max_len < max_new_tokens:
+        raise InputError(f"max_len={max_len} must be an integer >= max_new_tokens="
+                         f"{max_new_tokens}")
+    longest = max(len(r) for r in rows)
+    tokens, segment_ids = _pad_inputs(rows, _prompt_bucket(longest))
+    logits, state = start(params, cfg, tokens, segment_ids, int(max_len), int(decoder_start_id))
+    width = min(_round_up(max_new_tokens, WIDTH_BUCKET), int(max_len))
+    out = decode(params, cfg, state.cache, state._replace(cache=None), logits,
+                 row_keys(seed, len(rows)),
+                 jnp.int32(max_new_tokens), jnp.int32(-1 if eos_id is None else eos_id),
+                 width=width, temperature=float(temperature), top_k=int(top_k),
+                 top_p=float(top_p), return_logits=return_logits)
+    out = jax.device_get({k: v for k, v in out.items() if k != "cache"})  # one transfer
+    step_logits = out["logits"][:, :max_new_tokens] if return_logits else None
+    return GenerateOutput(out["tokens"][:, :max_new_tokens], out["lengths"], out["finished"],
+                          step_logits)
+
+
+# ------------------------------------------------------------ compiled parts
+
+@partial(jax.jit, static_argnames=("cfg", "cache_len", "decoder_start_id"))
+def start(params, cfg, tokens, segment_ids, cache_len: int, decoder_start_id: int):
+    """Encode once, project cross K/V once, allocate the cache, feed the start id.
+
+    Returns (logits [B, V] for the first generated token, Seq2SeqState)."""
+    TRACE_COUNTS["start"] += 1
+    b = tokens.shape[0]
+    encoded = encode(params, cfg, tokens, segment_ids)
+    cross_k, cross_v = cross_kv(params, cfg, encoded)
+    shape = (decoder_layers(cfg), b, cache_len, cfg.n_kv_heads, cfg.head_dim)
+    dt = dtype_of(cfg.dtype)
+    cache = {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+             "lengths": jnp.zeros((b,), jnp.int32)}
+    state = Seq2SeqState(cache, cross_k, cross_v, segment_ids)
+    return decode_step(params, cfg, state, jnp.full((b,), decoder_start_id, jnp.int32))
+
+
+def decode_step(params, cfg, state: Seq2SeqState, tokens):
+    """One decoder token per row: tokens [B] -> (logits [B, V], state with the cache advanced)."""
+    logits, aux = decode_tokens(params, cfg, tokens[:, None], state.cross_k, state.cross_v,
+                                segment_ids=state.segment_ids, cache=state.cache)
+    return logits[:, 0], state._replace(cache=aux["cache"])
+
+
+class _Loop(NamedTuple):
+    step: jax.Array  # next output column
+    state: Seq2SeqState
+    logits: jax.Array  # [B, V] next-token logits
+    tokens: jax.Array  # [B, width] int32
+    step_logits: Optional[jax.Array]  # [B, width, V] or None
+    done: jax.Array  # [B] bool
+    lengths: jax.Array  # [B] int32
+
+
+@partial(jax.jit, static_argnames=("cfg", "width", "temperature", "top_k", "top_p",
+                                   "return_logits"), donate_argnames=("cache",))
+def decode(params, cfg, cache, encoder: Seq2SeqState, logits, keys, max_new_tokens, eos_id, *,
+           width: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           return_logits: bool = False):
+    """Sample from logits [B, V], feed back, repeat, up to max_new_tokens (<= width)
+    tokens per row, a row stopping after eos_id (-1: never). `cache` (donated)
+    is the decoder's self-attention cache, `encoder` the rest of the state (the
+    cross-attention K/V and the encoder padding). Returns tokens [B, width]
+    (PAD_ID after a row stopped), lengths [B], finished [B], logits and the cache."""
+    b = logits.shape[0]
+    pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def emit(loop: _Loop) -> _Loop:
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, loop.step)
+        token = jnp.where(loop.done, PAD_ID, pick(loop.logits, step_keys))
+        tokens = jax.lax.dynamic_update_slice(loop.tokens, token[:, None], (0, loop.step))
+        step_logits = loop.step_logits
+        if return_logits:
+            step_logits = jax.lax.dynamic_update_slice(step_logits, loop.logits[:, None],
+                                                       (0, loop.step, 0))
+        return loop._replace(step=loop.step + 1, tokens=tokens, step_logits=step_logits,
+                             done=loop.done | (token == eos_id),
+                             lengths=loop.lengths + (~loop.done))
+
+    def body(loop: _Loop) -> _Loop:
+        TRACE_COUNTS["decode_step"] += 1
+        last = jax.lax.dynamic_index_in_dim(loop.tokens, loop.step - 1, axis=1, keepdims=False)
+        logits, new_state = decode_step(params, cfg, loop.state, jnp.maximum(last, 0))
+        return emit(loop._replace(logits=logits, state=new_state))
+
+    def more(loop: _Loop):
+        return (loop.step < max_new_tokens) & ~jnp.all(loop.done)
+
+    loop = _Loop(step=jnp.int32(0), state=encoder._replace(cache=cache), logits=logits,
+                 tokens=jnp.full((b, width), PAD_ID, jnp.int32),
+                 step_logits=jnp.zeros((b, width, logits.shape[-1]), jnp.float32)
+                 if return_logits else None,
+                 done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32))
+    loop = jax.lax.while_loop(more, body, emit(loop))
+    return {"tokens": loop.tokens, "lengths": loop.lengths, "finished": loop.done,
+            "logits": loop.step_logits, "cache": loop.state.cache}
+
+
+def _pad_inputs(rows, length: int):
+    tokens = np.zeros((len(rows), length), np.int32)
+    segments = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+        segments[i, :len(r)] = 1
+    return jnp.asarray(tokens), jnp.asarray(segments)
+
+
+__all__ = ["generate_seq2seq", "start", "decode", "decode_step", "TRACE_COUNTS"]

@@ -1,0 +1,130 @@
+"""Encoder-only family: BERT (post-norm) and pre-norm encoders from one block.
+
+    x = embed(tokens) + positions + token_types; x = LN(x)           (post-norm)
+    per layer (scanned over the stacked `layers` axis):
+        post: x = LN1(x + attn(x));      x = LN2(x + mlp(x))
+        pre:  x = x + attn(LN1(x));      x = x + mlp(LN2(x))    (+ final LN)
+    MLM head: logits = LN(act(x @ dense + b)) @ E^T + bias  (E: the tied
+    word embeddings, or a separate head when tie_embeddings is false)
+
+Attention is bidirectional: `segment_ids` (0 = padding) keep padding out and
+packed sequences apart. BertForMaskedLM has no pooler, so there is none here;
+`jaxlm.embed` (model/embed.py) pools by a masked mean instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.errors import ConfigError
+from jaxlm.model.families.decoder import remat
+from jaxlm.model.kernels import MaskSpec
+from jaxlm.model.layers.attention import attention_specs, self_attention
+from jaxlm.model.layers.dense import dense
+from jaxlm.model.layers.embeddings import embed, embedding_specs, head_specs, head_weights
+from jaxlm.model.layers.mlp import GATED, activation, mlp, mlp_specs
+from jaxlm.model.layers.norms import norm, norm_specs
+from jaxlm.model.layers.positions import absolute_positions, learned_position_specs
+from jaxlm.model.params import Spec, normal, stack, zeros
+from jaxlm.sharding.rules import constrain
+
+
+def _check(cfg):
+    if cfg.n_experts or cfg.sliding_window or cfg.mlp in GATED:
+        raise ConfigError("model.family=encoder supports neither n_experts, sliding_window nor "
+                          f"gated MLPs (got n_experts={cfg.n_experts}, sliding_window="
+                          f"{cfg.sliding_window}, mlp={cfg.mlp!r}; use mlp=gelu or relu)")
+
+
+def mlm_head_specs(cfg):
+    """The BERT prediction head: dense + act + LayerNorm, and a per-token output bias."""
+    dt, d = cfg.param_dtype, cfg.d_model
+    return {"dense": {"kernel": Spec((d, d), ("embed", None), normal(cfg.init_std), dt),
+                      "bias": Spec((d,), (None,), zeros, dt)},
+            "ln": norm_specs(cfg),
+            "bias": Spec((cfg.vocab_size,), ("vocab",), zeros, dt)}
+
+
+def encoder_specs(cfg):
+    _check(cfg)
+    post = cfg.norm_position == "post"
+    layer = {"attn": attention_specs(cfg), "ln1": norm_specs(cfg), "mlp": mlp_specs(cfg),
+             "ln2": norm_specs(cfg)}
+    specs = {"embed": embedding_specs(cfg), "layers": stack(layer, cfg.n_layers),
+             "mlm": mlm_head_specs(cfg)}
+    specs["embed_ln" if post else "final_ln"] = norm_specs(cfg)
+    if cfg.positions == "learned":
+        specs["positions"] = learned_position_specs(cfg)
+    if cfg.type_vocab_size:
+        specs["token_types"] = {"table": Spec((cfg.type_vocab_size, cfg.d_model), (None, "embed"),
+                                              normal(cfg.init_std), cfg.param_dtype)}
+    if not cfg.tie_embeddings:
+        specs["head"] = head_specs(cfg)
+    return specs
+
+
+def encoder(params, cfg, tokens, positions=None, segment_ids=None, token_types=None,
+            return_hidden=False):
+    """tokens [B,S] -> (MLM logits [B,S,V] float32, aux {}).
+
+    `segment_ids` [B,S]: 0 = padding (sees and is seen by nothing), tokens
+    attend only within their own segment; None: every token sees every token.
+    `positions` default to arange (right padding); `token_types` [B,S]
+    default to type 0. `return_hidden`: the final hidden states [B,S,D]
+    (before the MLM head; `mlm_logits` maps them to logits).
+    """
+    b, s = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    x = embed(params["embed"], tokens, cfg)
+    extra = absolute_positions(params, positions, cfg, x.dtype)
+    if extra is not None:
+        x = x + extra
+    if cfg.type_vocab_size:
+        types = jnp.zeros((b, s), jnp.int32) if token_types is None else token_types
+        x = x + jnp.take(params["token_types"]["table"], types, axis=0).astype(x.dtype)
+    post = cfg.norm_position == "post"
+    if post:
+        x = norm(params["embed_ln"], x, cfg)
+    mask = MaskSpec(causal=False, q_positions=positions, kv_positions=positions,
+                    q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+
+    def block(x, layer):
+        if post:
+            x = norm(layer["ln1"], x + self_attention(layer["attn"], x, positions, mask, cfg), cfg)
+            return norm(layer["ln2"], x + mlp(layer["mlp"], x, cfg), cfg), None
+        x = x + self_attention(layer["attn"], norm(layer["ln1"], x, cfg), positions, mask, cfg)
+        return x + mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), None
+
+    x, _ = jax.lax.scan(remat(block, cfg), x, params["layers"])
+    if not post:
+        x = norm(params["final_ln"], x, cfg)
+    return (x if return_hidden else mlm_logits(params, cfg, x)), {}
+
+
+def mlm_transform(params, cfg, hidden):
+    """The head's transform: LN(act(hidden @ dense + bias)), [B,S,D] -> [B,S,D]."""
+    p = params["mlm"]
+    h = dense(hidden, p["dense"]["kernel"].astype(hidden.dtype))
+    h = activation(cfg.mlp, cfg)(h + p["dense"]["bias"].astype(hidden.dtype))
+    return constrain(norm(p["ln"], h, cfg), ("batch", "seq", "embed"))
+
+
+def mlm_logits(params, cfg, hidden):
+    """Final hidden states [B,S,D] -> MLM logits [B,S,V] in float32."""
+    h = mlm_transform(params, cfg, hidden)
+    logits = dense(h, head_weights(params, cfg).astype(h.dtype), out_dtype=jnp.float32)
+    logits = logits + params["mlm"]["bias"].astype(jnp.float32)
+    return constrain(logits, ("batch", "seq", "vocab"))
+
+
+def mlm_head_inputs(params, cfg, hidden):
+    """(h [B,S,D+1], w [D+1,V]) with h @ w == the MLM logits, for the chunked loss.
+
+    The output bias rides along as a last row of w against a column of ones.
+    """
+    h = mlm_transform(params, cfg, hidden)
+    h = jnp.concatenate([h, jnp.ones((*h.shape[:-1], 1), h.dtype)], axis=-1)
+    w = jnp.concatenate([head_weights(params, cfg), params["mlm"]["bias"][None]], axis=0)
+    return h, w.astype(h.dtype)

@@ -1,0 +1,218 @@
+"""Encoder-decoder family: T5 v1.0 (ReLU, tied head) and v1.1 (gated GELU, untied head).
+
+    logits, aux = encoder_decoder(params, cfg, tokens, decoder_tokens,
+                                  segment_ids=enc_mask, decoder_segment_ids=dec_mask)
+
+Both stacks are pre-norm residual blocks scanned over a stacked `layers`
+axis, built from the shared layers (RMS norm without mean, the attention
+projections, the MLP), dropout-free:
+
+* encoder block: self-attention (bidirectional) -> MLP;
+* decoder block: causal self-attention -> cross-attention over the encoder
+  output -> MLP.
+
+Positions are T5 relative buckets (`model.positions: t5_relative`): one
+[buckets, heads] table per stack, turned into a bias once and shared by every
+layer of that stack (as in Hugging Face T5); cross-attention has no bias.
+T5 does not scale scores by 1/sqrt(head_dim): set `model.attn_scale: 1.0`
+(0 keeps the usual scale). One embedding table is shared by the encoder, the
+decoder and, with `tie_embeddings`, the head: a tied head (T5 v1.0) sees the
+decoder output scaled by d_model ** -0.5; an untied one (v1.1) sees it as is.
+
+Masks: `segment_ids` [B,S] and `decoder_segment_ids` [B,T] follow MaskSpec
+(0 = padding; equal ids see each other, so packed examples stay apart). The
+decoder's position t of segment k cross-attends to the encoder positions of
+segment k; when only one side has ids, every non-padding position of one side
+sees every non-padding position of the other.
+
+Generation uses the pieces separately: `encode` once, `cross_kv` once (the
+cross-attention keys/values of every decoder layer, [L,B,S,H,D]), then
+`decode` with a self-attention KV cache (see jaxlm.infer.seq2seq).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.errors import ConfigError
+from jaxlm.model.families.decoder import remat
+from jaxlm.model.kernels import MaskSpec, attention
+from jaxlm.model.layers.attention import attention_specs, output_projection, project_qkv
+from jaxlm.model.layers.dense import dense
+from jaxlm.model.layers.embeddings import embed, embedding_specs, head_specs, unembed
+from jaxlm.model.layers.mlp import mlp, mlp_specs
+from jaxlm.model.layers.norms import norm, norm_specs
+from jaxlm.model.layers.relative import relative_bias, relative_bias_specs
+from jaxlm.model.params import stack
+from jaxlm.sharding.rules import constrain
+
+
+def decoder_layers(cfg) -> int:
+    return cfg.n_decoder_layers or cfg.n_layers
+
+
+def _check(cfg):
+    if cfg.positions not in ("t5_relative", "none"):
+        raise ConfigError(f"model.positions={cfg.positions!r}: the encoder_decoder family "
+                          "supports 't5_relative' or 'none'")
+    if cfg.n_experts:
+        raise ConfigError("model.n_experts: the encoder_decoder family has dense MLPs only")
+    if cfg.positions == "t5_relative" and cfg.relative_buckets < 4:
+        raise ConfigError(f"model.relative_buckets={cfg.relative_buckets} must be >= 4")
+
+
+def encoder_decoder_specs(cfg):
+    _check(cfg)
+    enc_layer = {"ln1": norm_specs(cfg), "attn": attention_specs(cfg), "ln2": norm_specs(cfg),
+                 "mlp": mlp_specs(cfg)}
+    dec_layer = {"ln1": norm_specs(cfg), "attn": attention_specs(cfg),
+                 "ln_cross": norm_specs(cfg), "cross": attention_specs(cfg),
+                 "ln2": norm_specs(cfg), "mlp": mlp_specs(cfg)}
+    encoder = {"layers": stack(enc_layer, cfg.n_layers), "final_ln": norm_specs(cfg)}
+    decoder = {"layers": stack(dec_layer, decoder_layers(cfg)), "final_ln": norm_specs(cfg)}
+    if cfg.positions == "t5_relative":
+        encoder["relative"] = relative_bias_specs(cfg)
+        decoder["relative"] = relative_bias_specs(cfg)
+    specs = {"embed": embedding_specs(cfg), "encoder": encoder, "decoder": decoder}
+    if not cfg.tie_embeddings:
+        specs["head"] = head_specs(cfg)
+    return specs
+
+
+# ------------------------------------------------------------------ pieces
+
+def _attend(q, k, v, mask, bias, cfg):
+    """The one attention call, with T5's score scale (cfg.attn_scale; 0: default)."""
+    return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=cfg.attn_scale or None)
+
+
+def _arange(n):
+    return jnp.arange(n, dtype=jnp.int32)[None]
+
+
+def _stack_bias(stack_params, q_positions, kv_positions, cfg, bidirectional):
+    if "relative" not in stack_params:
+        return None
+    return relative_bias(stack_params["relative"], q_positions, kv_positions, cfg,
+                         bidirectional=bidirectional)
+
+
+def _cross_segments(q_seg, kv_seg, b, sq, sk):
+    """Cross-attention segment ids: raw when both sides have them, else 0/1 validity."""
+    if q_seg is not None and kv_seg is not None:
+        return q_seg, kv_seg
+    if q_seg is None and kv_seg is None:
+        return None, None
+    ones = lambda s: jnp.ones((b, s), jnp.int32)
+    q = ones(sq) if q_seg is None else (q_seg > 0).astype(jnp.int32)
+    kv = ones(sk) if kv_seg is None else (kv_seg > 0).astype(jnp.int32)
+    return q, kv
+
+
+def encode(params, cfg, tokens, segment_ids=None, positions=None):
+    """Encoder tokens [B,S] -> final-norm hidden states [B,S,D]."""
+    s = tokens.shape[1]
+    positions = _arange(s) if positions is None else positions
+    x = embed(params["embed"], tokens, cfg)
+    p = params["encoder"]
+    bias = _stack_bias(p, positions, positions, cfg, bidirectional=True)
+    mask = MaskSpec(q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+
+    def block(x, layer):
+        q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
+        x = x + output_projection(layer["attn"], _attend(q, k, v, mask, bias, cfg), cfg)
+        return x + mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), None
+
+    x, _ = jax.lax.scan(remat(block, cfg), x, p["layers"])
+    return norm(p["final_ln"], x, cfg)
+
+
+def cross_kv(params, cfg, encoded):
+    """Encoder output [B,S,D] -> cross-attention (k, v), each [L_dec,B,S,KVH,D]."""
+    def project(_, cross):
+        k = dense(encoded, cross["k"].astype(encoded.dtype))  # bsd,dhk->bshk
+        v = dense(encoded, cross["v"].astype(encoded.dtype))
+        axes = ("batch", "seq", "kv_heads", "head_dim")
+        return None, (constrain(k, axes), constrain(v, axes))
+
+    _, (k, v) = jax.lax.scan(project, None, params["decoder"]["layers"]["cross"])
+    return k, v
+
+
+def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
+           decoder_segment_ids=None, positions=None, cache=None, return_hidden=False):
+    """Decoder tokens [B,T] over cached cross-attention K/V -> (logits [B,T,V], aux).
+
+    `segment_ids` are the encoder's [B,S] (0 = padding). Without a cache: a
+    full causal pass (`decoder_segment_ids` for the decoder's padding /
+    packing, `positions` restarting per packed example). With a cache
+    ({"k", "v": [L,B,T_max,KVH,D], "lengths": [B]}): the tokens go at
+    positions lengths[b] + i and aux["cache"] is the cache advanced by T.
+    `return_hidden`: the hidden states the head sees (final norm, times
+    d_model ** -0.5 when the head is tied) instead of logits.
+    """
+    b, t = decoder_tokens.shape
+    sk = cross_k.shape[2]
+    if cache is not None:
+        positions = cache["lengths"][:, None] + _arange(t)
+    elif positions is None:
+        positions = _arange(t)
+    x = embed(params["embed"], decoder_tokens, cfg)
+    p = params["decoder"]
+    q_seg, kv_seg = _cross_segments(decoder_segment_ids if cache is None else None,
+                                    segment_ids, b, t, sk)
+    cross_mask = MaskSpec(q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+    if cache is None:
+        kv_positions = positions
+        self_mask = MaskSpec(causal=True, q_positions=positions, kv_positions=positions,
+                             q_segment_ids=decoder_segment_ids, kv_segment_ids=decoder_segment_ids)
+    else:
+        kv_positions = _arange(cache["k"].shape[2])
+        self_mask = MaskSpec(causal=True, q_positions=positions, kv_positions=kv_positions,
+                             kv_lengths=cache["lengths"] + t)
+    bias = _stack_bias(p, positions, kv_positions, cfg, bidirectional=False)
+    rows = jnp.arange(b)[:, None]
+
+    def block(carry, xs):
+        x, ck, cv = carry
+        layer, k_cross, v_cross, i = xs
+        q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
+        if ck is not None:  # write this step's K/V into the cache, attend over all of it
+            ck = ck.at[i, rows, positions].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[i, rows, positions].set(v.astype(cv.dtype), mode="drop")
+            k, v = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
+        x = x + output_projection(layer["attn"], _attend(q, k, v, self_mask, bias, cfg), cfg)
+        h = norm(layer["ln_cross"], x, cfg)
+        q = constrain(dense(h, layer["cross"]["q"].astype(h.dtype)),
+                      ("batch", "seq", "heads", "head_dim"))
+        o = _attend(q, k_cross.astype(q.dtype), v_cross.astype(q.dtype), cross_mask, None, cfg)
+        x = x + output_projection(layer["cross"], o, cfg)
+        return (x + mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), ck, cv), None
+
+    carry = (x, None, None) if cache is None else (x, cache["k"], cache["v"])
+    layer_ids = jnp.arange(decoder_layers(cfg), dtype=jnp.int32)
+    step = block if cache is not None else remat(block, cfg)
+    (x, ck, cv), _ = jax.lax.scan(step, carry, (p["layers"], cross_k, cross_v, layer_ids))
+    hidden = norm(p["final_ln"], x, cfg)
+    if cfg.tie_embeddings:  # T5 v1.0: rescale before the tied head
+        hidden = hidden * jnp.asarray(cfg.d_model ** -0.5, hidden.dtype)
+    aux = {} if cache is None else {"cache": dict(cache, k=ck, v=cv, lengths=cache["lengths"] + t)}
+    return (hidden if return_hidden else unembed(params, hidden, cfg)), aux
+
+
+def encoder_decoder(params, cfg, tokens, decoder_tokens, segment_ids=None,
+                    decoder_segment_ids=None, positions=None, decoder_positions=None,
+                    return_hidden=False):
+    """tokens [B,S], decoder_tokens [B,T] -> (logits [B,T,V] float32, aux).
+
+    Teacher forcing: decoder_tokens are the targets shifted right behind the
+    start id (T5: pad = 0). `segment_ids` / `decoder_segment_ids`: 0 = padding
+    (see the module docstring for packing). `positions` / `decoder_positions`
+    (default arange) feed the relative buckets. `return_hidden`: see `decode`.
+    """
+    encoded = encode(params, cfg, tokens, segment_ids, positions)
+    k, v = cross_kv(params, cfg, encoded)
+    return decode(params, cfg, decoder_tokens, k, v, segment_ids=segment_ids,
+                  decoder_segment_ids=decoder_segment_ids, positions=decoder_positions,
+                  return_hidden=return_hidden)
