@@ -11,12 +11,13 @@ import jax.numpy as jnp
 
 from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.layers.attention import (attend, attention_specs, output_projection,
-                                          project_qkv)
+                                          position_bias, project_qkv)
 from jaxlm.model.layers.embeddings import embed, embedding_specs, head_specs, unembed
 from jaxlm.model.layers.mlp import mlp, mlp_specs
 from jaxlm.model.layers.moe import moe, moe_specs
 from jaxlm.model.layers.norms import norm, norm_specs
 from jaxlm.model.layers.positions import absolute_positions, learned_position_specs
+from jaxlm.model.layers.relative import relative_bias_specs
 from jaxlm.model.params import stack
 
 _REMAT = {
@@ -33,6 +34,8 @@ def decoder_specs(cfg):
              "final_ln": norm_specs(cfg)}
     if cfg.positions == "learned":
         specs["positions"] = learned_position_specs(cfg)
+    if cfg.positions == "t5_relative":
+        specs["relative"] = relative_bias_specs(cfg)
     if not cfg.tie_embeddings:
         specs["head"] = head_specs(cfg)
     return specs
@@ -87,11 +90,12 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
 
 def _layers(params, cfg, x, positions, mask, segment_ids):
     token_mask = None if segment_ids is None else segment_ids > 0
+    bias = position_bias(params, mask, cfg, bidirectional=False)
 
     def block(x, layer):
         h = norm(layer["ln1"], x, cfg)
         q, k, v = project_qkv(layer["attn"], h, positions, cfg)
-        x = x + output_projection(layer["attn"], attend(q, k, v, mask, cfg), cfg)
+        x = x + output_projection(layer["attn"], attend(q, k, v, mask, cfg, bias), cfg)
         y, stats = _feed_forward(layer, x, cfg, token_mask)
         return x + y, stats
 
@@ -107,6 +111,7 @@ def _cached_layers(params, cfg, x, positions, cache, window):
                     kv_positions=jnp.arange(max_len, dtype=jnp.int32)[None],
                     kv_lengths=lengths + s, window=window)
     rows = jnp.arange(b)[:, None]
+    bias = position_bias(params, mask, cfg, bidirectional=False)
 
     def block(carry, layer_and_index):
         x, ck, cv = carry
@@ -114,7 +119,7 @@ def _cached_layers(params, cfg, x, positions, cache, window):
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         ck = ck.at[i, rows, positions].set(k.astype(ck.dtype), mode="drop")
         cv = cv.at[i, rows, positions].set(v.astype(cv.dtype), mode="drop")
-        o = attend(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), mask, cfg)
+        o = attend(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), mask, cfg, bias)
         x = x + output_projection(layer["attn"], o, cfg)
         y, stats = _feed_forward(layer, x, cfg, None)
         return (x + y, ck, cv), stats

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jaxlm.errors import ConfigError
 from jaxlm.model.families.decoder import remat
 from jaxlm.model.kernels import MaskSpec
-from jaxlm.model.layers.attention import attention_specs, self_attention
+from jaxlm.model.layers.attention import attention_specs, position_bias, self_attention
+from jaxlm.model.layers.relative import relative_bias_specs
 from jaxlm.model.layers.dense import dense
 from jaxlm.model.layers.embeddings import embed, embedding_specs, head_specs, head_weights
 from jaxlm.model.layers.mlp import GATED, activation, mlp, mlp_specs
@@ -56,6 +57,8 @@ def encoder_specs(cfg):
     specs["embed_ln" if post else "final_ln"] = norm_specs(cfg)
     if cfg.positions == "learned":
         specs["positions"] = learned_position_specs(cfg)
+    if cfg.positions == "t5_relative":
+        specs["relative"] = relative_bias_specs(cfg)
     if cfg.type_vocab_size:
         specs["token_types"] = {"table": Spec((cfg.type_vocab_size, cfg.d_model), (None, "embed"),
                                               normal(cfg.init_std), cfg.param_dtype)}
@@ -89,12 +92,16 @@ def encoder(params, cfg, tokens, positions=None, segment_ids=None, token_types=N
         x = norm(params["embed_ln"], x, cfg)
     mask = MaskSpec(causal=False, q_positions=positions, kv_positions=positions,
                     q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+    bias = position_bias(params, mask, cfg, bidirectional=True)
+
+    def attn(layer, x):
+        return self_attention(layer["attn"], x, positions, mask, cfg, bias)
 
     def block(x, layer):
         if post:
-            x = norm(layer["ln1"], x + self_attention(layer["attn"], x, positions, mask, cfg), cfg)
+            x = norm(layer["ln1"], x + attn(layer, x), cfg)
             return norm(layer["ln2"], x + mlp(layer["mlp"], x, cfg), cfg), None
-        x = x + self_attention(layer["attn"], norm(layer["ln1"], x, cfg), positions, mask, cfg)
+        x = x + attn(layer, norm(layer["ln1"], x, cfg))
         return x + mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), None
 
     x, _ = jax.lax.scan(remat(block, cfg), x, params["layers"])

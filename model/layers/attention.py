@@ -3,6 +3,7 @@
 from jaxlm.model.kernels import attention
 from jaxlm.model.layers.dense import dense
 from jaxlm.model.layers.positions import alibi_bias, rope
+from jaxlm.model.layers.relative import relative_bias
 from jaxlm.model.params import Spec, normal, zeros
 from jaxlm.sharding.rules import constrain
 
@@ -49,16 +50,27 @@ def output_projection(p, o, cfg):
     return constrain(out, ("batch", "seq", "embed"))
 
 
-def attend(q, k, v, mask, cfg):
-    """The attention call with this config's scale, window and position bias."""
-    bias = None
+def position_bias(params, mask, cfg, *, bidirectional: bool):
+    """The additive bias of position-bias configs (ALiBi, T5 relative) or None.
+
+    Computed once per forward from the mask's positions and shared by every
+    layer: [B or 1, H, Sq, Sk] float32.
+    """
+    kv_positions = mask.kv_positions if mask.kv_positions is not None else mask.q_positions
     if cfg.positions == "alibi":
-        kv_pos = mask.kv_positions if mask.kv_positions is not None else mask.q_positions
-        bias = alibi_bias(mask.q_positions, kv_pos, cfg.n_heads)
-    return attention(q, k, v, mask, bias, impl=cfg.attention_impl)
+        return alibi_bias(mask.q_positions, kv_positions, cfg.n_heads, bidirectional=bidirectional)
+    if cfg.positions == "t5_relative":
+        return relative_bias(params["relative"], mask.q_positions, kv_positions, cfg,
+                             bidirectional=bidirectional)
+    return None
 
 
-def self_attention(p, x, positions, mask, cfg):
+def attend(q, k, v, mask, cfg, bias=None):
+    """The attention call with this config's scale and an optional position bias."""
+    return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=cfg.attn_scale or None)
+
+
+def self_attention(p, x, positions, mask, cfg, bias=None):
     """x [B,S,D] -> [B,S,D]; mask is a MaskSpec over the same sequence."""
     q, k, v = project_qkv(p, x, positions, cfg)
-    return output_projection(p, attend(q, k, v, mask, cfg), cfg)
+    return output_projection(p, attend(q, k, v, mask, cfg, bias), cfg)

@@ -67,7 +67,9 @@ def alibi_slopes(n_heads: int):
     return jnp.array(slopes, jnp.float32)
 
 
-def alibi_bias(q_positions, kv_positions, n_heads: int):
-    """[B, H, Sq, Sk] additive bias -slope * (q_pos - k_pos)."""
+def alibi_bias(q_positions, kv_positions, n_heads: int, bidirectional: bool = False):
+    """[B, H, Sq, Sk] additive bias -slope * |q_pos - k_pos| (causal: k_pos <= q_pos)."""
     distance = kv_positions[:, None, :] - q_positions[:, :, None]  # [B,Sq,Sk], <= 0 when causal
+    if bidirectional:
+        distance = -jnp.abs(distance)
     return alibi_slopes(n_heads)[None, :, None, None] * distance[:, None].astype(jnp.float32)
