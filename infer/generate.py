@@ -134,7 +134,7 @@ def row_keys(seed: int, batch: int) -> jax.Array:
 
 class _Loop(NamedTuple):
     step: jax.Array  # next output column
-    cache: dict
+    state: object  # what step_fn advances (a KV cache, or a cache + encoder outputs)
     logits: jax.Array  # [B, V] next-token logits
     tokens: jax.Array  # [B, width] int32
     step_logits: Optional[jax.Array]  # [B, width, V] or None
@@ -142,47 +142,61 @@ class _Loop(NamedTuple):
     lengths: jax.Array  # [B] int32
 
 
+def sampling_loop(step_fn, state, logits, keys, max_new_tokens, eos_id, *, width: int,
+                  temperature: float, top_k: int, top_p: float, return_logits: bool):
+    """Sample from logits [B, V], feed the token to step_fn(state, tokens [B]) ->
+    (logits, state), repeat: up to max_new_tokens (<= width) tokens per row, a
+    row stopping after eos_id (-1: never). One `lax.while_loop`, traced once.
+    Returns a dict of tokens [B, width] (PAD_ID after a row stopped), lengths
+    [B], finished [B], logits ([B, width, V] or None) and the final state."""
+    b = logits.shape[0]
+    pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def emit(loop: _Loop) -> _Loop:
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, loop.step)
+        token = jnp.where(loop.done, PAD_ID, pick(loop.logits, step_keys))
+        tokens = jax.lax.dynamic_update_slice(loop.tokens, token[:, None], (0, loop.step))
+        step_logits = loop.step_logits
+        if return_logits:
+            step_logits = jax.lax.dynamic_update_slice(
+                step_logits, loop.logits[:, None], (0, loop.step, 0))
+        return loop._replace(step=loop.step + 1, tokens=tokens, step_logits=step_logits,
+                             done=loop.done | (token == eos_id),
+                             lengths=loop.lengths + (~loop.done))
+
+    def body(loop: _Loop) -> _Loop:
+        last = jax.lax.dynamic_index_in_dim(loop.tokens, loop.step - 1, axis=1, keepdims=False)
+        logits, state = step_fn(loop.state, jnp.maximum(last, 0))
+        return emit(loop._replace(logits=logits, state=state))
+
+    def more(loop: _Loop):
+        return (loop.step < max_new_tokens) & ~jnp.all(loop.done)
+
+    loop = _Loop(step=jnp.int32(0), state=state, logits=logits,
+                 tokens=jnp.full((b, width), PAD_ID, jnp.int32),
+                 step_logits=jnp.zeros((b, width, logits.shape[-1]), jnp.float32)
+                 if return_logits else None,
+                 done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32))
+    loop = jax.lax.while_loop(more, body, emit(loop))
+    return {"tokens": loop.tokens, "lengths": loop.lengths, "finished": loop.done,
+            "logits": loop.step_logits, "state": loop.state}
+
+
 @partial(jax.jit, static_argnames=("cfg", "width", "temperature", "top_k", "top_p",
                                    "return_logits"), donate_argnames=("cache",))
 def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: int,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            return_logits: bool = False):
-    """Sample from logits [B, V], feed back, repeat: up to max_new_tokens (<= width)
-    tokens per row, a row stopping after eos_id (-1: never). Returns a dict of
-    tokens [B, width], lengths [B], finished [B], logits ([B, width, V] or None)
-    and the final cache."""
-    b = logits.shape[0]
-    pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
-
-    def emit(state: _Loop) -> _Loop:
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, state.step)
-        token = jnp.where(state.done, PAD_ID, pick(state.logits, step_keys))
-        tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
-        step_logits = state.step_logits
-        if return_logits:
-            step_logits = jax.lax.dynamic_update_slice(
-                step_logits, state.logits[:, None], (0, state.step, 0))
-        return state._replace(step=state.step + 1, tokens=tokens, step_logits=step_logits,
-                              done=state.done | (token == eos_id),
-                              lengths=state.lengths + (~state.done))
-
-    def body(state: _Loop) -> _Loop:
+    """The decoder-only decode loop over the donated cache (see `sampling_loop`)."""
+    def step(cache, tokens):
         TRACE_COUNTS["decode_step"] += 1
-        last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1, keepdims=False)
-        logits, cache = decode_step(params, cfg, state.cache, jnp.maximum(last, 0))
-        return emit(state._replace(logits=logits, cache=cache))
+        return decode_step(params, cfg, cache, tokens)
 
-    def more(state: _Loop):
-        return (state.step < max_new_tokens) & ~jnp.all(state.done)
-
-    state = _Loop(step=jnp.int32(0), cache=cache, logits=logits,
-                  tokens=jnp.full((b, width), PAD_ID, jnp.int32),
-                  step_logits=jnp.zeros((b, width, logits.shape[-1]), jnp.float32)
-                  if return_logits else None,
-                  done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32))
-    state = jax.lax.while_loop(more, body, emit(state))
-    return {"tokens": state.tokens, "lengths": state.lengths,
-            "finished": state.done, "logits": state.step_logits, "cache": state.cache}
+    out = sampling_loop(step, cache, logits, keys, max_new_tokens, eos_id, width=width,
+                        temperature=temperature, top_k=top_k, top_p=top_p,
+                        return_logits=return_logits)
+    out["cache"] = out.pop("state")
+    return out
 
 
 # ------------------------------------------------------------ host-side helpers

@@ -11,7 +11,7 @@ Two jitted functions, `cfg` and the sampler settings static:
   once ([L, B, S, H, D], kept for the whole loop), allocates the decoder's
   self-attention KV cache [L, B, cache_len, H, D] and feeds the start id
   (T5: pad = 0); returns the first next-token logits and the state.
-* `decode(...)`: a `lax.while_loop` that samples (`infer.sampling.sample`),
+* `decode(...)`: the shared sampling `lax.while_loop` (`infer.generate.sampling_loop`),
   writes the token, feeds it back through the cached decoder (self-attention
   over the cache, cross-attention over the cached encoder K/V) and stops when
   every row has emitted eos_id or max_new_tokens is reached. The state is
@@ -33,10 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.errors import InputError
-from jaxlm.infer.generate import (CACHE_BUCKET, PAD_ID, WIDTH_BUCKET, GenerateOutput,
-                                  _check_args, _check_prompts, _prompt_bucket, _round_up,
-                                  row_keys)
-from jaxlm.infer.sampling import sample
+from jaxlm.infer.generate import (CACHE_BUCKET, WIDTH_BUCKET, GenerateOutput, _check_args,
+                                  _check_prompts, _prompt_bucket, _round_up, row_keys,
+                                  sampling_loop)
 from jaxlm.model.config import dtype_of
 from jaxlm.model.families.encoder_decoder import cross_kv, decode as decode_tokens, \
     decoder_layers, encode
@@ -118,58 +117,23 @@ def decode_step(params, cfg, state: Seq2SeqState, tokens):
     return logits[:, 0], state._replace(cache=aux["cache"])
 
 
-class _Loop(NamedTuple):
-    step: jax.Array  # next output column
-    state: Seq2SeqState
-    logits: jax.Array  # [B, V] next-token logits
-    tokens: jax.Array  # [B, width] int32
-    step_logits: Optional[jax.Array]  # [B, width, V] or None
-    done: jax.Array  # [B] bool
-    lengths: jax.Array  # [B] int32
-
-
 @partial(jax.jit, static_argnames=("cfg", "width", "temperature", "top_k", "top_p",
                                    "return_logits"), donate_argnames=("cache",))
 def decode(params, cfg, cache, encoder: Seq2SeqState, logits, keys, max_new_tokens, eos_id, *,
            width: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            return_logits: bool = False):
-    """Sample from logits [B, V], feed back, repeat, up to max_new_tokens (<= width)
-    tokens per row, a row stopping after eos_id (-1: never). `cache` (donated)
+    """The decoder's loop (`jaxlm.infer.generate.sampling_loop`): `cache` (donated)
     is the decoder's self-attention cache, `encoder` the rest of the state (the
-    cross-attention K/V and the encoder padding). Returns tokens [B, width]
-    (PAD_ID after a row stopped), lengths [B], finished [B], logits and the cache."""
-    b = logits.shape[0]
-    pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
-
-    def emit(loop: _Loop) -> _Loop:
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, loop.step)
-        token = jnp.where(loop.done, PAD_ID, pick(loop.logits, step_keys))
-        tokens = jax.lax.dynamic_update_slice(loop.tokens, token[:, None], (0, loop.step))
-        step_logits = loop.step_logits
-        if return_logits:
-            step_logits = jax.lax.dynamic_update_slice(step_logits, loop.logits[:, None],
-                                                       (0, loop.step, 0))
-        return loop._replace(step=loop.step + 1, tokens=tokens, step_logits=step_logits,
-                             done=loop.done | (token == eos_id),
-                             lengths=loop.lengths + (~loop.done))
-
-    def body(loop: _Loop) -> _Loop:
+    cross-attention K/V and the encoder padding)."""
+    def step(state, tokens):
         TRACE_COUNTS["decode_step"] += 1
-        last = jax.lax.dynamic_index_in_dim(loop.tokens, loop.step - 1, axis=1, keepdims=False)
-        logits, new_state = decode_step(params, cfg, loop.state, jnp.maximum(last, 0))
-        return emit(loop._replace(logits=logits, state=new_state))
+        return decode_step(params, cfg, state, tokens)
 
-    def more(loop: _Loop):
-        return (loop.step < max_new_tokens) & ~jnp.all(loop.done)
-
-    loop = _Loop(step=jnp.int32(0), state=encoder._replace(cache=cache), logits=logits,
-                 tokens=jnp.full((b, width), PAD_ID, jnp.int32),
-                 step_logits=jnp.zeros((b, width, logits.shape[-1]), jnp.float32)
-                 if return_logits else None,
-                 done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32))
-    loop = jax.lax.while_loop(more, body, emit(loop))
-    return {"tokens": loop.tokens, "lengths": loop.lengths, "finished": loop.done,
-            "logits": loop.step_logits, "cache": loop.state.cache}
+    out = sampling_loop(step, encoder._replace(cache=cache), logits, keys, max_new_tokens,
+                        eos_id, width=width, temperature=temperature, top_k=top_k, top_p=top_p,
+                        return_logits=return_logits)
+    out["cache"] = out.pop("state").cache
+    return out
 
 
 def _pad_inputs(rows, length: int):
