@@ -39,27 +39,23 @@ import json
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  registers bfloat16 with numpy (safetensors' numpy loader needs it)
 import numpy as np
 
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.families import model_specs
+from jaxlm.model.hf_io import (CONFIG_FILE, CheckpointReader, named_leaves, read_config,
+                               write_checkpoint)
 from jaxlm.model.params import abstract
 
 SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
                  "gpt2": "GPT2LMHeadModel"}
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _DEFAULT_THETA = {"mixtral": 1e6}  # else 10000
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
            "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
@@ -461,11 +457,6 @@ def _hf_shape(rule: Rule, slot_shape: tuple) -> tuple:
     return tuple(shape)
 
 
-def _leaves_with_names(tree):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [(tuple(k.key for k in path), leaf) for path, leaf in flat], treedef
-
-
 def _check_table(rules, names):
     ruled = [r.path for r in rules]
     if sorted(ruled) != sorted(names):  # a bug in this file, not in the checkpoint
@@ -474,92 +465,6 @@ def _check_table(rules, names):
 
 
 # ------------------------------------------------------------------ reading
-
-class _Reader:
-    """Tensors of a safetensors checkpoint (one file or shards), read one at a time."""
-
-    def __init__(self, directory: pathlib.Path, stack: contextlib.ExitStack):
-        from safetensors import safe_open
-        self._safe_open, self._stack, self._dir = safe_open, stack, directory
-        self._open_files = {}
-        self.used = set()
-        index = directory / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            self.where = {k: directory / f for k, f in weight_map.items()}
-            for f in sorted(set(self.where.values())):
-                if not f.is_file():
-                    raise CheckpointError(f"{index} lists {f.name}, which is missing")
-        else:
-            files = sorted(directory.glob("*.safetensors"))
-            if not files:
-                other = [p.name for p in directory.glob("*.bin")]
-                raise CheckpointError(
-                    f"no *.safetensors weights in {directory}"
-                    + (f" (found {', '.join(other)}: re-save with safe_serialization=True)"
-                       if other else ""))
-            self.where = {}
-            for f in files:
-                for k in self._file(f).keys():
-                    self.where[k] = f
-
-    def _file(self, path: pathlib.Path):
-        if path not in self._open_files:
-            try:
-                self._open_files[path] = self._stack.enter_context(
-                    self._safe_open(str(path), framework="numpy"))
-            except Exception as e:  # SafetensorError, OSError: a corrupt or truncated file
-                raise CheckpointError(f"cannot read {path}: {e}") from None
-        return self._open_files[path]
-
-    def keys(self):
-        return self.where.keys()
-
-    def read(self, key: str, shape: tuple, part=None) -> np.ndarray:
-        """The tensor `key` (or its chunk `part`), which must have `shape` in the file."""
-        if key not in self.where:
-            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self._dir} "
-                                  f"(expected shape {list(shape)})")
-        f = self._file(self.where[key])
-        try:
-            view = f.get_slice(key)
-            found = tuple(view.get_shape())
-            if found != tuple(shape):
-                raise CheckpointError(
-                    f"tensor {key!r} has shape {list(found)} in the checkpoint but the config "
-                    f"implies {list(shape)}")
-            self.used.add(key)
-            if part is None:
-                return f.get_tensor(key)
-            axis, index, count = part
-            size = found[axis] // count
-            where = [slice(None)] * len(found)
-            where[axis] = slice(index * size, (index + 1) * size)
-            return view[tuple(where)]
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {key!r} from {self.where[key]}: {e}") \
-                from None
-
-
-def _read_config(directory: pathlib.Path) -> dict:
-    path = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint dir {directory} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"no {CONFIG_FILE} in {directory} (not a Hugging Face checkpoint)")
-    try:
-        hf = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path} should hold a JSON object")
-    return hf
-
 
 def is_hf_checkpoint(path) -> bool:
     """A directory with an HF config.json naming a model_type."""
@@ -577,7 +482,7 @@ def load_hf(directory, *, dtype: str | None = None,
     dtype / param_dtype override the checkpoint's dtype (activations / weights).
     """
     directory = pathlib.Path(os.fspath(directory))
-    hf = _read_config(directory)
+    hf = read_config(directory)
     cfg = config_from_hf(hf)
     try:
         cfg = dataclasses.replace(cfg, dtype=dtype or cfg.dtype,
@@ -585,9 +490,9 @@ def load_hf(directory, *, dtype: str | None = None,
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     with contextlib.ExitStack() as stack:
-        reader = _Reader(directory, stack)
+        reader = CheckpointReader(directory, stack)
         rules = {r.path: r for r in _rules(cfg, hf["model_type"], frozenset(reader.keys()))}
-        named, treedef = _leaves_with_names(abstract(model_specs(cfg)))
+        named, treedef = named_leaves(abstract(model_specs(cfg)), sep=None)
         _check_table(rules.values(), [n for n, _ in named])
         leaves = [_load_leaf(reader, rules[name], spec) for name, spec in named]
         unused = sorted(k for k in reader.keys() if k not in reader.used
@@ -600,7 +505,7 @@ def load_hf(directory, *, dtype: str | None = None,
     return cfg, jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _load_leaf(reader: _Reader, rule: Rule, spec: jax.ShapeDtypeStruct) -> jax.Array:
+def _load_leaf(reader: CheckpointReader, rule: Rule, spec: jax.ShapeDtypeStruct) -> jax.Array:
     slots = _slots(rule, spec.shape)
     depth = len(slots[0][0])
     hf_shape = _hf_shape(rule, spec.shape[depth:])
@@ -617,7 +522,7 @@ def _load_leaf(reader: _Reader, rule: Rule, spec: jax.ShapeDtypeStruct) -> jax.A
 def _export_tensors(cfg: ModelConfig, params: dict, model_type: str):
     """(HF name, numpy tensor) pairs, one at a time, fused parts concatenated."""
     rules = _rules(cfg, model_type)
-    named, _ = _leaves_with_names(params)
+    named, _ = named_leaves(params, sep=None)
     leaves = dict(named)
     _check_table(rules, list(leaves))
     groups: dict[str, list[Rule]] = {}
@@ -653,51 +558,11 @@ def save_hf(directory, cfg: ModelConfig, params, model_type: str | None = None, 
     Refuses a directory that exists and is not empty; writes a temporary
     directory next to it and renames it at the end.
     """
-    from safetensors.numpy import save_file
     model_type = model_type or infer_model_type(cfg)
     hf = hf_config_from(cfg, model_type)
     _check_params(cfg, params)
-    target = pathlib.Path(os.fspath(directory)).absolute()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise CheckpointError(f"save_hf: {target} already exists and is not empty; "
-                              "choose a new directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        shards, current, size, total = [], {}, 0, 0
-        def flush():
-            path = tmp / f"part-{len(shards)}.safetensors"
-            save_file(current, str(path), metadata={"format": "pt"})
-            shards.append((path, list(current)))
-        for key, tensor in _export_tensors(cfg, params, model_type):
-            if current and size + tensor.nbytes > max_shard_bytes:
-                flush()
-                current, size = {}, 0
-            current[key] = tensor
-            size += tensor.nbytes
-            total += tensor.nbytes
-        flush()
-        del current
-        if len(shards) == 1:
-            shards[0][0].rename(tmp / WEIGHTS_FILE)
-        else:
-            weight_map = {}
-            for k, (path, keys) in enumerate(shards):
-                name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                path.rename(tmp / name)
-                weight_map.update({key: name for key in keys})
-            (tmp / INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-        try:
-            os.replace(tmp, target)  # also replaces an empty directory (POSIX)
-        except OSError as e:
-            raise CheckpointError(f"save_hf: cannot move the checkpoint into {target}: "
-                                  f"{e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return write_checkpoint(directory, hf, _export_tensors(cfg, params, model_type),
+                            max_shard_bytes, who="save_hf")
 
 
 __all__ = ["SUPPORTED", "config_from_hf", "hf_config_from", "infer_model_type", "load_hf",

@@ -20,27 +20,18 @@ weights are [out, in]; ours are [in..., out...] (q: [D, H, hd], o: [H, hd, D]).
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import os
 import pathlib
-import shutil
-import tempfile
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  registers bfloat16 with numpy
 import numpy as np
 
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.families import model_specs
+from jaxlm.model.hf_io import (CONFIG_FILE, CheckpointReader, Rule, export_leaf, load_leaf,
+                               named_leaves, read_config, write_checkpoint)
 from jaxlm.model.params import abstract
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # HF hidden_act -> (our mlp, gelu_approximate)
 _ACTS = {"gelu": ("gelu", False), "gelu_new": ("gelu", True), "gelu_pytorch_tanh": ("gelu", True),
          "relu": ("relu", False)}
@@ -119,12 +110,6 @@ def hf_bert_config(cfg: ModelConfig) -> dict:
 
 # ------------------------------------------------------------------ the table
 
-class Rule(NamedTuple):
-    key: str  # HF name; "{i}" is the layer
-    n_in: int = 0  # n > 0: a Linear weight; the first n of our axes are its inputs
-    flat: bool = False  # HF holds it flat (the [H, hd] attention biases)
-
-
 def _rules(cfg: ModelConfig) -> dict[str, Rule]:
     """Our leaf path ("layers/attn/q") -> its HF tensor."""
     emb, layer, head = "bert.embeddings.", "bert.encoder.layer.{i}.", "cls.predictions."
@@ -161,118 +146,17 @@ def _aliases(key: str) -> list[str]:
     return names + [n[len("bert."):] for n in names if n.startswith("bert.")]
 
 
-def _hf_shape(rule: Rule, shape: tuple) -> tuple:
-    if rule.n_in:
-        return (math.prod(shape[rule.n_in:]), math.prod(shape[:rule.n_in]))
-    return (math.prod(shape),) if rule.flat else shape
-
-
-def _named_leaves(tree):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [("/".join(k.key for k in path), leaf) for path, leaf in flat], treedef
-
-
 # ------------------------------------------------------------------ reading
-
-class _Reader:
-    """Tensors of a safetensors checkpoint (one file or an index of shards)."""
-
-    def __init__(self, directory: pathlib.Path, stack: contextlib.ExitStack):
-        from safetensors import safe_open
-        self._dir, self._stack, self._safe_open, self._open = directory, stack, safe_open, {}
-        index = directory / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                self.where = {k: directory / f for k, f in weight_map.items()}
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            for f in sorted(set(self.where.values())):
-                if not f.is_file():
-                    raise CheckpointError(f"{index} lists {f.name}, which is missing")
-        else:
-            files = sorted(directory.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"no *.safetensors weights in {directory}")
-            self.where = {k: f for f in files for k in self._file(f).keys()}
-
-    def _file(self, path: pathlib.Path):
-        if path not in self._open:
-            try:
-                self._open[path] = self._stack.enter_context(
-                    self._safe_open(str(path), framework="numpy"))
-            except Exception as e:  # a corrupt or truncated file
-                raise CheckpointError(f"cannot read {path}: {e}") from None
-        return self._open[path]
-
-    def read(self, key: str, shape: tuple) -> np.ndarray:
-        """Tensor `key` (or an alias of it), which must have `shape`."""
-        name = next((n for n in _aliases(key) if n in self.where), None)
-        if name is None:
-            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self._dir} "
-                                  f"(expected shape {list(shape)})")
-        f = self._file(self.where[name])
-        try:
-            found = tuple(f.get_slice(name).get_shape())
-            if found != tuple(shape):
-                raise CheckpointError(f"tensor {name!r} has shape {list(found)} in the "
-                                      f"checkpoint but the config implies {list(shape)}")
-            return f.get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name!r} from {self.where[name]}: {e}") \
-                from None
-
-
-def _read_config(directory: pathlib.Path) -> dict:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"no {CONFIG_FILE} in {directory} (not a Hugging Face checkpoint)")
-    try:
-        hf = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path} should hold a JSON object")
-    return hf
-
 
 def load_bert(directory) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) of an HF BERT checkpoint directory."""
-    directory = pathlib.Path(os.fspath(directory))
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint dir {directory} does not exist")
-    cfg = bert_config_from_hf(_read_config(directory))
+    cfg = bert_config_from_hf(read_config(directory))
     rules = _rules(cfg)
-    named, treedef = _named_leaves(abstract(model_specs(cfg)))
-    leaves = []
+    named, treedef = named_leaves(abstract(model_specs(cfg)))
     with contextlib.ExitStack() as stack:
-        reader = _Reader(directory, stack)
-        for name, spec in named:
-            rule = rules[name]
-            if name.startswith("layers/"):
-                hf_shape = _hf_shape(rule, spec.shape[1:])
-                buf = np.empty(spec.shape, spec.dtype)
-                for i in range(cfg.n_layers):
-                    buf[i] = _to_ours(reader.read(rule.key.format(i=i), hf_shape), rule,
-                                      spec.shape[1:])
-            else:
-                buf = _to_ours(reader.read(rule.key, _hf_shape(rule, spec.shape)), rule,
-                               spec.shape).astype(spec.dtype)
-            leaves.append(jnp.asarray(buf))
-            del buf
+        reader = CheckpointReader(directory, stack, aliases=_aliases)
+        leaves = [load_leaf(reader, rules[name], spec) for name, spec in named]
     return cfg, jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _to_ours(a: np.ndarray, rule: Rule, shape: tuple) -> np.ndarray:
-    return (a.T if rule.n_in else a).reshape(shape)
-
-
-def _to_hf(x: np.ndarray, rule: Rule) -> np.ndarray:
-    if rule.n_in:
-        return x.reshape(math.prod(x.shape[:rule.n_in]), -1).T
-    return x.reshape(-1) if rule.flat else x
 
 
 # ------------------------------------------------------------------ writing
@@ -283,33 +167,14 @@ def save_bert(directory, cfg: ModelConfig, params) -> pathlib.Path:
     Weights keep the param dtype. Refuses a directory that exists and is not
     empty; writes a temporary directory next to it and renames it at the end.
     """
-    from safetensors.numpy import save_file
     hf = hf_bert_config(cfg)
     expected = jax.tree.map(lambda s: s.shape, abstract(model_specs(cfg)))
     if jax.tree.map(lambda a: tuple(np.shape(a)), params) != expected:
         raise ConfigError("save_bert: params do not match the config's parameter shapes")
-    target = pathlib.Path(os.fspath(directory)).absolute()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise CheckpointError(f"save_bert: {target} already exists and is not empty")
     rules = _rules(cfg)
-    tensors = {}
-    for name, leaf in _named_leaves(params)[0]:
-        rule, host = rules[name], np.asarray(leaf)
-        if name.startswith("layers/"):
-            for i in range(cfg.n_layers):
-                tensors[rule.key.format(i=i)] = np.ascontiguousarray(_to_hf(host[i], rule))
-        else:
-            tensors[rule.key] = np.ascontiguousarray(_to_hf(host, rule))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-        os.replace(tmp, target)  # also replaces an empty directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    tensors = (pair for name, leaf in named_leaves(params)[0]
+               for pair in export_leaf(rules[name], leaf))
+    return write_checkpoint(directory, hf, tensors, who="save_bert")
 
 
 __all__ = ["bert_config_from_hf", "hf_bert_config", "load_bert", "save_bert"]

@@ -40,25 +40,18 @@ Names (HF Linear weights are [out, in], ours [in, out]; q/k/v [D, H*Dk] ->
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import pathlib
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  registers bfloat16 with numpy for safetensors
-import numpy as np
 
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.families import model_specs
 from jaxlm.model.families.encoder_decoder import decoder_layers
+from jaxlm.model.hf_io import (CONFIG_FILE, CheckpointReader, Rule, export_leaf, load_leaf,
+                               named_leaves, read_config, write_checkpoint)
 from jaxlm.model.params import abstract
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 MODEL_TYPES = ("t5", "mt5")
 # feed_forward_proj -> (our mlp, gelu_approximate). HF maps "gated-gelu" to gelu_new.
 _ACTS = {"relu": ("relu", False), "gelu": ("gelu", False), "gelu_new": ("gelu", True),
@@ -152,128 +145,45 @@ def hf_t5_config(cfg: ModelConfig) -> dict:
 
 # ------------------------------------------------------------------ name table
 
-class Rule(NamedTuple):
-    name: str  # HF tensor name; "{i}" is the layer index of a stacked leaf
-    contract: int  # 0: same layout; n: HF Linear [out, in] whose `in` is our first n axes
-    stacked: bool
-
-
 def _rules(cfg: ModelConfig) -> dict[str, Rule]:
     """Our leaf path ("encoder/layers/attn/q") -> its HF tensor."""
     gated = cfg.mlp in ("geglu", "swiglu")
-    r = {"embed/tokens": Rule("shared.weight", 0, False)}
+    r = {"embed/tokens": Rule("shared.weight")}
     if not cfg.tie_embeddings:
-        r["head/kernel"] = Rule("lm_head.weight", 1, False)
+        r["head/kernel"] = Rule("lm_head.weight", 1)
     for stack in ("encoder", "decoder"):
         block = f"{stack}.block.{{i}}.layer."
         r[f"{stack}/relative/table"] = Rule(
-            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", 0, False)
-        r[f"{stack}/final_ln/scale"] = Rule(f"{stack}.final_layer_norm.weight", 0, False)
+            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+        r[f"{stack}/final_ln/scale"] = Rule(f"{stack}.final_layer_norm.weight")
         attn = [("attn", "0.SelfAttention", "ln1", "0.layer_norm")]
         if stack == "decoder":
             attn.append(("cross", "1.EncDecAttention", "ln_cross", "1.layer_norm"))
         for ours, theirs, ln, ln_theirs in attn:
             for w in "qkv":
-                r[f"{stack}/layers/{ours}/{w}"] = Rule(f"{block}{theirs}.{w}.weight", 1, True)
-            r[f"{stack}/layers/{ours}/o"] = Rule(f"{block}{theirs}.o.weight", 2, True)
-            r[f"{stack}/layers/{ln}/scale"] = Rule(f"{block}{ln_theirs}.weight", 0, True)
+                r[f"{stack}/layers/{ours}/{w}"] = Rule(f"{block}{theirs}.{w}.weight", 1)
+            r[f"{stack}/layers/{ours}/o"] = Rule(f"{block}{theirs}.o.weight", 2)
+            r[f"{stack}/layers/{ln}/scale"] = Rule(f"{block}{ln_theirs}.weight")
         ff = f"{block}{1 if stack == 'encoder' else 2}."
-        r[f"{stack}/layers/ln2/scale"] = Rule(f"{ff}layer_norm.weight", 0, True)
+        r[f"{stack}/layers/ln2/scale"] = Rule(f"{ff}layer_norm.weight")
         dense = f"{ff}DenseReluDense."
         if gated:
-            r[f"{stack}/layers/mlp/gate"] = Rule(f"{dense}wi_0.weight", 1, True)
-            r[f"{stack}/layers/mlp/up"] = Rule(f"{dense}wi_1.weight", 1, True)
+            r[f"{stack}/layers/mlp/gate"] = Rule(f"{dense}wi_0.weight", 1)
+            r[f"{stack}/layers/mlp/up"] = Rule(f"{dense}wi_1.weight", 1)
         else:
-            r[f"{stack}/layers/mlp/up"] = Rule(f"{dense}wi.weight", 1, True)
-        r[f"{stack}/layers/mlp/down"] = Rule(f"{dense}wo.weight", 1, True)
+            r[f"{stack}/layers/mlp/up"] = Rule(f"{dense}wi.weight", 1)
+        r[f"{stack}/layers/mlp/down"] = Rule(f"{dense}wo.weight", 1)
     return r
-
-
-def _leaves(tree) -> dict[str, object]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(k.key) for k in path): leaf for path, leaf in flat}
-
-
-def _hf_shape(rule: Rule, shape: tuple) -> tuple:
-    if rule.contract == 0:
-        return tuple(shape)
-    n = rule.contract
-    return (math.prod(shape[n:]), math.prod(shape[:n]))
-
-
-def _to_ours(w: np.ndarray, rule: Rule, shape: tuple) -> np.ndarray:
-    return w if rule.contract == 0 else w.T.reshape(shape)
-
-
-def _to_hf(x: np.ndarray, rule: Rule) -> np.ndarray:
-    if rule.contract == 0:
-        return x
-    return np.ascontiguousarray(x.reshape(math.prod(x.shape[:rule.contract]), -1).T)
 
 
 # ------------------------------------------------------------------ loading
 
-class _Reader:
-    """Tensors by name across `model.safetensors` or the shards of an index."""
+class _Reader(CheckpointReader):
+    """The shared reader, with T5's wording of a shape mismatch."""
 
-    def __init__(self, directory: pathlib.Path, stack: contextlib.ExitStack):
-        from safetensors import safe_open
-        self.directory = directory
-        index = directory / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise CheckpointError(f"{index} is not a safetensors index") from None
-            files = sorted(set(weight_map.values()))
-        elif (directory / WEIGHTS_FILE).is_file():
-            weight_map, files = None, [WEIGHTS_FILE]
-        else:
-            raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} nor {INDEX_FILE}")
-        self.handles = {}
-        for f in files:
-            if not (directory / f).is_file():
-                raise CheckpointError(f"{directory}: shard {f} listed in {INDEX_FILE} is missing")
-            try:
-                self.handles[f] = stack.enter_context(
-                    safe_open(str(directory / f), framework="numpy"))
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{directory / f} is not a readable safetensors file: "
-                                      f"{e}") from None
-        if weight_map is None:
-            weight_map = {k: WEIGHTS_FILE for k in self.handles[WEIGHTS_FILE].keys()}
-        self.weight_map = weight_map
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def get(self, name: str, shape: tuple, needed_for: str) -> np.ndarray:
-        if name not in self.weight_map:
-            raise CheckpointError(f"{self.directory}: tensor {name!r} is missing "
-                                  f"(needed for {needed_for})")
-        handle = self.handles.get(self.weight_map[name])
-        if handle is None:
-            raise CheckpointError(f"{self.directory}: tensor {name!r} is missing "
-                                  f"(its shard {self.weight_map[name]} is not in the index)")
-        w = handle.get_tensor(name)
-        if tuple(w.shape) != tuple(shape):
-            raise CheckpointError(f"{self.directory}: tensor {name!r} has shape "
-                                  f"{tuple(w.shape)}, expected {tuple(shape)} from config.json")
-        return w
-
-
-def _read_config(directory: pathlib.Path) -> dict:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{directory} is not a Hugging Face checkpoint: {CONFIG_FILE} "
-                              "is missing")
-    try:
-        hf = json.loads(path.read_text())
-    except ValueError:
-        raise CheckpointError(f"{path} is not valid JSON") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return hf
+    def shape_error(self, name, found, expected):
+        return (f"{self._dir}: tensor {name!r} has shape {found}, expected {expected} "
+                f"from {CONFIG_FILE}")
 
 
 def load_t5(directory, *, dtype: str | None = None) -> tuple[ModelConfig, dict]:
@@ -281,43 +191,19 @@ def load_t5(directory, *, dtype: str | None = None) -> tuple[ModelConfig, dict]:
 
     dtype: the param dtype (default float32; "bfloat16" halves host memory).
     """
-    directory = pathlib.Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint dir {directory} does not exist")
-    hf = _read_config(directory)
+    hf = read_config(directory)
     overrides = {"param_dtype": dtype} if dtype else {}
     cfg = t5_config_from_hf(hf, **overrides)
-    specs = _leaves(abstract(model_specs(cfg)))
+    named, treedef = named_leaves(abstract(model_specs(cfg)))
     rules = _rules(cfg)
-    params = {}
     with contextlib.ExitStack() as stack:
         reader = _Reader(directory, stack)
         if not cfg.tie_embeddings and "lm_head.weight" not in reader \
                 and hf.get("tie_word_embeddings", True) is not False:
             # transformers 5 wrote a tied-in-memory, unscaled head as shared.weight only
-            rules["head/kernel"] = Rule("shared.weight", 1, False)
-        for path, spec in specs.items():
-            rule = rules[path]
-            n = spec.shape[0] if rule.stacked else 0
-            slot = spec.shape[1:] if rule.stacked else spec.shape
-            want = _hf_shape(rule, slot)
-            if rule.stacked:
-                host = np.empty(spec.shape, spec.dtype)
-                for i in range(n):
-                    name = rule.name.format(i=i)
-                    host[i] = _to_ours(reader.get(name, want, path), rule, slot)
-            else:
-                host = _to_ours(reader.get(rule.name, want, path), rule, slot).astype(spec.dtype)
-            _set(params, path, jnp.asarray(host))
-            del host
-    return cfg, params
-
-
-def _set(tree: dict, path: str, value):
-    *parents, last = path.split("/")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-    tree[last] = value
+            rules["head/kernel"] = Rule("shared.weight", 1)
+        leaves = [load_leaf(reader, rules[path], spec) for path, spec in named]
+    return cfg, jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 # ------------------------------------------------------------------ saving
@@ -326,11 +212,11 @@ def save_t5(directory, cfg: ModelConfig, params, *, max_shard_bytes: int | None 
             ) -> pathlib.Path:
     """Write `config.json` + safetensors that T5ForConditionalGeneration.from_pretrained
     loads; more than `max_shard_bytes` of tensors are split into shards with an
-    index. Returns the directory."""
-    from safetensors.numpy import save_file
+    index. Refuses a directory that exists and is not empty; writes a temporary
+    directory next to it and renames it at the end. Returns the directory."""
     config = hf_t5_config(cfg)
-    specs = _leaves(abstract(model_specs(cfg)))
-    leaves = _leaves(params)
+    specs = dict(named_leaves(abstract(model_specs(cfg)))[0])
+    leaves = dict(named_leaves(params)[0])
     if set(leaves) != set(specs):
         raise ConfigError(f"save_t5: params do not match the config's tree: missing "
                           f"{sorted(set(specs) - set(leaves))}, "
@@ -339,46 +225,9 @@ def save_t5(directory, cfg: ModelConfig, params, *, max_shard_bytes: int | None 
         if tuple(leaves[path].shape) != tuple(spec.shape):
             raise ConfigError(f"save_t5: {path} has shape {tuple(leaves[path].shape)}, the config "
                               f"says {tuple(spec.shape)}")
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.glob("model*.safetensors*"):
-        old.unlink()
-    tensors = {}
-    for path, rule in _rules(cfg).items():
-        x = np.asarray(jax.device_get(leaves[path]))
-        if rule.stacked:
-            for i in range(x.shape[0]):
-                tensors[rule.name.format(i=i)] = _to_hf(x[i], rule)
-        else:
-            tensors[rule.name] = _to_hf(x, rule)
-    shards = _shard(tensors, max_shard_bytes)
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_FILE), metadata=metadata)
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards, 1):
-            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(directory / fname), metadata=metadata)
-            weight_map.update({name: fname for name in shard})
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return directory
-
-
-def _shard(tensors: dict, max_bytes: int | None) -> list[dict]:
-    if not max_bytes:
-        return [tensors]
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        if current and size + t.nbytes > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += t.nbytes
-    return shards + [current] if current else shards
+    tensors = (pair for path, rule in _rules(cfg).items()
+               for pair in export_leaf(rule, leaves[path]))
+    return write_checkpoint(directory, config, tensors, max_shard_bytes, who="save_t5")
 
 
 __all__ = ["t5_config_from_hf", "hf_t5_config", "load_t5", "save_t5"]
