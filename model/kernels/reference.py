@@ -8,11 +8,13 @@ import jax.numpy as jnp
 from jaxlm.model.kernels.mask import MaskSpec
 
 
-def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None):
+def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None, softcap=None):
     """q [B,Sq,H,D], k/v [B,Sk,KVH,D] -> [B,Sq,H,D].
 
     GQA/MQA: query heads are grouped over their KV head (no repeated K/V).
     Scores and softmax in float32. Rows with no visible key return zeros.
+    Scores = softcap * tanh(scale * q.k / softcap) + bias: the soft cap (if
+    any) applies to the scaled dot products, before the bias and the mask.
     """
     b, sq, h, d = q.shape
     kvh = k.shape[2]
@@ -24,6 +26,8 @@ def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None):
     kt = k.transpose(0, 2, 1, 3)  # [B,KVH,Sk,D]
     vt = v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg * scale, kt, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     if bias is not None:  # [B or 1, H, Sq, Sk]
         scores = scores + bias.reshape(bias.shape[0], kvh, g, sq, -1).astype(jnp.float32)
     visible = mask.visible(sq, k.shape[1])  # [B or 1, Sq, Sk]

@@ -67,7 +67,8 @@ def position_bias(params, mask, cfg, *, bidirectional: bool):
 
 def attend(q, k, v, mask, cfg, bias=None):
     """The attention call with this config's scale and an optional position bias."""
-    return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=cfg.attn_scale or None)
+    return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=cfg.attn_scale or None,
+                     softcap=cfg.attn_logit_softcap or None)
 
 
 def self_attention(p, x, positions, mask, cfg, bias=None):
