@@ -45,6 +45,7 @@ class ModelConfig:
     type_vocab_size: int = 0  # token-type (segment) embeddings, BERT: 2
     n_decoder_layers: int = 0  # encoder_decoder: decoder depth (0: n_layers)
     attn_scale: float = 0.0  # 0: head_dim ** -0.5; T5: 1.0
+    attn_logit_softcap: float = 0.0  # 0: off; c: scores -> c * tanh(scores / c) (Gemma 2)
     rope_theta: float = 10000.0
     rope_scaling: str = "none"  # none | llama3
     rope_scaling_factor: float = 8.0
@@ -98,6 +99,8 @@ class ModelConfig:
             raise ConfigError(f"model.d_model={self.d_model} must be even for sinusoidal positions")
         if not (self.norm_eps > 0 and self.init_std > 0 and self.rope_theta > 0):
             raise ConfigError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
+        if self.attn_logit_softcap < 0:
+            raise ConfigError(f"model.attn_logit_softcap={self.attn_logit_softcap} must be >= 0")
         if self.sliding_window < 0:
             raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: off)")
         if self.n_experts < 0 or self.moe_capacity_factor < 0:
