@@ -183,8 +183,10 @@ class TrainConfig:
 
 # Logical axis -> mesh axis (or None: replicated). Changing parallelism is
 # changing this table and the mesh sizes, never model code.
+# The batch is split over data, fsdp and expert: outside the MoE layers the
+# expert axis is one more data-parallel axis (GShard / Switch layout).
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("seq", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -193,7 +195,10 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("experts", "expert"),
 )
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")  # outer to inner: tensor is the fastest
 
 
 @dataclass(frozen=True)
@@ -201,18 +206,30 @@ class MeshConfig:
     data: int = -1  # -1: all devices not taken by the other axes
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1  # MoE experts split over this axis (and the batch, outside MoE layers)
+    # Cross-host (DCN) factors: mesh axis X has mesh.X devices in all, of which
+    # dcn_X across slices/hosts (the rest within one). All 1: a single slice.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    dcn_expert: int = 1
     devices: int = 0  # 0: every device; N: only the first N (single-process runs)
     rules: tuple = DEFAULT_RULES
 
     def __post_init__(self):
         if self.devices < 0:
             raise ConfigError(f"mesh.devices={self.devices} must be >= 0 (0: all devices)")
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        sizes = self.sizes
         if sum(1 for v in sizes.values() if v == -1) > 1:
             raise ConfigError("mesh: at most one axis may be -1")
         for name, v in sizes.items():
             if v == 0 or v < -1:
                 raise ConfigError(f"mesh.{name}={v} must be a positive size or -1")
+            dcn = getattr(self, f"dcn_{name}")
+            if dcn < 1:
+                raise ConfigError(f"mesh.dcn_{name}={dcn} must be >= 1")
+            if v != -1 and v % dcn:
+                raise ConfigError(f"mesh.dcn_{name}={dcn} does not divide mesh.{name}={v}")
         rules = tuple((str(k), _mesh_axes(v)) for k, v in (
             self.rules.items() if isinstance(self.rules, dict) else self.rules))
         for logical, axes in rules:
@@ -225,7 +242,16 @@ class MeshConfig:
 
     @property
     def axis_names(self) -> tuple[str, ...]:
-        return ("data", "fsdp", "tensor")
+        return MESH_AXES
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Configured size per mesh axis (-1: takes the rest), in mesh order."""
+        return {a: getattr(self, a) for a in MESH_AXES}
+
+    @property
+    def dcn_sizes(self) -> dict[str, int]:
+        return {a: getattr(self, f"dcn_{a}") for a in MESH_AXES}
 
 
 def _mesh_axes(v):

@@ -1,4 +1,4 @@
-"""The `jaxlm` command: train | generate | convert | bench.
+"""The `jaxlm` command: train | generate | batch-infer | convert | bench | plan.
 
 Each subcommand takes `--config` (a YAML path or a preset name) and
 `key=value` overrides. Bad input prints one `error:` line and exits 2.
@@ -17,8 +17,10 @@ def _config(args):
 
 
 def cmd_train(args):
-    from jaxlm.train.loop import train
+    from jaxlm.sharding.distributed import initialize
     cfg = _config(args)
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any device use
+    from jaxlm.train.loop import train
     summary = train(cfg, resume=args.resume)
     evals = summary["eval"]
     if not evals:
@@ -35,6 +37,11 @@ def cmd_generate(args):
     run_generate(args)
 
 
+def cmd_batch_infer(args):
+    from jaxlm.scripts.batch_infer import run_batch_infer
+    run_batch_infer(args)
+
+
 def cmd_convert(args):
     from jaxlm.scripts.convert import run_convert
     print(run_convert(args.input, args.output, args.to))
@@ -45,6 +52,11 @@ def cmd_bench(args):
     run_bench(_config(args))
 
 
+def cmd_plan(args):
+    from jaxlm.scripts.plan import run_plan
+    return run_plan(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -52,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="pretrain a model from a config")
     t.add_argument("--config", required=True, help="YAML file or preset name (e.g. tiny-llama)")
     t.add_argument("--resume", action="store_true", help="continue the run dir's latest checkpoint")
+    t.add_argument("--coordinator", help="multi-host: host:port of process 0's coordinator")
+    t.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    t.add_argument("--process-id", type=int, help="multi-host: this process's index")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.set_defaults(fn=cmd_train)
 
@@ -63,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("overrides", nargs="*", metavar="generate.key=value")
     g.set_defaults(fn=cmd_generate)
 
+    bi = sub.add_parser("batch-infer", help="sharded, resumable generation over a JSONL file")
+    bi.add_argument("--checkpoint", required=True, help="a jaxlm run/checkpoint dir")
+    bi.add_argument("--input", required=True, help='JSONL, one {"id": ..., "prompt": "..."} a line')
+    bi.add_argument("--output", required=True, help="JSONL out; a rerun skips the ids written")
+    bi.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default 32)")
+    bi.add_argument("overrides", nargs="*", metavar="generate.key=value|mesh.key=value")
+    bi.set_defaults(fn=cmd_batch_infer)
+
     c = sub.add_parser("convert", help="convert a checkpoint between jaxlm and Hugging Face")
     c.add_argument("--input", required=True, help="a jaxlm run/checkpoint dir or a HF dir")
     c.add_argument("--output", required=True, help="a new directory")
@@ -73,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", default="bench-cpu", help="YAML file or preset (default bench-cpu)")
     b.add_argument("overrides", nargs="*", metavar="key=value")
     b.set_defaults(fn=cmd_bench)
+
+    pl = sub.add_parser("plan", help="per-device memory of a config on a mesh (no allocation)")
+    pl.add_argument("--config", required=True, help="YAML file or preset name")
+    pl.add_argument("--devices", type=int, help="devices in the mesh (default: the product of "
+                    "the mesh.* sizes, or this host's devices when one is -1)")
+    pl.add_argument("--device-memory", help="e.g. 16GiB: exit 1 with 'does not fit' above it")
+    pl.add_argument("--cache-len", type=int, help="kv cache length (default seq_len + "
+                    "generate.max_new_tokens)")
+    pl.add_argument("--batch", type=int, help="kv cache batch (default data.batch_size)")
+    pl.add_argument("overrides", nargs="*", metavar="key=value")
+    pl.set_defaults(fn=cmd_plan)
     return p
 
 
@@ -82,7 +116,7 @@ def main(argv=None) -> int:
     absl_logging.set_verbosity(absl_logging.ERROR)
     from jaxlm.errors import JaxlmError
     try:
-        args.fn(args)
+        rc = args.fn(args)
     except JaxlmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -90,7 +124,7 @@ def main(argv=None) -> int:
         print("interrupted" + (" (a checkpoint of the last step was saved; continue with --resume)"
                                if args.command == "train" else ""), file=sys.stderr)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ def use_mesh(mesh, rules):
         _ACTIVE.reset(token)
 
 
+def active_mesh():
+    """(mesh, rules) of the enclosing `use_mesh`, or None."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, axes) -> jax.Array:
     active = _ACTIVE.get()
     if active is None:

@@ -14,7 +14,8 @@ from jaxlm.errors import CheckpointError, ConfigError, JaxlmError
 from jaxlm.model import model_specs
 from jaxlm.model.config import Config, config_from_dict, model_flops_per_token, to_dict
 from jaxlm.model.tokenizer import load_tokenizer, train_sentencepiece
-from jaxlm.sharding.mesh import check_divisible, make_mesh
+from jaxlm.sharding.distributed import local_batch_size, local_rows, put_batch
+from jaxlm.sharding.mesh import check_divisible, make_mesh, model_dims
 from jaxlm.sharding.rules import named_sharding, use_mesh
 from jaxlm.train import checkpoint, span
 from jaxlm.train.data import eval_batches, load_documents, make_batches, split_documents
@@ -38,7 +39,10 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     run_dir = cfg.run_dir
     _check_run_dir(cfg, resume)
     os.makedirs(run_dir, exist_ok=True)
-    _write_config(cfg)
+    lead = jax.process_index() == 0  # multi-host: one writer of the run dir's files
+    progress = progress and lead
+    if lead:
+        _write_config(cfg)
 
     docs = load_documents(cfg.data.corpus, max_docs=cfg.data.max_docs or None)
     train_docs, eval_docs = split_documents(docs, cfg.data.eval_fraction, cfg.data.seed)
@@ -46,15 +50,14 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
 
     mesh = make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
-    check_divisible(mesh, rules, {"batch": cfg.data.batch_size, "vocab": cfg.model.vocab_size,
-                                  "heads": cfg.model.n_heads, "kv_heads": cfg.model.n_kv_heads,
-                                  "mlp": cfg.model.d_ff, "embed": cfg.model.d_model})
+    check_divisible(mesh, rules, model_dims(cfg))
     tx = make_optimizer(cfg.train, model_specs(cfg.model))
     lr = learning_rate_schedule(cfg.train)
     mngr = checkpoint.manager(run_dir, keep=cfg.train.keep_checkpoints)
     batches = make_batches(train_docs, tokenizer, seq_len=span.row_length(cfg),
-                           batch_size=cfg.data.batch_size, seed=cfg.data.seed,
-                           shuffle_rows=cfg.data.shuffle_rows)
+                           batch_size=local_batch_size(cfg.data.batch_size), seed=cfg.data.seed,
+                           shuffle_rows=cfg.data.shuffle_rows,
+                           process_index=jax.process_index(), process_count=jax.process_count())
     batches = span.wrap_batches(cfg, tokenizer, batches)  # span: T5 corruption on the host
     with use_mesh(mesh, rules):
         if resume:
@@ -66,10 +69,11 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
         train_step, eval_step = compile_steps(cfg.model, tx, lr, state_shardings(cfg, mesh, tx),
                                               batch_sharding, cfg.train.loss_vocab_chunk,
                                               batch_objective(cfg.train, cfg.model, tokenizer))
-        evals = [jax.device_put(b, batch_sharding) for b in span.map_batches(
-            cfg, tokenizer, eval_batches(
-                eval_docs, tokenizer, seq_len=span.row_length(cfg),
-                batch_size=cfg.data.batch_size, num_batches=cfg.train.eval_batches))]
+        # every process builds the same eval batches and keeps its block of rows
+        evals = [put_batch(local_rows(b, cfg.data.batch_size), batch_sharding)
+                 for b in span.map_batches(cfg, tokenizer, eval_batches(
+                     eval_docs, tokenizer, seq_len=span.row_length(cfg),
+                     batch_size=cfg.data.batch_size, num_batches=cfg.train.eval_batches))]
         loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress)
         try:
             return loop.run(state, stop_after)
@@ -85,7 +89,8 @@ class _Loop:
         self.train_step, self.eval_step, self.evals = train_step, eval_step, evals
         self.batch_sharding = batch_sharding
         self.progress = progress
-        self.log = MetricsLog(os.path.join(cfg.run_dir, "metrics.jsonl"))
+        self.log = MetricsLog(os.path.join(cfg.run_dir, "metrics.jsonl")
+                              if jax.process_index() == 0 else os.devnull)
         self.peak = measure_matmul_peak(cfg.model.dtype, seconds=0.5)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
 
@@ -109,7 +114,7 @@ class _Loop:
         pending, t_mark, step = [], None, start
         try:
             while step < end:
-                batch = jax.device_put(next(self.batches), self.batch_sharding)
+                batch = put_batch(next(self.batches), self.batch_sharding)
                 state, metrics = self.train_step(state, batch)
                 step += 1
                 pending.append((step, metrics))
@@ -204,6 +209,9 @@ def _tokenizer(cfg: Config, train_docs):
     path = cfg.data.tokenizer or os.path.join(cfg.run_dir, TOKENIZER_FILE)
     if cfg.data.tokenizer or os.path.exists(path):
         tok = load_tokenizer(path)
+    elif jax.process_count() > 1:
+        raise ConfigError("multi-host runs need a trained tokenizer: set data.tokenizer=PATH "
+                          f"(or put {TOKENIZER_FILE} in the run dir)")
     else:
         # mlm: the last id is [MASK]; span: the top ids are the sentinels
         reserved = 1 if cfg.train.objective == "mlm" else span.reserved_ids(cfg)
@@ -212,7 +220,7 @@ def _tokenizer(cfg: Config, train_docs):
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size="
                           f"{cfg.model.vocab_size}")
-    if cfg.data.tokenizer:  # keep a copy with the run, so a checkpoint is self-contained
+    if cfg.data.tokenizer and jax.process_index() == 0:  # a copy with the run: self-contained
         tok.save(cfg.run_dir)
     return tok
 

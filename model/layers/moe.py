@@ -6,6 +6,14 @@ as grouped matmuls (`lax.ragged_dot`). With `moe_capacity_factor` c > 0 each
 expert takes at most ceil(c * tokens * k / experts) assignments, in token
 order; the rest are dropped (their weight is zeroed) and counted.
 
+Expert parallelism: under a mesh (`use_mesh`) whose rules put `experts` on
+the `expert` axis and the batch over it, with a capacity factor set (fixed
+shapes), each device routes its own tokens into per-expert buffers of
+ceil(c * local tokens * k / experts) rows (capacity and token order per
+device), and `shard_map` + `all_to_all` over `expert` carry them to the
+devices holding their experts and back. Dropless MoE (c = 0), or other rules,
+leave the sharded grouped matmuls to XLA's SPMD partitioner.
+
 Aux outputs per layer: the load-balancing loss (Switch / Mixtral form,
 experts * sum_e f_e * p_e), the router z-loss (mean logsumexp(logits)^2), the
 fraction of assignments per expert, and the fraction dropped.
@@ -18,7 +26,7 @@ import jax.numpy as jnp
 
 from jaxlm.model.layers.dense import dense
 from jaxlm.model.params import Spec, normal
-from jaxlm.sharding.rules import constrain
+from jaxlm.sharding.rules import active_mesh, constrain
 
 
 def moe_specs(cfg):
@@ -65,6 +73,56 @@ def _experts_grouped(p, x, weights, experts, cfg):
     return jnp.zeros_like(x).at[token].add(out)
 
 
+def expert_parallel_plan(cfg, tokens: int):
+    """(mesh, batch mesh axes, token shards) when the experts run with all-to-all, else None."""
+    active = active_mesh()
+    if active is None or cfg.moe_capacity_factor <= 0:
+        return None
+    mesh, rules = active
+    table = dict(rules)
+    batch_axes = tuple(a for a in (table.get("batch") or ()) if a in mesh.shape)
+    n_ep = mesh.shape.get("expert", 1)
+    if (tuple(table.get("experts") or ()) != ("expert",) or n_ep == 1
+            or "expert" not in batch_axes or cfg.n_experts % n_ep):
+        return None
+    shards = math.prod(mesh.shape[a] for a in batch_axes)
+    return (mesh, batch_axes, shards) if tokens % shards == 0 else None
+
+
+def _experts_all_to_all(p, x, weights, experts, keep, cfg, plan):
+    """The experts of `_experts_grouped`, expert-parallel: x [T,D] split over the
+    batch axes; per device, capacity buffers [E, C, D] go to their experts' devices."""
+    mesh, batch_axes, shards = plan
+    from jax.sharding import PartitionSpec as P
+    e, n_ep = cfg.n_experts, mesh.shape["expert"]
+    t, k = experts.shape
+    d = x.shape[1]
+    capacity = math.ceil(cfg.moe_capacity_factor * (t // shards) * k / e)
+    dt = x.dtype
+
+    def local(x, weights, experts, keep, gate, up, down):
+        tl = x.shape[0]
+        flat_e = experts.reshape(-1)  # [Tl*k], token-major
+        onehot = jax.nn.one_hot(flat_e, e, dtype=jnp.int32)
+        rank = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)
+        slot = jnp.where(keep.reshape(-1), flat_e * capacity + rank, e * capacity)  # drop: OOB
+        buf = jnp.zeros((e * capacity, d), dt).at[slot].set(jnp.repeat(x, k, axis=0),
+                                                            mode="drop")
+        buf = jax.lax.all_to_all(buf.reshape(e, capacity, d), "expert", 0, 0, tiled=True)
+        buf = buf.reshape(n_ep, e // n_ep, capacity, d)  # [source device, local expert, C, D]
+        h = (jax.nn.silu(jnp.einsum("secd,edf->secf", buf, gate))
+             * jnp.einsum("secd,edf->secf", buf, up))
+        out = jnp.einsum("secf,efd->secd", h, down).reshape(e, capacity, d)
+        out = jax.lax.all_to_all(out, "expert", 0, 0, tiled=True).reshape(e * capacity, d)
+        rows = jnp.take(out, slot, axis=0, mode="fill", fill_value=0)  # [Tl*k, D]
+        return jnp.sum(rows.reshape(tl, k, d) * weights[..., None].astype(dt), axis=1)
+
+    tok, w = P(batch_axes, None), P("expert", None, None)
+    run = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, tok, w, w, w), out_specs=tok)
+    return run(x, weights, experts, keep, p["gate"].astype(dt), p["up"].astype(dt),
+               p["down"].astype(dt))
+
+
 def moe(p, x, cfg, token_mask=None):
     """x [B,S,D] -> (y [B,S,D], aux dict of per-layer scalars and [E] load)."""
     b, s, d = x.shape
@@ -72,6 +130,15 @@ def moe(p, x, cfg, token_mask=None):
     weights, experts, logits = route(p, flat, cfg)
     valid = (jnp.ones((b * s,), bool) if token_mask is None
              else token_mask.reshape(-1).astype(bool))
+    plan = expert_parallel_plan(cfg, b * s)
+    if plan is not None:  # capacity per device's tokens, as the all-to-all buffers hold them
+        shards = plan[2]
+        fits = jax.vmap(lambda ex: _keep_within_capacity(ex, cfg))(
+            experts.reshape(shards, -1, experts.shape[-1])).reshape(experts.shape)
+        keep = valid[:, None] & fits
+        y = _experts_all_to_all(p, flat, jnp.where(keep, weights, 0.0), experts, keep, cfg, plan)
+        aux = router_stats(logits, experts, keep, valid, cfg)
+        return constrain(y.reshape(b, s, d), ("batch", "seq", "embed")), aux
     keep = valid[:, None] & (_keep_within_capacity(experts, cfg)
                              if cfg.moe_capacity_factor > 0 else True)
     y = _experts_grouped(p, flat, jnp.where(keep, weights, 0.0), experts, cfg)

@@ -1,0 +1,172 @@
+"""`jaxlm plan`: per-device memory of a config on a mesh, without allocating.
+
+Everything comes from abstract trees (`jax.eval_shape`, the param specs) and
+the PartitionSpecs the rules give, divided arithmetically by the mesh axis
+sizes: no devices are needed, so a 256-device mesh plans on a laptop.
+
+Per device (a sharded dim of size n over mesh axes of total size m holds
+ceil(n / m)):
+  params       every param leaf, at param_dtype
+  gradients    the same shapes (the train step holds one gradient tree)
+  optimizer    every optimizer-state leaf (Adam mu, nu like their params;
+               counters replicated)
+  activations  estimate of what the backward pass keeps, with t = local
+               tokens = batch * seq / (batch shards), d = d_model, q = heads *
+               head_dim / tp, kv = kv_heads * head_dim / tp, f = d_ff / tp
+               (x k experts per token for MoE), tp = shards of "heads"/"mlp",
+               bytes at model.dtype:
+                 dots   = t * (q + 2 kv + q + d + g f + d)   matmul outputs
+                          (g = 3 gated: gate, up, product; 2 otherwise)
+                 all    = dots + t * (4 d + f) + b * heads/tp * s^2 * 2
+                          (norms, residuals, activation; attention scores +
+                          probs as the XLA reference materialises them)
+               per layer saved: remat none -> all; dots / dots_no_batch ->
+               dots; full -> t * d (the layer input). Total = layers * saved
+               + one layer's `all` (recomputed / live during backward) +
+               logits t * V/tp * 4 bytes (t * loss_vocab_chunk * 4 when
+               chunked).
+  kv cache     2 * layers * batch * cache_len * kv_heads * head_dim at
+               model.dtype, sharded like [layers, batch, seq, kv_heads,
+               head_dim]; cache_len = --cache-len or data.seq_len +
+               generate.max_new_tokens (encoder-decoder: the decoder's
+               self-attention cache only).
+train total = params + gradients + optimizer + activations;
+inference total = params + kv cache.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from jaxlm.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"--device-memory {text!r}: expected a size like 16GiB, 80GB or 1e9")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def shard_bytes(shape, dtype, spec, sizes) -> int:
+    """Bytes of one device's shard of an array of `shape` under `spec`."""
+    n = 1
+    for i, dim in enumerate(shape):
+        entry = spec[i] if i < len(spec) else None
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        n *= math.ceil(dim / math.prod(sizes[a] for a in axes))
+    return n * np.dtype(dtype).itemsize
+
+
+def _axes_count(logical, rules, sizes) -> int:
+    axes = dict(rules).get(logical) or ()
+    return math.prod(sizes[a] for a in axes)
+
+
+def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
+         batch: int | None = None) -> dict:
+    """{"mesh": sizes, "params": bytes, ...} per device for `cfg` on its mesh."""
+    import jax
+    import optax
+
+    from jaxlm.model import model_specs
+    from jaxlm.model.params import LogicalAxes, abstract, logical_axes
+    from jaxlm.sharding.mesh import check_divisible, mesh_shape, model_dims
+    from jaxlm.sharding.rules import partition_spec
+    from jaxlm.train.optimizer import make_optimizer
+
+    m, rules = cfg.model, cfg.mesh.rules
+    sizes_cfg = cfg.mesh.sizes
+    if n_devices is None:
+        if -1 in sizes_cfg.values():
+            n_devices = jax.device_count() if not cfg.mesh.devices else cfg.mesh.devices
+        else:
+            n_devices = math.prod(sizes_cfg.values())
+    sizes = mesh_shape(cfg.mesh, n_devices)
+    check_divisible(sizes, rules, model_dims(cfg))
+    specs = model_specs(m)
+    shapes, axes = abstract(specs), logical_axes(specs)
+    is_axes = lambda x: isinstance(x, LogicalAxes)  # noqa: E731
+
+    def leaf_bytes(s, a):
+        return shard_bytes(s.shape, s.dtype, partition_spec(a, rules), sizes)
+    params = sum(jax.tree.leaves(jax.tree.map(leaf_bytes, shapes, axes, is_leaf=is_axes)))
+    tx = make_optimizer(cfg.train, specs)
+    opt_shapes = jax.eval_shape(tx.init, shapes)
+    opt_tree = optax.tree_map_params(
+        tx, leaf_bytes, opt_shapes, axes, is_leaf=is_axes,
+        transform_non_params=lambda s: int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize)
+    optimizer = sum(x for x in jax.tree.leaves(opt_tree) if isinstance(x, (int, np.integer)))
+
+    act = np.dtype(m.dtype).itemsize
+    b = cfg.data.batch_size
+    s = cfg.data.seq_len
+    b_local = math.ceil(b / _axes_count("batch", rules, sizes))
+    s_local = math.ceil(s / _axes_count("seq", rules, sizes))
+    t = b_local * s_local
+    tp_h = _axes_count("heads", rules, sizes)
+    tp_kv = _axes_count("kv_heads", rules, sizes)
+    tp_f = _axes_count("mlp", rules, sizes)
+    d = m.d_model
+    q = math.ceil(m.n_heads / tp_h) * m.head_dim
+    kv = math.ceil(m.n_kv_heads / tp_kv) * m.head_dim
+    f = math.ceil(m.d_ff / tp_f) * (m.experts_per_token if m.n_experts else 1)
+    gated = 3 if m.mlp in ("swiglu", "geglu") else 2
+    dots = t * (q + 2 * kv + q + d + gated * f + d) * act
+    scores = b_local * math.ceil(m.n_heads / tp_h) * s * s * 2 * act
+    full_layer = dots + t * (4 * d + f) * act + scores
+    saved = {"none": full_layer, "full": t * d * act}.get(m.remat, dots)
+    layers = m.n_layers + (m.n_decoder_layers or m.n_layers if m.family == "encoder_decoder" else 0)
+    vocab_local = math.ceil(m.vocab_size / _axes_count("vocab", rules, sizes))
+    chunk = cfg.train.loss_vocab_chunk
+    logits = t * (min(chunk, vocab_local) if chunk else vocab_local) * 4
+    activations = layers * saved + full_layer + logits
+
+    cache_len = cache_len or (s + cfg.generate.max_new_tokens)
+    cache_batch = batch or b
+    dec_layers = (m.n_decoder_layers or m.n_layers) if m.family == "encoder_decoder" else m.n_layers
+    kv_cache = 0 if m.family == "encoder" else 2 * shard_bytes(
+        (dec_layers, cache_batch, cache_len, m.n_kv_heads, m.head_dim), m.dtype,
+        partition_spec(("layers", "batch", "seq", "kv_heads", "head_dim"), rules), sizes)
+    out = {"mesh": sizes, "devices": n_devices, "params": params, "gradients": params,
+           "optimizer": optimizer, "activations": activations, "kv_cache": kv_cache,
+           "cache_len": cache_len}
+    out["train_total"] = params * 2 + optimizer + activations
+    out["inference_total"] = params + kv_cache
+    return out
+
+
+def run_plan(args) -> int:
+    from jaxlm.model.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    p = plan(cfg, args.devices, args.cache_len, args.batch)
+    mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    print(f"mesh {mesh} ({p['devices']} devices); per device:")
+    for key in ("params", "gradients", "optimizer", "activations"):
+        print(f"  {key:<12} {fmt_bytes(p[key])}")
+    print(f"  {'train':<12} {fmt_bytes(p['train_total'])}  (remat={cfg.model.remat}, "
+          f"batch {cfg.data.batch_size} x seq {cfg.data.seq_len})")
+    print(f"  {'kv cache':<12} {fmt_bytes(p['kv_cache'])}  (cache_len {p['cache_len']})")
+    print(f"  {'inference':<12} {fmt_bytes(p['inference_total'])}")
+    if args.device_memory:
+        limit = parse_bytes(args.device_memory)
+        worst = max(p["train_total"], p["inference_total"])
+        if worst > limit:
+            print(f"does not fit: {fmt_bytes(worst)} per device > --device-memory "
+                  f"{fmt_bytes(limit)}")
+            return 1
+        print(f"fits: {fmt_bytes(worst)} per device <= {fmt_bytes(limit)}")
+    return 0

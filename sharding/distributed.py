@@ -1,0 +1,68 @@
+"""Multi-host start-up and placing host batches on a (possibly multi-process) mesh.
+
+`initialize` must run before anything touches the devices: it calls
+`jax.distributed.initialize` with an explicit coordinator (`--coordinator
+host:port --num-processes N --process-id i`), or with no arguments where the
+environment describes the job (Cloud TPU pods, SLURM with more than one
+task), which JAX detects itself. One process: nothing to do.
+
+Each process then reads its own share of the documents (`make_batches(...,
+process_index, process_count)`) into `batch_size / process_count` rows, and
+`put_batch` assembles the global batch with
+`jax.make_array_from_process_local_data` (one process: `jax.device_put`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from jaxlm.errors import ConfigError
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Start jax.distributed when asked or when the environment is multi-host.
+    Returns whether it was started."""
+    if coordinator is not None:
+        if num_processes is None or process_id is None:
+            raise ConfigError("--coordinator needs --num-processes and --process-id")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ConfigError(f"--process-id={process_id} must be in [0, --num-processes="
+                              f"{num_processes})")
+        if ":" not in coordinator:
+            raise ConfigError(f"--coordinator={coordinator!r} must be host:port")
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU hosts: collectives over gloo
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+        return True
+    if num_processes is not None or process_id is not None:
+        raise ConfigError("--num-processes/--process-id need --coordinator host:port")
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in \
+            os.environ or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+        jax.distributed.initialize()  # JAX reads the cluster from the environment
+        return True
+    return False
+
+
+def local_batch_size(global_batch: int) -> int:
+    n = jax.process_count()
+    if global_batch % n:
+        raise ConfigError(f"data.batch_size={global_batch} does not divide over {n} processes")
+    return global_batch // n
+
+
+def local_rows(batch: dict, global_batch: int) -> dict:
+    """This process's block of rows of a batch that every process built whole."""
+    n = local_batch_size(global_batch)
+    i = jax.process_index()
+    return {k: v[i * n:(i + 1) * n] for k, v in batch.items()}
+
+
+def put_batch(batch: dict, sharding):
+    """Host batch (this process's rows) -> one global jax.Array per key."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,115 @@
+"""Multi-host on one machine: 2 processes x 4 CPU devices (jax.distributed over
+localhost, gloo collectives) train one step like 1 process x 1 device."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxlm.errors import ConfigError
+from jaxlm.sharding.distributed import initialize
+
+WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_device(tmp_path):
+    from test_sharding import reference
+    coordinator = f"localhost:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, WORKER, coordinator, str(i),
+                               str(tmp_path / f"out{i}.json")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    outs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+    _, ref_metrics, _ = reference("llama")
+    for o in outs:
+        assert (o["processes"], o["devices"], o["local_devices"]) == (2, 8, 4)
+        np.testing.assert_allclose(o["loss"], ref_metrics["loss"], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(o["grad_norm"], ref_metrics["grad_norm"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("h:1", None, 0), "--coordinator needs --num-processes and --process-id"),
+    (("h:1", 2, 2), "--process-id=2 must be in [0, --num-processes=2)"),
+    (("host", 2, 0), "must be host:port"),
+    ((None, 2, 0), "need --coordinator"),
+])
+def test_initialize_errors(args, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        initialize(*args)
+
+
+def test_single_process_needs_nothing(monkeypatch):
+    for k in ("SLURM_NTASKS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(k, raising=False)
+    assert initialize() is False
+
+
+def test_jaxlm_train_two_processes(tmp_path):
+    """`jaxlm train --coordinator ...` x 2 processes: one run dir, written by process 0."""
+    from jaxlm.model.config import load_config
+    from jaxlm.model.tokenizer import train_sentencepiece
+    from jaxlm.train.data import load_documents
+    from jaxlm.train.loop import train
+    train_sentencepiece(load_documents("stdlib", max_docs=60), 512, tmp_path / "tok",
+                        max_chars=300_000)
+    args = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+            "model.n_kv_heads=2", "model.d_ff=64", "model.max_seq_len=64", "data.seq_len=32",
+            "data.batch_size=8", "data.max_docs=60", "data.eval_fraction=0.1", "train.steps=4",
+            "train.warmup_steps=1", "train.eval_every=2", "train.eval_batches=1",
+            "train.checkpoint_every=2", "train.log_every=1",
+            f"data.tokenizer={tmp_path / 'tok' / 'tokenizer.model'}"]
+    coordinator = f"localhost:{_free_port()}"
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxlm.scripts.cli", "train", "--config",
+                               "tiny-llama", "--coordinator", coordinator, "--num-processes", "2",
+                               "--process-id", str(i), *args, f"run_dir={tmp_path / 'run'}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # one writer
+    # the eval batches are the same in any layout: step 0 matches one process
+    single = train(load_config("tiny-llama", args + [f"run_dir={tmp_path / 'one'}"]),
+                   stop_after=1, progress=False)
+    np.testing.assert_allclose(rows[0]["eval_loss"], single["eval"][0]["eval_loss"], rtol=1e-5)
+    # A single process restores the two-process checkpoint, into another mesh shape.
+    import jax
+    import jaxlm
+    from jaxlm.model import model_specs
+    from jaxlm.sharding.mesh import make_mesh
+    from jaxlm.sharding.rules import partition_spec, use_mesh
+    from jaxlm.train import checkpoint
+    from jaxlm.train.optimizer import make_optimizer
+    from jaxlm.train.state import abstract_state
+    cfg = load_config("tiny-llama", args + [f"run_dir={tmp_path / 'run'}", "mesh.data=2",
+                                            "mesh.fsdp=4"])
+    _, params = jaxlm.load(str(tmp_path / "run"))  # unsharded, on one device
+    mesh = make_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.train, model_specs(cfg.model))
+    mngr = checkpoint.manager(str(tmp_path / "run"), read_only=True)
+    with use_mesh(mesh, cfg.mesh.rules):
+        state, _ = checkpoint.restore_state(mngr, abstract_state(cfg, mesh, tx))
+    assert int(state.step) == 4
+    q = state.params["layers"]["attn"]["q"]
+    assert q.sharding.spec == partition_spec(("layers", "embed", "heads", "head_dim"),
+                                             cfg.mesh.rules)
+    assert q.sharding.mesh.shape == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 params, state.params)
