@@ -17,13 +17,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.model.kernels.mask import MaskSpec
-
-
-def active_mesh():
-    """(mesh, rules) of the enclosing `use_mesh`, or None."""
-    from jaxlm.sharding import rules
-    get = getattr(rules, "active_mesh", None)  # a public accessor, when there is one
-    return get() if get is not None else rules._ACTIVE.get()
+from jaxlm.sharding.rules import active_mesh
 
 
 def _axes(rules, name):
