@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxlm.errors import ConfigError
+from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.sharding.distributed import initialize
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
@@ -72,19 +72,26 @@ def test_jaxlm_train_two_processes(tmp_path):
             "train.warmup_steps=1", "train.eval_every=2", "train.eval_batches=1",
             "train.checkpoint_every=2", "train.log_every=1",
             f"data.tokenizer={tmp_path / 'tok' / 'tokenizer.model'}"]
-    coordinator = f"localhost:{_free_port()}"
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxlm.scripts.cli", "train", "--config",
-                               "tiny-llama", "--coordinator", coordinator, "--num-processes", "2",
-                               "--process-id", str(i), *args, f"run_dir={tmp_path / 'run'}"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
+
+    def two_processes(*extra):
+        coordinator = f"localhost:{_free_port()}"
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "jaxlm.scripts.cli", "train", "--config", "tiny-llama",
+             "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i),
+             *args, f"run_dir={tmp_path / 'run'}", *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), logs
+
+    two_processes()
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
+    two_processes("train.steps=6", "--resume")  # each process gets its own data state back
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4", "6"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # one writer
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one writer
     # the eval batches are the same in any layout: step 0 matches one process
     single = train(load_config("tiny-llama", args + [f"run_dir={tmp_path / 'one'}"]),
                    stop_after=1, progress=False)
@@ -106,7 +113,9 @@ def test_jaxlm_train_two_processes(tmp_path):
     mngr = checkpoint.manager(str(tmp_path / "run"), read_only=True)
     with use_mesh(mesh, cfg.mesh.rules):
         state, _ = checkpoint.restore_state(mngr, abstract_state(cfg, mesh, tx))
-    assert int(state.step) == 4
+    assert int(state.step) == 6
+    with pytest.raises(CheckpointError, match="written by 2 processes; resume it with 2"):
+        train(cfg, resume=True, progress=False)
     q = state.params["layers"]["attn"]["q"]
     assert q.sharding.spec == partition_spec(("layers", "embed", "heads", "head_dim"),
                                              cfg.mesh.rules)

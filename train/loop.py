@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 
 import jax
+import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
@@ -62,7 +64,7 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     with use_mesh(mesh, rules):
         if resume:
             state, data_state = checkpoint.restore_state(mngr, abstract_state(cfg, mesh, tx))
-            batches.set_state(data_state)
+            batches.set_state(_own_data_state(data_state))
         else:
             state = create_state(cfg, mesh, tx, cfg.train.seed)
         batch_sharding = named_sharding(mesh, ("batch", "seq"), rules)
@@ -100,7 +102,7 @@ class _Loop:
         return loss_sum / max(count, 1.0)
 
     def checkpoint(self, state):
-        checkpoint.save(self.mngr, state, self.batches.get_state())
+        checkpoint.save(self.mngr, state, _all_data_states(self.batches.get_state()))
 
     def run(self, state, stop_after):
         tcfg = self.cfg.train
@@ -162,6 +164,31 @@ class _Loop:
         if self.progress:
             tqdm.write(f"step {step}: eval loss {loss:.4f}, perplexity {record['eval_perplexity']:.2f}")
         return record
+
+
+def _all_data_states(state: dict) -> dict:
+    """Every process's data-iterator state (each reads its own share), gathered
+    so that the checkpoint, written once, holds them all."""
+    if jax.process_count() == 1:
+        return {"processes": [state]}
+    from jax.experimental import multihost_utils
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size]))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:blob.size] = blob
+    blobs = np.asarray(multihost_utils.process_allgather(padded))
+    return {"processes": [json.loads(bytes(blobs[i, :n]).decode()) for i, n in enumerate(sizes)]}
+
+
+def _own_data_state(saved: dict) -> dict:
+    states = saved.get("processes") if isinstance(saved, dict) else None
+    if not isinstance(states, list):
+        raise CheckpointError("the checkpoint's data iterator state is missing or corrupt")
+    if len(states) != jax.process_count():
+        raise CheckpointError(
+            f"the checkpoint was written by {len(states)} processes; resume it with "
+            f"{len(states)} (jaxlm.load reads its params with any number)")
+    return states[jax.process_index()]
 
 
 def _check_run_dir(cfg: Config, resume: bool):
