@@ -163,20 +163,20 @@ def write_checkpoint(directory, config: dict,
     try:
         shards, current, size, total = [], {}, 0, 0
 
-        def flush():
+        def flush(shard: dict):
             path = tmp / f"part-{len(shards)}.safetensors"
-            save_file(current, str(path), metadata={"format": "pt"})
-            shards.append((path, list(current)))
+            save_file(shard, str(path), metadata={"format": "pt"})
+            shards.append((path, list(shard)))
 
         for key, tensor in pairs:
             tensor = np.ascontiguousarray(tensor)
             if current and max_shard_bytes and size + tensor.nbytes > max_shard_bytes:
-                flush()
+                flush(current)
                 current, size = {}, 0
             current[key] = tensor
             size += tensor.nbytes
             total += tensor.nbytes
-        flush()
+        flush(current)
         del current
         if len(shards) == 1:
             shards[0][0].rename(tmp / WEIGHTS_FILE)
