@@ -101,7 +101,12 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                  jnp.int32(max_new_tokens), jnp.int32(-1 if eos_id is None else eos_id),
                  width=width, temperature=float(temperature), top_k=int(top_k),
                  top_p=float(top_p), return_logits=return_logits)
-    out = jax.device_get({k: v for k, v in out.items() if k != "cache"})  # one transfer
+    return fetch_output(out, max_new_tokens, return_logits)
+
+
+def fetch_output(out: dict, max_new_tokens: int, return_logits: bool) -> GenerateOutput:
+    """A decode loop's device results -> GenerateOutput, in one host transfer."""
+    out = jax.device_get({k: v for k, v in out.items() if k != "cache"})
     step_logits = out["logits"][:, :max_new_tokens] if return_logits else None
     return GenerateOutput(out["tokens"][:, :max_new_tokens], out["lengths"], out["finished"],
                           step_logits)

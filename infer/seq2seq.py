@@ -34,8 +34,8 @@ import numpy as np
 
 from jaxlm.errors import InputError
 from jaxlm.infer.generate import (CACHE_BUCKET, WIDTH_BUCKET, GenerateOutput, _check_args,
-                                  _check_prompts, _prompt_bucket, _round_up, row_keys,
-                                  sampling_loop)
+                                  _check_prompts, _prompt_bucket, _round_up, fetch_output,
+                                  row_keys, sampling_loop)
 from jaxlm.model.config import dtype_of
 from jaxlm.model.families.encoder_decoder import cross_kv, decode as decode_tokens, \
     decoder_layers, encode
@@ -85,10 +85,7 @@ def generate_seq2seq(params, cfg, inputs, *, max_new_tokens: int, temperature: f
                  jnp.int32(max_new_tokens), jnp.int32(-1 if eos_id is None else eos_id),
                  width=width, temperature=float(temperature), top_k=int(top_k),
                  top_p=float(top_p), return_logits=return_logits)
-    out = jax.device_get({k: v for k, v in out.items() if k != "cache"})  # one transfer
-    step_logits = out["logits"][:, :max_new_tokens] if return_logits else None
-    return GenerateOutput(out["tokens"][:, :max_new_tokens], out["lengths"], out["finished"],
-                          step_logits)
+    return fetch_output(out, max_new_tokens, return_logits)
 
 
 # ------------------------------------------------------------ compiled parts

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.layers.attention import (attend, attention_specs, output_projection,
                                           position_bias, project_qkv)
-from jaxlm.model.layers.embeddings import embed, embedding_specs, head_specs, unembed
+from jaxlm.model.layers.embeddings import (embed_tokens_and_positions, embedding_specs,
+                                           head_specs, unembed)
 from jaxlm.model.layers.mlp import mlp, mlp_specs
 from jaxlm.model.layers.moe import moe, moe_specs
 from jaxlm.model.layers.norms import norm, norm_specs
-from jaxlm.model.layers.positions import absolute_positions, learned_position_specs
+from jaxlm.model.layers.positions import learned_position_specs
 from jaxlm.model.layers.relative import relative_bias_specs
 from jaxlm.model.params import stack
 
@@ -73,10 +74,7 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
         positions = cache["lengths"][:, None] + jnp.arange(s, dtype=jnp.int32)[None]
     elif positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    x = embed(params["embed"], tokens, cfg)
-    extra = absolute_positions(params, positions, cfg, x.dtype)
-    if extra is not None:
-        x = x + extra
+    x = embed_tokens_and_positions(params, tokens, positions, cfg)
     window = cfg.sliding_window or None
     if cache is None:
         mask = MaskSpec(causal=True, q_positions=positions, kv_positions=positions,

@@ -23,10 +23,11 @@ from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.layers.attention import attention_specs, position_bias, self_attention
 from jaxlm.model.layers.relative import relative_bias_specs
 from jaxlm.model.layers.dense import dense
-from jaxlm.model.layers.embeddings import embed, embedding_specs, head_specs, head_weights
+from jaxlm.model.layers.embeddings import (embed_tokens_and_positions, embedding_specs,
+                                           head_specs, head_weights)
 from jaxlm.model.layers.mlp import GATED, activation, mlp, mlp_specs
 from jaxlm.model.layers.norms import norm, norm_specs
-from jaxlm.model.layers.positions import absolute_positions, learned_position_specs
+from jaxlm.model.layers.positions import learned_position_specs
 from jaxlm.model.params import Spec, normal, stack, zeros
 from jaxlm.sharding.rules import constrain
 
@@ -80,10 +81,7 @@ def encoder(params, cfg, tokens, positions=None, segment_ids=None, token_types=N
     b, s = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    x = embed(params["embed"], tokens, cfg)
-    extra = absolute_positions(params, positions, cfg, x.dtype)
-    if extra is not None:
-        x = x + extra
+    x = embed_tokens_and_positions(params, tokens, positions, cfg)
     if cfg.type_vocab_size:
         types = jnp.zeros((b, s), jnp.int32) if token_types is None else token_types
         x = x + jnp.take(params["token_types"]["table"], types, axis=0).astype(x.dtype)

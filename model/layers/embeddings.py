@@ -4,6 +4,7 @@ import jax.numpy as jnp
 
 from jaxlm.model.config import dtype_of
 from jaxlm.model.layers.dense import dense
+from jaxlm.model.layers.positions import absolute_positions
 from jaxlm.model.params import Spec, normal
 from jaxlm.sharding.rules import constrain
 
@@ -28,6 +29,13 @@ def head_weights(params, cfg):
     if cfg.tie_embeddings:
         return params["embed"]["tokens"].T
     return params["head"]["kernel"]
+
+
+def embed_tokens_and_positions(params, tokens, positions, cfg):
+    """Token embeddings plus the absolute position embeddings, if the config has them."""
+    x = embed(params["embed"], tokens, cfg)
+    extra = absolute_positions(params, positions, cfg, x.dtype)
+    return x if extra is None else x + extra
 
 
 def unembed(params, x, cfg):
