@@ -157,7 +157,10 @@ class TrainConfig:
     # Cross-entropy over vocab chunks of about this many columns, never
     # materialising [batch, seq, vocab] logits; 0: plain full logits.
     loss_vocab_chunk: int = 4096
-    objective: str = "clm"  # clm (causal LM) | mlm (masked LM) | span (T5 span corruption)
+    objective: str = "clm"  # clm | mlm (masked LM) | span (T5 span corruption) | sft | dpo
+    # A jaxlm run/checkpoint dir or a Hugging Face dir to start from: the model
+    # config and weights come from it ("" = random init). See `resolve_init_from`.
+    init_from: str = ""
     mlm_probability: float = 0.15  # mlm: tokens chosen; of them 80% [MASK], 10% random, 10% kept
     span_noise_density: float = 0.15  # span: fraction of tokens corrupted
     span_mean_length: float = 3.0  # span: mean corrupted span length
@@ -170,7 +173,7 @@ class TrainConfig:
                 f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        _choice(self, "objective", ("clm", "mlm", "span"))
+        _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo"))
         if not (0 < self.mlm_probability < 1 and 0 < self.span_noise_density < 1
                 and self.span_mean_length >= 1):
             raise ConfigError("train: 0 < mlm_probability < 1, 0 < span_noise_density < 1 and "
@@ -434,12 +437,61 @@ def resolve_preset(name_or_path: str) -> str:
                       + ", ".join(known) + ")" + (f"; did you mean {hint[0]!r}?" if hint else ""))
 
 
-def config_from_dict(data: dict, overrides=()) -> Config:
+def _with_overrides(data: dict, overrides) -> dict:
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of 'key=value' strings, not the string "
+                          f"{overrides!r}")
     data = _plain(data)
     for text in overrides:
         key, value = parse_override(text) if isinstance(text, str) else text
         _deep_set(data, key, value)
-    return _build(Config, data)
+    return data
+
+
+def config_from_dict(data: dict, overrides=()) -> Config:
+    return _build(Config, _with_overrides(data, overrides))
+
+
+def resolve_init_from(data: dict) -> dict:
+    """With `train.init_from=PATH`, the model section comes from that checkpoint.
+
+    Keys the config gives explicitly under `model` are applied on top of the
+    checkpoint's model config when they leave every parameter shape as it is
+    (dtype, param_dtype, remat, attention_impl, ...); one that would change a
+    shape (n_layers, d_model, vocab_size, ...) is a ConfigError naming it.
+    Used for configs a user writes (`load_config`), not for a run's saved
+    config.yaml, which holds the resolved model section already.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("train"), dict) \
+            or not data["train"].get("init_from"):
+        return data
+    path = str(data["train"]["init_from"])
+    from jaxlm.api import model_config_of  # reads config.yaml / config.json only
+    from jaxlm.model.families import model_specs
+    from jaxlm.model.params import abstract
+    import jax
+
+    base = model_config_of(path)
+    shapes = lambda c: jax.tree.map(lambda s: s.shape, abstract(model_specs(c)))  # noqa: E731
+    reference = shapes(base)
+    explicit = data.get("model") or {}
+    if not isinstance(explicit, dict):
+        raise ConfigError(f"model should be a mapping, got {explicit!r}")
+    hints = typing.get_type_hints(ModelConfig)
+    for key, value in explicit.items():
+        if key not in hints:
+            raise _unknown_key(f"model.{key}", value)
+        value = _coerce(value, hints[key], f"model.{key}")
+        if value == getattr(base, key):
+            continue
+        candidate = dataclasses.replace(base, **{key: value})
+        if shapes(candidate) != reference:
+            raise ConfigError(
+                f"model.{key}={value!r} would change a parameter shape of the train.init_from "
+                f"checkpoint {path} (it has {key}={getattr(base, key)!r}); the model comes from "
+                "the checkpoint: leave the key out")
+        base = candidate
+    return {**data, "model": to_dict(base)}
 
 
 def load_config(path: str | None = None, overrides=()) -> Config:
@@ -454,7 +506,7 @@ def load_config(path: str | None = None, overrides=()) -> Config:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}:{where} is not valid YAML") from None
-    return config_from_dict(data, overrides)
+    return _build(Config, resolve_init_from(_with_overrides(data, overrides)))
 
 
 def _plain(x):
