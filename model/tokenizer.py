@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import random
+import re
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
@@ -58,6 +59,11 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`, without bos/eos."""
+        raise NotImplementedError
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Ids of a rendered chat template: special-token strings ("<|im_start|>",
+        "<s>") become their ids, the rest is encoded as `encode` does; no bos/eos added."""
         raise NotImplementedError
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -145,6 +151,20 @@ class SentencePieceTokenizer(Tokenizer):
             ids.extend(self._sp.encode(part))
         return ids
 
+    def encode_chat(self, text: str) -> list[int]:
+        """`encode`, with the bos/eos piece strings ("<s>", "</s>") read as those ids."""
+        specials = {self._sp.id_to_piece(i): i for i in (self._sp.bos_id(), self._sp.eos_id()) if i >= 0}
+        pattern = "|".join(re.escape(p) for p in sorted(specials, key=len, reverse=True))
+        ids: list[int] = []
+        start = 0
+        for match in re.finditer(pattern, text):
+            ids.extend(self.encode(text[start:match.start()]) if match.start() > start else [])
+            ids.append(specials[match.group()])
+            start = match.end()
+        if start < len(text):
+            ids.extend(self.encode(text[start:]))
+        return ids
+
     def encode_batch(self, texts: Sequence[str], num_threads: int = 2) -> list[list[int]]:
         texts = list(texts)
         out = self._sp.encode(texts, num_threads=num_threads)
@@ -212,6 +232,8 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise InputError(f"not a valid tokenizer.json ({_one_line(e)})") from e
         self._tok.encode_special_tokens = True
+        self._chat_tok = _Tokenizer.from_str(json_text)  # reads special-token strings as ids
+        self._chat_tok.encode_special_tokens = False
         self._json = json_text
         self._special_files = dict(special_files or {})
         named = self._named_special_tokens()
@@ -272,6 +294,22 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, text: str) -> list[int]:
+        """`encode`, but added special tokens' strings ("<|im_start|>") are their ids,
+        as transformers tokenizes a rendered chat template."""
+        return self._chat_tok.encode(text, add_special_tokens=False).ids
+
+    @property
+    def special_token_strings(self) -> dict[str, str]:
+        """{"bos_token": ..., "eos_token": ..., ...}: the config's names, else the chosen ids' tokens.
+
+        What transformers passes a chat template (its special_tokens_map)."""
+        named = self._named_special_tokens()
+        if not named:
+            ids = {"bos_token": self._bos, "eos_token": self._eos}
+            named = {k: self._tok.id_to_token(i) for k, i in ids.items() if i is not None}
+        return named
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

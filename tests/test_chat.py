@@ -1,0 +1,144 @@
+"""Chat templates: our rendering + tokenization == transformers' apply_chat_template."""
+
+import json
+
+import pytest
+
+from jaxlm.errors import CheckpointError, InputError
+from jaxlm.model.chat import (DEFAULT_CHAT_TEMPLATE, chat_template_of, render_chat,
+                              template_tokens)
+from jaxlm.model.tokenizer import load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+# Qwen2-Instruct's template (system default), with a {% generation %} block.
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Llama-3-Instruct's, written over lines so trim_blocks/lstrip_blocks matter.
+LLAMA3 = """{% set ns = namespace(n=0) %}
+{% for message in messages %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('unknown role ' + message['role'] | tojson) }}
+    {% endif %}
+    {% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}
+    {% if loop.index0 == 0 %}
+        {% set content = bos_token + content %}
+    {% endif %}
+    {% set ns.n = ns.n + 1 %}
+{{ content }}
+{% endfor %}
+{% if add_generation_prompt %}
+{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{% endif %}"""
+
+TEXTS = ["hello world, how are you today?", "I am fine, thank you. And you?",
+         "def f(x):\n    return x + 1\n", "système: réponds en français"] * 4
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hello world"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "how are you?"},
+     {"role": "assistant", "content": "fine, thank you"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello  you\n"},
+     {"role": "user", "content": "def f(x): return x"}, {"role": "assistant", "content": "français"}],
+]
+
+
+def _hf_dir(tmp_path_factory, name, specials, bos, eos, template):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+    fast.chat_template = template
+    path = tmp_path_factory.mktemp(name)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory):
+    return _hf_dir(tmp_path_factory, "chatml", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                   None, "<|im_end|>", CHATML)
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory):
+    return _hf_dir(tmp_path_factory, "llama3", ["<|begin_of_text|>", "<|end_of_text|>",
+                                                "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                   "<|begin_of_text|>", "<|eot_id|>", LLAMA3)
+
+
+def _hf_ids(path, messages, add_generation_prompt):
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    out = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("which", ["chatml", "llama3"])
+@pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_matches_transformers(which, conversation, add_generation_prompt, chatml_dir, llama3_dir):
+    path = {"chatml": chatml_dir, "llama3": llama3_dir}[which]
+    template = chat_template_of(path)
+    assert template == {"chatml": CHATML, "llama3": LLAMA3}[which]
+    tok = load_tokenizer(path)
+    messages = CONVERSATIONS[conversation]
+    text = render_chat(template, messages, add_generation_prompt=add_generation_prompt,
+                       **template_tokens(tok))
+    ours = tok.encode_chat(text)
+    assert ours == _hf_ids(path, messages, add_generation_prompt)
+    special = {"chatml": "<|im_start|>", "llama3": "<|eot_id|>"}[which]
+    assert tok.encode(special) != [tok._chat_tok.token_to_id(special)]  # plain encode: text
+
+
+def test_template_sources(tmp_path, chatml_dir):
+    assert chat_template_of(tmp_path) is None
+    config = {"chat_template": [{"name": "tool_use", "template": "T"},
+                                {"name": "default", "template": "D"}]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert chat_template_of(tmp_path / "tokenizer.json") == "D"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "S"}))
+    (tmp_path / "chat_template.jinja").write_text("J")
+    assert chat_template_of(tmp_path) == "S"
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    assert chat_template_of(tmp_path) == "J"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "x",
+                                                                                  "template": "X"}]}))
+    with pytest.raises(CheckpointError, match="default"):
+        chat_template_of(tmp_path)
+
+
+def test_default_template_and_errors(llama3_dir):
+    messages = CONVERSATIONS[1]
+    expected = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    assert render_chat(DEFAULT_CHAT_TEMPLATE, messages) == expected
+    assert render_chat(DEFAULT_CHAT_TEMPLATE, messages, add_generation_prompt=True) == (
+        expected + "<|im_start|>assistant\n")
+    with pytest.raises(InputError, match="unknown role \"tool\""):
+        render_chat(LLAMA3, [{"role": "tool", "content": "x"}], bos_token="<s>")
+    with pytest.raises(InputError, match="does not compile"):
+        render_chat("{% for m in messages %}", messages)
+    with pytest.raises(InputError):  # the sandbox refuses attribute escapes
+        render_chat("{{ messages.__class__.__mro__ }}", messages)
+
+
+def test_sentencepiece_encode_chat(tmp_path):
+    from jaxlm.model.tokenizer import train_sentencepiece
+    tok = train_sentencepiece(TEXTS, 300, tmp_path)
+    bos, eos = tok.id_to_piece(tok.bos_id), tok.id_to_piece(tok.eos_id)
+    assert template_tokens(tok) == {"bos_token": bos, "eos_token": eos}
+    text = f"{bos}hello world{eos}\n{eos}"
+    assert tok.encode_chat(text) == ([tok.bos_id] + tok.encode("hello world") + [tok.eos_id]
+                                     + tok.encode("\n") + [tok.eos_id])
+    assert tok.bos_id not in tok.encode(text)
