@@ -39,7 +39,7 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from jaxlm.errors import CheckpointError, InputError
+from jaxlm.errors import CheckpointError, ConfigError, InputError
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -88,6 +88,22 @@ def chat_template_of(path) -> str | None:
         except (OSError, UnicodeDecodeError) as e:
             raise CheckpointError(f"cannot read {jinja_file}: {e}") from e
     return None
+
+
+def resolve_chat_template(setting: str, checkpoint_dir=None) -> str:
+    """The template `data.chat_template` names: "" the checkpoint's own (else the
+    default), "chatml" the default, else the path of a Jinja file."""
+    if setting == "":
+        own = chat_template_of(checkpoint_dir) if checkpoint_dir else None
+        return own if own is not None else DEFAULT_CHAT_TEMPLATE
+    if setting == "chatml":
+        return DEFAULT_CHAT_TEMPLATE
+    path = pathlib.Path(setting).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"data.chat_template={setting!r}: not \"\", \"chatml\" nor a readable "
+                          f"template file ({getattr(e, 'strerror', None) or e})") from e
 
 
 def template_tokens(tokenizer) -> dict[str, str]:

@@ -128,6 +128,9 @@ class DataConfig:
     shuffle_rows: int = 2048  # packed rows shuffled within windows of this many; 0: off
     tokenizer: str = ""  # "": train a sentencepiece model on the corpus; else its path
     tokenizer_max_chars: int = 4_000_000
+    # sft/dpo chat records: "" the checkpoint's own template (else ChatML), "chatml", or a
+    # .jinja file (see jaxlm.model.chat.resolve_chat_template)
+    chat_template: str = ""
 
     def __post_init__(self):
         _positive(self, "seq_len", "batch_size", "tokenizer_max_chars")
@@ -164,6 +167,7 @@ class TrainConfig:
     mlm_probability: float = 0.15  # mlm: tokens chosen; of them 80% [MASK], 10% random, 10% kept
     span_noise_density: float = 0.15  # span: fraction of tokens corrupted
     span_mean_length: float = 3.0  # span: mean corrupted span length
+    sft_loss_on: str = "completion"  # sft: loss on completion / assistant tokens | all tokens
 
     def __post_init__(self):
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
@@ -174,6 +178,7 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo"))
+        _choice(self, "sft_loss_on", ("completion", "all"))
         if not (0 < self.mlm_probability < 1 and 0 < self.span_noise_density < 1
                 and self.span_mean_length >= 1):
             raise ConfigError("train: 0 < mlm_probability < 1, 0 < span_noise_density < 1 and "

@@ -142,3 +142,21 @@ def test_sentencepiece_encode_chat(tmp_path):
     assert tok.encode_chat(text) == ([tok.bos_id] + tok.encode("hello world") + [tok.eos_id]
                                      + tok.encode("\n") + [tok.eos_id])
     assert tok.bos_id not in tok.encode(text)
+
+
+def test_resolve_chat_template_and_config_keys(tmp_path, chatml_dir):
+    from jaxlm.errors import ConfigError
+    from jaxlm.model.chat import resolve_chat_template
+    from jaxlm.model.config import DataConfig, TrainConfig
+
+    assert resolve_chat_template("", chatml_dir) == CHATML
+    assert resolve_chat_template("", tmp_path) == DEFAULT_CHAT_TEMPLATE
+    assert resolve_chat_template("", None) == DEFAULT_CHAT_TEMPLATE
+    assert resolve_chat_template("chatml", chatml_dir) == DEFAULT_CHAT_TEMPLATE
+    (tmp_path / "t.jinja").write_text(LLAMA3)
+    assert resolve_chat_template(str(tmp_path / "t.jinja")) == LLAMA3
+    with pytest.raises(ConfigError, match="data.chat_template"):
+        resolve_chat_template(str(tmp_path / "none.jinja"))
+    assert TrainConfig().sft_loss_on == "completion" and DataConfig().chat_template == ""
+    with pytest.raises(ConfigError, match="sft_loss_on"):
+        TrainConfig(sft_loss_on="prompt")
