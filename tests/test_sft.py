@@ -67,8 +67,10 @@ def segments_of(batch):
     return out
 
 
-def test_batches_hold_every_example_whole_once(tok, records):
-    it = sft_batches(records, tok, seq_len=SEQ, batch_size=BATCH, seed=3, num_epochs=1)
+@pytest.mark.parametrize("bins", [None, 16])
+def test_batches_hold_every_example_whole_once(tok, records, bins):
+    it = sft_batches(records, tok, seq_len=SEQ, batch_size=BATCH, seed=3, num_epochs=1,
+                     packing_bins=bins)
     batches = list(it)
     for b in batches:
         assert set(b) == set(BATCH_KEYS)

@@ -155,19 +155,25 @@ def split_records(records: Sequence[dict], eval_fraction: float, seed: int) -> t
 # ---------------------------------------------------------------- stdlib set
 
 
-def stdlib_sft_records(*, max_records: int = 20_000, max_chars: int = 600,
-                       max_body_lines: int = 12, files: Sequence[pathlib.Path] | None = None) -> list[dict]:
+_TEST_DIRS = {"test", "tests", "idle_test"}
+
+
+def stdlib_sft_records(*, max_records: int = 20_000, max_chars: int = 400,
+                       max_body_lines: int = 10, files: Sequence[pathlib.Path] | None = None) -> list[dict]:
     """Prompt/completion records from the standard library's documented functions.
 
-    For each function or method (files sorted, functions in source order)
+    `files` default: the stdlib's `.py` files outside its test folders (60% of
+    its bytes are tests). For each function or method (files sorted, functions in source order)
     whose docstring is followed by 2..`max_body_lines` lines of body and whose
     source has at most `max_chars` characters: prompt = its `def` line(s)
     through the docstring's last line, completion = the remaining lines; both
     dedented by the `def`'s indentation (functions with a line indented less,
     e.g. inside a string, are skipped). Deterministic; the first `max_records`.
     """
+    if files is None:
+        files = [p for p in stdlib_sources() if _TEST_DIRS.isdisjoint(p.parts)]
     records: list[dict] = []
-    for path in files if files is not None else stdlib_sources():
+    for path in files:
         try:
             text = path.read_bytes().decode("utf-8")
             tree = ast.parse(text)
@@ -272,6 +278,8 @@ def tokenize_records(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
     stats: examples (kept), truncated (longer than seq_len, cut to it),
     dropped (no loss token left after the cut, or none at all).
     """
+    if loss_on not in LOSS_ON:
+        raise ConfigError(f"train.sft_loss_on={loss_on!r} should be one of {LOSS_ON}")
     plain = [r for r in records if "messages" not in r]
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     encoded = iter(tokenizer.encode_batch([s for r in plain for s in (r["prompt"], r["completion"])]))
@@ -323,15 +331,21 @@ def _stack_packed(rows: Sequence[dict[str, np.ndarray]], batch_size: int, pad_id
                        stack("tokens_positions"), pad_id)
 
 
-def _packed_dataset(examples, *, seq_len, batch_size, seed, num_epochs, num_threads, pad_id):
-    """examples -> (epoch shuffle) -> repeat -> first-fit packed rows -> batches."""
+def _packed_dataset(examples, *, seq_len, batch_size, seed, num_epochs, num_threads, pad_id,
+                    packing_bins=None):
+    """examples -> (epoch shuffle) -> repeat -> first-fit packed rows -> batches.
+
+    First fit over `packing_bins` open rows (default `batch_size`): an example
+    goes to the first row with room; when none has room, all rows are emitted.
+    """
     ds = grain.MapDataset.source(examples)
     if seed is not None:
         ds = _EpochShuffle(ds, seed)
     it = ds.repeat(num_epochs).to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=_PREFETCH_BUFFER))
     it = grain.experimental.FirstFitPackIterDataset(
-        it, length_struct={"tokens": seq_len, "loss": seq_len}, num_packing_bins=batch_size,
+        it, length_struct={"tokens": seq_len, "loss": seq_len},
+        num_packing_bins=packing_bins or batch_size,
         shuffle_bins=False)
     return it.batch(batch_size, batch_fn=lambda rows: _stack_packed(rows, batch_size, pad_id))
 
@@ -372,25 +386,31 @@ def _no_examples(stats) -> InputError:
 def sft_batches(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
                 template: str | None = None, seq_len: int, batch_size: int, seed: int,
                 loss_on: str = "completion", num_epochs: int | None = None,
-                process_index: int = 0, process_count: int = 1, num_threads: int = 2) -> SFTBatches:
+                process_index: int = 0, process_count: int = 1, num_threads: int = 2,
+                packing_bins: int | None = None) -> SFTBatches:
     """Training batches of packed SFT examples, `[batch_size, seq_len]` numpy arrays.
 
     Examples are shuffled with `seed`, differently each epoch, and repeat
     forever (`num_epochs=None`) or stop after `num_epochs` passes (the last
     batch padded with empty rows). Each process takes every
     `process_count`-th record from `process_index`. `template`: the chat
-    template for messages records (None: the default ChatML).
+    template for messages records (None: the default ChatML). `packing_bins`:
+    rows filled at once (default `batch_size`; more pack tighter).
     """
     _check_shapes(seq_len, batch_size)
     if num_epochs is not None and num_epochs < 1:
         raise ConfigError(f"num_epochs must be positive, got {num_epochs}")
+    if packing_bins is not None and packing_bins < 1:
+        raise ConfigError(f"packing_bins must be positive, got {packing_bins}")
     shard = _shard(records, process_index, process_count)
     examples, stats = tokenize_records(shard, tokenizer, template, loss_on, seq_len)
     if not examples:
         raise _no_examples(stats)
     ds = _packed_dataset(examples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                         num_epochs=num_epochs, num_threads=num_threads, pad_id=tokenizer.pad_id)
+                         num_epochs=num_epochs, num_threads=num_threads, pad_id=tokenizer.pad_id,
+                         packing_bins=packing_bins)
     fingerprint = {"kind": "sft", "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
+                   "packing_bins": packing_bins or batch_size,
                    "num_epochs": num_epochs, "process_index": process_index,
                    "process_count": process_count, "num_examples": len(examples),
                    "examples_sha256": examples_digest(examples)}
