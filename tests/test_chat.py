@@ -17,7 +17,7 @@ CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
-    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{{ message['content'] + '<|im_end|>' + '\n' }}{% endgeneration %}"
     "{% else %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -33,11 +33,9 @@ LLAMA3 = """{% set ns = namespace(n=0) %}
         {% set content = bos_token + content %}
     {% endif %}
     {% set ns.n = ns.n + 1 %}
-{{ content }}
-{% endfor %}
+    {{- content }}{% endfor %}
 {% if add_generation_prompt %}
-{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
-{% endif %}"""
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"""
 
 TEXTS = ["hello world, how are you today?", "I am fine, thank you. And you?",
          "def f(x):\n    return x + 1\n", "système: réponds en français"] * 4
@@ -51,13 +49,22 @@ CONVERSATIONS = [
 ]
 
 
-def _hf_dir(tmp_path_factory, name, specials, bos, eos, template):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Llama 3's pre-tokenizer split: newline runs are pieces of their own ("\n\n" then "fine").
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _hf_dir(tmp_path_factory, name, specials, bos, eos, template, split=None):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split is not None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(show_progress=False, 
         vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
     fast.chat_template = template
@@ -76,7 +83,7 @@ def chatml_dir(tmp_path_factory):
 def llama3_dir(tmp_path_factory):
     return _hf_dir(tmp_path_factory, "llama3", ["<|begin_of_text|>", "<|end_of_text|>",
                                                 "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                   "<|begin_of_text|>", "<|eot_id|>", LLAMA3)
+                   "<|begin_of_text|>", "<|eot_id|>", LLAMA3, split=LLAMA3_SPLIT)
 
 
 def _hf_ids(path, messages, add_generation_prompt):
@@ -160,3 +167,26 @@ def test_resolve_chat_template_and_config_keys(tmp_path, chatml_dir):
     assert TrainConfig().sft_loss_on == "completion" and DataConfig().chat_template == ""
     with pytest.raises(ConfigError, match="sft_loss_on"):
         TrainConfig(sft_loss_on="prompt")
+
+
+@pytest.mark.parametrize("which", ["chatml", "llama3"])
+@pytest.mark.parametrize("conversation", [1, 2])
+def test_assistant_mask_matches_transformers_generation_mask(which, conversation, chatml_dir,
+                                                             llama3_dir):
+    """Our prefix-rendering mask == transformers' {% generation %} mask (ChatML), and the
+    Llama-3 mask is the tokens of "content<|eot_id|>" of each assistant turn."""
+    from jaxlm.train.sft import chat_example
+    path = {"chatml": chatml_dir, "llama3": llama3_dir}[which]
+    tok, messages = load_tokenizer(path), CONVERSATIONS[conversation]
+    tokens, is_loss = chat_example(messages, tok, chat_template_of(path))
+    assert tokens.tolist() == _hf_ids(path, messages, False)
+    if which == "chatml":
+        hf = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+        out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+        assert is_loss.astype(int).tolist() == list(out["assistant_masks"])
+    else:
+        spans = [tok.encode_chat(m["content"].strip() + "<|eot_id|>") for m in messages
+                 if m["role"] == "assistant"]
+        assert tokens[is_loss].tolist() == [i for span in spans for i in span]
+    assert is_loss.sum() > 0

@@ -266,7 +266,8 @@ def chat_example(messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, te
                 f"{where}: the chat template's rendering of the conversation up to assistant turn "
                 f"{i} (with the generation prompt) is not a token prefix of its rendering through "
                 "that turn (or that of the whole conversation), so the assistant tokens cannot be "
-                "found; use a template whose earlier turns render the same in every prefix")
+                "found: the template renders earlier turns differently in a longer conversation, or "
+                "the tokenizer merges text across the end of the generation prompt")
         is_loss[len(prefix):len(through)] = True
     return np.asarray(full, dtype=np.int32), is_loss
 
