@@ -64,7 +64,7 @@ def _hf_dir(tmp_path_factory, name, specials, bos, eos, template, split=None):
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(show_progress=False, 
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(show_progress=False,
         vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
     fast.chat_template = template

@@ -22,7 +22,7 @@ def tok():
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(WORDS * 5, trainers.BpeTrainer(show_progress=False, 
+    t.train_from_iterator(WORDS * 5, trainers.BpeTrainer(show_progress=False,
         vocab_size=280, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return HFTokenizer(t.to_str(), {"tokenizer_config.json": json.dumps(

@@ -169,7 +169,7 @@ def chatml_tok():
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(WORDS * 5, trainers.BpeTrainer(show_progress=False, 
+    t.train_from_iterator(WORDS * 5, trainers.BpeTrainer(show_progress=False,
         vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return HFTokenizer(t.to_str(), {"tokenizer_config.json": json.dumps({"eos_token": "<|im_end|>"})})
@@ -266,3 +266,25 @@ def test_stdlib_sft_records_are_functions_split_after_the_docstring():
         function = ast.parse(source).body[0]  # the prompt ends where the docstring does
         assert r["prompt"].count("\n") == function.body[0].end_lineno
         assert ast.get_docstring(function) == ast.get_docstring(node) and r["completion"].strip()
+
+
+def test_finetune_data_from_config(tmp_path, tok, records):
+    from jaxlm.model.config import config_from_dict
+    from jaxlm.train.sft import finetune_data
+    _write(tmp_path / "sft.jsonl", records[:12])
+    _write(tmp_path / "dpo.jsonl", [{"prompt": r["prompt"], "chosen": r["completion"],
+                                     "rejected": "dog"} for r in records[:12]])
+    for kind in ("sft", "dpo"):
+        cfg = config_from_dict({"data": {"corpus": str(tmp_path / f"{kind}.jsonl"), "seq_len": SEQ,
+                                         "batch_size": 4, "eval_fraction": 0.25},
+                                "train": {"eval_batches": 2, "sft_loss_on": "all"}})
+        batches, evals = finetune_data(kind, cfg, tok, template=None, batch_size=2)
+        batch = next(batches)
+        rows = batch if kind == "sft" else batch["chosen"]
+        assert rows["tokens"].shape == (2, SEQ) and evals
+        ev = evals[0] if kind == "sft" else evals[0]["chosen"]
+        assert ev["tokens"].shape == (4, SEQ)
+        assert batches.stats["examples"] == 9
+    one = _write(tmp_path / "one.jsonl", records[:1])
+    with pytest.raises(InputError, match="too few"):
+        finetune_data("sft", config_from_dict({"data": {"corpus": str(one)}}), tok, template=None)

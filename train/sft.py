@@ -466,3 +466,47 @@ def sft_eval_batches(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
         if len(rows) >= num_batches * batch_size * max_rows_read:
             break
     return fixed_batches(rows, batch_size, num_batches)
+
+
+# ---------------------------------------------------------------- from a run config
+
+
+def finetune_data(kind: str, cfg, tokenizer: Tokenizer, *, template: str | None,
+                  batch_size: int | None = None, process_index: int = 0, process_count: int = 1):
+    """(training iterator, fixed eval batches) of an "sft" or "dpo" run, from `cfg`.
+
+    Reads `cfg.data.corpus` (jsonl paths/globs, or "stdlib-sft" for sft),
+    holds out `cfg.data.eval_fraction` of the records (seed `cfg.data.seed`),
+    and batches them with `cfg.data.seq_len`, `cfg.train.sft_loss_on` and
+    `cfg.train.eval_batches`. `batch_size`: this process's rows of a training
+    batch (default `cfg.data.batch_size`); eval batches are global (every
+    process builds the same ones). `template`: see `resolve_chat_template`.
+    """
+    from jaxlm.train import preference
+
+    data = cfg.data
+    if kind == "sft":
+        records = load_sft_records(data.corpus, max_records=data.max_docs or None)
+    elif kind == "dpo":
+        records = preference.load_preference_records(data.corpus, max_records=data.max_docs or None)
+    else:
+        raise ConfigError(f"finetune_data: kind should be 'sft' or 'dpo', got {kind!r}")
+    train, held = split_records(records, data.eval_fraction, data.seed)
+    if not held:
+        raise InputError(f"data.corpus={data.corpus}: {len(records)} record(s), too few to hold "
+                         "out an eval split (need 2 or more)")
+    common = dict(template=template, seq_len=data.seq_len)
+    if kind == "sft":
+        loss_on = cfg.train.sft_loss_on
+        batches = sft_batches(train, tokenizer, batch_size=batch_size or data.batch_size, seed=data.seed,
+                              loss_on=loss_on, process_index=process_index,
+                              process_count=process_count, **common)
+        evals = sft_eval_batches(held, tokenizer, batch_size=data.batch_size,
+                                 num_batches=cfg.train.eval_batches, loss_on=loss_on, **common)
+    else:
+        batches = preference.dpo_batches(train, tokenizer, batch_size=batch_size or data.batch_size,
+                                         seed=data.seed, process_index=process_index,
+                                         process_count=process_count, **common)
+        evals = preference.dpo_eval_batches(held, tokenizer, batch_size=data.batch_size,
+                                            num_batches=cfg.train.eval_batches, **common)
+    return batches, evals
