@@ -42,6 +42,8 @@ import glob
 import hashlib
 import json
 import pathlib
+import re
+import sysconfig
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -171,7 +173,8 @@ def stdlib_sft_records(*, max_records: int = 20_000, max_chars: int = 400,
     e.g. inside a string, are skipped). Deterministic; the first `max_records`.
     """
     if files is None:
-        files = [p for p in stdlib_sources() if _TEST_DIRS.isdisjoint(p.parts)]
+        root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+        files = [p for p in stdlib_sources() if _TEST_DIRS.isdisjoint(p.relative_to(root).parts)]
     records: list[dict] = []
     for path in files:
         try:
@@ -179,7 +182,7 @@ def stdlib_sft_records(*, max_records: int = 20_000, max_chars: int = 400,
             tree = ast.parse(text)
         except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
             continue
-        lines = text.splitlines()
+        lines = re.split(r"\r\n|\r|\n", text)  # ast's line breaks (str.splitlines also splits at \f)
         functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
         for node in sorted(functions, key=lambda n: n.lineno):
             record = _function_record(node, lines, max_chars, max_body_lines)
