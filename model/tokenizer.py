@@ -10,6 +10,7 @@ Special ids of a trained model: pad=0, unk=1, bos=2, eos=3, then "\\n".
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -232,8 +233,6 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise InputError(f"not a valid tokenizer.json ({_one_line(e)})") from e
         self._tok.encode_special_tokens = True
-        self._chat_tok = _Tokenizer.from_str(json_text)  # reads special-token strings as ids
-        self._chat_tok.encode_special_tokens = False
         self._json = json_text
         self._special_files = dict(special_files or {})
         named = self._named_special_tokens()
@@ -294,6 +293,14 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def _chat_tok(self):
+        """A second copy that reads special-token strings as their ids (built on first use)."""
+        from tokenizers import Tokenizer as _Tokenizer
+        tok = _Tokenizer.from_str(self._json)
+        tok.encode_special_tokens = False
+        return tok
 
     def encode_chat(self, text: str) -> list[int]:
         """`encode`, but added special tokens' strings ("<|im_start|>") are their ids,
