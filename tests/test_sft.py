@@ -252,8 +252,8 @@ def test_missing_sources(tmp_path):
 
 def test_stdlib_sft_records_are_functions_split_after_the_docstring():
     files = [p for p in stdlib_sources() if p.name in ("textwrap.py", "shlex.py", "colorsys.py")]
-    recs = stdlib_sft_records(files=files)
-    assert len(recs) >= 5 and recs == stdlib_sft_records(files=files)
+    recs = stdlib_sft_records(files=files, max_chars=800, max_body_lines=20)
+    assert len(recs) >= 5 and recs == stdlib_sft_records(files=files, max_chars=800, max_body_lines=20)
     assert len(stdlib_sft_records(files=files, max_records=3)) == 3
     for r in recs:
         path, line = r["where"].rsplit(":", 1)
@@ -288,3 +288,14 @@ def test_finetune_data_from_config(tmp_path, tok, records):
     one = _write(tmp_path / "one.jsonl", records[:1])
     with pytest.raises(InputError, match="too few"):
         finetune_data("sft", config_from_dict({"data": {"corpus": str(one)}}), tok, template=None)
+
+
+def test_stdlib_sft_limits_scale_with_rows():
+    files = [p for p in stdlib_sources() if p.name in ("textwrap.py", "shlex.py", "colorsys.py")]
+    from jaxlm.train.sft import stdlib_sft_limits
+    small, large = stdlib_sft_limits(64), stdlib_sft_limits(512)
+    assert small["max_chars"] < large["max_chars"] and small["max_body_lines"] < large["max_body_lines"]
+    few, many = (stdlib_sft_records(files=files, **lim) for lim in (small, large))
+    assert len(few) < len(many)
+    assert all(len(r["prompt"]) + len(r["completion"]) <= small["max_chars"] for r in few)
+    assert stdlib_sft_limits(None) == stdlib_sft_limits(128)

@@ -63,15 +63,17 @@ _PREFETCH_BUFFER = 64
 # ---------------------------------------------------------------- records
 
 
-def load_sft_records(source: str | Sequence[str], *, max_records: int | None = None) -> list[dict]:
+def load_sft_records(source: str | Sequence[str], *, max_records: int | None = None,
+                     seq_len: int | None = None) -> list[dict]:
     """Records of `.jsonl` files, in file then line order; or the `stdlib-sft` set.
 
     `source`: a path, a glob, several of them comma-separated or as a list,
     or "stdlib-sft". Every record is checked (`check_sft_record`) and carries
-    "where" ("file:line") for later error messages.
+    "where" ("file:line") for later error messages. `seq_len` sizes the
+    stdlib-sft functions to the rows (`stdlib_sft_limits`).
     """
     if source == STDLIB_SFT:
-        return stdlib_sft_records(max_records=max_records or 20_000)
+        return stdlib_sft_records(max_records=max_records or 20_000, **stdlib_sft_limits(seq_len))
     records = [r for r in _jsonl_records(source, max_records)]
     for r in records:
         check_sft_record(r)
@@ -158,10 +160,22 @@ def split_records(records: Sequence[dict], eval_fraction: float, seed: int) -> t
 
 
 _TEST_DIRS = {"test", "tests", "idle_test"}
+_CHARS_PER_TOKEN = 3  # stdlib source with the 4096-piece `make run` tokenizer: 3.0
 
 
-def stdlib_sft_records(*, max_records: int = 20_000, max_chars: int = 400,
-                       max_body_lines: int = 10, files: Sequence[pathlib.Path] | None = None) -> list[dict]:
+def stdlib_sft_limits(seq_len: int | None) -> dict[str, int]:
+    """Function size caps that mostly fit rows of `seq_len` tokens (default: 128).
+
+    About 3 characters a token: with the 4096-piece `make run` tokenizer,
+    seq_len 128 gives 1,827 functions (median 83 tokens, 5% cut), seq_len 256
+    gives 3,331 (median 117 tokens, 2% cut); parsing the stdlib takes ~15-40 s.
+    """
+    max_chars = max(120, _CHARS_PER_TOKEN * (seq_len or 128))
+    return {"max_chars": max_chars, "max_body_lines": max(3, max_chars // 40)}
+
+
+def stdlib_sft_records(*, max_records: int = 20_000, max_chars: int = 384,
+                       max_body_lines: int = 9, files: Sequence[pathlib.Path] | None = None) -> list[dict]:
     """Prompt/completion records from the standard library's documented functions.
 
     `files` default: the stdlib's `.py` files outside its test folders (60% of
@@ -489,7 +503,8 @@ def finetune_data(kind: str, cfg, tokenizer: Tokenizer, *, template: str | None,
 
     data = cfg.data
     if kind == "sft":
-        records = load_sft_records(data.corpus, max_records=data.max_docs or None)
+        records = load_sft_records(data.corpus, max_records=data.max_docs or None,
+                                   seq_len=data.seq_len)
     elif kind == "dpo":
         records = preference.load_preference_records(data.corpus, max_records=data.max_docs or None)
     else:
