@@ -49,7 +49,6 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 TEMPLATE_FILENAME = "chat_template.jinja"
 _CONFIG_FILENAME = "tokenizer_config.json"
-_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def chat_template_of(path) -> str | None:
