@@ -79,6 +79,9 @@ def load(path, cfg: ModelConfig | None = None, mesh=None, rules=None,
       config's rules, `model/config.py` DEFAULT_RULES). None: unsharded.
     step: which checkpoint of a run dir (default: the latest).
     """
+    if cfg is not None and not isinstance(cfg, ModelConfig):
+        raise ConfigError(f"load: cfg must be a ModelConfig, got {type(cfg).__name__} "
+                          "(pass a checkpoint step as step=N)")
     cfg = cfg or model_config_of(path)
     if param_dtype or dtype:
         try:

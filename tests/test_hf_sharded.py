@@ -132,44 +132,44 @@ class Reads:
     ("llama", "fsdp2_tensor4", SLAB_RULES, 4)])
 def test_each_device_reads_only_its_own_slice(hf_dirs, unsharded, monkeypatch, family,
                                                mesh_name, rules, slab):
-    """Per leaf: one callback per device (one for a replicated leaf), each reading exactly
-    its shard's bytes (x4 where the rules cut merged HF axes twice: the documented slab),
-    in reads of at most one shard each."""
+    """Per sharded leaf: one read per distinct device block (replicas share it), each
+    reading exactly its shard's bytes (x4 where the rules cut merged HF axes twice: the
+    documented slab), in reads of at most that each; a replicated leaf is read once."""
+    from jaxlm.model.hf import rules as hf_rules
     reads = Reads(monkeypatch)
-    leaves_read = []  # per sharded leaf: (shape, sharding, [(block, bytes read, largest read)])
-    real = jax.make_array_from_callback
+    blocks = {}  # leaf path -> [(block, bytes read, largest single read)]
+    real = hf_rules._read_block
 
-    def spy(shape, sharding, callback, dtype=None):
-        calls = []
-        leaves_read.append((shape, sharding, calls))
+    def spy(reader, rule, spec, names, index):
+        before = len(reads.log)
+        out = real(reader, rule, spec, names, index)
+        new = reads.log[before:]
+        blocks.setdefault(rule.path, []).append((out, sum(new), max(new)))
+        return out
 
-        def counted(index):
-            before = len(reads.log)
-            out = callback(index)
-            new = reads.log[before:]
-            calls.append((out, sum(new), max(new)))
-            return out
-        return real(shape, sharding, counted, dtype=dtype)
-
-    monkeypatch.setattr(jax, "make_array_from_callback", spy)
+    monkeypatch.setattr(hf_rules, "_read_block", spy)
     mesh = make_mesh(MESHES[mesh_name])
     cfg, params = jaxlm.load(str(hf_dirs[family]), mesh=mesh, rules=rules)
     jax.tree.map(np.testing.assert_array_equal, params, unsharded[family][1])
-    assert len(leaves_read) == len(jax.tree.leaves(params))
-    n_devices = len(mesh.devices.flat)
-    for shape, sharding, calls in leaves_read:
-        shard = sharding.shard_shape(shape)
+    named = {tuple(k.key for k in path): leaf for path, leaf in leaves(params)}
+    assert set(blocks) == set(named)
+    for path, reads_of_leaf in blocks.items():
+        leaf = named[path]
+        sharding = leaf.sharding
+        if sharding.is_fully_replicated:
+            assert len(reads_of_leaf) == 1 and reads_of_leaf[0][0].shape == leaf.shape
+            continue
+        shard = sharding.shard_shape(leaf.shape)
+        distinct = {tuple((s.start, s.stop) for s in index) for index in
+                    sharding.devices_indices_map(leaf.shape).values()}
+        assert len(reads_of_leaf) == len(distinct), path  # replicas share one read
         factor = slab if {"fsdp", "tensor"} <= set(sharding.spec) else 1  # attention leaves
         expected = math.prod(shard) * 4 * factor  # float32 checkpoint
-        if sharding.is_fully_replicated:
-            assert len(calls) == 1  # read once, whole: every device holds it anyway
-            continue
-        assert len(calls) == n_devices, (shape, sharding.spec)
-        for out, nbytes, largest in calls:
-            assert out.shape == shard  # the callback returns exactly the device's block
-            assert nbytes == expected and largest <= expected, (shape, sharding.spec)
-            assert nbytes < math.prod(shape) * 4  # never a whole sharded leaf
-    assert sum(not s.is_fully_replicated for _, s, _ in leaves_read) >= len(leaves_read) // 2
+        for out, nbytes, largest in reads_of_leaf:
+            assert out.shape == shard  # exactly one device's block
+            assert nbytes == expected and largest <= expected, (path, sharding.spec)
+            assert nbytes < math.prod(leaf.shape) * 4  # never a whole sharded leaf
+    assert sum(not leaf.sharding.is_fully_replicated for leaf in named.values()) > len(named) // 2
 
 
 def test_hf_block_maps_any_block_back_to_the_hf_tensor():

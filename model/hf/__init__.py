@@ -91,8 +91,8 @@ def load_hf(directory, *, cfg: ModelConfig | None = None, dtype: str | None = No
     dtype / param_dtype: override cfg's (activations / weights; default float32).
     shardings: None (each leaf on the default device), or a tree of Shardings
       matching the params tree (e.g. `jaxlm.sharding.rules.tree_shardings(mesh,
-      logical_axes(model_specs(cfg)), rules)`): each leaf is made with
-      `jax.make_array_from_callback`, every device reading only its own block.
+      logical_axes(model_specs(cfg)), rules)`): each leaf is built device by
+      device, every device's block read on its own (`rules.load_leaf`).
     """
     directory = pathlib.Path(os.fspath(directory))
     hf = read_config(directory)

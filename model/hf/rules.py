@@ -4,8 +4,8 @@ A `Rule` ties one leaf of our param tree to its HF tensor(s). Our layouts differ
 from HF's only by transposes and by reshapes that split or merge adjacent axes
 (HF q_proj [H*hd, D] is ours [D, H, hd]), declared as data (`groups`), so a
 block of our leaf maps back to a block of the HF tensor. That is what lets
-`load_leaf` build a sharded `jax.Array` with `jax.make_array_from_callback`,
-each device's callback reading from the safetensors files only its own slice.
+`load_leaf` build a sharded `jax.Array` device by device, each device's block
+read from the safetensors files on its own (only its slice of each tensor).
 
     Rule(("layers", "attn", "q"), "model.layers.{i}.self_attn.q_proj.weight",
          linear(1, 3))        # HF [H*hd, D] (Linear [out, in]) <-> ours [L, D, H, hd]
@@ -165,20 +165,36 @@ def load_leaf(reader: CheckpointReader, rule: Rule, spec: jax.ShapeDtypeStruct,
               sharding: jax.sharding.Sharding | None = None) -> jax.Array:
     """The leaf `spec` (shape, dtype) read through `rule`.
 
-    Every HF tensor is checked for presence and shape first (metadata only). With
-    a `sharding`, each addressable device's callback reads only its own block (of
-    only the layers in its range); without, one host buffer of the whole leaf.
+    Every HF tensor is checked for presence and shape first (metadata only).
+    Without a sharding: one host buffer of the whole leaf, made a jax array.
+    With one: the block of each addressable device is read on its own (only the
+    layers in its range, only its slice of each tensor), put on that device, and
+    dropped before the next is read; devices that hold the same block (replicas)
+    share one read. So a process holds at most one block of a sharded leaf on the
+    host. (`jax.make_array_from_callback` would hold every addressable block at
+    once before placing them: the whole leaf on a single host; hence
+    `make_array_from_single_device_arrays`, with the same per-device callback.)
     """
     slot = tuple(spec.shape[rule.depth:])
     hf_shape = rule.hf_shape(slot)
     names = {ids: reader.resolve(rule.names(*ids), hf_shape)
              for ids in rule.slots(spec.shape)}
-    full = tuple(slice(None) for _ in spec.shape)
     if sharding is None:
+        full = tuple(slice(None) for _ in spec.shape)
         return jnp.asarray(_read_block(reader, rule, spec, names, full))
-    return jax.make_array_from_callback(
-        spec.shape, sharding, lambda index: _read_block(reader, rule, spec, names, index),
-        dtype=spec.dtype)
+    where = sharding.addressable_devices_indices_map(spec.shape)
+    replicas: dict[tuple, list] = {}
+    for device, index in where.items():
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, spec.shape))
+        replicas.setdefault(key, []).append((device, index))
+    on_device = {}
+    for group in replicas.values():
+        block = _read_block(reader, rule, spec, names, group[0][1])
+        for device, _ in group:
+            on_device[device] = jax.device_put(block, device)
+        del block
+    return jax.make_array_from_single_device_arrays(spec.shape, sharding,
+                                                    [on_device[d] for d in where])
 
 
 # ------------------------------------------------------------------ exporting
