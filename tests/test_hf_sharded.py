@@ -82,6 +82,28 @@ def test_hf_dir_loads_into_the_rules_shardings(hf_dirs, unsharded, family, mesh_
     jax.tree.map(np.testing.assert_array_equal, params, ref)
 
 
+def test_mixtral_experts_load_sharded_in_both_layouts(tmp_path):
+    """Experts over `expert`, their mlp over `tensor`: per-expert tensors (only the experts
+    in a device's range are read) and the fused gate_up_proj (a chunk of a fused axis)."""
+    torch.manual_seed(1)
+    config = transformers.MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=64)
+    model = _random_weights(transformers.MixtralForCausalLM(config))
+    model.save_pretrained(tmp_path / "per_expert")
+    model.save_pretrained(tmp_path / "fused", save_original_format=False)
+    with hf_io.safe_open(str(tmp_path / "fused" / "model.safetensors"), "numpy") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in f.keys()
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+    _, ref = jaxlm.load(str(tmp_path / "per_expert"))
+    for layout in ("per_expert", "fused"):
+        cfg, params = jaxlm.load(str(tmp_path / layout), mesh=mesh)
+        assert_placed(cfg, params, mesh, MeshConfig().rules)
+        assert params["layers"]["mlp"]["gate"].sharding.spec[1] == "expert"
+        jax.tree.map(np.testing.assert_array_equal, params, ref)
+
+
 class Reads:
     """Wraps safetensors' safe_open: records the bytes of every tensor slice read."""
 
