@@ -1,7 +1,8 @@
 """jaxlm: a functional transformer framework for JAX.
 
     import jaxlm
-    cfg, params = jaxlm.load("runs/tiny-llama")       # a jaxlm run/checkpoint dir
+    cfg, params = jaxlm.load("runs/tiny-llama")       # a jaxlm run dir or an HF dir
+    cfg, params = jaxlm.load(path, mesh=mesh)         # every leaf loaded into its sharding
     logits, aux = jaxlm.forward(params, cfg, tokens)
     vectors = jaxlm.embed(params, cfg, tokens, mask)  # encoders: [B, D] masked-mean pooled
     out = jaxlm.generate(params, cfg, [[1, 5, 9]], max_new_tokens=64)
@@ -17,6 +18,7 @@ from jaxlm.errors import CheckpointError, ConfigError, InputError, JaxlmError
 
 _LAZY = {
     "load": "jaxlm.api", "save": "jaxlm.api",
+    "model_config_of": "jaxlm.api", "load_params": "jaxlm.api",
     "forward": "jaxlm.model", "init_params": "jaxlm.model", "ModelConfig": "jaxlm.model",
     "generate": "jaxlm.infer.generate",
     "embed": "jaxlm.model.embed",

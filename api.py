@@ -1,46 +1,102 @@
-"""`jaxlm.load` / `jaxlm.save`: checkpoints as (ModelConfig, params)."""
+"""`jaxlm.load` / `jaxlm.save`: checkpoints as (ModelConfig, params).
+
+Both kinds of directories work everywhere: a jaxlm run/checkpoint dir
+(`config.yaml` + `checkpoints/<step>/`, orbax) and a Hugging Face dir
+(`config.json` + `*.safetensors`). Fine-tuning (`train.init_from`) reads one as
+
+    cfg = model_config_of(path)                 # then allowed overrides (dtype, remat, ...)
+    params = load_params(path, cfg, shardings)  # straight into the train state's shardings
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxlm.errors import CheckpointError, ConfigError
-from jaxlm.model import hf, hf_bert, hf_t5, model_specs
-from jaxlm.model.config import Config, DataConfig, ModelConfig
+from jaxlm.model import hf, logical_axes, model_specs
+from jaxlm.model.config import Config, DataConfig, MeshConfig, ModelConfig
 from jaxlm.model.params import abstract
 from jaxlm.train import checkpoint
 from jaxlm.train.loop import CONFIG_FILE, _write_config, read_run_config
 
 
-def load(path: str, step: int | None = None) -> tuple[ModelConfig, dict]:
-    """(model config, params) from a jaxlm run/checkpoint dir (latest step by default)
-    or a Hugging Face directory (config.json + *.safetensors)."""
+def _kind(path) -> str:
+    """"jaxlm" or "hf"; CheckpointError (one line) for a missing dir or one that is neither."""
+    path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint dir {path} does not exist")
-    if not os.path.exists(os.path.join(path, CONFIG_FILE)) and hf.is_hf_checkpoint(path):
-        return load_hf_any(path)
-    cfg = read_run_config(path).model
-    params = checkpoint.restore_params(path, abstract(model_specs(cfg)), step)
-    return cfg, params
+    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+        return "jaxlm"
+    if hf.is_hf_checkpoint(path):
+        return "hf"
+    raise CheckpointError(f"{path} is neither a jaxlm run dir ({CONFIG_FILE} is missing) nor a "
+                          "Hugging Face dir (no config.json with a model_type)")
 
 
-HF_LOADERS = {"bert": hf_bert.load_bert, "t5": hf_t5.load_t5,
-              **{model_type: hf.load_hf for model_type in hf.SUPPORTED}}
+def model_config_of(path) -> ModelConfig:
+    """The ModelConfig of a jaxlm run dir (its config.yaml) or an HF dir (its config.json;
+    param_dtype and dtype float32). Reads no weights."""
+    if _kind(path) == "hf":
+        return hf.model_config(path)
+    return read_run_config(os.fspath(path)).model
 
 
-def load_hf_any(path: str):
-    """A Hugging Face directory of any supported model_type."""
-    with open(os.path.join(path, "config.json")) as f:
-        model_type = json.load(f).get("model_type")
-    if model_type not in HF_LOADERS:
-        raise CheckpointError(f"config.json: model_type {model_type!r} is not supported "
-                              f"(supported: {', '.join(HF_LOADERS)})")
-    return HF_LOADERS[model_type](path)
+def load_params(path, cfg: ModelConfig, shardings=None, step: int | None = None):
+    """The params of a jaxlm run dir (step: default the latest) or an HF dir, shaped and
+    typed as `cfg` says (weights cast to cfg.param_dtype).
+
+    shardings: None (default device) or a tree of Shardings matching the params:
+    every leaf is then read straight into its sharding (orbax restore args for a
+    run dir; per-device slices of the safetensors for an HF dir), never gathered
+    whole on one process. CheckpointError (one line) for a missing dir, a dir that
+    is neither kind, a missing tensor or one whose shape does not match cfg.
+    """
+    if _kind(path) == "hf":
+        if step is not None:
+            raise CheckpointError(f"{path} is a Hugging Face dir: it has no steps (step={step})")
+        return hf.load_hf(path, cfg=cfg, shardings=shardings)[1]
+    return checkpoint.restore_params(os.fspath(path), abstract(model_specs(cfg)), step,
+                                     shardings=shardings)
+
+
+def load(path, cfg: ModelConfig | None = None, mesh=None, rules=None,
+         param_dtype: str | None = None, dtype: str | None = None,
+         step: int | None = None) -> tuple[ModelConfig, dict]:
+    """(model config, params) from a jaxlm run/checkpoint dir or a Hugging Face dir.
+
+    cfg: the config to load into (default `model_config_of(path)`: the run's
+      config, or for an HF dir its config.json with float32 weights and
+      activations); its parameter shapes must match the checkpoint.
+    param_dtype / dtype: override the config's (e.g. "bfloat16" to keep a bf16
+      HF checkpoint in bf16; the default float32 holds it exactly).
+    mesh: a `jax.sharding.Mesh` (axes data/fsdp/expert/tensor, e.g. from
+      `jaxlm.sharding.mesh.make_mesh`): every leaf is loaded directly into the
+      NamedSharding its logical axes ask for under `rules` (default: the mesh
+      config's rules, `model/config.py` DEFAULT_RULES). None: unsharded.
+    step: which checkpoint of a run dir (default: the latest).
+    """
+    if cfg is not None and not isinstance(cfg, ModelConfig):
+        raise ConfigError(f"load: cfg must be a ModelConfig, got {type(cfg).__name__} "
+                          "(pass a checkpoint step as step=N)")
+    cfg = cfg or model_config_of(path)
+    if param_dtype or dtype:
+        try:
+            cfg = dataclasses.replace(cfg, param_dtype=param_dtype or cfg.param_dtype,
+                                      dtype=dtype or cfg.dtype)
+        except ConfigError as e:
+            raise CheckpointError(f"load: {e}") from None
+    shardings = None
+    if mesh is not None:
+        from jaxlm.sharding.rules import tree_shardings
+        rules = MeshConfig(rules=rules).rules if rules is not None else MeshConfig().rules
+        shardings = tree_shardings(mesh, logical_axes(model_specs(cfg)), rules)
+    elif rules is not None:
+        raise ConfigError("load: rules without a mesh; pass mesh=... too")
+    return cfg, load_params(path, cfg, shardings, step)
 
 
 def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") -> str:
@@ -48,9 +104,7 @@ def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") ->
     (format="hf") as a Hugging Face directory that `transformers` loads."""
     if format == "hf":
         model_cfg = cfg.model if isinstance(cfg, Config) else cfg
-        save_fn = {"encoder": hf_bert.save_bert,
-                   "encoder_decoder": hf_t5.save_t5}.get(model_cfg.family, hf.save_hf)
-        return str(save_fn(path, model_cfg, params) / "config.json")
+        return str(hf.save_hf(path, model_cfg, params) / "config.json")
     if format != "jaxlm":
         raise ConfigError(f"save: unknown format {format!r} (supported: 'jaxlm', 'hf')")
     full = cfg if isinstance(cfg, Config) else Config(

@@ -413,8 +413,9 @@ def train_sentencepiece(
 
 
 def load_tokenizer(path) -> Tokenizer:
-    """Opens a tokenizer: a directory holding `tokenizer.model` (else `tokenizer.json`),
-    or the file itself."""
+    """Opens a tokenizer: a directory (a jaxlm run dir: `tokenizer.model`, else
+    `tokenizer.json`; a Hugging Face dir: `tokenizer.json`, what transformers' fast
+    tokenizer reads, else `tokenizer.model`), or the file itself."""
     path = pathlib.Path(os.fspath(path))
     if path.is_dir():
         path = _tokenizer_file_in(path)
@@ -430,7 +431,10 @@ def load_tokenizer(path) -> Tokenizer:
 
 def _tokenizer_file_in(directory: pathlib.Path) -> pathlib.Path:
     """The tokenizer file inside a directory (first match in preference order)."""
-    for name in (MODEL_FILENAME, HF_TOKENIZER_FILENAME):
+    hf_dir = (directory / "config.json").is_file() and not (directory / "config.yaml").is_file()
+    names = (HF_TOKENIZER_FILENAME, MODEL_FILENAME) if hf_dir else (MODEL_FILENAME,
+                                                                     HF_TOKENIZER_FILENAME)
+    for name in names:
         if (directory / name).is_file():
             return directory / name
     raise InputError(f"no {MODEL_FILENAME} (or {HF_TOKENIZER_FILENAME}) in {directory}")

@@ -54,7 +54,7 @@ def hf_dir(hf_model, tmp_path_factory):
 
 
 def params_from_hf(model, cfg):
-    """An HF BertForMaskedLM -> our params, written out by hand (independent of hf_bert)."""
+    """An HF BertForMaskedLM -> our params, written out by hand (independent of jaxlm.model.hf)."""
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     n, d, h, hd = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim
     layer = lambda name: np.stack([sd[f"bert.encoder.layer.{i}.{name}"] for i in range(n)])
@@ -119,8 +119,8 @@ def test_logits_match_transformers_bert(hf_model):
 
 
 def test_load_bert_reads_save_pretrained(hf_model, hf_dir):
-    from jaxlm.model.hf_bert import load_bert
-    cfg, params = load_bert(hf_dir)
+    from jaxlm.model.hf import load_hf
+    cfg, params = load_hf(hf_dir)
     assert cfg == TINY
     jax.tree.map(np.testing.assert_array_equal, params, params_from_hf(hf_model, TINY))
     tokens, types, mask = inputs(1)
@@ -129,29 +129,29 @@ def test_load_bert_reads_save_pretrained(hf_model, hf_dir):
 
 
 def test_save_bert_loads_in_transformers(hf_model, tmp_path):
-    from jaxlm.model.hf_bert import load_bert, save_bert
+    from jaxlm.model.hf import load_hf, save_hf
     params = params_from_hf(hf_model, TINY)
-    save_bert(tmp_path / "out", TINY, params)
+    save_hf(tmp_path / "out", TINY, params)
     theirs = transformers.BertForMaskedLM.from_pretrained(tmp_path / "out").eval()
     tokens, types, mask = inputs(2)
     ours, _ = forward(params, TINY, tokens, None, mask, token_types=types)
     assert_close_on(mask, ours, hf_logits(theirs, tokens, types, mask))
-    cfg, again = load_bert(tmp_path / "out")
+    cfg, again = load_hf(tmp_path / "out")
     assert cfg == TINY
     jax.tree.map(np.testing.assert_array_equal, again, params)
     with pytest.raises(CheckpointError, match="not empty"):
-        save_bert(tmp_path / "out", TINY, params)
+        save_hf(tmp_path / "out", TINY, params)
     with pytest.raises(ConfigError, match="norm_position=post"):
-        save_bert(tmp_path / "pre", ModelConfig(**{**TINY.__dict__, "norm_position": "pre"}), {})
+        save_hf(tmp_path / "pre", ModelConfig(**{**TINY.__dict__, "norm_position": "pre"}), {})
 
 
 def test_load_bert_sharded_and_errors(hf_model, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from jaxlm.model.hf_bert import load_bert
+    from jaxlm.model.hf import load_hf
     hf_model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    _, params = load_bert(tmp_path / "sharded")
+    _, params = load_hf(tmp_path / "sharded")
     jax.tree.map(np.testing.assert_array_equal, params, params_from_hf(hf_model, TINY))
 
     hf_model.save_pretrained(tmp_path / "one")
@@ -161,15 +161,15 @@ def test_load_bert_sharded_and_errors(hf_model, tmp_path):
     missing = {k: v for k, v in tensors.items() if k != key}
     save_file(missing, weights, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
-        load_bert(tmp_path / "one")
+        load_hf(tmp_path / "one")
     save_file({**missing, key: np.zeros((48, 40), np.float32)}, weights,
               metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"\[48, 40\].*\[48, 48\]"):
-        load_bert(tmp_path / "one")
+        load_hf(tmp_path / "one")
     config = json.loads((tmp_path / "one" / "config.json").read_text())
     (tmp_path / "one" / "config.json").write_text(json.dumps({**config, "hidden_act": "swish"}))
     with pytest.raises(CheckpointError, match="hidden_act"):
-        load_bert(tmp_path / "one")
+        load_hf(tmp_path / "one")
 
 
 @pytest.fixture(scope="module")

@@ -140,20 +140,23 @@ def test_logits_match_transformers(family, tmp_path):
         assert (cfg.head_dim, cfg.d_ff, cfg.tie_embeddings) == (9, 144, True)
 
 
-def test_bfloat16_checkpoint_loads(tmp_path):
+def test_bfloat16_checkpoint_loads_into_float32_masters(tmp_path):
     model = hf_model("llama_mqa_tied").to(torch.bfloat16)
     model.save_pretrained(tmp_path)
-    cfg, params = load_hf(tmp_path)
-    assert cfg.param_dtype == "bfloat16" and params["layers"]["attn"]["q"].dtype == jnp.bfloat16
     q0 = model.model.layers[0].self_attn.q_proj.weight.detach().float().numpy()
-    np.testing.assert_array_equal(
-        np.asarray(params["layers"]["attn"]["q"][0], np.float32).reshape(48, -1), q0.T)
-    cfg32, params32 = load_hf(tmp_path, dtype="float32", param_dtype="float32")
-    assert params32["embed"]["tokens"].dtype == jnp.float32
+    cfg, params = load_hf(tmp_path)  # default: float32 masters, bf16 -> f32 exactly
+    assert (cfg.param_dtype, cfg.dtype) == ("float32", "float32")
+    assert params["layers"]["attn"]["q"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["q"][0]).reshape(48, -1),
+                                  q0.T)
+    cfg16, params16 = load_hf(tmp_path, dtype="bfloat16", param_dtype="bfloat16")  # kept bf16
+    assert cfg16.param_dtype == "bfloat16" and params16["embed"]["tokens"].dtype == jnp.bfloat16
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), b),
+                 params16, params)
     # a fresh float32 model: `.float()` would keep the rotary inv_freq rounded to bf16
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
-    assert_close(jax_logits(cfg32, params32), torch_logits(reference))
+    assert_close(jax_logits(cfg, params), torch_logits(reference))
 
 
 def test_sharded_checkpoint_loads(tmp_path):
@@ -248,9 +251,13 @@ def test_export_keeps_bfloat16(tmp_path):
     save_hf(tmp_path / "bf16", cfg, params)
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "numpy") as f:
         assert f.get_slice("model.norm.weight").get_dtype() == "BF16"
-    cfg2, params2 = load_hf(tmp_path / "bf16")
+    cfg2, params2 = load_hf(tmp_path / "bf16", param_dtype="bfloat16", dtype="bfloat16")
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params, params2)
+    cfg32, params32 = load_hf(tmp_path / "bf16")  # the default: float32 masters
+    assert cfg32 == dataclasses.replace(cfg, param_dtype="float32", dtype="float32")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), b),
+                 params, params32)
 
 
 def test_save_refuses_to_overwrite_and_leaves_nothing_behind(tmp_path, monkeypatch):

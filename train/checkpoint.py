@@ -69,14 +69,24 @@ def restore_state(mngr, abstract_state, step: int | None = None):
     return state, out["data"]
 
 
-def restore_params(run_dir: str, abstract_params, step: int | None = None):
-    """Only the params of a checkpoint (the optimizer state is not read)."""
+def restore_params(run_dir: str, abstract_params, step: int | None = None, shardings=None):
+    """Only the params of a checkpoint (the optimizer state is not read).
+
+    shardings: None, or a tree of Shardings matching abstract_params: each leaf is
+    restored straight into its sharding (orbax reads each device's slice), cast to
+    the abstract dtype. Shapes are checked against the checkpoint's metadata first.
+    """
     if not os.path.isdir(os.path.join(run_dir, CHECKPOINTS)):
         raise CheckpointError(f"{run_dir} has no {CHECKPOINTS}/ directory: not a jaxlm run dir")
     mngr = manager(run_dir, read_only=True)
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"no complete checkpoint in {mngr.directory}")
+    if shardings is not None:
+        abstract_params = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_params, shardings)
+    _check_stored_shapes(mngr, step, abstract_params)
     target = {"params": abstract_params}
     try:
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -87,6 +97,24 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None):
     params = out["state"]["params"]
     _check_shapes(params, abstract_params)
     return params
+
+
+def _check_stored_shapes(mngr, step: int, abstract_params):
+    """CheckpointError naming the first param whose stored shape differs (when the
+    checkpoint's metadata can be read; else the restore itself reports)."""
+    try:
+        meta = ocp.PyTreeCheckpointer().metadata(
+            os.path.join(str(mngr.directory), str(step), "state"))
+        meta = getattr(meta, "item_metadata", meta)  # StepMetadata (newer orbax)
+        stored = getattr(meta, "tree", meta)["params"]
+    except Exception:  # corrupt metadata: the restore below gives the error
+        return
+    flat = dict(jax.tree_util.tree_leaves_with_path(stored))
+    for path, want in jax.tree_util.tree_leaves_with_path(abstract_params):
+        got = flat.get(path)
+        if got is not None and tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(f"checkpoint tensor {jax.tree_util.keystr(path)} has shape "
+                                  f"{tuple(got.shape)}, the config expects {tuple(want.shape)}")
 
 
 def _check_shapes(params, abstract_params):

@@ -1,13 +1,8 @@
 """Hugging Face T5 checkpoints <-> (ModelConfig, params), encoder-decoder family.
 
-* `t5_config_from_hf(config_json_dict) -> ModelConfig`, `hf_t5_config(cfg) -> dict`.
-* `load_t5(dir) -> (cfg, params)` reads `config.json` and the safetensors
-  (`model.safetensors`, or the shards of `model.safetensors.index.json`) with
-  numpy, no torch, one parameter leaf at a time (its per-layer tensors read,
-  transposed, stacked, cast, made a jax array).
-* `save_t5(dir, cfg, params)` writes `config.json` + safetensors (sharded past
-  `max_shard_bytes`) that `transformers.T5ForConditionalGeneration.from_pretrained`
-  loads.
+* `config_from_hf(config_json_dict) -> ModelConfig`, `hf_config(cfg) -> dict`
+  (a T5ForConditionalGeneration that `transformers` loads).
+* `rules(cfg, hf, keys)`: the table of `jaxlm.model.hf.rules.Rule`s.
 
 Variants (`feed_forward_proj`): "relu" (T5 v1.0: `wi`, `wo`), "gated-gelu"
 (T5 v1.1 / mT5 / Flan-T5: `wi_0` the gelu_new gate, `wi_1` the linear part,
@@ -39,18 +34,10 @@ Names (HF Linear weights are [out, in], ours [in, out]; q/k/v [D, H*Dk] ->
 
 from __future__ import annotations
 
-import contextlib
-import pathlib
-
-import jax
-
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.model.config import ModelConfig
-from jaxlm.model.families import model_specs
 from jaxlm.model.families.encoder_decoder import decoder_layers
-from jaxlm.model.hf_io import (CONFIG_FILE, CheckpointReader, Rule, export_leaf, load_leaf,
-                               named_leaves, read_config, write_checkpoint)
-from jaxlm.model.params import abstract
+from jaxlm.model.hf.rules import Rule, linear
 
 MODEL_TYPES = ("t5", "mt5")
 # feed_forward_proj -> (our mlp, gelu_approximate). HF maps "gated-gelu" to gelu_new.
@@ -68,8 +55,9 @@ def _scaled_head(hf: dict) -> bool:
     return hf.get("tie_word_embeddings", True) is not False
 
 
-def t5_config_from_hf(hf: dict, **overrides) -> ModelConfig:
-    """A `config.json` dict of a T5 / mT5 checkpoint -> ModelConfig (family encoder_decoder)."""
+def config_from_hf(hf: dict) -> ModelConfig:
+    """A `config.json` dict of a T5 / mT5 checkpoint -> ModelConfig (family encoder_decoder,
+    float32)."""
     model_type = hf.get("model_type", "t5")
     if model_type not in MODEL_TYPES:
         raise CheckpointError(f"config.json: model_type {model_type!r} is not a T5 model "
@@ -94,8 +82,10 @@ def t5_config_from_hf(hf: dict, **overrides) -> ModelConfig:
             attn_scale=1.0, tie_embeddings=_scaled_head(hf))
     except KeyError as e:
         raise CheckpointError(f"config.json: required key {e.args[0]!r} is missing") from None
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:
+        raise CheckpointError(f"config.json: {e}") from None
 
 
 def _export_problems(cfg: ModelConfig) -> list[str]:
@@ -122,7 +112,7 @@ def _feed_forward_proj(cfg: ModelConfig) -> str:
             "geglu": "gated-gelu", "swiglu": "gated-silu"}[cfg.mlp]
 
 
-def hf_t5_config(cfg: ModelConfig) -> dict:
+def hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict:
     """ModelConfig -> a `config.json` dict for T5ForConditionalGeneration."""
     problems = _export_problems(cfg)
     if problems:
@@ -145,89 +135,38 @@ def hf_t5_config(cfg: ModelConfig) -> dict:
 
 # ------------------------------------------------------------------ name table
 
-def _rules(cfg: ModelConfig) -> dict[str, Rule]:
-    """Our leaf path ("encoder/layers/attn/q") -> its HF tensor."""
+def rules(cfg: ModelConfig, hf: dict | None = None, keys=frozenset()) -> list[Rule]:
+    """Every leaf of our tree <-> its HF tensor (same table both ways)."""
     gated = cfg.mlp in ("geglu", "swiglu")
-    r = {"embed/tokens": Rule("shared.weight")}
+    lin, lin_o = linear(1, 3), linear(2, 3)  # q/k/v [H*Dk, D] -> [D, H, Dk]; o [D, H*Dk]
+    r = {"embed/tokens": Rule((), "shared.weight")}
     if not cfg.tie_embeddings:
-        r["head/kernel"] = Rule("lm_head.weight", 1)
+        # transformers 5 writes a tied-in-memory, unscaled head as shared.weight only
+        tied = (hf or {}).get("tie_word_embeddings", True) is not False
+        r["head/kernel"] = Rule((), "lm_head.weight", linear(1, 2),
+                                aliases=("shared.weight",) if tied else ())
     for stack in ("encoder", "decoder"):
         block = f"{stack}.block.{{i}}.layer."
         r[f"{stack}/relative/table"] = Rule(
-            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
-        r[f"{stack}/final_ln/scale"] = Rule(f"{stack}.final_layer_norm.weight")
+            (), f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+        r[f"{stack}/final_ln/scale"] = Rule((), f"{stack}.final_layer_norm.weight")
         attn = [("attn", "0.SelfAttention", "ln1", "0.layer_norm")]
         if stack == "decoder":
             attn.append(("cross", "1.EncDecAttention", "ln_cross", "1.layer_norm"))
         for ours, theirs, ln, ln_theirs in attn:
             for w in "qkv":
-                r[f"{stack}/layers/{ours}/{w}"] = Rule(f"{block}{theirs}.{w}.weight", 1)
-            r[f"{stack}/layers/{ours}/o"] = Rule(f"{block}{theirs}.o.weight", 2)
-            r[f"{stack}/layers/{ln}/scale"] = Rule(f"{block}{ln_theirs}.weight")
+                r[f"{stack}/layers/{ours}/{w}"] = Rule((), f"{block}{theirs}.{w}.weight", lin)
+            r[f"{stack}/layers/{ours}/o"] = Rule((), f"{block}{theirs}.o.weight", lin_o)
+            r[f"{stack}/layers/{ln}/scale"] = Rule((), f"{block}{ln_theirs}.weight")
         ff = f"{block}{1 if stack == 'encoder' else 2}."
-        r[f"{stack}/layers/ln2/scale"] = Rule(f"{ff}layer_norm.weight")
+        r[f"{stack}/layers/ln2/scale"] = Rule((), f"{ff}layer_norm.weight")
         dense = f"{ff}DenseReluDense."
-        if gated:
-            r[f"{stack}/layers/mlp/gate"] = Rule(f"{dense}wi_0.weight", 1)
-            r[f"{stack}/layers/mlp/up"] = Rule(f"{dense}wi_1.weight", 1)
-        else:
-            r[f"{stack}/layers/mlp/up"] = Rule(f"{dense}wi.weight", 1)
-        r[f"{stack}/layers/mlp/down"] = Rule(f"{dense}wo.weight", 1)
-    return r
+        mlp = [("gate", "wi_0"), ("up", "wi_1")] if gated else [("up", "wi")]
+        for ours, theirs in mlp + [("down", "wo")]:
+            r[f"{stack}/layers/mlp/{ours}"] = Rule((), f"{dense}{theirs}.weight", linear(1, 2))
+    return [rule._replace(path=tuple(path.split("/"))) for path, rule in r.items()]
 
 
-# ------------------------------------------------------------------ loading
+unused_ok = None  # not checked (as before the merge of the HF modules)
 
-class _Reader(CheckpointReader):
-    """The shared reader, with T5's wording of a shape mismatch."""
-
-    def shape_error(self, name, found, expected):
-        return (f"{self._dir}: tensor {name!r} has shape {found}, expected {expected} "
-                f"from {CONFIG_FILE}")
-
-
-def load_t5(directory, *, dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) from a Hugging Face T5 checkpoint dir (safetensors).
-
-    dtype: the param dtype (default float32; "bfloat16" halves host memory).
-    """
-    hf = read_config(directory)
-    overrides = {"param_dtype": dtype} if dtype else {}
-    cfg = t5_config_from_hf(hf, **overrides)
-    named, treedef = named_leaves(abstract(model_specs(cfg)))
-    rules = _rules(cfg)
-    with contextlib.ExitStack() as stack:
-        reader = _Reader(directory, stack)
-        if not cfg.tie_embeddings and "lm_head.weight" not in reader \
-                and hf.get("tie_word_embeddings", True) is not False:
-            # transformers 5 wrote a tied-in-memory, unscaled head as shared.weight only
-            rules["head/kernel"] = Rule("shared.weight", 1)
-        leaves = [load_leaf(reader, rules[path], spec) for path, spec in named]
-    return cfg, jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-# ------------------------------------------------------------------ saving
-
-def save_t5(directory, cfg: ModelConfig, params, *, max_shard_bytes: int | None = None
-            ) -> pathlib.Path:
-    """Write `config.json` + safetensors that T5ForConditionalGeneration.from_pretrained
-    loads; more than `max_shard_bytes` of tensors are split into shards with an
-    index. Refuses a directory that exists and is not empty; writes a temporary
-    directory next to it and renames it at the end. Returns the directory."""
-    config = hf_t5_config(cfg)
-    specs = dict(named_leaves(abstract(model_specs(cfg)))[0])
-    leaves = dict(named_leaves(params)[0])
-    if set(leaves) != set(specs):
-        raise ConfigError(f"save_t5: params do not match the config's tree: missing "
-                          f"{sorted(set(specs) - set(leaves))}, "
-                          f"extra {sorted(set(leaves) - set(specs))}")
-    for path, spec in specs.items():
-        if tuple(leaves[path].shape) != tuple(spec.shape):
-            raise ConfigError(f"save_t5: {path} has shape {tuple(leaves[path].shape)}, the config "
-                              f"says {tuple(spec.shape)}")
-    tensors = (pair for path, rule in _rules(cfg).items()
-               for pair in export_leaf(rule, leaves[path]))
-    return write_checkpoint(directory, config, tensors, max_shard_bytes, who="save_t5")
-
-
-__all__ = ["t5_config_from_hf", "hf_t5_config", "load_t5", "save_t5"]
+__all__ = ["MODEL_TYPES", "config_from_hf", "hf_config", "rules"]

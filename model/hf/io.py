@@ -1,34 +1,31 @@
-"""Reading and writing Hugging Face checkpoint directories; shared by the family
-modules (`hf` decoder-only, `hf_bert`, `hf_t5`), which keep their own name tables.
+"""Reading and writing Hugging Face checkpoint directories (any family).
 
 * `read_config(dir) -> dict`: `config.json`, with CheckpointErrors that say what
   is wrong.
 * `CheckpointReader(dir, stack)`: the tensors of `model.safetensors` (any
   `*.safetensors`) or of the shards listed in `model.safetensors.index.json`,
   opened with `safetensors.safe_open(framework="numpy")` (no torch; bfloat16
-  through ml_dtypes) and read one at a time, shape-checked before reading.
+  through ml_dtypes). `read(name, index)` reads only the slice `index` of one
+  tensor (safetensors' `get_slice` reads lazily from the memory-mapped file).
 * `write_checkpoint(dir, config, tensors)`: `config.json` + safetensors (sharded
   with an index past `max_shard_bytes`) written into a temporary directory next
   to `dir` and renamed at the end; refuses a `dir` that exists and is not empty.
-* `Rule`, `load_leaf`, `export_leaf`: the simple mapping of BERT and T5 (one HF
-  tensor per leaf or per layer of a stacked leaf; Linear weights transposed).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
+from typing import Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy (safetensors' numpy loader needs it)
 import numpy as np
+from safetensors import safe_open
 
 from jaxlm.errors import CheckpointError
 
@@ -56,37 +53,40 @@ def read_config(directory) -> dict:
     return hf
 
 
+def is_hf_checkpoint(path) -> bool:
+    """A directory with an HF config.json naming a model_type."""
+    config = pathlib.Path(os.fspath(path)) / CONFIG_FILE
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 class CheckpointReader:
-    """Tensors of a safetensors checkpoint (one file or an index of shards), read one
-    at a time. Files are opened on first use and closed with `stack`.
+    """Tensors of a safetensors checkpoint (one file or an index of shards), read by
+    name and slice. Files are opened on first use and closed with `stack`.
+    `used` collects the names resolved so far."""
 
-    aliases(key) -> the names `key` may have in a checkpoint, tried in order
-    (default: just `key`). `used` collects the names read so far.
-    """
-
-    def __init__(self, directory, stack: contextlib.ExitStack,
-                 aliases: Callable[[str], list[str]] | None = None):
-        from safetensors import safe_open
-        self._dir = pathlib.Path(os.fspath(directory))
-        self._stack, self._safe_open, self._open = stack, safe_open, {}
-        self._aliases = aliases or (lambda key: [key])
+    def __init__(self, directory, stack: contextlib.ExitStack):
+        self.directory = pathlib.Path(os.fspath(directory))
+        self._stack, self._open = stack, {}
         self.used: set[str] = set()
-        index = self._dir / INDEX_FILE
+        index = self.directory / INDEX_FILE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-                self.where = {k: self._dir / f for k, f in weight_map.items()}
+                self.where = {k: self.directory / f for k, f in weight_map.items()}
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
             for f in sorted(set(self.where.values())):
                 if not f.is_file():
                     raise CheckpointError(f"{index} lists {f.name}, which is missing")
         else:
-            files = sorted(self._dir.glob("*.safetensors"))
+            files = sorted(self.directory.glob("*.safetensors"))
             if not files:
-                other = [p.name for p in self._dir.glob("*.bin")]
+                other = [p.name for p in self.directory.glob("*.bin")]
                 raise CheckpointError(
-                    f"no *.safetensors weights in {self._dir}"
+                    f"no *.safetensors weights in {self.directory}"
                     + (f" (found {', '.join(other)}: re-save with safe_serialization=True)"
                        if other else ""))
             self.where = {k: f for f in files for k in self._file(f).keys()}
@@ -95,7 +95,7 @@ class CheckpointReader:
         if path not in self._open:
             try:
                 self._open[path] = self._stack.enter_context(
-                    self._safe_open(str(path), framework="numpy"))
+                    safe_open(str(path), framework="numpy"))
             except Exception as e:  # SafetensorError, OSError: a corrupt or truncated file
                 raise CheckpointError(f"cannot read {path}: {e}") from None
         return self._open[path]
@@ -103,36 +103,33 @@ class CheckpointReader:
     def keys(self):
         return self.where.keys()
 
-    def __contains__(self, key: str) -> bool:
-        return any(name in self.where for name in self._aliases(key))
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
 
-    def shape_error(self, name: str, found: tuple, expected: tuple) -> str:
-        return (f"tensor {name!r} has shape {list(found)} in the checkpoint but the config "
-                f"implies {list(expected)}")
-
-    def read(self, key: str, expected_shape: tuple, part: tuple | None = None) -> np.ndarray:
-        """Tensor `key` (or an alias), which must have `expected_shape` in the file; with
-        part=(axis, index, count) only chunk `index` of `count` equal chunks along axis."""
-        name = next((n for n in self._aliases(key) if n in self.where), None)
+    def resolve(self, names: Sequence[str], expected_shape: tuple) -> str:
+        """The first of `names` in the checkpoint, checked to have `expected_shape`
+        (metadata only: nothing is read)."""
+        name = next((n for n in names if n in self.where), None)
         if name is None:
-            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self._dir} "
-                                  f"(expected shape {list(expected_shape)})")
-        f = self._file(self.where[name])
+            raise CheckpointError(f"tensor {names[0]!r} is missing from the checkpoint in "
+                                  f"{self.directory} (expected shape {list(expected_shape)})")
         try:
-            view = f.get_slice(name)
-            found = tuple(view.get_shape())
-            if found != tuple(expected_shape):
-                raise CheckpointError(self.shape_error(name, found, tuple(expected_shape)))
-            self.used.add(name)
-            if part is None:
-                return f.get_tensor(name)
-            axis, index, count = part
-            size = found[axis] // count
-            where = [slice(None)] * len(found)
-            where[axis] = slice(index * size, (index + 1) * size)
-            return view[tuple(where)]
+            found = tuple(self._file(self.where[name]).get_slice(name).get_shape())
         except CheckpointError:
             raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name!r} from {self.where[name]}: {e}") \
+                from None
+        if found != tuple(expected_shape):
+            raise CheckpointError(f"tensor {name!r} has shape {list(found)} in the checkpoint "
+                                  f"but the config implies {list(expected_shape)}")
+        self.used.add(name)
+        return name
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The block `index` (one contiguous slice per axis) of tensor `name`."""
+        try:
+            return self._file(self.where[name]).get_slice(name)[tuple(index)]
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {name!r} from {self.where[name]}: {e}") \
                 from None
@@ -213,63 +210,5 @@ def named_leaves(tree, sep: str | None = "/"):
     return [(n, leaf) for n, (_, leaf) in zip(names, flat)], treedef
 
 
-# ------------------------------------------------------------------ simple tables (BERT, T5)
-
-class Rule(NamedTuple):
-    """One leaf of our tree <-> one HF tensor (per layer where `key` holds "{i}": the
-    leaf is stacked on axis 0).
-
-    n_in > 0: an HF Linear weight [out, in] whose `in` is our first n_in axes (ours
-    are [in..., out...]); flat: HF holds it flattened (the [H, hd] attention biases).
-    """
-    key: str
-    n_in: int = 0
-    flat: bool = False
-
-    @property
-    def stacked(self) -> bool:
-        return "{i}" in self.key
-
-    def hf_shape(self, shape: tuple) -> tuple:
-        """Shape of the HF tensor of one (layer's) leaf of `shape`."""
-        if self.n_in:
-            return (math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
-        return (math.prod(shape),) if self.flat else tuple(shape)
-
-    def to_ours(self, a: np.ndarray, shape: tuple) -> np.ndarray:
-        return (a.T if self.n_in else a).reshape(shape)
-
-    def to_hf(self, x: np.ndarray) -> np.ndarray:
-        if self.n_in:
-            return x.reshape(math.prod(x.shape[:self.n_in]), -1).T
-        return x.reshape(-1) if self.flat else x
-
-
-def load_leaf(reader: CheckpointReader, rule: Rule, spec: jax.ShapeDtypeStruct) -> jax.Array:
-    """The leaf `spec` read through `rule`, cast to its dtype; one host buffer."""
-    if rule.stacked:
-        slot = tuple(spec.shape[1:])
-        want = rule.hf_shape(slot)
-        buf = np.empty(spec.shape, spec.dtype)
-        for i in range(spec.shape[0]):
-            buf[i] = rule.to_ours(reader.read(rule.key.format(i=i), want), slot)
-    else:
-        buf = rule.to_ours(reader.read(rule.key, rule.hf_shape(spec.shape)), spec.shape) \
-            .astype(spec.dtype)
-    out = jnp.asarray(buf)
-    del buf
-    return out
-
-
-def export_leaf(rule: Rule, leaf) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, contiguous numpy tensor) of each HF tensor of one leaf."""
-    host = np.asarray(jax.device_get(leaf))
-    if rule.stacked:
-        for i in range(host.shape[0]):
-            yield rule.key.format(i=i), np.ascontiguousarray(rule.to_hf(host[i]))
-    else:
-        yield rule.key, np.ascontiguousarray(rule.to_hf(host))
-
-
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "INDEX_FILE", "read_config", "CheckpointReader",
-           "write_checkpoint", "named_leaves", "Rule", "load_leaf", "export_leaf"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "INDEX_FILE", "read_config", "is_hf_checkpoint",
+           "CheckpointReader", "write_checkpoint", "named_leaves"]

@@ -1,24 +1,14 @@
-"""Hugging Face checkpoints <-> (ModelConfig, params), decoder-only families.
-
-Families (`model_type`): llama (Llama 1-3, incl. Llama-3 rope scaling),
-mistral, qwen2, mixtral, gpt2.
+"""Hugging Face decoder-only families: llama (Llama 1-3, incl. Llama-3 rope
+scaling), mistral, qwen2, mixtral, gpt2.
 
 * `config_from_hf(config_json_dict) -> ModelConfig`, `hf_config_from(cfg)`.
-* `load_hf(dir) -> (cfg, params)` reads `config.json` and the safetensors
-  (`model.safetensors`, or shards listed in `model.safetensors.index.json`)
-  with numpy: no torch. Each parameter leaf is built on its own (its per-layer
-  tensors stacked, transposed, cast to the param dtype, made a jax array), so
-  host memory peaks at about one model plus one leaf.
-* `save_hf(dir, cfg, params)` writes `config.json` + safetensors (sharded past
-  `max_shard_bytes`) that `transformers.AutoModelForCausalLM.from_pretrained`
-  loads; into a temporary directory renamed at the end.
-
-One table per family (`_rules`) maps every leaf of our tree to its HF tensor
-name ("{i}" layer, "{e}" expert), the transform both ways, and for fused HF
-tensors (GPT-2 `c_attn`, Mixtral `gate_up_proj`) which chunk is ours. Import
-and export read the same table. HF Linear weights are [out, in] (transposed to
-ours); GPT-2's Conv1D weights are [in, out] (our layout already). RoPE: our
-rotation pairs (i, i + D/2) like HF's `rotate_half`, so q/k need no permutation.
+* `rules(cfg, hf, keys)`: the table (`jaxlm.model.hf.rules.Rule`) mapping every
+  leaf of our tree to its HF tensor name ("{i}" layer, "{e}" expert) and layout;
+  for fused HF tensors (GPT-2 `c_attn`, Mixtral `gate_up_proj`) which chunk is
+  ours. Import and export read the same table. HF Linear weights are [out, in]
+  (transposed to ours); GPT-2's Conv1D weights are [in, out] (our layout already).
+  RoPE: our rotation pairs (i, i + D/2) like HF's `rotate_half`, so q/k need no
+  permutation.
 
 Mixtral experts come in two layouts, detected per checkpoint:
   per-expert (what `save_pretrained` writes by default, and older versions):
@@ -33,33 +23,20 @@ Export writes the per-expert layout.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import os
-import pathlib
 import re
-from typing import Callable, NamedTuple
-
-import jax
-import jax.numpy as jnp
-import numpy as np
 
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.model.config import ModelConfig
-from jaxlm.model.families import model_specs
-from jaxlm.model.hf_io import (CONFIG_FILE, CheckpointReader, named_leaves, read_config,
-                               write_checkpoint)
-from jaxlm.model.params import abstract
+from jaxlm.model.hf.io import CONFIG_FILE
+from jaxlm.model.hf.rules import Rule, linear, merged
 
-SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
+SUPPORTED = MODEL_TYPES
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
                  "gpt2": "GPT2LMHeadModel"}
 _DEFAULT_THETA = {"mixtral": 1e6}  # else 10000
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
-           "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
-           "float": "float32"}
 # llama-style hidden_act -> (our gated mlp, gelu_approximate)
 _GATED_ACTS = {"silu": ("swiglu", False), "swish": ("swiglu", False), "gelu": ("geglu", False),
                "gelu_pytorch_tanh": ("geglu", True), "gelu_new": ("geglu", True)}
@@ -80,11 +57,6 @@ def _get(hf: dict, key: str, default=None, required=False):
                                   f"{hf.get('model_type')!r})")
         return default
     return value
-
-
-def _dtype_of(hf: dict) -> str:
-    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    return _DTYPES.get(str(name).replace("torch.", ""), "float32")
 
 
 def _rope_fields(hf: dict, model_type: str, max_len: int) -> dict:
@@ -194,16 +166,16 @@ def _gpt2(hf: dict) -> dict:
 def config_from_hf(hf_config: dict) -> ModelConfig:
     """The ModelConfig of an HF `config.json` (as a dict); CheckpointError if unsupported.
 
-    param_dtype and dtype are the checkpoint's `dtype` (`torch_dtype`), else float32.
+    param_dtype and dtype are float32 whatever the checkpoint's dtype (master weights;
+    bf16 -> f32 is exact): callers that want bf16 ask for it.
     """
     model_type = hf_config.get("model_type")
     if model_type not in SUPPORTED:
         raise CheckpointError(f"{CONFIG_FILE}: model_type {model_type!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED)})")
     fields = _gpt2(hf_config) if model_type == "gpt2" else _llama_like(hf_config, model_type)
-    dtype = _dtype_of(hf_config)
     try:
-        return ModelConfig(dtype=dtype, param_dtype=dtype, **fields)
+        return ModelConfig(**fields)
     except ConfigError as e:
         raise CheckpointError(f"{CONFIG_FILE}: {e}") from None
 
@@ -312,258 +284,102 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
 
 # ------------------------------------------------------------------ the mapping
 
-class Rule(NamedTuple):
-    """One leaf of our tree <-> HF tensors.
-
-    key: HF name; "{i}" is the layer (leaf stacked on axis 0), "{e}" the
-    expert (axis 1). to_ours / to_hf: one layer's (expert's) tensor both ways,
-    using only `.T`, `.reshape`, `.transpose` (so shapes come from
-    jax.eval_shape). part (axis, index, count): ours is chunk `index` of
-    `count` equal chunks of the HF tensor along `axis` (fused tensors).
-    """
-    path: tuple
-    key: str
-    to_ours: Callable
-    to_hf: Callable
-    part: tuple | None = None
-
-
-def _same(w):
-    return w
-
-
-def _transposed(w):
-    return w.T
-
-
-def _rules(cfg: ModelConfig, model_type: str, keys=frozenset()) -> list[Rule]:
-    """The table for cfg; `keys` (the checkpoint's names) picks a prefix/layout on import."""
-    if model_type == "gpt2":
+def rules(cfg: ModelConfig, hf: dict, keys=frozenset()) -> list[Rule]:
+    """The table of cfg as hf["model_type"]; `keys` (the checkpoint's names) picks a
+    prefix/layout on import."""
+    if hf["model_type"] == "gpt2":
         return _gpt2_rules(cfg, keys)
-    return _llama_rules(cfg, model_type, keys)
+    return _llama_rules(cfg, keys)
 
 
-def _llama_rules(cfg, model_type, keys):
-    d, h, kvh, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+def _llama_rules(cfg, keys):
     pre = "" if ("embed_tokens.weight" in keys and "model.embed_tokens.weight" not in keys) \
         else "model."
     layer = pre + "layers.{i}."
     att = layer + "self_attn."
-
-    def heads(n):  # [n*hd, D] <-> [D, n, hd]
-        return (lambda w: w.T.reshape(d, n, hd)), (lambda w: w.reshape(d, n * hd).T)
-
-    def head_bias(n):
-        return (lambda b: b.reshape(n, hd)), (lambda b: b.reshape(n * hd))
-
+    heads = linear(1, 3)  # [n*hd, D] <-> [D, n, hd]
+    head_bias = merged(2)  # [n*hd] <-> [n, hd]
     rules = [
-        Rule(("embed", "tokens"), pre + "embed_tokens.weight", _same, _same),
-        Rule(("final_ln", "scale"), pre + "norm.weight", _same, _same),
-        Rule(("layers", "ln1", "scale"), layer + "input_layernorm.weight", _same, _same),
-        Rule(("layers", "ln2", "scale"), layer + "post_attention_layernorm.weight", _same, _same),
-        Rule(("layers", "attn", "q"), att + "q_proj.weight", *heads(h)),
-        Rule(("layers", "attn", "k"), att + "k_proj.weight", *heads(kvh)),
-        Rule(("layers", "attn", "v"), att + "v_proj.weight", *heads(kvh)),
-        Rule(("layers", "attn", "o"), att + "o_proj.weight",
-             lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T),
+        Rule(("embed", "tokens"), pre + "embed_tokens.weight"),
+        Rule(("final_ln", "scale"), pre + "norm.weight"),
+        Rule(("layers", "ln1", "scale"), layer + "input_layernorm.weight"),
+        Rule(("layers", "ln2", "scale"), layer + "post_attention_layernorm.weight"),
+        Rule(("layers", "attn", "q"), att + "q_proj.weight", heads),
+        Rule(("layers", "attn", "k"), att + "k_proj.weight", heads),
+        Rule(("layers", "attn", "v"), att + "v_proj.weight", heads),
+        Rule(("layers", "attn", "o"), att + "o_proj.weight", linear(2, 3)),  # [D, H*hd]
     ]
     if not cfg.tie_embeddings:
-        rules.append(Rule(("head", "kernel"), "lm_head.weight", _transposed, _transposed))
+        rules.append(Rule(("head", "kernel"), "lm_head.weight", linear(1, 2)))
     if cfg.qkv_bias:
-        rules += [Rule(("layers", "attn", "q_bias"), att + "q_proj.bias", *head_bias(h)),
-                  Rule(("layers", "attn", "k_bias"), att + "k_proj.bias", *head_bias(kvh)),
-                  Rule(("layers", "attn", "v_bias"), att + "v_proj.bias", *head_bias(kvh))]
+        rules += [Rule(("layers", "attn", w + "_bias"), att + f"{w}_proj.bias", head_bias)
+                  for w in "qkv"]
     if cfg.out_bias:
-        rules.append(Rule(("layers", "attn", "o_bias"), att + "o_proj.bias", _same, _same))
+        rules.append(Rule(("layers", "attn", "o_bias"), att + "o_proj.bias"))
     if cfg.n_experts:
-        return rules + _mixtral_expert_rules(cfg, layer, keys)
+        return rules + _mixtral_expert_rules(layer, keys)
     for name in ("gate", "up", "down") if cfg.mlp in ("swiglu", "geglu") else ("up", "down"):
         rules.append(Rule(("layers", "mlp", name), layer + f"mlp.{name}_proj.weight",
-                          _transposed, _transposed))
+                          linear(1, 2)))
         if cfg.mlp_bias:
-            rules.append(Rule(("layers", "mlp", name + "_bias"), layer + f"mlp.{name}_proj.bias",
-                              _same, _same))
+            rules.append(Rule(("layers", "mlp", name + "_bias"), layer + f"mlp.{name}_proj.bias"))
     return rules
 
 
-def _mixtral_expert_rules(cfg, layer, keys):
-    fused = layer.format(i=0) + "mlp.experts.gate_up_proj" in keys
-    if fused:
+def _mixtral_expert_rules(layer, keys):
+    if layer.format(i=0) + "mlp.experts.gate_up_proj" in keys:  # fused: [E, 2F, D], [E, D, F]
         experts = layer + "mlp.experts."
-        swap = lambda w: w.transpose(0, 2, 1)  # noqa: E731  [E,F,D] <-> [E,D,F]
+        swap = ((0,), (2,), (1,))  # HF [E, F, D] <-> ours [E, D, F]
         return [
-            Rule(("layers", "mlp", "router"), layer + "mlp.gate.weight", _transposed, _transposed),
-            Rule(("layers", "mlp", "gate"), experts + "gate_up_proj", swap, swap, (1, 0, 2)),
-            Rule(("layers", "mlp", "up"), experts + "gate_up_proj", swap, swap, (1, 1, 2)),
-            Rule(("layers", "mlp", "down"), experts + "down_proj", swap, swap),
+            Rule(("layers", "mlp", "router"), layer + "mlp.gate.weight", linear(1, 2)),
+            Rule(("layers", "mlp", "gate"), experts + "gate_up_proj", swap, (1, 0, 2)),
+            Rule(("layers", "mlp", "up"), experts + "gate_up_proj", swap, (1, 1, 2)),
+            Rule(("layers", "mlp", "down"), experts + "down_proj", swap),
         ]
     moe = layer + "block_sparse_moe."
     return [
-        Rule(("layers", "mlp", "router"), moe + "gate.weight", _transposed, _transposed),
-        Rule(("layers", "mlp", "gate"), moe + "experts.{e}.w1.weight", _transposed, _transposed),
-        Rule(("layers", "mlp", "up"), moe + "experts.{e}.w3.weight", _transposed, _transposed),
-        Rule(("layers", "mlp", "down"), moe + "experts.{e}.w2.weight", _transposed, _transposed),
+        Rule(("layers", "mlp", "router"), moe + "gate.weight", linear(1, 2)),
+        Rule(("layers", "mlp", "gate"), moe + "experts.{e}.w1.weight", linear(1, 2)),
+        Rule(("layers", "mlp", "up"), moe + "experts.{e}.w3.weight", linear(1, 2)),
+        Rule(("layers", "mlp", "down"), moe + "experts.{e}.w2.weight", linear(1, 2)),
     ]
 
 
 def _gpt2_rules(cfg, keys):
-    d, h, hd = cfg.d_model, cfg.n_heads, cfg.head_dim
     pre = "" if ("wte.weight" in keys and "transformer.wte.weight" not in keys) \
         else "transformer."
     layer = pre + "h.{i}."
-    heads = (lambda w: w.reshape(d, h, hd)), (lambda w: w.reshape(d, h * hd))  # Conv1D [in, out]
-    head_bias = (lambda b: b.reshape(h, hd)), (lambda b: b.reshape(h * hd))
     rules = [
-        Rule(("embed", "tokens"), pre + "wte.weight", _same, _same),
-        Rule(("positions", "table"), pre + "wpe.weight", _same, _same),
-        Rule(("final_ln", "scale"), pre + "ln_f.weight", _same, _same),
-        Rule(("final_ln", "bias"), pre + "ln_f.bias", _same, _same),
-        Rule(("layers", "attn", "o"), layer + "attn.c_proj.weight",
-             lambda w: w.reshape(h, hd, d), lambda w: w.reshape(h * hd, d)),
-        Rule(("layers", "attn", "o_bias"), layer + "attn.c_proj.bias", _same, _same),
-        Rule(("layers", "mlp", "up"), layer + "mlp.c_fc.weight", _same, _same),
-        Rule(("layers", "mlp", "up_bias"), layer + "mlp.c_fc.bias", _same, _same),
-        Rule(("layers", "mlp", "down"), layer + "mlp.c_proj.weight", _same, _same),
-        Rule(("layers", "mlp", "down_bias"), layer + "mlp.c_proj.bias", _same, _same),
+        Rule(("embed", "tokens"), pre + "wte.weight"),
+        Rule(("positions", "table"), pre + "wpe.weight"),
+        Rule(("final_ln", "scale"), pre + "ln_f.weight"),
+        Rule(("final_ln", "bias"), pre + "ln_f.bias"),
+        Rule(("layers", "attn", "o"), layer + "attn.c_proj.weight", merged(2, 1)),
+        Rule(("layers", "attn", "o_bias"), layer + "attn.c_proj.bias"),
+        Rule(("layers", "mlp", "up"), layer + "mlp.c_fc.weight"),  # Conv1D [in, out]: ours
+        Rule(("layers", "mlp", "up_bias"), layer + "mlp.c_fc.bias"),
+        Rule(("layers", "mlp", "down"), layer + "mlp.c_proj.weight"),
+        Rule(("layers", "mlp", "down_bias"), layer + "mlp.c_proj.bias"),
     ]
     for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
-        rules += [Rule(("layers", ours, "scale"), layer + theirs + ".weight", _same, _same),
-                  Rule(("layers", ours, "bias"), layer + theirs + ".bias", _same, _same)]
-    for j, name in enumerate("qkv"):
-        rules += [Rule(("layers", "attn", name), layer + "attn.c_attn.weight", *heads, (1, j, 3)),
+        rules += [Rule(("layers", ours, "scale"), layer + theirs + ".weight"),
+                  Rule(("layers", ours, "bias"), layer + theirs + ".bias")]
+    for j, name in enumerate("qkv"):  # c_attn [D, 3*H*hd], [3*H*hd]: q, k, v chunks
+        rules += [Rule(("layers", "attn", name), layer + "attn.c_attn.weight", merged(1, 2),
+                       (1, j, 3)),
                   Rule(("layers", "attn", name + "_bias"), layer + "attn.c_attn.bias",
-                       *head_bias, (0, j, 3))]
+                       merged(2), (0, j, 3))]
     if not cfg.tie_embeddings:
-        rules.append(Rule(("head", "kernel"), "lm_head.weight", _transposed, _transposed))
+        rules.append(Rule(("head", "kernel"), "lm_head.weight", linear(1, 2)))
     return rules
 
 
-def _slots(rule: Rule, shape: tuple):
-    """(index into our leaf, HF tensor name) for every HF tensor of the leaf."""
-    if rule.path[0] != "layers":
-        return [((), rule.key)]
-    if "{e}" in rule.key:
-        return [((i, e), rule.key.format(i=i, e=e)) for i in range(shape[0])
-                for e in range(shape[1])]
-    return [((i,), rule.key.format(i=i)) for i in range(shape[0])]
+def unused_ok(name: str, cfg: ModelConfig) -> bool:
+    """Tensors a checkpoint may hold that no config reads (buffers, a tied head)."""
+    return bool(_IGNORED.search(name)) or (cfg.tie_embeddings and name.endswith("lm_head.weight"))
 
 
-def _hf_shape(rule: Rule, slot_shape: tuple) -> tuple:
-    """Shape of the full HF tensor that one slot of our leaf comes from."""
-    shape = list(jax.eval_shape(rule.to_hf, jax.ShapeDtypeStruct(slot_shape, jnp.float32)).shape)
-    if rule.part:
-        axis, _, count = rule.part
-        shape[axis] *= count
-    return tuple(shape)
+hf_config = hf_config_from
 
-
-def _check_table(rules, names):
-    ruled = [r.path for r in rules]
-    if sorted(ruled) != sorted(names):  # a bug in this file, not in the checkpoint
-        raise AssertionError(f"hf table does not cover the param tree: "
-                             f"{set(ruled) ^ set(names)}")
-
-
-# ------------------------------------------------------------------ reading
-
-def is_hf_checkpoint(path) -> bool:
-    """A directory with an HF config.json naming a model_type."""
-    config = pathlib.Path(os.fspath(path)) / CONFIG_FILE
-    try:
-        return "model_type" in json.loads(config.read_text())
-    except (OSError, ValueError, TypeError):
-        return False
-
-
-def load_hf(directory, *, dtype: str | None = None,
-            param_dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) of an HF checkpoint directory (config.json + safetensors).
-
-    dtype / param_dtype override the checkpoint's dtype (activations / weights).
-    """
-    directory = pathlib.Path(os.fspath(directory))
-    hf = read_config(directory)
-    cfg = config_from_hf(hf)
-    try:
-        cfg = dataclasses.replace(cfg, dtype=dtype or cfg.dtype,
-                                  param_dtype=param_dtype or cfg.param_dtype)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    with contextlib.ExitStack() as stack:
-        reader = CheckpointReader(directory, stack)
-        rules = {r.path: r for r in _rules(cfg, hf["model_type"], frozenset(reader.keys()))}
-        named, treedef = named_leaves(abstract(model_specs(cfg)), sep=None)
-        _check_table(rules.values(), [n for n, _ in named])
-        leaves = [_load_leaf(reader, rules[name], spec) for name, spec in named]
-        unused = sorted(k for k in reader.keys() if k not in reader.used
-                        and not _IGNORED.search(k)
-                        and not (cfg.tie_embeddings and k.endswith("lm_head.weight")))
-    if unused:
-        raise CheckpointError(
-            f"{len(unused)} tensors in {directory} are not used by its {CONFIG_FILE} "
-            f"({hf['model_type']}): {', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}")
-    return cfg, jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _load_leaf(reader: CheckpointReader, rule: Rule, spec: jax.ShapeDtypeStruct) -> jax.Array:
-    slots = _slots(rule, spec.shape)
-    depth = len(slots[0][0])
-    hf_shape = _hf_shape(rule, spec.shape[depth:])
-    buf = np.empty(spec.shape, spec.dtype)
-    for index, key in slots:
-        buf[index] = rule.to_ours(reader.read(key, hf_shape, rule.part))  # casts to param dtype
-    out = jnp.asarray(buf)
-    del buf
-    return out
-
-
-# ------------------------------------------------------------------ writing
-
-def _export_tensors(cfg: ModelConfig, params: dict, model_type: str):
-    """(HF name, numpy tensor) pairs, one at a time, fused parts concatenated."""
-    rules = _rules(cfg, model_type)
-    named, _ = named_leaves(params, sep=None)
-    leaves = dict(named)
-    _check_table(rules, list(leaves))
-    groups: dict[str, list[Rule]] = {}
-    for r in rules:
-        groups.setdefault(r.key, []).append(r)
-    for template, group in groups.items():
-        group.sort(key=lambda r: r.part[1] if r.part else 0)
-        host = [np.asarray(leaves[r.path]) for r in group]
-        for index, key in _slots(group[0], host[0].shape):
-            pieces = [np.asarray(r.to_hf(a[index])) for r, a in zip(group, host)]
-            tensor = (pieces[0] if len(pieces) == 1
-                      else np.concatenate(pieces, axis=group[0].part[0]))
-            yield key, np.ascontiguousarray(tensor)
-
-
-def _check_params(cfg: ModelConfig, params):
-    expected = jax.tree.map(lambda s: s.shape, abstract(model_specs(cfg)))
-    try:
-        got = jax.tree.map(lambda a: tuple(a.shape), params)
-    except AttributeError:
-        got = None
-    if expected != got:
-        raise ConfigError("save_hf: params do not match the config's parameter shapes")
-
-
-def save_hf(directory, cfg: ModelConfig, params, model_type: str | None = None, *,
-            max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
-    """Write cfg + params as an HF checkpoint dir; returns it.
-
-    model_type: inferred from cfg when None (see `infer_model_type`). Weights
-    keep the param dtype. Past `max_shard_bytes`, weights go into shards
-    `model-0000k-of-0000n.safetensors` listed in `model.safetensors.index.json`.
-    Refuses a directory that exists and is not empty; writes a temporary
-    directory next to it and renames it at the end.
-    """
-    model_type = model_type or infer_model_type(cfg)
-    hf = hf_config_from(cfg, model_type)
-    _check_params(cfg, params)
-    return write_checkpoint(directory, hf, _export_tensors(cfg, params, model_type),
-                            max_shard_bytes, who="save_hf")
-
-
-__all__ = ["SUPPORTED", "config_from_hf", "hf_config_from", "infer_model_type", "load_hf",
-           "save_hf", "is_hf_checkpoint"]
+__all__ = ["MODEL_TYPES", "config_from_hf", "hf_config_from", "hf_config", "infer_model_type",
+           "rules", "unused_ok"]

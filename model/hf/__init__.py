@@ -1,0 +1,149 @@
+"""Hugging Face checkpoint directories <-> (ModelConfig, params), every family.
+
+    cfg = model_config(dir)                       # config.json only, nothing read
+    cfg, params = load_hf(dir)                    # float32 masters, one leaf at a time
+    cfg, params = load_hf(dir, shardings=tree)    # each leaf a sharded jax.Array
+    save_hf(out_dir, cfg, params)                 # a directory transformers loads
+
+Families (`model_type`): llama, mistral, qwen2, mixtral, gpt2 (`decoder`), bert
+(`bert`), t5 / mt5 (`t5`). Each family module gives `config_from_hf`,
+`hf_config` and `rules(cfg, hf, keys)`: one table of `rules.Rule`s read by the
+one leaf loader (`rules.load_leaf`) and the one exporter (`rules.export_tensors`).
+
+Weights are read with numpy from the safetensors files (no torch). Without
+shardings a leaf is built on the host and made a jax array (host memory peaks
+at about one leaf); with shardings each device's callback reads only its own
+block of the leaf, so no process holds a whole copy of a sharded leaf.
+
+param_dtype and dtype default to float32 whatever the checkpoint holds (bf16 ->
+f32 is exact): master weights for fine-tuning. Ask for bfloat16 to keep it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+
+import jax
+
+from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.model.config import ModelConfig
+from jaxlm.model.families import model_specs
+from jaxlm.model.hf import bert, decoder, t5
+from jaxlm.model.hf.io import (CONFIG_FILE, CheckpointReader, is_hf_checkpoint, named_leaves,
+                               read_config, write_checkpoint)
+from jaxlm.model.hf.rules import Rule, check_table, export_tensors, load_leaf
+from jaxlm.model.params import abstract
+
+_FAMILIES = (decoder, bert, t5)
+_BY_MODEL_TYPE = {t: f for f in _FAMILIES for t in f.MODEL_TYPES}
+_BY_FAMILY = {"decoder": decoder, "encoder": bert, "encoder_decoder": t5}
+SUPPORTED = tuple(_BY_MODEL_TYPE)
+infer_model_type = decoder.infer_model_type
+
+
+def _family_of(hf: dict):
+    model_type = hf.get("model_type")
+    if model_type not in _BY_MODEL_TYPE:
+        raise CheckpointError(f"{CONFIG_FILE}: model_type {model_type!r} is not supported "
+                              f"(supported: {', '.join(SUPPORTED)})")
+    return _BY_MODEL_TYPE[model_type]
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """The ModelConfig of an HF `config.json` dict (float32); CheckpointError if unsupported."""
+    return _family_of(hf).config_from_hf(hf)
+
+
+def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
+    """The `config.json` dict of cfg (as model_type, else as its family's usual type);
+    ConfigError if cfg cannot be expressed so."""
+    family = _BY_MODEL_TYPE.get(model_type) if model_type else _BY_FAMILY.get(cfg.family)
+    if family is None:
+        raise ConfigError(f"hf export: model_type {model_type!r} / family {cfg.family!r} is not "
+                          f"supported (supported: {', '.join(SUPPORTED)})")
+    return family.hf_config(cfg, model_type)
+
+
+def _with_dtypes(cfg: ModelConfig, dtype: str | None, param_dtype: str | None) -> ModelConfig:
+    try:
+        return dataclasses.replace(cfg, dtype=dtype or cfg.dtype,
+                                   param_dtype=param_dtype or cfg.param_dtype)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def model_config(directory, *, dtype: str | None = None,
+                 param_dtype: str | None = None) -> ModelConfig:
+    """The ModelConfig of an HF checkpoint dir, from its config.json only (float32 unless
+    dtype / param_dtype say otherwise)."""
+    return _with_dtypes(config_from_hf(read_config(directory)), dtype, param_dtype)
+
+
+def load_hf(directory, *, cfg: ModelConfig | None = None, dtype: str | None = None,
+            param_dtype: str | None = None, shardings=None) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) of an HF checkpoint directory (config.json + safetensors).
+
+    cfg: the config to load into (default: `model_config(directory)`); its shapes
+      must match the checkpoint's tensors (CheckpointError naming the tensor).
+    dtype / param_dtype: override cfg's (activations / weights; default float32).
+    shardings: None (each leaf on the default device), or a tree of Shardings
+      matching the params tree (e.g. `jaxlm.sharding.rules.tree_shardings(mesh,
+      logical_axes(model_specs(cfg)), rules)`): each leaf is built device by
+      device, every device's block read on its own (`rules.load_leaf`).
+    """
+    directory = pathlib.Path(os.fspath(directory))
+    hf = read_config(directory)
+    family = _family_of(hf)
+    cfg = _with_dtypes(cfg or family.config_from_hf(hf), dtype, param_dtype)
+    named, treedef = named_leaves(abstract(model_specs(cfg)), sep=None)
+    if shardings is None:
+        placed = [None] * len(named)
+    else:
+        placed = treedef.flatten_up_to(shardings)
+    with contextlib.ExitStack() as stack:
+        reader = CheckpointReader(directory, stack)
+        table = family.rules(cfg, hf, frozenset(reader.keys()))
+        check_table(table, [n for n, _ in named])
+        by_path = {r.path: r for r in table}
+        leaves = [load_leaf(reader, by_path[name], spec, sharding)
+                  for (name, spec), sharding in zip(named, placed)]
+        unused = [] if family.unused_ok is None else sorted(
+            k for k in reader.keys() if k not in reader.used and not family.unused_ok(k, cfg))
+    if unused:
+        raise CheckpointError(
+            f"{len(unused)} tensors in {directory} are not used by its {CONFIG_FILE} "
+            f"({hf['model_type']}): {', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}")
+    return cfg, jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def save_hf(directory, cfg: ModelConfig, params, model_type: str | None = None, *,
+            max_shard_bytes: int | None = 5 * 2**30) -> pathlib.Path:
+    """Write cfg + params as an HF checkpoint dir that transformers loads; returns it.
+
+    model_type: default by cfg.family (decoders: `infer_model_type`; bert; t5).
+    Weights keep the param dtype. Past `max_shard_bytes` (None: never), weights go
+    into shards `model-0000k-of-0000n.safetensors` listed in
+    `model.safetensors.index.json`. Refuses a directory that exists and is not
+    empty; writes a temporary directory next to it and renames it at the end.
+    """
+    if model_type is None and cfg.family == "decoder":
+        model_type = infer_model_type(cfg)
+    hf = hf_config_from(cfg, model_type)
+    expected = jax.tree.map(lambda s: s.shape, abstract(model_specs(cfg)))
+    try:
+        got = jax.tree.map(lambda a: tuple(a.shape), params)
+    except AttributeError:
+        got = None
+    if expected != got:
+        raise ConfigError("save_hf: params do not match the config's parameter shapes")
+    table = _family_of(hf).rules(cfg, hf)
+    return write_checkpoint(directory, hf, export_tensors(table, params), max_shard_bytes,
+                            who="save_hf")
+
+
+__all__ = ["SUPPORTED", "config_from_hf", "hf_config_from", "infer_model_type", "model_config",
+           "load_hf", "save_hf", "is_hf_checkpoint", "read_config", "CheckpointReader",
+           "write_checkpoint", "Rule", "load_leaf", "export_tensors"]
