@@ -161,6 +161,9 @@ class TrainConfig:
     mlm_probability: float = 0.15  # mlm: tokens chosen; of them 80% [MASK], 10% random, 10% kept
     span_noise_density: float = 0.15  # span: fraction of tokens corrupted
     span_mean_length: float = 3.0  # span: mean corrupted span length
+    # Per-device peak FLOP/s that MFU divides by; 0: the datasheet bf16 figure
+    # for a known accelerator (train/metrics.py), else the measured matmul peak.
+    peak_flops: float = 0.0
 
     def __post_init__(self):
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
@@ -179,6 +182,8 @@ class TrainConfig:
             raise ConfigError(f"train.loss_vocab_chunk={self.loss_vocab_chunk} must be >= 0")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
+        if not self.peak_flops >= 0:
+            raise ConfigError(f"train.peak_flops={self.peak_flops} must be >= 0 (0: automatic)")
 
 
 # Logical axis -> mesh axis (or None: replicated). Changing parallelism is
@@ -487,13 +492,15 @@ def dtype_of(name: str):
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), matmuls only.
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls only,
+    counted as MaxText's `calculate_tflops_training_per_device` counts them.
 
     6 * (matmul params, output head included, input embedding excluded since
-    it is a gather; for MoE the experts a token visits) + 6 * 2 * layers * seq
-    * heads * head_dim for the two attention matmuls (QK^T and PV) over the
-    full, unmasked score matrix, which is what the XLA reference computes.
-    Decoder-only accounting: encoder-decoder runs are approximate.
+    it is a gather; for MoE the experts a token visits, plus the router) +
+    3 * 4 * layers * seq * heads * head_dim for the two attention matmuls (QK^T
+    and PV), halved for causal attention (the decoder family): only the lower
+    triangle of the score matrix is useful work. Decoder-only accounting:
+    encoder-decoder runs are approximate.
     """
     d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
     attn_proj = d * hd * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
@@ -502,8 +509,10 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         mlp = cfg.experts_per_token * mlp + d * cfg.n_experts
     head = d * cfg.vocab_size
     matmul_params = L * (attn_proj + mlp) + head
-    attn_scores = 2 * L * seq_len * cfg.n_heads * hd
-    return 6.0 * matmul_params + 6.0 * attn_scores
+    attn_scores = 12.0 * L * seq_len * cfg.n_heads * hd
+    if cfg.family == "decoder":
+        attn_scores /= 2
+    return 6.0 * matmul_params + attn_scores
 
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "MeshConfig", "GenerateConfig",

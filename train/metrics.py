@@ -1,4 +1,4 @@
-"""Throughput accounting: the measured matmul peak, MFU, and the JSONL log."""
+"""Throughput accounting: the per-device peak, MFU, and the metrics logs."""
 
 from __future__ import annotations
 
@@ -29,6 +29,45 @@ def measure_matmul_peak(dtype="float32", n: int = 2048, seconds: float = 1.0) ->
         best = min(best, time.perf_counter() - t0)
         reps += 1
     return 2.0 * n ** 3 / best
+
+
+# Datasheet dense bf16 FLOP/s per chip (no sparsity), keyed by a lower-case
+# fragment of `jax.Device.device_kind`; the first match wins, so the more
+# specific names come first. NVIDIA H100/H200 SXM: 989.4 TFLOP/s (H100 PCIe 756,
+# NVL 835); Google Cloud TPU docs: v4 275, v5e 197, v5p 459, v6e 918.
+DATASHEET_BF16_PEAK = (
+    ("h100 pcie", 756e12), ("h100 nvl", 835e12), ("h100", 989e12), ("h200", 989e12),
+    ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("tpu v5", 459e12),
+    ("v6 lite", 918e12), ("v6e", 918e12), ("tpu v4", 275e12),
+)
+
+
+def datasheet_peak(device_kind: str):
+    """Per-device dense bf16 peak FLOP/s of a known accelerator, else None."""
+    kind = device_kind.lower()
+    return next((flops for key, flops in DATASHEET_BF16_PEAK if key in kind), None)
+
+
+def device_peak(dtype: str = "float32", override: float = 0.0, seconds: float = 1.0):
+    """-> (per-device peak FLOP/s, where it came from: "config" | "datasheet" | "measured").
+
+    `override` (train.peak_flops) wins; then the datasheet table for the
+    default device's kind; on anything else (CPU) the measured matmul rate,
+    shared among the process's devices (forced host devices share the cores).
+    """
+    if override:
+        return float(override), "config"
+    sheet = datasheet_peak(jax.devices()[0].device_kind)
+    if sheet is not None:
+        return sheet, "datasheet"
+    return measure_matmul_peak(dtype, seconds=seconds) / jax.local_device_count(), "measured"
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int,
+        peak_per_device: float) -> float:
+    """Model FLOPs utilisation of each device: global model FLOP/s over
+    (devices x per-device peak). `tokens_per_s` is the global throughput."""
+    return tokens_per_s * flops_per_token / (n_devices * peak_per_device)
 
 
 class MetricsLog:
