@@ -154,20 +154,21 @@ def _ratios(rows) -> None:
             r["vs_cudnn"] = r["fwd_bwd_tflops"] / cudnn[r["seq"]]
 
 
-def run(mode: str, iters: int) -> dict:
+def run(mode: str, iters: int, flash_impls=("pallas", "cudnn", "xla"),
+        decode_impls=("pallas", "xla")) -> dict:
     z = SIZES[mode]
     dry = mode == "dry"
     peak = matmul_peak(iters, n=256 if dry else 8192) / 1e12
     copy_gbps = copy_bandwidth(iters, nbytes=2 ** 23 if dry else 2 ** 31) / 1e9
     rows = []
     for seq in z["seqs"]:
-        for impl in ("pallas", "cudnn", "xla"):
+        for impl in flash_impls:
             rows.append(bench_flash(seq, impl, iters, tokens=z["tokens"], heads=z["heads"],
                                     head_dim=z["head_dim"]))
             print(json.dumps(rows[-1]), flush=True)
     for cache_len in z["lens"]:
         for batch in z["batches"]:
-            for impl in ("pallas", "xla"):
+            for impl in decode_impls:
                 row = bench_decode(cache_len, batch, impl, iters, heads=z["q_heads"],
                                    kv_heads=z["kv_heads"], head_dim=z["head_dim"])
                 if "gbps" in row:

@@ -30,7 +30,7 @@ from jaxlm.model import init_params, model_specs
 from jaxlm.model.config import load_config
 from jaxlm.model.params import count
 
-DRY_MODEL = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=128,
+DRY_MODEL = dict(vocab_size=128, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=128,
                  max_seq_len=256)
 
 

@@ -12,7 +12,7 @@ device (train/metrics.py `mfu`) against the datasheet bf16 peak
 `model_flops_per_token`). `key=value` arguments override the preset
 (`model.remat=none data.batch_size=16`).
 
---dry-run: a tiny model (2 layers, d_model 64, seq 64) on any platform, the same
+--dry-run: a tiny model (1 layer, d_model 64, seq 64) on any platform, the same
 JSON keys.
 """
 
@@ -29,7 +29,7 @@ from jaxlm.model.config import load_config, model_flops_per_token
 from jaxlm.model.params import count
 from jaxlm.train.metrics import datasheet_peak, mfu
 
-DRY = ["model.vocab_size=256", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
+DRY = ["model.vocab_size=128", "model.d_model=64", "model.n_layers=1", "model.n_heads=2",
        "model.n_kv_heads=1", "model.d_ff=128", "model.max_seq_len=64", "data.seq_len=64",
        "data.batch_size=2", "train.warmup_steps=1"]
 
