@@ -47,11 +47,17 @@ class ModelConfig:
     attn_scale: float = 0.0  # 0: head_dim ** -0.5; T5: 1.0
     attn_logit_softcap: float = 0.0  # 0: off; c: scores -> c * tanh(scores / c) (Gemma 2)
     rope_theta: float = 10000.0
-    rope_scaling: str = "none"  # none | llama3
+    rope_scaling: str = "none"  # none | llama3 | linear | dynamic | yarn (layers/positions.py)
     rope_scaling_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_len: int = 8192
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_len: int = 8192  # llama3, yarn: pretraining length; dynamic: NTK from here
+    rope_yarn_beta_fast: float = 32.0
+    rope_yarn_beta_slow: float = 1.0
+    rope_yarn_mscale: float = 0.0  # 0: unset (with mscale_all_dim: their ratio is the factor)
+    rope_yarn_mscale_all_dim: float = 0.0
+    rope_yarn_truncate: bool = True
+    rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 * ln(factor) + 1
     qkv_bias: bool = False
     out_bias: bool = False  # attention output projection
     mlp_bias: bool = False
@@ -76,7 +82,8 @@ class ModelConfig:
         _choice(self, "mlp", ("swiglu", "geglu", "gelu", "relu"))
         _choice(self, "positions", ("rope", "learned", "sinusoidal", "alibi", "t5_relative",
                                     "none"))
-        _choice(self, "rope_scaling", ("none", "llama3"))
+        _choice(self, "rope_scaling", ("none", "llama3", "linear", "dynamic", "yarn"))
+        _check_rope_scaling(self)
         _choice(self, "remat", REMAT_POLICIES)
         _choice(self, "attention_impl", ATTENTION_IMPLS)
         _choice(self, "dtype", DTYPES)
@@ -115,6 +122,23 @@ class ModelConfig:
     @property
     def q_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+
+def _check_rope_scaling(cfg: "ModelConfig") -> None:
+    if cfg.rope_scaling == "none":
+        return
+    if not cfg.rope_scaling_factor >= 1:
+        raise ConfigError(f"model.rope_scaling_factor={cfg.rope_scaling_factor} must be >= 1 "
+                          f"for rope_scaling={cfg.rope_scaling!r}")
+    if cfg.rope_original_max_len <= 0:
+        raise ConfigError(f"model.rope_original_max_len={cfg.rope_original_max_len} must be > 0")
+    if cfg.rope_scaling == "yarn":
+        if not cfg.rope_yarn_beta_fast >= cfg.rope_yarn_beta_slow > 0:
+            raise ConfigError(f"model.rope_yarn_beta_fast={cfg.rope_yarn_beta_fast} must be >= "
+                              f"model.rope_yarn_beta_slow={cfg.rope_yarn_beta_slow} > 0")
+        if min(cfg.rope_attention_factor, cfg.rope_yarn_mscale, cfg.rope_yarn_mscale_all_dim) < 0:
+            raise ConfigError("model.rope_attention_factor, rope_yarn_mscale and "
+                              "rope_yarn_mscale_all_dim must be >= 0 (0: unset)")
 
 
 @dataclass(frozen=True)
