@@ -188,6 +188,7 @@ class TrainConfig:
     # Per-device peak FLOP/s that MFU divides by; 0: the datasheet bf16 figure
     # for a known accelerator (train/metrics.py), else the measured matmul peak.
     peak_flops: float = 0.0
+    tensorboard: bool = True  # TensorBoard event files in run_dir beside metrics.jsonl
 
     def __post_init__(self):
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",

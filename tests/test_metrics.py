@@ -43,3 +43,21 @@ def test_flops_per_token_counts_causal_attention_half():
     assert model_flops_per_token(cfg, 128) == pytest.approx(6 * params + attn / 2)
     enc = dataclasses.replace(cfg, family="encoder")
     assert model_flops_per_token(enc, 128) == pytest.approx(6 * params + attn)
+
+
+def test_metrics_log_writes_tensorboard_scalars(tmp_path):
+    """Scalars at their steps, vectors (per-expert load) as key/i, strings skipped."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    import numpy as np
+    log = metrics.MetricsLog(str(tmp_path / "metrics.jsonl"), str(tmp_path))
+    log.write({"step": 3, "loss": np.float32(2.5), "expert_load": np.array([0.25, 0.75]),
+               "note": "x"})
+    log.write({"step": 4, "eval_loss": 2.0, "skipped_steps": 1})
+    log.close()
+    events = accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    scalars = {t: [(e.step, e.value) for e in events.Scalars(t)]
+               for t in events.Tags()["scalars"]}
+    assert scalars == {"loss": [(3, 2.5)], "expert_load/0": [(3, 0.25)],
+                       "expert_load/1": [(3, 0.75)], "eval_loss": [(4, 2.0)],
+                       "skipped_steps": [(4, 1.0)]}

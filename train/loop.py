@@ -91,8 +91,9 @@ class _Loop:
         self.train_step, self.eval_step, self.evals = train_step, eval_step, evals
         self.batch_sharding = batch_sharding
         self.progress = progress
-        self.log = MetricsLog(os.path.join(cfg.run_dir, "metrics.jsonl")
-                              if jax.process_index() == 0 else os.devnull)
+        lead = jax.process_index() == 0  # one writer; TensorBoard events beside the JSONL
+        self.log = MetricsLog(os.path.join(cfg.run_dir, "metrics.jsonl") if lead else os.devnull,
+                              cfg.run_dir if lead and cfg.train.tensorboard else None)
         self.peak, _ = device_peak(cfg.model.dtype, cfg.train.peak_flops, seconds=0.5)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
 
@@ -145,7 +146,8 @@ class _Loop:
         if t_mark is not None:
             tokens = self.cfg.data.batch_size * self.cfg.data.seq_len * len(rows)
             tps = tokens / (time.perf_counter() - t_mark)
-            speed = {"tokens_per_s": tps, "mfu": mfu(tps, self.flops_per_token, jax.device_count(), self.peak)}
+            speed = {"tokens_per_s": tps,
+                     "mfu": mfu(tps, self.flops_per_token, jax.device_count(), self.peak)}
         for i, (s, m) in enumerate(rows):
             self.log.write({"step": s, **m, **(speed if i == len(rows) - 1 else {})})
         step, last = rows[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -71,18 +72,47 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int,
 
 
 class MetricsLog:
-    """Appends one JSON object per line; each line is flushed as it is written."""
+    """Appends one JSON object per line; each line is flushed as it is written.
 
-    def __init__(self, path: str):
+    With `tensorboard_dir`, the same records also go to TensorBoard event files
+    there (tensorboardX; the run dir, beside metrics.jsonl): every number but
+    `step` as a scalar under its own key at that step (loss, lr, grad_norm,
+    tokens_per_s, mfu, eval_loss, router and skip counters when present), and
+    each element i of a vector (the per-expert load) as `key/i`. The caller
+    passes a directory on one process only (process 0).
+    """
+
+    def __init__(self, path: str, tensorboard_dir: str | None = None):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._f = open(path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard_dir:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(logdir=tensorboard_dir, flush_secs=30)
 
     def write(self, record: dict):
-        self._f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+        plain = {k: _plain(v) for k, v in record.items()}
+        self._f.write(json.dumps(plain) + "\n")
         self._f.flush()
+        if self._tb is not None and isinstance(plain.get("step"), int):
+            for tag, value in _scalars(plain):
+                self._tb.add_scalar(tag, value, plain["step"])
 
     def close(self):
         self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _scalars(record: dict):
+    """(tag, float) for every number in a plain record except the step."""
+    for key, value in record.items():
+        if key == "step" or isinstance(value, (str, bool)):
+            continue
+        if isinstance(value, list):
+            yield from ((f"{key}/{i}", float(x)) for i, x in enumerate(value))
+        elif isinstance(value, (int, float)) and math.isfinite(value):
+            yield key, float(value)
 
 
 def _plain(v):
