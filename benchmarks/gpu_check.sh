@@ -44,9 +44,9 @@ if [ "$DRY" = 1 ]; then
   KTESTS=(tests/test_kernels_decode.py -k "gqa4_len1 or reads_only or combine")
 else
   DRYARG=
-  # total budget ~7.5 min: 20 + 100 + 130 + 3 x 55 + 2 x 45 = 505 s at most
-  T_ENV=${T_ENV:-20} T_KERNELS=${T_KERNELS:-100} T_ATTN=${T_ATTN:-130}
-  T_TRAIN=${T_TRAIN:-55} T_DECODE=${T_DECODE:-45}
+  # at most 15 + 90 + 120 + 3 x 55 + 2 x 40 = 470 s (7.8 min), plus the report
+  T_ENV=${T_ENV:-15} T_KERNELS=${T_KERNELS:-90} T_ATTN=${T_ATTN:-120}
+  T_TRAIN=${T_TRAIN:-55} T_DECODE=${T_DECODE:-40}
   KTESTS=(tests/test_kernels.py tests/test_kernels_decode.py tests/test_kernels_tpu.py)
 fi
 
@@ -67,7 +67,7 @@ part env "$T_ENV" "$PY" benchmarks/gpu_env.py "$WORK/env.json" $DRYARG
 # only on CPU); JAX_PLATFORMS empty on the GPU so tests/conftest.py's CPU
 # default does not apply.
 part kernel_tests "$T_KERNELS" env JAXLM_KERNELS_COMPILED=1 JAX_PLATFORMS="${JAX_PLATFORMS:-}" \
-  "$PY" -m pytest "${KTESTS[@]}" -q -p no:cacheprovider -p no:xdist \
+  "$PY" -m pytest "${KTESTS[@]}" -v -p no:cacheprovider -p no:xdist \
   --junitxml="$WORK/kernel_tests.xml" -o junit_family=xunit1
 part attention "$T_ATTN" "$PY" benchmarks/attention_gpu.py $DRYARG --iters 10 --out "$WORK/attention.json"
 for impl in pallas cudnn xla; do

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import xml.etree.ElementTree as ET
 
@@ -67,6 +68,17 @@ def junit_summary(path: str) -> dict:
     return out
 
 
+def verbose_summary(log: str) -> dict:
+    """Counts from `pytest -v` lines (a run stopped before writing its XML)."""
+    out = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": []}
+    for test, outcome in re.findall(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", log, re.M):
+        key = {"PASSED": "passed", "FAILED": "failed", "SKIPPED": "skipped", "ERROR": "errors"}
+        out[key[outcome]] += 1
+        if outcome in ("FAILED", "ERROR"):
+            out["failures"].append({"test": test, "message": outcome})
+    return out
+
+
 def part(work: str, name: str) -> dict:
     status = json.loads(_read(os.path.join(work, f"{name}.status")) or "{}")
     log = _read(os.path.join(work, f"{name}.log")) or ""
@@ -88,6 +100,8 @@ def part(work: str, name: str) -> dict:
             rows = _json_lines(log)
             if rows:
                 data["rows"] = rows  # what it printed before it stopped
+            if name == "kernel_tests":
+                data.update(verbose_summary(log))
     if "error" in data or status.get("rc"):
         data["log_tail"] = log[-3000:]
     return {**data, "status": status}

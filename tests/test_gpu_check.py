@@ -90,3 +90,17 @@ def test_failures_are_recorded_not_fatal(report):
         {"batch": 1, "mbu": 0.5}]
     # the batch-1 MBU target takes the best decode part: here the salvaged row
     assert report["targets"]["decode_b1_mbu"]["measured"] == 0.5
+
+
+def test_kernel_tests_cut_short_keep_their_verbose_outcomes(tmp_path):
+    work = str(tmp_path)
+    with open(os.path.join(work, "kernel_tests.status"), "w") as f:
+        json.dump({"rc": 124, "seconds": 90, "timeout_s": 90}, f)
+    with open(os.path.join(work, "kernel_tests.log"), "w") as f:
+        f.write("tests/test_kernels.py::test_a[x] PASSED [ 1%]\n"
+                "tests/test_kernels.py::test_b FAILED [ 2%]\n"
+                "tests/test_kernels_tpu.py::test_c SKIPPED (the TPU lowering) [ 3%]\n")
+    k = gpu_report.part(work, "kernel_tests")
+    assert k["error"].startswith("timed out")
+    assert (k["passed"], k["failed"], k["skipped"]) == (1, 1, 1)
+    assert k["failures"] == [{"test": "tests/test_kernels.py::test_b", "message": "FAILED"}]
