@@ -36,8 +36,10 @@ def main(argv=None) -> int:
             out["pallas_triton"] = error_of(e)
     out["pallas_warnings"] = sorted({str(w.message)[:300] for w in caught})
     try:
+        import jaxlm
         import jaxlm.scripts.bench  # noqa: F401  what the train part imports
         out["jaxlm_import"] = "ok"
+        out["jaxlm_path"] = jaxlm.__file__  # this checkout (the symlink), not an installed copy
     except Exception as e:  # noqa: BLE001
         out["jaxlm_import"] = error_of(e)
     print(out)

@@ -16,7 +16,7 @@ from jaxlm.model import init_params, model_specs
 from jaxlm.model.config import model_flops_per_token
 from jaxlm.sharding.mesh import make_mesh
 from jaxlm.sharding.rules import named_sharding, use_mesh
-from jaxlm.train.metrics import device_peak, mfu
+from jaxlm.train.metrics import device_peak, mesh_devices, mfu
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.train.state import create_state, state_shardings
 from jaxlm.train.step import compile_steps
@@ -65,12 +65,12 @@ def bench_decode(cfg, params, batch: int, prompt_len: int = 16, new_tokens: int 
 
 
 def run_bench(cfg) -> dict:
-    peak, source = device_peak(cfg.model.dtype, cfg.train.peak_flops, seconds=2.0)
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
+    n_devices, local = mesh_devices(make_mesh(cfg.mesh))
+    peak, source = device_peak(cfg.model.dtype, cfg.train.peak_flops, 2.0, sharing=local)
+    print(f"device: {jax.devices()[0].device_kind} x{n_devices}; "
           f"per-device peak {peak / 1e9:.1f} GFLOP/s ({source})")
     tps = bench_train(cfg)
-    train_mfu = mfu(tps, model_flops_per_token(cfg.model, cfg.data.seq_len), jax.device_count(),
-                    peak)
+    train_mfu = mfu(tps, model_flops_per_token(cfg.model, cfg.data.seq_len), n_devices, peak)
     print(f"train: {tps:.0f} tokens/s, MFU {train_mfu:.1%} per device "
           f"({model_flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.1f} MFLOP/token)")
     params = init_params(cfg.model, jax.random.key(0))

@@ -29,10 +29,26 @@ def test_peak_table_and_override(monkeypatch):
     assert metrics.datasheet_peak("cpu") is None
     assert metrics.device_peak(override=3e12) == (3e12, "config")
     monkeypatch.setattr(metrics, "measure_matmul_peak", lambda dtype, seconds: 8e9)
-    # CPU: the forced host devices share one measured rate
-    assert metrics.device_peak() == (8e9 / jax.local_device_count(), "measured")
+    # CPU: the run's forced host devices share one measured rate
+    assert metrics.device_peak() == (8e9, "measured")
+    assert metrics.device_peak(sharing=8) == (1e9, "measured")
     with pytest.raises(ConfigError, match="peak_flops"):
         TrainConfig(peak_flops=-1.0)
+
+
+def test_cpu_mfu_does_not_grow_with_forced_devices(monkeypatch):
+    """The same machine's throughput over 1 or 8 forced host devices: one MFU."""
+    from jaxlm.sharding.mesh import make_mesh
+    from jaxlm.model.config import MeshConfig
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda dtype, seconds: 8e9)
+    figures = []
+    for n in (1, 8):
+        total, local = metrics.mesh_devices(make_mesh(MeshConfig(devices=n)))
+        assert (total, local) == (n, n)
+        peak, _ = metrics.device_peak(sharing=local)
+        figures.append(metrics.mfu(1000.0, 1e6, total, peak))
+    assert figures[0] == pytest.approx(figures[1]) == pytest.approx(1000.0 * 1e6 / 8e9)
+    assert jax.device_count() == 8
 
 
 def test_flops_per_token_counts_causal_attention_half():

@@ -49,19 +49,27 @@ def datasheet_peak(device_kind: str):
     return next((flops for key, flops in DATASHEET_BF16_PEAK if key in kind), None)
 
 
-def device_peak(dtype: str = "float32", override: float = 0.0, seconds: float = 1.0):
+def device_peak(dtype: str = "float32", override: float = 0.0, seconds: float = 1.0,
+                sharing: int = 1):
     """-> (per-device peak FLOP/s, where it came from: "config" | "datasheet" | "measured").
 
     `override` (train.peak_flops) wins; then the datasheet table for the
     default device's kind; on anything else (CPU) the measured matmul rate,
-    shared among the process's devices (forced host devices share the cores).
+    divided among the `sharing` devices of this process that the run uses
+    (forced host devices share the cores the matmul was measured on).
     """
     if override:
         return float(override), "config"
     sheet = datasheet_peak(jax.devices()[0].device_kind)
     if sheet is not None:
         return sheet, "datasheet"
-    return measure_matmul_peak(dtype, seconds=seconds) / jax.local_device_count(), "measured"
+    return measure_matmul_peak(dtype, seconds=seconds) / max(sharing, 1), "measured"
+
+
+def mesh_devices(mesh) -> tuple[int, int]:
+    """(devices in the mesh, those of them on this process)."""
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    return mesh.devices.size, local
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int,
