@@ -10,7 +10,8 @@
 # with tiny shapes (kernels interpreted), the same JSON keys, in a few minutes.
 # Each part runs in its own process under `timeout` (seconds below, override
 # with T_KERNELS=... etc.); one that fails or times out is recorded and the
-# script goes on. Python: $PYTHON, else (dry run) the checkout's .venv, else
+# script goes on. ONLY="attention train_pallas" runs just those parts (a
+# rerun inside a short lease; the others are reported "not run"). Python: $PYTHON, else (dry run) the checkout's .venv, else
 # python3 (on the device machine: the image's, with its preinstalled jax+CUDA).
 # jaxlm is imported from this checkout through a symlink, not pip-installed, so
 # no other jax (or anything else) is fetched.
@@ -54,6 +55,7 @@ fi
 part() {  # part NAME TIMEOUT CMD...: run CMD time-boxed, log and status into $WORK
   local name=$1 limit=$2 t0=$SECONDS rc
   shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]] && [ "$name" != env ]; then return; fi
   echo "== $name (limit ${limit}s)"
   timeout -k 10 "$limit" "$@" >"$WORK/$name.log" 2>&1
   rc=$?
