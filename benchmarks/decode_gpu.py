@@ -74,7 +74,7 @@ def run(impl: str, batches, dry: bool = False) -> dict:
                               attention_impl=impl)
     hbm = copy_bandwidth(3 if dry else 10, nbytes=2 ** 23 if dry else 2 ** 31)
     params = init_params(cfg, jax.random.key(0))
-    prompt_len, n1, n2 = (8, 2, 6) if dry else (128, 8, 64)
+    prompt_len, n1, n2 = (8, 2, 34) if dry else (128, 8, 64)  # one width bucket (64)
     rows = [bench_batch(params, cfg, b, prompt_len, n1, n2, hbm) for b in batches]
     return {"impl": impl, "params": count(model_specs(cfg)), "copy_bandwidth_gbps": hbm / 1e9,
             "rows": rows}
