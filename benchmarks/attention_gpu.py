@@ -1,18 +1,23 @@
 """Attention kernels on one GPU: flash fwd+bwd TFLOP/s and decode GB/s.
 
-    python benchmarks/attention_gpu.py [--quick] [--out results.json]
+    python benchmarks/attention_gpu.py [--quick | --dry-run] [--out results.json]
 
 Flash attention (causal, bf16, head dim 128, 16 heads, 16k tokens per batch):
 sequence 2k / 4k / 8k, forward and forward+backward, for the Pallas kernel
 (`impl=pallas`), cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`)
 and the XLA reference. FLOPs count the causal half only: forward
 2 * 2 * B*H*S^2*D / 2, backward 2.5x the forward (the FlashAttention-2 convention).
-MFU is against the bf16 matmul peak measured here, in the same run.
+MFU is against the bf16 matmul peak measured here, in the same run; each
+Pallas row also gets `vs_cudnn` (its fwd+bwd TFLOP/s over cuDNN's at that seq).
 
 Decode attention (bf16, 32 query heads over 8 KV heads, head dim 128, every
 sequence filled to the cache length): cache length 1k..32k, batch 1..64, the
 Pallas decode kernel against the XLA reference. GB/s = bytes of K and V read
-(2 * B * T * KVH * D * 2) over the time.
+(2 * B * T * KVH * D * 2) over the time; `hbm_fraction` = that over the HBM
+copy bandwidth measured in the same run (benchlib.copy_bandwidth).
+
+--dry-run: tiny shapes on any platform (CPU: the kernels interpreted), the same
+JSON keys; it checks the plumbing, not the speed (benchmarks/gpu_check.sh --dry-run).
 
 Each configuration is first checked against the XLA reference (max abs
 difference printed); timings are medians over --iters runs after a warm-up.
@@ -23,34 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchlib import copy_bandwidth, device_info, error_of, matmul_peak, timed, write_json
 from jaxlm.model.kernels import MaskSpec, attention
 from jaxlm.model.kernels.reference import attention_reference
-
-
-def timed(fn, *args, iters: int) -> float:
-    """Median seconds per call of a jitted fn (after one warm-up call)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def matmul_peak(iters: int) -> float:
-    """Measured bf16 matmul TFLOP/s (8192^3)."""
-    n = 8192
-    a = jnp.ones((n, n), jnp.bfloat16)
-    f = jax.jit(lambda a, b: a @ b)
-    return 2 * n ** 3 / timed(f, a, a, iters=iters) / 1e12
 
 
 def _err(x, y) -> float:
@@ -84,7 +69,7 @@ def bench_flash(seq: int, impl: str, iters: int, tokens: int = 16384, heads: int
         t_f = timed(fwd_j, q, k, v, iters=iters)
         t_fb = timed(fwd_bwd_j, q, k, v, do, iters=iters)
     except Exception as e:  # OOM (the reference at 8k) or an unsupported shape
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        row["error"] = error_of(e)
         return row
     flops_f = 4 * b * heads * seq * seq * head_dim / 2
     row.update(fwd_ms=t_f * 1e3, fwd_bwd_ms=t_fb * 1e3,
@@ -113,7 +98,7 @@ def bench_decode(cache_len: int, batch: int, impl: str, iters: int, heads: int =
         row["max_abs_err"] = _err(f(q, k, v, lengths), ref(q, k, v, lengths))
         t = timed(f, q, k, v, lengths, iters=iters)
     except Exception as e:
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        row["error"] = error_of(e)
         return row
     nbytes = 2 * batch * cache_len * kv_heads * head_dim * 2
     row.update(ms=t * 1e3, gbps=nbytes / t / 1e9)
@@ -148,38 +133,71 @@ def _table(rows, peak):
     return "\n".join(out)
 
 
+SIZES = {  # flash seqs, flash tokens per batch, heads, head_dim; decode cache lens, batches
+    "full": dict(seqs=[2048, 4096, 8192], tokens=16384, heads=16, head_dim=128,
+                 lens=[1024, 2048, 4096, 8192, 16384, 32768], batches=[1, 4, 16, 64],
+                 kv_heads=8, q_heads=32),
+    "quick": dict(seqs=[2048], tokens=16384, heads=16, head_dim=128, lens=[1024, 8192],
+                  batches=[1, 16], kv_heads=8, q_heads=32),
+    "dry": dict(seqs=[64], tokens=128, heads=2, head_dim=64, lens=[64], batches=[2],
+                kv_heads=1, q_heads=2),
+}
+
+
+def _ratios(rows) -> None:
+    """Pallas fwd+bwd over cuDNN's at the same seq; decode GB/s over the copy bandwidth."""
+    cudnn = {r["seq"]: r.get("fwd_bwd_tflops") for r in rows
+             if r["kind"] == "flash" and r["impl"] == "cudnn"}
+    for r in rows:
+        if r["kind"] == "flash" and r["impl"] == "pallas" and r.get("fwd_bwd_tflops") \
+                and cudnn.get(r["seq"]):
+            r["vs_cudnn"] = r["fwd_bwd_tflops"] / cudnn[r["seq"]]
+
+
+def run(mode: str, iters: int, flash_impls=("pallas", "cudnn", "xla"),
+        decode_impls=("pallas", "xla")) -> dict:
+    z = SIZES[mode]
+    dry = mode == "dry"
+    peak = matmul_peak(iters, n=256 if dry else 8192) / 1e12
+    copy_gbps = copy_bandwidth(iters, nbytes=2 ** 23 if dry else 2 ** 31) / 1e9
+    print(json.dumps({"kind": "ceilings", "matmul_peak_tflops": peak,
+                      "copy_bandwidth_gbps": copy_gbps}), flush=True)
+    rows = []
+    for seq in z["seqs"]:
+        for impl in flash_impls:
+            rows.append(bench_flash(seq, impl, iters, tokens=z["tokens"], heads=z["heads"],
+                                    head_dim=z["head_dim"]))
+            print(json.dumps(rows[-1]), flush=True)
+    for cache_len in z["lens"]:
+        for batch in z["batches"]:
+            for impl in decode_impls:
+                row = bench_decode(cache_len, batch, impl, iters, heads=z["q_heads"],
+                                   kv_heads=z["kv_heads"], head_dim=z["head_dim"])
+                if "gbps" in row:
+                    row["hbm_fraction"] = row["gbps"] / copy_gbps
+                rows.append(row)
+                print(json.dumps(rows[-1]), flush=True)
+    _ratios(rows)
+    return {**device_info(), "mode": mode, "matmul_peak_tflops": peak,
+            "copy_bandwidth_gbps": copy_gbps, "rows": rows}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer sizes and iterations")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, any platform")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="also write the JSON results here")
     args = p.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        print(f"needs a GPU (jax platform is {jax.default_backend()!r})", file=sys.stderr)
+    if jax.default_backend() != "gpu" and not args.dry_run:
+        print(f"needs a GPU (jax platform is {jax.default_backend()!r}); "
+              "--dry-run runs tiny shapes anywhere", file=sys.stderr)
         return 2
-    iters = 5 if args.quick else args.iters
-    seqs = [2048] if args.quick else [2048, 4096, 8192]
-    lens = [1024, 8192] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768]
-    batches = [1, 16] if args.quick else [1, 4, 16, 64]
-
-    peak = matmul_peak(iters)
-    rows = []
-    for seq in seqs:
-        for impl in ("pallas", "cudnn", "xla"):
-            rows.append(bench_flash(seq, impl, iters))
-            print(json.dumps(rows[-1]), flush=True)
-    for cache_len in lens:
-        for batch in batches:
-            for impl in ("pallas", "xla"):
-                rows.append(bench_decode(cache_len, batch, impl, iters))
-                print(json.dumps(rows[-1]), flush=True)
-    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "matmul_peak_tflops": peak, "rows": rows}
-    print(_table(rows, peak))
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    mode = "dry" if args.dry_run else "quick" if args.quick else "full"
+    result = run(mode, 1 if args.dry_run else 5 if args.quick else args.iters)
+    print(_table(result["rows"], result["matmul_peak_tflops"]))
+    print(f"HBM copy bandwidth measured here: {result['copy_bandwidth_gbps']:.0f} GB/s")
+    write_json(args.out, result)
     return 0
 
 

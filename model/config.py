@@ -47,11 +47,17 @@ class ModelConfig:
     attn_scale: float = 0.0  # 0: head_dim ** -0.5; T5: 1.0
     attn_logit_softcap: float = 0.0  # 0: off; c: scores -> c * tanh(scores / c) (Gemma 2)
     rope_theta: float = 10000.0
-    rope_scaling: str = "none"  # none | llama3
+    rope_scaling: str = "none"  # none | llama3 | linear | dynamic | yarn (layers/positions.py)
     rope_scaling_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_len: int = 8192
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_len: int = 8192  # llama3, yarn: pretraining length; dynamic: NTK from here
+    rope_yarn_beta_fast: float = 32.0
+    rope_yarn_beta_slow: float = 1.0
+    rope_yarn_mscale: float = 0.0  # 0: unset (with mscale_all_dim: their ratio is the factor)
+    rope_yarn_mscale_all_dim: float = 0.0
+    rope_yarn_truncate: bool = True
+    rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 * ln(factor) + 1
     qkv_bias: bool = False
     out_bias: bool = False  # attention output projection
     mlp_bias: bool = False
@@ -76,7 +82,8 @@ class ModelConfig:
         _choice(self, "mlp", ("swiglu", "geglu", "gelu", "relu"))
         _choice(self, "positions", ("rope", "learned", "sinusoidal", "alibi", "t5_relative",
                                     "none"))
-        _choice(self, "rope_scaling", ("none", "llama3"))
+        _choice(self, "rope_scaling", ("none", "llama3", "linear", "dynamic", "yarn"))
+        _check_rope_scaling(self)
         _choice(self, "remat", REMAT_POLICIES)
         _choice(self, "attention_impl", ATTENTION_IMPLS)
         _choice(self, "dtype", DTYPES)
@@ -115,6 +122,23 @@ class ModelConfig:
     @property
     def q_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+
+def _check_rope_scaling(cfg: "ModelConfig") -> None:
+    if cfg.rope_scaling == "none":
+        return
+    if not cfg.rope_scaling_factor >= 1:
+        raise ConfigError(f"model.rope_scaling_factor={cfg.rope_scaling_factor} must be >= 1 "
+                          f"for rope_scaling={cfg.rope_scaling!r}")
+    if cfg.rope_original_max_len <= 0:
+        raise ConfigError(f"model.rope_original_max_len={cfg.rope_original_max_len} must be > 0")
+    if cfg.rope_scaling == "yarn":
+        if not cfg.rope_yarn_beta_fast >= cfg.rope_yarn_beta_slow > 0:
+            raise ConfigError(f"model.rope_yarn_beta_fast={cfg.rope_yarn_beta_fast} must be >= "
+                              f"model.rope_yarn_beta_slow={cfg.rope_yarn_beta_slow} > 0")
+        if min(cfg.rope_attention_factor, cfg.rope_yarn_mscale, cfg.rope_yarn_mscale_all_dim) < 0:
+            raise ConfigError("model.rope_attention_factor, rope_yarn_mscale and "
+                              "rope_yarn_mscale_all_dim must be >= 0 (0: unset)")
 
 
 @dataclass(frozen=True)
@@ -168,6 +192,10 @@ class TrainConfig:
     span_noise_density: float = 0.15  # span: fraction of tokens corrupted
     span_mean_length: float = 3.0  # span: mean corrupted span length
     sft_loss_on: str = "completion"  # sft: loss on completion / assistant tokens | all tokens
+    # Per-device peak FLOP/s that MFU divides by; 0: the datasheet bf16 figure
+    # for a known accelerator (train/metrics.py), else the measured matmul peak.
+    peak_flops: float = 0.0
+    tensorboard: bool = True  # TensorBoard event files in run_dir beside metrics.jsonl
 
     def __post_init__(self):
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
@@ -187,6 +215,8 @@ class TrainConfig:
             raise ConfigError(f"train.loss_vocab_chunk={self.loss_vocab_chunk} must be >= 0")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
+        if not self.peak_flops >= 0:
+            raise ConfigError(f"train.peak_flops={self.peak_flops} must be >= 0 (0: automatic)")
 
 
 # Logical axis -> mesh axis (or None: replicated). Changing parallelism is
@@ -544,13 +574,15 @@ def dtype_of(name: str):
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), matmuls only.
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls only,
+    counted as MaxText's `calculate_tflops_training_per_device` counts them.
 
     6 * (matmul params, output head included, input embedding excluded since
-    it is a gather; for MoE the experts a token visits) + 6 * 2 * layers * seq
-    * heads * head_dim for the two attention matmuls (QK^T and PV) over the
-    full, unmasked score matrix, which is what the XLA reference computes.
-    Decoder-only accounting: encoder-decoder runs are approximate.
+    it is a gather; for MoE the experts a token visits, plus the router) +
+    3 * 4 * layers * seq * heads * head_dim for the two attention matmuls (QK^T
+    and PV), halved for causal attention (the decoder family): only the lower
+    triangle of the score matrix is useful work. Decoder-only accounting:
+    encoder-decoder runs are approximate.
     """
     d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
     attn_proj = d * hd * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
@@ -559,8 +591,10 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         mlp = cfg.experts_per_token * mlp + d * cfg.n_experts
     head = d * cfg.vocab_size
     matmul_params = L * (attn_proj + mlp) + head
-    attn_scores = 2 * L * seq_len * cfg.n_heads * hd
-    return 6.0 * matmul_params + 6.0 * attn_scores
+    attn_scores = 12.0 * L * seq_len * cfg.n_heads * hd
+    if cfg.family == "decoder":
+        attn_scores /= 2
+    return 6.0 * matmul_params + attn_scores
 
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "MeshConfig", "GenerateConfig",

@@ -16,7 +16,7 @@ from jaxlm.model import init_params, model_specs
 from jaxlm.model.config import model_flops_per_token
 from jaxlm.sharding.mesh import make_mesh
 from jaxlm.sharding.rules import named_sharding, use_mesh
-from jaxlm.train.metrics import measure_matmul_peak
+from jaxlm.train.metrics import device_peak, mesh_devices, mfu
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.train.state import create_state, state_shardings
 from jaxlm.train.step import compile_steps
@@ -65,18 +65,19 @@ def bench_decode(cfg, params, batch: int, prompt_len: int = 16, new_tokens: int 
 
 
 def run_bench(cfg) -> dict:
-    peak = measure_matmul_peak(cfg.model.dtype, seconds=2.0)
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
-          f"{cfg.model.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
+    n_devices, local = mesh_devices(make_mesh(cfg.mesh))
+    peak, source = device_peak(cfg.model.dtype, cfg.train.peak_flops, 2.0, sharing=local)
+    print(f"device: {jax.devices()[0].device_kind} x{n_devices}; "
+          f"per-device peak {peak / 1e9:.1f} GFLOP/s ({source})")
     tps = bench_train(cfg)
-    mfu = tps * model_flops_per_token(cfg.model, cfg.data.seq_len) / peak
-    print(f"train: {tps:.0f} tokens/s, MFU {mfu:.1%} "
+    train_mfu = mfu(tps, model_flops_per_token(cfg.model, cfg.data.seq_len), n_devices, peak)
+    print(f"train: {tps:.0f} tokens/s, MFU {train_mfu:.1%} per device "
           f"({model_flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.1f} MFLOP/token)")
     params = init_params(cfg.model, jax.random.key(0))
     dec = {b: bench_decode(cfg.model, params, b) for b in (1, 16)}
     print(f"decode: {dec[1]:.0f} tokens/s at batch 1, {dec[16]:.0f} tokens/s at batch 16")
     result = {"peak_gflops": round(peak / 1e9, 2), "train_tokens_per_s": round(tps, 1),
-              "train_mfu": round(mfu, 4), "decode_tokens_per_s_b1": round(dec[1], 1),
+              "train_mfu": round(train_mfu, 4), "peak_source": source, "decode_tokens_per_s_b1": round(dec[1], 1),
               "decode_tokens_per_s_b16": round(dec[16], 1)}
     print(json.dumps(result))
     return result

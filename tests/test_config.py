@@ -85,3 +85,18 @@ def test_invalid_yaml(tmp_path):
     p.write_text("model: {d_model: [\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(str(p))
+
+
+def test_llama_1b_preset_counts_its_parameters():
+    """The GPU benchmark preset: ~1.07B, recounted by hand from the Llama layout."""
+    from jaxlm.model import model_specs
+    from jaxlm.model.params import count
+    cfg = load_config("llama-1b")
+    m = cfg.model
+    hd = m.d_model // m.n_heads
+    layer = (m.d_model * hd * (2 * m.n_heads + 2 * m.n_kv_heads)  # q, o; k, v
+             + 3 * m.d_model * m.d_ff + 2 * m.d_model)  # gate, up, down; two norms
+    want = 2 * m.vocab_size * m.d_model + m.n_layers * layer + m.d_model  # embed, head, final norm
+    assert count(model_specs(m)) == want
+    assert 1.0e9 < want < 1.1e9 and hd == 128
+    assert (m.dtype, m.param_dtype, cfg.data.seq_len) == ("bfloat16", "float32", 2048)

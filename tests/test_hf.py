@@ -294,8 +294,8 @@ def test_config_mapping_transformers5_and_legacy_rope():
                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                 "original_max_position_embeddings": 32})
     assert config_from_hf(legacy) == cfg
-    with pytest.raises(CheckpointError, match="rope_type 'yarn'"):
-        config_from_hf({**legacy, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(CheckpointError, match="rope_type 'longrope'"):
+        config_from_hf({**legacy, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
     exported = hf_config_from(cfg)
     assert exported["rope_parameters"]["rope_type"] == "llama3"
     assert config_from_hf(exported) == cfg

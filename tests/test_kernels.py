@@ -22,8 +22,8 @@ from jaxlm.model.kernels import MaskSpec, attention, decode, dispatch, flash
 from jaxlm.model.kernels.blocks import block_range, mask_arrays, visible_blocks
 from jaxlm.model.kernels.flash import BlockSizes, flash_attention
 from jaxlm.model.kernels.reference import attention_reference
-from jaxlm.model.kernels.testing import (FLASH_CASES, assert_close, flash_case, packed_segments,
-                                         random_qkv, vjp_both)
+from jaxlm.model.kernels.testing import (FLASH_CASES, INTERPRET, assert_close, flash_case,
+                                         on_accelerator, packed_segments, random_qkv, vjp_both)
 
 # Small, unequal tiles: several blocks per grid axis, different dq / dkv tilings.
 BLOCKS = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=32,
@@ -31,7 +31,7 @@ BLOCKS = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_
 
 
 def gpu_flash(q, k, v, mask, bias, **kw):
-    return flash_attention(q, k, v, mask, bias, backend="gpu", interpret=True,
+    return flash_attention(q, k, v, mask, bias, backend="gpu", interpret=INTERPRET,
                            block_sizes=BLOCKS, **kw)
 
 
@@ -101,6 +101,7 @@ def test_softcap_reference_semantics():
 
 # ------------------------------------------------------------ dispatcher
 
+@pytest.mark.skipif(on_accelerator(), reason="checks the CPU choices")
 def test_resolve_impl_on_cpu():
     assert dispatch.resolve_impl("auto") == "xla"
     assert dispatch.resolve_impl("pallas") == "pallas"
@@ -178,7 +179,7 @@ def test_compiled_flash_grad_holds_no_seq_by_seq_array():
         return jax.grad(lambda q, k, v: attn(q, k, v).sum(), argnums=(0, 1, 2))
 
     kernel = _compile(grad_of(lambda q, k, v: flash_attention(
-        q, k, v, mask, backend="gpu", interpret=True)), q, kv, kv)
+        q, k, v, mask, backend="gpu", interpret=INTERPRET)), q, kv, kv)
     reference = _compile(grad_of(lambda q, k, v: attention_reference(q, k, v, mask)), q, kv, kv)
     k_temp = kernel.memory_analysis().temp_size_in_bytes
     r_temp = reference.memory_analysis().temp_size_in_bytes

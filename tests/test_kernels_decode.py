@@ -18,9 +18,9 @@ from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.kernels.decode import combine, decode_attention
 from jaxlm.model.kernels.backends import ENV_BACKEND
 from jaxlm.model.kernels.reference import attention_reference
-from jaxlm.model.kernels.testing import packed_segments, random_qkv
+from jaxlm.model.kernels.testing import INTERPRET, kernel_backends, packed_segments, random_qkv
 
-BACKENDS = ["gpu", "tpu"]
+BACKENDS = kernel_backends()
 DECODE_CASES = {  # lengths 1 and max, GQA groups 1 / 4 / 8, head dims 64 / 128
     "gqa4_len1_and_max_3splits": dict(b=3, t=64, h=8, kvh=2, d=64, lengths=[1, 64, 30], splits=3),
     "mha_d128_window_kv_positions": dict(b=2, t=48, h=4, kvh=4, d=128, lengths=[48, 20], window=8,
@@ -47,8 +47,8 @@ def test_decode_matches_reference(name, backend):
     p = DECODE_CASES[name]
     q, k, v, mask = decode_case(p)
     out = jax.jit(lambda q, k, v: decode_attention(
-        q, k, v, mask, backend=backend, interpret=True, block_k=16, num_splits=p.get("splits"),
-        softcap=p.get("softcap")))(q, k, v)
+        q, k, v, mask, backend=backend, interpret=INTERPRET, block_k=16,
+        num_splits=p.get("splits"), softcap=p.get("softcap")))(q, k, v)
     f32 = lambda x: x.astype(jnp.float32)
     ref = attention_reference(f32(q), f32(k), f32(v), mask, softcap=p.get("softcap"))
     tol = 3e-2 if q.dtype == jnp.bfloat16 else 2e-5
@@ -63,7 +63,7 @@ def test_decode_reads_only_blocks_below_length(backend):
     q, k, v, mask = decode_case(dict(b=2, t=64, h=4, kvh=2, d=64, lengths=[20, 5]))
     hidden = jnp.arange(64)[None, :, None, None] >= jnp.array([32, 16])[:, None, None, None]
     poison = lambda x: jnp.where(hidden, jnp.nan, x)
-    out = decode_attention(q, poison(k), poison(v), mask, backend=backend, interpret=True,
+    out = decode_attention(q, poison(k), poison(v), mask, backend=backend, interpret=INTERPRET,
                            block_k=16, num_splits=2)
     np.testing.assert_allclose(out, attention_reference(q, k, v, mask), atol=2e-5)
 
@@ -104,6 +104,7 @@ def test_model_forward_pallas_matches_xla(params, backend, monkeypatch):
     np.testing.assert_allclose(run(PALLAS), run(CFG), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (CPU: forced host devices)")
 def test_model_gradient_per_shard_under_mesh(params, monkeypatch):
     """Under a data x fsdp x tensor mesh the kernel runs in shard_map (batch and
     heads split), with the same gradient as the XLA reference."""

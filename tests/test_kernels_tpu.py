@@ -5,10 +5,14 @@ simulating VMEM / SMEM, scalar prefetch and the grid pipeline. Same case table
 and tolerances as test_kernels.py (jaxlm.model.kernels.testing).
 """
 
+import jax
 import pytest
 
 from jaxlm.model.kernels.flash import BlockSizes, flash_attention
-from jaxlm.model.kernels.testing import FLASH_CASES, assert_close, flash_case, vjp_both
+from jaxlm.model.kernels.testing import FLASH_CASES, INTERPRET, assert_close, flash_case, vjp_both
+
+pytestmark = pytest.mark.skipif(jax.default_backend() == "gpu",
+                                reason="the TPU lowering runs on a TPU or interpreted on CPU")
 
 UNIFORM = BlockSizes.uniform(32)  # fewer grid steps: TPU interpret mode is slow
 MIXED = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=32,
@@ -17,7 +21,7 @@ MIXED = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q
 
 def tpu_flash(blocks):
     def fn(q, k, v, mask, bias, **kw):
-        return flash_attention(q, k, v, mask, bias, backend="tpu", interpret=True,
+        return flash_attention(q, k, v, mask, bias, backend="tpu", interpret=INTERPRET,
                                block_sizes=blocks, **kw)
     return fn
 

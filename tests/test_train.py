@@ -127,3 +127,20 @@ def test_save_and_load_round_trip(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, params2)
     with pytest.raises(CheckpointError, match="already holds a checkpoint"):
         jaxlm.save(str(tmp_path / "exported"), cfg, params)
+
+
+def test_tensorboard_events_hold_the_logged_scalars(straight_run):
+    """Event files beside metrics.jsonl, read by tensorboard's own reader, hold
+    the JSONL's numbers at the same steps."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_dir, _ = straight_run
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(run_dir))
+    events = accumulator.EventAccumulator(run_dir)
+    events.Reload()
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for tag in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "eval_loss"):
+        want = {r["step"]: r[tag] for r in rows if tag in r}
+        got = {e.step: e.value for e in events.Scalars(tag)}
+        assert want and got.keys() == want.keys(), tag
+        np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-6)

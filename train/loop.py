@@ -21,7 +21,7 @@ from jaxlm.sharding.mesh import check_divisible, make_mesh, model_dims
 from jaxlm.sharding.rules import named_sharding, use_mesh
 from jaxlm.train import checkpoint, span
 from jaxlm.train.data import eval_batches, load_documents, make_batches, split_documents
-from jaxlm.train.metrics import MetricsLog, measure_matmul_peak
+from jaxlm.train.metrics import MetricsLog, device_peak, mesh_devices, mfu
 from jaxlm.train.objectives import batch_objective
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.train.state import abstract_state, create_state, state_shardings
@@ -91,9 +91,11 @@ class _Loop:
         self.train_step, self.eval_step, self.evals = train_step, eval_step, evals
         self.batch_sharding = batch_sharding
         self.progress = progress
-        self.log = MetricsLog(os.path.join(cfg.run_dir, "metrics.jsonl")
-                              if jax.process_index() == 0 else os.devnull)
-        self.peak = measure_matmul_peak(cfg.model.dtype, seconds=0.5)
+        lead = jax.process_index() == 0  # one writer; TensorBoard events beside the JSONL
+        self.log = MetricsLog(os.path.join(cfg.run_dir, "metrics.jsonl") if lead else os.devnull,
+                              cfg.run_dir if lead and cfg.train.tensorboard else None)
+        self.devices, local = mesh_devices(batch_sharding.mesh)
+        self.peak, _ = device_peak(cfg.model.dtype, cfg.train.peak_flops, 0.5, sharing=local)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
 
     def evaluate(self, state) -> float:
@@ -145,7 +147,8 @@ class _Loop:
         if t_mark is not None:
             tokens = self.cfg.data.batch_size * self.cfg.data.seq_len * len(rows)
             tps = tokens / (time.perf_counter() - t_mark)
-            speed = {"tokens_per_s": tps, "mfu": tps * self.flops_per_token / self.peak}
+            speed = {"tokens_per_s": tps,
+                     "mfu": mfu(tps, self.flops_per_token, self.devices, self.peak)}
         for i, (s, m) in enumerate(rows):
             self.log.write({"step": s, **m, **(speed if i == len(rows) - 1 else {})})
         step, last = rows[-1]

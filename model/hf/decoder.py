@@ -30,6 +30,7 @@ from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.hf.io import CONFIG_FILE
 from jaxlm.model.hf.rules import Rule, linear, merged
+from jaxlm.model.layers.positions import SCALED_ROPE, rope_fields_from_hf, rope_parameters_to_hf
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
 SUPPORTED = MODEL_TYPES
@@ -83,8 +84,10 @@ def _rope_fields(hf: dict, model_type: str, max_len: int) -> dict:
                 "rope_high_freq_factor": float(params.get("high_freq_factor", 4.0)),
                 "rope_original_max_len": int(params.get("original_max_position_embeddings")
                                              or max_len)}
+    if kind in SCALED_ROPE:
+        return {"rope_theta": float(theta), **rope_fields_from_hf(kind, params, max_len)}
     raise CheckpointError(f"{CONFIG_FILE}: rope_type {kind!r} is not supported "
-                          "(supported: default, llama3)")
+                          f"(supported: default, llama3, {', '.join(SCALED_ROPE)})")
 
 
 def _window(hf: dict, model_type: str, n_layers: int) -> int:
@@ -259,6 +262,7 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
                     low_freq_factor=cfg.rope_low_freq_factor,
                     high_freq_factor=cfg.rope_high_freq_factor,
                     original_max_position_embeddings=cfg.rope_original_max_len)
+    rope.update(rope_parameters_to_hf(cfg))  # linear, dynamic, yarn
     out = {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import jax
@@ -10,6 +11,26 @@ import numpy as np
 
 from jaxlm.model.kernels.mask import MaskSpec
 from jaxlm.model.kernels.reference import attention_reference
+
+# Kernel tests pass `interpret=INTERPRET`. By default that is True: the kernels
+# run in interpret mode everywhere (CI, CPU). With JAXLM_KERNELS_COMPILED=1 it is
+# None, which resolve_backend turns into "compile on the platform's own
+# lowering, interpret only on CPU": the same tests then run the compiled
+# Triton / Mosaic kernels on a GPU / TPU (benchmarks/gpu_check.sh sets it).
+COMPILED_ENV = "JAXLM_KERNELS_COMPILED"
+COMPILED = os.environ.get(COMPILED_ENV) == "1"
+INTERPRET = None if COMPILED else True
+
+
+def on_accelerator() -> bool:
+    return jax.default_backend() in ("gpu", "tpu")
+
+
+def kernel_backends() -> list[str]:
+    """The Pallas lowerings a test can run here: both (interpreted) on CPU, the
+    platform's own on a GPU or TPU (the other lowering cannot run there)."""
+    return [jax.default_backend()] if on_accelerator() else ["gpu", "tpu"]
+
 
 # (output atol, output rtol, gradient atol, gradient rtol), inputs ~ N(0, 1)
 TOLERANCE = {
