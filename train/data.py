@@ -233,8 +233,8 @@ def open_corpus(corpus: str, *, max_docs: int = 0) -> Documents:
         files = stdlib_sources()
         docs = Documents(grain.MapDataset.source([str(p) for p in files]), "file",
                          _files_identity("stdlib", files, pathlib.Path(sysconfig.get_paths()["stdlib"])))
-    elif path.is_dir() and (path / "manifest.json").exists():
-        docs = _prepared(path)
+    elif path.is_dir() and ((path / "manifest.json").exists() or any(path.glob("*.array_record"))):
+        docs = _prepared(path)  # shards without a manifest: an unfinished `jaxlm prepare`
     elif path.is_dir():
         files = _directory_files(path)
         docs = Documents(grain.MapDataset.source([str(p) for p in files]), "file",
