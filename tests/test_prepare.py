@@ -271,3 +271,24 @@ def test_prepare_errors_are_one_line(tmp_path, tok, corpus, capsys):
     assert cli_main(["prepare", "--input", str(root / "in" / "*.md"), "--output", str(tmp_path / "o5"),
                      "--tokenizer", tok]) == 0
     assert "prepared 1 files -> 1 shards, 1 documents" in capsys.readouterr().out
+
+
+def test_train_on_a_prepared_corpus(corpus, tmp_path, tok):
+    """`data.corpus=DIR` trains with the corpus's own tokenizer; another one is refused."""
+    from jaxlm.train.loop import train
+    root, _, _ = corpus
+    tiny = ["model.vocab_size=384", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+            "model.n_kv_heads=2", "model.d_ff=64", "model.max_seq_len=16", "data.seq_len=16",
+            "data.batch_size=2", "data.eval_fraction=0.2", "train.steps=2", "train.warmup_steps=1",
+            "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=2", "mesh.devices=1",
+            f"data.corpus={root / 'out'}"]
+    summary = train(load_config(None, tiny + [f"run_dir={tmp_path / 'run'}"]), progress=False)
+    assert summary["final_step"] == 2 and len(summary["eval"]) == 2
+    assert (tmp_path / "run" / "tokenizer.model").read_bytes() == pathlib.Path(tok).read_bytes()
+    other = train_sentencepiece(load_documents("stdlib", max_docs=30), 380, tmp_path / "other",
+                                max_chars=100_000)
+    with pytest.raises(ConfigError, match="prepared with"):
+        train(load_config(None, tiny + [f"run_dir={tmp_path / 'run2'}",
+                                        f"data.tokenizer={tmp_path / 'other' / 'tokenizer.model'}"]),
+              progress=False)
+    assert other.vocab_size == 380

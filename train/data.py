@@ -1,9 +1,18 @@
 """Causal-LM input pipeline on grain: documents -> packed rows -> batches.
 
-    docs --shard by process--> MapDataset.source --shuffle(seed, epoch)--> repeat
-         --map(tokenize: [bos] + ids + [eos])--> to_iter_dataset (threads)
-         --ConcatThenSplitIterDataset(seq_len)--> batch (last one padded)
-         --map(targets, loss_mask)--> {tokens, targets, positions, segment_ids, loss_mask}
+    Documents (MapDataset of texts | file paths | prepared ArrayRecord records)
+         --every k-th held out for eval--> [process_index::process_count]
+         --shuffle(seed, epoch)--> repeat --map(read/tokenize: [bos] + ids + [eos])
+         --> to_iter_dataset (threads) --ConcatThenSplitIterDataset(seq_len)-->
+         [IterDataset.mix of several sources by weight] --window shuffle-->
+         batch (last one padded) --map(targets, loss_mask)-->
+         {tokens, targets, positions, segment_ids, loss_mask}
+
+Every corpus is read lazily by index (`open_corpus`): "stdlib" and
+directories as a list of file paths, `jaxlm prepare` output as grain's
+`ArrayRecordDataSource` over its shards; nothing is read at start-up, and a
+saved state is checked against the corpus's identity (file names + sizes, or
+the manifest digest), not a hash of its documents.
 
 Packing is concatenate-then-split (grain's `ConcatThenSplitIterDataset`):
 documents are laid end to end and cut every `seq_len` tokens, so rows are

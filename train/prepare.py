@@ -291,11 +291,18 @@ def prepare(input_glob: str, output: str, *, tokenizer: str = "", resume: bool =
             for job, entry in zip(jobs, pool.imap(_prepare_file, jobs)):
                 entries[job[1]] = entry
 
-    inputs = [entries[i] for i in range(len(files))]
+    return write_manifest(out, tok, tok_path.name, records_per_shard,
+                          [entries[i] for i in range(len(files))])
+
+
+def write_manifest(out, tok: Tokenizer, tokenizer_file: str, records_per_shard: int,
+                   inputs: list[dict]) -> dict:
+    """Writes (atomically, last) and returns the manifest of the shards `inputs` name."""
+    out = pathlib.Path(out)
     manifest = {
         "version": VERSION,
         "format": FORMAT,
-        "tokenizer_file": tok_path.name,
+        "tokenizer_file": tokenizer_file,
         "tokenizer_digest": tokenizer_digest(tok),
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
@@ -334,4 +341,4 @@ def manifest_digest(manifest: dict) -> str:
 
 
 __all__ = ["prepare", "read_manifest", "manifest_digest", "tokenizer_digest", "file_texts",
-           "encode_documents", "write_shards", "MANIFEST"]
+           "encode_documents", "write_shards", "write_manifest", "MANIFEST"]
