@@ -120,7 +120,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = "stdlib"  # "stdlib", a directory, a text file or a .jsonl file
+    corpus: str = "stdlib"  # "stdlib", a directory, a text/.jsonl file, or a `jaxlm prepare` dir
     max_docs: int = 0  # 0: all
     eval_fraction: float = 0.02
     seq_len: int = 256

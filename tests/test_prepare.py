@@ -125,8 +125,11 @@ def test_processes_read_disjoint_records_covering_the_epoch(corpus, tok):
     assert counts == collections.Counter(expected_ids(tokenizer, texts))  # disjoint, union = all
 
 
-@pytest.mark.parametrize("k", [0, 3, 17])
-def test_resume_after_a_kill_is_exact(corpus, tok, k):
+@pytest.mark.parametrize("k,small", [(0, None), (3, None), (17, None), (17, 2)])
+def test_resume_after_a_kill_is_exact(corpus, tok, k, small, monkeypatch):
+    """small=2: the shuffle of large corpora (grain's per-index MapDataset.shuffle)."""
+    if small:
+        monkeypatch.setattr(data, "_SMALL", small)
     root, _, _ = corpus
     tokenizer = load_tokenizer(tok)
     kwargs = dict(seq_len=SEQ, batch_size=BATCH, seed=4, shuffle_rows=8, process_index=1, process_count=2)
