@@ -87,21 +87,29 @@ def build_prepared(work: pathlib.Path, size_mb: int, tokenizer_dir: pathlib.Path
 
 _PROBE = """
 import json, resource, sys, time
+def rss_now():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
 t0 = time.perf_counter()
 from jaxlm.model.config import load_config
 from jaxlm.model.tokenizer import load_tokenizer
 from jaxlm.train.data import make_batches, open_sources
 t1 = time.perf_counter()
+rss_import, rss_import_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_now()
 cfg = load_config(None, [f"data.corpus={sys.argv[1]}", "data.seq_len=1024", "data.batch_size=8"])
 train, evals = open_sources(cfg.data)
 tok = load_tokenizer(train.tokenizer_path or sys.argv[2])
 it = make_batches(train, tok, seq_len=1024, batch_size=8, seed=0, shuffle_rows=cfg.data.shuffle_rows)
 batch = next(it)
 t2 = time.perf_counter()
+rss_first = rss_now()
 for _ in range(20):
     next(it)
 t3 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "first_batch_s": t2 - t1, "next_20_batches_s": t3 - t2,
+                  "peak_rss_after_imports_mb": rss_import,
+                  "rss_growth_imports_to_first_batch_mb": rss_first - rss_import_now,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "records": len(train) + len(evals)}))
 """
