@@ -295,3 +295,19 @@ def test_train_on_a_prepared_corpus(corpus, tmp_path, tok):
                                         f"data.tokenizer={tmp_path / 'other' / 'tokenizer.model'}"]),
               progress=False)
     assert other.vocab_size == 380
+
+
+def test_prepare_trains_a_tokenizer_when_none_is_given(tmp_path):
+    write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    assert cli_main(["prepare", "--input", str(tmp_path / "in" / "*"), "--output", str(out),
+                     "--vocab-size", "300"]) == 0
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.vocab_size == 300
+    manifest = json.loads((out / "manifest.json").read_text())
+    # --resume without --tokenizer keeps the one saved with the shards: nothing changes.
+    assert cli_main(["prepare", "--input", str(tmp_path / "in" / "*"), "--output", str(out), "--resume"]) == 0
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    docs = open_corpus(str(out))
+    assert np.frombuffer(docs.items[0], "<i4").tolist() == list(expected_ids(
+        tokenizer, [(tmp_path / "in" / "a.txt").read_text()])[0])
