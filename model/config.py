@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import importlib.resources
 import os
 import typing
@@ -143,7 +144,7 @@ def _check_rope_scaling(cfg: "ModelConfig") -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = "stdlib"  # "stdlib", a directory, a text file or a .jsonl file
+    corpus: str = "stdlib"  # "stdlib", a directory, a text/.jsonl file, or a `jaxlm prepare` dir
     max_docs: int = 0  # 0: all
     eval_fraction: float = 0.02
     seq_len: int = 256
@@ -155,13 +156,39 @@ class DataConfig:
     # sft/dpo chat records: "" the checkpoint's own template (else ChatML), "chatml", or a
     # .jinja file (see jaxlm.model.chat.resolve_chat_template)
     chat_template: str = ""
+    # A weighted mixture, replacing `corpus` when given: [{path: ..., weight: ...}, ...]
+    # in YAML, each path a corpus as above; a source's share of the rows is its weight.
+    sources: tuple = ()
 
     def __post_init__(self):
         _positive(self, "seq_len", "batch_size", "tokenizer_max_chars")
+        object.__setattr__(self, "sources", _data_sources(self.sources))
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
         if self.max_docs < 0 or self.shuffle_rows < 0:
             raise ConfigError("data.max_docs and data.shuffle_rows must be >= 0")
+
+
+def _data_sources(value) -> tuple:
+    """data.sources as ((path, weight), ...) from a list of {path, weight} (or pairs)."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"data.sources should be a list of {{path, weight}}, got {value!r}")
+    out = []
+    for i, s in enumerate(value):
+        if isinstance(s, dict) and set(s) <= {"path", "weight"} and "path" in s:
+            path, weight = s["path"], s.get("weight", 1.0)
+        elif isinstance(s, (list, tuple)) and len(s) == 2:
+            path, weight = s
+        else:
+            raise ConfigError(f"data.sources[{i}]={s!r} should be a mapping {{path, weight}}")
+        if not isinstance(path, str) or not path or isinstance(weight, bool) \
+                or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"data.sources[{i}]: path must be a non-empty string and weight a "
+                              f"number > 0, got path={path!r}, weight={weight!r}")
+        out.append((path, float(weight)))
+    if out and not math.isfinite(sum(w for _, w in out)):
+        raise ConfigError("data.sources: the weights must sum to a finite positive number")
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -559,6 +586,8 @@ def to_dict(cfg) -> dict:
             out[f.name] = to_dict(v)
         elif f.name == "rules":
             out[f.name] = {k: (list(a) if a else None) for k, a in v}
+        elif f.name == "sources":
+            out[f.name] = [{"path": p, "weight": w} for p, w in v]
         else:
             out[f.name] = v
     return out

@@ -1,4 +1,4 @@
-"""The `jaxlm` command: train | generate | batch-infer | convert | bench | plan.
+"""The `jaxlm` command: train | generate | batch-infer | convert | bench | plan | prepare.
 
 Each subcommand takes `--config` (a YAML path or a preset name) and
 `key=value` overrides. Bad input prints one `error:` line and exits 2.
@@ -57,6 +57,11 @@ def cmd_plan(args):
     return run_plan(args)
 
 
+def cmd_prepare(args):
+    from jaxlm.scripts.prepare import run_prepare
+    run_prepare(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, help="kv cache batch (default data.batch_size)")
     pl.add_argument("overrides", nargs="*", metavar="key=value")
     pl.set_defaults(fn=cmd_plan)
+
+    from jaxlm.scripts.prepare import add_arguments as prepare_arguments
+    pr = sub.add_parser("prepare", help="tokenize text/.jsonl/Parquet files into ArrayRecord shards")
+    prepare_arguments(pr)
+    pr.set_defaults(fn=cmd_prepare)
     return p
 
 

@@ -1,9 +1,18 @@
 """Causal-LM input pipeline on grain: documents -> packed rows -> batches.
 
-    docs --shard by process--> MapDataset.source --shuffle(seed, epoch)--> repeat
-         --map(tokenize: [bos] + ids + [eos])--> to_iter_dataset (threads)
-         --ConcatThenSplitIterDataset(seq_len)--> batch (last one padded)
-         --map(targets, loss_mask)--> {tokens, targets, positions, segment_ids, loss_mask}
+    Documents (MapDataset of texts | file paths | prepared ArrayRecord records)
+         --every k-th held out for eval--> [process_index::process_count]
+         --shuffle(seed, epoch)--> repeat --map(read/tokenize: [bos] + ids + [eos])
+         --> to_iter_dataset (threads) --ConcatThenSplitIterDataset(seq_len)-->
+         [IterDataset.mix of several sources by weight] --window shuffle-->
+         batch (last one padded) --map(targets, loss_mask)-->
+         {tokens, targets, positions, segment_ids, loss_mask}
+
+Every corpus is read lazily by index (`open_corpus`): "stdlib" and
+directories as a list of file paths, `jaxlm prepare` output as grain's
+`ArrayRecordDataSource` over its shards; nothing is read at start-up, and a
+saved state is checked against the corpus's identity (file names + sizes, or
+the manifest digest), not a hash of its documents.
 
 Packing is concatenate-then-split (grain's `ConcatThenSplitIterDataset`):
 documents are laid end to end and cut every `seq_len` tokens, so rows are
@@ -24,6 +33,7 @@ iterator from the same arguments, and the batches continue exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -168,6 +178,147 @@ def split_documents(docs: Sequence[str], eval_fraction: float, seed: int) -> tup
     return train, evals
 
 
+# ---------------------------------------------------------------- lazy corpora
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Documents:
+    """A corpus read lazily, by index: nothing is read until the pipeline asks.
+
+    `items` is a grain MapDataset of raw items of one `kind`: "text" (str
+    documents), "file" (paths of UTF-8 files, one document each; unreadable or
+    blank ones are skipped when read) or "tokens" (ArrayRecord records of a
+    prepared corpus: [bos] + ids + [eos] as little-endian int32 bytes).
+    `identity` is what a saved iterator state must match (file names and
+    sizes, or the manifest digest; never the contents).
+    """
+
+    items: grain.MapDataset
+    kind: str
+    identity: dict
+    tokenizer_digest: str | None = None  # prepared corpora: the tokenizer they need
+    tokenizer_path: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def view(self, items: grain.MapDataset, **identity) -> "Documents":
+        return dataclasses.replace(self, items=items, identity={**self.identity, **identity})
+
+
+def _files_identity(name: str, paths: Sequence[pathlib.Path], root: pathlib.Path) -> dict:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.relative_to(root)}\0{path.stat().st_size}\0".encode())
+    return {"corpus": name, "files": len(paths), "files_sha256": digest.hexdigest()[:16]}
+
+
+def _prepared(path: pathlib.Path) -> Documents:
+    from jaxlm.train import prepare
+    manifest = prepare.read_manifest(path)
+    shards = [str(path / s["file"]) for e in manifest["inputs"] for s in e["shards"] if s["records"]]
+    if not shards:
+        raise InputError(f"prepared corpus {path} holds no documents")
+    source = grain.sources.ArrayRecordDataSource(shards)  # opens each shard's index, reads no record
+    return Documents(grain.MapDataset.source(source), "tokens",
+                     {"corpus": "prepared", "manifest_sha256": prepare.manifest_digest(manifest)},
+                     tokenizer_digest=manifest["tokenizer_digest"],
+                     tokenizer_path=str(path / manifest["tokenizer_file"]))
+
+
+def open_corpus(corpus: str, *, max_docs: int = 0) -> Documents:
+    """A corpus as lazily read `Documents`, in a deterministic order.
+
+    `corpus`: "stdlib", a directory of text files (as `load_documents`), a
+    directory prepared by `jaxlm prepare` (it holds manifest.json), a `.jsonl`
+    file or a text file (both small: read at once). `max_docs` > 0 keeps the
+    first documents. Start-up cost: one stat per raw file, one index read per
+    prepared shard.
+    """
+    if max_docs < 0:
+        raise ConfigError(f"max_docs must be >= 0, got {max_docs}")
+    path = pathlib.Path(corpus).expanduser()
+    if corpus == "stdlib":
+        files = stdlib_sources()
+        docs = Documents(grain.MapDataset.source([str(p) for p in files]), "file",
+                         _files_identity("stdlib", files, pathlib.Path(sysconfig.get_paths()["stdlib"])))
+    elif path.is_dir() and ((path / "manifest.json").exists() or any(path.glob("*.array_record"))):
+        docs = _prepared(path)  # shards without a manifest: an unfinished `jaxlm prepare`
+    elif path.is_dir():
+        files = _directory_files(path)
+        docs = Documents(grain.MapDataset.source([str(p) for p in files]), "file",
+                         _files_identity(str(path.resolve()), files, path))
+    elif path.is_file():
+        texts = load_documents(corpus, max_docs=max_docs or None)
+        st = path.stat()
+        docs = Documents(grain.MapDataset.source(texts), "text",
+                         {"corpus": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    else:
+        raise InputError(f"corpus not found: {corpus} (a directory, a prepared corpus, a text/.jsonl "
+                         "file, or 'stdlib')")
+    if not len(docs):
+        raise InputError(f"no documents in corpus {corpus}")
+    if max_docs and max_docs < len(docs):
+        docs = docs.view(docs.items[:max_docs], max_docs=max_docs)
+    return docs
+
+
+class _EveryKth(grain.MapDataset):
+    """Held-out split by index: `take=True` keeps items k-1, 2k-1, ...; False the others."""
+
+    def __init__(self, parent: grain.MapDataset, k: int, take: bool):
+        super().__init__(parent)
+        n = len(parent)
+        self._k, self._take = k, take
+        self._length = n // k if take else n - n // k
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __str__(self) -> str:
+        return f"EveryKth(k={self._k}, take={self._take})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        k, i = self._k, index % self._length
+        return self._parent[i * k + k - 1 if self._take else (i // (k - 1)) * k + i % (k - 1)]
+
+
+def split_corpus(docs: Documents, eval_fraction: float) -> tuple[Documents, Documents | None]:
+    """Disjoint (train, eval) views by index: every k-th document is eval, k = round(1 / eval_fraction).
+
+    At least one eval document when there are two or more (k <= n); with one
+    document eval is None. Lazy: nothing is read.
+    """
+    if not 0.0 < eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    n = len(docs)
+    if n < 2:
+        return docs, None
+    k = min(max(2, round(1 / eval_fraction)), n)
+    return (docs.view(_EveryKth(docs.items, k, False), split=f"train/{k}"),
+            docs.view(_EveryKth(docs.items, k, True), split=f"eval/{k}"))
+
+
+def sample_texts(docs: Documents, max_chars: int, seed: int) -> list[str]:
+    """Texts of documents in a seeded order until `max_chars` (to train a tokenizer on)."""
+    if docs.kind == "tokens":
+        raise ConfigError("a prepared corpus is already tokenized: use its tokenizer "
+                          "(data.tokenizer='' picks the one saved with it)")
+    order = np.random.default_rng(seed).permutation(len(docs))
+    texts, total = [], 0
+    for i in order:
+        item = docs.items[int(i)]
+        text = item if docs.kind == "text" else _read_text(pathlib.Path(item))
+        if text and text.strip():
+            texts.append(text)
+            total += len(text)
+            if total >= max_chars:
+                break
+    return texts
+
+
 # ---------------------------------------------------------------- pipeline
 
 
@@ -212,18 +363,6 @@ def _add_targets(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndar
     }
 
 
-def _shard(docs: Sequence[str], process_index: int, process_count: int) -> list[str]:
-    """This process's documents: every process_count-th, from process_index."""
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ConfigError(f"bad process_index/process_count: {process_index}/{process_count}")
-    if not docs:
-        raise InputError("no documents to make batches from")
-    shard = list(docs[process_index::process_count])
-    if not shard:
-        raise InputError(f"process {process_index} of {process_count} gets no documents ({len(docs)} in all)")
-    return shard
-
-
 def _check_shapes(seq_len: int, batch_size: int) -> None:
     if seq_len < 2 or batch_size < 1:
         raise ConfigError(f"need seq_len >= 2 and batch_size >= 1, got seq_len={seq_len}, batch_size={batch_size}")
@@ -259,27 +398,65 @@ class _EpochShuffle(grain.MapDataset):
         return self._parent[int(self._permutation(epoch)[i])]
 
 
-def _dataset(docs, tokenizer, *, seq_len, batch_size, seed, num_epochs, num_threads,
-             shuffle_rows: int = 0) -> grain.IterDataset:
-    """The grain pipeline; `seed=None` keeps document order; `num_epochs=None` repeats forever.
+class _ToTokens(grain.transforms.Map):
+    """An item of `kind` -> {"tokens": int32 [bos] + ids + [eos]}, or None (skipped) for an
+    unreadable or blank file."""
 
-    `shuffle_rows` > 0 shuffles packed rows within windows of that many rows,
-    so a batch's rows come from many documents rather than one or two
-    consecutive ones (whose gradients are strongly correlated).
-    """
-    ds = grain.MapDataset.source(docs)
+    def __init__(self, tokenizer: Tokenizer, kind: str):
+        self._tokenize = _Tokenize(tokenizer)
+        self._kind = kind
+
+    def map(self, item):
+        if self._kind == "tokens":
+            return {"tokens": np.frombuffer(item, dtype="<i4").astype(np.int32)}
+        if self._kind == "file":
+            item = _read_text(pathlib.Path(item))
+            if item is None or not item.strip():
+                return None
+        return self._tokenize.map(item)
+
+
+_SMALL = 1 << 20  # up to this many documents: one numpy permutation per epoch; above: grain's
+
+
+def _shuffled(items: grain.MapDataset, seed: int) -> grain.MapDataset:
+    """A new order each epoch, from (seed, epoch): O(n) memory below `_SMALL` items, O(1) above."""
+    if seed < 0:
+        raise ConfigError(f"seed must be non-negative, got {seed}")
+    return _EpochShuffle(items, seed) if len(items) <= _SMALL else items.shuffle(seed)
+
+
+def _rows(docs: Documents, tokenizer, *, seq_len, seed, num_epochs, num_threads) -> grain.IterDataset:
+    """One source's packed rows: shuffle(seed, epoch) -> repeat -> tokenize (threads) -> pack."""
+    ds = docs.items
     if seed is not None:
-        ds = _EpochShuffle(ds, seed)  # a new order each epoch (indices run on past len)
-    ds = ds.repeat(num_epochs)
-    ds = ds.map(_Tokenize(tokenizer))
+        ds = _shuffled(ds, seed)  # a new order each epoch (indices run on past len)
+    ds = ds.repeat(num_epochs).map(_ToTokens(tokenizer, docs.kind))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=_PREFETCH_BUFFER))
-    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
+    return grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
+
+
+def _dataset(sources, tokenizer, *, seq_len, batch_size, seed, num_epochs, num_threads,
+             shuffle_rows: int = 0) -> grain.IterDataset:
+    """The grain pipeline over [(Documents, weight)]; `seed=None` keeps document order;
+    `num_epochs=None` repeats forever.
+
+    Several sources are packed separately and their rows mixed by weight
+    (`IterDataset.mix`: a deterministic interleaving, so each source's share
+    of rows, hence of tokens, is its weight; a finite stream stops when one
+    source ends). `shuffle_rows` > 0 shuffles packed rows within windows of
+    that many rows, so a batch's rows come from many documents rather than
+    one or two consecutive ones (whose gradients are strongly correlated).
+    """
+    streams = [_rows(docs, tokenizer, seq_len=seq_len, seed=None if seed is None else seed + j,
+                     num_epochs=num_epochs, num_threads=num_threads)
+               for j, (docs, _) in enumerate(sources)]
+    it = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, [w for _, w in sources])
     if seed is not None and shuffle_rows > 1:
         it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_rows, seed=seed)
     it = it.batch(batch_size, batch_fn=lambda rows: _stack_rows(rows, batch_size))
     pad_id = tokenizer.pad_id
     return it.map(lambda batch: _add_targets(batch, pad_id))
-
 
 # ---------------------------------------------------------------- iterator
 
@@ -326,21 +503,71 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         self._iterator.set_state(_as_tuples(state["grain"]))
 
 
-def _fingerprint(docs: Sequence[str], tokenizer: Tokenizer, **settings) -> dict[str, Any]:
-    """What a saved state must match: settings plus digests of the docs and vocab."""
+def _identity(docs: Documents) -> dict[str, Any]:
+    """What a saved state must match for one source: its identity, never its contents."""
+    return {**docs.identity, "kind": docs.kind, "num_docs": len(docs)}
+
+
+def _as_documents(docs) -> Documents:
+    """A list of texts becomes `Documents` (identified by a digest of the texts: they are in memory)."""
+    if isinstance(docs, Documents):
+        return docs
+    docs = list(docs)
     digest = hashlib.sha256()
     for doc in docs:
         digest.update(hashlib.sha256(doc.encode("utf-8")).digest())
-    return {
-        **settings,
-        "num_docs": len(docs),
-        "docs_sha256": digest.hexdigest()[:16],
-        "vocab_size": tokenizer.vocab_size,
-    }
+    return Documents(grain.MapDataset.source(docs), "text", {"docs_sha256": digest.hexdigest()[:16]})
+
+
+def _sources(docs) -> list[tuple[Documents, float]]:
+    """Documents, a list of texts, or a mixture [(Documents or texts, weight), ...]."""
+    if isinstance(docs, Sequence) and docs and all(
+            isinstance(d, tuple) and len(d) == 2 and not isinstance(d[0], str) for d in docs):
+        sources = [(_as_documents(d), float(w)) for d, w in docs]
+        weights = [w for _, w in sources]
+        if any(not w > 0 for w in weights) or not sum(weights) > 0:
+            raise ConfigError(f"mixture weights must be > 0 and sum to a positive number, got {weights}")
+        return sources
+    return [(_as_documents(docs), 1.0)]
+
+
+def _check_tokenizer(sources, tokenizer: Tokenizer) -> None:
+    needed = {d.tokenizer_digest for d, _ in sources} - {None}
+    if needed:
+        from jaxlm.train.prepare import tokenizer_digest
+        have = tokenizer_digest(tokenizer)
+        for d, _ in sources:
+            if d.tokenizer_digest not in (None, have):
+                raise ConfigError(
+                    f"the tokenizer (digest {have}) is not the one the corpus was prepared with "
+                    f"(digest {d.tokenizer_digest}, saved as {d.tokenizer_path}): set data.tokenizer to it")
+
+
+def _shard(sources, process_index: int, process_count: int) -> list[tuple[Documents, float]]:
+    """This process's documents of each source: indices process_index, +process_count, ...
+
+    Disjoint across processes, and together the whole source (the same rule
+    as `docs[process_index::process_count]`, as a lazy grain slice).
+    """
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ConfigError(f"bad process_index/process_count: {process_index}/{process_count}")
+    out = []
+    for docs, weight in sources:
+        total = len(docs)
+        if not total:
+            raise InputError("no documents to make batches from")
+        if process_count > 1:
+            docs = docs.view(docs.items[process_index::process_count],
+                             process_index=process_index, process_count=process_count)
+        if not len(docs):
+            raise InputError(f"process {process_index} of {process_count} gets no documents "
+                             f"({total} in all)")
+        out.append((docs, weight))
+    return out
 
 
 def make_batches(
-    docs: Sequence[str],
+    docs,
     tokenizer: Tokenizer,
     *,
     seq_len: int,
@@ -355,29 +582,34 @@ def make_batches(
 ) -> BatchIterator:
     """Training batches: dicts of `[batch_size, seq_len]` numpy arrays.
 
-    Documents are shuffled with `seed`, differently each epoch. `repeat=True`
-    with `num_epochs=None` never ends; `num_epochs=k` stops after k passes,
-    `repeat=False` after one; the last batch of a finite stream is padded
-    (segment_ids 0, loss_mask 0). Each process reads a disjoint share of the
-    documents (`docs[process_index::process_count]`), so shares may differ
-    in length. `shuffle_rows` > 0 shuffles packed rows within windows of
-    that many rows. Same arguments -> same batches, in any process.
+    `docs`: a list of texts, lazily read `Documents` (`open_corpus`), or a
+    mixture `[(documents, weight), ...]` whose sources get that share of the
+    rows. Documents are shuffled with `seed`, differently each epoch.
+    `repeat=True` with `num_epochs=None` never ends; `num_epochs=k` stops
+    after k passes, `repeat=False` after one; the last batch of a finite
+    stream is padded (segment_ids 0, loss_mask 0). Each process reads a
+    disjoint share of each source (indices `process_index::process_count`),
+    so shares may differ in length. `shuffle_rows` > 0 shuffles packed rows
+    within windows of that many rows. Same arguments -> same batches.
     """
     _check_shapes(seq_len, batch_size)
     if num_epochs is not None and num_epochs < 1:
         raise ConfigError(f"num_epochs must be positive, got {num_epochs}")
-    shard = _shard(docs, process_index, process_count)
+    sources = _sources(docs)
+    _check_tokenizer(sources, tokenizer)
+    sources = _shard(sources, process_index, process_count)
     epochs = num_epochs if repeat else 1
-    ds = _dataset(shard, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
+    ds = _dataset(sources, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
                   num_epochs=epochs, num_threads=num_threads, shuffle_rows=shuffle_rows)
-    fingerprint = _fingerprint(shard, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                               num_epochs=epochs, process_index=process_index, process_count=process_count,
-                               shuffle_rows=shuffle_rows)
+    fingerprint = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed, "num_epochs": epochs,
+                   "process_index": process_index, "process_count": process_count,
+                   "shuffle_rows": shuffle_rows, "vocab_size": tokenizer.vocab_size,
+                   "sources": [{**_identity(d), "weight": w} for d, w in sources]}
     return BatchIterator(ds, fingerprint)
 
 
 def eval_batches(
-    docs: Sequence[str],
+    docs,
     tokenizer: Tokenizer,
     *,
     seq_len: int,
@@ -389,10 +621,11 @@ def eval_batches(
 ) -> list[dict[str, np.ndarray]]:
     """A fixed, deterministic list of eval batches spread over the eval documents.
 
-    The eval documents are packed in order (no shuffle, no repeat). If they
-    give more rows than `num_batches * batch_size`, evenly spaced rows are
-    kept (reading at most `max_rows_read` times the rows needed), so the eval
-    covers the whole split rather than its first documents. If they give
+    `docs` as for `make_batches` (a mixture gives rows mixed by weight). The
+    eval documents are packed in order (no shuffle, no repeat), read lazily.
+    If they give more rows than `num_batches * batch_size`, evenly spaced rows
+    are kept (reading at most `max_rows_read` times the rows needed), so the
+    eval covers the whole split rather than its first documents. If they give
     fewer, every row is kept and fewer batches come back (never repeated
     data), the last one padded with empty rows (segment 0, loss_mask 0).
     Always at least one batch.
@@ -400,8 +633,10 @@ def eval_batches(
     _check_shapes(seq_len, batch_size)
     if num_batches < 1:
         raise ConfigError(f"num_batches must be positive, got {num_batches}")
-    shard = _shard(docs, process_index, process_count)
-    ds = _dataset(shard, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=None,
+    sources = _sources(docs)
+    _check_tokenizer(sources, tokenizer)
+    sources = _shard(sources, process_index, process_count)
+    ds = _dataset(sources, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=None,
                   num_epochs=1, num_threads=2)
     wanted = num_batches * batch_size
     rows = []
@@ -410,6 +645,8 @@ def eval_batches(
                  if batch["segment_ids"][r].any()]
         if len(rows) >= wanted * max_rows_read:
             break
+    if not rows:
+        raise InputError("the eval documents hold no tokens")
     if len(rows) > wanted:
         keep = np.linspace(0, len(rows) - 1, wanted).round().astype(int)
         rows = [rows[i] for i in keep]
@@ -417,3 +654,18 @@ def eval_batches(
     rows += [empty] * (-len(rows) % batch_size)
     return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
             for i in range(0, len(rows), batch_size)]
+
+
+def open_sources(data_cfg) -> tuple[Any, Any]:
+    """(train, eval) documents of a DataConfig: `data.sources` (a weighted mixture, each
+    source split alike) or else `data.corpus`. Lazy: nothing is read."""
+    specs = data_cfg.sources or ((data_cfg.corpus, 1.0),)
+    splits = [(split_corpus(open_corpus(path, max_docs=data_cfg.max_docs), data_cfg.eval_fraction), w)
+              for path, w in specs]
+    for (path, _), ((_, evals), _) in zip(specs, splits):
+        if evals is None:
+            raise InputError(f"corpus {path} has a single document: no eval split can be held out")
+    if len(splits) == 1:
+        (train, evals), _ = splits[0]
+        return train, evals
+    return [(t, w) for (t, _), w in splits], [(e, w) for (_, e), w in splits]

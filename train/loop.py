@@ -20,7 +20,7 @@ from jaxlm.sharding.distributed import local_batch_size, local_rows, put_batch
 from jaxlm.sharding.mesh import check_divisible, make_mesh, model_dims
 from jaxlm.sharding.rules import named_sharding, use_mesh
 from jaxlm.train import checkpoint, span
-from jaxlm.train.data import eval_batches, load_documents, make_batches, split_documents
+from jaxlm.train.data import eval_batches, make_batches, open_sources, sample_texts
 from jaxlm.train.metrics import MetricsLog, device_peak, mesh_devices, mfu
 from jaxlm.train.objectives import batch_objective
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
@@ -46,8 +46,7 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     if lead:
         _write_config(cfg)
 
-    docs = load_documents(cfg.data.corpus, max_docs=cfg.data.max_docs or None)
-    train_docs, eval_docs = split_documents(docs, cfg.data.eval_fraction, cfg.data.seed)
+    train_docs, eval_docs = open_sources(cfg.data)  # lazy: read as the pipeline streams
     tokenizer = _tokenizer(cfg, train_docs)
 
     mesh = make_mesh(cfg.mesh)
@@ -236,8 +235,9 @@ def read_run_config(run_dir: str) -> Config:
 
 
 def _tokenizer(cfg: Config, train_docs):
-    path = cfg.data.tokenizer or os.path.join(cfg.run_dir, TOKENIZER_FILE)
-    if cfg.data.tokenizer or os.path.exists(path):
+    first = train_docs if not isinstance(train_docs, list) else train_docs[0][0]
+    path = cfg.data.tokenizer or first.tokenizer_path or os.path.join(cfg.run_dir, TOKENIZER_FILE)
+    if cfg.data.tokenizer or first.tokenizer_path or os.path.exists(path):
         tok = load_tokenizer(path)
     elif jax.process_count() > 1:
         raise ConfigError("multi-host runs need a trained tokenizer: set data.tokenizer=PATH "
@@ -245,12 +245,13 @@ def _tokenizer(cfg: Config, train_docs):
     else:
         # mlm: the last id is [MASK]; span: the top ids are the sentinels
         reserved = 1 if cfg.train.objective == "mlm" else span.reserved_ids(cfg)
-        tok = train_sentencepiece(train_docs, cfg.model.vocab_size - reserved, cfg.run_dir,
+        texts = sample_texts(first, cfg.data.tokenizer_max_chars, cfg.data.seed)
+        tok = train_sentencepiece(texts, cfg.model.vocab_size - reserved, cfg.run_dir,
                                   max_chars=cfg.data.tokenizer_max_chars, seed=cfg.data.seed)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size="
                           f"{cfg.model.vocab_size}")
-    if cfg.data.tokenizer and jax.process_index() == 0:  # a copy with the run: self-contained
+    if (cfg.data.tokenizer or first.tokenizer_path) and jax.process_index() == 0:  # a copy with the run
         tok.save(cfg.run_dir)
     return tok
 
