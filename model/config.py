@@ -330,6 +330,12 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} is longer than "
                 f"model.max_seq_len={self.model.max_seq_len}")
+        if self.train.objective == "dpo" and self.model.family != "decoder":
+            raise ConfigError(f"train.objective=dpo needs model.family=decoder, not "
+                              f"{self.model.family!r}")
+        if self.train.lora_rank:  # a regex that adapts nothing stops here, naming itself
+            from jaxlm.train.lora import lora_targets
+            lora_targets(self.model, self.train)
 
 
 # ---------------------------------------------------------------- loading

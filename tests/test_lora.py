@@ -71,6 +71,11 @@ def test_targets_matching_no_weight_and_accum_not_dividing_batch():
     mcfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64)
     with pytest.raises(ConfigError, match="lora_targets='embed/tokens'"):
         lora_specs(mcfg, TrainConfig(lora_rank=2, lora_targets="embed/tokens"))
+    with pytest.raises(ConfigError, match="lora_targets='layers/mlp/nothing'"):
+        Config(model=mcfg, train=TrainConfig(lora_rank=2, lora_targets="layers/mlp/nothing"))
+    with pytest.raises(ConfigError, match="objective=dpo needs model.family=decoder"):
+        Config(model=dataclasses.replace(mcfg, family="encoder", mlp="gelu"),
+               train=TrainConfig(objective="dpo"))
     with pytest.raises(ConfigError, match="grad_accum_steps=3"):
         Config(train=TrainConfig(grad_accum_steps=3), data=DataConfig(batch_size=8))
 
