@@ -96,10 +96,8 @@ def _totals(batch, tcfg):
 
 def microbatches(batch, k: int):
     """Every leaf [B, ...] -> [k, B/k, ...]; microbatch j holds rows j, j + k, ..."""
-    def split(x):
-        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-        return x
-    return jax.tree.map(split, batch)
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+                        batch)
 
 
 def _grads(fn, trainable, frozen, batch, k):
