@@ -12,6 +12,7 @@ import difflib
 import math
 import importlib.resources
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -223,6 +224,20 @@ class TrainConfig:
     # for a known accelerator (train/metrics.py), else the measured matmul peak.
     peak_flops: float = 0.0
     tensorboard: bool = True  # TensorBoard event files in run_dir beside metrics.jsonl
+    # Gradient accumulation: the batch runs as this many microbatches inside one step.
+    grad_accum_steps: int = 1
+    # LoRA (jaxlm.train.lora): rank 0 = off. Adapters on the weights whose path
+    # ("layers/attn/q", "decoder/layers/cross/o", ...) re.fullmatch-es lora_targets;
+    # scale lora_alpha / lora_rank (lora_alpha 0: 2 * lora_rank). lora_base_dtype
+    # int8: the frozen base's layer matmul weights held as int8 (QLoRA).
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: str = "layers/attn/(q|k|v|o)"
+    lora_base_dtype: str = "same"  # same | int8
+    # DPO (jaxlm.train.dpo, train.objective=dpo): Rafailov et al.'s loss.
+    dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"  # sigmoid | ipo
+    dpo_label_smoothing: float = 0.0
 
     def __post_init__(self):
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
@@ -234,6 +249,27 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo"))
         _choice(self, "sft_loss_on", ("completion", "all"))
+        _choice(self, "lora_base_dtype", ("same", "int8"))
+        _choice(self, "dpo_loss", ("sigmoid", "ipo"))
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+        if self.lora_rank < 0:
+            raise ConfigError(f"train.lora_rank={self.lora_rank} must be >= 0 (0: LoRA off)")
+        if self.lora_alpha < 0:
+            raise ConfigError(f"train.lora_alpha={self.lora_alpha} must be >= 0 (0: 2 * rank)")
+        if self.lora_base_dtype == "int8" and not self.lora_rank:
+            raise ConfigError("train.lora_base_dtype=int8 (QLoRA) needs train.lora_rank > 0")
+        if self.lora_rank:
+            try:
+                re.compile(self.lora_targets)
+            except re.error as e:
+                raise ConfigError(f"train.lora_targets={self.lora_targets!r} is not a valid "
+                                  f"regular expression ({e})") from None
+        if not self.dpo_beta > 0:
+            raise ConfigError(f"train.dpo_beta={self.dpo_beta} must be > 0")
+        if not 0.0 <= self.dpo_label_smoothing < 0.5:
+            raise ConfigError(f"train.dpo_label_smoothing={self.dpo_label_smoothing} must be in "
+                              "[0, 0.5)")
         if not (0 < self.mlm_probability < 1 and 0 < self.span_noise_density < 1
                 and self.span_mean_length >= 1):
             raise ConfigError("train: 0 < mlm_probability < 1, 0 < span_noise_density < 1 and "
@@ -352,10 +388,19 @@ class Config:
     run_dir: str = "runs/default"
 
     def __post_init__(self):
+        if self.data.batch_size % self.train.grad_accum_steps:
+            raise ConfigError(f"train.grad_accum_steps={self.train.grad_accum_steps} does not "
+                              f"divide data.batch_size={self.data.batch_size}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} is longer than "
                 f"model.max_seq_len={self.model.max_seq_len}")
+        if self.train.objective == "dpo" and self.model.family != "decoder":
+            raise ConfigError(f"train.objective=dpo needs model.family=decoder, not "
+                              f"{self.model.family!r}")
+        if self.train.lora_rank:  # a regex that adapts nothing stops here, naming itself
+            from jaxlm.train.lora import lora_targets
+            lora_targets(self.model, self.train)
 
 
 # ---------------------------------------------------------------- loading

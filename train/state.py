@@ -1,6 +1,19 @@
-"""The train state pytree and its sharded creation."""
+"""The train state pytree and its sharded creation.
+
+Three kinds of run share one state type:
+
+* plain: `params` are the model's, `frozen` is None;
+* LoRA / QLoRA (`train.lora_rank` > 0): `params` are the adapters only (the
+  optimizer's whole world), `frozen` the base (int8 `QuantizedWeight` leaves
+  under QLoRA), never updated, never donated;
+* DPO without LoRA (`train.objective=dpo`): `frozen` is a copy of the starting
+  params, the reference policy. (DPO with LoRA uses the base alone as the
+  reference: no second copy.)
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm.model import model_specs
 from jaxlm.model.params import abstract, initialize, logical_axes
 from jaxlm.sharding.rules import tree_shardings
+from jaxlm.train import lora
 
 
 @struct.dataclass
@@ -18,34 +32,75 @@ class TrainState:
     step: jax.Array
     params: dict
     opt_state: optax.OptState
+    frozen: Any = None
+
+
+def _has_frozen(cfg) -> bool:
+    return bool(cfg.train.lora_rank) or cfg.train.objective == "dpo"
 
 
 def state_shardings(cfg, mesh, tx):
-    """Shardings of every leaf: params by their logical axes, optimizer
-    moments like the params they follow, everything else replicated."""
-    specs = model_specs(cfg.model)
+    """Shardings of every leaf: params (or adapters) and the frozen tree by their
+    logical axes, optimizer moments like the params they follow, everything
+    else replicated."""
+    specs = lora.trainable_specs(cfg)
     param_sh = tree_shardings(mesh, logical_axes(specs), cfg.mesh.rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_abstract = jax.eval_shape(tx.init, abstract(specs))
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, param_sh,
                                    transform_non_params=lambda _: replicated)
-    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+    frozen_sh = None
+    if _has_frozen(cfg):
+        frozen_sh = tree_shardings(mesh, lora.frozen_axes(cfg.model, cfg.train), cfg.mesh.rules)
+    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, frozen=frozen_sh)
 
 
 def abstract_state(cfg, mesh, tx):
     """ShapeDtypeStructs with shardings: the target for restoring a checkpoint."""
     shardings = state_shardings(cfg, mesh, tx)
-    shapes = jax.eval_shape(lambda: _new_state(cfg, tx, jax.random.key(0)))
+    shapes = jax.eval_shape(lambda: _new_state(cfg, tx, jax.random.key(0), None))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
 
 
-def create_state(cfg, mesh, tx, seed: int) -> TrainState:
-    """Initialise params and optimizer state directly with their shardings."""
-    init = jax.jit(lambda key: _new_state(cfg, tx, key), out_shardings=state_shardings(cfg, mesh, tx))
-    return init(jax.random.key(seed))
+def create_state(cfg, mesh, tx, seed: int, params=None) -> TrainState:
+    """The train state, created directly with its shardings.
+
+    `params`: the starting (base) params, e.g. a loaded checkpoint; None:
+    initialised from `seed`. LoRA runs hold them frozen (int8 under QLoRA)
+    beside fresh adapters; DPO runs without LoRA keep a frozen copy as the
+    reference policy.
+    """
+    shardings = state_shardings(cfg, mesh, tx)
+    key = jax.random.key(seed)
+    if params is None:
+        init = jax.jit(lambda key: _new_state(cfg, tx, key, None), out_shardings=shardings)
+        return init(key)
+    base_sh = tree_shardings(mesh, logical_axes(model_specs(cfg.model)), cfg.mesh.rules)
+    params = jax.device_put(params, base_sh)
+    init = jax.jit(lambda key, p: _new_state(cfg, tx, key, p), out_shardings=shardings)
+    return init(key, params)
 
 
-def _new_state(cfg, tx, key):
-    params = initialize(model_specs(cfg.model), key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def create_lora_state(cfg, mesh, tx, base_params, seed: int) -> TrainState:
+    """A LoRA (QLoRA) state: `base_params` frozen (quantized), adapters from `seed`."""
+    if not cfg.train.lora_rank:
+        raise ValueError("create_lora_state needs train.lora_rank > 0")
+    return create_state(cfg, mesh, tx, seed, base_params)
+
+
+def _new_state(cfg, tx, key, base):
+    given = base is not None
+    if not given:
+        base = initialize(model_specs(cfg.model), key)
+    frozen = None
+    if cfg.train.lora_rank:
+        params = initialize(lora.lora_specs(cfg.model, cfg.train), jax.random.fold_in(key, 1))
+        frozen = (lora.quantize_base(base, cfg.model) if cfg.train.lora_base_dtype == "int8"
+                  else base)
+    else:
+        params = jax.tree.map(jnp.copy, base) if given else base  # own buffers: donated
+        if cfg.train.objective == "dpo":  # the reference policy: its own buffers
+            frozen = jax.tree.map(jnp.copy, base)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      frozen=frozen)

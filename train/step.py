@@ -1,4 +1,15 @@
-"""The jitted train and eval steps."""
+"""The jitted train and eval steps: plain, LoRA (frozen base + adapters), DPO,
+each with gradient accumulation.
+
+One `train_step(state, batch)` covers every run kind (see train/state.py):
+the trainable tree is `state.params`; the model sees `apply_lora(frozen,
+params)` for LoRA runs. With `train.grad_accum_steps` k > 1 the batch is
+split into k microbatches (rows j, j + k, ...: each device keeps its share)
+scanned inside the step; each microbatch's objective is its loss sum over
+the whole batch's denominator (tokens, or pairs for DPO), so the summed
+gradients and losses are exactly the full-batch means. (MoE router losses
+are averaged over microbatches.)
+"""
 
 from __future__ import annotations
 
@@ -9,17 +20,25 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm.model import forward, head_weights
+from jaxlm.model.adapters import materialize_outside_layers
+from jaxlm.model.config import TrainConfig, dtype_of
 from jaxlm.model.families.encoder import mlm_head_inputs
+from jaxlm.sharding.rules import constrain
+from jaxlm.train import dpo
+from jaxlm.train.lora import apply_lora, lora_scale
 from jaxlm.train.objectives import causal_lm_loss, chunked_lm_loss
 from jaxlm.train.state import TrainState
 
+DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
 
-def loss_fn(params, mcfg, batch, vocab_chunk: int = 0):
+
+def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_weight=1.0):
     """(training objective, (token loss sum, token count, extra metrics)).
 
-    The objective is the mean token loss plus, for MoE configs, the router's
-    load-balancing and z losses times their coefficients (logged apart).
-    `vocab_chunk` > 0 computes the token loss over vocab chunks.
+    The objective is the token loss sum over `denominator` (default: this
+    batch's token count, i.e. the mean) plus, for MoE configs, `aux_weight`
+    times the router's load-balancing and z losses times their coefficients
+    (logged apart). `vocab_chunk` > 0 computes the token loss over vocab chunks.
     """
     if mcfg.family == "encoder_decoder":  # span corruption: encoder inputs -> decoder targets
         out, aux = forward(params, mcfg, batch["tokens"], batch["decoder_tokens"],
@@ -29,50 +48,165 @@ def loss_fn(params, mcfg, batch, vocab_chunk: int = 0):
         out, aux = forward(params, mcfg, batch["tokens"], batch["positions"],
                            batch["segment_ids"], return_hidden=vocab_chunk > 0)
     if vocab_chunk > 0:
+        top = materialize_outside_layers(params, dtype_of(mcfg.dtype))
         if mcfg.family == "encoder":  # the MLM head: transform, tied decoder + bias
-            out, w = mlm_head_inputs(params, mcfg, out)
+            out, w = mlm_head_inputs(top, mcfg, out)
         else:
-            w = head_weights(params, mcfg).astype(out.dtype)
+            w = head_weights(top, mcfg).astype(out.dtype)
         loss_sum, count = chunked_lm_loss(out, w, batch["targets"], batch["loss_mask"], vocab_chunk)
     else:
         loss_sum, count = causal_lm_loss(out, batch["targets"], batch["loss_mask"])
-    objective = loss_sum / jnp.maximum(count, 1.0)
+    denominator = jnp.maximum(count, 1.0) if denominator is None else denominator
+    objective = loss_sum / denominator
     extra = {}
     if "moe" in aux:
         stats = aux["moe"]
-        objective = (objective + mcfg.router_aux_loss_coef * stats["load_balancing_loss"]
-                     + mcfg.router_z_loss_coef * stats["router_z_loss"])
-        extra = {f"moe_{k}": v for k, v in stats.items()}
+        objective = objective + aux_weight * (mcfg.router_aux_loss_coef
+                                              * stats["load_balancing_loss"]
+                                              + mcfg.router_z_loss_coef * stats["router_z_loss"])
+        extra = {f"moe_{k}": v * aux_weight for k, v in stats.items()}
     return objective, (loss_sum, count, extra)
 
 
-def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, objective=None):
-    if objective is not None:  # a batch transform, e.g. MLM masking keyed by (seed, step)
+def _model_params(trainable, frozen, tcfg):
+    """(params the model runs, params of the DPO reference policy)."""
+    if tcfg.lora_rank:
+        return apply_lora(frozen, trainable, lora_scale(tcfg)), frozen
+    return trainable, frozen
+
+
+def _objective(trainable, frozen, batch, totals, *, mcfg, tcfg, vocab_chunk, k):
+    """(objective of one microbatch, additive sums: loss_sum, tokens, metrics)."""
+    params, reference = _model_params(trainable, frozen, tcfg)
+    if tcfg.objective == "dpo":
+        loss_sum, metrics, n = dpo.dpo_sums(params, reference, mcfg, batch, tcfg, vocab_chunk)
+        sums = {"loss_sum": loss_sum, "tokens": jnp.asarray(n, jnp.float32), **metrics}
+        return loss_sum / totals, sums
+    objective, (loss_sum, count, extra) = loss_fn(params, mcfg, batch, vocab_chunk,
+                                                  denominator=totals, aux_weight=1.0 / k)
+    return objective, {"loss_sum": loss_sum, "tokens": count, **extra}
+
+
+def _totals(batch, tcfg):
+    """The full batch's denominator: pairs for DPO, counted tokens otherwise."""
+    if tcfg.objective == "dpo":
+        return jnp.asarray(batch["chosen"]["tokens"].shape[0], jnp.float32)
+    return jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+
+def microbatches(batch, k: int):
+    """Every leaf [B, ...] -> [k, B/k, ...]; microbatch j holds rows j, j + k, ..."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+                        batch)
+
+
+def _grads(fn, trainable, frozen, batch, k):
+    """(gradient, sums) of fn summed over k microbatches (scanned), or of one batch."""
+    grad = jax.grad(fn, has_aux=True)
+    if k == 1:
+        return grad(trainable, frozen, batch)
+
+    def body(carry, mb):
+        mb = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
+        g, s = grad(trainable, frozen, mb)
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+
+    parts = microbatches(batch, k)
+    first = jax.tree.map(lambda x: x[0], parts)
+    shapes = jax.eval_shape(grad, trainable, frozen, first)
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (g, s), _ = jax.lax.scan(body, init, parts)
+    return g, s
+
+
+def _metrics(sums, tcfg):
+    n = jnp.maximum(sums["tokens"], 1.0)
+    out = {"loss": sums["loss_sum"] / n, "tokens": sums["tokens"]}
+    if tcfg.objective == "dpo":
+        out["dpo_loss"] = out["loss"]
+        out.update({k: sums[k] / n for k in DPO_METRICS})
+    out.update({k: v for k, v in sums.items() if k.startswith("moe_")})
+    return out
+
+
+def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, objective=None,
+               tcfg: TrainConfig | None = None):
+    """One optimizer step on `batch` (a DPO batch for train.objective=dpo).
+
+    `objective`: a batch transform, e.g. MLM masking keyed by (seed, step).
+    `tcfg` (default: TrainConfig()) picks LoRA, DPO and accumulation.
+    """
+    tcfg = tcfg or TrainConfig()
+    if objective is not None:
         batch = objective(batch, state.step)
-    grads, (loss_sum, count, extra) = jax.grad(loss_fn, has_aux=True)(state.params, mcfg, batch,
-                                                                      vocab_chunk)
+    k = tcfg.grad_accum_steps
+    fn = functools.partial(_objective, totals=_totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
+                           vocab_chunk=vocab_chunk, k=k)
+    grads, sums = _grads(fn, state.params, state.frozen, batch, k)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "tokens": count,
-               "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step), **extra}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    metrics = {**_metrics(sums, tcfg), "grad_norm": optax.global_norm(grads),
+               "lr": lr_schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None):
+def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, frozen=None):
+    """(loss sum, count, metric sums) of a held-out batch: token loss sum and
+    tokens, or for DPO the DPO loss sum, pairs and the reward metric sums
+    (divide each by count for the means)."""
+    tcfg = tcfg or TrainConfig()
     if objective is not None:  # with its fixed eval key
         batch = objective(batch, None)
-    _, (loss_sum, count, _) = loss_fn(params, mcfg, batch, vocab_chunk)
-    return loss_sum, count
+    _, sums = _objective(params, frozen, batch, _totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
+                         vocab_chunk=vocab_chunk, k=1)
+    extra = {k: v for k, v in sums.items() if k not in ("loss_sum", "tokens")}
+    return sums["loss_sum"], sums["tokens"], extra
+
+
+class _Train:
+    """`train(state, batch) -> (state, metrics)`: the jitted step with the
+    trainable part of the state donated and the frozen tree passed as a
+    separate, undonated argument (returned untouched)."""
+
+    def __init__(self, fn, state_sharding, batch_sharding):
+        def core(trainable, frozen, batch):
+            new, metrics = fn(trainable.replace(frozen=frozen), batch)
+            return new.replace(frozen=None), metrics
+        trainable_sh = state_sharding.replace(frozen=None)
+        self._jit = jax.jit(core, in_shardings=(trainable_sh, state_sharding.frozen,
+                                                batch_sharding),
+                            out_shardings=(trainable_sh, None), donate_argnums=0)
+
+    def __call__(self, state, batch):
+        new, metrics = self._jit(state.replace(frozen=None), state.frozen, batch)
+        return new.replace(frozen=state.frozen), metrics
+
+    def lower(self, state, batch):
+        return self._jit.lower(state.replace(frozen=None), state.frozen, batch)
+
+
+class _Eval:
+    """`evaluate(state, batch)` (or `evaluate(params, batch)` for plain runs)
+    -> (loss sum, count, metric sums)."""
+
+    def __init__(self, fn, state_sharding, batch_sharding):
+        self._jit = jax.jit(lambda params, frozen, batch: fn(params, batch, frozen=frozen),
+                            in_shardings=(state_sharding.params, state_sharding.frozen,
+                                          batch_sharding))
+
+    def __call__(self, state_or_params, batch):
+        if isinstance(state_or_params, TrainState):
+            return self._jit(state_or_params.params, state_or_params.frozen, batch)
+        return self._jit(state_or_params, None, batch)
 
 
 def compile_steps(mcfg, tx, lr_schedule, state_sharding, batch_sharding, vocab_chunk=0,
-                  objective=None):
-    """jit the steps once: train state donated, shardings pinned."""
-    train = jax.jit(functools.partial(train_step, mcfg=mcfg, tx=tx, lr_schedule=lr_schedule,
-                                      vocab_chunk=vocab_chunk, objective=objective),
-                    in_shardings=(state_sharding, batch_sharding),
-                    out_shardings=(state_sharding, None), donate_argnums=0)
-    evaluate = jax.jit(functools.partial(eval_step, mcfg=mcfg, vocab_chunk=vocab_chunk,
-                                         objective=objective),
-                       in_shardings=(state_sharding.params, batch_sharding))
-    return train, evaluate
+                  objective=None, tcfg: TrainConfig | None = None):
+    """jit the steps once: the trainable state donated, the frozen tree not, shardings
+    pinned. `tcfg` (the run's TrainConfig) turns on LoRA, DPO and accumulation."""
+    train = functools.partial(train_step, mcfg=mcfg, tx=tx, lr_schedule=lr_schedule,
+                              vocab_chunk=vocab_chunk, objective=objective, tcfg=tcfg)
+    evaluate = functools.partial(eval_step, mcfg=mcfg, vocab_chunk=vocab_chunk,
+                                 objective=objective, tcfg=tcfg)
+    return (_Train(train, state_sharding, batch_sharding),
+            _Eval(evaluate, state_sharding, batch_sharding))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.model.adapters import materialize, materialize_outside_layers
+from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.layers.attention import (attend, attention_specs, output_projection,
                                           position_bias, project_qkv)
@@ -70,6 +72,7 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
     [B,S,D] instead of logits (`jaxlm.model.unembed` maps them to logits).
     """
     b, s = tokens.shape
+    params = materialize_outside_layers(params, dtype_of(cfg.dtype))
     if cache is not None:
         positions = cache["lengths"][:, None] + jnp.arange(s, dtype=jnp.int32)[None]
     elif positions is None:
@@ -91,6 +94,7 @@ def _layers(params, cfg, x, positions, mask, segment_ids):
     bias = position_bias(params, mask, cfg, bidirectional=False)
 
     def block(x, layer):
+        layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
         h = norm(layer["ln1"], x, cfg)
         q, k, v = project_qkv(layer["attn"], h, positions, cfg)
         x = x + output_projection(layer["attn"], attend(q, k, v, mask, cfg, bias), cfg)
@@ -114,6 +118,7 @@ def _cached_layers(params, cfg, x, positions, cache, window):
     def block(carry, layer_and_index):
         x, ck, cv = carry
         layer, i = layer_and_index
+        layer = materialize(layer, dtype_of(cfg.dtype))
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         ck = ck.at[i, rows, positions].set(k.astype(ck.dtype), mode="drop")
         cv = cv.at[i, rows, positions].set(v.astype(cv.dtype), mode="drop")

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
 from jaxlm.model.families.decoder import remat
+from jaxlm.model.adapters import materialize, materialize_outside_layers
+from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.layers.attention import attention_specs, position_bias, self_attention
 from jaxlm.model.layers.relative import relative_bias_specs
@@ -79,6 +81,7 @@ def encoder(params, cfg, tokens, positions=None, segment_ids=None, token_types=N
     (before the MLM head; `mlm_logits` maps them to logits).
     """
     b, s = tokens.shape
+    params = materialize_outside_layers(params, dtype_of(cfg.dtype))
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     x = embed_tokens_and_positions(params, tokens, positions, cfg)
@@ -96,6 +99,7 @@ def encoder(params, cfg, tokens, positions=None, segment_ids=None, token_types=N
         return self_attention(layer["attn"], x, positions, mask, cfg, bias)
 
     def block(x, layer):
+        layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
         if post:
             x = norm(layer["ln1"], x + attn(layer, x), cfg)
             return norm(layer["ln2"], x + mlp(layer["mlp"], x, cfg), cfg), None

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
 from jaxlm.model.families.decoder import remat
+from jaxlm.model.adapters import materialize, materialize_outside_layers
+from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec, attention
 from jaxlm.model.layers.attention import attention_specs, output_projection, project_qkv
 from jaxlm.model.layers.dense import dense
@@ -113,6 +115,7 @@ def _cross_segments(q_seg, kv_seg, b, sq, sk):
 def encode(params, cfg, tokens, segment_ids=None, positions=None):
     """Encoder tokens [B,S] -> final-norm hidden states [B,S,D]."""
     s = tokens.shape[1]
+    params = materialize_outside_layers(params, dtype_of(cfg.dtype))
     positions = _arange(s) if positions is None else positions
     x = embed(params["embed"], tokens, cfg)
     p = params["encoder"]
@@ -120,6 +123,7 @@ def encode(params, cfg, tokens, segment_ids=None, positions=None):
     mask = MaskSpec(q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
 
     def block(x, layer):
+        layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         x = x + output_projection(layer["attn"], _attend(q, k, v, mask, bias, cfg), cfg)
         return x + mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), None
@@ -131,6 +135,7 @@ def encode(params, cfg, tokens, segment_ids=None, positions=None):
 def cross_kv(params, cfg, encoded):
     """Encoder output [B,S,D] -> cross-attention (k, v), each [L_dec,B,S,KVH,D]."""
     def project(_, cross):
+        cross = materialize(cross, dtype_of(cfg.dtype))
         k = dense(encoded, cross["k"].astype(encoded.dtype))  # bsd,dhk->bshk
         v = dense(encoded, cross["v"].astype(encoded.dtype))
         axes = ("batch", "seq", "kv_heads", "head_dim")
@@ -154,6 +159,7 @@ def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
     """
     b, t = decoder_tokens.shape
     sk = cross_k.shape[2]
+    params = materialize_outside_layers(params, dtype_of(cfg.dtype))
     if cache is not None:
         positions = cache["lengths"][:, None] + _arange(t)
     elif positions is None:
@@ -177,6 +183,7 @@ def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
     def block(carry, xs):
         x, ck, cv = carry
         layer, k_cross, v_cross, i = xs
+        layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         if ck is not None:  # write this step's K/V into the cache, attend over all of it
             ck = ck.at[i, rows, positions].set(k.astype(ck.dtype), mode="drop")

@@ -1,0 +1,111 @@
+"""Weights that are not plain arrays: LoRA-adapted and int8-quantized, as pytree nodes.
+
+The model never sees these nodes: each family calls `materialize` on one
+layer's slice at the top of its scanned block (so only one layer's merged or
+dequantized weights exist at a time) and `materialize_outside_layers` on the
+rest at the top of its forward. Plain arrays pass through untouched, so plain
+params cost nothing.
+
+* `QuantizedWeight(q, scale)`: int8 `q` of the weight's shape and a float32
+  absmax scale per output channel, shaped like the weight with its input axes
+  kept as size 1 (a broadcast multiply dequantizes; `lax.scan` slices both).
+* `LoraWeight(base, a, b, scale)`: the weight `base + scale * a @ b`, with
+  `a [..., *in, r]`, `b [..., r, *out]` (`...`: stacked axes such as
+  `layers`) and the static `scale = alpha / r`. `base` may be quantized.
+
+Both are registered pytree dataclasses whose children are arrays stacked
+like their weight, so `lax.scan` over params slices them per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    q: jax.Array  # int8, the weight's shape
+    scale: jax.Array  # float32, the weight's shape with its input axes as 1
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraWeight:
+    base: jax.Array | QuantizedWeight
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+
+def is_node(x) -> bool:
+    return isinstance(x, (LoraWeight, QuantizedWeight))
+
+
+def quantize(w, in_axes: tuple[int, ...]) -> QuantizedWeight:
+    """Symmetric int8 with one absmax scale per output channel (reduced over `in_axes`)."""
+    w32 = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w32), axis=in_axes, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
+    return QuantizedWeight(q=q, scale=scale)
+
+
+def dequantize(w: QuantizedWeight, dtype=jnp.float32):
+    return (w.q.astype(jnp.float32) * w.scale).astype(dtype)
+
+
+def lora_delta(a, b, base_ndim: int, dtype=None):
+    """a [*lead, *in, r] @ b [*lead, r, *out] -> [*lead, *in, *out] (batched over lead)."""
+    r = a.shape[-1]
+    n_lead = a.ndim + b.ndim - 2 - base_ndim
+    lead = a.shape[:n_lead]
+    dtype = dtype or a.dtype
+    k = math.prod(a.shape[n_lead:-1])
+    a2 = a.astype(dtype).reshape(*lead, k, r)
+    b2 = b.astype(dtype).reshape(*lead, r, -1)
+    return jnp.matmul(a2, b2).reshape(*lead, *a.shape[n_lead:-1], *b.shape[n_lead + 1:])
+
+
+def _plain(x, dtype):
+    if isinstance(x, QuantizedWeight):
+        return dequantize(x, dtype or jnp.float32)
+    if isinstance(x, LoraWeight):
+        base = _plain(x.base, dtype)
+        dt = dtype or base.dtype
+        delta = lora_delta(x.a, x.b, base.ndim, dt)
+        return base.astype(dt) + jnp.asarray(x.scale, dt) * delta
+    return x
+
+
+def materialize(tree, dtype=None):
+    """Every LoraWeight / QuantizedWeight in `tree` as a plain array (in `dtype`,
+    default: the base's dtype, float32 for int8 bases); plain leaves unchanged."""
+    return jax.tree.map(lambda x: _plain(x, dtype), tree, is_leaf=is_node)
+
+
+def materialize_outside_layers(params, dtype=None):
+    """`materialize` on everything but `layers` subtrees (materialized per layer
+    inside the scanned blocks)."""
+    if not isinstance(params, dict):
+        return materialize(params, dtype)
+    return {k: (v if k == "layers" else materialize_outside_layers(v, dtype))
+            for k, v in params.items()}
+
+
+def strip_adapters(tree):
+    """The tree with each LoraWeight replaced by its base (adapters switched off)."""
+    return jax.tree.map(lambda x: x.base if isinstance(x, LoraWeight) else x, tree,
+                        is_leaf=lambda x: isinstance(x, LoraWeight))

@@ -1,0 +1,91 @@
+"""LoRA adapters in Hugging Face peft's on-disk format.
+
+    save_peft(dir, cfg, adapters, rank=r, alpha=a, base_model_name_or_path=...)
+
+writes `adapter_config.json` (peft_type LORA, task_type CAUSAL_LM) and
+`adapter_model.safetensors` that `peft.PeftModel.from_pretrained(hf_base, dir)`
+loads. Key names: `base_model.model.<HF module>.lora_A.weight` [r, in] and
+`...lora_B.weight` [out, r], HF's (out, in) Linear layout, with the same
+scale alpha / r as ours. Our adapters A [L, *in, r], B [L, r, *out] flatten
+to A.reshape(in, r).T and B.reshape(r, out).T per layer, because our HF
+import rules map each Linear by a plain reshape + transpose (llama, mistral,
+qwen2, and mixtral's attention).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from jaxlm.errors import ConfigError
+
+PEFT_TYPES = ("llama", "mistral", "qwen2", "mixtral")
+
+
+def hf_modules(cfg, model_type: str) -> dict[tuple[str, ...], str]:
+    """Our parameter path -> HF module name template ("model.layers.{i}.self_attn.q_proj"),
+    read from jaxlm.model.hf's import/export table. (The one place that knows the table.)"""
+    from jaxlm.model.hf import _rules
+    return {r.path: r.key[: -len(".weight")] for r in _rules(cfg, model_type)
+            if r.key.endswith(".weight") and r.part is None and "{e}" not in r.key}
+
+
+def _leaves(adapters, prefix=()):
+    if set(adapters) == {"a", "b"}:
+        yield prefix, adapters["a"], adapters["b"]
+        return
+    for k, v in adapters.items():
+        yield from _leaves(v, prefix + (k,))
+
+
+def peft_tensors(cfg, adapters, model_type: str) -> dict[str, np.ndarray]:
+    """{peft key: float32 tensor} for every adapted weight and layer."""
+    modules = hf_modules(cfg, model_type)
+    out = {}
+    for path, a, b in _leaves(adapters):
+        if path not in modules or path[0] != "layers":
+            raise ConfigError(f"save_peft: no {model_type} module for adapted weight "
+                              f"{'/'.join(path)}")
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        r = a.shape[-1]
+        for i in range(a.shape[0]):
+            name = "base_model.model." + modules[path].format(i=i)
+            out[name + ".lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, r).T)
+            out[name + ".lora_B.weight"] = np.ascontiguousarray(b[i].reshape(r, -1).T)
+    return out
+
+
+def save_peft(directory, cfg, adapters, *, rank: int, alpha: float,
+              base_model_name_or_path: str = "", model_type: str | None = None) -> pathlib.Path:
+    """Write a peft LoRA adapter dir (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.numpy import save_file
+
+    from jaxlm.model.hf import infer_model_type
+    model_type = model_type or infer_model_type(cfg)
+    if model_type not in PEFT_TYPES:
+        raise ConfigError(f"save_peft: model type {model_type!r} is not one of "
+                          f"{', '.join(PEFT_TYPES)}")
+    tensors = peft_tensors(cfg, adapters, model_type)
+    modules = hf_modules(cfg, model_type)
+    targets = sorted({modules[p].rsplit(".", 1)[-1] for p, _, _ in _leaves(adapters)})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank),
+              "lora_alpha": float(alpha), "target_modules": targets, "lora_dropout": 0.0,
+              "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+              "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+              "inference_mode": True, "base_model_name_or_path": base_model_name_or_path}
+    directory = pathlib.Path(os.fspath(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def save_lora_run(directory, cfg, adapters, base_model_name_or_path: str = ""):
+    """save_peft with the run's train.lora_rank / lora_alpha (alpha 0: 2 * rank)."""
+    t = cfg.train
+    return save_peft(directory, cfg.model, adapters, rank=t.lora_rank,
+                     alpha=t.lora_alpha or 2.0 * t.lora_rank,
+                     base_model_name_or_path=base_model_name_or_path)
