@@ -53,7 +53,7 @@ def run_generate(args):
     gen_cfg = load_config(args.config, args.overrides) if args.config else config_from_dict(
         saved, args.overrides)
     g = gen_cfg.generate
-    cfg, params = jaxlm.load(args.checkpoint)
+    cfg, params = jaxlm.load(args.checkpoint, step=getattr(args, "step", None))
     tok = jaxlm.load_tokenizer(args.checkpoint)
     ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
     out = jaxlm.generate(params, cfg, ids, max_new_tokens=g.max_new_tokens,

@@ -15,6 +15,7 @@ process_index, process_count)`) into `batch_size / process_count` rows, and
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 
@@ -22,9 +23,9 @@ from jaxlm.errors import ConfigError
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
-    """Start jax.distributed when asked or when the environment is multi-host.
-    Returns whether it was started."""
+               process_id: int | None = None, timeout_s: float = 300.0) -> bool:
+    """Start jax.distributed when asked or when the environment is multi-host
+    (waiting up to `timeout_s` for every process). Returns whether it was started."""
     if coordinator is not None:
         if num_processes is None or process_id is None:
             raise ConfigError("--coordinator needs --num-processes and --process-id")
@@ -35,8 +36,20 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise ConfigError(f"--coordinator={coordinator!r} must be host:port")
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU hosts: collectives over gloo
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        if not timeout_s > 0:
+            raise ConfigError(f"--coordinator-timeout={timeout_s} must be > 0 seconds")
+        print(f"process {process_id}: waiting up to {timeout_s:g}s for the coordinator "
+              f"{coordinator} and all {num_processes} processes", file=sys.stderr, flush=True)
+        try:
+            jax.distributed.initialize(coordinator_address=coordinator,
+                                       num_processes=num_processes, process_id=process_id,
+                                       initialization_timeout=max(1, int(timeout_s)))
+        except Exception as e:  # noqa: BLE001 - XLA raises bare runtime errors here
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"--coordinator {coordinator}: not all {num_processes} processes "
+                              f"connected within {timeout_s:g}s (--coordinator-timeout); is "
+                              "process 0 running there, and the port reachable?") from None
         return True
     if num_processes is not None or process_id is not None:
         raise ConfigError("--num-processes/--process-id need --coordinator host:port")

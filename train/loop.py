@@ -19,7 +19,7 @@ from jaxlm.model.tokenizer import load_tokenizer, train_sentencepiece
 from jaxlm.sharding.distributed import local_batch_size, local_rows, put_batch
 from jaxlm.sharding.mesh import check_divisible, make_mesh, model_dims
 from jaxlm.sharding.rules import named_sharding, use_mesh
-from jaxlm.train import checkpoint, span
+from jaxlm.train import checkpoint, guard, span
 from jaxlm.train.data import eval_batches, load_documents, make_batches, split_documents
 from jaxlm.train.metrics import MetricsLog, measure_matmul_peak
 from jaxlm.train.objectives import batch_objective
@@ -32,12 +32,21 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> dict:
-    """Train `cfg` in `cfg.run_dir`; with `resume`, continue its latest checkpoint.
+          progress: bool = True, step: int | None = None) -> dict:
+    """Train `cfg` in `cfg.run_dir`; with `resume`, continue its latest checkpoint
+    (or checkpoint `step`: the later ones are moved aside, not deleted).
 
     `stop_after`: stop (with a checkpoint) once this step is reached, as an
-    interrupted run would. Returns a summary with the eval losses.
+    interrupted run would. Returns a summary with the eval losses. The run dir
+    is locked for the life of the run (a second writer: ConfigError), and
+    SIGTERM stops it as Ctrl-C does (a checkpoint of the last finite step).
     """
+    with guard.run_dir_lock(cfg.run_dir), guard.sigterm_as_interrupt():
+        return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step)
+
+
+def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
+           step: int | None) -> dict:
     run_dir = cfg.run_dir
     _check_run_dir(cfg, resume)
     os.makedirs(run_dir, exist_ok=True)
@@ -63,8 +72,9 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     batches = span.wrap_batches(cfg, tokenizer, batches)  # span: T5 corruption on the host
     with use_mesh(mesh, rules):
         if resume:
-            state, data_state = checkpoint.restore_state(mngr, abstract_state(cfg, mesh, tx))
+            state, data_state = checkpoint.restore_state(mngr, abstract_state(cfg, mesh, tx), step)
             batches.set_state(_own_data_state(data_state))
+            _resumed(cfg, mngr, int(state.step))
         else:
             state = create_state(cfg, mesh, tx, cfg.train.seed)
         batch_sharding = named_sharding(mesh, ("batch", "seq"), rules)
@@ -102,7 +112,26 @@ class _Loop:
         return loss_sum / max(count, 1.0)
 
     def checkpoint(self, state):
+        """Save `state` (async), or a one-line JaxlmError when it is not finite."""
+        if not guard.all_finite((state.params, state.opt_state)):
+            raise JaxlmError(
+                f"training diverged: the state at step {int(state.step)} is not finite; it was "
+                f"not saved (latest checkpoint: step {self.mngr.latest_step()})")
         checkpoint.save(self.mngr, state, _all_data_states(self.batches.get_state()))
+
+    def final_save(self, state, start: int) -> tuple[int | None, str]:
+        """The save on an interrupt, with SIGINT/SIGTERM masked until it is on disk:
+        (the step saved or None, why not)."""
+        step = int(state.step)
+        if step == start and start == 0:
+            return None, "before the first step finished"
+        with guard.masked_sigint():
+            try:
+                self.checkpoint(state)
+                self.mngr.wait_until_finished()
+            except JaxlmError as e:
+                return None, f"at step {step} ({e})"
+        return step, ""
 
     def run(self, state, stop_after):
         tcfg = self.cfg.train
@@ -123,22 +152,32 @@ class _Loop:
                 eval_due = step % tcfg.eval_every == 0 or step == tcfg.steps
                 save_due = step % tcfg.checkpoint_every == 0 or step == end
                 if eval_due or save_due or step % tcfg.log_every == 0:
-                    self._flush(pending, t_mark, bar)
-                    pending = []
+                    rows, pending = pending, []
+                    self._flush(rows, t_mark, bar)
                     if eval_due:
                         summary["eval"].append(self._eval(state, step))
                     if save_due:
                         self.checkpoint(state)
                     t_mark = time.perf_counter()  # the first interval holds the compile
-        except KeyboardInterrupt:
-            self.checkpoint(state)
+        except KeyboardInterrupt as e:
+            self._flush_on_exit(pending, bar)
+            pending = []
+            e.saved_step, e.reason = self.final_save(state, start)
             raise
         finally:
+            self._flush_on_exit(pending, bar)  # any exit: no logged step is lost
             bar.close()
         summary["final_step"] = int(state.step)
         return summary
 
-    def _flush(self, pending, t_mark, bar):
+    def _flush_on_exit(self, pending, bar):
+        if pending:
+            try:
+                self._flush(pending, None, bar, check=False)
+            except Exception:  # noqa: BLE001 - the loop's own error is the one to report
+                pass
+
+    def _flush(self, pending, t_mark, bar, check: bool = True):
         """Fetch the pending steps' metrics (the loop's only host sync) and log them."""
         rows = jax.device_get(pending)
         speed = {}
@@ -149,9 +188,9 @@ class _Loop:
         for i, (s, m) in enumerate(rows):
             self.log.write({"step": s, **m, **(speed if i == len(rows) - 1 else {})})
         step, last = rows[-1]
-        if not math.isfinite(last["loss"]):
-            raise JaxlmError(f"training diverged: loss is {last['loss']} at step {step}")
         bar.update(len(rows))
+        if check:
+            _check_diverged(rows)
         postfix = {"loss": f"{last['loss']:.3f}"}
         if speed:
             postfix.update({"tok/s": f"{speed['tokens_per_s']:.0f}", "mfu": f"{speed['mfu']:.0%}"})
@@ -164,6 +203,28 @@ class _Loop:
         if self.progress:
             tqdm.write(f"step {step}: eval loss {loss:.4f}, perplexity {record['eval_perplexity']:.2f}")
         return record
+
+
+def _check_diverged(rows):
+    """A one-line JaxlmError at the first logged step whose loss or gradient norm
+    is not finite."""
+    for step, m in rows:
+        bad = {k: float(m[k]) for k in ("loss", "grad_norm") if k in m
+               and not math.isfinite(float(m[k]))}
+        if bad:
+            what = ", ".join(f"{k} is {v}" for k, v in bad.items())
+            raise JaxlmError(f"training diverged at step {step}: {what}")
+
+
+def _resumed(cfg: Config, mngr, step: int):
+    """After restoring `step`: later checkpoints moved aside, later metrics dropped."""
+    if jax.process_index() != 0:
+        return
+    moved = checkpoint.set_aside_after(mngr, cfg.run_dir, step)
+    if moved:
+        print(f"resuming step {step}: moved the later checkpoints {moved} to "
+              f"{os.path.join(cfg.run_dir, checkpoint.SET_ASIDE)}", flush=True)
+    guard.truncate_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), step)
 
 
 def _all_data_states(state: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -39,7 +40,9 @@ class MetricsLog:
         self._f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict):
-        self._f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+        # strict JSON: a non-finite number is written as null (never a bare NaN token)
+        self._f.write(json.dumps({k: _plain(v) for k, v in record.items()},
+                                 allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self):
@@ -47,11 +50,15 @@ class MetricsLog:
 
 
 def _plain(v):
-    if isinstance(v, (int, str, bool, float)):
+    if isinstance(v, (int, str, bool)):
         return v
     if hasattr(v, "ndim") and v.ndim > 0:  # e.g. the per-expert load
-        return [round(float(x), 6) for x in v.reshape(-1)]
+        return [_finite(round(float(x), 6)) for x in v.reshape(-1)]
     try:
-        return float(v)
+        return _finite(float(v))
     except (TypeError, ValueError):
         return str(v)
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None
