@@ -20,6 +20,12 @@ from jaxlm.train.loop import CONFIG_FILE, _write_config, read_run_config
 def load(path: str, step: int | None = None) -> tuple[ModelConfig, dict]:
     """(model config, params) from a jaxlm run/checkpoint dir (latest step by default)
     or a Hugging Face directory (config.json + *.safetensors)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"load: path must be a checkpoint directory (a str), "
+                              f"got {type(path).__name__}")
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise CheckpointError(f"load: step must be a checkpoint step (an int >= 0), got {step!r}")
+    path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint dir {path} does not exist")
     if not os.path.exists(os.path.join(path, CONFIG_FILE)) and hf.is_hf_checkpoint(path):

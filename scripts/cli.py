@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--input", required=True, help='JSONL, one {"id": ..., "prompt": "..."} a line')
     bi.add_argument("--output", required=True, help="JSONL out; a rerun skips the ids written")
     bi.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default 32)")
+    bi.add_argument("--on-change", choices=("refuse", "regenerate"), default="refuse",
+                    help="done lines whose prompt or settings changed: refuse the rerun "
+                    "(default) or regenerate them")
+    bi.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
     bi.add_argument("overrides", nargs="*", metavar="generate.key=value|mesh.key=value")
     bi.set_defaults(fn=cmd_batch_infer)
 

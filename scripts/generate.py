@@ -16,6 +16,9 @@ def read_prompts(args) -> list[str]:
                 prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
         except OSError as e:
             raise InputError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise InputError(f"--prompts-file {args.prompts_file} is not UTF-8 text (byte "
+                             f"{e.start})") from None
     if not prompts:
         raise InputError("no prompt given: use --prompt TEXT or --prompts-file FILE")
     for i, p in enumerate(prompts):

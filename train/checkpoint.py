@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 
 import jax
@@ -25,9 +26,22 @@ def manager(run_dir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
     if read_only:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                                save_interval_steps=0)
+        with _absl_quiet():  # orbax warns "Given directory is read only" on every open
+            return ocp.CheckpointManager(path, options=options, item_names=("state", "data"))
     else:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
     return ocp.CheckpointManager(path, options=options, item_names=("state", "data"))
+
+
+@contextlib.contextmanager
+def _absl_quiet():
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _as_dict(state):
