@@ -28,11 +28,29 @@ def load(path: str, step: int | None = None) -> tuple[ModelConfig, dict]:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint dir {path} does not exist")
-    if not os.path.exists(os.path.join(path, CONFIG_FILE)) and hf.is_hf_checkpoint(path):
-        return load_hf_any(path)
+    if not os.path.exists(os.path.join(path, CONFIG_FILE)):
+        if hf.is_hf_checkpoint(path):
+            return load_hf_any(path)
+        if not os.path.exists(os.path.join(path, "config.json")) and any(
+                name.endswith(".safetensors") for name in os.listdir(path)):
+            raise CheckpointError(f"{path} looks like a Hugging Face dir (safetensors) but its "
+                                  "config.json is missing")
     cfg = read_run_config(path).model
     params = checkpoint.restore_params(path, abstract(model_specs(cfg)), step)
     return cfg, params
+
+
+def _chmod_umask(directory) -> None:
+    """Modes of a fresh export as the user's umask makes them (dirs 0777, files
+    0666, less the umask): tempfile.mkdtemp made it 0700 and its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 HF_LOADERS = {"bert": hf_bert.load_bert, "t5": hf_t5.load_t5,
@@ -41,12 +59,22 @@ HF_LOADERS = {"bert": hf_bert.load_bert, "t5": hf_t5.load_t5,
 
 def load_hf_any(path: str):
     """A Hugging Face directory of any supported model_type."""
-    with open(os.path.join(path, "config.json")) as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            hf_config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')} cannot be read as JSON: "
+                              f"{e}") from None
+    model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
     if model_type not in HF_LOADERS:
         raise CheckpointError(f"config.json: model_type {model_type!r} is not supported "
                               f"(supported: {', '.join(HF_LOADERS)})")
-    return HF_LOADERS[model_type](path)
+    try:
+        return HF_LOADERS[model_type](path)
+    except (TypeError, ValueError, KeyError) as e:  # a field of the wrong type or value
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: a field has the wrong type "
+                              f"or value ({detail})") from None
 
 
 def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") -> str:
@@ -56,7 +84,9 @@ def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") ->
         model_cfg = cfg.model if isinstance(cfg, Config) else cfg
         save_fn = {"encoder": hf_bert.save_bert,
                    "encoder_decoder": hf_t5.save_t5}.get(model_cfg.family, hf.save_hf)
-        return str(save_fn(path, model_cfg, params) / "config.json")
+        out = save_fn(path, model_cfg, params)
+        _chmod_umask(out)  # the temporary dir it was written in is 0700
+        return str(out / "config.json")
     if format != "jaxlm":
         raise ConfigError(f"save: unknown format {format!r} (supported: 'jaxlm', 'hf')")
     full = cfg if isinstance(cfg, Config) else Config(

@@ -166,7 +166,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     from jaxlm.model import model_specs
     from jaxlm.model.config import config_from_dict, to_dict
     from jaxlm.model.params import logical_axes
-    from jaxlm.scripts.generate import decode_ids
+    from jaxlm.scripts.generate import apply_model_overrides, decode_ids, split_model_overrides
     from jaxlm.sharding.mesh import check_divisible, make_mesh
     from jaxlm.sharding.rules import partition_spec, tree_shardings, use_mesh
     from jaxlm.train.loop import read_run_config
@@ -180,12 +180,13 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     check_paths(input_path, output_path)
     rows = read_inputs(input_path)
     saved = read_run_config(checkpoint)
+    model_overrides, overrides = split_model_overrides(list(overrides))
     run = config_from_dict({"generate": to_dict(saved.generate), "mesh": to_dict(saved.mesh)},
-                           list(overrides))
+                           overrides)
     g = run.generate
     step = latest_step(checkpoint) if step is None else step
     settings = _hash({"checkpoint": os.path.realpath(checkpoint), "step": step,
-                      "generate": to_dict(g)})
+                      "generate": to_dict(g), "model": sorted(model_overrides)})
     done = recover_rows(output_path)
     changed = _changed(rows, done, settings)
     if changed and on_change == "refuse":
@@ -199,6 +200,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
         done = {k: v for k, v in done.items() if k not in redo}
     todo = [r for r in rows if _key(r["id"]) not in done]
     cfg, params = jaxlm.load(checkpoint, step=step)
+    cfg = apply_model_overrides(cfg, model_overrides)
     if cfg.family == "encoder":
         raise InputError("encoders do not generate text; batch-infer needs a decoder or T5 model")
     tok = jaxlm.load_tokenizer(checkpoint)

@@ -159,6 +159,8 @@ def split_documents(docs: Sequence[str], eval_fraction: float, seed: int) -> tup
     n = len(docs)
     if n == 0:
         raise InputError("no documents to split")
+    if n == 1 and eval_fraction > 0:
+        return _split_one(docs[0], eval_fraction)
     n_eval = 0 if eval_fraction == 0 or n < 2 else min(max(1, round(eval_fraction * n)), n - 1)
     order = np.random.default_rng(seed).permutation(n)
     is_eval = np.zeros(n, dtype=bool)
@@ -166,6 +168,19 @@ def split_documents(docs: Sequence[str], eval_fraction: float, seed: int) -> tup
     train = [d for d, e in zip(docs, is_eval) if not e]
     evals = [d for d, e in zip(docs, is_eval) if e]
     return train, evals
+
+
+def _split_one(doc: str, eval_fraction: float) -> tuple[list[str], list[str]]:
+    """A single document (a one-file corpus): its last eval_fraction of characters
+    (from a line start where there is one) is the eval part, the rest trains."""
+    if len(doc) < 2:
+        raise InputError("the corpus is a single document of fewer than 2 characters: "
+                         "nothing to split into train and eval")
+    cut = len(doc) - max(1, round(eval_fraction * len(doc)))
+    line = doc.rfind("\n", 0, cut)
+    if line > 0 and len(doc) - line < 2 * (len(doc) - cut):
+        cut = line + 1
+    return [doc[:cut]], [doc[cut:]]
 
 
 # ---------------------------------------------------------------- pipeline
