@@ -15,7 +15,9 @@ process_index, process_count)`) into `batch_size / process_count` rows, and
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 
 import jax
 
@@ -40,6 +42,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise ConfigError(f"--coordinator-timeout={timeout_s} must be > 0 seconds")
         print(f"process {process_id}: waiting up to {timeout_s:g}s for the coordinator "
               f"{coordinator} and all {num_processes} processes", file=sys.stderr, flush=True)
+        if process_id != 0:  # XLA aborts the process (no exception) on an unreachable one
+            _wait_for_coordinator(coordinator, timeout_s)
         try:
             jax.distributed.initialize(coordinator_address=coordinator,
                                        num_processes=num_processes, process_id=process_id,
@@ -58,6 +62,29 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize()  # JAX reads the cluster from the environment
         return True
     return False
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Until process 0's coordinator accepts a TCP connection at `address`, or a
+    one-line ConfigError after timeout_s."""
+    host, _, port = address.rpartition(":")
+    try:
+        port = int(port)
+    except ValueError:
+        raise ConfigError(f"--coordinator={address!r}: the port must be a number") from None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), port),
+                                          timeout=max(0.1, min(2.0, timeout_s))):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"--coordinator {address}: no coordinator answered within {timeout_s:g}s "
+                    f"(--coordinator-timeout; last error: {e.strerror or e}); start process 0 "
+                    "first, and check the host and port") from None
+            time.sleep(0.25)
 
 
 def local_batch_size(global_batch: int) -> int:

@@ -34,14 +34,14 @@ def manager(run_dir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
 
 
 @contextlib.contextmanager
-def _absl_quiet():
+def _absl_quiet(level: int = logging.ERROR):
     log = logging.getLogger("absl")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    old = log.level
+    log.setLevel(level)
     try:
         yield
     finally:
-        log.setLevel(level)
+        log.setLevel(old)
 
 
 def _as_dict(state):
@@ -142,7 +142,7 @@ def _restore_verified(mngr, step, read, params_of, how: str):
                        and not isinstance(_try_read(read, params_of, s), str)), None)
         hint = (f"step {intact} is intact: choose it with {how.format(intact)}"
                 if intact is not None else "no earlier step is intact")
-        raise CheckpointError(f"checkpoint step {step} in {mngr.directory} is corrupt "
+        raise CheckpointError(f"checkpoint step {step} in {mngr.directory} could not be read "
                               f"({problem}); {hint}")
     return problem, step
 
@@ -151,7 +151,7 @@ def _try_read(read, params_of, step):
     """The restored tree, or a one-line reason why step `step` is not usable."""
     from jaxlm.train.guard import all_finite
     try:
-        with _loop_kept_on_failure():
+        with _loop_kept_on_failure(), _absl_quiet(logging.CRITICAL):  # the error says it all
             out = read(step)
     except Exception as e:  # orbax raises many types for missing/corrupt files
         return _one_line(e)
@@ -210,5 +210,5 @@ def _one_line(e: Exception) -> str:
     for err in reversed(chain):  # the root cause names the file; wrappers add reprs
         text = [line for line in str(err).strip().splitlines() if line.strip()]
         if text and not text[0].startswith("<") and "pybind11" not in text[0]:
-            return text[0][:240]
+            return text[0][:240] if len(text[0]) > 20 else f"{type(err).__name__}: {text[0]}"
     return type(chain[0]).__name__

@@ -152,7 +152,8 @@ def split_documents(docs: Sequence[str], eval_fraction: float, seed: int) -> tup
     """Disjoint (train, eval) documents, chosen with `seed`, in input order.
 
     Eval gets round(eval_fraction * n) documents, at least one when there
-    are two or more documents and eval_fraction > 0; train is never empty.
+    are two or more documents and eval_fraction > 0; train is never empty. A
+    single document (a one-file corpus) is split by characters instead.
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
@@ -174,8 +175,7 @@ def _split_one(doc: str, eval_fraction: float) -> tuple[list[str], list[str]]:
     """A single document (a one-file corpus): its last eval_fraction of characters
     (from a line start where there is one) is the eval part, the rest trains."""
     if len(doc) < 2:
-        raise InputError("the corpus is a single document of fewer than 2 characters: "
-                         "nothing to split into train and eval")
+        return [doc], []
     cut = len(doc) - max(1, round(eval_fraction * len(doc)))
     line = doc.rfind("\n", 0, cut)
     if line > 0 and len(doc) - line < 2 * (len(doc) - cut):

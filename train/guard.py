@@ -10,7 +10,8 @@
 * `truncate_metrics(path, step)`: after resuming step `step`, the lines of
   later steps (logged by the run that went past it) are dropped, atomically,
   before the resumed run appends its own.
-* `masked_sigint()`: a final save that a second Ctrl-C cannot tear.
+* `stop_signals()`: Ctrl-C and SIGTERM stop a run once; a second signal
+  cannot tear the save the first started (`masked_sigint` for the save itself).
 """
 
 from __future__ import annotations
@@ -149,17 +150,25 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Inside: SIGTERM raises `Terminated` (a KeyboardInterrupt) in the main thread."""
+def stop_signals():
+    """Inside: the first SIGINT raises KeyboardInterrupt and the first SIGTERM
+    `Terminated` (a KeyboardInterrupt) in the main thread; any signal after that
+    is ignored, so that the save the first one started runs to its end
+    (Python may deliver two quick signals before any `except` clause runs)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    stopping = []
 
     def handler(signum, frame):
-        raise Terminated()
+        if stopping:
+            return
+        stopping.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)

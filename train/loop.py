@@ -41,7 +41,7 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     is locked for the life of the run (a second writer: ConfigError), and
     SIGTERM stops it as Ctrl-C does (a checkpoint of the last finite step).
     """
-    with guard.run_dir_lock(cfg.run_dir), guard.sigterm_as_interrupt():
+    with guard.run_dir_lock(cfg.run_dir), guard.stop_signals():
         return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step)
 
 
