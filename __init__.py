@@ -19,9 +19,9 @@ from jaxlm.errors import CheckpointError, ConfigError, InputError, JaxlmError
 _LAZY = {
     "load": "jaxlm.api", "save": "jaxlm.api",
     "model_config_of": "jaxlm.api", "load_params": "jaxlm.api",
-    "forward": "jaxlm.model", "init_params": "jaxlm.model", "ModelConfig": "jaxlm.model",
+    "forward": "jaxlm.validate", "init_params": "jaxlm.validate", "ModelConfig": "jaxlm.model",
     "generate": "jaxlm.infer.generate",
-    "embed": "jaxlm.model.embed",
+    "embed": "jaxlm.validate",
     "load_tokenizer": "jaxlm.model.tokenizer",
     "Config": "jaxlm.model.config", "load_config": "jaxlm.model.config",
 }

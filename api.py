@@ -26,6 +26,9 @@ from jaxlm.train.loop import CONFIG_FILE, _write_config, read_run_config
 
 def _kind(path) -> str:
     """"jaxlm" or "hf"; CheckpointError (one line) for a missing dir or one that is neither."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"load: path must be a checkpoint directory (a str), "
+                              f"got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint dir {path} does not exist")
@@ -33,6 +36,10 @@ def _kind(path) -> str:
         return "jaxlm"
     if hf.is_hf_checkpoint(path):
         return "hf"
+    if not os.path.exists(os.path.join(path, "config.json")) and any(
+            name.endswith(".safetensors") for name in os.listdir(path)):
+        raise CheckpointError(f"{path} looks like a Hugging Face dir (safetensors) but its "
+                              "config.json is missing")
     raise CheckpointError(f"{path} is neither a jaxlm run dir ({CONFIG_FILE} is missing) nor a "
                           "Hugging Face dir (no config.json with a model_type)")
 
@@ -41,7 +48,12 @@ def model_config_of(path) -> ModelConfig:
     """The ModelConfig of a jaxlm run dir (its config.yaml) or an HF dir (its config.json;
     param_dtype and dtype float32). Reads no weights."""
     if _kind(path) == "hf":
-        return hf.model_config(path)
+        try:
+            return hf.model_config(path)
+        except (TypeError, ValueError, KeyError) as e:  # a field of the wrong type or value
+            detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(f"{os.path.join(os.fspath(path), 'config.json')}: a field has "
+                                  f"the wrong type or value ({detail})") from None
     return read_run_config(os.fspath(path)).model
 
 
@@ -59,8 +71,39 @@ def load_params(path, cfg: ModelConfig, shardings=None, step: int | None = None)
         if step is not None:
             raise CheckpointError(f"{path} is a Hugging Face dir: it has no steps (step={step})")
         return hf.load_hf(path, cfg=cfg, shardings=shardings)[1]
+    run = read_run_config(os.fspath(path))
+    if run.train.lora_rank:
+        return _lora_run_params(os.fspath(path), run, cfg, shardings, step)
     return checkpoint.restore_params(os.fspath(path), abstract(model_specs(cfg)), step,
                                      shardings=shardings)
+
+
+def lora_adapters(path, step: int | None = None):
+    """(run config, adapters) of a LoRA run dir (train.lora_rank > 0): the A/B tree
+    its checkpoint holds (the base is not in it: train.init_from names it)."""
+    from jaxlm.train import lora
+    path = os.fspath(path)
+    if _kind(path) != "jaxlm" or not read_run_config(path).train.lora_rank:
+        raise CheckpointError(f"{path} is not a LoRA run dir (train.lora_rank > 0)")
+    run = read_run_config(path)
+    adapters = checkpoint.restore_params(path, abstract(lora.lora_specs(run.model, run.train)),
+                                         step)
+    return run, adapters
+
+
+def _lora_run_params(path: str, run: Config, cfg: ModelConfig, shardings, step):
+    """A LoRA run's params: its base (train.init_from) with the adapters merged in."""
+    from jaxlm.train import lora
+    base_dir = run.train.init_from
+    if not base_dir or not os.path.isdir(base_dir):
+        raise CheckpointError(f"{path} is a LoRA run: its base train.init_from={base_dir!r} "
+                              "is needed and is not a directory")
+    base = load_params(base_dir, run.model, shardings)
+    _, adapters = lora_adapters(path, step)
+    run = dataclasses.replace(run, model=dataclasses.replace(run.model,
+                                                             param_dtype=cfg.param_dtype))
+    merge = jax.jit(lambda b, a: lora.merge_lora(b, a, run), out_shardings=shardings)
+    return merge(base, adapters)
 
 
 def load(path, cfg: ModelConfig | None = None, mesh=None, rules=None,
@@ -79,6 +122,8 @@ def load(path, cfg: ModelConfig | None = None, mesh=None, rules=None,
       config's rules, `model/config.py` DEFAULT_RULES). None: unsharded.
     step: which checkpoint of a run dir (default: the latest).
     """
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise CheckpointError(f"load: step must be a checkpoint step (an int >= 0), got {step!r}")
     if cfg is not None and not isinstance(cfg, ModelConfig):
         raise ConfigError(f"load: cfg must be a ModelConfig, got {type(cfg).__name__} "
                           "(pass a checkpoint step as step=N)")
@@ -99,12 +144,27 @@ def load(path, cfg: ModelConfig | None = None, mesh=None, rules=None,
     return cfg, load_params(path, cfg, shardings, step)
 
 
+def _chmod_umask(directory) -> None:
+    """Modes of a fresh export as the user's umask makes them (dirs 0777, files
+    0666, less the umask): tempfile.mkdtemp made it 0700 and its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") -> str:
     """Write params + config as a jaxlm checkpoint dir that `load` reads back, or
     (format="hf") as a Hugging Face directory that `transformers` loads."""
     if format == "hf":
         model_cfg = cfg.model if isinstance(cfg, Config) else cfg
-        return str(hf.save_hf(path, model_cfg, params) / "config.json")
+        out = hf.save_hf(path, model_cfg, params)
+        _chmod_umask(out)  # the temporary dir it was written in is 0700
+        return str(out / "config.json")
     if format != "jaxlm":
         raise ConfigError(f"save: unknown format {format!r} (supported: 'jaxlm', 'hf')")
     full = cfg if isinstance(cfg, Config) else Config(

@@ -28,7 +28,7 @@ r), step)`: deterministic per seed, and independent of the other rows.
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +67,8 @@ class GenerateOutput(NamedTuple):
 def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None,
              max_len: Optional[int] = None, return_logits: bool = False,
-             decoder_start_id: int = 0) -> GenerateOutput:
+             decoder_start_id: int = 0,
+             row_seeds: Optional[Sequence[int]] = None) -> GenerateOutput:
     """Continue each prompt (a list of token-id lists, or a 2-D int array) by up to
     max_new_tokens tokens; a row stops after emitting eos_id.
 
@@ -76,8 +77,13 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     return the [B, max_new_tokens, V] next-token logits of every step (tests,
     debugging: it is B * max_new_tokens * V floats). Encoder-decoder models
     (T5): the prompts are the encoder inputs, the decoder starts from
-    decoder_start_id (T5: pad = 0), see jaxlm.infer.seq2seq.
+    decoder_start_id (T5: pad = 0), see jaxlm.infer.seq2seq. row_seeds: one
+    int per prompt; row r then samples with fold_in(key(seed), row_seeds[r])
+    instead of its index r, so that its output does not depend on which batch
+    (or position) it is in (batch-infer passes a hash of each input's id).
     """
+    from jaxlm.validate import check_model_args
+    check_model_args(params, cfg, "generate")
     if cfg.family == "encoder":
         raise InputError("encoders do not generate text; use jaxlm.forward (masked-LM logits) "
                          "or jaxlm.embed (sentence vectors)")
@@ -86,7 +92,8 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
         return generate_seq2seq(params, cfg, prompts, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 eos_id=eos_id, decoder_start_id=decoder_start_id,
-                                max_len=max_len, return_logits=return_logits)
+                                max_len=max_len, return_logits=return_logits,
+                                row_seeds=row_seeds)
     rows = _check_prompts(prompts, cfg.vocab_size)
     _check_args(cfg, max_new_tokens, temperature, top_k, top_p, eos_id)
     longest = max(len(r) for r in rows)
@@ -97,7 +104,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     cache = init_cache(cfg, len(rows), max_len)
     logits, cache = prefill(params, cfg, cache, tokens, prompt_lengths)
     width = min(_round_up(max_new_tokens, WIDTH_BUCKET), max_len)
-    out = decode(params, cfg, cache, logits, row_keys(seed, len(rows)),
+    out = decode(params, cfg, cache, logits, row_keys(seed, len(rows), row_seeds),
                  jnp.int32(max_new_tokens), jnp.int32(-1 if eos_id is None else eos_id),
                  width=width, temperature=float(temperature), top_k=int(top_k),
                  top_p=float(top_p), return_logits=return_logits)
@@ -131,10 +138,19 @@ def decode_step(params, cfg, cache, tokens):
     return logits[:, 0], aux["cache"]
 
 
-def row_keys(seed: int, batch: int) -> jax.Array:
-    """One PRNG key per row: fold_in(key(seed), row)."""
+def row_keys(seed: int, batch: int, row_seeds: Optional[Sequence[int]] = None) -> jax.Array:
+    """One PRNG key per row: fold_in(key(seed), row_seeds[row]), the row index
+    when row_seeds is None."""
     base = jax.random.key(seed)
-    return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(batch, dtype=jnp.uint32))
+    if row_seeds is None:
+        folds = np.arange(batch, dtype=np.uint32)
+    else:
+        folds = np.asarray(row_seeds)
+        if folds.shape != (batch,) or not np.issubdtype(folds.dtype, np.integer) \
+                or folds.min() < 0 or folds.max() >= 2 ** 32:
+            raise InputError(f"row_seeds must be {batch} integers in [0, 2**32), one per "
+                             f"prompt, got shape {folds.shape} of {folds.dtype}")
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(folds, jnp.uint32))
 
 
 class _Loop(NamedTuple):

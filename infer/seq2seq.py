@@ -55,8 +55,8 @@ class Seq2SeqState(NamedTuple):
 def generate_seq2seq(params, cfg, inputs, *, max_new_tokens: int, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                      eos_id: Optional[int] = None, decoder_start_id: int = 0,
-                     max_len: Optional[int] = None, return_logits: bool = False
-                     ) -> GenerateOutput:
+                     max_len: Optional[int] = None, return_logits: bool = False,
+                     row_seeds=None) -> GenerateOutput:
     """Generate up to max_new_tokens decoder tokens for each input (a list of
     token-id lists, or a 2-D int array); a row stops after emitting eos_id.
 
@@ -81,7 +81,7 @@ def generate_seq2seq(params, cfg, inputs, *, max_new_tokens: int, temperature: f
     logits, state = start(params, cfg, tokens, segment_ids, int(max_len), int(decoder_start_id))
     width = min(_round_up(max_new_tokens, WIDTH_BUCKET), int(max_len))
     out = decode(params, cfg, state.cache, state._replace(cache=None), logits,
-                 row_keys(seed, len(rows)),
+                 row_keys(seed, len(rows), row_seeds),
                  jnp.int32(max_new_tokens), jnp.int32(-1 if eos_id is None else eos_id),
                  width=width, temperature=float(temperature), top_k=int(top_k),
                  top_p=float(top_p), return_logits=return_logits)

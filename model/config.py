@@ -545,11 +545,11 @@ def resolve_preset(name_or_path: str) -> str:
 
 
 def _with_overrides(data: dict, overrides) -> dict:
-    if isinstance(overrides, str):
-        raise ConfigError(f"overrides must be a list of 'key=value' strings, not the string "
-                          f"{overrides!r}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections (model:, data:, ...), "
+                          f"got a {type(data).__name__}")
     data = _plain(data)
-    for text in overrides:
+    for text in _override_list(overrides):
         key, value = parse_override(text) if isinstance(text, str) else text
         _deep_set(data, key, value)
     return data
@@ -601,18 +601,40 @@ def resolve_init_from(data: dict) -> dict:
     return {**data, "model": to_dict(base)}
 
 
+def _override_list(overrides) -> list:
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, (list, tuple)):
+        raise ConfigError(f"overrides must be a list of 'key=value' strings, got a "
+                          f"{type(overrides).__name__} {overrides!r:.60}"
+                          + (f" (wrap it: [{overrides!r:.40}])" if isinstance(overrides, str)
+                             else ""))
+    return list(overrides)
+
+
 def load_config(path: str | None = None, overrides=()) -> Config:
     """Load a preset (path or name) and apply `a.b=value` overrides."""
     data = {}
+    overrides = _override_list(overrides)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"config path must be a str (a YAML file or preset name), got "
+                          f"{type(path).__name__}")
     if path:
-        path = resolve_preset(path)
+        path = resolve_preset(os.fspath(path))
+        if os.path.isdir(path):
+            raise ConfigError(f"config {path} is a directory, not a YAML file")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}:{where} is not valid YAML") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {path} is not UTF-8 text") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, "
+                              f"data:, ...), not a {type(data).__name__}")
     return _build(Config, resolve_init_from(_with_overrides(data, overrides)))
 
 

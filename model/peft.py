@@ -28,8 +28,8 @@ PEFT_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 def hf_modules(cfg, model_type: str) -> dict[tuple[str, ...], str]:
     """Our parameter path -> HF module name template ("model.layers.{i}.self_attn.q_proj"),
     read from jaxlm.model.hf's import/export table. (The one place that knows the table.)"""
-    from jaxlm.model.hf import _rules
-    return {r.path: r.key[: -len(".weight")] for r in _rules(cfg, model_type)
+    from jaxlm.model.hf import decoder
+    return {r.path: r.key[: -len(".weight")] for r in decoder.rules(cfg, {"model_type": model_type})
             if r.key.endswith(".weight") and r.part is None and "{e}" not in r.key}
 
 

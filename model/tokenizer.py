@@ -98,6 +98,19 @@ class Tokenizer:
         raise NotImplementedError
 
 
+def _checked_ids(ids, vocab_size: int) -> list[int]:
+    """ids as ints in [0, vocab_size), or an InputError naming the first that is not."""
+    try:
+        out = [int(i) for i in ids]
+    except (TypeError, ValueError):
+        raise InputError("decode: ids must be an iterable of integer token ids") from None
+    for pos, i in enumerate(out):
+        if not 0 <= i < vocab_size:
+            raise InputError(f"decode: id {i} at position {pos} is outside the tokenizer's "
+                             f"vocabulary [0, {vocab_size})")
+    return out
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model (any type), held as its serialized bytes."""
 
@@ -175,7 +188,7 @@ class SentencePieceTokenizer(Tokenizer):
         return out
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        return self._sp.decode(_checked_ids(ids, self.vocab_size))
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
@@ -322,7 +335,8 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids if int(i) not in self._skip],
+        return self._tok.decode([i for i in _checked_ids(ids, self.vocab_size)
+                                 if i not in self._skip],
                                 skip_special_tokens=True)
 
     def id_to_piece(self, i: int) -> str:

@@ -12,10 +12,22 @@ Resumable: each output line is written whole, then flushed and fsynced. On
 start the output file is read; a truncated last line (a crash mid-write) is
 dropped by rewriting the file without it (atomically, via rename); the ids
 already written are skipped.
+
+Exactly what was asked: each output line also records what produced it,
+`prompt_hash` (of the prompt) and `settings_hash` (of the checkpoint path and
+step and the generate settings). A rerun where a done line's prompt or the
+settings changed is refused with one line (`on_change="refuse"`, the
+default), or those lines are dropped and generated again ("regenerate").
+
+Seed-stable: row r samples with fold_in(key(generate.seed), row_seed(id)), a
+31-bit hash of the input's id, and every batch uses one cache length (from the
+longest prompt of the whole input), so a line's completion does not depend on
+the batch size, the order of the input, or whether the job was resumed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,6 +43,8 @@ def read_inputs(path: str) -> list[dict]:
             lines = f.readlines()
     except OSError as e:
         raise InputError(f"cannot read --input {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"--input {path} is not UTF-8 text (byte {e.start})") from None
     rows, seen = [], {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -48,7 +62,7 @@ def read_inputs(path: str) -> list[dict]:
             raise InputError(f"{path} line {n}: duplicate id {row['id']!r} "
                              f"(first on line {seen[key]})")
         seen[key] = n
-        rows.append({"id": row["id"], "prompt": row["prompt"]})
+        rows.append({"id": row["id"], "prompt": row["prompt"], "line": n})
     return rows
 
 
@@ -56,16 +70,46 @@ def _key(id_) -> str:
     return json.dumps(id_, sort_keys=True)
 
 
+def row_seed(id_) -> int:
+    """A stable 31-bit seed from an input id (the same in every process and run)."""
+    digest = hashlib.sha256(_key(id_).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def _hash(obj) -> str:
+    text = obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_paths(input_path: str, output_path: str) -> None:
+    """--output must be a writable file path, not --input itself."""
+    if os.path.abspath(output_path) == os.path.abspath(input_path) or (
+            os.path.exists(output_path) and os.path.exists(input_path)
+            and os.path.samefile(output_path, input_path)):
+        raise InputError(f"--output {output_path} is the --input file: choose another path")
+    if os.path.isdir(output_path):
+        raise InputError(f"--output {output_path} is a directory: give a file path")
+    parent = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(parent):
+        raise InputError(f"--output {output_path}: its directory {parent} does not exist")
+
+
 def recover_output(path: str) -> set[str]:
     """Keys of the ids already in `path`; a truncated last line is dropped (the
     file rewritten atomically without it). A bad line before the last: InputError."""
+    return set(recover_rows(path))
+
+
+def recover_rows(path: str) -> dict[str, dict]:
+    """{id key: output row} of `path`, after dropping a truncated last line (see
+    `recover_output`)."""
     if not os.path.exists(path):
-        return set()
+        return {}
     with open(path, "rb") as f:
         data = f.read()
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
-    done, keep = set(), []
+    done, keep = {}, []
     for n, raw in enumerate(lines, 1):
         try:
             row = json.loads(raw)
@@ -75,20 +119,46 @@ def recover_output(path: str) -> set[str]:
                 tail = raw  # a last line that is complete but unparsable: torn write
                 break
             raise InputError(f"--output {path} line {n} is corrupt; fix or remove it") from None
-        done.add(key)
+        done[key] = row
         keep.append(raw)
     if tail:
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(b"".join(line + b"\n" for line in keep))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _rewrite(path, keep)
     return done
 
 
+def _rewrite(path: str, lines: list[bytes]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _changed(rows, done: dict, settings: str) -> list[tuple[dict, str]]:
+    """(input row, what changed) for each done line produced from another prompt or
+    other settings."""
+    out = []
+    for r in rows:
+        old = done.get(_key(r["id"]))
+        if old is None:
+            continue
+        if old.get("prompt_hash") != _hash(r["prompt"]):
+            out.append((r, "its prompt changed"))
+        elif old.get("settings_hash") != settings:
+            out.append((r, "the checkpoint or generate settings changed"))
+    return out
+
+
+def _drop_lines(path: str, keys: set[str]) -> None:
+    with open(path, "rb") as f:
+        lines = [raw for raw in f.read().split(b"\n") if raw]
+    _rewrite(path, [raw for raw in lines if _key(json.loads(raw)["id"]) not in keys])
+
+
 def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_size: int = 32,
-                overrides=(), progress: bool = True) -> dict:
+                overrides=(), progress: bool = True, on_change: str = "refuse",
+                step: int | None = None) -> dict:
     import jax
     from tqdm.auto import tqdm
 
@@ -96,24 +166,47 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     from jaxlm.model import model_specs
     from jaxlm.model.config import config_from_dict, to_dict
     from jaxlm.model.params import logical_axes
-    from jaxlm.scripts.generate import decode_ids
+    from jaxlm.scripts.generate import apply_model_overrides, decode_ids, split_model_overrides
     from jaxlm.sharding.mesh import check_divisible, make_mesh
     from jaxlm.sharding.rules import partition_spec, tree_shardings, use_mesh
     from jaxlm.train.loop import read_run_config
 
+    from jaxlm.train.checkpoint import latest_step
+
     if batch_size < 1:
         raise InputError(f"--batch-size={batch_size} must be >= 1")
+    if on_change not in ("refuse", "regenerate"):
+        raise InputError(f"--on-change={on_change!r} must be 'refuse' or 'regenerate'")
+    check_paths(input_path, output_path)
     rows = read_inputs(input_path)
-    done = recover_output(output_path)
-    todo = [r for r in rows if _key(r["id"]) not in done]
     saved = read_run_config(checkpoint)
+    model_overrides, overrides = split_model_overrides(list(overrides))
     run = config_from_dict({"generate": to_dict(saved.generate), "mesh": to_dict(saved.mesh)},
-                           list(overrides))
+                           overrides)
     g = run.generate
-    cfg, params = jaxlm.load(checkpoint)
+    step = latest_step(checkpoint) if step is None else step
+    settings = _hash({"checkpoint": os.path.realpath(checkpoint), "step": step,
+                      "generate": to_dict(g), "model": sorted(model_overrides)})
+    done = recover_rows(output_path)
+    changed = _changed(rows, done, settings)
+    if changed and on_change == "refuse":
+        r, what = changed[0]
+        raise InputError(f"--output {output_path} holds {len(changed)} line(s) made from other "
+                         f"input: id {r['id']!r} ({input_path} line {r['line']}): {what}; "
+                         "pass --on-change regenerate to redo them, or choose a new --output")
+    if changed:
+        redo = {_key(r["id"]) for r, _ in changed}
+        _drop_lines(output_path, redo)
+        done = {k: v for k, v in done.items() if k not in redo}
+    todo = [r for r in rows if _key(r["id"]) not in done]
+    cfg, params = jaxlm.load(checkpoint, step=step)
+    cfg = apply_model_overrides(cfg, model_overrides)
     if cfg.family == "encoder":
         raise InputError("encoders do not generate text; batch-infer needs a decoder or T5 model")
     tok = jaxlm.load_tokenizer(checkpoint)
+    encoded = {_key(r["id"]): [tok.bos_id] + tok.encode(r["prompt"]) if tok.bos_id is not None
+               else tok.encode(r["prompt"]) for r in rows}
+    max_len = _check_lengths(rows, encoded, cfg, g.max_new_tokens, input_path)
     mesh = make_mesh(run.mesh)
     rules = run.mesh.rules
     check_divisible(mesh, rules, {"vocab": cfg.vocab_size, "heads": cfg.n_heads,
@@ -130,16 +223,20 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     with open(output_path, "a", encoding="utf-8") as out, use_mesh(mesh, rules):
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            ids = [[tok.bos_id] + tok.encode(r["prompt"]) for r in chunk]
+            ids = [encoded[_key(r["id"])] for r in chunk]
+            seeds = [row_seed(r["id"]) for r in chunk]
             n = len(ids)
             ids += [ids[0]] * (-n % shards)  # pad to the data shards; dropped below
+            seeds += [seeds[0]] * (len(ids) - n)
             result = jaxlm.generate(params, cfg, ids, max_new_tokens=g.max_new_tokens,
                                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                    seed=g.seed, eos_id=tok.eos_id)
+                                    seed=g.seed, eos_id=tok.eos_id, max_len=max_len,
+                                    row_seeds=seeds)
             for r, seq in zip(chunk, result.sequences()[:n]):
                 line = json.dumps({"id": r["id"], "prompt": r["prompt"],
                                    "completion": decode_ids(tok, seq, cfg.vocab_size),
-                                   "tokens": seq}, ensure_ascii=False)
+                                   "tokens": seq, "prompt_hash": _hash(r["prompt"]),
+                                   "settings_hash": settings}, ensure_ascii=False)
                 out.write(line + "\n")  # whole, then on disk before the next
                 out.flush()
                 os.fsync(out.fileno())
@@ -147,16 +244,35 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
             bar.update(n)
     bar.close()
     seconds = time.perf_counter() - t0
-    summary = {"prompts": len(todo), "skipped": len(rows) - len(todo), "new_tokens": new_tokens,
+    summary = {"prompts": len(todo), "skipped": len(rows) - len(todo),
+               "regenerated": len(changed), "new_tokens": new_tokens,
                "seconds": round(seconds, 3),
                "tokens_per_s": round(new_tokens / seconds, 1) if seconds > 0 else 0.0}
     return summary
 
 
+def _check_lengths(rows, encoded, cfg, max_new_tokens: int, input_path: str):
+    """The job's one cache length (decoders: from the longest prompt of the whole
+    input, so that it does not depend on the batching), or an InputError naming
+    the input line and id of a prompt that does not fit."""
+    if cfg.family != "decoder":
+        return None
+    from jaxlm.infer.generate import CACHE_BUCKET, _round_up
+    for r in rows:
+        n = len(encoded[_key(r["id"])])
+        if n + max_new_tokens > cfg.max_seq_len:
+            raise InputError(f"{input_path} line {r['line']} (id {r['id']!r}): the prompt has "
+                             f"{n} tokens + generate.max_new_tokens={max_new_tokens}, more than "
+                             f"model.max_seq_len={cfg.max_seq_len}")
+    longest = max(len(v) for v in encoded.values())
+    return min(_round_up(longest + max_new_tokens, CACHE_BUCKET), cfg.max_seq_len)
+
+
 def run_batch_infer(args):
     s = batch_infer(args.checkpoint, args.input, args.output, batch_size=args.batch_size,
-                    overrides=args.overrides)
-    print(f"batch-infer: {s['prompts']} prompts ({s['skipped']} already done), "
+                    overrides=args.overrides, on_change=args.on_change, step=args.step)
+    print(f"batch-infer: {s['prompts']} prompts ({s['skipped']} already done, "
+          f"{s['regenerated']} regenerated after a change), "
           f"{s['new_tokens']} new tokens in {s['seconds']:.1f}s: {s['tokens_per_s']:.1f} tokens/s; "
           f"wrote {args.output}")
     return s

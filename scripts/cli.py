@@ -19,9 +19,13 @@ def _config(args):
 def cmd_train(args):
     from jaxlm.sharding.distributed import initialize
     cfg = _config(args)
-    initialize(args.coordinator, args.num_processes, args.process_id)  # before any device use
+    if args.step is not None and not args.resume:
+        from jaxlm.errors import ConfigError
+        raise ConfigError("--step N chooses the checkpoint to resume: it needs --resume")
+    initialize(args.coordinator, args.num_processes, args.process_id,  # before any device use
+               timeout_s=args.coordinator_timeout)
     from jaxlm.train.loop import train
-    summary = train(cfg, resume=args.resume)
+    summary = train(cfg, resume=args.resume, step=args.step)
     evals = summary["eval"]
     if not evals:
         print(f"{cfg.run_dir} is at step {summary['final_step']} of train.steps={cfg.train.steps}: "
@@ -69,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="pretrain a model from a config")
     t.add_argument("--config", required=True, help="YAML file or preset name (e.g. tiny-llama)")
     t.add_argument("--resume", action="store_true", help="continue the run dir's latest checkpoint")
+    t.add_argument("--step", type=int, help="with --resume: the checkpoint step to continue "
+                   "(default the latest; later ones are moved aside)")
     t.add_argument("--coordinator", help="multi-host: host:port of process 0's coordinator")
+    t.add_argument("--coordinator-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="multi-host: how long to wait for every process (default 300)")
     t.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     t.add_argument("--process-id", type=int, help="multi-host: this process's index")
     t.add_argument("overrides", nargs="*", metavar="key=value")
@@ -77,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a checkpoint")
     g.add_argument("--checkpoint", required=True, help="a jaxlm run/checkpoint dir")
+    g.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help="a text file, one prompt per line")
     g.add_argument("--config", help="optional YAML with a generate: section")
@@ -88,13 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--input", required=True, help='JSONL, one {"id": ..., "prompt": "..."} a line')
     bi.add_argument("--output", required=True, help="JSONL out; a rerun skips the ids written")
     bi.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default 32)")
+    bi.add_argument("--on-change", choices=("refuse", "regenerate"), default="refuse",
+                    help="done lines whose prompt or settings changed: refuse the rerun "
+                    "(default) or regenerate them")
+    bi.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
     bi.add_argument("overrides", nargs="*", metavar="generate.key=value|mesh.key=value")
     bi.set_defaults(fn=cmd_batch_infer)
 
     c = sub.add_parser("convert", help="convert a checkpoint between jaxlm and Hugging Face")
     c.add_argument("--input", required=True, help="a jaxlm run/checkpoint dir or a HF dir")
     c.add_argument("--output", required=True, help="a new directory")
-    c.add_argument("--to", choices=("jaxlm", "hf"), required=True, help="the output format")
+    c.add_argument("--to", choices=("jaxlm", "hf", "peft"), required=True, help="the output format")
     c.set_defaults(fn=cmd_convert)
 
     b = sub.add_parser("bench", help="measure train and decode speed")
@@ -124,17 +137,52 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from absl import logging as absl_logging  # orbax logs routine notices as warnings
     absl_logging.set_verbosity(absl_logging.ERROR)
-    from jaxlm.errors import JaxlmError
     try:
         rc = args.fn(args)
-    except JaxlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted" + (" (a checkpoint of the last step was saved; continue with --resume)"
-                               if args.command == "train" else ""), file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(interrupt_message(args.command, e), file=sys.stderr)
+        if argv is None:  # the real command: skip the interpreter teardown, where
+            _exit_now(130)  # runtime threads still live after an interrupt can crash it
         return 130
+    except BaseException as e:  # noqa: BLE001 - only user errors are turned into one line
+        message = error_line(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     return rc if isinstance(rc, int) else 0
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one-line message of a user error (a JaxlmError, a file-system error, a
+    user file that is not UTF-8), or None for anything else (a bug: traceback)."""
+    from jaxlm.errors import JaxlmError
+    if isinstance(e, JaxlmError):
+        return str(e)
+    if isinstance(e, OSError):
+        names = " -> ".join(str(n) for n in (e.filename, e.filename2) if n is not None)
+        text = e.strerror or str(e) or type(e).__name__
+        return f"{names}: {text}" if names else text
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not valid UTF-8 text ({e.reason} at byte {e.start})"
+    return None
+
+
+def interrupt_message(command: str, e: KeyboardInterrupt) -> str:
+    """What an interrupt left behind: for `train`, whether a checkpoint was saved."""
+    if command != "train":
+        return "interrupted"
+    saved = getattr(e, "saved_step", None)
+    if saved is not None:
+        return f"interrupted: saved a checkpoint of step {saved}; continue with --resume"
+    why = getattr(e, "reason", None) or "during start-up, before the first step"
+    return f"interrupted {why}: no checkpoint was saved by this run"
+
+
+def _exit_now(code: int):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

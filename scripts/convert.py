@@ -1,4 +1,7 @@
-"""`jaxlm convert`: a jaxlm checkpoint <-> a Hugging Face directory.
+"""`jaxlm convert`: a jaxlm checkpoint <-> a Hugging Face directory; a LoRA run ->
+peft adapters (`--to peft`: adapter_config.json + adapter_model.safetensors that
+`peft.PeftModel.from_pretrained(hf_base, dir)` loads; `--to hf` writes the
+merged weights).
 
 The tokenizer files beside the weights (tokenizer.model, tokenizer.json and
 its special-token files) are copied along.
@@ -19,8 +22,15 @@ def run_convert(src: str, dst: str, to: str) -> str:
     import jaxlm
     if os.path.exists(dst) and os.listdir(dst):
         raise CheckpointError(f"--output {dst} exists and is not empty; choose a new directory")
-    cfg, params = jaxlm.load(src)
-    jaxlm.save(dst, cfg, params, format=to)
+    if to == "peft":
+        from jaxlm.api import lora_adapters
+        from jaxlm.model.peft import save_lora_run
+        run, adapters = lora_adapters(src)
+        cfg = run.model
+        save_lora_run(dst, run, adapters, base_model_name_or_path=run.train.init_from)
+    else:
+        cfg, params = jaxlm.load(src)
+        jaxlm.save(dst, cfg, params, format=to)
     copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(src, name))]
     for name in copied:
         shutil.copy2(os.path.join(src, name), os.path.join(dst, name))

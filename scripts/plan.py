@@ -88,6 +88,10 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     from jaxlm.sharding.rules import partition_spec
     from jaxlm.train.optimizer import make_optimizer
 
+    for flag, value in (("--devices", n_devices), ("--cache-len", cache_len),
+                        ("--batch", batch)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}={value} must be >= 1")
     m, rules = cfg.model, cfg.mesh.rules
     sizes_cfg = cfg.mesh.sizes
     if n_devices is None:

@@ -15,6 +15,9 @@ process_index, process_count)`) into `batch_size / process_count` rows, and
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import time
 
 import jax
 
@@ -22,9 +25,9 @@ from jaxlm.errors import ConfigError
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
-    """Start jax.distributed when asked or when the environment is multi-host.
-    Returns whether it was started."""
+               process_id: int | None = None, timeout_s: float = 300.0) -> bool:
+    """Start jax.distributed when asked or when the environment is multi-host
+    (waiting up to `timeout_s` for every process). Returns whether it was started."""
     if coordinator is not None:
         if num_processes is None or process_id is None:
             raise ConfigError("--coordinator needs --num-processes and --process-id")
@@ -35,8 +38,22 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise ConfigError(f"--coordinator={coordinator!r} must be host:port")
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU hosts: collectives over gloo
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        if not timeout_s > 0:
+            raise ConfigError(f"--coordinator-timeout={timeout_s} must be > 0 seconds")
+        print(f"process {process_id}: waiting up to {timeout_s:g}s for the coordinator "
+              f"{coordinator} and all {num_processes} processes", file=sys.stderr, flush=True)
+        if process_id != 0:  # XLA aborts the process (no exception) on an unreachable one
+            _wait_for_coordinator(coordinator, timeout_s)
+        try:
+            jax.distributed.initialize(coordinator_address=coordinator,
+                                       num_processes=num_processes, process_id=process_id,
+                                       initialization_timeout=max(1, int(timeout_s)))
+        except Exception as e:  # noqa: BLE001 - XLA raises bare runtime errors here
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"--coordinator {coordinator}: not all {num_processes} processes "
+                              f"connected within {timeout_s:g}s (--coordinator-timeout); is "
+                              "process 0 running there, and the port reachable?") from None
         return True
     if num_processes is not None or process_id is not None:
         raise ConfigError("--num-processes/--process-id need --coordinator host:port")
@@ -47,6 +64,29 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return False
 
 
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Until process 0's coordinator accepts a TCP connection at `address`, or a
+    one-line ConfigError after timeout_s."""
+    host, _, port = address.rpartition(":")
+    try:
+        port = int(port)
+    except ValueError:
+        raise ConfigError(f"--coordinator={address!r}: the port must be a number") from None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), port),
+                                          timeout=max(0.1, min(2.0, timeout_s))):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"--coordinator {address}: no coordinator answered within {timeout_s:g}s "
+                    f"(--coordinator-timeout; last error: {e.strerror or e}); start process 0 "
+                    "first, and check the host and port") from None
+            time.sleep(0.25)
+
+
 def local_batch_size(global_batch: int) -> int:
     n = jax.process_count()
     if global_batch % n:
@@ -55,14 +95,15 @@ def local_batch_size(global_batch: int) -> int:
 
 
 def local_rows(batch: dict, global_batch: int) -> dict:
-    """This process's block of rows of a batch that every process built whole."""
+    """This process's block of rows of a batch (a dict of arrays, nested for DPO pairs)
+    that every process built whole."""
     n = local_batch_size(global_batch)
     i = jax.process_index()
-    return {k: v[i * n:(i + 1) * n] for k, v in batch.items()}
+    return jax.tree.map(lambda v: v[i * n:(i + 1) * n], batch)
 
 
 def put_batch(batch: dict, sharding):
     """Host batch (this process's rows) -> one global jax.Array per key."""
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)

@@ -212,6 +212,10 @@ def test_split_documents(docs):
     assert split_documents(docs, 0.2, seed=1)[1] != evals
     assert [len(part) for part in split_documents(["a", "b"], 0.01, seed=0)] == [1, 1]
     assert split_documents(["a"], 0.5, seed=0) == (["a"], [])
+    one = "".join(f"line {i}\n" for i in range(100))  # a one-file corpus: split by characters
+    (train_part,), (eval_part,) = split_documents([one], 0.1, seed=0)
+    assert train_part + eval_part == one and eval_part.startswith("line ")
+    assert abs(len(eval_part) - 0.1 * len(one)) <= len("line 99\n")
 
 
 def test_process_shards_are_disjoint(tok, docs):

@@ -8,6 +8,9 @@ up as the latest checkpoint.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 
 import jax
@@ -23,9 +26,22 @@ def manager(run_dir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
     if read_only:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                                save_interval_steps=0)
+        with _absl_quiet():  # orbax warns "Given directory is read only" on every open
+            return ocp.CheckpointManager(path, options=options, item_names=("state", "data"))
     else:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
     return ocp.CheckpointManager(path, options=options, item_names=("state", "data"))
+
+
+@contextlib.contextmanager
+def _absl_quiet(level: int = logging.ERROR):
+    log = logging.getLogger("absl")
+    old = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
 
 
 def _as_dict(state):
@@ -51,19 +67,41 @@ def latest_step(run_dir: str) -> int | None:
     return manager(run_dir, read_only=True).latest_step()
 
 
+SET_ASIDE = "checkpoints.set-aside"
+
+
+def set_aside_after(mngr: ocp.CheckpointManager, run_dir: str, step: int) -> list[int]:
+    """Move the checkpoints after `step` to `<run_dir>/checkpoints.set-aside/`
+    (resuming an earlier step: the run will write those steps again)."""
+    later = sorted(s for s in mngr.all_steps() if s > step)
+    if not later:
+        return []
+    dest = os.path.join(run_dir, SET_ASIDE)
+    os.makedirs(dest, exist_ok=True)
+    for s in later:
+        src = os.path.join(str(mngr.directory), str(s))
+        target = os.path.join(dest, str(s))
+        n = 1
+        while os.path.exists(target):
+            target, n = os.path.join(dest, f"{s}.{n}"), n + 1
+        os.rename(src, target)
+    mngr.reload()
+    return later
+
+
 def restore_state(mngr, abstract_state, step: int | None = None):
-    """Restore (train state, data iterator state) into the given shardings."""
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no checkpoint in {mngr.directory}")
+    """Restore (train state, data iterator state) into the given shardings: the
+    latest step, or `step`. A step that cannot be read (or holds non-finite
+    params) is a one-line CheckpointError naming the latest earlier intact step."""
     target = _as_dict(abstract_state)
-    try:
-        out = mngr.restore(step, args=ocp.args.Composite(
+
+    def read(s):
+        return mngr.restore(s, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target)),
             data=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises many types for missing/corrupt files
-        raise CheckpointError(f"checkpoint step {step} in {mngr.directory} could not be read: "
-                              f"{_one_line(e)}") from None
+
+    out, _ = _restore_verified(mngr, step, read, lambda out: out["state"]["params"],
+                               "--resume --step {}")
     s = out["state"]
     state = type(abstract_state)(step=s["step"], params=s["params"], opt_state=s["opt_state"])
     return state, out["data"]
@@ -79,21 +117,21 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None, shard
     if not os.path.isdir(os.path.join(run_dir, CHECKPOINTS)):
         raise CheckpointError(f"{run_dir} has no {CHECKPOINTS}/ directory: not a jaxlm run dir")
     mngr = manager(run_dir, read_only=True)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no complete checkpoint in {mngr.directory}")
     if shardings is not None:
         abstract_params = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract_params, shardings)
-    _check_stored_shapes(mngr, step, abstract_params)
+    wanted = mngr.latest_step() if step is None else step
+    if isinstance(wanted, int) and wanted in mngr.all_steps():
+        _check_stored_shapes(mngr, wanted, abstract_params)
     target = {"params": abstract_params}
-    try:
-        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+
+    def read(s):
+        return mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=_restore_args(target), partial_restore=True)))
-    except Exception as e:
-        raise CheckpointError(f"checkpoint step {step} in {mngr.directory} could not be read: "
-                              f"{_one_line(e)}") from None
+
+    out, _ = _restore_verified(mngr, step, read, lambda out: out["state"]["params"],
+                               "--step {0} (jaxlm.load(path, step={0}))")
     params = out["state"]["params"]
     _check_shapes(params, abstract_params)
     return params
@@ -117,6 +155,41 @@ def _check_stored_shapes(mngr, step: int, abstract_params):
                                   f"{tuple(got.shape)}, the config expects {tuple(want.shape)}")
 
 
+def _restore_verified(mngr, step, read, params_of, how: str):
+    """read(step) checked (readable, finite params); on failure, one line that
+    names the step and the latest earlier step that reads back intact."""
+    steps = sorted(mngr.all_steps())
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint in {mngr.directory}")
+    if step is None:
+        step = steps[-1]
+    elif not isinstance(step, int) or isinstance(step, bool) or step not in steps:
+        raise CheckpointError(f"no checkpoint of step {step!r} in {mngr.directory} "
+                              f"(steps: {', '.join(map(str, steps))})")
+    problem = _try_read(read, params_of, step)
+    if isinstance(problem, str):
+        intact = next((s for s in reversed(steps) if s < step
+                       and not isinstance(_try_read(read, params_of, s), str)), None)
+        hint = (f"step {intact} is intact: choose it with {how.format(intact)}"
+                if intact is not None else "no earlier step is intact")
+        raise CheckpointError(f"checkpoint step {step} in {mngr.directory} could not be read "
+                              f"({problem}); {hint}")
+    return problem, step
+
+
+def _try_read(read, params_of, step):
+    """The restored tree, or a one-line reason why step `step` is not usable."""
+    from jaxlm.train.guard import all_finite
+    try:
+        with _loop_kept_on_failure(), _absl_quiet(logging.CRITICAL):  # the error says it all
+            out = read(step)
+    except Exception as e:  # orbax raises many types for missing/corrupt files
+        return _one_line(e)
+    if not all_finite(params_of(out)):
+        return "its params are not finite"
+    return out
+
+
 def _check_shapes(params, abstract_params):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
                             jax.tree.leaves(abstract_params)):
@@ -125,6 +198,47 @@ def _check_shapes(params, abstract_params):
                                   f"{a.shape}, the config expects {b.shape}")
 
 
+@contextlib.contextmanager
+def _loop_kept_on_failure():
+    """Orbax runs a restore in a fresh event loop and closes it when the first read
+    fails; the reads still in flight then call back into the closed loop and
+    tensorstore prints a traceback for each. On failure the loop is left open
+    (those callbacks land in it harmlessly); on success it is closed as before."""
+    try:
+        from orbax.checkpoint._src import asyncio_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
+    if original is None:
+        yield
+        return
+
+    def run(coro):
+        loop = asyncio.new_event_loop()
+        try:
+            asyncio.set_event_loop(loop)
+            result = loop.run_until_complete(coro)
+        finally:
+            asyncio.set_event_loop(None)
+        loop.close()
+        return result
+
+    asyncio_utils._run_sync_via_new_loop = run
+    try:
+        yield
+    finally:
+        asyncio_utils._run_sync_via_new_loop = original
+
+
 def _one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+    """A short reason: the root cause's first line, never a multi-line repr."""
+    chain = []
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for err in reversed(chain):  # the root cause names the file; wrappers add reprs
+        text = [line for line in str(err).strip().splitlines() if line.strip()]
+        if text and not text[0].startswith("<") and "pybind11" not in text[0]:
+            return text[0][:240] if len(text[0]) > 20 else f"{type(err).__name__}: {text[0]}"
+    return type(chain[0]).__name__

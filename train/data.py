@@ -162,13 +162,16 @@ def split_documents(docs: Sequence[str], eval_fraction: float, seed: int) -> tup
     """Disjoint (train, eval) documents, chosen with `seed`, in input order.
 
     Eval gets round(eval_fraction * n) documents, at least one when there
-    are two or more documents and eval_fraction > 0; train is never empty.
+    are two or more documents and eval_fraction > 0; train is never empty. A
+    single document (a one-file corpus) is split by characters instead.
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     n = len(docs)
     if n == 0:
         raise InputError("no documents to split")
+    if n == 1 and eval_fraction > 0:
+        return _split_one(docs[0], eval_fraction)
     n_eval = 0 if eval_fraction == 0 or n < 2 else min(max(1, round(eval_fraction * n)), n - 1)
     order = np.random.default_rng(seed).permutation(n)
     is_eval = np.zeros(n, dtype=bool)
@@ -295,10 +298,24 @@ def split_corpus(docs: Documents, eval_fraction: float) -> tuple[Documents, Docu
         raise ConfigError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     n = len(docs)
     if n < 2:
-        return docs, None
+        return _split_single(docs, eval_fraction)
     k = min(max(2, round(1 / eval_fraction)), n)
     return (docs.view(_EveryKth(docs.items, k, False), split=f"train/{k}"),
             docs.view(_EveryKth(docs.items, k, True), split=f"eval/{k}"))
+
+
+def _split_single(docs: Documents, eval_fraction: float) -> tuple[Documents, Documents | None]:
+    """A one-document corpus (a single text file): split by characters (`_split_one`)."""
+    if docs.kind == "tokens":
+        return docs, None
+    item = docs.items[0]
+    text = item if docs.kind == "text" else _read_text(pathlib.Path(item))
+    train, held = _split_one(text or "", eval_fraction)
+    if not held:
+        return docs, None
+    part = lambda texts, name: Documents(grain.MapDataset.source(texts), "text",  # noqa: E731
+                                         {**docs.identity, "split": name})
+    return part(train, "train/chars"), part(held, "eval/chars")
 
 
 def sample_texts(docs: Documents, max_chars: int, seed: int) -> list[str]:
@@ -317,6 +334,18 @@ def sample_texts(docs: Documents, max_chars: int, seed: int) -> list[str]:
             if total >= max_chars:
                 break
     return texts
+
+
+def _split_one(doc: str, eval_fraction: float) -> tuple[list[str], list[str]]:
+    """A single document (a one-file corpus): its last eval_fraction of characters
+    (from a line start where there is one) is the eval part, the rest trains."""
+    if len(doc) < 2:
+        return [doc], []
+    cut = len(doc) - max(1, round(eval_fraction * len(doc)))
+    line = doc.rfind("\n", 0, cut)
+    if line > 0 and len(doc) - line < 2 * (len(doc) - cut):
+        cut = line + 1
+    return [doc[:cut]], [doc[cut:]]
 
 
 # ---------------------------------------------------------------- pipeline

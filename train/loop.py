@@ -19,12 +19,14 @@ from jaxlm.model.tokenizer import load_tokenizer, train_sentencepiece
 from jaxlm.sharding.distributed import local_batch_size, local_rows, put_batch
 from jaxlm.sharding.mesh import check_divisible, make_mesh, model_dims
 from jaxlm.sharding.rules import named_sharding, use_mesh
-from jaxlm.train import checkpoint, span
+from jaxlm.train import checkpoint, guard, span
 from jaxlm.train.data import eval_batches, make_batches, open_sources, sample_texts
 from jaxlm.train.metrics import MetricsLog, device_peak, mesh_devices, mfu
 from jaxlm.train.objectives import batch_objective
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxlm.train.state import abstract_state, create_state, state_shardings
+from jaxlm.train.lora import trainable_specs
+from jaxlm.train.state import (abstract_state, attach_frozen, create_state, needs_frozen,
+                               state_shardings)
 from jaxlm.train.step import compile_steps
 
 CONFIG_FILE = "config.yaml"
@@ -32,12 +34,21 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> dict:
-    """Train `cfg` in `cfg.run_dir`; with `resume`, continue its latest checkpoint.
+          progress: bool = True, step: int | None = None) -> dict:
+    """Train `cfg` in `cfg.run_dir`; with `resume`, continue its latest checkpoint
+    (or checkpoint `step`: the later ones are moved aside, not deleted).
 
     `stop_after`: stop (with a checkpoint) once this step is reached, as an
-    interrupted run would. Returns a summary with the eval losses.
+    interrupted run would. Returns a summary with the eval losses. The run dir
+    is locked for the life of the run (a second writer: ConfigError), and
+    SIGTERM stops it as Ctrl-C does (a checkpoint of the last finite step).
     """
+    with guard.run_dir_lock(cfg.run_dir), guard.stop_signals():
+        return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step)
+
+
+def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
+           step: int | None) -> dict:
     run_dir = cfg.run_dir
     _check_run_dir(cfg, resume)
     os.makedirs(run_dir, exist_ok=True)
@@ -46,35 +57,30 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     if lead:
         _write_config(cfg)
 
-    train_docs, eval_docs = open_sources(cfg.data)  # lazy: read as the pipeline streams
-    tokenizer = _tokenizer(cfg, train_docs)
+    batches, eval_host, tokenizer = _data(cfg)
 
     mesh = make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
     check_divisible(mesh, rules, model_dims(cfg))
-    tx = make_optimizer(cfg.train, model_specs(cfg.model))
+    tx = make_optimizer(cfg.train, trainable_specs(cfg))  # LoRA: the adapters only
     lr = learning_rate_schedule(cfg.train)
     mngr = checkpoint.manager(run_dir, keep=cfg.train.keep_checkpoints)
-    batches = make_batches(train_docs, tokenizer, seq_len=span.row_length(cfg),
-                           batch_size=local_batch_size(cfg.data.batch_size), seed=cfg.data.seed,
-                           shuffle_rows=cfg.data.shuffle_rows,
-                           process_index=jax.process_index(), process_count=jax.process_count())
-    batches = span.wrap_batches(cfg, tokenizer, batches)  # span: T5 corruption on the host
     with use_mesh(mesh, rules):
         if resume:
-            state, data_state = checkpoint.restore_state(mngr, abstract_state(cfg, mesh, tx))
+            state, data_state = checkpoint.restore_state(mngr, abstract_state(cfg, mesh, tx), step)
+            if needs_frozen(cfg):  # checkpoints hold no frozen tree: rebuilt from init_from
+                state = attach_frozen(cfg, mesh, state, _initial_params(cfg, mesh))
             batches.set_state(_own_data_state(data_state))
+            _resumed(cfg, mngr, int(state.step))
         else:
-            state = create_state(cfg, mesh, tx, cfg.train.seed)
+            state = create_state(cfg, mesh, tx, cfg.train.seed, _initial_params(cfg, mesh))
         batch_sharding = named_sharding(mesh, ("batch", "seq"), rules)
         train_step, eval_step = compile_steps(cfg.model, tx, lr, state_shardings(cfg, mesh, tx),
                                               batch_sharding, cfg.train.loss_vocab_chunk,
-                                              batch_objective(cfg.train, cfg.model, tokenizer))
+                                              batch_objective(cfg.train, cfg.model, tokenizer),
+                                              tcfg=cfg.train)
         # every process builds the same eval batches and keeps its block of rows
-        evals = [put_batch(local_rows(b, cfg.data.batch_size), batch_sharding)
-                 for b in span.map_batches(cfg, tokenizer, eval_batches(
-                     eval_docs, tokenizer, seq_len=span.row_length(cfg),
-                     batch_size=cfg.data.batch_size, num_batches=cfg.train.eval_batches))]
+        evals = [put_batch(local_rows(b, cfg.data.batch_size), batch_sharding) for b in eval_host]
         loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress)
         try:
             return loop.run(state, stop_after)
@@ -97,13 +103,36 @@ class _Loop:
         self.peak, _ = device_peak(cfg.model.dtype, cfg.train.peak_flops, 0.5, sharing=local)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
 
-    def evaluate(self, state) -> float:
-        sums = [self.eval_step(state.params, b) for b in self.evals]
-        loss_sum, count = (sum(float(s[i]) for s in sums) for i in (0, 1))
-        return loss_sum / max(count, 1.0)
+    def evaluate(self, state) -> dict:
+        """Held-out means: {"loss": ...} plus, for DPO, the reward metrics."""
+        sums = jax.device_get([self.eval_step(state, b) for b in self.evals])
+        count = max(sum(float(s[1]) for s in sums), 1.0)
+        out = {"loss": sum(float(s[0]) for s in sums) / count}
+        for key in sums[0][2]:
+            out[key] = sum(float(s[2][key]) for s in sums) / count
+        return out
 
     def checkpoint(self, state):
+        """Save `state` (async), or a one-line JaxlmError when it is not finite."""
+        if not guard.all_finite((state.params, state.opt_state)):
+            raise JaxlmError(
+                f"training diverged: the state at step {int(state.step)} is not finite; it was "
+                f"not saved (latest checkpoint: step {self.mngr.latest_step()})")
         checkpoint.save(self.mngr, state, _all_data_states(self.batches.get_state()))
+
+    def final_save(self, state, start: int) -> tuple[int | None, str]:
+        """The save on an interrupt, with SIGINT/SIGTERM masked until it is on disk:
+        (the step saved or None, why not)."""
+        step = int(state.step)
+        if step == start and start == 0:
+            return None, "before the first step finished"
+        with guard.masked_sigint():
+            try:
+                self.checkpoint(state)
+                self.mngr.wait_until_finished()
+            except JaxlmError as e:
+                return None, f"at step {step} ({e})"
+        return step, ""
 
     def run(self, state, stop_after):
         tcfg = self.cfg.train
@@ -124,22 +153,32 @@ class _Loop:
                 eval_due = step % tcfg.eval_every == 0 or step == tcfg.steps
                 save_due = step % tcfg.checkpoint_every == 0 or step == end
                 if eval_due or save_due or step % tcfg.log_every == 0:
-                    self._flush(pending, t_mark, bar)
-                    pending = []
+                    rows, pending = pending, []
+                    self._flush(rows, t_mark, bar)
                     if eval_due:
                         summary["eval"].append(self._eval(state, step))
                     if save_due:
                         self.checkpoint(state)
                     t_mark = time.perf_counter()  # the first interval holds the compile
-        except KeyboardInterrupt:
-            self.checkpoint(state)
+        except KeyboardInterrupt as e:
+            self._flush_on_exit(pending, bar)
+            pending = []
+            e.saved_step, e.reason = self.final_save(state, start)
             raise
         finally:
+            self._flush_on_exit(pending, bar)  # any exit: no logged step is lost
             bar.close()
         summary["final_step"] = int(state.step)
         return summary
 
-    def _flush(self, pending, t_mark, bar):
+    def _flush_on_exit(self, pending, bar):
+        if pending:
+            try:
+                self._flush(pending, None, bar, check=False)
+            except Exception:  # noqa: BLE001 - the loop's own error is the one to report
+                pass
+
+    def _flush(self, pending, t_mark, bar, check: bool = True):
         """Fetch the pending steps' metrics (the loop's only host sync) and log them."""
         rows = jax.device_get(pending)
         speed = {}
@@ -151,21 +190,91 @@ class _Loop:
         for i, (s, m) in enumerate(rows):
             self.log.write({"step": s, **m, **(speed if i == len(rows) - 1 else {})})
         step, last = rows[-1]
-        if not math.isfinite(last["loss"]):
-            raise JaxlmError(f"training diverged: loss is {last['loss']} at step {step}")
         bar.update(len(rows))
+        if check:
+            _check_diverged(rows)
         postfix = {"loss": f"{last['loss']:.3f}"}
         if speed:
             postfix.update({"tok/s": f"{speed['tokens_per_s']:.0f}", "mfu": f"{speed['mfu']:.0%}"})
         bar.set_postfix(postfix)
 
     def _eval(self, state, step):
-        loss = self.evaluate(state)
-        record = {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        means = self.evaluate(state)
+        loss = means.pop("loss")
+        record = {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+                  **{f"eval_{k}": v for k, v in means.items()}}
         self.log.write(record)
         if self.progress:
             tqdm.write(f"step {step}: eval loss {loss:.4f}, perplexity {record['eval_perplexity']:.2f}")
         return record
+
+
+def _data(cfg: Config):
+    """(training batch iterator, global eval batches, tokenizer) for train.objective."""
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if cfg.train.objective in ("sft", "dpo"):
+        from jaxlm.model.chat import resolve_chat_template
+        from jaxlm.train.sft import finetune_data
+        tokenizer = _tokenizer(cfg, None)
+        template = resolve_chat_template(cfg.data.chat_template, _template_dir(cfg))
+        batches, evals = finetune_data(cfg.train.objective, cfg, tokenizer, template=template,
+                                       batch_size=local_batch_size(cfg.data.batch_size), **process)
+        stats = getattr(batches, "stats", {})
+        if stats and jax.process_index() == 0:
+            print(f"{cfg.train.objective}: {stats.get('examples', '?')} examples, "
+                  f"{stats.get('truncated', 0)} truncated to data.seq_len={cfg.data.seq_len}, "
+                  f"{stats.get('dropped', 0)} dropped (no loss token within the row)", flush=True)
+        return batches, evals, tokenizer
+    train_docs, eval_docs = open_sources(cfg.data)  # lazy: read as the pipeline streams
+    tokenizer = _tokenizer(cfg, train_docs)
+    batches = make_batches(train_docs, tokenizer, seq_len=span.row_length(cfg),
+                           batch_size=local_batch_size(cfg.data.batch_size), seed=cfg.data.seed,
+                           shuffle_rows=cfg.data.shuffle_rows, **process)
+    batches = span.wrap_batches(cfg, tokenizer, batches)  # span: T5 corruption on the host
+    evals = span.map_batches(cfg, tokenizer, eval_batches(
+        eval_docs, tokenizer, seq_len=span.row_length(cfg), batch_size=cfg.data.batch_size,
+        num_batches=cfg.train.eval_batches))
+    return batches, list(evals), tokenizer
+
+
+def _template_dir(cfg: Config):
+    """Where the run's chat template and tokenizer files come from: the run dir once it
+    holds a copy, else train.init_from."""
+    own = os.path.join(cfg.run_dir, "tokenizer_config.json")
+    return cfg.run_dir if os.path.exists(own) else (cfg.train.init_from or None)
+
+
+def _initial_params(cfg: Config, mesh):
+    """train.init_from's params, read straight into their shardings, or None (random init)."""
+    if not cfg.train.init_from:
+        return None
+    from jaxlm.api import load_params
+    from jaxlm.model.params import logical_axes
+    from jaxlm.sharding.rules import tree_shardings
+    shardings = tree_shardings(mesh, logical_axes(model_specs(cfg.model)), cfg.mesh.rules)
+    return load_params(cfg.train.init_from, cfg.model, shardings)
+
+
+def _check_diverged(rows):
+    """A one-line JaxlmError at the first logged step whose loss or gradient norm
+    is not finite."""
+    for step, m in rows:
+        bad = {k: float(m[k]) for k in ("loss", "grad_norm") if k in m
+               and not math.isfinite(float(m[k]))}
+        if bad:
+            what = ", ".join(f"{k} is {v}" for k, v in bad.items())
+            raise JaxlmError(f"training diverged at step {step}: {what}")
+
+
+def _resumed(cfg: Config, mngr, step: int):
+    """After restoring `step`: later checkpoints moved aside, later metrics dropped."""
+    if jax.process_index() != 0:
+        return
+    moved = checkpoint.set_aside_after(mngr, cfg.run_dir, step)
+    if moved:
+        print(f"resuming step {step}: moved the later checkpoints {moved} to "
+              f"{os.path.join(cfg.run_dir, checkpoint.SET_ASIDE)}", flush=True)
+    guard.truncate_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), step)
 
 
 def _all_data_states(state: dict) -> dict:
@@ -235,6 +344,8 @@ def read_run_config(run_dir: str) -> Config:
 
 
 def _tokenizer(cfg: Config, train_docs):
+    if train_docs is None:  # fine-tuning: the checkpoint's own tokenizer
+        return _checkpoint_tokenizer(cfg)
     first = train_docs if not isinstance(train_docs, list) else train_docs[0][0]
     path = cfg.data.tokenizer or first.tokenizer_path or os.path.join(cfg.run_dir, TOKENIZER_FILE)
     if cfg.data.tokenizer or first.tokenizer_path or os.path.exists(path):
@@ -254,6 +365,32 @@ def _tokenizer(cfg: Config, train_docs):
     if (cfg.data.tokenizer or first.tokenizer_path) and jax.process_index() == 0:  # a copy with the run
         tok.save(cfg.run_dir)
     return tok
+
+
+def _checkpoint_tokenizer(cfg: Config):
+    """data.tokenizer, else train.init_from's tokenizer (a jaxlm run's tokenizer.model,
+    an HF dir's tokenizer.json / tokenizer.model), copied into the run dir."""
+    source = cfg.data.tokenizer or cfg.train.init_from
+    if not source:
+        raise ConfigError(f"train.objective={cfg.train.objective} needs a tokenizer: set "
+                          "train.init_from=CHECKPOINT (its tokenizer is used) or data.tokenizer=PATH")
+    tok = load_tokenizer(source)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer of {source} has {tok.vocab_size} tokens but "
+                          f"model.vocab_size={cfg.model.vocab_size}")
+    if jax.process_index() == 0:  # the run dir is self-contained
+        tok.save(cfg.run_dir)
+        _copy_chat_template(source, cfg.run_dir)
+    return tok
+
+
+def _copy_chat_template(source: str, run_dir: str):
+    """chat_template.jinja beside the source tokenizer goes along with it."""
+    import shutil
+    folder = source if os.path.isdir(source) else os.path.dirname(source)
+    src = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(src) and os.path.abspath(folder) != os.path.abspath(run_dir):
+        shutil.copyfile(src, os.path.join(run_dir, "chat_template.jinja"))
 
 
 __all__ = ["train", "read_run_config"]

@@ -100,7 +100,8 @@ class MetricsLog:
 
     def write(self, record: dict):
         plain = {k: _plain(v) for k, v in record.items()}
-        self._f.write(json.dumps(plain) + "\n")
+        # strict JSON: a non-finite number is written as null (never a bare NaN token)
+        self._f.write(json.dumps(plain, allow_nan=False) + "\n")
         self._f.flush()
         if self._tb is not None and isinstance(plain.get("step"), int):
             for tag, value in _scalars(plain):
@@ -118,17 +119,21 @@ def _scalars(record: dict):
         if key == "step" or isinstance(value, (str, bool)):
             continue
         if isinstance(value, list):
-            yield from ((f"{key}/{i}", float(x)) for i, x in enumerate(value))
+            yield from ((f"{key}/{i}", float(x)) for i, x in enumerate(value) if x is not None)
         elif isinstance(value, (int, float)) and math.isfinite(value):
             yield key, float(value)
 
 
 def _plain(v):
-    if isinstance(v, (int, str, bool, float)):
+    if isinstance(v, (int, str, bool)):
         return v
     if hasattr(v, "ndim") and v.ndim > 0:  # e.g. the per-expert load
-        return [round(float(x), 6) for x in v.reshape(-1)]
+        return [_finite(round(float(x), 6)) for x in v.reshape(-1)]
     try:
-        return float(v)
+        return _finite(float(v))
     except (TypeError, ValueError):
         return str(v)
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None

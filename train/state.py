@@ -35,6 +35,11 @@ class TrainState:
     frozen: Any = None
 
 
+def needs_frozen(cfg) -> bool:
+    """Whether the state holds a frozen tree (LoRA base, DPO reference)."""
+    return _has_frozen(cfg)
+
+
 def _has_frozen(cfg) -> bool:
     return bool(cfg.train.lora_rank) or cfg.train.objective == "dpo"
 
@@ -89,18 +94,36 @@ def create_lora_state(cfg, mesh, tx, base_params, seed: int) -> TrainState:
     return create_state(cfg, mesh, tx, seed, base_params)
 
 
+def _frozen(cfg, base):
+    """The frozen tree made from the starting params: the (quantized) LoRA base, or the
+    DPO reference policy (its own buffers); None for other runs."""
+    if cfg.train.lora_rank:
+        return lora.quantize_base(base, cfg.model) if cfg.train.lora_base_dtype == "int8" else base
+    if cfg.train.objective == "dpo":
+        return jax.tree.map(jnp.copy, base)
+    return None
+
+
+def attach_frozen(cfg, mesh, state: TrainState, base) -> TrainState:
+    """A restored state (checkpoints hold no frozen tree) with its frozen tree rebuilt
+    from the starting params `base` (train.init_from, placed in its shardings)."""
+    if not _has_frozen(cfg):
+        return state
+    if base is None:
+        raise ValueError("attach_frozen: this run needs its starting params (train.init_from)")
+    sh = tree_shardings(mesh, lora.frozen_axes(cfg.model, cfg.train), cfg.mesh.rules)
+    frozen = jax.jit(lambda p: _frozen(cfg, p), out_shardings=sh)(base)
+    return state.replace(frozen=frozen)
+
+
 def _new_state(cfg, tx, key, base):
     given = base is not None
     if not given:
         base = initialize(model_specs(cfg.model), key)
-    frozen = None
+    frozen = _frozen(cfg, base)
     if cfg.train.lora_rank:
         params = initialize(lora.lora_specs(cfg.model, cfg.train), jax.random.fold_in(key, 1))
-        frozen = (lora.quantize_base(base, cfg.model) if cfg.train.lora_base_dtype == "int8"
-                  else base)
     else:
         params = jax.tree.map(jnp.copy, base) if given else base  # own buffers: donated
-        if cfg.train.objective == "dpo":  # the reference policy: its own buffers
-            frozen = jax.tree.map(jnp.copy, base)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       frozen=frozen)

@@ -1,0 +1,104 @@
+"""Checks of the public API's concrete inputs, before anything is traced.
+
+`jaxlm.forward`, `jaxlm.embed`, `jaxlm.generate` and `jaxlm.init_params` call
+these on their arguments: the config's type, the params' tree against the
+config's parameter specs, and (for concrete token arrays only; a traced call
+inside the user's `jax.jit` is not checked) the token ids' range and length.
+Each failure is one-line `jaxlm` error naming the argument.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from jaxlm.errors import ConfigError, InputError
+
+
+def check_model_cfg(cfg, where: str) -> None:
+    """`cfg` must be a ModelConfig (a full Config: its .model)."""
+    from jaxlm.model.config import Config, ModelConfig
+    if isinstance(cfg, ModelConfig):
+        return
+    if isinstance(cfg, Config):
+        raise ConfigError(f"{where}: cfg is a Config; pass its model section (cfg.model), "
+                          "a ModelConfig")
+    raise ConfigError(f"{where}: cfg must be a ModelConfig, got {type(cfg).__name__}")
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_shapes(cfg) -> dict:
+    from jaxlm.model import abstract, model_specs
+    leaves = jax.tree_util.tree_leaves_with_path(abstract(model_specs(cfg)))
+    return {jax.tree_util.keystr(p): tuple(a.shape) for p, a in leaves}
+
+
+def check_params(params, cfg, where: str) -> None:
+    """Every parameter of `cfg` present in `params` with its shape (extra leaves,
+    e.g. adapters, are allowed), or an InputError naming the first that is not."""
+    if not isinstance(params, dict):
+        raise InputError(f"{where}: params must be the dict of arrays from jaxlm.load or "
+                         f"jaxlm.init_params, got {type(params).__name__}")
+    got = {jax.tree_util.keystr(p): tuple(np.shape(a))
+           for p, a in jax.tree_util.tree_leaves_with_path(params)}
+    for key, shape in _expected_shapes(cfg).items():
+        if key not in got:
+            raise InputError(f"{where}: params have no {key}: they are not params of this "
+                             f"cfg ({cfg.family}, d_model={cfg.d_model}, n_layers={cfg.n_layers})")
+        if got[key] != shape:
+            raise InputError(f"{where}: params{key} has shape {got[key]}, cfg expects {shape}: "
+                             "the params are of another config")
+
+
+def check_model_args(params, cfg, where: str) -> None:
+    check_model_cfg(cfg, where)
+    check_params(params, cfg, where)
+
+
+def check_tokens(tokens, cfg, where: str, *, cached: bool = False) -> None:
+    """Concrete token ids: integers in [0, vocab_size); with learned positions
+    and no cache, at most model.max_seq_len of them per row. Traced: no check."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    try:
+        arr = np.asarray(tokens)
+    except (ValueError, TypeError):
+        raise InputError(f"{where}: tokens must be an integer array [batch, seq]") from None
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{where}: tokens must be integer token ids, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise InputError(f"{where}: tokens must be 2-D [batch, seq], got shape {arr.shape}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"{where}: tokens hold id {bad}, outside [0, {cfg.vocab_size}) "
+                             f"(model.vocab_size={cfg.vocab_size})")
+    if not cached and cfg.positions == "learned" and arr.shape[1] > cfg.max_seq_len:
+        raise InputError(f"{where}: tokens have {arr.shape[1]} positions, more than "
+                         f"model.max_seq_len={cfg.max_seq_len} (learned positions)")
+
+
+def forward(params, cfg, tokens, *args, **kwargs):
+    """`jaxlm.forward`: `jaxlm.model.forward` after the checks above."""
+    from jaxlm.model import forward as model_forward
+    check_model_args(params, cfg, "forward")
+    check_tokens(tokens, cfg, "forward", cached=kwargs.get("cache") is not None)
+    return model_forward(params, cfg, tokens, *args, **kwargs)
+
+
+def embed(params, cfg, tokens, *args, **kwargs):
+    """`jaxlm.embed`: `jaxlm.model.embed.embed` after the checks above."""
+    from jaxlm.model.embed import embed as model_embed
+    check_model_args(params, cfg, "embed")
+    check_tokens(tokens, cfg, "embed")
+    return model_embed(params, cfg, tokens, *args, **kwargs)
+
+
+def init_params(cfg, key):
+    """`jaxlm.init_params`: the config checked first."""
+    from jaxlm.model import init_params as model_init
+    check_model_cfg(cfg, "init_params")
+    return model_init(cfg, key)
