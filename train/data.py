@@ -170,7 +170,7 @@ def split_documents(docs: Sequence[str], eval_fraction: float, seed: int) -> tup
     n = len(docs)
     if n == 0:
         raise InputError("no documents to split")
-    if n == 1 and eval_fraction > 0:
+    if n == 1 and eval_fraction > 0 and isinstance(docs[0], str):
         return _split_one(docs[0], eval_fraction)
     n_eval = 0 if eval_fraction == 0 or n < 2 else min(max(1, round(eval_fraction * n)), n - 1)
     order = np.random.default_rng(seed).permutation(n)
