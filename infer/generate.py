@@ -141,6 +141,19 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     return fetch_output(out, max_new_tokens, return_logits)
 
 
+def generate_kwargs(g, eos_id=None) -> dict:
+    """A GenerateConfig -> the keyword arguments of `generate` (what `jaxlm generate`
+    and `batch-infer` pass): eos_id (the tokenizer's) plus g.stop_ids stop a row."""
+    stop = ([] if eos_id is None else [eos_id]) + [i for i in g.stop_ids if i != eos_id]
+    return dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
+                top_p=g.top_p, seed=g.seed, eos_id=stop or None, min_p=g.min_p,
+                repetition_penalty=g.repetition_penalty, presence_penalty=g.presence_penalty,
+                frequency_penalty=g.frequency_penalty,
+                no_repeat_ngram_size=g.no_repeat_ngram_size, min_new_tokens=g.min_new_tokens,
+                num_beams=g.num_beams, length_penalty=g.length_penalty,
+                early_stopping=g.early_stopping, num_return_sequences=g.num_return_sequences)
+
+
 def check_decoding(*, temperature, return_logits, min_p, repetition_penalty, presence_penalty,
                    frequency_penalty, no_repeat_ngram_size, min_new_tokens, num_beams,
                    length_penalty, early_stopping, num_return_sequences):

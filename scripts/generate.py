@@ -39,6 +39,7 @@ def decode_ids(tok, ids, vocab_size: int) -> str:
 
 def run_generate(args):
     import jaxlm
+    from jaxlm.infer.generate import generate_kwargs
     from jaxlm.model.config import config_from_dict, load_config, to_dict
     from jaxlm.train.loop import read_run_config
 
@@ -56,10 +57,11 @@ def run_generate(args):
     cfg, params = jaxlm.load(args.checkpoint)
     tok = jaxlm.load_tokenizer(args.checkpoint)
     ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
-    out = jaxlm.generate(params, cfg, ids, max_new_tokens=g.max_new_tokens,
-                         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
-                         eos_id=tok.eos_id)
-    for prompt, new in zip(prompts, out.sequences()):
-        print(f"=== prompt: {prompt!r}")
+    out = jaxlm.generate(params, cfg, ids, **generate_kwargs(g, tok.eos_id))
+    n = g.num_return_sequences  # output row i * n + r: sequence r of prompt i
+    for i, new in enumerate(out.sequences()):
+        prompt = prompts[i // n]
+        score = "" if out.scores is None else f" (score {out.scores[i]:.4f})"
+        print(f"=== prompt: {prompt!r}" + (f" #{i % n + 1}" if n > 1 else "") + score)
         print(prompt + decode_ids(tok, new, cfg.vocab_size))
     return dataclasses.asdict(g)
