@@ -49,10 +49,18 @@ class _Beams(NamedTuple):
     go_on: jax.Array  # [] bool
 
 
-def beam_loop(step_fn, reorder_fn, state, logits, history: History, max_new_tokens, eos_ids, *,
-              num_beams: int, n_candidates: int, width: int, length_penalty: float,
-              early_stopping, processors: Processors, pad_id: int = -1):
-    """Beam search over state (B * K rows, see the module docstring).
+def beam_knobs(length_penalty: float, early_stopping) -> dict:
+    """The traced beam settings (changing them does not recompile): length_penalty
+    f32 [], early_stopping (True / False / "never") as two bool [] flags."""
+    return {"length_penalty": jnp.float32(length_penalty),
+            "stop_when_full": jnp.bool_(early_stopping is True),
+            "never": jnp.bool_(early_stopping == "never")}
+
+
+def beam_loop(step_fn, reorder_fn, state, logits, history: History, max_new_tokens, eos_ids,
+              knobs: dict, *, num_beams: int, n_candidates: int, width: int,
+              processors: Processors, pad_id: int = -1):
+    """Beam search over state (B * K rows, see the module docstring); knobs: `beam_knobs`.
 
     step_fn(state, tokens [B*K]) -> (logits [B*K, V], state); reorder_fn(state,
     rows [B*K]) -> state with row i taken from rows[i]. Returns a dict of
@@ -62,6 +70,8 @@ def beam_loop(step_fn, reorder_fn, state, logits, history: History, max_new_toke
     k, c = num_beams, n_candidates
     bk, v = logits.shape
     b = bk // k
+    length_penalty = knobs["length_penalty"]
+    when_full = knobs["stop_when_full"]
 
     def emit(s: _Beams) -> _Beams:
         logp = jax.nn.log_softmax(s.logits.astype(jnp.float32), axis=-1)
@@ -82,7 +92,7 @@ def beam_loop(step_fn, reorder_fn, state, logits, history: History, max_new_toke
         # hits among the first K candidates join the finished hypotheses
         length = s.step + 1
         fin_lp = top_lp / (length.astype(jnp.float32) ** length_penalty)
-        full = jnp.all(s.fin_done, axis=-1, keepdims=True) & (early_stopping is True)
+        full = jnp.all(s.fin_done, axis=-1, keepdims=True) & when_full
         just = hits & (jnp.arange(c) < k)[None]
         fin_lp = (fin_lp + jnp.where(full, NEG, 0.0) + jnp.where(s.improvable[:, None], 0.0, NEG)
                   + jnp.where(just, 0.0, NEG))
@@ -95,14 +105,12 @@ def beam_loop(step_fn, reorder_fn, state, logits, history: History, max_new_toke
         fin_done = pick(jnp.concatenate([s.fin_done, just], axis=1))
 
         # HF's early-stopping heuristic and loop condition, after the step
-        if early_stopping == "never" and length_penalty > 0.0:
-            best_len = jnp.asarray(max_new_tokens, jnp.float32)
-        else:
-            best_len = length.astype(jnp.float32)
+        best_len = jnp.where(knobs["never"] & (length_penalty > 0.0),
+                             jnp.asarray(max_new_tokens, jnp.float32), length.astype(jnp.float32))
         best_running = run_scores[:, :1] / best_len ** length_penalty
         worst = jnp.where(fin_done, jnp.min(fin_scores, axis=1, keepdims=True), NEG)
         improvable = s.improvable & jnp.any(best_running > worst, axis=1)
-        go_on = (jnp.any(improvable) & ~(jnp.all(fin_done) & (early_stopping is True))
+        go_on = (jnp.any(improvable) & ~(jnp.all(fin_done) & when_full)
                  & ~jnp.all(hits))
 
         state = reorder_fn(s.state, rows)

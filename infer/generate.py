@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.errors import InputError
-from jaxlm.infer.beam import beam_loop
+from jaxlm.infer.beam import beam_knobs, beam_loop
 from jaxlm.infer.cache import init_cache
 from jaxlm.infer.processors import (History, Processors, apply as apply_processors,
                                     check_processors, count_eos, eos_array,
@@ -131,7 +131,8 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     history = init_history(proc, tokens, prompt_lengths, cfg.vocab_size, width)
     if beams:
         out = beam_decode(params, cfg, cache, logits, history, jnp.int32(max_new_tokens),
-                          eos_ids, width=width, **beam_settings(beams, eos_id, proc))
+                          eos_ids, beam_knobs(**beams["knobs"]), width=width,
+                          **beam_settings(beams, eos_id, proc))
         return fetch_beams(out, max_new_tokens, num_return_sequences, eos_ids)
     out = decode(params, cfg, cache, logits, row_keys(seed, len(rows)),
                  jnp.int32(max_new_tokens), eos_ids, width=width,
@@ -187,14 +188,14 @@ def check_decoding(*, temperature, return_logits, min_p, repetition_penalty, pre
         raise InputError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
     if return_logits:
         raise InputError("return_logits is not available with beam search (num_beams > 1)")
-    return proc, {"num_beams": int(num_beams), "length_penalty": float(length_penalty),
-                  "early_stopping": early_stopping}
+    return proc, {"num_beams": int(num_beams), "knobs": {
+        "length_penalty": float(length_penalty), "early_stopping": early_stopping}}
 
 
 def beam_settings(beams: dict, eos_id, proc: Processors) -> dict:
     """The static settings of a beam loop: HF keeps max(2, 1 + n_eos) * K candidates."""
-    return dict(beams, n_candidates=max(2, 1 + count_eos(eos_id)) * beams["num_beams"],
-                processors=proc)
+    k = beams["num_beams"]
+    return dict(num_beams=k, n_candidates=max(2, 1 + count_eos(eos_id)) * k, processors=proc)
 
 
 def fetch_beams(out: dict, max_new_tokens: int, n_return: int, eos_ids) -> GenerateOutput:
@@ -332,10 +333,9 @@ def gather_cache(cache: dict, rows: jax.Array) -> dict:
 
 
 @partial(jax.jit, static_argnames=("cfg", "width", "num_beams", "n_candidates",
-                                   "length_penalty", "early_stopping", "processors"))
-def beam_decode(params, cfg, cache, logits, history, max_new_tokens, eos_ids, *, width: int,
-                num_beams: int, n_candidates: int, length_penalty: float, early_stopping,
-                processors: Processors):
+                                   "processors"))
+def beam_decode(params, cfg, cache, logits, history, max_new_tokens, eos_ids, knobs, *,
+                width: int, num_beams: int, n_candidates: int, processors: Processors):
     """Beam search from the cache of B prompts prefilled once, tiled here to
     B * num_beams rows (see `jaxlm.infer.beam`). Not donated: the tiled cache
     is a new buffer of another shape."""
@@ -345,9 +345,8 @@ def beam_decode(params, cfg, cache, logits, history, max_new_tokens, eos_ids, *,
 
     tile = jnp.repeat(jnp.arange(logits.shape[0]), num_beams)
     return beam_loop(step, gather_cache, gather_cache(cache, tile), logits[tile],
-                     gather_history(history, tile), max_new_tokens, eos_ids,
+                     gather_history(history, tile), max_new_tokens, eos_ids, knobs,
                      num_beams=num_beams, n_candidates=n_candidates, width=width,
-                     length_penalty=length_penalty, early_stopping=early_stopping,
                      processors=processors, pad_id=PAD_ID)
 
 

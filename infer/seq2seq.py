@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.errors import InputError
-from jaxlm.infer.beam import beam_loop
+from jaxlm.infer.beam import beam_knobs, beam_loop
 from jaxlm.infer.generate import (CACHE_BUCKET, PAD_ID, WIDTH_BUCKET, GenerateOutput,
                                   _check_args, _check_prompts, _prompt_bucket, _round_up,
                                   beam_settings, check_decoding, fetch_beams, fetch_output,
@@ -106,7 +106,8 @@ def generate_seq2seq(params, cfg, inputs, *, max_new_tokens: int, temperature: f
                            jnp.ones((b,), jnp.int32), cfg.vocab_size, width)
     if beams:
         out = beam_decode(params, cfg, state, logits, history, jnp.int32(max_new_tokens),
-                          eos_ids, width=width, **beam_settings(beams, eos_id, proc))
+                          eos_ids, beam_knobs(**beams["knobs"]), width=width,
+                          **beam_settings(beams, eos_id, proc))
         return fetch_beams(out, max_new_tokens, num_return_sequences, eos_ids)
     out = decode(params, cfg, state.cache, state._replace(cache=None), logits,
                  row_keys(seed, b), jnp.int32(max_new_tokens), eos_ids,
@@ -164,10 +165,10 @@ def decode(params, cfg, cache, encoder: Seq2SeqState, logits, keys, max_new_toke
 
 
 @partial(jax.jit, static_argnames=("cfg", "width", "num_beams", "n_candidates",
-                                   "length_penalty", "early_stopping", "processors"))
-def beam_decode(params, cfg, state: Seq2SeqState, logits, history, max_new_tokens, eos_ids, *,
-                width: int, num_beams: int, n_candidates: int, length_penalty: float,
-                early_stopping, processors: Processors):
+                                   "processors"))
+def beam_decode(params, cfg, state: Seq2SeqState, logits, history, max_new_tokens, eos_ids,
+                knobs, *, width: int, num_beams: int, n_candidates: int,
+                processors: Processors):
     """Beam search (`jaxlm.infer.beam`): the encoder ran once per input in `start`;
     its cross K/V, padding, decoder cache and first logits are tiled to
     B * num_beams rows here. Each step reorders only the self-attention cache
@@ -184,9 +185,9 @@ def beam_decode(params, cfg, state: Seq2SeqState, logits, history, max_new_token
                          jnp.take(state.cross_v, tile, axis=1),
                          jnp.take(state.segment_ids, tile, axis=0))
     return beam_loop(step, reorder, tiled, logits[tile], gather_history(history, tile),
-                     max_new_tokens, eos_ids, num_beams=num_beams, n_candidates=n_candidates,
-                     width=width, length_penalty=length_penalty, early_stopping=early_stopping,
-                     processors=processors, pad_id=PAD_ID)
+                     max_new_tokens, eos_ids, knobs, num_beams=num_beams,
+                     n_candidates=n_candidates, width=width, processors=processors,
+                     pad_id=PAD_ID)
 
 
 def _pad_inputs(rows, length: int):
