@@ -59,6 +59,7 @@ class GenerateOutput(NamedTuple):
     finished: np.ndarray  # bool [B]: the row stopped because it emitted eos_id
     logits: Optional[np.ndarray] = None  # f32 [B, max_new_tokens, V] with return_logits
     scores: Optional[np.ndarray] = None  # f32 [B * R]: beam search's sequence scores
+    stats: Optional[dict] = None  # speculative decoding: drafted / accepted counts
 
     def sequences(self, include_eos: bool = False) -> list[list[int]]:
         """Generated ids per row; the final EOS is dropped unless include_eos."""
