@@ -35,7 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.errors import InputError
+from jaxlm.infer.beam import beam_knobs, beam_loop
 from jaxlm.infer.cache import init_cache
+from jaxlm.infer.processors import (History, Processors, apply as apply_processors,
+                                    check_processors, count_eos, eos_array,
+                                    gather as gather_history, init_history, is_eos, push)
 from jaxlm.infer.sampling import check_sampling, sample
 from jaxlm.model import forward, unembed
 
@@ -46,7 +50,7 @@ MIN_PROMPT_BUCKET = 16
 
 # Python-side trace counters (incremented while tracing, never at run time):
 # tests use them to check that the decode step is compiled once.
-TRACE_COUNTS = {"prefill": 0, "decode_step": 0}
+TRACE_COUNTS = {"prefill": 0, "decode_step": 0, "beam_step": 0}
 
 
 class GenerateOutput(NamedTuple):
@@ -54,6 +58,8 @@ class GenerateOutput(NamedTuple):
     lengths: np.ndarray  # int32 [B]: generated tokens per row, EOS included
     finished: np.ndarray  # bool [B]: the row stopped because it emitted eos_id
     logits: Optional[np.ndarray] = None  # f32 [B, max_new_tokens, V] with return_logits
+    scores: Optional[np.ndarray] = None  # f32 [B * R]: beam search's sequence scores
+    stats: Optional[dict] = None  # speculative decoding: drafted / accepted counts
 
     def sequences(self, include_eos: bool = False) -> list[list[int]]:
         """Generated ids per row; the final EOS is dropped unless include_eos."""
@@ -65,37 +71,66 @@ class GenerateOutput(NamedTuple):
 
 
 def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id=None,
              max_len: Optional[int] = None, return_logits: bool = False,
-             decoder_start_id: int = 0,
+             decoder_start_id: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, num_beams: int = 1,
+             length_penalty: float = 1.0, early_stopping=False,
+             num_return_sequences: int = 1,
              row_seeds: Optional[Sequence[int]] = None) -> GenerateOutput:
     """Continue each prompt (a list of token-id lists, or a 2-D int array) by up to
-    max_new_tokens tokens; a row stops after emitting eos_id.
+    max_new_tokens tokens; a row stops after emitting eos_id (an id, or a list
+    of stop ids: any of them stops the row).
 
     max_len: cache length (default: longest prompt + max_new_tokens rounded up
     to a multiple of 128, capped at cfg.max_seq_len). return_logits: also
-    return the [B, max_new_tokens, V] next-token logits of every step (tests,
-    debugging: it is B * max_new_tokens * V floats). Encoder-decoder models
-    (T5): the prompts are the encoder inputs, the decoder starts from
-    decoder_start_id (T5: pad = 0), see jaxlm.infer.seq2seq. row_seeds: one
-    int per prompt; row r then samples with fold_in(key(seed), row_seeds[r])
-    instead of its index r, so that its output does not depend on which batch
-    (or position) it is in (batch-infer passes a hash of each input's id).
+    return the [B, max_new_tokens, V] raw next-token logits of every step
+    (tests, debugging: it is B * max_new_tokens * V floats; not with beams).
+    Encoder-decoder models (T5): the prompts are the encoder inputs, the
+    decoder starts from decoder_start_id (T5: pad = 0), see jaxlm.infer.seq2seq.
+
+    Logit processors (Hugging Face semantics and order, all inside the loop):
+    repetition_penalty (prompt + generated tokens), presence_penalty and
+    frequency_penalty (OpenAI semantics over the generated tokens only),
+    no_repeat_ngram_size (prompt + generated), min_new_tokens (stop ids masked
+    before that), then the sampler: temperature, top_k, top_p, min_p.
+
+    num_beams > 1: beam search as transformers' (greedy only: temperature 0),
+    with length_penalty, early_stopping (True, False or "never") and
+    num_return_sequences (<= num_beams) hypotheses per prompt, best first:
+    output row b * num_return_sequences + r, its score in `out.scores`.
+    Sampling with num_return_sequences > 1 draws that many samples per prompt.
+
+    row_seeds: one int per prompt; row r then samples with fold_in(key(seed),
+    row_seeds[r]) instead of its index r, so that its output does not depend on
+    which batch (or position) it is in (batch-infer passes a hash of each
+    input's id); the samples of one prompt (num_return_sequences) fold in their
+    index on top.
     """
     from jaxlm.validate import check_model_args
     check_model_args(params, cfg, "generate")
     if cfg.family == "encoder":
         raise InputError("encoders do not generate text; use jaxlm.forward (masked-LM logits) "
                          "or jaxlm.embed (sentence vectors)")
+    opts = dict(min_p=min_p, repetition_penalty=repetition_penalty,
+                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
+                num_beams=num_beams, length_penalty=length_penalty,
+                early_stopping=early_stopping, num_return_sequences=num_return_sequences)
     if cfg.family == "encoder_decoder":
         from jaxlm.infer.seq2seq import generate_seq2seq
         return generate_seq2seq(params, cfg, prompts, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 eos_id=eos_id, decoder_start_id=decoder_start_id,
                                 max_len=max_len, return_logits=return_logits,
-                                row_seeds=row_seeds)
+                                row_seeds=row_seeds, **opts)
     rows = _check_prompts(prompts, cfg.vocab_size)
-    _check_args(cfg, max_new_tokens, temperature, top_k, top_p, eos_id)
+    _check_args(cfg, max_new_tokens, temperature, top_k, top_p, None)
+    eos_ids = eos_array(eos_id, cfg.vocab_size)
+    proc, beams = check_decoding(temperature=temperature, return_logits=return_logits, **opts)
+    n_samples = 1 if beams else num_return_sequences
+    rows = [r for r in rows for _ in range(n_samples)]
     longest = max(len(r) for r in rows)
     max_len = _cache_len(cfg, longest, max_new_tokens, max_len)
     _check_fits(rows, max_new_tokens, max_len, cfg)
@@ -104,11 +139,86 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     cache = init_cache(cfg, len(rows), max_len)
     logits, cache = prefill(params, cfg, cache, tokens, prompt_lengths)
     width = min(_round_up(max_new_tokens, WIDTH_BUCKET), max_len)
-    out = decode(params, cfg, cache, logits, row_keys(seed, len(rows), row_seeds),
-                 jnp.int32(max_new_tokens), jnp.int32(-1 if eos_id is None else eos_id),
-                 width=width, temperature=float(temperature), top_k=int(top_k),
-                 top_p=float(top_p), return_logits=return_logits)
+    history = init_history(proc, tokens, prompt_lengths, cfg.vocab_size, width)
+    if beams:
+        out = beam_decode(params, cfg, cache, logits, history, jnp.int32(max_new_tokens),
+                          eos_ids, beam_knobs(**beams["knobs"]), width=width,
+                          **beam_settings(beams, eos_id, proc))
+        return fetch_beams(out, max_new_tokens, num_return_sequences, eos_ids)
+    out = decode(params, cfg, cache, logits, row_keys(seed, len(rows) // n_samples, row_seeds, n_samples),
+                 jnp.int32(max_new_tokens), eos_ids, width=width,
+                 temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                 return_logits=return_logits, min_p=float(min_p), processors=proc,
+                 history=history)
     return fetch_output(out, max_new_tokens, return_logits)
+
+
+def generate_kwargs(g, eos_id=None) -> dict:
+    """A GenerateConfig -> the keyword arguments of `generate` (what `jaxlm generate`
+    and `batch-infer` pass): eos_id (the tokenizer's) plus g.stop_ids stop a row."""
+    stop = ([] if eos_id is None else [eos_id]) + [i for i in g.stop_ids if i != eos_id]
+    return dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
+                top_p=g.top_p, seed=g.seed, eos_id=stop or None, min_p=g.min_p,
+                repetition_penalty=g.repetition_penalty, presence_penalty=g.presence_penalty,
+                frequency_penalty=g.frequency_penalty,
+                no_repeat_ngram_size=g.no_repeat_ngram_size, min_new_tokens=g.min_new_tokens,
+                num_beams=g.num_beams, length_penalty=g.length_penalty,
+                early_stopping=g.early_stopping, num_return_sequences=g.num_return_sequences)
+
+
+def check_decoding(*, temperature, return_logits, min_p, repetition_penalty, presence_penalty,
+                   frequency_penalty, no_repeat_ngram_size, min_new_tokens, num_beams,
+                   length_penalty, early_stopping, num_return_sequences):
+    """(Processors, beam settings dict or None), or a one-line InputError."""
+    check_sampling(temperature, 0, 1.0, min_p)
+    proc = check_processors(repetition_penalty=repetition_penalty,
+                            presence_penalty=presence_penalty,
+                            frequency_penalty=frequency_penalty,
+                            no_repeat_ngram_size=no_repeat_ngram_size,
+                            min_new_tokens=min_new_tokens)
+    if isinstance(num_beams, bool) or int(num_beams) != num_beams or num_beams < 1:
+        raise InputError(f"num_beams={num_beams} must be an integer >= 1 (1 = no beam search)")
+    if isinstance(num_return_sequences, bool) or int(num_return_sequences) != \
+            num_return_sequences or num_return_sequences < 1:
+        raise InputError(f"num_return_sequences={num_return_sequences} must be an integer >= 1")
+    if num_beams == 1:
+        if num_return_sequences > 1 and temperature == 0:
+            raise InputError(f"num_return_sequences={num_return_sequences} needs sampling "
+                             "(temperature > 0) or beam search (num_beams > 1): greedy "
+                             "decoding returns one sequence")
+        return proc, None
+    if temperature > 0:
+        raise InputError(f"num_beams={num_beams} with temperature={temperature}: sampling "
+                         "with beams (do_sample) is not supported; use temperature=0")
+    if num_return_sequences > num_beams:
+        raise InputError(f"num_return_sequences={num_return_sequences} must be <= "
+                         f"num_beams={num_beams}")
+    if not np.isfinite(length_penalty) or isinstance(length_penalty, bool):
+        raise InputError(f"length_penalty={length_penalty} must be a finite number")
+    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
+        raise InputError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
+    if return_logits:
+        raise InputError("return_logits is not available with beam search (num_beams > 1)")
+    return proc, {"num_beams": int(num_beams), "knobs": {
+        "length_penalty": float(length_penalty), "early_stopping": early_stopping}}
+
+
+def beam_settings(beams: dict, eos_id, proc: Processors) -> dict:
+    """The static settings of a beam loop: HF keeps max(2, 1 + n_eos) * K candidates."""
+    k = beams["num_beams"]
+    return dict(num_beams=k, n_candidates=max(2, 1 + count_eos(eos_id)) * k, processors=proc)
+
+
+def fetch_beams(out: dict, max_new_tokens: int, n_return: int, eos_ids) -> GenerateOutput:
+    """A beam loop's results -> GenerateOutput: row b * n_return + r = hypothesis r of prompt b."""
+    out = jax.device_get({k: out[k] for k in ("tokens", "scores", "lengths")})
+    tokens = out["tokens"][:, :n_return, :max_new_tokens]
+    tokens = tokens.reshape(-1, tokens.shape[-1])
+    lengths = out["lengths"][:, :n_return].reshape(-1)
+    last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
+    finished = np.isin(last, np.asarray(eos_ids)[np.asarray(eos_ids) >= 0]) & (lengths > 0)
+    return GenerateOutput(tokens, lengths, finished, None,
+                          out["scores"][:, :n_return].reshape(-1))
 
 
 def fetch_output(out: dict, max_new_tokens: int, return_logits: bool) -> GenerateOutput:
@@ -138,10 +248,19 @@ def decode_step(params, cfg, cache, tokens):
     return logits[:, 0], aux["cache"]
 
 
-def row_keys(seed: int, batch: int, row_seeds: Optional[Sequence[int]] = None) -> jax.Array:
+def row_keys(seed: int, batch: int, row_seeds: Optional[Sequence[int]] = None,
+             samples: int = 1) -> jax.Array:
     """One PRNG key per row: fold_in(key(seed), row_seeds[row]), the row index
-    when row_seeds is None."""
+    when row_seeds is None. samples > 1: each row repeated that many times
+    (consecutively), sample j of a row folding in j as well when row_seeds
+    are given (without them rows are numbered 0 .. batch * samples - 1)."""
     base = jax.random.key(seed)
+    if samples > 1:
+        if row_seeds is None:
+            return row_keys(seed, batch * samples)
+        per_row = row_keys(seed, batch, row_seeds)
+        return jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(
+            jnp.arange(samples, dtype=jnp.uint32)))(per_row).reshape(-1)
     if row_seeds is None:
         folds = np.arange(batch, dtype=np.uint32)
     else:
@@ -161,29 +280,42 @@ class _Loop(NamedTuple):
     step_logits: Optional[jax.Array]  # [B, width, V] or None
     done: jax.Array  # [B] bool
     lengths: jax.Array  # [B] int32
+    history: History  # what the logit processors read (jaxlm.infer.processors)
 
 
 def sampling_loop(step_fn, state, logits, keys, max_new_tokens, eos_id, *, width: int,
-                  temperature: float, top_k: int, top_p: float, return_logits: bool):
+                  temperature: float, top_k: int, top_p: float, return_logits: bool,
+                  min_p: float = 0.0, processors: Processors = Processors(),
+                  history: Optional[History] = None):
     """Sample from logits [B, V], feed the token to step_fn(state, tokens [B]) ->
     (logits, state), repeat: up to max_new_tokens (<= width) tokens per row, a
-    row stopping after eos_id (-1: never). One `lax.while_loop`, traced once.
-    Returns a dict of tokens [B, width] (PAD_ID after a row stopped), lengths
-    [B], finished [B], logits ([B, width, V] or None) and the final state."""
+    row stopping after any of eos_id (a scalar or [E] int32, -1: unused). The
+    logit processors (`processors`, reading `history`, which they need unless
+    every processor is off) run before the sampler. One `lax.while_loop`,
+    traced once. Returns a dict of tokens [B, width] (PAD_ID after a row
+    stopped), lengths [B], finished [B], logits ([B, width, V] raw model
+    logits, or None) and the final state."""
     b = logits.shape[0]
-    pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    eos_ids = jnp.atleast_1d(jnp.asarray(eos_id, jnp.int32))
+    pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    if history is None:
+        if processors.needs_seen or processors.needs_counts or processors.no_repeat_ngram_size:
+            raise ValueError("sampling_loop: these processors need a history (init_history)")
+        history = History(jnp.zeros((b,), jnp.int32))
 
     def emit(loop: _Loop) -> _Loop:
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, loop.step)
-        token = jnp.where(loop.done, PAD_ID, pick(loop.logits, step_keys))
+        processed = apply_processors(processors, loop.logits, loop.history, loop.step, eos_ids)
+        token = jnp.where(loop.done, PAD_ID, pick(processed, step_keys))
         tokens = jax.lax.dynamic_update_slice(loop.tokens, token[:, None], (0, loop.step))
         step_logits = loop.step_logits
         if return_logits:
             step_logits = jax.lax.dynamic_update_slice(
                 step_logits, loop.logits[:, None], (0, loop.step, 0))
         return loop._replace(step=loop.step + 1, tokens=tokens, step_logits=step_logits,
-                             done=loop.done | (token == eos_id),
-                             lengths=loop.lengths + (~loop.done))
+                             done=loop.done | is_eos(token, eos_ids),
+                             lengths=loop.lengths + (~loop.done),
+                             history=push(processors, loop.history, token, ~loop.done))
 
     def body(loop: _Loop) -> _Loop:
         last = jax.lax.dynamic_index_in_dim(loop.tokens, loop.step - 1, axis=1, keepdims=False)
@@ -197,17 +329,19 @@ def sampling_loop(step_fn, state, logits, keys, max_new_tokens, eos_id, *, width
                  tokens=jnp.full((b, width), PAD_ID, jnp.int32),
                  step_logits=jnp.zeros((b, width, logits.shape[-1]), jnp.float32)
                  if return_logits else None,
-                 done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32))
+                 done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
+                 history=history)
     loop = jax.lax.while_loop(more, body, emit(loop))
     return {"tokens": loop.tokens, "lengths": loop.lengths, "finished": loop.done,
             "logits": loop.step_logits, "state": loop.state}
 
 
-@partial(jax.jit, static_argnames=("cfg", "width", "temperature", "top_k", "top_p",
-                                   "return_logits"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("cfg", "width", "temperature", "top_k", "top_p", "min_p",
+                                   "processors", "return_logits"), donate_argnames=("cache",))
 def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: int,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           return_logits: bool = False):
+           return_logits: bool = False, min_p: float = 0.0,
+           processors: Processors = Processors(), history: Optional[History] = None):
     """The decoder-only decode loop over the donated cache (see `sampling_loop`)."""
     def step(cache, tokens):
         TRACE_COUNTS["decode_step"] += 1
@@ -215,9 +349,34 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
 
     out = sampling_loop(step, cache, logits, keys, max_new_tokens, eos_id, width=width,
                         temperature=temperature, top_k=top_k, top_p=top_p,
-                        return_logits=return_logits)
+                        return_logits=return_logits, min_p=min_p, processors=processors,
+                        history=history)
     out["cache"] = out.pop("state")
     return out
+
+
+def gather_cache(cache: dict, rows: jax.Array) -> dict:
+    """Cache rows reordered along the batch axis: row i <- rows[i] (k, v [L, B, T, H, D])."""
+    return {"k": jnp.take(cache["k"], rows, axis=1), "v": jnp.take(cache["v"], rows, axis=1),
+            "lengths": jnp.take(cache["lengths"], rows, axis=0)}
+
+
+@partial(jax.jit, static_argnames=("cfg", "width", "num_beams", "n_candidates",
+                                   "processors"))
+def beam_decode(params, cfg, cache, logits, history, max_new_tokens, eos_ids, knobs, *,
+                width: int, num_beams: int, n_candidates: int, processors: Processors):
+    """Beam search from the cache of B prompts prefilled once, tiled here to
+    B * num_beams rows (see `jaxlm.infer.beam`). Not donated: the tiled cache
+    is a new buffer of another shape."""
+    def step(cache, tokens):
+        TRACE_COUNTS["beam_step"] += 1
+        return decode_step(params, cfg, cache, tokens)
+
+    tile = jnp.repeat(jnp.arange(logits.shape[0]), num_beams)
+    return beam_loop(step, gather_cache, gather_cache(cache, tile), logits[tile],
+                     gather_history(history, tile), max_new_tokens, eos_ids, knobs,
+                     num_beams=num_beams, n_candidates=n_candidates, width=width,
+                     processors=processors, pad_id=PAD_ID)
 
 
 # ------------------------------------------------------------ host-side helpers
@@ -284,9 +443,7 @@ def _check_args(cfg, max_new_tokens, temperature, top_k, top_p, eos_id) -> None:
             or max_new_tokens < 1:
         raise InputError(f"max_new_tokens={max_new_tokens} must be an integer >= 1")
     check_sampling(temperature, top_k, top_p)
-    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-        raise InputError(f"eos_id={eos_id} is outside [0, {cfg.vocab_size}) "
-                         f"(model.vocab_size={cfg.vocab_size})")
+    eos_array(eos_id, cfg.vocab_size)  # an id or a list of ids, each in the vocabulary
 
 
 def _check_fits(rows, max_new_tokens: int, max_len: int, cfg) -> None:

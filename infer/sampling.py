@@ -1,10 +1,11 @@
-"""Token samplers: greedy, temperature, top-k, top-p (nucleus).
+"""Token samplers: greedy, temperature, top-k, top-p (nucleus), min-p.
 
-`sample(logits, key, temperature=..., top_k=..., top_p=...)` is pure and
-jittable; the three settings are Python numbers that pick the code path, so
-under `jax.jit` pass them as static arguments. Order of operations (as in
-Hugging Face): divide by the temperature, keep the top-k, then keep the
-nucleus of what is left (renormalised), then draw.
+`sample(logits, key, temperature=..., top_k=..., top_p=..., min_p=...)` is
+pure and jittable; the settings are Python numbers that pick the code path,
+so under `jax.jit` pass them as static arguments. Order of operations (as
+Hugging Face's warpers): divide by the temperature, keep the top-k, then keep
+the nucleus of what is left (renormalised), then drop the tokens less likely
+than min_p times the most likely one, then draw.
 
 `key` is one PRNG key for the whole batch, or one key per row (`[B]` typed
 keys or `[B, 2]` raw keys): with per-row keys a row's draw depends only on its
@@ -19,27 +20,32 @@ import jax.numpy as jnp
 from jaxlm.errors import InputError
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """One-line InputError for settings outside temperature >= 0, top_k >= 0, 0 < top_p <= 1."""
+def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> None:
+    """One-line InputError for settings outside temperature >= 0, top_k >= 0,
+    0 < top_p <= 1, 0 <= min_p <= 1."""
     if not temperature >= 0:
         raise InputError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if int(top_k) != top_k or top_k < 0:
         raise InputError(f"top_k={top_k} must be an integer >= 0 (0 = off)")
     if not 0.0 < top_p <= 1.0:
         raise InputError(f"top_p={top_p} must be in (0, 1] (1 = off)")
+    if isinstance(min_p, bool) or not 0.0 <= min_p <= 1.0:
+        raise InputError(f"min_p={min_p} must be in [0, 1] (0 = off)")
 
 
 def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int = 0,
-           top_p: float = 1.0) -> jax.Array:
+           top_p: float = 1.0, min_p: float = 0.0) -> jax.Array:
     """logits [B, V] -> token ids [B] int32.
 
     temperature 0 (or top_k 1) is greedy: argmax, the key is unused. top_k 0
     and top_p 1 switch those filters off. top-p keeps the smallest set of
     most likely tokens whose probability reaches top_p (the top token always);
     without top-k it is done with a threshold over the full vocabulary, so
-    tokens tied with the last kept one are kept too.
+    tokens tied with the last kept one are kept too. min_p 0 is off; otherwise
+    a token stays if its probability (after the filters before it) is at least
+    min_p times the top token's (HF MinPLogitsWarper).
     """
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p)
     logits = logits.astype(jnp.float32)
     if temperature == 0 or top_k == 1:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -48,11 +54,41 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k
         values, ids = jax.lax.top_k(scaled, top_k)  # [B, k], sorted descending
         if top_p < 1.0:
             values = _nucleus_sorted(values, top_p)
+        if min_p > 0.0:
+            values = min_p_filter(values, min_p)
         choice = _categorical(key, values)
         return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     if top_p < 1.0:
         scaled = _nucleus_threshold(scaled, top_p)
+    if min_p > 0.0:
+        scaled = min_p_filter(scaled, min_p)
     return _categorical(key, scaled).astype(jnp.int32)
+
+
+def warp(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+         min_p: float = 0.0) -> jax.Array:
+    """The distribution `sample` draws from, as logits [B, V] with -inf outside
+    the support (temperature > 0): HF's TemperatureLogitsWarper, TopKLogitsWarper,
+    TopPLogitsWarper and MinPLogitsWarper in that order. Tokens tied with the
+    k-th largest are kept (HF too); `sample` keeps exactly k."""
+    check_sampling(temperature, top_k, top_p, min_p)
+    if not temperature > 0:
+        raise InputError("warp needs temperature > 0 (greedy has no distribution)")
+    scaled = logits.astype(jnp.float32) / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    if top_p < 1.0:
+        scaled = _nucleus_threshold(scaled, top_p)
+    if min_p > 0.0:
+        scaled = min_p_filter(scaled, min_p)
+    return scaled
+
+
+def min_p_filter(logits, min_p: float):
+    """logits [B, C] -> -inf where softmax(logits) < min_p * its max (HF MinPLogitsWarper)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(probs < min_p * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, logits)
 
 
 def _nucleus_sorted(values, top_p):

@@ -33,16 +33,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.errors import InputError
-from jaxlm.infer.generate import (CACHE_BUCKET, WIDTH_BUCKET, GenerateOutput, _check_args,
-                                  _check_prompts, _prompt_bucket, _round_up, fetch_output,
-                                  row_keys, sampling_loop)
+from jaxlm.infer.beam import beam_knobs, beam_loop
+from jaxlm.infer.generate import (CACHE_BUCKET, PAD_ID, WIDTH_BUCKET, GenerateOutput,
+                                  _check_args, _check_prompts, _prompt_bucket, _round_up,
+                                  beam_settings, check_decoding, fetch_beams, fetch_output,
+                                  gather_cache, row_keys, sampling_loop)
+from jaxlm.infer.processors import (History, Processors, eos_array, gather as gather_history,
+                                    init_history)
 from jaxlm.model.config import dtype_of
 from jaxlm.model.families.encoder_decoder import cross_kv, decode as decode_tokens, \
     decoder_layers, encode
 
 # Python-side trace counters (incremented while tracing): tests check that the
 # decode step is compiled once.
-TRACE_COUNTS = {"start": 0, "decode_step": 0}
+TRACE_COUNTS = {"start": 0, "decode_step": 0, "beam_step": 0}
 
 
 class Seq2SeqState(NamedTuple):
@@ -54,21 +58,38 @@ class Seq2SeqState(NamedTuple):
 
 def generate_seq2seq(params, cfg, inputs, *, max_new_tokens: int, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                     eos_id: Optional[int] = None, decoder_start_id: int = 0,
+                     eos_id=None, decoder_start_id: int = 0,
                      max_len: Optional[int] = None, return_logits: bool = False,
-                     row_seeds=None) -> GenerateOutput:
+                     min_p: float = 0.0, repetition_penalty: float = 1.0,
+                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                     no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
+                     num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False,
+                     num_return_sequences: int = 1, row_seeds=None) -> GenerateOutput:
     """Generate up to max_new_tokens decoder tokens for each input (a list of
-    token-id lists, or a 2-D int array); a row stops after emitting eos_id.
+    token-id lists, or a 2-D int array); a row stops after emitting eos_id (an
+    id or a list of ids).
 
     decoder_start_id: the first decoder input (T5: the pad id, 0). max_len:
     decoder cache length (default max_new_tokens rounded up to 128; relative
     positions have no length limit). return_logits: also return the
-    [B, max_new_tokens, V] next-token logits of every step.
+    [B, max_new_tokens, V] next-token logits of every step. The logit
+    processors and beam search are `jaxlm.generate`'s; the processors see the
+    decoder's tokens (the start id + generated, as HF's decoder_input_ids).
+    With beams the encoder runs once per input; its K/V are tiled to the beams.
     """
     if cfg.family != "encoder_decoder":
         raise InputError(f"generate_seq2seq needs an encoder_decoder model, not {cfg.family!r}")
     rows = _check_prompts(inputs, cfg.vocab_size)
     _check_args(cfg, max_new_tokens, temperature, top_k, top_p, eos_id)
+    eos_ids = eos_array(eos_id, cfg.vocab_size)
+    proc, beams = check_decoding(
+        temperature=temperature, return_logits=return_logits, min_p=min_p,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        min_new_tokens=min_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
+        early_stopping=early_stopping, num_return_sequences=num_return_sequences)
+    n_samples = 1 if beams else num_return_sequences
+    rows = [r for r in rows for _ in range(n_samples)]
     if not 0 <= decoder_start_id < cfg.vocab_size:
         raise InputError(f"decoder_start_id={decoder_start_id} is outside [0, {cfg.vocab_size})")
     if max_len is None:
@@ -80,11 +101,19 @@ def generate_seq2seq(params, cfg, inputs, *, max_new_tokens: int, temperature: f
     tokens, segment_ids = _pad_inputs(rows, _prompt_bucket(longest))
     logits, state = start(params, cfg, tokens, segment_ids, int(max_len), int(decoder_start_id))
     width = min(_round_up(max_new_tokens, WIDTH_BUCKET), int(max_len))
+    b = len(rows)
+    history = init_history(proc, jnp.full((b, 1), decoder_start_id, jnp.int32),
+                           jnp.ones((b,), jnp.int32), cfg.vocab_size, width)
+    if beams:
+        out = beam_decode(params, cfg, state, logits, history, jnp.int32(max_new_tokens),
+                          eos_ids, beam_knobs(**beams["knobs"]), width=width,
+                          **beam_settings(beams, eos_id, proc))
+        return fetch_beams(out, max_new_tokens, num_return_sequences, eos_ids)
     out = decode(params, cfg, state.cache, state._replace(cache=None), logits,
-                 row_keys(seed, len(rows), row_seeds),
-                 jnp.int32(max_new_tokens), jnp.int32(-1 if eos_id is None else eos_id),
+                 row_keys(seed, b // n_samples, row_seeds, n_samples), jnp.int32(max_new_tokens), eos_ids,
                  width=width, temperature=float(temperature), top_k=int(top_k),
-                 top_p=float(top_p), return_logits=return_logits)
+                 top_p=float(top_p), return_logits=return_logits, min_p=float(min_p),
+                 processors=proc, history=history)
     return fetch_output(out, max_new_tokens, return_logits)
 
 
@@ -114,11 +143,12 @@ def decode_step(params, cfg, state: Seq2SeqState, tokens):
     return logits[:, 0], state._replace(cache=aux["cache"])
 
 
-@partial(jax.jit, static_argnames=("cfg", "width", "temperature", "top_k", "top_p",
-                                   "return_logits"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("cfg", "width", "temperature", "top_k", "top_p", "min_p",
+                                   "processors", "return_logits"), donate_argnames=("cache",))
 def decode(params, cfg, cache, encoder: Seq2SeqState, logits, keys, max_new_tokens, eos_id, *,
            width: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           return_logits: bool = False):
+           return_logits: bool = False, min_p: float = 0.0,
+           processors: Processors = Processors(), history: Optional[History] = None):
     """The decoder's loop (`jaxlm.infer.generate.sampling_loop`): `cache` (donated)
     is the decoder's self-attention cache, `encoder` the rest of the state (the
     cross-attention K/V and the encoder padding)."""
@@ -128,9 +158,36 @@ def decode(params, cfg, cache, encoder: Seq2SeqState, logits, keys, max_new_toke
 
     out = sampling_loop(step, encoder._replace(cache=cache), logits, keys, max_new_tokens,
                         eos_id, width=width, temperature=temperature, top_k=top_k, top_p=top_p,
-                        return_logits=return_logits)
+                        return_logits=return_logits, min_p=min_p, processors=processors,
+                        history=history)
     out["cache"] = out.pop("state").cache
     return out
+
+
+@partial(jax.jit, static_argnames=("cfg", "width", "num_beams", "n_candidates",
+                                   "processors"))
+def beam_decode(params, cfg, state: Seq2SeqState, logits, history, max_new_tokens, eos_ids,
+                knobs, *, width: int, num_beams: int, n_candidates: int,
+                processors: Processors):
+    """Beam search (`jaxlm.infer.beam`): the encoder ran once per input in `start`;
+    its cross K/V, padding, decoder cache and first logits are tiled to
+    B * num_beams rows here. Each step reorders only the self-attention cache
+    (a prompt's beams share its encoder rows)."""
+    def step(state, tokens):
+        TRACE_COUNTS["beam_step"] += 1
+        return decode_step(params, cfg, state, tokens)
+
+    def reorder(state, rows):
+        return state._replace(cache=gather_cache(state.cache, rows))
+
+    tile = jnp.repeat(jnp.arange(logits.shape[0]), num_beams)
+    tiled = Seq2SeqState(gather_cache(state.cache, tile), jnp.take(state.cross_k, tile, axis=1),
+                         jnp.take(state.cross_v, tile, axis=1),
+                         jnp.take(state.segment_ids, tile, axis=0))
+    return beam_loop(step, reorder, tiled, logits[tile], gather_history(history, tile),
+                     max_new_tokens, eos_ids, knobs, num_beams=num_beams,
+                     n_candidates=n_candidates, width=width, processors=processors,
+                     pad_id=PAD_ID)
 
 
 def _pad_inputs(rows, length: int):
@@ -142,4 +199,4 @@ def _pad_inputs(rows, length: int):
     return jnp.asarray(tokens), jnp.asarray(segments)
 
 
-__all__ = ["generate_seq2seq", "start", "decode", "decode_step", "TRACE_COUNTS"]
+__all__ = ["generate_seq2seq", "start", "decode", "beam_decode", "decode_step", "TRACE_COUNTS"]

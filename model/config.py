@@ -370,12 +370,52 @@ class GenerateConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int = 0
+    # logit processors (HF semantics, see jaxlm.infer.processors) and min-p
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off; prompt + generated tokens
+    presence_penalty: float = 0.0  # OpenAI semantics, generated tokens only
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0  # 0: off
+    min_new_tokens: int = 0  # stop ids masked before this many new tokens
+    stop_ids: tuple = ()  # token ids that stop a row, besides the tokenizer's EOS
+    # beam search (greedy only), HF semantics
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: typing.Union[bool, str] = False  # true, false or never
+    num_return_sequences: int = 1
 
     def __post_init__(self):
-        _positive(self, "max_new_tokens")
+        _positive(self, "max_new_tokens", "num_beams", "num_return_sequences",
+                  "repetition_penalty")
         if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise ConfigError(
                 "generate: temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(f"generate.min_p={self.min_p} must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ConfigError(f"generate.{name}={getattr(self, name)} must be in [-2, 2]")
+        for name in ("no_repeat_ngram_size", "min_new_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"generate.{name}={getattr(self, name)} must be >= 0")
+        stop = self.stop_ids
+        stop = [stop] if isinstance(stop, int) and not isinstance(stop, bool) else stop
+        if not isinstance(stop, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in stop):
+            raise ConfigError(f"generate.stop_ids={self.stop_ids!r} must be a list of "
+                              "token ids >= 0")
+        object.__setattr__(self, "stop_ids", tuple(stop))
+        if not (self.early_stopping is True or self.early_stopping is False
+                or self.early_stopping == "never"):
+            raise ConfigError(f"generate.early_stopping={self.early_stopping!r} must be "
+                              "true, false or never")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ConfigError(f"generate.num_beams={self.num_beams} with temperature="
+                              f"{self.temperature}: sampling with beams is not supported; "
+                              "set generate.temperature=0")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise ConfigError(f"generate.num_return_sequences={self.num_return_sequences} "
+                              f"must be <= generate.num_beams={self.num_beams}")
 
 
 @dataclass(frozen=True)

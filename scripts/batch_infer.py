@@ -163,6 +163,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     from tqdm.auto import tqdm
 
     import jaxlm
+    from jaxlm.infer.generate import generate_kwargs
     from jaxlm.model import model_specs
     from jaxlm.model.config import config_from_dict, to_dict
     from jaxlm.model.params import logical_axes
@@ -228,11 +229,10 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
             n = len(ids)
             ids += [ids[0]] * (-n % shards)  # pad to the data shards; dropped below
             seeds += [seeds[0]] * (len(ids) - n)
-            result = jaxlm.generate(params, cfg, ids, max_new_tokens=g.max_new_tokens,
-                                    temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                    seed=g.seed, eos_id=tok.eos_id, max_len=max_len,
-                                    row_seeds=seeds)
-            for r, seq in zip(chunk, result.sequences()[:n]):
+            result = jaxlm.generate(params, cfg, ids, max_len=max_len, row_seeds=seeds,
+                                    **generate_kwargs(g, tok.eos_id))
+            # num_return_sequences > 1: the best (beams) or first (sampling) of each prompt
+            for r, seq in zip(chunk, result.sequences()[::g.num_return_sequences][:n]):
                 line = json.dumps({"id": r["id"], "prompt": r["prompt"],
                                    "completion": decode_ids(tok, seq, cfg.vocab_size),
                                    "tokens": seq, "prompt_hash": _hash(r["prompt"]),

@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help="a text file, one prompt per line")
     g.add_argument("--config", help="optional YAML with a generate: section")
+    g.add_argument("--draft", help="speculative decoding: a draft checkpoint (a jaxlm or "
+                   "HF decoder dir) with the target's vocabulary")
+    g.add_argument("--num-speculative", type=int, default=4,
+                   help="tokens the draft proposes per cycle (with --draft; default 4)")
     g.add_argument("overrides", nargs="*", metavar="generate.key=value")
     g.set_defaults(fn=cmd_generate)
 

@@ -77,6 +77,7 @@ def apply_model_overrides(cfg, overrides):
 
 def run_generate(args):
     import jaxlm
+    from jaxlm.infer.generate import generate_kwargs
     from jaxlm.model.config import config_from_dict, load_config, to_dict
     from jaxlm.train.loop import read_run_config
 
@@ -96,10 +97,39 @@ def run_generate(args):
     cfg = apply_model_overrides(cfg, model_overrides)
     tok = jaxlm.load_tokenizer(args.checkpoint)
     ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
-    out = jaxlm.generate(params, cfg, ids, max_new_tokens=g.max_new_tokens,
-                         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
-                         eos_id=tok.eos_id)
-    for prompt, new in zip(prompts, out.sequences()):
-        print(f"=== prompt: {prompt!r}")
+    if getattr(args, "draft", None):
+        out = _speculative(args, g, params, cfg, ids, tok.eos_id)
+    else:
+        out = jaxlm.generate(params, cfg, ids, **generate_kwargs(g, tok.eos_id))
+    n = g.num_return_sequences  # output row i * n + r: sequence r of prompt i
+    for i, new in enumerate(out.sequences()):
+        prompt = prompts[i // n]
+        score = "" if out.scores is None else f" (score {out.scores[i]:.4f})"
+        print(f"=== prompt: {prompt!r}" + (f" #{i % n + 1}" if n > 1 else "") + score)
         print(prompt + decode_ids(tok, new, cfg.vocab_size))
     return dataclasses.asdict(g)
+
+
+def _speculative(args, g, params, cfg, ids, eos_id):
+    """`--draft DIR --num-speculative K`: the target's settings, drafted by DIR's model."""
+    import jaxlm
+    from jaxlm.infer.speculative import generate_speculative
+
+    unsupported = [k for k, off in (("min_p", 0.0), ("repetition_penalty", 1.0),
+                                    ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                                    ("no_repeat_ngram_size", 0), ("min_new_tokens", 0),
+                                    ("num_beams", 1), ("num_return_sequences", 1))
+                   if getattr(g, k) != off]
+    if unsupported:
+        raise InputError(f"--draft: generate.{unsupported[0]} is not supported with "
+                         "speculative decoding")
+    draft_cfg, draft_params = jaxlm.load(args.draft)
+    stop = [eos_id] + [i for i in g.stop_ids if i != eos_id]
+    out = generate_speculative(params, cfg, draft_params, draft_cfg, ids,
+                               max_new_tokens=g.max_new_tokens,
+                               num_speculative=args.num_speculative, temperature=g.temperature,
+                               top_k=g.top_k, top_p=g.top_p, seed=g.seed, eos_id=stop)
+    st = out.stats
+    print(f"speculative: {st['accepted']}/{st['drafted']} draft tokens accepted "
+          f"({100 * st['acceptance_rate']:.1f}%) in {st['cycles']} cycles")
+    return out

@@ -81,6 +81,22 @@ def test_generate_prints_text(small_checkpoint, tmp_path):
         assert f"=== prompt: {p!r}" in proc.stdout
 
 
+def test_generate_beams_and_speculative(small_checkpoint):
+    proc = run_cli("generate", "--checkpoint", small_checkpoint, "--prompt", "import os",
+                   "generate.max_new_tokens=4", "generate.temperature=0", "generate.num_beams=3",
+                   "generate.num_return_sequences=2", "generate.repetition_penalty=1.2")
+    assert proc.returncode == 0, proc.stderr
+    assert "=== prompt: 'import os' #2 (score" in proc.stdout
+    proc = run_cli("generate", "--checkpoint", small_checkpoint, "--prompt", "import os",
+                   "--draft", small_checkpoint, "--num-speculative", "3",
+                   "generate.max_new_tokens=4")
+    assert proc.returncode == 0, proc.stderr
+    assert "draft tokens accepted" in proc.stdout and "=== prompt: 'import os'" in proc.stdout
+    assert_one_line_error(run_cli("generate", "--checkpoint", small_checkpoint, "--prompt", "x",
+                                  "--draft", small_checkpoint, "generate.min_p=0.1"),
+                          "generate.min_p is not supported with speculative decoding")
+
+
 def test_convert_round_trip_and_generate_from_hf(small_checkpoint, tmp_path):
     hf_dir, back = str(tmp_path / "hf"), str(tmp_path / "back")
     proc = run_cli("convert", "--input", small_checkpoint, "--output", hf_dir, "--to", "hf")
