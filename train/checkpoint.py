@@ -141,8 +141,9 @@ def _check_stored_shapes(mngr, step: int, abstract_params):
     """CheckpointError naming the first param whose stored shape differs (when the
     checkpoint's metadata can be read; else the restore itself reports)."""
     try:
-        meta = ocp.PyTreeCheckpointer().metadata(
-            os.path.join(str(mngr.directory), str(step), "state"))
+        with _loop_kept_on_failure(), _absl_quiet(logging.CRITICAL):  # a corrupt step: below
+            meta = ocp.PyTreeCheckpointer().metadata(
+                os.path.join(str(mngr.directory), str(step), "state"))
         meta = getattr(meta, "item_metadata", meta)  # StepMetadata (newer orbax)
         stored = getattr(meta, "tree", meta)["params"]
     except Exception:  # corrupt metadata: the restore below gives the error

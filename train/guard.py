@@ -149,26 +149,44 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that the loop saves as on Ctrl-C."""
 
 
+class StopRequest:
+    """What `stop_signals` hands the loop: `signum` once a stop was asked for.
+
+    Until the loop `arm`s it (start-up: reading data, compiling), a signal
+    raises at once, as nothing is there to save. Armed, a signal only records
+    itself: the loop finishes the step it is in, logs, saves and then raises
+    (`interrupt()`), so a stop never lands between a step and its bookkeeping.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self.armed = False
+
+    def interrupt(self) -> KeyboardInterrupt:
+        return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 @contextlib.contextmanager
 def stop_signals():
-    """Inside: the first SIGINT raises KeyboardInterrupt and the first SIGTERM
-    `Terminated` (a KeyboardInterrupt) in the main thread; any signal after that
-    is ignored, so that the save the first one started runs to its end
-    (Python may deliver two quick signals before any `except` clause runs)."""
+    """Inside: the first SIGINT / SIGTERM stops the run (see `StopRequest`: at once
+    during start-up, at the end of the current step once the loop runs); any
+    signal after that is ignored, so that the save the first one started runs to
+    its end. Yields the StopRequest."""
+    request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield request
         return
-    stopping = []
 
     def handler(signum, frame):
-        if stopping:
+        if request.signum is not None:
             return
-        stopping.append(signum)
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        request.signum = signum
+        if not request.armed:
+            raise request.interrupt()
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield request
     finally:
         for s, h in old.items():
             signal.signal(s, h)

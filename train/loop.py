@@ -43,12 +43,13 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     is locked for the life of the run (a second writer: ConfigError), and
     SIGTERM stops it as Ctrl-C does (a checkpoint of the last finite step).
     """
-    with guard.run_dir_lock(cfg.run_dir), guard.stop_signals():
-        return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step)
+    with guard.run_dir_lock(cfg.run_dir), guard.stop_signals() as stop:
+        return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step,
+                      stop=stop)
 
 
 def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
-           step: int | None) -> dict:
+           step: int | None, stop: guard.StopRequest) -> dict:
     run_dir = cfg.run_dir
     _check_run_dir(cfg, resume)
     os.makedirs(run_dir, exist_ok=True)
@@ -81,7 +82,8 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
                                               tcfg=cfg.train)
         # every process builds the same eval batches and keeps its block of rows
         evals = [put_batch(local_rows(b, cfg.data.batch_size), batch_sharding) for b in eval_host]
-        loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress)
+        loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress,
+                     stop)
         try:
             return loop.run(state, stop_after)
         finally:
@@ -91,8 +93,10 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
 
 
 class _Loop:
-    def __init__(self, cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress):
+    def __init__(self, cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress,
+                 stop=None):
         self.cfg, self.mngr, self.batches = cfg, mngr, batches
+        self.stop = stop or guard.StopRequest()
         self.train_step, self.eval_step, self.evals = train_step, eval_step, evals
         self.batch_sharding = batch_sharding
         self.progress = progress
@@ -144,8 +148,9 @@ class _Loop:
         bar = tqdm(total=end, initial=start, disable=not self.progress, dynamic_ncols=True,
                    desc="train")
         pending, t_mark, step = [], None, start
+        self.stop.armed = True  # a signal now ends the current step, then stops
         try:
-            while step < end:
+            while step < end and self.stop.signum is None:
                 batch = put_batch(next(self.batches), self.batch_sharding)
                 state, metrics = self.train_step(state, batch)
                 step += 1
@@ -160,10 +165,17 @@ class _Loop:
                     if save_due:
                         self.checkpoint(state)
                     t_mark = time.perf_counter()  # the first interval holds the compile
+            if self.stop.signum is not None:  # asked to stop: log, save, then report
+                self._flush_on_exit(pending, bar)
+                pending = []
+                e = self.stop.interrupt()
+                e.saved_step, e.reason = self.final_save(state, start)
+                raise e
         except KeyboardInterrupt as e:
             self._flush_on_exit(pending, bar)
             pending = []
-            e.saved_step, e.reason = self.final_save(state, start)
+            if not hasattr(e, "saved_step"):
+                e.saved_step, e.reason = self.final_save(state, start)
             raise
         finally:
             self._flush_on_exit(pending, bar)  # any exit: no logged step is lost

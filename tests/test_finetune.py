@@ -1,0 +1,210 @@
+"""Fine-tuning end to end through `jaxlm.train.loop.train`: train.init_from a Hugging
+Face Llama dir (built here from a config with random weights and a local tokenizer
+with a chat template) for sft, sft + LoRA (stopped, resumed, exported) and dpo, then
+from the resulting jaxlm run; and the errors at the door."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+import jaxlm  # noqa: E402
+from jaxlm.errors import CheckpointError, ConfigError, InputError  # noqa: E402
+from jaxlm.model.config import load_config  # noqa: E402
+from jaxlm.scripts.cli import main  # noqa: E402
+from jaxlm.train.loop import train  # noqa: E402
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+          "'<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+WORDS = "alpha beta gamma delta one two three four red green blue add sub mul".split()
+
+
+def _sentence(rng, n):
+    return " ".join(rng.choice(WORDS, n))
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    rng = np.random.default_rng(0)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([_sentence(rng, 12) for _ in range(50)], trainers.BpeTrainer(
+        show_progress=False, vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                                eos_token="<|im_end|>")
+    fast.chat_template = CHATML
+    path = tmp_path_factory.mktemp("hf_llama")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=128,
+        tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    d = tmp_path_factory.mktemp("corpora")
+    sft, dpo = d / "sft.jsonl", d / "dpo.jsonl"
+    with open(sft, "w") as f:
+        for i in range(48):  # the completion repeats the prompt: learnable in a few steps
+            p = _sentence(rng, 4)
+            row = ({"prompt": p + " =", "completion": " " + p} if i % 2 else
+                   {"messages": [{"role": "user", "content": p},
+                                 {"role": "assistant", "content": p}]})
+            f.write(json.dumps(row) + "\n")
+    with open(dpo, "w") as f:
+        for _ in range(48):
+            p = _sentence(rng, 3)
+            f.write(json.dumps({"prompt": p + " =", "chosen": " " + p,
+                                "rejected": " " + _sentence(rng, 3)}) + "\n")
+    return {"sft": sft, "dpo": dpo}
+
+
+def _cfg(run_dir, init_from, corpus, *overrides):
+    return load_config("tiny-llama-sft", [
+        f"train.init_from={init_from}", f"data.corpus={corpus}", f"run_dir={run_dir}",
+        "data.seq_len=48", "data.batch_size=4", "data.eval_fraction=0.2", "train.steps=6",
+        "train.warmup_steps=1", "train.eval_every=6", "train.eval_batches=2",
+        "train.checkpoint_every=3", "train.log_every=1", "train.learning_rate=3e-3",
+        *overrides])
+
+
+def _metrics(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m for m in lines if "loss" in m}, [m for m in lines if "eval_loss" in m]
+
+
+@pytest.fixture(scope="module")
+def sft_run(hf_llama, corpora, tmp_path_factory):
+    run = tmp_path_factory.mktemp("sft")
+    cfg = _cfg(run, hf_llama, corpora["sft"])
+    return run, cfg, train(cfg, progress=False)
+
+
+def test_sft_from_a_hugging_face_dir(sft_run, hf_llama):
+    run, cfg, summary = sft_run
+    hf = json.loads((hf_llama / "config.json").read_text())
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.vocab_size) == (
+        hf["hidden_size"], hf["num_hidden_layers"], hf["vocab_size"])
+    assert cfg.model.param_dtype == "float32"  # f32 masters whatever the checkpoint holds
+    first, last = summary["eval"][0]["eval_loss"], summary["eval"][-1]["eval_loss"]
+    assert last < first, (first, last)
+    # the run is self-contained: tokenizer and template copied, params its own
+    assert (run / "tokenizer.json").exists() and "chat_template" in json.loads(
+        (run / "tokenizer_config.json").read_text())
+    _, base = jaxlm.load(str(hf_llama))
+    mcfg, tuned = jaxlm.load(str(run))
+    assert mcfg == cfg.model
+    diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                        base, tuned)
+    assert max(jax.tree.leaves(diff)) > 0
+    tok = jaxlm.load_tokenizer(str(run))
+    out = jaxlm.generate(tuned, mcfg, [[tok.bos_id] + tok.encode("red green =")],
+                         max_new_tokens=4, eos_id=tok.eos_id)
+    assert 1 <= out.lengths[0] <= 4
+
+
+def test_lora_from_a_hugging_face_dir_resumes_exactly_and_exports(hf_llama, corpora, tmp_path):
+    lora = ("train.lora_rank=4", "train.lora_alpha=8", "train.lora_targets=layers/attn/(q|v)",
+            "model.remat=full")
+    straight = tmp_path / "straight"
+    train(_cfg(straight, hf_llama, corpora["sft"], *lora), progress=False)
+    stopped = tmp_path / "stopped"
+    cfg = _cfg(stopped, hf_llama, corpora["sft"], *lora)
+    train(cfg, progress=False, stop_after=3)
+    train(cfg, progress=False, resume=True)  # the frozen base is rebuilt from init_from
+    a, b = _metrics(straight)[0], _metrics(stopped)[0]
+    assert [a[s]["loss"] for s in (4, 5, 6)] == [b[s]["loss"] for s in (4, 5, 6)]
+    # the checkpoint holds the adapters only; its config names the base
+    from jaxlm.api import lora_adapters
+    run_cfg, adapters = lora_adapters(str(stopped))
+    assert run_cfg.train.init_from == str(hf_llama)
+    assert set(adapters["layers"]["attn"]) == {"q", "v"}
+    assert all(set(v) == {"a", "b"} for v in adapters["layers"]["attn"].values())
+    # jaxlm.load merges; the peft export loads onto the transformers base with the same logits
+    mcfg, merged = jaxlm.load(str(stopped))
+    tokens = np.arange(3, 15, dtype=np.int32)[None]
+    ours, _ = jaxlm.forward(merged, mcfg, tokens)
+    assert main(["convert", "--input", str(stopped), "--output", str(tmp_path / "peft"),
+                 "--to", "peft"]) == 0
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base = transformers.LlamaForCausalLM.from_pretrained(hf_llama, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+
+
+def test_dpo_from_the_sft_run(sft_run, corpora, tmp_path):
+    """init_from a jaxlm run dir; DPO without LoRA keeps a frozen copy as the reference."""
+    run, _, _ = sft_run
+    cfg = _cfg(tmp_path / "dpo", run, corpora["dpo"], "train.objective=dpo", "train.dpo_beta=0.5")
+    summary = train(cfg, progress=False)
+    steps, evals = _metrics(tmp_path / "dpo")
+    assert steps[1]["reward_margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
+    assert steps[1]["loss"] == pytest.approx(np.log(2), abs=1e-5)
+    assert all(k in evals[-1] for k in ("eval_reward_accuracy", "eval_reward_margin"))
+    assert summary["eval"][-1]["eval_loss"] < summary["eval"][0]["eval_loss"]
+
+
+def test_dpo_with_lora_from_a_hugging_face_dir(hf_llama, corpora, tmp_path):
+    cfg = _cfg(tmp_path / "dpo", hf_llama, corpora["dpo"], "train.objective=dpo",
+               "train.lora_rank=4", "train.lora_base_dtype=int8", "train.grad_accum_steps=2")
+    train(cfg, progress=False)
+    steps, _ = _metrics(tmp_path / "dpo")
+    assert steps[1]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert all(np.isfinite(steps[s]["loss"]) for s in steps)
+
+
+def test_sharded_init_from_a_hugging_face_dir(hf_llama, corpora, tmp_path):
+    from jaxlm.model import model_specs
+    from jaxlm.model.params import logical_axes
+    from jaxlm.sharding.mesh import make_mesh
+    from jaxlm.sharding.rules import partition_spec
+    from jaxlm.train.loop import _initial_params
+    cfg = _cfg(tmp_path, hf_llama, corpora["sft"], "mesh.data=2", "mesh.fsdp=4")
+    mesh = make_mesh(cfg.mesh)
+    params = _initial_params(cfg, mesh)
+    axes = jax.tree.leaves(logical_axes(model_specs(cfg.model)),
+                           is_leaf=lambda x: isinstance(x, tuple))
+    for leaf, ax in zip(jax.tree.leaves(params), axes):
+        want = partition_spec(ax, cfg.mesh.rules)
+        assert tuple(leaf.sharding.spec) + (None,) * (leaf.ndim - len(leaf.sharding.spec)) == \
+            tuple(want) + (None,) * (leaf.ndim - len(want))
+    embed = params["embed"]["tokens"]  # [vocab, embed]: embed over fsdp -> a quarter each
+    assert embed.addressable_shards[0].data.shape == (embed.shape[0], embed.shape[1] // 4)
+
+
+def test_errors_at_the_door(hf_llama, corpora, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="model.n_layers=3 would change a parameter shape"):
+        _cfg(tmp_path, hf_llama, corpora["sft"], "model.n_layers=3")
+    _cfg(tmp_path, hf_llama, corpora["sft"], "model.remat=full")  # shapes unchanged: fine
+    with pytest.raises(CheckpointError, match="does not exist"):
+        _cfg(tmp_path, tmp_path / "nowhere", corpora["sft"])
+    with pytest.raises(ConfigError, match="lora_rank=-1"):
+        _cfg(tmp_path, hf_llama, corpora["sft"], "train.lora_rank=-1")
+    with pytest.raises(ConfigError, match="lora_targets"):
+        _cfg(tmp_path, hf_llama, corpora["sft"], "train.lora_rank=4", "train.lora_targets=nothing")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl:1.*assistant"):
+        train(_cfg(tmp_path / "r1", hf_llama, bad), progress=False)
+    bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{not json\n")
+    rc = main(["train", "--config", "tiny-llama-sft", f"train.init_from={hf_llama}",
+               f"data.corpus={bad}", f"run_dir={tmp_path / 'r2'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "bad.jsonl:2" in err[0], err
