@@ -10,6 +10,7 @@ import optax
 
 from jaxlm.model import forward, head_weights
 from jaxlm.model.families.encoder import mlm_head_inputs
+from jaxlm.sharding.context import context_reorder, context_size
 from jaxlm.train.objectives import causal_lm_loss, chunked_lm_loss
 from jaxlm.train.state import TrainState
 
@@ -21,6 +22,8 @@ def loss_fn(params, mcfg, batch, vocab_chunk: int = 0):
     load-balancing and z losses times their coefficients (logged apart).
     `vocab_chunk` > 0 computes the token loss over vocab chunks.
     """
+    if mcfg.family == "decoder":  # context parallelism: causal load balancing (identity without)
+        batch = context_reorder(batch, context_size())
     if mcfg.family == "encoder_decoder":  # span corruption: encoder inputs -> decoder targets
         out, aux = forward(params, mcfg, batch["tokens"], batch["decoder_tokens"],
                            batch["segment_ids"], batch["decoder_segment_ids"],
