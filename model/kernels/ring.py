@@ -46,7 +46,7 @@ from jaxlm.model.kernels.blocks import NEG, finish, logits, softmax_step, uncap,
 from jaxlm.model.kernels.mask import MaskSpec
 from jaxlm.sharding.rules import active_mesh
 
-BLOCK = 512  # query / key tile inside a chunk
+BLOCK = 128  # query / key tile inside a chunk (flash-sized: bounds the scores held)
 
 
 def _axes(rules, name):
@@ -141,24 +141,41 @@ def ring_attention(q, k, v, mask: MaskSpec, bias=None, *, scale=None, softcap=No
 
 
 # ---------------------------------------------------------------- one device
+#
+# Layouts are tiled once, kept through the ring and untiled once at the end:
+# queries (and out, do, acc) [nq, b, kvh, g, bq, d], m / l / lse / delta
+# [nq, b, kvh, g, bq, 1], keys / values [nk, b, kvh, bk, d], positions and
+# segment ids [n, b, block]. Running statistics are updated tile by tile in
+# place (fori_loop + dynamic_update_index), so each lives in one buffer.
 
-def _heads_major(q, k, v):
-    """[b,s,h,d] / [b,s,kvh,d] -> q [b,kvh,g,s,d], k/v [b,kvh,s,d]."""
-    b, s, h, d = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
-    return qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
-
-def _tiles(x, axis, n):
-    """Split `axis` into n tiles and move the tile index to the front."""
-    shape = x.shape[:axis] + (n, x.shape[axis] // n) + x.shape[axis + 1:]
-    return jnp.moveaxis(x.reshape(shape), axis, 0)
+def _tile_q(x, kvh, bq):
+    """[b,s,h,d] -> [nq,b,kvh,g,bq,d]."""
+    b, s, h, d = x.shape
+    return x.reshape(b, s // bq, bq, kvh, h // kvh, d).transpose(1, 0, 3, 4, 2, 5)
 
 
-def _untile(x, axis):
-    x = jnp.moveaxis(x, 0, axis)
-    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+def _untile_q(x):
+    n, b, kvh, g, bq, d = x.shape
+    return x.transpose(1, 0, 4, 2, 3, 5).reshape(b, n * bq, kvh * g, d)
+
+
+def _tile_kv(x, bk):
+    """[b,s,kvh,d] -> [nk,b,kvh,bk,d]."""
+    b, s, kvh, d = x.shape
+    return x.reshape(b, s // bk, bk, kvh, d).transpose(1, 0, 3, 2, 4)
+
+
+def _untile_kv(x):
+    n, b, kvh, bk, d = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(b, n * bk, kvh, d)
+
+
+def _tile_rows(x, block):
+    """[b,s] -> [n,b,block] (None stays None)."""
+    if x is None:
+        return None
+    b, s = x.shape
+    return x.reshape(b, s // block, block).transpose(1, 0, 2)
 
 
 def _tile_mask(st: Static, qp, kp, qs, ks):
@@ -176,19 +193,22 @@ def _scores(st: Static, qt, kt):
     return logits(qk, st.scale, st.softcap)
 
 
-def _chunk_forward(st: Static, q, qp, qs, k, v, kp, ks, stats):
-    """Fold one K/V chunk into the running (m, l, acc) of this device's queries.
+def _get(x, i):
+    return None if x is None else jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
 
-    q [b,kvh,g,S,d], k/v [b,kvh,S,d]; qp/kp/qs/ks [b,S]; stats: m, l
-    [b,kvh,g,S,1] and acc [b,kvh,g,S,d] float32. Tiled: a lax.map over query
-    tiles, inside it a scan over key tiles."""
-    s = q.shape[3]
-    nq, nk = s // st.block_q, s // st.block_k
-    kt, vt, kpt = _tiles(k, 2, nk), _tiles(v, 2, nk), _tiles(kp, 1, nk)
-    kst = None if ks is None else _tiles(ks, 1, nk)
 
-    def q_tile(args):
-        qt, qpt, qst, m, l, acc = args
+def _put(x, v, i):
+    return jax.lax.dynamic_update_index_in_dim(x, v, i, 0)
+
+
+def _chunk_forward(st: Static, q, qp, qs, kv, stats):
+    """Fold one visiting K/V chunk into the running (m, l, acc) of this device's
+    queries: a loop over query tiles, inside it a scan over key tiles; a tile
+    the mask hides entirely is skipped."""
+    k, v, kp, ks = kv
+
+    def q_tile(i, stats):
+        qt, qpt, qst = _get(q, i), _get(qp, i), _get(qs, i)
 
         def k_tile(carry, xs):
             kb, vb, kpb, ksb = xs
@@ -203,31 +223,21 @@ def _chunk_forward(st: Static, q, qp, qs, k, v, kp, ks, stats):
                 return m, l, alpha * acc + pv
             return jax.lax.cond(jnp.any(ok), update, lambda c: c, carry), None
 
-        (m, l, acc), _ = jax.lax.scan(k_tile, (m, l, acc), (kt, vt, kpt, kst))
-        return m, l, acc
+        tile, _ = jax.lax.scan(k_tile, tuple(_get(x, i) for x in stats), (k, v, kp, ks))
+        return tuple(_put(x, y, i) for x, y in zip(stats, tile))
 
-    m, l, acc = stats
-    qst = None if qs is None else _tiles(qs, 1, nq)
-    out = jax.lax.map(q_tile, (_tiles(q, 3, nq), _tiles(qp, 1, nq), qst,
-                               _tiles(m, 3, nq), _tiles(l, 3, nq), _tiles(acc, 3, nq)))
-    return tuple(_untile(x, 3) for x in out)
+    return jax.lax.fori_loop(0, q.shape[0], q_tile, stats)
 
 
-def _chunk_backward(st: Static, q, qp, qs, do, lse, delta, k, v, kp, ks, dq):
-    """Gradients of one (query chunk, K/V chunk) pair, probabilities recomputed
-    from the full lse: returns (dq + this chunk's part, dk, dv).
+def _chunk_backward(st: Static, q, qp, qs, do, lse, delta, kv, dq, dkv):
+    """Add one (query chunk, visiting K/V chunk) pair's gradients to dq and to
+    the visiting chunk's (dk, dv), probabilities recomputed from the full lse.
+    A loop over key tiles, inside it a scan over query tiles."""
+    k, v, kp, ks = kv
 
-    q/do/dq [b,kvh,g,S,d], lse/delta [b,kvh,g,S,1], k/v [b,kvh,S,d]. A scan
-    over key tiles carrying dq, inside it a scan over query tiles carrying
-    the key tile's dk / dv."""
-    s = q.shape[3]
-    nq, nk = s // st.block_q, s // st.block_k
-    qt, dot, qpt = _tiles(q, 3, nq), _tiles(do, 3, nq), _tiles(qp, 1, nq)
-    lset, deltat = _tiles(lse, 3, nq), _tiles(delta, 3, nq)
-    qst = None if qs is None else _tiles(qs, 1, nq)
-
-    def k_tile(dq_tiles, xs):
-        kb, vb, kpb, ksb = xs
+    def k_tile(j, carry):
+        dq, (dk_all, dv_all) = carry
+        kb, vb, kpb, ksb = _get(k, j), _get(v, j), _get(kp, j), _get(ks, j)
 
         def q_tile(carry, ys):
             dk, dv = carry
@@ -250,15 +260,11 @@ def _chunk_backward(st: Static, q, qp, qs, do, lse, delta, k, v, kp, ks, dq):
             dk, dv, dqb = jax.lax.cond(jnp.any(ok), grads, lambda a: a, (dk, dv, dqb))
             return (dk, dv), dqb
 
-        zeros = jnp.zeros(kb.shape, jnp.float32)
-        (dk, dv), dq_tiles = jax.lax.scan(
-            q_tile, (zeros, zeros), (qt, dot, qpt, qst, lset, deltat, dq_tiles))
-        return dq_tiles, (dk, dv)
+        (dk, dv), dq = jax.lax.scan(q_tile, (_get(dk_all, j), _get(dv_all, j)),
+                                    (q, do, qp, qs, lse, delta, dq))
+        return dq, (_put(dk_all, dk, j), _put(dv_all, dv, j))
 
-    kst = None if ks is None else _tiles(ks, 1, nk)
-    dq_tiles, (dk, dv) = jax.lax.scan(
-        k_tile, _tiles(dq, 3, nq), (_tiles(k, 2, nk), _tiles(v, 2, nk), _tiles(kp, 1, nk), kst))
-    return _untile(dq_tiles, 3), _untile(dk, 2), _untile(dv, 2)
+    return jax.lax.fori_loop(0, k.shape[0], k_tile, (dq, dkv))
 
 
 def _shift(st: Static, x):
@@ -267,24 +273,29 @@ def _shift(st: Static, x):
     return jax.lax.ppermute(x, st.axis, perm)
 
 
-def _ring_forward(st: Static, q, k, v, qp, kp, segs):
+def _tiled(st: Static, q, k, v, qp, kp, segs):
     qs, ks = segs if segs is not None else (None, None)
-    qg, kt, vt = _heads_major(q, k, v)
-    b, kvh, g, s, d = qg.shape
-    stats = (jnp.full((b, kvh, g, s, 1), NEG, jnp.float32), jnp.zeros((b, kvh, g, s, 1)),
-             jnp.zeros((b, kvh, g, s, d), jnp.float32))
+    kvh = k.shape[2]
+    return ((_tile_q(q, kvh, st.block_q), _tile_rows(qp, st.block_q), _tile_rows(qs, st.block_q)),
+            (_tile_kv(k, st.block_k), _tile_kv(v, st.block_k), _tile_rows(kp, st.block_k),
+             _tile_rows(ks, st.block_k)))
+
+
+def _ring_forward(st: Static, q, k, v, qp, kp, segs):
+    (qt, qpt, qst), kv = _tiled(st, q, k, v, qp, kp, segs)
+    rows = qt.shape[:-1] + (1,)
+    stats = (jnp.full(rows, NEG, jnp.float32), jnp.zeros(rows, jnp.float32),
+             jnp.zeros(qt.shape, jnp.float32))
 
     def step(carry, _):
         kv, stats = carry
         nxt = _shift(st, kv)  # in flight while this chunk is computed
-        return (nxt, _chunk_forward(st, qg, qp, qs, *kv, stats)), None
+        return (nxt, _chunk_forward(st, qt, qpt, qst, kv, stats)), None
 
-    kv = (kt, vt, kp, ks)
     (kv, stats), _ = jax.lax.scan(step, (kv, stats), None, length=st.size - 1)
-    m, l, acc = _chunk_forward(st, qg, qp, qs, *kv, stats)
+    m, l, acc = _chunk_forward(st, qt, qpt, qst, kv, stats)
     out, lse = finish(acc, m, l)
-    out = out.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
-    return out, lse
+    return _untile_q(out).astype(q.dtype), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -299,33 +310,24 @@ def _ring_fwd(st: Static, q, k, v, qp, kp, segs):
 
 def _ring_bwd(st: Static, res, dout):
     q, k, v, qp, kp, segs, out, lse = res
-    qs, ks = segs if segs is not None else (None, None)
-    qg, kt, vt = _heads_major(q, k, v)
-    dog = _heads_major(dout, k, v)[0].astype(jnp.float32)
-    og = _heads_major(out, k, v)[0].astype(jnp.float32)
-    delta = jnp.sum(og * dog, axis=-1, keepdims=True)
-    qf = qg.astype(jnp.float32)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    (qt, qpt, qst), (kt, vt, kpt, kst) = _tiled(st, f32(q), f32(k), f32(v), qp, kp, segs)
+    kvh = k.shape[2]
+    dot = _tile_q(f32(dout), kvh, st.block_q)
+    delta = jnp.sum(_tile_q(f32(out), kvh, st.block_q) * dot, axis=-1, keepdims=True)
 
     def step(carry, _):
         kv, dkv, dq = carry
-        dq, dk, dv = _chunk_backward(st, qf, qp, qs, dog, lse, delta,
-                                     kv[0].astype(jnp.float32), kv[1].astype(jnp.float32),
-                                     kv[2], kv[3], dq)
-        dkv = (dkv[0] + dk, dkv[1] + dv)
+        dq, dkv = _chunk_backward(st, qt, qpt, qst, dot, lse, delta, kv, dq, dkv)
         return (_shift(st, kv), _shift(st, dkv), dq), None
 
     zeros = jnp.zeros(kt.shape, jnp.float32)
-    carry = ((kt, vt, kp, ks), (zeros, zeros), jnp.zeros(qg.shape, jnp.float32))
-    carry, _ = jax.lax.scan(step, carry, None, length=st.size - 1)
-    kv, dkv, dq = carry
-    dq, dk, dv = _chunk_backward(st, qf, qp, qs, dog, lse, delta, kv[0].astype(jnp.float32),
-                                 kv[1].astype(jnp.float32), kv[2], kv[3], dq)
-    dk, dv = _shift(st, (dkv[0] + dk, dkv[1] + dv))  # the c-th hop brings them home
-    b, s, h, d = q.shape
-    dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(q.dtype)
-    dk = dk.transpose(0, 2, 1, 3).astype(k.dtype)
-    dv = dv.transpose(0, 2, 1, 3).astype(v.dtype)
-    return dq, dk, dv, None, None, None
+    carry = ((kt, vt, kpt, kst), (zeros, zeros), jnp.zeros(qt.shape, jnp.float32))
+    (kv, dkv, dq), _ = jax.lax.scan(step, carry, None, length=st.size - 1)
+    dq, dkv = _chunk_backward(st, qt, qpt, qst, dot, lse, delta, kv, dq, dkv)
+    dk, dv = _shift(st, dkv)  # the c-th hop brings them home
+    return (_untile_q(dq).astype(q.dtype), _untile_kv(dk).astype(k.dtype),
+            _untile_kv(dv).astype(v.dtype), None, None, None)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
