@@ -76,11 +76,14 @@ def _packed_mask(order, window):
                     kv_segment_ids=seg, window=window)
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
+RING_MESHES = {**MESHES, "context4_tensor2": dict(data=1, context=4, tensor=2)}
+
+
+@pytest.mark.parametrize("mesh_name", list(RING_MESHES))
 def test_ring_packed_window_softcap_gqa(mesh_name):
     """Ring attention (fwd and grads) vs the XLA reference on one device, in the
     balanced order, with packed segments, a sliding window and a soft cap."""
-    sizes = MESHES[mesh_name]
+    sizes = RING_MESHES[mesh_name]
     mesh = make_mesh(MeshConfig(**sizes))
     s, h, kvh, d = 32, 4, 2, 8
     order = balanced_order(s, sizes["context"])
@@ -118,7 +121,8 @@ def test_balanced_order_round_trip_and_balance():
         assert order[i * 2 * n:(i + 1) * 2 * n].tolist() == want
     rng = np.random.default_rng(0)
     batch = {"tokens": rng.integers(0, 9, (3, s)), "targets": rng.integers(0, 9, (3, s)),
-             "segment_ids": rng.integers(0, 3, (3, s)), "loss_mask": rng.random((3, s))}
+             "segment_ids": rng.integers(0, 3, (3, s)),
+             "loss_mask": rng.random((3, s)).astype(np.float32)}
     moved = context_reorder(batch, c)
     np.testing.assert_array_equal(moved["positions"], np.tile(order, (3, 1)))  # original ones
     for key, x in batch.items():
