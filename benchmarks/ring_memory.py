@@ -1,7 +1,7 @@
 """Compiled temp memory of ring attention (8 CPU devices, mesh.context=8) vs
 the unsharded flash kernel (interpret mode) for one causal attention call.
 
-    python -m jaxlm.benchmarks.ring_memory [--seq 1024 2048 8192]
+    python -m jaxlm.benchmarks.ring_memory [--seq 1024 2048 8192]   (or python benchmarks/ring_memory.py)
 
 Prints one JSON line per (seq, pass): per-device temp bytes of the ring and
 of flash (`compile().memory_analysis().temp_size_in_bytes`), and the ratio.

@@ -14,7 +14,7 @@ from test_sharding import (B, FAMILIES, S, _forward, assert_rule_shardings, refe
                            synthetic_batch)
 
 from jaxlm.errors import ConfigError
-from jaxlm.model.config import Config, DataConfig, MeshConfig, ModelConfig
+from jaxlm.model.config import Config, DataConfig, MeshConfig
 from jaxlm.model.kernels import MaskSpec, attention, flash_attention
 from jaxlm.model.kernels.reference import attention_reference
 from jaxlm.sharding.context import (balanced_forward, balanced_order, context_reorder,
