@@ -52,9 +52,10 @@ def test_parity_and_seq_sharding(family, mesh_name):
     with use_mesh(mesh, cfg.mesh.rules):
         assert context_size() == sizes["context"]
         balanced = jax.jit(lambda p, b: balanced_forward(
-            p, cfg.model, b["tokens"], b["positions"], b["segment_ids"])[0])
+            p, cfg.model, b["tokens"], b["positions"], b["segment_ids"])[0]).lower(
+                params, batch).compile()
         np.testing.assert_allclose(balanced(params, batch), want, atol=1e-5, rtol=1e-5)
-        hlo = jax.jit(_forward(cfg.model)).lower(params, batch).compile().as_text()
+    hlo = balanced.as_text()
     # per device: batch / data rows, seq / context tokens, through every layer;
     # the K/V chunks move by collective-permute, the sequence is never gathered
     b_local, s_local, d = B // sizes["data"], S // sizes["context"], cfg.model.d_model

@@ -164,8 +164,8 @@ def test_expert_axis_shards_experts_and_batch():
 
 
 def test_mesh_sizes_and_errors():
-    assert mesh_shape(MeshConfig(expert=2, tensor=2), 8) == dict(data=2, fsdp=1, expert=2,
-                                                                 tensor=2)
+    assert mesh_shape(MeshConfig(expert=2, tensor=2), 8) == dict(data=2, fsdp=1, context=1,
+                                                                 expert=2, tensor=2)
     assert mesh_shape(MeshConfig(data=2, expert=-1), 8)["expert"] == 4
     with pytest.raises(ConfigError, match="at most one axis"):
         MeshConfig(data=-1, expert=-1)
