@@ -288,7 +288,7 @@ class TrainConfig:
 # expert axis is one more data-parallel axis (GShard / Switch layout).
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp", "expert")),
-    ("seq", None),
+    ("seq", "context"),  # context parallelism: ring attention (model/kernels/ring.py)
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -299,7 +299,11 @@ DEFAULT_RULES = (
     ("experts", "expert"),
 )
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")  # outer to inner: tensor is the fastest
+# Outer to inner: tensor is the fastest. context sits inside data and fsdp
+# (its ring moves K/V every layer, more often than their per-step / per-layer
+# collectives) and outside expert and tensor (whose all-to-all / all-reduce
+# per matmul need the fastest links); the ring only talks to neighbours.
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
 
 
 @dataclass(frozen=True)
@@ -308,12 +312,14 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1  # MoE experts split over this axis (and the batch, outside MoE layers)
+    context: int = 1  # the sequence split over this axis: ring attention, causal load balancing
     # Cross-host (DCN) factors: mesh axis X has mesh.X devices in all, of which
     # dcn_X across slices/hosts (the rest within one). All 1: a single slice.
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
     dcn_expert: int = 1
+    dcn_context: int = 1
     devices: int = 0  # 0: every device; N: only the first N (single-process runs)
     rules: tuple = DEFAULT_RULES
 
@@ -441,6 +447,20 @@ class Config:
         if self.train.lora_rank:  # a regex that adapts nothing stops here, naming itself
             from jaxlm.train.lora import lora_targets
             lora_targets(self.model, self.train)
+        context = self.mesh.context
+        if context > 1:
+            if self.data.seq_len % (2 * context):
+                raise ConfigError(
+                    f"data.seq_len={self.data.seq_len} must divide by 2 x mesh.context="
+                    f"{2 * context} (causal load balancing splits it into 2 x context chunks)")
+            if self.model.positions in ("alibi", "t5_relative"):
+                raise ConfigError(
+                    f"model.positions={self.model.positions!r} (an attention bias) is not "
+                    "supported under context parallelism (mesh.context > 1)")
+            if self.model.family != "decoder":
+                raise ConfigError(
+                    f"mesh.context={context}: context parallelism supports model.family="
+                    f"'decoder' only, not {self.model.family!r}")
 
 
 # ---------------------------------------------------------------- loading

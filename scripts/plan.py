@@ -25,12 +25,20 @@ ceil(n / m)):
                + one layer's `all` (recomputed / live during backward) +
                logits t * V/tp * 4 bytes (t * loss_vocab_chunk * 4 when
                chunked).
+               Context parallelism (seq over mesh axes of total size c > 1):
+               t uses seq / c, and the attention scores term becomes ring
+               attention's one f32 tile, b * heads/tp * blk^2 * 2 * 4 (blk =
+               ring.BLOCK when it divides seq / c, else seq / c).
+  ring kv      context > 1: the ring's K/V buffers per layer call, the
+               visiting chunk and the one in flight, K and V at model.dtype
+               (2 * 2 * b * seq/c * kv), plus the backward's travelling dK/dV
+               accumulators, f32 (2 * 2 * b * seq/c * kv * 4).
   kv cache     2 * layers * batch * cache_len * kv_heads * head_dim at
                model.dtype, sharded like [layers, batch, seq, kv_heads,
                head_dim]; cache_len = --cache-len or data.seq_len +
                generate.max_new_tokens (encoder-decoder: the decoder's
                self-attention cache only).
-train total = params + gradients + optimizer + activations;
+train total = params + gradients + optimizer + activations + ring kv;
 inference total = params + kv cache.
 """
 
@@ -131,6 +139,12 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     gated = 3 if m.mlp in ("swiglu", "geglu") else 2
     dots = t * (q + 2 * kv + q + d + gated * f + d) * act
     scores = b_local * math.ceil(m.n_heads / tp_h) * s * s * 2 * act
+    ring_kv = 0
+    if _axes_count("seq", rules, sizes) > 1:  # ring attention (model/kernels/ring.py)
+        from jaxlm.model.kernels.ring import BLOCK
+        blk = BLOCK if s_local % BLOCK == 0 else s_local
+        scores = b_local * math.ceil(m.n_heads / tp_h) * blk * blk * 2 * 4
+        ring_kv = 2 * 2 * b_local * s_local * kv * (act + 4)
     full_layer = dots + t * (4 * d + f) * act + scores
     saved = {"none": full_layer, "full": t * d * act}.get(m.remat, dots)
     layers = m.n_layers + (m.n_decoder_layers or m.n_layers if m.family == "encoder_decoder" else 0)
@@ -147,8 +161,8 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
         partition_spec(("layers", "batch", "seq", "kv_heads", "head_dim"), rules), sizes)
     out = {"mesh": sizes, "devices": n_devices, "params": params, "gradients": params,
            "optimizer": optimizer, "activations": activations, "kv_cache": kv_cache,
-           "cache_len": cache_len}
-    out["train_total"] = params * 2 + optimizer + activations
+           "cache_len": cache_len, "ring_kv": ring_kv}
+    out["train_total"] = params * 2 + optimizer + activations + ring_kv
     out["inference_total"] = params + kv_cache
     return out
 
@@ -161,6 +175,9 @@ def run_plan(args) -> int:
     print(f"mesh {mesh} ({p['devices']} devices); per device:")
     for key in ("params", "gradients", "optimizer", "activations"):
         print(f"  {key:<12} {fmt_bytes(p[key])}")
+    if p["ring_kv"]:
+        print(f"  {'ring kv':<12} {fmt_bytes(p['ring_kv'])}  (ring attention K/V chunks in "
+              f"flight, seq {cfg.data.seq_len} / context {p['mesh']['context']})")
     print(f"  {'train':<12} {fmt_bytes(p['train_total'])}  (remat={cfg.model.remat}, "
           f"batch {cfg.data.batch_size} x seq {cfg.data.seq_len})")
     print(f"  {'kv cache':<12} {fmt_bytes(p['kv_cache'])}  (cache_len {p['cache_len']})")

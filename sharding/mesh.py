@@ -1,6 +1,6 @@
 """Build a device mesh from `MeshConfig`, with clear errors when it cannot work.
 
-Axes, outer to inner: data, fsdp, expert, tensor (`MeshConfig.axis_names`).
+Axes, outer to inner: data, fsdp, context, expert, tensor (`MeshConfig.axis_names`).
 One axis may be -1 and takes the devices the others leave. With any
 `mesh.dcn_*` factor > 1 the mesh is hybrid: axis X spans `dcn_X` slices
 (hosts / pods over the data-center network) times `X / dcn_X` devices within

@@ -23,6 +23,7 @@ from jaxlm.model import forward, head_weights
 from jaxlm.model.adapters import materialize_outside_layers
 from jaxlm.model.config import TrainConfig, dtype_of
 from jaxlm.model.families.encoder import mlm_head_inputs
+from jaxlm.sharding.context import context_reorder, context_size
 from jaxlm.sharding.rules import constrain
 from jaxlm.train import dpo
 from jaxlm.train.lora import apply_lora, lora_scale
@@ -40,6 +41,8 @@ def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_wei
     times the router's load-balancing and z losses times their coefficients
     (logged apart). `vocab_chunk` > 0 computes the token loss over vocab chunks.
     """
+    if mcfg.family == "decoder":  # context parallelism: causal load balancing (identity without)
+        batch = context_reorder(batch, context_size())
     if mcfg.family == "encoder_decoder":  # span corruption: encoder inputs -> decoder targets
         out, aux = forward(params, mcfg, batch["tokens"], batch["decoder_tokens"],
                            batch["segment_ids"], batch["decoder_segment_ids"],

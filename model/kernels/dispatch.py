@@ -7,6 +7,10 @@
             CPU the GPU kernels run in interpret mode (slow, for tests), or
             the TPU kernels in TPU interpret mode with JAXLM_PALLAS_BACKEND=tpu.
             Under an active mesh the kernel runs per shard (`per_shard.py`).
+
+Whatever the impl: under an active mesh whose rules put `seq` on a context
+axis of size > 1, self-attention without a KV cache is ring attention
+(`ring.py`, XLA math per chunk).
     cudnn   jax.nn.dot_product_attention(implementation="cudnn"), GPU only.
             Calls it cannot express exactly (explicit positions, segment
             ids, kv_lengths, a window without causal, soft-capping, float32)
@@ -27,6 +31,7 @@ from jaxlm.model.kernels.backends import platform
 from jaxlm.model.kernels.mask import MaskSpec
 from jaxlm.model.kernels.per_shard import per_shard
 from jaxlm.model.kernels.reference import attention_reference
+from jaxlm.model.kernels.ring import ring_applies, ring_attention
 
 IMPLS = ("xla", "pallas", "cudnn", "auto")
 
@@ -52,6 +57,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec = MaskSpe
     bias [B or 1, H, Sq, Sk] is added to the scores; softcap: scores become
     softcap * tanh(scores / softcap) (before the bias)."""
     impl = resolve_impl(impl)
+    if ring_applies(q, k, mask):  # context parallelism
+        return ring_attention(q, k, v, mask, bias, scale=scale, softcap=softcap)
     if impl == "xla":
         return attention_reference(q, k, v, mask, bias=bias, scale=scale, softcap=softcap)
     _check_static(mask)

@@ -1,0 +1,333 @@
+"""Ring attention: context (sequence) parallelism over the mesh's `context` axis.
+
+When the active mesh's rules put the `seq` logical axis on mesh axes of size
+c > 1 (`ring_axes`), `attention()` runs self-attention here instead of
+gathering the sequence. Under `jax.shard_map` over those axes (and the batch /
+heads axes, as `per_shard.py` does) each device holds one sequence chunk of
+Q, K and V, with their positions and segment ids. The K/V chunks travel
+around the ring with `lax.ppermute` (c steps, c - 1 hops); each step folds
+the visiting chunk into the device's running (max m, sum l, output acc) by
+the online softmax of `blocks.py`, exactly as the flash kernels combine
+blocks, and `finish` turns them into the output and its log-sum-exp.
+
+Per-chunk math: the XLA reference formulation (float32 scores, GQA grouped
+heads, soft cap, mask from positions / segment ids / window via
+`blocks.visible`), tiled into `block` x `block` query x key tiles so that
+no device holds more than one tile of scores; a tile the mask hides entirely
+is skipped (`lax.cond`), which is what the causal load balancing
+(`sharding/context.py`) pays off. This is the math on every platform for now:
+the Pallas flash kernels do not expose their per-row lse, so they are not
+used per chunk.
+
+Gradients: a `custom_vjp` with the reverse ring (not autodiff through the
+scan, which would save every visiting K/V chunk for the backward and so
+materialise the whole K/V on each device). The backward recomputes the
+probabilities from the saved lse; dK/dV accumulators travel with their K/V
+chunk around the ring and arrive home after the c-th hop. Residuals per
+device: its own q, k, v, out chunk and lse. At any time a device holds its
+own K/V chunk, the visiting one and the one in flight.
+
+Not supported: an additive bias (ALiBi, T5 relative: a ConfigError), a KV
+cache (`kv_lengths`: such calls take the ordinary path), cross-attention.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxlm.errors import ConfigError
+from jaxlm.model.kernels.blocks import NEG, finish, logits, softmax_step, uncap, visible
+from jaxlm.model.kernels.mask import MaskSpec
+from jaxlm.sharding.rules import active_mesh
+
+BLOCK = 128  # query / key tile inside a chunk (flash-sized: bounds the scores held)
+
+
+def _axes(rules, name):
+    axes = dict(rules).get(name) or ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _entry(axes):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def ring_axes(mesh, rules) -> tuple[str, ...]:
+    """The mesh axes of size > 1 that the rules give the `seq` logical axis."""
+    return tuple(a for a in _axes(rules, "seq") if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def ring_applies(q, k, mask: MaskSpec) -> bool:
+    """Whether `attention()` should run the ring: a context mesh is active and
+    this is self-attention over the full (not cached) sequence."""
+    active = active_mesh()
+    if active is None:
+        return False
+    mesh, rules = active
+    axes = ring_axes(mesh, rules)
+    if not axes or mask.kv_lengths is not None or q.shape[1] != k.shape[1]:
+        return False
+    c = math.prod(mesh.shape[a] for a in axes)
+    if q.shape[1] % c:
+        raise ConfigError(f"sequence length {q.shape[1]} does not divide over the context axis "
+                          f"{'x'.join(axes)} of size {c}")
+    return True
+
+
+class Static(NamedTuple):
+    axis: tuple  # the ring's mesh axes
+    size: int  # c
+    causal: bool
+    window: Optional[int]
+    scale: float
+    softcap: Optional[float]
+    block_q: int
+    block_k: int
+
+
+def ring_attention(q, k, v, mask: MaskSpec, bias=None, *, scale=None, softcap=None,
+                   block: int = BLOCK):
+    """q [B,S,H,D], k/v [B,S,KVH,D] -> [B,S,H,D] under the active context mesh.
+
+    The semantics of `attention_reference` (rows with no visible key give 0).
+    Positions default to 0..S-1 (the arrays' own order); after the causal
+    load-balancing reorder they must be given (the original positions)."""
+    if bias is not None:
+        raise ConfigError("an additive attention bias (model.positions alibi / t5_relative) is "
+                          "not supported under context parallelism (mesh.context > 1)")
+    for name in ("causal", "window"):
+        if isinstance(getattr(mask, name), jax.Array):
+            raise ValueError(f"MaskSpec.{name} must be a Python value for ring attention")
+    mesh, rules = active_mesh()
+    b, s, h, d = q.shape
+    kvh = k.shape[2]
+    size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
+    ring = ring_axes(mesh, rules)
+    c = size(ring)
+    batch = tuple(a for a in _axes(rules, "batch") if a not in ring)
+    batch = batch if b % size(batch) == 0 else ()
+    heads, kv_heads = _axes(rules, "heads"), _axes(rules, "kv_heads")
+    if (heads != kv_heads or h % size(heads) or kvh % size(heads)
+            or set(heads) & (set(batch) | set(ring))):
+        heads = ()
+    bt, hd, sq = _entry(batch), _entry(heads), _entry(ring)
+
+    def rows(x):
+        return jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b, s))
+    arange = jnp.arange(s, dtype=jnp.int32)[None]
+    qpos = rows(arange if mask.q_positions is None else mask.q_positions)
+    kpos = qpos if mask.kv_positions is mask.q_positions else rows(
+        arange if mask.kv_positions is None else mask.kv_positions)
+    segs = None
+    if mask.q_segment_ids is not None:
+        segs = (rows(mask.q_segment_ids), rows(mask.kv_segment_ids))
+    chunk = s // c
+    bq = block if chunk % block == 0 else chunk
+    st = Static(axis=ring, size=c, causal=bool(mask.causal), window=mask.window,
+                scale=float(d ** -0.5 if scale is None else scale),
+                softcap=None if softcap is None else float(softcap), block_q=bq, block_k=bq)
+    x_spec, r_spec = P(bt, sq, hd, None), P(bt, sq)
+    seg_spec = None if segs is None else (r_spec, r_spec)
+    run = jax.shard_map(functools.partial(_ring, st), mesh=mesh,
+                        in_specs=(x_spec, x_spec, x_spec, r_spec, r_spec, seg_spec),
+                        out_specs=x_spec, check_vma=False)
+    return run(q, k, v, qpos, kpos, segs)
+
+
+# ---------------------------------------------------------------- one device
+#
+# Layouts are tiled once, kept through the ring and untiled once at the end:
+# queries (and out, do, acc) [nq, b, kvh, g, bq, d], m / l / lse / delta
+# [nq, b, kvh, g, bq, 1], keys / values [nk, b, kvh, bk, d], positions and
+# segment ids [n, b, block]. Running statistics are updated tile by tile in
+# place (fori_loop + dynamic_update_index), so each lives in one buffer.
+
+def _tile_q(x, kvh, bq):
+    """[b,s,h,d] -> [nq,b,kvh,g,bq,d]."""
+    b, s, h, d = x.shape
+    return x.reshape(b, s // bq, bq, kvh, h // kvh, d).transpose(1, 0, 3, 4, 2, 5)
+
+
+def _untile_q(x):
+    n, b, kvh, g, bq, d = x.shape
+    return x.transpose(1, 0, 4, 2, 3, 5).reshape(b, n * bq, kvh * g, d)
+
+
+def _tile_kv(x, bk):
+    """[b,s,kvh,d] -> [nk,b,kvh,bk,d]."""
+    b, s, kvh, d = x.shape
+    return x.reshape(b, s // bk, bk, kvh, d).transpose(1, 0, 3, 2, 4)
+
+
+def _untile_kv(x):
+    n, b, kvh, bk, d = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(b, n * bk, kvh, d)
+
+
+def _tile_rows(x, block):
+    """[b,s] -> [n,b,block] (None stays None)."""
+    if x is None:
+        return None
+    b, s = x.shape
+    return x.reshape(b, s // block, block).transpose(1, 0, 2)
+
+
+def _tile_mask(st: Static, qp, kp, qs, ks):
+    """[b,1,1,bq,bk] bool for one tile from its rows' positions / segment ids."""
+    qp, kp = qp[:, None, None, :, None], kp[:, None, None, None, :]
+    if qs is not None:
+        qs, ks = qs[:, None, None, :, None], ks[:, None, None, None, :]
+    return visible(qp, kp, causal=st.causal, window=st.window, q_pos=qp, k_pos=kp,
+                   q_seg=qs, k_seg=ks)
+
+
+def _scores(st: Static, qt, kt):
+    """q tile [b,kvh,g,bq,d] . k tile [b,kvh,bk,d] -> (scores f32, tanh of the cap)."""
+    qk = jnp.einsum("bhgqd,bhkd->bhgqk", qt, kt, preferred_element_type=jnp.float32)
+    return logits(qk, st.scale, st.softcap)
+
+
+def _get(x, i):
+    return None if x is None else jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+
+
+def _put(x, v, i):
+    return jax.lax.dynamic_update_index_in_dim(x, v, i, 0)
+
+
+def _chunk_forward(st: Static, q, qp, qs, kv, stats):
+    """Fold one visiting K/V chunk into the running (m, l, acc) of this device's
+    queries: a loop over query tiles, inside it a scan over key tiles; a tile
+    the mask hides entirely is skipped."""
+    k, v, kp, ks = kv
+
+    def q_tile(i, stats):
+        qt, qpt, qst = _get(q, i), _get(qp, i), _get(qs, i)
+
+        def k_tile(carry, xs):
+            kb, vb, kpb, ksb = xs
+            ok = _tile_mask(st, qpt, kpb, qst, ksb)
+
+            def update(carry):
+                m, l, acc = carry
+                sc, _ = _scores(st, qt, kb)
+                p, alpha, m, l = softmax_step(sc, ok, m, l)
+                pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(vb.dtype), vb,
+                                preferred_element_type=jnp.float32)
+                return m, l, alpha * acc + pv
+            return jax.lax.cond(jnp.any(ok), update, lambda c: c, carry), None
+
+        tile, _ = jax.lax.scan(k_tile, tuple(_get(x, i) for x in stats), (k, v, kp, ks))
+        return tuple(_put(x, y, i) for x, y in zip(stats, tile))
+
+    return jax.lax.fori_loop(0, q.shape[0], q_tile, stats)
+
+
+def _chunk_backward(st: Static, q, qp, qs, do, lse, delta, kv, dq, dkv):
+    """Add one (query chunk, visiting K/V chunk) pair's gradients to dq and to
+    the visiting chunk's (dk, dv), probabilities recomputed from the full lse.
+    A loop over key tiles, inside it a scan over query tiles."""
+    k, v, kp, ks = kv
+
+    def k_tile(j, carry):
+        dq, (dk_all, dv_all) = carry
+        kb, vb, kpb, ksb = _get(k, j), _get(v, j), _get(kp, j), _get(ks, j)
+
+        def q_tile(carry, ys):
+            dk, dv = carry
+            qb, dob, qpb, qsb, lseb, deltab, dqb = ys
+            ok = _tile_mask(st, qpb, kpb, qsb, ksb)
+
+            def grads(args):
+                dk, dv, dqb = args
+                sc, t = _scores(st, qb, kb)
+                p = jnp.where(ok, jnp.exp(sc - jnp.where(ok, lseb, 0.0)), 0.0)
+                dp = jnp.einsum("bhgqd,bhkd->bhgqk", dob, vb, preferred_element_type=jnp.float32)
+                ds = uncap(p * (dp - deltab), t) * st.scale
+                dqb = dqb + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kb,
+                                       preferred_element_type=jnp.float32)
+                dk = dk + jnp.einsum("bhgqk,bhgqd->bhkd", ds, qb,
+                                     preferred_element_type=jnp.float32)
+                dv = dv + jnp.einsum("bhgqk,bhgqd->bhkd", p, dob,
+                                     preferred_element_type=jnp.float32)
+                return dk, dv, dqb
+            dk, dv, dqb = jax.lax.cond(jnp.any(ok), grads, lambda a: a, (dk, dv, dqb))
+            return (dk, dv), dqb
+
+        (dk, dv), dq = jax.lax.scan(q_tile, (_get(dk_all, j), _get(dv_all, j)),
+                                    (q, do, qp, qs, lse, delta, dq))
+        return dq, (_put(dk_all, dk, j), _put(dv_all, dv, j))
+
+    return jax.lax.fori_loop(0, k.shape[0], k_tile, (dq, dkv))
+
+
+def _shift(st: Static, x):
+    """Send to the next device on the ring (device i -> i + 1 mod c)."""
+    perm = [(i, (i + 1) % st.size) for i in range(st.size)]
+    return jax.lax.ppermute(x, st.axis, perm)
+
+
+def _tiled(st: Static, q, k, v, qp, kp, segs):
+    qs, ks = segs if segs is not None else (None, None)
+    kvh = k.shape[2]
+    return ((_tile_q(q, kvh, st.block_q), _tile_rows(qp, st.block_q), _tile_rows(qs, st.block_q)),
+            (_tile_kv(k, st.block_k), _tile_kv(v, st.block_k), _tile_rows(kp, st.block_k),
+             _tile_rows(ks, st.block_k)))
+
+
+def _ring_forward(st: Static, q, k, v, qp, kp, segs):
+    (qt, qpt, qst), kv = _tiled(st, q, k, v, qp, kp, segs)
+    rows = qt.shape[:-1] + (1,)
+    stats = (jnp.full(rows, NEG, jnp.float32), jnp.zeros(rows, jnp.float32),
+             jnp.zeros(qt.shape, jnp.float32))
+
+    def step(carry, _):
+        kv, stats = carry
+        nxt = _shift(st, kv)  # in flight while this chunk is computed
+        return (nxt, _chunk_forward(st, qt, qpt, qst, kv, stats)), None
+
+    (kv, stats), _ = jax.lax.scan(step, (kv, stats), None, length=st.size - 1)
+    m, l, acc = _chunk_forward(st, qt, qpt, qst, kv, stats)
+    out, lse = finish(acc, m, l)
+    return _untile_q(out).astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(st: Static, q, k, v, qp, kp, segs):
+    return _ring_forward(st, q, k, v, qp, kp, segs)[0]
+
+
+def _ring_fwd(st: Static, q, k, v, qp, kp, segs):
+    out, lse = _ring_forward(st, q, k, v, qp, kp, segs)
+    return out, (q, k, v, qp, kp, segs, out, lse)
+
+
+def _ring_bwd(st: Static, res, dout):
+    q, k, v, qp, kp, segs, out, lse = res
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    (qt, qpt, qst), (kt, vt, kpt, kst) = _tiled(st, f32(q), f32(k), f32(v), qp, kp, segs)
+    kvh = k.shape[2]
+    dot = _tile_q(f32(dout), kvh, st.block_q)
+    delta = jnp.sum(_tile_q(f32(out), kvh, st.block_q) * dot, axis=-1, keepdims=True)
+
+    def step(carry, _):
+        kv, dkv, dq = carry
+        dq, dkv = _chunk_backward(st, qt, qpt, qst, dot, lse, delta, kv, dq, dkv)
+        return (_shift(st, kv), _shift(st, dkv), dq), None
+
+    zeros = jnp.zeros(kt.shape, jnp.float32)
+    carry = ((kt, vt, kpt, kst), (zeros, zeros), jnp.zeros(qt.shape, jnp.float32))
+    (kv, dkv, dq), _ = jax.lax.scan(step, carry, None, length=st.size - 1)
+    dq, dkv = _chunk_backward(st, qt, qpt, qst, dot, lse, delta, kv, dq, dkv)
+    dk, dv = _shift(st, dkv)  # the c-th hop brings them home
+    return (_untile_q(dq).astype(q.dtype), _untile_kv(dk).astype(k.dtype),
+            _untile_kv(dv).astype(v.dtype), None, None, None)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
