@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxlm.errors import InputError
 from jaxlm.infer.beam import beam_knobs, beam_loop
+from jaxlm.infer import guided
 from jaxlm.infer.cache import init_cache
 from jaxlm.infer.processors import (History, Processors, apply as apply_processors,
                                     check_processors, count_eos, eos_array,
@@ -78,7 +79,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
              no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, num_beams: int = 1,
              length_penalty: float = 1.0, early_stopping=False,
              num_return_sequences: int = 1,
-             row_seeds: Optional[Sequence[int]] = None) -> GenerateOutput:
+             row_seeds: Optional[Sequence[int]] = None, guide=None) -> GenerateOutput:
     """Continue each prompt (a list of token-id lists, or a 2-D int array) by up to
     max_new_tokens tokens; a row stops after emitting eos_id (an id, or a list
     of stop ids: any of them stops the row).
@@ -107,6 +108,12 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     which batch (or position) it is in (batch-infer passes a hash of each
     input's id); the samples of one prompt (num_return_sequences) fold in their
     index on top.
+
+    guide: a `jaxlm.infer.guided.Guide` (regex, JSON schema, choice) for every
+    prompt, or a list with one per prompt (None: unconstrained). Guided rows
+    only emit tokens their automaton allows, a stop id only once the text
+    matches, and always finish (with a stop id) within max_new_tokens; needs
+    eos_id. Not with beams or encoder-decoder models.
     """
     from jaxlm.validate import check_model_args
     check_model_args(params, cfg, "generate")
@@ -118,6 +125,8 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                 no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
                 num_beams=num_beams, length_penalty=length_penalty,
                 early_stopping=early_stopping, num_return_sequences=num_return_sequences)
+    if cfg.family == "encoder_decoder" and guide is not None:
+        raise InputError("guided decoding is not supported for encoder-decoder models yet")
     if cfg.family == "encoder_decoder":
         from jaxlm.infer.seq2seq import generate_seq2seq
         return generate_seq2seq(params, cfg, prompts, max_new_tokens=max_new_tokens,
@@ -130,6 +139,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     eos_ids = eos_array(eos_id, cfg.vocab_size)
     proc, beams = check_decoding(temperature=temperature, return_logits=return_logits, **opts)
     n_samples = 1 if beams else num_return_sequences
+    guides = _check_guides(guide, len(rows), eos_id, beams)
     rows = [r for r in rows for _ in range(n_samples)]
     longest = max(len(r) for r in rows)
     max_len = _cache_len(cfg, longest, max_new_tokens, max_len)
@@ -149,7 +159,8 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                  jnp.int32(max_new_tokens), eos_ids, width=width,
                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                  return_logits=return_logits, min_p=float(min_p), processors=proc,
-                 history=history)
+                 history=history, guide=None if guides is None else guided.stack(
+                     [g for g in guides for _ in range(n_samples)], cfg.vocab_size))
     return fetch_output(out, max_new_tokens, return_logits)
 
 
@@ -281,17 +292,20 @@ class _Loop(NamedTuple):
     done: jax.Array  # [B] bool
     lengths: jax.Array  # [B] int32
     history: History  # what the logit processors read (jaxlm.infer.processors)
+    guide: Optional[guided.GuideState] = None  # per-row automaton states (guided decoding)
 
 
 def sampling_loop(step_fn, state, logits, keys, max_new_tokens, eos_id, *, width: int,
                   temperature: float, top_k: int, top_p: float, return_logits: bool,
                   min_p: float = 0.0, processors: Processors = Processors(),
-                  history: Optional[History] = None):
+                  history: Optional[History] = None,
+                  guide: Optional[guided.GuideState] = None):
     """Sample from logits [B, V], feed the token to step_fn(state, tokens [B]) ->
     (logits, state), repeat: up to max_new_tokens (<= width) tokens per row, a
     row stopping after any of eos_id (a scalar or [E] int32, -1: unused). The
     logit processors (`processors`, reading `history`, which they need unless
-    every processor is off) run before the sampler. One `lax.while_loop`,
+    every processor is off) run before the sampler, the guide's mask
+    (`jaxlm.infer.guided`) last, just before it. One `lax.while_loop`,
     traced once. Returns a dict of tokens [B, width] (PAD_ID after a row
     stopped), lengths [B], finished [B], logits ([B, width, V] raw model
     logits, or None) and the final state."""
@@ -306,6 +320,8 @@ def sampling_loop(step_fn, state, logits, keys, max_new_tokens, eos_id, *, width
     def emit(loop: _Loop) -> _Loop:
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, loop.step)
         processed = apply_processors(processors, loop.logits, loop.history, loop.step, eos_ids)
+        if loop.guide is not None:
+            processed = guided.mask(loop.guide, processed, eos_ids, max_new_tokens - loop.step)
         token = jnp.where(loop.done, PAD_ID, pick(processed, step_keys))
         tokens = jax.lax.dynamic_update_slice(loop.tokens, token[:, None], (0, loop.step))
         step_logits = loop.step_logits
@@ -315,7 +331,9 @@ def sampling_loop(step_fn, state, logits, keys, max_new_tokens, eos_id, *, width
         return loop._replace(step=loop.step + 1, tokens=tokens, step_logits=step_logits,
                              done=loop.done | is_eos(token, eos_ids),
                              lengths=loop.lengths + (~loop.done),
-                             history=push(processors, loop.history, token, ~loop.done))
+                             history=push(processors, loop.history, token, ~loop.done),
+                             guide=None if loop.guide is None else
+                             guided.advance(loop.guide, token, ~loop.done))
 
     def body(loop: _Loop) -> _Loop:
         last = jax.lax.dynamic_index_in_dim(loop.tokens, loop.step - 1, axis=1, keepdims=False)
@@ -330,7 +348,7 @@ def sampling_loop(step_fn, state, logits, keys, max_new_tokens, eos_id, *, width
                  step_logits=jnp.zeros((b, width, logits.shape[-1]), jnp.float32)
                  if return_logits else None,
                  done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
-                 history=history)
+                 history=history, guide=guide)
     loop = jax.lax.while_loop(more, body, emit(loop))
     return {"tokens": loop.tokens, "lengths": loop.lengths, "finished": loop.done,
             "logits": loop.step_logits, "state": loop.state}
@@ -341,7 +359,8 @@ def sampling_loop(step_fn, state, logits, keys, max_new_tokens, eos_id, *, width
 def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: int,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            return_logits: bool = False, min_p: float = 0.0,
-           processors: Processors = Processors(), history: Optional[History] = None):
+           processors: Processors = Processors(), history: Optional[History] = None,
+           guide: Optional[guided.GuideState] = None):
     """The decoder-only decode loop over the donated cache (see `sampling_loop`)."""
     def step(cache, tokens):
         TRACE_COUNTS["decode_step"] += 1
@@ -350,7 +369,7 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
     out = sampling_loop(step, cache, logits, keys, max_new_tokens, eos_id, width=width,
                         temperature=temperature, top_k=top_k, top_p=top_p,
                         return_logits=return_logits, min_p=min_p, processors=processors,
-                        history=history)
+                        history=history, guide=guide)
     out["cache"] = out.pop("state")
     return out
 
@@ -444,6 +463,29 @@ def _check_args(cfg, max_new_tokens, temperature, top_k, top_p, eos_id) -> None:
         raise InputError(f"max_new_tokens={max_new_tokens} must be an integer >= 1")
     check_sampling(temperature, top_k, top_p)
     eos_array(eos_id, cfg.vocab_size)  # an id or a list of ids, each in the vocabulary
+
+
+def _check_guides(guide, n_prompts: int, eos_id, beams):
+    """guide (one Guide, a list with one per prompt, or None) -> a list per prompt or None."""
+    if guide is None:
+        return None
+    guides = list(guide) if isinstance(guide, (list, tuple)) and not isinstance(
+        guide, guided.Guide) else [guide] * n_prompts
+    if len(guides) != n_prompts:
+        raise InputError(f"guide: {len(guides)} guides for {n_prompts} prompts (give one "
+                         "per prompt, None for unconstrained rows)")
+    for i, g in enumerate(guides):
+        if g is not None and not isinstance(g, guided.Guide):
+            raise InputError(f"guide {i} is a {type(g).__name__}, not a "
+                             "jaxlm.infer.guided.Guide (Guide.regex / .json_schema / .choice)")
+    if all(g is None for g in guides):
+        return None
+    if beams:
+        raise InputError("guided decoding (regex / JSON schema / choice) is not supported "
+                         "with beam search (num_beams > 1)")
+    if eos_id is None:
+        raise InputError("guided decoding needs eos_id: a guided row ends with a stop id")
+    return guides
 
 
 def _check_fits(rows, max_new_tokens: int, max_len: int, cfg) -> None:
