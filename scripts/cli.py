@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "HF decoder dir) with the target's vocabulary")
     g.add_argument("--num-speculative", type=int, default=4,
                    help="tokens the draft proposes per cycle (with --draft; default 4)")
+    guide = g.add_mutually_exclusive_group()
+    guide.add_argument("--regex", help="guided decoding: outputs fully match this regex")
+    guide.add_argument("--json-schema", metavar="FILE",
+                       help="guided decoding: outputs are JSON valid against this schema file")
+    guide.add_argument("--choice", action="append", metavar="TEXT",
+                       help="guided decoding: the output is one of these (repeatable)")
     g.add_argument("overrides", nargs="*", metavar="generate.key=value")
     g.set_defaults(fn=cmd_generate)
 

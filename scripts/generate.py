@@ -97,17 +97,40 @@ def run_generate(args):
     cfg = apply_model_overrides(cfg, model_overrides)
     tok = jaxlm.load_tokenizer(args.checkpoint)
     ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+    guide = read_guide(args, tok, cfg.vocab_size)
     if getattr(args, "draft", None):
+        if guide is not None:
+            raise InputError("--draft: guided decoding (--regex / --json-schema / --choice) "
+                             "is not supported with speculative decoding")
         out = _speculative(args, g, params, cfg, ids, tok.eos_id)
     else:
-        out = jaxlm.generate(params, cfg, ids, **generate_kwargs(g, tok.eos_id))
+        out = jaxlm.generate(params, cfg, ids, guide=guide, **generate_kwargs(g, tok.eos_id))
     n = g.num_return_sequences  # output row i * n + r: sequence r of prompt i
     for i, new in enumerate(out.sequences()):
         prompt = prompts[i // n]
         score = "" if out.scores is None else f" (score {out.scores[i]:.4f})"
         print(f"=== prompt: {prompt!r}" + (f" #{i % n + 1}" if n > 1 else "") + score)
-        print(prompt + decode_ids(tok, new, cfg.vocab_size))
+        print(prompt + (guide.text(new) if guide is not None else
+                        decode_ids(tok, new, cfg.vocab_size)))
     return dataclasses.asdict(g)
+
+
+def read_guide(args, tok, vocab_size: int):
+    """--regex / --json-schema FILE / --choice ... -> a compiled Guide, or None."""
+    from jaxlm.infer.guided import Guide
+    if getattr(args, "regex", None) is not None:
+        return Guide.regex(args.regex, tok, vocab_size)
+    if getattr(args, "choice", None):
+        return Guide.choice(args.choice, tok, vocab_size)
+    path = getattr(args, "json_schema", None)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise InputError(f"cannot read --json-schema {path}: {e.strerror}") from None
+    return Guide.json_schema(text, tok, vocab_size)
 
 
 def _speculative(args, g, params, cfg, ids, eos_id):

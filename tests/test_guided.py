@@ -168,3 +168,30 @@ def test_errors(setup, guides):
     with pytest.raises(InputError, match="2 guides for 1 prompts"):
         jaxlm.generate(params, cfg, prompt, guide=[None, None], eos_id=tok.eos_id,
                        max_new_tokens=8)
+
+
+def test_cli(setup, tmp_path, capsys):
+    from jaxlm.scripts.cli import main
+    tok, cfg, params = setup
+    path = str(tmp_path / "model")
+    jaxlm.save(path, cfg, params)
+    tok.save(path)
+    base = ["generate", "--checkpoint", path, "--prompt", "Answer: ", "--prompt", "Q: "]
+    sets = ["generate.temperature=1.0", "generate.max_new_tokens=96"]
+    assert main(base + ["--choice", "yes", "--choice", "maybe not"] + sets) in (0, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] in ("Answer: yes", "Answer: maybe not") and lines[3] in ("Q: yes",
+                                                                             "Q: maybe not")
+    (tmp_path / "s.json").write_text(json.dumps(SCHEMA))
+    assert main(base + ["--json-schema", str(tmp_path / "s.json")] + sets) in (0, None)
+    out = capsys.readouterr().out.splitlines()
+    jsonschema.validate(json.loads(out[1][len("Answer: "):]), SCHEMA)
+    (tmp_path / "bad.json").write_text('{"type": "integer", "multipleOf": 3}')
+    for extra, needle in ((["--regex", "[a-"], "invalid regex"),
+                          (["--json-schema", str(tmp_path / "bad.json")], "'multipleOf'"),
+                          (["--json-schema", str(tmp_path / "none.json")], "cannot read"),
+                          (["--regex", "a+", "generate.num_beams=2",
+                            "generate.temperature=0"], "beam")):
+        assert main(base + extra[:2] + sets + extra[2:]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
