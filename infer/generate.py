@@ -321,7 +321,8 @@ def sampling_loop(step_fn, state, logits, keys, max_new_tokens, eos_id, *, width
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, loop.step)
         processed = apply_processors(processors, loop.logits, loop.history, loop.step, eos_ids)
         if loop.guide is not None:
-            processed = guided.mask(loop.guide, processed, eos_ids, max_new_tokens - loop.step)
+            processed = guided.mask(loop.guide, processed, eos_ids, max_new_tokens - loop.step,
+                                    raw=loop.logits)
         token = jnp.where(loop.done, PAD_ID, pick(processed, step_keys))
         tokens = jax.lax.dynamic_update_slice(loop.tokens, token[:, None], (0, loop.step))
         step_logits = loop.step_logits

@@ -92,7 +92,10 @@ def token_bytes(tokenizer) -> list[Optional[bytes]]:
         out = []
         for i in range(n):
             piece = tokenizer.id_to_piece(i)
-            if i in special or piece is None:
+            m = None if byte_level or piece is None else _BYTE_PIECE.match(piece)
+            if m and i not in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id):
+                out.append(bytes([int(m.group(1), 16)]))  # byte fallback, even if "added"
+            elif i in special or piece is None:
                 out.append(None)
             elif byte_level:
                 try:
@@ -100,9 +103,7 @@ def token_bytes(tokenizer) -> list[Optional[bytes]]:
                 except KeyError:  # an added non-special token in plain text
                     out.append(piece.encode("utf-8"))
             else:
-                m = _BYTE_PIECE.match(piece)
-                out.append(bytes([int(m.group(1), 16)]) if m else
-                           piece.replace("\u2581", " ").encode("utf-8"))
+                out.append(piece.replace("\u2581", " ").encode("utf-8"))
         return out
     raise InputError(f"guided decoding does not know the token strings of "
                      f"{type(tokenizer).__name__}")
@@ -295,8 +296,14 @@ def stack(guides: Sequence[Optional[Guide]], vocab_size: int) -> GuideState:
                       jnp.asarray(np.concatenate(dist)), jnp.asarray(offsets, jnp.int32))
 
 
-def mask(g: GuideState, logits: jax.Array, eos_ids: jax.Array, budget: jax.Array) -> jax.Array:
+def mask(g: GuideState, logits: jax.Array, eos_ids: jax.Array, budget: jax.Array,
+         raw: Optional[jax.Array] = None) -> jax.Array:
     """logits [B, V] -> -inf where the row's state forbids the token.
+
+    raw: the logits before the processors; a row whose processed logits have
+    no allowed finite entry left (min_new_tokens masking the stop id the guide
+    forces, a penalty of -inf) takes its allowed tokens from raw instead, so
+    a guided row never samples from an all -inf row.
 
     budget: tokens each row may still emit, this one included. A token is
     allowed if its target state can reach an accepting state and emit a stop
@@ -307,7 +314,11 @@ def mask(g: GuideState, logits: jax.Array, eos_ids: jax.Array, budget: jax.Array
     vocab = jnp.arange(logits.shape[-1])
     is_stop = jnp.any(vocab[:, None] == eos_ids[None, :], axis=-1)  # [V]
     ok = jnp.where(is_stop[None, :], g.accepting[g.state][:, None], ok)
-    return jnp.where(ok, logits, -jnp.inf)
+    out = jnp.where(ok, logits, -jnp.inf)
+    if raw is None:
+        return out
+    stuck = ~jnp.any(out > -jnp.inf, axis=-1, keepdims=True)
+    return jnp.where(stuck, jnp.where(ok, raw, -jnp.inf), out)
 
 
 def advance(g: GuideState, token: jax.Array, live: jax.Array) -> GuideState:

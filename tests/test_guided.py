@@ -195,3 +195,52 @@ def test_cli(setup, tmp_path, capsys):
         assert main(base + extra[:2] + sets + extra[2:]) == 2
         err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def _hf_tokenizer(kind):
+    """A small tokenizer.json trained here: GPT-2 style ByteLevel BPE, or a Llama-style
+    BPE with Metaspace ("▁") and byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from jaxlm.model.tokenizer import HFTokenizer
+    special = ["<unk>", "<s>", "</s>"]
+    if kind == "bytelevel":
+        t = Tokenizer(models.BPE())
+        t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        t.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        t = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        t.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+        t.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                       decoders.Fuse()])
+        trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=special)
+    t.train_from_iterator(TEXT, trainer)
+    if kind != "bytelevel":  # byte pieces in the model's vocab, as Llama's tokenizer.json
+        spec = json.loads(t.to_str())
+        vocab = spec["model"]["vocab"]
+        vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                  for m in spec["model"]["merges"]]
+        t.model = models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True)
+    return HFTokenizer(t.to_str())
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_hf_token_bytes_and_a_guide(kind):
+    tok = _hf_tokenizer(kind)
+    pieces = token_bytes(tok)
+    assert pieces[tok.eos_id] is None and pieces[tok.bos_id] is None
+    for text in TEXT[:4] + ["  spaces  and é ü 漢字\n"]:
+        ids = tok.encode(text)
+        assert b"".join(pieces[i] for i in ids).decode() == tok.decode(ids) == text
+    g = Guide.regex("é[0-9]{2}", tok, tok.vocab_size + 8)  # padded model vocab
+    assert g.table.shape == (len(g.table), tok.vocab_size + 8) and g.dist[0] >= 2
+
+
+def test_min_new_tokens_cannot_starve_a_guided_row(setup, guides):
+    """The guide wins: once only EOS is allowed it is emitted, min_new_tokens or not."""
+    for kw in (dict(temperature=1.0), dict(temperature=0.0)):
+        texts, out = run(setup, guides["choice"], n=8, min_new_tokens=40, **kw)
+        assert set(texts) <= set(CHOICES) and out.lengths.max() < 40
