@@ -119,8 +119,11 @@ def test_greedy_follows_the_masked_argmax(setup, guides):
     prompt = [tok.bos_id] + tok.encode("Answer: ")
     _, out = run(setup, g, n=1, temperature=0.0, max_new_tokens=16)
     seq, state, want = list(prompt), 0, []
+    fwd = jax.jit(lambda p, x: jaxlm.forward(p, cfg, x)[0])  # causal: right padding is inert
     for step in range(16):
-        logits = np.asarray(jaxlm.forward(params, cfg, np.asarray([seq]))[0][0, -1])
+        padded = np.zeros((1, 32), np.int32)
+        padded[0, :len(seq)] = seq
+        logits = np.asarray(fwd(params, padded)[0, len(seq) - 1])
         allowed = g.table[state] >= 0
         allowed &= (g.dist[np.maximum(g.table[state], 0)] + 2 <= 16 - step)
         allowed[tok.eos_id] = g.accepting[state]
