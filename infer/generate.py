@@ -139,7 +139,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     eos_ids = eos_array(eos_id, cfg.vocab_size)
     proc, beams = check_decoding(temperature=temperature, return_logits=return_logits, **opts)
     n_samples = 1 if beams else num_return_sequences
-    guides = _check_guides(guide, len(rows), eos_id, beams)
+    guides = _check_guides(guide, len(rows), eos_id, beams, max_new_tokens)
     rows = [r for r in rows for _ in range(n_samples)]
     longest = max(len(r) for r in rows)
     max_len = _cache_len(cfg, longest, max_new_tokens, max_len)
@@ -466,7 +466,7 @@ def _check_args(cfg, max_new_tokens, temperature, top_k, top_p, eos_id) -> None:
     eos_array(eos_id, cfg.vocab_size)  # an id or a list of ids, each in the vocabulary
 
 
-def _check_guides(guide, n_prompts: int, eos_id, beams):
+def _check_guides(guide, n_prompts: int, eos_id, beams, max_new_tokens: int):
     """guide (one Guide, a list with one per prompt, or None) -> a list per prompt or None."""
     if guide is None:
         return None
@@ -486,6 +486,10 @@ def _check_guides(guide, n_prompts: int, eos_id, beams):
                          "with beam search (num_beams > 1)")
     if eos_id is None:
         raise InputError("guided decoding needs eos_id: a guided row ends with a stop id")
+    for i, g in enumerate(guides):
+        if g is not None and int(g.dist[0]) + 1 > max_new_tokens:
+            raise InputError(f"guide {i} ({g.description}) needs at least {int(g.dist[0]) + 1} "
+                             f"tokens (EOS included), more than max_new_tokens={max_new_tokens}")
     return guides
 
 

@@ -168,6 +168,9 @@ def test_errors(setup, guides):
                        max_new_tokens=8, num_beams=2)
     with pytest.raises(InputError, match="eos_id"):
         jaxlm.generate(params, cfg, prompt, guide=guides["regex"], max_new_tokens=8)
+    with pytest.raises(InputError, match="needs at least 4 tokens.*max_new_tokens=3"):
+        jaxlm.generate(params, cfg, prompt, guide=Guide.regex("[0-9]{3}", tok, V),
+                       eos_id=tok.eos_id, max_new_tokens=3)  # digits are split: 3 + EOS
     with pytest.raises(InputError, match="2 guides for 1 prompts"):
         jaxlm.generate(params, cfg, prompt, guide=[None, None], eos_id=tok.eos_id,
                        max_new_tokens=8)
