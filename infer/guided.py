@@ -167,6 +167,9 @@ class Guide(NamedTuple):
         pattern = "|".join(f"({re.escape(c)})" for c in choices)
         return _compile(pattern, tokenizer, vocab_size, f"choice {list(choices)!r}")
 
+    def __repr__(self) -> str:
+        return f"Guide({self.description}, {len(self.table)} states x {self.table.shape[1]} ids)"
+
     def text(self, ids: Sequence[int]) -> str:
         """The text the ids of a guided row spell (what the automaton matched)."""
         return b"".join(self.pieces[i] or b"" for i in ids).decode("utf-8", "replace")
@@ -193,7 +196,8 @@ def _check_keywords(schema, where: str) -> None:
             raise InputError(f"unsupported JSON schema feature {k!r} at {where} (outlines-core "
                              "would ignore it; use enum / pattern / maxLength instead)")
     for k in ("properties", "$defs", "definitions"):
-        for name, sub in (schema.get(k) or {}).items():
+        subs = schema.get(k)
+        for name, sub in (subs.items() if isinstance(subs, dict) else ()):
             _check_keywords(sub, f"{where}.{k}.{name}")
     for k in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
         if k in schema:
