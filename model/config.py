@@ -224,6 +224,9 @@ class TrainConfig:
     # for a known accelerator (train/metrics.py), else the measured matmul peak.
     peak_flops: float = 0.0
     tensorboard: bool = True  # TensorBoard event files in run_dir beside metrics.jsonl
+    # A step whose loss, gradient or update is not finite is skipped on device
+    # (params and optimizer state unchanged); this many in a row stop the run.
+    max_skipped_steps: int = 10
     # Gradient accumulation: the batch runs as this many microbatches inside one step.
     grad_accum_steps: int = 1
     # LoRA (jaxlm.train.lora): rank 0 = off. Adapters on the weights whose path
@@ -241,7 +244,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
-                  "checkpoint_every", "keep_checkpoints", "log_every")
+                  "checkpoint_every", "keep_checkpoints", "log_every", "max_skipped_steps")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise ConfigError(
                 f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")

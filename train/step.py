@@ -137,6 +137,10 @@ def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, 
     """One optimizer step on `batch` (a DPO batch for train.objective=dpo).
 
     `objective`: a batch transform, e.g. MLM masking keyed by (seed, step).
+    A step whose loss, gradient or update is not finite is skipped (params and
+    optimizer state kept; the step counter advances): `skipped` is 1 in its
+    metrics and `consecutive_skipped` (also `state.skipped`) counts the skips
+    in a row, which the loop stops on at train.max_skipped_steps.
     `tcfg` (default: TrainConfig()) picks LoRA, DPO and accumulation.
     """
     tcfg = tcfg or TrainConfig()
@@ -150,7 +154,25 @@ def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, 
     params = optax.apply_updates(state.params, updates)
     metrics = {**_metrics(sums, tcfg), "grad_norm": optax.global_norm(grads),
                "lr": lr_schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    ok = _all_finite(metrics["loss"], metrics["grad_norm"], updates)
+    params, opt_state = _keep_if_not(ok, (params, opt_state), (state.params, state.opt_state))
+    before = 0 if state.skipped is None else state.skipped  # None: a hand-built state
+    skipped = jnp.where(ok, 0, before + 1).astype(jnp.int32)
+    metrics.update(skipped=(~ok).astype(jnp.int32), consecutive_skipped=skipped)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         skipped=None if state.skipped is None else skipped), metrics
+
+
+def _all_finite(*trees):
+    """Whether every floating-point leaf of `trees` is finite (a scalar bool)."""
+    leaves = [x for x in jax.tree.leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _keep_if_not(ok, new, old):
+    """`new` where `ok`, else `old`, leaf by leaf: a non-finite step (loss, gradient
+    or update) is skipped on device, leaving params and optimizer state unchanged."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, frozen=None):
