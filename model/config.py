@@ -75,6 +75,12 @@ class ModelConfig:
     init_std: float = 0.02
     remat: str = "none"
     attention_impl: str = "auto"
+    # Dropout while training (encoder / encoder_decoder families: BERT, T5): on the
+    # embeddings and every residual branch (dropout), on the attention
+    # probabilities (attention_dropout: the XLA attention only). Off in eval and
+    # generation; keyed by (train.seed, step), so resume is exact.
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
 
     def __post_init__(self):
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
@@ -120,6 +126,12 @@ class ModelConfig:
         if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
             raise ConfigError(f"model.experts_per_token={self.experts_per_token} must be in "
                               f"[1, model.n_experts={self.n_experts}]")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
+        if (self.dropout or self.attention_dropout) and self.family == "decoder":
+            raise ConfigError("model.dropout and model.attention_dropout are for the encoder and "
+                              "encoder_decoder families (BERT, T5); the decoder has none")
 
     @property
     def q_per_kv(self) -> int:
