@@ -24,7 +24,7 @@ from jaxlm.train.data import load_documents
 from jaxlm.train.loop import train
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.train.state import TrainState
-from jaxlm.train.step import eval_step, train_step
+from jaxlm.train.step import dropout_key, eval_step, train_step
 
 BERT = ModelConfig(family="encoder", vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64,
                    max_seq_len=16, norm="layernorm", norm_position="post", mlp="gelu",
@@ -44,11 +44,16 @@ def tokens(b=2, s=12, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, 64, (b, s)), jnp.int32)
 
 
-def run(cfg, params, key=None):
+@functools.partial(jax.jit, static_argnums=0)
+def _run(cfg, params, key):
     keyed = {} if key is None else {"dropout_key": key}
     if cfg.family == "encoder_decoder":
         return forward(params, cfg, tokens(), tokens(seed=1), **keyed)[0]
     return forward(params, cfg, tokens(), **keyed)[0]
+
+
+def run(cfg, params, key=None):
+    return np.asarray(_run(cfg, params, key))
 
 
 def test_inverted_dropout_keeps_the_mean():
@@ -113,17 +118,23 @@ def test_train_step_dropout_is_keyed_by_seed_and_step_and_eval_is_deterministic(
     batch = {"tokens": b, "targets": b, "positions": jnp.broadcast_to(jnp.arange(12), (4, 12)),
              "segment_ids": jnp.ones((4, 12), jnp.int32), "loss_mask": jnp.ones((4, 12))}
 
+    @functools.lru_cache(maxsize=None)
+    def compiled(mcfg, tc):
+        return jax.jit(functools.partial(train_step, mcfg=mcfg, tx=tx, vocab_chunk=0, tcfg=tc,
+                                         lr_schedule=learning_rate_schedule(tc)))
+
     def step(mcfg, tc, s):
-        fn = jax.jit(functools.partial(train_step, mcfg=mcfg, tx=tx, vocab_chunk=0, tcfg=tc,
-                                       lr_schedule=learning_rate_schedule(tc)))
-        return jax.device_get(fn(s, batch)[1]["loss"])
+        return jax.device_get(compiled(mcfg, tc)(s, batch)[1]["loss"])
 
     at = lambda n: state.replace(step=jnp.asarray(n, jnp.int32))
     loss0 = step(cfg, tcfg, at(0))
     assert step(cfg, tcfg, at(0)) == loss0  # the same (seed, step): the same masks
     assert step(cfg, tcfg, at(1)) != loss0  # another step: other masks
-    assert step(cfg, dataclasses.replace(tcfg, seed=1), at(0)) != loss0  # another seed
-    assert step(BERT, tcfg, at(0)) != loss0  # dropout is on in training
+    # (the loss before the update depends on the step only through the masks: dropout is on)
+    other_seed = dropout_key(cfg, dataclasses.replace(tcfg, seed=1), 0)
+    assert not np.array_equal(jax.random.key_data(other_seed),
+                              jax.random.key_data(dropout_key(cfg, tcfg, 0)))
+    assert dropout_key(BERT, tcfg, 0) is None  # no dropout configured: no key
     evaluate = jax.jit(functools.partial(eval_step, mcfg=cfg, vocab_chunk=0, tcfg=tcfg))
     plain = jax.jit(functools.partial(eval_step, mcfg=BERT, vocab_chunk=0, tcfg=tcfg))
     first = jax.device_get(evaluate(params, batch))
