@@ -41,7 +41,10 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     `stop_after`: stop (with a checkpoint) once this step is reached, as an
     interrupted run would. Returns a summary with the eval losses. The run dir
     is locked for the life of the run (a second writer: ConfigError), and
-    SIGTERM stops it as Ctrl-C does (a checkpoint of the last finite step).
+    SIGTERM (a preemption) stops it as Ctrl-C does, after the current step, with a
+    checkpoint of it (the `jaxlm train` command then exits 0, Ctrl-C 130);
+    multi-host, all processes agree on the stop step. Non-finite steps are
+    skipped on device; train.max_skipped_steps of them in a row stop the run.
     """
     with guard.run_dir_lock(cfg.run_dir), guard.stop_signals() as stop:
         return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step,
@@ -225,7 +228,7 @@ class _Loop:
         step, last = rows[-1]
         bar.update(len(rows))
         if check:
-            _check_diverged(rows, self.cfg.train.max_skipped_steps, self.mngr.latest_step())
+            _check_diverged(rows, self.cfg.train.max_skipped_steps, self.mngr.latest_step)
         postfix = {"loss": f"{last['loss']:.3f}"}
         if speed:
             postfix.update({"tok/s": f"{speed['tokens_per_s']:.0f}", "mfu": f"{speed['mfu']:.0%}"})
@@ -288,15 +291,16 @@ def _initial_params(cfg: Config, mesh):
     return load_params(cfg.train.init_from, cfg.model, shardings)
 
 
-def _check_diverged(rows, limit: int, latest=None):
+def _check_diverged(rows, limit: int, latest=lambda: None):
     """A one-line JaxlmError at the first logged step that ends `limit` non-finite
-    steps in a row (each skipped on device: `consecutive_skipped` in its metrics)."""
+    steps in a row (each skipped on device: `consecutive_skipped` in its metrics);
+    `latest()`: the latest checkpoint step, named in the message."""
     for step, m in rows:
         if int(m.get("consecutive_skipped", 0)) >= limit:
             bad = {k: float(m[k]) for k in ("loss", "grad_norm") if k in m
                    and not math.isfinite(float(m[k]))}
             what = ", ".join(f"{k} is {v}" for k, v in bad.items()) or "the update is not finite"
-            saved = "" if latest is None else f"; latest checkpoint: step {latest}"
+            saved = "" if latest() is None else f"; latest checkpoint: step {latest()}"
             raise JaxlmError(f"training diverged at step {step}: {limit} non-finite steps in a "
                              f"row were skipped (train.max_skipped_steps={limit}; last: {what})"
                              f"{saved}")
