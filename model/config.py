@@ -75,6 +75,12 @@ class ModelConfig:
     init_std: float = 0.02
     remat: str = "none"
     attention_impl: str = "auto"
+    # Dropout while training (encoder / encoder_decoder families: BERT, T5): on the
+    # embeddings and every residual branch (dropout), on the attention
+    # probabilities (attention_dropout: the XLA attention only). Off in eval and
+    # generation; keyed by (train.seed, step), so resume is exact.
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
 
     def __post_init__(self):
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
@@ -120,6 +126,12 @@ class ModelConfig:
         if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
             raise ConfigError(f"model.experts_per_token={self.experts_per_token} must be in "
                               f"[1, model.n_experts={self.n_experts}]")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
+        if (self.dropout or self.attention_dropout) and self.family == "decoder":
+            raise ConfigError("model.dropout and model.attention_dropout are for the encoder and "
+                              "encoder_decoder families (BERT, T5); the decoder has none")
 
     @property
     def q_per_kv(self) -> int:
@@ -224,6 +236,9 @@ class TrainConfig:
     # for a known accelerator (train/metrics.py), else the measured matmul peak.
     peak_flops: float = 0.0
     tensorboard: bool = True  # TensorBoard event files in run_dir beside metrics.jsonl
+    # A step whose loss, gradient or update is not finite is skipped on device
+    # (params and optimizer state unchanged); this many in a row stop the run.
+    max_skipped_steps: int = 10
     # Gradient accumulation: the batch runs as this many microbatches inside one step.
     grad_accum_steps: int = 1
     # LoRA (jaxlm.train.lora): rank 0 = off. Adapters on the weights whose path
@@ -241,7 +256,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
-                  "checkpoint_every", "keep_checkpoints", "log_every")
+                  "checkpoint_every", "keep_checkpoints", "log_every", "max_skipped_steps")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise ConfigError(
                 f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")

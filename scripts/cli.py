@@ -151,9 +151,10 @@ def main(argv=None) -> int:
         rc = args.fn(args)
     except KeyboardInterrupt as e:
         print(interrupt_message(args.command, e), file=sys.stderr)
+        rc = 0 if _preempted_cleanly(args.command, e) else 130
         if argv is None:  # the real command: skip the interpreter teardown, where
-            _exit_now(130)  # runtime threads still live after an interrupt can crash it
-        return 130
+            _exit_now(rc)  # runtime threads still live after an interrupt can crash it
+        return rc
     except BaseException as e:  # noqa: BLE001 - only user errors are turned into one line
         message = error_line(e)
         if message is None:
@@ -178,11 +179,21 @@ def error_line(e: BaseException) -> str | None:
     return None
 
 
+def _preempted_cleanly(command: str, e: KeyboardInterrupt) -> bool:
+    """SIGTERM (a preemption) that stopped `train` with its checkpoint saved: exit 0."""
+    from jaxlm.train.guard import Terminated
+    return (command == "train" and isinstance(e, Terminated)
+            and getattr(e, "saved_step", None) is not None)
+
+
 def interrupt_message(command: str, e: KeyboardInterrupt) -> str:
     """What an interrupt left behind: for `train`, whether a checkpoint was saved."""
     if command != "train":
         return "interrupted"
     saved = getattr(e, "saved_step", None)
+    if saved is not None and _preempted_cleanly(command, e):
+        return (f"stopped by SIGTERM: saved a checkpoint of step {saved}; the run is "
+                "resumable: continue with --resume")
     if saved is not None:
         return f"interrupted: saved a checkpoint of step {saved}; continue with --resume"
     why = getattr(e, "reason", None) or "during start-up, before the first step"

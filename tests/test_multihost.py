@@ -122,3 +122,65 @@ def test_jaxlm_train_two_processes(tmp_path):
     assert q.sharding.mesh.shape == {"data": 2, "fsdp": 4, "context": 1, "expert": 1, "tensor": 1}
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  params, state.params)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+    """A preemption that reaches only process 1: both processes agree on the stop
+    step (one allgather every train.log_every steps), save it, and exit 0; the
+    2-process resume continues from it."""
+    import signal
+    import time
+    from jaxlm.model.tokenizer import train_sentencepiece
+    from jaxlm.train import checkpoint
+    from jaxlm.train.data import load_documents
+    train_sentencepiece(load_documents("stdlib", max_docs=20), 512, tmp_path / "tok",
+                        max_chars=200_000)
+    run_dir = tmp_path / "run"
+    args = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+            "model.n_kv_heads=1", "model.d_ff=64", "model.max_seq_len=64", "data.seq_len=32",
+            "data.batch_size=8", "data.max_docs=20", "train.warmup_steps=1",
+            "train.eval_every=100000", "train.eval_batches=1", "train.checkpoint_every=100000",
+            "train.log_every=2", f"data.tokenizer={tmp_path / 'tok' / 'tokenizer.model'}",
+            f"run_dir={run_dir}"]
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+
+    def start(*extra):
+        coordinator = f"localhost:{_free_port()}"
+        return [subprocess.Popen(
+            [sys.executable, "-m", "jaxlm.scripts.cli", "train", "--config", "tiny-llama",
+             "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i),
+             *args, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True) for i in range(2)]
+
+    def logged():
+        path = run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        return [json.loads(x)["step"] for x in lines if x.endswith("\n") and '"loss"' in x]
+
+    procs = start("train.steps=100000")
+    end = time.monotonic() + 300
+    while len(logged()) < 4:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        assert time.monotonic() < end, "timed out waiting for step 4"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # not the writer of the run dir
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    line = [x for x in outs[0][1].splitlines() if x.strip()][-1]
+    assert line.startswith("stopped by SIGTERM: saved a checkpoint of step "), line
+    stopped = int(line.split("step ")[1].split(";")[0])
+    assert stopped % 2 == 0 and checkpoint.latest_step(str(run_dir)) == stopped
+    assert logged() == list(range(1, stopped + 1))
+    procs = start("train.steps=100000", "train.checkpoint_every=2", "--resume")
+    end = time.monotonic() + 300  # the resumed run: preempted again, through process 0
+    while not logged() or logged()[-1] < stopped + 2:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        assert time.monotonic() < end, "timed out waiting for the resumed steps"
+        time.sleep(0.05)
+    procs[0].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    steps = logged()
+    assert steps == list(range(1, steps[-1] + 1))  # resumed right after the stop step
+    assert checkpoint.latest_step(str(run_dir)) == steps[-1]

@@ -163,6 +163,18 @@ def test_ctrl_c_in_start_up_claims_no_save(tok, tmp_path):
                               run_dir)
 
 
+def assert_preempted(rc, err, run_dir):
+    """SIGTERM: exit 0, no traceback, and the step claimed is the latest on disk."""
+    assert rc == 0, err[-3000:]
+    assert "Traceback" not in err, err
+    line = last_line(err)
+    assert line.startswith("stopped by SIGTERM: saved a checkpoint of step "), line
+    assert "resumable" in line, line
+    step = int(line.split("step ")[1].split(";")[0])
+    assert checkpoint.latest_step(run_dir) == step
+    return step
+
+
 def test_sigterm_then_ctrl_c_during_the_save(tok, tmp_path):
     run_dir = str(tmp_path / "run")
     a = start_train(tok, run_dir, *LONG, "train.checkpoint_every=100000")
@@ -170,9 +182,37 @@ def test_sigterm_then_ctrl_c_during_the_save(tok, tmp_path):
     a.send_signal(signal.SIGTERM)
     a.send_signal(signal.SIGINT)  # a second signal at once: must not tear the save
     _, err = a.communicate(timeout=DEADLINE)
-    step = assert_claim_matches_disk(
-        subprocess.CompletedProcess(a.args, a.returncode, "", err), run_dir)
-    assert step is not None and step >= 3
+    step = assert_preempted(a.returncode, err, run_dir)
+    assert step >= 3
+    jaxlm.load(run_dir, step=step)  # readable
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_sigterm_preemption_exits_0_and_resumes_exactly(tok, tmp_path):
+    """A preempted run (SIGTERM mid-run), resumed, equals an uninterrupted run:
+    the same losses at every step and bit-identical final params."""
+    run_dir, ref_dir = str(tmp_path / "run"), str(tmp_path / "ref")
+    a = start_train(tok, run_dir, *LONG, "train.checkpoint_every=100000")
+    wait_for(lambda: len(logged_steps(run_dir)) >= 3, "step 3 logged", a)
+    a.send_signal(signal.SIGTERM)
+    _, err = a.communicate(timeout=DEADLINE)
+    stopped = assert_preempted(a.returncode, err, run_dir)
+    assert logged_steps(run_dir) == list(range(1, stopped + 1))  # the pending steps too
+    end = stopped + 3
+    extra = (*LONG, "train.checkpoint_every=100000")
+    train(cfg_of(tok, run_dir, *extra), resume=True, stop_after=end, progress=False)
+    train(cfg_of(tok, ref_dir, *extra), stop_after=end, progress=False)
+    assert losses(run_dir) == losses(ref_dir)
+    assert [s for s, _ in losses(run_dir)] == list(range(1, end + 1))
+    _, got = jaxlm.load(run_dir, step=end)
+    _, want = jaxlm.load(ref_dir, step=end)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_kill_9_then_resume(tok, tmp_path):
@@ -222,25 +262,42 @@ def _coordinator_error(tok, tmp_path):
 # ------------------------------------------------------------ divergence
 
 def test_divergence_never_saves_a_non_finite_state(tok, tmp_path):
+    """Every update non-finite (learning rate inf): each step is skipped, the run
+    stops with one line after train.max_skipped_steps in a row, and every
+    checkpoint holds the untouched (finite) initial params."""
     run_dir = str(tmp_path / "run")
-    with pytest.raises(JaxlmError, match="diverged"):
-        train(cfg_of(tok, run_dir, "train.learning_rate=1e6", "train.checkpoint_every=1",
-                     "train.log_every=1", "train.steps=30"), progress=False)
+    with pytest.raises(JaxlmError) as e:
+        train(cfg_of(tok, run_dir, "train.learning_rate=inf", "train.checkpoint_every=2",
+                     "train.log_every=1", "train.steps=30", "train.max_skipped_steps=5"),
+              progress=False)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("training diverged at step 5: 5 non-finite steps in a row"), message
+    assert "latest checkpoint: step 4" in message, message
     mngr = checkpoint.manager(run_dir, read_only=True)
+    assert mngr.all_steps() == [2, 4]
+    _, first = jaxlm.load(run_dir, step=2)
     for step in mngr.all_steps():
         _, params = jaxlm.load(run_dir, step=step)
         assert guard.all_finite(params), step
+        for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(first)):  # nothing applied
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     logged_steps(run_dir)  # strict JSON: no bare NaN/Infinity
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if '"loss"' in line]
+    assert [r["skipped"] for r in rows] == [1] * 5
+    assert [r["consecutive_skipped"] for r in rows] == [1, 2, 3, 4, 5]
 
 
 def test_save_guard_and_detection_units(tmp_path):
     assert guard.all_finite({"a": jnp.ones(3), "n": jnp.arange(3)})
     assert not guard.all_finite({"a": jnp.array([1.0, jnp.nan])})
     from jaxlm.train.loop import _check_diverged
-    _check_diverged([(1, {"loss": 1.0, "grad_norm": 2.0})])
-    with pytest.raises(JaxlmError, match="step 2: grad_norm is inf"):
-        _check_diverged([(1, {"loss": 1.0, "grad_norm": 2.0}),
-                         (2, {"loss": 1.0, "grad_norm": math.inf})])
+    _check_diverged([(1, {"loss": 1.0, "grad_norm": 2.0, "consecutive_skipped": 0})], 3)
+    _check_diverged([(1, {"loss": math.nan, "grad_norm": 2.0, "consecutive_skipped": 2})], 3)
+    with pytest.raises(JaxlmError, match="step 2: 3 non-finite steps .*last: grad_norm is inf"):
+        _check_diverged([(1, {"loss": 1.0, "grad_norm": math.nan, "consecutive_skipped": 2}),
+                         (2, {"loss": 1.0, "grad_norm": math.inf, "consecutive_skipped": 3})], 3)
     log = MetricsLog(str(tmp_path / "m.jsonl"))
     log.write({"step": 1, "loss": float("nan"), "v": np.array([1.0, np.inf])})
     log.close()

@@ -14,6 +14,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlm.errors import CheckpointError
@@ -45,7 +46,22 @@ def _absl_quiet(level: int = logging.ERROR):
 
 
 def _as_dict(state):
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    out = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if getattr(state, "skipped", None) is not None:  # consecutive non-finite steps skipped
+        out["skipped"] = state.skipped
+    return out
+
+
+def _stored_keys(mngr, step) -> set | None:
+    """The top-level keys of step `step`'s stored state, or None when unreadable."""
+    try:
+        with _loop_kept_on_failure(), _absl_quiet(logging.CRITICAL):
+            meta = ocp.PyTreeCheckpointer().metadata(
+                os.path.join(str(mngr.directory), str(step), "state"))
+        meta = getattr(meta, "item_metadata", meta)
+        return set(getattr(meta, "tree", meta))
+    except Exception:  # corrupt: the restore itself reports
+        return None
 
 
 def save(mngr: ocp.CheckpointManager, state, data_state: dict, force: bool = False):
@@ -93,9 +109,13 @@ def restore_state(mngr, abstract_state, step: int | None = None):
     """Restore (train state, data iterator state) into the given shardings: the
     latest step, or `step`. A step that cannot be read (or holds non-finite
     params) is a one-line CheckpointError naming the latest earlier intact step."""
-    target = _as_dict(abstract_state)
+    full = _as_dict(abstract_state)
 
     def read(s):
+        target = dict(full)
+        keys = _stored_keys(mngr, s)
+        if keys is not None and "skipped" not in keys:  # written before skip counting
+            target.pop("skipped", None)
         return mngr.restore(s, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target)),
             data=ocp.args.JsonRestore()))
@@ -103,7 +123,12 @@ def restore_state(mngr, abstract_state, step: int | None = None):
     out, _ = _restore_verified(mngr, step, read, lambda out: out["state"]["params"],
                                "--resume --step {}")
     s = out["state"]
-    state = type(abstract_state)(step=s["step"], params=s["params"], opt_state=s["opt_state"])
+    skipped = s.get("skipped")
+    if skipped is None and "skipped" in full:  # an older checkpoint: no skips in a row
+        a = full["skipped"]
+        skipped = jax.device_put(np.zeros(a.shape, a.dtype), a.sharding)
+    state = type(abstract_state)(step=s["step"], params=s["params"], opt_state=s["opt_state"],
+                                 skipped=skipped)
     return state, out["data"]
 
 

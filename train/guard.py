@@ -171,7 +171,8 @@ def stop_signals():
     """Inside: the first SIGINT / SIGTERM stops the run (see `StopRequest`: at once
     during start-up, at the end of the current step once the loop runs); any
     signal after that is ignored, so that the save the first one started runs to
-    its end. Yields the StopRequest."""
+    its end, except that a SIGTERM after a pending Ctrl-C makes the stop a
+    preemption (exit 0). Yields the StopRequest."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -179,6 +180,8 @@ def stop_signals():
 
     def handler(signum, frame):
         if request.signum is not None:
+            if request.armed and signum == signal.SIGTERM:  # a preemption wins: exit 0
+                request.signum = signum  # (Python runs SIGINT's handler first when both wait)
             return
         request.signum = signum
         if not request.armed:

@@ -41,7 +41,10 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     `stop_after`: stop (with a checkpoint) once this step is reached, as an
     interrupted run would. Returns a summary with the eval losses. The run dir
     is locked for the life of the run (a second writer: ConfigError), and
-    SIGTERM stops it as Ctrl-C does (a checkpoint of the last finite step).
+    SIGTERM (a preemption) stops it as Ctrl-C does, after the current step, with a
+    checkpoint of it (the `jaxlm train` command then exits 0, Ctrl-C 130);
+    multi-host, all processes agree on the stop step. Non-finite steps are
+    skipped on device; train.max_skipped_steps of them in a row stop the run.
     """
     with guard.run_dir_lock(cfg.run_dir), guard.stop_signals() as stop:
         return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step,
@@ -130,6 +133,8 @@ class _Loop:
         step = int(state.step)
         if step == start and start == 0:
             return None, "before the first step finished"
+        if any(x.is_deleted() for x in jax.tree.leaves((state.params, state.opt_state))):
+            return None, f"at step {step} (its buffers were donated to a step that did not end)"
         with guard.masked_sigint():
             try:
                 self.checkpoint(state)
@@ -149,8 +154,9 @@ class _Loop:
                    desc="train")
         pending, t_mark, step = [], None, start
         self.stop.armed = True  # a signal now ends the current step, then stops
+        stopping = False
         try:
-            while step < end and self.stop.signum is None:
+            while step < end and not stopping:
                 batch = put_batch(next(self.batches), self.batch_sharding)
                 state, metrics = self.train_step(state, batch)
                 step += 1
@@ -165,7 +171,8 @@ class _Loop:
                     if save_due:
                         self.checkpoint(state)
                     t_mark = time.perf_counter()  # the first interval holds the compile
-            if self.stop.signum is not None:  # asked to stop: log, save, then report
+                stopping = self._agree_stop(step)
+            if stopping:  # asked to stop: log, save, then report
                 self._flush_on_exit(pending, bar)
                 pending = []
                 e = self.stop.interrupt()
@@ -182,6 +189,23 @@ class _Loop:
             bar.close()
         summary["final_step"] = int(state.step)
         return summary
+
+    def _agree_stop(self, step) -> bool:
+        """Whether every process stops after `step`. One process: its own signal. Several:
+        at every train.log_every-th step all combine their flags (one tiny allgather),
+        so all stop at the same step and none waits in a collective alone."""
+        if jax.process_count() == 1:
+            return self.stop.signum is not None
+        if step % self.cfg.train.log_every:
+            return False
+        from jax.experimental import multihost_utils
+        mine = np.int32(self.stop.signum or 0)
+        signums = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)
+        if not signums.any():
+            return False
+        if self.stop.signum is None:  # another process's signal: stop the same way
+            self.stop.signum = int(signums.max())
+        return True
 
     def _flush_on_exit(self, pending, bar):
         if pending:
@@ -204,7 +228,7 @@ class _Loop:
         step, last = rows[-1]
         bar.update(len(rows))
         if check:
-            _check_diverged(rows)
+            _check_diverged(rows, self.cfg.train.max_skipped_steps, self.mngr.latest_step)
         postfix = {"loss": f"{last['loss']:.3f}"}
         if speed:
             postfix.update({"tok/s": f"{speed['tokens_per_s']:.0f}", "mfu": f"{speed['mfu']:.0%}"})
@@ -267,15 +291,19 @@ def _initial_params(cfg: Config, mesh):
     return load_params(cfg.train.init_from, cfg.model, shardings)
 
 
-def _check_diverged(rows):
-    """A one-line JaxlmError at the first logged step whose loss or gradient norm
-    is not finite."""
+def _check_diverged(rows, limit: int, latest=lambda: None):
+    """A one-line JaxlmError at the first logged step that ends `limit` non-finite
+    steps in a row (each skipped on device: `consecutive_skipped` in its metrics);
+    `latest()`: the latest checkpoint step, named in the message."""
     for step, m in rows:
-        bad = {k: float(m[k]) for k in ("loss", "grad_norm") if k in m
-               and not math.isfinite(float(m[k]))}
-        if bad:
-            what = ", ".join(f"{k} is {v}" for k, v in bad.items())
-            raise JaxlmError(f"training diverged at step {step}: {what}")
+        if int(m.get("consecutive_skipped", 0)) >= limit:
+            bad = {k: float(m[k]) for k in ("loss", "grad_norm") if k in m
+                   and not math.isfinite(float(m[k]))}
+            what = ", ".join(f"{k} is {v}" for k, v in bad.items()) or "the update is not finite"
+            saved = "" if latest() is None else f"; latest checkpoint: step {latest()}"
+            raise JaxlmError(f"training diverged at step {step}: {limit} non-finite steps in a "
+                             f"row were skipped (train.max_skipped_steps={limit}; last: {what})"
+                             f"{saved}")
 
 
 def _resumed(cfg: Config, mngr, step: int):

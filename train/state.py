@@ -33,6 +33,7 @@ class TrainState:
     params: dict
     opt_state: optax.OptState
     frozen: Any = None
+    skipped: Any = None  # int32 []: consecutive non-finite steps skipped (train/step.py)
 
 
 def needs_frozen(cfg) -> bool:
@@ -57,7 +58,8 @@ def state_shardings(cfg, mesh, tx):
     frozen_sh = None
     if _has_frozen(cfg):
         frozen_sh = tree_shardings(mesh, lora.frozen_axes(cfg.model, cfg.train), cfg.mesh.rules)
-    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, frozen=frozen_sh)
+    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, frozen=frozen_sh,
+                      skipped=replicated)
 
 
 def abstract_state(cfg, mesh, tx):
@@ -126,4 +128,4 @@ def _new_state(cfg, tx, key, base):
     else:
         params = jax.tree.map(jnp.copy, base) if given else base  # own buffers: donated
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      frozen=frozen)
+                      frozen=frozen, skipped=jnp.zeros((), jnp.int32))

@@ -33,23 +33,26 @@ from jaxlm.train.state import TrainState
 DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
 
 
-def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_weight=1.0):
+def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_weight=1.0,
+            dropout_key=None):
     """(training objective, (token loss sum, token count, extra metrics)).
 
     The objective is the token loss sum over `denominator` (default: this
     batch's token count, i.e. the mean) plus, for MoE configs, `aux_weight`
     times the router's load-balancing and z losses times their coefficients
     (logged apart). `vocab_chunk` > 0 computes the token loss over vocab chunks.
+    `dropout_key`: the model's dropout key (training; None: no dropout).
     """
+    keyed = {} if dropout_key is None else {"dropout_key": dropout_key}
     if mcfg.family == "decoder":  # context parallelism: causal load balancing (identity without)
         batch = context_reorder(batch, context_size())
     if mcfg.family == "encoder_decoder":  # span corruption: encoder inputs -> decoder targets
         out, aux = forward(params, mcfg, batch["tokens"], batch["decoder_tokens"],
                            batch["segment_ids"], batch["decoder_segment_ids"],
-                           return_hidden=vocab_chunk > 0)
+                           return_hidden=vocab_chunk > 0, **keyed)
     else:
         out, aux = forward(params, mcfg, batch["tokens"], batch["positions"],
-                           batch["segment_ids"], return_hidden=vocab_chunk > 0)
+                           batch["segment_ids"], return_hidden=vocab_chunk > 0, **keyed)
     if vocab_chunk > 0:
         top = materialize_outside_layers(params, dtype_of(mcfg.dtype))
         if mcfg.family == "encoder":  # the MLM head: transform, tied decoder + bias
@@ -78,7 +81,7 @@ def _model_params(trainable, frozen, tcfg):
     return trainable, frozen
 
 
-def _objective(trainable, frozen, batch, totals, *, mcfg, tcfg, vocab_chunk, k):
+def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, vocab_chunk, k):
     """(objective of one microbatch, additive sums: loss_sum, tokens, metrics)."""
     params, reference = _model_params(trainable, frozen, tcfg)
     if tcfg.objective == "dpo":
@@ -86,7 +89,8 @@ def _objective(trainable, frozen, batch, totals, *, mcfg, tcfg, vocab_chunk, k):
         sums = {"loss_sum": loss_sum, "tokens": jnp.asarray(n, jnp.float32), **metrics}
         return loss_sum / totals, sums
     objective, (loss_sum, count, extra) = loss_fn(params, mcfg, batch, vocab_chunk,
-                                                  denominator=totals, aux_weight=1.0 / k)
+                                                  denominator=totals, aux_weight=1.0 / k,
+                                                  dropout_key=dropout_key)
     return objective, {"loss_sum": loss_sum, "tokens": count, **extra}
 
 
@@ -103,23 +107,37 @@ def microbatches(batch, k: int):
                         batch)
 
 
-def _grads(fn, trainable, frozen, batch, k):
-    """(gradient, sums) of fn summed over k microbatches (scanned), or of one batch."""
+def _grads(fn, trainable, frozen, batch, k, key=None):
+    """(gradient, sums) of fn summed over k microbatches (scanned), or of one batch.
+    `key`: the step's dropout key (microbatch j folds in j), or None."""
     grad = jax.grad(fn, has_aux=True)
     if k == 1:
-        return grad(trainable, frozen, batch)
+        return grad(trainable, frozen, batch, key)
 
-    def body(carry, mb):
+    def body(carry, xs):
+        mb, j = xs
         mb = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
-        g, s = grad(trainable, frozen, mb)
+        g, s = grad(trainable, frozen, mb, None if key is None else jax.random.fold_in(key, j))
         return jax.tree.map(jnp.add, carry, (g, s)), None
 
     parts = microbatches(batch, k)
     first = jax.tree.map(lambda x: x[0], parts)
-    shapes = jax.eval_shape(grad, trainable, frozen, first)
+    shapes = jax.eval_shape(grad, trainable, frozen, first, key)
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    (g, s), _ = jax.lax.scan(body, init, parts)
+    (g, s), _ = jax.lax.scan(body, init, (parts, jnp.arange(k, dtype=jnp.int32)))
     return g, s
+
+
+DROPOUT_STREAM = 0x64726f70  # "drop": the dropout keys' own stream of train.seed
+
+
+def dropout_key(mcfg, tcfg, step):
+    """The step's dropout key, fold_in(fold_in(key(train.seed), stream), step), or None
+    when the model has no dropout. Each (seed, step) has its own masks, so a resumed
+    run draws exactly the masks an uninterrupted one does."""
+    if not (mcfg.dropout or mcfg.attention_dropout) or tcfg.objective == "dpo":
+        return None
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(tcfg.seed), DROPOUT_STREAM), step)
 
 
 def _metrics(sums, tcfg):
@@ -137,6 +155,10 @@ def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, 
     """One optimizer step on `batch` (a DPO batch for train.objective=dpo).
 
     `objective`: a batch transform, e.g. MLM masking keyed by (seed, step).
+    A step whose loss, gradient or update is not finite is skipped (params and
+    optimizer state kept; the step counter advances): `skipped` is 1 in its
+    metrics and `consecutive_skipped` (also `state.skipped`) counts the skips
+    in a row, which the loop stops on at train.max_skipped_steps.
     `tcfg` (default: TrainConfig()) picks LoRA, DPO and accumulation.
     """
     tcfg = tcfg or TrainConfig()
@@ -145,12 +167,31 @@ def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, 
     k = tcfg.grad_accum_steps
     fn = functools.partial(_objective, totals=_totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
                            vocab_chunk=vocab_chunk, k=k)
-    grads, sums = _grads(fn, state.params, state.frozen, batch, k)
+    grads, sums = _grads(fn, state.params, state.frozen, batch, k,
+                         dropout_key(mcfg, tcfg, state.step))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**_metrics(sums, tcfg), "grad_norm": optax.global_norm(grads),
                "lr": lr_schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    ok = _all_finite(metrics["loss"], metrics["grad_norm"], updates)
+    params, opt_state = _keep_if_not(ok, (params, opt_state), (state.params, state.opt_state))
+    before = 0 if state.skipped is None else state.skipped  # None: a hand-built state
+    skipped = jnp.where(ok, 0, before + 1).astype(jnp.int32)
+    metrics.update(skipped=(~ok).astype(jnp.int32), consecutive_skipped=skipped)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         skipped=None if state.skipped is None else skipped), metrics
+
+
+def _all_finite(*trees):
+    """Whether every floating-point leaf of `trees` is finite (a scalar bool)."""
+    leaves = [x for x in jax.tree.leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _keep_if_not(ok, new, old):
+    """`new` where `ok`, else `old`, leaf by leaf: a non-finite step (loss, gradient
+    or update) is skipped on device, leaving params and optimizer state unchanged."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, frozen=None):
@@ -160,7 +201,7 @@ def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, fr
     tcfg = tcfg or TrainConfig()
     if objective is not None:  # with its fixed eval key
         batch = objective(batch, None)
-    _, sums = _objective(params, frozen, batch, _totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
+    _, sums = _objective(params, frozen, batch, None, _totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
                          vocab_chunk=vocab_chunk, k=1)
     extra = {k: v for k, v in sums.items() if k not in ("loss_sum", "tokens")}
     return sums["loss_sum"], sums["tokens"], extra

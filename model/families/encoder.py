@@ -4,6 +4,8 @@
     per layer (scanned over the stacked `layers` axis):
         post: x = LN1(x + attn(x));      x = LN2(x + mlp(x))
         pre:  x = x + attn(LN1(x));      x = x + mlp(LN2(x))    (+ final LN)
+    (training with model.dropout: drop(x) after the embeddings, attn and mlp
+    outputs dropped before their residual add)
     MLM head: logits = LN(act(x @ dense + b)) @ E^T + bias  (E: the tied
     word embeddings, or a separate head when tie_embeddings is false)
 
@@ -25,6 +27,7 @@ from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.layers.attention import attention_specs, position_bias, self_attention
 from jaxlm.model.layers.relative import relative_bias_specs
 from jaxlm.model.layers.dense import dense
+from jaxlm.model.layers.dropout import ATTN_OUT, ATTN_PROBS, EMBED, MLP_OUT, dropout, site_key
 from jaxlm.model.layers.embeddings import (embed_tokens_and_positions, embedding_specs,
                                            head_specs, head_weights)
 from jaxlm.model.layers.mlp import GATED, activation, mlp, mlp_specs
@@ -71,14 +74,17 @@ def encoder_specs(cfg):
 
 
 def encoder(params, cfg, tokens, positions=None, segment_ids=None, token_types=None,
-            return_hidden=False):
+            return_hidden=False, dropout_key=None):
     """tokens [B,S] -> (MLM logits [B,S,V] float32, aux {}).
 
     `segment_ids` [B,S]: 0 = padding (sees and is seen by nothing), tokens
     attend only within their own segment; None: every token sees every token.
     `positions` default to arange (right padding); `token_types` [B,S]
     default to type 0. `return_hidden`: the final hidden states [B,S,D]
-    (before the MLM head; `mlm_logits` maps them to logits).
+    (before the MLM head; `mlm_logits` maps them to logits). `dropout_key`
+    (training only): model.dropout on the embeddings (after the embedding
+    LayerNorm) and on each attention / MLP output before its residual add,
+    model.attention_dropout on the attention probabilities.
     """
     b, s = tokens.shape
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
@@ -91,22 +97,32 @@ def encoder(params, cfg, tokens, positions=None, segment_ids=None, token_types=N
     post = cfg.norm_position == "post"
     if post:
         x = norm(params["embed_ln"], x, cfg)
+    x = dropout(x, cfg.dropout, site_key(dropout_key, EMBED))
     mask = MaskSpec(causal=False, q_positions=positions, kv_positions=positions,
                     q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
     bias = position_bias(params, mask, cfg, bidirectional=True)
 
-    def attn(layer, x):
-        return self_attention(layer["attn"], x, positions, mask, cfg, bias)
-
-    def block(x, layer):
+    def block(x, xs):
+        layer, i = xs
         layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
-        if post:
-            x = norm(layer["ln1"], x + attn(layer, x), cfg)
-            return norm(layer["ln2"], x + mlp(layer["mlp"], x, cfg), cfg), None
-        x = x + attn(layer, norm(layer["ln1"], x, cfg))
-        return x + mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), None
+        key = site_key(dropout_key, i)  # this layer's key (None: no dropout)
 
-    x, _ = jax.lax.scan(remat(block, cfg), x, params["layers"])
+        def attn(x):
+            o = self_attention(layer["attn"], x, positions, mask, cfg, bias,
+                               site_key(key, ATTN_PROBS))
+            return dropout(o, cfg.dropout, site_key(key, ATTN_OUT))
+
+        def ff(x):
+            return dropout(mlp(layer["mlp"], x, cfg), cfg.dropout, site_key(key, MLP_OUT))
+
+        if post:
+            x = norm(layer["ln1"], x + attn(x), cfg)
+            return norm(layer["ln2"], x + ff(x), cfg), None
+        x = x + attn(norm(layer["ln1"], x, cfg))
+        return x + ff(norm(layer["ln2"], x, cfg)), None
+
+    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+    x, _ = jax.lax.scan(remat(block, cfg), x, (params["layers"], layer_ids))
     if not post:
         x = norm(params["final_ln"], x, cfg)
     return (x if return_hidden else mlm_logits(params, cfg, x)), {}

@@ -42,6 +42,8 @@ from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec, attention
 from jaxlm.model.layers.attention import attention_specs, output_projection, project_qkv
 from jaxlm.model.layers.dense import dense
+from jaxlm.model.layers.dropout import (ATTN_OUT, ATTN_PROBS, CROSS_OUT, CROSS_PROBS, EMBED, FINAL,
+                                        MLP_OUT, dropout, site_key)
 from jaxlm.model.layers.embeddings import embed, embedding_specs, head_specs, unembed
 from jaxlm.model.layers.mlp import mlp, mlp_specs
 from jaxlm.model.layers.norms import norm, norm_specs
@@ -84,9 +86,16 @@ def encoder_decoder_specs(cfg):
 
 # ------------------------------------------------------------------ pieces
 
-def _attend(q, k, v, mask, bias, cfg):
-    """The one attention call, with T5's score scale (cfg.attn_scale; 0: default)."""
-    return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=cfg.attn_scale or None)
+def _attend(q, k, v, mask, bias, cfg, dropout_key=None):
+    """The one attention call, with T5's score scale (cfg.attn_scale; 0: default);
+    `dropout_key`: model.attention_dropout on the probabilities (training)."""
+    return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=cfg.attn_scale or None,
+                     dropout_rate=cfg.attention_dropout, dropout_key=dropout_key)
+
+
+def _drop(x, cfg, key, site):
+    """model.dropout at `site` of `key` (None: the identity)."""
+    return dropout(x, cfg.dropout, site_key(key, site))
 
 
 def _arange(n):
@@ -112,24 +121,31 @@ def _cross_segments(q_seg, kv_seg, b, sq, sk):
     return q, kv
 
 
-def encode(params, cfg, tokens, segment_ids=None, positions=None):
-    """Encoder tokens [B,S] -> final-norm hidden states [B,S,D]."""
+def encode(params, cfg, tokens, segment_ids=None, positions=None, dropout_key=None):
+    """Encoder tokens [B,S] -> final-norm hidden states [B,S,D]. `dropout_key`
+    (training only): T5's dropout on the embeddings, each sublayer's output
+    and the final norm's output; attention_dropout on the probabilities."""
     s = tokens.shape[1]
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
     positions = _arange(s) if positions is None else positions
-    x = embed(params["embed"], tokens, cfg)
+    x = _drop(embed(params["embed"], tokens, cfg), cfg, dropout_key, EMBED)
     p = params["encoder"]
     bias = _stack_bias(p, positions, positions, cfg, bidirectional=True)
     mask = MaskSpec(q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
 
-    def block(x, layer):
+    def block(x, xs):
+        layer, i = xs
         layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
+        key = site_key(dropout_key, i)
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
-        x = x + output_projection(layer["attn"], _attend(q, k, v, mask, bias, cfg), cfg)
-        return x + mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), None
+        o = _attend(q, k, v, mask, bias, cfg, site_key(key, ATTN_PROBS))
+        x = x + _drop(output_projection(layer["attn"], o, cfg), cfg, key, ATTN_OUT)
+        return x + _drop(mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), cfg, key,
+                         MLP_OUT), None
 
-    x, _ = jax.lax.scan(remat(block, cfg), x, p["layers"])
-    return norm(p["final_ln"], x, cfg)
+    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+    x, _ = jax.lax.scan(remat(block, cfg), x, (p["layers"], layer_ids))
+    return _drop(norm(p["final_ln"], x, cfg), cfg, dropout_key, FINAL)
 
 
 def cross_kv(params, cfg, encoded):
@@ -146,7 +162,8 @@ def cross_kv(params, cfg, encoded):
 
 
 def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
-           decoder_segment_ids=None, positions=None, cache=None, return_hidden=False):
+           decoder_segment_ids=None, positions=None, cache=None, return_hidden=False,
+           dropout_key=None):
     """Decoder tokens [B,T] over cached cross-attention K/V -> (logits [B,T,V], aux).
 
     `segment_ids` are the encoder's [B,S] (0 = padding). Without a cache: a
@@ -155,7 +172,8 @@ def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
     ({"k", "v": [L,B,T_max,KVH,D], "lengths": [B]}): the tokens go at
     positions lengths[b] + i and aux["cache"] is the cache advanced by T.
     `return_hidden`: the hidden states the head sees (final norm, times
-    d_model ** -0.5 when the head is tied) instead of logits.
+    d_model ** -0.5 when the head is tied) instead of logits. `dropout_key`
+    (training only, no cache): dropout as in `encode`.
     """
     b, t = decoder_tokens.shape
     sk = cross_k.shape[2]
@@ -164,7 +182,7 @@ def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
         positions = cache["lengths"][:, None] + _arange(t)
     elif positions is None:
         positions = _arange(t)
-    x = embed(params["embed"], decoder_tokens, cfg)
+    x = _drop(embed(params["embed"], decoder_tokens, cfg), cfg, dropout_key, EMBED)
     p = params["decoder"]
     q_seg, kv_seg = _cross_segments(decoder_segment_ids if cache is None else None,
                                     segment_ids, b, t, sk)
@@ -184,24 +202,28 @@ def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
         x, ck, cv = carry
         layer, k_cross, v_cross, i = xs
         layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
+        key = site_key(dropout_key, i)
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         if ck is not None:  # write this step's K/V into the cache, attend over all of it
             ck = ck.at[i, rows, positions].set(k.astype(ck.dtype), mode="drop")
             cv = cv.at[i, rows, positions].set(v.astype(cv.dtype), mode="drop")
             k, v = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
-        x = x + output_projection(layer["attn"], _attend(q, k, v, self_mask, bias, cfg), cfg)
+        o = _attend(q, k, v, self_mask, bias, cfg, site_key(key, ATTN_PROBS))
+        x = x + _drop(output_projection(layer["attn"], o, cfg), cfg, key, ATTN_OUT)
         h = norm(layer["ln_cross"], x, cfg)
         q = constrain(dense(h, layer["cross"]["q"].astype(h.dtype)),
                       ("batch", "seq", "heads", "head_dim"))
-        o = _attend(q, k_cross.astype(q.dtype), v_cross.astype(q.dtype), cross_mask, None, cfg)
-        x = x + output_projection(layer["cross"], o, cfg)
-        return (x + mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), ck, cv), None
+        o = _attend(q, k_cross.astype(q.dtype), v_cross.astype(q.dtype), cross_mask, None, cfg,
+                    site_key(key, CROSS_PROBS))
+        x = x + _drop(output_projection(layer["cross"], o, cfg), cfg, key, CROSS_OUT)
+        x = x + _drop(mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), cfg, key, MLP_OUT)
+        return (x, ck, cv), None
 
     carry = (x, None, None) if cache is None else (x, cache["k"], cache["v"])
     layer_ids = jnp.arange(decoder_layers(cfg), dtype=jnp.int32)
     step = block if cache is not None else remat(block, cfg)
     (x, ck, cv), _ = jax.lax.scan(step, carry, (p["layers"], cross_k, cross_v, layer_ids))
-    hidden = norm(p["final_ln"], x, cfg)
+    hidden = _drop(norm(p["final_ln"], x, cfg), cfg, dropout_key, FINAL)
     if cfg.tie_embeddings:  # T5 v1.0: rescale before the tied head
         hidden = hidden * jnp.asarray(cfg.d_model ** -0.5, hidden.dtype)
     aux = {} if cache is None else {"cache": dict(cache, k=ck, v=cv, lengths=cache["lengths"] + t)}
@@ -210,16 +232,19 @@ def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
 
 def encoder_decoder(params, cfg, tokens, decoder_tokens, segment_ids=None,
                     decoder_segment_ids=None, positions=None, decoder_positions=None,
-                    return_hidden=False):
+                    return_hidden=False, dropout_key=None):
     """tokens [B,S], decoder_tokens [B,T] -> (logits [B,T,V] float32, aux).
 
     Teacher forcing: decoder_tokens are the targets shifted right behind the
     start id (T5: pad = 0). `segment_ids` / `decoder_segment_ids`: 0 = padding
     (see the module docstring for packing). `positions` / `decoder_positions`
     (default arange) feed the relative buckets. `return_hidden`: see `decode`.
+    `dropout_key` (training only): model.dropout / attention_dropout in both
+    stacks (encoder and decoder keys folded apart).
     """
-    encoded = encode(params, cfg, tokens, segment_ids, positions)
+    encoded = encode(params, cfg, tokens, segment_ids, positions,
+                     dropout_key=site_key(dropout_key, 0))
     k, v = cross_kv(params, cfg, encoded)
     return decode(params, cfg, decoder_tokens, k, v, segment_ids=segment_ids,
                   decoder_segment_ids=decoder_segment_ids, positions=decoder_positions,
-                  return_hidden=return_hidden)
+                  return_hidden=return_hidden, dropout_key=site_key(dropout_key, 1))

@@ -51,12 +51,21 @@ def resolve_impl(impl: str) -> str:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec = MaskSpec(),
               bias: jax.Array | None = None, *, impl: str = "auto", scale: float | None = None,
-              softcap: float | None = None):
+              softcap: float | None = None, dropout_rate: float = 0.0, dropout_key=None):
     """q [B,Sq,H,D], k/v [B,Sk,KVH,D] (KVH divides H) -> [B,Sq,H,D].
 
     bias [B or 1, H, Sq, Sk] is added to the scores; softcap: scores become
-    softcap * tanh(scores / softcap) (before the bias)."""
+    softcap * tanh(scores / softcap) (before the bias). `dropout_key` with
+    `dropout_rate` > 0: dropout on the probabilities (training), in the XLA
+    reference only: any other path is a ConfigError."""
     impl = resolve_impl(impl)
+    if dropout_key is not None and dropout_rate:
+        if impl != "xla" or ring_applies(q, k, mask):
+            raise ConfigError(f"model.attention_dropout={dropout_rate} needs the XLA reference "
+                              f"attention (model.attention_impl=xla, no context parallelism); "
+                              f"this call resolves to {impl!r}")
+        return attention_reference(q, k, v, mask, bias=bias, scale=scale, softcap=softcap,
+                                   dropout_rate=dropout_rate, dropout_key=dropout_key)
     if ring_applies(q, k, mask):  # context parallelism
         return ring_attention(q, k, v, mask, bias, scale=scale, softcap=softcap)
     if impl == "xla":

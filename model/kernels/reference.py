@@ -6,15 +6,19 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.model.kernels.mask import MaskSpec
+from jaxlm.model.layers.dropout import dropout
 
 
-def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None, softcap=None):
+def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None, softcap=None,
+                        dropout_rate: float = 0.0, dropout_key=None):
     """q [B,Sq,H,D], k/v [B,Sk,KVH,D] -> [B,Sq,H,D].
 
     GQA/MQA: query heads are grouped over their KV head (no repeated K/V).
     Scores and softmax in float32. Rows with no visible key return zeros.
     Scores = softcap * tanh(scale * q.k / softcap) + bias: the soft cap (if
     any) applies to the scaled dot products, before the bias and the mask.
+    `dropout_key` (with `dropout_rate` > 0): inverted dropout on the
+    probabilities (training only; None: none).
     """
     b, sq, h, d = q.shape
     kvh = k.shape[2]
@@ -35,6 +39,7 @@ def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None, softcap=
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(jnp.any(visible, axis=-1, keepdims=True), probs, 0.0)
+    probs = dropout(probs, dropout_rate, dropout_key)
     out = jnp.einsum("bhgqk,bhkd->bhgqd", probs.astype(v.dtype), vt,
                      preferred_element_type=jnp.float32)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, h, d).astype(q.dtype)

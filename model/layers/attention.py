@@ -65,13 +65,15 @@ def position_bias(params, mask, cfg, *, bidirectional: bool):
     return None
 
 
-def attend(q, k, v, mask, cfg, bias=None):
-    """The attention call with this config's scale and an optional position bias."""
+def attend(q, k, v, mask, cfg, bias=None, dropout_key=None):
+    """The attention call with this config's scale and an optional position bias;
+    `dropout_key`: model.attention_dropout on the probabilities (training)."""
     return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=cfg.attn_scale or None,
-                     softcap=cfg.attn_logit_softcap or None)
+                     softcap=cfg.attn_logit_softcap or None,
+                     dropout_rate=cfg.attention_dropout, dropout_key=dropout_key)
 
 
-def self_attention(p, x, positions, mask, cfg, bias=None):
+def self_attention(p, x, positions, mask, cfg, bias=None, dropout_key=None):
     """x [B,S,D] -> [B,S,D]; mask is a MaskSpec over the same sequence."""
     q, k, v = project_qkv(p, x, positions, cfg)
-    return output_projection(p, attend(q, k, v, mask, cfg, bias), cfg)
+    return output_projection(p, attend(q, k, v, mask, cfg, bias, dropout_key), cfg)
