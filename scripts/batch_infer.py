@@ -127,12 +127,8 @@ def recover_rows(path: str) -> dict[str, dict]:
 
 
 def _rewrite(path: str, lines: list[bytes]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(b"".join(line + b"\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from jaxlm.train.guard import rewrite_lines  # atomic: a crash leaves the old file whole
+    rewrite_lines(path, lines)
 
 
 def _changed(rows, done: dict, settings: str) -> list[tuple[dict, str]]:

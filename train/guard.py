@@ -122,13 +122,18 @@ def truncate_metrics(path: str, step: int) -> int:
         else:
             keep.append(raw)
     if dropped:
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(b"".join(line + b"\n" for line in keep))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        rewrite_lines(path, keep)
     return dropped
+
+
+def rewrite_lines(path: str, lines: list[bytes]) -> None:
+    """Replace `path` by these lines, atomically (a temp file, fsynced, renamed over it)."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxlm.errors import InputError
 from jaxlm.model.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from jaxlm.train.data import _is_encodable
 
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".array_record"
@@ -40,12 +41,6 @@ _ENCODE_BATCH = 64  # documents tokenized per encode_batch call
 # ---------------------------------------------------------------- documents
 
 
-def _is_encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _jsonl_texts(path: pathlib.Path) -> Iterator[str]:
