@@ -27,7 +27,14 @@ CASES = [(f, m) for f in ("llama", "moe") for m in MESHES]
 RULES = MeshConfig().rules
 
 
-@pytest.mark.parametrize("family,mesh_name", CASES, ids=[f"{f}-{m}" for f, m in CASES])
+# One mesh per model runs by default (the ring itself is tested on data2 x context4 below);
+# the other two are `-m slow`.
+_SLOW = {("llama", "data2_context4"), ("moe", "context8")}
+
+
+@pytest.mark.parametrize("family,mesh_name", [
+    pytest.param(f, m, id=f"{f}-{m}", marks=[pytest.mark.slow] if (f, m) in _SLOW else [])
+    for f, m in CASES])
 def test_parity_and_seq_sharding(family, mesh_name):
     ref_logits, ref_metrics, ref_params = reference(family)
     sizes = MESHES[mesh_name]

@@ -88,8 +88,10 @@ def test_failures_are_recorded_not_fatal(report):
     timed_out = report["parts"]["decode_pallas"]
     assert timed_out["error"].startswith("timed out") and timed_out["rows"] == [
         {"batch": 1, "mbu": 0.5}]
-    # the batch-1 MBU target takes the best decode part: here the salvaged row
-    assert report["targets"]["decode_b1_mbu"]["measured"] == 0.5
+    # the batch-1 MBU target takes the best decode part: the salvaged row or the real
+    # dry-run row, whichever is higher on this machine
+    real = [r["mbu"] for r in report["parts"]["decode_auto"]["rows"] if r["batch"] == 1]
+    assert report["targets"]["decode_b1_mbu"]["measured"] == pytest.approx(max([0.5] + real))
 
 
 def test_kernel_tests_cut_short_keep_their_verbose_outcomes(tmp_path):

@@ -139,7 +139,17 @@ def assert_rule_shardings(cfg, tx, state):
     assert len(checked) == 2 * len(jax.tree.leaves(state.params))  # Adam mu and nu
 
 
-@pytest.mark.parametrize("family,mesh_name", CASES, ids=[f"{f}-{m}" for f, m in CASES])
+# Pure data parallelism (data8) is also inside data2_fsdp4 and every other mesh: run it
+# only under `-m slow` to keep `make test` within its time budget.
+_SLOW_CASES = {(f, "data8") for f in FAMILIES}
+
+
+def _case(f, m):
+    marks = [pytest.mark.slow] if (f, m) in _SLOW_CASES else []
+    return pytest.param(f, m, id=f"{f}-{m}", marks=marks)
+
+
+@pytest.mark.parametrize("family,mesh_name", [_case(f, m) for f, m in CASES])
 def test_parity_and_shardings(family, mesh_name):
     ref_logits, ref_metrics, ref_params = reference(family)
     cfg, tx, logits, metrics, state, hlo = run_case(family, {**MESHES, **MOE_MESHES}[mesh_name])
