@@ -95,19 +95,24 @@ BEAM_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("kw", BEAM_SETTINGS)
-def test_llama_beams_match_transformers(llama, kw):
-    model, cfg, params = llama
-    eos = stop_ids(params, cfg, PROMPTS)
-    out = generate(params, cfg, PROMPTS, max_new_tokens=NEW, eos_id=eos, **kw)
+def hf_beams_per_prompt(model, prompts, eos, kw):
+    """transformers' beams and scores, one prompt per call (no left padding on the HF side)."""
     seqs, scores = [], []
-    for p in PROMPTS:  # one prompt per call: no left padding on the HF side
+    for p in prompts:
         s, sc = hf_beams(model, dict(input_ids=torch.tensor([p]),
                                      attention_mask=torch.ones(1, len(p), dtype=torch.long)),
                          eos_token_id=eos, **kw)
         seqs += s
         scores += list(sc)
-    assert_same(out, seqs, np.asarray(scores), eos)
+    return seqs, np.asarray(scores)
+
+
+@pytest.mark.parametrize("kw", BEAM_SETTINGS)
+def test_llama_beams_match_transformers(llama, kw):
+    model, cfg, params = llama
+    eos = stop_ids(params, cfg, PROMPTS)
+    out = generate(params, cfg, PROMPTS, max_new_tokens=NEW, eos_id=eos, **kw)
+    assert_same(out, *hf_beams_per_prompt(model, PROMPTS, eos, kw), eos)
     if kw["length_penalty"] <= 1.0:  # (2.0 favours the long hypotheses)
         assert out.finished.any() and (out.lengths < NEW).any()  # EOS endings were compared
 
@@ -118,14 +123,7 @@ def test_llama_beams_with_processors_match_transformers(llama):
               no_repeat_ngram_size=2, min_new_tokens=3)
     eos = stop_ids(params, cfg, PROMPTS)
     out = generate(params, cfg, PROMPTS[:2], max_new_tokens=NEW, eos_id=eos, **kw)
-    seqs, scores = [], []
-    for p in PROMPTS[:2]:
-        s, sc = hf_beams(model, dict(input_ids=torch.tensor([p]),
-                                     attention_mask=torch.ones(1, len(p), dtype=torch.long)),
-                         eos_token_id=eos, **kw)
-        seqs += s
-        scores += list(sc)
-    assert_same(out, seqs, np.asarray(scores), eos)
+    assert_same(out, *hf_beams_per_prompt(model, PROMPTS[:2], eos, kw), eos)
 
 
 def test_mixtral_beams_match_transformers(mixtral):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_sharding import (B, FAMILIES, S, _forward, assert_rule_shardings, reference, run_case,
+from test_sharding import (B, FAMILIES, S, _forward, assert_matches_reference,
+                           assert_rule_shardings, reference, run_case,
                            synthetic_batch)
 
 from jaxlm.errors import ConfigError
@@ -42,12 +43,7 @@ def test_parity_and_seq_sharding(family, mesh_name):
     cfg, tx, logits, metrics, state, _ = run_case(family, sizes)
     mesh = make_mesh(cfg.mesh)
     assert dict(mesh.shape)["context"] == sizes["context"]
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
-    for k in ("loss", "grad_norm"):
-        np.testing.assert_allclose(metrics[k], ref_metrics[k], atol=1e-5, rtol=1e-5, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
-                 jax.device_get(state.params), ref_params)
-    assert_rule_shardings(cfg, tx, state)
+    assert_matches_reference(cfg, tx, logits, metrics, state, (ref_logits, ref_metrics, ref_params))
 
     # the load-balanced forward, with the logits put back in order (the stepped
     # params, against one device without a mesh)

@@ -144,6 +144,18 @@ def assert_rule_shardings(cfg, tx, state):
 _SLOW_CASES = {(f, "data8") for f in FAMILIES}
 
 
+def assert_matches_reference(cfg, tx, logits, metrics, state, ref):
+    """Logits, loss, grad norm and params after one step within 1e-5 of the single-device
+    `reference(family)`, and every param / moment with the sharding its rules ask for."""
+    ref_logits, ref_metrics, ref_params = ref
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for k in ("loss", "grad_norm"):
+        np.testing.assert_allclose(metrics[k], ref_metrics[k], atol=1e-5, rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
+                 jax.device_get(state.params), ref_params)
+    assert_rule_shardings(cfg, tx, state)
+
+
 def _case(f, m):
     marks = [pytest.mark.slow] if (f, m) in _SLOW_CASES else []
     return pytest.param(f, m, id=f"{f}-{m}", marks=marks)
@@ -157,12 +169,7 @@ def test_parity_and_shardings(family, mesh_name):
         assert "all_to_all" in hlo
     assert dict(make_mesh(cfg.mesh).shape) == {"data": 1, "fsdp": 1, "context": 1, "expert": 1, "tensor": 1,
                                                **{**MESHES, **MOE_MESHES}[mesh_name]}
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
-    for k in ("loss", "grad_norm"):
-        np.testing.assert_allclose(metrics[k], ref_metrics[k], atol=1e-5, rtol=1e-5, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
-                 jax.device_get(state.params), ref_params)
-    assert_rule_shardings(cfg, tx, state)
+    assert_matches_reference(cfg, tx, logits, metrics, state, (ref_logits, ref_metrics, ref_params))
 
 
 def test_expert_axis_shards_experts_and_batch():
