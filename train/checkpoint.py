@@ -229,7 +229,8 @@ def _loop_kept_on_failure():
     """Orbax runs a restore in a fresh event loop and closes it when the first read
     fails; the reads still in flight then call back into the closed loop and
     tensorstore prints a traceback for each. On failure the loop is left open
-    (those callbacks land in it harmlessly); on success it is closed as before."""
+    (those callbacks land in it harmlessly) and silent (their never-retrieved
+    exceptions are not logged); on success it is closed as before."""
     try:
         from orbax.checkpoint._src import asyncio_utils
     except ImportError:
@@ -245,6 +246,12 @@ def _loop_kept_on_failure():
         try:
             asyncio.set_event_loop(loop)
             result = loop.run_until_complete(coro)
+        except BaseException:
+            # The reads still in flight fail too; when their tasks are collected the
+            # loop would log "Task exception was never retrieved" with a traceback
+            # for each. The first failure is the one reported.
+            loop.set_exception_handler(lambda _loop, _context: None)
+            raise
         finally:
             asyncio.set_event_loop(None)
         loop.close()
