@@ -43,6 +43,7 @@ from jaxlm.infer.processors import (History, Processors, apply as apply_processo
                                     gather as gather_history, init_history, is_eos, push)
 from jaxlm.infer.sampling import check_sampling, sample
 from jaxlm.model import forward, unembed
+from jaxlm.sharding.distributed import fetch
 
 PAD_ID = -1  # fills GenerateOutput.tokens after a row has stopped
 CACHE_BUCKET = 128
@@ -222,7 +223,7 @@ def beam_settings(beams: dict, eos_id, proc: Processors) -> dict:
 
 def fetch_beams(out: dict, max_new_tokens: int, n_return: int, eos_ids) -> GenerateOutput:
     """A beam loop's results -> GenerateOutput: row b * n_return + r = hypothesis r of prompt b."""
-    out = jax.device_get({k: out[k] for k in ("tokens", "scores", "lengths")})
+    out = fetch({k: out[k] for k in ("tokens", "scores", "lengths")})
     tokens = out["tokens"][:, :n_return, :max_new_tokens]
     tokens = tokens.reshape(-1, tokens.shape[-1])
     lengths = out["lengths"][:, :n_return].reshape(-1)
@@ -234,7 +235,7 @@ def fetch_beams(out: dict, max_new_tokens: int, n_return: int, eos_ids) -> Gener
 
 def fetch_output(out: dict, max_new_tokens: int, return_logits: bool) -> GenerateOutput:
     """A decode loop's device results -> GenerateOutput, in one host transfer."""
-    out = jax.device_get({k: v for k, v in out.items() if k != "cache"})
+    out = fetch({k: v for k, v in out.items() if k != "cache"})  # multi-host: gathered
     step_logits = out["logits"][:, :max_new_tokens] if return_logits else None
     return GenerateOutput(out["tokens"][:, :max_new_tokens], out["lengths"], out["finished"],
                           step_logits)

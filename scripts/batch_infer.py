@@ -27,6 +27,7 @@ the batch size, the order of the input, or whether the job was resumed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -152,38 +153,55 @@ def _drop_lines(path: str, keys: set[str]) -> None:
     _rewrite(path, [raw for raw in lines if _key(json.loads(raw)["id"]) not in keys])
 
 
-def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_size: int = 32,
-                overrides=(), progress: bool = True, on_change: str = "refuse",
-                step: int | None = None) -> dict:
-    import jax
-    from tqdm.auto import tqdm
-
-    import jaxlm
-    from jaxlm.infer.generate import generate_kwargs
-    from jaxlm.model import model_specs
+def _run_settings(checkpoint: str, overrides):
+    """(run config with generate + mesh, model.* overrides, whether `checkpoint` is an
+    HF dir). A jaxlm run dir's saved generate/mesh settings are the base; an HF dir
+    has none (its generation_config.json gives the stop ids, see `stop_ids`)."""
+    from jaxlm.api import _kind
     from jaxlm.model.config import config_from_dict, to_dict
-    from jaxlm.model.params import logical_axes
-    from jaxlm.scripts.generate import apply_model_overrides, decode_ids, split_model_overrides
-    from jaxlm.sharding.mesh import check_divisible, make_mesh
-    from jaxlm.sharding.rules import partition_spec, tree_shardings, use_mesh
+    from jaxlm.scripts.generate import split_model_overrides
     from jaxlm.train.loop import read_run_config
-
-    from jaxlm.train.checkpoint import latest_step
-
-    if batch_size < 1:
-        raise InputError(f"--batch-size={batch_size} must be >= 1")
-    if on_change not in ("refuse", "regenerate"):
-        raise InputError(f"--on-change={on_change!r} must be 'refuse' or 'regenerate'")
-    check_paths(input_path, output_path)
-    rows = read_inputs(input_path)
-    saved = read_run_config(checkpoint)
+    hf_dir = _kind(checkpoint) == "hf"
     model_overrides, overrides = split_model_overrides(list(overrides))
-    run = config_from_dict({"generate": to_dict(saved.generate), "mesh": to_dict(saved.mesh)},
-                           overrides)
-    g = run.generate
-    step = latest_step(checkpoint) if step is None else step
-    settings = _hash({"checkpoint": os.path.realpath(checkpoint), "step": step,
-                      "generate": to_dict(g), "model": sorted(model_overrides)})
+    saved = {} if hf_dir else read_run_config(checkpoint)
+    base = {} if hf_dir else {"generate": to_dict(saved.generate), "mesh": to_dict(saved.mesh)}
+    return config_from_dict(base, overrides), model_overrides, hf_dir
+
+
+def stop_ids(checkpoint: str, tok, g) -> list[int]:
+    """The ids that stop a row: the tokenizer's EOS, the checkpoint's
+    generation_config.json eos_token_id (one or several), then generate.stop_ids."""
+    from jaxlm.model.hf import generation_defaults
+    ids = [tok.eos_id, *generation_defaults(checkpoint).get("eos_ids", []), *g.stop_ids]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def prompt_encoder(checkpoint: str, tok, cfg, chat: bool):
+    """text -> prompt ids. Decoders: BOS (when the tokenizer has one) + the text;
+    encoder-decoders: the text + EOS (T5's `</s>`, as its HF tokenizer adds). chat:
+    the text as one user message rendered by the checkpoint's chat template (which
+    writes its own special tokens); InputError when the checkpoint has none."""
+    if chat:
+        from jaxlm.model.chat import chat_template_of, render_chat, template_tokens
+        template = chat_template_of(checkpoint)
+        if template is None:
+            raise InputError(f"--chat: {checkpoint} has no chat template (no chat_template in "
+                             "tokenizer_config.json, no chat_template.jinja)")
+        specials = template_tokens(tok)
+        return lambda text: tok.encode_chat(render_chat(
+            template, [{"role": "user", "content": text}], add_generation_prompt=True,
+            **specials))
+    if cfg.family == "encoder_decoder":
+        return lambda text: tok.encode(text) + [tok.eos_id]
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    return lambda text: bos + tok.encode(text)
+
+
+def _plan_output(rows, input_path: str, output_path: str, settings: str, on_change: str):
+    """Process 0's look at --output: (indices of the rows still to do, how many were
+    dropped to regenerate). Drops a torn last line; refuses (InputError) or drops
+    the done lines whose prompt or settings changed."""
+    check_paths(input_path, output_path)
     done = recover_rows(output_path)
     changed = _changed(rows, done, settings)
     if changed and on_change == "refuse":
@@ -195,40 +213,118 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
         redo = {_key(r["id"]) for r, _ in changed}
         _drop_lines(output_path, redo)
         done = {k: v for k, v in done.items() if k not in redo}
-    todo = [r for r in rows if _key(r["id"]) not in done]
-    cfg, params = jaxlm.load(checkpoint, step=step)
-    cfg = apply_model_overrides(cfg, model_overrides)
+    return [i for i, r in enumerate(rows) if _key(r["id"]) not in done], len(changed)
+
+
+def _shared_plan(*args):
+    """`_plan_output` run by process 0 only (the one process that touches --output),
+    its result (or its InputError) shared with every process, so that all of them
+    run the same batches."""
+    import jax
+
+    from jaxlm.sharding.distributed import share_from_zero
+    plan, error = None, None
+    if jax.process_index() == 0:
+        try:
+            plan = _plan_output(*args)
+        except InputError as e:
+            error = e
+    shared = share_from_zero({"plan": plan, "error": None if error is None else str(error)})
+    if error is not None:
+        raise error
+    if shared["error"] is not None:
+        raise InputError(shared["error"])
+    return shared["plan"]
+
+
+def generate_rows(params, cfg, ids: list[list[int]], seeds: list[int], shards: int,
+                  max_len, kwargs: dict, n_return: int) -> list[list[int]]:
+    """One batch: the new ids of each prompt (its first of num_return_sequences).
+
+    Rows are padded up to a multiple of the batch's data shards (copies of row
+    0, dropped again). The one step the batching engine (infer/engine.py) replaces."""
+    import jaxlm
+    n = len(ids)
+    ids = ids + [ids[0]] * (-n % shards)
+    seeds = seeds + [seeds[0]] * (len(ids) - n)
+    result = jaxlm.generate(params, cfg, ids, max_len=max_len, row_seeds=seeds, **kwargs)
+    return result.sequences()[::n_return][:n]
+
+
+def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_size: int = 32,
+                overrides=(), progress: bool = True, on_change: str = "refuse",
+                step: int | None = None, chat: bool = False) -> dict:
+    """Generate a completion for every input row not yet in --output (see the module
+    docstring). checkpoint: a jaxlm run dir or a Hugging Face dir. Multi-host
+    (after `jaxlm.sharding.distributed.initialize`): every process reads the input
+    and runs every batch on the global mesh; process 0 alone reads and writes
+    --output (the others hold no file), so the file is the one-process file."""
+    import jax
+    from tqdm.auto import tqdm
+
+    import jaxlm
+    from jaxlm.api import model_config_of
+    from jaxlm.infer.generate import generate_kwargs
+    from jaxlm.model.config import to_dict
+    from jaxlm.scripts.generate import apply_model_overrides, decode_ids
+    from jaxlm.sharding.mesh import check_divisible, make_mesh
+    from jaxlm.sharding.rules import partition_spec, use_mesh
+    from jaxlm.train.checkpoint import latest_step
+
+    if batch_size < 1:
+        raise InputError(f"--batch-size={batch_size} must be >= 1")
+    if on_change not in ("refuse", "regenerate"):
+        raise InputError(f"--on-change={on_change!r} must be 'refuse' or 'regenerate'")
+    if jax.process_index() == 0:
+        check_paths(input_path, output_path)
+    rows = read_inputs(input_path)
+    run, model_overrides, hf_dir = _run_settings(checkpoint, overrides)
+    g = run.generate
+    if hf_dir and step is not None:
+        raise InputError(f"--step {step}: {checkpoint} is a Hugging Face dir, it has no steps")
+    step = None if hf_dir else (latest_step(checkpoint) if step is None else step)
+    cfg = apply_model_overrides(model_config_of(checkpoint), model_overrides)
     if cfg.family == "encoder":
-        raise InputError("encoders do not generate text; batch-infer needs a decoder or T5 model")
+        raise InputError(f"{checkpoint} is an encoder-only model ({cfg.family}): batch-infer "
+                         "needs a generative model (a decoder or an encoder-decoder like T5)")
     tok = jaxlm.load_tokenizer(checkpoint)
-    encoded = {_key(r["id"]): [tok.bos_id] + tok.encode(r["prompt"]) if tok.bos_id is not None
-               else tok.encode(r["prompt"]) for r in rows}
+    encode = prompt_encoder(checkpoint, tok, cfg, chat)
+    encoded = {_key(r["id"]): encode(r["prompt"]) for r in rows}
+    stops = stop_ids(checkpoint, tok, g)
+    settings = _hash({"checkpoint": os.path.realpath(checkpoint), "step": step,
+                      "generate": to_dict(g), "model": sorted(model_overrides),
+                      **({"chat": True} if chat else {}),
+                      **({"stop": stops} if hf_dir else {})})
     max_len = _check_lengths(rows, encoded, cfg, g.max_new_tokens, input_path)
-    mesh = make_mesh(run.mesh)
-    rules = run.mesh.rules
+    todo_idx, n_changed = _shared_plan(rows, input_path, output_path, settings, on_change)
+    todo = [rows[i] for i in todo_idx]
+
+    mesh, rules = make_mesh(run.mesh), run.mesh.rules
     check_divisible(mesh, rules, {"vocab": cfg.vocab_size, "heads": cfg.n_heads,
                                   "kv_heads": cfg.n_kv_heads, "mlp": cfg.d_ff,
                                   "embed": cfg.d_model,
                                   **({"experts": cfg.n_experts} if cfg.n_experts else {})})
-    params = jax.device_put(params, tree_shardings(mesh, logical_axes(model_specs(cfg)), rules))
+    _, params = jaxlm.load(checkpoint, cfg=cfg, mesh=mesh, rules=rules, step=step)
     spec = partition_spec(("batch",), rules)[0] or ()
     shards = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec))
+    kwargs = generate_kwargs(g)
+    kwargs["eos_id"] = stops or None
+    writer = jax.process_index() == 0
 
     new_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), disable=not progress,
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), disable=not (progress and writer),
                desc="batch-infer", unit="prompt", dynamic_ncols=True)
-    with open(output_path, "a", encoding="utf-8") as out, use_mesh(mesh, rules):
+    with (open(output_path, "a", encoding="utf-8") if writer else contextlib.nullcontext()) \
+            as out, use_mesh(mesh, rules):
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            ids = [encoded[_key(r["id"])] for r in chunk]
-            seeds = [row_seed(r["id"]) for r in chunk]
-            n = len(ids)
-            ids += [ids[0]] * (-n % shards)  # pad to the data shards; dropped below
-            seeds += [seeds[0]] * (len(ids) - n)
-            result = jaxlm.generate(params, cfg, ids, max_len=max_len, row_seeds=seeds,
-                                    **generate_kwargs(g, tok.eos_id))
-            # num_return_sequences > 1: the best (beams) or first (sampling) of each prompt
-            for r, seq in zip(chunk, result.sequences()[::g.num_return_sequences][:n]):
+            seqs = generate_rows(params, cfg, [encoded[_key(r["id"])] for r in chunk],
+                                 [row_seed(r["id"]) for r in chunk], shards, max_len, kwargs,
+                                 g.num_return_sequences)
+            for r, seq in zip(chunk, seqs):
+                new_tokens += len(seq)
+                if not writer:
+                    continue
                 line = json.dumps({"id": r["id"], "prompt": r["prompt"],
                                    "completion": decode_ids(tok, seq, cfg.vocab_size),
                                    "tokens": seq, "prompt_hash": _hash(r["prompt"]),
@@ -236,12 +332,11 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
                 out.write(line + "\n")  # whole, then on disk before the next
                 out.flush()
                 os.fsync(out.fileno())
-                new_tokens += len(seq)
-            bar.update(n)
+            bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - t0
     summary = {"prompts": len(todo), "skipped": len(rows) - len(todo),
-               "regenerated": len(changed), "new_tokens": new_tokens,
+               "regenerated": n_changed, "new_tokens": new_tokens,
                "seconds": round(seconds, 3),
                "tokens_per_s": round(new_tokens / seconds, 1) if seconds > 0 else 0.0}
     return summary
@@ -265,8 +360,13 @@ def _check_lengths(rows, encoded, cfg, max_new_tokens: int, input_path: str):
 
 
 def run_batch_infer(args):
+    from jaxlm.sharding.distributed import initialize
+    initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+               getattr(args, "process_id", None),
+               timeout_s=getattr(args, "coordinator_timeout", 300.0))  # before any device use
     s = batch_infer(args.checkpoint, args.input, args.output, batch_size=args.batch_size,
-                    overrides=args.overrides, on_change=args.on_change, step=args.step)
+                    overrides=args.overrides, on_change=args.on_change, step=args.step,
+                    chat=getattr(args, "chat", False))
     print(f"batch-infer: {s['prompts']} prompts ({s['skipped']} already done, "
           f"{s['regenerated']} regenerated after a change), "
           f"{s['new_tokens']} new tokens in {s['seconds']:.1f}s: {s['tokens_per_s']:.1f} tokens/s; "

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     bi = sub.add_parser("batch-infer", help="sharded, resumable generation over a JSONL file")
-    bi.add_argument("--checkpoint", required=True, help="a jaxlm run/checkpoint dir")
+    bi.add_argument("--checkpoint", required=True,
+                    help="a jaxlm run/checkpoint dir or a Hugging Face dir")
     bi.add_argument("--input", required=True, help='JSONL, one {"id": ..., "prompt": "..."} a line')
     bi.add_argument("--output", required=True, help="JSONL out; a rerun skips the ids written")
     bi.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default 32)")
@@ -111,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="done lines whose prompt or settings changed: refuse the rerun "
                     "(default) or regenerate them")
     bi.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
+    bi.add_argument("--chat", action="store_true",
+                    help="render each prompt as a user message with the checkpoint's chat template")
+    bi.add_argument("--coordinator", help="multi-host: host:port of process 0's coordinator")
+    bi.add_argument("--coordinator-timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="multi-host: how long to wait for every process (default 300)")
+    bi.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    bi.add_argument("--process-id", type=int, help="multi-host: this process's index "
+                    "(process 0 writes --output)")
     bi.add_argument("overrides", nargs="*", metavar="generate.key=value|mesh.key=value")
     bi.set_defaults(fn=cmd_batch_infer)
 

@@ -107,3 +107,34 @@ def put_batch(batch: dict, sharding):
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)
+
+
+def fetch(tree):
+    """`jax.device_get`, also for arrays that span other processes' devices: those are
+    gathered whole to every process (`process_allgather`, a collective: every process
+    must call it with the same tree)."""
+    leaves = jax.tree.leaves(tree)
+    if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def share_from_zero(obj):
+    """Process 0's `obj` (JSON-serialisable), in every process (one process: `obj`).
+
+    Every process calls it; the others pass anything (None). Two broadcasts from
+    process 0: the length, then the UTF-8 bytes of the JSON text."""
+    if jax.process_count() == 1:
+        return obj
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+    data = json.dumps(obj).encode() if jax.process_index() == 0 else b""
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+    buf = np.zeros(n, np.uint8)
+    if jax.process_index() == 0:
+        buf[:] = np.frombuffer(data, np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return json.loads(buf.tobytes().decode())
