@@ -3,6 +3,20 @@
 Input lines: `{"id": ..., "prompt": "..."}` (ids unique; blank lines skipped).
 Output lines: `{"id", "prompt", "completion", "tokens"}` in input order.
 
+Checkpoints: a jaxlm run dir (its saved generate/mesh settings are the base of
+the overrides) or a Hugging Face dir (tokenizer.json preferred; the stop ids are
+the tokenizer's EOS, every `eos_token_id` of generation_config.json, then
+generate.stop_ids; its other generation_config fields are not applied: the
+command line decides). Decoders get BOS (if the tokenizer has one) + the prompt,
+encoder-decoders the prompt + EOS; `chat=True` renders it as one user message
+with the checkpoint's chat template instead.
+
+Multi-host (after `jaxlm.sharding.distributed.initialize`): every process reads
+the input and runs every batch on the one global mesh (`generate` gathers the
+outputs); process 0 alone recovers, checks and appends to the output file and
+shares what is left to do, so the file is the one-process run's and a killed
+run (either process) resumes like one.
+
 Sharding: weights are placed by the rules table on the mesh from the run's
 config (or `mesh.*` overrides); each batch of `--batch-size` prompts (padded
 up to a multiple of the batch's data shards, the padding rows dropped) is
@@ -275,8 +289,6 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
         raise InputError(f"--batch-size={batch_size} must be >= 1")
     if on_change not in ("refuse", "regenerate"):
         raise InputError(f"--on-change={on_change!r} must be 'refuse' or 'regenerate'")
-    if jax.process_index() == 0:
-        check_paths(input_path, output_path)
     rows = read_inputs(input_path)
     run, model_overrides, hf_dir = _run_settings(checkpoint, overrides)
     g = run.generate

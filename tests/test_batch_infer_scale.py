@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -150,10 +149,6 @@ def test_llama_dir_sharded_stops_at_either_eos(dirs, llama_run):
     rows = read_rows(llama_run[1])
     assert [r["tokens"] for r in rows] == want
     assert [r["completion"] for r in rows] == [tok.decode(w) for w in want]
-    cfg, params = jaxlm.load(str(path))  # and single-device jaxlm generate agrees
-    one = jaxlm.generate(jax.device_put(params, jax.devices()[0]), cfg, ids,
-                         max_new_tokens=N_NEW, eos_id=stops).sequences()
-    assert one == want
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
@@ -212,14 +207,19 @@ def two_processes(path, inp, out, exit_at=(0, 0)):
     procs = [subprocess.Popen([sys.executable, WORKER, coordinator, str(i), str(exit_at[i]),
                                *args], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    if any(exit_at):
-        dying = procs[[i for i, n in enumerate(exit_at) if n][0]]
-        dying.wait(timeout=300)
-        time.sleep(1)
-        for p in procs:
+    try:
+        if any(exit_at):
+            procs[[i for i, n in enumerate(exit_at) if n][0]].wait(timeout=300)
+            time.sleep(1)
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGKILL)
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:  # a failed wait leaves no process behind
             if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+                p.kill()
+                p.wait()
     return [p.returncode for p in procs], logs
 
 
