@@ -379,6 +379,9 @@ def run_batch_infer(args):
     s = batch_infer(args.checkpoint, args.input, args.output, batch_size=args.batch_size,
                     overrides=args.overrides, on_change=args.on_change, step=args.step,
                     chat=getattr(args, "chat", False))
+    import jax
+    if jax.process_index() != 0:  # process 0 writes the output and reports
+        return s
     print(f"batch-infer: {s['prompts']} prompts ({s['skipped']} already done, "
           f"{s['regenerated']} regenerated after a change), "
           f"{s['new_tokens']} new tokens in {s['seconds']:.1f}s: {s['tokens_per_s']:.1f} tokens/s; "

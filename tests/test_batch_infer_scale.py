@@ -236,3 +236,23 @@ def test_two_processes_write_one_file_and_resume_after_a_kill(dirs, llama_run, t
     assert f"{len(partial)} already done" in logs[0]
     with open(out, "rb") as f, open(ref, "rb") as g:
         assert f.read() == g.read()  # every row once, byte for byte the 1-process file
+
+
+@pytest.mark.parametrize("config, want", [
+    ({"eos_token_id": 7, "do_sample": False, "max_new_tokens": 9}, {
+        "eos_ids": [7], "temperature": 0.0, "max_new_tokens": 9}),
+    ({"eos_token_id": [128001, 128009], "do_sample": True, "temperature": 0.6, "top_p": 0.9},
+     {"eos_ids": [128001, 128009], "temperature": 0.6, "top_p": 0.9}),
+    ({"eos_token_id": "</s>"}, "eos_token_id should be a token id or a list"),
+    ([1, 2], "should hold a JSON object"),
+])
+def test_generation_defaults(tmp_path, config, want):
+    from jaxlm.errors import CheckpointError
+    from jaxlm.model.hf import generation_defaults
+    assert generation_defaults(tmp_path) == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    if isinstance(want, dict):
+        assert generation_defaults(tmp_path) == want
+    else:
+        with pytest.raises(CheckpointError, match=want):
+            generation_defaults(tmp_path)
