@@ -104,7 +104,7 @@ def test_plan_reports_int8_bytes():
 
 TRAIN = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
          "model.n_kv_heads=1", "model.d_ff=128", "model.max_seq_len=64", "data.seq_len=64",
-         "data.batch_size=8", "data.max_docs=20", "train.steps=30", "train.warmup_steps=3",
+         "data.batch_size=4", "data.max_docs=20", "train.steps=30", "train.warmup_steps=3",
          "train.eval_every=30", "train.eval_batches=1", "train.checkpoint_every=30",
          "train.log_every=30", "mesh.devices=1"]
 
@@ -193,3 +193,19 @@ def test_bad_input_is_one_line(trained, quantized, tmp_path, capsys):
         assert err.startswith("error: ") and needle in err and "\n" not in err, err
     assert sorted(os.listdir(quantized)) == before  # the existing dir is untouched
     assert not [n for n in os.listdir(tmp_path) if n != "missing"]  # no temp dir left
+
+
+def test_int8_loads_sharded(trained, quantized):
+    from jaxlm.model.config import MeshConfig
+    from jaxlm.sharding.mesh import make_mesh
+    mesh = make_mesh(MeshConfig(fsdp=4, devices=4))  # (n_kv_heads=1 cannot go over tensor)
+    _, ref = jaxlm.load(quantized)
+    _, from_int8 = jaxlm.load(quantized, mesh=mesh)  # restored straight into shardings
+    qcfg = jaxlm.model_config_of(quantized)
+    _, from_float = jaxlm.load(trained, cfg=qcfg, mesh=mesh)  # quantized into them
+    for params in (from_int8, from_float):
+        w = params["layers"]["mlp"]["up"]  # [layers, embed, mlp]: embed over fsdp
+        assert isinstance(w, QuantizedWeight) and w.q.dtype == jnp.int8
+        assert w.q.addressable_shards[0].data.size == w.q.size // 4
+        assert w.scale.addressable_shards[0].data.size == w.scale.size  # [layers, 1, mlp]
+        jax.tree.map(np.testing.assert_array_equal, params, ref)
