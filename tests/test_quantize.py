@@ -193,6 +193,10 @@ def test_bad_input_is_one_line(trained, quantized, tmp_path, capsys):
         assert err.startswith("error: ") and needle in err and "\n" not in err, err
     assert sorted(os.listdir(quantized)) == before  # the existing dir is untouched
     assert not [n for n in os.listdir(tmp_path) if n != "missing"]  # no temp dir left
+    with pytest.raises(ConfigError, match="weight_dtype=int8 is for inference"):
+        train(load_config("tiny-llama", TRAIN + ["model.weight_dtype=int8",
+                                                 f"run_dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "run").exists()
 
 
 def test_int8_loads_sharded(trained, quantized):
