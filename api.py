@@ -17,9 +17,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxlm.errors import CheckpointError, ConfigError
-from jaxlm.model import hf, logical_axes, model_specs
+from jaxlm.model import hf, quantize
 from jaxlm.model.config import Config, DataConfig, MeshConfig, ModelConfig
-from jaxlm.model.params import abstract
+from jaxlm.model.params import Spec, abstract
 from jaxlm.train import checkpoint
 from jaxlm.train.loop import CONFIG_FILE, _write_config, read_run_config
 
@@ -67,15 +67,52 @@ def load_params(path, cfg: ModelConfig, shardings=None, step: int | None = None)
     whole on one process. CheckpointError (one line) for a missing dir, a dir that
     is neither kind, a missing tensor or one whose shape does not match cfg.
     """
-    if _kind(path) == "hf":
+    kind = _kind(path)
+    stored = read_run_config(os.fspath(path)).model.weight_dtype if kind == "jaxlm" else ""
+    if stored != cfg.weight_dtype:  # int8 from float weights, or float from an int8 run
+        return _convert_weights(path, cfg, stored, shardings, step)
+    if kind == "hf":
         if step is not None:
             raise CheckpointError(f"{path} is a Hugging Face dir: it has no steps (step={step})")
         return hf.load_hf(path, cfg=cfg, shardings=shardings)[1]
     run = read_run_config(os.fspath(path))
     if run.train.lora_rank:
         return _lora_run_params(os.fspath(path), run, cfg, shardings, step)
-    return checkpoint.restore_params(os.fspath(path), abstract(model_specs(cfg)), step,
-                                     shardings=shardings)
+    tree = checkpoint.restore_params(os.fspath(path), quantize.storable(
+        quantize.params_abstract(cfg)), step, shardings=quantize.storable(shardings))
+    return quantize.from_storable(tree, quantize.params_specs(cfg))
+
+
+def _convert_weights(path, cfg: ModelConfig, stored: str, shardings, step):
+    """Params of `cfg` (weight_dtype int8 or "") from a checkpoint stored with the
+    other weight_dtype: load as stored, then quantize / dequantize (under jit, into
+    `shardings`)."""
+    from jaxlm.model.adapters import QuantizedWeight
+    from jaxlm.model.config import dtype_of
+    src = dataclasses.replace(cfg, weight_dtype=stored)
+    is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
+    if shardings is None:
+        src_shardings = None
+    elif cfg.weight_dtype == "int8":  # a float weight shards like its int8 q
+        src_shardings = jax.tree.map(lambda s: s.q if is_q(s) else s, shardings, is_leaf=is_q)
+    else:  # an int8 q shards like its float weight; the small scales are replicated
+        src_shardings = jax.tree.map(
+            lambda a, s: QuantizedWeight(q=s, scale=_replicated(s)) if is_q(a) else s,
+            quantize.params_specs(src), shardings,
+            is_leaf=lambda x: is_q(x) or isinstance(x, Spec))
+    params = load_params(path, src, src_shardings, step)
+    if cfg.weight_dtype == "int8":
+        fn = lambda p: quantize.quantize_params(p, cfg)  # noqa: E731
+    else:
+        fn = lambda p: quantize.dequantize_params(p, dtype_of(cfg.param_dtype))  # noqa: E731
+    return (jax.jit(fn) if shardings is None else jax.jit(fn, out_shardings=shardings))(params)
+
+
+def _replicated(sharding):
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None:
+        return sharding
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def lora_adapters(path, step: int | None = None):
@@ -138,7 +175,7 @@ def load(path, cfg: ModelConfig | None = None, mesh=None, rules=None,
     if mesh is not None:
         from jaxlm.sharding.rules import tree_shardings
         rules = MeshConfig(rules=rules).rules if rules is not None else MeshConfig().rules
-        shardings = tree_shardings(mesh, logical_axes(model_specs(cfg)), rules)
+        shardings = tree_shardings(mesh, quantize.params_logical_axes(cfg), rules)
     elif rules is not None:
         raise ConfigError("load: rules without a mesh; pass mesh=... too")
     return cfg, load_params(path, cfg, shardings, step)
@@ -162,6 +199,10 @@ def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") ->
     (format="hf") as a Hugging Face directory that `transformers` loads."""
     if format == "hf":
         model_cfg = cfg.model if isinstance(cfg, Config) else cfg
+        if model_cfg.weight_dtype == "int8":  # Hugging Face dirs hold float weights
+            from jaxlm.model.config import dtype_of
+            params = quantize.dequantize_params(params, dtype_of(model_cfg.param_dtype))
+            model_cfg = dataclasses.replace(model_cfg, weight_dtype="")
         out = hf.save_hf(path, model_cfg, params)
         _chmod_umask(out)  # the temporary dir it was written in is 0700
         return str(out / "config.json")
@@ -169,8 +210,9 @@ def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") ->
         raise ConfigError(f"save: unknown format {format!r} (supported: 'jaxlm', 'hf')")
     full = cfg if isinstance(cfg, Config) else Config(
         model=cfg, data=DataConfig(seq_len=min(DataConfig().seq_len, cfg.max_seq_len)))
-    expected = jax.tree.map(lambda s: s.shape, abstract(model_specs(full.model)))
-    got = jax.tree.map(lambda a: a.shape, params)
+    expected = jax.tree.map(lambda s: (s.shape, s.dtype == "int8"),
+                            quantize.params_abstract(full.model))
+    got = jax.tree.map(lambda a: (a.shape, a.dtype == "int8"), params)
     if expected != got:
         raise ConfigError("save: params do not match the config's parameter shapes")
     if checkpoint.latest_step(path) is not None:
@@ -178,7 +220,8 @@ def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") ->
     os.makedirs(path, exist_ok=True)
     _write_config(dataclasses.replace(full, run_dir=path))
     mngr = checkpoint.manager(path, keep=1)
-    mngr.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": params})))
+    mngr.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave(
+        {"params": quantize.storable(params)})))
     mngr.wait_until_finished()
     mngr.close()
     return os.path.join(path, CONFIG_FILE)

@@ -41,8 +41,9 @@ def check_params(params, cfg, where: str) -> None:
     if not isinstance(params, dict):
         raise InputError(f"{where}: params must be the dict of arrays from jaxlm.load or "
                          f"jaxlm.init_params, got {type(params).__name__}")
-    got = {jax.tree_util.keystr(p): tuple(np.shape(a))
-           for p, a in jax.tree_util.tree_leaves_with_path(params)}
+    from jaxlm.model.adapters import is_node  # int8 / LoRA weights: one leaf of their shape
+    got = {jax.tree_util.keystr(p): tuple(a.shape if is_node(a) else np.shape(a))
+           for p, a in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_node)}
     for key, shape in _expected_shapes(cfg).items():
         if key not in got:
             raise InputError(f"{where}: params have no {key}: they are not params of this "

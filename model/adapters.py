@@ -63,6 +63,36 @@ def quantize(w, in_axes: tuple[int, ...]) -> QuantizedWeight:
     return QuantizedWeight(q=q, scale=scale)
 
 
+_QKV, _ATTN, _MLP = ("q", "k", "v"), ("attn", "cross"), ("up", "gate", "down")
+
+
+def _lead(axes) -> int:
+    """Number of stacked leading axes (`layers`, then `experts`)."""
+    n = 0
+    while n < len(axes) and axes[n] in ("layers", "experts"):
+        n += 1
+    return n
+
+
+def matmul_in_axes(path: tuple[str, ...], spec) -> tuple[int, ...] | None:
+    """The input (contracted) axes of a layer matmul weight (attention q/k/v/o and
+    cross-attention, MLP up/gate/down, expert weights, the MoE router), or None if
+    `path` (e.g. ("layers", "attn", "q")) with Spec `spec` is not one."""
+    if "layers" not in path or len(path) < 2:
+        return None
+    parent, name = path[-2], path[-1]
+    lead = _lead(spec.axes)
+    if parent in _ATTN and name in _QKV:
+        n_in = 1
+    elif parent in _ATTN and name == "o":
+        n_in = 2
+    elif parent == "mlp" and (name in _MLP or name == "router"):
+        n_in = 1
+    else:
+        return None
+    return tuple(range(lead, lead + n_in)) if len(spec.shape) >= lead + 2 else None
+
+
 def dequantize(w: QuantizedWeight, dtype=jnp.float32):
     return (w.q.astype(jnp.float32) * w.scale).astype(dtype)
 

@@ -72,6 +72,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     dtype: str = "float32"  # activations and matmuls
     param_dtype: str = "float32"
+    # "" (the weights at param_dtype) | int8: the layer matmul weights int8 with
+    # per-output-channel float32 scales, dequantized per layer (model/quantize.py;
+    # written by `jaxlm quantize`; inference only)
+    weight_dtype: str = ""
     init_std: float = 0.02
     remat: str = "none"
     attention_impl: str = "auto"
@@ -96,6 +100,9 @@ class ModelConfig:
         _choice(self, "attention_impl", ATTENTION_IMPLS)
         _choice(self, "dtype", DTYPES)
         _choice(self, "param_dtype", DTYPES)
+        if self.weight_dtype not in ("", "int8"):
+            raise ConfigError(f"model.weight_dtype={self.weight_dtype!r} is not one of '' (the "
+                              "weights at model.param_dtype), int8")
         if self.n_kv_heads == 0:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.head_dim == 0:

@@ -1,4 +1,4 @@
-"""The `jaxlm` command: train | generate | batch-infer | convert | bench | plan | prepare.
+"""The `jaxlm` command: train | generate | batch-infer | convert | quantize | bench | plan | prepare.
 
 Each subcommand takes `--config` (a YAML path or a preset name) and
 `key=value` overrides. Bad input prints one `error:` line and exits 2.
@@ -54,6 +54,11 @@ def cmd_convert(args):
 def cmd_bench(args):
     from jaxlm.scripts.bench import run_bench
     run_bench(_config(args))
+
+
+def cmd_quantize(args):
+    from jaxlm.scripts.quantize import run_quantize
+    print(run_quantize(args.checkpoint, args.out, args.weight_dtype, args.step))
 
 
 def cmd_plan(args):
@@ -133,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", default="bench-cpu", help="YAML file or preset (default bench-cpu)")
     b.add_argument("overrides", nargs="*", metavar="key=value")
     b.set_defaults(fn=cmd_bench)
+
+    qz = sub.add_parser("quantize", help="int8 weights with per-channel scales: a checkpoint "
+                        "-> a new jaxlm run dir")
+    qz.add_argument("--checkpoint", required=True, help="a jaxlm run/checkpoint dir or a HF dir")
+    qz.add_argument("--out", required=True, help="a new directory (written atomically)")
+    qz.add_argument("--weight-dtype", default="int8", help="the weights' dtype (int8)")
+    qz.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
+    qz.set_defaults(fn=cmd_quantize)
 
     pl = sub.add_parser("plan", help="per-device memory of a config on a mesh (no allocation)")
     pl.add_argument("--config", required=True, help="YAML file or preset name")

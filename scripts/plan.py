@@ -38,8 +38,11 @@ ceil(n / m)):
                head_dim]; cache_len = --cache-len or data.seq_len +
                generate.max_new_tokens (encoder-decoder: the decoder's
                self-attention cache only).
+  int8 weights params with model.weight_dtype=int8: the layer matmul weights
+               int8 (1 byte) + float32 scales per output channel, the rest at
+               param_dtype (model/quantize.py)
 train total = params + gradients + optimizer + activations + ring kv;
-inference total = params + kv cache.
+inference total = params (int8 weights when model.weight_dtype=int8) + kv cache.
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     def leaf_bytes(s, a):
         return shard_bytes(s.shape, s.dtype, partition_spec(a, rules), sizes)
     params = sum(jax.tree.leaves(jax.tree.map(leaf_bytes, shapes, axes, is_leaf=is_axes)))
+    params_int8 = _int8_param_bytes(m, leaf_bytes, is_axes)
     tx = make_optimizer(cfg.train, specs)
     opt_shapes = jax.eval_shape(tx.init, shapes)
     opt_tree = optax.tree_map_params(
@@ -163,8 +167,22 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
            "optimizer": optimizer, "activations": activations, "kv_cache": kv_cache,
            "cache_len": cache_len, "ring_kv": ring_kv}
     out["train_total"] = params * 2 + optimizer + activations + ring_kv
-    out["inference_total"] = params + kv_cache
+    out["params_int8"] = params_int8
+    out["inference_total"] = (params_int8 if m.weight_dtype == "int8" else params) + kv_cache
     return out
+
+
+def _int8_param_bytes(m, leaf_bytes, is_axes) -> int:
+    """Per-device param bytes with model.weight_dtype=int8 (int8 layer matmul
+    weights + their float32 per-channel scales, the rest at param_dtype)."""
+    import dataclasses
+
+    import jax
+
+    from jaxlm.model import quantize
+    q = dataclasses.replace(m, weight_dtype="int8")
+    return sum(jax.tree.leaves(jax.tree.map(leaf_bytes, quantize.params_abstract(q),
+                                            quantize.params_logical_axes(q), is_leaf=is_axes)))
 
 
 def run_plan(args) -> int:
@@ -181,7 +199,11 @@ def run_plan(args) -> int:
     print(f"  {'train':<12} {fmt_bytes(p['train_total'])}  (remat={cfg.model.remat}, "
           f"batch {cfg.data.batch_size} x seq {cfg.data.seq_len})")
     print(f"  {'kv cache':<12} {fmt_bytes(p['kv_cache'])}  (cache_len {p['cache_len']})")
-    print(f"  {'inference':<12} {fmt_bytes(p['inference_total'])}")
+    int8 = "" if cfg.model.weight_dtype == "int8" else " (float weights)"
+    print(f"  {'int8 weights':<12} {fmt_bytes(p['params_int8'])}  (params with model.weight_dtype"
+          f"=int8: saves {fmt_bytes(p['params'] - p['params_int8'])} per device vs "
+          f"{cfg.model.param_dtype})")
+    print(f"  {'inference':<12} {fmt_bytes(p['inference_total'])}{int8}")
     if args.device_memory:
         limit = parse_bytes(args.device_memory)
         worst = max(p["train_total"], p["inference_total"])

@@ -46,6 +46,10 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     multi-host, all processes agree on the stop step. Non-finite steps are
     skipped on device; train.max_skipped_steps of them in a row stop the run.
     """
+    if cfg.model.weight_dtype == "int8":  # before the run dir is touched
+        raise ConfigError("model.weight_dtype=int8 is for inference (jaxlm quantize): train "
+                          "float weights (set model.weight_dtype=''), or fine-tune an int8 "
+                          "base with train.lora_rank=R train.lora_base_dtype=int8")
     with guard.run_dir_lock(cfg.run_dir), guard.stop_signals() as stop:
         return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step,
                       stop=stop)

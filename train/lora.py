@@ -29,41 +29,15 @@ import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
 from jaxlm.model import model_specs
-from jaxlm.model.adapters import LoraWeight, QuantizedWeight, materialize, quantize
+from jaxlm.model.adapters import (LoraWeight, QuantizedWeight, _lead, materialize,
+                                  matmul_in_axes, quantize)
 from jaxlm.model.config import dtype_of
 from jaxlm.model.params import Spec, is_spec, zeros
-
-_QKV, _ATTN, _MLP = ("q", "k", "v"), ("attn", "cross"), ("up", "gate", "down")
 
 
 def lora_scale(tcfg) -> float:
     """alpha / r (alpha 0: 2 * r, i.e. a scale of 2)."""
     return (tcfg.lora_alpha or 2.0 * tcfg.lora_rank) / tcfg.lora_rank
-
-
-def _lead(axes) -> int:
-    """Number of stacked leading axes (`layers`, then `experts`)."""
-    n = 0
-    while n < len(axes) and axes[n] in ("layers", "experts"):
-        n += 1
-    return n
-
-
-def matmul_in_axes(path: tuple[str, ...], spec: Spec) -> tuple[int, ...] | None:
-    """The input (contracted) axes of a layer matmul weight, or None if not one."""
-    if "layers" not in path or len(path) < 2:
-        return None
-    parent, name = path[-2], path[-1]
-    lead = _lead(spec.axes)
-    if parent in _ATTN and name in _QKV:
-        n_in = 1
-    elif parent in _ATTN and name == "o":
-        n_in = 2
-    elif parent == "mlp" and (name in _MLP or name == "router"):
-        n_in = 1
-    else:
-        return None
-    return tuple(range(lead, lead + n_in)) if len(spec.shape) >= lead + 2 else None
 
 
 def _named_specs(specs):

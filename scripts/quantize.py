@@ -1,0 +1,76 @@
+"""`jaxlm quantize`: a checkpoint (jaxlm run or Hugging Face dir) -> a new jaxlm run
+dir whose layer matmul weights are int8 with per-output-channel float32 scales
+(`model.weight_dtype=int8`, model/quantize.py). `jaxlm.load`, `jaxlm generate
+--checkpoint OUT` and `batch-infer` read it like any run dir.
+
+The output is written to a temporary sibling dir and renamed into place, so a
+failure leaves no half-written OUT, and an existing non-empty OUT is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+import yaml
+
+from jaxlm.errors import CheckpointError, ConfigError
+
+EXTRA_FILES = ("generation_config.json",)  # copied beside the tokenizer files
+
+
+def _check_out(out: str) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory")
+
+
+def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | None = None) -> str:
+    """Quantize `src` into the new run dir `out`; returns the one-line summary."""
+    import jaxlm
+    from jaxlm.api import _chmod_umask, _kind, model_config_of
+    from jaxlm.model.config import Config, DataConfig
+    from jaxlm.model.quantize import param_bytes
+    from jaxlm.scripts.convert import TOKENIZER_FILES
+    from jaxlm.scripts.plan import fmt_bytes
+    from jaxlm.model.config import to_dict
+    from jaxlm.train.loop import CONFIG_FILE, read_run_config
+
+    if weight_dtype != "int8":
+        raise ConfigError(f"--weight-dtype {weight_dtype!r}: quantize writes int8 weights "
+                          "(the only model.weight_dtype besides '' = param_dtype)")
+    _check_out(out)
+    base = model_config_of(src)  # a missing / unreadable checkpoint stops here
+    if base.weight_dtype == "int8":
+        raise CheckpointError(f"--checkpoint {src} is already int8 (model.weight_dtype=int8)")
+    cfg = dataclasses.replace(base, weight_dtype=weight_dtype)
+    if _kind(src) == "jaxlm":
+        run = read_run_config(src)  # keep its data/generate settings; it is no LoRA run now
+        full = dataclasses.replace(run, model=cfg, train=dataclasses.replace(
+            run.train, lora_rank=0, lora_base_dtype="same", init_from=""))
+    else:
+        full = Config(model=cfg, data=DataConfig(seq_len=min(DataConfig().seq_len,
+                                                             cfg.max_seq_len)))
+    _, params = jaxlm.load(src, cfg=cfg, step=step)
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
+    try:
+        jaxlm.save(tmp, full, params)
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:  # run_dir: its final name
+            yaml.safe_dump(to_dict(dataclasses.replace(full, run_dir=out)), f, sort_keys=False)
+        for name in (*TOKENIZER_FILES, *EXTRA_FILES):
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        _chmod_umask(tmp)
+        _check_out(out)  # nothing appeared meanwhile
+        os.rename(tmp, out)  # atomic; replaces an empty dir
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    b = param_bytes(cfg)
+    return (f"wrote int8 checkpoint {out} ({cfg.family}, {cfg.n_layers} layers): "
+            f"{b['quantized_params']:,} weights int8, params {fmt_bytes(b['float'])} at "
+            f"{cfg.param_dtype} -> {fmt_bytes(b['int8'])}")
