@@ -242,3 +242,26 @@ def _budgets(max_new_tokens, n: int) -> list[int]:
         if isinstance(m, bool) or int(m) != m or m < 1:
             raise InputError(f"max_new_tokens={m} (prompt {i}) must be an integer >= 1")
     return [int(m) for m in values]
+
+
+ENGINE_KWARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "eos_id")
+_OFF = dict(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+            no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, num_return_sequences=1)
+
+
+def unsupported(cfg, kwargs: dict) -> Optional[str]:
+    """Why the engine cannot run these `jaxlm.generate` keyword arguments (as
+    `generate_kwargs` makes them) on this model, or None if it can."""
+    try:
+        check_paged_family(cfg)
+    except InputError as e:
+        return str(e)
+    for k, off in _OFF.items():
+        if k in kwargs and kwargs[k] != off:
+            return f"{k}={kwargs[k]!r} is the static path's (jaxlm.generate)"
+    return None
+
+
+def engine_kwargs(kwargs: dict) -> dict:
+    """generate_kwargs(...) -> the keyword arguments generate_many takes."""
+    return {k: kwargs[k] for k in ENGINE_KWARGS if k in kwargs}

@@ -154,7 +154,7 @@ def _drop_lines(path: str, keys: set[str]) -> None:
 
 def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_size: int = 32,
                 overrides=(), progress: bool = True, on_change: str = "refuse",
-                step: int | None = None) -> dict:
+                step: int | None = None, engine: str = "auto") -> dict:
     import jax
     from tqdm.auto import tqdm
 
@@ -172,6 +172,8 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
 
     if batch_size < 1:
         raise InputError(f"--batch-size={batch_size} must be >= 1")
+    if engine not in ENGINES:
+        raise InputError(f"--engine={engine!r} must be one of {', '.join(ENGINES)}")
     if on_change not in ("refuse", "regenerate"):
         raise InputError(f"--on-change={on_change!r} must be 'refuse' or 'regenerate'")
     check_paths(input_path, output_path)
@@ -218,17 +220,16 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), disable=not progress,
                desc="batch-infer", unit="prompt", dynamic_ncols=True)
     with open(output_path, "a", encoding="utf-8") as out, use_mesh(mesh, rules):
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            ids = [encoded[_key(r["id"])] for r in chunk]
-            seeds = [row_seed(r["id"]) for r in chunk]
-            n = len(ids)
-            ids += [ids[0]] * (-n % shards)  # pad to the data shards; dropped below
-            seeds += [seeds[0]] * (len(ids) - n)
-            result = jaxlm.generate(params, cfg, ids, max_len=max_len, row_seeds=seeds,
-                                    **generate_kwargs(g, tok.eos_id))
-            # num_return_sequences > 1: the best (beams) or first (sampling) of each prompt
-            for r, seq in zip(chunk, result.sequences()[::g.num_return_sequences][:n]):
+        kwargs = generate_kwargs(g, tok.eos_id)
+        continuous = _use_engine(engine, cfg, kwargs)
+        chunk_size = batch_size * (CONTINUOUS_CHUNK if continuous else 1)
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start:start + chunk_size]
+            seqs = generate_rows(params, cfg, [encoded[_key(r["id"])] for r in chunk],
+                                 [row_seed(r["id"]) for r in chunk], kwargs,
+                                 max_len=max_len, shards=shards, slots=batch_size,
+                                 continuous=continuous)
+            for r, seq in zip(chunk, seqs):
                 line = json.dumps({"id": r["id"], "prompt": r["prompt"],
                                    "completion": decode_ids(tok, seq, cfg.vocab_size),
                                    "tokens": seq, "prompt_hash": _hash(r["prompt"]),
@@ -237,7 +238,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
                 out.flush()
                 os.fsync(out.fileno())
                 new_tokens += len(seq)
-            bar.update(n)
+            bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - t0
     summary = {"prompts": len(todo), "skipped": len(rows) - len(todo),
@@ -245,6 +246,40 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
                "seconds": round(seconds, 3),
                "tokens_per_s": round(new_tokens / seconds, 1) if seconds > 0 else 0.0}
     return summary
+
+
+ENGINES = ("auto", "continuous", "static")
+CONTINUOUS_CHUNK = 8  # continuous batching: a chunk is 8 x batch_size prompts over batch_size slots
+
+
+def _use_engine(engine: str, cfg, kwargs: dict) -> bool:
+    """auto: continuous batching where it computes the same outputs, else static."""
+    from jaxlm.infer.engine import unsupported
+    why = unsupported(cfg, kwargs)
+    if engine == "continuous" and why:
+        raise InputError(f"--engine continuous: {why}; use --engine static")
+    return engine != "static" and why is None
+
+
+def generate_rows(params, cfg, ids, seeds, kwargs: dict, *, max_len, shards: int, slots: int,
+                  continuous: bool) -> list[list[int]]:
+    """One chunk of prompts -> one generated id list each (EOS excluded).
+
+    static: jaxlm.generate on the chunk, padded to the data shards; with
+    num_return_sequences > 1 the best (beams) or first (sampling) of each prompt.
+    continuous: jaxlm.infer.engine.generate_many over `slots` slots (rounded up
+    to the data shards); the same outputs, as both sample row r with its seed."""
+    import jaxlm
+    n = len(ids)
+    if continuous:
+        from jaxlm.infer.engine import engine_kwargs, generate_many
+        out = generate_many(params, cfg, ids, slots=-(-slots // shards) * shards,
+                            row_seeds=seeds, **engine_kwargs(kwargs))
+        return out.sequences()
+    ids = ids + [ids[0]] * (-n % shards)  # pad to the data shards; dropped below
+    seeds = seeds + [seeds[0]] * (len(ids) - n)
+    result = jaxlm.generate(params, cfg, ids, max_len=max_len, row_seeds=seeds, **kwargs)
+    return result.sequences()[::kwargs.get("num_return_sequences", 1)][:n]
 
 
 def _check_lengths(rows, encoded, cfg, max_new_tokens: int, input_path: str):
@@ -266,7 +301,8 @@ def _check_lengths(rows, encoded, cfg, max_new_tokens: int, input_path: str):
 
 def run_batch_infer(args):
     s = batch_infer(args.checkpoint, args.input, args.output, batch_size=args.batch_size,
-                    overrides=args.overrides, on_change=args.on_change, step=args.step)
+                    overrides=args.overrides, on_change=args.on_change, step=args.step,
+                    engine=getattr(args, "engine", "auto"))
     print(f"batch-infer: {s['prompts']} prompts ({s['skipped']} already done, "
           f"{s['regenerated']} regenerated after a change), "
           f"{s['new_tokens']} new tokens in {s['seconds']:.1f}s: {s['tokens_per_s']:.1f} tokens/s; "

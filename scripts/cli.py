@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="done lines whose prompt or settings changed: refuse the rerun "
                     "(default) or regenerate them")
     bi.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
+    bi.add_argument("--engine", choices=("auto", "continuous", "static"), default="auto",
+                    help="continuous batching over a paged cache, or static batches; auto "
+                    "(default): continuous where it gives the same outputs")
     bi.add_argument("overrides", nargs="*", metavar="generate.key=value|mesh.key=value")
     bi.set_defaults(fn=cmd_batch_infer)
 
