@@ -123,7 +123,8 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
     on_refill(info): called at every refill, after finished slots gave their
     pages back and waiting prompts were prefilled, before the next round trip;
     info has pages_in_use, pages_needed (sum over live slots of
-    ceil(length / page_size)), lengths [S], live [S], table [S, P].
+    ceil(length / page_size)), lengths [S], live [S], table [S, P], n_pages,
+    admitted (the slots just prefilled), waiting (prompts not admitted yet).
     on_finish(index, tokens, eos): as each request finishes (e.g. to write it out).
     """
     check_paged_family(cfg)
@@ -171,6 +172,7 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
 
     while True:
         # refill: every free slot takes the next prompt the pool can hold
+        admitted = []
         for s in range(slots):
             if st["live"][s] or not queue:
                 continue
@@ -183,12 +185,14 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
             st["lengths"][s], st["count"][s], st["budget"][s] = len(req.tokens), 0, \
                 req.max_new_tokens
             st["live"][s], st["eos"][s] = True, False
+            admitted.append(s)
         if on_refill is not None:
             on_refill({"pages_in_use": pool.in_use(), "page_size": page_size,
                        "pages_needed": int(sum(pages_for(st["lengths"][s], page_size)
                                                for s in range(slots) if st["live"][s])),
                        "lengths": st["lengths"].copy(), "live": st["live"].copy(),
-                       "table": pool.table.copy(), "n_pages": pool.n_pages})
+                       "table": pool.table.copy(), "n_pages": pool.n_pages,
+                       "admitted": admitted, "waiting": len(queue)})
         if not st["live"].any():
             break
         # grow: pages for the positions the next steps_per_call tokens may write
