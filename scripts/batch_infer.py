@@ -251,23 +251,47 @@ def _shared_plan(*args):
     return shared["plan"]
 
 
-def generate_rows(params, cfg, ids: list[list[int]], seeds: list[int], shards: int,
-                  max_len, kwargs: dict, n_return: int) -> list[list[int]]:
-    """One batch: the new ids of each prompt (its first of num_return_sequences).
+ENGINES = ("auto", "continuous", "static")
+CONTINUOUS_CHUNK = 8  # continuous batching: a chunk is 8 x batch_size prompts over batch_size slots
 
-    Rows are padded up to a multiple of the batch's data shards (copies of row
-    0, dropped again). The one step the batching engine (infer/engine.py) replaces."""
+
+def _use_engine(engine: str, cfg, kwargs: dict) -> bool:
+    """auto: continuous batching where it computes the same outputs, else static."""
+    import jax
+
+    from jaxlm.infer.engine import unsupported
+    why = unsupported(cfg, kwargs)
+    if why is None and jax.process_count() > 1:  # its host round trips read local arrays
+        why = "a multi-process run uses the static path"
+    if engine == "continuous" and why:
+        raise InputError(f"--engine continuous: {why}; use --engine static")
+    return engine != "static" and why is None
+
+
+def generate_rows(params, cfg, ids, seeds, kwargs: dict, *, max_len, shards: int, slots: int,
+                  continuous: bool) -> list[list[int]]:
+    """One chunk of prompts -> one generated id list each (EOS excluded).
+
+    static: jaxlm.generate on the chunk, padded to the data shards; with
+    num_return_sequences > 1 the best (beams) or first (sampling) of each prompt.
+    continuous: jaxlm.infer.engine.generate_many over `slots` slots (rounded up
+    to the data shards); the same outputs, as both sample row r with its seed."""
     import jaxlm
     n = len(ids)
-    ids = ids + [ids[0]] * (-n % shards)
+    if continuous:
+        from jaxlm.infer.engine import engine_kwargs, generate_many
+        out = generate_many(params, cfg, ids, slots=-(-slots // shards) * shards,
+                            row_seeds=seeds, **engine_kwargs(kwargs))
+        return out.sequences()
+    ids = ids + [ids[0]] * (-n % shards)  # pad to the data shards; dropped below
     seeds = seeds + [seeds[0]] * (len(ids) - n)
     result = jaxlm.generate(params, cfg, ids, max_len=max_len, row_seeds=seeds, **kwargs)
-    return result.sequences()[::n_return][:n]
+    return result.sequences()[::kwargs.get("num_return_sequences", 1)][:n]
 
 
 def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_size: int = 32,
                 overrides=(), progress: bool = True, on_change: str = "refuse",
-                step: int | None = None, chat: bool = False) -> dict:
+                step: int | None = None, chat: bool = False, engine: str = "auto") -> dict:
     """Generate a completion for every input row not yet in --output (see the module
     docstring). checkpoint: a jaxlm run dir or a Hugging Face dir. Multi-host
     (after `jaxlm.sharding.distributed.initialize`): every process reads the input
@@ -287,6 +311,8 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
 
     if batch_size < 1:
         raise InputError(f"--batch-size={batch_size} must be >= 1")
+    if engine not in ENGINES:
+        raise InputError(f"--engine={engine!r} must be one of {', '.join(ENGINES)}")
     if on_change not in ("refuse", "regenerate"):
         raise InputError(f"--on-change={on_change!r} must be 'refuse' or 'regenerate'")
     rows = read_inputs(input_path)
@@ -328,11 +354,14 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
                desc="batch-infer", unit="prompt", dynamic_ncols=True)
     with (open(output_path, "a", encoding="utf-8") if writer else contextlib.nullcontext()) \
             as out, use_mesh(mesh, rules):
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+        continuous = _use_engine(engine, cfg, kwargs)
+        chunk_size = batch_size * (CONTINUOUS_CHUNK if continuous else 1)
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start:start + chunk_size]
             seqs = generate_rows(params, cfg, [encoded[_key(r["id"])] for r in chunk],
-                                 [row_seed(r["id"]) for r in chunk], shards, max_len, kwargs,
-                                 g.num_return_sequences)
+                                 [row_seed(r["id"]) for r in chunk], kwargs,
+                                 max_len=max_len, shards=shards, slots=batch_size,
+                                 continuous=continuous)
             for r, seq in zip(chunk, seqs):
                 new_tokens += len(seq)
                 if not writer:
@@ -378,7 +407,7 @@ def run_batch_infer(args):
                timeout_s=getattr(args, "coordinator_timeout", 300.0))  # before any device use
     s = batch_infer(args.checkpoint, args.input, args.output, batch_size=args.batch_size,
                     overrides=args.overrides, on_change=args.on_change, step=args.step,
-                    chat=getattr(args, "chat", False))
+                    chat=getattr(args, "chat", False), engine=getattr(args, "engine", "auto"))
     import jax
     if jax.process_index() != 0:  # process 0 writes the output and reports
         return s

@@ -111,6 +111,52 @@ def bench_guided(cfg, params, batch: int = 16, prompt_len: int = 16,
     return {"states": len(guide.table), **tps}
 
 
+def continuous_workload(n_prompts: int = 200, seed: int = 0):
+    """n_prompts stdlib snippets as byte ids (+3, clear of the special ids): prompt
+    lengths 8..80 and max_new_tokens 8..80, each varying by 10x."""
+    from jaxlm.train.data import load_documents
+    docs = [d.encode("utf-8") for d in load_documents("stdlib", max_docs=16)]
+    rng = np.random.default_rng(seed)
+    prompts, news = [], []
+    for i in range(n_prompts):
+        data, n = docs[i % len(docs)], int(rng.integers(8, 81))
+        off = int(rng.integers(0, max(1, len(data) - n)))
+        prompts.append([b + 3 for b in data[off:off + n]])
+        news.append(int(rng.integers(8, 81)))
+    return prompts, news
+
+
+def bench_continuous(cfg, params, n_prompts: int = 200, slots: int = 16,
+                     page_size: int = 16, steps_per_call: int = 32) -> dict:
+    """Continuous batching (jaxlm.infer.engine) against static batches of the same
+    `slots` rows (jaxlm.generate, each batch running to its longest request), on
+    the same workload, greedy, no stop id: both produce exactly each request's
+    max_new_tokens, the tokens counted. Each path runs once to compile, then is
+    timed."""
+    from jaxlm.infer.engine import generate_many
+    from jaxlm.infer.generate import generate
+    prompts, news = continuous_workload(n_prompts)
+    max_len = -(-(max(map(len, prompts)) + max(news)) // 128) * 128
+
+    def static():
+        for i in range(0, len(prompts), slots):
+            generate(params, cfg, prompts[i:i + slots], max_new_tokens=max(news[i:i + slots]),
+                     max_len=max_len, row_seeds=list(range(i, i + len(prompts[i:i + slots]))))
+
+    def continuous():
+        generate_many(params, cfg, prompts, max_new_tokens=news, slots=slots,
+                      page_size=page_size, steps_per_call=steps_per_call)
+
+    tps = {}
+    for name, fn in (("static", static), ("continuous", continuous)):
+        fn()  # compile
+        t0 = time.perf_counter()
+        fn()
+        tps[name] = sum(news) / (time.perf_counter() - t0)
+    return {"prompts": n_prompts, "slots": slots, "tokens": sum(news), **tps,
+            "ratio": tps["continuous"] / tps["static"]}
+
+
 def run_bench(cfg) -> dict:
     n_devices, local = mesh_devices(make_mesh(cfg.mesh))
     peak, source = device_peak(cfg.model.dtype, cfg.train.peak_flops, 2.0, sharing=local)
@@ -130,6 +176,10 @@ def run_bench(cfg) -> dict:
     gd = bench_guided(cfg.model, params)
     print(f"guided (regex [0-9]{{127}}, batch 16): {gd['guided']:.0f} tokens/s against "
           f"{gd['unguided']:.0f} unguided (x{gd['guided'] / gd['unguided']:.2f})")
+    cb = bench_continuous(cfg.model, params)
+    print(f"continuous batching ({cb['prompts']} prompts, lengths and max_new_tokens 8..80, "
+          f"{cb['slots']} slots): {cb['continuous']:.0f} tokens/s against {cb['static']:.0f} "
+          f"for static batches (x{cb['ratio']:.2f})")
     result = {"peak_gflops": round(peak / 1e9, 2), "train_tokens_per_s": round(tps, 1),
               "train_mfu": round(train_mfu, 4), "peak_source": source,
               "decode_tokens_per_s_b1": round(dec[1], 1),
@@ -138,7 +188,10 @@ def run_bench(cfg) -> dict:
               "speculative_speedup": round(sp["speedup"], 3),
               "speculative_acceptance": round(sp["acceptance_rate"], 4),
               "guided_tokens_per_s_b16": round(gd["guided"], 1),
-              "unguided_tokens_per_s_b16": round(gd["unguided"], 1)}
+              "unguided_tokens_per_s_b16": round(gd["unguided"], 1),
+              "continuous_tokens_per_s": round(cb["continuous"], 1),
+              "static_batching_tokens_per_s": round(cb["static"], 1),
+              "continuous_over_static": round(cb["ratio"], 3)}
     print(json.dumps(result))
     return result
 

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     bi.add_argument("--process-id", type=int, help="multi-host: this process's index "
                     "(process 0 writes --output)")
+    bi.add_argument("--engine", choices=("auto", "continuous", "static"), default="auto",
+                    help="continuous batching over a paged cache, or static batches; auto "
+                    "(default): continuous where it gives the same outputs")
     bi.add_argument("overrides", nargs="*", metavar="generate.key=value|mesh.key=value")
     bi.set_defaults(fn=cmd_batch_infer)
 

@@ -1,0 +1,271 @@
+"""Continuous batching over a paged KV cache.
+
+    out = generate_many(params, cfg, prompts, max_new_tokens=[64, 8, ...], slots=8,
+                        page_size=16, eos_id=2, temperature=0.7, seed=0)
+    out.sequences()      # per prompt, in input order (as jaxlm.generate's GenerateOutput)
+
+A fixed number of slots decode together over one page pool
+(`jaxlm.infer.paged`). The device runs up to `steps_per_call` decode steps
+per host round trip, in one `lax.while_loop` compiled once; the loop exits
+early when a slot finishes while prompts are waiting, and the host then
+returns the finished slot's pages, prefills the next prompt into it and
+goes on, without waiting for the rest of the batch.
+
+Memory: a slot holds the pages its sequence has written, plus, during one
+round trip, the pages the next `steps_per_call` tokens may need; after each
+round trip the unused ones go back to the pool, so at every refill the
+pages in use are exactly what the live sequences need (rounded up to a
+page): `on_refill` sees it. A prompt is admitted when the pool can hold it
+and what every live sequence may still need (its prompt + max_new_tokens), so
+growth never runs out of pages.
+
+Identical to `jaxlm.generate` run prompt by prompt with the same seeds:
+prompt i samples its t-th token with fold_in(fold_in(key(seed), row_seeds[i]), t),
+row_seeds defaulting to the prompt's index (as generate numbers its rows),
+with the same sampler; the attention is the same function over the same keys.
+Logit processors, beams, guides and return_logits are the static path's
+(`jaxlm.generate`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from functools import partial
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.errors import InputError
+from jaxlm.infer.cache import init_cache
+from jaxlm.infer.generate import (PAD_ID, GenerateOutput, _check_prompts, prefill, row_keys)
+from jaxlm.infer.paged import (PagePool, check_paged_family, init_pages, pages_for,
+                               paged_step, write_prompt)
+from jaxlm.infer.processors import eos_array, is_eos
+from jaxlm.infer.sampling import check_sampling, sample
+
+TRACE_COUNTS = {"engine_loop": 0}
+WIDTH_BUCKET = 64
+
+
+class _Slots(NamedTuple):
+    """Per-slot state of the compiled loop (host numpy in, device out)."""
+    lengths: jax.Array  # [S] int32: positions in the cache
+    count: jax.Array  # [S] int32: tokens generated
+    budget: jax.Array  # [S] int32: the request's max_new_tokens
+    live: jax.Array  # [S] bool
+    eos: jax.Array  # [S] bool: finished with a stop id
+
+
+@partial(jax.jit, static_argnames=("cfg", "temperature", "top_k", "top_p", "min_p"),
+         donate_argnames=("pages", "logits", "out"))
+def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, keys, eos_ids,
+                max_steps, exit_on_finish, *, temperature: float, top_k: int, top_p: float,
+                min_p: float = 0.0):
+    """Up to max_steps decode steps of every live slot; stops early after a step
+    where a slot finished if exit_on_finish. logits [S, V]: each slot's
+    next-token logits; out [S, W] int32: the tokens of each slot's request.
+    Returns (pages, logits, out, slots, steps run)."""
+    TRACE_COUNTS["engine_loop"] += 1
+    pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    rows = jnp.arange(out.shape[0])
+
+    def body(c):
+        i, pages, logits, out, st, _ = c
+        step_keys = jax.vmap(jax.random.fold_in)(keys, st.count)
+        tok = pick(logits, step_keys)
+        out = out.at[rows, jnp.where(st.live, st.count, out.shape[1])].set(tok, mode="drop")
+        count = st.count + st.live
+        eos = is_eos(tok, eos_ids) & st.live
+        stop = st.live & (eos | (count >= st.budget))
+        live = st.live & ~stop
+        new_logits, pages = paged_step(params, cfg, pages, page_table, st.lengths, tok, live)
+        logits = jnp.where(live[:, None], new_logits, logits)
+        st = _Slots(st.lengths + live, count, st.budget, live, st.eos | eos)
+        return i + 1, pages, logits, out, st, jnp.any(stop)
+
+    def more(c):
+        i, _, _, _, st, stopped = c
+        return (i < max_steps) & jnp.any(st.live) & ~(exit_on_finish & stopped)
+
+    i, pages, logits, out, slots, _ = jax.lax.while_loop(
+        more, body, (jnp.int32(0), pages, logits, out, slots, jnp.bool_(False)))
+    return pages, logits, out, slots, i
+
+
+@partial(jax.jit, donate_argnames=("pages", "logits"))
+def _admit(pages, logits, k, v, page_ids, slot, new_logits):
+    """Write a prefilled prompt's pages and its next-token logits into its slot."""
+    return write_prompt(pages, k, v, page_ids), logits.at[slot].set(new_logits[0])
+
+
+class Request(NamedTuple):
+    tokens: np.ndarray
+    max_new_tokens: int
+    index: int
+
+
+def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
+                  page_size: int = 16, n_pages: Optional[int] = None,
+                  steps_per_call: int = 32, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0, min_p: float = 0.0, seed: int = 0, eos_id=None,
+                  row_seeds: Optional[Sequence[int]] = None,
+                  on_refill: Optional[Callable[[dict], None]] = None,
+                  on_finish: Optional[Callable[[int, list, bool], None]] = None
+                  ) -> GenerateOutput:
+    """Continue every prompt by up to its max_new_tokens (an int, or one per
+    prompt) with continuous batching over `slots` slots and a pool of `n_pages`
+    pages of `page_size` tokens (default: enough for `slots` of the longest
+    request). Returns a GenerateOutput in input order (tokens [N, max of
+    max_new_tokens], PAD_ID after a row stopped).
+
+    on_refill(info): called at every refill, after finished slots gave their
+    pages back and waiting prompts were prefilled, before the next round trip;
+    info has pages_in_use, pages_needed (sum over live slots of
+    ceil(length / page_size)), lengths [S], live [S], table [S, P], n_pages,
+    admitted (the slots just prefilled), waiting (prompts not admitted yet).
+    on_finish(index, tokens, eos): as each request finishes (e.g. to write it out).
+    """
+    check_paged_family(cfg)
+    rows = _check_prompts(prompts, cfg.vocab_size)
+    budgets = _budgets(max_new_tokens, len(rows))
+    check_sampling(temperature, top_k, top_p, min_p)
+    for name, value in (("slots", slots), ("page_size", page_size),
+                        ("steps_per_call", steps_per_call)):
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise InputError(f"{name}={value} must be an integer >= 1")
+    eos_ids = eos_array(eos_id, cfg.vocab_size)
+    keys_all = row_keys(seed, len(rows), row_seeds)
+    need = [len(r) + m for r, m in zip(rows, budgets)]  # positions a request may write, +1
+    for i, n in enumerate(need):
+        if n > cfg.max_seq_len:
+            raise InputError(f"prompt {i} has {len(rows[i])} tokens + max_new_tokens="
+                             f"{budgets[i]} = {n}, longer than model.max_seq_len="
+                             f"{cfg.max_seq_len}")
+    full = [pages_for(n - 1, page_size) for n in need]  # pages a request ever holds
+    longest = max(range(len(rows)), key=lambda i: full[i])
+    if n_pages is None:
+        n_pages = slots * full[longest]
+    if isinstance(n_pages, bool) or int(n_pages) != n_pages or n_pages < full[longest]:
+        raise InputError(f"n_pages={n_pages}: the page pool is too small for prompt {longest} "
+                         f"({len(rows[longest])} tokens + max_new_tokens={budgets[longest]}), "
+                         f"which needs {full[longest]} pages of page_size={page_size}")
+    max_pages = max(full)
+    width = -(-max(budgets) // WIDTH_BUCKET) * WIDTH_BUCKET
+    pool = PagePool(int(n_pages), page_size, slots, max_pages)
+    pages = init_pages(cfg, int(n_pages), page_size)
+    logits = jnp.zeros((slots, cfg.vocab_size), jnp.float32)
+    out_dev = jnp.full((slots, width), PAD_ID, jnp.int32)
+    st = {k: np.zeros(slots, np.int32) for k in ("lengths", "count", "budget")}
+    st["live"], st["eos"] = np.zeros(slots, bool), np.zeros(slots, bool)
+    req_of = np.zeros(slots, np.int64)  # which request each slot holds
+    queue = deque(Request(r, m, i) for i, (r, m) in enumerate(zip(rows, budgets)))
+    tokens = np.full((len(rows), max(budgets)), PAD_ID, np.int32)
+    lengths = np.zeros(len(rows), np.int32)
+    finished = np.zeros(len(rows), bool)
+    sampler = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                   min_p=float(min_p))
+
+    def reserved() -> int:  # pages the live slots may still take
+        return sum(full[req_of[s]] - len(pool.held[s]) for s in range(slots) if st["live"][s])
+
+    while True:
+        # refill: every free slot takes the next prompt the pool can hold
+        admitted = []
+        for s in range(slots):
+            if st["live"][s] or not queue:
+                continue
+            req = queue[0]
+            if full[req.index] > len(pool.free) - reserved():
+                break  # wait for pages (a finishing sequence gives its pages back)
+            queue.popleft()
+            pages, logits = _prefill_into(params, cfg, pages, logits, pool, s, req.tokens)
+            req_of[s] = req.index
+            st["lengths"][s], st["count"][s], st["budget"][s] = len(req.tokens), 0, \
+                req.max_new_tokens
+            st["live"][s], st["eos"][s] = True, False
+            admitted.append(s)
+        if on_refill is not None:
+            on_refill({"pages_in_use": pool.in_use(), "page_size": page_size,
+                       "pages_needed": int(sum(pages_for(st["lengths"][s], page_size)
+                                               for s in range(slots) if st["live"][s])),
+                       "lengths": st["lengths"].copy(), "live": st["live"].copy(),
+                       "table": pool.table.copy(), "n_pages": pool.n_pages,
+                       "admitted": admitted, "waiting": len(queue)})
+        if not st["live"].any():
+            break
+        # grow: pages for the positions the next steps_per_call tokens may write
+        for s in np.flatnonzero(st["live"]):
+            ahead = min(steps_per_call, int(st["budget"][s] - st["count"][s] - 1))
+            pool.grow(s, int(st["lengths"][s]) + ahead)
+        pages, logits, out_dev, slots_dev, _ = decode_loop(
+            params, cfg, pages, logits, out_dev, _Slots(**{k: jnp.asarray(v) for k, v in st.items()}),
+            jnp.asarray(pool.table), keys_all[jnp.asarray(req_of)], eos_ids,
+            jnp.int32(steps_per_call), jnp.bool_(bool(queue)), **sampler)
+        was_live = st["live"]
+        new, out_np = jax.device_get((slots_dev._asdict(), out_dev))
+        st = {k: np.array(v) for k, v in new.items()}
+        for s in range(slots):
+            if was_live[s] and not st["live"][s]:  # finished: collect, free its pages
+                i, n = int(req_of[s]), int(st["count"][s])
+                tokens[i, :n], lengths[i], finished[i] = out_np[s, :n], n, st["eos"][s]
+                pool.release(s)
+                if on_finish is not None:
+                    seq = [int(t) for t in out_np[s, :n - int(st["eos"][s])]]
+                    on_finish(i, seq, bool(st["eos"][s]))
+            elif st["live"][s]:
+                pool.trim(s, int(st["lengths"][s]))
+    return GenerateOutput(tokens, lengths, finished)
+
+
+def _prefill_into(params, cfg, pages, logits, pool: PagePool, slot: int, prompt):
+    """Prefill one prompt (jaxlm.generate's prefill over a contiguous cache of
+    one row) and copy its pages into the slot's newly allocated pages."""
+    ps = pool.page_size
+    n = len(prompt)
+    width = min(max(16, 1 << (n - 1).bit_length()), cfg.max_seq_len)  # generate's bucket
+    t = -(-width // ps) * ps
+    padded = np.zeros((1, width), np.int32)
+    padded[0, :n] = prompt
+    cache = init_cache(cfg, 1, t)
+    new_logits, cache = prefill(params, cfg, cache, jnp.asarray(padded), jnp.asarray([n], jnp.int32))
+    pool.grow(slot, n)
+    ids = np.full(t // ps, pool.n_pages, np.int32)
+    ids[:len(pool.held[slot])] = pool.held[slot]
+    return _admit(pages, logits, cache["k"], cache["v"], jnp.asarray(ids), jnp.int32(slot),
+                  new_logits)
+
+
+def _budgets(max_new_tokens, n: int) -> list[int]:
+    values = [max_new_tokens] * n if np.isscalar(max_new_tokens) else list(max_new_tokens)
+    if len(values) != n:
+        raise InputError(f"max_new_tokens: {len(values)} values for {n} prompts (give one "
+                         "int, or one per prompt)")
+    for i, m in enumerate(values):
+        if isinstance(m, bool) or int(m) != m or m < 1:
+            raise InputError(f"max_new_tokens={m} (prompt {i}) must be an integer >= 1")
+    return [int(m) for m in values]
+
+
+ENGINE_KWARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "eos_id")
+_OFF = dict(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+            no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, num_return_sequences=1)
+
+
+def unsupported(cfg, kwargs: dict) -> Optional[str]:
+    """Why the engine cannot run these `jaxlm.generate` keyword arguments (as
+    `generate_kwargs` makes them) on this model, or None if it can."""
+    try:
+        check_paged_family(cfg)
+    except InputError as e:
+        return str(e)
+    for k, off in _OFF.items():
+        if k in kwargs and kwargs[k] != off:
+            return f"{k}={kwargs[k]!r} is the static path's (jaxlm.generate)"
+    return None
+
+
+def engine_kwargs(kwargs: dict) -> dict:
+    """generate_kwargs(...) -> the keyword arguments generate_many takes."""
+    return {k: kwargs[k] for k in ENGINE_KWARGS if k in kwargs}

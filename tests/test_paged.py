@@ -1,0 +1,159 @@
+"""Continuous batching over a paged KV cache (jaxlm.infer.engine) and paged decode
+attention (jaxlm.model.kernels.paged) against independent oracles."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.errors import InputError
+from jaxlm.infer import engine
+from jaxlm.infer.engine import generate_many
+from jaxlm.infer.generate import generate
+from jaxlm.model import ModelConfig, init_params
+from jaxlm.model.kernels.paged import paged_attention_pallas, paged_attention_reference
+from jaxlm.train.data import load_documents
+
+# init_std 0.2: peaked logits, so greedy choices are not near-ties; byte tokens
+CFG = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                  max_seq_len=128, init_std=0.2, dtype="float32", param_dtype="float32")
+SLOTS, PAGE = 4, 8
+N_PAGES = 12  # < SLOTS x the longest request's 7 pages: sequences share the pool
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def workload():
+    """32 stdlib snippets (bytes): prompt lengths 3..30 and max_new_tokens 2..20 (10x each)."""
+    docs = [d.encode("utf-8") for d in load_documents("stdlib", max_docs=4)]
+    rng = np.random.default_rng(0)
+    prompts, news = [], []
+    for i in range(32):
+        data, n = docs[i % len(docs)], int(rng.integers(3, 31))
+        off = (97 * i) % max(1, len(data) - n)
+        prompts.append(list(data[off:off + n]))
+        news.append(int(rng.integers(2, 21)))
+    assert min(map(len, prompts)) * 6 <= max(map(len, prompts)) and max(news) >= 6 * min(news)
+    return prompts, news
+
+
+def per_prompt(params, prompts, news, **kw):
+    """jaxlm.generate's row of each prompt, cut to its own max_new_tokens: one
+    batched call with row_seeds (a row does not depend on its batch, as
+    test_generate checks), plus the first two prompts alone as an anchor."""
+    seeds = kw.pop("row_seeds", list(range(len(prompts))))
+    out = generate(params, CFG, prompts, max_new_tokens=max(news), row_seeds=seeds, **kw)
+    rows = [s[:m] for s, m in zip(out.sequences(include_eos=True), news)]
+    for i in range(2):
+        alone = generate(params, CFG, [prompts[i]], max_new_tokens=news[i],
+                         row_seeds=[seeds[i]], **kw).sequences(include_eos=True)[0]
+        assert alone == rows[i]
+    return rows
+
+
+def run_engine(params, prompts, news, **kw):
+    infos = []
+    out = generate_many(params, CFG, prompts, max_new_tokens=news, slots=SLOTS, page_size=PAGE,
+                        steps_per_call=8, n_pages=N_PAGES, on_refill=infos.append, **kw)
+    return out, infos
+
+
+def check_pages(infos):
+    """At every refill: pages in use <= what the live sequences need (rounded up
+    to a page) and each live slot's pages are its own; a refill happened while
+    other slots were mid-sequence, and one left a slot empty for want of pages."""
+    assert len(infos) > 2
+    mid = 0
+    for info in infos:
+        assert info["pages_in_use"] <= info["pages_needed"], info
+        assert info["pages_in_use"] <= N_PAGES
+        held = [p for s in np.flatnonzero(info["live"]) for p in info["table"][s]
+                if p < info["n_pages"]]
+        assert len(held) == len(set(held)) == info["pages_in_use"]
+        mid += bool(info["admitted"]) and info["live"].sum() > len(info["admitted"])
+    assert mid > 0  # a prompt took a finished row's slot while the other rows went on
+    assert any(i["waiting"] and not i["live"].all() for i in infos)  # waited for pages
+
+
+def test_greedy_equals_per_prompt_generate(params, workload):
+    prompts, news = workload
+    # the stop id: the commonest non-final greedy token, so that rows stop on it
+    free = generate(params, CFG, prompts, max_new_tokens=max(news),
+                    row_seeds=list(range(len(prompts)))).sequences()
+    eos = int(np.bincount([t for s, m in zip(free, news) for t in s[:m - 1]]).argmax())
+    before = engine.TRACE_COUNTS["engine_loop"]
+    out, infos = run_engine(params, prompts, news, eos_id=eos)
+    got = out.sequences(include_eos=True)
+    assert got == per_prompt(params, prompts, news, eos_id=eos)
+    assert [len(s) for s in got] == list(out.lengths)
+    assert any(len(s) < m for s, m in zip(got, news))  # some rows stopped on EOS
+    check_pages(infos)
+    assert engine.TRACE_COUNTS["engine_loop"] - before == 1  # one compiled loop
+
+
+def test_sampled_equals_per_prompt_generate_with_seeds(params, workload):
+    prompts, news = workload
+    seeds = [(7919 * i + 13) % 2 ** 32 for i in range(len(prompts))]
+    kw = dict(temperature=0.9, top_k=40, seed=5, row_seeds=seeds)
+    out, infos = run_engine(params, prompts, news, **kw)
+    assert out.sequences(include_eos=True) == per_prompt(params, prompts, news, **kw)
+    check_pages(infos)
+
+
+def test_too_small_pool_is_one_line(params, workload):
+    prompts, news = workload
+    need = max(-(-(len(p) + m - 1) // PAGE) for p, m in zip(prompts, news))
+    with pytest.raises(InputError, match=f"needs {need} pages") as e:
+        generate_many(params, CFG, prompts, max_new_tokens=news, page_size=PAGE,
+                      n_pages=need - 1)
+    assert "\n" not in str(e.value)
+
+
+def test_position_bias_refused(params):
+    with pytest.raises(InputError, match="positions='alibi'"):
+        generate_many(params, dataclasses.replace(CFG, positions="alibi"), [[1, 2]],
+                      max_new_tokens=2)
+
+
+def _naive_paged(q, kp, vp, table, lengths, window=None):
+    """Dense numpy recomputation, sequence by sequence, from its pages."""
+    q, kp, vp = (np.asarray(x, np.float64) for x in (q, kp, vp))
+    b, h, d = q.shape
+    ps, kvh = kp.shape[1], kp.shape[2]
+    out = np.zeros_like(q)
+    for i in range(b):
+        n = int(lengths[i])
+        k = np.concatenate([kp[p] for p in table[i]])[:n]  # [n, KVH, D]
+        v = np.concatenate([vp[p] for p in table[i]])[:n]
+        lo = 0 if window is None else max(0, n - window)
+        for j in range(h):
+            g = j // (h // kvh)
+            s = k[lo:, g] @ q[i, j] / np.sqrt(d)
+            p = np.exp(s - s.max())
+            out[i, j] = (p / p.sum()) @ v[lo:, g]
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_paged_attention_pallas_reference_naive(window):
+    b, h, kvh, d, ps, n_pages, per_seq = 5, 4, 2, 16, 4, 32, 5
+    ks = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(ks[0], (b, h, d))
+    kp = jax.random.normal(ks[1], (n_pages, ps, kvh, d))
+    vp = jax.random.normal(ks[2], (n_pages, ps, kvh, d))
+    table = np.random.default_rng(0).permutation(n_pages)[:b * per_seq].reshape(b, per_seq)
+    lengths = np.array([1, 4, 5, 13, 20], np.int32)  # ragged: 1 key, a full page, ...
+    table = table.astype(np.int32)
+    naive = _naive_paged(q, kp, vp, table, lengths, window)
+    ref = paged_attention_reference(q, kp, vp, jnp.asarray(table), jnp.asarray(lengths),
+                                    window=window)
+    pal = paged_attention_pallas(q, kp, vp, jnp.asarray(table), jnp.asarray(lengths),
+                                 window=window, interpret=True)
+    np.testing.assert_allclose(np.asarray(ref), naive, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(pal), np.asarray(ref), atol=1e-5, rtol=1e-5)
