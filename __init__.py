@@ -6,6 +6,7 @@
     logits, aux = jaxlm.forward(params, cfg, tokens)
     vectors = jaxlm.embed(params, cfg, tokens, mask)  # encoders: [B, D] masked-mean pooled
     out = jaxlm.generate(params, cfg, [[1, 5, 9]], max_new_tokens=64)
+    out = jaxlm.generate(params, cfg, ["def f"], tokenizer=tok, max_new_tokens=64)  # out.texts
     jaxlm.save("exported", cfg, params)
     tok = jaxlm.load_tokenizer("runs/tiny-llama")
 
@@ -20,7 +21,7 @@ _LAZY = {
     "load": "jaxlm.api", "save": "jaxlm.api",
     "model_config_of": "jaxlm.api", "load_params": "jaxlm.api",
     "forward": "jaxlm.validate", "init_params": "jaxlm.validate", "ModelConfig": "jaxlm.model",
-    "generate": "jaxlm.infer.generate",
+    "generate": "jaxlm.infer.text",
     "embed": "jaxlm.validate",
     "load_tokenizer": "jaxlm.model.tokenizer",
     "Config": "jaxlm.model.config", "load_config": "jaxlm.model.config",

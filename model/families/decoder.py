@@ -39,7 +39,7 @@ def decoder_specs(cfg):
         specs["positions"] = learned_position_specs(cfg)
     if cfg.positions == "t5_relative":
         specs["relative"] = relative_bias_specs(cfg)
-    if not cfg.tie_embeddings:
+    if cfg.head and not cfg.tie_embeddings:  # a base model (HF LlamaModel) has none
         specs["head"] = head_specs(cfg)
     return specs
 
