@@ -73,6 +73,9 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
     """
     b, s = tokens.shape
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
+    # default positions (arange) stay implicit in the mask, so that cuDNN / splash
+    # attention can take the call (`kernels.dispatch.call_impl`); biases need them
+    implicit = positions is None and cfg.positions not in ("alibi", "t5_relative")
     if cache is not None:
         positions = cache["lengths"][:, None] + jnp.arange(s, dtype=jnp.int32)[None]
     elif positions is None:
@@ -80,7 +83,8 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
     x = embed_tokens_and_positions(params, tokens, positions, cfg)
     window = cfg.sliding_window or None
     if cache is None:
-        mask = MaskSpec(causal=True, q_positions=positions, kv_positions=positions,
+        at = None if implicit else positions
+        mask = MaskSpec(causal=True, q_positions=at, kv_positions=at,
                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids, window=window)
         x, aux = _layers(params, cfg, x, positions, mask, segment_ids)
     else:
