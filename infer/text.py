@@ -35,9 +35,7 @@ GENERATION_CONFIG = "generation_config.json"
 class GenerationSettings(NamedTuple):
     """What a checkpoint says about generating from it (None: it does not say)."""
     eos_ids: tuple  # the ids that end a row (never empty: at least the tokenizer's EOS)
-    bos_id: Optional[int]
-    pad_id: Optional[int]
-    decoder_start_id: Optional[int]
+    decoder_start_id: Optional[int]  # encoder-decoders' first decoder input (T5: 0)
 
 
 def _ids(value, key: str, path) -> tuple:
@@ -65,8 +63,11 @@ def read_generation_config(directory) -> dict:
 
 
 def generation_settings(directory, tokenizer) -> GenerationSettings:
-    """The stop ids, BOS, pad and decoder start of a checkpoint dir: generation_config.json
-    first, then config.json (an HF dir's), then the tokenizer's special ids."""
+    """The stop ids and decoder start of a checkpoint dir: generation_config.json first,
+    then config.json (an HF dir's; the decoder start only), then the tokenizer's EOS.
+
+    The BOS is the tokenizer's alone (as transformers' tokenizer adds it): config
+    files name a bos_token_id even where the tokenizer adds none (Qwen)."""
     directory = pathlib.Path(os.fspath(directory))
     gen = read_generation_config(directory)
     config = {}
@@ -83,9 +84,8 @@ def generation_settings(directory, tokenizer) -> GenerationSettings:
         return ()
 
     eos = _ids(gen.get("eos_token_id"), "eos_token_id", where) or (tokenizer.eos_id,)
-    one = lambda key: (first(key) or (None,))[0]
-    return GenerationSettings(eos_ids=eos, bos_id=one("bos_token_id"), pad_id=one("pad_token_id"),
-                              decoder_start_id=one("decoder_start_token_id"))
+    return GenerationSettings(eos_ids=eos,
+                              decoder_start_id=(first("decoder_start_token_id") or (None,))[0])
 
 
 def chat_ids(tokenizer, template: str, prompt: str) -> list[int]:
@@ -97,10 +97,9 @@ def chat_ids(tokenizer, template: str, prompt: str) -> list[int]:
     return tokenizer.encode_chat(text)
 
 
-def encode_prompts(tokenizer, cfg, prompts: Sequence[str], *, chat_template: str | None = None,
-                   bos_id: int | None = None) -> list[list[int]]:
-    """Model input ids of each prompt (see the module docstring). bos_id: the BOS to use
-    when the tokenizer has none (a checkpoint's generation_config.json bos_token_id)."""
+def encode_prompts(tokenizer, cfg, prompts: Sequence[str], *,
+                   chat_template: str | None = None) -> list[list[int]]:
+    """Model input ids of each prompt [n_prompts][len] (see the module docstring)."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise InputError("prompts must be a list of strings when a tokenizer is given")
     if chat_template is not None:
@@ -108,8 +107,8 @@ def encode_prompts(tokenizer, cfg, prompts: Sequence[str], *, chat_template: str
     elif cfg.family == "encoder_decoder":
         rows = [tokenizer.encode(p) + [tokenizer.eos_id] for p in prompts]
     else:
-        bos = tokenizer.bos_id if tokenizer.bos_id is not None else bos_id
-        rows = [([] if bos is None else [bos]) + tokenizer.encode(p) for p in prompts]
+        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        rows = [bos + tokenizer.encode(p) for p in prompts]
     for i, row in enumerate(rows):
         if not row:
             raise InputError(f"prompt {i} encodes to no tokens")

@@ -88,7 +88,7 @@ def run_generate(args):
     cfg = apply_model_overrides(cfg, model_overrides)
     tok = jaxlm.load_tokenizer(args.checkpoint)
     settings = generation_settings(args.checkpoint, tok)
-    ids = encode_prompts(tok, cfg, prompts, chat_template=template, bos_id=settings.bos_id)
+    ids = encode_prompts(tok, cfg, prompts, chat_template=template)
     eos = stop_ids(getattr(args, "eos_id", None) or settings.eos_ids, g, cfg.vocab_size)
     guide = read_guide(args, tok, cfg.vocab_size)
     if getattr(args, "draft", None):

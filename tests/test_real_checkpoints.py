@@ -157,6 +157,19 @@ def test_gpt2_bos_is_eos_and_cli_text(gpt2, capsys):
     assert rc == 2 and err.count("\n") == 1 and "has no chat template" in err, err
 
 
+def test_qwen_style_tokenizer_has_no_bos(tmp_path):
+    """A tokenizer_config.json naming no bos_token (Qwen) means no BOS, though the
+    vocabulary holds <|endoftext|>: decoder prompts are the text's ids alone, as
+    transformers' tokenizer gives them."""
+    hf_tok = _tokenizer(tmp_path, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = jaxlm.load_tokenizer(tmp_path)
+    assert tok.bos_id is hf_tok.bos_token_id is None and tok.eos_id == hf_tok.eos_token_id
+    from jaxlm.infer.text import encode_prompts
+    assert encode_prompts(tok, jaxlm.ModelConfig(), PROMPTS) == [
+        hf_tok(p)["input_ids"] for p in PROMPTS]
+
+
 def _two_stop_ids(model, rows):
     """One stop id per row that its greedy continuation emits (after at least one
     other token where it can), and that the other row does not emit before its own."""
