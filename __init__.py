@@ -6,6 +6,7 @@
     logits, aux = jaxlm.forward(params, cfg, tokens)
     vectors = jaxlm.embed(params, cfg, tokens, mask)  # encoders: [B, D] masked-mean pooled
     out = jaxlm.generate(params, cfg, [[1, 5, 9]], max_new_tokens=64)
+    out = jaxlm.generate(params, cfg, ["def f"], tokenizer=tok, max_new_tokens=64)  # out.texts
     out = jaxlm.generate_many(params, cfg, prompts, max_new_tokens=[64, 8], slots=8)  # paged
     jaxlm.save("exported", cfg, params)
     tok = jaxlm.load_tokenizer("runs/tiny-llama")
@@ -21,7 +22,7 @@ _LAZY = {
     "load": "jaxlm.api", "save": "jaxlm.api",
     "model_config_of": "jaxlm.api", "load_params": "jaxlm.api",
     "forward": "jaxlm.validate", "init_params": "jaxlm.validate", "ModelConfig": "jaxlm.model",
-    "generate": "jaxlm.infer.generate",
+    "generate": "jaxlm.infer.text",
     "generate_many": "jaxlm.infer.engine",
     "embed": "jaxlm.validate",
     "load_tokenizer": "jaxlm.model.tokenizer",

@@ -14,7 +14,7 @@ import functools
 import jax
 import numpy as np
 
-from jaxlm.errors import ConfigError, InputError
+from jaxlm.errors import CheckpointError, ConfigError, InputError
 
 
 def check_model_cfg(cfg, where: str) -> None:
@@ -58,6 +58,23 @@ def check_model_args(params, cfg, where: str) -> None:
     check_params(params, cfg, where)
 
 
+def missing_head(cfg) -> str:
+    """What a base model (model.head=false) lacks, in Hugging Face's names."""
+    if cfg.family == "decoder":
+        return "lm_head.weight (a base model such as LlamaModel or GPT2Model)"
+    if cfg.positions == "t5_relative":
+        return "the decoder and lm_head.weight (a T5EncoderModel)"
+    return "the MLM head cls.predictions.* (a BertModel)"
+
+
+def check_head(cfg, where: str) -> None:
+    """Logits need the output head; a base model has none: CheckpointError naming it."""
+    if not cfg.head:
+        raise CheckpointError(f"{where}: this model has no output head: its checkpoint lacks "
+                              f"{missing_head(cfg)}; use jaxlm.forward(..., return_hidden=True) "
+                              "or jaxlm.embed")
+
+
 def check_tokens(tokens, cfg, where: str, *, cached: bool = False) -> None:
     """Concrete token ids: integers in [0, vocab_size); with learned positions
     and no cache, at most model.max_seq_len of them per row. Traced: no check."""
@@ -86,6 +103,8 @@ def forward(params, cfg, tokens, *args, **kwargs):
     """`jaxlm.forward`: `jaxlm.model.forward` after the checks above."""
     from jaxlm.model import forward as model_forward
     check_model_args(params, cfg, "forward")
+    if not kwargs.get("return_hidden"):
+        check_head(cfg, "forward")
     check_tokens(tokens, cfg, "forward", cached=kwargs.get("cache") is not None)
     return model_forward(params, cfg, tokens, *args, **kwargs)
 

@@ -62,6 +62,7 @@ class GenerateOutput(NamedTuple):
     logits: Optional[np.ndarray] = None  # f32 [B, max_new_tokens, V] with return_logits
     scores: Optional[np.ndarray] = None  # f32 [B * R]: beam search's sequence scores
     stats: Optional[dict] = None  # speculative decoding: drafted / accepted counts
+    texts: Optional[list] = None  # jaxlm.generate(..., tokenizer=tok): each row's new text
 
     def sequences(self, include_eos: bool = False) -> list[list[int]]:
         """Generated ids per row; the final EOS is dropped unless include_eos."""
@@ -116,11 +117,12 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     matches, and always finish (with a stop id) within max_new_tokens; needs
     eos_id. Not with beams or encoder-decoder models.
     """
-    from jaxlm.validate import check_model_args
+    from jaxlm.validate import check_head, check_model_args
     check_model_args(params, cfg, "generate")
     if cfg.family == "encoder":
         raise InputError("encoders do not generate text; use jaxlm.forward (masked-LM logits) "
                          "or jaxlm.embed (sentence vectors)")
+    check_head(cfg, "generate")
     opts = dict(min_p=min_p, repetition_penalty=repetition_penalty,
                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                 no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,

@@ -231,7 +231,8 @@ class HFTokenizer(Tokenizer):
     and no bos/eos/template tokens are added. Special ids come from
     tokenizer_config.json / special_tokens_map.json beside the file if present,
     else from the tokenizer's added tokens by their usual names (<s>, </s>,
-    <|endoftext|>, ...). pad: the pad token, else unk, else eos.
+    <|endoftext|>, ...); a tokenizer_config.json that names no bos_token means no
+    BOS (Qwen, T5), as in transformers. pad: the pad token, else unk, else eos.
     """
 
     _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|endoftext|>")
@@ -249,7 +250,10 @@ class HFTokenizer(Tokenizer):
         self._json = json_text
         self._special_files = dict(special_files or {})
         named = self._named_special_tokens()
-        self._bos = self._pick(named.get("bos_token"), self._BOS_NAMES)
+        # transformers reads the BOS from tokenizer_config.json alone: a config that names
+        # none (Qwen: null; transformers 5 leaves the key out) means no BOS
+        no_bos = "tokenizer_config.json" in self._special_files and "bos_token" not in named
+        self._bos = None if no_bos else self._pick(named.get("bos_token"), self._BOS_NAMES)
         self._eos = self._pick(named.get("eos_token"), self._EOS_NAMES)
         if self._eos is None:
             raise InputError("tokenizer.json has no eos token (name one as eos_token in "

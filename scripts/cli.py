@@ -89,11 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint")
-    g.add_argument("--checkpoint", required=True, help="a jaxlm run/checkpoint dir")
+    g.add_argument("--checkpoint", required=True, help="a jaxlm run/checkpoint dir or a "
+                   "Hugging Face dir")
     g.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help="a text file, one prompt per line")
     g.add_argument("--config", help="optional YAML with a generate: section")
+    g.add_argument("--chat", action="store_true", help="render each prompt as one user "
+                   "message with the checkpoint's chat template")
+    g.add_argument("--eos-id", type=int, action="append", metavar="ID",
+                   help="an id that ends a row (repeatable); default the checkpoint's "
+                   "(generation_config.json eos_token_id, else the tokenizer's eos)")
     g.add_argument("--draft", help="speculative decoding: a draft checkpoint (a jaxlm or "
                    "HF decoder dir) with the target's vocabulary")
     g.add_argument("--num-speculative", type=int, default=4,

@@ -1,11 +1,14 @@
-"""`jaxlm generate`: prompts in, text out, from a run/checkpoint dir."""
+"""`jaxlm generate`: prompts in, text out, from a jaxlm run/checkpoint dir or a Hugging
+Face dir (prompts encoded by `jaxlm.infer.text.encode_prompts`; stop ids and the
+decoder start from `generation_settings`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 
-from jaxlm.errors import InputError
+from jaxlm.errors import CheckpointError, InputError
+from jaxlm.infer.text import decode_ids, encode_prompts, generation_settings  # noqa: F401
 
 
 def read_prompts(args) -> list[str]:
@@ -25,19 +28,6 @@ def read_prompts(args) -> list[str]:
         if not p:
             raise InputError(f"prompt {i} is empty")
     return prompts
-
-
-def decode_ids(tok, ids, vocab_size: int) -> str:
-    """Text for ids; ids past the tokenizer (T5 span sentinels, counting down from
-    the top of the model's vocab) print as <extra_id_N>."""
-    parts, run = [], []
-    for i in ids:
-        if i < tok.vocab_size:
-            run.append(i)
-            continue
-        parts += [tok.decode(run), f"<extra_id_{vocab_size - 1 - i}>"]
-        run = []
-    return "".join(parts) + tok.decode(run)
 
 
 def split_model_overrides(overrides) -> tuple[list[str], list[str]]:
@@ -84,6 +74,7 @@ def run_generate(args):
     from jaxlm.model.hf import is_hf_checkpoint
 
     prompts = read_prompts(args)
+    template = chat_template_for(args.checkpoint) if getattr(args, "chat", False) else None
     model_overrides, overrides = split_model_overrides(args.overrides)
     if is_hf_checkpoint(args.checkpoint) and not os.path.exists(
             os.path.join(args.checkpoint, "config.yaml")):
@@ -96,15 +87,21 @@ def run_generate(args):
     cfg, params = jaxlm.load(args.checkpoint, step=getattr(args, "step", None))
     cfg = apply_model_overrides(cfg, model_overrides)
     tok = jaxlm.load_tokenizer(args.checkpoint)
-    ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+    settings = generation_settings(args.checkpoint, tok)
+    ids = encode_prompts(tok, cfg, prompts, chat_template=template)
+    eos = stop_ids(getattr(args, "eos_id", None) or settings.eos_ids, g, cfg.vocab_size)
     guide = read_guide(args, tok, cfg.vocab_size)
     if getattr(args, "draft", None):
         if guide is not None:
             raise InputError("--draft: guided decoding (--regex / --json-schema / --choice) "
                              "is not supported with speculative decoding")
-        out = _speculative(args, g, params, cfg, ids, tok.eos_id)
+        out = _speculative(args, g, params, cfg, ids, eos)
     else:
-        out = jaxlm.generate(params, cfg, ids, guide=guide, **generate_kwargs(g, tok.eos_id))
+        kwargs = generate_kwargs(g)
+        kwargs["eos_id"] = eos
+        if cfg.family == "encoder_decoder" and settings.decoder_start_id is not None:
+            kwargs["decoder_start_id"] = settings.decoder_start_id
+        out = jaxlm.generate(params, cfg, ids, guide=guide, **kwargs)
     n = g.num_return_sequences  # output row i * n + r: sequence r of prompt i
     for i, new in enumerate(out.sequences()):
         prompt = prompts[i // n]
@@ -113,6 +110,40 @@ def run_generate(args):
         print(prompt + (guide.text(new) if guide is not None else
                         decode_ids(tok, new, cfg.vocab_size)))
     return dataclasses.asdict(g)
+
+
+def stop_ids(eos_ids, g, vocab_size: int) -> list[int]:
+    """The ids that end a row: `eos_ids` (--eos-id, else the checkpoint's), then
+    generate.stop_ids; each must be in the model's vocabulary."""
+    out = []
+    for i in list(eos_ids) + list(g.stop_ids):
+        if not 0 <= i < vocab_size:
+            raise InputError(f"stop id {i} (--eos-id / generation_config.json / "
+                             f"generate.stop_ids) is outside the vocabulary [0, {vocab_size})")
+        if i not in out:
+            out.append(i)
+    return out
+
+
+def chat_template_for(checkpoint) -> str:
+    """--chat: the checkpoint's chat template (a fine-tuning run's: the one it trained
+    with); a checkpoint without one is a CheckpointError."""
+    from jaxlm.model.chat import chat_template_of, resolve_chat_template
+    if not os.path.isdir(checkpoint):
+        raise CheckpointError(f"checkpoint dir {checkpoint} does not exist")
+    if not os.path.exists(os.path.join(checkpoint, "config.yaml")):
+        template = chat_template_of(checkpoint)
+    else:
+        from jaxlm.train.loop import read_run_config
+        run = read_run_config(checkpoint)
+        template = chat_template_of(checkpoint)
+        if template is None and run.train.objective in ("sft", "dpo"):
+            template = resolve_chat_template(run.data.chat_template,
+                                             run.train.init_from or checkpoint)
+    if template is None:
+        raise CheckpointError(f"--chat: {checkpoint} has no chat template (no chat_template in "
+                              "tokenizer_config.json, no chat_template.jinja)")
+    return template
 
 
 def read_guide(args, tok, vocab_size: int):
@@ -133,7 +164,7 @@ def read_guide(args, tok, vocab_size: int):
     return Guide.json_schema(text, tok, vocab_size)
 
 
-def _speculative(args, g, params, cfg, ids, eos_id):
+def _speculative(args, g, params, cfg, ids, stop):
     """`--draft DIR --num-speculative K`: the target's settings, drafted by DIR's model."""
     import jaxlm
     from jaxlm.infer.speculative import generate_speculative
@@ -147,7 +178,6 @@ def _speculative(args, g, params, cfg, ids, eos_id):
         raise InputError(f"--draft: generate.{unsupported[0]} is not supported with "
                          "speculative decoding")
     draft_cfg, draft_params = jaxlm.load(args.draft)
-    stop = [eos_id] + [i for i in g.stop_ids if i != eos_id]
     out = generate_speculative(params, cfg, draft_params, draft_cfg, ids,
                                max_new_tokens=g.max_new_tokens,
                                num_speculative=args.num_speculative, temperature=g.temperature,

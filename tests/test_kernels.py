@@ -152,6 +152,39 @@ def test_cudnn_support_check():
     assert not dispatch.cudnn_supports(q16, MaskSpec(window=4), None)  # window without causal
 
 
+@pytest.mark.parametrize("plat", ["cpu", "gpu", "tpu"])
+def test_auto_choice_per_platform(monkeypatch, plat):
+    """auto: cudnn on GPU, splash on TPU, xla on CPU, and xla for calls the chosen
+    kernel cannot express; explicit impls keep their meaning (backend name faked)."""
+    monkeypatch.setattr(dispatch, "platform", lambda: plat)
+    q16, k16 = jnp.zeros((1, 128, 4, 64), jnp.bfloat16), jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+    causal, bias = MaskSpec(causal=True), jnp.zeros((1, 4, 128, 128))
+    positions = MaskSpec(causal=True, q_positions=jnp.zeros((1, 128), jnp.int32),
+                         kv_positions=jnp.zeros((1, 128), jnp.int32))
+    pick = lambda impl, mask=causal, b=None, q=q16, k=k16, cap=None: dispatch.call_impl(
+        impl, q, k, mask, b, cap)
+    assert pick("auto") == {"cpu": "xla", "gpu": "cudnn", "tpu": "splash"}[plat]
+    for mask, b in [(causal, bias), (positions, None),  # a bias (ALiBi, T5); explicit positions
+                    (MaskSpec(causal=True, kv_lengths=jnp.ones(1, jnp.int32)), None)]:
+        assert pick("auto", mask, b) == "xla"
+    if plat == "gpu":
+        assert pick("auto", q=q16.astype(jnp.float32)) == "xla"  # cudnn refuses float32
+        assert pick("auto", cap=30.0) == "xla"
+        assert pick("cudnn", positions) == "pallas"  # an explicit cudnn keeps its fallback
+    if plat == "tpu":
+        assert pick("auto", MaskSpec(causal=True, window=16)) == "splash"
+        assert pick("auto", q=q16[:, :100], k=k16[:, :100]) == "xla"  # not whole 128 blocks
+    assert pick("pallas") == "pallas" and pick("xla") == "xla"
+
+
+def test_splash_wrapper_matches_reference_interpreted():
+    """The TPU splash kernel as `auto` calls it (GQA repeat, q pre-scaled, window as a
+    LocalMask, soft-cap), run in interpret mode on CPU."""
+    q, k, v, _ = random_qkv(jax.random.key(3), 1, 128, 128, 4, 2, 32)
+    mask = MaskSpec(causal=True, window=16)
+    out = dispatch._splash(q, k, v, mask, None, 5.0, interpret=True)
+    np.testing.assert_allclose(out, attention_reference(q, k, v, mask, softcap=5.0), atol=2e-5)
+
 # ------------------------------------------------------------ memory
 
 SEQ = 8192

@@ -39,7 +39,7 @@ def decoder_specs(cfg):
         specs["positions"] = learned_position_specs(cfg)
     if cfg.positions == "t5_relative":
         specs["relative"] = relative_bias_specs(cfg)
-    if not cfg.tie_embeddings:
+    if cfg.head and not cfg.tie_embeddings:  # a base model (HF LlamaModel) has none
         specs["head"] = head_specs(cfg)
     return specs
 
@@ -73,6 +73,9 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
     """
     b, s = tokens.shape
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
+    # default positions (arange) stay implicit in the mask, so that cuDNN / splash
+    # attention can take the call (`kernels.dispatch.call_impl`); biases need them
+    implicit = positions is None and cfg.positions not in ("alibi", "t5_relative")
     if cache is not None:
         positions = cache["lengths"][:, None] + jnp.arange(s, dtype=jnp.int32)[None]
     elif positions is None:
@@ -80,7 +83,8 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
     x = embed_tokens_and_positions(params, tokens, positions, cfg)
     window = cfg.sliding_window or None
     if cache is None:
-        mask = MaskSpec(causal=True, q_positions=positions, kv_positions=positions,
+        at = None if implicit else positions
+        mask = MaskSpec(causal=True, q_positions=at, kv_positions=at,
                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids, window=window)
         x, aux = _layers(params, cfg, x, positions, mask, segment_ids)
     else:

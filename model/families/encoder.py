@@ -38,10 +38,13 @@ from jaxlm.sharding.rules import constrain
 
 
 def _check(cfg):
-    if cfg.n_experts or cfg.sliding_window or cfg.mlp in GATED:
+    # gated MLPs: T5 v1.1 encoders (T5EncoderModel) load as this family; the MLM
+    # head (BERT) needs a plain one
+    if cfg.n_experts or cfg.sliding_window or (cfg.mlp in GATED and cfg.head):
         raise ConfigError("model.family=encoder supports neither n_experts, sliding_window nor "
-                          f"gated MLPs (got n_experts={cfg.n_experts}, sliding_window="
-                          f"{cfg.sliding_window}, mlp={cfg.mlp!r}; use mlp=gelu or relu)")
+                          f"gated MLPs with the MLM head (got n_experts={cfg.n_experts}, "
+                          f"sliding_window={cfg.sliding_window}, mlp={cfg.mlp!r}; use mlp=gelu "
+                          "or relu)")
 
 
 def mlm_head_specs(cfg):
@@ -58,8 +61,9 @@ def encoder_specs(cfg):
     post = cfg.norm_position == "post"
     layer = {"attn": attention_specs(cfg), "ln1": norm_specs(cfg), "mlp": mlp_specs(cfg),
              "ln2": norm_specs(cfg)}
-    specs = {"embed": embedding_specs(cfg), "layers": stack(layer, cfg.n_layers),
-             "mlm": mlm_head_specs(cfg)}
+    specs = {"embed": embedding_specs(cfg), "layers": stack(layer, cfg.n_layers)}
+    if cfg.head:  # a base model (HF BertModel, T5EncoderModel) has no MLM head
+        specs["mlm"] = mlm_head_specs(cfg)
     specs["embed_ln" if post else "final_ln"] = norm_specs(cfg)
     if cfg.positions == "learned":
         specs["positions"] = learned_position_specs(cfg)
@@ -68,7 +72,7 @@ def encoder_specs(cfg):
     if cfg.type_vocab_size:
         specs["token_types"] = {"table": Spec((cfg.type_vocab_size, cfg.d_model), (None, "embed"),
                                               normal(cfg.init_std), cfg.param_dtype)}
-    if not cfg.tie_embeddings:
+    if cfg.head and not cfg.tie_embeddings:
         specs["head"] = head_specs(cfg)
     return specs
 

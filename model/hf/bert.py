@@ -5,7 +5,8 @@
 * `rules(cfg, hf, keys)`: the table of `jaxlm.model.hf.rules.Rule`s.
 
 Accepted checkpoints: BertForMaskedLM / BertForPreTraining (keys under
-`bert.` and `cls.predictions.`). Old names (`LayerNorm.gamma/beta`) and the
+`bert.` and `cls.predictions.`), and BertModel (no `bert.` prefix, no head:
+it loads as `head: false`, hidden states only). Old names (`LayerNorm.gamma/beta`) and the
 tied `cls.predictions.decoder.bias` are read too (aliases); tensors the MLM
 model does not use (pooler, next-sentence head, position_ids buffers) are ignored.
 
@@ -60,7 +61,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
             norm_eps=float(get("layer_norm_eps", 1e-12)), norm_position="post", mlp=mlp,
             gelu_approximate=approximate, positions="learned", qkv_bias=True, out_bias=True,
             mlp_bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            init_std=float(get("initializer_range", 0.02)))
+            init_std=float(get("initializer_range", 0.02)),
+            head="BertModel" not in (hf.get("architectures") or ()))  # base: no cls.*
     except ConfigError as e:
         raise CheckpointError(f"{CONFIG_FILE}: {e}") from None
 
@@ -82,7 +84,7 @@ def hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict:
         raise ConfigError(f"hf export: the config is not a BERT; it needs {', '.join(bad)}")
     act = "relu" if cfg.mlp == "relu" else ("gelu_new" if cfg.gelu_approximate else "gelu")
     return {
-        "architectures": ["BertForMaskedLM"], "model_type": "bert",
+        "architectures": ["BertForMaskedLM" if cfg.head else "BertModel"], "model_type": "bert",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "intermediate_size": cfg.d_ff, "hidden_act": act,
@@ -120,8 +122,10 @@ def rules(cfg: ModelConfig, hf: dict | None = None, keys=frozenset()) -> list[Ru
         # q/k/v biases are [H*hd] in HF, [H, hd] here
         table["layers/" + ours + "_bias"] = (layer + theirs + ".bias",
                                              merged(2) if ours[-1] in "qkv" else None)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings or not cfg.head:
         del table["head/kernel"]
+    if not cfg.head:  # BertModel: no cls.predictions.*
+        table = {k: v for k, v in table.items() if not k.startswith("mlm/")}
     return [Rule(tuple(path.split("/")), key, groups, aliases=tuple(_aliases(key)[1:]))
             for path, (key, groups) in table.items()]
 

@@ -37,6 +37,10 @@ SUPPORTED = MODEL_TYPES
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
                  "gpt2": "GPT2LMHeadModel"}
+# base model classes (no lm_head; keys without the `model.` / `transformer.` prefix):
+# they load as model.head=false (hidden states only)
+BASE_ARCHITECTURES = {"llama": "LlamaModel", "mistral": "MistralModel", "qwen2": "Qwen2Model",
+                      "mixtral": "MixtralModel", "gpt2": "GPT2Model"}
 _DEFAULT_THETA = {"mixtral": 1e6}  # else 10000
 # llama-style hidden_act -> (our gated mlp, gelu_approximate)
 _GATED_ACTS = {"silu": ("swiglu", False), "swish": ("swiglu", False), "gelu": ("geglu", False),
@@ -177,6 +181,7 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         raise CheckpointError(f"{CONFIG_FILE}: model_type {model_type!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED)})")
     fields = _gpt2(hf_config) if model_type == "gpt2" else _llama_like(hf_config, model_type)
+    fields["head"] = BASE_ARCHITECTURES[model_type] not in (hf_config.get("architectures") or ())
     try:
         return ModelConfig(**fields)
     except ConfigError as e:
@@ -243,7 +248,8 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
     if bad:
         raise ConfigError(f"hf export: this config cannot be written as {model_type}; "
                           f"it needs {'; '.join(bad)}")
-    common = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
+    arch = (ARCHITECTURES if cfg.head else BASE_ARCHITECTURES)[model_type]
+    common = {"architectures": [arch], "model_type": model_type,
               "vocab_size": cfg.vocab_size, "initializer_range": cfg.init_std,
               "tie_word_embeddings": cfg.tie_embeddings, "dtype": cfg.param_dtype,
               "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
@@ -313,7 +319,7 @@ def _llama_rules(cfg, keys):
         Rule(("layers", "attn", "v"), att + "v_proj.weight", heads),
         Rule(("layers", "attn", "o"), att + "o_proj.weight", linear(2, 3)),  # [D, H*hd]
     ]
-    if not cfg.tie_embeddings:
+    if cfg.head and not cfg.tie_embeddings:
         rules.append(Rule(("head", "kernel"), "lm_head.weight", linear(1, 2)))
     if cfg.qkv_bias:
         rules += [Rule(("layers", "attn", w + "_bias"), att + f"{w}_proj.bias", head_bias)
@@ -373,7 +379,7 @@ def _gpt2_rules(cfg, keys):
                        (1, j, 3)),
                   Rule(("layers", "attn", name + "_bias"), layer + "attn.c_attn.bias",
                        merged(2), (0, j, 3))]
-    if not cfg.tie_embeddings:
+    if cfg.head and not cfg.tie_embeddings:
         rules.append(Rule(("head", "kernel"), "lm_head.weight", linear(1, 2)))
     return rules
 

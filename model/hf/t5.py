@@ -4,6 +4,11 @@
   (a T5ForConditionalGeneration that `transformers` loads).
 * `rules(cfg, hf, keys)`: the table of `jaxlm.model.hf.rules.Rule`s.
 
+A T5EncoderModel checkpoint (`architectures`; only `shared` and `encoder.*`)
+loads as the encoder family with `head: false`: its hidden states equal
+transformers' `last_hidden_state` (`jaxlm.forward(..., return_hidden=True)`,
+`jaxlm.embed`).
+
 Variants (`feed_forward_proj`): "relu" (T5 v1.0: `wi`, `wo`), "gated-gelu"
 (T5 v1.1 / mT5 / Flan-T5: `wi_0` the gelu_new gate, `wi_1` the linear part,
 `wo`); also "gelu", "gelu_new", "gated-silu", "gated-gelu_new".
@@ -82,6 +87,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
             attn_scale=1.0, tie_embeddings=_scaled_head(hf))
     except KeyError as e:
         raise CheckpointError(f"config.json: required key {e.args[0]!r} is missing") from None
+    if "T5EncoderModel" in (hf.get("architectures") or ()):  # the encoder stack alone
+        fields.update(family="encoder", head=False, n_decoder_layers=0, tie_embeddings=True)
     try:
         return ModelConfig(**fields)
     except ConfigError as e:
@@ -164,6 +171,9 @@ def rules(cfg: ModelConfig, hf: dict | None = None, keys=frozenset()) -> list[Ru
         mlp = [("gate", "wi_0"), ("up", "wi_1")] if gated else [("up", "wi")]
         for ours, theirs in mlp + [("down", "wo")]:
             r[f"{stack}/layers/mlp/{ours}"] = Rule((), f"{dense}{theirs}.weight", linear(1, 2))
+    if cfg.family == "encoder":  # T5EncoderModel: the encoder stack, at the top of our tree
+        r = {k[len("encoder/"):]: v for k, v in r.items() if k.startswith("encoder/")}
+        r["embed/tokens"] = Rule((), "shared.weight", aliases=("encoder.embed_tokens.weight",))
     return [rule._replace(path=tuple(path.split("/"))) for path, rule in r.items()]
 
 

@@ -15,7 +15,12 @@ axis of size > 1, self-attention without a KV cache is ring attention
             Calls it cannot express exactly (explicit positions, segment
             ids, kv_lengths, a window without causal, soft-capping, float32)
             go to the pallas kernels instead.
-    auto    pallas on TPU/GPU, xla on CPU.
+    auto    the fastest path validated on the platform (`call_impl`), until
+            jaxlm's own Pallas kernels have been compiled and measured on
+            hardware: cudnn on GPU, jax's own splash-attention kernel
+            (`jax.experimental.pallas.ops.tpu.splash_attention`) on TPU, and
+            xla for every call those cannot express exactly (a bias: ALiBi,
+            T5; explicit positions, segment ids, kv_lengths; ...); xla on CPU.
 """
 
 from __future__ import annotations
@@ -36,13 +41,19 @@ from jaxlm.model.kernels.ring import ring_applies, ring_attention
 IMPLS = ("xla", "pallas", "cudnn", "auto")
 
 
+# what `auto` means per platform (the call may still fall back to xla: `call_impl`)
+AUTO = {"gpu": "cudnn", "tpu": "splash"}
+SPLASH_BLOCK = 128  # the splash kernel's default block sizes (q and kv)
+
+
 def resolve_impl(impl: str) -> str:
-    """'auto' -> the platform's choice; 'cudnn' off GPU is a ConfigError."""
+    """'auto' -> the platform's choice (AUTO; xla elsewhere); 'cudnn' off GPU is a
+    ConfigError."""
     plat = platform()
     if impl not in IMPLS:
         raise ConfigError(f"model.attention_impl={impl!r} is not one of {', '.join(IMPLS)}")
     if impl == "auto":
-        return "pallas" if plat in ("gpu", "tpu") else "xla"
+        return AUTO.get(plat, "xla")
     if impl == "cudnn" and plat != "gpu":
         raise ConfigError(f"model.attention_impl='cudnn' needs a GPU (this platform is {plat!r}); "
                           "use 'auto', 'pallas' or 'xla'")
@@ -58,7 +69,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec = MaskSpe
     softcap * tanh(scores / softcap) (before the bias). `dropout_key` with
     `dropout_rate` > 0: dropout on the probabilities (training), in the XLA
     reference only: any other path is a ConfigError."""
-    impl = resolve_impl(impl)
+    requested, impl = impl, resolve_impl(impl)
     if dropout_key is not None and dropout_rate:
         if impl != "xla" or ring_applies(q, k, mask):
             raise ConfigError(f"model.attention_dropout={dropout_rate} needs the XLA reference "
@@ -68,11 +79,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec = MaskSpe
                                    dropout_rate=dropout_rate, dropout_key=dropout_key)
     if ring_applies(q, k, mask):  # context parallelism
         return ring_attention(q, k, v, mask, bias, scale=scale, softcap=softcap)
+    if impl != "xla":
+        _check_static(mask)
+    impl = call_impl(requested, q, k, mask, bias, softcap)
     if impl == "xla":
         return attention_reference(q, k, v, mask, bias=bias, scale=scale, softcap=softcap)
-    _check_static(mask)
-    if impl == "cudnn" and cudnn_supports(q, mask, softcap):
+    if impl == "cudnn":
         return _cudnn(q, k, v, mask, bias, scale)
+    if impl == "splash":
+        return per_shard(lambda q, k, v, mask, bias: _splash(q, k, v, mask, scale, softcap),
+                         q, k, v, mask, bias)
     if decode.supports(mask, bias, q.shape[1]):
         def kernel(q, k, v, mask, bias):
             return decode.decode_attention(q, k, v, mask, scale=scale, softcap=softcap)
@@ -80,6 +96,62 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec = MaskSpe
         def kernel(q, k, v, mask, bias):
             return flash.flash_attention(q, k, v, mask, bias, scale=scale, softcap=softcap)
     return per_shard(kernel, q, k, v, mask, bias)
+
+
+def call_impl(impl: str, q, k, mask: MaskSpec, bias, softcap: Optional[float]) -> str:
+    """The implementation one call runs: "xla", "cudnn", "splash" or "pallas".
+
+    impl is the configured model.attention_impl. "auto" takes the platform's
+    choice (AUTO) where that kernel computes exactly this call, else "xla";
+    an explicit "cudnn" falls back to the pallas kernels (as before); "pallas"
+    and "xla" are what they say. q [B,Sq,H,D], k [B,Sk,KVH,D].
+    """
+    resolved = resolve_impl(impl)
+    if resolved == "cudnn":
+        if cudnn_supports(q, mask, softcap) and (impl != "auto" or (
+                bias is None and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)):
+            return "cudnn"
+        return "xla" if impl == "auto" else "pallas"
+    if resolved == "splash":
+        return "splash" if splash_supports(q, k, mask, bias) else "xla"
+    return resolved
+
+
+def splash_supports(q, k, mask: MaskSpec, bias) -> bool:
+    """Whether jax's TPU splash-attention kernel computes exactly this call: no bias,
+    no explicit positions / segment ids / kv_lengths (causal, window and full masks
+    only), both sequence lengths multiples of its 128 blocks."""
+    return (bias is None and mask.q_positions is None and mask.kv_positions is None
+            and mask.q_segment_ids is None and mask.kv_segment_ids is None
+            and mask.kv_lengths is None and not isinstance(mask.causal, jax.Array)
+            and q.shape[1] % SPLASH_BLOCK == 0 and k.shape[1] % SPLASH_BLOCK == 0)
+
+
+def _splash(q, k, v, mask: MaskSpec, scale, softcap, interpret: bool = False):
+    """jax's splash attention (TPU; interpret=True runs it on CPU, for tests).
+
+    q [B,Sq,H,D], k/v [B,Sk,KVH,D] -> [B,Sq,H,D]: KV heads repeated to H, q
+    pre-scaled (the kernel does not scale), vmapped over the batch; the mask
+    is the kernel's CausalMask / LocalMask / FullMask for every head."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash, splash_attention_mask as masks)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    if mask.window is not None:
+        one = masks.LocalMask((sq, sk), (mask.window - 1, 0 if mask.causal else None), offset=0)
+    elif mask.causal:
+        one = masks.CausalMask((sq, sk))
+    else:
+        one = masks.FullMask((sq, sk))
+    kernel = splash.make_splash_mha_single_device(
+        mask=masks.MultiHeadMask([one] * h), attn_logits_soft_cap=softcap, interpret=interpret)
+    scale = d ** -0.5 if scale is None else scale
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B,S,H,D] -> [B,H,S,D]
+    rep = h // k.shape[2]
+    out = jax.vmap(kernel)(heads_first(q * jnp.asarray(scale, q.dtype)),
+                           heads_first(jnp.repeat(k, rep, axis=2)),
+                           heads_first(jnp.repeat(v, rep, axis=2)))
+    return heads_first(out).astype(q.dtype)
 
 
 def _check_static(mask: MaskSpec) -> None:
