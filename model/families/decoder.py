@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.infer.cache import constrain_cache, read_kv, write_kv
 from jaxlm.model.adapters import materialize, materialize_outside_layers
 from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec
@@ -115,23 +116,23 @@ def _cached_layers(params, cfg, x, positions, cache, window):
     rows = jnp.arange(b)[:, None]
     bias = position_bias(params, mask, cfg, bidirectional=False)
 
-    def block(carry, layer_and_index):
-        x, ck, cv = carry
-        layer, i = layer_and_index
+    # Each layer's cache slice comes in as a scan input and leaves, updated, as
+    # a scan output (no dynamic slice of a carried [L, ...] cache, which XLA
+    # copies every step); the cache keeps its sharding per layer.
+    def block(x, layer_and_kv):
+        layer, kv = layer_and_kv  # kv: k, v [B, T, KVH, D] (+ int8 scales [B, T, KVH])
         layer = materialize(layer, dtype_of(cfg.dtype))
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
-        ck = ck.at[i, rows, positions].set(k.astype(ck.dtype), mode="drop")
-        cv = cv.at[i, rows, positions].set(v.astype(cv.dtype), mode="drop")
-        o = attend(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), mask, cfg, bias)
+        kv = write_kv(kv, rows, positions, k, v)
+        o = attend(q, *read_kv(kv, q.dtype), mask, cfg, bias)
         x = x + output_projection(layer["attn"], o, cfg)
         y, stats = _feed_forward(layer, x, cfg, None)
-        return (x + y, ck, cv), stats
+        return x + y, (stats, kv)
 
-    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    (x, ck, cv), stats = jax.lax.scan(block, (x, cache["k"], cache["v"]),
-                                      (params["layers"], layer_ids))
+    per_layer = {n: a for n, a in cache.items() if n != "lengths"}
+    x, (stats, kv) = jax.lax.scan(block, x, (params["layers"], per_layer))
     aux = _layer_mean(stats)
-    aux["cache"] = {"k": ck, "v": cv, "lengths": lengths + s}
+    aux["cache"] = constrain_cache(dict(kv, lengths=lengths + s))
     return x, aux
 
 
