@@ -25,9 +25,8 @@ from jaxlm.sharding.rules import active_mesh, partition_spec
 # max_len stays whole: cached decode attends over the whole cache on each device.
 # (No jaxlm.model import at module level: the decoder imports this module.)
 KV_AXES = ("layers", "batch", None, "kv_heads", None)
-LAYER_KV_AXES = KV_AXES[1:]
 SCALE_AXES = KV_AXES[:-1]  # k_scale, v_scale [layers, batch, max_len, kv_heads]
-KV_DTYPES = ("auto", "int8")  # auto: the model's compute dtype  # one layer's [batch, max_len, kv_heads, head_dim]
+KV_DTYPES = ("auto", "int8")  # auto: the model's compute dtype
 
 
 def cache_axes() -> dict:
@@ -116,16 +115,6 @@ def constrain_cache(cache: dict) -> dict:
         if n in axes else x for n, x in cache.items()}
 
 
-def constrain_layer_kv(x: jax.Array) -> jax.Array:
-    """One layer's k or v [B, T, KVH, D] pinned like the cache it belongs to."""
-    active = active_mesh()
-    if active is None:
-        return x
-    mesh, rules = active
-    return jax.lax.with_sharding_constraint(
-        x, NamedSharding(mesh, fitted_spec(mesh, LAYER_KV_AXES, rules, x.shape)))
-
-
 def quantize(x: jax.Array):
     """x [..., D] -> (int8 [..., D], float32 scale [...]): x ~ q * scale, absmax over D."""
     x = x.astype(jnp.float32)
@@ -135,26 +124,27 @@ def quantize(x: jax.Array):
     return q, scale
 
 
-def write_kv(layer_cache: dict, rows, positions, k, v) -> dict:
-    """One layer's cache {"k", "v": [B, T, KVH, D] (+ "k_scale", "v_scale" [B, T, KVH])}
-    with k, v [B, S, KVH, D] written at [rows, positions] (quantized when int8)."""
-    out = dict(layer_cache)
+def write_kv(cache: dict, i, rows, positions, k, v) -> dict:
+    """The cache's per-layer leaves ({"k", "v": [L, B, T, KVH, D]}, + int8 "k_scale",
+    "v_scale" [L, B, T, KVH]) with layer i's k, v [B, S, KVH, D] written at
+    [i, rows, positions] (quantized when int8): an in-place scatter into the carry."""
+    out = dict(cache)
     for name, x in (("k", k), ("v", v)):
-        if name + "_scale" in layer_cache:
+        if name + "_scale" in cache:
             x, scale = quantize(x)
-            out[name + "_scale"] = layer_cache[name + "_scale"].at[rows, positions].set(
+            out[name + "_scale"] = cache[name + "_scale"].at[i, rows, positions].set(
                 scale, mode="drop")
-        c = layer_cache[name]
-        out[name] = constrain_layer_kv(c.at[rows, positions].set(x.astype(c.dtype), mode="drop"))
+        c = cache[name]
+        out[name] = c.at[i, rows, positions].set(x.astype(c.dtype), mode="drop")
     return out
 
 
-def read_kv(layer_cache: dict, dtype):
-    """One layer's (k, v) [B, T, KVH, D] in `dtype` (dequantized when int8)."""
+def read_kv(cache: dict, i, dtype):
+    """Layer i's (k, v) [B, T, KVH, D] in `dtype` (dequantized when int8)."""
     def read(name):
-        x = layer_cache[name].astype(dtype)
-        if name + "_scale" in layer_cache:
-            x = x * layer_cache[name + "_scale"][..., None].astype(dtype)
+        x = cache[name][i].astype(dtype)
+        if name + "_scale" in cache:
+            x = x * cache[name + "_scale"][i][..., None].astype(dtype)
         return x
     return read("k"), read("v")
 

@@ -116,21 +116,22 @@ def _cached_layers(params, cfg, x, positions, cache, window):
     rows = jnp.arange(b)[:, None]
     bias = position_bias(params, mask, cfg, bidirectional=False)
 
-    # Each layer's cache slice comes in as a scan input and leaves, updated, as
-    # a scan output (no dynamic slice of a carried [L, ...] cache, which XLA
-    # copies every step); the cache keeps its sharding per layer.
-    def block(x, layer_and_kv):
-        layer, kv = layer_and_kv  # kv: k, v [B, T, KVH, D] (+ int8 scales [B, T, KVH])
+    # The cache (k, v and, when int8, their scales) rides in the carry; each
+    # layer scatters its new K/V in place and attends over its slice.
+    def block(carry, layer_and_index):
+        x, kv = carry
+        layer, i = layer_and_index
         layer = materialize(layer, dtype_of(cfg.dtype))
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
-        kv = write_kv(kv, rows, positions, k, v)
-        o = attend(q, *read_kv(kv, q.dtype), mask, cfg, bias)
+        kv = write_kv(kv, i, rows, positions, k, v)
+        o = attend(q, *read_kv(kv, i, q.dtype), mask, cfg, bias)
         x = x + output_projection(layer["attn"], o, cfg)
         y, stats = _feed_forward(layer, x, cfg, None)
-        return x + y, (stats, kv)
+        return (x + y, kv), stats
 
     per_layer = {n: a for n, a in cache.items() if n != "lengths"}
-    x, (stats, kv) = jax.lax.scan(block, x, (params["layers"], per_layer))
+    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+    (x, kv), stats = jax.lax.scan(block, (x, per_layer), (params["layers"], layer_ids))
     aux = _layer_mean(stats)
     aux["cache"] = constrain_cache(dict(kv, lengths=lengths + s))
     return x, aux

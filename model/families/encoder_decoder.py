@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
-from jaxlm.infer.cache import constrain_cache, constrain_layer_kv
+from jaxlm.infer.cache import constrain_cache
 from jaxlm.model.families.decoder import remat
 from jaxlm.model.adapters import materialize, materialize_outside_layers
 from jaxlm.model.config import dtype_of
@@ -199,17 +199,16 @@ def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
     bias = _stack_bias(p, positions, kv_positions, cfg, bidirectional=False)
     rows = jnp.arange(b)[:, None]
 
-    # With a cache, each layer's slice is a scan input and its update a scan
-    # output (no dynamic slice of a carried [L, ...] cache, copied every step).
-    def block(x, xs):
-        layer, k_cross, v_cross, i, ck, cv = xs  # ck, cv [B, T, KVH, D] or None
+    def block(carry, xs):
+        x, ck, cv = carry
+        layer, k_cross, v_cross, i = xs
         layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
         key = site_key(dropout_key, i)
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         if ck is not None:  # write this step's K/V into the cache, attend over all of it
-            ck = constrain_layer_kv(ck.at[rows, positions].set(k.astype(ck.dtype), mode="drop"))
-            cv = constrain_layer_kv(cv.at[rows, positions].set(v.astype(cv.dtype), mode="drop"))
-            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+            ck = ck.at[i, rows, positions].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[i, rows, positions].set(v.astype(cv.dtype), mode="drop")
+            k, v = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
         o = _attend(q, k, v, self_mask, bias, cfg, site_key(key, ATTN_PROBS))
         x = x + _drop(output_projection(layer["attn"], o, cfg), cfg, key, ATTN_OUT)
         h = norm(layer["ln_cross"], x, cfg)
@@ -219,12 +218,12 @@ def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
                     site_key(key, CROSS_PROBS))
         x = x + _drop(output_projection(layer["cross"], o, cfg), cfg, key, CROSS_OUT)
         x = x + _drop(mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), cfg, key, MLP_OUT)
-        return x, (ck, cv)
+        return (x, ck, cv), None
 
-    kv = (None, None) if cache is None else (cache["k"], cache["v"])
+    carry = (x, None, None) if cache is None else (x, cache["k"], cache["v"])
     layer_ids = jnp.arange(decoder_layers(cfg), dtype=jnp.int32)
     step = block if cache is not None else remat(block, cfg)
-    x, (ck, cv) = jax.lax.scan(step, x, (p["layers"], cross_k, cross_v, layer_ids) + kv)
+    (x, ck, cv), _ = jax.lax.scan(step, carry, (p["layers"], cross_k, cross_v, layer_ids))
     hidden = _drop(norm(p["final_ln"], x, cfg), cfg, dropout_key, FINAL)
     if cfg.tie_embeddings:  # T5 v1.0: rescale before the tied head
         hidden = hidden * jnp.asarray(cfg.d_model ** -0.5, hidden.dtype)
