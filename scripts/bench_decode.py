@@ -56,9 +56,16 @@ def decode_flops_per_token(cfg, params, context: int) -> float:
     return 2 * n + 4 * cfg.n_layers * context * cfg.n_heads * cfg.head_dim
 
 
+def _weight_bytes_read(params) -> int:
+    """Bytes of the weights one decode step reads: all but an untied embedding table
+    (only its B rows are gathered)."""
+    nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
+    return nbytes(params) - (nbytes(params["embed"]) if "head" in params else 0)
+
+
 def roofline(cfg, params, batch: int, context: int, bandwidth: float, peak: float) -> dict:
     """Tokens/s bound at this batch: batch / max(weight read time, compute time) per step."""
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    weight_bytes = _weight_bytes_read(params)
     step = max(weight_bytes / bandwidth, batch * decode_flops_per_token(cfg, params, context) / peak)
     return {"tokens_per_s": batch / step, "weight_bound": weight_bytes / bandwidth >= step}
 
