@@ -1,12 +1,154 @@
-"""The preallocated KV cache: `k`, `v` [layers, batch, max_len, kv_heads, head_dim] + `lengths`."""
+"""The preallocated KV cache: `k`, `v` [layers, batch, max_len, kv_heads, head_dim] + `lengths`.
 
+`kv_dtype="int8"`: k, v are int8 with per-token, per-head float32 scales
+`k_scale`, `v_scale` [layers, batch, max_len, kv_heads] (symmetric absmax:
+x ~ q * scale, q in [-127, 127]); quantized on write, dequantized on read
+(`write_kv`, `read_kv`).
+
+Created with its sharding: under `jaxlm.sharding.rules.use_mesh` every leaf
+comes out of one jitted `zeros` with `out_shardings` from `cache_axes`, so no
+device ever holds the global cache; `constrain_cache` pins the same layout on
+the cache that prefill and the decode loop carry, so XLA cannot re-layout it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm.model.config import dtype_of
+from jaxlm.sharding.rules import active_mesh, partition_spec
+
+# max_len stays whole: cached decode attends over the whole cache on each device.
+# (No jaxlm.model import at module level: the decoder imports this module.)
+KV_AXES = ("layers", "batch", None, "kv_heads", None)
+SCALE_AXES = KV_AXES[:-1]  # k_scale, v_scale [layers, batch, max_len, kv_heads]
+KV_DTYPES = ("auto", "int8")  # auto: the model's compute dtype
 
 
-def init_cache(cfg, batch: int, max_len: int, dtype=None):
-    dtype = dtype or dtype_of(cfg.dtype)
+def cache_axes() -> dict:
+    """The logical-axes tree of a cache: k, v [layers, batch, max_len, kv_heads, head_dim],
+    lengths [batch]."""
+    from jaxlm.model.params import LogicalAxes
+    return {"k": LogicalAxes(KV_AXES), "v": LogicalAxes(KV_AXES),
+            "k_scale": LogicalAxes(SCALE_AXES), "v_scale": LogicalAxes(SCALE_AXES),
+            "lengths": LogicalAxes(("batch",))}
+
+
+def check_kv_dtype(kv_dtype: str, what: str = "generate.kv_dtype") -> str:
+    from jaxlm.errors import ConfigError
+    if kv_dtype not in KV_DTYPES:
+        raise ConfigError(f"{what}={kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+    return kv_dtype
+
+
+def cache_shapes(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "auto") -> dict:
+    """The abstract cache: a tree of jax.ShapeDtypeStruct (+ the scales with int8)."""
+    from jaxlm.model.config import dtype_of
+    check_kv_dtype(kv_dtype)
+    int8 = kv_dtype == "int8"
+    dtype = jnp.int8 if int8 else dtype or dtype_of(cfg.dtype)
     shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "lengths": jnp.zeros((batch,), jnp.int32)}
+    out = {"k": jax.ShapeDtypeStruct(shape, dtype), "v": jax.ShapeDtypeStruct(shape, dtype)}
+    if int8:
+        out["k_scale"] = out["v_scale"] = jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
+    out["lengths"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return out
+
+
+def fitted_spec(mesh, axes, rules, shape) -> PartitionSpec:
+    """partition_spec(axes, rules) without the mesh axes a dim does not divide by
+    (a batch of 3 on 4 data devices stays whole rather than failing)."""
+    out = []
+    for entry, n in zip(partition_spec(axes, rules), shape):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        kept, size = [], 1
+        for a in names:
+            if n % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def cache_shardings(mesh, rules, shapes: dict) -> dict:
+    """NamedSharding per cache leaf (`cache_axes` under `rules`, fitted to the shapes)."""
+    axes = cache_axes()
+    return {n: NamedSharding(mesh, fitted_spec(mesh, axes[n], rules, s.shape))
+            for n, s in shapes.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_fn(shapes: tuple, shardings: tuple):
+    """A jitted () -> tuple of zeros, each created in its sharding (one per (shapes, shardings))."""
+    return jax.jit(lambda: tuple(jnp.zeros(s.shape, s.dtype) for s in shapes),
+                   out_shardings=shardings)
+
+
+def init_cache(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "auto") -> dict:
+    """The empty cache {"k", "v": [L, B, max_len, KVH, D] zeros, "lengths": [B] zeros}
+    (+ "k_scale", "v_scale" [L, B, max_len, KVH] with kv_dtype="int8"); under an
+    active mesh created sharded (see `cache_axes`)."""
+    shapes = cache_shapes(cfg, batch, max_len, dtype, kv_dtype)
+    active = active_mesh()
+    if active is None:
+        return {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()}
+    mesh, rules = active
+    names = tuple(shapes)
+    sh = cache_shardings(mesh, rules, shapes)
+    leaves = _zeros_fn(tuple(shapes[n] for n in names), tuple(sh[n] for n in names))()
+    return dict(zip(names, leaves))
+
+
+def constrain_cache(cache: dict) -> dict:
+    """Pin the cache's leaves to their `cache_axes` shardings (identity without a mesh)."""
+    active = active_mesh()
+    if active is None:
+        return cache
+    mesh, rules = active
+    axes = cache_axes()
+    return {n: jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, fitted_spec(mesh, axes.get(n, KV_AXES), rules, x.shape)))
+        if n in axes else x for n, x in cache.items()}
+
+
+def quantize(x: jax.Array):
+    """x [..., D] -> (int8 [..., D], float32 scale [...]): x ~ q * scale, absmax over D."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+def write_kv(cache: dict, i, rows, positions, k, v) -> dict:
+    """The cache's per-layer leaves ({"k", "v": [L, B, T, KVH, D]}, + int8 "k_scale",
+    "v_scale" [L, B, T, KVH]) with layer i's k, v [B, S, KVH, D] written at
+    [i, rows, positions] (quantized when int8): an in-place scatter into the carry."""
+    out = dict(cache)
+    for name, x in (("k", k), ("v", v)):
+        if name + "_scale" in cache:
+            x, scale = quantize(x)
+            out[name + "_scale"] = cache[name + "_scale"].at[i, rows, positions].set(
+                scale, mode="drop")
+        c = cache[name]
+        out[name] = c.at[i, rows, positions].set(x.astype(c.dtype), mode="drop")
+    return out
+
+
+def read_kv(cache: dict, i, dtype):
+    """Layer i's (k, v) [B, T, KVH, D] in `dtype` (dequantized when int8)."""
+    def read(name):
+        x = cache[name][i].astype(dtype)
+        if name + "_scale" in cache:
+            x = x * cache[name + "_scale"][i][..., None].astype(dtype)
+        return x
+    return read("k"), read("v")
+
+
+def cache_bytes(cache: dict) -> int:
+    """Global bytes of a cache's leaves."""
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache))

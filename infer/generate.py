@@ -37,7 +37,7 @@ import numpy as np
 from jaxlm.errors import InputError
 from jaxlm.infer.beam import beam_knobs, beam_loop
 from jaxlm.infer import guided
-from jaxlm.infer.cache import init_cache
+from jaxlm.infer.cache import check_kv_dtype, init_cache
 from jaxlm.infer.processors import (History, Processors, apply as apply_processors,
                                     check_processors, count_eos, eos_array,
                                     gather as gather_history, init_history, is_eos, push)
@@ -81,7 +81,8 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
              no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, num_beams: int = 1,
              length_penalty: float = 1.0, early_stopping=False,
              num_return_sequences: int = 1,
-             row_seeds: Optional[Sequence[int]] = None, guide=None) -> GenerateOutput:
+             row_seeds: Optional[Sequence[int]] = None, guide=None,
+             kv_dtype: str = "auto") -> GenerateOutput:
     """Continue each prompt (a list of token-id lists, or a 2-D int array) by up to
     max_new_tokens tokens; a row stops after emitting eos_id (an id, or a list
     of stop ids: any of them stops the row).
@@ -116,6 +117,9 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     only emit tokens their automaton allows, a stop id only once the text
     matches, and always finish (with a stop id) within max_new_tokens; needs
     eos_id. Not with beams or encoder-decoder models.
+
+    kv_dtype: "auto" (the model's compute dtype) or "int8" (per-token, per-head
+    scales; decoder-only models; see jaxlm.infer.cache).
     """
     from jaxlm.validate import check_head, check_model_args
     check_model_args(params, cfg, "generate")
@@ -128,6 +132,9 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                 no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
                 num_beams=num_beams, length_penalty=length_penalty,
                 early_stopping=early_stopping, num_return_sequences=num_return_sequences)
+    check_kv_dtype(kv_dtype)
+    if cfg.family == "encoder_decoder" and kv_dtype != "auto":
+        raise InputError(f"kv_dtype={kv_dtype} is not supported for encoder-decoder models yet")
     if cfg.family == "encoder_decoder" and guide is not None:
         raise InputError("guided decoding is not supported for encoder-decoder models yet")
     if cfg.family == "encoder_decoder":
@@ -149,7 +156,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     _check_fits(rows, max_new_tokens, max_len, cfg)
 
     tokens, prompt_lengths = _pad_prompts(rows, min(_prompt_bucket(longest), max_len))
-    cache = init_cache(cfg, len(rows), max_len)
+    cache = init_cache(cfg, len(rows), max_len, kv_dtype=kv_dtype)
     logits, cache = prefill(params, cfg, cache, tokens, prompt_lengths)
     width = min(_round_up(max_new_tokens, WIDTH_BUCKET), max_len)
     history = init_history(proc, tokens, prompt_lengths, cfg.vocab_size, width)
@@ -177,7 +184,8 @@ def generate_kwargs(g, eos_id=None) -> dict:
                 frequency_penalty=g.frequency_penalty,
                 no_repeat_ngram_size=g.no_repeat_ngram_size, min_new_tokens=g.min_new_tokens,
                 num_beams=g.num_beams, length_penalty=g.length_penalty,
-                early_stopping=g.early_stopping, num_return_sequences=g.num_return_sequences)
+                early_stopping=g.early_stopping, num_return_sequences=g.num_return_sequences,
+                **({} if getattr(g, "kv_dtype", "auto") == "auto" else {"kv_dtype": g.kv_dtype}))
 
 
 def check_decoding(*, temperature, return_logits, min_p, repetition_penalty, presence_penalty,
@@ -379,9 +387,9 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
 
 
 def gather_cache(cache: dict, rows: jax.Array) -> dict:
-    """Cache rows reordered along the batch axis: row i <- rows[i] (k, v [L, B, T, H, D])."""
-    return {"k": jnp.take(cache["k"], rows, axis=1), "v": jnp.take(cache["v"], rows, axis=1),
-            "lengths": jnp.take(cache["lengths"], rows, axis=0)}
+    """Cache rows reordered along the batch axis: row i <- rows[i] (k, v [L, B, T, H, D],
+    int8 scales [L, B, T, H], lengths [B])."""
+    return {n: jnp.take(x, rows, axis=0 if n == "lengths" else 1) for n, x in cache.items()}
 
 
 @partial(jax.jit, static_argnames=("cfg", "width", "num_beams", "n_candidates",

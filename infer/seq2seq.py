@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxlm.errors import InputError
 from jaxlm.infer.beam import beam_knobs, beam_loop
+from jaxlm.infer.cache import constrain_cache
 from jaxlm.infer.generate import (CACHE_BUCKET, PAD_ID, WIDTH_BUCKET, GenerateOutput,
                                   _check_args, _check_prompts, _prompt_bucket, _round_up,
                                   beam_settings, check_decoding, fetch_beams, fetch_output,
@@ -130,8 +131,8 @@ def start(params, cfg, tokens, segment_ids, cache_len: int, decoder_start_id: in
     cross_k, cross_v = cross_kv(params, cfg, encoded)
     shape = (decoder_layers(cfg), b, cache_len, cfg.n_kv_heads, cfg.head_dim)
     dt = dtype_of(cfg.dtype)
-    cache = {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
-             "lengths": jnp.zeros((b,), jnp.int32)}
+    cache = constrain_cache({"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+                             "lengths": jnp.zeros((b,), jnp.int32)})  # created sharded
     state = Seq2SeqState(cache, cross_k, cross_v, segment_ids)
     return decode_step(params, cfg, state, jnp.full((b,), decoder_start_id, jnp.int32))
 

@@ -415,8 +415,11 @@ class GenerateConfig:
     length_penalty: float = 1.0
     early_stopping: typing.Union[bool, str] = False  # true, false or never
     num_return_sequences: int = 1
+    kv_dtype: str = "auto"  # KV cache: auto (the model's dtype) or int8 (per-token scales)
 
     def __post_init__(self):
+        if self.kv_dtype not in ("auto", "int8"):
+            raise ConfigError(f"generate.kv_dtype={self.kv_dtype!r} is not one of auto, int8")
         _positive(self, "max_new_tokens", "num_beams", "num_return_sequences",
                   "repetition_penalty")
         if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:

@@ -1,7 +1,9 @@
 """`jaxlm bench`: matmul peak, train tokens/s and MFU, decode tokens/s.
 
 Prints readable lines, then one JSON line with peak_gflops,
-train_tokens_per_s, train_mfu, decode_tokens_per_s_b1, decode_tokens_per_s_b16.
+train_tokens_per_s, train_mfu, decode_tokens_per_s_b1, decode_tokens_per_s_b16,
+and decode_vs_hf (jaxlm against Hugging Face generate on the same weights, with
+the measured roofline: `jaxlm.scripts.bench_decode`).
 """
 
 from __future__ import annotations
@@ -169,6 +171,8 @@ def run_bench(cfg) -> dict:
     params = init_params(cfg.model, jax.random.key(0))
     dec = {b: bench_decode(cfg.model, params, b) for b in (1, 16)}
     print(f"decode: {dec[1]:.0f} tokens/s at batch 1, {dec[16]:.0f} tokens/s at batch 16")
+    from jaxlm.scripts.bench_decode import bench_decode_vs_hf
+    vs_hf = bench_decode_vs_hf(cfg.model, params)  # prompt 32, 64 new tokens, batch 1 and 16
     sp = bench_speculative(cfg.model, params, dec[1])
     print(f"speculative (draft: the first layer, k=4, batch 1): {sp['tokens_per_s']:.0f} "
           f"tokens/s, x{sp['speedup']:.2f} over plain decode, acceptance "
@@ -191,7 +195,8 @@ def run_bench(cfg) -> dict:
               "unguided_tokens_per_s_b16": round(gd["unguided"], 1),
               "continuous_tokens_per_s": round(cb["continuous"], 1),
               "static_batching_tokens_per_s": round(cb["static"], 1),
-              "continuous_over_static": round(cb["ratio"], 3)}
+              "continuous_over_static": round(cb["ratio"], 3),
+              "decode_vs_hf": vs_hf}
     print(json.dumps(result))
     return result
 

@@ -4,17 +4,26 @@
 rules table are active (`with use_mesh(mesh, rules): ...` around tracing), in
 which case it pins the activation's sharding. Model code only ever names
 logical axes.
+
+The mesh and rules reach traced code in a way jit keys on: `use_mesh` enters
+`jax.set_mesh(mesh)` (jit keys on the mesh in context; raw PartitionSpecs
+work under it) and puts (mesh, rules as a hashable tuple) into a jit-keyed
+user context (`jax.make_user_context`), which `active_mesh` reads. A function
+traced outside a mesh is therefore retraced inside one (and the reverse), and
+changing only the rules retraces.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-_ACTIVE = contextvars.ContextVar("jaxlm_mesh", default=None)
+# (mesh, rules) of the enclosing `use_mesh` (rules: a tuple of (logical, mesh
+# axes)), or None. A jit-keyed user context: a change of value is a tracing
+# cache miss, so no cached trace outlives the mesh it was traced under.
+_ACTIVE = jax.make_user_context(default_value=None)
 
 
 def partition_spec(axes, rules) -> PartitionSpec:
@@ -24,6 +33,7 @@ def partition_spec(axes, rules) -> PartitionSpec:
     out = []
     for name in axes:
         mesh_axes = table.get(name) if name is not None else None
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
         mesh_axes = tuple(a for a in (mesh_axes or ()) if a not in used)
         used.update(mesh_axes)
         out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
@@ -40,22 +50,43 @@ def tree_shardings(mesh, axes_tree, rules):
                         is_leaf=lambda x: isinstance(x, LogicalAxes))
 
 
+def _hashable_rules(rules) -> tuple:
+    """((logical, mesh axes tuple or None), ...): lists from YAML become tuples."""
+    def axes(v):
+        if v is None or isinstance(v, str):
+            return v
+        return tuple(v)
+    return tuple((str(name), axes(v)) for name, v in (dict(rules).items()
+                                                        if isinstance(rules, dict) else rules))
+
+
 @contextlib.contextmanager
 def use_mesh(mesh, rules):
-    token = _ACTIVE.set((mesh, tuple(rules)))
-    try:
+    """Make (mesh, rules) active: for tracing (jit keys on both) and for eager code.
+
+    Outside jit it enters `jax.set_mesh(mesh)`; inside a trace (where set_mesh
+    is refused) `jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`."""
+    sets_mesh = _set_mesh(mesh)
+    with sets_mesh, _ACTIVE((mesh, _hashable_rules(rules))):
         yield
-    finally:
-        _ACTIVE.reset(token)
+
+
+def _set_mesh(mesh):
+    try:
+        return jax.set_mesh(mesh)
+    except ValueError:  # inside jit: "set_mesh can only be used outside of jax.jit"
+        return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def active_mesh():
-    """(mesh, rules) of the enclosing `use_mesh`, or None."""
-    return _ACTIVE.get()
+    """(mesh, rules) of the enclosing `use_mesh`, or None: the concrete
+    `jax.sharding.Mesh` (what NamedSharding and `jax.shard_map` take) and the
+    rules as a tuple of (logical axis, mesh axes)."""
+    return _ACTIVE.value
 
 
 def constrain(x: jax.Array, axes) -> jax.Array:
-    active = _ACTIVE.get()
+    active = active_mesh()
     if active is None:
         return x
     mesh, rules = active

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.infer.cache import constrain_cache, read_kv, write_kv
 from jaxlm.model.adapters import materialize, materialize_outside_layers
 from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec
@@ -119,23 +120,24 @@ def _cached_layers(params, cfg, x, positions, cache, window):
     rows = jnp.arange(b)[:, None]
     bias = position_bias(params, mask, cfg, bidirectional=False)
 
+    # The cache (k, v and, when int8, their scales) rides in the carry; each
+    # layer scatters its new K/V in place and attends over its slice.
     def block(carry, layer_and_index):
-        x, ck, cv = carry
+        x, kv = carry
         layer, i = layer_and_index
         layer = materialize(layer, dtype_of(cfg.dtype))
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
-        ck = ck.at[i, rows, positions].set(k.astype(ck.dtype), mode="drop")
-        cv = cv.at[i, rows, positions].set(v.astype(cv.dtype), mode="drop")
-        o = attend(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), mask, cfg, bias)
+        kv = write_kv(kv, i, rows, positions, k, v)
+        o = attend(q, *read_kv(kv, i, q.dtype), mask, cfg, bias)
         x = x + output_projection(layer["attn"], o, cfg)
         y, stats = _feed_forward(layer, x, cfg, None)
-        return (x + y, ck, cv), stats
+        return (x + y, kv), stats
 
+    per_layer = {n: a for n, a in cache.items() if n != "lengths"}
     layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    (x, ck, cv), stats = jax.lax.scan(block, (x, cache["k"], cache["v"]),
-                                      (params["layers"], layer_ids))
+    (x, kv), stats = jax.lax.scan(block, (x, per_layer), (params["layers"], layer_ids))
     aux = _layer_mean(stats)
-    aux["cache"] = {"k": ck, "v": cv, "lengths": lengths + s}
+    aux["cache"] = constrain_cache(dict(kv, lengths=lengths + s))
     return x, aux
 
 

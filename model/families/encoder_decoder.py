@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
+from jaxlm.infer.cache import constrain_cache
 from jaxlm.model.families.decoder import remat
 from jaxlm.model.adapters import materialize, materialize_outside_layers
 from jaxlm.model.config import dtype_of
@@ -226,7 +227,8 @@ def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
     hidden = _drop(norm(p["final_ln"], x, cfg), cfg, dropout_key, FINAL)
     if cfg.tie_embeddings:  # T5 v1.0: rescale before the tied head
         hidden = hidden * jnp.asarray(cfg.d_model ** -0.5, hidden.dtype)
-    aux = {} if cache is None else {"cache": dict(cache, k=ck, v=cv, lengths=cache["lengths"] + t)}
+    aux = {} if cache is None else {"cache": constrain_cache(
+        dict(cache, k=ck, v=cv, lengths=cache["lengths"] + t))}
     return (hidden if return_hidden else unembed(params, hidden, cfg)), aux
 
 
