@@ -182,35 +182,6 @@ def _run_settings(checkpoint: str, overrides):
     return config_from_dict(base, overrides), model_overrides, hf_dir
 
 
-def stop_ids(checkpoint: str, tok, g) -> list[int]:
-    """The ids that stop a row: the tokenizer's EOS, the checkpoint's
-    generation_config.json eos_token_id (one or several), then generate.stop_ids."""
-    from jaxlm.model.hf import generation_defaults
-    ids = [tok.eos_id, *generation_defaults(checkpoint).get("eos_ids", []), *g.stop_ids]
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-def prompt_encoder(checkpoint: str, tok, cfg, chat: bool):
-    """text -> prompt ids. Decoders: BOS (when the tokenizer has one) + the text;
-    encoder-decoders: the text + EOS (T5's `</s>`, as its HF tokenizer adds). chat:
-    the text as one user message rendered by the checkpoint's chat template (which
-    writes its own special tokens); InputError when the checkpoint has none."""
-    if chat:
-        from jaxlm.model.chat import chat_template_of, render_chat, template_tokens
-        template = chat_template_of(checkpoint)
-        if template is None:
-            raise InputError(f"--chat: {checkpoint} has no chat template (no chat_template in "
-                             "tokenizer_config.json, no chat_template.jinja)")
-        specials = template_tokens(tok)
-        return lambda text: tok.encode_chat(render_chat(
-            template, [{"role": "user", "content": text}], add_generation_prompt=True,
-            **specials))
-    if cfg.family == "encoder_decoder":
-        return lambda text: tok.encode(text) + [tok.eos_id]
-    bos = [] if tok.bos_id is None else [tok.bos_id]
-    return lambda text: bos + tok.encode(text)
-
-
 def _plan_output(rows, input_path: str, output_path: str, settings: str, on_change: str):
     """Process 0's look at --output: (indices of the rows still to do, how many were
     dropped to regenerate). Drops a torn last line; refuses (InputError) or drops
@@ -304,7 +275,8 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     from jaxlm.api import model_config_of
     from jaxlm.infer.generate import generate_kwargs
     from jaxlm.model.config import to_dict
-    from jaxlm.scripts.generate import apply_model_overrides, decode_ids
+    from jaxlm.infer.text import decode_ids, encode_prompts, generation_settings
+    from jaxlm.scripts.generate import apply_model_overrides, chat_template_for, stop_ids
     from jaxlm.sharding.mesh import check_divisible, make_mesh
     from jaxlm.sharding.rules import partition_spec, use_mesh
     from jaxlm.train.checkpoint import latest_step
@@ -326,9 +298,12 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
         raise InputError(f"{checkpoint} is an encoder-only model ({cfg.family}): batch-infer "
                          "needs a generative model (a decoder or an encoder-decoder like T5)")
     tok = jaxlm.load_tokenizer(checkpoint)
-    encode = prompt_encoder(checkpoint, tok, cfg, chat)
-    encoded = {_key(r["id"]): encode(r["prompt"]) for r in rows}
-    stops = stop_ids(checkpoint, tok, g)
+    template = chat_template_for(checkpoint) if chat else None
+    encoded = dict(zip((_key(r["id"]) for r in rows),
+                       encode_prompts(tok, cfg, [r["prompt"] for r in rows],
+                                      chat_template=template)))
+    gen = generation_settings(checkpoint, tok)
+    stops = stop_ids(gen.eos_ids, g, cfg.vocab_size)
     settings = _hash({"checkpoint": os.path.realpath(checkpoint), "step": step,
                       "generate": to_dict(g), "model": sorted(model_overrides),
                       **({"chat": True} if chat else {}),
@@ -347,6 +322,8 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     shards = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec))
     kwargs = generate_kwargs(g)
     kwargs["eos_id"] = stops or None
+    if cfg.family == "encoder_decoder" and gen.decoder_start_id is not None:
+        kwargs["decoder_start_id"] = gen.decoder_start_id
     writer = jax.process_index() == 0
 
     new_tokens, t0 = 0, time.perf_counter()

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jaxlm  # noqa: E402
-from jaxlm.errors import InputError  # noqa: E402
+from jaxlm.errors import CheckpointError, InputError  # noqa: E402
 from jaxlm.scripts.batch_infer import batch_infer  # noqa: E402
 
 PROMPTS = ["the fox", "a lazy dog", "over the hill", "sum of all", "jumps over", "the dog"]
@@ -185,7 +185,8 @@ def test_chat_renders_the_checkpoints_template(dirs, tmp_path):
 def test_bad_input_one_line(dirs, tmp_path, case, needle):
     path = dirs["bert"] if case == "encoder_only" else dirs["gpt2"][0]
     inp, out = write_inputs(tmp_path / "in.jsonl", PROMPTS[:1]), tmp_path / "out.jsonl"
-    with pytest.raises(InputError, match=needle) as e:
+    with pytest.raises(CheckpointError if case == "chat_without_template" else InputError,
+                       match=needle) as e:
         batch_infer(str(path), inp, str(out), overrides=GEN, progress=False,
                     chat=case == "chat_without_template")
     assert "\n" not in str(e.value) and not out.exists()
@@ -238,21 +239,24 @@ def test_two_processes_write_one_file_and_resume_after_a_kill(dirs, llama_run, t
         assert f.read() == g.read()  # every row once, byte for byte the 1-process file
 
 
+class _Tok:
+    eos_id = 2
+
+
 @pytest.mark.parametrize("config, want", [
-    ({"eos_token_id": 7, "do_sample": False, "max_new_tokens": 9}, {
-        "eos_ids": [7], "temperature": 0.0, "max_new_tokens": 9}),
-    ({"eos_token_id": [128001, 128009], "do_sample": True, "temperature": 0.6, "top_p": 0.9},
-     {"eos_ids": [128001, 128009], "temperature": 0.6, "top_p": 0.9}),
+    (None, (2,)),  # no generation_config.json: the tokenizer's EOS
+    ({"eos_token_id": 7, "do_sample": False}, (7,)),
+    ({"eos_token_id": [128001, 128009]}, (128001, 128009)),
     ({"eos_token_id": "</s>"}, "eos_token_id should be a token id or a list"),
     ([1, 2], "should hold a JSON object"),
 ])
-def test_generation_defaults(tmp_path, config, want):
+def test_generation_settings_stop_ids(tmp_path, config, want):
     from jaxlm.errors import CheckpointError
-    from jaxlm.model.hf import generation_defaults
-    assert generation_defaults(tmp_path) == {}
-    (tmp_path / "generation_config.json").write_text(json.dumps(config))
-    if isinstance(want, dict):
-        assert generation_defaults(tmp_path) == want
+    from jaxlm.infer.text import generation_settings
+    if config is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    if isinstance(want, tuple):
+        assert generation_settings(tmp_path, _Tok()).eos_ids == want
     else:
         with pytest.raises(CheckpointError, match=want):
-            generation_defaults(tmp_path)
+            generation_settings(tmp_path, _Tok())

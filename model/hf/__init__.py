@@ -32,7 +32,7 @@ from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.families import model_specs
 from jaxlm.model.hf import bert, decoder, t5
-from jaxlm.model.hf.io import (CONFIG_FILE, CheckpointReader, generation_defaults,
+from jaxlm.model.hf.io import (CONFIG_FILE, CheckpointReader,
                                is_hf_checkpoint, named_leaves,
                                read_config, write_checkpoint)
 from jaxlm.model.hf.rules import Rule, check_table, export_tensors, load_leaf
@@ -147,4 +147,4 @@ def save_hf(directory, cfg: ModelConfig, params, model_type: str | None = None, 
 
 __all__ = ["SUPPORTED", "config_from_hf", "hf_config_from", "infer_model_type", "model_config",
            "load_hf", "save_hf", "is_hf_checkpoint", "read_config", "CheckpointReader",
-           "write_checkpoint", "Rule", "load_leaf", "export_tensors", "generation_defaults"]
+           "write_checkpoint", "Rule", "load_leaf", "export_tensors"]

@@ -62,51 +62,6 @@ def is_hf_checkpoint(path) -> bool:
         return False
 
 
-GENERATION_CONFIG_FILE = "generation_config.json"
-
-
-def generation_defaults(path) -> dict:
-    """What a checkpoint dir's `generation_config.json` says about generation, in
-    jaxlm's terms ({} without the file):
-
-    `eos_ids` (list[int]: `eos_token_id`, an int or a list: any stops a row),
-    `decoder_start_id`, and the GenerateConfig keys it sets: max_new_tokens,
-    temperature (0 when `do_sample` is false), top_k, top_p, repetition_penalty,
-    no_repeat_ngram_size, num_beams, length_penalty. CheckpointError (one line)
-    for a file that is not a JSON object or an eos_token_id that is not ids.
-    """
-    file = pathlib.Path(os.fspath(path)) / GENERATION_CONFIG_FILE
-    if not file.is_file():
-        return {}
-    try:
-        gc = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{file} is not readable JSON ({e})") from None
-    if not isinstance(gc, dict):
-        raise CheckpointError(f"{file} should hold a JSON object")
-    out = {}
-    eos = gc.get("eos_token_id")
-    if eos is not None:
-        eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
-        if not (isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool)
-                                              and i >= 0 for i in eos)):
-            raise CheckpointError(f"{file}: eos_token_id should be a token id or a list of "
-                                  f"them, got {gc['eos_token_id']!r}")
-        out["eos_ids"] = eos
-    if isinstance(gc.get("decoder_start_token_id"), int):
-        out["decoder_start_id"] = gc["decoder_start_token_id"]
-    for hf_key, key in (("max_new_tokens", "max_new_tokens"), ("top_k", "top_k"),
-                        ("top_p", "top_p"), ("repetition_penalty", "repetition_penalty"),
-                        ("no_repeat_ngram_size", "no_repeat_ngram_size"),
-                        ("num_beams", "num_beams"), ("length_penalty", "length_penalty")):
-        if gc.get(hf_key) is not None:
-            out[key] = gc[hf_key]
-    if gc.get("do_sample"):
-        out["temperature"] = gc.get("temperature", 1.0)
-    elif "do_sample" in gc:
-        out["temperature"] = 0.0
-    return out
-
 
 class CheckpointReader:
     """Tensors of a safetensors checkpoint (one file or an index of shards), read by
