@@ -353,8 +353,9 @@ class MeshConfig:
         sizes = self.sizes
         if sum(1 for v in sizes.values() if v == -1) > 1:
             raise ConfigError("mesh: at most one axis may be -1")
-        if self.pipeline_repeats < 1:
-            raise ConfigError(f"mesh.pipeline_repeats={self.pipeline_repeats} must be >= 1")
+        if self.pipeline_repeats < 1 or (self.pipeline_repeats > 1 and self.stage == 1):
+            raise ConfigError(f"mesh.pipeline_repeats={self.pipeline_repeats} must be >= 1, "
+                              "and needs mesh.stage > 1 when above 1")
         for name, v in sizes.items():
             if v == 0 or v < -1:
                 raise ConfigError(f"mesh.{name}={v} must be a positive size or -1")

@@ -88,11 +88,9 @@ def check_pipeline_config(cfg) -> None:
     m = cfg.train.pipeline_microbatches
     if m < 0:
         raise ConfigError(f"train.pipeline_microbatches={m} must be >= 0 (0: one per stage)")
-    if s == 1 or s == -1:
-        if r > 1 and s == 1:
-            raise ConfigError(f"mesh.pipeline_repeats={r} needs mesh.stage > 1")
-        if s == -1:
-            raise ConfigError("mesh.stage=-1: give the number of pipeline stages explicitly")
+    if s == -1:
+        raise ConfigError("mesh.stage=-1: give the number of pipeline stages explicitly")
+    if s == 1:
         return
     mc = cfg.model
     if mc.family != "decoder":
