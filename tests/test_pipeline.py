@@ -33,7 +33,8 @@ M = 4  # microbatches in the parity cases
 
 
 def make_cfg(model, mesh, microbatches=M, accum=1, remat="none"):
-    return Config(model=dataclasses.replace(MODELS[model], remat=remat), data=DataConfig(seq_len=S, batch_size=B),
+    return Config(model=dataclasses.replace(MODELS[model], remat=remat),
+                  data=DataConfig(seq_len=S, batch_size=B),
                   train=TrainConfig(steps=10, warmup_steps=0, learning_rate=1e-3, eps=1e-3,
                                     loss_vocab_chunk=64, pipeline_microbatches=microbatches,
                                     grad_accum_steps=accum),
@@ -171,7 +172,7 @@ def test_bad_input_one_line():
     with pytest.raises(ConfigError, match="mesh.stage=2: pipeline parallelism supports "
                                           "model.family='decoder' only, not 'encoder'"):
         cfg(dict(stage=2), model=bert)
-    with pytest.raises(ConfigError, match="mesh.pipeline_repeats=2 must be >= 1, and needs mesh.stage > 1"):
+    with pytest.raises(ConfigError, match="pipeline_repeats=2 must be >= 1, and needs mesh.stage"):
         MeshConfig(pipeline_repeats=2)
     with pytest.raises(ConfigError, match="model.positions='alibi'.*mesh.stage=2"):
         cfg(dict(stage=2), model=dataclasses.replace(llama, positions="alibi"))
