@@ -264,6 +264,9 @@ class TrainConfig:
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"  # sigmoid | ipo
     dpo_label_smoothing: float = 0.0
+    # Pipeline parallelism (mesh.stage > 1): microbatches per step flowing through
+    # the stages (GPipe); 0: one per stage. Bubble (S-1)/(R*M+S-1).
+    pipeline_microbatches: int = 0
 
     def __post_init__(self):
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
@@ -321,7 +324,7 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
-    ("layers", None),
+    ("layers", "stage"),  # pipeline parallelism: contiguous stages (sharding/pipeline.py)
     ("experts", "expert"),
 )
 
@@ -329,7 +332,9 @@ DEFAULT_RULES = (
 # (its ring moves K/V every layer, more often than their per-step / per-layer
 # collectives) and outside expert and tensor (whose all-to-all / all-reduce
 # per matmul need the fastest links); the ring only talks to neighbours.
-MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
+# stage is outermost: a pipeline sends one activation per microbatch to its
+# neighbour, the least traffic of all (across hosts / slices).
+MESH_AXES = ("stage", "data", "fsdp", "context", "expert", "tensor")
 
 
 @dataclass(frozen=True)
@@ -339,6 +344,9 @@ class MeshConfig:
     tensor: int = 1
     expert: int = 1  # MoE experts split over this axis (and the batch, outside MoE layers)
     context: int = 1  # the sequence split over this axis: ring attention, causal load balancing
+    stage: int = 1  # pipeline stages: the layer stack split over this axis (sharding/pipeline.py)
+    # > 1: each stage holds this many round-robin blocks of layers (circular schedule)
+    pipeline_repeats: int = 1
     # Cross-host (DCN) factors: mesh axis X has mesh.X devices in all, of which
     # dcn_X across slices/hosts (the rest within one). All 1: a single slice.
     dcn_data: int = 1
@@ -346,6 +354,7 @@ class MeshConfig:
     dcn_tensor: int = 1
     dcn_expert: int = 1
     dcn_context: int = 1
+    dcn_stage: int = 1
     devices: int = 0  # 0: every device; N: only the first N (single-process runs)
     rules: tuple = DEFAULT_RULES
 
@@ -355,6 +364,9 @@ class MeshConfig:
         sizes = self.sizes
         if sum(1 for v in sizes.values() if v == -1) > 1:
             raise ConfigError("mesh: at most one axis may be -1")
+        if self.pipeline_repeats < 1 or (self.pipeline_repeats > 1 and self.stage == 1):
+            raise ConfigError(f"mesh.pipeline_repeats={self.pipeline_repeats} must be >= 1, "
+                              "and needs mesh.stage > 1 when above 1")
         for name, v in sizes.items():
             if v == 0 or v < -1:
                 raise ConfigError(f"mesh.{name}={v} must be a positive size or -1")
@@ -490,6 +502,8 @@ class Config:
                 raise ConfigError(
                     f"mesh.context={context}: context parallelism supports model.family="
                     f"'decoder' only, not {self.model.family!r}")
+        from jaxlm.sharding.pipeline import check_pipeline_config
+        check_pipeline_config(self)
 
 
 # ---------------------------------------------------------------- loading

@@ -29,6 +29,16 @@ ceil(n / m)):
                t uses seq / c, and the attention scores term becomes ring
                attention's one f32 tile, b * heads/tp * blk^2 * 2 * 4 (blk =
                ring.BLOCK when it divides seq / c, else seq / c).
+               Pipeline stages (mesh.stage S > 1, M microbatches, R repeats):
+               the layers are split over `stage` by the rules (params,
+               gradients and optimizer shrink with them); per stage, with t_mb
+               = t / M the tokens of one microbatch, the backward keeps every
+               tick's saved activations of its block of L' = L / (S R)
+               layers, T = R M + S - 1 ticks (idle ticks included):
+               T * L' * saved(t_mb) + one layer's `all`(t_mb) + the stage's
+               microbatch buffer and its cotangent 2 * M * t_mb * d; the
+               logits (embedding and head run outside the stages) stay at t.
+  bubble       stage > 1: the schedule's idle fraction (S-1) / (R M + S-1).
   ring kv      context > 1: the ring's K/V buffers per layer call, the
                visiting chunk and the one in flight, K and V at model.dtype
                (2 * 2 * b * seq/c * kv), plus the backward's travelling dK/dV
@@ -96,6 +106,7 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     from jaxlm.model import model_specs
     from jaxlm.model.params import LogicalAxes, abstract, logical_axes
     from jaxlm.sharding.mesh import check_divisible, mesh_shape, model_dims
+    from jaxlm.sharding.pipeline import bubble_fraction, check_pipeline_mesh, microbatches_of
     from jaxlm.sharding.rules import partition_spec
     from jaxlm.train.optimizer import make_optimizer
 
@@ -112,6 +123,7 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
             n_devices = math.prod(sizes_cfg.values())
     sizes = mesh_shape(cfg.mesh, n_devices)
     check_divisible(sizes, rules, model_dims(cfg))
+    check_pipeline_mesh(cfg, sizes)
     specs = model_specs(m)
     shapes, axes = abstract(specs), logical_axes(specs)
     is_axes = lambda x: isinstance(x, LogicalAxes)  # noqa: E731
@@ -149,13 +161,23 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
         blk = BLOCK if s_local % BLOCK == 0 else s_local
         scores = b_local * math.ceil(m.n_heads / tp_h) * blk * blk * 2 * 4
         ring_kv = 2 * 2 * b_local * s_local * kv * (act + 4)
-    full_layer = dots + t * (4 * d + f) * act + scores
-    saved = {"none": full_layer, "full": t * d * act}.get(m.remat, dots)
+    def layer_bytes(frac):  # (one layer's `all`, what remat saves) for frac of the tokens
+        full = (dots + t * (4 * d + f) * act) * frac + scores * frac
+        return full, {"none": full, "full": t * d * act * frac}.get(m.remat, dots * frac)
+    full_layer, saved = layer_bytes(1)
     layers = m.n_layers + (m.n_decoder_layers or m.n_layers if m.family == "encoder_decoder" else 0)
     vocab_local = math.ceil(m.vocab_size / _axes_count("vocab", rules, sizes))
     chunk = cfg.train.loss_vocab_chunk
     logits = t * (min(chunk, vocab_local) if chunk else vocab_local) * 4
     activations = layers * saved + full_layer + logits
+    bubble = 0.0
+    if sizes["stage"] > 1:  # pipeline: every tick's block of layers on one microbatch
+        n_st, reps, mbs = sizes["stage"], cfg.mesh.pipeline_repeats, microbatches_of(cfg)
+        full_mb, saved_mb = layer_bytes(1 / mbs)
+        ticks = reps * mbs + n_st - 1
+        activations = (ticks * (m.n_layers // (n_st * reps)) * saved_mb + full_mb
+                       + 2 * t * d * act + logits)
+        bubble = bubble_fraction(n_st, mbs, reps)
 
     cache_len = cache_len or (s + cfg.generate.max_new_tokens)
     cache_batch = batch or b
@@ -165,7 +187,7 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
         partition_spec(("layers", "batch", "seq", "kv_heads", "head_dim"), rules), sizes)
     out = {"mesh": sizes, "devices": n_devices, "params": params, "gradients": params,
            "optimizer": optimizer, "activations": activations, "kv_cache": kv_cache,
-           "cache_len": cache_len, "ring_kv": ring_kv}
+           "cache_len": cache_len, "ring_kv": ring_kv, "bubble": bubble}
     out["train_total"] = params * 2 + optimizer + activations + ring_kv
     out["params_int8"] = params_int8
     out["inference_total"] = (params_int8 if m.weight_dtype == "int8" else params) + kv_cache
@@ -196,6 +218,9 @@ def run_plan(args) -> int:
     if p["ring_kv"]:
         print(f"  {'ring kv':<12} {fmt_bytes(p['ring_kv'])}  (ring attention K/V chunks in "
               f"flight, seq {cfg.data.seq_len} / context {p['mesh']['context']})")
+    if p["bubble"]:
+        from jaxlm.sharding.pipeline import pipeline_summary
+        print(f"  {'bubble':<12} {p['bubble']:.1%}  ({pipeline_summary(cfg)})")
     print(f"  {'train':<12} {fmt_bytes(p['train_total'])}  (remat={cfg.model.remat}, "
           f"batch {cfg.data.batch_size} x seq {cfg.data.seq_len})")
     print(f"  {'kv cache':<12} {fmt_bytes(p['kv_cache'])}  (cache_len {p['cache_len']})")

@@ -1,6 +1,6 @@
 """Build a device mesh from `MeshConfig`, with clear errors when it cannot work.
 
-Axes, outer to inner: data, fsdp, context, expert, tensor (`MeshConfig.axis_names`).
+Axes, outer to inner: stage, data, fsdp, context, expert, tensor (`MeshConfig.axis_names`).
 One axis may be -1 and takes the devices the others leave. With any
 `mesh.dcn_*` factor > 1 the mesh is hybrid: axis X spans `dcn_X` slices
 (hosts / pods over the data-center network) times `X / dcn_X` devices within
@@ -90,7 +90,7 @@ def model_dims(cfg) -> dict[str, int]:
     """The logical dims of `cfg` (a full Config) that the rules may shard."""
     m = cfg.model
     dims = {"batch": cfg.data.batch_size, "vocab": m.vocab_size, "heads": m.n_heads,
-            "kv_heads": m.n_kv_heads, "mlp": m.d_ff, "embed": m.d_model}
+            "kv_heads": m.n_kv_heads, "mlp": m.d_ff, "embed": m.d_model, "layers": m.n_layers}
     if m.n_experts:
         dims["experts"] = m.n_experts
     return dims

@@ -120,7 +120,8 @@ def test_jaxlm_train_two_processes(tmp_path):
     q = state.params["layers"]["attn"]["q"]
     assert q.sharding.spec == partition_spec(("layers", "embed", "heads", "head_dim"),
                                              cfg.mesh.rules)
-    assert q.sharding.mesh.shape == {"data": 2, "fsdp": 4, "context": 1, "expert": 1, "tensor": 1}
+    assert q.sharding.mesh.shape == {"stage": 1, "data": 2, "fsdp": 4, "context": 1, "expert": 1,
+                                     "tensor": 1}
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  params, state.params)
 

@@ -37,7 +37,7 @@ def test_params_and_optimizer_bytes_match_real_shards():
 def test_llama3_8b_on_256_devices_without_devices():
     cfg = load_config("llama3-8b", [])
     p = plan(cfg, n_devices=256)
-    assert p["mesh"] == {"data": 1, "fsdp": 256, "context": 1, "expert": 1, "tensor": 1}
+    assert p["mesh"] == {"stage": 1, "data": 1, "fsdp": 256, "context": 1, "expert": 1, "tensor": 1}
     n_params = 8_030_261_248
     assert abs(p["params"] - n_params * 4 / 256) / p["params"] < 1e-3  # f32, fully sharded
     assert p["optimizer"] == pytest.approx(2 * p["params"], rel=1e-3)

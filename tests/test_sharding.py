@@ -167,7 +167,8 @@ def test_parity_and_shardings(family, mesh_name):
     cfg, tx, logits, metrics, state, hlo = run_case(family, {**MESHES, **MOE_MESHES}[mesh_name])
     if family == "moe_ep":  # tokens travel by all-to-all over the expert axis
         assert "all_to_all" in hlo
-    assert dict(make_mesh(cfg.mesh).shape) == {"data": 1, "fsdp": 1, "context": 1, "expert": 1, "tensor": 1,
+    assert dict(make_mesh(cfg.mesh).shape) == {"stage": 1, "data": 1, "fsdp": 1, "context": 1,
+                                               "expert": 1, "tensor": 1,
                                                **{**MESHES, **MOE_MESHES}[mesh_name]}
     assert_matches_reference(cfg, tx, logits, metrics, state, (ref_logits, ref_metrics, ref_params))
 
@@ -181,7 +182,8 @@ def test_expert_axis_shards_experts_and_batch():
 
 
 def test_mesh_sizes_and_errors():
-    assert mesh_shape(MeshConfig(expert=2, tensor=2), 8) == dict(data=2, fsdp=1, context=1,
+    assert mesh_shape(MeshConfig(expert=2, tensor=2), 8) == dict(stage=1, data=2, fsdp=1,
+                                                                 context=1,
                                                                  expert=2, tensor=2)
     assert mesh_shape(MeshConfig(data=2, expert=-1), 8)["expert"] == 4
     with pytest.raises(ConfigError, match="at most one axis"):
@@ -206,8 +208,9 @@ def test_mesh_sizes_and_errors():
 
 def test_dcn_mesh_is_validated_and_slice_major():
     mesh = make_mesh(MeshConfig(data=4, fsdp=2, dcn_data=2))
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "context": 1, "expert": 1, "tensor": 1}
-    ids = np.vectorize(lambda d: d.id)(mesh.devices)[:, :, 0, 0]
+    assert dict(mesh.shape) == {"stage": 1, "data": 4, "fsdp": 2, "context": 1, "expert": 1,
+                                "tensor": 1}
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)[0, :, :, 0, 0]
     # data rows 0-1 come from the first "slice" (devices 0-3), rows 2-3 from the second
     assert set(ids[:2].ravel()) == {0, 1, 2, 3} and set(ids[2:].ravel()) == {4, 5, 6, 7}
 

@@ -18,6 +18,7 @@ from jaxlm.model.config import Config, config_from_dict, model_flops_per_token, 
 from jaxlm.model.tokenizer import load_tokenizer, train_sentencepiece
 from jaxlm.sharding.distributed import local_batch_size, local_rows, put_batch
 from jaxlm.sharding.mesh import check_divisible, make_mesh, model_dims
+from jaxlm.sharding.pipeline import check_pipeline_mesh, pipeline_of, pipeline_summary
 from jaxlm.sharding.rules import named_sharding, use_mesh
 from jaxlm.train import checkpoint, guard, span
 from jaxlm.train.data import eval_batches, make_batches, open_sources, sample_texts
@@ -70,6 +71,9 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
     mesh = make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
     check_divisible(mesh, rules, model_dims(cfg))
+    check_pipeline_mesh(cfg, dict(mesh.shape))
+    if lead and cfg.mesh.stage > 1:  # the schedule's idle share, stated once
+        print(pipeline_summary(cfg), flush=True)
     tx = make_optimizer(cfg.train, trainable_specs(cfg))  # LoRA: the adapters only
     lr = learning_rate_schedule(cfg.train)
     mngr = checkpoint.manager(run_dir, keep=cfg.train.keep_checkpoints)
@@ -86,7 +90,7 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
         train_step, eval_step = compile_steps(cfg.model, tx, lr, state_shardings(cfg, mesh, tx),
                                               batch_sharding, cfg.train.loss_vocab_chunk,
                                               batch_objective(cfg.train, cfg.model, tokenizer),
-                                              tcfg=cfg.train)
+                                              tcfg=cfg.train, pipeline=pipeline_of(cfg))
         # every process builds the same eval batches and keeps its block of rows
         evals = [put_batch(local_rows(b, cfg.data.batch_size), batch_sharding) for b in eval_host]
         loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress,

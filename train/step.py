@@ -34,7 +34,7 @@ DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_
 
 
 def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_weight=1.0,
-            dropout_key=None):
+            dropout_key=None, pipeline=None):
     """(training objective, (token loss sum, token count, extra metrics)).
 
     The objective is the token loss sum over `denominator` (default: this
@@ -42,8 +42,11 @@ def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_wei
     times the router's load-balancing and z losses times their coefficients
     (logged apart). `vocab_chunk` > 0 computes the token loss over vocab chunks.
     `dropout_key`: the model's dropout key (training; None: no dropout).
+    `pipeline`: a `jaxlm.sharding.pipeline.Pipeline` (decoders under mesh.stage > 1).
     """
     keyed = {} if dropout_key is None else {"dropout_key": dropout_key}
+    if pipeline is not None:
+        keyed["pipeline"] = pipeline
     if mcfg.family == "decoder":  # context parallelism: causal load balancing (identity without)
         batch = context_reorder(batch, context_size())
     if mcfg.family == "encoder_decoder":  # span corruption: encoder inputs -> decoder targets
@@ -81,7 +84,8 @@ def _model_params(trainable, frozen, tcfg):
     return trainable, frozen
 
 
-def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, vocab_chunk, k):
+def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, vocab_chunk, k,
+               pipeline=None):
     """(objective of one microbatch, additive sums: loss_sum, tokens, metrics)."""
     params, reference = _model_params(trainable, frozen, tcfg)
     if tcfg.objective == "dpo":
@@ -90,7 +94,7 @@ def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, voc
         return loss_sum / totals, sums
     objective, (loss_sum, count, extra) = loss_fn(params, mcfg, batch, vocab_chunk,
                                                   denominator=totals, aux_weight=1.0 / k,
-                                                  dropout_key=dropout_key)
+                                                  dropout_key=dropout_key, pipeline=pipeline)
     return objective, {"loss_sum": loss_sum, "tokens": count, **extra}
 
 
@@ -151,7 +155,7 @@ def _metrics(sums, tcfg):
 
 
 def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, objective=None,
-               tcfg: TrainConfig | None = None):
+               tcfg: TrainConfig | None = None, pipeline=None):
     """One optimizer step on `batch` (a DPO batch for train.objective=dpo).
 
     `objective`: a batch transform, e.g. MLM masking keyed by (seed, step).
@@ -159,14 +163,15 @@ def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, 
     optimizer state kept; the step counter advances): `skipped` is 1 in its
     metrics and `consecutive_skipped` (also `state.skipped`) counts the skips
     in a row, which the loop stops on at train.max_skipped_steps.
-    `tcfg` (default: TrainConfig()) picks LoRA, DPO and accumulation.
+    `tcfg` (default: TrainConfig()) picks LoRA, DPO and accumulation; `pipeline`
+    (`jaxlm.sharding.pipeline.pipeline_of(cfg)`) runs the layers over the mesh's stages.
     """
     tcfg = tcfg or TrainConfig()
     if objective is not None:
         batch = objective(batch, state.step)
     k = tcfg.grad_accum_steps
     fn = functools.partial(_objective, totals=_totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
-                           vocab_chunk=vocab_chunk, k=k)
+                           vocab_chunk=vocab_chunk, k=k, pipeline=pipeline)
     grads, sums = _grads(fn, state.params, state.frozen, batch, k,
                          dropout_key(mcfg, tcfg, state.step))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -194,7 +199,8 @@ def _keep_if_not(ok, new, old):
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, frozen=None):
+def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, frozen=None,
+              pipeline=None):
     """(loss sum, count, metric sums) of a held-out batch: token loss sum and
     tokens, or for DPO the DPO loss sum, pairs and the reward metric sums
     (divide each by count for the means)."""
@@ -202,7 +208,7 @@ def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, fr
     if objective is not None:  # with its fixed eval key
         batch = objective(batch, None)
     _, sums = _objective(params, frozen, batch, None, _totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
-                         vocab_chunk=vocab_chunk, k=1)
+                         vocab_chunk=vocab_chunk, k=1, pipeline=pipeline)
     extra = {k: v for k, v in sums.items() if k not in ("loss_sum", "tokens")}
     return sums["loss_sum"], sums["tokens"], extra
 
@@ -245,12 +251,14 @@ class _Eval:
 
 
 def compile_steps(mcfg, tx, lr_schedule, state_sharding, batch_sharding, vocab_chunk=0,
-                  objective=None, tcfg: TrainConfig | None = None):
+                  objective=None, tcfg: TrainConfig | None = None, pipeline=None):
     """jit the steps once: the trainable state donated, the frozen tree not, shardings
-    pinned. `tcfg` (the run's TrainConfig) turns on LoRA, DPO and accumulation."""
+    pinned. `tcfg` (the run's TrainConfig) turns on LoRA, DPO and accumulation;
+    `pipeline` (a `jaxlm.sharding.pipeline.Pipeline`) the pipelined layer stack."""
     train = functools.partial(train_step, mcfg=mcfg, tx=tx, lr_schedule=lr_schedule,
-                              vocab_chunk=vocab_chunk, objective=objective, tcfg=tcfg)
+                              vocab_chunk=vocab_chunk, objective=objective, tcfg=tcfg,
+                              pipeline=pipeline)
     evaluate = functools.partial(eval_step, mcfg=mcfg, vocab_chunk=vocab_chunk,
-                                 objective=objective, tcfg=tcfg)
+                                 objective=objective, tcfg=tcfg, pipeline=pipeline)
     return (_Train(train, state_sharding, batch_sharding),
             _Eval(evaluate, state_sharding, batch_sharding))

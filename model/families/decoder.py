@@ -23,6 +23,7 @@ from jaxlm.model.layers.norms import norm, norm_specs
 from jaxlm.model.layers.positions import learned_position_specs
 from jaxlm.model.layers.relative import relative_bias_specs
 from jaxlm.model.params import stack
+from jaxlm.sharding.pipeline import pipelined_layers, stage_count
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -60,7 +61,7 @@ def _feed_forward(layer, x, cfg, token_mask):
 
 
 def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
-            return_hidden=False):
+            return_hidden=False, pipeline=None):
     """tokens [B,S] -> (logits [B,S,V] float32, aux).
 
     Without a cache: a full causal pass; `segment_ids` (0 = padding) keep
@@ -71,6 +72,9 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
     lengths advanced by S. aux["moe"] holds the router stats averaged over
     layers (MoE configs). `return_hidden`: return the final-norm hidden states
     [B,S,D] instead of logits (`jaxlm.model.unembed` maps them to logits).
+    `pipeline` (a `jaxlm.sharding.pipeline.Pipeline`, static): under a mesh with
+    `stage` > 1 the layer stack runs pipelined over the stages (embedding and head
+    outside, on every stage); aux["pipeline"] holds the busy stage-ticks and ticks.
     """
     b, s = tokens.shape
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
@@ -87,7 +91,10 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
         at = None if implicit else positions
         mask = MaskSpec(causal=True, q_positions=at, kv_positions=at,
                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids, window=window)
-        x, aux = _layers(params, cfg, x, positions, mask, segment_ids)
+        if pipeline is not None and stage_count() > 1:
+            x, aux = _pipelined_layers(params, cfg, x, positions, segment_ids, pipeline)
+        else:
+            x, aux = _layers(params, cfg, x, positions, mask, segment_ids)
     else:
         x, aux = _cached_layers(params, cfg, x, positions, cache, window)
     hidden = norm(params["final_ln"], x, cfg)
@@ -95,8 +102,32 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
 
 
 def _layers(params, cfg, x, positions, mask, segment_ids):
-    token_mask = None if segment_ids is None else segment_ids > 0
     bias = position_bias(params, mask, cfg, bidirectional=False)
+    x, stats = _scan_layers(params["layers"], cfg, x, positions, mask, segment_ids, bias)
+    return x, _layer_mean(stats)
+
+
+def _pipelined_layers(params, cfg, x, positions, segment_ids, pipeline):
+    """`_layers` over the pipeline stages (sharding/pipeline.py); no attention bias."""
+    window = cfg.sliding_window or None
+
+    def stage_fn(layers, x, side):
+        pos, seg = side
+        mask = MaskSpec(causal=True, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
+                        kv_segment_ids=seg, window=window)
+        x, stats = _scan_layers(layers, cfg, x, pos, mask, seg, None)
+        return x, jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)
+
+    x, stats, counts = pipelined_layers(stage_fn, params["layers"], x, (positions, segment_ids),
+                                        pipeline)
+    n = pipeline.microbatches * cfg.n_layers  # router stats: mean over layers and microbatches
+    aux = {"moe": jax.tree.map(lambda a: a / n, stats)} if stats else {}
+    return x, {**aux, "pipeline": counts}
+
+
+def _scan_layers(layers, cfg, x, positions, mask, segment_ids, bias):
+    """(x after the stacked `layers` [L, ...], per-layer stats [L, ...])."""
+    token_mask = None if segment_ids is None else segment_ids > 0
 
     def block(x, layer):
         layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
@@ -106,8 +137,7 @@ def _layers(params, cfg, x, positions, mask, segment_ids):
         y, stats = _feed_forward(layer, x, cfg, token_mask)
         return x + y, stats
 
-    x, stats = jax.lax.scan(remat(block, cfg), x, params["layers"])
-    return x, _layer_mean(stats)
+    return jax.lax.scan(remat(block, cfg), x, layers)
 
 
 def _cached_layers(params, cfg, x, positions, cache, window):
