@@ -139,9 +139,11 @@ def assert_rule_shardings(cfg, tx, state):
     assert len(checked) == 2 * len(jax.tree.leaves(state.params))  # Adam mu and nu
 
 
-# Pure data parallelism (data8) is also inside data2_fsdp4 and every other mesh: run it
-# only under `-m slow` to keep `make test` within its time budget.
-_SLOW_CASES = {(f, "data8") for f in FAMILIES}
+# Pure data parallelism (data8) is also inside data2_fsdp4 and every other mesh, and
+# every family's fsdp2_tensor4 case shards over fsdp too (llama keeps data2_fsdp4): run
+# those only under `-m slow` to keep `make test` within its time budget.
+_SLOW_CASES = ({(f, "data8") for f in FAMILIES}
+               | {(f, "data2_fsdp4") for f in FAMILIES if f != "llama"})
 
 
 def assert_matches_reference(cfg, tx, logits, metrics, state, ref):
