@@ -109,9 +109,6 @@ def check_pipeline_config(cfg) -> None:
     if mc.positions in ("alibi", "t5_relative"):
         raise ConfigError(f"model.positions={mc.positions!r} (an attention bias) is not "
                           f"supported with pipeline stages (mesh.stage={s})")
-    if cfg.mesh.context > 1:
-        raise ConfigError(f"mesh.context={cfg.mesh.context} with mesh.stage={s}: context "
-                          "parallelism inside pipeline stages is not supported yet")
     if cfg.mesh.expert > 1:
         raise ConfigError(f"mesh.expert={cfg.mesh.expert} with mesh.stage={s}: expert "
                           "parallelism inside pipeline stages is not supported yet")
