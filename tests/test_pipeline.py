@@ -144,17 +144,22 @@ def test_bubble_measured_by_the_loop_and_circular_parity():
         assert idle == pytest.approx(bubble_fraction(stages, m, r))
         assert idle == pytest.approx((stages - 1) / (r * m + stages - 1))
         np.testing.assert_allclose(logits, want, atol=1e-5, rtol=1e-5)
-    # Mixtral-style: router stats are the mean over microbatches (as with accumulation)
-    moe = MODELS["moe"]
+    # Mixtral-style, with expert parallelism inside the stages (capacity E / k: nothing
+    # drops, so one device without a mesh is the oracle): the experts' all-to-all runs
+    # in the stage loop; router stats are the mean over microbatches (as with accumulation)
+    moe = dataclasses.replace(MODELS["moe"], moe_capacity_factor=2.0)
     params = jaxlm.init_params(moe, jax.random.key(0))
     fwd = jax.jit(lambda p, b: forward(p, moe, b["tokens"], b["positions"], b["segment_ids"]))
     parts = [jax.tree.map(lambda x: x[j::4], batch) for j in range(4)]
     outs = [fwd(params, part) for part in parts]
     want_stats = jax.tree.map(lambda *a: np.mean(a, axis=0), *[a["moe"] for _, a in outs])
-    with use_mesh(make_mesh(MeshConfig(stage=2, data=1, devices=2)), MeshConfig().rules):
-        logits, aux = jax.jit(lambda p, b: forward(
-            p, moe, b["tokens"], b["positions"], b["segment_ids"], pipeline=Pipeline(4)))(
-                params, batch)
+    with use_mesh(make_mesh(MeshConfig(stage=2, data=1, expert=2, devices=4)),
+                  MeshConfig().rules):
+        staged = jax.jit(lambda p, b: forward(
+            p, moe, b["tokens"], b["positions"], b["segment_ids"], pipeline=Pipeline(4))).lower(
+                params, batch).compile()
+        logits, aux = staged(params, batch)
+    assert "all-to-all" in staged.as_text()
     for j, (part_logits, _) in enumerate(outs):
         np.testing.assert_allclose(logits[j::4], part_logits, atol=1e-5, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
