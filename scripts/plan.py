@@ -42,7 +42,8 @@ ceil(n / m)):
   ring kv      context > 1: the ring's K/V buffers per layer call, the
                visiting chunk and the one in flight, K and V at model.dtype
                (2 * 2 * b * seq/c * kv), plus the backward's travelling dK/dV
-               accumulators, f32 (2 * 2 * b * seq/c * kv * 4).
+               accumulators, f32 (2 * 2 * b * seq/c * kv * 4); with stages
+               the ring runs on one microbatch at a time (b / M rows).
   kv cache     2 * layers * batch * cache_len * kv_heads * head_dim at
                model.dtype, sharded like [layers, batch, seq, kv_heads,
                head_dim]; cache_len = --cache-len or data.seq_len +
@@ -178,6 +179,7 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
         activations = (ticks * (m.n_layers // (n_st * reps)) * saved_mb + full_mb
                        + 2 * t * d * act + logits)
         bubble = bubble_fraction(n_st, mbs, reps)
+        ring_kv //= mbs  # each tick's ring attention sees one microbatch
 
     cache_len = cache_len or (s + cfg.generate.max_new_tokens)
     cache_batch = batch or b

@@ -30,8 +30,14 @@ needs) and the loss code unchanged. The cost is redundant embed/head compute
 on the S stage groups and their weights held replicated over `stage`.
 
 Inside a stage `jax.shard_map` is manual over `stage` only; data, fsdp,
-tensor (and expert) stay automatic: the model's `constrain` calls pin the
-activations as usual, under `use_mesh` of the body's abstract mesh.
+context, expert and tensor stay automatic: the model's `constrain` calls pin
+the activations as usual, under `use_mesh` of the body's abstract mesh. The
+model's own shard_maps (ring attention over `context`, the MoE all-to-all
+over `expert`) take that abstract mesh from `active_mesh()` and nest: jax
+makes manual only the axes not already manual (`stage` stays as it is). The
+causal load-balancing reorder of the sequence (sharding/context.py) is done
+on the batch before the layers; the microbatch split is along rows, so every
+microbatch keeps the balanced order.
 """
 
 from __future__ import annotations
@@ -109,12 +115,6 @@ def check_pipeline_config(cfg) -> None:
     if mc.positions in ("alibi", "t5_relative"):
         raise ConfigError(f"model.positions={mc.positions!r} (an attention bias) is not "
                           f"supported with pipeline stages (mesh.stage={s})")
-    if cfg.mesh.context > 1:
-        raise ConfigError(f"mesh.context={cfg.mesh.context} with mesh.stage={s}: context "
-                          "parallelism inside pipeline stages is not supported yet")
-    if cfg.mesh.expert > 1:
-        raise ConfigError(f"mesh.expert={cfg.mesh.expert} with mesh.stage={s}: expert "
-                          "parallelism inside pipeline stages is not supported yet")
 
 
 def check_pipeline_mesh(cfg, sizes: dict[str, int]) -> None:

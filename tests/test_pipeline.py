@@ -28,8 +28,9 @@ _DENSE = dict(family="decoder", vocab_size=256, d_model=32, n_layers=4, n_heads=
 MODELS = {"llama": ModelConfig(**_DENSE),
           "moe": ModelConfig(**_DENSE, n_experts=4, experts_per_token=2)}
 MESHES = {"stage4_data2": dict(stage=4, data=2), "stage2_fsdp2_tensor2": dict(stage=2, data=1,
-                                                                              fsdp=2, tensor=2)}
-M = 4  # microbatches in the parity cases
+                                                                              fsdp=2, tensor=2),
+          "stage2_context4": dict(stage=2, data=1, context=4)}
+M = 4  # microbatches in the parity cases (2 under context: see below)
 
 
 def make_cfg(model, mesh, microbatches=M, accum=1, remat="none"):
@@ -52,9 +53,10 @@ def host_batch():
             "segment_ids": seg, "loss_mask": np.ones((B, S), np.float32)}
 
 
-def run(cfg, devices=None):
-    """(metrics, state after one step) of `cfg` on its mesh; the pipelined train
-    step when mesh.stage > 1 (the pipelined logits: test_bubble_...)."""
+def run(cfg, devices=None, hlo=False):
+    """(tx, metrics, state after one step, HLO) of `cfg` on its mesh; the pipelined
+    train step when mesh.stage > 1 (the pipelined logits: test_bubble_...). HLO: the
+    compiled step's text when `hlo` (the same single compile), else None."""
     mesh = make_mesh(cfg.mesh, devices)
     tx = make_optimizer(cfg.train, model_specs(cfg.model))
     pipe = pipeline_of(cfg)
@@ -65,8 +67,9 @@ def run(cfg, devices=None):
         batch = jax.device_put(host_batch(), batch_sh)
         step, _ = compile_steps(cfg.model, tx, learning_rate_schedule(cfg.train), sh, batch_sh,
                                 cfg.train.loss_vocab_chunk, tcfg=cfg.train, pipeline=pipe)
-        state, metrics = step(state, batch)
-    return tx, jax.device_get(metrics), state
+        text = step.lower(state, batch).compile().as_text() if hlo else None
+        state, metrics = step(state, batch)  # the executable just compiled (jax's cache)
+    return tx, jax.device_get(metrics), state, text
 
 
 _REF = {}
@@ -76,7 +79,8 @@ def reference(model, accum=1):
     """One device, no stages (MoE: the same M microbatches by accumulation, since the
     router losses are per-microbatch means in both)."""
     if (model, accum) not in _REF:
-        _, metrics, state = run(make_cfg(model, dict(data=1), accum=accum), jax.devices()[:1])
+        _, metrics, state, _ = run(make_cfg(model, dict(data=1), accum=accum),
+                                   jax.devices()[:1])
         _REF[model, accum] = metrics, jax.device_get(state.params)
     return _REF[model, accum]
 
@@ -85,11 +89,17 @@ def reference(model, accum=1):
 # router stats are checked by the forward in test_bubble_..., the step's mechanics by llama.
 @pytest.mark.parametrize("model,mesh_name,remat", [
     ("llama", "stage4_data2", "full"), ("llama", "stage2_fsdp2_tensor2", "none"),
+    ("llama", "stage2_context4", "none"),
     pytest.param("moe", "stage2_fsdp2_tensor2", "none", marks=pytest.mark.slow)])
 def test_parity_and_stage_sharding(model, mesh_name, remat):
-    """Loss, grad norm and params after one AdamW step within 1e-5 of one device."""
-    cfg = make_cfg(model, MESHES[mesh_name], remat=remat)
-    tx, metrics, state = run(cfg)
+    """Loss, grad norm and params after one AdamW step within 1e-5 of one device;
+    under context, ring attention inside each stage keeps `seq` sharded."""
+    sizes = MESHES[mesh_name]
+    c = sizes.get("context", 1)
+    # under context: 2 microbatches of 4 rows, so that a microbatch's per-device
+    # activation [4, S / c, D] has a shape no weight has (a stage holds 2 layers)
+    cfg = make_cfg(model, sizes, microbatches=2 if c > 1 else M, remat=remat)
+    tx, metrics, state, hlo = run(cfg, hlo=c > 1)
     ref_metrics, ref_params = reference(model, accum=M if cfg.model.n_experts else 1)
     for k in ("loss", "grad_norm"):
         np.testing.assert_allclose(metrics[k], ref_metrics[k], atol=1e-5, rtol=1e-5, err_msg=k)
@@ -103,6 +113,15 @@ def test_parity_and_stage_sharding(model, mesh_name, remat):
             assert shard.data.shape[0] == n_layers // n_stage, path
         starts = {shard.index[0].start or 0 for shard in w.addressable_shards}
         assert starts == set(range(0, n_layers, n_layers // n_stage))
+    if c > 1:  # per device: S / c tokens of each row, in the stages (a microbatch of
+        # `rows`) and in the embedding and loss (all B rows); the ring's K/V chunks
+        # hold S / c tokens too: neither the sequence nor K/V is ever gathered
+        mc, rows = cfg.model, B // 2
+        kv = f"{mc.n_kv_heads},{mc.d_model // mc.n_heads}"
+        assert f"f32[{rows},{S // c},{mc.d_model}]" in hlo
+        assert f"f32[{B},{S // c},{mc.d_model}]" in hlo and f"f32[{rows},{S // c},{kv}]" in hlo
+        for b in (rows, B):
+            assert f"f32[{b},{S},{mc.d_model}]" not in hlo and f"f32[{b},{S},{kv}]" not in hlo
 
 
 def test_bubble_measured_by_the_loop_and_circular_parity():
@@ -125,17 +144,22 @@ def test_bubble_measured_by_the_loop_and_circular_parity():
         assert idle == pytest.approx(bubble_fraction(stages, m, r))
         assert idle == pytest.approx((stages - 1) / (r * m + stages - 1))
         np.testing.assert_allclose(logits, want, atol=1e-5, rtol=1e-5)
-    # Mixtral-style: router stats are the mean over microbatches (as with accumulation)
-    moe = MODELS["moe"]
+    # Mixtral-style, with expert parallelism inside the stages (capacity E / k: nothing
+    # drops, so one device without a mesh is the oracle): the experts' all-to-all runs
+    # in the stage loop; router stats are the mean over microbatches (as with accumulation)
+    moe = dataclasses.replace(MODELS["moe"], moe_capacity_factor=2.0)
     params = jaxlm.init_params(moe, jax.random.key(0))
     fwd = jax.jit(lambda p, b: forward(p, moe, b["tokens"], b["positions"], b["segment_ids"]))
     parts = [jax.tree.map(lambda x: x[j::4], batch) for j in range(4)]
     outs = [fwd(params, part) for part in parts]
     want_stats = jax.tree.map(lambda *a: np.mean(a, axis=0), *[a["moe"] for _, a in outs])
-    with use_mesh(make_mesh(MeshConfig(stage=2, data=1, devices=2)), MeshConfig().rules):
-        logits, aux = jax.jit(lambda p, b: forward(
-            p, moe, b["tokens"], b["positions"], b["segment_ids"], pipeline=Pipeline(4)))(
-                params, batch)
+    with use_mesh(make_mesh(MeshConfig(stage=2, data=1, expert=2, devices=4)),
+                  MeshConfig().rules):
+        staged = jax.jit(lambda p, b: forward(
+            p, moe, b["tokens"], b["positions"], b["segment_ids"], pipeline=Pipeline(4))).lower(
+                params, batch).compile()
+        logits, aux = staged(params, batch)
+    assert "all-to-all" in staged.as_text()
     for j, (part_logits, _) in enumerate(outs):
         np.testing.assert_allclose(logits[j::4], part_logits, atol=1e-5, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),

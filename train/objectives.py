@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
+from jaxlm.sharding.context import context_size
 
 
 def causal_lm_loss(logits, targets, loss_mask):
@@ -25,7 +26,8 @@ def causal_lm_loss(logits, targets, loss_mask):
 
 def chunked_lm_loss(hidden, w, targets, loss_mask, chunk: int):
     """The same loss from hidden states [B,S,D] and the head w [D,V], computed
-    over vocab chunks of about `chunk` columns.
+    over vocab chunks of about `chunk` columns ([B*S] rows, or [B,S] under a
+    context mesh).
 
     The [B,S,V] logits are never materialised: the forward pass keeps a
     running log-sum-exp per token; the backward pass recomputes each chunk's
@@ -33,10 +35,13 @@ def chunked_lm_loss(hidden, w, targets, loss_mask, chunk: int):
     logits stay in cache, which on CPU makes the head's matmuls nearly twice
     as fast, and on any device saves the largest activation of the step.
     """
-    d = hidden.shape[-1]
-    mask = loss_mask.astype(jnp.float32).reshape(-1)
-    loss = _chunked_ce(hidden.reshape(-1, d), w, targets.reshape(-1).astype(jnp.int32), mask,
-                       _chunking(w.shape[1], chunk))
+    mask = loss_mask.astype(jnp.float32)
+    targets = targets.astype(jnp.int32)
+    if context_size() == 1:  # one GEMM over all tokens; under context parallelism
+        # flattening [B, S] would gather the sequence, so the leading axes stay apart
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        targets, mask = targets.reshape(-1), mask.reshape(-1)
+    loss = _chunked_ce(hidden, w, targets, mask, _chunking(w.shape[1], chunk))
     return loss, jnp.sum(mask)
 
 
@@ -71,13 +76,13 @@ def _chunked_ce_fwd(x, w, targets, mask, chunking):
         m, s, t = carry
         c, w_c = c_and_w
         logits, cols = _chunk_logits(x, w_c, c, size, vocab)
-        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
-        t = t + jnp.sum(jnp.where(cols[None] == targets[:, None], logits, 0.0), axis=1)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
+        t = t + jnp.sum(jnp.where(cols == targets[..., None], logits, 0.0), axis=-1)
         return (m_new, s, t), None
 
-    rows = x.shape[0]
-    init = (jnp.full((rows,), -jnp.inf), jnp.zeros((rows,)), jnp.zeros((rows,)))
+    rows = x.shape[:-1]
+    init = (jnp.full(rows, -jnp.inf), jnp.zeros(rows), jnp.zeros(rows))
     (m, s, t), _ = jax.lax.scan(step, init, (jnp.arange(n), _chunks(w, n, size)))
     lse = m + jnp.log(s)
     return jnp.sum((lse - t) * mask), (x, w, targets, mask, lse)
@@ -92,11 +97,12 @@ def _chunked_ce_bwd(chunking, res, g):
     def step(dx, c_and_w):
         c, w_c = c_and_w
         logits, cols = _chunk_logits(x, w_c, c, size, vocab)
-        dlogits = jnp.exp(logits - lse[:, None]) * coef[:, None]
-        dlogits = dlogits - jnp.where(cols[None] == targets[:, None], coef[:, None], 0.0)
+        dlogits = jnp.exp(logits - lse[..., None]) * coef[..., None]
+        dlogits = dlogits - jnp.where(cols == targets[..., None], coef[..., None], 0.0)
         dlogits = dlogits.astype(x.dtype)
         dx = dx + jnp.matmul(dlogits, w_c.T, preferred_element_type=jnp.float32)
-        return dx, jnp.matmul(x.T, dlogits, preferred_element_type=jnp.float32)
+        lead = tuple(range(x.ndim - 1))  # x [..., D], dlogits [..., size] -> [D, size]
+        return dx, jnp.tensordot(x, dlogits, (lead, lead), preferred_element_type=jnp.float32)
 
     dx, dw = jax.lax.scan(step, jnp.zeros(x.shape, jnp.float32), (jnp.arange(n), _chunks(w, n, size)))
     dw = dw.transpose(1, 0, 2).reshape(w.shape[0], n * size)[:, :vocab]

@@ -27,6 +27,10 @@ chunk around the ring and arrive home after the c-th hop. Residuals per
 device: its own q, k, v, out chunk and lse. At any time a device holds its
 own K/V chunk, the visiting one and the one in flight.
 
+Inside pipeline stages (sharding/pipeline.py) `active_mesh()` is the stage
+body's abstract mesh, `stage` already manual: the shard_map here nests in
+it and makes manual only the other axes.
+
 Not supported: an additive bias (ALiBi, T5 relative: a ConfigError), a KV
 cache (`kv_lengths`: such calls take the ordinary path), cross-attention.
 """
