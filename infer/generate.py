@@ -43,12 +43,17 @@ from jaxlm.infer.processors import (History, Processors, apply as apply_processo
                                     gather as gather_history, init_history, is_eos, push)
 from jaxlm.infer.sampling import check_sampling, sample
 from jaxlm.model import forward, unembed
+from jaxlm.model.families.decoder import unstack_layers
 from jaxlm.sharding.distributed import fetch
 
 PAD_ID = -1  # fills GenerateOutput.tokens after a row has stopped
 CACHE_BUCKET = 128
 WIDTH_BUCKET = 64
 MIN_PROMPT_BUCKET = 16
+# decode loops of models up to this many layers run the layers unrolled over
+# weights split once outside the loop (no per-step copy of each layer's weights
+# out of the stack); deeper models keep the scan (trace / compile time).
+UNROLL_MAX_LAYERS = 32
 
 # Python-side trace counters (incremented while tracing, never at run time):
 # tests use them to check that the decode step is compiled once.
@@ -373,7 +378,11 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
            return_logits: bool = False, min_p: float = 0.0,
            processors: Processors = Processors(), history: Optional[History] = None,
            guide: Optional[guided.GuideState] = None):
-    """The decoder-only decode loop over the donated cache (see `sampling_loop`)."""
+    """The decoder-only decode loop over the donated cache (see `sampling_loop`).
+    Up to UNROLL_MAX_LAYERS layers, the stacked layer weights are split once,
+    outside the loop (`unstack_layers`), so no step copies them out of the stack."""
+    params = _decode_params(params, cfg)
+
     def step(cache, tokens):
         TRACE_COUNTS["decode_step"] += 1
         return decode_step(params, cfg, cache, tokens)
@@ -384,6 +393,14 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
                         history=history, guide=guide)
     out["cache"] = out.pop("state")
     return out
+
+
+def _decode_params(params, cfg):
+    """params for a decode loop: layers unstacked (split once, read in place by every
+    step) up to UNROLL_MAX_LAYERS layers, else as they are (scanned)."""
+    if cfg.n_layers > UNROLL_MAX_LAYERS:
+        return params
+    return unstack_layers(params)
 
 
 def gather_cache(cache: dict, rows: jax.Array) -> dict:
