@@ -50,10 +50,13 @@ PAD_ID = -1  # fills GenerateOutput.tokens after a row has stopped
 CACHE_BUCKET = 128
 WIDTH_BUCKET = 64
 MIN_PROMPT_BUCKET = 16
-# decode loops of models up to this many layers run the layers unrolled over
-# weights split once outside the loop (no per-step copy of each layer's weights
-# out of the stack); deeper models keep the scan (trace / compile time).
+# Decode loops up to this many layers and bytes of layer weights run the layers
+# unrolled over per-layer weights split once before the loop: no step copies a
+# layer's weights out of the stack (XLA materialises a slice of a scanned array
+# that feeds a matmul). Beyond, the scan (trace / compile time; the split copy's
+# peak memory). See `_unroll`.
 UNROLL_MAX_LAYERS = 32
+UNROLL_MAX_BYTES = 2 ** 30
 
 # Python-side trace counters (incremented while tracing, never at run time):
 # tests use them to check that the decode step is compiled once.
@@ -381,7 +384,8 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
     """The decoder-only decode loop over the donated cache (see `sampling_loop`).
     Up to UNROLL_MAX_LAYERS layers, the stacked layer weights are split once,
     outside the loop (`unstack_layers`), so no step copies them out of the stack."""
-    params = _decode_params(params, cfg)
+    if _unroll(params, cfg):
+        params = unstack_layers(params)
 
     def step(cache, tokens):
         TRACE_COUNTS["decode_step"] += 1
@@ -395,12 +399,13 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
     return out
 
 
-def _decode_params(params, cfg):
-    """params for a decode loop: layers unstacked (split once, read in place by every
-    step) up to UNROLL_MAX_LAYERS layers, else as they are (scanned)."""
-    if cfg.n_layers > UNROLL_MAX_LAYERS:
-        return params
-    return unstack_layers(params)
+def _unroll(params, cfg) -> bool:
+    """Whether a decode loop runs its layers unrolled over per-layer weights split
+    once before the loop (`unstack_layers`): up to UNROLL_MAX_LAYERS layers and
+    UNROLL_MAX_BYTES of layer weights (the split is a copy: peak memory holds
+    both while the loop runs)."""
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["layers"]))
+    return cfg.n_layers <= UNROLL_MAX_LAYERS and nbytes <= UNROLL_MAX_BYTES
 
 
 def gather_cache(cache: dict, rows: jax.Array) -> dict:

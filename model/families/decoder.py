@@ -165,11 +165,11 @@ def _cached_layers(params, cfg, x, positions, cache, window):
 
     per_layer = {n: a for n, a in cache.items() if n != "lengths"}
     if isinstance(params["layers"], (list, tuple)):  # unstacked (`unstack_layers`): unrolled
-        carry, stats = (x, per_layer), []
+        stats = []
         for i, layer in enumerate(params["layers"]):
-            carry, st = block(carry, (layer, i))
+            (x, per_layer), st = block((x, per_layer), (layer, i))
             stats.append(st)
-        (x, kv) = carry
+        kv = per_layer
         stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
     else:
         layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
