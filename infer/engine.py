@@ -39,11 +39,13 @@ import numpy as np
 
 from jaxlm.errors import InputError
 from jaxlm.infer.cache import init_cache
-from jaxlm.infer.generate import (PAD_ID, GenerateOutput, _check_prompts, prefill, row_keys)
+from jaxlm.infer.generate import (PAD_ID, GenerateOutput, _check_prompts, _unroll, prefill,
+                                  row_keys)
 from jaxlm.infer.paged import (PagePool, check_paged_family, init_pages, pages_for,
                                paged_step, write_prompt)
 from jaxlm.infer.processors import eos_array, is_eos
 from jaxlm.infer.sampling import check_sampling, sample
+from jaxlm.model.families.decoder import unstack_layers
 
 TRACE_COUNTS = {"engine_loop": 0}
 WIDTH_BUCKET = 64
@@ -68,6 +70,8 @@ def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, keys
     next-token logits; out [S, W] int32: the tokens of each slot's request.
     Returns (pages, logits, out, slots, steps run)."""
     TRACE_COUNTS["engine_loop"] += 1
+    if _unroll(params, cfg):  # layer weights split once, not copied out per step
+        params = unstack_layers(params)
     pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     rows = jnp.arange(out.shape[0])
 

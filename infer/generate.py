@@ -43,12 +43,20 @@ from jaxlm.infer.processors import (History, Processors, apply as apply_processo
                                     gather as gather_history, init_history, is_eos, push)
 from jaxlm.infer.sampling import check_sampling, sample
 from jaxlm.model import forward, unembed
+from jaxlm.model.families.decoder import unstack_layers
 from jaxlm.sharding.distributed import fetch
 
 PAD_ID = -1  # fills GenerateOutput.tokens after a row has stopped
 CACHE_BUCKET = 128
 WIDTH_BUCKET = 64
 MIN_PROMPT_BUCKET = 16
+# Decode loops up to this many layers and bytes of layer weights run the layers
+# unrolled over per-layer weights split once before the loop: no step copies a
+# layer's weights out of the stack (XLA materialises a slice of a scanned array
+# that feeds a matmul). Beyond, the scan (trace / compile time; the split copy's
+# peak memory). See `_unroll`.
+UNROLL_MAX_LAYERS = 32
+UNROLL_MAX_BYTES = 2 ** 30
 
 # Python-side trace counters (incremented while tracing, never at run time):
 # tests use them to check that the decode step is compiled once.
@@ -373,7 +381,12 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
            return_logits: bool = False, min_p: float = 0.0,
            processors: Processors = Processors(), history: Optional[History] = None,
            guide: Optional[guided.GuideState] = None):
-    """The decoder-only decode loop over the donated cache (see `sampling_loop`)."""
+    """The decoder-only decode loop over the donated cache (see `sampling_loop`).
+    Up to UNROLL_MAX_LAYERS layers, the stacked layer weights are split once,
+    outside the loop (`unstack_layers`), so no step copies them out of the stack."""
+    if _unroll(params, cfg):
+        params = unstack_layers(params)
+
     def step(cache, tokens):
         TRACE_COUNTS["decode_step"] += 1
         return decode_step(params, cfg, cache, tokens)
@@ -384,6 +397,15 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
                         history=history, guide=guide)
     out["cache"] = out.pop("state")
     return out
+
+
+def _unroll(params, cfg) -> bool:
+    """Whether a decode loop runs its layers unrolled over per-layer weights split
+    once before the loop (`unstack_layers`): up to UNROLL_MAX_LAYERS layers and
+    UNROLL_MAX_BYTES of layer weights (the split is a copy: peak memory holds
+    both while the loop runs)."""
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["layers"]))
+    return cfg.n_layers <= UNROLL_MAX_LAYERS and nbytes <= UNROLL_MAX_BYTES
 
 
 def gather_cache(cache: dict, rows: jax.Array) -> dict:

@@ -110,7 +110,9 @@ def write_prompt(pages: dict, k, v, page_ids) -> dict:
 def paged_step(params, cfg, pages: dict, page_table, lengths, tokens, live):
     """One token per slot: tokens [S] at positions lengths [S] -> (logits [S, V]
     float32, pages with each live slot's K/V written). The decoder family's
-    cached forward (`jaxlm.model.families.decoder`) over a paged cache."""
+    cached forward (`jaxlm.model.families.decoder`) over a paged cache; params
+    with unstacked layers (`unstack_layers`, split once outside a decode loop)
+    run the layers unrolled."""
     s = tokens.shape[0]
     dtype = dtype_of(cfg.dtype)
     params = materialize_outside_layers(params, dtype)
@@ -136,8 +138,13 @@ def paged_step(params, cfg, pages: dict, page_table, lengths, tokens, live):
         y, _ = _feed_forward(layer, x, cfg, None)
         return (x + y, pk, pv), None
 
-    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    (x, pk, pv), _ = jax.lax.scan(block, (x, pages["k"], pages["v"]),
-                                  (params["layers"], layer_ids))
+    carry = (x, pages["k"], pages["v"])
+    if isinstance(params["layers"], (list, tuple)):  # unstacked (`unstack_layers`): unrolled
+        for i, layer in enumerate(params["layers"]):
+            carry, _ = block(carry, (layer, i))
+        x, pk, pv = carry
+    else:
+        layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+        (x, pk, pv), _ = jax.lax.scan(block, carry, (params["layers"], layer_ids))
     hidden = norm(params["final_ln"], x, cfg)
     return unembed(params, hidden, cfg)[:, 0], {"k": pk, "v": pv}

@@ -164,11 +164,35 @@ def _cached_layers(params, cfg, x, positions, cache, window):
         return (x + y, kv), stats
 
     per_layer = {n: a for n, a in cache.items() if n != "lengths"}
-    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    (x, kv), stats = jax.lax.scan(block, (x, per_layer), (params["layers"], layer_ids))
+    if isinstance(params["layers"], (list, tuple)):  # unstacked (`unstack_layers`): unrolled
+        stats = []
+        for i, layer in enumerate(params["layers"]):
+            (x, per_layer), st = block((x, per_layer), (layer, i))
+            stats.append(st)
+        kv = per_layer
+        stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
+    else:
+        layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+        (x, kv), stats = jax.lax.scan(block, (x, per_layer), (params["layers"], layer_ids))
     aux = _layer_mean(stats)
     aux["cache"] = constrain_cache(dict(kv, lengths=lengths + s))
     return x, aux
+
+
+def unstack_layers(params):
+    """params with the stacked `layers` [L, ...] split into a tuple of L per-layer trees.
+
+    For a decode loop: split once outside the loop, each layer's weights are
+    their own loop-invariant buffers that the step's matmuls read in place.
+    Scanning the stacked weights instead makes XLA (CPU) copy every layer's
+    weights out of the stack on every step (a dynamic slice of the stack
+    feeding a dot is materialised), ~2x the weight bytes a step must read.
+    The cached forward (`decoder(..., cache=...)`) then runs the layers as an
+    unrolled Python loop."""
+    layers = params["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return dict(params, layers=tuple(jax.tree.map(lambda a, i=i: a[i], layers)
+                                     for i in range(n)))
 
 
 def _layer_mean(stats):

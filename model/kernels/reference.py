@@ -24,6 +24,8 @@ def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None, softcap=
     kvh = k.shape[2]
     g = h // kvh
     scale = d ** -0.5 if scale is None else scale
+    if sq == 1 and not (dropout_key is not None and dropout_rate) and (kvh - 1) * g <= 8:
+        return _one_query(q, k, v, mask, bias, scale, softcap)
     # Head-major operands: the two matmuls become plain batched GEMMs on
     # every backend (the transposes are small next to the scores).
     qg = q.reshape(b, sq, kvh, g, d).transpose(0, 2, 3, 1, 4)  # [B,KVH,G,Sq,D]
@@ -43,3 +45,36 @@ def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None, softcap=
     out = jnp.einsum("bhgqk,bhkd->bhgqd", probs.astype(v.dtype), vt,
                      preferred_element_type=jnp.float32)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, h, d).astype(q.dtype)
+
+
+def _one_query(q, k, v, mask: MaskSpec, bias, scale, softcap):
+    """attention_reference for one query per row, reading k/v [B,Sk,KVH,D] in their
+    own layout: both matmuls take k, v as [B, Sk*KVH, D] (a reshape, no copy), so
+    XLA feeds a KV cache to the dot in place instead of materialising the
+    head-major transpose of it (decode steps read each layer's cache once).
+
+    The price: every query head is scored against every KV head,
+    scores_all "bhd,bnd->bhn" (n = (k, kv head)), then the own-group diagonal
+    is kept; the output "bhn,bnd->bhd" takes probabilities zeroed off it.
+    That is KVH x the attention FLOPs, so `attention_reference` takes this path
+    only for (KVH - 1) * G <= 8 (a copy of the cache costs about that much)."""
+    b, _, h, d = q.shape
+    sk, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    own = jnp.eye(kvh, dtype=bool)[None, :, None, None, :]  # [1,KVH,1,1,KVH]
+    kf, vf = k.reshape(b, sk * kvh, d), v.reshape(b, sk * kvh, d)
+    s_all = jnp.einsum("bhd,bnd->bhn", q[:, 0] * scale, kf, preferred_element_type=jnp.float32)
+    s_all = s_all.reshape(b, kvh, g, sk, kvh)
+    scores = jnp.sum(jnp.where(own, s_all, 0.0), axis=-1)  # [B,KVH,G,Sk]
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    if bias is not None:  # [B or 1, H, 1, Sk]
+        scores = scores + bias.reshape(bias.shape[0], kvh, g, -1).astype(jnp.float32)
+    visible = mask.visible(1, sk)[:, None]  # [B or 1, 1, 1, Sk]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(jnp.any(visible, axis=-1, keepdims=True), probs, 0.0)
+    p_all = jnp.where(own, probs[..., None], 0.0).reshape(b, h, sk * kvh)
+    out = jnp.einsum("bhn,bnd->bhd", p_all.astype(v.dtype), vf,
+                     preferred_element_type=jnp.float32)
+    return out[:, None].astype(q.dtype)

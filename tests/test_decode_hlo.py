@@ -1,0 +1,86 @@
+"""The compiled decode loop reads each layer's weights and KV cache without a
+layout-changing copy per step (issue 9), checked on the optimised HLO of the
+loop's while body: no materialised op there has the shape of a layer's MLP
+weight (a copy out of the stacked weights), and none with a per-layer cache's
+element count has a shape other than the cache's own row-major order (merging
+adjacent dims is a bitcast; [B,KVH,T,D] or [KVH,D,T] would be the transpose the
+batched matmul wanted)."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxlm.infer.cache import init_cache
+from jaxlm.infer.generate import decode
+from jaxlm.model import ModelConfig, init_params
+
+# distinct sizes: d_model*d_ff = 3072, per-layer cache B*T*KVH*D = 2*64*2*8 = 2048
+CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96,
+                  max_seq_len=64, dtype="float32", param_dtype="float32")
+B, T = 2, 64
+CACHE = (B, T, CFG.n_kv_heads, CFG.head_dim)
+
+_OP = re.compile(r"= \w+\[([\d,]*)\]\{[\d,]*\} ([\w\-]+)\(")
+_SKIP = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
+
+
+def _while_body_ops(hlo: str):
+    """(shape, opcode) of each materialised instruction of the while bodies
+    (instructions inside fusion computations are not materialised)."""
+    bodies = set(re.findall(r"body=(%[\w.\-]+)", hlo))
+    out = []
+    for comp in re.split(r"\n(?=(?:ENTRY )?%\S+ [^\n]*\{\n)", hlo):
+        if comp.split(" ", 1)[0].lstrip() not in bodies:
+            continue
+        for m in _OP.finditer(comp):
+            if m.group(2) not in _SKIP:
+                out.append((tuple(int(d) for d in m.group(1).split(",") if d), m.group(2)))
+    return out
+
+
+def _merges_of(shape, own) -> bool:
+    """Whether `shape` (1s dropped) is `own` with adjacent dims merged: a bitcast of it."""
+    shape, own = [d for d in shape if d != 1], [d for d in own if d != 1]
+    i = 0
+    for d in shape:
+        n = 1
+        while n < d and i < len(own):
+            n *= own[i]
+            i += 1
+        if n != d:
+            return False
+    return i == len(own)
+
+
+@pytest.fixture(scope="module")
+def body_ops():
+    params = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0)))
+    cache = jax.eval_shape(lambda: init_cache(CFG, B, T))
+    logits = jax.ShapeDtypeStruct((B, CFG.vocab_size), jnp.float32)
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), B))
+    hlo = decode.lower(params, CFG, cache, logits, keys, jnp.int32(8), jnp.int32(-1),
+                       width=64).compile().as_text()
+    ops = _while_body_ops(hlo)
+    assert ops, "no while body found in the compiled decode loop"
+    return ops
+
+
+def test_merges_of():
+    b, t, h, d = CACHE
+    assert _merges_of((1, b * t, h * d), CACHE) and _merges_of((b * t * h, d), CACHE)
+    assert not _merges_of((b, h, t, d), CACHE) and not _merges_of((b * h, d, t), CACHE)
+    assert not _merges_of((b * t, d, h), CACHE)
+
+
+def test_no_layer_weight_copied_per_step(body_ops):
+    weight = CFG.d_model * CFG.d_ff
+    assert [op for op in body_ops if math.prod(op[0]) == weight] == []
+
+
+def test_no_transposed_cache_copy_per_step(body_ops):
+    n = math.prod(CACHE)
+    bad = [op for op in body_ops if math.prod(op[0]) == n and not _merges_of(op[0], CACHE)]
+    assert bad == []
