@@ -254,7 +254,8 @@ def _budgets(max_new_tokens, n: int) -> list[int]:
 
 ENGINE_KWARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "eos_id")
 _OFF = dict(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-            no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, num_return_sequences=1)
+            no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, num_return_sequences=1,
+            kv_dtype="auto")  # the page pool holds K/V at the model's dtype
 
 
 def unsupported(cfg, kwargs: dict) -> Optional[str]:

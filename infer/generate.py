@@ -193,7 +193,7 @@ def generate_kwargs(g, eos_id=None) -> dict:
                 no_repeat_ngram_size=g.no_repeat_ngram_size, min_new_tokens=g.min_new_tokens,
                 num_beams=g.num_beams, length_penalty=g.length_penalty,
                 early_stopping=g.early_stopping, num_return_sequences=g.num_return_sequences,
-                **({} if getattr(g, "kv_dtype", "auto") == "auto" else {"kv_dtype": g.kv_dtype}))
+                kv_dtype=g.kv_dtype)
 
 
 def check_decoding(*, temperature, return_logits, min_p, repetition_penalty, presence_penalty,

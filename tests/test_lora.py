@@ -245,6 +245,6 @@ def test_sharded_lora_step_matches_one_device(hf_llama, trained):
     jax.tree.map(check, many.frozen, logical_axes(model_specs(cfg.model)),
                  is_leaf=lambda x: isinstance(x, LogicalAxes))
     q_b = many.params["layers"]["attn"]["q"]["b"]  # (layers, None, heads, head_dim)
-    assert q_b.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+    assert q_b.sharding.spec == jax.sharding.PartitionSpec("stage", None, "tensor", None)
     o_a = many.params["layers"]["attn"]["o"]["a"]  # (layers, heads, head_dim, None)
-    assert o_a.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None, None)
+    assert o_a.sharding.spec == jax.sharding.PartitionSpec("stage", "tensor", None, None)
