@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from jaxlm.model.kernels.mask import MaskSpec
@@ -94,6 +95,27 @@ def softmax_step(s, ok, m_prev, l_prev):
     alpha = jnp.exp(m_prev - m_next)
     l_next = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
     return p, alpha, m_next, l_next
+
+
+NT = (((1,), (1,)), ((), ()))  # dot_general: a @ b.T
+NN = (((1,), (0,)), ((), ()))  # dot_general: a @ b
+
+
+def empty_carry(rows: int, d: int):
+    """The online-softmax carry before any key: (acc [rows, D], m, l [rows, 1])."""
+    return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows, 1), NEG, jnp.float32),
+            jnp.zeros((rows, 1), jnp.float32))
+
+
+def attend_block(q, k, v, ok, carry, scale: float, softcap: Optional[float]):
+    """One key block of a decode kernel: q [rows, D] over k, v [keys, D] with
+    visibility ok [rows, keys]; carry (acc, m, l) -> the next carry (f32)."""
+    acc, m, l = carry
+    qk = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32)
+    sc, _ = logits(qk, scale, softcap)  # [rows, keys]
+    p, alpha, m, l = softmax_step(sc, ok, m, l)
+    pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
+    return alpha * acc + pv, m, l
 
 
 def finish(acc, m, l):

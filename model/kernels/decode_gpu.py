@@ -16,10 +16,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxlm.model.kernels.blocks import NEG, finish, logits, softmax_step, visible
+from jaxlm.model.kernels.blocks import attend_block, empty_carry, finish, visible
 
-NT = (((1,), (1,)), ((), ()))
-NN = (((1,), (0,)), ((), ()))
 
 
 def _kernel(r, o_ref, lse_ref, *, c):
@@ -32,23 +30,16 @@ def _kernel(r, o_ref, lse_ref, *, c):
     kv_len = r["kv_len"][...]
 
     def body(j, carry):
-        acc, m, l = carry
         ks = pl.multiple_of(j * bk, bk)
         sl = pl.ds(ks, bk)
         k, v = r["k"][sl, :], r["v"][sl, :]  # [bk, D]
-        qk = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32)
-        sc, _ = logits(qk, c.scale, c.softcap)  # [Gp, bk]
         k_pos = None if r["k_pos"] is None else r["k_pos"][sl][None, :]
         ok = visible(q_pos, ks + jnp.arange(bk, dtype=jnp.int32)[None, :], k_pos=k_pos,
                      causal=c.causal, window=c.window, kv_len=kv_len)
-        p, alpha, m, l = softmax_step(sc, ok, m, l)
-        pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
-        return alpha * acc + pv, m, l
+        return attend_block(q, k, v, ok, carry, c.scale, c.softcap)
 
     rows = q.shape[0]
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows, 1), NEG, jnp.float32),
-            jnp.zeros((rows, 1), jnp.float32))
-    acc, m, l = lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
+    acc, m, l = lax.fori_loop(lo, jnp.maximum(hi, lo), body, empty_carry(*q.shape))
     o, lse = finish(acc, m, l)
     o_ref[...] = o
     lse_ref[...] = lse.reshape(rows)

@@ -35,12 +35,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxlm.model.kernels.blocks import NEG, finish, logits, softmax_step, visible
+from jaxlm.model.kernels.blocks import attend_block, empty_carry, finish, visible
 from jaxlm.model.kernels.mask import MaskSpec
 from jaxlm.model.kernels.reference import attention_reference
 
-NT = (((1,), (1,)), ((), ()))
-NN = (((1,), (0,)), ((), ()))
 
 
 def gather_pages(pages, page_table):
@@ -114,20 +112,13 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, *, page_size, scale, so
     lo = 0 if window is None else jnp.maximum(q_pos - window + 1, 0) // page_size
 
     def body(j, carry):
-        acc, m, l = carry
         page = pt_ref[j]
         k = k_ref[page].astype(q.dtype)  # [ps, D]
         v = v_ref[page].astype(q.dtype)
-        qk = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32)
-        sc, _ = logits(qk, scale, softcap)  # [Gp, ps]
         k_idx = j * page_size + jnp.arange(page_size, dtype=jnp.int32)[None, :]
         ok = visible(q_pos, k_idx, causal=True, window=window, kv_len=n)
-        p, alpha, m, l = softmax_step(sc, ok, m, l)
-        pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
-        return alpha * acc + pv, m, l
+        return attend_block(q, k, v, ok, carry, scale, softcap)
 
-    rows = q.shape[0]
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows, 1), NEG, jnp.float32),
-            jnp.zeros((rows, 1), jnp.float32))
+    init = empty_carry(*q.shape)
     acc, m, l = lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
     o_ref[...] = finish(acc, m, l)[0]
