@@ -152,6 +152,27 @@ def test_second_run_refused_ctrl_c_saves_and_flushes(tok, tmp_path):
     assert logged_steps(run_dir) == list(range(1, step + 1))  # the pending steps too
 
 
+def test_a_start_up_signal_swallowed_in_a_gc_callback_stops_at_arm(capfd):
+    """Python only reports an exception raised in a gc callback (jax registers one):
+    the start-up Ctrl-C is not lost, `arm` raises it, and nothing is printed."""
+    import gc
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here, inside the finalizer
+
+    with guard.stop_signals() as request:
+        cycle = Finalized()
+        cycle.self = cycle
+        del cycle
+        gc.collect()
+        assert request.signum == signal.SIGINT and not request.armed
+        with pytest.raises(KeyboardInterrupt):
+            request.arm()
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_ctrl_c_in_start_up_claims_no_save(tok, tmp_path):
     run_dir = str(tmp_path / "run")
     a = start_train(tok, run_dir, *LONG)

@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 
 import jax
@@ -170,6 +171,14 @@ class StopRequest:
     def interrupt(self) -> KeyboardInterrupt:
         return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
 
+    def arm(self):
+        """From now on a signal ends the current step. A start-up signal whose raise
+        was swallowed (it landed in a gc callback, where Python only reports an
+        exception) stops the run here, still with nothing to save."""
+        if self.signum is not None:
+            raise self.interrupt()
+        self.armed = True
+
 
 @contextlib.contextmanager
 def stop_signals():
@@ -192,9 +201,15 @@ def stop_signals():
         if not request.armed:
             raise request.interrupt()
 
+    def unraisable(hook_args):  # our start-up raise, swallowed: `arm` raises it again
+        if not (request.signum is not None and isinstance(hook_args.exc_value, KeyboardInterrupt)):
+            old_hook(hook_args)
+
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield request
     finally:
+        sys.unraisablehook = old_hook
         for s, h in old.items():
             signal.signal(s, h)

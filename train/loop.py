@@ -161,7 +161,7 @@ class _Loop:
         bar = tqdm(total=end, initial=start, disable=not self.progress, dynamic_ncols=True,
                    desc="train")
         pending, t_mark, step = [], None, start
-        self.stop.armed = True  # a signal now ends the current step, then stops
+        self.stop.arm()  # a signal now ends the current step, then stops
         stopping = False
         try:
             while step < end and not stopping:
