@@ -274,8 +274,8 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     import jaxlm
     from jaxlm.api import model_config_of
     from jaxlm.infer.generate import generate_kwargs
-    from jaxlm.model.config import to_dict
     from jaxlm.infer.text import decode_ids, encode_prompts, generation_settings
+    from jaxlm.model.config import to_dict
     from jaxlm.scripts.generate import apply_model_overrides, chat_template_for, stop_ids
     from jaxlm.sharding.mesh import check_divisible, make_mesh
     from jaxlm.sharding.rules import partition_spec, use_mesh
