@@ -39,8 +39,8 @@ import numpy as np
 
 from jaxlm.errors import InputError
 from jaxlm.infer.cache import init_cache
-from jaxlm.infer.generate import (PAD_ID, GenerateOutput, _check_prompts, _unroll, prefill,
-                                  row_keys)
+from jaxlm.infer.generate import (DECODING_OFF, PAD_ID, GenerateOutput, _check_prompts, _unroll,
+                                  prefill, row_keys)
 from jaxlm.infer.paged import (PagePool, check_paged_family, init_pages, pages_for,
                                paged_step, write_prompt)
 from jaxlm.infer.processors import eos_array, is_eos
@@ -253,9 +253,8 @@ def _budgets(max_new_tokens, n: int) -> list[int]:
 
 
 ENGINE_KWARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "eos_id")
-_OFF = dict(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-            no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, num_return_sequences=1,
-            kv_dtype="auto")  # the page pool holds K/V at the model's dtype
+# What the engine lacks (the page pool holds K/V at the model's dtype): the static path's.
+_OFF = {k: off for k, off in DECODING_OFF.items() if k not in ENGINE_KWARGS}
 
 
 def unsupported(cfg, kwargs: dict) -> Optional[str]:

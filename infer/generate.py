@@ -182,6 +182,14 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     return fetch_output(out, max_new_tokens, return_logits)
 
 
+# The value at which each decoding option beyond plain sampling is off (generate's
+# defaults): the paths that lack an option (the paged engine, speculative decoding)
+# check a call against it.
+DECODING_OFF = dict(min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                    frequency_penalty=0.0, no_repeat_ngram_size=0, min_new_tokens=0,
+                    num_beams=1, num_return_sequences=1, kv_dtype="auto")
+
+
 def generate_kwargs(g, eos_id=None) -> dict:
     """A GenerateConfig -> the keyword arguments of `generate` (what `jaxlm generate`
     and `batch-infer` pass): eos_id (the tokenizer's) plus g.stop_ids stop a row."""

@@ -167,14 +167,10 @@ def read_guide(args, tok, vocab_size: int):
 def _speculative(args, g, params, cfg, ids, stop):
     """`--draft DIR --num-speculative K`: the target's settings, drafted by DIR's model."""
     import jaxlm
+    from jaxlm.infer.generate import DECODING_OFF
     from jaxlm.infer.speculative import generate_speculative
 
-    unsupported = [k for k, off in (("min_p", 0.0), ("repetition_penalty", 1.0),
-                                    ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                                    ("no_repeat_ngram_size", 0), ("min_new_tokens", 0),
-                                    ("num_beams", 1), ("num_return_sequences", 1),
-                                    ("kv_dtype", "auto"))
-                   if getattr(g, k) != off]
+    unsupported = [k for k, off in DECODING_OFF.items() if getattr(g, k) != off]
     if unsupported:
         raise InputError(f"--draft: generate.{unsupported[0]} is not supported with "
                          "speculative decoding")
