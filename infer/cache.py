@@ -22,9 +22,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm.sharding.rules import active_mesh, partition_spec
 
-# max_len stays whole: cached decode attends over the whole cache on each device.
+# max_len is the `seq` logical axis: under context parallelism (mesh.context > 1)
+# each device holds a contiguous 1/c of every row's cache, so no device holds the
+# whole cache; the prefill's ring writes each device's own prompt chunk into its
+# own block (`write_kv_block`), and one decode query against the seq-sharded cache
+# stays XLA-partitioned (its softmax max / sum and output are all-reduced over
+# `context`). Without a context axis in the rules, max_len stays whole.
 # (No jaxlm.model import at module level: the decoder imports this module.)
-KV_AXES = ("layers", "batch", None, "kv_heads", None)
+KV_AXES = ("layers", "batch", "seq", "kv_heads", None)
 SCALE_AXES = KV_AXES[:-1]  # k_scale, v_scale [layers, batch, max_len, kv_heads]
 KV_DTYPES = ("auto", "int8")  # auto: the model's compute dtype
 
@@ -137,6 +142,30 @@ def write_kv(cache: dict, i, rows, positions, k, v) -> dict:
         c = cache[name]
         out[name] = c.at[i, rows, positions].set(x.astype(c.dtype), mode="drop")
     return out
+
+
+def write_kv_block(cache: dict, i, k, v) -> dict:
+    """`write_kv` of k, v [B, S, KVH, D] at positions 0..S-1 of every row of layer i,
+    as one dynamic_update_slice of the whole layer (a fresh cache's prefill: zeros
+    after S). With S equal
+    to the cache length and both seq-sharded alike, every device writes its own block."""
+    out = dict(cache)
+    for name, x in (("k", k), ("v", v)):
+        if name + "_scale" in cache:
+            x, scale = quantize(x)
+            out[name + "_scale"] = jax.lax.dynamic_update_index_in_dim(
+                cache[name + "_scale"], _pad_to(scale, cache[name + "_scale"]), i, 0)
+        c = cache[name]
+        out[name] = jax.lax.dynamic_update_index_in_dim(c, _pad_to(x.astype(c.dtype), c), i, 0)
+    return out
+
+
+def _pad_to(x, cache_leaf):
+    """x [B, S, ...] -> [B, T, ...] (zeros after S) for a cache leaf [L, B, T, ...]."""
+    t = cache_leaf.shape[2]
+    if x.shape[1] == t:
+        return x
+    return jnp.pad(x, [(0, 0), (0, t - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
 def read_kv(cache: dict, i, dtype):

@@ -163,9 +163,11 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     max_len = _cache_len(cfg, longest, max_new_tokens, max_len)
     _check_fits(rows, max_new_tokens, max_len, cfg)
 
-    tokens, prompt_lengths = _pad_prompts(rows, min(_prompt_bucket(longest), max_len))
+    ring = _context_prefill(max_len)
+    tokens, prompt_lengths = _pad_prompts(
+        rows, max_len if ring else min(_prompt_bucket(longest), max_len))
     cache = init_cache(cfg, len(rows), max_len, kv_dtype=kv_dtype)
-    logits, cache = prefill(params, cfg, cache, tokens, prompt_lengths)
+    logits, cache = prefill(params, cfg, cache, tokens, prompt_lengths, fresh=ring)
     width = min(_round_up(max_new_tokens, WIDTH_BUCKET), max_len)
     history = init_history(proc, tokens, prompt_lengths, cfg.vocab_size, width)
     if beams:
@@ -269,13 +271,25 @@ def fetch_output(out: dict, max_new_tokens: int, return_logits: bool) -> Generat
 
 # ------------------------------------------------------------ compiled parts
 
-@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def prefill(params, cfg, cache, tokens, prompt_lengths):
+@partial(jax.jit, static_argnames=("cfg", "fresh"), donate_argnames=("cache",))
+def prefill(params, cfg, cache, tokens, prompt_lengths, fresh: bool = False):
     """Right-padded tokens [B, P] -> (logits [B, V] after each row's last prompt
-    token, cache with lengths advanced by prompt_lengths)."""
+    token, cache with lengths advanced by prompt_lengths).
+
+    fresh (static): the cache is empty (the caller guarantees lengths 0). Under a
+    context mesh the prompt then attends to itself by ring attention, seq-sharded
+    through every layer (`decoder(..., fresh_cache=True)`), and the last token's
+    hidden state is picked by a one-hot contraction over the sharded seq (partial
+    sums all-reduced) rather than a gather of the whole sequence."""
     TRACE_COUNTS["prefill"] += 1
-    hidden, aux = forward(params, cfg, tokens, cache=cache, return_hidden=True)
-    last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)  # [B,1,D]
+    if fresh and cfg.family == "decoder":
+        hidden, aux = forward(params, cfg, tokens, cache=cache, return_hidden=True,
+                              fresh_cache=True)
+        pick = jax.nn.one_hot(prompt_lengths - 1, tokens.shape[1], dtype=hidden.dtype)
+        last = jnp.einsum("bs,bsd->bd", pick, hidden)[:, None]  # [B,1,D]
+    else:
+        hidden, aux = forward(params, cfg, tokens, cache=cache, return_hidden=True)
+        last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
     cache = dict(aux["cache"], lengths=cache["lengths"] + prompt_lengths)
     return unembed(params, last, cfg)[:, 0], cache
 
@@ -441,6 +455,24 @@ def beam_decode(params, cfg, cache, logits, history, max_new_tokens, eos_ids, kn
 
 
 # ------------------------------------------------------------ host-side helpers
+
+def _context_prefill(max_len: int) -> bool:
+    """Whether generate's prefill rings (a context mesh is active): the prompts are
+    then padded to the whole cache length, so that each device's prompt chunk is its
+    own block of the seq-sharded cache (context parallelism is for prompts that fill
+    most of the cache). A cache length that does not divide over the context axis is
+    a one-line ConfigError."""
+    from jaxlm.errors import ConfigError
+    from jaxlm.sharding.context import context_size
+    c = context_size()
+    if c <= 1:
+        return False
+    if max_len % c:
+        raise ConfigError(f"prefill under context parallelism: the cache length "
+                          f"max_len={max_len} does not divide over mesh.context={c} "
+                          f"(pass max_len=, a multiple of {c})")
+    return True
+
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.infer.cache import constrain_cache, read_kv, write_kv
+from jaxlm.infer.cache import constrain_cache, read_kv, write_kv, write_kv_block
 from jaxlm.model.adapters import materialize, materialize_outside_layers
 from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec
@@ -23,6 +23,7 @@ from jaxlm.model.layers.norms import norm, norm_specs
 from jaxlm.model.layers.positions import learned_position_specs
 from jaxlm.model.layers.relative import relative_bias_specs
 from jaxlm.model.params import stack
+from jaxlm.sharding.context import context_size
 from jaxlm.sharding.pipeline import pipelined_layers, stage_count
 
 _REMAT = {
@@ -61,7 +62,7 @@ def _feed_forward(layer, x, cfg, token_mask):
 
 
 def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
-            return_hidden=False, pipeline=None):
+            return_hidden=False, pipeline=None, fresh_cache=False):
     """tokens [B,S] -> (logits [B,S,V] float32, aux).
 
     Without a cache: a full causal pass; `segment_ids` (0 = padding) keep
@@ -75,6 +76,9 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
     `pipeline` (a `jaxlm.sharding.pipeline.Pipeline`, static): under a mesh with
     `stage` > 1 the layer stack runs pipelined over the stages (embedding and head
     outside, on every stage); aux["pipeline"] holds the busy stage-ticks and ticks.
+    `fresh_cache` (static): the caller guarantees the cache is empty (lengths 0),
+    so the tokens attend only to each other; under a context mesh their attention
+    is then ring attention over their own K/V (see `_cached_layers`).
     """
     b, s = tokens.shape
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
@@ -96,7 +100,7 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
         else:
             x, aux = _layers(params, cfg, x, positions, mask, segment_ids)
     else:
-        x, aux = _cached_layers(params, cfg, x, positions, cache, window)
+        x, aux = _cached_layers(params, cfg, x, positions, cache, window, fresh_cache)
     hidden = norm(params["final_ln"], x, cfg)
     return (hidden if return_hidden else unembed(params, hidden, cfg)), aux
 
@@ -140,13 +144,24 @@ def _scan_layers(layers, cfg, x, positions, mask, segment_ids, bias):
     return jax.lax.scan(remat(block, cfg), x, layers)
 
 
-def _cached_layers(params, cfg, x, positions, cache, window):
+def _cached_layers(params, cfg, x, positions, cache, window, fresh=False):
+    """The layers over a KV cache. `fresh` under a context mesh (a prompt prefilled
+    into an empty cache): self-attention over the prompt's own seq-sharded K/V, i.e.
+    the ring (in the prompt's array order: contiguous chunks, so that each device's
+    chunk is its own block of the seq-sharded cache, written in place by
+    `write_kv_block`), instead of attending over the whole cache, which would gather
+    the sequence."""
     b, s = x.shape[:2]
     lengths = cache["lengths"]
     max_len = cache["k"].shape[2]
-    mask = MaskSpec(causal=True, q_positions=positions,
-                    kv_positions=jnp.arange(max_len, dtype=jnp.int32)[None],
-                    kv_lengths=lengths + s, window=window)
+    ring = fresh and context_size() > 1
+    if ring:
+        mask = MaskSpec(causal=True, q_positions=positions, kv_positions=positions,
+                        window=window)
+    else:
+        mask = MaskSpec(causal=True, q_positions=positions,
+                        kv_positions=jnp.arange(max_len, dtype=jnp.int32)[None],
+                        kv_lengths=lengths + s, window=window)
     rows = jnp.arange(b)[:, None]
     bias = position_bias(params, mask, cfg, bidirectional=False)
 
@@ -157,8 +172,12 @@ def _cached_layers(params, cfg, x, positions, cache, window):
         layer, i = layer_and_index
         layer = materialize(layer, dtype_of(cfg.dtype))
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
-        kv = write_kv(kv, i, rows, positions, k, v)
-        o = attend(q, *read_kv(kv, i, q.dtype), mask, cfg, bias)
+        if ring:
+            kv = write_kv_block(kv, i, k, v)  # attend what the cache holds (int8: dequantized)
+            o = attend(q, *(c[:, :s] for c in read_kv(kv, i, q.dtype)), mask, cfg, bias)
+        else:
+            kv = write_kv(kv, i, rows, positions, k, v)
+            o = attend(q, *read_kv(kv, i, q.dtype), mask, cfg, bias)
         x = x + output_projection(layer["attn"], o, cfg)
         y, stats = _feed_forward(layer, x, cfg, None)
         return (x + y, kv), stats
