@@ -1,7 +1,8 @@
 """Pipeline parallelism: the layer stack over `mesh.stage` on 8 CPU devices
-matches one device (loss, grad norm, params after one AdamW step), each stage
-holds 1/S of the stack, the loop's measured bubble is the schedule's formula,
-a stage run resumes into a mesh without stages, and bad input is one line."""
+matches one device (forward logits, loss, grad norm, params after one AdamW step;
+Llama- and Mixtral-style), each stage holds 1/S of the stack, the loop's measured
+bubble is the schedule's formula, a stage run resumes into a mesh without stages,
+and bad input is one line."""
 
 import dataclasses
 
@@ -54,9 +55,10 @@ def host_batch():
 
 
 def run(cfg, devices=None, hlo=False):
-    """(tx, metrics, state after one step, HLO) of `cfg` on its mesh; the pipelined
-    train step when mesh.stage > 1 (the pipelined logits: test_bubble_...). HLO: the
-    compiled step's text when `hlo` (the same single compile), else None."""
+    """(tx, metrics, state after one step, HLO, logits) of `cfg` on its mesh; the
+    pipelined train step and forward when mesh.stage > 1. HLO: the compiled step's
+    text when `hlo` (the same single compile), else None. logits: the forward of the
+    initial params [B, S, V] (pipelined over the same microbatches as the step)."""
     mesh = make_mesh(cfg.mesh, devices)
     tx = make_optimizer(cfg.train, model_specs(cfg.model))
     pipe = pipeline_of(cfg)
@@ -65,11 +67,14 @@ def run(cfg, devices=None, hlo=False):
         sh = state_shardings(cfg, mesh, tx)
         batch_sh = named_sharding(mesh, ("batch", "seq"), cfg.mesh.rules)
         batch = jax.device_put(host_batch(), batch_sh)
+        logits = jax.device_get(jax.jit(lambda p, b: forward(
+            p, cfg.model, b["tokens"], b["positions"], b["segment_ids"], pipeline=pipe)[0])(
+                state.params, batch))
         step, _ = compile_steps(cfg.model, tx, learning_rate_schedule(cfg.train), sh, batch_sh,
                                 cfg.train.loss_vocab_chunk, tcfg=cfg.train, pipeline=pipe)
         text = step.lower(state, batch).compile().as_text() if hlo else None
         state, metrics = step(state, batch)  # the executable just compiled (jax's cache)
-    return tx, jax.device_get(metrics), state, text
+    return tx, jax.device_get(metrics), state, text, logits
 
 
 _REF = {}
@@ -79,28 +84,37 @@ def reference(model, accum=1):
     """One device, no stages (MoE: the same M microbatches by accumulation, since the
     router losses are per-microbatch means in both)."""
     if (model, accum) not in _REF:
-        _, metrics, state, _ = run(make_cfg(model, dict(data=1), accum=accum),
-                                   jax.devices()[:1])
-        _REF[model, accum] = metrics, jax.device_get(state.params)
+        _, metrics, state, _, logits = run(make_cfg(model, dict(data=1), accum=accum),
+                                           jax.devices()[:1])
+        _REF[model, accum] = metrics, jax.device_get(state.params), logits
     return _REF[model, accum]
 
 
-# The MoE train step (3 min on a busy 2-core machine) only under -m slow: its pipelined
-# router stats are checked by the forward in test_bubble_..., the step's mechanics by llama.
+# Mixtral-style (4 experts, top-2) on every stage mesh: by default on (2 stage x 4
+# context), the case with the most paths at once (MoE and the ring inside stages, the
+# backward through both); (4 stage x 2 data) and (2 stage x 2 fsdp x 2 tensor) (~30 s
+# each on a busy 2-core machine) under -m slow: their stage / fsdp / tensor mechanics
+# are llama's default cases, MoE inside stages the default moe case (+ the forward
+# with expert parallelism in test_bubble_...).
 @pytest.mark.parametrize("model,mesh_name,remat", [
     ("llama", "stage4_data2", "full"), ("llama", "stage2_fsdp2_tensor2", "none"),
-    ("llama", "stage2_context4", "none"),
+    ("llama", "stage2_context4", "none"), ("moe", "stage2_context4", "none"),
+    pytest.param("moe", "stage4_data2", "full", marks=pytest.mark.slow),
     pytest.param("moe", "stage2_fsdp2_tensor2", "none", marks=pytest.mark.slow)])
 def test_parity_and_stage_sharding(model, mesh_name, remat):
-    """Loss, grad norm and params after one AdamW step within 1e-5 of one device;
-    under context, ring attention inside each stage keeps `seq` sharded."""
+    """Forward logits, loss, grad norm and params after one AdamW step within 1e-5
+    of one device; under context, ring attention inside each stage keeps `seq` sharded."""
     sizes = MESHES[mesh_name]
     c = sizes.get("context", 1)
+    moe = MODELS[model].n_experts > 0
     # under context: 2 microbatches of 4 rows, so that a microbatch's per-device
-    # activation [4, S / c, D] has a shape no weight has (a stage holds 2 layers)
-    cfg = make_cfg(model, sizes, microbatches=2 if c > 1 else M, remat=remat)
-    tx, metrics, state, hlo = run(cfg, hlo=c > 1)
-    ref_metrics, ref_params = reference(model, accum=M if cfg.model.n_experts else 1)
+    # activation [4, S / c, D] has a shape no weight has (a stage holds 2 layers).
+    # MoE: M microbatches everywhere (one reference, accumulated over the same M), no
+    # HLO check (dropless MoE sorts a microbatch's tokens by expert: XLA gathers them)
+    cfg = make_cfg(model, sizes, microbatches=2 if c > 1 and not moe else M, remat=remat)
+    tx, metrics, state, hlo, logits = run(cfg, hlo=c > 1 and not moe)
+    ref_metrics, ref_params, ref_logits = reference(model, accum=M if moe else 1)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5, err_msg="logits")
     for k in ("loss", "grad_norm"):
         np.testing.assert_allclose(metrics[k], ref_metrics[k], atol=1e-5, rtol=1e-5, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
@@ -113,7 +127,7 @@ def test_parity_and_stage_sharding(model, mesh_name, remat):
             assert shard.data.shape[0] == n_layers // n_stage, path
         starts = {shard.index[0].start or 0 for shard in w.addressable_shards}
         assert starts == set(range(0, n_layers, n_layers // n_stage))
-    if c > 1:  # per device: S / c tokens of each row, in the stages (a microbatch of
+    if hlo is not None:  # per device: S / c tokens of each row, in the stages (a microbatch of
         # `rows`) and in the embedding and loss (all B rows); the ring's K/V chunks
         # hold S / c tokens too: neither the sequence nor K/V is ever gathered
         mc, rows = cfg.model, B // 2
