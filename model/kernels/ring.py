@@ -33,6 +33,8 @@ it and makes manual only the other axes.
 
 Not supported: an additive bias (ALiBi, T5 relative: a ConfigError), a KV
 cache (`kv_lengths`: such calls take the ordinary path), cross-attention.
+Prefill into a fresh cache rings anyway: the decoder calls attention over the
+prompt's own K/V (no `kv_lengths`), see `decoder(..., fresh_cache=True)`.
 """
 
 from __future__ import annotations
