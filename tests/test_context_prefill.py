@@ -100,3 +100,16 @@ def test_cache_length_not_dividing_over_context_is_one_line():
     with use_mesh(make_mesh(MeshConfig(data=1, context=8)), RULES), pytest.raises(
             ConfigError, match=r"max_len=60 does not divide over mesh.context=8"):
         gen.generate(params, cfg, PROMPTS, max_new_tokens=NEW, max_len=60)
+
+
+def test_int8_cache_prefilled_by_the_ring():
+    """kv_dtype=int8: the ring attends the dequantized K/V its layer wrote (as the
+    ordinary prefill does), so the greedy ids and logits are one device's."""
+    cfg = MODELS["llama"]
+    params, _ = reference("llama")
+    kw = dict(max_new_tokens=NEW, max_len=T, return_logits=True, kv_dtype="int8")
+    want = gen.generate(params, cfg, PROMPTS, **kw)
+    with use_mesh(make_mesh(MeshConfig(data=2, context=4)), RULES):
+        out = gen.generate(params, cfg, PROMPTS, **kw)
+    np.testing.assert_array_equal(out.tokens, want.tokens)
+    np.testing.assert_allclose(out.logits, want.logits, atol=1e-5, rtol=1e-5)
