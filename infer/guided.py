@@ -212,7 +212,7 @@ def _compile(pattern: str, tokenizer, vocab_size: int, what: str) -> Guide:
     for i, p in enumerate(pieces):
         if p:
             by_bytes.setdefault(p, []).append(i)
-    eos = tokenizer.eos_id
+    eos = tokenizer.require_eos("guided decoding")
     try:
         index = Index(pattern, Vocabulary(eos, by_bytes))
     except ValueError as e:

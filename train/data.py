@@ -357,7 +357,7 @@ class _Tokenize(grain.transforms.Map):
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self._bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-        self._eos = [tokenizer.eos_id]
+        self._eos = [tokenizer.require_eos("data: documents")]
 
     def map(self, text: str) -> dict[str, np.ndarray]:
         ids = self._bos + self._tokenizer.encode(text) + self._eos

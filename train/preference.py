@@ -85,7 +85,7 @@ def tokenize_pair(record: Mapping[str, Any], tokenizer: Tokenizer, template: str
         prompt = bos + tokenizer.encode(record["prompt"])
         for side in SIDES:
             out[side] = prompt_completion_example(
-                prompt, tokenizer.encode(record[side]) + [tokenizer.eos_id])
+                prompt, tokenizer.encode(record[side]) + [tokenizer.require_eos("dpo")])
         return out
     prompt = _as_messages(record["prompt"], "user")
     for side in SIDES:

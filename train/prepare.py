@@ -109,7 +109,8 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
 def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     """[bos] + ids + [eos] (no bos if the tokenizer has none) as int32, per text."""
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    return [np.asarray(bos + ids + [tokenizer.eos_id], dtype="<i4")
+    eos = tokenizer.require_eos("prepare: documents")
+    return [np.asarray(bos + ids + [eos], dtype="<i4")
             for ids in tokenizer.encode_batch(texts)]
 
 

@@ -238,7 +238,7 @@ def tokenize_sft(record: Mapping[str, Any], tokenizer: Tokenizer, template: str 
                             where=record.get("where", "record"))
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     prompt = bos + tokenizer.encode(record["prompt"])
-    completion = tokenizer.encode(record["completion"]) + [tokenizer.eos_id]
+    completion = tokenizer.encode(record["completion"]) + [tokenizer.require_eos("sft")]
     return prompt_completion_example(prompt, completion, loss_on)
 
 
@@ -307,7 +307,7 @@ def tokenize_records(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
             tokens, is_loss = tokenize_sft(record, tokenizer, template, loss_on)
         else:
             prompt, completion = next(encoded), next(encoded)
-            tokens, is_loss = prompt_completion_example(bos + prompt, completion + [tokenizer.eos_id],
+            tokens, is_loss = prompt_completion_example(bos + prompt, completion + [tokenizer.require_eos("sft")],
                                                         loss_on)
         if len(tokens) > seq_len:
             tokens, is_loss = tokens[:seq_len], is_loss[:seq_len]
