@@ -442,8 +442,10 @@ def test_hf_tokenizer_special_ids_from_tokenizer_config(tmp_path):
     no_eos = tmp_path / "no_eos"
     no_eos.mkdir()
     train_tiny_bpe(("<pad>",)).save(str(no_eos / "tokenizer.json"))
-    with pytest.raises(InputError, match="no eos token"):
-        load_tokenizer(no_eos)
+    tok = load_tokenizer(no_eos)  # allowed: generation then stops at max_new_tokens
+    assert tok.eos_id is None and tok.pad_id == 0
+    with pytest.raises(InputError, match="sft needs an EOS token"):
+        tok.require_eos("sft")
     (no_eos / "tokenizer.json").write_text("{not json")
     with pytest.raises(InputError, match="not a valid tokenizer.json"):
         load_tokenizer(no_eos)

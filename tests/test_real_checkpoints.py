@@ -270,3 +270,83 @@ def test_base_models_give_hidden_states_and_refuse_logits(tmp_path):
     with pytest.raises(CheckpointError, match="lm_head.weight"):
         cfg, params = jaxlm.load(tmp_path / "llama")
         jaxlm.generate(params, cfg, [[3, 4]], max_new_tokens=2)
+
+
+# ------------------------------------------------------------------ generation_config, no EOS
+
+def _generate_cli(capsys, *argv):
+    """`jaxlm generate ...` run in-process: (the resolved generate settings, stdout)."""
+    from jaxlm.scripts.generate import run_generate
+    args = cli.build_parser().parse_args(["generate", *map(str, argv)])
+    resolved = run_generate(args)
+    return resolved, capsys.readouterr().out
+
+
+def test_generation_config_sampling_defaults(llama, tmp_path, capsys):
+    """do_sample/temperature/top_k of generation_config.json apply to the keys the
+    user did not give; an explicit generate.temperature (0: greedy) wins."""
+    import shutil
+    from jaxlm.infer.text import generation_settings
+    path = tmp_path / "llama"
+    shutil.copytree(llama[0], path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen.update(do_sample=True, temperature=0.7, top_k=5)
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    tok = jaxlm.load_tokenizer(path)
+    cfg, params = jaxlm.load(path)
+    eos = list(generation_settings(path, tok).eos_ids)
+    args = ["--checkpoint", path, *sum((["--prompt", p] for p in PROMPTS), []),
+            f"generate.max_new_tokens={NEW}"]
+    resolved, stdout = _generate_cli(capsys, *args)
+    assert (resolved["temperature"], resolved["top_k"], resolved["top_p"]) == (0.7, 5, 1.0)
+    sampled = jaxlm.generate(params, cfg, PROMPTS, tokenizer=tok, eos_id=eos,
+                             max_new_tokens=NEW, temperature=0.7, top_k=5, seed=0)
+    assert stdout == _expected(PROMPTS, sampled.texts)
+    resolved, stdout = _generate_cli(capsys, *args, "generate.temperature=0")
+    assert resolved["temperature"] == 0.0
+    greedy = jaxlm.generate(params, cfg, PROMPTS, tokenizer=tok, eos_id=eos, max_new_tokens=NEW)
+    assert stdout == _expected(PROMPTS, greedy.texts)
+    assert sampled.texts != greedy.texts  # the defaults did change the decoding
+    gen["do_sample"] = False  # transformers: greedy whatever the temperature says
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    resolved, stdout = _generate_cli(capsys, *args)
+    assert resolved["temperature"] == 0.0 and stdout == _expected(PROMPTS, greedy.texts)
+
+
+def test_tokenizer_without_eos_runs_to_max_new_tokens(llama, tmp_path, capsys):
+    """A tokenizer with no EOS and a generation_config.json without eos_token_id load;
+    rows stop only at max_new_tokens (greedy ids equal transformers' with no EOS),
+    or at --eos-id when given."""
+    import copy
+    import shutil
+    from jaxlm.infer.text import encode_prompts, generation_settings
+    path = tmp_path / "llama"
+    shutil.copytree(llama[0], path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):
+        (path / name).unlink(missing_ok=True)
+    hf_tok = _tokenizer(path, ["<unk>", "<s>"], bos_token="<s>", unk_token="<unk>")
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen.pop("eos_token_id", None)
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    tok = jaxlm.load_tokenizer(path)
+    assert tok.eos_id is None and hf_tok.eos_token_id is None
+    assert generation_settings(path, tok).eos_ids == ()
+    cfg, params = jaxlm.load(path)
+    model = copy.deepcopy(llama[2])
+    model.generation_config.eos_token_id = None
+    ids = encode_prompts(tok, cfg, PROMPTS)
+    want = [_hf_greedy(model, row) for row in ids]
+    assert all(len(w) == NEW for w in want)
+    out = jaxlm.generate(params, cfg, PROMPTS, tokenizer=tok, max_new_tokens=NEW)
+    assert out.sequences() == want and not out.finished.any()
+    prompts = sum((["--prompt", p] for p in PROMPTS), [])
+    _, stdout = _generate_cli(capsys, "--checkpoint", path, *prompts,
+                              f"generate.max_new_tokens={NEW}")
+    texts = [hf_tok.decode(w, skip_special_tokens=True) for w in want]
+    assert stdout == _expected(PROMPTS, texts)
+    stop = want[0][2]  # row 0 stops at its third token given --eos-id
+    _, stdout = _generate_cli(capsys, "--checkpoint", path, "--prompt", PROMPTS[0],
+                              "--eos-id", stop, f"generate.max_new_tokens={NEW}")
+    cut = want[0][:want[0].index(stop)]
+    assert stdout == _expected(PROMPTS[:1], [hf_tok.decode(cut, skip_special_tokens=True)])
