@@ -126,9 +126,6 @@ class ModelConfig:
             raise ConfigError(f"model.attn_logit_softcap={self.attn_logit_softcap} must be >= 0")
         if self.sliding_window < 0:
             raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: off)")
-        if not self.head and self.family == "encoder_decoder":
-            raise ConfigError("model.head=false is for decoder and encoder base models; an "
-                              "encoder-decoder always has its head")
         if self.n_experts < 0 or self.moe_capacity_factor < 0:
             raise ConfigError("model.n_experts and model.moe_capacity_factor must be >= 0")
         if self.n_experts and self.mlp != "swiglu":

@@ -350,3 +350,48 @@ def test_tokenizer_without_eos_runs_to_max_new_tokens(llama, tmp_path, capsys):
                               "--eos-id", stop, f"generate.max_new_tokens={NEW}")
     cut = want[0][:want[0].index(stop)]
     assert stdout == _expected(PROMPTS[:1], [hf_tok.decode(cut, skip_special_tokens=True)])
+
+
+def test_t5_model_dir_gives_hidden_states_and_refuses_logits(tmp_path):
+    """A T5Model dir (encoder + decoder, no lm_head; v1.0: tied, relu): loads with
+    model.head=false; decoder hidden states and the encoder's pooled output equal
+    transformers' T5Model; logits and generation are one-line CheckpointErrors, tied
+    embeddings or not (as LlamaModel / GPT2Model dirs); it saves back as a T5Model."""
+    torch.manual_seed(4)
+    model = transformers.T5Model(transformers.T5Config(
+        vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        feed_forward_proj="relu", tie_word_embeddings=True, initializer_factor=3.0)).eval()
+    model.save_pretrained(tmp_path / "t5")
+    cfg, params = jaxlm.load(tmp_path / "t5")
+    assert cfg.family == "encoder_decoder" and not cfg.head and "head" not in params
+    rng = np.random.default_rng(1)
+    tokens, dec = rng.integers(2, 96, (2, 9)).astype(np.int32), rng.integers(2, 96, (2, 5))
+    dec[:, 0] = 0
+    mask = np.ones((2, 9), np.int32)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                     attention_mask=torch.tensor(mask),
+                     decoder_input_ids=torch.tensor(dec, dtype=torch.long))
+    hidden, _ = jaxlm.forward(params, cfg, tokens, dec.astype(np.int32), mask,
+                              return_hidden=True)
+    # float32 sums over activations of size ~5: 1e-3 (a wrong scale or mask is O(1))
+    np.testing.assert_allclose(np.asarray(hidden), want.last_hidden_state.numpy(), atol=1e-3,
+                               rtol=1e-3)
+    enc = want.encoder_last_hidden_state.numpy()
+    pooled = (enc * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(jaxlm.embed(params, cfg, tokens, mask)), pooled,
+                               atol=1e-3, rtol=1e-3)
+    for call in (lambda: jaxlm.forward(params, cfg, tokens, dec.astype(np.int32)),
+                 lambda: jaxlm.generate(params, cfg, [[3, 4, 1]], max_new_tokens=2)):
+        with pytest.raises(CheckpointError, match="no output head") as e:
+            call()
+        assert "lm_head.weight (a T5Model)" in str(e.value) and "\n" not in str(e.value)
+    jaxlm.save(tmp_path / "again", cfg, params, format="hf")
+    again = transformers.T5Model.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        got = again(input_ids=torch.tensor(tokens, dtype=torch.long),
+                    attention_mask=torch.tensor(mask),
+                    decoder_input_ids=torch.tensor(dec, dtype=torch.long))
+    np.testing.assert_allclose(got.last_hidden_state.numpy(), want.last_hidden_state.numpy(),
+                               atol=1e-5)

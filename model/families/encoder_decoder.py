@@ -18,6 +18,8 @@ T5 does not scale scores by 1/sqrt(head_dim): set `model.attn_scale: 1.0`
 (0 keeps the usual scale). One embedding table is shared by the encoder, the
 decoder and, with `tie_embeddings`, the head: a tied head (T5 v1.0) sees the
 decoder output scaled by d_model ** -0.5; an untied one (v1.1) sees it as is.
+`head: false` (a Hugging Face T5Model dir: encoder + decoder, no lm_head) has no
+head at all: hidden states only, never scaled (T5Model's last_hidden_state).
 
 Masks: `segment_ids` [B,S] and `decoder_segment_ids` [B,T] follow MaskSpec
 (0 = padding; equal ids see each other, so packed examples stay apart). The
@@ -83,7 +85,7 @@ def encoder_decoder_specs(cfg):
         encoder["relative"] = relative_bias_specs(cfg)
         decoder["relative"] = relative_bias_specs(cfg)
     specs = {"embed": embedding_specs(cfg), "encoder": encoder, "decoder": decoder}
-    if not cfg.tie_embeddings:
+    if cfg.head and not cfg.tie_embeddings:
         specs["head"] = head_specs(cfg)
     return specs
 
@@ -187,9 +189,13 @@ def decode(params, cfg, decoder_tokens, cross, *, segment_ids=None,
     [L,B,T_max,KVH]: `jaxlm.infer.cache.write_kv` / `read_kv`): the tokens go at
     positions lengths[b] + i and aux["cache"] is the cache advanced by T.
     `return_hidden`: the hidden states the head sees (final norm, times
-    d_model ** -0.5 when the head is tied) instead of logits. `dropout_key`
+    d_model ** -0.5 when the head is tied; a base model without a head,
+    `model.head: false`: the final norm's output) instead of logits. `dropout_key`
     (training only, no cache): dropout as in `encode`.
     """
+    if not return_hidden:
+        from jaxlm.validate import check_head
+        check_head(cfg, "decode")  # a T5Model has no head: no logits (not even tied ones)
     b, t = decoder_tokens.shape
     sk = cross["k"].shape[2]
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
@@ -238,7 +244,7 @@ def decode(params, cfg, decoder_tokens, cross, *, segment_ids=None,
     step = block if cache is not None else remat(block, cfg)
     (x, kv), _ = jax.lax.scan(step, carry, (p["layers"], cross, layer_ids))
     hidden = _drop(norm(p["final_ln"], x, cfg), cfg, dropout_key, FINAL)
-    if cfg.tie_embeddings:  # T5 v1.0: rescale before the tied head
+    if cfg.head and cfg.tie_embeddings:  # T5 v1.0: rescale before the tied head
         hidden = hidden * jnp.asarray(cfg.d_model ** -0.5, hidden.dtype)
     aux = {} if cache is None else {"cache": constrain_cache(
         dict(kv, lengths=cache["lengths"] + t))}
