@@ -87,8 +87,8 @@ def _number(value, key: str, typ, path):
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
         typ is float or float(value).is_integer())
     if not ok:
-        raise CheckpointError(f"{path}: {key} should be {'an integer' if typ is int else 'a number'}"
-                              f", got {value!r}")
+        kind = "an integer" if typ is int else "a number"
+        raise CheckpointError(f"{path}: {key} should be {kind}, got {value!r}")
     return typ(value)
 
 

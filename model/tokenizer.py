@@ -95,13 +95,6 @@ class Tokenizer:
         """Padding id, distinct from bos and eos."""
         raise NotImplementedError
 
-    def require_eos(self, what: str) -> int:
-        """eos_id, or an InputError saying that `what` needs one."""
-        if self.eos_id is None:
-            raise InputError(f"{what} needs an EOS token, and the tokenizer has none (name "
-                             "one as eos_token in tokenizer_config.json)")
-        return self.eos_id
-
     def save(self, directory) -> pathlib.Path:
         """Writes the tokenizer file into `directory`; returns its path."""
         raise NotImplementedError
@@ -118,6 +111,15 @@ def _checked_ids(ids, vocab_size: int) -> list[int]:
             raise InputError(f"decode: id {i} at position {pos} is outside the tokenizer's "
                              f"vocabulary [0, {vocab_size})")
     return out
+
+
+def require_eos(tokenizer, what: str) -> int:
+    """tokenizer.eos_id, or an InputError saying that `what` needs one (a tokenizer
+    may have no EOS: generation then runs to max_new_tokens; training cannot)."""
+    if tokenizer.eos_id is None:
+        raise InputError(f"{what} needs an EOS token, and the tokenizer has none (name "
+                         "one as eos_token in tokenizer_config.json)")
+    return tokenizer.eos_id
 
 
 class SentencePieceTokenizer(Tokenizer):
