@@ -144,8 +144,9 @@ def resolve_generate(g, settings: GenerationSettings, given=frozenset()):
 
 
 def generation_settings(directory, tokenizer) -> GenerationSettings:
-    """The stop ids and decoder start of a checkpoint dir: generation_config.json first,
-    then config.json (an HF dir's; the decoder start only), then the tokenizer's EOS.
+    """The stop ids, decoder start and decoding defaults (`decoding_defaults`) of a
+    checkpoint dir: generation_config.json first, then config.json (an HF dir's; the
+    decoder start only), then the tokenizer's EOS (if it has one).
 
     The BOS is the tokenizer's alone (as transformers' tokenizer adds it): config
     files name a bos_token_id even where the tokenizer adds none (Qwen)."""

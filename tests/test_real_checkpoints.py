@@ -311,6 +311,11 @@ def test_generation_config_sampling_defaults(llama, tmp_path, capsys):
     (path / "generation_config.json").write_text(json.dumps(gen))
     resolved, stdout = _generate_cli(capsys, *args)
     assert resolved["temperature"] == 0.0 and stdout == _expected(PROMPTS, greedy.texts)
+    gen.update(do_sample=True, top_k="five")  # a file's bad value: one line naming it
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(CheckpointError, match="generation_config.json: top_k should be an "
+                                              "integer, got 'five'"):
+        generation_settings(path, tok)
 
 
 def test_tokenizer_without_eos_runs_to_max_new_tokens(llama, tmp_path, capsys):
