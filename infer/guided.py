@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.errors import InputError
+from jaxlm.model.tokenizer import require_eos as _require_eos
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 

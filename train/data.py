@@ -45,8 +45,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.errors import CheckpointError, ConfigError, InputError
+from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.model.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".py", ".txt", ".md")

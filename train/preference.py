@@ -32,8 +32,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.errors import ConfigError, InputError
+from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.model.tokenizer import Tokenizer
 from jaxlm.train.data import _EpochShuffle, _check_shapes
 from jaxlm.train.sft import (SFTBatches, _check_messages, _jsonl_records, _shard, chat_example,

@@ -27,8 +27,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.errors import InputError
+from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.model.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from jaxlm.train.data import _is_encodable
 

@@ -50,9 +50,9 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.errors import ConfigError, InputError
 from jaxlm.model.chat import DEFAULT_CHAT_TEMPLATE, render_chat, template_tokens
+from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.model.tokenizer import Tokenizer
 from jaxlm.train.data import BatchIterator, _EpochShuffle, _check_shapes, split_documents, stdlib_sources
 
