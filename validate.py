@@ -62,6 +62,8 @@ def missing_head(cfg) -> str:
     """What a base model (model.head=false) lacks, in Hugging Face's names."""
     if cfg.family == "decoder":
         return "lm_head.weight (a base model such as LlamaModel or GPT2Model)"
+    if cfg.family == "encoder_decoder":
+        return "lm_head.weight (a T5Model)"
     if cfg.positions == "t5_relative":
         return "the decoder and lm_head.weight (a T5EncoderModel)"
     return "the MLM head cls.predictions.* (a BertModel)"

@@ -50,13 +50,15 @@ def check_kv_dtype(kv_dtype: str, what: str = "generate.kv_dtype") -> str:
     return kv_dtype
 
 
-def cache_shapes(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "auto") -> dict:
-    """The abstract cache: a tree of jax.ShapeDtypeStruct (+ the scales with int8)."""
+def cache_shapes(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "auto",
+                 layers: int | None = None) -> dict:
+    """The abstract cache: a tree of jax.ShapeDtypeStruct (+ the scales with int8).
+    `layers`: default cfg.n_layers (an encoder-decoder's decoder passes its own)."""
     from jaxlm.model.config import dtype_of
     check_kv_dtype(kv_dtype)
     int8 = kv_dtype == "int8"
     dtype = jnp.int8 if int8 else dtype or dtype_of(cfg.dtype)
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (layers or cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
     out = {"k": jax.ShapeDtypeStruct(shape, dtype), "v": jax.ShapeDtypeStruct(shape, dtype)}
     if int8:
         out["k_scale"] = out["v_scale"] = jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
@@ -129,6 +131,20 @@ def quantize(x: jax.Array):
     return q, scale
 
 
+def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """int8 q [..., D] and its scale [...] -> q * scale in `dtype` (`quantize`'s inverse)."""
+    return q.astype(dtype) * scale[..., None].astype(dtype)
+
+
+def quantize_kv(kv: dict) -> dict:
+    """{"k", "v": [..., D]} -> int8 "k", "v" + float32 "k_scale", "v_scale" [...]
+    (`quantize` per token and head); other leaves kept."""
+    out = dict(kv)
+    for name in ("k", "v"):
+        out[name], out[name + "_scale"] = quantize(kv[name])
+    return out
+
+
 def write_kv(cache: dict, i, rows, positions, k, v) -> dict:
     """The cache's per-layer leaves ({"k", "v": [L, B, T, KVH, D]}, + int8 "k_scale",
     "v_scale" [L, B, T, KVH]) with layer i's k, v [B, S, KVH, D] written at
@@ -171,10 +187,9 @@ def _pad_to(x, cache_leaf):
 def read_kv(cache: dict, i, dtype):
     """Layer i's (k, v) [B, T, KVH, D] in `dtype` (dequantized when int8)."""
     def read(name):
-        x = cache[name][i].astype(dtype)
         if name + "_scale" in cache:
-            x = x * cache[name + "_scale"][i][..., None].astype(dtype)
-        return x
+            return dequantize(cache[name][i], cache[name + "_scale"][i], dtype)
+        return cache[name][i].astype(dtype)
     return read("k"), read("v")
 
 

@@ -127,7 +127,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     eos_id. Not with beams or encoder-decoder models.
 
     kv_dtype: "auto" (the model's compute dtype) or "int8" (per-token, per-head
-    scales; decoder-only models; see jaxlm.infer.cache).
+    scales; see jaxlm.infer.cache; encoder-decoders: the cross K/V too).
     """
     from jaxlm.validate import check_head, check_model_args
     check_model_args(params, cfg, "generate")
@@ -141,8 +141,6 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                 num_beams=num_beams, length_penalty=length_penalty,
                 early_stopping=early_stopping, num_return_sequences=num_return_sequences)
     check_kv_dtype(kv_dtype)
-    if cfg.family == "encoder_decoder" and kv_dtype != "auto":
-        raise InputError(f"kv_dtype={kv_dtype} is not supported for encoder-decoder models yet")
     if cfg.family == "encoder_decoder" and guide is not None:
         raise InputError("guided decoding is not supported for encoder-decoder models yet")
     if cfg.family == "encoder_decoder":
@@ -151,7 +149,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 eos_id=eos_id, decoder_start_id=decoder_start_id,
                                 max_len=max_len, return_logits=return_logits,
-                                row_seeds=row_seeds, **opts)
+                                row_seeds=row_seeds, kv_dtype=kv_dtype, **opts)
     rows = _check_prompts(prompts, cfg.vocab_size)
     _check_args(cfg, max_new_tokens, temperature, top_k, top_p, None)
     eos_ids = eos_array(eos_id, cfg.vocab_size)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.errors import InputError
+from jaxlm.model.tokenizer import require_eos as _require_eos
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -212,7 +213,7 @@ def _compile(pattern: str, tokenizer, vocab_size: int, what: str) -> Guide:
     for i, p in enumerate(pieces):
         if p:
             by_bytes.setdefault(p, []).append(i)
-    eos = tokenizer.eos_id
+    eos = _require_eos(tokenizer, "guided decoding")
     try:
         index = Index(pattern, Vocabulary(eos, by_bytes))
     except ValueError as e:

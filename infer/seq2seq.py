@@ -5,12 +5,16 @@
 
 Two jitted functions, `cfg` and the sampler settings static:
 
-* `start(params, cfg, tokens, segment_ids, cache_len, decoder_start_id)`: runs
-  the encoder once on the right-padded inputs [B, S] (segment ids 1 / 0 =
+* `start(params, cfg, tokens, segment_ids, cache_len, decoder_start_id, kv_dtype)`:
+  runs the encoder once on the right-padded inputs [B, S] (segment ids 1 / 0 =
   padding), projects the cross-attention keys/values of every decoder layer
   once ([L, B, S, H, D], kept for the whole loop), allocates the decoder's
   self-attention KV cache [L, B, cache_len, H, D] and feeds the start id
   (T5: pad = 0); returns the first next-token logits and the state.
+  kv_dtype="int8": both the self-attention cache and the cross K/V are int8
+  with per-token, per-head float32 scales (jaxlm.infer.cache): the cross K/V
+  are read on every step and, for inputs longer than the output, are the larger
+  of the two, so they are quantized too (once, after the projection).
 * `decode(...)`: the shared sampling `lax.while_loop` (`infer.generate.sampling_loop`),
   writes the token, feeds it back through the cached decoder (self-attention
   over the cache, cross-attention over the cached encoder K/V) and stops when
@@ -34,7 +38,7 @@ import numpy as np
 
 from jaxlm.errors import InputError
 from jaxlm.infer.beam import beam_knobs, beam_loop
-from jaxlm.infer.cache import constrain_cache
+from jaxlm.infer.cache import cache_shapes, check_kv_dtype, constrain_cache
 from jaxlm.infer.generate import (CACHE_BUCKET, PAD_ID, WIDTH_BUCKET, GenerateOutput,
                                   _check_args, _check_prompts, _prompt_bucket, _round_up,
                                   beam_settings, check_decoding, fetch_beams, fetch_output,
@@ -51,9 +55,8 @@ TRACE_COUNTS = {"start": 0, "decode_step": 0, "beam_step": 0}
 
 
 class Seq2SeqState(NamedTuple):
-    cache: dict  # decoder self-attention: k, v [L,B,T,KVH,D], lengths [B]
-    cross_k: jax.Array  # [L,B,S,KVH,D]
-    cross_v: jax.Array
+    cache: dict  # decoder self-attention: k, v [L,B,T,KVH,D], lengths [B] (+ int8 scales)
+    cross: dict  # cross-attention k, v [L,B,S,KVH,D] (+ int8 k_scale, v_scale [L,B,S,KVH])
     segment_ids: jax.Array  # [B,S] encoder padding (0)
 
 
@@ -65,7 +68,8 @@ def generate_seq2seq(params, cfg, inputs, *, max_new_tokens: int, temperature: f
                      presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                      no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
                      num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False,
-                     num_return_sequences: int = 1, row_seeds=None) -> GenerateOutput:
+                     num_return_sequences: int = 1, row_seeds=None,
+                     kv_dtype: str = "auto") -> GenerateOutput:
     """Generate up to max_new_tokens decoder tokens for each input (a list of
     token-id lists, or a 2-D int array); a row stops after emitting eos_id (an
     id or a list of ids).
@@ -77,9 +81,12 @@ def generate_seq2seq(params, cfg, inputs, *, max_new_tokens: int, temperature: f
     processors and beam search are `jaxlm.generate`'s; the processors see the
     decoder's tokens (the start id + generated, as HF's decoder_input_ids).
     With beams the encoder runs once per input; its K/V are tiled to the beams.
+    kv_dtype: "auto" (the model's dtype) or "int8" (the decoder's cache and the
+    cross K/V, per-token, per-head scales; see the module docstring).
     """
     if cfg.family != "encoder_decoder":
         raise InputError(f"generate_seq2seq needs an encoder_decoder model, not {cfg.family!r}")
+    check_kv_dtype(kv_dtype)
     rows = _check_prompts(inputs, cfg.vocab_size)
     _check_args(cfg, max_new_tokens, temperature, top_k, top_p, eos_id)
     eos_ids = eos_array(eos_id, cfg.vocab_size)
@@ -100,7 +107,8 @@ def generate_seq2seq(params, cfg, inputs, *, max_new_tokens: int, temperature: f
                          f"{max_new_tokens}")
     longest = max(len(r) for r in rows)
     tokens, segment_ids = _pad_inputs(rows, _prompt_bucket(longest))
-    logits, state = start(params, cfg, tokens, segment_ids, int(max_len), int(decoder_start_id))
+    logits, state = start(params, cfg, tokens, segment_ids, int(max_len), int(decoder_start_id),
+                          kv_dtype)
     width = min(_round_up(max_new_tokens, WIDTH_BUCKET), int(max_len))
     b = len(rows)
     history = init_history(proc, jnp.full((b, 1), decoder_start_id, jnp.int32),
@@ -120,26 +128,27 @@ def generate_seq2seq(params, cfg, inputs, *, max_new_tokens: int, temperature: f
 
 # ------------------------------------------------------------ compiled parts
 
-@partial(jax.jit, static_argnames=("cfg", "cache_len", "decoder_start_id"))
-def start(params, cfg, tokens, segment_ids, cache_len: int, decoder_start_id: int):
+@partial(jax.jit, static_argnames=("cfg", "cache_len", "decoder_start_id", "kv_dtype"))
+def start(params, cfg, tokens, segment_ids, cache_len: int, decoder_start_id: int,
+          kv_dtype: str = "auto"):
     """Encode once, project cross K/V once, allocate the cache, feed the start id.
 
     Returns (logits [B, V] for the first generated token, Seq2SeqState)."""
     TRACE_COUNTS["start"] += 1
     b = tokens.shape[0]
     encoded = encode(params, cfg, tokens, segment_ids)
-    cross_k, cross_v = cross_kv(params, cfg, encoded)
-    shape = (decoder_layers(cfg), b, cache_len, cfg.n_kv_heads, cfg.head_dim)
-    dt = dtype_of(cfg.dtype)
-    cache = constrain_cache({"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
-                             "lengths": jnp.zeros((b,), jnp.int32)})  # created sharded
-    state = Seq2SeqState(cache, cross_k, cross_v, segment_ids)
+    cross = cross_kv(params, cfg, encoded, kv_dtype)
+    shapes = cache_shapes(cfg, b, cache_len, dtype_of(cfg.dtype), kv_dtype,
+                          layers=decoder_layers(cfg))
+    cache = constrain_cache({n: jnp.zeros(s.shape, s.dtype)
+                             for n, s in shapes.items()})  # created sharded
+    state = Seq2SeqState(cache, cross, segment_ids)
     return decode_step(params, cfg, state, jnp.full((b,), decoder_start_id, jnp.int32))
 
 
 def decode_step(params, cfg, state: Seq2SeqState, tokens):
     """One decoder token per row: tokens [B] -> (logits [B, V], state with the cache advanced)."""
-    logits, aux = decode_tokens(params, cfg, tokens[:, None], state.cross_k, state.cross_v,
+    logits, aux = decode_tokens(params, cfg, tokens[:, None], state.cross,
                                 segment_ids=state.segment_ids, cache=state.cache)
     return logits[:, 0], state._replace(cache=aux["cache"])
 
@@ -182,8 +191,8 @@ def beam_decode(params, cfg, state: Seq2SeqState, logits, history, max_new_token
         return state._replace(cache=gather_cache(state.cache, rows))
 
     tile = jnp.repeat(jnp.arange(logits.shape[0]), num_beams)
-    tiled = Seq2SeqState(gather_cache(state.cache, tile), jnp.take(state.cross_k, tile, axis=1),
-                         jnp.take(state.cross_v, tile, axis=1),
+    tiled = Seq2SeqState(gather_cache(state.cache, tile),
+                         {n: jnp.take(a, tile, axis=1) for n, a in state.cross.items()},
                          jnp.take(state.segment_ids, tile, axis=0))
     return beam_loop(step, reorder, tiled, logits[tile], gather_history(history, tile),
                      max_new_tokens, eos_ids, knobs, num_beams=num_beams,

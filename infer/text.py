@@ -17,7 +17,19 @@ Prompt ids (`encode_prompts`), as Hugging Face tokenizers make them:
 
 Stop ids (`generation_settings`): `generation_config.json`'s `eos_token_id`
 (an id or a list: Llama-3-Instruct has two) when the checkpoint has one, else the
-tokenizer's EOS; `decoder_start_token_id` from it or config.json (T5: 0).
+tokenizer's EOS; none when neither has one (rows then stop at max_new_tokens or
+at the stop ids given). `decoder_start_token_id` from it or config.json (T5: 0).
+
+Decoding defaults (`GenerationSettings.defaults`, applied by `resolve_generate`):
+generation_config.json's do_sample, temperature, top_k, top_p, min_p,
+repetition_penalty, no_repeat_ngram_size, max_new_tokens and min_new_tokens
+become the generate.* values of every key the user did not give (a config
+file's generate section, a `generate.KEY=...` override, a run's saved config).
+As in transformers, do_sample false (or absent) is greedy whatever the
+temperature says, and do_sample true fills a missing temperature / top_k /
+top_p with transformers' defaults (1.0, 50, 1.0). jaxlm has no do_sample key:
+an explicit generate.temperature (0 = greedy) always wins. Not read:
+max_length (prompt-inclusive), num_beams and the other beam keys.
 """
 
 from __future__ import annotations
@@ -34,8 +46,17 @@ GENERATION_CONFIG = "generation_config.json"
 
 class GenerationSettings(NamedTuple):
     """What a checkpoint says about generating from it (None: it does not say)."""
-    eos_ids: tuple  # the ids that end a row (never empty: at least the tokenizer's EOS)
+    eos_ids: tuple  # the ids that end a row (empty: neither file nor tokenizer has an EOS)
     decoder_start_id: Optional[int]  # encoder-decoders' first decoder input (T5: 0)
+    defaults: dict = {}  # generate.* key -> value from generation_config.json (never mutated)
+
+
+# transformers' values under do_sample=true for the sampler keys a file leaves out
+_SAMPLER_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0}
+# generate.* keys read as they are (same names, same meaning as transformers')
+_PLAIN_KEYS = {"repetition_penalty": float, "no_repeat_ngram_size": int,
+               "max_new_tokens": int, "min_new_tokens": int}
+_TYPES = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, **_PLAIN_KEYS}
 
 
 def _ids(value, key: str, path) -> tuple:
@@ -62,9 +83,70 @@ def read_generation_config(directory) -> dict:
     return data
 
 
+def _number(value, key: str, typ, path):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        typ is float or float(value).is_integer())
+    if not ok:
+        kind = "an integer" if typ is int else "a number"
+        raise CheckpointError(f"{path}: {key} should be {kind}, got {value!r}")
+    return typ(value)
+
+
+def decoding_defaults(gen: dict, path) -> dict:
+    """generation_config.json's dict -> the generate.* values it sets (see the module
+    docstring); CheckpointError naming a key of the wrong type."""
+    out = {}
+    sample = gen.get("do_sample")
+    if sample is not None and not isinstance(sample, bool):
+        raise CheckpointError(f"{path}: do_sample should be true or false, got {sample!r}")
+    if sample:
+        for key, default in _SAMPLER_DEFAULTS.items():
+            value = gen.get(key)
+            out[key] = default if value is None else _number(value, key, _TYPES[key], path)
+    else:  # greedy, whatever temperature / top_k / top_p say
+        out["temperature"] = 0.0
+    for key, typ in _PLAIN_KEYS.items():
+        if gen.get(key) is not None:
+            out[key] = _number(gen[key], key, typ, path)
+    return out
+
+
+def given_generate_keys(overrides=(), *sections) -> frozenset:
+    """The generate.* keys a user gave: `generate.KEY=value` overrides, and the keys of
+    each `sections` dict's "generate" mapping (a config file, a run's saved config)."""
+    from jaxlm.model.config import parse_override
+    keys = set()
+    for text in overrides:
+        key = parse_override(text)[0] if isinstance(text, str) else text[0]
+        if key.startswith("generate."):
+            keys.add(key.split(".", 2)[1])
+    for data in sections:
+        if isinstance(data, dict) and isinstance(data.get("generate"), dict):
+            keys.update(data["generate"])
+    return frozenset(keys)
+
+
+def resolve_generate(g, settings: GenerationSettings, given=frozenset()):
+    """GenerateConfig `g` with `settings.defaults` (generation_config.json) for every key
+    not in `given` (`given_generate_keys`). Beam search given by the user (num_beams
+    > 1) keeps its greedy beams: the file's sampler keys are then not applied."""
+    import dataclasses
+    from jaxlm.errors import ConfigError
+    defaults = {k: v for k, v in settings.defaults.items() if k not in given}
+    if g.num_beams > 1:
+        defaults = {k: v for k, v in defaults.items() if k not in _SAMPLER_DEFAULTS}
+    if not defaults:
+        return g
+    try:
+        return dataclasses.replace(g, **defaults)
+    except ConfigError as e:
+        raise CheckpointError(f"{GENERATION_CONFIG}: {e}") from None
+
+
 def generation_settings(directory, tokenizer) -> GenerationSettings:
-    """The stop ids and decoder start of a checkpoint dir: generation_config.json first,
-    then config.json (an HF dir's; the decoder start only), then the tokenizer's EOS.
+    """The stop ids, decoder start and decoding defaults (`decoding_defaults`) of a
+    checkpoint dir: generation_config.json first, then config.json (an HF dir's; the
+    decoder start only), then the tokenizer's EOS (if it has one).
 
     The BOS is the tokenizer's alone (as transformers' tokenizer adds it): config
     files name a bos_token_id even where the tokenizer adds none (Qwen)."""
@@ -83,9 +165,11 @@ def generation_settings(directory, tokenizer) -> GenerationSettings:
                 return got
         return ()
 
-    eos = _ids(gen.get("eos_token_id"), "eos_token_id", where) or (tokenizer.eos_id,)
+    eos = _ids(gen.get("eos_token_id"), "eos_token_id", where) or tuple(
+        i for i in (tokenizer.eos_id,) if i is not None)
     return GenerationSettings(eos_ids=eos,
-                              decoder_start_id=(first("decoder_start_token_id") or (None,))[0])
+                              decoder_start_id=(first("decoder_start_token_id") or (None,))[0],
+                              defaults=decoding_defaults(gen, where))
 
 
 def chat_ids(tokenizer, template: str, prompt: str) -> list[int]:
@@ -105,7 +189,8 @@ def encode_prompts(tokenizer, cfg, prompts: Sequence[str], *,
     if chat_template is not None:
         rows = [chat_ids(tokenizer, chat_template, p) for p in prompts]
     elif cfg.family == "encoder_decoder":
-        rows = [tokenizer.encode(p) + [tokenizer.eos_id] for p in prompts]
+        eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+        rows = [tokenizer.encode(p) + eos for p in prompts]
     else:
         bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
         rows = [bos + tokenizer.encode(p) for p in prompts]
@@ -136,7 +221,8 @@ def generate(params, cfg, prompts, *, tokenizer=None, chat_template: str | None 
     With a tokenizer: `prompts` are strings, encoded by `encode_prompts` (BOS for
     decoders, EOS appended for encoder-decoders; `chat_template`: each prompt one
     user message rendered with it); eos_id defaults to the tokenizer's EOS (pass a
-    list for several stop ids); the output's `texts` holds each row's generated text
+    list for several stop ids; a tokenizer without one: rows stop at
+    max_new_tokens); the output's `texts` holds each row's generated text
     (the final stop id left out). Without one: exactly the ids-only call
     (`texts` is None). Every other keyword is `jaxlm.infer.generate.generate`'s.
     """

@@ -126,9 +126,6 @@ class ModelConfig:
             raise ConfigError(f"model.attn_logit_softcap={self.attn_logit_softcap} must be >= 0")
         if self.sliding_window < 0:
             raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: off)")
-        if not self.head and self.family == "encoder_decoder":
-            raise ConfigError("model.head=false is for decoder and encoder base models; an "
-                              "encoder-decoder always has its head")
         if self.n_experts < 0 or self.moe_capacity_factor < 0:
             raise ConfigError("model.n_experts and model.moe_capacity_factor must be >= 0")
         if self.n_experts and self.mlp != "swiglu":
@@ -713,31 +710,35 @@ def _override_list(overrides) -> list:
     return list(overrides)
 
 
-def load_config(path: str | None = None, overrides=()) -> Config:
-    """Load a preset (path or name) and apply `a.b=value` overrides."""
-    data = {}
-    overrides = _override_list(overrides)
-    if path is not None and not isinstance(path, (str, os.PathLike)):
+def read_yaml(path) -> dict:
+    """The mapping of a config file (a path or preset name), or a one-line ConfigError."""
+    if not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"config path must be a str (a YAML file or preset name), got "
                           f"{type(path).__name__}")
-    if path:
-        path = resolve_preset(os.fspath(path))
-        if os.path.isdir(path):
-            raise ConfigError(f"config {path} is a directory, not a YAML file")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} is not valid YAML") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config {path} is not UTF-8 text") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, "
-                              f"data:, ...), not a {type(data).__name__}")
+    path = resolve_preset(os.fspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"config {path} is a directory, not a YAML file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, "
+                          f"data:, ...), not a {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | None = None, overrides=()) -> Config:
+    """Load a preset (path or name) and apply `a.b=value` overrides."""
+    overrides = _override_list(overrides)
+    data = read_yaml(path) if path is not None and path != "" else {}
     return _build(Config, resolve_init_from(_with_overrides(data, overrides)))
 
 

@@ -85,7 +85,9 @@ class Tokenizer:
         raise NotImplementedError
 
     @property
-    def eos_id(self) -> int:
+    def eos_id(self) -> int | None:
+        """End-of-sequence id, or None for a tokenizer that has none (generation then
+        stops at max_new_tokens or at the stop ids given)."""
         raise NotImplementedError
 
     @property
@@ -111,6 +113,15 @@ def _checked_ids(ids, vocab_size: int) -> list[int]:
     return out
 
 
+def require_eos(tokenizer, what: str) -> int:
+    """tokenizer.eos_id, or an InputError saying that `what` needs one (a tokenizer
+    may have no EOS: generation then runs to max_new_tokens; training cannot)."""
+    if tokenizer.eos_id is None:
+        raise InputError(f"{what} needs an EOS token, and the tokenizer has none (name "
+                         "one as eos_token in tokenizer_config.json)")
+    return tokenizer.eos_id
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model (any type), held as its serialized bytes."""
 
@@ -124,8 +135,6 @@ class SentencePieceTokenizer(Tokenizer):
         self._proto = bytes(model_proto)
         self._bytes_of_mark = self._byte_ids(_SPACE_MARK)
         self._pad = self._find_pad_id()
-        if self._sp.eos_id() < 0:
-            raise InputError("sentencepiece model has no eos piece")
 
     @classmethod
     def from_file(cls, path) -> SentencePieceTokenizer:
@@ -203,8 +212,9 @@ class SentencePieceTokenizer(Tokenizer):
         return bos if bos >= 0 else None
 
     @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
+    def eos_id(self) -> int | None:
+        eos = self._sp.eos_id()
+        return eos if eos >= 0 else None
 
     @property
     def pad_id(self) -> int:
@@ -254,15 +264,15 @@ class HFTokenizer(Tokenizer):
         # none (Qwen: null; transformers 5 leaves the key out) means no BOS
         no_bos = "tokenizer_config.json" in self._special_files and "bos_token" not in named
         self._bos = None if no_bos else self._pick(named.get("bos_token"), self._BOS_NAMES)
-        self._eos = self._pick(named.get("eos_token"), self._EOS_NAMES)
-        if self._eos is None:
-            raise InputError("tokenizer.json has no eos token (name one as eos_token in "
-                             "tokenizer_config.json)")
+        self._eos = self._pick(named.get("eos_token"), self._EOS_NAMES)  # None: no EOS
         unk = self._pick(named.get("unk_token"), self._UNK_NAMES)
         if unk is None and getattr(self._tok.model, "unk_token", None):  # BPE/WordPiece unk
             unk = self._tok.token_to_id(self._tok.model.unk_token)
         pad = self._pick(named.get("pad_token"), self._PAD_NAMES)
-        self._pad = next(i for i in (pad, unk, self._eos) if i is not None)
+        self._pad = next((i for i in (pad, unk, self._eos) if i is not None), None)
+        if self._pad is None:
+            raise InputError("tokenizer.json has no pad, unk or eos token to pad with (name "
+                             "one as pad_token in tokenizer_config.json)")
         self._skip = {i for i in (self._bos, self._eos, self._pad) if i is not None}
 
     @classmethod
@@ -355,7 +365,7 @@ class HFTokenizer(Tokenizer):
         return self._bos
 
     @property
-    def eos_id(self) -> int:
+    def eos_id(self) -> int | None:
         return self._eos
 
     @property

@@ -6,10 +6,11 @@ Output lines: `{"id", "prompt", "completion", "tokens"}` in input order.
 Checkpoints: a jaxlm run dir (its saved generate/mesh settings are the base of
 the overrides) or a Hugging Face dir (tokenizer.json preferred; the stop ids are
 the tokenizer's EOS, every `eos_token_id` of generation_config.json, then
-generate.stop_ids; its other generation_config fields are not applied: the
-command line decides). Decoders get BOS (if the tokenizer has one) + the prompt,
-encoder-decoders the prompt + EOS; `chat=True` renders it as one user message
-with the checkpoint's chat template instead.
+generate.stop_ids; its decoding defaults (do_sample, temperature, top_k, ...)
+fill the generate.* keys the command line does not give: `jaxlm.infer.text`).
+Decoders get BOS (if the tokenizer has one) + the prompt, encoder-decoders the
+prompt + EOS; `chat=True` renders it as one user message with the checkpoint's
+chat template instead.
 
 Multi-host (after `jaxlm.sharding.distributed.initialize`): every process reads
 the input and runs every batch on the one global mesh (`generate` gathers the
@@ -274,7 +275,8 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     import jaxlm
     from jaxlm.api import model_config_of
     from jaxlm.infer.generate import generate_kwargs
-    from jaxlm.infer.text import decode_ids, encode_prompts, generation_settings
+    from jaxlm.infer.text import (decode_ids, encode_prompts, generation_settings,
+                                  given_generate_keys, resolve_generate)
     from jaxlm.model.config import to_dict
     from jaxlm.scripts.generate import apply_model_overrides, chat_template_for, stop_ids
     from jaxlm.sharding.mesh import check_divisible, make_mesh
@@ -303,6 +305,10 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
                        encode_prompts(tok, cfg, [r["prompt"] for r in rows],
                                       chat_template=template)))
     gen = generation_settings(checkpoint, tok)
+    # generation_config.json's decoding defaults for the keys not given (a run's saved
+    # generate section gives them all)
+    g = resolve_generate(g, gen, given_generate_keys(
+        overrides, {} if hf_dir else {"generate": to_dict(g)}))
     stops = stop_ids(gen.eos_ids, g, cfg.vocab_size)
     settings = _hash({"checkpoint": os.path.realpath(checkpoint), "step": step,
                       "generate": to_dict(g), "model": sorted(model_overrides),

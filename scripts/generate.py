@@ -1,6 +1,8 @@
 """`jaxlm generate`: prompts in, text out, from a jaxlm run/checkpoint dir or a Hugging
-Face dir (prompts encoded by `jaxlm.infer.text.encode_prompts`; stop ids and the
-decoder start from `generation_settings`)."""
+Face dir (prompts encoded by `jaxlm.infer.text.encode_prompts`; stop ids, the
+decoder start and the decoding defaults of generation_config.json from
+`generation_settings`, applied to the generate.* keys not given by
+`resolve_generate`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import dataclasses
 import os
 
 from jaxlm.errors import CheckpointError, InputError
-from jaxlm.infer.text import decode_ids, encode_prompts, generation_settings  # noqa: F401
+from jaxlm.infer.text import (decode_ids, encode_prompts, generation_settings,  # noqa: F401
+                              given_generate_keys, resolve_generate)
 
 
 def read_prompts(args) -> list[str]:
@@ -68,7 +71,7 @@ def apply_model_overrides(cfg, overrides):
 def run_generate(args):
     import jaxlm
     from jaxlm.infer.generate import generate_kwargs
-    from jaxlm.model.config import config_from_dict, load_config, to_dict
+    from jaxlm.model.config import config_from_dict, load_config, read_yaml, to_dict
     from jaxlm.train.loop import read_run_config
 
     from jaxlm.model.hf import is_hf_checkpoint
@@ -83,11 +86,12 @@ def run_generate(args):
         saved = {"generate": to_dict(read_run_config(args.checkpoint).generate)}
     gen_cfg = load_config(args.config, overrides) if args.config else config_from_dict(
         saved, overrides)
-    g = gen_cfg.generate
+    given = given_generate_keys(overrides, saved, read_yaml(args.config) if args.config else {})
     cfg, params = jaxlm.load(args.checkpoint, step=getattr(args, "step", None))
     cfg = apply_model_overrides(cfg, model_overrides)
     tok = jaxlm.load_tokenizer(args.checkpoint)
     settings = generation_settings(args.checkpoint, tok)
+    g = resolve_generate(gen_cfg.generate, settings, given)
     ids = encode_prompts(tok, cfg, prompts, chat_template=template)
     eos = stop_ids(getattr(args, "eos_id", None) or settings.eos_ids, g, cfg.vocab_size)
     guide = read_guide(args, tok, cfg.vocab_size)
@@ -98,7 +102,7 @@ def run_generate(args):
         out = _speculative(args, g, params, cfg, ids, eos)
     else:
         kwargs = generate_kwargs(g)
-        kwargs["eos_id"] = eos
+        kwargs["eos_id"] = eos or None  # no EOS anywhere: rows run to max_new_tokens
         if cfg.family == "encoder_decoder" and settings.decoder_start_id is not None:
             kwargs["decoder_start_id"] = settings.decoder_start_id
         out = jaxlm.generate(params, cfg, ids, guide=guide, **kwargs)

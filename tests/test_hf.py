@@ -430,7 +430,7 @@ def test_hf_tokenizer_round_trip_and_special_ids(tmp_path):
 
 def test_hf_tokenizer_special_ids_from_tokenizer_config(tmp_path):
     from jaxlm.errors import InputError
-    from jaxlm.model.tokenizer import load_tokenizer
+    from jaxlm.model.tokenizer import load_tokenizer, require_eos
     train_tiny_bpe(("<unk>", "<s>", "</s>")).save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": {"content": "<s>", "__type": "AddedToken"}, "eos_token": "</s>",
@@ -442,8 +442,10 @@ def test_hf_tokenizer_special_ids_from_tokenizer_config(tmp_path):
     no_eos = tmp_path / "no_eos"
     no_eos.mkdir()
     train_tiny_bpe(("<pad>",)).save(str(no_eos / "tokenizer.json"))
-    with pytest.raises(InputError, match="no eos token"):
-        load_tokenizer(no_eos)
+    tok = load_tokenizer(no_eos)  # allowed: generation then stops at max_new_tokens
+    assert tok.eos_id is None and tok.pad_id == 0
+    with pytest.raises(InputError, match="sft needs an EOS token"):
+        require_eos(tok, "sft")
     (no_eos / "tokenizer.json").write_text("{not json")
     with pytest.raises(InputError, match="not a valid tokenizer.json"):
         load_tokenizer(no_eos)

@@ -270,3 +270,133 @@ def test_base_models_give_hidden_states_and_refuse_logits(tmp_path):
     with pytest.raises(CheckpointError, match="lm_head.weight"):
         cfg, params = jaxlm.load(tmp_path / "llama")
         jaxlm.generate(params, cfg, [[3, 4]], max_new_tokens=2)
+
+
+# ------------------------------------------------------------------ generation_config, no EOS
+
+def _generate_cli(capsys, *argv):
+    """`jaxlm generate ...` run in-process: (the resolved generate settings, stdout)."""
+    from jaxlm.scripts.generate import run_generate
+    args = cli.build_parser().parse_args(["generate", *map(str, argv)])
+    resolved = run_generate(args)
+    return resolved, capsys.readouterr().out
+
+
+def test_generation_config_sampling_defaults(llama, tmp_path, capsys):
+    """do_sample/temperature/top_k of generation_config.json apply to the keys the
+    user did not give; an explicit generate.temperature (0: greedy) wins."""
+    import shutil
+    from jaxlm.infer.text import generation_settings
+    path = tmp_path / "llama"
+    shutil.copytree(llama[0], path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen.update(do_sample=True, temperature=0.7, top_k=5)
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    tok = jaxlm.load_tokenizer(path)
+    cfg, params = jaxlm.load(path)
+    eos = list(generation_settings(path, tok).eos_ids)
+    args = ["--checkpoint", path, *sum((["--prompt", p] for p in PROMPTS), []),
+            f"generate.max_new_tokens={NEW}"]
+    resolved, stdout = _generate_cli(capsys, *args)
+    assert (resolved["temperature"], resolved["top_k"], resolved["top_p"]) == (0.7, 5, 1.0)
+    sampled = jaxlm.generate(params, cfg, PROMPTS, tokenizer=tok, eos_id=eos,
+                             max_new_tokens=NEW, temperature=0.7, top_k=5, seed=0)
+    assert stdout == _expected(PROMPTS, sampled.texts)
+    resolved, stdout = _generate_cli(capsys, *args, "generate.temperature=0")
+    assert resolved["temperature"] == 0.0
+    greedy = jaxlm.generate(params, cfg, PROMPTS, tokenizer=tok, eos_id=eos, max_new_tokens=NEW)
+    assert stdout == _expected(PROMPTS, greedy.texts)
+    assert sampled.texts != greedy.texts  # the defaults did change the decoding
+    gen["do_sample"] = False  # transformers: greedy whatever the temperature says
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    resolved, stdout = _generate_cli(capsys, *args)
+    assert resolved["temperature"] == 0.0 and stdout == _expected(PROMPTS, greedy.texts)
+    gen.update(do_sample=True, top_k="five")  # a file's bad value: one line naming it
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(CheckpointError, match="generation_config.json: top_k should be an "
+                                              "integer, got 'five'"):
+        generation_settings(path, tok)
+
+
+def test_tokenizer_without_eos_runs_to_max_new_tokens(llama, tmp_path, capsys):
+    """A tokenizer with no EOS and a generation_config.json without eos_token_id load;
+    rows stop only at max_new_tokens (greedy ids equal transformers' with no EOS),
+    or at --eos-id when given."""
+    import copy
+    import shutil
+    from jaxlm.infer.text import encode_prompts, generation_settings
+    path = tmp_path / "llama"
+    shutil.copytree(llama[0], path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):
+        (path / name).unlink(missing_ok=True)
+    hf_tok = _tokenizer(path, ["<unk>", "<s>"], bos_token="<s>", unk_token="<unk>")
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen.pop("eos_token_id", None)
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    tok = jaxlm.load_tokenizer(path)
+    assert tok.eos_id is None and hf_tok.eos_token_id is None
+    assert generation_settings(path, tok).eos_ids == ()
+    cfg, params = jaxlm.load(path)
+    model = copy.deepcopy(llama[2])
+    model.generation_config.eos_token_id = None
+    ids = encode_prompts(tok, cfg, PROMPTS)
+    want = [_hf_greedy(model, row) for row in ids]
+    assert all(len(w) == NEW for w in want)
+    out = jaxlm.generate(params, cfg, PROMPTS, tokenizer=tok, max_new_tokens=NEW)
+    assert out.sequences() == want and not out.finished.any()
+    prompts = sum((["--prompt", p] for p in PROMPTS), [])
+    _, stdout = _generate_cli(capsys, "--checkpoint", path, *prompts,
+                              f"generate.max_new_tokens={NEW}")
+    texts = [hf_tok.decode(w, skip_special_tokens=True) for w in want]
+    assert stdout == _expected(PROMPTS, texts)
+    stop = want[0][2]  # row 0 stops at its third token given --eos-id
+    _, stdout = _generate_cli(capsys, "--checkpoint", path, "--prompt", PROMPTS[0],
+                              "--eos-id", stop, f"generate.max_new_tokens={NEW}")
+    cut = want[0][:want[0].index(stop)]
+    assert stdout == _expected(PROMPTS[:1], [hf_tok.decode(cut, skip_special_tokens=True)])
+
+
+def test_t5_model_dir_gives_hidden_states_and_refuses_logits(tmp_path):
+    """A T5Model dir (encoder + decoder, no lm_head; v1.0: tied, relu): loads with
+    model.head=false; decoder hidden states and the encoder's pooled output equal
+    transformers' T5Model; logits and generation are one-line CheckpointErrors, tied
+    embeddings or not (as LlamaModel / GPT2Model dirs); it saves back as a T5Model."""
+    torch.manual_seed(4)
+    model = transformers.T5Model(transformers.T5Config(
+        vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        feed_forward_proj="relu", tie_word_embeddings=True, initializer_factor=3.0)).eval()
+    model.save_pretrained(tmp_path / "t5")
+    cfg, params = jaxlm.load(tmp_path / "t5")
+    assert cfg.family == "encoder_decoder" and not cfg.head and "head" not in params
+    rng = np.random.default_rng(1)
+    tokens, dec = rng.integers(2, 96, (2, 9)).astype(np.int32), rng.integers(2, 96, (2, 5))
+    dec[:, 0] = 0
+    mask = np.ones((2, 9), np.int32)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                     attention_mask=torch.tensor(mask),
+                     decoder_input_ids=torch.tensor(dec, dtype=torch.long))
+    hidden, _ = jaxlm.forward(params, cfg, tokens, dec.astype(np.int32), mask,
+                              return_hidden=True)
+    # float32 sums over activations of size ~5: 1e-3 (a wrong scale or mask is O(1))
+    np.testing.assert_allclose(np.asarray(hidden), want.last_hidden_state.numpy(), atol=1e-3,
+                               rtol=1e-3)
+    enc = want.encoder_last_hidden_state.numpy()
+    pooled = (enc * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(jaxlm.embed(params, cfg, tokens, mask)), pooled,
+                               atol=1e-3, rtol=1e-3)
+    for call in (lambda: jaxlm.forward(params, cfg, tokens, dec.astype(np.int32)),
+                 lambda: jaxlm.generate(params, cfg, [[3, 4, 1]], max_new_tokens=2)):
+        with pytest.raises(CheckpointError, match="no output head") as e:
+            call()
+        assert "lm_head.weight (a T5Model)" in str(e.value) and "\n" not in str(e.value)
+    jaxlm.save(tmp_path / "again", cfg, params, format="hf")
+    again = transformers.T5Model.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        got = again(input_ids=torch.tensor(tokens, dtype=torch.long),
+                    attention_mask=torch.tensor(mask),
+                    decoder_input_ids=torch.tensor(dec, dtype=torch.long))
+    np.testing.assert_allclose(got.last_hidden_state.numpy(), want.last_hidden_state.numpy(),
+                               atol=1e-5)

@@ -287,6 +287,27 @@ def test_decode_loop_is_traced_once():
     assert out.tokens.shape == (3, 9)
 
 
+def test_int8_kv_cache_logits_and_greedy_ids():
+    """generate.kv_dtype=int8 on a tiny T5: the decoder cache and the cross K/V are
+    int8 with float32 per-token, per-head scales; logits within the decoder-only
+    test's tolerance (3% of the largest |logit|), greedy ids equal float's."""
+    cfg = VARIANTS["v1_0"]
+    params = random_params(cfg, 3)
+    rows = [[5, 6, 7, 40, 2], [8, 9], [11, 60, 3]]
+    ref = generate(params, cfg, rows, max_new_tokens=8, return_logits=True)
+    q8 = generate(params, cfg, rows, max_new_tokens=8, return_logits=True, kv_dtype="int8")
+    np.testing.assert_array_equal(q8.tokens, ref.tokens)
+    err = np.max(np.abs(q8.logits - ref.logits), axis=(1, 2))
+    assert (err <= 0.03 * np.max(np.abs(ref.logits), axis=(1, 2))).all(), err
+    assert (err > 0).all()  # the int8 path did run
+    tokens, segments = seq2seq._pad_inputs(rows, 16)
+    _, state = seq2seq.start(params, cfg, tokens, segments, 128, 0, "int8")
+    for tree, length in ((state.cache, 128), (state.cross, 16)):
+        assert tree["k"].dtype == tree["v"].dtype == jnp.int8
+        assert tree["k_scale"].dtype == tree["v_scale"].dtype == jnp.float32
+        assert tree["k_scale"].shape == (2, 3, length, cfg.n_kv_heads)
+
+
 # ------------------------------------------------------------------ span corruption
 
 V = 1000

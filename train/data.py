@@ -46,6 +46,7 @@ import grain
 import numpy as np
 
 from jaxlm.errors import CheckpointError, ConfigError, InputError
+from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.model.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".py", ".txt", ".md")
@@ -357,7 +358,7 @@ class _Tokenize(grain.transforms.Map):
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self._bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-        self._eos = [tokenizer.eos_id]
+        self._eos = [_require_eos(tokenizer, "data: documents")]
 
     def map(self, text: str) -> dict[str, np.ndarray]:
         ids = self._bos + self._tokenizer.encode(text) + self._eos

@@ -33,6 +33,7 @@ import grain
 import numpy as np
 
 from jaxlm.errors import ConfigError, InputError
+from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.model.tokenizer import Tokenizer
 from jaxlm.train.data import _EpochShuffle, _check_shapes
 from jaxlm.train.sft import (SFTBatches, _check_messages, _jsonl_records, _shard, chat_example,
@@ -85,7 +86,7 @@ def tokenize_pair(record: Mapping[str, Any], tokenizer: Tokenizer, template: str
         prompt = bos + tokenizer.encode(record["prompt"])
         for side in SIDES:
             out[side] = prompt_completion_example(
-                prompt, tokenizer.encode(record[side]) + [tokenizer.eos_id])
+                prompt, tokenizer.encode(record[side]) + [_require_eos(tokenizer, "dpo")])
         return out
     prompt = _as_messages(record["prompt"], "user")
     for side in SIDES:

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from jaxlm.errors import InputError
+from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.model.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from jaxlm.train.data import _is_encodable
 
@@ -109,7 +110,8 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
 def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     """[bos] + ids + [eos] (no bos if the tokenizer has none) as int32, per text."""
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    return [np.asarray(bos + ids + [tokenizer.eos_id], dtype="<i4")
+    eos = _require_eos(tokenizer, "prepare: documents")
+    return [np.asarray(bos + ids + [eos], dtype="<i4")
             for ids in tokenizer.encode_batch(texts)]
 
 

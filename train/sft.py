@@ -52,6 +52,7 @@ import numpy as np
 
 from jaxlm.errors import ConfigError, InputError
 from jaxlm.model.chat import DEFAULT_CHAT_TEMPLATE, render_chat, template_tokens
+from jaxlm.model.tokenizer import require_eos as _require_eos
 from jaxlm.model.tokenizer import Tokenizer
 from jaxlm.train.data import BatchIterator, _EpochShuffle, _check_shapes, split_documents, stdlib_sources
 
@@ -238,7 +239,7 @@ def tokenize_sft(record: Mapping[str, Any], tokenizer: Tokenizer, template: str 
                             where=record.get("where", "record"))
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     prompt = bos + tokenizer.encode(record["prompt"])
-    completion = tokenizer.encode(record["completion"]) + [tokenizer.eos_id]
+    completion = tokenizer.encode(record["completion"]) + [_require_eos(tokenizer, "sft")]
     return prompt_completion_example(prompt, completion, loss_on)
 
 
@@ -307,8 +308,8 @@ def tokenize_records(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
             tokens, is_loss = tokenize_sft(record, tokenizer, template, loss_on)
         else:
             prompt, completion = next(encoded), next(encoded)
-            tokens, is_loss = prompt_completion_example(bos + prompt, completion + [tokenizer.eos_id],
-                                                        loss_on)
+            eos = [_require_eos(tokenizer, "sft")]
+            tokens, is_loss = prompt_completion_example(bos + prompt, completion + eos, loss_on)
         if len(tokens) > seq_len:
             tokens, is_loss = tokens[:seq_len], is_loss[:seq_len]
             truncated += 1

@@ -18,6 +18,8 @@ T5 does not scale scores by 1/sqrt(head_dim): set `model.attn_scale: 1.0`
 (0 keeps the usual scale). One embedding table is shared by the encoder, the
 decoder and, with `tie_embeddings`, the head: a tied head (T5 v1.0) sees the
 decoder output scaled by d_model ** -0.5; an untied one (v1.1) sees it as is.
+`head: false` (a Hugging Face T5Model dir: encoder + decoder, no lm_head) has no
+head at all: hidden states only, never scaled (T5Model's last_hidden_state).
 
 Masks: `segment_ids` [B,S] and `decoder_segment_ids` [B,T] follow MaskSpec
 (0 = padding; equal ids see each other, so packed examples stay apart). The
@@ -26,8 +28,11 @@ segment k; when only one side has ids, every non-padding position of one side
 sees every non-padding position of the other.
 
 Generation uses the pieces separately: `encode` once, `cross_kv` once (the
-cross-attention keys/values of every decoder layer, [L,B,S,H,D]), then
-`decode` with a self-attention KV cache (see jaxlm.infer.seq2seq).
+cross-attention keys/values of every decoder layer, {"k", "v": [L,B,S,H,D]}),
+then `decode` with a self-attention KV cache (see jaxlm.infer.seq2seq). Either
+may be int8 with per-token, per-head scales (`generate.kv_dtype=int8`): the
+cache is quantized on write and both are dequantized on read, by the decoder-only
+helpers of jaxlm.infer.cache.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
-from jaxlm.infer.cache import constrain_cache
+from jaxlm.infer.cache import constrain_cache, dequantize, quantize_kv, read_kv, write_kv
 from jaxlm.model.families.decoder import remat
 from jaxlm.model.adapters import materialize, materialize_outside_layers
 from jaxlm.model.config import dtype_of
@@ -80,7 +85,7 @@ def encoder_decoder_specs(cfg):
         encoder["relative"] = relative_bias_specs(cfg)
         decoder["relative"] = relative_bias_specs(cfg)
     specs = {"embed": embedding_specs(cfg), "encoder": encoder, "decoder": decoder}
-    if not cfg.tie_embeddings:
+    if cfg.head and not cfg.tie_embeddings:
         specs["head"] = head_specs(cfg)
     return specs
 
@@ -149,8 +154,9 @@ def encode(params, cfg, tokens, segment_ids=None, positions=None, dropout_key=No
     return _drop(norm(p["final_ln"], x, cfg), cfg, dropout_key, FINAL)
 
 
-def cross_kv(params, cfg, encoded):
-    """Encoder output [B,S,D] -> cross-attention (k, v), each [L_dec,B,S,KVH,D]."""
+def cross_kv(params, cfg, encoded, kv_dtype: str = "auto"):
+    """Encoder output [B,S,D] -> the cross-attention {"k", "v": [L_dec,B,S,KVH,D]};
+    kv_dtype="int8": int8 k, v + float32 "k_scale", "v_scale" [L_dec,B,S,KVH]."""
     def project(_, cross):
         cross = materialize(cross, dtype_of(cfg.dtype))
         k = dense(encoded, cross["k"].astype(encoded.dtype))  # bsd,dhk->bshk
@@ -159,25 +165,39 @@ def cross_kv(params, cfg, encoded):
         return None, (constrain(k, axes), constrain(v, axes))
 
     _, (k, v) = jax.lax.scan(project, None, params["decoder"]["layers"]["cross"])
-    return k, v
+    return quantize_kv({"k": k, "v": v}) if kv_dtype == "int8" else {"k": k, "v": v}
 
 
-def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
+def _read_cross(cross: dict, dtype):
+    """One layer's cross {"k", "v": [B,S,KVH,D]} (+ int8 scales) -> (k, v) in `dtype`."""
+    if "k_scale" in cross:
+        return (dequantize(cross["k"], cross["k_scale"], dtype),
+                dequantize(cross["v"], cross["v_scale"], dtype))
+    return cross["k"].astype(dtype), cross["v"].astype(dtype)
+
+
+def decode(params, cfg, decoder_tokens, cross, *, segment_ids=None,
            decoder_segment_ids=None, positions=None, cache=None, return_hidden=False,
            dropout_key=None):
-    """Decoder tokens [B,T] over cached cross-attention K/V -> (logits [B,T,V], aux).
+    """Decoder tokens [B,T] over cached cross-attention K/V (`cross_kv`'s dict) ->
+    (logits [B,T,V], aux).
 
     `segment_ids` are the encoder's [B,S] (0 = padding). Without a cache: a
     full causal pass (`decoder_segment_ids` for the decoder's padding /
     packing, `positions` restarting per packed example). With a cache
-    ({"k", "v": [L,B,T_max,KVH,D], "lengths": [B]}): the tokens go at
+    ({"k", "v": [L,B,T_max,KVH,D], "lengths": [B]}, + int8 "k_scale", "v_scale"
+    [L,B,T_max,KVH]: `jaxlm.infer.cache.write_kv` / `read_kv`): the tokens go at
     positions lengths[b] + i and aux["cache"] is the cache advanced by T.
     `return_hidden`: the hidden states the head sees (final norm, times
-    d_model ** -0.5 when the head is tied) instead of logits. `dropout_key`
+    d_model ** -0.5 when the head is tied; a base model without a head,
+    `model.head: false`: the final norm's output) instead of logits. `dropout_key`
     (training only, no cache): dropout as in `encode`.
     """
+    if not return_hidden:
+        from jaxlm.validate import check_head
+        check_head(cfg, "decode")  # a T5Model has no head: no logits (not even tied ones)
     b, t = decoder_tokens.shape
-    sk = cross_k.shape[2]
+    sk = cross["k"].shape[2]
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
     if cache is not None:
         positions = cache["lengths"][:, None] + _arange(t)
@@ -200,35 +220,34 @@ def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
     rows = jnp.arange(b)[:, None]
 
     def block(carry, xs):
-        x, ck, cv = carry
-        layer, k_cross, v_cross, i = xs
+        x, kv = carry
+        layer, cross_layer, i = xs
         layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
         key = site_key(dropout_key, i)
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
-        if ck is not None:  # write this step's K/V into the cache, attend over all of it
-            ck = ck.at[i, rows, positions].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[i, rows, positions].set(v.astype(cv.dtype), mode="drop")
-            k, v = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
+        if kv is not None:  # write this step's K/V into the cache, attend over all of it
+            kv = write_kv(kv, i, rows, positions, k, v)
+            k, v = read_kv(kv, i, q.dtype)
         o = _attend(q, k, v, self_mask, bias, cfg, site_key(key, ATTN_PROBS))
         x = x + _drop(output_projection(layer["attn"], o, cfg), cfg, key, ATTN_OUT)
         h = norm(layer["ln_cross"], x, cfg)
         q = constrain(dense(h, layer["cross"]["q"].astype(h.dtype)),
                       ("batch", "seq", "heads", "head_dim"))
-        o = _attend(q, k_cross.astype(q.dtype), v_cross.astype(q.dtype), cross_mask, None, cfg,
+        o = _attend(q, *_read_cross(cross_layer, q.dtype), cross_mask, None, cfg,
                     site_key(key, CROSS_PROBS))
         x = x + _drop(output_projection(layer["cross"], o, cfg), cfg, key, CROSS_OUT)
         x = x + _drop(mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), cfg, key, MLP_OUT)
-        return (x, ck, cv), None
+        return (x, kv), None
 
-    carry = (x, None, None) if cache is None else (x, cache["k"], cache["v"])
+    carry = (x, None if cache is None else {n: a for n, a in cache.items() if n != "lengths"})
     layer_ids = jnp.arange(decoder_layers(cfg), dtype=jnp.int32)
     step = block if cache is not None else remat(block, cfg)
-    (x, ck, cv), _ = jax.lax.scan(step, carry, (p["layers"], cross_k, cross_v, layer_ids))
+    (x, kv), _ = jax.lax.scan(step, carry, (p["layers"], cross, layer_ids))
     hidden = _drop(norm(p["final_ln"], x, cfg), cfg, dropout_key, FINAL)
-    if cfg.tie_embeddings:  # T5 v1.0: rescale before the tied head
+    if cfg.head and cfg.tie_embeddings:  # T5 v1.0: rescale before the tied head
         hidden = hidden * jnp.asarray(cfg.d_model ** -0.5, hidden.dtype)
     aux = {} if cache is None else {"cache": constrain_cache(
-        dict(cache, k=ck, v=cv, lengths=cache["lengths"] + t))}
+        dict(kv, lengths=cache["lengths"] + t))}
     return (hidden if return_hidden else unembed(params, hidden, cfg)), aux
 
 
@@ -246,7 +265,7 @@ def encoder_decoder(params, cfg, tokens, decoder_tokens, segment_ids=None,
     """
     encoded = encode(params, cfg, tokens, segment_ids, positions,
                      dropout_key=site_key(dropout_key, 0))
-    k, v = cross_kv(params, cfg, encoded)
-    return decode(params, cfg, decoder_tokens, k, v, segment_ids=segment_ids,
+    return decode(params, cfg, decoder_tokens, cross_kv(params, cfg, encoded),
+                  segment_ids=segment_ids,
                   decoder_segment_ids=decoder_segment_ids, positions=decoder_positions,
                   return_hidden=return_hidden, dropout_key=site_key(dropout_key, 1))

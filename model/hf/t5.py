@@ -7,7 +7,14 @@
 A T5EncoderModel checkpoint (`architectures`; only `shared` and `encoder.*`)
 loads as the encoder family with `head: false`: its hidden states equal
 transformers' `last_hidden_state` (`jaxlm.forward(..., return_hidden=True)`,
-`jaxlm.embed`).
+`jaxlm.embed`). A T5Model checkpoint (encoder + decoder, no lm_head) loads as
+the encoder_decoder family with `head: false`: `jaxlm.forward(tokens,
+decoder_tokens, return_hidden=True)` is its decoder's `last_hidden_state`,
+`jaxlm.embed` the mean of its encoder's; logits and generation are a
+CheckpointError. Even a v1.0 config (`tie_word_embeddings`, where
+T5ForConditionalGeneration would use the shared embedding, times d_model ** -0.5,
+as the head) gets no head: as LlamaModel / GPT2Model dirs with tied embeddings,
+a base class's dir holds no head, and none is made up.
 
 Variants (`feed_forward_proj`): "relu" (T5 v1.0: `wi`, `wo`), "gated-gelu"
 (T5 v1.1 / mT5 / Flan-T5: `wi_0` the gelu_new gate, `wi_1` the linear part,
@@ -87,8 +94,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
             attn_scale=1.0, tie_embeddings=_scaled_head(hf))
     except KeyError as e:
         raise CheckpointError(f"config.json: required key {e.args[0]!r} is missing") from None
-    if "T5EncoderModel" in (hf.get("architectures") or ()):  # the encoder stack alone
+    architectures = hf.get("architectures") or ()
+    if "T5EncoderModel" in architectures:  # the encoder stack alone
         fields.update(family="encoder", head=False, n_decoder_layers=0, tie_embeddings=True)
+    elif "T5Model" in architectures:  # both stacks, no head (a base model class)
+        fields.update(head=False, tie_embeddings=True)
     try:
         return ModelConfig(**fields)
     except ConfigError as e:
@@ -120,12 +130,14 @@ def _feed_forward_proj(cfg: ModelConfig) -> str:
 
 
 def hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict:
-    """ModelConfig -> a `config.json` dict for T5ForConditionalGeneration."""
+    """ModelConfig -> a `config.json` dict for T5ForConditionalGeneration (T5Model with
+    `head: false`)."""
     problems = _export_problems(cfg)
     if problems:
         raise ConfigError("cannot export as T5: " + "; ".join(problems))
     return {
-        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+        "architectures": ["T5ForConditionalGeneration" if cfg.head else "T5Model"],
+        "model_type": "t5",
         "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "d_kv": cfg.head_dim,
         "d_ff": cfg.d_ff, "num_layers": cfg.n_layers, "num_decoder_layers": decoder_layers(cfg),
         "num_heads": cfg.n_heads, "relative_attention_num_buckets": cfg.relative_buckets,
