@@ -9,7 +9,15 @@ A fixed number of slots decode together over one page pool
 per host round trip, in one `lax.while_loop` compiled once; the loop exits
 early when a slot finishes while prompts are waiting, and the host then
 returns the finished slot's pages, prefills the next prompt into it and
-goes on, without waiting for the rest of the batch.
+goes on, without waiting for the rest of the batch. The prompts admitted at
+one refill are prefilled together, in one call, padded to a power-of-two
+row count (<= slots) and prompt width, so prefill compiles a bounded number
+of times (TRACE_COUNTS["admit"], and generate's TRACE_COUNTS["prefill"]).
+
+Under `jaxlm.sharding.rules.use_mesh` the pool is created sharded and stays
+so (`jaxlm.infer.paged`): each data shard owns a block of pages and its
+slots allocate only from it; n_pages is rounded up to a multiple of the data
+shards, each of which must fit the longest request.
 
 Memory: a slot holds the pages its sequence has written, plus, during one
 round trip, the pages the next `steps_per_call` tokens may need; after each
