@@ -1,7 +1,7 @@
 """A paged KV cache: a pool of fixed-size pages, a page table per sequence slot.
 
-    pages = init_pages(cfg, n_pages, page_size)   # {"k", "v": [L, N, ps, KVH, D]}
-    pool = PagePool(n_pages, page_size, slots, max_pages)   # host-side allocator
+    pages = init_pages(cfg, n_pages, page_size, slots=S)   # {"k", "v": [L, N, ps, KVH, D]}
+    pool = PagePool(n_pages, page_size, S, max_pages, shards=J)   # host-side allocator
     pool.grow(slot, n_positions)      # pages for positions [0, n_positions)
     pool.trim(slot, n_positions)      # give back pages past them
     pool.release(slot)                # the sequence finished
@@ -15,7 +15,7 @@ and are dropped; reads through unused page-table entries are clipped and
 masked by the lengths.
 
 Sharded (under `jaxlm.sharding.rules.use_mesh`): the pool is created in its
-sharding (`pool_spec`): kv_heads over the kv_heads rule's axes (tensor) and
+sharding (`pool_layout`, `init_pages`): kv_heads over the kv_heads rule's axes (tensor) and
 the pages axis over the batch rule's axes (data), like the slots. Data
 shard j of J owns the contiguous block of pages [j N/J, (j+1) N/J) and the
 slots [j S/J, (j+1) S/J); `PagePool(..., shards=J)` allocates a slot's
@@ -33,9 +33,8 @@ configs (ALiBi) and encoder(-decoder)s are refused with one line.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
-
 import math
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -152,7 +151,7 @@ def _sharded(fn, layout: Optional[Layout], in_dims, out_dims):
         return fn
     spec = lambda dims: tuple(layout.spec(*d) for d in dims)
     return jax.shard_map(fn, mesh=layout.mesh, in_specs=spec(in_dims),
-                         out_specs=spec(out_dims), check_vma=False)
+                         out_specs=spec(out_dims))
 
 
 def pages_for(n_positions: int, page_size: int) -> int:
@@ -265,8 +264,8 @@ def paged_step(params, cfg, pages: dict, page_table, lengths, tokens, live):
     float32, pages with each live slot's K/V written). The decoder family's
     cached forward (`jaxlm.model.families.decoder`) over a paged cache; params
     with unstacked layers (`unstack_layers`, split once outside a decode loop)
-    run the layers unrolled."""
-    s = tokens.shape[0]
+    run the layers unrolled. Under a mesh each layer's write and attention run
+    per data shard over its own pages (`paged_layer`)."""
     dtype = dtype_of(cfg.dtype)
     params = materialize_outside_layers(params, dtype)
     n_pages, ps = pages["k"].shape[1:3]
