@@ -9,7 +9,15 @@ A fixed number of slots decode together over one page pool
 per host round trip, in one `lax.while_loop` compiled once; the loop exits
 early when a slot finishes while prompts are waiting, and the host then
 returns the finished slot's pages, prefills the next prompt into it and
-goes on, without waiting for the rest of the batch.
+goes on, without waiting for the rest of the batch. The prompts admitted at
+one refill are prefilled together, in one call, padded to a power-of-two
+row count (<= slots) and prompt width, so prefill compiles a bounded number
+of times (TRACE_COUNTS["admit"], and generate's TRACE_COUNTS["prefill"]).
+
+Under `jaxlm.sharding.rules.use_mesh` the pool is created sharded and stays
+so (`jaxlm.infer.paged`): each data shard owns a block of pages and its
+slots allocate only from it; n_pages is rounded up to a multiple of the data
+shards, each of which must fit the longest request.
 
 Memory: a slot holds the pages its sequence has written, plus, during one
 round trip, the pages the next `steps_per_call` tokens may need; after each
@@ -41,14 +49,15 @@ from jaxlm.errors import InputError
 from jaxlm.infer.cache import init_cache
 from jaxlm.infer.generate import (DECODING_OFF, PAD_ID, GenerateOutput, _check_prompts, _unroll,
                                   prefill, row_keys)
-from jaxlm.infer.paged import (PagePool, check_paged_family, init_pages, pages_for,
-                               paged_step, write_prompt)
+from jaxlm.infer.paged import (PagePool, check_paged_family, constrain_pages, init_pages,
+                               pages_for, paged_step, pool_layout, write_prompt)
 from jaxlm.infer.processors import eos_array, is_eos
 from jaxlm.infer.sampling import check_sampling, sample
 from jaxlm.model.families.decoder import unstack_layers
 
-TRACE_COUNTS = {"engine_loop": 0}
+TRACE_COUNTS = {"engine_loop": 0, "admit": 0}
 WIDTH_BUCKET = 64
+PROMPT_MIN_BUCKET = 16  # prefill widths: powers of two from this (generate's bucket)
 
 
 class _Slots(NamedTuple):
@@ -85,6 +94,7 @@ def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, keys
         stop = st.live & (eos | (count >= st.budget))
         live = st.live & ~stop
         new_logits, pages = paged_step(params, cfg, pages, page_table, st.lengths, tok, live)
+        pages = constrain_pages(pages, out.shape[0])
         logits = jnp.where(live[:, None], new_logits, logits)
         st = _Slots(st.lengths + live, count, st.budget, live, st.eos | eos)
         return i + 1, pages, logits, out, st, jnp.any(stop)
@@ -99,9 +109,14 @@ def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, keys
 
 
 @partial(jax.jit, donate_argnames=("pages", "logits"))
-def _admit(pages, logits, k, v, page_ids, slot, new_logits):
-    """Write a prefilled prompt's pages and its next-token logits into its slot."""
-    return write_prompt(pages, k, v, page_ids), logits.at[slot].set(new_logits[0])
+def _admit(pages, logits, k, v, page_ids, slot_ids, new_logits):
+    """Write A prefilled prompts' pages (k, v [L, A, T, KVH, D] at page_ids
+    [A, T / ps]) and their next-token logits [A, V] into their slots [A]
+    (slot id S, page id n_pages: a padding row, dropped)."""
+    TRACE_COUNTS["admit"] += 1
+    slots = logits.shape[0]
+    pages = constrain_pages(write_prompt(pages, k, v, page_ids, slots), slots)
+    return pages, logits.at[slot_ids].set(new_logits, mode="drop")
 
 
 class Request(NamedTuple):
@@ -128,7 +143,9 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
     pages back and waiting prompts were prefilled, before the next round trip;
     info has pages_in_use, pages_needed (sum over live slots of
     ceil(length / page_size)), lengths [S], live [S], table [S, P], n_pages,
-    admitted (the slots just prefilled), waiting (prompts not admitted yet).
+    admitted (the slots just prefilled, together in one call), waiting (prompts not
+    admitted yet), pool (the page pool's device arrays: read, do not keep; they
+    are donated to the next call).
     on_finish(index, tokens, eos): as each request finishes (e.g. to write it out).
     """
     check_paged_family(cfg)
@@ -149,16 +166,20 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
                              f"{cfg.max_seq_len}")
     full = [pages_for(n - 1, page_size) for n in need]  # pages a request ever holds
     longest = max(range(len(rows)), key=lambda i: full[i])
+    layout = pool_layout(slots, slots, cfg.n_kv_heads)  # the data shards that divide slots
+    shards = layout.shards if layout is not None else 1
     if n_pages is None:
         n_pages = slots * full[longest]
-    if isinstance(n_pages, bool) or int(n_pages) != n_pages or n_pages < full[longest]:
+    if isinstance(n_pages, bool) or int(n_pages) != n_pages or n_pages < shards * full[longest]:
+        per = f" (x {shards} data shards: n_pages >= {shards * full[longest]})" if shards > 1 else ""
         raise InputError(f"n_pages={n_pages}: the page pool is too small for prompt {longest} "
                          f"({len(rows[longest])} tokens + max_new_tokens={budgets[longest]}), "
-                         f"which needs {full[longest]} pages of page_size={page_size}")
+                         f"which needs {full[longest]} pages of page_size={page_size}{per}")
+    n_pages = -(-int(n_pages) // shards) * shards  # each data shard owns an equal block
     max_pages = max(full)
     width = -(-max(budgets) // WIDTH_BUCKET) * WIDTH_BUCKET
-    pool = PagePool(int(n_pages), page_size, slots, max_pages)
-    pages = init_pages(cfg, int(n_pages), page_size)
+    pool = PagePool(n_pages, page_size, slots, max_pages, shards=shards)
+    pages = init_pages(cfg, n_pages, page_size, slots=slots)
     logits = jnp.zeros((slots, cfg.vocab_size), jnp.float32)
     out_dev = jnp.full((slots, width), PAD_ID, jnp.int32)
     st = {k: np.zeros(slots, np.int32) for k in ("lengths", "count", "budget")}
@@ -171,32 +192,37 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
     sampler = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                    min_p=float(min_p))
 
-    def reserved() -> int:  # pages the live slots may still take
-        return sum(full[req_of[s]] - len(pool.held[s]) for s in range(slots) if st["live"][s])
+    def reserved(shard: int) -> int:  # pages the shard's live slots may still take
+        return sum(full[req_of[s]] - len(pool.held[s]) for s in range(slots)
+                   if st["live"][s] and pool.shard_of(s) == shard)
 
     while True:
-        # refill: every free slot takes the next prompt the pool can hold
+        # refill: every free slot takes the next prompt its shard's pages can hold;
+        # the admitted prompts are prefilled together, in one call
         admitted = []
         for s in range(slots):
             if st["live"][s] or not queue:
                 continue
-            req = queue[0]
-            if full[req.index] > len(pool.free) - reserved():
-                break  # wait for pages (a finishing sequence gives its pages back)
+            req, shard = queue[0], pool.shard_of(s)
+            if full[req.index] > pool.n_free(shard) - reserved(shard):
+                continue  # wait for pages (a finishing sequence gives its pages back)
             queue.popleft()
-            pages, logits = _prefill_into(params, cfg, pages, logits, pool, s, req.tokens)
+            pool.grow(s, len(req.tokens))
             req_of[s] = req.index
             st["lengths"][s], st["count"][s], st["budget"][s] = len(req.tokens), 0, \
                 req.max_new_tokens
             st["live"][s], st["eos"][s] = True, False
             admitted.append(s)
+        if admitted:
+            pages, logits = _prefill_into(params, cfg, pages, logits, pool,
+                                          [(s, rows[req_of[s]]) for s in admitted])
         if on_refill is not None:
             on_refill({"pages_in_use": pool.in_use(), "page_size": page_size,
                        "pages_needed": int(sum(pages_for(st["lengths"][s], page_size)
                                                for s in range(slots) if st["live"][s])),
                        "lengths": st["lengths"].copy(), "live": st["live"].copy(),
                        "table": pool.table.copy(), "n_pages": pool.n_pages,
-                       "admitted": admitted, "waiting": len(queue)})
+                       "admitted": admitted, "waiting": len(queue), "pool": pages})
         if not st["live"].any():
             break
         # grow: pages for the positions the next steps_per_call tokens may write
@@ -223,22 +249,27 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
     return GenerateOutput(tokens, lengths, finished)
 
 
-def _prefill_into(params, cfg, pages, logits, pool: PagePool, slot: int, prompt):
-    """Prefill one prompt (jaxlm.generate's prefill over a contiguous cache of
-    one row) and copy its pages into the slot's newly allocated pages."""
-    ps = pool.page_size
-    n = len(prompt)
-    width = min(max(16, 1 << (n - 1).bit_length()), cfg.max_seq_len)  # generate's bucket
+def _prefill_into(params, cfg, pages, logits, pool: PagePool, group):
+    """Prefill the prompts of group [(slot, prompt)] together (jaxlm.generate's
+    prefill over a contiguous cache, rows padded to a power of two <= slots and
+    width to generate's power-of-two bucket, so it compiles a bounded number of
+    times) and copy each prompt's pages into the pages its slot holds."""
+    ps, slots = pool.page_size, pool.table.shape[0]
+    rows = min(1 << (len(group) - 1).bit_length(), slots)
+    longest = max(len(p) for _, p in group)
+    width = min(max(PROMPT_MIN_BUCKET, 1 << (longest - 1).bit_length()), cfg.max_seq_len)
     t = -(-width // ps) * ps
-    padded = np.zeros((1, width), np.int32)
-    padded[0, :n] = prompt
-    cache = init_cache(cfg, 1, t)
-    new_logits, cache = prefill(params, cfg, cache, jnp.asarray(padded), jnp.asarray([n], jnp.int32))
-    pool.grow(slot, n)
-    ids = np.full(t // ps, pool.n_pages, np.int32)
-    ids[:len(pool.held[slot])] = pool.held[slot]
-    return _admit(pages, logits, cache["k"], cache["v"], jnp.asarray(ids), jnp.int32(slot),
-                  new_logits)
+    padded = np.zeros((rows, width), np.int32)
+    lengths = np.ones(rows, np.int32)  # padding rows: one token, written nowhere
+    ids = np.full((rows, t // ps), pool.n_pages, np.int32)
+    slot_ids = np.full(rows, slots, np.int32)
+    for r, (s, prompt) in enumerate(group):
+        padded[r, :len(prompt)], lengths[r], slot_ids[r] = prompt, len(prompt), s
+        ids[r, :len(pool.held[s])] = pool.held[s]
+    cache = init_cache(cfg, rows, t)
+    new_logits, cache = prefill(params, cfg, cache, jnp.asarray(padded), jnp.asarray(lengths))
+    return _admit(pages, logits, cache["k"], cache["v"], jnp.asarray(ids),
+                  jnp.asarray(slot_ids), new_logits)
 
 
 def _budgets(max_new_tokens, n: int) -> list[int]:

@@ -1,6 +1,7 @@
 """Continuous batching over a paged KV cache (jaxlm.infer.engine) and paged decode
 attention (jaxlm.model.kernels.paged) against independent oracles."""
 
+import contextlib
 import dataclasses
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 
 from jaxlm.errors import InputError
 from jaxlm.infer import engine
+from jaxlm.infer import generate as gen_module
 from jaxlm.infer.engine import generate_many
 from jaxlm.infer.generate import generate
 from jaxlm.model import ModelConfig, init_params
@@ -81,20 +83,35 @@ def check_pages(infos):
     assert any(i["waiting"] and not i["live"].all() for i in infos)  # waited for pages
 
 
-def test_greedy_equals_per_prompt_generate(params, workload):
+@pytest.fixture(scope="module")
+def greedy(params, workload):
+    """(stop id, per-prompt greedy generate rows): the stop id is the commonest
+    non-final greedy token, so that rows stop on it."""
     prompts, news = workload
-    # the stop id: the commonest non-final greedy token, so that rows stop on it
     free = generate(params, CFG, prompts, max_new_tokens=max(news),
                     row_seeds=list(range(len(prompts)))).sequences()
     eos = int(np.bincount([t for s, m in zip(free, news) for t in s[:m - 1]]).argmax())
-    before = engine.TRACE_COUNTS["engine_loop"]
+    return eos, per_prompt(params, prompts, news, eos_id=eos)
+
+
+def test_greedy_equals_per_prompt_generate(params, workload, greedy):
+    prompts, news = workload
+    eos, want = greedy
+    before = dict(engine.TRACE_COUNTS)
+    prefills = gen_module.TRACE_COUNTS["prefill"]
     out, infos = run_engine(params, prompts, news, eos_id=eos)
     got = out.sequences(include_eos=True)
-    assert got == per_prompt(params, prompts, news, eos_id=eos)
+    assert got == want
     assert [len(s) for s in got] == list(out.lengths)
     assert any(len(s) < m for s, m in zip(got, news))  # some rows stopped on EOS
     check_pages(infos)
-    assert engine.TRACE_COUNTS["engine_loop"] - before == 1  # one compiled loop
+    assert engine.TRACE_COUNTS["engine_loop"] - before["engine_loop"] == 1  # one compiled loop
+    # batched admission: one prefill call per refill that admitted, several prompts in one;
+    # compilations bounded by the (rows, width) buckets: rows 1, 2, 4; widths 16, 32
+    calls = [len(i["admitted"]) for i in infos if i["admitted"]]
+    assert max(calls) > 1 and len(calls) < len(prompts)
+    assert engine.TRACE_COUNTS["admit"] - before["admit"] <= 3 * 2
+    assert gen_module.TRACE_COUNTS["prefill"] - prefills <= 3 * 2
 
 
 def test_sampled_equals_per_prompt_generate_with_seeds(params, workload):
@@ -153,7 +170,88 @@ def test_paged_attention_pallas_reference_naive(window):
     naive = _naive_paged(q, kp, vp, table, lengths, window)
     ref = paged_attention_reference(q, kp, vp, jnp.asarray(table), jnp.asarray(lengths),
                                     window=window)
-    pal = paged_attention_pallas(q, kp, vp, jnp.asarray(table), jnp.asarray(lengths),
-                                 window=window, interpret=True)
     np.testing.assert_allclose(np.asarray(ref), naive, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(pal), np.asarray(ref), atol=1e-5, rtol=1e-5)
+    for backend in ("gpu", "tpu"):  # interpret=True: TPU interpret mode for the TPU kernel
+        pal = paged_attention_pallas(q, kp, vp, jnp.asarray(table), jnp.asarray(lengths),
+                                     window=window, interpret=True, backend=backend)
+        np.testing.assert_allclose(np.asarray(pal), np.asarray(ref), atol=1e-5, rtol=1e-5,
+                                   err_msg=backend)
+
+
+MESH_RULES = (("batch", ("data",)), ("embed", ("tensor",)), ("kv_heads", ("tensor",)),
+              ("heads", ("tensor",)))
+
+
+def _pool_shard_bytes(pages):
+    """{per-device bytes} of the pool's k and v, and their global bytes."""
+    return ({s.data.nbytes for x in pages.values() for s in x.addressable_shards},
+            {x.nbytes for x in pages.values()})
+
+
+def test_sharded_pool_stays_an_eighth_and_outputs_equal_generate(params, workload, greedy):
+    """(4 data x 2 tensor): the pool is created, admitted into and decoded in
+    eighths (pages over data, kv_heads over tensor); each slot's pages lie in its
+    data shard's block; outputs equal per-prompt generate."""
+    from jax.sharding import Mesh
+    from jaxlm.infer.paged import init_pages, pool_layout
+    from jaxlm.sharding.rules import use_mesh
+    prompts, news = workload
+    eos, want = greedy
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+    slots, n_pages = 8, 40  # 2 slots and 10 pages per data shard (the longest takes 7)
+    seen = []
+
+    def on_refill(info):
+        seen.append(_pool_shard_bytes(info["pool"]))
+        block = n_pages // 4
+        for s in np.flatnonzero(info["live"]):
+            ids = info["table"][s][info["table"][s] < n_pages]
+            assert ((ids // block) == s // (slots // 4)).all(), (s, ids)
+        assert info["pages_in_use"] <= info["pages_needed"]
+
+    with use_mesh(mesh, MESH_RULES):
+        layout = pool_layout(slots, n_pages, CFG.n_kv_heads)
+        assert (layout.data, layout.kv, layout.shards) == (("data",), ("tensor",), 4)
+        pool = init_pages(CFG, n_pages, PAGE, slots=slots)
+        assert pool["k"].sharding.spec == jax.sharding.PartitionSpec(
+            None, "data", None, "tensor", None)
+        out = generate_many(params, CFG, prompts[:16], max_new_tokens=news[:16], slots=slots,
+                            page_size=PAGE, steps_per_call=8, n_pages=n_pages, eos_id=eos,
+                            on_refill=on_refill)
+    assert out.sequences(include_eos=True) == want[:16]
+    created = _pool_shard_bytes(pool)
+    assert len(seen) > 2
+    for per_device, global_ in [created] + seen:  # creation, every admission and decode
+        assert len(global_) == 1 and per_device == {global_.pop() // 8}
+    # the compiled init allocates no global pool: each device its eighth of k and v
+    from jaxlm.infer.cache import _zeros_fn
+    sd = jax.ShapeDtypeStruct(pool["k"].shape, pool["k"].dtype)
+    mem = _zeros_fn((sd, sd), (pool["k"].sharding,) * 2).lower().compile().memory_analysis()
+    assert mem.output_size_in_bytes + mem.temp_size_in_bytes <= 2 * pool["k"].nbytes // 8 + 1024
+    # a pool that each data shard cannot fit the longest request into: one line
+    need = max(-(-(len(p) + m - 1) // PAGE) for p, m in zip(prompts, news))
+    with use_mesh(mesh, MESH_RULES), pytest.raises(InputError, match=f"n_pages >= {4 * need}"):
+        generate_many(params, CFG, prompts, max_new_tokens=news, slots=slots, page_size=PAGE,
+                      n_pages=4 * need - 1)
+
+
+def test_paged_kernels_lower_for_gpu_and_tpu():
+    """Both kernels lower on this CPU for their hardware (Pallas -> Triton IR for
+    cuda; -> Mosaic MLIR for a TPU v5e, named by an abstract device): the
+    lowering's own checks (power-of-two loads, block shapes, DMA refs) pass.
+    Not a compilation by Triton / Mosaic: that needs the hardware."""
+    try:
+        from jax._src.mesh import AbstractDevice, AbstractMesh
+    except ImportError:  # the private names moved: nothing to lower against
+        pytest.skip("jax._src.mesh.AbstractDevice not found in this jax")
+    b, h, kvh, d, ps, n_pages, p = 4, 16, 8, 128, 16, 64, 8
+    args = (jax.ShapeDtypeStruct((b, h, d), jnp.bfloat16),
+            *[jax.ShapeDtypeStruct((n_pages, ps, kvh, d), jnp.bfloat16)] * 2,
+            jax.ShapeDtypeStruct((b, p), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+    for backend, platform, marker in (("gpu", "cuda", "triton"), ("tpu", "tpu", "tpu_custom_call")):
+        f = jax.jit(lambda *a: paged_attention_pallas(*a, backend=backend, interpret=False))
+        tpu = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+            device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
+        with jax.sharding.use_abstract_mesh(tpu) if backend == "tpu" else contextlib.nullcontext():
+            text = f.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+        assert marker in text, backend
