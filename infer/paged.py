@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.errors import InputError
-from jaxlm.model.adapters import materialize, materialize_outside_layers
+from jaxlm.model.adapters import layer_weights, materialize_outside_layers
 from jaxlm.model.config import dtype_of
 from jaxlm.model.families.decoder import _feed_forward
 from jaxlm.model.kernels.paged import paged_attention
@@ -127,7 +127,7 @@ def paged_step(params, cfg, pages: dict, page_table, lengths, tokens, live):
     def block(carry, layer_and_index):
         x, pk, pv = carry
         layer, i = layer_and_index
-        layer = materialize(layer, dtype)
+        layer = layer_weights(layer, dtype)
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         pk = pk.at[i, page, offset].set(k[:, 0].astype(pk.dtype), mode="drop")
         pv = pv.at[i, page, offset].set(v[:, 0].astype(pv.dtype), mode="drop")

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jaxlm.errors import ConfigError
 from jaxlm.infer.cache import constrain_cache
 from jaxlm.model.families.decoder import remat
-from jaxlm.model.adapters import materialize, materialize_outside_layers
+from jaxlm.model.adapters import layer_weights, materialize_outside_layers
 from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec, attention
 from jaxlm.model.layers.attention import attention_specs, output_projection, project_qkv
@@ -136,7 +136,7 @@ def encode(params, cfg, tokens, segment_ids=None, positions=None, dropout_key=No
 
     def block(x, xs):
         layer, i = xs
-        layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
+        layer = layer_weights(layer, dtype_of(cfg.dtype))  # LoRA merged; int8 stays int8 (dense)
         key = site_key(dropout_key, i)
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         o = _attend(q, k, v, mask, bias, cfg, site_key(key, ATTN_PROBS))
@@ -152,9 +152,9 @@ def encode(params, cfg, tokens, segment_ids=None, positions=None, dropout_key=No
 def cross_kv(params, cfg, encoded):
     """Encoder output [B,S,D] -> cross-attention (k, v), each [L_dec,B,S,KVH,D]."""
     def project(_, cross):
-        cross = materialize(cross, dtype_of(cfg.dtype))
-        k = dense(encoded, cross["k"].astype(encoded.dtype))  # bsd,dhk->bshk
-        v = dense(encoded, cross["v"].astype(encoded.dtype))
+        cross = layer_weights(cross, dtype_of(cfg.dtype))
+        k = dense(encoded, cross["k"])  # bsd,dhk->bshk
+        v = dense(encoded, cross["v"])
         axes = ("batch", "seq", "kv_heads", "head_dim")
         return None, (constrain(k, axes), constrain(v, axes))
 
@@ -202,7 +202,7 @@ def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
     def block(carry, xs):
         x, ck, cv = carry
         layer, k_cross, v_cross, i = xs
-        layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
+        layer = layer_weights(layer, dtype_of(cfg.dtype))  # LoRA merged; int8 stays int8 (dense)
         key = site_key(dropout_key, i)
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         if ck is not None:  # write this step's K/V into the cache, attend over all of it
@@ -212,7 +212,7 @@ def decode(params, cfg, decoder_tokens, cross_k, cross_v, *, segment_ids=None,
         o = _attend(q, k, v, self_mask, bias, cfg, site_key(key, ATTN_PROBS))
         x = x + _drop(output_projection(layer["attn"], o, cfg), cfg, key, ATTN_OUT)
         h = norm(layer["ln_cross"], x, cfg)
-        q = constrain(dense(h, layer["cross"]["q"].astype(h.dtype)),
+        q = constrain(dense(h, layer["cross"]["q"]),
                       ("batch", "seq", "heads", "head_dim"))
         o = _attend(q, k_cross.astype(q.dtype), v_cross.astype(q.dtype), cross_mask, None, cfg,
                     site_key(key, CROSS_PROBS))
