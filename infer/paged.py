@@ -42,7 +42,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm.errors import InputError
-from jaxlm.model.adapters import materialize, materialize_outside_layers
+from jaxlm.model.adapters import layer_weights, materialize_outside_layers
 from jaxlm.model.config import dtype_of
 from jaxlm.model.families.decoder import _feed_forward
 from jaxlm.model.kernels.paged import paged_attention
@@ -279,7 +279,7 @@ def paged_step(params, cfg, pages: dict, page_table, lengths, tokens, live):
     def block(carry, layer_and_index):
         x, pk, pv = carry
         layer, i = layer_and_index
-        layer = materialize(layer, dtype)
+        layer = layer_weights(layer, dtype)
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         pk, pv, o = paged_layer(pk, pv, i, q[:, 0], k[:, 0], v[:, 0], page_table, lengths,
                                 page, offset, impl=cfg.attention_impl,

@@ -1,10 +1,12 @@
 """Weights that are not plain arrays: LoRA-adapted and int8-quantized, as pytree nodes.
 
-The model never sees these nodes: each family calls `materialize` on one
-layer's slice at the top of its scanned block (so only one layer's merged or
-dequantized weights exist at a time) and `materialize_outside_layers` on the
-rest at the top of its forward. Plain arrays pass through untouched, so plain
-params cost nothing.
+Each family calls `layer_weights` on one layer's slice at the top of its
+scanned block (so only one layer's merged LoRA weights exist at a time) and
+`materialize_outside_layers` on the rest at the top of its forward. int8
+weights stay int8 through `layer_weights`: the matmul helpers of
+`jaxlm.model.layers.dense` take a QuantizedWeight and dequantize in the matmul
+(int8 -> compute dtype as the dot's operand, the scale on the dot's output).
+Plain arrays pass through untouched, so plain params cost nothing.
 
 * `QuantizedWeight(q, scale)`: int8 `q` of the weight's shape and a float32
   absmax scale per output channel, shaped like the weight with its input axes
@@ -124,6 +126,23 @@ def materialize(tree, dtype=None):
     """Every LoraWeight / QuantizedWeight in `tree` as a plain array (in `dtype`,
     default: the base's dtype, float32 for int8 bases); plain leaves unchanged."""
     return jax.tree.map(lambda x: _plain(x, dtype), tree, is_leaf=is_node)
+
+
+def layer_weights(tree, dtype=None):
+    """One layer's weights as its matmuls take them: each LoraWeight merged into a
+    plain array (in `dtype`; over an int8 base too), each QuantizedWeight kept
+    (`dense.dense` dequantizes it in the matmul); plain leaves unchanged."""
+    return jax.tree.map(lambda x: x if isinstance(x, QuantizedWeight) else _plain(x, dtype),
+                        tree, is_leaf=is_node)
+
+
+def concatenate(ws, axis: int):
+    """Weights (plain arrays or QuantizedWeights, not mixed) joined along an output
+    `axis` (e.g. q|k|v along heads): an int8 weight's scales join along the same axis."""
+    if isinstance(ws[0], QuantizedWeight):
+        return QuantizedWeight(q=jnp.concatenate([w.q for w in ws], axis),
+                               scale=jnp.concatenate([w.scale for w in ws], axis))
+    return jnp.concatenate(ws, axis)
 
 
 def materialize_outside_layers(params, dtype=None):

@@ -74,7 +74,7 @@ class ModelConfig:
     dtype: str = "float32"  # activations and matmuls
     param_dtype: str = "float32"
     # "" (the weights at param_dtype) | int8: the layer matmul weights int8 with
-    # per-output-channel float32 scales, dequantized per layer (model/quantize.py;
+    # per-output-channel float32 scales, dequantized in the matmul (model/quantize.py;
     # written by `jaxlm quantize`; inference only)
     weight_dtype: str = ""
     init_std: float = 0.02

@@ -5,9 +5,12 @@ q/k/v/o (and T5's cross-attention), the MLP's up/gate/down and Mixtral's
 expert weights (`adapters.matmul_in_axes`). Each becomes an int8
 `QuantizedWeight` with one float32 absmax scale per output channel (reduced
 over the weight's input axes: `embed` for q/k/v/up/gate, `heads, head_dim` for
-o, `mlp` for down; per expert for experts), dequantized per layer at the top of
-the scanned block (`adapters.materialize`), so one layer's float weights exist
-at a time and the activations stay float.
+o, `mlp` for down; per expert for experts), dequantized in the matmul
+(`jaxlm.model.layers.dense`: y = (x @ q.astype(x.dtype)) * scale, the scale on
+the dot's output), so no float copy of a layer's weights is made by jaxlm and
+the activations stay float. Whether the backend then reads the int8 bytes inside
+the dot depends on it: XLA:CPU does only with YNNPACK's dot + eltwise fusions and
+batch > 1 (BENCHMARKS.md, int8 weights; tests/test_quantize_matmul.py).
 
 Stay float: norms and biases (tiny; they set the scale of everything after
 them), the MoE router (tiny, and an int8 rounding flips top-k choices), the

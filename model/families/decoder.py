@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.infer.cache import constrain_cache, read_kv, write_kv, write_kv_block
-from jaxlm.model.adapters import materialize, materialize_outside_layers
+from jaxlm.model.adapters import layer_weights, materialize_outside_layers
 from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.layers.attention import (attend, attention_specs, output_projection,
@@ -134,7 +134,7 @@ def _scan_layers(layers, cfg, x, positions, mask, segment_ids, bias):
     token_mask = None if segment_ids is None else segment_ids > 0
 
     def block(x, layer):
-        layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
+        layer = layer_weights(layer, dtype_of(cfg.dtype))  # LoRA merged; int8 stays int8 (dense)
         h = norm(layer["ln1"], x, cfg)
         q, k, v = project_qkv(layer["attn"], h, positions, cfg)
         x = x + output_projection(layer["attn"], attend(q, k, v, mask, cfg, bias), cfg)
@@ -170,7 +170,7 @@ def _cached_layers(params, cfg, x, positions, cache, window, fresh=False):
     def block(carry, layer_and_index):
         x, kv = carry
         layer, i = layer_and_index
-        layer = materialize(layer, dtype_of(cfg.dtype))
+        layer = layer_weights(layer, dtype_of(cfg.dtype))
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         if ring:
             kv = write_kv_block(kv, i, k, v)  # attend what the cache holds (int8: dequantized)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
 from jaxlm.model.families.decoder import remat
-from jaxlm.model.adapters import materialize, materialize_outside_layers
+from jaxlm.model.adapters import layer_weights, materialize_outside_layers
 from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.layers.attention import attention_specs, position_bias, self_attention
@@ -108,7 +108,7 @@ def encoder(params, cfg, tokens, positions=None, segment_ids=None, token_types=N
 
     def block(x, xs):
         layer, i = xs
-        layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
+        layer = layer_weights(layer, dtype_of(cfg.dtype))  # LoRA merged; int8 stays int8 (dense)
         key = site_key(dropout_key, i)  # this layer's key (None: no dropout)
 
         def attn(x):

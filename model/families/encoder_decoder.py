@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jaxlm.errors import ConfigError
 from jaxlm.infer.cache import constrain_cache, dequantize, quantize_kv, read_kv, write_kv
 from jaxlm.model.families.decoder import remat
-from jaxlm.model.adapters import materialize, materialize_outside_layers
+from jaxlm.model.adapters import layer_weights, materialize_outside_layers
 from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec, attention
 from jaxlm.model.layers.attention import attention_specs, output_projection, project_qkv
@@ -141,7 +141,7 @@ def encode(params, cfg, tokens, segment_ids=None, positions=None, dropout_key=No
 
     def block(x, xs):
         layer, i = xs
-        layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
+        layer = layer_weights(layer, dtype_of(cfg.dtype))  # LoRA merged; int8 stays int8 (dense)
         key = site_key(dropout_key, i)
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         o = _attend(q, k, v, mask, bias, cfg, site_key(key, ATTN_PROBS))
@@ -158,9 +158,9 @@ def cross_kv(params, cfg, encoded, kv_dtype: str = "auto"):
     """Encoder output [B,S,D] -> the cross-attention {"k", "v": [L_dec,B,S,KVH,D]};
     kv_dtype="int8": int8 k, v + float32 "k_scale", "v_scale" [L_dec,B,S,KVH]."""
     def project(_, cross):
-        cross = materialize(cross, dtype_of(cfg.dtype))
-        k = dense(encoded, cross["k"].astype(encoded.dtype))  # bsd,dhk->bshk
-        v = dense(encoded, cross["v"].astype(encoded.dtype))
+        cross = layer_weights(cross, dtype_of(cfg.dtype))
+        k = dense(encoded, cross["k"])  # bsd,dhk->bshk
+        v = dense(encoded, cross["v"])
         axes = ("batch", "seq", "kv_heads", "head_dim")
         return None, (constrain(k, axes), constrain(v, axes))
 
@@ -222,7 +222,7 @@ def decode(params, cfg, decoder_tokens, cross, *, segment_ids=None,
     def block(carry, xs):
         x, kv = carry
         layer, cross_layer, i = xs
-        layer = materialize(layer, dtype_of(cfg.dtype))  # LoRA / int8 weights of this layer
+        layer = layer_weights(layer, dtype_of(cfg.dtype))  # LoRA merged; int8 stays int8 (dense)
         key = site_key(dropout_key, i)
         q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
         if kv is not None:  # write this step's K/V into the cache, attend over all of it
@@ -231,7 +231,7 @@ def decode(params, cfg, decoder_tokens, cross, *, segment_ids=None,
         o = _attend(q, k, v, self_mask, bias, cfg, site_key(key, ATTN_PROBS))
         x = x + _drop(output_projection(layer["attn"], o, cfg), cfg, key, ATTN_OUT)
         h = norm(layer["ln_cross"], x, cfg)
-        q = constrain(dense(h, layer["cross"]["q"].astype(h.dtype)),
+        q = constrain(dense(h, layer["cross"]["q"]),
                       ("batch", "seq", "heads", "head_dim"))
         o = _attend(q, *_read_cross(cross_layer, q.dtype), cross_mask, None, cfg,
                     site_key(key, CROSS_PROBS))

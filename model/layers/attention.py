@@ -27,7 +27,7 @@ def attention_specs(cfg):
 
 
 def _project(p, x, name):
-    y = dense(x, p[name].astype(x.dtype))  # btd,dhk->bthk
+    y = dense(x, p[name])  # btd,dhk->bthk
     if name + "_bias" in p:
         y = y + p[name + "_bias"].astype(x.dtype)
     return y
@@ -44,7 +44,7 @@ def project_qkv(p, x, positions, cfg):
 
 
 def output_projection(p, o, cfg):
-    out = dense(o, p["o"].astype(o.dtype), 2)  # bthk,hkd->btd
+    out = dense(o, p["o"], 2)  # bthk,hkd->btd
     if "o_bias" in p:
         out = out + p["o_bias"].astype(out.dtype)
     return constrain(out, ("batch", "seq", "embed"))

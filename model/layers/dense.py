@@ -1,4 +1,4 @@
-"""Projections as single 2-D matmuls.
+"""Projections as single 2-D matmuls, and int8 weights dequantized in the matmul.
 
 `dense(x, w, n)` contracts the last n axes of x with the first n axes of w,
 flattening everything else: x [..., *in] @ w [*in, *out] -> [..., *out].
@@ -6,21 +6,62 @@ An einsum with several batch-like axes ("btd,dhk->bthk") is the same maths,
 but its gradients become multi-axis contractions that XLA's CPU backend runs
 about 2x slower than the plain GEMMs this produces. Under context parallelism
 (the sequence split over devices) the leading axes stay apart instead.
+
+`w` may be an int8 `QuantizedWeight` (q [*in, *out] int8, scale [1.., *out]
+float32, one per output channel): y = (x @ q.astype(x.dtype)) * scale. With
+per-output-channel scales this equals x @ (q * scale) up to float
+reassociation, and the only float weight-sized value is the dot's operand
+(a convert XLA can fuse into the dot) instead of a dequantized weight buffer.
+Every layer matmul of every family (attention, MLP, the encoder-decoder's
+cross-attention, Mixtral's experts: `grouped` / `operand`) goes through here.
 """
 
 import math
 
+import jax
 import jax.numpy as jnp
 
+from jaxlm.model.adapters import QuantizedWeight
 from jaxlm.sharding.context import context_size
 
 
+def operand(w, dtype):
+    """(the matmul operand: w, or an int8 weight's q, in `dtype`; the int8 weight's
+    per-output-channel scale [1.., *out] float32, or None)."""
+    if isinstance(w, QuantizedWeight):
+        return w.q.astype(dtype), w.scale
+    return w.astype(dtype), None
+
+
 def dense(x, w, n_contract: int = 1, out_dtype=None):
+    """x [..., *in] @ w [*in, *out] -> [..., *out] (w cast to x.dtype; an int8
+    QuantizedWeight dequantized in the matmul: its scale multiplies the output)."""
+    w, scale = operand(w, x.dtype)
     lead = x.shape[:x.ndim - n_contract]
     k = math.prod(x.shape[x.ndim - n_contract:])
     out = w.shape[n_contract:]
     if context_size() > 1:  # seq split over devices: flattening [B, S] would gather it
         y = jnp.matmul(x.reshape(*lead, k), w.reshape(k, -1), preferred_element_type=out_dtype)
-        return y.reshape(*lead, *out)
-    y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
+    else:
+        y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
+    if scale is not None:
+        y = y * scale.reshape(-1).astype(y.dtype)
     return y.reshape(*lead, *out)
+
+
+def grouped(rows, w, sizes, row_group):
+    """Grouped matmul (`lax.ragged_dot`): rows [T, in] sorted by group, w [G, in, out],
+    sizes [G] -> [T, out]; `row_group` [T] is each row's group, which picks an int8
+    weight's scale row (scale [G, 1, out])."""
+    w, scale = operand(w, rows.dtype)
+    y = jax.lax.ragged_dot(rows, w, sizes)
+    return y if scale is None else y * scale[:, 0, :].astype(y.dtype)[row_group]
+
+
+def expert_einsum(spec: str, x, w):
+    """`jnp.einsum(spec, x, w)` for per-expert weights w [E, in, out] whose output
+    has the expert axis second and `out` last (e.g. "secd,edf->secf"); an int8
+    weight's scale [E, 1, out] multiplies the output."""
+    w, scale = operand(w, x.dtype)
+    y = jnp.einsum(spec, x, w)
+    return y if scale is None else y * scale[None].astype(y.dtype)

@@ -34,7 +34,7 @@ def mlp_specs(cfg):
 
 
 def _linear(p, x, name):
-    y = dense(x, p[name].astype(x.dtype))
+    y = dense(x, p[name])
     return y + p[name + "_bias"].astype(x.dtype) if name + "_bias" in p else y
 
 

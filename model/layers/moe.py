@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxlm.model.layers.dense import dense
+from jaxlm.model.layers.dense import dense, expert_einsum, grouped
 from jaxlm.model.params import Spec, normal
 from jaxlm.sharding.rules import active_mesh, constrain
 
@@ -65,10 +65,11 @@ def _experts_grouped(p, x, weights, experts, cfg):
     rows = x[token]  # [T*k, D]
     sizes = jnp.bincount(flat_expert, length=cfg.n_experts).astype(jnp.int32)
     dt = x.dtype
-    gate = jax.lax.ragged_dot(rows, p["gate"].astype(dt), sizes)
-    up = jax.lax.ragged_dot(rows, p["up"].astype(dt), sizes)
+    row_expert = flat_expert[order]
+    gate = grouped(rows, p["gate"], sizes, row_expert)
+    up = grouped(rows, p["up"], sizes, row_expert)
     h = jax.nn.silu(gate) * up
-    out = jax.lax.ragged_dot(h, p["down"].astype(dt), sizes)  # [T*k, D]
+    out = grouped(h, p["down"], sizes, row_expert)  # [T*k, D]
     out = out * weights.reshape(-1)[order][:, None].astype(dt)
     return jnp.zeros_like(x).at[token].add(out)
 
@@ -110,17 +111,16 @@ def _experts_all_to_all(p, x, weights, experts, keep, cfg, plan):
                                                             mode="drop")
         buf = jax.lax.all_to_all(buf.reshape(e, capacity, d), "expert", 0, 0, tiled=True)
         buf = buf.reshape(n_ep, e // n_ep, capacity, d)  # [source device, local expert, C, D]
-        h = (jax.nn.silu(jnp.einsum("secd,edf->secf", buf, gate))
-             * jnp.einsum("secd,edf->secf", buf, up))
-        out = jnp.einsum("secf,efd->secd", h, down).reshape(e, capacity, d)
+        h = (jax.nn.silu(expert_einsum("secd,edf->secf", buf, gate))
+             * expert_einsum("secd,edf->secf", buf, up))
+        out = expert_einsum("secf,efd->secd", h, down).reshape(e, capacity, d)
         out = jax.lax.all_to_all(out, "expert", 0, 0, tiled=True).reshape(e * capacity, d)
         rows = jnp.take(out, slot, axis=0, mode="fill", fill_value=0)  # [Tl*k, D]
         return jnp.sum(rows.reshape(tl, k, d) * weights[..., None].astype(dt), axis=1)
 
     tok, w = P(batch_axes, None), P("expert", None, None)
     run = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, tok, w, w, w), out_specs=tok)
-    return run(x, weights, experts, keep, p["gate"].astype(dt), p["up"].astype(dt),
-               p["down"].astype(dt))
+    return run(x, weights, experts, keep, p["gate"], p["up"], p["down"])  # int8: + scales
 
 
 def moe(p, x, cfg, token_mask=None):
