@@ -6,23 +6,36 @@ gathering the sequence. Under `jax.shard_map` over those axes (and the batch /
 heads axes, as `per_shard.py` does) each device holds one sequence chunk of
 Q, K and V, with their positions and segment ids. The K/V chunks travel
 around the ring with `lax.ppermute` (c steps, c - 1 hops); each step folds
-the visiting chunk into the device's running (max m, sum l, output acc) by
-the online softmax of `blocks.py`, exactly as the flash kernels combine
-blocks, and `finish` turns them into the output and its log-sum-exp.
+the visiting chunk into the device's running softmax statistics, exactly as
+the flash kernels combine blocks: (max m, sum l, output acc) by the online
+softmax of `blocks.py`, `finish` giving the output and its log-sum-exp
+(xla), or (output, lse) by log-sum-exp (pallas).
 
-Per-chunk math: the XLA reference formulation (float32 scores, GQA grouped
-heads, soft cap, mask from positions / segment ids / window via
-`blocks.visible`), tiled into `block` x `block` query x key tiles so that
-no device holds more than one tile of scores; a tile the mask hides entirely
-is skipped (`lax.cond`), which is what the causal load balancing
-(`sharding/context.py`) pays off. This is the math on every platform for now:
-the Pallas flash kernels do not expose their per-row lse, so they are not
-used per chunk.
+Per-chunk math, `impl` (dispatch's `ring_impl` of model.attention_impl):
+
+- "pallas": the flash kernels, one `flash_forward` per visiting chunk giving
+  (out, lse [b,h,n]); the device folds them by log-sum-exp (`_merge`, safe
+  for rows that see nothing: 0 and -inf). Every MaskSpec field the ring
+  passes (positions in any order, segment ids, window) is a flash mask array,
+  so flash applies to every chunk; inside a chunk the kernels skip the
+  blocks the mask hides, and a chunk hidden entirely is skipped by
+  `lax.cond`. The platform's lowering (Triton / Mosaic), interpreted on CPU.
+- "xla" (the CPU default, and `auto` until the kernels are measured): the
+  XLA reference formulation (float32 scores, GQA grouped heads, soft cap,
+  mask from positions / segment ids / window via `blocks.visible`), tiled
+  into `block` x `block` query x key tiles so that no device holds more
+  than one tile of scores; a tile the mask hides entirely is skipped
+  (`lax.cond`).
+
+Either way the skipping is what the causal load balancing
+(`sharding/context.py`) pays off.
 
 Gradients: a `custom_vjp` with the reverse ring (not autodiff through the
 scan, which would save every visiting K/V chunk for the backward and so
 materialise the whole K/V on each device). The backward recomputes the
-probabilities from the saved lse; dK/dV accumulators travel with their K/V
+probabilities from the saved lse (pallas: `flash_backward` per visiting chunk
+with the final lse and delta, which gives exactly that chunk's share of dq
+and its dk / dv); dK/dV accumulators travel with their K/V
 chunk around the ring and arrive home after the c-th hop. Residuals per
 device: its own q, k, v, out chunk and lse. At any time a device holds its
 own K/V chunk, the visiting one and the one in flight.
