@@ -15,7 +15,8 @@ from jaxlm.model.kernels.dispatch import ring_impl
 from jaxlm.model.kernels.flash import BlockSizes, flash_backward, flash_delta, flash_forward
 from jaxlm.model.kernels.reference import attention_reference
 from jaxlm.model.kernels.ring import _merge, ring_attention
-from jaxlm.model.kernels.testing import INTERPRET, packed_segments, random_qkv
+from jaxlm.model.kernels.testing import (INTERPRET, kernel_backends, packed_segments,
+                                         random_qkv)
 from jaxlm.sharding.context import balanced_order
 from jaxlm.sharding.mesh import make_mesh
 from jaxlm.sharding.rules import use_mesh
@@ -40,20 +41,22 @@ def _reference_lse(q, k, mask, softcap):
         return (np.log(np.exp(s - m).sum(-1, keepdims=True)) + m)[..., 0]
 
 
-def test_flash_pair_over_key_chunks_matches_reference():
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_flash_pair_over_key_chunks_matches_reference(backend):
     """flash_forward's lse is the reference's log-sum-exp; two key chunks folded
     by `_merge` give the reference output; flash_backward per chunk with the
     global lse and delta gives dq summed over the chunks and each chunk's
     dk / dv exactly. Packed documents, a padding tail (rows that see nothing:
     out 0, lse -inf, no NaN), GQA, a soft cap; the chunk cut (24) is not a
-    multiple of the blocks (16), so the chunks are padded inside the kernels."""
+    multiple of the blocks (GPU 16, TPU 128), so the chunks are padded inside
+    the kernels. Both lowerings (the TPU one is head-major inside)."""
     b, s, h, kvh, d, cut, softcap = 2, 40, 2, 1, 16, 24, 3.0
     q, k, v, do = random_qkv(jax.random.key(0), b, s, s, h, kvh, d)
     seg, pos = packed_segments(b, s, [[20, 20], [12, 16]])  # row 1: padding from 28 on
     mask = MaskSpec(causal=True, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
                     kv_segment_ids=seg)
-    kw = dict(softcap=softcap, backend="gpu", interpret=INTERPRET,
-              block_sizes=BlockSizes.uniform(16))
+    kw = dict(softcap=softcap, backend=backend, interpret=INTERPRET,  # Mosaic: 128-multiples
+              block_sizes=BlockSizes.uniform(128 if backend == "tpu" else 16))
     chunks = [slice(0, cut), slice(cut, s)]
 
     def chunk_mask(sl):
