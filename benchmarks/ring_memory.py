@@ -1,10 +1,12 @@
 """Compiled temp memory of ring attention (8 CPU devices, mesh.context=8) vs
 the unsharded flash kernel (interpret mode) for one causal attention call.
 
-    python -m jaxlm.benchmarks.ring_memory [--seq 1024 2048 8192]   (or python benchmarks/ring_memory.py)
+    python -m jaxlm.benchmarks.ring_memory [--seq 1024 2048 8192] [--impl xla pallas]
+    (or python benchmarks/ring_memory.py)
 
 Prints one JSON line per (seq, pass): per-device temp bytes of the ring and
 of flash (`compile().memory_analysis().temp_size_in_bytes`), and the ratio.
+--impl: the ring's per-chunk math (xla tiles, or the flash kernels per chunk).
 Nothing is run: both are only compiled.
 """
 
@@ -28,7 +30,7 @@ from jaxlm.sharding.mesh import make_mesh  # noqa: E402
 from jaxlm.sharding.rules import use_mesh  # noqa: E402
 
 
-def temps(s, h=4, kvh=2, d=32):
+def temps(s, impl="xla", h=4, kvh=2, d=32):
     mesh = make_mesh(MeshConfig(data=1, context=8))
     rules = MeshConfig().rules
     pos = jnp.arange(s, dtype=jnp.int32)[None]
@@ -36,7 +38,7 @@ def temps(s, h=4, kvh=2, d=32):
     def ring(q, k, v):
         with use_mesh(mesh, rules):
             return jnp.sum(attention(q, k, v, MaskSpec(causal=True, q_positions=pos,
-                                                       kv_positions=pos), impl="xla"))
+                                                       kv_positions=pos), impl=impl))
 
     def flash(q, k, v):
         return jnp.sum(flash_attention(q, k, v, MaskSpec(causal=True)))
@@ -50,7 +52,7 @@ def temps(s, h=4, kvh=2, d=32):
     sh = NamedSharding(mesh, P(None, "context", None, None))
     for grad in (False, True):
         r, f = temp(ring, grad, sh), temp(flash, grad)
-        print(json.dumps({"seq": s, "heads": h, "kv_heads": kvh, "head_dim": d,
+        print(json.dumps({"seq": s, "impl": impl, "heads": h, "kv_heads": kvh, "head_dim": d,
                           "pass": "fwd+bwd" if grad else "fwd", "ring_temp_bytes": r,
                           "flash_temp_bytes": f, "ratio": round(r / f, 3)}), flush=True)
 
@@ -58,5 +60,8 @@ def temps(s, h=4, kvh=2, d=32):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 8192])
-    for s in ap.parse_args().seq:
-        temps(s)
+    ap.add_argument("--impl", nargs="+", default=["xla"], choices=["xla", "pallas"])
+    args = ap.parse_args()
+    for s in args.seq:
+        for impl in args.impl:
+            temps(s, impl)

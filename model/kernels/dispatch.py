@@ -10,7 +10,9 @@
 
 Whatever the impl: under an active mesh whose rules put `seq` on a context
 axis of size > 1, self-attention without a KV cache is ring attention
-(`ring.py`, XLA math per chunk).
+(`ring.py`); per chunk it runs the flash kernels where the impl runs them
+(`ring_impl`: pallas, or an explicit cudnn, which falls back to them), else
+the XLA math.
     cudnn   jax.nn.dot_product_attention(implementation="cudnn"), GPU only.
             Calls it cannot express exactly (explicit positions, segment
             ids, kv_lengths, a window without causal, soft-capping, float32)
@@ -78,7 +80,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec = MaskSpe
         return attention_reference(q, k, v, mask, bias=bias, scale=scale, softcap=softcap,
                                    dropout_rate=dropout_rate, dropout_key=dropout_key)
     if ring_applies(q, k, mask):  # context parallelism
-        return ring_attention(q, k, v, mask, bias, scale=scale, softcap=softcap)
+        return ring_attention(q, k, v, mask, bias, scale=scale, softcap=softcap,
+                              impl=ring_impl(requested))
     if impl != "xla":
         _check_static(mask)
     impl = call_impl(requested, q, k, mask, bias, softcap)
@@ -96,6 +99,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec = MaskSpe
         def kernel(q, k, v, mask, bias):
             return flash.flash_attention(q, k, v, mask, bias, scale=scale, softcap=softcap)
     return per_shard(kernel, q, k, v, mask, bias)
+
+
+def ring_impl(impl: str) -> str:
+    """Ring attention's per-chunk math for model.attention_impl=impl: "pallas"
+    (the flash kernels) where a call with explicit positions, as every ring
+    chunk has, would run them (impl pallas; an explicit cudnn falls back to
+    them, see `call_impl`), else "xla" (auto: cuDNN and splash take no
+    explicit positions, so such calls are xla)."""
+    resolved = resolve_impl(impl)
+    return "pallas" if resolved == "pallas" or (resolved == "cudnn" and impl == "cudnn") else "xla"
 
 
 def call_impl(impl: str, q, k, mask: MaskSpec, bias, softcap: Optional[float]) -> str:

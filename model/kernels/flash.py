@@ -9,6 +9,15 @@ is supported. The forward saves the log-sum-exp per row; the backward
 recomputes the probabilities block by block (never a [Sq, Sk] array). The
 bias gradient ([B or 1, H, Sq, Sk]) is computed only when the bias is being
 differentiated (custom_vjp symbolic zeros tell).
+
+The kernels without the custom VJP, for callers that combine partial results
+themselves (ring attention, `ring.py`):
+
+    out, lse = flash_forward(q, k, v, mask, ...)          # lse [B,H,Sq] f32
+    dq, dk, dv = flash_backward(q, k, v, mask, dout, lse, flash_delta(out, dout), ...)
+
+flash_backward takes the lse and delta of the *whole* attention, so that on
+one key chunk it gives that chunk's exact share of the gradients.
 """
 
 from __future__ import annotations
@@ -93,6 +102,81 @@ def flash_attention(q, k, v, mask: MaskSpec = MaskSpec(), bias=None, *,
     interpret mode). block_sizes: default DEFAULT_BLOCKS[backend], shrunk to
     short sequences; sequences are padded to whole blocks.
     """
+    d = q.shape[-1]
+    c, (q, k, v, bias), arrs = _setup(q, k, v, mask, bias, scale, softcap, backend, interpret,
+                                      block_sizes)
+    return _from_kernel(c, _flash(c, q, k, v, bias, arrs), d)
+
+
+def flash_forward(q, k, v, mask: MaskSpec = MaskSpec(), *, scale: Optional[float] = None,
+                  softcap: Optional[float] = None, backend: Optional[str] = None,
+                  interpret: Any = None, block_sizes: Optional[BlockSizes] = None):
+    """The forward kernel alone: q [B,Sq,H,D], k/v [B,Sk,KVH,D] ->
+    (out [B,Sq,H,D], lse [B,H,Sq] float32), lse = log sum_k exp(score[q, k])
+    over the visible keys (-inf and out 0 for a row with none). Not
+    differentiable: the backward is `flash_backward`. Arguments as in
+    `flash_attention` (no bias).
+
+    Partial results over disjoint key sets (ring attention's chunks) combine
+    by log-sum-exp: lse = logaddexp(lse_a, lse_b),
+    out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b."""
+    d = q.shape[-1]
+    c, (q, k, v, _), arrs = _setup(q, k, v, mask, None, scale, softcap, backend, interpret,
+                                   block_sizes)
+    out, lse = _forward(c, q, k, v, None, arrs)
+    return _from_kernel(c, out, d), lse[:, :, :c.sq]
+
+
+def flash_delta(out, dout):
+    """out, dout [B,Sq,H,D] -> delta [B,H,Sq] float32: sum_d out * dout, the
+    backward's row term (einsum "bqhd,bqhd->bhq")."""
+    return jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
+
+
+def flash_backward(q, k, v, mask: MaskSpec, dout, lse, delta, *,
+                   scale: Optional[float] = None, softcap: Optional[float] = None,
+                   backend: Optional[str] = None, interpret: Any = None,
+                   block_sizes: Optional[BlockSizes] = None):
+    """The backward kernels alone: -> (dq [B,Sq,H,D], dk, dv [B,Sk,KVH,D]).
+
+    dout [B,Sq,H,D]; lse, delta [B,H,Sq] float32. With the lse of the whole
+    attention (`flash_forward`'s, or the log-sum-exp combination over all key
+    chunks) and delta = flash_delta(final out, dout), the probabilities are
+    the final ones restricted to these keys, so the result is these keys'
+    exact share: dq summed over the key chunks is the full dq, and dk / dv are
+    exactly this chunk's gradients (what ring attention needs)."""
+    d = q.shape[-1]
+    c, (q, k, v, _), arrs = _setup(q, k, v, mask, None, scale, softcap, backend, interpret,
+                                   block_sizes)
+    sq_pad, _ = _seq_lens(c, q, k)
+    (dout,) = _to_kernel(c, _pad(dout, sq_pad, (q.shape[-1] - d)))
+
+    def rows(x):  # [B,H,Sq] -> [B,H,Sq_pad] f32 (padding rows are hidden in the kernels)
+        return jnp.pad(x.astype(jnp.float32), ((0, 0), (0, 0), (0, sq_pad - c.sq)))
+    dq, dk, dv, _ = _backward(c, q, k, v, None, arrs, dout, rows(lse), rows(delta), False)
+    return (_from_kernel(c, dq, d), _from_kernel(c, dk, d, c.sk), _from_kernel(c, dv, d, c.sk))
+
+
+def _pad(x, s: int, d_extra: int):
+    """[B,S0,N,D] -> [B,s,N,D + d_extra] (zeros)."""
+    return jnp.pad(x, ((0, 0), (0, s - x.shape[1]), (0, 0), (0, d_extra)))
+
+
+def _to_kernel(c: Static, *xs):
+    """Model layout [B,S,N,D] -> the kernel's (TPU: head-major [B,N,S,D])."""
+    return tuple(x.transpose(0, 2, 1, 3) if c.backend == "tpu" else x for x in xs)
+
+
+def _from_kernel(c: Static, x, d: int, s: Optional[int] = None):
+    """The kernel's layout -> [B,S,N,D] cropped to the true length s (default
+    Sq) and head_dim d."""
+    (x,) = _to_kernel(c, x)
+    return x[:, :c.sq if s is None else s, :, :d]
+
+
+def _setup(q, k, v, mask: MaskSpec, bias, scale, softcap, backend, interpret, block_sizes):
+    """-> (Static, (q, k, v, bias) padded to whole blocks in the kernel's layout,
+    MaskArrays)."""
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     if h % kvh:
@@ -110,17 +194,11 @@ def flash_attention(q, k, v, mask: MaskSpec = MaskSpec(), bias=None, *,
                           and mask.q_segment_ids is mask.kv_segment_ids),
                q_valid=sq if sq_pad != sq else None, k_valid=sk if sk_pad != sk else None,
                sq=sq, sk=sk)
-    pad = lambda x, s: jnp.pad(x, ((0, 0), (0, s - x.shape[1]), (0, 0), (0, d_pad - d)))
-    q, k, v = pad(q, sq_pad), pad(k, sk_pad), pad(v, sk_pad)
+    q, k, v = _pad(q, sq_pad, d_pad - d), _pad(k, sk_pad, d_pad - d), _pad(v, sk_pad, d_pad - d)
     if bias is not None:
         bias = jnp.pad(bias, ((0, 0), (0, 0), (0, sq_pad - sq), (0, sk_pad - sk)))
     arrs = mask_arrays(mask, b, sq, sk, sq_pad, sk_pad)
-    if backend == "tpu":  # head-major for Mosaic tiling
-        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    out = _flash(c, q, k, v, bias, arrs)
-    if backend == "tpu":
-        out = out.transpose(0, 2, 1, 3)
-    return out[:, :sq, :, :d]
+    return c, (*_to_kernel(c, q, k, v), bias), arrs
 
 
 def _check_blocks(blocks: BlockSizes, backend: str, interpret) -> None:
@@ -175,23 +253,29 @@ def _flash_bwd(c: Static, res, do):
     if type(do) is SymbolicZero:
         return None, None, None, None, None
     bias = bias_grad if bias_grad is not None else bias_const
-    b = q.shape[0]
-    sq_pad, sk_pad = _seq_lens(c, q, k)
-    bl = c.blocks
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     if c.backend == "gpu":
         delta = delta.transpose(0, 2, 1)  # [B,H,Sq]
+    dq, dk, dv, dbias = _backward(c, q, k, v, bias, arrs, do, lse, delta, bias_grad is not None)
+    if dbias is not None:
+        if bias.shape[0] == 1 and q.shape[0] > 1:
+            dbias = dbias.sum(0, keepdims=True)
+        dbias = dbias.astype(bias.dtype)
+    return dq, dk, dv, dbias, None
+
+
+def _backward(c: Static, q, k, v, bias, arrs, do, lse, delta, need_dbias: bool):
+    """The kernels' backward on padded, kernel-layout arrays; lse, delta
+    [B,H,Sq_pad] f32 -> (dq, dk, dv, dbias or None)."""
+    b = q.shape[0]
+    sq_pad, sk_pad = _seq_lens(c, q, k)
+    bl = c.blocks
     dq_range = block_range(_visible(c, arrs, b, sq_pad, sk_pad, bl.block_q_dq, bl.block_k_dq),
                            axis=2)  # KV blocks per Q block
     dkv_range = block_range(_visible(c, arrs, b, sq_pad, sk_pad, bl.block_q_dkv,
                                      bl.block_k_dkv), axis=1)  # Q blocks per KV block
-    dq, dk, dv, dbias = _kernels(c).backward(c, q, k, v, bias, arrs, do, lse, delta, dq_range,
-                                             dkv_range, need_dbias=bias_grad is not None)
-    if dbias is not None:
-        if bias.shape[0] == 1 and b > 1:
-            dbias = dbias.sum(0, keepdims=True)
-        dbias = dbias.astype(bias.dtype)
-    return dq, dk, dv, dbias, None
+    return _kernels(c).backward(c, q, k, v, bias, arrs, do, lse, delta, dq_range, dkv_range,
+                                need_dbias=need_dbias)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)

@@ -6,23 +6,36 @@ gathering the sequence. Under `jax.shard_map` over those axes (and the batch /
 heads axes, as `per_shard.py` does) each device holds one sequence chunk of
 Q, K and V, with their positions and segment ids. The K/V chunks travel
 around the ring with `lax.ppermute` (c steps, c - 1 hops); each step folds
-the visiting chunk into the device's running (max m, sum l, output acc) by
-the online softmax of `blocks.py`, exactly as the flash kernels combine
-blocks, and `finish` turns them into the output and its log-sum-exp.
+the visiting chunk into the device's running softmax statistics, exactly as
+the flash kernels combine blocks: (max m, sum l, output acc) by the online
+softmax of `blocks.py`, `finish` giving the output and its log-sum-exp
+(xla), or (output, lse) by log-sum-exp (pallas).
 
-Per-chunk math: the XLA reference formulation (float32 scores, GQA grouped
-heads, soft cap, mask from positions / segment ids / window via
-`blocks.visible`), tiled into `block` x `block` query x key tiles so that
-no device holds more than one tile of scores; a tile the mask hides entirely
-is skipped (`lax.cond`), which is what the causal load balancing
-(`sharding/context.py`) pays off. This is the math on every platform for now:
-the Pallas flash kernels do not expose their per-row lse, so they are not
-used per chunk.
+Per-chunk math, `impl` (dispatch's `ring_impl` of model.attention_impl):
+
+- "pallas": the flash kernels, one `flash_forward` per visiting chunk giving
+  (out, lse [b,h,n]); the device folds them by log-sum-exp (`_merge`, safe
+  for rows that see nothing: 0 and -inf). Every MaskSpec field the ring
+  passes (positions in any order, segment ids, window) is a flash mask array,
+  so flash applies to every chunk; inside a chunk the kernels skip the
+  blocks the mask hides, and a chunk hidden entirely is skipped by
+  `lax.cond`. The platform's lowering (Triton / Mosaic), interpreted on CPU.
+- "xla" (the CPU default, and `auto` until the kernels are measured): the
+  XLA reference formulation (float32 scores, GQA grouped heads, soft cap,
+  mask from positions / segment ids / window via `blocks.visible`), tiled
+  into `block` x `block` query x key tiles so that no device holds more
+  than one tile of scores; a tile the mask hides entirely is skipped
+  (`lax.cond`).
+
+Either way the skipping is what the causal load balancing
+(`sharding/context.py`) pays off.
 
 Gradients: a `custom_vjp` with the reverse ring (not autodiff through the
 scan, which would save every visiting K/V chunk for the backward and so
 materialise the whole K/V on each device). The backward recomputes the
-probabilities from the saved lse; dK/dV accumulators travel with their K/V
+probabilities from the saved lse (pallas: `flash_backward` per visiting chunk
+with the final lse and delta, which gives exactly that chunk's share of dq
+and its dk / dv); dK/dV accumulators travel with their K/V
 chunk around the ring and arrive home after the c-th hop. Residuals per
 device: its own q, k, v, out chunk and lse. At any time a device holds its
 own K/V chunk, the visiting one and the one in flight.
@@ -48,7 +61,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.errors import ConfigError
-from jaxlm.model.kernels.blocks import NEG, finish, logits, softmax_step, uncap, visible
+from jaxlm.model.kernels import flash
+from jaxlm.model.kernels.backends import resolve_backend
+from jaxlm.model.kernels.blocks import (NEG, MaskArrays, finish, logits, softmax_step, uncap,
+                                        visible, visible_blocks)
 from jaxlm.model.kernels.mask import MaskSpec
 from jaxlm.sharding.rules import active_mesh
 
@@ -95,15 +111,27 @@ class Static(NamedTuple):
     softcap: Optional[float]
     block_q: int
     block_k: int
+    flash: Optional[tuple] = None  # (backend, interpret, BlockSizes or None): Pallas per chunk
+
+
+RING_IMPLS = ("xla", "pallas")
 
 
 def ring_attention(q, k, v, mask: MaskSpec, bias=None, *, scale=None, softcap=None,
-                   block: int = BLOCK):
+                   block: int = BLOCK, impl: str = "xla",
+                   flash_blocks: Optional[flash.BlockSizes] = None):
     """q [B,S,H,D], k/v [B,S,KVH,D] -> [B,S,H,D] under the active context mesh.
 
     The semantics of `attention_reference` (rows with no visible key give 0).
     Positions default to 0..S-1 (the arrays' own order); after the causal
-    load-balancing reorder they must be given (the original positions)."""
+    load-balancing reorder they must be given (the original positions).
+
+    impl: the per-chunk math. "xla": `block` x `block` XLA tiles. "pallas":
+    the flash kernels (`flash_forward` / `flash_backward`; the platform's
+    lowering, interpreted on CPU) with `flash_blocks` (default: flash's own,
+    fitted to the chunk)."""
+    if impl not in RING_IMPLS:
+        raise ValueError(f"ring attention impl {impl!r} must be one of {RING_IMPLS}")
     if bias is not None:
         raise ConfigError("an additive attention bias (model.positions alibi / t5_relative) is "
                           "not supported under context parallelism (mesh.context > 1)")
@@ -137,7 +165,8 @@ def ring_attention(q, k, v, mask: MaskSpec, bias=None, *, scale=None, softcap=No
     bq = block if chunk % block == 0 else chunk
     st = Static(axis=ring, size=c, causal=bool(mask.causal), window=mask.window,
                 scale=float(d ** -0.5 if scale is None else scale),
-                softcap=None if softcap is None else float(softcap), block_q=bq, block_k=bq)
+                softcap=None if softcap is None else float(softcap), block_q=bq, block_k=bq,
+                flash=(*resolve_backend(None, None), flash_blocks) if impl == "pallas" else None)
     x_spec, r_spec = P(bt, sq, hd, None), P(bt, sq)
     seg_spec = None if segs is None else (r_spec, r_spec)
     run = jax.shard_map(functools.partial(_ring, st), mesh=mesh,
@@ -306,15 +335,19 @@ def _ring_forward(st: Static, q, k, v, qp, kp, segs):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ring(st: Static, q, k, v, qp, kp, segs):
-    return _ring_forward(st, q, k, v, qp, kp, segs)[0]
+    forward = _ring_forward if st.flash is None else _flash_ring_forward
+    return forward(st, q, k, v, qp, kp, segs)[0]
 
 
 def _ring_fwd(st: Static, q, k, v, qp, kp, segs):
-    out, lse = _ring_forward(st, q, k, v, qp, kp, segs)
+    forward = _ring_forward if st.flash is None else _flash_ring_forward
+    out, lse = forward(st, q, k, v, qp, kp, segs)
     return out, (q, k, v, qp, kp, segs, out, lse)
 
 
 def _ring_bwd(st: Static, res, dout):
+    if st.flash is not None:
+        return _flash_ring_bwd(st, res, dout)
     q, k, v, qp, kp, segs, out, lse = res
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     (qt, qpt, qst), (kt, vt, kpt, kst) = _tiled(st, f32(q), f32(k), f32(v), qp, kp, segs)
@@ -334,6 +367,107 @@ def _ring_bwd(st: Static, res, dout):
     dk, dv = _shift(st, dkv)  # the c-th hop brings them home
     return (_untile_q(dq).astype(q.dtype), _untile_kv(dk).astype(k.dtype),
             _untile_kv(dv).astype(v.dtype), None, None, None)
+
+
+# ---------------------------------------------------------------- flash per chunk
+#
+# impl="pallas": each visiting chunk is one flash_forward call on the untiled
+# chunk ([b, n, h, d] against [b, n, kvh, d]; positions and segment ids as
+# mask arrays, so the load-balanced order and packing need nothing special);
+# the device keeps (out f32 [b,n,h,d], lse [b,h,n]) and folds each chunk in
+# by log-sum-exp. The backward calls flash_backward per visiting chunk with
+# the final lse and delta. Inside a chunk the kernels skip the hidden blocks;
+# a chunk that is hidden entirely is skipped by lax.cond.
+
+def _flash_kw(st: Static) -> dict:
+    backend, interpret, blocks = st.flash
+    return dict(scale=st.scale, softcap=st.softcap, backend=backend, interpret=interpret,
+                block_sizes=blocks)
+
+
+def _chunk_mask(st: Static, qp, kp, qs, ks) -> MaskSpec:
+    return MaskSpec(causal=st.causal, window=st.window, q_positions=qp, kv_positions=kp,
+                    q_segment_ids=qs, kv_segment_ids=ks)
+
+
+def _chunk_visible(st: Static, qp, kp, qs, ks):
+    """Scalar bool: may any query of this chunk see any key of the visiting one?
+    (conservative: from the chunks' position and segment ranges)"""
+    b, n = qp.shape
+    vis = visible_blocks(MaskArrays(qp, kp, qs, ks, None), b=b, sq=n, sk=n, sq_pad=n, sk_pad=n,
+                         block_q=n, block_k=n, causal=st.causal, window=st.window)
+    return jnp.any(vis)
+
+
+def _merge(a, b):
+    """Two partial results over disjoint key sets, (out [b,n,h,d], lse [b,h,n])
+    each -> their combination: lse = logaddexp, out weighted by e^(lse_x - lse).
+    Rows empty in both stay (0, -inf): no -inf - -inf."""
+    (oa, la), (ob, lb) = a, b
+    m = jnp.maximum(la, lb)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    ea, eb = jnp.exp(la - m), jnp.exp(lb - m)
+    total = ea + eb
+    some = total > 0
+    inv = 1.0 / jnp.where(some, total, 1.0)
+    lse = jnp.where(some, m + jnp.log(jnp.where(some, total, 1.0)), -jnp.inf)
+    col = lambda x: x.transpose(0, 2, 1)[..., None]  # noqa: E731  [b,h,n] -> [b,n,h,1]
+    return col(ea * inv) * oa + col(eb * inv) * ob.astype(jnp.float32), lse
+
+
+def _flash_ring_forward(st: Static, q, k, v, qp, kp, segs):
+    """-> (out [b,n,h,d] in q's dtype, lse [b,h,n] f32) on one device."""
+    qs, ks = segs if segs is not None else (None, None)
+    kw = _flash_kw(st)
+
+    def fold(kv, stats):
+        k, v, kp, ks = kv
+
+        def update(stats):
+            part = flash.flash_forward(q, k, v, _chunk_mask(st, qp, kp, qs, ks), **kw)
+            return _merge(stats, part)
+        return jax.lax.cond(_chunk_visible(st, qp, kp, qs, ks), update, lambda x: x, stats)
+
+    def step(carry, _):
+        kv, stats = carry
+        nxt = _shift(st, kv)  # in flight while this chunk is computed
+        return (nxt, fold(kv, stats)), None
+
+    b, n, h, _ = q.shape
+    stats = (jnp.zeros(q.shape, jnp.float32), jnp.full((b, h, n), -jnp.inf, jnp.float32))
+    (kv, stats), _ = jax.lax.scan(step, ((k, v, kp, ks), stats), None, length=st.size - 1)
+    out, lse = fold(kv, stats)
+    return out.astype(q.dtype), lse
+
+
+def _flash_ring_bwd(st: Static, res, dout):
+    q, k, v, qp, kp, segs, out, lse = res
+    qs, ks = segs if segs is not None else (None, None)
+    kw = _flash_kw(st)
+    delta = flash.flash_delta(out, dout)  # [b,h,n] of the final output
+
+    def add(kv, dq, dkv):
+        k, v, kp, ks = kv
+
+        def grads(acc):
+            dq, (dk, dv) = acc
+            gq, gk, gv = flash.flash_backward(q, k, v, _chunk_mask(st, qp, kp, qs, ks), dout,
+                                              lse, delta, **kw)
+            f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+            return dq + f32(gq), (dk + f32(gk), dv + f32(gv))
+        return jax.lax.cond(_chunk_visible(st, qp, kp, qs, ks), grads, lambda x: x, (dq, dkv))
+
+    def step(carry, _):
+        kv, dkv, dq = carry
+        dq, dkv = add(kv, dq, dkv)
+        return (_shift(st, kv), _shift(st, dkv), dq), None
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    carry = ((k, v, kp, ks), (zeros, zeros), jnp.zeros(q.shape, jnp.float32))
+    (kv, dkv, dq), _ = jax.lax.scan(step, carry, None, length=st.size - 1)
+    dq, dkv = add(kv, dq, dkv)
+    dk, dv = _shift(st, dkv)  # the c-th hop brings them home
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
