@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.infer.cache import constrain_cache, read_kv, write_kv
+from jaxlm.infer.cache import cache_length, constrain_cache, read_kv, write_kv
 from jaxlm.model.adapters import materialize, materialize_outside_layers
 from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec
@@ -143,7 +143,7 @@ def _scan_layers(layers, cfg, x, positions, mask, segment_ids, bias):
 def _cached_layers(params, cfg, x, positions, cache, window):
     b, s = x.shape[:2]
     lengths = cache["lengths"]
-    max_len = cache["k"].shape[2]
+    max_len = cache_length(cache)
     mask = MaskSpec(causal=True, q_positions=positions,
                     kv_positions=jnp.arange(max_len, dtype=jnp.int32)[None],
                     kv_lengths=lengths + s, window=window)
@@ -151,7 +151,8 @@ def _cached_layers(params, cfg, x, positions, cache, window):
     bias = position_bias(params, mask, cfg, bidirectional=False)
 
     # The cache (k, v and, when int8, their scales) rides in the carry; each
-    # layer scatters its new K/V in place and attends over its slice.
+    # layer scatters its new K/V in place and attends over its slice (its own
+    # buffer when the cache is split per layer, `infer.cache.split_layers`).
     def block(carry, layer_and_index):
         x, kv = carry
         layer, i = layer_and_index
@@ -171,6 +172,9 @@ def _cached_layers(params, cfg, x, positions, cache, window):
             stats.append(st)
         kv = per_layer
         stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
+    elif isinstance(cache["k"], tuple):
+        raise ValueError("a cache split per layer (split_layers) needs unstacked layers "
+                         "(unstack_layers)")
     else:
         layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
         (x, kv), stats = jax.lax.scan(block, (x, per_layer), (params["layers"], layer_ids))
