@@ -43,7 +43,7 @@ from jaxlm.infer.processors import (History, Processors, apply as apply_processo
                                     gather as gather_history, init_history, is_eos, push)
 from jaxlm.infer.sampling import check_sampling, sample
 from jaxlm.model import forward, unembed
-from jaxlm.model.families.decoder import unstack_layers
+from jaxlm.model.families.decoder import fuse_projections, unstack_layers
 from jaxlm.sharding.distributed import fetch
 
 PAD_ID = -1  # fills GenerateOutput.tokens after a row has stopped
@@ -393,10 +393,11 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
     Up to UNROLL_MAX_LAYERS layers, the stacked layer weights and the cache are
     split per layer once, outside the loop (`unstack_layers`, `split_layers`), and
     the cache restacked once after it: no step copies a layer's weights or cache
-    out of a stack."""
+    out of a stack. The split weights' q|k|v and gate|up are concatenated there
+    too (`fuse_projections`): one matmul each per step."""
     split = _unroll(params, cfg)
     if split:
-        params, cache = unstack_layers(params), split_layers(cache)
+        params, cache = fuse_projections(unstack_layers(params), cfg), split_layers(cache)
 
     def step(cache, tokens):
         TRACE_COUNTS["decode_step"] += 1

@@ -17,6 +17,7 @@ from jaxlm.model.layers.attention import (attend, attention_specs, output_projec
                                           position_bias, project_qkv)
 from jaxlm.model.layers.embeddings import (embed_tokens_and_positions, embedding_specs,
                                            head_specs, unembed)
+from jaxlm.model.layers.fused import fuse_layer
 from jaxlm.model.layers.mlp import mlp, mlp_specs
 from jaxlm.model.layers.moe import moe, moe_specs
 from jaxlm.model.layers.norms import norm, norm_specs
@@ -197,6 +198,13 @@ def unstack_layers(params):
     n = jax.tree.leaves(layers)[0].shape[0]
     return dict(params, layers=tuple(jax.tree.map(lambda a, i=i: a[i], layers)
                                      for i in range(n)))
+
+
+def fuse_projections(params, cfg):
+    """Unstacked params (`unstack_layers`) with each layer's q|k|v and gate|up weights
+    concatenated (`jaxlm.model.layers.fused.fuse_layer`): for a decode loop, made
+    once before it, one matmul per group per step."""
+    return dict(params, layers=tuple(fuse_layer(layer, cfg) for layer in params["layers"]))
 
 
 def _layer_mean(stats):
