@@ -111,15 +111,50 @@ def init_cache(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "auto"
 
 
 def constrain_cache(cache: dict) -> dict:
-    """Pin the cache's leaves to their `cache_axes` shardings (identity without a mesh)."""
+    """Pin the cache's leaves to their `cache_axes` shardings (identity without a mesh);
+    per-layer leaves (`split_layers`) to the same axes less `layers`."""
     active = active_mesh()
     if active is None:
         return cache
     mesh, rules = active
     axes = cache_axes()
-    return {n: jax.lax.with_sharding_constraint(
-        x, NamedSharding(mesh, fitted_spec(mesh, axes.get(n, KV_AXES), rules, x.shape)))
-        if n in axes else x for n, x in cache.items()}
+
+    def pin(x, ax):
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, fitted_spec(mesh, ax, rules, x.shape)))
+
+    out = {}
+    for n, x in cache.items():
+        if n not in axes:
+            out[n] = x
+        elif isinstance(x, tuple):
+            out[n] = tuple(pin(a, axes[n][1:]) for a in x)
+        else:
+            out[n] = pin(x, axes[n])
+    return out
+
+
+def split_layers(cache: dict) -> dict:
+    """The cache with each per-layer leaf (k, v [L, B, T, KVH, D], int8 scales) split into
+    a tuple of L per-layer buffers ([B, T, KVH, D]); `lengths` unchanged.
+
+    What a decode loop carries (over weights split by `unstack_layers`): each layer's
+    attention then reads its own buffer, and its write updates that buffer in place.
+    Slicing layer i out of the stacked carry instead makes XLA:CPU copy the slice that
+    feeds the attention matmuls, every layer of every step (issue 9)."""
+    return {n: x if n == "lengths" else tuple(x[i] for i in range(x.shape[0]))
+            for n, x in cache.items()}
+
+
+def stack_layers(cache: dict) -> dict:
+    """The inverse of `split_layers`: per-layer tuples back to [L, ...] leaves."""
+    return {n: jnp.stack(x) if isinstance(x, tuple) else x for n, x in cache.items()}
+
+
+def cache_length(cache: dict) -> int:
+    """T, the cache's max_len, from a stacked or a split (`split_layers`) cache."""
+    k = cache["k"]
+    return k[0].shape[1] if isinstance(k, tuple) else k.shape[2]
 
 
 def quantize(x: jax.Array):
@@ -147,16 +182,22 @@ def quantize_kv(kv: dict) -> dict:
 
 def write_kv(cache: dict, i, rows, positions, k, v) -> dict:
     """The cache's per-layer leaves ({"k", "v": [L, B, T, KVH, D]}, + int8 "k_scale",
-    "v_scale" [L, B, T, KVH]) with layer i's k, v [B, S, KVH, D] written at
-    [i, rows, positions] (quantized when int8): an in-place scatter into the carry."""
+    "v_scale" [L, B, T, KVH]; or tuples of L such buffers, see `split_layers`, with
+    a Python int i) with layer i's k, v [B, S, KVH, D] written at [i, rows, positions]
+    (quantized when int8): an in-place scatter into the carry."""
+    def put(name, x):
+        c = cache[name]
+        if isinstance(c, tuple):
+            return c[:i] + (c[i].at[rows, positions].set(x.astype(c[i].dtype), mode="drop"),) \
+                + c[i + 1:]
+        return c.at[i, rows, positions].set(x.astype(c.dtype), mode="drop")
+
     out = dict(cache)
     for name, x in (("k", k), ("v", v)):
         if name + "_scale" in cache:
             x, scale = quantize(x)
-            out[name + "_scale"] = cache[name + "_scale"].at[i, rows, positions].set(
-                scale, mode="drop")
-        c = cache[name]
-        out[name] = c.at[i, rows, positions].set(x.astype(c.dtype), mode="drop")
+            out[name + "_scale"] = put(name + "_scale", scale)
+        out[name] = put(name, x)
     return out
 
 

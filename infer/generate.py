@@ -37,13 +37,13 @@ import numpy as np
 from jaxlm.errors import InputError
 from jaxlm.infer.beam import beam_knobs, beam_loop
 from jaxlm.infer import guided
-from jaxlm.infer.cache import check_kv_dtype, init_cache
+from jaxlm.infer.cache import check_kv_dtype, init_cache, split_layers, stack_layers
 from jaxlm.infer.processors import (History, Processors, apply as apply_processors,
                                     check_processors, count_eos, eos_array,
                                     gather as gather_history, init_history, is_eos, push)
 from jaxlm.infer.sampling import check_sampling, sample
 from jaxlm.model import forward, unembed
-from jaxlm.model.families.decoder import unstack_layers
+from jaxlm.model.families.decoder import fuse_projections, unstack_layers
 from jaxlm.sharding.distributed import fetch
 
 PAD_ID = -1  # fills GenerateOutput.tokens after a row has stopped
@@ -402,10 +402,14 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
            processors: Processors = Processors(), history: Optional[History] = None,
            guide: Optional[guided.GuideState] = None):
     """The decoder-only decode loop over the donated cache (see `sampling_loop`).
-    Up to UNROLL_MAX_LAYERS layers, the stacked layer weights are split once,
-    outside the loop (`unstack_layers`), so no step copies them out of the stack."""
-    if _unroll(params, cfg):
-        params = unstack_layers(params)
+    Up to UNROLL_MAX_LAYERS layers, the stacked layer weights and the cache are
+    split per layer once, outside the loop (`unstack_layers`, `split_layers`), and
+    the cache restacked once after it: no step copies a layer's weights or cache
+    out of a stack. The split weights' q|k|v and gate|up are concatenated there
+    too (`fuse_projections`): one matmul each per step."""
+    split = _unroll(params, cfg)
+    if split:
+        params, cache = fuse_projections(unstack_layers(params), cfg), split_layers(cache)
 
     def step(cache, tokens):
         TRACE_COUNTS["decode_step"] += 1
@@ -415,7 +419,7 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
                         temperature=temperature, top_k=top_k, top_p=top_p,
                         return_logits=return_logits, min_p=min_p, processors=processors,
                         history=history, guide=guide)
-    out["cache"] = out.pop("state")
+    out["cache"] = stack_layers(out.pop("state")) if split else out.pop("state")
     return out
 
 

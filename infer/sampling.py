@@ -37,7 +37,7 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k
            top_p: float = 1.0, min_p: float = 0.0) -> jax.Array:
     """logits [B, V] -> token ids [B] int32.
 
-    temperature 0 (or top_k 1) is greedy: argmax, the key is unused. top_k 0
+    temperature 0 (or top_k 1) is greedy (`greedy`: argmax), the key is unused. top_k 0
     and top_p 1 switch those filters off. top-p keeps the smallest set of
     most likely tokens whose probability reaches top_p (the top token always);
     without top-k it is done with a threshold over the full vocabulary, so
@@ -48,7 +48,7 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k
     check_sampling(temperature, top_k, top_p, min_p)
     logits = logits.astype(jnp.float32)
     if temperature == 0 or top_k == 1:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     scaled = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         values, ids = jax.lax.top_k(scaled, top_k)  # [B, k], sorted descending
@@ -63,6 +63,21 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k
     if min_p > 0.0:
         scaled = min_p_filter(scaled, min_p)
     return _categorical(key, scaled).astype(jnp.int32)
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    """logits [..., V] -> int32 [...]: exactly `jnp.argmax(logits, -1)` (the first
+    index of the maximum; in a row holding a NaN, the first NaN's index).
+
+    As `max` then the smallest index where the value is the max (or NaN): two
+    plain reductions that XLA:CPU fuses into cheap loops, where argmax's
+    variadic (value, index) reduce ran ~1.2 ms per step over [16, 32000], about
+    half the head matmul (issue 9)."""
+    v = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if the row has one
+    hit = (logits == top) | jnp.isnan(logits)  # with a NaN top only NaNs hit
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, v), axis=-1).astype(jnp.int32)
 
 
 def warp(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

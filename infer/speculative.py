@@ -44,7 +44,7 @@ from jaxlm.infer.generate import (PAD_ID, GenerateOutput, _cache_len, _check_arg
                                   _check_fits, _check_prompts, _pad_prompts, _prompt_bucket,
                                   _round_up, WIDTH_BUCKET, decode_step, prefill, row_keys)
 from jaxlm.infer.processors import eos_array, is_eos
-from jaxlm.infer.sampling import sample, warp
+from jaxlm.infer.sampling import greedy, sample, warp
 from jaxlm.model import forward
 
 TRACE_COUNTS = {"cycle": 0}
@@ -115,7 +115,7 @@ def spec_decode(params, cfg, draft_params, draft_cfg, tcache, dcache, tlogits, k
                 top_k: int, top_p: float):
     """The draft -> verify -> accept loop (module docstring); returns device arrays."""
     b = tlogits.shape[0]
-    greedy = temperature == 0 or top_k == 1
+    is_greedy = temperature == 0 or top_k == 1
     rows = jnp.arange(b)
     dist = partial(warp, temperature=temperature, top_k=top_k, top_p=top_p)
     pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -129,7 +129,7 @@ def spec_decode(params, cfg, draft_params, draft_cfg, tcache, dcache, tlogits, k
             cache, tok = carry
             logits, cache = decode_step(draft_params, draft_cfg, cache, tok)
             d = pick(logits, split[:, i])
-            q = None if greedy else jax.nn.softmax(dist(logits), axis=-1)
+            q = None if is_greedy else jax.nn.softmax(dist(logits), axis=-1)
             return (cache, d), (d, q)
 
         (dcache, _), (drafts, q) = jax.lax.scan(draft_step, (s.dcache, s.cur),
@@ -138,8 +138,8 @@ def spec_decode(params, cfg, draft_params, draft_cfg, tcache, dcache, tlogits, k
         seq = jnp.concatenate([s.cur[:, None], drafts], axis=1)  # [B, k + 1]
         plogits, aux = forward(params, cfg, seq, cache=s.tcache)  # [B, k + 1, V]
         tcache = aux["cache"]
-        if greedy:
-            target = jnp.argmax(plogits, axis=-1).astype(jnp.int32)  # [B, k + 1]
+        if is_greedy:
+            target = greedy(plogits)  # [B, k + 1]: argmax
             ok = drafts == target[:, :k]
             n = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)  # leading acceptances [B]
             nxt = jnp.take_along_axis(target, n[:, None], axis=1)[:, 0]

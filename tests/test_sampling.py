@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxlm.errors import InputError
-from jaxlm.infer.sampling import sample
+from jaxlm.infer.sampling import greedy, sample
 
 N = 20000  # draws per frequency test: one batch row per draw
 
@@ -39,6 +39,24 @@ def logits():
 def test_greedy_is_argmax(logits):
     out = jsample(jnp.asarray(logits), jax.random.key(0))
     np.testing.assert_array_equal(out, logits.argmax(-1))
+
+
+def test_greedy_equals_jnp_argmax_on_ties_infs_and_nans():
+    """The first index of the max, and in a row with NaN the first NaN's (jnp.argmax's rule)."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(-3, 4, size=(4, 12, 40)).astype(np.float32)  # many ties
+    x[0, 0] = -np.inf
+    x[0, 1, 5:] = np.inf
+    x[0, 2, [7, 3, 30]] = np.nan
+    x[0, 3] = np.nan
+    x[0, 4, [39]] = np.nan
+    x[0, 5, :2] = [-0.0, 0.0]
+    x[0, 5, 2:] = -1.0
+    x[1, :, 11] = np.nan  # a NaN after a tie
+    got = jax.jit(greedy)(jnp.asarray(x))
+    assert got.dtype == jnp.int32 and got.shape == (4, 12)
+    np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=-1))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
 
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0])

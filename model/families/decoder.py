@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.infer.cache import constrain_cache, read_kv, write_kv, write_kv_block
+from jaxlm.infer.cache import cache_length, constrain_cache, read_kv, write_kv, write_kv_block
 from jaxlm.model.adapters import layer_weights, materialize_outside_layers
 from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec
@@ -17,6 +17,7 @@ from jaxlm.model.layers.attention import (attend, attention_specs, output_projec
                                           position_bias, project_qkv)
 from jaxlm.model.layers.embeddings import (embed_tokens_and_positions, embedding_specs,
                                            head_specs, unembed)
+from jaxlm.model.layers.fused import fuse_layer
 from jaxlm.model.layers.mlp import mlp, mlp_specs
 from jaxlm.model.layers.moe import moe, moe_specs
 from jaxlm.model.layers.norms import norm, norm_specs
@@ -153,7 +154,7 @@ def _cached_layers(params, cfg, x, positions, cache, window, fresh=False):
     the sequence."""
     b, s = x.shape[:2]
     lengths = cache["lengths"]
-    max_len = cache["k"].shape[2]
+    max_len = cache_length(cache)
     ring = fresh and context_size() > 1
     if ring:
         mask = MaskSpec(causal=True, q_positions=positions, kv_positions=positions,
@@ -166,7 +167,8 @@ def _cached_layers(params, cfg, x, positions, cache, window, fresh=False):
     bias = position_bias(params, mask, cfg, bidirectional=False)
 
     # The cache (k, v and, when int8, their scales) rides in the carry; each
-    # layer scatters its new K/V in place and attends over its slice.
+    # layer scatters its new K/V in place and attends over its slice (its own
+    # buffer when the cache is split per layer, `infer.cache.split_layers`).
     def block(carry, layer_and_index):
         x, kv = carry
         layer, i = layer_and_index
@@ -190,6 +192,9 @@ def _cached_layers(params, cfg, x, positions, cache, window, fresh=False):
             stats.append(st)
         kv = per_layer
         stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
+    elif isinstance(cache["k"], tuple):
+        raise ValueError("a cache split per layer (split_layers) needs unstacked layers "
+                         "(unstack_layers)")
     else:
         layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
         (x, kv), stats = jax.lax.scan(block, (x, per_layer), (params["layers"], layer_ids))
@@ -212,6 +217,13 @@ def unstack_layers(params):
     n = jax.tree.leaves(layers)[0].shape[0]
     return dict(params, layers=tuple(jax.tree.map(lambda a, i=i: a[i], layers)
                                      for i in range(n)))
+
+
+def fuse_projections(params, cfg):
+    """Unstacked params (`unstack_layers`) with each layer's q|k|v and gate|up weights
+    concatenated (`jaxlm.model.layers.fused.fuse_layer`): for a decode loop, made
+    once before it, one matmul per group per step."""
+    return dict(params, layers=tuple(fuse_layer(layer, cfg) for layer in params["layers"]))
 
 
 def _layer_mean(stats):

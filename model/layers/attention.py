@@ -34,7 +34,11 @@ def _project(p, x, name):
 
 
 def project_qkv(p, x, positions, cfg):
-    q, k, v = (_project(p, x, n) for n in ("q", "k", "v"))
+    if "qkv" in p:  # fused (layers/fused.py): btd,dhk->bthk over h = H + 2 KVH, then split
+        qkv, h, kvh = _project(p, x, "qkv"), cfg.n_heads, cfg.n_kv_heads
+        q, k, v = qkv[..., :h, :], qkv[..., h:h + kvh, :], qkv[..., h + kvh:, :]
+    else:
+        q, k, v = (_project(p, x, n) for n in ("q", "k", "v"))
     if cfg.positions == "rope":
         q, k = rope(q, positions, cfg), rope(k, positions, cfg)
     q = constrain(q, ("batch", "seq", "heads", "head_dim"))

@@ -41,7 +41,11 @@ def _linear(p, x, name):
 def mlp(p, x, cfg):
     """Gated: down(act(x @ gate) * (x @ up)); plain: down(act(x @ up))."""
     act = activation(cfg.mlp, cfg)
-    if cfg.mlp in GATED:
+    if "gate_up" in p:  # fused (layers/fused.py): btd,df->btf over f = 2 F, then split
+        gate_up = _linear(p, x, "gate_up")
+        f = gate_up.shape[-1] // 2
+        h = act(gate_up[..., :f]) * gate_up[..., f:]
+    elif cfg.mlp in GATED:
         h = act(_linear(p, x, "gate")) * _linear(p, x, "up")
     else:
         h = act(_linear(p, x, "up"))
