@@ -17,19 +17,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxlm.model.adapters import QuantizedWeight, is_node
+from jaxlm.model.adapters import QuantizedWeight, concatenate, is_node
 from jaxlm.sharding.rules import active_mesh, partition_spec
 
 QKV = ("q", "k", "v")
 GATE_UP = ("gate", "up")
-
-
-def concat_weights(ws, axis: int):
-    """Plain arrays, or QuantizedWeights (q and scale), concatenated along `axis`."""
-    if all(isinstance(w, QuantizedWeight) for w in ws):
-        return QuantizedWeight(q=jnp.concatenate([w.q for w in ws], axis),
-                               scale=jnp.concatenate([w.scale for w in ws], axis))
-    return jnp.concatenate(ws, axis)
 
 
 def _fusable(ws) -> bool:
@@ -56,7 +48,7 @@ def fuse(p: dict, names, fused: str, axis: int, bias_axis: int) -> dict:
     if not all(n in p for n in names) or not _fusable([p[n] for n in names]):
         return p
     out = {k: v for k, v in p.items() if k not in names and k.removesuffix("_bias") not in names}
-    out[fused] = concat_weights([p[n] for n in names], axis)
+    out[fused] = concatenate([p[n] for n in names], axis)
     biases = [n + "_bias" for n in names if n + "_bias" in p]
     if len(biases) == len(names):
         out[fused + "_bias"] = jnp.concatenate([p[b] for b in biases], bias_axis)
