@@ -166,6 +166,8 @@ def losses(run_dir):
         return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
 
+@pytest.mark.slow  # covered by test_train_step_dropout_is_keyed_by_seed_and_step... above and
+# test_train.py::test_resume_is_exact
 def test_a_stopped_and_resumed_dropout_run_equals_an_uninterrupted_one(tok, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train(bert_cfg(tok, a), stop_after=3, progress=False)

@@ -163,6 +163,8 @@ def test_dpo_from_the_sft_run(sft_run, corpora, tmp_path):
     # (test_dpo.py shows a few steps on a fixed preference set raise the margin)
 
 
+@pytest.mark.slow  # covered by test_dpo_from_the_sft_run (DPO in the loop from a checkpoint), the LoRA-from-HF
+# test above and test_dpo.py's LoRA DPO steps with grad accumulation
 def test_dpo_with_lora_from_a_hugging_face_dir(hf_llama, corpora, tmp_path):
     cfg = _cfg(tmp_path / "dpo", hf_llama, corpora["dpo"], "train.objective=dpo",
                "train.lora_rank=4", "train.lora_base_dtype=int8", "train.grad_accum_steps=2")
