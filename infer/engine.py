@@ -53,7 +53,7 @@ from jaxlm.infer.paged import (PagePool, check_paged_family, constrain_pages, in
                                pages_for, paged_step, pool_layout, write_prompt)
 from jaxlm.infer.processors import eos_array, is_eos
 from jaxlm.infer.sampling import check_sampling, sample
-from jaxlm.model.families.decoder import unstack_layers
+from jaxlm.model.families.decoder import fuse_projections, unstack_layers
 
 TRACE_COUNTS = {"engine_loop": 0, "admit": 0}
 WIDTH_BUCKET = 64
@@ -79,8 +79,8 @@ def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, keys
     next-token logits; out [S, W] int32: the tokens of each slot's request.
     Returns (pages, logits, out, slots, steps run)."""
     TRACE_COUNTS["engine_loop"] += 1
-    if _unroll(params, cfg):  # layer weights split once, not copied out per step
-        params = unstack_layers(params)
+    if _unroll(params, cfg):  # layer weights split once, not copied out per step; q|k|v
+        params = fuse_projections(unstack_layers(params), cfg)  # and gate|up fused
     pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     rows = jnp.arange(out.shape[0])
 
