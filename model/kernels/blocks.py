@@ -118,6 +118,21 @@ def attend_block(q, k, v, ok, carry, scale: float, softcap: Optional[float]):
     return alpha * acc + pv, m, l
 
 
+def attend_block_scratch(q, k, v, ok, m_s, l_s, acc_s, h: int, scale: float,
+                         softcap: Optional[float]):
+    """`attend_block` for TPU kernels whose carry lives in VMEM scratch, per KV head
+    h: m_s, l_s [KVH, rows, 128] (lane-broadcast), acc_s [KVH, rows, D]. q [rows, D],
+    k, v [keys, D], ok [1, keys] (the same for every row)."""
+    qk = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32)
+    sc, _ = logits(qk, scale, softcap)
+    p, alpha, m, l = softmax_step(sc, jnp.broadcast_to(ok, sc.shape), m_s[h][:, :1],
+                                  l_s[h][:, :1])
+    m_s[h] = jnp.broadcast_to(m, m_s.shape[1:])
+    l_s[h] = jnp.broadcast_to(l, l_s.shape[1:])
+    pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
+    acc_s[h] = alpha * acc_s[h] + pv
+
+
 def finish(acc, m, l):
     """(acc [rows, D], m, l [rows, 1]) -> (output, lse); empty rows: 0 and -inf."""
     empty = l == 0.0

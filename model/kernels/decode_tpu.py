@@ -16,10 +16,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxlm.model.kernels.blocks import NEG, finish, logits, softmax_step, visible
+from jaxlm.model.kernels.blocks import NEG, attend_block_scratch, finish, visible
 
-NT = (((1,), (1,)), ((), ()))
-NN = (((1,), (0,)), ((), ()))
 LANES, SUBLANES = 128, 8
 
 
@@ -40,17 +38,9 @@ def _kernel(lo_ref, hi_ref, qpos_ref, len_ref, r, o_ref, lse_ref, m_s, l_s, acc_
         k_idx = blk * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         ok = visible(qpos_ref[b], k_idx, k_pos=k_pos, causal=c.causal, window=c.window,
                      kv_len=len_ref[b])  # [1, bk], the same for every head
-        for h in range(kvh):
-            q = r["q"][h]  # [G, D]
-            k, v = r["k"][:, h, :], r["v"][:, h, :]  # [bk, D]
-            sc, _ = logits(lax.dot_general(q, k, NT, preferred_element_type=jnp.float32),
-                           c.scale, c.softcap)
-            p, alpha, m, l = softmax_step(sc, jnp.broadcast_to(ok, sc.shape),
-                                          m_s[h][:, :1], l_s[h][:, :1])
-            m_s[h] = jnp.broadcast_to(m, m_s.shape[1:])
-            l_s[h] = jnp.broadcast_to(l, l_s.shape[1:])
-            pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
-            acc_s[h] = alpha * acc_s[h] + pv
+        for h in range(kvh):  # q [G, D] over k, v [bk, D]
+            attend_block_scratch(r["q"][h], r["k"][:, h, :], r["v"][:, h, :], ok, m_s, l_s,
+                                 acc_s, h, c.scale, c.softcap)
 
     @pl.when(j == bps - 1)
     def _out():

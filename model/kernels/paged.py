@@ -49,8 +49,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxlm.model.kernels.blocks import (NEG, NN, NT, attend_block, empty_carry, finish, logits,
-                                        softmax_step, visible)
+from jaxlm.model.kernels.blocks import (NEG, attend_block, attend_block_scratch, empty_carry,
+                                        finish, visible)
 from jaxlm.model.kernels.mask import MaskSpec
 from jaxlm.model.kernels.reference import attention_reference
 
@@ -231,17 +231,10 @@ def _tpu_kernel(pt_ref, len_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sem, 
         k_idx = j * page_size + lax.broadcasted_iota(jnp.int32, (1, page_size), 1)
         ok = visible(n - 1, k_idx, causal=True, window=window, kv_len=n)  # [1, ps]
         for hh in range(kvh):
-            q = q_ref[hh]  # [G, D]
-            k = k_buf[slot, :, hh, :].astype(q.dtype)  # [ps, D]
-            v = v_buf[slot, :, hh, :].astype(q.dtype)
-            sc, _ = logits(lax.dot_general(q, k, NT, preferred_element_type=jnp.float32),
-                           scale, softcap)
-            pr, alpha, m, l = softmax_step(sc, jnp.broadcast_to(ok, sc.shape),
-                                           m_s[hh][:, :1], l_s[hh][:, :1])
-            m_s[hh] = jnp.broadcast_to(m, m_s.shape[1:])
-            l_s[hh] = jnp.broadcast_to(l, l_s.shape[1:])
-            pv = lax.dot_general(pr.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
-            acc_s[hh] = alpha * acc_s[hh] + pv
+            q = q_ref[hh]  # [G, D] over this page's k, v [ps, D]
+            attend_block_scratch(q, k_buf[slot, :, hh, :].astype(q.dtype),
+                                 v_buf[slot, :, hh, :].astype(q.dtype), ok,
+                                 m_s, l_s, acc_s, hh, scale, softcap)
 
     @pl.when(j == n_entries - 1)
     def _out():
