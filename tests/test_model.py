@@ -162,15 +162,16 @@ def test_every_position_scheme_decodes_like_the_full_forward(positions):
     if positions == "t5_relative":  # a random (non-zero) bias table
         p["relative"]["table"] = jax.random.normal(jax.random.key(6), p["relative"]["table"].shape)
     tokens = jnp.array(np.random.default_rng(3).integers(0, 101, (2, 10)))
-    full, _ = forward(p, cfg, tokens)
-    _, aux = forward(p, cfg, tokens[:, :6], cache=init_cache(cfg, 2, 16))
+    fwd = jax.jit(forward, static_argnames="cfg")  # three compiles, not eager op by op
+    full, _ = fwd(p, cfg, tokens)
+    _, aux = fwd(p, cfg, tokens[:, :6], cache=init_cache(cfg, 2, 16))
     cache = aux["cache"]
     for i in range(6, 10):
-        step, aux = forward(p, cfg, tokens[:, i:i + 1], cache=cache)
+        step, aux = fwd(p, cfg, tokens[:, i:i + 1], cache=cache)
         cache = aux["cache"]
         np.testing.assert_allclose(step[:, 0], full[:, i], atol=2e-5)
     # Positions matter: swapping two earlier tokens changes the last token's
     # logits, except without positions (one layer of attention is order-blind).
-    swapped, _ = forward(p, cfg, tokens[:, jnp.array([0, 1, 2, 3, 4, 5, 6, 8, 7, 9])])
+    swapped, _ = fwd(p, cfg, tokens[:, jnp.array([0, 1, 2, 3, 4, 5, 6, 8, 7, 9])])
     moved = np.abs(np.asarray(swapped[:, -1]) - np.asarray(full[:, -1])).max()
     assert (moved > 1e-4) == (positions != "none"), moved

@@ -214,6 +214,9 @@ def losses(run_dir):
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+@pytest.mark.slow  # test_multihost's SIGTERM test does this across two processes (stop at a
+# step, save, exit 0, resume to the uninterrupted run's losses and params), and
+# test_sigterm_then_ctrl_c_during_the_save covers the single-process signal path
 def test_sigterm_preemption_exits_0_and_resumes_exactly(tok, tmp_path):
     """A preempted run (SIGTERM mid-run), resumed, equals an uninterrupted run:
     the same losses at every step and bit-identical final params."""

@@ -141,9 +141,12 @@ def assert_rule_shardings(cfg, tx, state):
 
 # Pure data parallelism (data8) is also inside data2_fsdp4 and every other mesh, and
 # every family's fsdp2_tensor4 case shards over fsdp too (llama keeps data2_fsdp4): run
-# those only under `-m slow` to keep `make test` within its time budget.
+# those only under `-m slow` to keep `make test` within its time budget. The MoE
+# families' expert8 parity runs there too: data2_tensor2_expert2 shards the experts
+# (with data and tensor), and the expert8 layouts keep their own fast tests below.
 _SLOW_CASES = ({(f, "data8") for f in FAMILIES}
-               | {(f, "data2_fsdp4") for f in FAMILIES if f != "llama"})
+               | {(f, "data2_fsdp4") for f in FAMILIES if f != "llama"}
+               | {("moe", "expert8"), ("moe_ep", "expert8")})
 
 
 def assert_matches_reference(cfg, tx, logits, metrics, state, ref):
