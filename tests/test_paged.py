@@ -142,7 +142,7 @@ def _naive_paged(q, kp, vp, table, lengths, window=None):
     """Dense numpy recomputation, sequence by sequence, from its pages."""
     q, kp, vp = (np.asarray(x, np.float64) for x in (q, kp, vp))
     b, h, d = q.shape
-    ps, kvh = kp.shape[1], kp.shape[2]
+    kvh = kp.shape[2]
     out = np.zeros_like(q)
     for i in range(b):
         n = int(lengths[i])

@@ -7,7 +7,6 @@ and bad input is one line."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_sharding import assert_rule_shardings
