@@ -66,18 +66,26 @@ def cache_shapes(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "aut
     return out
 
 
+def fit_axes(mesh, entry, dims, used=()) -> tuple:
+    """The mesh axes of one partition-spec entry, in order, keeping each (not in
+    `used`) while the product of those kept divides every one of dims."""
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    kept, size = [], 1
+    for a in names:
+        n = mesh.shape.get(a, 0)
+        if a not in used and n and all(d % (size * n) == 0 for d in dims):
+            kept.append(a)
+            size *= n
+    return tuple(kept)
+
+
 def fitted_spec(mesh, axes, rules, shape) -> PartitionSpec:
     """partition_spec(axes, rules) without the mesh axes a dim does not divide by
     (a batch of 3 on 4 data devices stays whole rather than failing)."""
     out = []
     for entry, n in zip(partition_spec(axes, rules), shape):
-        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        kept, size = [], 1
-        for a in names:
-            if n % (size * mesh.shape[a]) == 0:
-                kept.append(a)
-                size *= mesh.shape[a]
-        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+        kept = fit_axes(mesh, entry, (n,))
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
     return PartitionSpec(*out)
 
 

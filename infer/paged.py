@@ -64,17 +64,9 @@ def check_paged_family(cfg) -> None:
 
 
 def _rule_axes(mesh, rules, name, dims, used=()) -> tuple:
-    """The mesh axes `rules` give logical axis `name`, in order, keeping each
-    axis while the product of those kept divides every one of dims."""
-    entry = partition_spec((name,), rules)[0]
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    kept, size = [], 1
-    for a in names:
-        n = mesh.shape.get(a, 0)
-        if a not in used and n and all(d % (size * n) == 0 for d in dims):
-            kept.append(a)
-            size *= n
-    return tuple(kept)
+    """The mesh axes `rules` give logical axis `name`, fitted to dims (`fit_axes`)."""
+    from jaxlm.infer.cache import fit_axes
+    return fit_axes(mesh, partition_spec((name,), rules)[0], dims, used)
 
 
 class Layout(NamedTuple):
