@@ -47,8 +47,8 @@ import numpy as np
 
 from jaxlm.errors import InputError
 from jaxlm.infer.cache import init_cache
-from jaxlm.infer.generate import (DECODING_OFF, PAD_ID, GenerateOutput, _check_prompts, _unroll,
-                                  prefill, row_keys)
+from jaxlm.infer.generate import (DECODING_OFF, PAD_ID, GenerateOutput, _check_prompts,
+                                  _prompt_bucket, _unroll, prefill, row_keys)
 from jaxlm.infer.paged import (PagePool, check_paged_family, constrain_pages, init_pages,
                                pages_for, paged_step, pool_layout, write_prompt)
 from jaxlm.infer.processors import eos_array, is_eos
@@ -57,7 +57,6 @@ from jaxlm.model.families.decoder import fuse_projections, unstack_layers
 
 TRACE_COUNTS = {"engine_loop": 0, "admit": 0}
 WIDTH_BUCKET = 64
-PROMPT_MIN_BUCKET = 16  # prefill widths: powers of two from this (generate's bucket)
 
 
 class _Slots(NamedTuple):
@@ -257,7 +256,7 @@ def _prefill_into(params, cfg, pages, logits, pool: PagePool, group):
     ps, slots = pool.page_size, pool.table.shape[0]
     rows = min(1 << (len(group) - 1).bit_length(), slots)
     longest = max(len(p) for _, p in group)
-    width = min(max(PROMPT_MIN_BUCKET, 1 << (longest - 1).bit_length()), cfg.max_seq_len)
+    width = min(_prompt_bucket(longest), cfg.max_seq_len)  # generate's prompt bucket
     t = -(-width // ps) * ps
     padded = np.zeros((rows, width), np.int32)
     lengths = np.ones(rows, np.int32)  # padding rows: one token, written nowhere
