@@ -316,19 +316,37 @@ def _tiled(st: Static, q, k, v, qp, kp, segs):
              _tile_rows(ks, st.block_k)))
 
 
+def _around(st: Static, kv, stats, fold):
+    """The forward ring: fold(kv, stats) for each of the c K/V chunks in turn (the
+    device's own first), the next one in flight while one is folded."""
+    def step(carry, _):
+        kv, stats = carry
+        nxt = _shift(st, kv)  # in flight while this chunk is computed
+        return (nxt, fold(kv, stats)), None
+
+    (kv, stats), _ = jax.lax.scan(step, (kv, stats), None, length=st.size - 1)
+    return fold(kv, stats)
+
+
+def _around_grads(st: Static, kv, dkv, dq, add):
+    """The backward ring: (dq, dkv) = add(kv, dq, dkv) for each visiting chunk, dkv
+    travelling with its chunk; the c-th hop brings each chunk's dkv home."""
+    def step(carry, _):
+        kv, dkv, dq = carry
+        dq, dkv = add(kv, dq, dkv)
+        return (_shift(st, kv), _shift(st, dkv), dq), None
+
+    (kv, dkv, dq), _ = jax.lax.scan(step, (kv, dkv, dq), None, length=st.size - 1)
+    dq, dkv = add(kv, dq, dkv)
+    return dq, _shift(st, dkv)
+
+
 def _ring_forward(st: Static, q, k, v, qp, kp, segs):
     (qt, qpt, qst), kv = _tiled(st, q, k, v, qp, kp, segs)
     rows = qt.shape[:-1] + (1,)
     stats = (jnp.full(rows, NEG, jnp.float32), jnp.zeros(rows, jnp.float32),
              jnp.zeros(qt.shape, jnp.float32))
-
-    def step(carry, _):
-        kv, stats = carry
-        nxt = _shift(st, kv)  # in flight while this chunk is computed
-        return (nxt, _chunk_forward(st, qt, qpt, qst, kv, stats)), None
-
-    (kv, stats), _ = jax.lax.scan(step, (kv, stats), None, length=st.size - 1)
-    m, l, acc = _chunk_forward(st, qt, qpt, qst, kv, stats)
+    m, l, acc = _around(st, kv, stats, lambda kv, s: _chunk_forward(st, qt, qpt, qst, kv, s))
     out, lse = finish(acc, m, l)
     return _untile_q(out).astype(q.dtype), lse
 
@@ -355,16 +373,10 @@ def _ring_bwd(st: Static, res, dout):
     dot = _tile_q(f32(dout), kvh, st.block_q)
     delta = jnp.sum(_tile_q(f32(out), kvh, st.block_q) * dot, axis=-1, keepdims=True)
 
-    def step(carry, _):
-        kv, dkv, dq = carry
-        dq, dkv = _chunk_backward(st, qt, qpt, qst, dot, lse, delta, kv, dq, dkv)
-        return (_shift(st, kv), _shift(st, dkv), dq), None
-
     zeros = jnp.zeros(kt.shape, jnp.float32)
-    carry = ((kt, vt, kpt, kst), (zeros, zeros), jnp.zeros(qt.shape, jnp.float32))
-    (kv, dkv, dq), _ = jax.lax.scan(step, carry, None, length=st.size - 1)
-    dq, dkv = _chunk_backward(st, qt, qpt, qst, dot, lse, delta, kv, dq, dkv)
-    dk, dv = _shift(st, dkv)  # the c-th hop brings them home
+    dq, (dk, dv) = _around_grads(
+        st, (kt, vt, kpt, kst), (zeros, zeros), jnp.zeros(qt.shape, jnp.float32),
+        lambda kv, dq, dkv: _chunk_backward(st, qt, qpt, qst, dot, lse, delta, kv, dq, dkv))
     return (_untile_q(dq).astype(q.dtype), _untile_kv(dk).astype(k.dtype),
             _untile_kv(dv).astype(v.dtype), None, None, None)
 
@@ -428,15 +440,9 @@ def _flash_ring_forward(st: Static, q, k, v, qp, kp, segs):
             return _merge(stats, part)
         return jax.lax.cond(_chunk_visible(st, qp, kp, qs, ks), update, lambda x: x, stats)
 
-    def step(carry, _):
-        kv, stats = carry
-        nxt = _shift(st, kv)  # in flight while this chunk is computed
-        return (nxt, fold(kv, stats)), None
-
     b, n, h, _ = q.shape
     stats = (jnp.zeros(q.shape, jnp.float32), jnp.full((b, h, n), -jnp.inf, jnp.float32))
-    (kv, stats), _ = jax.lax.scan(step, ((k, v, kp, ks), stats), None, length=st.size - 1)
-    out, lse = fold(kv, stats)
+    out, lse = _around(st, (k, v, kp, ks), stats, fold)
     return out.astype(q.dtype), lse
 
 
@@ -457,16 +463,9 @@ def _flash_ring_bwd(st: Static, res, dout):
             return dq + f32(gq), (dk + f32(gk), dv + f32(gv))
         return jax.lax.cond(_chunk_visible(st, qp, kp, qs, ks), grads, lambda x: x, (dq, dkv))
 
-    def step(carry, _):
-        kv, dkv, dq = carry
-        dq, dkv = add(kv, dq, dkv)
-        return (_shift(st, kv), _shift(st, dkv), dq), None
-
     zeros = jnp.zeros(k.shape, jnp.float32)
-    carry = ((k, v, kp, ks), (zeros, zeros), jnp.zeros(q.shape, jnp.float32))
-    (kv, dkv, dq), _ = jax.lax.scan(step, carry, None, length=st.size - 1)
-    dq, dkv = add(kv, dq, dkv)
-    dk, dv = _shift(st, dkv)  # the c-th hop brings them home
+    dq, (dk, dv) = _around_grads(st, (k, v, kp, ks), (zeros, zeros),
+                                 jnp.zeros(q.shape, jnp.float32), add)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
