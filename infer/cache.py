@@ -120,7 +120,7 @@ def init_cache(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "auto"
 
 def constrain_cache(cache: dict) -> dict:
     """Pin the cache's leaves to their `cache_axes` shardings (identity without a mesh);
-    per-layer leaves (`split_layers`) to the same axes less `layers`."""
+    per-layer leaves (`split_layers`) to the same axes less `layers`, head-major."""
     active = active_mesh()
     if active is None:
         return cache
@@ -136,33 +136,49 @@ def constrain_cache(cache: dict) -> dict:
         if n not in axes:
             out[n] = x
         elif isinstance(x, tuple):
-            out[n] = tuple(pin(a, axes[n][1:]) for a in x)
+            out[n] = tuple(pin(a, _heads_major(axes[n][1:])) for a in x)
         else:
             out[n] = pin(x, axes[n])
     return out
 
 
 def split_layers(cache: dict) -> dict:
-    """The cache with each per-layer leaf (k, v [L, B, T, KVH, D], int8 scales) split into
-    a tuple of L per-layer buffers ([B, T, KVH, D]); `lengths` unchanged.
+    """The cache with each per-layer leaf (k, v [L, B, T, KVH, D], int8 scales
+    [L, B, T, KVH]) split into a tuple of L per-layer head-major buffers
+    ([B, KVH, T, D], [B, KVH, T]); `lengths` unchanged.
 
     What a decode loop carries (over weights split by `unstack_layers`): each layer's
     attention then reads its own buffer, and its write updates that buffer in place.
     Slicing layer i out of the stacked carry instead makes XLA:CPU copy the slice that
-    feeds the attention matmuls, every layer of every step (issue 9)."""
-    return {n: x if n == "lengths" else tuple(x[i] for i in range(x.shape[0]))
+    feeds the attention matmuls, every layer of every step; head-major, each (row,
+    KV head) is one contiguous [T, D] panel that the attention's batched matmuls
+    read in place (`read_kv`; token-major, the one-query form must score every
+    query head against every KV head). Both copies (this split, `stack_layers`)
+    happen once per loop (issue 9)."""
+    return {n: x if n == "lengths" else tuple(jnp.swapaxes(x[i], 1, 2) for i in range(x.shape[0]))
             for n, x in cache.items()}
 
 
 def stack_layers(cache: dict) -> dict:
-    """The inverse of `split_layers`: per-layer tuples back to [L, ...] leaves."""
-    return {n: jnp.stack(x) if isinstance(x, tuple) else x for n, x in cache.items()}
+    """The inverse of `split_layers`: per-layer head-major tuples back to [L, ...] leaves."""
+    return {n: jnp.stack([jnp.swapaxes(a, 1, 2) for a in x]) if isinstance(x, tuple) else x
+            for n, x in cache.items()}
+
+
+def _heads_major(axes: tuple) -> tuple:
+    """Per-layer token-major axes (batch, seq, kv_heads, ...) -> head-major (`split_layers`)."""
+    return (axes[0], axes[2], axes[1]) + tuple(axes[3:])
+
+
+def is_split(cache: dict) -> bool:
+    """Whether the cache is split per layer, head-major (`split_layers`)."""
+    return isinstance(cache["k"], tuple)
 
 
 def cache_length(cache: dict) -> int:
     """T, the cache's max_len, from a stacked or a split (`split_layers`) cache."""
     k = cache["k"]
-    return k[0].shape[1] if isinstance(k, tuple) else k.shape[2]
+    return k[0].shape[2] if isinstance(k, tuple) else k.shape[2]
 
 
 def quantize(x: jax.Array):
@@ -190,13 +206,13 @@ def quantize_kv(kv: dict) -> dict:
 
 def write_kv(cache: dict, i, rows, positions, k, v) -> dict:
     """The cache's per-layer leaves ({"k", "v": [L, B, T, KVH, D]}, + int8 "k_scale",
-    "v_scale" [L, B, T, KVH]; or tuples of L such buffers, see `split_layers`, with
-    a Python int i) with layer i's k, v [B, S, KVH, D] written at [i, rows, positions]
-    (quantized when int8): an in-place scatter into the carry."""
+    "v_scale" [L, B, T, KVH]; or tuples of L head-major buffers, see `split_layers`,
+    with a Python int i) with layer i's k, v [B, S, KVH, D] written at
+    [i, rows, positions] (quantized when int8): an in-place scatter into the carry."""
     def put(name, x):
         c = cache[name]
-        if isinstance(c, tuple):
-            return c[:i] + (c[i].at[rows, positions].set(x.astype(c[i].dtype), mode="drop"),) \
+        if isinstance(c, tuple):  # [B, KVH, T(, D)]: the indexed dims come first in x
+            return c[:i] + (c[i].at[rows, :, positions].set(x.astype(c[i].dtype), mode="drop"),) \
                 + c[i + 1:]
         return c.at[i, rows, positions].set(x.astype(c.dtype), mode="drop")
 
@@ -234,7 +250,9 @@ def _pad_to(x, cache_leaf):
 
 
 def read_kv(cache: dict, i, dtype):
-    """Layer i's (k, v) [B, T, KVH, D] in `dtype` (dequantized when int8)."""
+    """Layer i's (k, v) [B, T, KVH, D] in `dtype` (dequantized when int8); of a split
+    cache (`split_layers`) its head-major buffers [B, KVH, T, D] as they are (the
+    attention takes them with kv_heads_major=True)."""
     def read(name):
         if name + "_scale" in cache:
             return dequantize(cache[name][i], cache[name + "_scale"][i], dtype)

@@ -2,9 +2,9 @@
 layout-changing copy per step (issue 9), checked on the optimised HLO of the
 loop's while body: no materialised op there has the shape of a layer's MLP
 weight (a copy out of the stacked weights), and none with a per-layer cache's
-element count has a shape other than the cache's own row-major order (merging
-adjacent dims is a bitcast; [B,KVH,T,D] or [KVH,D,T] would be the transpose the
-batched matmul wanted), and the only ones of that size are the cache's in-place
+element count has a shape other than the cache's own head-major row-major order
+[B,KVH,T,D] (merging adjacent dims is a bitcast; [B,T,KVH,D] or [KVH,D,T] would be
+a transposed copy of it), and the only ones of that size are the cache's in-place
 writes (a slice of layer i out of a stacked [L, ...] carry is a copy per layer
 per step: the loop carries the cache split per layer instead)."""
 
@@ -19,11 +19,11 @@ from jaxlm.infer.cache import init_cache
 from jaxlm.infer.generate import decode
 from jaxlm.model import ModelConfig, init_params
 
-# distinct sizes: d_model*d_ff = 3072, per-layer cache B*T*KVH*D = 2*64*2*8 = 2048
+# distinct sizes: d_model*d_ff = 3072, per-layer cache B*KVH*T*D = 2*2*64*8 = 2048
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96,
                   max_seq_len=64, dtype="float32", param_dtype="float32")
 B, T = 2, 64
-CACHE = (B, T, CFG.n_kv_heads, CFG.head_dim)
+CACHE = (B, CFG.n_kv_heads, T, CFG.head_dim)  # head-major (infer.cache)
 
 _OP = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]\{[\d,]*\} ([\w\-]+)\(")
 _SKIP = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
@@ -72,10 +72,10 @@ def body_ops():
 
 
 def test_merges_of():
-    b, t, h, d = CACHE
-    assert _merges_of((1, b * t, h * d), CACHE) and _merges_of((b * t * h, d), CACHE)
-    assert not _merges_of((b, h, t, d), CACHE) and not _merges_of((b * h, d, t), CACHE)
-    assert not _merges_of((b * t, d, h), CACHE)
+    b, h, t, d = CACHE
+    assert _merges_of((1, b * h, t * d), CACHE) and _merges_of((b * h * t, d), CACHE)
+    assert not _merges_of((b, t, h, d), CACHE) and not _merges_of((b * h, d, t), CACHE)
+    assert not _merges_of((b * t, h, d), CACHE)
 
 
 def test_no_layer_weight_copied_per_step(body_ops):

@@ -99,6 +99,21 @@ def test_softcap_reference_semantics():
                                                         softcap=2.0), atol=2e-5)
 
 
+@pytest.mark.parametrize("sq,h,kvh", [(1, 4, 4), (1, 8, 2), (3, 4, 2)])
+def test_heads_major_kv_matches_token_major(sq, h, kvh):
+    """attention(kv_heads_major=True) on k, v [B,KVH,Sk,D] (a decode loop's per-layer
+    cache) is the token-major call, for the XLA reference and the kernels."""
+    q, k, v, _ = random_qkv(jax.random.key(2), 3, sq, 32, h, kvh, 16)
+    lengths = jnp.array([5, 32, 17])
+    mask = MaskSpec(causal=True, q_positions=lengths[:, None] - sq + jnp.arange(sq),
+                    kv_positions=jnp.arange(32)[None], kv_lengths=lengths)
+    want = attention_reference(q, k, v, mask, softcap=3.0)
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    for impl in ("xla", "pallas"):
+        got = attention(q, kh, vh, mask, impl=impl, softcap=3.0, kv_heads_major=True)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=impl)
+
+
 # ------------------------------------------------------------ dispatcher
 
 @pytest.mark.skipif(on_accelerator(), reason="checks the CPU choices")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.infer.cache import cache_length, constrain_cache, read_kv, write_kv, write_kv_block
+from jaxlm.infer.cache import (cache_length, constrain_cache, is_split, read_kv, write_kv,
+                              write_kv_block)
 from jaxlm.model.adapters import layer_weights, materialize_outside_layers
 from jaxlm.model.config import dtype_of
 from jaxlm.model.kernels import MaskSpec
@@ -165,6 +166,7 @@ def _cached_layers(params, cfg, x, positions, cache, window, fresh=False):
                         kv_lengths=lengths + s, window=window)
     rows = jnp.arange(b)[:, None]
     bias = position_bias(params, mask, cfg, bidirectional=False)
+    split = is_split(cache)
 
     # The cache (k, v and, when int8, their scales) rides in the carry; each
     # layer scatters its new K/V in place and attends over its slice (its own
@@ -177,9 +179,9 @@ def _cached_layers(params, cfg, x, positions, cache, window, fresh=False):
         if ring:
             kv = write_kv_block(kv, i, k, v)  # attend what the cache holds (int8: dequantized)
             o = attend(q, *(c[:, :s] for c in read_kv(kv, i, q.dtype)), mask, cfg, bias)
-        else:
+        else:  # a split cache is head-major (`split_layers`)
             kv = write_kv(kv, i, rows, positions, k, v)
-            o = attend(q, *read_kv(kv, i, q.dtype), mask, cfg, bias)
+            o = attend(q, *read_kv(kv, i, q.dtype), mask, cfg, bias, kv_heads_major=split)
         x = x + output_projection(layer["attn"], o, cfg)
         y, stats = _feed_forward(layer, x, cfg, None)
         return (x + y, kv), stats
@@ -192,7 +194,7 @@ def _cached_layers(params, cfg, x, positions, cache, window, fresh=False):
             stats.append(st)
         kv = per_layer
         stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
-    elif isinstance(cache["k"], tuple):
+    elif split:
         raise ValueError("a cache split per layer (split_layers) needs unstacked layers "
                          "(unstack_layers)")
     else:

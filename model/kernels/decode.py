@@ -3,7 +3,9 @@
     out = decode_attention(q, k_cache, v_cache, mask, scale=..., softcap=...,
                            backend="gpu" | "tpu", interpret=..., block_k=..., num_splits=...)
 
-q [B,1,H,D], cache k/v [B,T,KVH,D] (read in place), mask with kv_lengths
+q [B,1,H,D], cache k/v [B,T,KVH,D] (the kernels take them head-major, [B,KVH,T,D]:
+the view of a head-major KV cache, `jaxlm.infer.cache`, is read in place), mask
+with kv_lengths
 [B] (plus optional causal / window / q_positions / kv_positions). Only the
 KV blocks below each sequence's length (and inside its window) are read;
 each block is read once per GQA group. Long caches are split over the
@@ -89,8 +91,10 @@ def _decode(c: DecodeStatic, q, k, v, arrays):
     g, bk = h // kvh, c.block_k
     t_pad = round_up(t, bk)
     d_pad = _pow2(max(d, 16)) if c.backend == "gpu" else d
+    # [B,KVH,T,D]: cancels the transpose of a head-major cache's view (no copy)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if t_pad != t or d_pad != d:  # a copy of the cache: only for odd cache shapes
-        pad = ((0, 0), (0, t_pad - t), (0, 0), (0, d_pad - d))
+        pad = ((0, 0), (0, 0), (0, t_pad - t), (0, d_pad - d))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
     mask = _mask(c, arrays)
     kv_len = jnp.minimum(jnp.broadcast_to(jnp.asarray(mask.kv_lengths, jnp.int32), (b,)), t)

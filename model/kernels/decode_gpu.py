@@ -46,17 +46,17 @@ def _kernel(r, o_ref, lse_ref, *, c):
 
 
 def decode(c, q, k, v, k_pos, q_pos, kv_len, lo, hi):
-    """q [B,KVH,Gp,D], k/v [B,T,KVH,D] -> per split (o [B,KVH,S,Gp,D] f32, lse [B,KVH,S,Gp])."""
+    """q [B,KVH,Gp,D], k/v [B,KVH,T,D] -> per split (o [B,KVH,S,Gp,D] f32, lse [B,KVH,S,Gp])."""
     b, kvh, gp, d = q.shape
-    t = k.shape[1]
+    t = k.shape[2]
     ns = c.num_splits
     scalar = pl.BlockSpec((None,), lambda b_, h_, s_: (b_,))
     bkp = k_pos is not None and k_pos.shape[0] > 1
     ins = dict(q=q, k=k, v=v, k_pos=k_pos, q_pos=q_pos, kv_len=kv_len, lo=lo, hi=hi)
     specs = {
         "q": pl.BlockSpec((None, None, gp, d), lambda b_, h_, s_: (b_, h_, 0, 0)),
-        "k": pl.BlockSpec((None, t, None, d), lambda b_, h_, s_: (b_, 0, h_, 0)),
-        "v": pl.BlockSpec((None, t, None, d), lambda b_, h_, s_: (b_, 0, h_, 0)),
+        "k": pl.BlockSpec((None, None, t, d), lambda b_, h_, s_: (b_, h_, 0, 0)),
+        "v": pl.BlockSpec((None, None, t, d), lambda b_, h_, s_: (b_, h_, 0, 0)),
         "k_pos": None if k_pos is None else pl.BlockSpec(
             (None, t), lambda b_, h_, s_: (b_ if bkp else 0, 0)),
         "q_pos": scalar, "kv_len": scalar, "lo": scalar, "hi": scalar,

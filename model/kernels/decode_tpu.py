@@ -1,7 +1,7 @@
 """Decode attention, Pallas TPU (Mosaic): one query token per sequence.
 
 Grid (B, splits, blocks per split). A step loads one KV block of the cache
-for all KV heads at once ([bk, KVH, D]: the cache's own layout, no copy) and
+for all KV heads at once ([KVH, bk, D] of the head-major cache, no copy) and
 updates the G query heads of every group against it; running max / sum /
 accumulator live in VMEM scratch. Blocks outside a sequence's visible range
 are neither computed nor fetched (clamped index map, scalar-prefetched
@@ -39,7 +39,7 @@ def _kernel(lo_ref, hi_ref, qpos_ref, len_ref, r, o_ref, lse_ref, m_s, l_s, acc_
         ok = visible(qpos_ref[b], k_idx, k_pos=k_pos, causal=c.causal, window=c.window,
                      kv_len=len_ref[b])  # [1, bk], the same for every head
         for h in range(kvh):  # q [G, D] over k, v [bk, D]
-            attend_block_scratch(r["q"][h], r["k"][:, h, :], r["v"][:, h, :], ok, m_s, l_s,
+            attend_block_scratch(r["q"][h], r["k"][h], r["v"][h], ok, m_s, l_s,
                                  acc_s, h, c.scale, c.softcap)
 
     @pl.when(j == bps - 1)
@@ -51,7 +51,7 @@ def _kernel(lo_ref, hi_ref, qpos_ref, len_ref, r, o_ref, lse_ref, m_s, l_s, acc_
 
 
 def decode(c, q, k, v, k_pos, q_pos, kv_len, lo, hi):
-    """q [B,KVH,G,D], k/v [B,T,KVH,D] -> per split (o [B,KVH,S,G,D] f32, lse [B,KVH,S,G])."""
+    """q [B,KVH,G,D], k/v [B,KVH,T,D] -> per split (o [B,KVH,S,G,D] f32, lse [B,KVH,S,G])."""
     b, kvh, g, d = q.shape
     bk, bps, ns = c.block_k, c.blocks_per_split, c.num_splits
 
@@ -59,8 +59,8 @@ def decode(c, q, k, v, k_pos, q_pos, kv_len, lo, hi):
         return jnp.minimum(jnp.maximum(s_ * bps + j, lo_[b_]), jnp.maximum(hi_[b_] - 1, 0))
 
     bkp = k_pos is not None and k_pos.shape[0] > 1
-    kv_spec = pl.BlockSpec((None, bk, kvh, d), lambda b_, s_, j, lo_, hi_, *_: (
-        b_, kv_block(b_, s_, j, lo_, hi_), 0, 0))
+    kv_spec = pl.BlockSpec((None, kvh, bk, d), lambda b_, s_, j, lo_, hi_, *_: (
+        b_, 0, kv_block(b_, s_, j, lo_, hi_), 0))
     ins = {"q": q, "k": k, "v": v, "k_pos": None if k_pos is None else jnp.broadcast_to(
         k_pos[:, None, :], (k_pos.shape[0], SUBLANES, k_pos.shape[1]))}
     specs = {

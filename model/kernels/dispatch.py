@@ -64,14 +64,23 @@ def resolve_impl(impl: str) -> str:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec = MaskSpec(),
               bias: jax.Array | None = None, *, impl: str = "auto", scale: float | None = None,
-              softcap: float | None = None, dropout_rate: float = 0.0, dropout_key=None):
+              softcap: float | None = None, dropout_rate: float = 0.0, dropout_key=None,
+              kv_heads_major: bool = False):
     """q [B,Sq,H,D], k/v [B,Sk,KVH,D] (KVH divides H) -> [B,Sq,H,D].
+
+    kv_heads_major: k/v come as [B,KVH,Sk,D] (a decode loop's per-layer cache,
+    `jaxlm.infer.cache.split_layers`): the XLA reference reads them in place; the
+    kernels take their [B,Sk,KVH,D] view (the decode kernel's own head-major
+    transpose cancels it; the others copy).
 
     bias [B or 1, H, Sq, Sk] is added to the scores; softcap: scores become
     softcap * tanh(scores / softcap) (before the bias). `dropout_key` with
     `dropout_rate` > 0: dropout on the probabilities (training), in the XLA
     reference only: any other path is a ConfigError."""
     requested, impl = impl, resolve_impl(impl)
+    heads_major = (k, v) if kv_heads_major else None
+    if kv_heads_major:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if dropout_key is not None and dropout_rate:
         if impl != "xla" or ring_applies(q, k, mask):
             raise ConfigError(f"model.attention_dropout={dropout_rate} needs the XLA reference "
@@ -85,6 +94,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec = MaskSpe
     if impl != "xla":
         _check_static(mask)
     impl = call_impl(requested, q, k, mask, bias, softcap)
+    if impl == "xla" and heads_major is not None:
+        return attention_reference(q, *heads_major, mask, bias=bias, scale=scale,
+                                   softcap=softcap, kv_heads_major=True)
     if impl == "xla":
         return attention_reference(q, k, v, mask, bias=bias, scale=scale, softcap=softcap)
     if impl == "cudnn":

@@ -10,8 +10,10 @@ from jaxlm.model.layers.dropout import dropout
 
 
 def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None, softcap=None,
-                        dropout_rate: float = 0.0, dropout_key=None):
-    """q [B,Sq,H,D], k/v [B,Sk,KVH,D] -> [B,Sq,H,D].
+                        dropout_rate: float = 0.0, dropout_key=None,
+                        kv_heads_major: bool = False):
+    """q [B,Sq,H,D], k/v [B,Sk,KVH,D] -> [B,Sq,H,D]; kv_heads_major: k/v [B,KVH,Sk,D]
+    (a decode loop's per-layer cache, `jaxlm.infer.cache.split_layers`), read in place.
 
     GQA/MQA: query heads are grouped over their KV head (no repeated K/V).
     Scores and softmax in float32. Rows with no visible key return zeros.
@@ -21,22 +23,27 @@ def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None, softcap=
     probabilities (training only; None: none).
     """
     b, sq, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1 if kv_heads_major else 2]
     g = h // kvh
     scale = d ** -0.5 if scale is None else scale
-    if sq == 1 and not (dropout_key is not None and dropout_rate) and (kvh - 1) * g <= 8:
+    dropping = dropout_key is not None and dropout_rate
+    if sq == 1 and not dropping and not kv_heads_major and (kvh - 1) * g <= 8:
         return _one_query(q, k, v, mask, bias, scale, softcap)
     # Head-major operands: the two matmuls become plain batched GEMMs on
     # every backend (the transposes are small next to the scores).
     qg = q.reshape(b, sq, kvh, g, d).transpose(0, 2, 3, 1, 4)  # [B,KVH,G,Sq,D]
-    kt = k.transpose(0, 2, 1, 3)  # [B,KVH,Sk,D]
-    vt = v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg * scale, kt, preferred_element_type=jnp.float32)
+    kt, vt = (k, v) if kv_heads_major else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    if sq == 1:  # the keys as the dot's left operand: ~2x faster on XLA:CPU at batch 16
+        scores = jnp.einsum("bhkd,bhgqd->bhgqk", kt, qg * scale,
+                            preferred_element_type=jnp.float32)
+    else:
+        scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg * scale, kt,
+                            preferred_element_type=jnp.float32)
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     if bias is not None:  # [B or 1, H, Sq, Sk]
         scores = scores + bias.reshape(bias.shape[0], kvh, g, sq, -1).astype(jnp.float32)
-    visible = mask.visible(sq, k.shape[1])  # [B or 1, Sq, Sk]
+    visible = mask.visible(sq, kt.shape[2])  # [B or 1, Sq, Sk]
     visible = visible[:, None, None]
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)

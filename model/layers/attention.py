@@ -69,12 +69,14 @@ def position_bias(params, mask, cfg, *, bidirectional: bool):
     return None
 
 
-def attend(q, k, v, mask, cfg, bias=None, dropout_key=None):
+def attend(q, k, v, mask, cfg, bias=None, dropout_key=None, kv_heads_major=False):
     """The attention call with this config's scale and an optional position bias;
-    `dropout_key`: model.attention_dropout on the probabilities (training)."""
+    `dropout_key`: model.attention_dropout on the probabilities (training);
+    `kv_heads_major`: k, v [B,KVH,Sk,D] (see `jaxlm.model.kernels.attention`)."""
     return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=cfg.attn_scale or None,
                      softcap=cfg.attn_logit_softcap or None,
-                     dropout_rate=cfg.attention_dropout, dropout_key=dropout_key)
+                     dropout_rate=cfg.attention_dropout, dropout_key=dropout_key,
+                     kv_heads_major=kv_heads_major)
 
 
 def self_attention(p, x, positions, mask, cfg, bias=None, dropout_key=None):
