@@ -7,12 +7,15 @@
 A fixed number of slots decode together over one page pool
 (`jaxlm.infer.paged`). The device runs up to `steps_per_call` decode steps
 per host round trip, in one `lax.while_loop` compiled once; the loop exits
-early when a slot finishes while prompts are waiting, and the host then
-returns the finished slot's pages, prefills the next prompt into it and
-goes on, without waiting for the rest of the batch. The prompts admitted at
-one refill are prefilled together, in one call, padded to a power-of-two
-row count (<= slots) and prompt width, so prefill compiles a bounded number
-of times (TRACE_COUNTS["admit"], and generate's TRACE_COUNTS["prefill"]).
+early once `refill_batch` slots have finished while prompts are waiting (or as
+many as wait), and the host then returns the finished slots' pages, prefills
+the next prompts into them and goes on, without waiting for the rest of the
+batch. One refill for two finishes (the default at 16 slots, slots // 8)
+halves the round trips and prefill calls for one slot idling a few steps
+(~1.1x the tokens/s of refilling at every finish on bench-cpu, BENCHMARKS.md).
+The prompts admitted at one refill are prefilled together, in one call,
+padded to a power-of-two row count (<= slots) and prompt width, so prefill
+compiles a bounded number of times (TRACE_COUNTS["admit"], and generate's TRACE_COUNTS["prefill"]).
 
 Under `jaxlm.sharding.rules.use_mesh` the pool is created sharded and stays
 so (`jaxlm.infer.paged`): each data shard owns a block of pages and its
@@ -71,11 +74,12 @@ class _Slots(NamedTuple):
 @partial(jax.jit, static_argnames=("cfg", "temperature", "top_k", "top_p", "min_p"),
          donate_argnames=("pages", "logits", "out"))
 def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, keys, eos_ids,
-                max_steps, exit_on_finish, *, temperature: float, top_k: int, top_p: float,
+                max_steps, exit_after, *, temperature: float, top_k: int, top_p: float,
                 min_p: float = 0.0):
-    """Up to max_steps decode steps of every live slot; stops early after a step
-    where a slot finished if exit_on_finish. logits [S, V]: each slot's
-    next-token logits; out [S, W] int32: the tokens of each slot's request.
+    """Up to max_steps decode steps of every live slot; stops early after the step
+    where the exit_after-th slot of this call finished (exit_after 0: never).
+    logits [S, V]: each slot's next-token logits; out [S, W] int32: the tokens of
+    each slot's request.
     Returns (pages, logits, out, slots, steps run)."""
     TRACE_COUNTS["engine_loop"] += 1
     if _unroll(params, cfg):  # layer weights split once, not copied out per step; q|k|v
@@ -84,7 +88,7 @@ def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, keys
     rows = jnp.arange(out.shape[0])
 
     def body(c):
-        i, pages, logits, out, st, _ = c
+        i, pages, logits, out, st, done = c
         step_keys = jax.vmap(jax.random.fold_in)(keys, st.count)
         tok = pick(logits, step_keys)
         out = out.at[rows, jnp.where(st.live, st.count, out.shape[1])].set(tok, mode="drop")
@@ -96,14 +100,15 @@ def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, keys
         pages = constrain_pages(pages, out.shape[0])
         logits = jnp.where(live[:, None], new_logits, logits)
         st = _Slots(st.lengths + live, count, st.budget, live, st.eos | eos)
-        return i + 1, pages, logits, out, st, jnp.any(stop)
+        return i + 1, pages, logits, out, st, done + jnp.sum(stop, dtype=jnp.int32)
 
     def more(c):
-        i, _, _, _, st, stopped = c
-        return (i < max_steps) & jnp.any(st.live) & ~(exit_on_finish & stopped)
+        i, _, _, _, st, done = c
+        waiting = (exit_after == 0) | (done < exit_after)
+        return (i < max_steps) & jnp.any(st.live) & waiting
 
     i, pages, logits, out, slots, _ = jax.lax.while_loop(
-        more, body, (jnp.int32(0), pages, logits, out, slots, jnp.bool_(False)))
+        more, body, (jnp.int32(0), pages, logits, out, slots, jnp.int32(0)))
     return pages, logits, out, slots, i
 
 
@@ -126,7 +131,8 @@ class Request(NamedTuple):
 
 def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
                   page_size: int = 16, n_pages: Optional[int] = None,
-                  steps_per_call: int = 32, temperature: float = 0.0, top_k: int = 0,
+                  steps_per_call: int = 32, refill_batch: Optional[int] = None,
+                  temperature: float = 0.0, top_k: int = 0,
                   top_p: float = 1.0, min_p: float = 0.0, seed: int = 0, eos_id=None,
                   row_seeds: Optional[Sequence[int]] = None,
                   on_refill: Optional[Callable[[dict], None]] = None,
@@ -135,7 +141,9 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
     """Continue every prompt by up to its max_new_tokens (an int, or one per
     prompt) with continuous batching over `slots` slots and a pool of `n_pages`
     pages of `page_size` tokens (default: enough for `slots` of the longest
-    request). Returns a GenerateOutput in input order (tokens [N, max of
+    request). refill_batch: how many slots finish (while prompts wait) before
+    the device loop returns to refill them (default max(1, slots // 8)).
+    Returns a GenerateOutput in input order (tokens [N, max of
     max_new_tokens], PAD_ID after a row stopped).
 
     on_refill(info): called at every refill, after finished slots gave their
@@ -151,8 +159,9 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
     rows = _check_prompts(prompts, cfg.vocab_size)
     budgets = _budgets(max_new_tokens, len(rows))
     check_sampling(temperature, top_k, top_p, min_p)
+    refill_batch = max(1, slots // 8) if refill_batch is None else refill_batch
     for name, value in (("slots", slots), ("page_size", page_size),
-                        ("steps_per_call", steps_per_call)):
+                        ("steps_per_call", steps_per_call), ("refill_batch", refill_batch)):
         if isinstance(value, bool) or int(value) != value or value < 1:
             raise InputError(f"{name}={value} must be an integer >= 1")
     eos_ids = eos_array(eos_id, cfg.vocab_size)
@@ -231,7 +240,7 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
         pages, logits, out_dev, slots_dev, _ = decode_loop(
             params, cfg, pages, logits, out_dev, _Slots(**{k: jnp.asarray(v) for k, v in st.items()}),
             jnp.asarray(pool.table), keys_all[jnp.asarray(req_of)], eos_ids,
-            jnp.int32(steps_per_call), jnp.bool_(bool(queue)), **sampler)
+            jnp.int32(steps_per_call), jnp.int32(min(len(queue), refill_batch)), **sampler)
         was_live = st["live"]
         new, out_np = jax.device_get((slots_dev._asdict(), out_dev))
         st = {k: np.array(v) for k, v in new.items()}

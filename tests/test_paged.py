@@ -114,6 +114,23 @@ def test_greedy_equals_per_prompt_generate(params, workload, greedy):
     assert gen_module.TRACE_COUNTS["prefill"] - prefills <= 3 * 2
 
 
+def test_refill_batch_waits_for_several_finishes(params, workload, greedy):
+    """refill_batch=2: the device loop returns once two slots finished (or the
+    last waiting prompt's one): fewer round trips, the same tokens, the same
+    page accounting."""
+    prompts, news = workload
+    eos, want = greedy
+    out, infos = run_engine(params, prompts, news, eos_id=eos, refill_batch=2)
+    assert out.sequences(include_eos=True) == want
+    check_pages(infos)
+    _, every = run_engine(params, prompts, news, eos_id=eos, refill_batch=1)
+    assert len(infos) < len(every)  # fewer round trips
+    admitted = lambda infos: [len(i["admitted"]) for i in infos[1:] if i["admitted"]]
+    assert np.mean(admitted(infos)) > np.mean(admitted(every))  # more prompts per prefill
+    with pytest.raises(InputError, match="refill_batch=0"):
+        run_engine(params, prompts, news, refill_batch=0)
+
+
 def test_sampled_equals_per_prompt_generate_with_seeds(params, workload):
     prompts, news = workload
     seeds = [(7919 * i + 13) % 2 ** 32 for i in range(len(prompts))]
