@@ -48,12 +48,17 @@ ceil(n / m)):
                model.dtype, sharded like [layers, batch, seq, kv_heads,
                head_dim]; cache_len = --cache-len or data.seq_len +
                generate.max_new_tokens (encoder-decoder: the decoder's
-               self-attention cache only).
+               self-attention cache).
+  cross kv     encoder-decoder: the cross-attention K/V, the same with
+               data.seq_len (the encoded input) for cache_len.
+  int8 kv      both with generate.kv_dtype=int8: int8 values + a float32
+               scale per (layer, row, position, head).
   int8 weights params with model.weight_dtype=int8: the layer matmul weights
                int8 (1 byte) + float32 scales per output channel, the rest at
                param_dtype (model/quantize.py)
 train total = params + gradients + optimizer + activations + ring kv;
-inference total = params (int8 weights when model.weight_dtype=int8) + kv cache.
+inference total = params (int8 weights when model.weight_dtype=int8) + kv cache
+(+ cross kv; int8 kv when generate.kv_dtype=int8).
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     import jax
     import optax
 
+    from jaxlm.infer.cache import KV_AXES
     from jaxlm.model import model_specs
     from jaxlm.model.params import LogicalAxes, abstract, logical_axes
     from jaxlm.sharding.mesh import check_divisible, mesh_shape, model_dims
@@ -184,15 +190,29 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     cache_len = cache_len or (s + cfg.generate.max_new_tokens)
     cache_batch = batch or b
     dec_layers = (m.n_decoder_layers or m.n_layers) if m.family == "encoder_decoder" else m.n_layers
-    kv_cache = 0 if m.family == "encoder" else 2 * shard_bytes(
-        (dec_layers, cache_batch, cache_len, m.n_kv_heads, m.head_dim), m.dtype,
-        partition_spec(("layers", "batch", "seq", "kv_heads", "head_dim"), rules), sizes)
+    kv_spec = partition_spec(KV_AXES, rules)
+
+    def kv_bytes(length: int) -> tuple:
+        """(at model.dtype, int8) bytes of K and V [dec_layers, batch, length, KVH, D]:
+        int8 values + a float32 scale per (layer, row, position, head)."""
+        if m.family == "encoder":
+            return 0, 0
+        shape = (dec_layers, cache_batch, length, m.n_kv_heads, m.head_dim)
+        return (2 * shard_bytes(shape, m.dtype, kv_spec, sizes),
+                2 * (shard_bytes(shape, "int8", kv_spec, sizes)
+                     + shard_bytes(shape[:-1], "float32", kv_spec, sizes)))
+
+    kv_cache, kv_cache_int8 = kv_bytes(cache_len)
+    # an encoder-decoder's cross-attention K/V over the encoded input (data.seq_len)
+    cross_kv, cross_kv_int8 = kv_bytes(s) if m.family == "encoder_decoder" else (0, 0)
     out = {"mesh": sizes, "devices": n_devices, "params": params, "gradients": params,
            "optimizer": optimizer, "activations": activations, "kv_cache": kv_cache,
+           "kv_cache_int8": kv_cache_int8, "cross_kv": cross_kv, "cross_kv_int8": cross_kv_int8,
            "cache_len": cache_len, "ring_kv": ring_kv, "bubble": bubble}
     out["train_total"] = params * 2 + optimizer + activations + ring_kv
     out["params_int8"] = params_int8
-    out["inference_total"] = (params_int8 if m.weight_dtype == "int8" else params) + kv_cache
+    kv = kv_cache_int8 + cross_kv_int8 if cfg.generate.kv_dtype == "int8" else kv_cache + cross_kv
+    out["inference_total"] = (params_int8 if m.weight_dtype == "int8" else params) + kv
     return out
 
 
@@ -226,11 +246,20 @@ def run_plan(args) -> int:
     print(f"  {'train':<12} {fmt_bytes(p['train_total'])}  (remat={cfg.model.remat}, "
           f"batch {cfg.data.batch_size} x seq {cfg.data.seq_len})")
     print(f"  {'kv cache':<12} {fmt_bytes(p['kv_cache'])}  (cache_len {p['cache_len']})")
-    int8 = "" if cfg.model.weight_dtype == "int8" else " (float weights)"
+    if p["cross_kv"]:
+        print(f"  {'cross kv':<12} {fmt_bytes(p['cross_kv'])}  (cross-attention K/V over "
+              f"the encoded seq {cfg.data.seq_len})")
+    kv, kv8 = p["kv_cache"] + p["cross_kv"], p["kv_cache_int8"] + p["cross_kv_int8"]
+    if kv:
+        print(f"  {'int8 kv':<12} {fmt_bytes(kv8)}  (generate.kv_dtype=int8: saves "
+              f"{fmt_bytes(kv - kv8)} per device vs {cfg.model.dtype})")
     print(f"  {'int8 weights':<12} {fmt_bytes(p['params_int8'])}  (params with model.weight_dtype"
           f"=int8: saves {fmt_bytes(p['params'] - p['params_int8'])} per device vs "
           f"{cfg.model.param_dtype})")
-    print(f"  {'inference':<12} {fmt_bytes(p['inference_total'])}{int8}")
+    weights = "int8 weights" if cfg.model.weight_dtype == "int8" else "float weights"
+    if kv:
+        weights += ", int8 kv" if cfg.generate.kv_dtype == "int8" else f", {cfg.model.dtype} kv"
+    print(f"  {'inference':<12} {fmt_bytes(p['inference_total'])} ({weights})")
     if args.device_memory:
         limit = parse_bytes(args.device_memory)
         worst = max(p["train_total"], p["inference_total"])

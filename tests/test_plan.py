@@ -61,3 +61,31 @@ def test_plan_errors():
     with pytest.raises(ConfigError, match="experts=8 is sharded over mesh axes expert of size 16"):
         plan(load_config("mixtral-8x7b", ["mesh.expert=16", "mesh.fsdp=-1"]), n_devices=256)
     assert np.isfinite(plan(load_config("tiny-t5", []), n_devices=8)["activations"])
+
+
+def test_int8_kv_and_cross_kv_bytes_match_the_real_trees(capsys):
+    """kv_cache / kv_cache_int8 are the bytes of the cache generate allocates (float and
+    generate.kv_dtype=int8); an encoder-decoder's cross K/V those of `cross_kv`'s tree."""
+    from jaxlm.infer.cache import cache_bytes, cache_shapes
+    from jaxlm.model import init_params
+    from jaxlm.model.families.encoder_decoder import cross_kv
+    for preset in ("tiny-llama", "tiny-t5"):
+        cfg = load_config(preset, ["mesh.data=1"])
+        m, b, s = cfg.model, cfg.data.batch_size, cfg.data.seq_len
+        p = plan(cfg, n_devices=1)
+        layers = m.n_decoder_layers or m.n_layers
+        for key, kv_dtype in (("kv_cache", "auto"), ("kv_cache_int8", "int8")):
+            tree = cache_shapes(m, b, p["cache_len"], kv_dtype=kv_dtype, layers=layers)
+            assert p[key] == cache_bytes({n: tree[n] for n in tree if n != "lengths"}), key
+        assert p["kv_cache_int8"] < 0.4 * p["kv_cache"]
+        if m.family == "encoder_decoder":
+            params = jax.eval_shape(lambda: init_params(m, jax.random.key(0)))
+            encoded = jax.ShapeDtypeStruct((b, s, m.d_model), np.float32)
+            for key, kv_dtype in (("cross_kv", "auto"), ("cross_kv_int8", "int8")):
+                tree = jax.eval_shape(lambda p, e: cross_kv(p, m, e, kv_dtype), params, encoded)
+                assert p[key] == cache_bytes(tree), key
+        else:
+            assert p["cross_kv"] == 0
+        assert main(["plan", "--config", preset, "mesh.data=1", "generate.kv_dtype=int8"]) == 0
+        out = capsys.readouterr().out
+        assert "int8 kv" in out and "saves" in out
