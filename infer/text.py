@@ -22,7 +22,8 @@ at the stop ids given). `decoder_start_token_id` from it or config.json (T5: 0).
 
 Decoding defaults (`GenerationSettings.defaults`, applied by `resolve_generate`):
 generation_config.json's do_sample, temperature, top_k, top_p, min_p,
-repetition_penalty, no_repeat_ngram_size, max_new_tokens and min_new_tokens
+repetition_penalty, no_repeat_ngram_size, max_new_tokens, min_new_tokens,
+num_beams, length_penalty and early_stopping
 become the generate.* values of every key the user did not give (a config
 file's generate section, a `generate.KEY=...` override, a run's saved config).
 As in transformers, do_sample false (or absent) is greedy whatever the
@@ -54,8 +55,11 @@ class GenerationSettings(NamedTuple):
 # transformers' values under do_sample=true for the sampler keys a file leaves out
 _SAMPLER_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0}
 # generate.* keys read as they are (same names, same meaning as transformers')
+# (max_length is not read: for a decoder it counts the prompt, and files often hold
+# the model's context length there, not a generation budget)
 _PLAIN_KEYS = {"repetition_penalty": float, "no_repeat_ngram_size": int,
-               "max_new_tokens": int, "min_new_tokens": int}
+               "max_new_tokens": int, "min_new_tokens": int, "num_beams": int,
+               "length_penalty": float}
 _TYPES = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, **_PLAIN_KEYS}
 
 
@@ -108,6 +112,12 @@ def decoding_defaults(gen: dict, path) -> dict:
     for key, typ in _PLAIN_KEYS.items():
         if gen.get(key) is not None:
             out[key] = _number(gen[key], key, typ, path)
+    stop = gen.get("early_stopping")
+    if stop is not None:
+        if not (isinstance(stop, bool) or stop == "never"):
+            raise CheckpointError(f"{path}: early_stopping should be true, false or \"never\", "
+                                  f"got {stop!r}")
+        out["early_stopping"] = stop
     return out
 
 
@@ -128,12 +138,12 @@ def given_generate_keys(overrides=(), *sections) -> frozenset:
 
 def resolve_generate(g, settings: GenerationSettings, given=frozenset()):
     """GenerateConfig `g` with `settings.defaults` (generation_config.json) for every key
-    not in `given` (`given_generate_keys`). Beam search given by the user (num_beams
-    > 1) keeps its greedy beams: the file's sampler keys are then not applied."""
+    not in `given` (`given_generate_keys`). Beam search (num_beams > 1, the user's or
+    the file's) keeps its greedy beams: the file's sampler keys are then not applied."""
     import dataclasses
     from jaxlm.errors import ConfigError
     defaults = {k: v for k, v in settings.defaults.items() if k not in given}
-    if g.num_beams > 1:
+    if defaults.get("num_beams", g.num_beams) > 1:
         defaults = {k: v for k, v in defaults.items() if k not in _SAMPLER_DEFAULTS}
     if not defaults:
         return g

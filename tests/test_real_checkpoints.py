@@ -318,6 +318,36 @@ def test_generation_config_sampling_defaults(llama, tmp_path, capsys):
         generation_settings(path, tok)
 
 
+def test_generation_config_beam_defaults(llama, tmp_path, capsys):
+    """num_beams, length_penalty and early_stopping of generation_config.json apply
+    (its sampler keys then do not: beams are greedy); generate.num_beams=1 wins."""
+    import shutil
+    from jaxlm.infer.text import generation_settings
+    path = tmp_path / "llama"
+    shutil.copytree(llama[0], path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen.update(num_beams=3, length_penalty=0.5, early_stopping=True, do_sample=True,
+               temperature=0.7)
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    tok = jaxlm.load_tokenizer(path)
+    cfg, params = jaxlm.load(path)
+    eos = list(generation_settings(path, tok).eos_ids)
+    args = ["--checkpoint", path, "--prompt", PROMPTS[0], f"generate.max_new_tokens={NEW}"]
+    resolved, stdout = _generate_cli(capsys, *args)
+    assert (resolved["num_beams"], resolved["length_penalty"], resolved["early_stopping"],
+            resolved["temperature"]) == (3, 0.5, True, 0.0)
+    beams = jaxlm.generate(params, cfg, PROMPTS[:1], tokenizer=tok, eos_id=eos,
+                           max_new_tokens=NEW, num_beams=3, length_penalty=0.5,
+                           early_stopping=True)
+    assert "(score " in stdout and beams.texts[0] in stdout  # the beams' best, its score
+    resolved, _ = _generate_cli(capsys, *args, "generate.num_beams=1")
+    assert (resolved["num_beams"], resolved["temperature"]) == (1, 0.7)
+    gen["early_stopping"] = "soon"
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(CheckpointError, match="early_stopping should be true, false or"):
+        generation_settings(path, tok)
+
+
 def test_tokenizer_without_eos_runs_to_max_new_tokens(llama, tmp_path, capsys):
     """A tokenizer with no EOS and a generation_config.json without eos_token_id load;
     rows stop only at max_new_tokens (greedy ids equal transformers' with no EOS),
