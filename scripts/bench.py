@@ -129,12 +129,13 @@ def continuous_workload(n_prompts: int = 200, seed: int = 0):
 
 
 def bench_continuous(cfg, params, n_prompts: int = 200, slots: int = 16,
-                     page_size: int = 16, steps_per_call: int = 32) -> dict:
+                     page_size: int = 16, steps_per_call: int = 32, repeats: int = 3) -> dict:
     """Continuous batching (jaxlm.infer.engine) against static batches of the same
     `slots` rows (jaxlm.generate, each batch running to its longest request), on
     the same workload, greedy, no stop id: both produce exactly each request's
-    max_new_tokens, the tokens counted. Each path runs once to compile, then is
-    timed."""
+    max_new_tokens, the tokens counted. Each path runs once to compile, then the
+    two are timed alternately `repeats` times (identical runs on a shared 2-core VM
+    differ by +-15%): the medians of tokens/s and of the per-pair ratios."""
     from jaxlm.infer.engine import generate_many
     from jaxlm.infer.generate import generate
     prompts, news = continuous_workload(n_prompts)
@@ -149,14 +150,18 @@ def bench_continuous(cfg, params, n_prompts: int = 200, slots: int = 16,
         generate_many(params, cfg, prompts, max_new_tokens=news, slots=slots,
                       page_size=page_size, steps_per_call=steps_per_call)
 
-    tps = {}
-    for name, fn in (("static", static), ("continuous", continuous)):
+    for fn in (static, continuous):
         fn()  # compile
-        t0 = time.perf_counter()
-        fn()
-        tps[name] = sum(news) / (time.perf_counter() - t0)
-    return {"prompts": n_prompts, "slots": slots, "tokens": sum(news), **tps,
-            "ratio": tps["continuous"] / tps["static"]}
+    tps, ratios = {"static": [], "continuous": []}, []
+    for _ in range(repeats):
+        for name, fn in (("static", static), ("continuous", continuous)):
+            t0 = time.perf_counter()
+            fn()
+            tps[name].append(sum(news) / (time.perf_counter() - t0))
+        ratios.append(tps["continuous"][-1] / tps["static"][-1])
+    return {"prompts": n_prompts, "slots": slots, "tokens": sum(news),
+            **{k: float(np.median(v)) for k, v in tps.items()}, "ratio": float(np.median(ratios)),
+            "ratios": [round(r, 3) for r in ratios]}
 
 
 def run_bench(cfg) -> dict:
@@ -183,7 +188,8 @@ def run_bench(cfg) -> dict:
     cb = bench_continuous(cfg.model, params)
     print(f"continuous batching ({cb['prompts']} prompts, lengths and max_new_tokens 8..80, "
           f"{cb['slots']} slots): {cb['continuous']:.0f} tokens/s against {cb['static']:.0f} "
-          f"for static batches (x{cb['ratio']:.2f})")
+          f"for static batches (x{cb['ratio']:.2f}, median of the alternated pairs "
+          f"{', '.join(f'x{r:.2f}' for r in cb['ratios'])})")
     result = {"peak_gflops": round(peak / 1e9, 2), "train_tokens_per_s": round(tps, 1),
               "train_mfu": round(train_mfu, 4), "peak_source": source,
               "decode_tokens_per_s_b1": round(dec[1], 1),
