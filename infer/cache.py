@@ -177,8 +177,7 @@ def is_split(cache: dict) -> bool:
 
 def cache_length(cache: dict) -> int:
     """T, the cache's max_len, from a stacked or a split (`split_layers`) cache."""
-    k = cache["k"]
-    return k[0].shape[2] if isinstance(k, tuple) else k.shape[2]
+    return cache["k"][0].shape[2] if is_split(cache) else cache["k"].shape[2]
 
 
 def quantize(x: jax.Array):

@@ -79,7 +79,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec = MaskSpe
     reference only: any other path is a ConfigError."""
     requested, impl = impl, resolve_impl(impl)
     heads_major = (k, v) if kv_heads_major else None
-    if kv_heads_major:
+    if kv_heads_major:  # every path but the reference takes the token-major view
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if dropout_key is not None and dropout_rate:
         if impl != "xla" or ring_applies(q, k, mask):
@@ -94,11 +94,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec = MaskSpe
     if impl != "xla":
         _check_static(mask)
     impl = call_impl(requested, q, k, mask, bias, softcap)
-    if impl == "xla" and heads_major is not None:
-        return attention_reference(q, *heads_major, mask, bias=bias, scale=scale,
-                                   softcap=softcap, kv_heads_major=True)
     if impl == "xla":
-        return attention_reference(q, k, v, mask, bias=bias, scale=scale, softcap=softcap)
+        return attention_reference(q, *(heads_major or (k, v)), mask, bias=bias, scale=scale,
+                                   softcap=softcap, kv_heads_major=kv_heads_major)
     if impl == "cudnn":
         return _cudnn(q, k, v, mask, bias, scale)
     if impl == "splash":
