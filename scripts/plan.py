@@ -109,7 +109,7 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     import jax
     import optax
 
-    from jaxlm.infer.cache import KV_AXES
+    from jaxlm.infer.cache import cache_axes, cache_shapes
     from jaxlm.model import model_specs
     from jaxlm.model.params import LogicalAxes, abstract, logical_axes
     from jaxlm.sharding.mesh import check_divisible, mesh_shape, model_dims
@@ -190,17 +190,17 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     cache_len = cache_len or (s + cfg.generate.max_new_tokens)
     cache_batch = batch or b
     dec_layers = (m.n_decoder_layers or m.n_layers) if m.family == "encoder_decoder" else m.n_layers
-    kv_spec = partition_spec(KV_AXES, rules)
+    kv_axes = cache_axes()
 
     def kv_bytes(length: int) -> tuple:
-        """(at model.dtype, int8) bytes of K and V [dec_layers, batch, length, KVH, D]:
-        int8 values + a float32 scale per (layer, row, position, head)."""
+        """(at model.dtype, int8) bytes of K and V [dec_layers, batch, length, KVH, D]
+        (+ the int8 scales): the leaves `cache_shapes` gives generate's cache."""
         if m.family == "encoder":
             return 0, 0
-        shape = (dec_layers, cache_batch, length, m.n_kv_heads, m.head_dim)
-        return (2 * shard_bytes(shape, m.dtype, kv_spec, sizes),
-                2 * (shard_bytes(shape, "int8", kv_spec, sizes)
-                     + shard_bytes(shape[:-1], "float32", kv_spec, sizes)))
+        return tuple(sum(shard_bytes(x.shape, x.dtype, partition_spec(kv_axes[n], rules), sizes)
+                         for n, x in cache_shapes(m, cache_batch, length, kv_dtype=kv_dtype,
+                                                  layers=dec_layers).items() if n != "lengths")
+                     for kv_dtype in ("auto", "int8"))
 
     kv_cache, kv_cache_int8 = kv_bytes(cache_len)
     # an encoder-decoder's cross-attention K/V over the encoded input (data.seq_len)

@@ -43,6 +43,8 @@ def test_llama3_8b_on_256_devices_without_devices():
     assert p["optimizer"] == pytest.approx(2 * p["params"], rel=1e-3)
     # kv cache: 2 * 32 layers * 256 batch (over fsdp) * 8256 * 8 kv heads * 128 * 2 bytes
     assert p["kv_cache"] == 2 * 32 * 1 * 8256 * 8 * 128 * 2
+    # int8: 1-byte values + a float32 scale per (layer, row, position, kv head)
+    assert p["kv_cache_int8"] == 2 * 32 * 1 * 8256 * 8 * (128 + 4)
 
 
 def test_mixtral_does_not_fit_exits_non_zero(capsys):
