@@ -82,8 +82,7 @@ def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, keys
     each slot's request.
     Returns (pages, logits, out, slots, steps run)."""
     TRACE_COUNTS["engine_loop"] += 1
-    if _unroll(params, cfg):  # layer weights split once, not copied out per step; q|k|v
-        params = fuse_projections(unstack_layers(params), cfg)  # and gate|up fused
+    params = _decode_params(params, cfg)
     pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     rows = jnp.arange(out.shape[0])
 
@@ -110,6 +109,19 @@ def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, keys
     i, pages, logits, out, slots, _ = jax.lax.while_loop(
         more, body, (jnp.int32(0), pages, logits, out, slots, jnp.int32(0)))
     return pages, logits, out, slots, i
+
+
+def _decode_params(params, cfg):
+    """params as the decode loop and prefill read them: up to generate's unroll
+    limit (`_unroll`), the layer weights split per layer and q|k|v, gate|up
+    concatenated (`unstack_layers`, `fuse_projections`), so no step copies a
+    layer's weights out of the stack; params already split pass through."""
+    if isinstance(params["layers"], (list, tuple)) or not _unroll(params, cfg):
+        return params
+    return fuse_projections(unstack_layers(params), cfg)
+
+
+_prepare = jax.jit(_decode_params, static_argnums=1)
 
 
 @partial(jax.jit, donate_argnames=("pages", "logits"))
@@ -166,6 +178,9 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
             raise InputError(f"{name}={value} must be an integer >= 1")
     eos_ids = eos_array(eos_id, cfg.vocab_size)
     keys_all = row_keys(seed, len(rows), row_seeds)
+    # split (and fused) once for the whole run, not at every round trip and prefill:
+    # the same peak memory as each call's own split (the jitted split is a copy too)
+    params = _prepare(params, cfg)
     need = [len(r) + m for r, m in zip(rows, budgets)]  # positions a request may write, +1
     for i, n in enumerate(need):
         if n > cfg.max_seq_len:
