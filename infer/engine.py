@@ -111,17 +111,20 @@ def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, keys
     return pages, logits, out, slots, i
 
 
+def _splits(params, cfg) -> bool:
+    """Whether `_decode_params` splits these params (stacked, within `_unroll`'s limit)."""
+    return not isinstance(params["layers"], (list, tuple)) and _unroll(params, cfg)
+
+
 def _decode_params(params, cfg):
     """params as the decode loop and prefill read them: up to generate's unroll
     limit (`_unroll`), the layer weights split per layer and q|k|v, gate|up
     concatenated (`unstack_layers`, `fuse_projections`), so no step copies a
-    layer's weights out of the stack; params already split pass through."""
-    if isinstance(params["layers"], (list, tuple)) or not _unroll(params, cfg):
-        return params
-    return fuse_projections(unstack_layers(params), cfg)
+    layer's weights out of the stack; other params pass through."""
+    return fuse_projections(unstack_layers(params), cfg) if _splits(params, cfg) else params
 
 
-_prepare = jax.jit(_decode_params, static_argnums=1)
+_split_once = jax.jit(_decode_params, static_argnums=1)
 
 
 @partial(jax.jit, donate_argnames=("pages", "logits"))
@@ -179,8 +182,10 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
     eos_ids = eos_array(eos_id, cfg.vocab_size)
     keys_all = row_keys(seed, len(rows), row_seeds)
     # split (and fused) once for the whole run, not at every round trip and prefill:
-    # the same peak memory as each call's own split (the jitted split is a copy too)
-    params = _prepare(params, cfg)
+    # the same peak memory as each call's own split (the jitted split is a copy too).
+    # Only when it splits: a jitted pass-through would copy every weight.
+    if _splits(params, cfg):
+        params = _split_once(params, cfg)
     need = [len(r) + m for r, m in zip(rows, budgets)]  # positions a request may write, +1
     for i, n in enumerate(need):
         if n > cfg.max_seq_len:
