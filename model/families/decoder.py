@@ -64,7 +64,7 @@ def _feed_forward(layer, x, cfg, token_mask):
 
 
 def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
-            return_hidden=False, pipeline=None, fresh_cache=False):
+            return_hidden=False, pipeline=None, fresh_cache=False, return_kv=False):
     """tokens [B,S] -> (logits [B,S,V] float32, aux).
 
     Without a cache: a full causal pass; `segment_ids` (0 = padding) keep
@@ -81,6 +81,10 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
     `fresh_cache` (static): the caller guarantees the cache is empty (lengths 0),
     so the tokens attend only to each other; under a context mesh their attention
     is then ring attention over their own K/V (see `_cached_layers`).
+    `return_kv` (static; without a cache, not pipelined): aux["kv"] = {"k", "v":
+    [L,B,S,KVH,D]}, each layer's keys (after RoPE) and values, as a cache holds
+    them (a packed prefill writes them into a paged cache, `jaxlm.infer.engine`).
+    Params with unstacked layers (`unstack_layers`) run the layers unrolled.
     """
     b, s = tokens.shape
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
@@ -98,19 +102,25 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, cache=None,
         mask = MaskSpec(causal=True, q_positions=at, kv_positions=at,
                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids, window=window)
         if pipeline is not None and stage_count() > 1:
+            if return_kv:
+                raise ValueError("return_kv is not available on a pipelined forward")
             x, aux = _pipelined_layers(params, cfg, x, positions, segment_ids, pipeline)
         else:
-            x, aux = _layers(params, cfg, x, positions, mask, segment_ids)
+            x, aux = _layers(params, cfg, x, positions, mask, segment_ids, return_kv)
     else:
         x, aux = _cached_layers(params, cfg, x, positions, cache, window, fresh_cache)
     hidden = norm(params["final_ln"], x, cfg)
     return (hidden if return_hidden else unembed(params, hidden, cfg)), aux
 
 
-def _layers(params, cfg, x, positions, mask, segment_ids):
+def _layers(params, cfg, x, positions, mask, segment_ids, return_kv=False):
     bias = position_bias(params, mask, cfg, bidirectional=False)
-    x, stats = _scan_layers(params["layers"], cfg, x, positions, mask, segment_ids, bias)
-    return x, _layer_mean(stats)
+    x, per_layer = _scan_layers(params["layers"], cfg, x, positions, mask, segment_ids, bias,
+                                return_kv)
+    if not return_kv:
+        return x, _layer_mean(per_layer)
+    stats, (k, v) = per_layer
+    return x, dict(_layer_mean(stats), kv={"k": k, "v": v})
 
 
 def _pipelined_layers(params, cfg, x, positions, segment_ids, pipeline):
@@ -131,8 +141,10 @@ def _pipelined_layers(params, cfg, x, positions, segment_ids, pipeline):
     return x, {**aux, "pipeline": counts}
 
 
-def _scan_layers(layers, cfg, x, positions, mask, segment_ids, bias):
-    """(x after the stacked `layers` [L, ...], per-layer stats [L, ...])."""
+def _scan_layers(layers, cfg, x, positions, mask, segment_ids, bias, return_kv=False):
+    """(x after the stacked `layers` [L, ...], per-layer stats [L, ...]; with
+    return_kv, (stats, (k, v [L, B, S, KVH, D]))). Unstacked layers (a tuple,
+    `unstack_layers`) run unrolled."""
     token_mask = None if segment_ids is None else segment_ids > 0
 
     def block(x, layer):
@@ -141,9 +153,16 @@ def _scan_layers(layers, cfg, x, positions, mask, segment_ids, bias):
         q, k, v = project_qkv(layer["attn"], h, positions, cfg)
         x = x + output_projection(layer["attn"], attend(q, k, v, mask, cfg, bias), cfg)
         y, stats = _feed_forward(layer, x, cfg, token_mask)
-        return x + y, stats
+        return x + y, ((stats, (k, v)) if return_kv else stats)
 
-    return jax.lax.scan(remat(block, cfg), x, layers)
+    block = remat(block, cfg)
+    if isinstance(layers, (list, tuple)):
+        per_layer = []
+        for layer in layers:
+            x, out = block(x, layer)
+            per_layer.append(out)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+    return jax.lax.scan(block, x, layers)
 
 
 def _cached_layers(params, cfg, x, positions, cache, window, fresh=False):
