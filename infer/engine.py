@@ -13,9 +13,12 @@ the next prompts into them and goes on, without waiting for the rest of the
 batch. One refill for two finishes (the default at 16 slots, slots // 8)
 halves the round trips and prefill calls for one slot idling a few steps
 (~1.1x the tokens/s of refilling at every finish on bench-cpu, BENCHMARKS.md).
-The prompts admitted at one refill are prefilled together, in one call,
-padded to a power-of-two row count (<= slots) and prompt width, so prefill
-compiles a bounded number of times (TRACE_COUNTS["admit"], and generate's TRACE_COUNTS["prefill"]).
+The prompts admitted at one refill are prefilled together, packed into one
+row per data shard (up to PACK_TOKENS; each prompt from a page boundary, with
+its own segment id and positions restarting, so it attends only to itself),
+whose K/V are written straight into the slots' pages: no padding rows, no
+contiguous cache to copy from. The pack's width is bucketed (2^k and
+3 x 2^(k-1)), so prefill compiles once per bucket (TRACE_COUNTS["admit"]).
 
 Under `jaxlm.sharding.rules.use_mesh` the pool is created sharded and stays
 so (`jaxlm.infer.paged`): each data shard owns a block of pages and its
@@ -49,17 +52,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.errors import InputError
-from jaxlm.infer.cache import init_cache
 from jaxlm.infer.generate import (DECODING_OFF, PAD_ID, GenerateOutput, _check_prompts,
-                                  _prompt_bucket, _unroll, prefill, row_keys)
+                                  _unroll, row_keys)
 from jaxlm.infer.paged import (PagePool, check_paged_family, constrain_pages, init_pages,
                                pages_for, paged_step, pool_layout, write_prompt)
 from jaxlm.infer.processors import eos_array, is_eos
 from jaxlm.infer.sampling import check_sampling, sample
-from jaxlm.model.families.decoder import fuse_projections, unstack_layers
+from jaxlm.model.families.decoder import decoder, fuse_projections, unstack_layers
+from jaxlm.model.layers.embeddings import unembed
 
 TRACE_COUNTS = {"engine_loop": 0, "admit": 0}
 WIDTH_BUCKET = 64
+PACK_TOKENS = 512  # a prefill pack's width (a prompt's own, if longer): its attention is W^2
 
 
 class _Slots(NamedTuple):
@@ -73,15 +77,16 @@ class _Slots(NamedTuple):
 
 @partial(jax.jit, static_argnames=("cfg", "temperature", "top_k", "top_p", "min_p"),
          donate_argnames=("pages", "logits", "out"))
-def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, keys, eos_ids,
+def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, key_data, eos_ids,
                 max_steps, exit_after, *, temperature: float, top_k: int, top_p: float,
                 min_p: float = 0.0):
     """Up to max_steps decode steps of every live slot; stops early after the step
     where the exit_after-th slot of this call finished (exit_after 0: never).
     logits [S, V]: each slot's next-token logits; out [S, W] int32: the tokens of
-    each slot's request.
-    Returns (pages, logits, out, slots, steps run)."""
+    each slot's request; key_data: the slots' PRNG keys (`jax.random.key_data`,
+    of the default implementation). Returns (pages, logits, out, slots, steps run)."""
     TRACE_COUNTS["engine_loop"] += 1
+    keys = jax.random.wrap_key_data(key_data)
     params = _decode_params(params, cfg)
     pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     rows = jnp.arange(out.shape[0])
@@ -127,17 +132,6 @@ def _decode_params(params, cfg):
 _split_once = jax.jit(_decode_params, static_argnums=1)
 
 
-@partial(jax.jit, donate_argnames=("pages", "logits"))
-def _admit(pages, logits, k, v, page_ids, slot_ids, new_logits):
-    """Write A prefilled prompts' pages (k, v [L, A, T, KVH, D] at page_ids
-    [A, T / ps]) and their next-token logits [A, V] into their slots [A]
-    (slot id S, page id n_pages: a padding row, dropped)."""
-    TRACE_COUNTS["admit"] += 1
-    slots = logits.shape[0]
-    pages = constrain_pages(write_prompt(pages, k, v, page_ids, slots), slots)
-    return pages, logits.at[slot_ids].set(new_logits, mode="drop")
-
-
 class Request(NamedTuple):
     tokens: np.ndarray
     max_new_tokens: int
@@ -180,7 +174,8 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
         if isinstance(value, bool) or int(value) != value or value < 1:
             raise InputError(f"{name}={value} must be an integer >= 1")
     eos_ids = eos_array(eos_id, cfg.vocab_size)
-    keys_all = row_keys(seed, len(rows), row_seeds)
+    # the rows' keys as host data (uint32 [N, 2]): indexed per round trip in numpy
+    key_data = np.asarray(jax.random.key_data(row_keys(seed, len(rows), row_seeds)))
     # split (and fused) once for the whole run, not at every round trip and prefill:
     # the same peak memory as each call's own split (the jitted split is a copy too).
     # Only when it splits: a jitted pass-through would copy every weight.
@@ -258,9 +253,9 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
             ahead = min(steps_per_call, int(st["budget"][s] - st["count"][s] - 1))
             pool.grow(s, int(st["lengths"][s]) + ahead)
         pages, logits, out_dev, slots_dev, _ = decode_loop(
-            params, cfg, pages, logits, out_dev, _Slots(**{k: jnp.asarray(v) for k, v in st.items()}),
-            jnp.asarray(pool.table), keys_all[jnp.asarray(req_of)], eos_ids,
-            jnp.int32(steps_per_call), jnp.int32(min(len(queue), refill_batch)), **sampler)
+            params, cfg, pages, logits, out_dev, _Slots(**{k: v.copy() for k, v in st.items()}),
+            pool.table.copy(), key_data[req_of], eos_ids, np.int32(steps_per_call),
+            np.int32(min(len(queue), refill_batch)), **sampler)
         was_live = st["live"]
         new, out_np = jax.device_get((slots_dev._asdict(), out_dev))
         st = {k: np.array(v) for k, v in new.items()}
@@ -278,26 +273,79 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
 
 
 def _prefill_into(params, cfg, pages, logits, pool: PagePool, group):
-    """Prefill the prompts of group [(slot, prompt)] together (jaxlm.generate's
-    prefill over a contiguous cache, rows padded to a power of two <= slots and
-    width to generate's power-of-two bucket, so it compiles a bounded number of
-    times) and copy each prompt's pages into the pages its slot holds."""
-    ps, slots = pool.page_size, pool.table.shape[0]
-    rows = min(1 << (len(group) - 1).bit_length(), slots)
-    longest = max(len(p) for _, p in group)
-    width = min(_prompt_bucket(longest), cfg.max_seq_len)  # generate's prompt bucket
-    t = -(-width // ps) * ps
-    padded = np.zeros((rows, width), np.int32)
-    lengths = np.ones(rows, np.int32)  # padding rows: one token, written nowhere
-    ids = np.full((rows, t // ps), pool.n_pages, np.int32)
-    slot_ids = np.full(rows, slots, np.int32)
-    for r, (s, prompt) in enumerate(group):
-        padded[r, :len(prompt)], lengths[r], slot_ids[r] = prompt, len(prompt), s
-        ids[r, :len(pool.held[s])] = pool.held[s]
-    cache = init_cache(cfg, rows, t)
-    new_logits, cache = prefill(params, cfg, cache, jnp.asarray(padded), jnp.asarray(lengths))
-    return _admit(pages, logits, cache["k"], cache["v"], jnp.asarray(ids),
-                  jnp.asarray(slot_ids), new_logits)
+    """Prefill the prompts of group [(slot, prompt)] into the pages their slots
+    hold, packed: each data shard's prompts into its own row of at most
+    PACK_TOKENS (a longer prompt alone), the rows of all shards in one call
+    (`_prefill_packed`), as many calls as the fullest shard needs rows."""
+    ps = pool.page_size
+    rows = [[] for _ in range(pool.shards)]  # per shard: its packs [(slot, prompt)]
+    for s, prompt in group:
+        packs = rows[pool.shard_of(s)]
+        if not packs or _packed(packs[-1], ps) + _packed([(s, prompt)], ps) > PACK_TOKENS:
+            packs.append([])
+        packs[-1].append((s, prompt))
+    for k in range(max(map(len, rows))):
+        pages, logits = _prefill_pack(params, cfg, pages, logits, pool,
+                                      [packs[k] if k < len(packs) else [] for packs in rows])
+    return pages, logits
+
+
+def _packed(pack, page_size: int) -> int:
+    """Tokens a pack [(slot, prompt)] takes: each prompt rounded up to a page."""
+    return sum(pages_for(len(p), page_size) for _, p in pack) * page_size
+
+
+def _pack_width(n: int, page_size: int) -> int:
+    """The pack width for n tokens: the next of 2^k and 3 x 2^(k-1) (>= 16),
+    rounded up to a page: a bounded number of compilations, <= 1.5x padding."""
+    w = 16
+    while w < n:
+        w = w * 3 // 2 if w & (w - 1) == 0 else w * 4 // 3
+    return -(-w // page_size) * page_size
+
+
+def _prefill_pack(params, cfg, pages, logits, pool: PagePool, packs):
+    """packs [J][(slot, prompt)]: row j the prompts of data shard j's slots, each
+    from a page boundary (positions restarting, its own segment id) ->
+    `_prefill_packed` over [J, W] tokens."""
+    ps, slots, j = pool.page_size, pool.table.shape[0], len(packs)
+    width = _pack_width(max(_packed(p, ps) for p in packs), ps)
+    n_out = min(slots, j * width // ps)  # the logits rows: a function of the width only
+    tokens, positions, segments = (np.zeros((j, width), np.int32) for _ in range(3))
+    ids = np.full((j, width // ps), pool.n_pages, np.int32)
+    last, slot_ids = np.zeros(n_out, np.int32), np.full(n_out, slots, np.int32)
+    out = 0
+    for row, pack in enumerate(packs):
+        at = 0
+        for seg, (s, prompt) in enumerate(pack, 1):
+            n = len(prompt)
+            tokens[row, at:at + n], positions[row, at:at + n] = prompt, np.arange(n)
+            segments[row, at:at + n] = seg
+            ids[row, at // ps:at // ps + len(pool.held[s])] = pool.held[s]
+            last[out], slot_ids[out] = row * width + at + n - 1, s
+            at, out = at + pages_for(n, ps) * ps, out + 1
+    return _prefill_packed(params, cfg, pages, logits, tokens, positions, segments, last, ids,
+                           slot_ids)
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("pages", "logits"))
+def _prefill_packed(params, cfg, pages, logits, tokens, positions, segments, last, page_ids,
+                    slot_ids):
+    """Prefill packed rows: tokens, positions, segments [J, W] (a row's r-th prompt
+    at segment r + 1, from a page boundary; 0: padding) -> each layer's K/V
+    written at page_ids [J, W / ps] (n_pages: dropped) and the logits after each
+    prompt's last token (at last [R], flat indices into [J * W]) set in slots
+    slot_ids [R] (S: dropped). The attention is the model's causal self-attention
+    within each segment (`decoder`)."""
+    TRACE_COUNTS["admit"] += 1
+    hidden, aux = decoder(params, cfg, tokens, positions=positions, segment_ids=segments,
+                          return_hidden=True, return_kv=True)
+    last_hidden = hidden.reshape(-1, hidden.shape[-1])[last]
+    new_logits = unembed(params, last_hidden[:, None], cfg)[:, 0]
+    slots = logits.shape[0]
+    kv = aux["kv"]
+    pages = constrain_pages(write_prompt(pages, kv["k"], kv["v"], page_ids, slots), slots)
+    return pages, logits.at[slot_ids].set(new_logits, mode="drop")
 
 
 def _budgets(max_new_tokens, n: int) -> list[int]:

@@ -140,6 +140,26 @@ def test_sampled_equals_per_prompt_generate_with_seeds(params, workload):
     check_pages(infos)
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(positions="learned", norm="layernorm", mlp="gelu", n_kv_heads=0, qkv_bias=True,
+         out_bias=True, mlp_bias=True, tie_embeddings=True),
+    dict(sliding_window=5),
+    dict(n_experts=4, experts_per_token=2),
+], ids=["gpt2", "window", "moe"])
+def test_families_equal_per_prompt_generate(workload, overrides):
+    """Learned positions, a window shorter than the prompts (and than a page), a
+    mixture of experts: the packed prefill (prompts sharing one row, segment
+    masks, positions restarting) and the paged steps give generate's tokens."""
+    cfg = dataclasses.replace(CFG, **overrides)
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    prompts, news = (x[:12] for x in workload)
+    want = generate(params, cfg, prompts, max_new_tokens=max(news),
+                    row_seeds=list(range(len(prompts)))).sequences()
+    out = generate_many(params, cfg, prompts, max_new_tokens=news, slots=SLOTS,
+                        page_size=PAGE, steps_per_call=8, n_pages=N_PAGES)
+    assert out.sequences() == [s[:m] for s, m in zip(want, news)]
+
+
 def test_too_small_pool_is_one_line(params, workload):
     prompts, news = workload
     need = max(-(-(len(p) + m - 1) // PAGE) for p, m in zip(prompts, news))
