@@ -140,6 +140,23 @@ def test_sampled_equals_per_prompt_generate_with_seeds(params, workload):
     check_pages(infos)
 
 
+def test_packs_split_at_pack_tokens(params, workload, greedy, monkeypatch):
+    """A refill's prompts beyond PACK_TOKENS go to further packs (one call each),
+    a prompt longer than PACK_TOKENS into a pack of its own: the same tokens."""
+    prompts, news = workload
+    eos, want = greedy
+    monkeypatch.setattr(engine, "PACK_TOKENS", 2 * PAGE)
+    calls = []
+    real = engine._prefill_packed
+    monkeypatch.setattr(engine, "_prefill_packed",
+                        lambda *a: calls.append(a[4].shape[1]) or real(*a))
+    out, infos = run_engine(params, prompts, news, eos_id=eos)
+    assert out.sequences(include_eos=True) == want
+    check_pages(infos)
+    assert len(calls) > sum(bool(i["admitted"]) for i in infos)  # some refills took 2+ packs
+    assert max(calls) > 2 * PAGE  # a long prompt alone, wider than PACK_TOKENS
+
+
 @pytest.mark.parametrize("overrides", [
     dict(positions="learned", norm="layernorm", mlp="gelu", n_kv_heads=0, qkv_bias=True,
          out_bias=True, mlp_bias=True, tie_embeddings=True),
