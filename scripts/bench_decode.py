@@ -21,6 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# timed runs per side, best taken: a 64-token batch-1 run is ~0.1 s, and on a
+# shared 2-core VM single runs differ by up to 25% (BENCHMARKS.md)
+REPEATS = 5
+
 
 def memory_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
     """Bytes/s of a large numpy copy (read + write counted), best of `repeats`."""
@@ -70,7 +74,7 @@ def roofline(cfg, params, batch: int, context: int, bandwidth: float, peak: floa
     return {"tokens_per_s": batch / step, "weight_bound": weight_bytes / bandwidth >= step}
 
 
-def jaxlm_tokens_per_s(cfg, params, prompts, new_tokens: int, repeats: int = 2):
+def jaxlm_tokens_per_s(cfg, params, prompts, new_tokens: int, repeats: int = REPEATS):
     from jaxlm.infer.generate import generate
     generate(params, cfg, prompts, max_new_tokens=new_tokens)  # compile
     best, out = math.inf, None
@@ -81,7 +85,8 @@ def jaxlm_tokens_per_s(cfg, params, prompts, new_tokens: int, repeats: int = 2):
     return float(np.sum(out.lengths)) / best, out.tokens
 
 
-def hf_tokens_per_s(cfg, params, prompts, new_tokens: int, threads: int = 2, repeats: int = 2):
+def hf_tokens_per_s(cfg, params, prompts, new_tokens: int, threads: int = 2,
+                    repeats: int = REPEATS):
     import torch
     from transformers import AutoModelForCausalLM
 
