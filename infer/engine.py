@@ -53,12 +53,12 @@ import numpy as np
 
 from jaxlm.errors import InputError
 from jaxlm.infer.generate import (DECODING_OFF, PAD_ID, GenerateOutput, _check_prompts,
-                                  _unroll, row_keys)
+                                  decode_params, row_keys, splits)
 from jaxlm.infer.paged import (PagePool, check_paged_family, constrain_pages, init_pages,
                                pages_for, paged_step, pool_layout, write_prompt)
 from jaxlm.infer.processors import eos_array, is_eos
 from jaxlm.infer.sampling import check_sampling, sample
-from jaxlm.model.families.decoder import decoder, fuse_projections, unstack_layers
+from jaxlm.model.families.decoder import decoder
 from jaxlm.model.layers.embeddings import unembed
 
 TRACE_COUNTS = {"engine_loop": 0, "admit": 0}
@@ -87,7 +87,7 @@ def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, key_
     of the default implementation). Returns (pages, logits, out, slots, steps run)."""
     TRACE_COUNTS["engine_loop"] += 1
     keys = jax.random.wrap_key_data(key_data)
-    params = _decode_params(params, cfg)
+    params = decode_params(params, cfg)
     pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     rows = jnp.arange(out.shape[0])
 
@@ -116,20 +116,7 @@ def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, key_
     return pages, logits, out, slots, i
 
 
-def _splits(params, cfg) -> bool:
-    """Whether `_decode_params` splits these params (stacked, within `_unroll`'s limit)."""
-    return not isinstance(params["layers"], (list, tuple)) and _unroll(params, cfg)
-
-
-def _decode_params(params, cfg):
-    """params as the decode loop and prefill read them: up to generate's unroll
-    limit (`_unroll`), the layer weights split per layer and q|k|v, gate|up
-    concatenated (`unstack_layers`, `fuse_projections`), so no step copies a
-    layer's weights out of the stack; other params pass through."""
-    return fuse_projections(unstack_layers(params), cfg) if _splits(params, cfg) else params
-
-
-_split_once = jax.jit(_decode_params, static_argnums=1)
+_split_once = jax.jit(decode_params, static_argnums=1)
 
 
 class Request(NamedTuple):
@@ -179,7 +166,7 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
     # split (and fused) once for the whole run, not at every round trip and prefill:
     # the same peak memory as each call's own split (the jitted split is a copy too).
     # Only when it splits: a jitted pass-through would copy every weight.
-    if _splits(params, cfg):
+    if splits(params, cfg):
         params = _split_once(params, cfg)
     need = [len(r) + m for r, m in zip(rows, budgets)]  # positions a request may write, +1
     for i, n in enumerate(need):

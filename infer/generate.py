@@ -407,9 +407,9 @@ def decode(params, cfg, cache, logits, keys, max_new_tokens, eos_id, *, width: i
     the cache restacked once after it: no step copies a layer's weights or cache
     out of a stack. The split weights' q|k|v and gate|up are concatenated there
     too (`fuse_projections`): one matmul each per step."""
-    split = _unroll(params, cfg)
+    split = splits(params, cfg)
     if split:
-        params, cache = fuse_projections(unstack_layers(params), cfg), split_layers(cache)
+        params, cache = decode_params(params, cfg), split_layers(cache)
 
     def step(cache, tokens):
         TRACE_COUNTS["decode_step"] += 1
@@ -430,6 +430,19 @@ def _unroll(params, cfg) -> bool:
     both while the loop runs)."""
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["layers"]))
     return cfg.n_layers <= UNROLL_MAX_LAYERS and nbytes <= UNROLL_MAX_BYTES
+
+
+def splits(params, cfg) -> bool:
+    """Whether `decode_params` splits these params (stacked, within `_unroll`'s limit)."""
+    return not isinstance(params["layers"], (list, tuple)) and _unroll(params, cfg)
+
+
+def decode_params(params, cfg):
+    """params as a decode loop reads them (`decode`, the paged engine): up to the
+    unroll limit (`_unroll`), the layer weights split per layer and q|k|v, gate|up
+    concatenated (`unstack_layers`, `fuse_projections`), so no step copies a
+    layer's weights out of the stack; other params pass through."""
+    return fuse_projections(unstack_layers(params), cfg) if splits(params, cfg) else params
 
 
 def gather_cache(cache: dict, rows: jax.Array) -> dict:
