@@ -23,7 +23,10 @@ contiguous cache to copy from. The pack's width is bucketed (2^k and
 Under `jaxlm.sharding.rules.use_mesh` the pool is created sharded and stays
 so (`jaxlm.infer.paged`): each data shard owns a block of pages and its
 slots allocate only from it; n_pages is rounded up to a multiple of the data
-shards, each of which must fit the longest request.
+shards, each of which must fit the longest request. Multi-process (a global
+mesh over several processes' devices): every process runs the same host loop
+on the same host state, and each round trip's per-slot state is gathered to
+all of them (`jaxlm.sharding.distributed.fetch`).
 
 Memory: a slot holds the pages its sequence has written, plus, during one
 round trip, the pages the next `steps_per_call` tokens may need; after each
@@ -60,6 +63,7 @@ from jaxlm.infer.processors import eos_array, is_eos
 from jaxlm.infer.sampling import check_sampling, sample
 from jaxlm.model.families.decoder import decoder
 from jaxlm.model.layers.embeddings import unembed
+from jaxlm.sharding.distributed import fetch
 
 TRACE_COUNTS = {"engine_loop": 0, "admit": 0}
 WIDTH_BUCKET = 64
@@ -244,7 +248,9 @@ def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
             pool.table.copy(), key_data[req_of], eos_ids, np.int32(steps_per_call),
             np.int32(min(len(queue), refill_batch)), **sampler)
         was_live = st["live"]
-        new, out_np = jax.device_get((slots_dev._asdict(), out_dev))
+        # every process runs this loop on the same host state; fetch gathers what
+        # spans other processes' devices (a collective each of them calls)
+        new, out_np = fetch((slots_dev._asdict(), out_dev))
         st = {k: np.array(v) for k, v in new.items()}
         for s in range(slots):
             if was_live[s] and not st["live"][s]:  # finished: collect, free its pages

@@ -233,8 +233,6 @@ def _use_engine(engine: str, cfg, kwargs: dict) -> bool:
 
     from jaxlm.infer.engine import unsupported
     why = unsupported(cfg, kwargs)
-    if why is None and jax.process_count() > 1:  # its host round trips read local arrays
-        why = "a multi-process run uses the static path"
     if engine == "continuous" and why:
         raise InputError(f"--engine continuous: {why}; use --engine static")
     return engine != "static" and why is None

@@ -198,13 +198,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def two_processes(path, inp, out, exit_at=(0, 0)):
-    """`jaxlm batch-infer` as 2 processes x 4 CPU devices; process i dies before its
-    batch exit_at[i] (0: never), and then the other is killed (SIGKILL)."""
+def two_processes(path, inp, out, exit_at=(0, 0), engine="static"):
+    """`jaxlm batch-infer --engine engine` as 2 processes x 4 CPU devices; process i
+    dies before its batch exit_at[i] (0: never), and then the other is killed (SIGKILL)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     coordinator = f"localhost:{_free_port()}"
     args = ["--checkpoint", str(path), "--input", inp, "--output", out, "--batch-size", "2",
-            *GEN, *MESH]
+            "--engine", engine, *GEN, *MESH]
     procs = [subprocess.Popen([sys.executable, WORKER, coordinator, str(i), str(exit_at[i]),
                                *args], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -237,6 +237,17 @@ def test_two_processes_write_one_file_and_resume_after_a_kill(dirs, llama_run, t
     assert f"{len(partial)} already done" in logs[0]
     with open(out, "rb") as f, open(ref, "rb") as g:
         assert f.read() == g.read()  # every row once, byte for byte the 1-process file
+
+
+def test_two_processes_continuous_batching(dirs, llama_run, tmp_path):
+    """The paged engine across 2 processes (every process runs the host loop, the
+    per-slot state gathered at each round trip): the 1-process file, byte for byte."""
+    inp, ref = llama_run
+    out = str(tmp_path / "out.jsonl")
+    codes, logs = two_processes(dirs["llama"][0], inp, out, engine="continuous")
+    assert codes == [0, 0], logs
+    with open(out, "rb") as f, open(ref, "rb") as g:
+        assert f.read() == g.read()
 
 
 class _Tok:
