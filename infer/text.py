@@ -121,11 +121,15 @@ def decoding_defaults(gen: dict, path) -> dict:
     return out
 
 
-def given_generate_keys(overrides=(), *sections) -> frozenset:
-    """The generate.* keys a user gave: `generate.KEY=value` overrides, and the keys of
-    each `sections` dict's "generate" mapping (a config file, a run's saved config)."""
-    from jaxlm.model.config import parse_override
-    keys = set()
+def given_generate_keys(overrides=(), *sections, saved=None) -> frozenset:
+    """The generate.* keys a user gave: `generate.KEY=value` overrides, the keys of
+    each `sections` dict's "generate" mapping (a config file), and of `saved` (a run's
+    saved generate section, which holds every key) those that differ from
+    GenerateConfig's defaults: a run made from a Hugging Face dir (`jaxlm quantize`)
+    keeps its generation_config.json's decoding defaults."""
+    from jaxlm.model.config import GenerateConfig, parse_override, to_dict
+    defaults = to_dict(GenerateConfig())
+    keys = {k for k, v in (saved or {}).items() if k not in defaults or v != defaults[k]}
     for text in overrides:
         key = parse_override(text)[0] if isinstance(text, str) else text[0]
         if key.startswith("generate."):

@@ -304,9 +304,9 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
                                       chat_template=template)))
     gen = generation_settings(checkpoint, tok)
     # generation_config.json's decoding defaults for the keys not given (a run's saved
-    # generate section gives them all)
+    # generate section: those it sets to other than the defaults)
     g = resolve_generate(g, gen, given_generate_keys(
-        overrides, {} if hf_dir else {"generate": to_dict(g)}))
+        overrides, saved=None if hf_dir else to_dict(g)))
     stops = stop_ids(gen.eos_ids, g, cfg.vocab_size)
     settings = _hash({"checkpoint": os.path.realpath(checkpoint), "step": step,
                       "generate": to_dict(g), "model": sorted(model_overrides),

@@ -86,7 +86,8 @@ def run_generate(args):
         saved = {"generate": to_dict(read_run_config(args.checkpoint).generate)}
     gen_cfg = load_config(args.config, overrides) if args.config else config_from_dict(
         saved, overrides)
-    given = given_generate_keys(overrides, saved, read_yaml(args.config) if args.config else {})
+    given = given_generate_keys(overrides, read_yaml(args.config) if args.config else {},
+                                saved=saved.get("generate"))
     cfg, params = jaxlm.load(args.checkpoint, step=getattr(args, "step", None))
     cfg = apply_model_overrides(cfg, model_overrides)
     tok = jaxlm.load_tokenizer(args.checkpoint)

@@ -307,6 +307,12 @@ def test_generation_config_sampling_defaults(llama, tmp_path, capsys):
     greedy = jaxlm.generate(params, cfg, PROMPTS, tokenizer=tok, eos_id=eos, max_new_tokens=NEW)
     assert stdout == _expected(PROMPTS, greedy.texts)
     assert sampled.texts != greedy.texts  # the defaults did change the decoding
+    # a run quantized from the dir keeps them (its saved generate section is defaults)
+    from jaxlm.scripts.quantize import run_quantize
+    run_quantize(str(path), str(tmp_path / "int8"))
+    resolved, _ = _generate_cli(capsys, "--checkpoint", tmp_path / "int8", "--prompt",
+                                PROMPTS[0], "generate.max_new_tokens=2")
+    assert (resolved["temperature"], resolved["top_k"]) == (0.7, 5)
     gen["do_sample"] = False  # transformers: greedy whatever the temperature says
     (path / "generation_config.json").write_text(json.dumps(gen))
     resolved, stdout = _generate_cli(capsys, *args)
