@@ -24,7 +24,7 @@ from jaxlm.train import checkpoint
 from jaxlm.train.loop import CONFIG_FILE, _write_config, read_run_config
 
 
-def _kind(path) -> str:
+def checkpoint_kind(path) -> str:
     """"jaxlm" or "hf"; CheckpointError (one line) for a missing dir or one that is neither."""
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(f"load: path must be a checkpoint directory (a str), "
@@ -47,7 +47,7 @@ def _kind(path) -> str:
 def model_config_of(path) -> ModelConfig:
     """The ModelConfig of a jaxlm run dir (its config.yaml) or an HF dir (its config.json;
     param_dtype and dtype float32). Reads no weights."""
-    if _kind(path) == "hf":
+    if checkpoint_kind(path) == "hf":
         try:
             return hf.model_config(path)
         except (TypeError, ValueError, KeyError) as e:  # a field of the wrong type or value
@@ -67,7 +67,7 @@ def load_params(path, cfg: ModelConfig, shardings=None, step: int | None = None)
     whole on one process. CheckpointError (one line) for a missing dir, a dir that
     is neither kind, a missing tensor or one whose shape does not match cfg.
     """
-    kind = _kind(path)
+    kind = checkpoint_kind(path)
     stored = read_run_config(os.fspath(path)).model.weight_dtype if kind == "jaxlm" else ""
     if stored != cfg.weight_dtype:  # int8 from float weights, or float from an int8 run
         return _convert_weights(path, cfg, stored, shardings, step)
@@ -120,7 +120,7 @@ def lora_adapters(path, step: int | None = None):
     its checkpoint holds (the base is not in it: train.init_from names it)."""
     from jaxlm.train import lora
     path = os.fspath(path)
-    if _kind(path) != "jaxlm" or not read_run_config(path).train.lora_rank:
+    if checkpoint_kind(path) != "jaxlm" or not read_run_config(path).train.lora_rank:
         raise CheckpointError(f"{path} is not a LoRA run dir (train.lora_rank > 0)")
     run = read_run_config(path)
     adapters = checkpoint.restore_params(path, abstract(lora.lora_specs(run.model, run.train)),

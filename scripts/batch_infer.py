@@ -172,11 +172,11 @@ def _run_settings(checkpoint: str, overrides):
     """(run config with generate + mesh, model.* overrides, whether `checkpoint` is an
     HF dir). A jaxlm run dir's saved generate/mesh settings are the base; an HF dir
     has none (its generation_config.json gives the stop ids, see `stop_ids`)."""
-    from jaxlm.api import _kind
+    from jaxlm.api import checkpoint_kind
     from jaxlm.model.config import config_from_dict, to_dict
     from jaxlm.scripts.generate import split_model_overrides
     from jaxlm.train.loop import read_run_config
-    hf_dir = _kind(checkpoint) == "hf"
+    hf_dir = checkpoint_kind(checkpoint) == "hf"
     model_overrides, overrides = split_model_overrides(list(overrides))
     saved = {} if hf_dir else read_run_config(checkpoint)
     base = {} if hf_dir else {"generate": to_dict(saved.generate), "mesh": to_dict(saved.mesh)}

@@ -7,7 +7,6 @@ decoder start and the decoding defaults of generation_config.json from
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from jaxlm.errors import CheckpointError, InputError
 from jaxlm.infer.text import (decode_ids, encode_prompts, generation_settings,  # noqa: F401
@@ -74,13 +73,12 @@ def run_generate(args):
     from jaxlm.model.config import config_from_dict, load_config, read_yaml, to_dict
     from jaxlm.train.loop import read_run_config
 
-    from jaxlm.model.hf import is_hf_checkpoint
+    from jaxlm.api import checkpoint_kind
 
     prompts = read_prompts(args)
     template = chat_template_for(args.checkpoint) if getattr(args, "chat", False) else None
     model_overrides, overrides = split_model_overrides(args.overrides)
-    if is_hf_checkpoint(args.checkpoint) and not os.path.exists(
-            os.path.join(args.checkpoint, "config.yaml")):
+    if checkpoint_kind(args.checkpoint) == "hf":
         saved = {}  # a Hugging Face dir: generation settings from the command line only
     else:
         saved = {"generate": to_dict(read_run_config(args.checkpoint).generate)}
@@ -133,10 +131,9 @@ def stop_ids(eos_ids, g, vocab_size: int) -> list[int]:
 def chat_template_for(checkpoint) -> str:
     """--chat: the checkpoint's chat template (a fine-tuning run's: the one it trained
     with); a checkpoint without one is a CheckpointError."""
+    from jaxlm.api import checkpoint_kind
     from jaxlm.model.chat import chat_template_of, resolve_chat_template
-    if not os.path.isdir(checkpoint):
-        raise CheckpointError(f"checkpoint dir {checkpoint} does not exist")
-    if not os.path.exists(os.path.join(checkpoint, "config.yaml")):
+    if checkpoint_kind(checkpoint) == "hf":
         template = chat_template_of(checkpoint)
     else:
         from jaxlm.train.loop import read_run_config

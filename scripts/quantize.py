@@ -29,7 +29,7 @@ def _check_out(out: str) -> None:
 def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | None = None) -> str:
     """Quantize `src` into the new run dir `out`; returns the one-line summary."""
     import jaxlm
-    from jaxlm.api import _chmod_umask, _kind, model_config_of
+    from jaxlm.api import _chmod_umask, checkpoint_kind, model_config_of
     from jaxlm.model.config import Config, DataConfig
     from jaxlm.model.quantize import param_bytes
     from jaxlm.scripts.convert import TOKENIZER_FILES
@@ -45,7 +45,7 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     if base.weight_dtype == "int8":
         raise CheckpointError(f"--checkpoint {src} is already int8 (model.weight_dtype=int8)")
     cfg = dataclasses.replace(base, weight_dtype=weight_dtype)
-    if _kind(src) == "jaxlm":
+    if checkpoint_kind(src) == "jaxlm":
         run = read_run_config(src)  # keep its data/generate settings; it is no LoRA run now
         full = dataclasses.replace(run, model=cfg, train=dataclasses.replace(
             run.train, lora_rank=0, lora_base_dtype="same", init_from=""))
