@@ -135,23 +135,28 @@ def bench_continuous(cfg, params, n_prompts: int = 200, slots: int = 16,
     the same workload, greedy, no stop id: both produce exactly each request's
     max_new_tokens, the tokens counted. Each path runs once to compile, then the
     two are timed alternately `repeats` times (identical runs on a shared 2-core VM
-    differ by +-15%): the medians of tokens/s and of the per-pair ratios."""
+    differ by +-15%): the medians of tokens/s and of the per-pair ratios, and in
+    how many requests the compile runs' tokens are equal (same_outputs)."""
     from jaxlm.infer.engine import generate_many
     from jaxlm.infer.generate import generate
     prompts, news = continuous_workload(n_prompts)
     max_len = -(-(max(map(len, prompts)) + max(news)) // 128) * 128
 
     def static():
+        rows = []
         for i in range(0, len(prompts), slots):
-            generate(params, cfg, prompts[i:i + slots], max_new_tokens=max(news[i:i + slots]),
-                     max_len=max_len, row_seeds=list(range(i, i + len(prompts[i:i + slots]))))
+            batch, want = prompts[i:i + slots], news[i:i + slots]
+            out = generate(params, cfg, batch, max_new_tokens=max(want), max_len=max_len,
+                           row_seeds=list(range(i, i + len(batch))))
+            rows += [s[:m] for s, m in zip(out.sequences(), want)]
+        return rows
 
     def continuous():
-        generate_many(params, cfg, prompts, max_new_tokens=news, slots=slots,
-                      page_size=page_size, steps_per_call=steps_per_call)
+        return generate_many(params, cfg, prompts, max_new_tokens=news, slots=slots,
+                             page_size=page_size, steps_per_call=steps_per_call).sequences()
 
-    for fn in (static, continuous):
-        fn()  # compile
+    # the compile runs: the two paths' tokens, request by request
+    same = sum(a == b for a, b in zip(static(), continuous()))
     tps, ratios = {"static": [], "continuous": []}, []
     for _ in range(repeats):
         for name, fn in (("static", static), ("continuous", continuous)):
@@ -159,7 +164,7 @@ def bench_continuous(cfg, params, n_prompts: int = 200, slots: int = 16,
             fn()
             tps[name].append(sum(news) / (time.perf_counter() - t0))
         ratios.append(tps["continuous"][-1] / tps["static"][-1])
-    return {"prompts": n_prompts, "slots": slots, "tokens": sum(news),
+    return {"prompts": n_prompts, "slots": slots, "tokens": sum(news), "same_outputs": same,
             **{k: float(np.median(v)) for k, v in tps.items()}, "ratio": float(np.median(ratios)),
             "ratios": [round(r, 3) for r in ratios]}
 
@@ -189,7 +194,8 @@ def run_bench(cfg) -> dict:
     print(f"continuous batching ({cb['prompts']} prompts, lengths and max_new_tokens 8..80, "
           f"{cb['slots']} slots): {cb['continuous']:.0f} tokens/s against {cb['static']:.0f} "
           f"for static batches (x{cb['ratio']:.2f}, median of the alternated pairs "
-          f"{', '.join(f'x{r:.2f}' for r in cb['ratios'])})")
+          f"{', '.join(f'x{r:.2f}' for r in cb['ratios'])}; outputs equal for "
+          f"{cb['same_outputs']} of {cb['prompts']} prompts)")
     result = {"peak_gflops": round(peak / 1e9, 2), "train_tokens_per_s": round(tps, 1),
               "train_mfu": round(train_mfu, 4), "peak_source": source,
               "decode_tokens_per_s_b1": round(dec[1], 1),
@@ -202,6 +208,7 @@ def run_bench(cfg) -> dict:
               "continuous_tokens_per_s": round(cb["continuous"], 1),
               "static_batching_tokens_per_s": round(cb["static"], 1),
               "continuous_over_static": round(cb["ratio"], 3),
+              "continuous_same_outputs": cb["same_outputs"],
               "decode_vs_hf": vs_hf}
     print(json.dumps(result))
     return result
