@@ -229,8 +229,6 @@ CONTINUOUS_CHUNK = 8  # continuous batching: a chunk is 8 x batch_size prompts o
 
 def _use_engine(engine: str, cfg, kwargs: dict) -> bool:
     """auto: continuous batching where it computes the same outputs, else static."""
-    import jax
-
     from jaxlm.infer.engine import unsupported
     why = unsupported(cfg, kwargs)
     if engine == "continuous" and why:
