@@ -12,7 +12,8 @@ many as wait), and the host then returns the finished slots' pages, prefills
 the next prompts into them and goes on, without waiting for the rest of the
 batch. One refill for two finishes (the default at 16 slots, slots // 8)
 halves the round trips and prefill calls for one slot idling a few steps
-(~1.1x the tokens/s of refilling at every finish on bench-cpu, BENCHMARKS.md).
+(~1.1x the tokens/s of refilling at every finish on bench-cpu before packed
+prefill, ~1.05x since; BENCHMARKS.md).
 The prompts admitted at one refill are prefilled together, packed into one
 row per data shard (up to PACK_TOKENS; each prompt from a page boundary, with
 its own segment id and positions restarting, so it attends only to itself),
