@@ -59,6 +59,31 @@ def test_greedy_equals_jnp_argmax_on_ties_infs_and_nans():
     np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
 
 
+@pytest.mark.parametrize("vocab", [4096, 4099, 32000])
+@pytest.mark.parametrize("case", ["finite", "infs", "nans"])
+def test_chunked_greedy_equals_argmax(vocab, case):
+    """From GREEDY_CHUNK_MIN ids greedy goes by chunks (a padded last chunk when the
+    vocab is not a multiple): still the first max, and with a NaN anywhere in the
+    batch the first NaN of each row that has one. XLA:CPU's max over a long row
+    skips NaNs, so a row with its NaN after its max is the case that bites."""
+    rng = np.random.default_rng(vocab)
+    x = rng.integers(-3, 4, size=(2, 6, vocab)).astype(np.float32)  # ties in every chunk
+    x[0, 0, :2], x[0, 0, 2:] = [-0.0, 0.0], -1.0
+    x[0, 1, vocab - 1] = 9.0  # the max in the (padded) last chunk
+    x[0, 2, 300:] = -np.inf
+    if case != "finite":
+        x[1, 0] = -np.inf
+        x[1, 1, 5:] = np.inf
+        x[1, 2, 200] = -np.inf
+    if case == "nans":
+        x[1, 3, [vocab - 3, 700]] = np.nan  # after the row's first max
+        x[1, 4] = np.nan
+        x[1, 5, 10], x[1, 5, vocab - 2] = 9.0, -np.nan
+    got = jax.jit(greedy)(jnp.asarray(x))
+    assert got.dtype == jnp.int32 and got.shape == (2, 6)
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+
+
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0])
 def test_top_k_1_is_greedy(logits, temperature):
     out = jsample(jnp.asarray(logits), jax.random.key(1), temperature=temperature, top_k=1)
