@@ -368,7 +368,7 @@ def _check_lengths(rows, encoded, cfg, max_new_tokens: int, input_path: str):
     the input line and id of a prompt that does not fit."""
     if cfg.family != "decoder":
         return None
-    from jaxlm.infer.generate import CACHE_BUCKET, _round_up
+    from jaxlm.infer.generate import _cache_len
     for r in rows:
         n = len(encoded[_key(r["id"])])
         if n + max_new_tokens > cfg.max_seq_len:
@@ -376,7 +376,7 @@ def _check_lengths(rows, encoded, cfg, max_new_tokens: int, input_path: str):
                              f"{n} tokens + generate.max_new_tokens={max_new_tokens}, more than "
                              f"model.max_seq_len={cfg.max_seq_len}")
     longest = max(len(v) for v in encoded.values())
-    return min(_round_up(longest + max_new_tokens, CACHE_BUCKET), cfg.max_seq_len)
+    return _cache_len(cfg, longest, max_new_tokens, None)
 
 
 def run_batch_infer(args):
