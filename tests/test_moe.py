@@ -66,6 +66,33 @@ def test_capacity_drops_tokens_in_order(layer):
     assert aux["dropped_fraction"] > 0
 
 
+def test_masked_tokens_take_no_capacity(layer):
+    """Padding (token_mask 0) before real tokens, as a flattened right-padded batch
+    puts row 0's padding before row 1's tokens: what the padding holds changes
+    nothing, and the real tokens keep what they keep alone (capacity still counts
+    every position: ceil(0.5 * 16 * 2 / 4) = 4 per expert, as for 16 real tokens)."""
+    cfg = dataclasses.replace(CFG, moe_capacity_factor=0.5)
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(8, 16)).astype(np.float32)
+    mask = jnp.asarray(np.r_[np.zeros(8), np.ones(8)].reshape(1, 16))
+    outs = []
+    for pad in (real, rng.normal(size=(8, 16)).astype(np.float32), np.zeros((8, 16), np.float32)):
+        y, aux = moe(layer, jnp.asarray(np.r_[pad, real][None]), cfg, token_mask=mask)
+        outs.append(np.asarray(y[0, 8:]))
+    # the oracle: the real tokens, assignments kept in (token, slot) order, 4 per expert
+    logits = real.astype(np.float64) @ layer["router"]
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :2]
+    seen, keep = {}, np.zeros((8, 2), bool)
+    for t in range(8):
+        for j in range(2):
+            keep[t, j] = seen.get(top[t, j], 0) < 4
+            seen[top[t, j]] = seen.get(top[t, j], 0) + 1
+    assert not keep.all()  # some real assignment is dropped: the capacity binds
+    for out in outs:
+        np.testing.assert_allclose(out, naive_moe(layer, real, 2, keep), atol=1e-5)
+    np.testing.assert_allclose(aux["dropped_fraction"], 1 - keep.mean(), atol=1e-6)
+
+
 def test_aux_losses_match_their_definitions(layer):
     x = np.random.default_rng(2).normal(size=(1, 10, 16)).astype(np.float32)
     mask = np.array([[1] * 8 + [0] * 2])

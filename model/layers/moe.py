@@ -4,7 +4,8 @@ Routing: softmax over the k selected router logits (= softmax over all, top-k,
 renormalised). Dropless by default: assignments are sorted by expert and run
 as grouped matmuls (`lax.ragged_dot`). With `moe_capacity_factor` c > 0 each
 expert takes at most ceil(c * tokens * k / experts) assignments, in token
-order; the rest are dropped (their weight is zeroed) and counted.
+order; the rest are dropped (their weight is zeroed) and counted. Tokens the
+token mask leaves out (padding) take no capacity.
 
 Expert parallelism: under a mesh (`use_mesh`) whose rules put `experts` on
 the `expert` axis and the batch over it, with a capacity factor set (fixed
@@ -47,13 +48,21 @@ def route(p, x, cfg):
     return jax.nn.softmax(top_logits, axis=-1), experts, logits
 
 
-def _keep_within_capacity(experts, cfg):
-    """[T,k] bool: which assignments fit their expert's capacity (token order)."""
+def _expert_rank(flat_experts, n_experts: int, counted):
+    """[N] each assignment's place among its expert's counted ([N] bool) assignments,
+    in order (0 for one not counted)."""
+    onehot = jax.nn.one_hot(flat_experts, n_experts, dtype=jnp.int32) * counted[:, None]
+    return jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)
+
+
+def _keep_within_capacity(experts, cfg, valid):
+    """[T,k] bool: which assignments of valid ([T] bool) tokens fit their expert's
+    capacity (token order). Masked tokens (padding) take no capacity."""
     t, k = experts.shape
     capacity = math.ceil(cfg.moe_capacity_factor * t * k / cfg.n_experts)
-    onehot = jax.nn.one_hot(experts.reshape(-1), cfg.n_experts, dtype=jnp.int32)  # [T*k,E]
-    rank = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # place in its expert
-    return (rank < capacity).reshape(t, k)
+    counted = jnp.repeat(valid, k)
+    rank = _expert_rank(experts.reshape(-1), cfg.n_experts, counted)
+    return (counted & (rank < capacity)).reshape(t, k)
 
 
 def _experts_grouped(p, x, weights, experts, cfg):
@@ -104,8 +113,7 @@ def _experts_all_to_all(p, x, weights, experts, keep, cfg, plan):
     def local(x, weights, experts, keep, gate, up, down):
         tl = x.shape[0]
         flat_e = experts.reshape(-1)  # [Tl*k], token-major
-        onehot = jax.nn.one_hot(flat_e, e, dtype=jnp.int32)
-        rank = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)
+        rank = _expert_rank(flat_e, e, keep.reshape(-1))  # the kept: their capacity rank
         slot = jnp.where(keep.reshape(-1), flat_e * capacity + rank, e * capacity)  # drop: OOB
         buf = jnp.zeros((e * capacity, d), dt).at[slot].set(jnp.repeat(x, k, axis=0),
                                                             mode="drop")
@@ -133,14 +141,14 @@ def moe(p, x, cfg, token_mask=None):
     plan = expert_parallel_plan(cfg, b * s)
     if plan is not None:  # capacity per device's tokens, as the all-to-all buffers hold them
         shards = plan[2]
-        fits = jax.vmap(lambda ex: _keep_within_capacity(ex, cfg))(
-            experts.reshape(shards, -1, experts.shape[-1])).reshape(experts.shape)
-        keep = valid[:, None] & fits
+        keep = jax.vmap(lambda ex, v: _keep_within_capacity(ex, cfg, v))(
+            experts.reshape(shards, -1, experts.shape[-1]),
+            valid.reshape(shards, -1)).reshape(experts.shape)
         y = _experts_all_to_all(p, flat, jnp.where(keep, weights, 0.0), experts, keep, cfg, plan)
         aux = router_stats(logits, experts, keep, valid, cfg)
         return constrain(y.reshape(b, s, d), ("batch", "seq", "embed")), aux
-    keep = valid[:, None] & (_keep_within_capacity(experts, cfg)
-                             if cfg.moe_capacity_factor > 0 else True)
+    keep = (_keep_within_capacity(experts, cfg, valid) if cfg.moe_capacity_factor > 0
+            else valid[:, None])
     y = _experts_grouped(p, flat, jnp.where(keep, weights, 0.0), experts, cfg)
     aux = router_stats(logits, experts, keep, valid, cfg)
     return constrain(y.reshape(b, s, d), ("batch", "seq", "embed")), aux
