@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm.errors import InputError
 from jaxlm.model.adapters import layer_weights, materialize_outside_layers
 from jaxlm.model.config import dtype_of
-from jaxlm.model.families.decoder import _feed_forward
+from jaxlm.model.families.decoder import _feed_forward, over_layers
 from jaxlm.model.kernels.paged import paged_attention
 from jaxlm.model.layers.attention import output_projection, project_qkv
 from jaxlm.model.layers.embeddings import embed_tokens_and_positions, unembed
@@ -281,13 +281,6 @@ def paged_step(params, cfg, pages: dict, page_table, lengths, tokens, live):
         y, _ = _feed_forward(layer, x, cfg, None)
         return (x + y, pk, pv), None
 
-    carry = (x, pages["k"], pages["v"])
-    if isinstance(params["layers"], (list, tuple)):  # unstacked (`unstack_layers`): unrolled
-        for i, layer in enumerate(params["layers"]):
-            carry, _ = block(carry, (layer, i))
-        x, pk, pv = carry
-    else:
-        layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-        (x, pk, pv), _ = jax.lax.scan(block, carry, (params["layers"], layer_ids))
+    (x, pk, pv), _ = over_layers(block, (x, pages["k"], pages["v"]), params["layers"])
     hidden = norm(params["final_ln"], x, cfg)
     return unembed(params, hidden, cfg)[:, 0], {"k": pk, "v": pv}

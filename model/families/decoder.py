@@ -156,13 +156,22 @@ def _scan_layers(layers, cfg, x, positions, mask, segment_ids, bias, return_kv=F
         return x + y, ((stats, (k, v)) if return_kv else stats)
 
     block = remat(block, cfg)
+    return over_layers(lambda x, layer_and_index: block(x, layer_and_index[0]), x, layers)
+
+
+def over_layers(block, carry, layers):
+    """block(carry, (layer, i)) -> (carry, out) over the layers: `lax.scan` over
+    stacked layers [L, ...] (i an int32 array), or unrolled over unstacked ones
+    (a tuple of per-layer trees, `unstack_layers`; i a Python int). -> (carry,
+    the outs stacked [L, ...])."""
     if isinstance(layers, (list, tuple)):
-        per_layer = []
-        for layer in layers:
-            x, out = block(x, layer)
-            per_layer.append(out)
-        return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
-    return jax.lax.scan(block, x, layers)
+        outs = []
+        for i, layer in enumerate(layers):
+            carry, out = block(carry, (layer, i))
+            outs.append(out)
+        return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    ids = jnp.arange(jax.tree.leaves(layers)[0].shape[0], dtype=jnp.int32)
+    return jax.lax.scan(block, carry, (layers, ids))
 
 
 def _cached_layers(params, cfg, x, positions, cache, window, fresh=False):
@@ -206,19 +215,10 @@ def _cached_layers(params, cfg, x, positions, cache, window, fresh=False):
         return (x + y, kv), stats
 
     per_layer = {n: a for n, a in cache.items() if n != "lengths"}
-    if isinstance(params["layers"], (list, tuple)):  # unstacked (`unstack_layers`): unrolled
-        stats = []
-        for i, layer in enumerate(params["layers"]):
-            (x, per_layer), st = block((x, per_layer), (layer, i))
-            stats.append(st)
-        kv = per_layer
-        stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
-    elif split:
+    if split and not isinstance(params["layers"], (list, tuple)):
         raise ValueError("a cache split per layer (split_layers) needs unstacked layers "
                          "(unstack_layers)")
-    else:
-        layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-        (x, kv), stats = jax.lax.scan(block, (x, per_layer), (params["layers"], layer_ids))
+    (x, kv), stats = over_layers(block, (x, per_layer), params["layers"])
     aux = _layer_mean(stats)
     aux["cache"] = constrain_cache(dict(kv, lengths=lengths + s))
     return x, aux
