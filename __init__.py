@@ -16,7 +16,7 @@ Names are imported on first use, so `import jaxlm` (and `jaxlm --help`) stay fas
 
 import importlib
 
-from jaxlm.errors import CheckpointError, ConfigError, InputError, JaxlmError
+from .errors import CheckpointError, ConfigError, InputError, JaxlmError
 
 _LAZY = {
     "load": "jaxlm.api", "save": "jaxlm.api",

@@ -16,12 +16,12 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from jaxlm.errors import CheckpointError, ConfigError
-from jaxlm.model import hf, quantize
-from jaxlm.model.config import Config, DataConfig, MeshConfig, ModelConfig
-from jaxlm.model.params import Spec, abstract
-from jaxlm.train import checkpoint
-from jaxlm.train.loop import CONFIG_FILE, _write_config, read_run_config
+from .errors import CheckpointError, ConfigError
+from .model import hf, quantize
+from .model.config import Config, DataConfig, MeshConfig, ModelConfig
+from .model.params import Spec, abstract
+from .train import checkpoint
+from .train.loop import CONFIG_FILE, _write_config, read_run_config
 
 
 def checkpoint_kind(path) -> str:
@@ -87,8 +87,8 @@ def _convert_weights(path, cfg: ModelConfig, stored: str, shardings, step):
     """Params of `cfg` (weight_dtype int8 or "") from a checkpoint stored with the
     other weight_dtype: load as stored, then quantize / dequantize (under jit, into
     `shardings`)."""
-    from jaxlm.model.adapters import QuantizedWeight
-    from jaxlm.model.config import dtype_of
+    from .model.adapters import QuantizedWeight
+    from .model.config import dtype_of
     src = dataclasses.replace(cfg, weight_dtype=stored)
     is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
     if shardings is None:
@@ -118,7 +118,7 @@ def _replicated(sharding):
 def lora_adapters(path, step: int | None = None):
     """(run config, adapters) of a LoRA run dir (train.lora_rank > 0): the A/B tree
     its checkpoint holds (the base is not in it: train.init_from names it)."""
-    from jaxlm.train import lora
+    from .train import lora
     path = os.fspath(path)
     if checkpoint_kind(path) != "jaxlm" or not read_run_config(path).train.lora_rank:
         raise CheckpointError(f"{path} is not a LoRA run dir (train.lora_rank > 0)")
@@ -130,7 +130,7 @@ def lora_adapters(path, step: int | None = None):
 
 def _lora_run_params(path: str, run: Config, cfg: ModelConfig, shardings, step):
     """A LoRA run's params: its base (train.init_from) with the adapters merged in."""
-    from jaxlm.train import lora
+    from .train import lora
     base_dir = run.train.init_from
     if not base_dir or not os.path.isdir(base_dir):
         raise CheckpointError(f"{path} is a LoRA run: its base train.init_from={base_dir!r} "
@@ -173,7 +173,7 @@ def load(path, cfg: ModelConfig | None = None, mesh=None, rules=None,
             raise CheckpointError(f"load: {e}") from None
     shardings = None
     if mesh is not None:
-        from jaxlm.sharding.rules import tree_shardings
+        from .sharding.rules import tree_shardings
         rules = MeshConfig(rules=rules).rules if rules is not None else MeshConfig().rules
         shardings = tree_shardings(mesh, quantize.params_logical_axes(cfg), rules)
     elif rules is not None:
@@ -200,7 +200,7 @@ def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") ->
     if format == "hf":
         model_cfg = cfg.model if isinstance(cfg, Config) else cfg
         if model_cfg.weight_dtype == "int8":  # Hugging Face dirs hold float weights
-            from jaxlm.model.config import dtype_of
+            from .model.config import dtype_of
             params = quantize.dequantize_params(params, dtype_of(model_cfg.param_dtype))
             model_cfg = dataclasses.replace(model_cfg, weight_dtype="")
         out = hf.save_hf(path, model_cfg, params)

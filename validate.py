@@ -14,12 +14,12 @@ import functools
 import jax
 import numpy as np
 
-from jaxlm.errors import CheckpointError, ConfigError, InputError
+from .errors import CheckpointError, ConfigError, InputError
 
 
 def check_model_cfg(cfg, where: str) -> None:
     """`cfg` must be a ModelConfig (a full Config: its .model)."""
-    from jaxlm.model.config import Config, ModelConfig
+    from .model.config import Config, ModelConfig
     if isinstance(cfg, ModelConfig):
         return
     if isinstance(cfg, Config):
@@ -30,7 +30,7 @@ def check_model_cfg(cfg, where: str) -> None:
 
 @functools.lru_cache(maxsize=32)
 def _expected_shapes(cfg) -> dict:
-    from jaxlm.model import abstract, model_specs
+    from .model import abstract, model_specs
     leaves = jax.tree_util.tree_leaves_with_path(abstract(model_specs(cfg)))
     return {jax.tree_util.keystr(p): tuple(a.shape) for p, a in leaves}
 
@@ -41,7 +41,7 @@ def check_params(params, cfg, where: str) -> None:
     if not isinstance(params, dict):
         raise InputError(f"{where}: params must be the dict of arrays from jaxlm.load or "
                          f"jaxlm.init_params, got {type(params).__name__}")
-    from jaxlm.model.adapters import is_node  # int8 / LoRA weights: one leaf of their shape
+    from .model.adapters import is_node  # int8 / LoRA weights: one leaf of their shape
     got = {jax.tree_util.keystr(p): tuple(a.shape if is_node(a) else np.shape(a))
            for p, a in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_node)}
     for key, shape in _expected_shapes(cfg).items():
@@ -103,7 +103,7 @@ def check_tokens(tokens, cfg, where: str, *, cached: bool = False) -> None:
 
 def forward(params, cfg, tokens, *args, **kwargs):
     """`jaxlm.forward`: `jaxlm.model.forward` after the checks above."""
-    from jaxlm.model import forward as model_forward
+    from .model import forward as model_forward
     check_model_args(params, cfg, "forward")
     if not kwargs.get("return_hidden"):
         check_head(cfg, "forward")
@@ -113,7 +113,7 @@ def forward(params, cfg, tokens, *args, **kwargs):
 
 def embed(params, cfg, tokens, *args, **kwargs):
     """`jaxlm.embed`: `jaxlm.model.embed.embed` after the checks above."""
-    from jaxlm.model.embed import embed as model_embed
+    from .model.embed import embed as model_embed
     check_model_args(params, cfg, "embed")
     check_tokens(tokens, cfg, "embed")
     return model_embed(params, cfg, tokens, *args, **kwargs)
@@ -121,6 +121,6 @@ def embed(params, cfg, tokens, *args, **kwargs):
 
 def init_params(cfg, key):
     """`jaxlm.init_params`: the config checked first."""
-    from jaxlm.model import init_params as model_init
+    from .model import init_params as model_init
     check_model_cfg(cfg, "init_params")
     return model_init(cfg, key)

@@ -28,8 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxlm.infer import processors as lp
-from jaxlm.infer.processors import History, Processors
+from . import processors as lp
+from .processors import History, Processors
 
 NEG = -1.0e9  # HF's "impossible" score
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm.sharding.rules import active_mesh, partition_spec
+from ..sharding.rules import active_mesh, partition_spec
 
 # max_len is the `seq` logical axis: under context parallelism (mesh.context > 1)
 # each device holds a contiguous 1/c of every row's cache, so no device holds the
@@ -37,14 +37,14 @@ KV_DTYPES = ("auto", "int8")  # auto: the model's compute dtype
 def cache_axes() -> dict:
     """The logical-axes tree of a cache: k, v [layers, batch, max_len, kv_heads, head_dim],
     lengths [batch]."""
-    from jaxlm.model.params import LogicalAxes
+    from ..model.params import LogicalAxes
     return {"k": LogicalAxes(KV_AXES), "v": LogicalAxes(KV_AXES),
             "k_scale": LogicalAxes(SCALE_AXES), "v_scale": LogicalAxes(SCALE_AXES),
             "lengths": LogicalAxes(("batch",))}
 
 
 def check_kv_dtype(kv_dtype: str, what: str = "generate.kv_dtype") -> str:
-    from jaxlm.errors import ConfigError
+    from ..errors import ConfigError
     if kv_dtype not in KV_DTYPES:
         raise ConfigError(f"{what}={kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
     return kv_dtype
@@ -54,7 +54,7 @@ def cache_shapes(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "aut
                  layers: int | None = None) -> dict:
     """The abstract cache: a tree of jax.ShapeDtypeStruct (+ the scales with int8).
     `layers`: default cfg.n_layers (an encoder-decoder's decoder passes its own)."""
-    from jaxlm.model.config import dtype_of
+    from ..model.config import dtype_of
     check_kv_dtype(kv_dtype)
     int8 = kv_dtype == "int8"
     dtype = jnp.int8 if int8 else dtype or dtype_of(cfg.dtype)

@@ -59,16 +59,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.errors import InputError
-from jaxlm.infer.generate import (DECODING_OFF, PAD_ID, GenerateOutput, _check_prompts,
+from ..errors import InputError
+from .generate import (DECODING_OFF, PAD_ID, GenerateOutput, _check_prompts,
                                   decode_params, row_keys, splits)
-from jaxlm.infer.paged import (PagePool, check_paged_family, constrain_pages, init_pages,
+from .paged import (PagePool, check_paged_family, constrain_pages, init_pages,
                                pages_for, paged_step, pool_layout, write_prompt)
-from jaxlm.infer.processors import eos_array, is_eos
-from jaxlm.infer.sampling import check_sampling, sample
-from jaxlm.model.families.decoder import decoder
-from jaxlm.model.layers.embeddings import unembed
-from jaxlm.sharding.distributed import fetch
+from .processors import eos_array, is_eos
+from .sampling import check_sampling, sample
+from ..model.families.decoder import decoder
+from ..model.layers.embeddings import unembed
+from ..sharding.distributed import fetch
 
 TRACE_COUNTS = {"engine_loop": 0, "admit": 0}
 WIDTH_BUCKET = 64

@@ -34,17 +34,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.errors import InputError
-from jaxlm.infer.beam import beam_knobs, beam_loop
-from jaxlm.infer import guided
-from jaxlm.infer.cache import check_kv_dtype, init_cache, split_layers, stack_layers
-from jaxlm.infer.processors import (History, Processors, apply as apply_processors,
+from ..errors import InputError
+from .beam import beam_knobs, beam_loop
+from . import guided
+from .cache import check_kv_dtype, init_cache, split_layers, stack_layers
+from .processors import (History, Processors, apply as apply_processors,
                                     check_processors, count_eos, eos_array,
                                     gather as gather_history, init_history, is_eos, push)
-from jaxlm.infer.sampling import check_sampling, sample
-from jaxlm.model import forward, unembed
-from jaxlm.model.families.decoder import fuse_projections, unstack_layers
-from jaxlm.sharding.distributed import fetch
+from .sampling import check_sampling, sample
+from ..model import forward, unembed
+from ..model.families.decoder import fuse_projections, unstack_layers
+from ..sharding.distributed import fetch
 
 PAD_ID = -1  # fills GenerateOutput.tokens after a row has stopped
 CACHE_BUCKET = 128
@@ -129,7 +129,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     kv_dtype: "auto" (the model's compute dtype) or "int8" (per-token, per-head
     scales; see jaxlm.infer.cache; encoder-decoders: the cross K/V too).
     """
-    from jaxlm.validate import check_head, check_model_args
+    from ..validate import check_head, check_model_args
     check_model_args(params, cfg, "generate")
     if cfg.family == "encoder":
         raise InputError("encoders do not generate text; use jaxlm.forward (masked-LM logits) "
@@ -144,7 +144,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     if cfg.family == "encoder_decoder" and guide is not None:
         raise InputError("guided decoding is not supported for encoder-decoder models yet")
     if cfg.family == "encoder_decoder":
-        from jaxlm.infer.seq2seq import generate_seq2seq
+        from .seq2seq import generate_seq2seq
         return generate_seq2seq(params, cfg, prompts, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 eos_id=eos_id, decoder_start_id=decoder_start_id,
@@ -477,8 +477,8 @@ def _context_prefill(max_len: int) -> bool:
     own block of the seq-sharded cache (context parallelism is for prompts that fill
     most of the cache). A cache length that does not divide over the context axis is
     a one-line ConfigError."""
-    from jaxlm.errors import ConfigError
-    from jaxlm.sharding.context import context_size
+    from ..errors import ConfigError
+    from ..sharding.context import context_size
     c = context_size()
     if c <= 1:
         return False

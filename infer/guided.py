@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.errors import InputError
-from jaxlm.model.tokenizer import require_eos as _require_eos
+from ..errors import InputError
+from ..model.tokenizer import require_eos as _require_eos
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -69,7 +69,7 @@ def token_bytes(tokenizer) -> list[Optional[bytes]]:
     "<0xNN>" is the byte NN, "▁" is a space. HF ByteLevel: GPT-2's
     unicode-to-byte map. Checked by tests: decoding ordinary text's ids equals
     the concatenation of their bytes."""
-    from jaxlm.model.tokenizer import HFTokenizer, SentencePieceTokenizer
+    from ..model.tokenizer import HFTokenizer, SentencePieceTokenizer
     n = tokenizer.vocab_size
     if isinstance(tokenizer, SentencePieceTokenizer):
         sp = tokenizer._sp

@@ -41,15 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm.errors import InputError
-from jaxlm.model.adapters import layer_weights, materialize_outside_layers
-from jaxlm.model.config import dtype_of
-from jaxlm.model.families.decoder import _feed_forward, over_layers
-from jaxlm.model.kernels.paged import paged_attention
-from jaxlm.model.layers.attention import output_projection, project_qkv
-from jaxlm.model.layers.embeddings import embed_tokens_and_positions, unembed
-from jaxlm.model.layers.norms import norm
-from jaxlm.sharding.rules import active_mesh, partition_spec
+from ..errors import InputError
+from ..model.adapters import layer_weights, materialize_outside_layers
+from ..model.config import dtype_of
+from ..model.families.decoder import _feed_forward, over_layers
+from ..model.kernels.paged import paged_attention
+from ..model.layers.attention import output_projection, project_qkv
+from ..model.layers.embeddings import embed_tokens_and_positions, unembed
+from ..model.layers.norms import norm
+from ..sharding.rules import active_mesh, partition_spec
 
 
 def check_paged_family(cfg) -> None:
@@ -65,7 +65,7 @@ def check_paged_family(cfg) -> None:
 
 def _rule_axes(mesh, rules, name, dims, used=()) -> tuple:
     """The mesh axes `rules` give logical axis `name`, fitted to dims (`fit_axes`)."""
-    from jaxlm.infer.cache import fit_axes
+    from .cache import fit_axes
     return fit_axes(mesh, partition_spec((name,), rules)[0], dims, used)
 
 
@@ -106,7 +106,7 @@ def init_pages(cfg, n_pages: int, page_size: int, dtype=None, *, slots: int = 1)
     """The page pool: k, v [layers, n_pages, page_size, kv_heads, head_dim] zeros;
     under an active mesh created in its sharding (`pool_layout` for `slots`),
     by one jitted zeros with out_shardings (no device holds the global pool)."""
-    from jaxlm.infer.cache import _zeros_fn
+    from .cache import _zeros_fn
     dtype = dtype or dtype_of(cfg.dtype)
     shape = (cfg.n_layers, n_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
     layout = pool_layout(slots, n_pages, cfg.n_kv_heads)

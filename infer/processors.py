@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxlm.errors import InputError
+from ..errors import InputError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.errors import InputError
+from ..errors import InputError
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> None:

@@ -36,17 +36,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.errors import InputError
-from jaxlm.infer.beam import beam_knobs, beam_loop
-from jaxlm.infer.cache import cache_shapes, check_kv_dtype, constrain_cache
-from jaxlm.infer.generate import (CACHE_BUCKET, PAD_ID, WIDTH_BUCKET, GenerateOutput,
+from ..errors import InputError
+from .beam import beam_knobs, beam_loop
+from .cache import cache_shapes, check_kv_dtype, constrain_cache
+from .generate import (CACHE_BUCKET, PAD_ID, WIDTH_BUCKET, GenerateOutput,
                                   _check_args, _check_prompts, _prompt_bucket, _round_up,
                                   beam_settings, check_decoding, fetch_beams, fetch_output,
                                   gather_cache, row_keys, sampling_loop)
-from jaxlm.infer.processors import (History, Processors, eos_array, gather as gather_history,
+from .processors import (History, Processors, eos_array, gather as gather_history,
                                     init_history)
-from jaxlm.model.config import dtype_of
-from jaxlm.model.families.encoder_decoder import cross_kv, decode as decode_tokens, \
+from ..model.config import dtype_of
+from ..model.families.encoder_decoder import cross_kv, decode as decode_tokens, \
     decoder_layers, encode
 
 # Python-side trace counters (incremented while tracing): tests check that the

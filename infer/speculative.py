@@ -38,14 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.errors import InputError
-from jaxlm.infer.cache import init_cache
-from jaxlm.infer.generate import (PAD_ID, GenerateOutput, _cache_len, _check_args,
+from ..errors import InputError
+from .cache import init_cache
+from .generate import (PAD_ID, GenerateOutput, _cache_len, _check_args,
                                   _check_fits, _check_prompts, _pad_prompts, _prompt_bucket,
                                   _round_up, WIDTH_BUCKET, decode_step, prefill, row_keys)
-from jaxlm.infer.processors import eos_array, is_eos
-from jaxlm.infer.sampling import greedy, sample, warp
-from jaxlm.model import forward
+from .processors import eos_array, is_eos
+from .sampling import greedy, sample, warp
+from ..model import forward
 
 TRACE_COUNTS = {"cycle": 0}
 

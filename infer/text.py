@@ -40,7 +40,7 @@ import os
 import pathlib
 from typing import NamedTuple, Optional, Sequence
 
-from jaxlm.errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -127,7 +127,7 @@ def given_generate_keys(overrides=(), *sections, saved=None) -> frozenset:
     saved generate section, which holds every key) those that differ from
     GenerateConfig's defaults: a run made from a Hugging Face dir (`jaxlm quantize`)
     keeps its generation_config.json's decoding defaults."""
-    from jaxlm.model.config import GenerateConfig, parse_override, to_dict
+    from ..model.config import GenerateConfig, parse_override, to_dict
     defaults = to_dict(GenerateConfig())
     keys = {k for k, v in (saved or {}).items() if k not in defaults or v != defaults[k]}
     for text in overrides:
@@ -145,7 +145,7 @@ def resolve_generate(g, settings: GenerationSettings, given=frozenset()):
     not in `given` (`given_generate_keys`). Beam search (num_beams > 1, the user's or
     the file's) keeps its greedy beams: the file's sampler keys are then not applied."""
     import dataclasses
-    from jaxlm.errors import ConfigError
+    from ..errors import ConfigError
     defaults = {k: v for k, v in settings.defaults.items() if k not in given}
     if defaults.get("num_beams", g.num_beams) > 1:
         defaults = {k: v for k, v in defaults.items() if k not in _SAMPLER_DEFAULTS}
@@ -168,7 +168,7 @@ def generation_settings(directory, tokenizer) -> GenerationSettings:
     gen = read_generation_config(directory)
     config = {}
     if (directory / "config.json").is_file() and not (directory / "config.yaml").is_file():
-        from jaxlm.model.hf.io import read_config
+        from ..model.hf.io import read_config
         config = read_config(directory)
     where = directory / GENERATION_CONFIG
 
@@ -189,7 +189,7 @@ def generation_settings(directory, tokenizer) -> GenerationSettings:
 def chat_ids(tokenizer, template: str, prompt: str) -> list[int]:
     """Ids of `prompt` as one user message rendered by `template` with the generation
     prompt, as transformers' apply_chat_template(tokenize=True) gives them."""
-    from jaxlm.model.chat import render_chat, template_tokens
+    from ..model.chat import render_chat, template_tokens
     text = render_chat(template, [{"role": "user", "content": prompt}],
                        add_generation_prompt=True, **template_tokens(tokenizer))
     return tokenizer.encode_chat(text)
@@ -240,7 +240,7 @@ def generate(params, cfg, prompts, *, tokenizer=None, chat_template: str | None 
     (the final stop id left out). Without one: exactly the ids-only call
     (`texts` is None). Every other keyword is `jaxlm.infer.generate.generate`'s.
     """
-    from jaxlm.infer.generate import generate as generate_ids
+    from .generate import generate as generate_ids
     if tokenizer is None:
         if chat_template is not None:
             raise InputError("generate: chat_template needs tokenizer=")

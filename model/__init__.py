@@ -1,9 +1,9 @@
 """Pure-function models over parameter pytrees."""
 
-from jaxlm.model.config import ModelConfig
-from jaxlm.model.families import forward, model_specs
-from jaxlm.model.layers.embeddings import head_weights, unembed
-from jaxlm.model.params import abstract, initialize, logical_axes
+from .config import ModelConfig
+from .families import forward, model_specs
+from .layers.embeddings import head_weights, unembed
+from .params import abstract, initialize, logical_axes
 
 
 def init_params(cfg: ModelConfig, key):

@@ -39,7 +39,7 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from jaxlm.errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from jaxlm.errors import ConfigError
+from ..errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
@@ -483,7 +483,7 @@ class Config:
             raise ConfigError(f"train.objective=dpo needs model.family=decoder, not "
                               f"{self.model.family!r}")
         if self.train.lora_rank:  # a regex that adapts nothing stops here, naming itself
-            from jaxlm.train.lora import lora_targets
+            from ..train.lora import lora_targets
             lora_targets(self.model, self.train)
         context = self.mesh.context
         if context > 1:
@@ -499,7 +499,7 @@ class Config:
                 raise ConfigError(
                     f"mesh.context={context}: context parallelism supports model.family="
                     f"'decoder' only, not {self.model.family!r}")
-        from jaxlm.sharding.pipeline import check_pipeline_config
+        from ..sharding.pipeline import check_pipeline_config
         check_pipeline_config(self)
 
 
@@ -673,9 +673,9 @@ def resolve_init_from(data: dict) -> dict:
             or not data["train"].get("init_from"):
         return data
     path = str(data["train"]["init_from"])
-    from jaxlm.api import model_config_of  # reads config.yaml / config.json only
-    from jaxlm.model.families import model_specs
-    from jaxlm.model.params import abstract
+    from ..api import model_config_of  # reads config.yaml / config.json only
+    from .families import model_specs
+    from .params import abstract
     import jax
 
     base = model_config_of(path)

@@ -7,8 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxlm.errors import ConfigError
-from jaxlm.model.families import forward
+from ..errors import ConfigError
+from .families import forward
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -28,7 +28,7 @@ def embed(params, cfg, tokens, mask=None, token_types=None):
         mask = jnp.ones(tokens.shape, jnp.int32)
     segment_ids = (mask > 0).astype(jnp.int32)
     if cfg.family == "encoder_decoder":
-        from jaxlm.model.families.encoder_decoder import encode
+        from .families.encoder_decoder import encode
         hidden = encode(params, cfg, tokens, segment_ids)
     else:
         extra = {} if token_types is None else {"token_types": token_types}

@@ -20,7 +20,7 @@ import pathlib
 
 import numpy as np
 
-from jaxlm.errors import ConfigError
+from ..errors import ConfigError
 
 PEFT_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 
@@ -28,7 +28,7 @@ PEFT_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 def hf_modules(cfg, model_type: str) -> dict[tuple[str, ...], str]:
     """Our parameter path -> HF module name template ("model.layers.{i}.self_attn.q_proj"),
     read from jaxlm.model.hf's import/export table. (The one place that knows the table.)"""
-    from jaxlm.model.hf import decoder
+    from .hf import decoder
     return {r.path: r.key[: -len(".weight")] for r in decoder.rules(cfg, {"model_type": model_type})
             if r.key.endswith(".weight") and r.part is None and "{e}" not in r.key}
 
@@ -63,7 +63,7 @@ def save_peft(directory, cfg, adapters, *, rank: int, alpha: float,
     """Write a peft LoRA adapter dir (adapter_config.json + adapter_model.safetensors)."""
     from safetensors.numpy import save_file
 
-    from jaxlm.model.hf import infer_model_type
+    from .hf import infer_model_type
     model_type = model_type or infer_model_type(cfg)
     if model_type not in PEFT_TYPES:
         raise ConfigError(f"save_peft: model type {model_type!r} is not one of "

@@ -30,8 +30,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxlm.model.adapters import QuantizedWeight, is_node, materialize, matmul_in_axes, quantize
-from jaxlm.model.params import Spec, abstract, is_spec, logical_axes
+from .adapters import QuantizedWeight, is_node, materialize, matmul_in_axes, quantize
+from .params import Spec, abstract, is_spec, logical_axes
 
 WEIGHT_DTYPES = ("", "int8")  # "": the weights are stored at model.param_dtype
 
@@ -75,7 +75,7 @@ def quantized_specs(specs):
 def params_specs(cfg):
     """The spec tree of `cfg`'s params as stored: `model_specs`, quantized when
     cfg.weight_dtype == "int8"."""
-    from jaxlm.model.families import model_specs
+    from .families import model_specs
     specs = model_specs(cfg)
     return quantized_specs(specs) if cfg.weight_dtype == "int8" else specs
 
@@ -93,7 +93,7 @@ def params_logical_axes(cfg):
 def quantize_params(params, cfg):
     """Float params -> the same tree with each quantized weight an int8
     QuantizedWeight (symmetric absmax, per output channel). Idempotent."""
-    from jaxlm.model.families import model_specs
+    from .families import model_specs
     in_axes = quantized_in_axes(model_specs(cfg))
 
     def one(keys, w):
@@ -130,7 +130,7 @@ def param_bytes(cfg) -> dict[str, int]:
     "quantized_params": how many params are int8}."""
     import dataclasses
 
-    from jaxlm.model.families import model_specs
+    from .families import model_specs
     specs = model_specs(dataclasses.replace(cfg, weight_dtype=""))
     item = jnp.dtype(cfg.param_dtype).itemsize
     in_axes = quantized_in_axes(specs)

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
-from jaxlm.errors import InputError
+from ..errors import InputError
 
 MODEL_FILENAME = "tokenizer.model"
 HF_TOKENIZER_FILENAME = "tokenizer.json"  # Hugging Face `tokenizers`

@@ -49,7 +49,7 @@ import math
 import os
 import time
 
-from jaxlm.errors import InputError
+from ..errors import InputError
 
 
 def read_inputs(path: str) -> list[dict]:
@@ -143,7 +143,7 @@ def recover_rows(path: str) -> dict[str, dict]:
 
 
 def _rewrite(path: str, lines: list[bytes]) -> None:
-    from jaxlm.train.guard import rewrite_lines  # atomic: a crash leaves the old file whole
+    from ..train.guard import rewrite_lines  # atomic: a crash leaves the old file whole
     rewrite_lines(path, lines)
 
 
@@ -172,10 +172,10 @@ def _run_settings(checkpoint: str, overrides):
     """(run config with generate + mesh, model.* overrides, whether `checkpoint` is an
     HF dir). A jaxlm run dir's saved generate/mesh settings are the base; an HF dir
     has none (its generation_config.json gives the stop ids, see `stop_ids`)."""
-    from jaxlm.api import checkpoint_kind
-    from jaxlm.model.config import config_from_dict, to_dict
-    from jaxlm.scripts.generate import split_model_overrides
-    from jaxlm.train.loop import read_run_config
+    from ..api import checkpoint_kind
+    from ..model.config import config_from_dict, to_dict
+    from .generate import split_model_overrides
+    from ..train.loop import read_run_config
     hf_dir = checkpoint_kind(checkpoint) == "hf"
     model_overrides, overrides = split_model_overrides(list(overrides))
     saved = {} if hf_dir else read_run_config(checkpoint)
@@ -208,7 +208,7 @@ def _shared_plan(*args):
     run the same batches."""
     import jax
 
-    from jaxlm.sharding.distributed import share_from_zero
+    from ..sharding.distributed import share_from_zero
     plan, error = None, None
     if jax.process_index() == 0:
         try:
@@ -229,7 +229,7 @@ CONTINUOUS_CHUNK = 8  # continuous batching: a chunk is 8 x batch_size prompts o
 
 def _use_engine(engine: str, cfg, kwargs: dict) -> bool:
     """auto: continuous batching where it computes the same outputs, else static."""
-    from jaxlm.infer.engine import unsupported
+    from ..infer.engine import unsupported
     why = unsupported(cfg, kwargs)
     if engine == "continuous" and why:
         raise InputError(f"--engine continuous: {why}; use --engine static")
@@ -244,16 +244,18 @@ def generate_rows(params, cfg, ids, seeds, kwargs: dict, *, max_len, shards: int
     num_return_sequences > 1 the best (beams) or first (sampling) of each prompt.
     continuous: jaxlm.infer.engine.generate_many over `slots` slots (rounded up
     to the data shards); the same outputs, as both sample row r with its seed."""
-    import jaxlm
+    from ..api import load
+    from ..infer.text import generate
+    from ..model.tokenizer import load_tokenizer
     n = len(ids)
     if continuous:
-        from jaxlm.infer.engine import engine_kwargs, generate_many
+        from ..infer.engine import engine_kwargs, generate_many
         out = generate_many(params, cfg, ids, slots=-(-slots // shards) * shards,
                             row_seeds=seeds, **engine_kwargs(kwargs))
         return out.sequences()
     ids = ids + [ids[0]] * (-n % shards)  # pad to the data shards; dropped below
     seeds = seeds + [seeds[0]] * (len(ids) - n)
-    result = jaxlm.generate(params, cfg, ids, max_len=max_len, row_seeds=seeds, **kwargs)
+    result = generate(params, cfg, ids, max_len=max_len, row_seeds=seeds, **kwargs)
     return result.sequences()[::kwargs.get("num_return_sequences", 1)][:n]
 
 
@@ -268,16 +270,18 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     import jax
     from tqdm.auto import tqdm
 
-    import jaxlm
-    from jaxlm.api import model_config_of
-    from jaxlm.infer.generate import generate_kwargs
-    from jaxlm.infer.text import (decode_ids, encode_prompts, generation_settings,
+    from ..api import load
+    from ..infer.text import generate
+    from ..model.tokenizer import load_tokenizer
+    from ..api import model_config_of
+    from ..infer.generate import generate_kwargs
+    from ..infer.text import (decode_ids, encode_prompts, generation_settings,
                                   given_generate_keys, resolve_generate)
-    from jaxlm.model.config import to_dict
-    from jaxlm.scripts.generate import apply_model_overrides, chat_template_for, stop_ids
-    from jaxlm.sharding.mesh import check_divisible, make_mesh
-    from jaxlm.sharding.rules import partition_spec, use_mesh
-    from jaxlm.train.checkpoint import latest_step
+    from ..model.config import to_dict
+    from .generate import apply_model_overrides, chat_template_for, stop_ids
+    from ..sharding.mesh import check_divisible, make_mesh
+    from ..sharding.rules import partition_spec, use_mesh
+    from ..train.checkpoint import latest_step
 
     if batch_size < 1:
         raise InputError(f"--batch-size={batch_size} must be >= 1")
@@ -295,7 +299,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     if cfg.family == "encoder":
         raise InputError(f"{checkpoint} is an encoder-only model ({cfg.family}): batch-infer "
                          "needs a generative model (a decoder or an encoder-decoder like T5)")
-    tok = jaxlm.load_tokenizer(checkpoint)
+    tok = load_tokenizer(checkpoint)
     template = chat_template_for(checkpoint) if chat else None
     encoded = dict(zip((_key(r["id"]) for r in rows),
                        encode_prompts(tok, cfg, [r["prompt"] for r in rows],
@@ -319,7 +323,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
                                   "kv_heads": cfg.n_kv_heads, "mlp": cfg.d_ff,
                                   "embed": cfg.d_model,
                                   **({"experts": cfg.n_experts} if cfg.n_experts else {})})
-    _, params = jaxlm.load(checkpoint, cfg=cfg, mesh=mesh, rules=rules, step=step)
+    _, params = load(checkpoint, cfg=cfg, mesh=mesh, rules=rules, step=step)
     spec = partition_spec(("batch",), rules)[0] or ()
     shards = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec))
     kwargs = generate_kwargs(g)
@@ -368,7 +372,7 @@ def _check_lengths(rows, encoded, cfg, max_new_tokens: int, input_path: str):
     the input line and id of a prompt that does not fit."""
     if cfg.family != "decoder":
         return None
-    from jaxlm.infer.generate import _cache_len
+    from ..infer.generate import _cache_len
     for r in rows:
         n = len(encoded[_key(r["id"])])
         if n + max_new_tokens > cfg.max_seq_len:
@@ -380,7 +384,7 @@ def _check_lengths(rows, encoded, cfg, max_new_tokens: int, input_path: str):
 
 
 def run_batch_infer(args):
-    from jaxlm.sharding.distributed import initialize
+    from ..sharding.distributed import initialize
     initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
                getattr(args, "process_id", None),
                timeout_s=getattr(args, "coordinator_timeout", 300.0))  # before any device use

@@ -14,14 +14,14 @@ import time
 import jax
 import numpy as np
 
-from jaxlm.model import init_params, model_specs
-from jaxlm.model.config import model_flops_per_token
-from jaxlm.sharding.mesh import make_mesh
-from jaxlm.sharding.rules import named_sharding, use_mesh
-from jaxlm.train.metrics import device_peak, mesh_devices, mfu
-from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxlm.train.state import create_state, state_shardings
-from jaxlm.train.step import compile_steps
+from ..model import init_params, model_specs
+from ..model.config import model_flops_per_token
+from ..sharding.mesh import make_mesh
+from ..sharding.rules import named_sharding, use_mesh
+from ..train.metrics import device_peak, mesh_devices, mfu
+from ..train.optimizer import learning_rate_schedule, make_optimizer
+from ..train.state import create_state, state_shardings
+from ..train.step import compile_steps
 
 
 def synthetic_batch(cfg, seed=0):
@@ -56,7 +56,7 @@ def bench_train(cfg, steps: int = 10) -> float:
 
 
 def bench_decode(cfg, params, batch: int, prompt_len: int = 16, new_tokens: int = 128) -> float:
-    from jaxlm.infer.generate import generate
+    from ..infer.generate import generate
     rng = np.random.default_rng(batch)
     prompts = rng.integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
     generate(params, cfg, prompts, max_new_tokens=new_tokens)  # compile
@@ -73,7 +73,7 @@ def bench_speculative(cfg, params, plain_tps: float, draft_layers: int = 1, k: i
     plain greedy decode (plain_tps tokens/s, measured in the same run)."""
     import dataclasses
 
-    from jaxlm.infer.speculative import generate_speculative
+    from ..infer.speculative import generate_speculative
     draft_cfg = dataclasses.replace(cfg, n_layers=draft_layers)
     draft = dict(params, layers=jax.tree.map(lambda a: a[:draft_layers], params["layers"]))
     prompts = np.random.default_rng(1).integers(3, cfg.vocab_size, (1, prompt_len)).tolist()
@@ -95,10 +95,10 @@ def bench_guided(cfg, params, batch: int = 16, prompt_len: int = 16,
     same digits + 1 tokens (no stop id)."""
     import tempfile
 
-    from jaxlm.infer.generate import generate
-    from jaxlm.infer.guided import Guide
-    from jaxlm.model.tokenizer import train_sentencepiece
-    from jaxlm.train.data import load_documents
+    from ..infer.generate import generate
+    from ..infer.guided import Guide
+    from ..model.tokenizer import train_sentencepiece
+    from ..train.data import load_documents
     with tempfile.TemporaryDirectory() as d:
         tok = train_sentencepiece(load_documents("stdlib", max_docs=20), 512, d,
                                   max_chars=200_000)
@@ -116,7 +116,7 @@ def bench_guided(cfg, params, batch: int = 16, prompt_len: int = 16,
 def continuous_workload(n_prompts: int = 200, seed: int = 0):
     """n_prompts stdlib snippets as byte ids (+3, clear of the special ids): prompt
     lengths 8..80 and max_new_tokens 8..80, each varying by 10x."""
-    from jaxlm.train.data import load_documents
+    from ..train.data import load_documents
     docs = [d.encode("utf-8") for d in load_documents("stdlib", max_docs=16)]
     rng = np.random.default_rng(seed)
     prompts, news = [], []
@@ -137,8 +137,8 @@ def bench_continuous(cfg, params, n_prompts: int = 200, slots: int = 16,
     two are timed alternately `repeats` times (identical runs on a shared 2-core VM
     differ by +-15%): the medians of tokens/s and of the per-pair ratios, and in
     how many requests the compile runs' tokens are equal (same_outputs)."""
-    from jaxlm.infer.engine import generate_many
-    from jaxlm.infer.generate import generate
+    from ..infer.engine import generate_many
+    from ..infer.generate import generate
     prompts, news = continuous_workload(n_prompts)
     max_len = -(-(max(map(len, prompts)) + max(news)) // 128) * 128
 
@@ -181,7 +181,7 @@ def run_bench(cfg) -> dict:
     params = init_params(cfg.model, jax.random.key(0))
     dec = {b: bench_decode(cfg.model, params, b) for b in (1, 16)}
     print(f"decode: {dec[1]:.0f} tokens/s at batch 1, {dec[16]:.0f} tokens/s at batch 16")
-    from jaxlm.scripts.bench_decode import bench_decode_vs_hf
+    from .bench_decode import bench_decode_vs_hf
     vs_hf = bench_decode_vs_hf(cfg.model, params)  # prompt 32, 64 new tokens, batch 1 and 16
     sp = bench_speculative(cfg.model, params, dec[1])
     print(f"speculative (draft: the first layer, k=4, batch 1): {sp['tokens_per_s']:.0f} "

@@ -75,7 +75,7 @@ def roofline(cfg, params, batch: int, context: int, bandwidth: float, peak: floa
 
 
 def jaxlm_tokens_per_s(cfg, params, prompts, new_tokens: int, repeats: int = REPEATS):
-    from jaxlm.infer.generate import generate
+    from ..infer.generate import generate
     generate(params, cfg, prompts, max_new_tokens=new_tokens)  # compile
     best, out = math.inf, None
     for _ in range(repeats):
@@ -90,7 +90,7 @@ def hf_tokens_per_s(cfg, params, prompts, new_tokens: int, threads: int = 2,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from jaxlm.model.hf import save_hf
+    from ..model.hf import save_hf
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as d:
         save_hf(f"{d}/m", cfg, params)
@@ -143,8 +143,8 @@ def bench_decode_vs_hf(cfg, params, batches=(1, 16), prompt_len: int = 32,
 
 
 def main(argv=None):
-    from jaxlm.model import init_params
-    from jaxlm.model.config import load_config
+    from ..model import init_params
+    from ..model.config import load_config
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="bench-cpu")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])

@@ -12,19 +12,19 @@ import sys
 
 
 def _config(args):
-    from jaxlm.model.config import load_config
+    from ..model.config import load_config
     return load_config(args.config, args.overrides)
 
 
 def cmd_train(args):
-    from jaxlm.sharding.distributed import initialize
+    from ..sharding.distributed import initialize
     cfg = _config(args)
     if args.step is not None and not args.resume:
-        from jaxlm.errors import ConfigError
+        from ..errors import ConfigError
         raise ConfigError("--step N chooses the checkpoint to resume: it needs --resume")
     initialize(args.coordinator, args.num_processes, args.process_id,  # before any device use
                timeout_s=args.coordinator_timeout)
-    from jaxlm.train.loop import train
+    from ..train.loop import train
     summary = train(cfg, resume=args.resume, step=args.step)
     evals = summary["eval"]
     if not evals:
@@ -37,37 +37,37 @@ def cmd_train(args):
 
 
 def cmd_generate(args):
-    from jaxlm.scripts.generate import run_generate
+    from .generate import run_generate
     run_generate(args)
 
 
 def cmd_batch_infer(args):
-    from jaxlm.scripts.batch_infer import run_batch_infer
+    from .batch_infer import run_batch_infer
     run_batch_infer(args)
 
 
 def cmd_convert(args):
-    from jaxlm.scripts.convert import run_convert
+    from .convert import run_convert
     print(run_convert(args.input, args.output, args.to))
 
 
 def cmd_bench(args):
-    from jaxlm.scripts.bench import run_bench
+    from .bench import run_bench
     run_bench(_config(args))
 
 
 def cmd_quantize(args):
-    from jaxlm.scripts.quantize import run_quantize
+    from .quantize import run_quantize
     print(run_quantize(args.checkpoint, args.out, args.weight_dtype, args.step))
 
 
 def cmd_plan(args):
-    from jaxlm.scripts.plan import run_plan
+    from .plan import run_plan
     return run_plan(args)
 
 
 def cmd_prepare(args):
-    from jaxlm.scripts.prepare import run_prepare
+    from .prepare import run_prepare
     run_prepare(args)
 
 
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", metavar="key=value")
     pl.set_defaults(fn=cmd_plan)
 
-    from jaxlm.scripts.prepare import add_arguments as prepare_arguments
+    from .prepare import add_arguments as prepare_arguments
     pr = sub.add_parser("prepare", help="tokenize text/.jsonl/Parquet files into ArrayRecord shards")
     prepare_arguments(pr)
     pr.set_defaults(fn=cmd_prepare)
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
 def error_line(e: BaseException) -> str | None:
     """The one-line message of a user error (a JaxlmError, a file-system error, a
     user file that is not UTF-8), or None for anything else (a bug: traceback)."""
-    from jaxlm.errors import JaxlmError
+    from ..errors import JaxlmError
     if isinstance(e, JaxlmError):
         return str(e)
     if isinstance(e, OSError):
@@ -212,7 +212,7 @@ def error_line(e: BaseException) -> str | None:
 
 def _preempted_cleanly(command: str, e: KeyboardInterrupt) -> bool:
     """SIGTERM (a preemption) that stopped `train` with its checkpoint saved: exit 0."""
-    from jaxlm.train.guard import Terminated
+    from ..train.guard import Terminated
     return (command == "train" and isinstance(e, Terminated)
             and getattr(e, "saved_step", None) is not None)
 

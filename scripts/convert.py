@@ -12,25 +12,25 @@ from __future__ import annotations
 import os
 import shutil
 
-from jaxlm.errors import CheckpointError
+from ..errors import CheckpointError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
 
 def run_convert(src: str, dst: str, to: str) -> str:
-    import jaxlm
+    from ..api import load, save
     if os.path.exists(dst) and os.listdir(dst):
         raise CheckpointError(f"--output {dst} exists and is not empty; choose a new directory")
     if to == "peft":
-        from jaxlm.api import lora_adapters
-        from jaxlm.model.peft import save_lora_run
+        from ..api import lora_adapters
+        from ..model.peft import save_lora_run
         run, adapters = lora_adapters(src)
         cfg = run.model
         save_lora_run(dst, run, adapters, base_model_name_or_path=run.train.init_from)
     else:
-        cfg, params = jaxlm.load(src)
-        jaxlm.save(dst, cfg, params, format=to)
+        cfg, params = load(src)
+        save(dst, cfg, params, format=to)
     copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(src, name))]
     for name in copied:
         shutil.copy2(os.path.join(src, name), os.path.join(dst, name))

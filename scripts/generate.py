@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxlm.errors import CheckpointError, InputError
-from jaxlm.infer.text import (decode_ids, encode_prompts, generation_settings,  # noqa: F401
+from ..errors import CheckpointError, InputError
+from ..infer.text import (decode_ids, encode_prompts, generation_settings,  # noqa: F401
                               given_generate_keys, resolve_generate)
 
 
@@ -44,9 +44,9 @@ def apply_model_overrides(cfg, overrides):
     is a ConfigError naming it."""
     if not overrides:
         return cfg
-    from jaxlm.errors import ConfigError
-    from jaxlm.model.config import ModelConfig, _build, _deep_set, parse_override, to_dict
-    from jaxlm.validate import _expected_shapes
+    from ..errors import ConfigError
+    from ..model.config import ModelConfig, _build, _deep_set, parse_override, to_dict
+    from ..validate import _expected_shapes
 
     def replaced(texts):
         data = {"model": to_dict(cfg)}
@@ -68,12 +68,14 @@ def apply_model_overrides(cfg, overrides):
 
 
 def run_generate(args):
-    import jaxlm
-    from jaxlm.infer.generate import generate_kwargs
-    from jaxlm.model.config import config_from_dict, load_config, read_yaml, to_dict
-    from jaxlm.train.loop import read_run_config
+    from ..api import load
+    from ..infer.text import generate
+    from ..model.tokenizer import load_tokenizer
+    from ..infer.generate import generate_kwargs
+    from ..model.config import config_from_dict, load_config, read_yaml, to_dict
+    from ..train.loop import read_run_config
 
-    from jaxlm.api import checkpoint_kind
+    from ..api import checkpoint_kind
 
     prompts = read_prompts(args)
     template = chat_template_for(args.checkpoint) if getattr(args, "chat", False) else None
@@ -86,9 +88,9 @@ def run_generate(args):
         saved, overrides)
     given = given_generate_keys(overrides, read_yaml(args.config) if args.config else {},
                                 saved=saved.get("generate"))
-    cfg, params = jaxlm.load(args.checkpoint, step=getattr(args, "step", None))
+    cfg, params = load(args.checkpoint, step=getattr(args, "step", None))
     cfg = apply_model_overrides(cfg, model_overrides)
-    tok = jaxlm.load_tokenizer(args.checkpoint)
+    tok = load_tokenizer(args.checkpoint)
     settings = generation_settings(args.checkpoint, tok)
     g = resolve_generate(gen_cfg.generate, settings, given)
     ids = encode_prompts(tok, cfg, prompts, chat_template=template)
@@ -104,7 +106,7 @@ def run_generate(args):
         kwargs["eos_id"] = eos or None  # no EOS anywhere: rows run to max_new_tokens
         if cfg.family == "encoder_decoder" and settings.decoder_start_id is not None:
             kwargs["decoder_start_id"] = settings.decoder_start_id
-        out = jaxlm.generate(params, cfg, ids, guide=guide, **kwargs)
+        out = generate(params, cfg, ids, guide=guide, **kwargs)
     n = g.num_return_sequences  # output row i * n + r: sequence r of prompt i
     for i, new in enumerate(out.sequences()):
         prompt = prompts[i // n]
@@ -131,12 +133,12 @@ def stop_ids(eos_ids, g, vocab_size: int) -> list[int]:
 def chat_template_for(checkpoint) -> str:
     """--chat: the checkpoint's chat template (a fine-tuning run's: the one it trained
     with); a checkpoint without one is a CheckpointError."""
-    from jaxlm.api import checkpoint_kind
-    from jaxlm.model.chat import chat_template_of, resolve_chat_template
+    from ..api import checkpoint_kind
+    from ..model.chat import chat_template_of, resolve_chat_template
     if checkpoint_kind(checkpoint) == "hf":
         template = chat_template_of(checkpoint)
     else:
-        from jaxlm.train.loop import read_run_config
+        from ..train.loop import read_run_config
         run = read_run_config(checkpoint)
         template = chat_template_of(checkpoint)
         if template is None and run.train.objective in ("sft", "dpo"):
@@ -150,7 +152,7 @@ def chat_template_for(checkpoint) -> str:
 
 def read_guide(args, tok, vocab_size: int):
     """--regex / --json-schema FILE / --choice ... -> a compiled Guide, or None."""
-    from jaxlm.infer.guided import Guide
+    from ..infer.guided import Guide
     if getattr(args, "regex", None) is not None:
         return Guide.regex(args.regex, tok, vocab_size)
     if getattr(args, "choice", None):
@@ -168,15 +170,17 @@ def read_guide(args, tok, vocab_size: int):
 
 def _speculative(args, g, params, cfg, ids, stop):
     """`--draft DIR --num-speculative K`: the target's settings, drafted by DIR's model."""
-    import jaxlm
-    from jaxlm.infer.generate import DECODING_OFF
-    from jaxlm.infer.speculative import generate_speculative
+    from ..api import load
+    from ..infer.text import generate
+    from ..model.tokenizer import load_tokenizer
+    from ..infer.generate import DECODING_OFF
+    from ..infer.speculative import generate_speculative
 
     unsupported = [k for k, off in DECODING_OFF.items() if getattr(g, k) != off]
     if unsupported:
         raise InputError(f"--draft: generate.{unsupported[0]} is not supported with "
                          "speculative decoding")
-    draft_cfg, draft_params = jaxlm.load(args.draft)
+    draft_cfg, draft_params = load(args.draft)
     out = generate_speculative(params, cfg, draft_params, draft_cfg, ids,
                                max_new_tokens=g.max_new_tokens,
                                num_speculative=args.num_speculative, temperature=g.temperature,

@@ -68,7 +68,7 @@ import re
 
 import numpy as np
 
-from jaxlm.errors import ConfigError
+from ..errors import ConfigError
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -109,13 +109,13 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     import jax
     import optax
 
-    from jaxlm.infer.cache import cache_axes, cache_shapes
-    from jaxlm.model import model_specs
-    from jaxlm.model.params import LogicalAxes, abstract, logical_axes
-    from jaxlm.sharding.mesh import check_divisible, mesh_shape, model_dims
-    from jaxlm.sharding.pipeline import bubble_fraction, check_pipeline_mesh, microbatches_of
-    from jaxlm.sharding.rules import partition_spec
-    from jaxlm.train.optimizer import make_optimizer
+    from ..infer.cache import cache_axes, cache_shapes
+    from ..model import model_specs
+    from ..model.params import LogicalAxes, abstract, logical_axes
+    from ..sharding.mesh import check_divisible, mesh_shape, model_dims
+    from ..sharding.pipeline import bubble_fraction, check_pipeline_mesh, microbatches_of
+    from ..sharding.rules import partition_spec
+    from ..train.optimizer import make_optimizer
 
     for flag, value in (("--devices", n_devices), ("--cache-len", cache_len),
                         ("--batch", batch)):
@@ -164,7 +164,7 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     scores = b_local * math.ceil(m.n_heads / tp_h) * s * s * 2 * act
     ring_kv = 0
     if _axes_count("seq", rules, sizes) > 1:  # ring attention (model/kernels/ring.py)
-        from jaxlm.model.kernels.ring import BLOCK
+        from ..model.kernels.ring import BLOCK
         blk = BLOCK if s_local % BLOCK == 0 else s_local
         scores = b_local * math.ceil(m.n_heads / tp_h) * blk * blk * 2 * 4
         ring_kv = 2 * 2 * b_local * s_local * kv * (act + 4)
@@ -223,14 +223,14 @@ def _int8_param_bytes(m, leaf_bytes, is_axes) -> int:
 
     import jax
 
-    from jaxlm.model import quantize
+    from ..model import quantize
     q = dataclasses.replace(m, weight_dtype="int8")
     return sum(jax.tree.leaves(jax.tree.map(leaf_bytes, quantize.params_abstract(q),
                                             quantize.params_logical_axes(q), is_leaf=is_axes)))
 
 
 def run_plan(args) -> int:
-    from jaxlm.model.config import load_config
+    from ..model.config import load_config
     cfg = load_config(args.config, args.overrides)
     p = plan(cfg, args.devices, args.cache_len, args.batch)
     mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
@@ -241,7 +241,7 @@ def run_plan(args) -> int:
         print(f"  {'ring kv':<12} {fmt_bytes(p['ring_kv'])}  (ring attention K/V chunks in "
               f"flight, seq {cfg.data.seq_len} / context {p['mesh']['context']})")
     if p["bubble"]:
-        from jaxlm.sharding.pipeline import pipeline_summary
+        from ..sharding.pipeline import pipeline_summary
         print(f"  {'bubble':<12} {p['bubble']:.1%}  ({pipeline_summary(cfg)})")
     print(f"  {'train':<12} {fmt_bytes(p['train_total'])}  (remat={cfg.model.remat}, "
           f"batch {cfg.data.batch_size} x seq {cfg.data.seq_len})")

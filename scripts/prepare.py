@@ -21,7 +21,7 @@ def add_arguments(p):
 
 
 def run_prepare(args) -> None:
-    from jaxlm.train.prepare import prepare
+    from ..train.prepare import prepare
     manifest = prepare(args.input, args.output, tokenizer=args.tokenizer, resume=args.resume,
                        workers=args.workers, records_per_shard=args.records_per_shard,
                        vocab_size=args.vocab_size)

@@ -16,7 +16,7 @@ import tempfile
 
 import yaml
 
-from jaxlm.errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 
 EXTRA_FILES = ("generation_config.json",)  # copied beside the tokenizer files
 
@@ -28,14 +28,14 @@ def _check_out(out: str) -> None:
 
 def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | None = None) -> str:
     """Quantize `src` into the new run dir `out`; returns the one-line summary."""
-    import jaxlm
-    from jaxlm.api import _chmod_umask, checkpoint_kind, model_config_of
-    from jaxlm.model.config import Config, DataConfig
-    from jaxlm.model.quantize import param_bytes
-    from jaxlm.scripts.convert import TOKENIZER_FILES
-    from jaxlm.scripts.plan import fmt_bytes
-    from jaxlm.model.config import to_dict
-    from jaxlm.train.loop import CONFIG_FILE, read_run_config
+    from ..api import load, save
+    from ..api import _chmod_umask, checkpoint_kind, model_config_of
+    from ..model.config import Config, DataConfig
+    from ..model.quantize import param_bytes
+    from .convert import TOKENIZER_FILES
+    from .plan import fmt_bytes
+    from ..model.config import to_dict
+    from ..train.loop import CONFIG_FILE, read_run_config
 
     if weight_dtype != "int8":
         raise ConfigError(f"--weight-dtype {weight_dtype!r}: quantize writes int8 weights "
@@ -52,13 +52,13 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     else:
         full = Config(model=cfg, data=DataConfig(seq_len=min(DataConfig().seq_len,
                                                              cfg.max_seq_len)))
-    _, params = jaxlm.load(src, cfg=cfg, step=step)
+    _, params = load(src, cfg=cfg, step=step)
 
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
     try:
-        jaxlm.save(tmp, full, params)
+        save(tmp, full, params)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:  # run_dir: its final name
             yaml.safe_dump(to_dict(dataclasses.replace(full, run_dir=out)), f, sort_keys=False)
         for name in (*TOKENIZER_FILES, *EXTRA_FILES):

@@ -22,8 +22,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.errors import ConfigError
-from jaxlm.sharding.rules import active_mesh
+from ..errors import ConfigError
+from .rules import active_mesh
 
 
 def context_size() -> int:
@@ -31,7 +31,7 @@ def context_size() -> int:
     active = active_mesh()
     if active is None:
         return 1
-    from jaxlm.model.kernels.ring import ring_axes
+    from ..model.kernels.ring import ring_axes
     mesh, rules = active
     return math.prod(mesh.shape[a] for a in ring_axes(mesh, rules))
 
@@ -74,7 +74,7 @@ def context_restore(x, context: int, axis: int = 1):
 def balanced_forward(params, cfg, tokens, positions=None, segment_ids=None, **kwargs):
     """`forward` with the causal load-balancing reorder around it under a
     context mesh: (logits or hidden [B,S,...] in the original order, aux)."""
-    from jaxlm.model import forward
+    from ..model import forward
     c = context_size()
     b = context_reorder({"tokens": tokens, "positions": positions, "segment_ids": segment_ids}, c)
     out, aux = forward(params, cfg, b["tokens"], b["positions"], b["segment_ids"], **kwargs)

@@ -21,7 +21,7 @@ import time
 
 import jax
 
-from jaxlm.errors import ConfigError
+from ..errors import ConfigError
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,

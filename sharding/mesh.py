@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxlm.errors import ConfigError
+from ..errors import ConfigError
 
 
 def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:

@@ -50,8 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.errors import ConfigError
-from jaxlm.sharding.rules import active_mesh, use_mesh
+from ..errors import ConfigError
+from .rules import active_mesh, use_mesh
 
 
 @dataclasses.dataclass(frozen=True)

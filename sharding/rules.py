@@ -45,7 +45,7 @@ def named_sharding(mesh, axes, rules) -> NamedSharding:
 
 
 def tree_shardings(mesh, axes_tree, rules):
-    from jaxlm.model.params import LogicalAxes
+    from ..model.params import LogicalAxes
     return jax.tree.map(lambda a: named_sharding(mesh, a, rules), axes_tree,
                         is_leaf=lambda x: isinstance(x, LogicalAxes))
 

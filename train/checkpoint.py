@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlm.errors import CheckpointError
+from ..errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
 
@@ -205,7 +205,7 @@ def _restore_verified(mngr, step, read, params_of, how: str):
 
 def _try_read(read, params_of, step):
     """The restored tree, or a one-line reason why step `step` is not usable."""
-    from jaxlm.train.guard import all_finite
+    from .guard import all_finite
     try:
         with _loop_kept_on_failure(), _absl_quiet(logging.CRITICAL):  # the error says it all
             out = read(step)

@@ -45,9 +45,9 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxlm.errors import CheckpointError, ConfigError, InputError
-from jaxlm.model.tokenizer import require_eos as _require_eos
-from jaxlm.model.tokenizer import Tokenizer
+from ..errors import CheckpointError, ConfigError, InputError
+from ..model.tokenizer import require_eos as _require_eos
+from ..model.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".py", ".txt", ".md")
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
@@ -218,7 +218,7 @@ def _files_identity(name: str, paths: Sequence[pathlib.Path], root: pathlib.Path
 
 
 def _prepared(path: pathlib.Path) -> Documents:
-    from jaxlm.train import prepare
+    from . import prepare
     manifest = prepare.read_manifest(path)
     shards = [str(path / s["file"]) for e in manifest["inputs"] for s in e["shards"] if s["records"]]
     if not shards:
@@ -564,7 +564,7 @@ def _sources(docs) -> list[tuple[Documents, float]]:
 def _check_tokenizer(sources, tokenizer: Tokenizer) -> None:
     needed = {d.tokenizer_digest for d, _ in sources} - {None}
     if needed:
-        from jaxlm.train.prepare import tokenizer_digest
+        from .prepare import tokenizer_digest
         have = tokenizer_digest(tokenizer)
         for d, _ in sources:
             if d.tokenizer_digest not in (None, have):

@@ -17,11 +17,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.errors import ConfigError
-from jaxlm.model import forward, head_weights
-from jaxlm.model.adapters import materialize_outside_layers
-from jaxlm.model.config import dtype_of
-from jaxlm.train.objectives import chunked_lm_loss
+from ..errors import ConfigError
+from ..model import forward, head_weights
+from ..model.adapters import materialize_outside_layers
+from ..model.config import dtype_of
+from .objectives import chunked_lm_loss
 
 LM_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 

@@ -29,7 +29,7 @@ import threading
 import jax
 import jax.numpy as jnp
 
-from jaxlm.errors import ConfigError
+from ..errors import ConfigError
 
 LOCK_FILE = ".lock"
 

@@ -12,23 +12,23 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from jaxlm.errors import CheckpointError, ConfigError, JaxlmError
-from jaxlm.model import model_specs
-from jaxlm.model.config import Config, config_from_dict, model_flops_per_token, to_dict
-from jaxlm.model.tokenizer import load_tokenizer, train_sentencepiece
-from jaxlm.sharding.distributed import local_batch_size, local_rows, put_batch
-from jaxlm.sharding.mesh import check_divisible, make_mesh, model_dims
-from jaxlm.sharding.pipeline import check_pipeline_mesh, pipeline_of, pipeline_summary
-from jaxlm.sharding.rules import named_sharding, use_mesh
-from jaxlm.train import checkpoint, guard, span
-from jaxlm.train.data import eval_batches, make_batches, open_sources, sample_texts
-from jaxlm.train.metrics import MetricsLog, device_peak, mesh_devices, mfu
-from jaxlm.train.objectives import batch_objective
-from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxlm.train.lora import trainable_specs
-from jaxlm.train.state import (abstract_state, attach_frozen, create_state, needs_frozen,
+from ..errors import CheckpointError, ConfigError, JaxlmError
+from ..model import model_specs
+from ..model.config import Config, config_from_dict, model_flops_per_token, to_dict
+from ..model.tokenizer import load_tokenizer, train_sentencepiece
+from ..sharding.distributed import local_batch_size, local_rows, put_batch
+from ..sharding.mesh import check_divisible, make_mesh, model_dims
+from ..sharding.pipeline import check_pipeline_mesh, pipeline_of, pipeline_summary
+from ..sharding.rules import named_sharding, use_mesh
+from . import checkpoint, guard, span
+from .data import eval_batches, make_batches, open_sources, sample_texts
+from .metrics import MetricsLog, device_peak, mesh_devices, mfu
+from .objectives import batch_objective
+from .optimizer import learning_rate_schedule, make_optimizer
+from .lora import trainable_specs
+from .state import (abstract_state, attach_frozen, create_state, needs_frozen,
                                state_shardings)
-from jaxlm.train.step import compile_steps
+from .step import compile_steps
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
@@ -257,8 +257,8 @@ def _data(cfg: Config):
     """(training batch iterator, global eval batches, tokenizer) for train.objective."""
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.train.objective in ("sft", "dpo"):
-        from jaxlm.model.chat import resolve_chat_template
-        from jaxlm.train.sft import finetune_data
+        from ..model.chat import resolve_chat_template
+        from .sft import finetune_data
         tokenizer = _tokenizer(cfg, None)
         template = resolve_chat_template(cfg.data.chat_template, _template_dir(cfg))
         batches, evals = finetune_data(cfg.train.objective, cfg, tokenizer, template=template,
@@ -292,9 +292,9 @@ def _initial_params(cfg: Config, mesh):
     """train.init_from's params, read straight into their shardings, or None (random init)."""
     if not cfg.train.init_from:
         return None
-    from jaxlm.api import load_params
-    from jaxlm.model.params import logical_axes
-    from jaxlm.sharding.rules import tree_shardings
+    from ..api import load_params
+    from ..model.params import logical_axes
+    from ..sharding.rules import tree_shardings
     shardings = tree_shardings(mesh, logical_axes(model_specs(cfg.model)), cfg.mesh.rules)
     return load_params(cfg.train.init_from, cfg.model, shardings)
 

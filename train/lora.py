@@ -27,12 +27,12 @@ import re
 import jax
 import jax.numpy as jnp
 
-from jaxlm.errors import ConfigError
-from jaxlm.model import model_specs
-from jaxlm.model.adapters import (LoraWeight, QuantizedWeight, _lead, materialize,
+from ..errors import ConfigError
+from ..model import model_specs
+from ..model.adapters import (LoraWeight, QuantizedWeight, _lead, materialize,
                                   matmul_in_axes, quantize)
-from jaxlm.model.config import dtype_of
-from jaxlm.model.params import Spec, is_spec, zeros
+from ..model.config import dtype_of
+from ..model.params import Spec, is_spec, zeros
 
 
 def lora_scale(tcfg) -> float:
@@ -138,7 +138,7 @@ def quantize_base(params, mcfg):
 
 def frozen_axes(mcfg, tcfg):
     """Logical axes of the frozen base (with QuantizedWeight nodes under QLoRA)."""
-    from jaxlm.model.params import LogicalAxes
+    from ..model.params import LogicalAxes
 
     def one(path, s):
         axes = LogicalAxes(s.axes)

@@ -12,8 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxlm.errors import ConfigError
-from jaxlm.sharding.context import context_size
+from ..errors import ConfigError
+from ..sharding.context import context_size
 
 
 def causal_lm_loss(logits, targets, loss_mask):

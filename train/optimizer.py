@@ -3,7 +3,7 @@
 import jax
 import optax
 
-from jaxlm.model.params import is_spec
+from ..model.params import is_spec
 
 
 def learning_rate_schedule(tcfg):

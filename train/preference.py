@@ -32,11 +32,11 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxlm.errors import ConfigError, InputError
-from jaxlm.model.tokenizer import require_eos as _require_eos
-from jaxlm.model.tokenizer import Tokenizer
-from jaxlm.train.data import _EpochShuffle, _check_shapes
-from jaxlm.train.sft import (SFTBatches, _check_messages, _jsonl_records, _shard, chat_example,
+from ..errors import ConfigError, InputError
+from ..model.tokenizer import require_eos as _require_eos
+from ..model.tokenizer import Tokenizer
+from .data import _EpochShuffle, _check_shapes
+from .sft import (SFTBatches, _check_messages, _jsonl_records, _shard, chat_example,
                              examples_digest, finish_rows, fixed_batches,
                              prompt_completion_example)
 

@@ -27,10 +27,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jaxlm.errors import InputError
-from jaxlm.model.tokenizer import require_eos as _require_eos
-from jaxlm.model.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
-from jaxlm.train.data import _is_encodable
+from ..errors import InputError
+from ..model.tokenizer import require_eos as _require_eos
+from ..model.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from .data import _is_encodable
 
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".array_record"

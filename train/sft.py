@@ -50,11 +50,11 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxlm.errors import ConfigError, InputError
-from jaxlm.model.chat import DEFAULT_CHAT_TEMPLATE, render_chat, template_tokens
-from jaxlm.model.tokenizer import require_eos as _require_eos
-from jaxlm.model.tokenizer import Tokenizer
-from jaxlm.train.data import BatchIterator, _EpochShuffle, _check_shapes, split_documents, stdlib_sources
+from ..errors import ConfigError, InputError
+from ..model.chat import DEFAULT_CHAT_TEMPLATE, render_chat, template_tokens
+from ..model.tokenizer import require_eos as _require_eos
+from ..model.tokenizer import Tokenizer
+from .data import BatchIterator, _EpochShuffle, _check_shapes, split_documents, stdlib_sources
 
 STDLIB_SFT = "stdlib-sft"
 LOSS_ON = ("completion", "all")
@@ -500,7 +500,7 @@ def finetune_data(kind: str, cfg, tokenizer: Tokenizer, *, template: str | None,
     batch (default `cfg.data.batch_size`); eval batches are global (every
     process builds the same ones). `template`: see `resolve_chat_template`.
     """
-    from jaxlm.train import preference
+    from . import preference
 
     data = cfg.data
     if kind == "sft":

@@ -44,7 +44,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jaxlm.errors import ConfigError
+from ..errors import ConfigError
 
 
 def noise_counts(length: int, density: float, mean_span_length: float) -> tuple[int, int]:

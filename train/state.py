@@ -21,10 +21,10 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm.model import model_specs
-from jaxlm.model.params import abstract, initialize, logical_axes
-from jaxlm.sharding.rules import tree_shardings
-from jaxlm.train import lora
+from ..model import model_specs
+from ..model.params import abstract, initialize, logical_axes
+from ..sharding.rules import tree_shardings
+from . import lora
 
 
 @struct.dataclass

@@ -19,16 +19,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm.model import forward, head_weights
-from jaxlm.model.adapters import materialize_outside_layers
-from jaxlm.model.config import TrainConfig, dtype_of
-from jaxlm.model.families.encoder import mlm_head_inputs
-from jaxlm.sharding.context import context_reorder, context_size
-from jaxlm.sharding.rules import constrain
-from jaxlm.train import dpo
-from jaxlm.train.lora import apply_lora, lora_scale
-from jaxlm.train.objectives import causal_lm_loss, chunked_lm_loss
-from jaxlm.train.state import TrainState
+from ..model import forward, head_weights
+from ..model.adapters import materialize_outside_layers
+from ..model.config import TrainConfig, dtype_of
+from ..model.families.encoder import mlm_head_inputs
+from ..sharding.context import context_reorder, context_size
+from ..sharding.rules import constrain
+from . import dpo
+from .lora import apply_lora, lora_scale
+from .objectives import causal_lm_loss, chunked_lm_loss
+from .state import TrainState
 
 DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
 

@@ -1,8 +1,8 @@
 """Model families: compositions of the blocks in model/layers."""
 
-from jaxlm.model.families.decoder import decoder, decoder_specs
-from jaxlm.model.families.encoder import encoder, encoder_specs
-from jaxlm.model.families.encoder_decoder import encoder_decoder, encoder_decoder_specs
+from .decoder import decoder, decoder_specs
+from .encoder import encoder, encoder_specs
+from .encoder_decoder import encoder_decoder, encoder_decoder_specs
 
 FAMILIES = {"decoder": (decoder_specs, decoder)}
 FAMILIES["encoder"] = (encoder_specs, encoder)

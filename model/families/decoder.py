@@ -9,24 +9,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.infer.cache import (cache_length, constrain_cache, is_split, read_kv, write_kv,
+from ...infer.cache import (cache_length, constrain_cache, is_split, read_kv, write_kv,
                               write_kv_block)
-from jaxlm.model.adapters import layer_weights, materialize_outside_layers
-from jaxlm.model.config import dtype_of
-from jaxlm.model.kernels import MaskSpec
-from jaxlm.model.layers.attention import (attend, attention_specs, output_projection,
+from ..adapters import layer_weights, materialize_outside_layers
+from ..config import dtype_of
+from ..kernels import MaskSpec
+from ..layers.attention import (attend, attention_specs, output_projection,
                                           position_bias, project_qkv)
-from jaxlm.model.layers.embeddings import (embed_tokens_and_positions, embedding_specs,
+from ..layers.embeddings import (embed_tokens_and_positions, embedding_specs,
                                            head_specs, unembed)
-from jaxlm.model.layers.fused import fuse_layer
-from jaxlm.model.layers.mlp import mlp, mlp_specs
-from jaxlm.model.layers.moe import moe, moe_specs
-from jaxlm.model.layers.norms import norm, norm_specs
-from jaxlm.model.layers.positions import learned_position_specs
-from jaxlm.model.layers.relative import relative_bias_specs
-from jaxlm.model.params import stack
-from jaxlm.sharding.context import context_size
-from jaxlm.sharding.pipeline import pipelined_layers, stage_count
+from ..layers.fused import fuse_layer
+from ..layers.mlp import mlp, mlp_specs
+from ..layers.moe import moe, moe_specs
+from ..layers.norms import norm, norm_specs
+from ..layers.positions import learned_position_specs
+from ..layers.relative import relative_bias_specs
+from ..params import stack
+from ...sharding.context import context_size
+from ...sharding.pipeline import pipelined_layers, stage_count
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,

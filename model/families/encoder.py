@@ -19,22 +19,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.errors import ConfigError
-from jaxlm.model.families.decoder import remat
-from jaxlm.model.adapters import layer_weights, materialize_outside_layers
-from jaxlm.model.config import dtype_of
-from jaxlm.model.kernels import MaskSpec
-from jaxlm.model.layers.attention import attention_specs, position_bias, self_attention
-from jaxlm.model.layers.relative import relative_bias_specs
-from jaxlm.model.layers.dense import dense
-from jaxlm.model.layers.dropout import ATTN_OUT, ATTN_PROBS, EMBED, MLP_OUT, dropout, site_key
-from jaxlm.model.layers.embeddings import (embed_tokens_and_positions, embedding_specs,
+from ...errors import ConfigError
+from .decoder import remat
+from ..adapters import layer_weights, materialize_outside_layers
+from ..config import dtype_of
+from ..kernels import MaskSpec
+from ..layers.attention import attention_specs, position_bias, self_attention
+from ..layers.relative import relative_bias_specs
+from ..layers.dense import dense
+from ..layers.dropout import ATTN_OUT, ATTN_PROBS, EMBED, MLP_OUT, dropout, site_key
+from ..layers.embeddings import (embed_tokens_and_positions, embedding_specs,
                                            head_specs, head_weights)
-from jaxlm.model.layers.mlp import GATED, activation, mlp, mlp_specs
-from jaxlm.model.layers.norms import norm, norm_specs
-from jaxlm.model.layers.positions import learned_position_specs
-from jaxlm.model.params import Spec, normal, stack, zeros
-from jaxlm.sharding.rules import constrain
+from ..layers.mlp import GATED, activation, mlp, mlp_specs
+from ..layers.norms import norm, norm_specs
+from ..layers.positions import learned_position_specs
+from ..params import Spec, normal, stack, zeros
+from ...sharding.rules import constrain
 
 
 def _check(cfg):

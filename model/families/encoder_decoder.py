@@ -40,22 +40,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.errors import ConfigError
-from jaxlm.infer.cache import constrain_cache, dequantize, quantize_kv, read_kv, write_kv
-from jaxlm.model.families.decoder import remat
-from jaxlm.model.adapters import layer_weights, materialize_outside_layers
-from jaxlm.model.config import dtype_of
-from jaxlm.model.kernels import MaskSpec, attention
-from jaxlm.model.layers.attention import attention_specs, output_projection, project_qkv
-from jaxlm.model.layers.dense import dense
-from jaxlm.model.layers.dropout import (ATTN_OUT, ATTN_PROBS, CROSS_OUT, CROSS_PROBS, EMBED, FINAL,
+from ...errors import ConfigError
+from ...infer.cache import constrain_cache, dequantize, quantize_kv, read_kv, write_kv
+from .decoder import remat
+from ..adapters import layer_weights, materialize_outside_layers
+from ..config import dtype_of
+from ..kernels import MaskSpec, attention
+from ..layers.attention import attention_specs, output_projection, project_qkv
+from ..layers.dense import dense
+from ..layers.dropout import (ATTN_OUT, ATTN_PROBS, CROSS_OUT, CROSS_PROBS, EMBED, FINAL,
                                         MLP_OUT, dropout, site_key)
-from jaxlm.model.layers.embeddings import embed, embedding_specs, head_specs, unembed
-from jaxlm.model.layers.mlp import mlp, mlp_specs
-from jaxlm.model.layers.norms import norm, norm_specs
-from jaxlm.model.layers.relative import relative_bias, relative_bias_specs
-from jaxlm.model.params import stack
-from jaxlm.sharding.rules import constrain
+from ..layers.embeddings import embed, embedding_specs, head_specs, unembed
+from ..layers.mlp import mlp, mlp_specs
+from ..layers.norms import norm, norm_specs
+from ..layers.relative import relative_bias, relative_bias_specs
+from ..params import stack
+from ...sharding.rules import constrain
 
 
 def decoder_layers(cfg) -> int:
@@ -194,7 +194,7 @@ def decode(params, cfg, decoder_tokens, cross, *, segment_ids=None,
     (training only, no cache): dropout as in `encode`.
     """
     if not return_hidden:
-        from jaxlm.validate import check_head
+        from ...validate import check_head
         check_head(cfg, "decode")  # a T5Model has no head: no logits (not even tied ones)
     b, t = decoder_tokens.shape
     sk = cross["k"].shape[2]

@@ -28,15 +28,15 @@ import pathlib
 
 import jax
 
-from jaxlm.errors import CheckpointError, ConfigError
-from jaxlm.model.config import ModelConfig
-from jaxlm.model.families import model_specs
-from jaxlm.model.hf import bert, decoder, t5
-from jaxlm.model.hf.io import (CONFIG_FILE, CheckpointReader,
+from ...errors import CheckpointError, ConfigError
+from ..config import ModelConfig
+from ..families import model_specs
+from . import bert, decoder, t5
+from .io import (CONFIG_FILE, CheckpointReader,
                                is_hf_checkpoint, named_leaves,
                                read_config, write_checkpoint)
-from jaxlm.model.hf.rules import Rule, check_table, export_tensors, load_leaf
-from jaxlm.model.params import abstract
+from .rules import Rule, check_table, export_tensors, load_leaf
+from ..params import abstract
 
 _FAMILIES = (decoder, bert, t5)
 _BY_MODEL_TYPE = {t: f for f in _FAMILIES for t in f.MODEL_TYPES}

@@ -15,10 +15,10 @@ HF Linear weights are [out, in]; ours are [in..., out...] (q: [D, H, hd], o: [H,
 
 from __future__ import annotations
 
-from jaxlm.errors import CheckpointError, ConfigError
-from jaxlm.model.config import ModelConfig
-from jaxlm.model.hf.io import CONFIG_FILE
-from jaxlm.model.hf.rules import Rule, linear, merged
+from ...errors import CheckpointError, ConfigError
+from ..config import ModelConfig
+from .io import CONFIG_FILE
+from .rules import Rule, linear, merged
 
 MODEL_TYPES = ("bert",)
 

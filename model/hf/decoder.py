@@ -26,11 +26,11 @@ from __future__ import annotations
 import json
 import re
 
-from jaxlm.errors import CheckpointError, ConfigError
-from jaxlm.model.config import ModelConfig
-from jaxlm.model.hf.io import CONFIG_FILE
-from jaxlm.model.hf.rules import Rule, linear, merged
-from jaxlm.model.layers.positions import SCALED_ROPE, rope_fields_from_hf, rope_parameters_to_hf
+from ...errors import CheckpointError, ConfigError
+from ..config import ModelConfig
+from .io import CONFIG_FILE
+from .rules import Rule, linear, merged
+from ..layers.positions import SCALED_ROPE, rope_fields_from_hf, rope_parameters_to_hf
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
 SUPPORTED = MODEL_TYPES

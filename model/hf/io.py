@@ -27,7 +27,7 @@ import ml_dtypes  # noqa: F401  registers bfloat16 with numpy (safetensors' nump
 import numpy as np
 from safetensors import safe_open
 
-from jaxlm.errors import CheckpointError
+from ...errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

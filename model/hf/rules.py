@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.model.hf.io import CheckpointReader, named_leaves
+from .io import CheckpointReader, named_leaves
 
 Index = tuple  # one slice per axis
 

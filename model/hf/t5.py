@@ -46,10 +46,10 @@ Names (HF Linear weights are [out, in], ours [in, out]; q/k/v [D, H*Dk] ->
 
 from __future__ import annotations
 
-from jaxlm.errors import CheckpointError, ConfigError
-from jaxlm.model.config import ModelConfig
-from jaxlm.model.families.encoder_decoder import decoder_layers
-from jaxlm.model.hf.rules import Rule, linear
+from ...errors import CheckpointError, ConfigError
+from ..config import ModelConfig
+from ..families.encoder_decoder import decoder_layers
+from .rules import Rule, linear
 
 MODEL_TYPES = ("t5", "mt5")
 # feed_forward_proj -> (our mlp, gelu_approximate). HF maps "gated-gelu" to gelu_new.

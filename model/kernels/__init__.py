@@ -5,9 +5,9 @@ decode (Pallas decode attention over a KV cache); GPU (Triton) and TPU
 (Mosaic) lowerings in flash_gpu / flash_tpu / decode_gpu / decode_tpu.
 """
 
-from jaxlm.model.kernels.decode import decode_attention
-from jaxlm.model.kernels.dispatch import attention
-from jaxlm.model.kernels.flash import BlockSizes, flash_attention
-from jaxlm.model.kernels.mask import MaskSpec
+from .decode import decode_attention
+from .dispatch import attention
+from .flash import BlockSizes, flash_attention
+from .mask import MaskSpec
 
 __all__ = ["attention", "MaskSpec", "flash_attention", "decode_attention", "BlockSizes"]

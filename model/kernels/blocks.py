@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from jaxlm.model.kernels.mask import MaskSpec
+from .mask import MaskSpec
 
 NEG = -0.7 * float(np.finfo(np.float32).max)
 

@@ -26,11 +26,11 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxlm.model.kernels import decode_gpu, decode_tpu
-from jaxlm.model.kernels.backends import resolve_backend
-from jaxlm.model.kernels.blocks import round_up
-from jaxlm.model.kernels.mask import MaskSpec
-from jaxlm.model.kernels.reference import attention_reference
+from . import decode_gpu, decode_tpu
+from .backends import resolve_backend
+from .blocks import round_up
+from .mask import MaskSpec
+from .reference import attention_reference
 
 DEFAULT_BLOCK_K = {"gpu": 64, "tpu": 512}
 MIN_BLOCK_K = {"gpu": 16, "tpu": 8}

@@ -16,7 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxlm.model.kernels.blocks import attend_block, empty_carry, finish, visible
+from .blocks import attend_block, empty_carry, finish, visible
 
 
 

@@ -16,7 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxlm.model.kernels.blocks import NEG, attend_block_scratch, finish, visible
+from .blocks import NEG, attend_block_scratch, finish, visible
 
 LANES, SUBLANES = 128, 8
 

@@ -32,13 +32,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxlm.errors import ConfigError
-from jaxlm.model.kernels import decode, flash
-from jaxlm.model.kernels.backends import platform
-from jaxlm.model.kernels.mask import MaskSpec
-from jaxlm.model.kernels.per_shard import per_shard
-from jaxlm.model.kernels.reference import attention_reference
-from jaxlm.model.kernels.ring import ring_applies, ring_attention
+from ...errors import ConfigError
+from . import decode, flash
+from .backends import platform
+from .mask import MaskSpec
+from .per_shard import per_shard
+from .reference import attention_reference
+from .ring import ring_applies, ring_attention
 
 IMPLS = ("xla", "pallas", "cudnn", "auto")
 

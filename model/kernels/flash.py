@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
-from jaxlm.model.kernels import flash_gpu, flash_tpu
-from jaxlm.model.kernels.backends import resolve_backend
-from jaxlm.model.kernels.blocks import block_range, mask_arrays, round_up, visible_blocks
-from jaxlm.model.kernels.mask import MaskSpec
+from . import flash_gpu, flash_tpu
+from .backends import resolve_backend
+from .blocks import block_range, mask_arrays, round_up, visible_blocks
+from .mask import MaskSpec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxlm.model.kernels.blocks import NEG, finish, logits, softmax_step, uncap, visible
+from .blocks import NEG, finish, logits, softmax_step, uncap, visible
 
 NN = (((1,), (0,)), ((), ()))
 NT = (((1,), (1,)), ((), ()))

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxlm.model.kernels.blocks import NEG, finish, logits, softmax_step, uncap, visible
+from .blocks import NEG, finish, logits, softmax_step, uncap, visible
 
 NT = (((1,), (1,)), ((), ()))
 NN = (((1,), (0,)), ((), ()))

@@ -49,10 +49,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxlm.model.kernels.blocks import (NEG, attend_block, attend_block_scratch, empty_carry,
+from .blocks import (NEG, attend_block, attend_block_scratch, empty_carry,
                                         finish, visible)
-from jaxlm.model.kernels.mask import MaskSpec
-from jaxlm.model.kernels.reference import attention_reference
+from .mask import MaskSpec
+from .reference import attention_reference
 
 
 
@@ -68,7 +68,7 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, impl: str = "xl
     """q [B,H,D] -> [B,H,D]; see the module docstring. impl: xla | pallas | auto
     (resolved as the dispatcher does: pallas on GPU/TPU, xla on CPU; cudnn has
     no paged form and takes the pallas kernel)."""
-    from jaxlm.model.kernels.dispatch import resolve_impl
+    from .dispatch import resolve_impl
     impl = resolve_impl(impl)
     if impl == "xla":
         return paged_attention_reference(q, k_pages, v_pages, page_table, lengths,
@@ -94,7 +94,7 @@ def paged_attention_pallas(q, k_pages, v_pages, page_table, lengths, *, scale=No
                            backend: Optional[str] = None):
     """The Pallas kernel; backend gpu | tpu (default: the platform's own; on CPU
     the GPU one or $JAXLM_PALLAS_BACKEND), interpreted by default off GPU/TPU."""
-    from jaxlm.model.kernels.backends import resolve_backend
+    from .backends import resolve_backend
     backend, interpret = resolve_backend(backend, interpret)
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else float(scale)

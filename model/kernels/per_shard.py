@@ -16,8 +16,8 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.model.kernels.mask import MaskSpec
-from jaxlm.sharding.rules import active_mesh
+from .mask import MaskSpec
+from ...sharding.rules import active_mesh
 
 
 def _axes(rules, name):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.model.kernels.mask import MaskSpec
-from jaxlm.model.layers.dropout import dropout
+from .mask import MaskSpec
+from ..layers.dropout import dropout
 
 
 def attention_reference(q, k, v, mask: MaskSpec, bias=None, scale=None, softcap=None,

@@ -60,13 +60,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.errors import ConfigError
-from jaxlm.model.kernels import flash
-from jaxlm.model.kernels.backends import resolve_backend
-from jaxlm.model.kernels.blocks import (NEG, MaskArrays, finish, logits, softmax_step, uncap,
+from ...errors import ConfigError
+from . import flash
+from .backends import resolve_backend
+from .blocks import (NEG, MaskArrays, finish, logits, softmax_step, uncap,
                                         visible, visible_blocks)
-from jaxlm.model.kernels.mask import MaskSpec
-from jaxlm.sharding.rules import active_mesh
+from .mask import MaskSpec
+from ...sharding.rules import active_mesh
 
 BLOCK = 128  # query / key tile inside a chunk (flash-sized: bounds the scores held)
 

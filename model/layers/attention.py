@@ -1,11 +1,11 @@
 """Self-attention block: projections (+ biases), RoPE, the attention call, output."""
 
-from jaxlm.model.kernels import attention
-from jaxlm.model.layers.dense import dense
-from jaxlm.model.layers.positions import alibi_bias, rope
-from jaxlm.model.layers.relative import relative_bias
-from jaxlm.model.params import Spec, normal, zeros
-from jaxlm.sharding.rules import constrain
+from ..kernels import attention
+from .dense import dense
+from .positions import alibi_bias, rope
+from .relative import relative_bias
+from ..params import Spec, normal, zeros
+from ...sharding.rules import constrain
 
 
 def attention_specs(cfg):

@@ -21,8 +21,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxlm.model.adapters import QuantizedWeight
-from jaxlm.sharding.context import context_size
+from ..adapters import QuantizedWeight
+from ...sharding.context import context_size
 
 
 def operand(w, dtype):

@@ -2,11 +2,11 @@
 
 import jax.numpy as jnp
 
-from jaxlm.model.config import dtype_of
-from jaxlm.model.layers.dense import dense
-from jaxlm.model.layers.positions import absolute_positions
-from jaxlm.model.params import Spec, normal
-from jaxlm.sharding.rules import constrain
+from ..config import dtype_of
+from .dense import dense
+from .positions import absolute_positions
+from ..params import Spec, normal
+from ...sharding.rules import constrain
 
 
 def embedding_specs(cfg):

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxlm.model.adapters import QuantizedWeight, concatenate, is_node
-from jaxlm.sharding.rules import active_mesh, partition_spec
+from ..adapters import QuantizedWeight, concatenate, is_node
+from ...sharding.rules import active_mesh, partition_spec
 
 QKV = ("q", "k", "v")
 GATE_UP = ("gate", "up")

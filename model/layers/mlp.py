@@ -2,9 +2,9 @@
 
 import jax
 
-from jaxlm.model.layers.dense import dense
-from jaxlm.model.params import Spec, normal, zeros
-from jaxlm.sharding.rules import constrain
+from .dense import dense
+from ..params import Spec, normal, zeros
+from ...sharding.rules import constrain
 
 GATED = ("swiglu", "geglu")
 

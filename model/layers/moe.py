@@ -25,9 +25,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxlm.model.layers.dense import dense, expert_einsum, grouped
-from jaxlm.model.params import Spec, normal
-from jaxlm.sharding.rules import active_mesh, constrain
+from .dense import dense, expert_einsum, grouped
+from ..params import Spec, normal
+from ...sharding.rules import active_mesh, constrain
 
 
 def moe_specs(cfg):

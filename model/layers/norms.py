@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from jaxlm.model.params import Spec, ones, zeros
+from ..params import Spec, ones, zeros
 
 
 def norm_specs(cfg):

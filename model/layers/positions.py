@@ -27,8 +27,8 @@ import math
 
 import jax.numpy as jnp
 
-from jaxlm.errors import CheckpointError
-from jaxlm.model.params import Spec, normal
+from ...errors import CheckpointError
+from ..params import Spec, normal
 
 SCALED_ROPE = ("linear", "dynamic", "yarn")  # besides llama3
 

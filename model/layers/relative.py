@@ -23,7 +23,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.model.params import Spec, normal
+from ..params import Spec, normal
 
 
 def relative_bias_specs(cfg):
