@@ -23,7 +23,7 @@ _LAZY = {
     "model_config_of": "jaxlm.api", "load_params": "jaxlm.api",
     "forward": "jaxlm.validate", "init_params": "jaxlm.validate", "ModelConfig": "jaxlm.model",
     "generate": "jaxlm.infer.text",
-    "generate_many": "jaxlm.infer.engine",
+    "generate_many": "jaxlm.infer.generate",
     "embed": "jaxlm.validate",
     "load_tokenizer": "jaxlm.model.tokenizer",
     "Config": "jaxlm.model.config", "load_config": "jaxlm.model.config",

@@ -107,7 +107,7 @@ def forward(params, cfg, tokens, *args, **kwargs):
     check_model_args(params, cfg, "forward")
     if not kwargs.get("return_hidden"):
         check_head(cfg, "forward")
-    check_tokens(tokens, cfg, "forward", cached=kwargs.get("cache") is not None)
+    check_tokens(tokens, cfg, "forward", cached=kwargs.get("store") is not None)
     return model_forward(params, cfg, tokens, *args, **kwargs)
 
 

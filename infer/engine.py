@@ -1,56 +1,53 @@
-"""Continuous batching over a paged KV cache.
+"""The one inference engine: requests in, tokens out, continuous batching over a KV cache.
 
-    out = generate_many(params, cfg, prompts, max_new_tokens=[64, 8, ...], slots=8,
-                        page_size=16, eos_id=2, temperature=0.7, seed=0)
-    out.sequences()      # per prompt, in input order (as jaxlm.generate's GenerateOutput)
+    eng = Engine(params, cfg, settings=GenerateConfig(max_new_tokens=64), slots=8)
+    req = eng.add([5, 7, 9], temperature=0.7, n=2)          # any time, also mid-run
+    for event in eng.stream():                              # tokens as they are produced
+        print(event.request.index, event.sample, event.tokens, event.finish_reason)
+    req.outputs[0].tokens, req.outputs[0].finish_reason      # "stop" | "length"
 
-A fixed number of slots decode together over one page pool
-(`jaxlm.infer.paged`). The device runs up to `steps_per_call` decode steps
-per host round trip, in one `lax.while_loop` compiled once; the loop exits
-early once `refill_batch` slots have finished while prompts are waiting (or as
-many as wait), and the host then returns the finished slots' pages, prefills
-the next prompts into them and goes on, without waiting for the rest of the
-batch. One refill for two finishes (the default at 16 slots, slots // 8)
-halves the round trips and prefill calls for one slot idling a few steps
-(~1.1x the tokens/s of refilling at every finish on bench-cpu before packed
-prefill, ~1.05x since; BENCHMARKS.md).
-The prompts admitted at one refill are prefilled together, packed into one
-row per data shard (up to PACK_TOKENS; each prompt from a page boundary, with
-its own segment id and positions restarting, so it attends only to itself),
-whose K/V are written straight into the slots' pages: no padding rows, no
-contiguous cache to copy from. The pack's width is bucketed (2^k and
-3 x 2^(k-1)), so prefill compiles once per bucket (TRACE_COUNTS["admit"]).
+A fixed number of slots decode together, one sequence each, over one KV cache:
+a pool of pages (`cache="paged"`, `jaxlm.model.kv.Paged`: each slot holds the
+pages its sequence has written, from one allocator, `jaxlm.infer.pages`) or
+one preallocated row per slot (`cache="contiguous"`, `jaxlm.model.kv.Contiguous`:
+faster per step when every request fits the slots at once, BENCHMARKS.md). The
+device runs up to `steps_per_call` steps per host round trip in one
+`lax.while_loop` compiled once (`_run`); the loop exits early once
+`refill_batch` slots have finished while requests wait, and the host then frees
+their slots, admits the next requests (prefilled together in one call, `_admit`:
+packed into one row per data shard, each prompt from a page boundary, its own
+segment ids and positions), and goes on. A request arriving mid-run waits for a
+slot like any other: nothing recompiles.
 
-Under `jaxlm.sharding.rules.use_mesh` the pool is created sharded and stays
-so (`jaxlm.infer.paged`): each data shard owns a block of pages and its
-slots allocate only from it; n_pages is rounded up to a multiple of the data
-shards, each of which must fit the longest request. Multi-process (a global
-mesh over several processes' devices): every process runs the same host loop
-on the same host state, and each round trip's per-slot state is gathered to
-all of them (`jaxlm.sharding.distributed.fetch`).
+Every decoding feature of `jaxlm.generate` runs here, in the same loop:
+* one sampling step (`jaxlm.infer.sampling.pick` after the logit processors and
+  the guide mask), each slot with its own settings (temperature, top-k, top-p,
+  min-p, penalties, min_new_tokens, stop ids, seed: traced, so requests with
+  other values share the compiled loop; `Features` holds what is static);
+* `n` samples of one prompt: prefilled once, its full pages shared by the n
+  slots (a paged cache allocates them once), the partial last page copied;
+* beam search (`jaxlm.infer.beam`): a request takes num_beams slots, reordered
+  within the group every step;
+* speculative decoding (`jaxlm.infer.speculative`): a draft model's cache over
+  the same slots and page tables, k drafts and one verify pass per cycle;
+* guided decoding (a per-slot automaton state over one stacked table);
+* per-token log-probs and raw logits (`return_logits`);
+* every generative family: decoders (RoPE, learned, ALiBi positions; MoE) and
+  encoder-decoders (T5: the encoder runs at admission, its cross K/V kept per
+  slot, the relative bias over the cache's positions).
 
-Memory: a slot holds the pages its sequence has written, plus, during one
-round trip, the pages the next `steps_per_call` tokens may need; after each
-round trip the unused ones go back to the pool, so at every refill the
-pages in use are exactly what the live sequences need (rounded up to a
-page): `on_refill` sees it. A prompt is admitted when the pool can hold it
-and what every live sequence may still need (its prompt + max_new_tokens), so
-growth never runs out of pages.
-
-Identical to `jaxlm.generate` run prompt by prompt with the same seeds:
-prompt i samples its t-th token with fold_in(fold_in(key(seed), row_seeds[i]), t),
-row_seeds defaulting to the prompt's index (as generate numbers its rows),
-with the same sampler; the attention is the same function over the same keys.
-Mixture-of-experts models route as generate does, so this holds for dropless
-routing (`moe_capacity_factor` 0, as Mixtral's); with a capacity factor which
-tokens an expert drops depends on the tokens batched with them (a pack here, a
-batch there), in generate too.
-Logit processors, beams, guides and return_logits are the static path's
-(`jaxlm.generate`).
+Stop strings (`stop`) end a sequence on its decoded text (checked on the host
+after each round trip, as vLLM / OpenAI do); the text returned stops before the
+stop string. Row r of request i samples its t-th token with fold_in(fold_in(
+key(seed), row_seed), t) (row_seed defaulting to the request's index; sample j of
+n folds in j on top), so a request's tokens do not depend on what it is batched
+with. Multi-process: every process runs the host loop on the same state; each
+round trip's per-slot state is gathered to all (`sharding.distributed.fetch`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from functools import partial
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -60,23 +57,72 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InputError
-from .generate import (DECODING_OFF, PAD_ID, GenerateOutput, _check_prompts,
-                                  decode_params, row_keys, splits)
-from .paged import (PagePool, check_paged_family, constrain_pages, init_pages,
-                               pages_for, paged_step, pool_layout, write_prompt)
-from .processors import eos_array, is_eos
-from .sampling import check_sampling, sample
-from ..model.families.decoder import decoder
+from ..model.families.decoder import decoder, fuse_projections, unstack_layers
+from ..model.families.encoder_decoder import cross_kv, decode as decode_t5, decoder_layers, encode
+from ..model.kv import Contiguous, Paged, init_cache, init_pages
+from ..model.kv.contiguous import split_layers, stack_layers
+from ..model.kv.paged import pages_for, pool_layout
 from ..model.layers.embeddings import unembed
+from ..sharding.context import context_size
 from ..sharding.distributed import fetch
+from . import guided
+from .pages import PagePool
+from .processors import History, Penalties, ProcessorShape, apply as apply_processors, \
+    gather as gather_history, is_eos, push
+from .sampling import Sampler, SamplerShape, pick
 
-TRACE_COUNTS = {"engine_loop": 0, "admit": 0}
+PAD_ID = -1  # fills output rows after a sequence stopped
 WIDTH_BUCKET = 64
 PACK_TOKENS = 512  # a prefill pack's width (a prompt's own, if longer): its attention is W^2
+STOP_SLOTS = 4  # stop ids per slot (more: the next power of two)
+# Decode loops up to this many layers and bytes of layer weights run the layers
+# unrolled over per-layer weights split once before the loop: no step copies a
+# layer's weights out of the stack (XLA materialises a slice of a scanned array
+# that feeds a matmul). Beyond, the scan (trace / compile time; the split copy's
+# peak memory).
+UNROLL_MAX_LAYERS = 32
+UNROLL_MAX_BYTES = 2 ** 30
 
 
-class _Slots(NamedTuple):
-    """Per-slot state of the compiled loop (host numpy in, device out)."""
+# ------------------------------------------------------------ what a run compiles
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """What the compiled loop runs (static): the sampler's and the processors' code
+    paths over all requests (`of`), guides, beams, speculative decoding, what each
+    step records, and the buffers' widths."""
+    sampler: SamplerShape = SamplerShape()
+    processors: ProcessorShape = ProcessorShape()
+    guided: bool = False
+    beams: int = 0  # num_beams of every request (0: no beam search)
+    speculative: int = 0  # drafts per cycle (0: none)
+    logprobs: bool = False
+    return_logits: bool = False
+    width: int = WIDTH_BUCKET  # output columns per slot
+    stops: int = STOP_SLOTS  # stop ids per slot
+    history: int = 0  # the n-gram history's columns (prompt + output)
+
+    @classmethod
+    def of(cls, settings: Sequence, vocab_size: int, **kw) -> "Features":
+        """Features that run every one of `settings` (GenerateConfig-like objects)."""
+        settings = list(settings)
+        sampler = SamplerShape.of([(s.temperature, s.top_k, s.top_p, s.min_p)
+                                   for s in settings], vocab_size)
+        return cls(sampler, ProcessorShape.of(settings), **kw)
+
+
+def bucket(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+def _pow2(n: int, least: int) -> int:
+    return max(least, 1 << max(int(n) - 1, 0).bit_length())
+
+
+# ------------------------------------------------------------ device state
+
+class Slots(NamedTuple):
+    """Per-slot scalars (host numpy in, device out at every round trip)."""
     lengths: jax.Array  # [S] int32: positions in the cache
     count: jax.Array  # [S] int32: tokens generated
     budget: jax.Array  # [S] int32: the request's max_new_tokens
@@ -84,213 +130,1019 @@ class _Slots(NamedTuple):
     eos: jax.Array  # [S] bool: finished with a stop id
 
 
-@partial(jax.jit, static_argnames=("cfg", "temperature", "top_k", "top_p", "min_p"),
-         donate_argnames=("pages", "logits", "out"))
-def decode_loop(params, cfg, pages, logits, out, slots: _Slots, page_table, key_data, eos_ids,
-                max_steps, exit_after, *, temperature: float, top_k: int, top_p: float,
-                min_p: float = 0.0):
-    """Up to max_steps decode steps of every live slot; stops early after the step
-    where the exit_after-th slot of this call finished (exit_after 0: never).
-    logits [S, V]: each slot's next-token logits; out [S, W] int32: the tokens of
-    each slot's request; key_data: the slots' PRNG keys (`jax.random.key_data`,
-    of the default implementation). Returns (pages, logits, out, slots, steps run)."""
-    TRACE_COUNTS["engine_loop"] += 1
-    keys = jax.random.wrap_key_data(key_data)
-    params = decode_params(params, cfg)
-    pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    rows = jnp.arange(out.shape[0])
+class Rows(NamedTuple):
+    """Per-slot device state that stays on device (donated to every call)."""
+    logits: jax.Array  # [S, V] f32: next-token logits
+    out: jax.Array  # [S, W] int32: the tokens generated
+    keys: jax.Array  # [S, 2] uint32: PRNG key data
+    sampler: Sampler
+    penalties: Penalties
+    stop_ids: jax.Array  # [S, E] int32 (-1: unused)
+    hist: History
+    guide: Optional[jax.Array] = None  # [S] int32 automaton states
+    logprobs: Optional[jax.Array] = None  # [S, W] f32
+    step_logits: Optional[jax.Array] = None  # [S, W, V] f32
 
-    def body(c):
-        i, pages, logits, out, st, done = c
-        step_keys = jax.vmap(jax.random.fold_in)(keys, st.count)
-        tok = pick(logits, step_keys)
-        out = out.at[rows, jnp.where(st.live, st.count, out.shape[1])].set(tok, mode="drop")
-        count = st.count + st.live
-        eos = is_eos(tok, eos_ids) & st.live
-        stop = st.live & (eos | (count >= st.budget))
-        live = st.live & ~stop
-        new_logits, pages = paged_step(params, cfg, pages, page_table, st.lengths, tok, live)
-        pages = constrain_pages(pages, out.shape[0])
-        logits = jnp.where(live[:, None], new_logits, logits)
-        st = _Slots(st.lengths + live, count, st.budget, live, st.eos | eos)
-        return i + 1, pages, logits, out, st, done + jnp.sum(stop, dtype=jnp.int32)
 
-    def more(c):
-        i, _, _, _, st, done = c
-        waiting = (exit_after == 0) | (done < exit_after)
-        return (i < max_steps) & jnp.any(st.live) & waiting
+class State(NamedTuple):
+    rows: Rows
+    kv: dict  # contiguous {"k", "v": [L, S, T, KVH, D]} or paged {"k", "v": [L, N, ps, KVH, D]}
+    cross: Optional[dict] = None  # encoder-decoders: {"k", "v": [L, S, Te, KVH, D]}
+    enc_seg: Optional[jax.Array] = None  # [S, Te] encoder padding (0)
+    guide: Optional[guided.GuideState] = None  # the stacked automaton tables (state unused)
+    beams: Optional[object] = None  # jaxlm.infer.beam.Groups
+    draft_kv: Optional[dict] = None  # speculative decoding: the draft's cache
+    spec: Optional[jax.Array] = None  # [2] int32: drafted, accepted
 
-    i, pages, logits, out, slots, _ = jax.lax.while_loop(
-        more, body, (jnp.int32(0), pages, logits, out, slots, jnp.int32(0)))
-    return pages, logits, out, slots, i
+
+def model_step(params, cfg, kind: str, kv, tokens, lengths, live, page_table, cross=None,
+               enc_seg=None, rows=None):
+    """tokens [R, T] at positions lengths [R] + [0, T) -> (logits [R, T, V] float32, kv
+    with the live rows' K/V written): the family's forward over the `kind` store."""
+    r = tokens.shape[0]
+    if kind == "paged":
+        store = Paged(kv, page_table, lengths, live, slots=page_table.shape[0])
+    else:
+        store = Contiguous(kv, lengths, rows=rows, live=live)
+    if cfg.family == "encoder_decoder":
+        hidden, aux = decode_t5(params, cfg, tokens, cross, segment_ids=enc_seg, store=store)
+    else:
+        hidden, aux = decoder(params, cfg, tokens, store=store)
+    del r
+    return unembed(params, hidden, cfg), aux["store"].kv
+
+
+def unrolls(params, cfg) -> bool:
+    """Whether a decode loop runs its layers unrolled over per-layer weights split
+    once before the loop (`unstack_layers`): stacked weights, up to UNROLL_MAX_LAYERS
+    layers and UNROLL_MAX_BYTES of layer weights (the split is a copy: peak memory
+    holds both while the loop runs)."""
+    if cfg.family != "decoder" or isinstance(params["layers"], (list, tuple)):
+        return False
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["layers"]))
+    return cfg.n_layers <= UNROLL_MAX_LAYERS and nbytes <= UNROLL_MAX_BYTES
+
+
+def decode_params(params, cfg):
+    """params as a decode loop reads them: up to the unroll limit (`unrolls`), the
+    layer weights split per layer and q|k|v, gate|up concatenated (`unstack_layers`,
+    `fuse_projections`), so no step copies a layer's weights out of the stack."""
+    return fuse_projections(unstack_layers(params), cfg) if unrolls(params, cfg) else params
 
 
 _split_once = jax.jit(decode_params, static_argnums=1)
 
 
-class Request(NamedTuple):
-    tokens: np.ndarray
-    max_new_tokens: int
-    index: int
+# ------------------------------------------------------------ admission (compiled)
+
+class Pack(NamedTuple):
+    """Prompts packed for one prefill call: row j holds prompts each from a page
+    boundary (a contiguous cache: one prompt per row), segment r + 1 for its r-th,
+    positions restarting, 0 = padding."""
+    tokens: jax.Array  # [J, W] int32
+    positions: jax.Array  # [J, W] int32
+    segments: jax.Array  # [J, W] int32
+    where: jax.Array  # paged: [J, W / ps] page ids (n_pages: dropped); contiguous: [J] rows
+    last: jax.Array  # [R] flat index into [J * W] of each prompt's last token
+    out_slot: jax.Array  # [R] the slot given that prompt's next-token logits (S: none)
+    tok_slot: jax.Array  # [J, W] the slot of each token (S: padding)
 
 
-def generate_many(params, cfg, prompts, *, max_new_tokens, slots: int = 8,
-                  page_size: int = 16, n_pages: Optional[int] = None,
-                  steps_per_call: int = 32, refill_batch: Optional[int] = None,
-                  temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, min_p: float = 0.0, seed: int = 0, eos_id=None,
-                  row_seeds: Optional[Sequence[int]] = None,
-                  on_refill: Optional[Callable[[dict], None]] = None,
-                  on_finish: Optional[Callable[[int, list, bool], None]] = None
-                  ) -> GenerateOutput:
-    """Continue every prompt by up to its max_new_tokens (an int, or one per
-    prompt) with continuous batching over `slots` slots and a pool of `n_pages`
-    pages of `page_size` tokens (default: enough for `slots` of the longest
-    request). refill_batch: how many slots finish (while prompts wait) before
-    the device loop returns to refill them (default max(1, slots // 8)).
-    Returns a GenerateOutput in input order (tokens [N, max of
-    max_new_tokens], PAD_ID after a row stopped).
+class EncPack(NamedTuple):
+    """Encoder inputs of the admitted requests of an encoder-decoder."""
+    tokens: jax.Array  # [A, P] int32, right-padded
+    segments: jax.Array  # [A, P] int32: 1, 0 = padding
+    out_slot: jax.Array  # [A] the slot of each (S: a padding row)
+    table: jax.Array  # paged: [A, P_pages] the slots' page tables; contiguous: unused [A]
 
-    on_refill(info): called at every refill, after finished slots gave their
-    pages back and waiting prompts were prefilled, before the next round trip;
-    info has pages_in_use, pages_needed (sum over live slots of
-    ceil(length / page_size)), lengths [S], live [S], table [S, P], n_pages,
-    admitted (the slots just prefilled, together in one call), waiting (prompts not
-    admitted yet), pool (the page pool's device arrays: read, do not keep; they
-    are donated to the next call).
-    on_finish(index, tokens, eos): as each request finishes (e.g. to write it out).
-    """
-    check_paged_family(cfg)
-    rows = _check_prompts(prompts, cfg.vocab_size)
-    budgets = _budgets(max_new_tokens, len(rows))
-    check_sampling(temperature, top_k, top_p, min_p)
-    refill_batch = max(1, slots // 8) if refill_batch is None else refill_batch
-    for name, value in (("slots", slots), ("page_size", page_size),
-                        ("steps_per_call", steps_per_call), ("refill_batch", refill_batch)):
-        if isinstance(value, bool) or int(value) != value or value < 1:
-            raise InputError(f"{name}={value} must be an integer >= 1")
-    eos_ids = eos_array(eos_id, cfg.vocab_size)
-    # the rows' keys as host data (uint32 [N, 2]): indexed per round trip in numpy
-    key_data = np.asarray(jax.random.key_data(row_keys(seed, len(rows), row_seeds)))
-    # split (and fused) once for the whole run, not at every round trip and prefill:
-    # the same peak memory as each call's own split (the jitted split is a copy too).
-    # Only when it splits: a jitted pass-through would copy every weight.
-    if splits(params, cfg):
-        params = _split_once(params, cfg)
-    need = [len(r) + m for r, m in zip(rows, budgets)]  # positions a request may write, +1
-    for i, n in enumerate(need):
-        if n > cfg.max_seq_len:
-            raise InputError(f"prompt {i} has {len(rows[i])} tokens + max_new_tokens="
-                             f"{budgets[i]} = {n}, longer than model.max_seq_len="
-                             f"{cfg.max_seq_len}")
-    full = [pages_for(n - 1, page_size) for n in need]  # pages a request ever holds
-    longest = max(range(len(rows)), key=lambda i: full[i])
-    layout = pool_layout(slots, slots, cfg.n_kv_heads)  # the data shards that divide slots
-    shards = layout.shards if layout is not None else 1
-    if n_pages is None:
-        n_pages = slots * full[longest]
-    if isinstance(n_pages, bool) or int(n_pages) != n_pages or n_pages < shards * full[longest]:
-        per = f" (x {shards} data shards: n_pages >= {shards * full[longest]})" if shards > 1 else ""
-        raise InputError(f"n_pages={n_pages}: the page pool is too small for prompt {longest} "
-                         f"({len(rows[longest])} tokens + max_new_tokens={budgets[longest]}), "
-                         f"which needs {full[longest]} pages of page_size={page_size}{per}")
-    n_pages = -(-int(n_pages) // shards) * shards  # each data shard owns an equal block
-    max_pages = max(full)
-    width = -(-max(budgets) // WIDTH_BUCKET) * WIDTH_BUCKET
-    pool = PagePool(n_pages, page_size, slots, max_pages, shards=shards)
-    pages = init_pages(cfg, n_pages, page_size, slots=slots)
-    logits = jnp.zeros((slots, cfg.vocab_size), jnp.float32)
-    out_dev = jnp.full((slots, width), PAD_ID, jnp.int32)
-    st = {k: np.zeros(slots, np.int32) for k in ("lengths", "count", "budget")}
-    st["live"], st["eos"] = np.zeros(slots, bool), np.zeros(slots, bool)
-    req_of = np.zeros(slots, np.int64)  # which request each slot holds
-    queue = deque(Request(r, m, i) for i, (r, m) in enumerate(zip(rows, budgets)))
-    tokens = np.full((len(rows), max(budgets)), PAD_ID, np.int32)
-    lengths = np.zeros(len(rows), np.int32)
-    finished = np.zeros(len(rows), bool)
-    sampler = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                   min_p=float(min_p))
 
-    def reserved(shard: int) -> int:  # pages the shard's live slots may still take
-        return sum(full[req_of[s]] - len(pool.held[s]) for s in range(slots)
-                   if st["live"][s] and pool.shard_of(s) == shard)
+class New(NamedTuple):
+    """The per-slot settings of the slots admitted by one call ([S]: others ignored)."""
+    keys: jax.Array  # [S, 2] uint32
+    sampler: Sampler
+    penalties: Penalties
+    stop_ids: jax.Array  # [S, E]
+    hist_len: jax.Array  # [S] the prompt's length (the processors' history)
+    guide: Optional[jax.Array]  # [S] the guide's start state (0: unconstrained)
+    length_penalty: Optional[jax.Array] = None  # beams: [S] f32
+    early: Optional[jax.Array] = None  # beams: [S] int32 early_stopping 0 False, 1 True, 2 never
 
-    while True:
-        # refill: every free slot takes the next prompt its shard's pages can hold;
-        # the admitted prompts are prefilled together, in one call
-        admitted = []
-        for s in range(slots):
-            if st["live"][s] or not queue:
+
+def _where_rows(mask, new, old):
+    return jnp.where(mask.reshape(mask.shape + (1,) * (old.ndim - 1)), new, old)
+
+
+def _reset_rows(rows: Rows, new: New, adm) -> Rows:
+    """The admitted slots' settings set, their outputs and history cleared."""
+    sel = partial(_where_rows, adm)
+    h = rows.hist
+    hist = History(sel(new.hist_len, h.length),
+                   None if h.seen is None else sel(jnp.zeros_like(h.seen), h.seen),
+                   None if h.counts is None else sel(jnp.zeros_like(h.counts), h.counts),
+                   None if h.tokens is None else sel(jnp.zeros_like(h.tokens), h.tokens))
+    return rows._replace(
+        out=sel(jnp.full_like(rows.out, PAD_ID), rows.out), keys=sel(new.keys, rows.keys),
+        sampler=jax.tree.map(sel, new.sampler, rows.sampler),
+        penalties=jax.tree.map(sel, new.penalties, rows.penalties),
+        stop_ids=sel(new.stop_ids, rows.stop_ids), hist=hist,
+        guide=None if rows.guide is None else sel(new.guide, rows.guide),
+        logprobs=None if rows.logprobs is None else sel(jnp.zeros_like(rows.logprobs),
+                                                        rows.logprobs),
+        step_logits=None if rows.step_logits is None else sel(
+            jnp.zeros_like(rows.step_logits), rows.step_logits))
+
+
+def _history_of(hist: History, slot, tokens, positions) -> History:
+    """The prompt tokens [N] at positions [N] of slots [N] (S: padding, dropped)
+    written into the admitted slots' (cleared) history."""
+    seen = None if hist.seen is None else hist.seen.at[slot, tokens].set(True, mode="drop")
+    toks = None if hist.tokens is None else hist.tokens.at[slot, positions].set(tokens,
+                                                                                 mode="drop")
+    return hist._replace(seen=seen, tokens=toks)
+
+
+def _copy_rows(a, src, dst, axis: int = 0):
+    """a with the entries dst [F] along `axis` taken from src [F] (dst out of range: none)."""
+    moved = jnp.take(a, src, axis=axis, mode="clip")
+    index = (slice(None),) * axis + (dst,)
+    return a.at[index].set(moved, mode="drop")
+
+
+def _prefill_decoder(params, cfg, kind, kv, pack: Pack, slots: int, whole: bool = False):
+    """Packed prompts -> (kv with their K/V, next-token logits [R, V] of each prompt);
+    whole: row r holds prompt r (`_admit`)."""
+    j = pack.tokens.shape[0]
+    if kind == "paged":
+        store = Paged(kv, pack.where, jnp.zeros((j,), jnp.int32), fresh=True, slots=slots)
+    else:
+        store = Contiguous(kv, jnp.zeros((j,), jnp.int32), rows=pack.where, fresh=True)
+    hidden, aux = decoder(params, cfg, pack.tokens, positions=pack.positions,
+                          segment_ids=pack.segments, store=store)
+    w = hidden.shape[1]
+    if context_size() > 1:  # the sequence is sharded: a one-hot contraction, no gather
+        pick = jax.nn.one_hot(pack.last % w, w, dtype=hidden.dtype)
+        rows = hidden if whole else jnp.take(hidden, pack.last // w, axis=0)
+        last = jnp.einsum("rs,rsd->rd", pick, rows)
+    else:
+        last = hidden.reshape(-1, hidden.shape[-1])[pack.last]
+    return aux["store"].kv, unembed(params, last[:, None], cfg)[:, 0]
+
+
+@partial(jax.jit, static_argnames=("cfg", "draft_cfg", "feats", "kind", "start_id", "whole"),
+         donate_argnames=("state",))
+def _admit(params, cfg, draft_params, draft_cfg, state: State, pack, new: New, admitted, forks,
+           page_copies, *, feats: Features, kind: str, start_id: int, whole: bool = False):
+    """Prefill the admitted requests into their first slots, set every admitted
+    slot's settings, and copy the first slot's state to the request's other slots
+    (forks [F, 2] (src, dst) slots, or None; paged page_copies [C, 2] (src, dst)
+    pages). whole: the pack's rows are the slots, in order (a ring prefill under a
+    context mesh): their logits are taken as they are, with no scatter."""
+    rows = _reset_rows(state.rows, new, admitted)
+    s = rows.logits.shape[0]
+    if state.beams is not None:
+        from .beam import reset_groups
+        state = state._replace(beams=reset_groups(state.beams, admitted, new.length_penalty,
+                                                  new.early))
+    cross, enc_seg, draft_kv = state.cross, state.enc_seg, state.draft_kv
+    if cfg.family == "encoder_decoder":
+        enc = pack
+        encoded = encode(params, cfg, enc.tokens, enc.segments)
+        kv_dtype = "int8" if "k_scale" in state.cross else "auto"
+        new_cross = cross_kv(params, cfg, encoded, kv_dtype)  # [L, A, P, KVH, D]
+        width = enc.tokens.shape[1]
+        cross = {n: a.at[:, enc.out_slot, :width].set(new_cross[n].astype(a.dtype), mode="drop")
+                 for n, a in cross.items()}
+        seg = jnp.zeros((enc.tokens.shape[0], enc_seg.shape[1]), jnp.int32)
+        enc_seg = enc_seg.at[enc.out_slot].set(seg.at[:, :width].set(enc.segments), mode="drop")
+        a = enc.tokens.shape[0]
+        start = jnp.full((a, 1), start_id, jnp.int32)
+        live = enc.out_slot < s
+        logits, kv = model_step(params, cfg, kind, state.kv, start, jnp.zeros((a,), jnp.int32),
+                                live, enc.table, new_cross, enc.segments,
+                                rows=None if kind == "paged" else enc.out_slot)
+        logits_all = rows.logits.at[enc.out_slot].set(logits[:, 0], mode="drop")
+        hist = _history_of(rows.hist, enc.out_slot, start[:, 0], jnp.zeros((a,), jnp.int32))
+    else:
+        kv, logits = _prefill_decoder(params, cfg, kind, state.kv, pack, s, whole)
+        logits_all = (_where_rows(admitted, logits, rows.logits) if whole else
+                      rows.logits.at[pack.out_slot].set(logits, mode="drop"))
+        hist = _history_of(rows.hist, pack.tok_slot.reshape(-1), pack.tokens.reshape(-1),
+                           pack.positions.reshape(-1))
+        if draft_kv is not None:
+            draft_kv, _ = _prefill_decoder(draft_params, draft_cfg, kind, draft_kv, pack, s)
+    rows = rows._replace(logits=logits_all, hist=hist)
+    if forks is None:
+        return state._replace(rows=rows, kv=kv, cross=cross, enc_seg=enc_seg, draft_kv=draft_kv)
+    src, dst = forks[:, 0], forks[:, 1]
+    copy = partial(_copy_rows, src=src, dst=dst)
+    rows = rows._replace(logits=copy(rows.logits), hist=jax.tree.map(copy, rows.hist),
+                         guide=None if rows.guide is None else copy(rows.guide))
+    if kind == "paged":
+        move = partial(_copy_rows, src=page_copies[:, 0], dst=page_copies[:, 1], axis=1)
+    else:
+        move = partial(_copy_rows, src=src, dst=dst, axis=1)
+    kv = jax.tree.map(move, kv)
+    if draft_kv is not None:
+        draft_kv = jax.tree.map(move, draft_kv)
+    if cross is not None:
+        cross = jax.tree.map(partial(_copy_rows, src=src, dst=dst, axis=1), cross)
+        enc_seg = copy(enc_seg)
+    return state._replace(rows=rows, kv=kv, cross=cross, enc_seg=enc_seg, draft_kv=draft_kv)
+
+
+# ------------------------------------------------------------ the decode loop (compiled)
+
+def sample_step(rows: Rows, sl: Slots, feats: Features, guide: Optional[guided.GuideState]):
+    """The one sampling step: the logit processors (transformers' order), then the
+    guide's mask, then the sampler / greedy -> (token [S], rows with the history and
+    the guide states advanced for the live slots)."""
+    processed = apply_processors(feats.processors, rows.logits, rows.hist, rows.penalties,
+                                 sl.count, rows.stop_ids)
+    gs = None
+    if feats.guided:
+        gs = guide._replace(state=rows.guide)
+        processed = guided.mask(gs, processed, rows.stop_ids, sl.budget - sl.count,
+                                raw=rows.logits)
+    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(rows.keys), sl.count)
+    tok = pick(processed, rows.sampler, keys, feats.sampler)
+    tok = jnp.where(sl.live, tok, PAD_ID)
+    rows = rows._replace(hist=push(rows.hist, tok, sl.live))
+    if gs is not None:
+        rows = rows._replace(guide=guided.advance(gs, tok, sl.live).state)
+    return tok, rows
+
+
+def record(rows: Rows, sl: Slots, tok, raw_logits) -> Rows:
+    """Write each live slot's token (and its log-prob / raw logits) at its column."""
+    s, w = rows.out.shape
+    col = jnp.where(sl.live, sl.count, w)
+    at = (jnp.arange(s), col)
+    rows = rows._replace(out=rows.out.at[at].set(tok, mode="drop"))
+    if rows.logprobs is not None:
+        lp = jax.nn.log_softmax(raw_logits.astype(jnp.float32), axis=-1)
+        lp = jnp.take_along_axis(lp, jnp.maximum(tok, 0)[:, None], axis=-1)[:, 0]
+        rows = rows._replace(logprobs=rows.logprobs.at[at].set(lp, mode="drop"))
+    if rows.step_logits is not None:
+        rows = rows._replace(step_logits=rows.step_logits.at[at].set(raw_logits, mode="drop"))
+    return rows
+
+
+def finish(sl: Slots, tok, rows: Rows, emitted) -> tuple[Slots, jax.Array]:
+    """Count the emitted tokens [S] (0 or more per slot; tok its last), stop the slots
+    that emitted a stop id or reached their budget -> (slots, how many stopped)."""
+    count = sl.count + emitted
+    eos = is_eos(tok, rows.stop_ids) & (emitted > 0)
+    stop = sl.live & (eos | (count >= sl.budget))
+    return Slots(sl.lengths, count, sl.budget, sl.live & ~stop, sl.eos | eos), stop
+
+
+@partial(jax.jit, static_argnames=("cfg", "draft_cfg", "feats", "kind"),
+         donate_argnames=("state",))
+def _run(params, cfg, draft_params, draft_cfg, state: State, sl: Slots, page_table, max_steps,
+         exit_after, *, feats: Features, kind: str):
+    """Up to max_steps decode steps (speculative: cycles) of every live slot; stops
+    early after the step where the exit_after-th slot of this call finished (0:
+    never). -> (state, slots, steps run)."""
+    split = kind == "contiguous" and isinstance(params.get("layers"), (list, tuple))
+    kv = split_layers(state.kv) if split else state.kv
+    step = partial(model_step, params, cfg, kind, page_table=page_table, cross=state.cross,
+                   enc_seg=state.enc_seg)
+
+    def body(c):
+        i, st, kv, sl, done = c
+        if feats.beams:
+            from .beam import engine_step
+            st, kv, sl, stop = engine_step(st, kv, sl, step, feats, kind, page_table)
+        elif feats.speculative:
+            from .speculative import engine_cycle
+            st, kv, sl, stop = engine_cycle(st, kv, sl, step, feats, kind, page_table,
+                                            partial(model_step, draft_params, draft_cfg, kind,
+                                                    page_table=page_table))
+        else:
+            rows = st.rows
+            tok, rows = sample_step(rows, sl, feats, st.guide)
+            rows = record(rows, sl, tok, rows.logits)
+            sl, stop = finish(sl, tok, rows, sl.live.astype(jnp.int32))
+            logits, kv = step(kv, jnp.maximum(tok, 0)[:, None], sl.lengths, sl.live)
+            rows = rows._replace(logits=jnp.where(sl.live[:, None], logits[:, 0], rows.logits))
+            sl = sl._replace(lengths=sl.lengths + sl.live)
+            st = st._replace(rows=rows)
+        return i + 1, st, kv, sl, done + jnp.sum(stop, dtype=jnp.int32)
+
+    def more(c):
+        i, _, _, sl, done = c
+        waiting = (exit_after == 0) | (done < exit_after)
+        return (i < max_steps) & jnp.any(sl.live) & waiting
+
+    i, state, kv, sl, _ = jax.lax.while_loop(
+        more, body, (jnp.int32(0), state, kv, sl, jnp.int32(0)))
+    return state._replace(kv=stack_layers(kv) if split else kv), sl, i
+
+
+# ------------------------------------------------------------ requests
+
+@dataclasses.dataclass
+class Output:
+    """One sequence of a request: a sample (n), or a returned beam hypothesis."""
+    tokens: list = dataclasses.field(default_factory=list)  # ids, the final stop id included
+    finish_reason: Optional[str] = None  # "stop" (a stop id or string) | "length" | "abort"
+    logprobs: Optional[list] = None  # log-prob of each token under the raw model logits
+    logits: Optional[np.ndarray] = None  # [len, V] raw next-token logits (return_logits)
+    score: Optional[float] = None  # beam search: the length-penalised score
+    text: Optional[str] = None  # with a detokenizer: the text (a stop string cut off)
+    stopped_by_id: bool = False  # ended with one of the stop ids (the last token)
+
+
+class Request:
+    """A prompt and its settings, submitted to an Engine (`Engine.add`)."""
+
+    def __init__(self, index: int, prompt: np.ndarray, settings, eos_ids: tuple, stop: tuple,
+                 guide, row_seed: int, on_token: Optional[Callable] = None):
+        self.index, self.prompt, self.settings = index, prompt, settings
+        self.eos_ids, self.stop, self.guide, self.row_seed = eos_ids, stop, guide, row_seed
+        self.on_token = on_token
+        self.outputs = [Output() for _ in range(settings.num_return_sequences)]
+        self.slots: list[int] = []
+        self.finished = False
+
+    @property
+    def width(self) -> int:  # slots it takes
+        return self.settings.num_beams if self.settings.num_beams > 1 else \
+            self.settings.num_return_sequences
+
+    def __repr__(self) -> str:
+        return (f"Request({self.index}, {len(self.prompt)} prompt ids, "
+                f"{'finished' if self.finished else 'running'})")
+
+
+class Event(NamedTuple):
+    """New tokens of one output of a request (finish_reason set on its last event)."""
+    request: Request
+    sample: int
+    tokens: list
+    finish_reason: Optional[str]
+
+
+# ------------------------------------------------------------ the engine (host side)
+
+class Engine:
+    """Request-driven decoding over `slots` slots (module docstring).
+
+    settings: the GenerateConfig each request starts from (`add` overrides keys per
+    request). max_prompt_len / max_new_tokens: the largest prompt and budget any
+    request may bring (they size the buffers: output width, cache length, pages per
+    slot). features: what the compiled loop runs (default: what `settings` needs;
+    `Features.of` over every request's settings when they differ); a request
+    needing more is refused with one line. cache: "paged" (page_size, n_pages:
+    default enough for every slot's longest request) or "contiguous" (one row of
+    max_len per slot). draft: (params, cfg) of a draft model (speculative decoding,
+    features.speculative drafts per cycle). detokenize(ids) -> str: needed for stop
+    strings and `Output.text`. guides: every Guide requests will use (stacked into
+    one table on device)."""
+
+    def __init__(self, params, cfg, *, settings, max_prompt_len: int, max_new_tokens: int,
+                 slots: int = 8, cache: str = "paged", page_size: int = 16,
+                 n_pages: Optional[int] = None, steps_per_call: int = 32,
+                 refill_batch: Optional[int] = None, features: Optional[Features] = None,
+                 draft=None, detokenize: Optional[Callable] = None, decoder_start_id: int = 0,
+                 guides: Sequence = (), max_len: Optional[int] = None,
+                 on_refill: Optional[Callable[[dict], None]] = None):
+        if cfg.family not in ("decoder", "encoder_decoder"):
+            raise InputError(f"model.family={cfg.family!r} does not generate text")
+        if cache not in ("paged", "contiguous"):
+            raise InputError(f"cache={cache!r} must be 'paged' or 'contiguous'")
+        refill_batch = max(1, slots // 8) if refill_batch is None else refill_batch
+        for name, value in (("slots", slots), ("page_size", page_size),
+                            ("steps_per_call", steps_per_call), ("refill_batch", refill_batch),
+                            ("max_prompt_len", max_prompt_len),
+                            ("max_new_tokens", max_new_tokens)):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise InputError(f"{name}={value} must be an integer >= 1")
+        self.cfg, self.settings, self.kind = cfg, settings, cache
+        self.seq2seq = cfg.family == "encoder_decoder"
+        self.steps_per_call, self.refill_batch = int(steps_per_call), int(refill_batch)
+        self.detokenize, self.start_id = detokenize, int(decoder_start_id)
+        self.on_refill = on_refill
+        feats = features or Features.of([settings], cfg.vocab_size)
+        width = bucket(max_new_tokens, WIDTH_BUCKET)
+        # the positions a slot's cache holds: decoders prompt + new tokens (+ a cycle's
+        # drafts), encoder-decoders the decoder's tokens
+        self.span = (max_new_tokens if self.seq2seq else max_prompt_len + max_new_tokens) \
+            + feats.speculative
+        if not self.seq2seq and max_prompt_len + max_new_tokens > cfg.max_seq_len:
+            raise InputError(f"max_prompt_len={max_prompt_len} + max_new_tokens={max_new_tokens}"
+                             f" is longer than model.max_seq_len={cfg.max_seq_len}")
+        history = bucket((1 if self.seq2seq else max_prompt_len) + width, WIDTH_BUCKET) \
+            if feats.processors.ngram else 0
+        self.feats = feats = dataclasses.replace(feats, width=width, history=history,
+                                                 guided=feats.guided or bool(guides))
+        if feats.beams and slots % feats.beams:
+            raise InputError(f"slots={slots} must be a multiple of num_beams={feats.beams}")
+        self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
+        self.params = _split_once(params, cfg) if unrolls(params, cfg) else params
+        self.draft = None
+        if draft is not None:
+            dparams, dcfg = draft
+            self.draft = (_split_once(dparams, dcfg) if unrolls(dparams, dcfg) else dparams,
+                          dcfg)
+        self.n_slots = slots
+        kv_dtype = settings.kv_dtype
+        if cache == "paged":
+            self.page_size = page_size
+            self.max_pages = pages_for(self.span, page_size)
+            layout = pool_layout(slots, slots, cfg.n_kv_heads)
+            self.shards = layout.shards if layout is not None else 1
+            n_pages = slots * self.max_pages if n_pages is None else n_pages
+            if isinstance(n_pages, bool) or int(n_pages) != n_pages or n_pages < 1:
+                raise InputError(f"n_pages={n_pages} must be an integer >= 1")
+            self.asked_pages = int(n_pages)  # each data shard must hold any one request
+            n_pages = -(-int(n_pages) // self.shards) * self.shards
+            self.pool = PagePool(n_pages, page_size, slots, self.max_pages, shards=self.shards)
+            kv = init_pages(cfg, n_pages, page_size, slots=slots, kv_dtype=kv_dtype,
+                            layers=decoder_layers(cfg) if self.seq2seq else None)
+            draft_kv = None if self.draft is None else init_pages(
+                self.draft[1], n_pages, page_size, slots=slots)
+        else:
+            self.span = max_len or bucket(self.span, 128 if self.span > 128 else 1)
+            self.page_size = self.span
+            self.pool, self.shards = None, 1
+            kv = _kv_rows(init_cache(cfg, slots, self.span, kv_dtype=kv_dtype,
+                                     layers=decoder_layers(cfg) if self.seq2seq else None))
+            draft_kv = None if self.draft is None else _kv_rows(
+                init_cache(self.draft[1], slots, self.span))
+        cross = enc_seg = None
+        if self.seq2seq:
+            self.enc_len = _pow2(max_prompt_len, 16)
+            shapes = init_cache(cfg, slots, self.enc_len, kv_dtype=kv_dtype,
+                                layers=decoder_layers(cfg))
+            cross = _kv_rows(shapes)
+            enc_seg = jnp.zeros((slots, self.enc_len), jnp.int32)
+        self.guides: dict = {}
+        self.guide_state = None
+        if feats.guided:
+            self._stack_guides(list(guides))
+        self.state = State(_init_rows(slots, cfg.vocab_size, feats), kv, cross, enc_seg,
+                           self.guide_state, _init_beams(slots, feats),
+                           draft_kv, jnp.zeros((2,), jnp.int32) if feats.speculative else None)
+        z = np.zeros(slots, np.int32)
+        self.slots = {"lengths": z.copy(), "count": z.copy(), "budget": z.copy(),
+                      "live": np.zeros(slots, bool), "eos": np.zeros(slots, bool)}
+        self.owner: list = [None] * slots  # slot -> (request, output index)
+        self.queue: deque = deque()
+        self.requests: list[Request] = []
+        self.emitted = np.zeros(slots, np.int32)  # tokens of each slot streamed so far
+        self.events: list[Event] = []
+        self.stats = {"admit_calls": 0, "run_calls": 0, "steps": 0, "admitted": 0,
+                      "finished": 0, "prompt_pages": 0}
+
+    # -------------------------------------------------------- requests
+
+    def add(self, prompt, settings=None, *, guide=None, row_seed: Optional[int] = None,
+            eos_ids=(), stop=(), on_token: Optional[Callable] = None) -> Request:
+        """Queue a request: prompt ids; settings: a GenerateConfig (default the
+        engine's); eos_ids: its stop ids (besides settings.stop_ids); stop: stop
+        strings; row_seed: what its key folds in (default its index). A request the
+        engine cannot run is a one-line InputError."""
+        s = self.settings if settings is None else settings
+        ids = np.asarray(prompt, np.int32).reshape(-1)
+        i = len(self.requests)
+        if ids.size == 0:
+            raise InputError(f"prompt {i} is empty: every prompt needs at least one token")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise InputError(f"prompt {i} has token ids outside [0, {self.cfg.vocab_size})")
+        if len(ids) > self.max_prompt_len:
+            raise InputError(f"prompt {i} has {len(ids)} tokens, more than this engine's "
+                             f"max_prompt_len={self.max_prompt_len}")
+        if s.max_new_tokens > self.max_new_tokens:
+            raise InputError(f"max_new_tokens={s.max_new_tokens} (prompt {i}) is more than this "
+                             f"engine's max_new_tokens={self.max_new_tokens}")
+        stop_ids = tuple(dict.fromkeys(list(eos_ids) + list(s.stop_ids)))
+        if len(stop_ids) > self.feats.stops:
+            raise InputError(f"prompt {i}: {len(stop_ids)} stop ids, more than this engine's "
+                             f"{self.feats.stops}")
+        if stop and self.detokenize is None:
+            raise InputError("stop strings need a tokenizer to decode the text")
+        self._check_covered(s, guide, i)
+        if guide is not None:
+            if s.num_beams > 1:
+                raise InputError("guided decoding is not supported with beam search")
+            if not stop_ids:
+                raise InputError("guided decoding needs a stop id: a guided row ends with one")
+            if int(guide.dist[0]) + 1 > s.max_new_tokens:
+                raise InputError(f"guide ({guide.description}) needs at least "
+                                 f"{int(guide.dist[0]) + 1} tokens (EOS included), more than "
+                                 f"max_new_tokens={s.max_new_tokens}")
+            if id(guide) not in self.guides:
+                self._stack_guides(list(self.guides.values()) + [guide])
+        req = Request(i, ids, s, stop_ids, tuple(stop), guide, i if row_seed is None else
+                      int(row_seed), on_token)
+        if self.pool is not None:
+            first, other = self._future_pages(req)
+            need = first + (req.width - 1) * other
+            if need * self.shards > self.asked_pages:
+                per = (f" (x {self.shards} data shards: n_pages >= {self.shards * need})"
+                       if self.shards > 1 else "")
+                raise InputError(f"n_pages={self.asked_pages}: the page pool is too small for "
+                                 f"prompt {i} ({len(ids)} tokens + max_new_tokens="
+                                 f"{s.max_new_tokens}), which needs {need} pages of "
+                                 f"page_size={self.page_size}{per}")
+        if req.width > self.n_slots // self.shards:
+            raise InputError(f"prompt {i} needs {req.width} slots (n / num_beams) at once, more "
+                             f"than the {self.n_slots // self.shards} of a data shard")
+        self.requests.append(req)
+        self.queue.append(req)
+        return req
+
+    def _check_covered(self, s, guide, i: int) -> None:
+        """InputError when the compiled features cannot run settings s."""
+        f = self.feats
+        need = Features.of([s], self.cfg.vocab_size)
+        sh, have = need.sampler, f.sampler
+        short = []
+        if sh.sample and not have.sample or sh.top_k > have.top_k or \
+                (sh.full_vocab and not have.full_vocab) or (sh.top_p and not have.top_p) or \
+                (sh.min_p and not have.min_p):
+            short.append("its sampler settings")
+        p, q = need.processors, f.processors
+        if (p.seen and not q.seen) or (p.counts and not q.counts) or p.ngram > q.ngram or \
+                (p.min_new and not q.min_new):
+            short.append("its logit processors")
+        if (s.num_beams if s.num_beams > 1 else 0) != f.beams:
+            short.append(f"num_beams={s.num_beams} (the engine runs {f.beams or 1})")
+        if guide is not None and not f.guided:
+            short.append("a guide")
+        if short:
+            raise InputError(f"request {i}: this engine was compiled without "
+                             f"{' and '.join(short)}; create it with Features.of(...) over "
+                             "every request's settings")
+
+    def _stack_guides(self, guides: list) -> None:
+        self.guides = {id(g): g for g in guides}
+        order = list(self.guides.values())
+        state = guided.stack(order, self.cfg.vocab_size)
+        self.guide_offset = {id(g): int(state.state[k]) for k, g in enumerate(order)}
+        self.guide_state = state._replace(state=jnp.zeros((self.n_slots,), jnp.int32))
+        if hasattr(self, "state"):
+            self.state = self.state._replace(guide=self.guide_state)
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request now: its slots and pages are freed, its outputs end "abort"."""
+        if req.finished:
+            return
+        if req in self.queue:
+            self.queue.remove(req)
+        for s in list(req.slots):
+            self._free(s)
+        for out in req.outputs:
+            if out.finish_reason is None:
+                out.finish_reason = "abort"
+        req.finished = True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or bool(self.slots["live"].any())
+
+    def run(self) -> list[Request]:
+        """Step until every request added so far has finished."""
+        while self.busy:
+            self.step()
+        return self.requests
+
+    def stream(self):
+        """Step until idle, yielding each Event as it happens (new tokens of a request's
+        output; its last event carries the finish reason)."""
+        while self.busy or self.events:
+            if not self.events:
+                self.step()
+            while self.events:
+                yield self.events.pop(0)
+
+    # -------------------------------------------------------- one round trip
+
+    def step(self) -> None:
+        """Admit what fits, run up to steps_per_call steps, collect: one round trip."""
+        admitted = self._admit()
+        if self.on_refill is not None:
+            self.on_refill(self._refill_info(admitted))
+        live = self.slots["live"]
+        if not live.any():
+            return
+        if self.pool is not None:  # pages for the positions the next steps may write
+            per_step = 1 + self.feats.speculative
+            for s in np.flatnonzero(live):
+                left = int(self.slots["budget"][s] - self.slots["count"][s])
+                ahead = min(self.steps_per_call * per_step, left - 1 + self.feats.speculative)
+                self.pool.grow(s, int(self.slots["lengths"][s]) + max(ahead, 0))
+        waiting = len(self.queue)
+        sl = Slots(**{k: v.copy() for k, v in self.slots.items()})
+        state, sl_dev, steps = _run(
+            self.params, self.cfg, *self._draft(), self.state, sl, self._table(),
+            np.int32(self.steps_per_call), np.int32(min(waiting, self.refill_batch)),
+            feats=self.feats, kind=self.kind)
+        self.state = state
+        self.stats["run_calls"] += 1
+        del admitted
+        # every process runs this loop on the same host state; fetch gathers what spans
+        # other processes' devices (a collective each of them calls)
+        rows = state.rows
+        new, out, lps = fetch((sl_dev._asdict(), rows.out, rows.logprobs))
+        was_live = self.slots["live"]
+        self.slots = {k: np.array(v) for k, v in new.items()}
+        self.stats["steps"] += int(fetch(steps))
+        self._collect(was_live, np.asarray(out), None if lps is None else np.asarray(lps))
+
+    def _refill_info(self, admitted: list) -> dict:
+        """What `on_refill` sees after an admission (tests: the page accounting)."""
+        sl, ps = self.slots, self.page_size
+        info = {"lengths": sl["lengths"].copy(), "live": sl["live"].copy(),
+                "admitted": [s for r in admitted for s in r.slots[:1]],
+                "waiting": len(self.queue), "pool": self.state.kv}
+        if self.pool is not None:
+            info.update(pages_in_use=self.pool.in_use(), page_size=ps,
+                        pages_needed=int(sum(pages_for(sl["lengths"][s], ps)
+                                             for s in range(self.n_slots) if sl["live"][s])),
+                        table=self.pool.table.copy(), n_pages=self.pool.n_pages,
+                        refs=self.pool.refs.copy())
+        return info
+
+    def lower(self):
+        """The decode loop (`_run`) lowered for this engine's state and shapes, not run
+        (tests and benchmarks read its compiled HLO and memory analysis)."""
+        sl = Slots(**{k: v.copy() for k, v in self.slots.items()})
+        return _run.lower(self.params, self.cfg, *self._draft(), self.state, sl, self._table(),
+                          np.int32(self.steps_per_call), np.int32(0), feats=self.feats,
+                          kind=self.kind)
+
+    def _draft(self):
+        return (None, None) if self.draft is None else self.draft
+
+    def _table(self):
+        if self.pool is not None:
+            return self.pool.table.copy()
+        return np.zeros((self.n_slots, 1), np.int32)
+
+    def _collect(self, was_live, out, lps) -> None:
+        """Stream the new tokens, end the finished outputs, check stop strings."""
+        sl = self.slots
+        beams = self.feats.beams
+        for s in range(self.n_slots):
+            owner = self.owner[s]
+            if owner is None:
                 continue
-            req, shard = queue[0], pool.shard_of(s)
-            if full[req.index] > pool.n_free(shard) - reserved(shard):
-                continue  # wait for pages (a finishing sequence gives its pages back)
-            queue.popleft()
-            pool.grow(s, len(req.tokens))
-            req_of[s] = req.index
-            st["lengths"][s], st["count"][s], st["budget"][s] = len(req.tokens), 0, \
-                req.max_new_tokens
-            st["live"][s], st["eos"][s] = True, False
-            admitted.append(s)
-        if admitted:
-            pages, logits = _prefill_into(params, cfg, pages, logits, pool,
-                                          [(s, rows[req_of[s]]) for s in admitted])
-        if on_refill is not None:
-            on_refill({"pages_in_use": pool.in_use(), "page_size": page_size,
-                       "pages_needed": int(sum(pages_for(st["lengths"][s], page_size)
-                                               for s in range(slots) if st["live"][s])),
-                       "lengths": st["lengths"].copy(), "live": st["live"].copy(),
-                       "table": pool.table.copy(), "n_pages": pool.n_pages,
-                       "admitted": admitted, "waiting": len(queue), "pool": pages})
-        if not st["live"].any():
-            break
-        # grow: pages for the positions the next steps_per_call tokens may write
-        for s in np.flatnonzero(st["live"]):
-            ahead = min(steps_per_call, int(st["budget"][s] - st["count"][s] - 1))
-            pool.grow(s, int(st["lengths"][s]) + ahead)
-        pages, logits, out_dev, slots_dev, _ = decode_loop(
-            params, cfg, pages, logits, out_dev, _Slots(**{k: v.copy() for k, v in st.items()}),
-            pool.table.copy(), key_data[req_of], eos_ids, np.int32(steps_per_call),
-            np.int32(min(len(queue), refill_batch)), **sampler)
-        was_live = st["live"]
-        # every process runs this loop on the same host state; fetch gathers what
-        # spans other processes' devices (a collective each of them calls)
-        new, out_np = fetch((slots_dev._asdict(), out_dev))
-        st = {k: np.array(v) for k, v in new.items()}
-        for s in range(slots):
-            if was_live[s] and not st["live"][s]:  # finished: collect, free its pages
-                i, n = int(req_of[s]), int(st["count"][s])
-                tokens[i, :n], lengths[i], finished[i] = out_np[s, :n], n, st["eos"][s]
-                pool.release(s)
-                if on_finish is not None:
-                    seq = [int(t) for t in out_np[s, :n - int(st["eos"][s])]]
-                    on_finish(i, seq, bool(st["eos"][s]))
-            elif st["live"][s]:
-                pool.trim(s, int(st["lengths"][s]))
-    return GenerateOutput(tokens, lengths, finished)
+            req, k = owner
+            if beams:
+                if not was_live[s] or sl["live"][s]:
+                    continue
+                if s % beams == 0:  # the group's first slot reports the group
+                    self._finish_beams(req, s)
+                continue
+            o = req.outputs[k]
+            n = int(sl["count"][s])
+            fresh = [int(t) for t in out[s, self.emitted[s]:n]]
+            if fresh:
+                o.tokens.extend(fresh)
+                if lps is not None:
+                    o.logprobs = (o.logprobs or []) + [float(x) for x in
+                                                       lps[s, self.emitted[s]:n]]
+                self.emitted[s] = n
+            reason = None
+            if was_live[s] and not sl["live"][s]:
+                reason = "stop" if sl["eos"][s] else "length"
+                o.stopped_by_id = bool(sl["eos"][s])
+            if req.stop and fresh:
+                cut = self._stop_string(o, req.stop)
+                if cut:
+                    reason = "stop"
+            if reason is not None:
+                self._end(req, k, s, reason)
+            if fresh or reason is not None:
+                self._emit(req, k, fresh, reason)
+        if self.pool is not None:  # give back the pages grown ahead and not written
+            for s in np.flatnonzero(sl["live"]):
+                self.pool.trim(s, int(sl["lengths"][s]))
 
+    def _stop_string(self, o: Output, stops: tuple) -> bool:
+        """Cut o at the first stop string its text holds (tokens: through the one that
+        completed it; text: before it) -> whether one was found."""
+        text = self.detokenize(o.tokens)
+        hits = [text.find(t) for t in stops if t in text]
+        if not hits:
+            return False
+        at = min(hits)
+        for n in range(1, len(o.tokens) + 1):  # the fewest tokens whose text holds it
+            if any(t in self.detokenize(o.tokens[:n]) for t in stops):
+                o.tokens = o.tokens[:n]
+                if o.logprobs is not None:
+                    o.logprobs = o.logprobs[:n]
+                break
+        o.text = text[:at]
+        o.stopped_by_id = False
+        return True
 
-def _prefill_into(params, cfg, pages, logits, pool: PagePool, group):
-    """Prefill the prompts of group [(slot, prompt)] into the pages their slots
-    hold, packed: each data shard's prompts into its own row of at most
-    PACK_TOKENS (a longer prompt alone), the rows of all shards in one call
-    (`_prefill_packed`), as many calls as the fullest shard needs rows."""
-    ps = pool.page_size
-    rows = [[] for _ in range(pool.shards)]  # per shard: its packs [(slot, prompt)]
-    for s, prompt in group:
-        packs = rows[pool.shard_of(s)]
-        if not packs or _packed(packs[-1], ps) + _packed([(s, prompt)], ps) > PACK_TOKENS:
-            packs.append([])
-        packs[-1].append((s, prompt))
-    for k in range(max(map(len, rows))):
-        pages, logits = _prefill_pack(params, cfg, pages, logits, pool,
-                                      [packs[k] if k < len(packs) else [] for packs in rows])
-    return pages, logits
+    def _emit(self, req: Request, k: int, tokens: list, reason) -> None:
+        ev = Event(req, k, tokens, reason)
+        self.events.append(ev)
+        if req.on_token is not None:
+            req.on_token(ev)
 
+    def _end(self, req: Request, k: int, s: int, reason: str) -> None:
+        o = req.outputs[k]
+        o.finish_reason = reason
+        if o.text is None and self.detokenize is not None:
+            ids = o.tokens[:-1] if o.stopped_by_id else o.tokens
+            o.text = self.detokenize(ids)
+        if self.feats.return_logits:
+            n = len(o.tokens)
+            o.logits = np.asarray(fetch(self.state.rows.step_logits[s, :n]))
+        self._free(s)
+        if all(x.finish_reason is not None for x in req.outputs):
+            req.finished = True
+            self.stats["finished"] += 1
 
-def _packed(pack, page_size: int) -> int:
-    """Tokens a pack [(slot, prompt)] takes: each prompt rounded up to a page."""
-    return sum(pages_for(len(p), page_size) for _, p in pack) * page_size
+    def _free(self, s: int) -> None:
+        self.owner[s] = None
+        self.slots["live"][s] = False
+        if self.pool is not None:
+            self.pool.release(s)
+        req = next((r for r in self.requests if s in r.slots), None)
+        if req is not None:
+            req.slots.remove(s)
+
+    def _finish_beams(self, req: Request, first: int) -> None:
+        from .beam import hypotheses
+        tokens, scores, lengths = hypotheses(self.state.beams, first // self.feats.beams)
+        for k, o in enumerate(req.outputs):
+            n = int(lengths[k])
+            o.tokens = [int(t) for t in tokens[k, :n]]
+            o.score = float(scores[k])
+            last = o.tokens[-1] if o.tokens else None
+            o.stopped_by_id = last in req.eos_ids
+            o.finish_reason = "stop" if o.stopped_by_id else "length"
+            if self.detokenize is not None:
+                o.text = self.detokenize(o.tokens[:-1] if o.stopped_by_id else o.tokens)
+            self._emit(req, k, o.tokens, o.finish_reason)
+        for s in range(first, first + self.feats.beams):
+            self._free(s)
+        req.finished = True
+        self.stats["finished"] += 1
+
+    # -------------------------------------------------------- admission (host side)
+
+    def _admit(self) -> list:
+        """Give waiting requests (in order) free slots and pages, prefill them; -> the
+        requests admitted."""
+        free = [s for s in range(self.n_slots) if self.owner[s] is None]
+        chosen = []
+        while self.queue:
+            req = self.queue[0]
+            slots = self._place(req, free)
+            if slots is None:
+                break  # wait for slots or pages (a finishing sequence gives its pages back)
+            self.queue.popleft()
+            free = [s for s in free if s not in slots]
+            chosen.append((req, slots))
+            self._take(req, slots)
+        if not chosen:
+            return []
+        if self.seq2seq:
+            calls = [chosen]
+        elif self.kind == "paged":
+            calls = self._packs(chosen)
+        else:
+            calls = [chosen]
+        for group in calls:
+            self._admit_call(group)
+        self.stats["admitted"] += len(chosen)
+        return [r for r, _ in chosen]
+
+    def _future_pages(self, req: Request) -> tuple[int, int]:
+        """(pages the request's first slot ever holds, those of each other slot)."""
+        full = pages_for(self._positions(req), self.page_size)
+        if req.settings.num_beams > 1:
+            return full, full
+        return full, full - (0 if self.seq2seq else len(req.prompt) // self.page_size)
+
+    def _positions(self, req: Request) -> int:
+        """Positions a slot of req may write: its prompt + max_new_tokens - 1 (+ drafts)."""
+        base = 0 if self.seq2seq else len(req.prompt)
+        return base + req.settings.max_new_tokens - 1 + self.feats.speculative + \
+            (1 if self.seq2seq else 0)
+
+    def _place(self, req: Request, free: list) -> Optional[list]:
+        """Free slots for req, all in one data shard (beams: an aligned group), whose
+        shard's pages hold it and what its live slots may still take; or None."""
+        w = req.width
+        per = self.n_slots // self.shards
+        for j in range(self.shards):
+            mine = [s for s in free if s // per == j]
+            if self.feats.beams:
+                starts = [s for s in mine if s % w == 0 and all(s + d in mine for d in range(w))]
+                slots = list(range(starts[0], starts[0] + w)) if starts else None
+            else:
+                slots = mine[:w] if len(mine) >= w else None
+            if slots is None:
+                continue
+            if self.pool is None:
+                return slots
+            first, other = self._future_pages(req)
+            reserved = sum(self._slot_pages(s) - len(self.pool.held[s])
+                           for s in range(j * per, (j + 1) * per) if self.owner[s] is not None)
+            if first + (w - 1) * other <= self.pool.n_free(j) - reserved:
+                return slots
+        return None
+
+    def _slot_pages(self, s: int) -> int:
+        req, k = self.owner[s]
+        first, other = self._future_pages(req)
+        return first if s == req.slots[0] else other
+
+    def _take(self, req: Request, slots: list) -> None:
+        req.slots = list(slots)
+        n = len(req.prompt)
+        s = self.settings
+        del s
+        for k, slot in enumerate(slots):
+            self.owner[slot] = (req, 0 if req.settings.num_beams > 1 else k)
+            self.emitted[slot] = 0
+            self.slots["lengths"][slot] = 1 if self.seq2seq else n
+            self.slots["count"][slot] = 0
+            self.slots["budget"][slot] = req.settings.max_new_tokens
+            self.slots["live"][slot] = True
+            self.slots["eos"][slot] = False
+        if self.pool is None or self.seq2seq:
+            return
+        self.pool.grow(slots[0], n)
+        self.stats["prompt_pages"] += len(self.pool.held[slots[0]])
+        shared = 0 if req.settings.num_beams > 1 else n // self.page_size
+        for slot in slots[1:]:
+            self.pool.share(slots[0], slot, shared)
+            self.pool.grow(slot, n)
+
+    def _packs(self, chosen: list) -> list:
+        """Admitted requests in calls of packs: each data shard's prompts into rows of
+        at most PACK_TOKENS (a longer prompt alone); a call takes one row per shard."""
+        ps = self.page_size
+        per = self.n_slots // self.shards
+        rows = [[] for _ in range(self.shards)]
+        for req, slots in chosen:
+            packs = rows[slots[0] // per]
+            size = pages_for(len(req.prompt), ps) * ps
+            if not packs or sum(pages_for(len(r.prompt), ps) * ps for r, _ in packs[-1]) \
+                    + size > PACK_TOKENS:
+                packs.append([])
+            packs[-1].append((req, slots))
+        calls = []
+        for k in range(max(map(len, rows))):
+            calls.append([x for packs in rows if k < len(packs) for x in packs[k]])
+        return calls
+
+    def _admit_call(self, group: list) -> None:
+        """One compiled admission of the requests in group [(request, slots)]."""
+        s_total = self.n_slots
+        admitted = np.zeros(s_total, bool)
+        forks, copies = [], []
+        for req, slots in group:
+            admitted[slots] = True
+            for slot in slots[1:]:
+                forks.append((slots[0], slot))
+                if self.pool is not None and not self.seq2seq:
+                    first = self.pool.held[slots[0]]
+                    mine = self.pool.held[slot]
+                    for i in range(len(mine)):  # the pages it does not share
+                        if mine[i] != first[i]:
+                            copies.append((first[i], mine[i]))
+        new = self._new_rows(group, admitted)
+        f = np.full((s_total, 2), s_total, np.int32)
+        if forks:
+            f[:len(forks)] = forks
+        n_pages = self.pool.n_pages if self.pool is not None else 0
+        c = np.full((max(1, s_total * (self.max_pages if self.pool is not None else 1)), 2),
+                    n_pages, np.int32)
+        if copies:
+            c[:len(copies)] = copies
+        pack = self._enc_pack(group) if self.seq2seq else (
+            self._page_pack(group) if self.pool is not None else self._row_pack(group))
+        whole = (not self.seq2seq and self.pool is None and context_size() > 1)
+        self.state = _admit(self.params, self.cfg, *self._draft(), self.state, pack, new,
+                            admitted, f if forks else None, c, feats=self.feats, kind=self.kind,
+                            start_id=self.start_id, whole=whole)
+        self.stats["admit_calls"] += 1
+
+    def _new_rows(self, group: list, admitted) -> New:
+        s_total, e = self.n_slots, self.feats.stops
+        cols = {k: np.zeros(s_total, np.float32) for k in
+                ("temperature", "top_p", "min_p", "repetition", "presence", "frequency")}
+        ints = {k: np.zeros(s_total, np.int32) for k in ("top_k", "ngram", "min_new",
+                                                         "hist_len", "guide")}
+        cols["top_p"][:] = 1.0
+        cols["repetition"][:] = 1.0
+        stop = np.full((s_total, e), -1, np.int32)
+        seeds = np.zeros(s_total, np.uint32)
+        folds = np.zeros(s_total, np.uint32)
+        subs = np.full(s_total, -1, np.int64)
+        for req, slots in group:
+            g = req.settings
+            for k, slot in enumerate(slots):
+                cols["temperature"][slot], cols["top_p"][slot] = g.temperature, g.top_p
+                cols["min_p"][slot], cols["repetition"][slot] = g.min_p, g.repetition_penalty
+                cols["presence"][slot] = g.presence_penalty
+                cols["frequency"][slot] = g.frequency_penalty
+                ints["top_k"][slot], ints["ngram"][slot] = g.top_k, g.no_repeat_ngram_size
+                ints["min_new"][slot] = g.min_new_tokens
+                ints["hist_len"][slot] = 1 if self.seq2seq else len(req.prompt)
+                if req.guide is not None:
+                    ints["guide"][slot] = self.guide_offset[id(req.guide)]
+                stop[slot, :len(req.eos_ids)] = req.eos_ids
+                seeds[slot], folds[slot] = g.seed % 2 ** 32, req.row_seed % 2 ** 32
+                if req.settings.num_beams == 1 and g.num_return_sequences > 1:
+                    subs[slot] = k
+        keys = np.asarray(_key_data(seeds, folds, np.maximum(subs, 0).astype(np.uint32),
+                                    subs >= 0))
+        lpen, early = None, None
+        if self.feats.beams:
+            lpen, early = np.ones(s_total, np.float32), np.zeros(s_total, np.int32)
+            for req, slots in group:
+                g = req.settings
+                lpen[slots] = g.length_penalty
+                early[slots] = 2 if g.early_stopping == "never" else int(bool(g.early_stopping))
+        return New(keys, Sampler(cols["temperature"], ints["top_k"], cols["top_p"],
+                                 cols["min_p"]),
+                   Penalties(cols["repetition"], cols["presence"], cols["frequency"],
+                             ints["ngram"], ints["min_new"]),
+                   stop, ints["hist_len"], ints["guide"] if self.feats.guided else None,
+                   lpen, early)
+
+    def _page_pack(self, group: list) -> Pack:
+        """Each data shard's prompts of group packed into its row (`_packs` made them fit)."""
+        ps, s_total, j = self.page_size, self.n_slots, self.shards
+        per = s_total // j
+        by_shard = [[(r, sl) for r, sl in group if sl[0] // per == row] for row in range(j)]
+        width = _pack_width(max(sum(pages_for(len(r.prompt), ps) * ps for r, _ in p)
+                                for p in by_shard), ps)
+        n_out = min(s_total, j * width // ps)  # the logits rows: a function of the width only
+        tokens, positions, segments = (np.zeros((j, width), np.int32) for _ in range(3))
+        tok_slot = np.full((j, width), s_total, np.int32)
+        ids = np.full((j, width // ps), self.pool.n_pages, np.int32)
+        last, out_slot = np.zeros(n_out, np.int32), np.full(n_out, s_total, np.int32)
+        o = 0
+        for row, pack in enumerate(by_shard):
+            at = 0
+            for seg, (req, slots) in enumerate(pack, 1):
+                n = len(req.prompt)
+                tokens[row, at:at + n], positions[row, at:at + n] = req.prompt, np.arange(n)
+                segments[row, at:at + n], tok_slot[row, at:at + n] = seg, slots[0]
+                held = self.pool.held[slots[0]]
+                ids[row, at // ps:at // ps + len(held)] = held
+                last[o], out_slot[o] = row * width + at + n - 1, slots[0]
+                at, o = at + pages_for(n, ps) * ps, o + 1
+        return Pack(tokens, positions, segments, ids, last, out_slot, tok_slot)
+
+    def _row_pack(self, group: list) -> Pack:
+        """One prompt per row, written into its first slot's cache row (contiguous).
+        Under a context mesh every slot's row, each padded to the cache length: the
+        prefill rings (`jaxlm.model.kv.Contiguous`), so it admits all slots at once."""
+        from ..sharding.context import context_size
+        s_total = self.n_slots
+        longest = max(len(r.prompt) for r, _ in group)
+        width = min(_pow2(longest, 16), self.span)
+        j = min(_pow2(len(group), 1), s_total)
+        if context_size() > 1:
+            if len(group) != s_total or self.slots["live"].sum() != s_total:
+                raise InputError("under context parallelism the contiguous cache is prefilled "
+                                 "for every slot at once: give as many prompts as slots")
+            group = sorted(group, key=lambda x: x[1][0])
+            width, j = self.span, s_total
+        tokens, positions, segments = (np.zeros((j, width), np.int32) for _ in range(3))
+        tok_slot = np.full((j, width), s_total, np.int32)
+        where = np.full(j, s_total, np.int32)
+        last, out_slot = np.zeros(j, np.int32), np.full(j, s_total, np.int32)
+        for row, (req, slots) in enumerate(group):
+            n = len(req.prompt)
+            tokens[row, :n], positions[row] = req.prompt, np.arange(width)
+            segments[row, :n], tok_slot[row, :n] = 1, slots[0]
+            where[row], last[row], out_slot[row] = slots[0], row * width + n - 1, slots[0]
+        return Pack(tokens, positions, segments, where, last, out_slot, tok_slot)
+
+    def _enc_pack(self, group: list) -> EncPack:
+        s_total = self.n_slots
+        longest = max(len(r.prompt) for r, _ in group)
+        width = min(_pow2(longest, 16), self.enc_len)
+        a = min(_pow2(len(group), 1), s_total)
+        tokens, segments = np.zeros((a, width), np.int32), np.zeros((a, width), np.int32)
+        out_slot = np.full(a, s_total, np.int32)
+        for row, (req, slots) in enumerate(group):
+            n = len(req.prompt)
+            tokens[row, :n], segments[row, :n], out_slot[row] = req.prompt, 1, slots[0]
+        table = (self.pool.table[np.minimum(out_slot, s_total - 1)] if self.pool is not None
+                 else np.zeros(a, np.int32))
+        if self.pool is not None:
+            table = np.where((out_slot < s_total)[:, None], table, self.pool.n_pages)
+            for req, slots in group:  # the first decoder token's page
+                self.pool.grow(slots[0], 1)
+            table = np.where((out_slot < s_total)[:, None],
+                             self.pool.table[np.minimum(out_slot, s_total - 1)],
+                             self.pool.n_pages)
+        return EncPack(tokens, segments, out_slot, table)
 
 
 def _pack_width(n: int, page_size: int) -> int:
@@ -302,79 +1154,43 @@ def _pack_width(n: int, page_size: int) -> int:
     return -(-w // page_size) * page_size
 
 
-def _prefill_pack(params, cfg, pages, logits, pool: PagePool, packs):
-    """packs [J][(slot, prompt)]: row j the prompts of data shard j's slots, each
-    from a page boundary (positions restarting, its own segment id) ->
-    `_prefill_packed` over [J, W] tokens."""
-    ps, slots, j = pool.page_size, pool.table.shape[0], len(packs)
-    width = _pack_width(max(_packed(p, ps) for p in packs), ps)
-    n_out = min(slots, j * width // ps)  # the logits rows: a function of the width only
-    tokens, positions, segments = (np.zeros((j, width), np.int32) for _ in range(3))
-    ids = np.full((j, width // ps), pool.n_pages, np.int32)
-    last, slot_ids = np.zeros(n_out, np.int32), np.full(n_out, slots, np.int32)
-    out = 0
-    for row, pack in enumerate(packs):
-        at = 0
-        for seg, (s, prompt) in enumerate(pack, 1):
-            n = len(prompt)
-            tokens[row, at:at + n], positions[row, at:at + n] = prompt, np.arange(n)
-            segments[row, at:at + n] = seg
-            ids[row, at // ps:at // ps + len(pool.held[s])] = pool.held[s]
-            last[out], slot_ids[out] = row * width + at + n - 1, s
-            at, out = at + pages_for(n, ps) * ps, out + 1
-    return _prefill_packed(params, cfg, pages, logits, tokens, positions, segments, last, ids,
-                           slot_ids)
+@jax.jit
+def _key_data(seeds, folds, subs, has_sub):
+    """Per slot: the key data of fold_in(key(seed), fold), and of sample j of n > 1
+    fold_in(that, j)."""
+    def one(seed, fold, sub, has):
+        k = jax.random.fold_in(jax.random.key(seed), fold)
+        return jnp.where(has, jax.random.key_data(jax.random.fold_in(k, sub)),
+                         jax.random.key_data(k))
+    return jax.vmap(one)(seeds, folds, subs, has_sub)
 
 
-@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("pages", "logits"))
-def _prefill_packed(params, cfg, pages, logits, tokens, positions, segments, last, page_ids,
-                    slot_ids):
-    """Prefill packed rows: tokens, positions, segments [J, W] (a row's r-th prompt
-    at segment r + 1, from a page boundary; 0: padding) -> each layer's K/V
-    written at page_ids [J, W / ps] (n_pages: dropped) and the logits after each
-    prompt's last token (at last [R], flat indices into [J * W]) set in slots
-    slot_ids [R] (S: dropped). The attention is the model's causal self-attention
-    within each segment (`decoder`)."""
-    TRACE_COUNTS["admit"] += 1
-    hidden, aux = decoder(params, cfg, tokens, positions=positions, segment_ids=segments,
-                          return_hidden=True, return_kv=True)
-    last_hidden = hidden.reshape(-1, hidden.shape[-1])[last]
-    new_logits = unembed(params, last_hidden[:, None], cfg)[:, 0]
-    slots = logits.shape[0]
-    kv = aux["kv"]
-    pages = constrain_pages(write_prompt(pages, kv["k"], kv["v"], page_ids, slots), slots)
-    return pages, logits.at[slot_ids].set(new_logits, mode="drop")
+def _kv_rows(cache: dict) -> dict:
+    """init_cache's dict without its lengths (the engine keeps them per slot)."""
+    return {n: a for n, a in cache.items() if n != "lengths"}
 
 
-def _budgets(max_new_tokens, n: int) -> list[int]:
-    values = [max_new_tokens] * n if np.isscalar(max_new_tokens) else list(max_new_tokens)
-    if len(values) != n:
-        raise InputError(f"max_new_tokens: {len(values)} values for {n} prompts (give one "
-                         "int, or one per prompt)")
-    for i, m in enumerate(values):
-        if isinstance(m, bool) or int(m) != m or m < 1:
-            raise InputError(f"max_new_tokens={m} (prompt {i}) must be an integer >= 1")
-    return [int(m) for m in values]
+def _init_rows(slots: int, vocab: int, feats: Features) -> Rows:
+    w, e = feats.width, feats.stops
+    p = feats.processors
+    hist = History(jnp.zeros((slots,), jnp.int32),
+                   jnp.zeros((slots, vocab), bool) if p.seen else None,
+                   jnp.zeros((slots, vocab), jnp.int32) if p.counts else None,
+                   jnp.zeros((slots, feats.history), jnp.int32) if p.ngram else None)
+    f32 = lambda v: jnp.full((slots,), v, jnp.float32)  # noqa: E731
+    i32 = lambda v: jnp.full((slots,), v, jnp.int32)  # noqa: E731
+    return Rows(jnp.zeros((slots, vocab), jnp.float32), jnp.full((slots, w), PAD_ID, jnp.int32),
+                jnp.zeros((slots, 2), jnp.uint32),
+                Sampler(f32(0.0), i32(0), f32(1.0), f32(0.0)),
+                Penalties(f32(1.0), f32(0.0), f32(0.0), i32(0), i32(0)),
+                jnp.full((slots, e), -1, jnp.int32), hist,
+                i32(0) if feats.guided else None,
+                jnp.zeros((slots, w), jnp.float32) if feats.logprobs else None,
+                jnp.zeros((slots, w, vocab), jnp.float32) if feats.return_logits else None)
 
 
-ENGINE_KWARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "eos_id")
-# What the engine lacks (the page pool holds K/V at the model's dtype): the static path's.
-_OFF = {k: off for k, off in DECODING_OFF.items() if k not in ENGINE_KWARGS}
-
-
-def unsupported(cfg, kwargs: dict) -> Optional[str]:
-    """Why the engine cannot run these `jaxlm.generate` keyword arguments (as
-    `generate_kwargs` makes them) on this model, or None if it can."""
-    try:
-        check_paged_family(cfg)
-    except InputError as e:
-        return str(e)
-    for k, off in _OFF.items():
-        if k in kwargs and kwargs[k] != off:
-            return f"{k}={kwargs[k]!r} is the static path's (jaxlm.generate)"
-    return None
-
-
-def engine_kwargs(kwargs: dict) -> dict:
-    """generate_kwargs(...) -> the keyword arguments generate_many takes."""
-    return {k: kwargs[k] for k in ENGINE_KWARGS if k in kwargs}
+def _init_beams(slots: int, feats: Features):
+    if not feats.beams:
+        return None
+    from .beam import init_groups
+    return init_groups(slots // feats.beams, feats.beams, feats.width)

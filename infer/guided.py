@@ -310,15 +310,21 @@ def mask(g: GuideState, logits: jax.Array, eos_ids: jax.Array, budget: jax.Array
     forces, a penalty of -inf) takes its allowed tokens from raw instead, so
     a guided row never samples from an all -inf row.
 
-    budget: tokens each row may still emit, this one included. A token is
+    eos_ids: [E], or per row [B, E] (-1: unused). budget: tokens each row may still
+    emit, this one included (a scalar or [B]). A token is
     allowed if its target state can reach an accepting state and emit a stop
     id within the budget (dist[next] + 2 <= budget); a stop id if the state
     is accepting."""
     nxt = g.table[g.state]  # [B, V]
-    ok = (nxt >= 0) & (g.dist[jnp.maximum(nxt, 0)] + 2 <= budget)
+    budget = jnp.asarray(budget)
+    ok = (nxt >= 0) & (g.dist[jnp.maximum(nxt, 0)] + 2 <= (budget[:, None] if budget.ndim
+                                                             else budget))
     vocab = jnp.arange(logits.shape[-1])
-    is_stop = jnp.any(vocab[:, None] == eos_ids[None, :], axis=-1)  # [V]
-    ok = jnp.where(is_stop[None, :], g.accepting[g.state][:, None], ok)
+    eos_ids = jnp.asarray(eos_ids)
+    rows = eos_ids if eos_ids.ndim == 2 else eos_ids[None]  # [B or 1, E]
+    is_stop = jnp.any((vocab[None, :, None] == rows[:, None, :]) & (rows[:, None, :] >= 0),
+                      axis=-1)  # [B or 1, V]
+    ok = jnp.where(is_stop, g.accepting[g.state][:, None], ok)
     out = jnp.where(ok, logits, -jnp.inf)
     if raw is None:
         return out

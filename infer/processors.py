@@ -38,19 +38,63 @@ from ..errors import InputError
 
 @dataclass(frozen=True)
 class Processors:
+    """The processors' settings of a call that gives every row the same ones."""
     repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already seen
     presence_penalty: float = 0.0  # logits - presence * (count > 0), generated tokens
     frequency_penalty: float = 0.0  # logits - frequency * count, generated tokens
     no_repeat_ngram_size: int = 0  # 0: off; bans any n-gram from occurring twice
     min_new_tokens: int = 0  # EOS ids masked until this many tokens were generated
 
-    @property
-    def needs_seen(self) -> bool:
-        return self.repetition_penalty != 1.0
+    def shape(self) -> "ProcessorShape":
+        return ProcessorShape.of([self])
+
+    def rows(self, n: int) -> "Penalties":
+        return Penalties.of(n, self)
+
+
+@dataclass(frozen=True)
+class ProcessorShape:
+    """Which processors a compiled step runs (static), for rows that each carry their
+    own values (`Penalties`): the history they need is allocated only when on."""
+    seen: bool = False  # repetition penalty: [R, V] seen in prompt or output
+    counts: bool = False  # presence / frequency: [R, V] counts of generated tokens
+    ngram: int = 0  # the largest no_repeat_ngram_size: prompt + generated ids kept
+    min_new: bool = False  # min_new_tokens
+
+    @classmethod
+    def of(cls, settings) -> "ProcessorShape":
+        """settings: objects with the Processors fields (GenerateConfig, Processors)."""
+        settings = list(settings)
+        return cls(any(s.repetition_penalty != 1.0 for s in settings),
+                   any(s.presence_penalty != 0.0 or s.frequency_penalty != 0.0
+                       for s in settings),
+                   max((s.no_repeat_ngram_size for s in settings), default=0),
+                   any(s.min_new_tokens > 0 for s in settings))
 
     @property
-    def needs_counts(self) -> bool:
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+    def any(self) -> bool:
+        return self.seen or self.counts or bool(self.ngram) or self.min_new
+
+
+class Penalties(NamedTuple):
+    """Per-row processor values [R] (traced)."""
+    repetition: jax.Array  # f32, 1 = off
+    presence: jax.Array  # f32
+    frequency: jax.Array  # f32
+    ngram: jax.Array  # i32, 0 = off
+    min_new: jax.Array  # i32, 0 = off
+
+    @classmethod
+    def of(cls, n: int, s) -> "Penalties":
+        return cls.stack([s] * n)
+
+    @classmethod
+    def stack(cls, settings) -> "Penalties":
+        """One row per settings object (GenerateConfig or Processors)."""
+        col = lambda name, dt: jnp.asarray([getattr(s, name) for s in settings], dt)  # noqa
+        return cls(col("repetition_penalty", jnp.float32), col("presence_penalty", jnp.float32),
+                   col("frequency_penalty", jnp.float32), col("no_repeat_ngram_size", jnp.int32),
+                   col("min_new_tokens", jnp.int32))
 
 
 def check_processors(*, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
@@ -94,7 +138,7 @@ def _is_int(x) -> bool:
 
 
 def is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
-    """tokens [...] int32, eos_ids [E] (-1 = unused) -> bool [...]."""
+    """tokens [...] int32, eos_ids [E] or per row [R, E] (-1 = unused) -> bool [...]."""
     return jnp.any((tokens[..., None] == eos_ids) & (eos_ids >= 0), axis=-1)
 
 
@@ -105,24 +149,24 @@ class History(NamedTuple):
     tokens: Optional[jax.Array] = None  # [R, P + width] int32: prompt + generated ids
 
 
-def init_history(proc: Processors, prompt_tokens, prompt_lengths, vocab_size: int,
+def init_history(shape: ProcessorShape, prompt_tokens, prompt_lengths, vocab_size: int,
                  width: int) -> History:
     """Right-padded prompts [R, P] with lengths [R] -> the history before the first token."""
     r, p = prompt_tokens.shape
     valid = jnp.arange(p)[None] < prompt_lengths[:, None]  # [R, P]
     rows = jnp.arange(r)[:, None]
     seen = counts = tokens = None
-    if proc.needs_seen:
+    if shape.seen:
         seen = jnp.zeros((r, vocab_size), bool).at[rows, prompt_tokens].max(valid)
-    if proc.needs_counts:
+    if shape.counts:
         counts = jnp.zeros((r, vocab_size), jnp.int32)
-    if proc.no_repeat_ngram_size:
+    if shape.ngram:
         tokens = jnp.concatenate([jnp.where(valid, prompt_tokens, 0).astype(jnp.int32),
                                   jnp.zeros((r, width), jnp.int32)], axis=1)
-    return History(prompt_lengths.astype(jnp.int32), seen, counts, tokens)
+    return History(jnp.asarray(prompt_lengths, jnp.int32), seen, counts, tokens)
 
 
-def push(proc: Processors, hist: History, token: jax.Array, live: jax.Array) -> History:
+def push(hist: History, token: jax.Array, live: jax.Array) -> History:
     """Append token [R] to the rows where live [R] (a stopped row's history stays)."""
     rows = jnp.arange(token.shape[0])
     tok = jnp.maximum(token, 0)
@@ -142,38 +186,51 @@ def gather(hist: History, index: jax.Array) -> History:
     return jax.tree.map(lambda a: jnp.take(a, index, axis=0), hist)
 
 
-def apply(proc: Processors, logits: jax.Array, hist: History, n_new, eos_ids) -> jax.Array:
-    """Processed logits [R, V] (f32) for the next token; n_new: tokens generated so far."""
+def apply(shape: ProcessorShape, logits: jax.Array, hist: History, pen: Penalties, n_new,
+          eos_ids) -> jax.Array:
+    """Processed logits [R, V] (f32) for the next token, each row by its own values;
+    n_new: tokens generated so far (a scalar or [R]); eos_ids [E] or [R, E]."""
     logits = logits.astype(jnp.float32)
-    if hist.seen is not None:  # HF RepetitionPenaltyLogitsProcessor
-        penalised = jnp.where(logits < 0, logits * proc.repetition_penalty,
-                              logits / proc.repetition_penalty)
+    col = lambda x: jnp.asarray(x)[:, None]  # noqa: E731  [R] -> [R, 1]
+    if shape.seen:  # HF RepetitionPenaltyLogitsProcessor
+        penalised = jnp.where(logits < 0, logits * col(pen.repetition),
+                              logits / col(pen.repetition))
         logits = jnp.where(hist.seen, penalised, logits)
-    if hist.counts is not None:  # OpenAI presence / frequency penalties
-        logits = (logits - proc.presence_penalty * (hist.counts > 0)
-                  - proc.frequency_penalty * hist.counts)
-    if proc.no_repeat_ngram_size:
-        logits = jnp.where(ngram_bans(hist.tokens, hist.length, proc.no_repeat_ngram_size,
+    if shape.counts:  # OpenAI presence / frequency penalties
+        logits = (logits - col(pen.presence) * (hist.counts > 0)
+                  - col(pen.frequency) * hist.counts)
+    if shape.ngram:
+        logits = jnp.where(ngram_bans(hist.tokens, hist.length, pen.ngram, shape.ngram,
                                       logits.shape[-1]), -jnp.inf, logits)
-    if proc.min_new_tokens:  # HF MinNewTokensLengthLogitsProcessor
-        vocab_is_eos = is_eos(jnp.arange(logits.shape[-1], dtype=jnp.int32), eos_ids)  # [V]
-        logits = jnp.where(vocab_is_eos & (n_new < proc.min_new_tokens), -jnp.inf, logits)
+    if shape.min_new:  # HF MinNewTokensLengthLogitsProcessor
+        vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+        eos = jnp.asarray(eos_ids)
+        vocab_is_eos = is_eos(vocab[None] if eos.ndim == 1 else
+                              jnp.broadcast_to(vocab, logits.shape), eos if eos.ndim == 1 else
+                              eos[:, None, :])  # [1 or R, V]
+        early = jnp.asarray(n_new) < pen.min_new  # [R]
+        logits = jnp.where(vocab_is_eos & early[:, None], -jnp.inf, logits)
     return logits
 
 
-def ngram_bans(tokens: jax.Array, length: jax.Array, n: int, vocab_size: int) -> jax.Array:
-    """HF NoRepeatNGramLogitsProcessor: tokens [R, H] (valid up to length [R]) ->
-    banned [R, V] bool: the tokens that would complete an n-gram already present.
+def ngram_bans(tokens: jax.Array, length: jax.Array, n: jax.Array, n_max: int,
+               vocab_size: int) -> jax.Array:
+    """HF NoRepeatNGramLogitsProcessor: tokens [R, H] (valid up to length [R]), each
+    row's n-gram size n [R] (0: off; at most the static n_max) -> banned [R, V] bool:
+    the tokens that would complete an n-gram already present.
 
     The window starting at i bans tokens[i + n - 1] when its first n - 1 tokens
     equal the last n - 1 tokens; only complete windows (i + n <= length) count.
     """
     r, h = tokens.shape
-    w = h - n + 1  # window starts
+    n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), (r,))
+    padded = jnp.pad(tokens, ((0, 0), (0, n_max)))
     rows = jnp.arange(r)[:, None]
-    starts = jnp.arange(w)[None]  # [1, W]
-    match = (starts + n <= length[:, None]) & (length[:, None] >= n)
-    for j in range(n - 1):
+    starts = jnp.arange(h)[None]  # [1, H] window starts
+    match = (starts + n[:, None] <= length[:, None]) & (n[:, None] >= 1)
+    for j in range(n_max - 1):
+        active = j < n - 1  # [R]: the row's prefix is longer than j
         prefix_j = tokens[rows[:, 0], jnp.clip(length - (n - 1) + j, 0, h - 1)]  # [R]
-        match &= tokens[:, j:j + w] == prefix_j[:, None]
-    return jnp.zeros((r, vocab_size), bool).at[rows, tokens[:, n - 1:n - 1 + w]].max(match)
+        match &= ~active[:, None] | (padded[:, j:j + h] == prefix_j[:, None])
+    banned = jnp.take_along_axis(padded, starts + jnp.maximum(n - 1, 0)[:, None], axis=1)
+    return jnp.zeros((r, vocab_size), bool).at[rows, banned].max(match)

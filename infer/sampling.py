@@ -14,6 +14,9 @@ own key and logits, not on the rest of the batch.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -33,9 +36,46 @@ def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 
         raise InputError(f"min_p={min_p} must be in [0, 1] (0 = off)")
 
 
+class Sampler(NamedTuple):
+    """Per-row sampler settings (traced arrays [R]; a batch's rows may differ)."""
+    temperature: jax.Array  # f32: 0 = greedy
+    top_k: jax.Array  # i32: 0 = off
+    top_p: jax.Array  # f32: 1 = off
+    min_p: jax.Array  # f32: 0 = off
+
+    @classmethod
+    def of(cls, rows: int, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0) -> "Sampler":
+        full = lambda v, dt: jnp.broadcast_to(jnp.asarray(v, dt), (rows,))  # noqa: E731
+        return cls(full(temperature, jnp.float32), full(top_k, jnp.int32),
+                   full(top_p, jnp.float32), full(min_p, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerShape:
+    """What a compiled draw needs to know of the rows' samplers (static): whether
+    any row samples, the top-k candidates drawn from (the largest top_k of a row
+    that uses one: that row draws over exactly its k), whether a sampled row draws
+    over the whole vocabulary (top_k 0), and whether top-p / min-p are on anywhere."""
+    sample: bool = False
+    top_k: int = 0
+    full_vocab: bool = False
+    top_p: bool = False
+    min_p: bool = False
+
+    @classmethod
+    def of(cls, settings, vocab_size: int) -> "SamplerShape":
+        """settings: (temperature, top_k, top_p, min_p) per row (an iterable)."""
+        sampled = [(k if 0 < k < vocab_size else 0, p, m) for t, k, p, m in settings
+                   if t > 0 and k != 1]
+        if not sampled:
+            return cls()
+        return cls(True, max(k for k, _, _ in sampled), any(k == 0 for k, _, _ in sampled),
+                   any(p < 1.0 for _, p, _ in sampled), any(m > 0.0 for _, _, m in sampled))
+
+
 def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0, min_p: float = 0.0) -> jax.Array:
-    """logits [B, V] -> token ids [B] int32.
+    """logits [B, V] -> token ids [B] int32: `pick` with one setting for every row.
 
     temperature 0 (or top_k 1) is greedy (`greedy`: argmax), the key is unused. top_k 0
     and top_p 1 switch those filters off. top-p keeps the smallest set of
@@ -46,23 +86,48 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k
     min_p times the top token's (HF MinPLogitsWarper).
     """
     check_sampling(temperature, top_k, top_p, min_p)
+    shape = SamplerShape.of([(temperature, top_k, top_p, min_p)], logits.shape[-1])
+    return pick(logits, Sampler.of(logits.shape[0], temperature, top_k, top_p, min_p), key,
+                shape)
+
+
+def pick(logits: jax.Array, rows: Sampler, key, shape: SamplerShape) -> jax.Array:
+    """The sampler step: logits [B, V] (processed) -> token ids [B] int32, each row by
+    its own settings (`Sampler`), the code paths compiled in by `shape`: greedy rows
+    (temperature 0 or top_k 1) take `greedy`; a sampled row divides by its
+    temperature, keeps its top_k (exactly k, drawn among `shape.top_k` candidates),
+    then its nucleus (renormalised), then drops tokens less likely than min_p times
+    the top one, and draws (`key`: one key for the batch, or one per row)."""
     logits = logits.astype(jnp.float32)
-    if temperature == 0 or top_k == 1:
-        return greedy(logits)
-    scaled = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        values, ids = jax.lax.top_k(scaled, top_k)  # [B, k], sorted descending
-        if top_p < 1.0:
-            values = _nucleus_sorted(values, top_p)
-        if min_p > 0.0:
-            values = min_p_filter(values, min_p)
+    best = greedy(logits)
+    if not shape.sample:
+        return best
+    v = logits.shape[-1]
+    t = rows.temperature[:, None]
+    scaled = logits / jnp.where(t > 0, t, 1.0)
+    top_p, min_p = rows.top_p[:, None], rows.min_p[:, None]
+    drawn = None
+    if shape.top_k:
+        values, ids = jax.lax.top_k(scaled, shape.top_k)  # [B, K], sorted descending
+        keep = jnp.arange(shape.top_k)[None] < rows.top_k[:, None]
+        values = jnp.where(keep, values, -jnp.inf)
+        if shape.top_p:
+            values = jnp.where(top_p < 1.0, _nucleus_sorted(values, top_p), values)
+        if shape.min_p:
+            values = jnp.where(min_p > 0.0, min_p_filter(values, min_p), values)
         choice = _categorical(key, values)
-        return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    if top_p < 1.0:
-        scaled = _nucleus_threshold(scaled, top_p)
-    if min_p > 0.0:
-        scaled = min_p_filter(scaled, min_p)
-    return _categorical(key, scaled).astype(jnp.int32)
+        drawn = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    if shape.full_vocab:
+        full = scaled
+        if shape.top_p:
+            full = jnp.where(top_p < 1.0, _nucleus_threshold(full, top_p), full)
+        if shape.min_p:
+            full = jnp.where(min_p > 0.0, min_p_filter(full, min_p), full)
+        whole = _categorical(key, full).astype(jnp.int32)
+        drawn = whole if drawn is None else jnp.where(
+            (rows.top_k > 0) & (rows.top_k < v), drawn, whole)
+    greedy_row = (rows.temperature <= 0) | (rows.top_k == 1)
+    return jnp.where(greedy_row, best, drawn)
 
 
 # greedy over a vocabulary of at least GREEDY_CHUNK_MIN ids reads the logits once,
@@ -133,6 +198,27 @@ def warp(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: 
         scaled = _nucleus_threshold(scaled, top_p)
     if min_p > 0.0:
         scaled = min_p_filter(scaled, min_p)
+    return scaled
+
+
+def warp_rows(logits: jax.Array, rows: Sampler, shape: SamplerShape) -> jax.Array:
+    """`warp` with each row's own settings (rows with temperature 0 as if 1): logits
+    [B, V] -> the distribution `pick` draws a sampled row from, -inf outside it."""
+    t = rows.temperature[:, None]
+    scaled = logits.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)
+    v = logits.shape[-1]
+    if shape.top_k:
+        kth = jax.lax.top_k(scaled, shape.top_k)[0]
+        cut = jnp.take_along_axis(kth, jnp.clip(rows.top_k - 1, 0, shape.top_k - 1)[:, None],
+                                  axis=-1)
+        on = ((rows.top_k > 0) & (rows.top_k < v))[:, None]
+        scaled = jnp.where(on & (scaled < cut), -jnp.inf, scaled)
+    if shape.top_p:
+        scaled = jnp.where(rows.top_p[:, None] < 1.0,
+                           _nucleus_threshold(scaled, rows.top_p[:, None]), scaled)
+    if shape.min_p:
+        scaled = jnp.where(rows.min_p[:, None] > 0.0, min_p_filter(scaled, rows.min_p[:, None]),
+                           scaled)
     return scaled
 
 

@@ -251,3 +251,72 @@ def generate(params, cfg, prompts, *, tokenizer=None, chat_template: str | None 
     out = generate_ids(params, cfg, ids, eos_id=eos_id, **kwargs)
     return out._replace(texts=[decode_ids(tokenizer, s, cfg.vocab_size) for s in out.sequences()])
 
+
+# ------------------------------------------------------------ a checkpoint's settings
+
+def split_model_overrides(overrides) -> tuple[list[str], list[str]]:
+    """(the model.* overrides, the others)."""
+    model = [o for o in overrides if o.strip().startswith("model.")]
+    return model, [o for o in overrides if o not in model]
+
+
+def apply_model_overrides(cfg, overrides):
+    """`cfg` (a loaded ModelConfig) with model.* overrides that keep the parameter
+    shapes (e.g. model.attention_impl, model.dtype); a key that would change them
+    is a ConfigError naming it."""
+    if not overrides:
+        return cfg
+    from ..errors import ConfigError
+    from ..model.config import ModelConfig, _build, _deep_set, parse_override, to_dict
+    from ..validate import _expected_shapes
+
+    def replaced(texts):
+        data = {"model": to_dict(cfg)}
+        for text in texts:
+            _deep_set(data, *parse_override(text))
+        return _build(ModelConfig, data["model"], "model.")
+
+    new = replaced(overrides)
+    if _expected_shapes(new) != _expected_shapes(cfg):
+        for text in overrides:
+            one = replaced([text])
+            if _expected_shapes(one) != _expected_shapes(cfg):
+                raise ConfigError(f"{parse_override(text)[0]}: changes the checkpoint's "
+                                  "parameter shapes; only settings that keep them (e.g. "
+                                  "model.attention_impl, model.dtype) can be overridden here")
+        raise ConfigError("the model.* overrides together change the checkpoint's parameter "
+                          "shapes")
+    return new
+
+
+def stop_ids(eos_ids, g, vocab_size: int) -> list[int]:
+    """The ids that end a row: `eos_ids` (--eos-id, else the checkpoint's), then
+    generate.stop_ids; each must be in the model's vocabulary."""
+    out = []
+    for i in list(eos_ids) + list(g.stop_ids):
+        if not 0 <= i < vocab_size:
+            raise InputError(f"stop id {i} (--eos-id / generation_config.json / "
+                             f"generate.stop_ids) is outside the vocabulary [0, {vocab_size})")
+        if i not in out:
+            out.append(i)
+    return out
+
+
+def chat_template_for(checkpoint) -> str:
+    """--chat: the checkpoint's chat template (a fine-tuning run's: the one it trained
+    with); a checkpoint without one is a CheckpointError."""
+    from ..api import checkpoint_kind
+    from ..model.chat import chat_template_of, resolve_chat_template
+    if checkpoint_kind(checkpoint) == "hf":
+        template = chat_template_of(checkpoint)
+    else:
+        from ..train.loop import read_run_config
+        run = read_run_config(checkpoint)
+        template = chat_template_of(checkpoint)
+        if template is None and run.train.objective in ("sft", "dpo"):
+            template = resolve_chat_template(run.data.chat_template,
+                                             run.train.init_from or checkpoint)
+    if template is None:
+        raise CheckpointError(f"--chat: {checkpoint} has no chat template (no chat_template in "
+                              "tokenizer_config.json, no chat_template.jinja)")
+    return template

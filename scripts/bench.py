@@ -73,14 +73,14 @@ def bench_speculative(cfg, params, plain_tps: float, draft_layers: int = 1, k: i
     plain greedy decode (plain_tps tokens/s, measured in the same run)."""
     import dataclasses
 
-    from ..infer.speculative import generate_speculative
+    from ..infer.generate import generate
     draft_cfg = dataclasses.replace(cfg, n_layers=draft_layers)
     draft = dict(params, layers=jax.tree.map(lambda a: a[:draft_layers], params["layers"]))
     prompts = np.random.default_rng(1).integers(3, cfg.vocab_size, (1, prompt_len)).tolist()
-    kw = dict(max_new_tokens=new_tokens, num_speculative=k)
-    generate_speculative(params, cfg, draft, draft_cfg, prompts, **kw)  # compile
+    kw = dict(max_new_tokens=new_tokens, num_speculative=k, draft=(draft, draft_cfg))
+    generate(params, cfg, prompts, **kw)  # compile
     t0 = time.perf_counter()
-    out = generate_speculative(params, cfg, draft, draft_cfg, prompts, **kw)
+    out = generate(params, cfg, prompts, **kw)
     tps = float(np.sum(out.lengths)) / (time.perf_counter() - t0)
     return {"tokens_per_s": tps, "speedup": tps / plain_tps,
             "acceptance_rate": out.stats["acceptance_rate"]}
@@ -137,8 +137,7 @@ def bench_continuous(cfg, params, n_prompts: int = 200, slots: int = 16,
     two are timed alternately `repeats` times (identical runs on a shared 2-core VM
     differ by +-15%): the medians of tokens/s and of the per-pair ratios, and in
     how many requests the compile runs' tokens are equal (same_outputs)."""
-    from ..infer.engine import generate_many
-    from ..infer.generate import generate
+    from ..infer.generate import generate, generate_many
     prompts, news = continuous_workload(n_prompts)
     max_len = -(-(max(map(len, prompts)) + max(news)) // 128) * 128
 

@@ -42,8 +42,28 @@ def cmd_generate(args):
 
 
 def cmd_batch_infer(args):
-    from .batch_infer import run_batch_infer
     run_batch_infer(args)
+
+
+def run_batch_infer(args):
+    from ..infer.batch import batch_infer
+    from ..sharding.distributed import initialize
+    initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+               getattr(args, "process_id", None),
+               timeout_s=getattr(args, "coordinator_timeout", 300.0))  # before any device use
+    from .generate import read_guide_spec
+    s = batch_infer(args.checkpoint, args.input, args.output, batch_size=args.batch_size,
+                    overrides=args.overrides, on_change=args.on_change, step=args.step,
+                    chat=getattr(args, "chat", False), engine=getattr(args, "engine", "auto"),
+                    guide=read_guide_spec(args))
+    import jax
+    if jax.process_index() != 0:  # process 0 writes the output and reports
+        return s
+    print(f"batch-infer: {s['prompts']} prompts ({s['skipped']} already done, "
+          f"{s['regenerated']} regenerated after a change), "
+          f"{s['new_tokens']} new tokens in {s['seconds']:.1f}s: {s['tokens_per_s']:.1f} tokens/s; "
+          f"wrote {args.output}")
+    return s
 
 
 def cmd_convert(args):
@@ -69,6 +89,15 @@ def cmd_plan(args):
 def cmd_prepare(args):
     from .prepare import run_prepare
     run_prepare(args)
+
+
+def _guide_options(parser, where: str = "") -> None:
+    guide = parser.add_mutually_exclusive_group()
+    guide.add_argument("--regex", help=f"guided decoding: outputs fully match this regex{where}")
+    guide.add_argument("--json-schema", metavar="FILE", help="guided decoding: outputs are JSON "
+                       f"valid against this schema file{where}")
+    guide.add_argument("--choice", action="append", metavar="TEXT",
+                       help=f"guided decoding: the output is one of these (repeatable){where}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,12 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "HF decoder dir) with the target's vocabulary")
     g.add_argument("--num-speculative", type=int, default=4,
                    help="tokens the draft proposes per cycle (with --draft; default 4)")
-    guide = g.add_mutually_exclusive_group()
-    guide.add_argument("--regex", help="guided decoding: outputs fully match this regex")
-    guide.add_argument("--json-schema", metavar="FILE",
-                       help="guided decoding: outputs are JSON valid against this schema file")
-    guide.add_argument("--choice", action="append", metavar="TEXT",
-                       help="guided decoding: the output is one of these (repeatable)")
+    _guide_options(g)
     g.add_argument("overrides", nargs="*", metavar="generate.key=value")
     g.set_defaults(fn=cmd_generate)
 
@@ -132,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--process-id", type=int, help="multi-host: this process's index "
                     "(process 0 writes --output)")
     bi.add_argument("--engine", choices=("auto", "continuous", "static"), default="auto",
-                    help="continuous batching over a paged cache, or static batches; auto "
-                    "(default): continuous where it gives the same outputs")
+                    help="the engine's cache: a paged pool (auto, continuous: the default) or "
+                    "a contiguous row per slot (static: chunks of --batch-size prompts)")
+    _guide_options(bi, " (rows that give none)")
     bi.add_argument("overrides", nargs="*", metavar="generate.key=value|mesh.key=value")
     bi.set_defaults(fn=cmd_batch_infer)
 

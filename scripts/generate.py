@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import CheckpointError, InputError
-from ..infer.text import (decode_ids, encode_prompts, generation_settings,  # noqa: F401
-                              given_generate_keys, resolve_generate)
+from ..infer.text import (apply_model_overrides, chat_template_for, decode_ids,  # noqa: F401
+                          encode_prompts, generation_settings, given_generate_keys,
+                          resolve_generate, split_model_overrides, stop_ids)
 
 
 def read_prompts(args) -> list[str]:
@@ -30,41 +31,6 @@ def read_prompts(args) -> list[str]:
         if not p:
             raise InputError(f"prompt {i} is empty")
     return prompts
-
-
-def split_model_overrides(overrides) -> tuple[list[str], list[str]]:
-    """(the model.* overrides, the others)."""
-    model = [o for o in overrides if o.strip().startswith("model.")]
-    return model, [o for o in overrides if o not in model]
-
-
-def apply_model_overrides(cfg, overrides):
-    """`cfg` (a loaded ModelConfig) with model.* overrides that keep the parameter
-    shapes (e.g. model.attention_impl, model.dtype); a key that would change them
-    is a ConfigError naming it."""
-    if not overrides:
-        return cfg
-    from ..errors import ConfigError
-    from ..model.config import ModelConfig, _build, _deep_set, parse_override, to_dict
-    from ..validate import _expected_shapes
-
-    def replaced(texts):
-        data = {"model": to_dict(cfg)}
-        for text in texts:
-            _deep_set(data, *parse_override(text))
-        return _build(ModelConfig, data["model"], "model.")
-
-    new = replaced(overrides)
-    if _expected_shapes(new) != _expected_shapes(cfg):
-        for text in overrides:
-            one = replaced([text])
-            if _expected_shapes(one) != _expected_shapes(cfg):
-                raise ConfigError(f"{parse_override(text)[0]}: changes the checkpoint's "
-                                  "parameter shapes; only settings that keep them (e.g. "
-                                  "model.attention_impl, model.dtype) can be overridden here")
-        raise ConfigError("the model.* overrides together change the checkpoint's parameter "
-                          "shapes")
-    return new
 
 
 def run_generate(args):
@@ -117,74 +83,47 @@ def run_generate(args):
     return dataclasses.asdict(g)
 
 
-def stop_ids(eos_ids, g, vocab_size: int) -> list[int]:
-    """The ids that end a row: `eos_ids` (--eos-id, else the checkpoint's), then
-    generate.stop_ids; each must be in the model's vocabulary."""
-    out = []
-    for i in list(eos_ids) + list(g.stop_ids):
-        if not 0 <= i < vocab_size:
-            raise InputError(f"stop id {i} (--eos-id / generation_config.json / "
-                             f"generate.stop_ids) is outside the vocabulary [0, {vocab_size})")
-        if i not in out:
-            out.append(i)
-    return out
-
-
-def chat_template_for(checkpoint) -> str:
-    """--chat: the checkpoint's chat template (a fine-tuning run's: the one it trained
-    with); a checkpoint without one is a CheckpointError."""
-    from ..api import checkpoint_kind
-    from ..model.chat import chat_template_of, resolve_chat_template
-    if checkpoint_kind(checkpoint) == "hf":
-        template = chat_template_of(checkpoint)
-    else:
-        from ..train.loop import read_run_config
-        run = read_run_config(checkpoint)
-        template = chat_template_of(checkpoint)
-        if template is None and run.train.objective in ("sft", "dpo"):
-            template = resolve_chat_template(run.data.chat_template,
-                                             run.train.init_from or checkpoint)
-    if template is None:
-        raise CheckpointError(f"--chat: {checkpoint} has no chat template (no chat_template in "
-                              "tokenizer_config.json, no chat_template.jinja)")
-    return template
-
-
-def read_guide(args, tok, vocab_size: int):
-    """--regex / --json-schema FILE / --choice ... -> a compiled Guide, or None."""
-    from ..infer.guided import Guide
+def read_guide_spec(args):
+    """--regex / --json-schema FILE / --choice ... -> ("regex" | "json_schema" | "choice",
+    value) or None (the JSON schema file read: its text)."""
     if getattr(args, "regex", None) is not None:
-        return Guide.regex(args.regex, tok, vocab_size)
+        return ("regex", args.regex)
     if getattr(args, "choice", None):
-        return Guide.choice(args.choice, tok, vocab_size)
+        return ("choice", list(args.choice))
     path = getattr(args, "json_schema", None)
     if path is None:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return ("json_schema", f.read())
     except OSError as e:
         raise InputError(f"cannot read --json-schema {path}: {e.strerror}") from None
-    return Guide.json_schema(text, tok, vocab_size)
+    except UnicodeDecodeError as e:
+        raise InputError(f"--json-schema {path} is not UTF-8 text (byte {e.start})") from None
+
+
+def read_guide(args, tok, vocab_size: int):
+    """--regex / --json-schema FILE / --choice ... -> a compiled Guide, or None."""
+    from ..infer.guided import Guide
+    spec = read_guide_spec(args)
+    if spec is None:
+        return None
+    kind, value = spec
+    return getattr(Guide, kind)(value, tok, vocab_size)
 
 
 def _speculative(args, g, params, cfg, ids, stop):
     """`--draft DIR --num-speculative K`: the target's settings, drafted by DIR's model."""
     from ..api import load
-    from ..infer.text import generate
-    from ..model.tokenizer import load_tokenizer
-    from ..infer.generate import DECODING_OFF
-    from ..infer.speculative import generate_speculative
+    from ..infer.generate import generate, generate_kwargs
 
-    unsupported = [k for k, off in DECODING_OFF.items() if getattr(g, k) != off]
-    if unsupported:
-        raise InputError(f"--draft: generate.{unsupported[0]} is not supported with "
-                         "speculative decoding")
     draft_cfg, draft_params = load(args.draft)
-    out = generate_speculative(params, cfg, draft_params, draft_cfg, ids,
-                               max_new_tokens=g.max_new_tokens,
-                               num_speculative=args.num_speculative, temperature=g.temperature,
-                               top_k=g.top_k, top_p=g.top_p, seed=g.seed, eos_id=stop)
+    kwargs = dict(generate_kwargs(g), eos_id=stop or None)
+    try:
+        out = generate(params, cfg, ids, draft=(draft_params, draft_cfg),
+                       num_speculative=args.num_speculative, **kwargs)
+    except InputError as e:
+        raise InputError(f"--draft: {e}") from None  # the target's settings it cannot run
     st = out.stats
     print(f"speculative: {st['accepted']}/{st['drafted']} draft tokens accepted "
           f"({100 * st['acceptance_rate']:.1f}%) in {st['cycles']} cycles")

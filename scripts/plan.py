@@ -109,7 +109,7 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     import jax
     import optax
 
-    from ..infer.cache import cache_axes, cache_shapes
+    from ..model.kv import cache_axes, cache_shapes
     from ..model import model_specs
     from ..model.params import LogicalAxes, abstract, logical_axes
     from ..sharding.mesh import check_divisible, mesh_shape, model_dims

@@ -17,7 +17,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def main(coordinator, process_id, exit_at_batch, *args):
-    from jaxlm.scripts import batch_infer, cli
+    from jaxlm.infer import batch as batch_infer
+    from jaxlm.scripts import cli
     exit_at, calls = int(exit_at_batch), [0]
     run_batch = batch_infer.generate_rows
 

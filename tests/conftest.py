@@ -16,3 +16,28 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import collections  # noqa: E402
+
+import pytest  # noqa: E402
+
+_TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+
+
+@pytest.fixture
+def traces():
+    """Counts, per function name, the jit traces made while the test runs, as JAX
+    reports them through `jax.monitoring` (one event each time jit traces a
+    function: a compile-cache miss). Nothing in the library keeps count."""
+    counts = collections.Counter()
+
+    def listen(event, duration, **kw):
+        if event == _TRACE_EVENT:
+            counts[kw.get("fun_name")] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)

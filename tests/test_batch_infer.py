@@ -10,7 +10,7 @@ import jaxlm
 from jaxlm.errors import InputError
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.tokenizer import train_sentencepiece
-from jaxlm.scripts.batch_infer import batch_infer, read_inputs, recover_output
+from jaxlm.infer.batch import batch_infer, read_inputs, recover_output
 from jaxlm.train.data import load_documents
 
 PROMPTS = ["def main():", "import os", "class Foo(object):", "return None", "for i in range(",

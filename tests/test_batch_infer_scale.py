@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 import jaxlm  # noqa: E402
 from jaxlm.errors import CheckpointError, InputError  # noqa: E402
-from jaxlm.scripts.batch_infer import batch_infer  # noqa: E402
+from jaxlm.infer.batch import batch_infer  # noqa: E402
 
 PROMPTS = ["the fox", "a lazy dog", "over the hill", "sum of all", "jumps over", "the dog"]
 N_NEW = 6

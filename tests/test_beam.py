@@ -9,7 +9,6 @@ import pytest
 import jaxlm
 from jaxlm.errors import InputError
 from jaxlm.infer import generate as gen
-from jaxlm.infer import seq2seq
 from jaxlm.infer.generate import generate
 from jaxlm.model import model_specs
 from jaxlm.model.config import ModelConfig
@@ -183,14 +182,14 @@ def test_t5_beams_match_transformers(t5, kw):
     assert out.finished.any()
 
 
-def test_beam_loops_traced_once(llama, t5):
-    for mod, (_, cfg, params) in ((gen, llama), (seq2seq, t5)):
+def test_beam_loops_traced_once(llama, t5, traces):
+    for _, cfg, params in (llama, t5):
         kw = dict(max_new_tokens=8, num_beams=4, eos_id=[3, 4])
         generate(params, cfg, [[1, 2, 3], [4], [5]], **kw)
-        before = mod.TRACE_COUNTS["beam_step"]
+        before = traces["_run"]
         out = generate(params, cfg, [[7, 7], [9, 8, 7, 6, 5], [1]], max_new_tokens=6,
                        num_beams=4, eos_id=[5, 6], length_penalty=0.3, early_stopping=True)
-        assert mod.TRACE_COUNTS["beam_step"] == before
+        assert traces["_run"] == before
         assert out.tokens.shape == (3, 6) and out.scores.shape == (3,)
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from jaxlm.errors import ConfigError
+from jaxlm.infer import engine
 from jaxlm.infer import generate as gen
-from jaxlm.infer.cache import init_cache
+from jaxlm.model.kv.contiguous import init_cache
 from jaxlm.model import ModelConfig, init_params
 from jaxlm.model.config import MeshConfig
 from jaxlm.sharding.mesh import make_mesh
@@ -43,21 +44,23 @@ def _f32_shapes(hlo):
 
 
 @pytest.mark.parametrize("model,mesh_name", [(m, n) for m in MODELS for n in MESHES])
-def test_prefill_rings_and_generate_matches_one_device(model, mesh_name):
+def test_prefill_rings_and_generate_matches_one_device(model, mesh_name, monkeypatch):
     cfg = MODELS[model]
     params, want = reference(model)
     sizes = MESHES[mesh_name]
     c, rows = sizes["context"], B // sizes["data"]
     kv = f"{cfg.n_kv_heads},{cfg.head_dim}"
+    hlos = []
+    real = engine._admit
+    monkeypatch.setattr(engine, "_admit",  # the prefill generate runs, compiled for its HLO
+                        lambda *a, **kw: hlos.append(real.lower(*a, **kw).compile().as_text())
+                        or real(*a, **kw))
     with use_mesh(make_mesh(MeshConfig(**sizes)), RULES):
-        # the prefill generate runs (prompts padded to the cache length), compiled here
-        # first for its HLO: generate then reuses the executable
-        tokens, lengths = gen._pad_prompts([np.asarray(p, np.int32) for p in PROMPTS], T)
         cache = init_cache(cfg, B, T)
         assert cache["k"].sharding.spec[2] == "context"  # no device holds the whole cache
-        hlo = gen.prefill.lower(params, cfg, cache, tokens, lengths, fresh=True).compile().as_text()
         out = gen.generate(params, cfg, PROMPTS, max_new_tokens=NEW, max_len=T,
                            return_logits=True)
+    hlo, = hlos  # one admission: every prompt padded to the cache length
     np.testing.assert_array_equal(out.tokens, want.tokens)
     np.testing.assert_array_equal(out.lengths, want.lengths)
     # step 0 is the prefill's next-token logits, the rest the decode's
@@ -78,20 +81,20 @@ def test_decode_against_the_seq_sharded_cache_stays_partitioned():
     (all-reduces), never gathers the cache; the greedy ids are one device's."""
     cfg = MODELS["llama"]
     params, want = reference("llama")
-    with use_mesh(make_mesh(MeshConfig(data=1, context=8)), RULES):
-        tokens, lengths = gen._pad_prompts([np.asarray(p, np.int32) for p in PROMPTS], T)
-        logits, cache = gen.prefill(params, cfg, init_cache(cfg, B, T), tokens, lengths,
-                                    fresh=True)
-        args = (params, cfg, cache, logits, gen.row_keys(0, B), jnp.int32(NEW), jnp.int32(-1))
-        decode = gen.decode.lower(*args, width=T).compile()
-        out = decode(*args[:1], *args[2:])  # the compiled executable takes no static args
-    hlo = decode.as_text()
+    hlos = []
+    real = engine._run
+    with use_mesh(make_mesh(MeshConfig(data=1, context=8)), RULES), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "_run",  # the decode loop generate runs, compiled for its HLO
+                   lambda *a, **kw: hlos.append(real.lower(*a, **kw).compile().as_text())
+                   or real(*a, **kw))
+        out = gen.generate(params, cfg, PROMPTS, max_new_tokens=NEW, max_len=T)
+    hlo = hlos[0]
     kv = f"{cfg.n_kv_heads},{cfg.head_dim}"
     shapes = _f32_shapes(hlo)
     assert f"{cfg.n_layers},{B},{T // 8},{kv}" in shapes  # each device: 1/8 of the cache
     assert "all-reduce" in hlo and "all-gather" not in hlo
     assert not any(f",{T},{kv}" in s or s.startswith(f"{B},{T},") for s in shapes), shapes
-    np.testing.assert_array_equal(np.asarray(out["tokens"])[:, :NEW], want.tokens)
+    np.testing.assert_array_equal(out.tokens, want.tokens)
 
 
 def test_cache_length_not_dividing_over_context_is_one_line():

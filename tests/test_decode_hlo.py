@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxlm.infer.cache import init_cache
-from jaxlm.infer.generate import decode
+from jaxlm.infer.engine import Engine
 from jaxlm.model import ModelConfig, init_params
+from jaxlm.model.config import GenerateConfig
 
 # distinct sizes: d_model*d_ff = 3072, per-layer cache B*KVH*T*D = 2*2*64*8 = 2048
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96,
@@ -60,12 +60,10 @@ def _merges_of(shape, own) -> bool:
 
 @pytest.fixture(scope="module")
 def body_ops():
-    params = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0)))
-    cache = jax.eval_shape(lambda: init_cache(CFG, B, T))
-    logits = jax.ShapeDtypeStruct((B, CFG.vocab_size), jnp.float32)
-    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), B))
-    hlo = decode.lower(params, CFG, cache, logits, keys, jnp.int32(8), jnp.int32(-1),
-                       width=64).compile().as_text()
+    params = init_params(CFG, jax.random.key(0))
+    engine = Engine(params, CFG, settings=GenerateConfig(max_new_tokens=8), max_prompt_len=8,
+                    max_new_tokens=8, slots=B, cache="contiguous", max_len=T)
+    hlo = engine.lower().compile().as_text()
     ops = _while_body_ops(hlo)
     assert ops, "no while body found in the compiled decode loop"
     return ops

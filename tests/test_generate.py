@@ -72,16 +72,16 @@ def test_greedy_matches_naive_loop(batch_out, naive):
     assert batch_out.sequences() == naive
 
 
-def test_decode_step_traced_once(params):
+def test_decode_step_traced_once(params, traces):
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7, 9], [3], [2, 3, 8]]  # batch 5: unique
-    before = gen.TRACE_COUNTS["decode_step"]
+    before = traces["_run"]
     out = generate(params, CFG, prompts, max_new_tokens=64)
     assert out.lengths.tolist() == [64] * 5
-    assert gen.TRACE_COUNTS["decode_step"] - before == 1
+    assert traces["_run"] - before == 1
     # other values, other prompt lengths in the same bucket, fewer tokens: no retrace
     generate(params, CFG, [[7] * 9, [1], [2, 2], [4] * 16, [6] * 3], max_new_tokens=50, seed=1)
     generate(params, CFG, prompts, max_new_tokens=64, eos_id=11)
-    assert gen.TRACE_COUNTS["decode_step"] - before == 1
+    assert traces["_run"] - before == 1
 
 
 def test_eos_stops_only_its_row(params, naive):

@@ -136,12 +136,12 @@ def test_greedy_follows_the_masked_argmax(setup, guides):
     assert out.sequences(include_eos=True)[0] == want
 
 
-def test_traced_once(setup, guides):
-    before = gen.TRACE_COUNTS["decode_step"]
+def test_traced_once(setup, guides, traces):
+    before = traces["_run"]
     run(setup, guides["regex"], n=4, seed=11)
-    mid = gen.TRACE_COUNTS["decode_step"]
+    mid = traces["_run"]
     run(setup, [guides["regex"], guides["choice"], None, guides["regex"]], n=4, seed=12)
-    assert gen.TRACE_COUNTS["decode_step"] == mid <= before + 1
+    assert traces["_run"] == mid <= before + 1
 
 
 def test_errors(setup, guides):

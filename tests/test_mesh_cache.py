@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxlm.infer import engine
 from jaxlm.infer import generate as gen
-from jaxlm.infer.cache import _zeros_fn, cache_bytes, cache_shapes, cache_shardings, init_cache
+from jaxlm.model.kv.contiguous import _zeros_fn, cache_bytes, cache_shapes, cache_shardings, init_cache
 from jaxlm.model import ModelConfig, init_params
 from jaxlm.sharding.rules import active_mesh, constrain, use_mesh
 
@@ -67,20 +68,25 @@ def params():
     return init_params(CFG, jax.random.PRNGKey(0))
 
 
-def test_cache_is_created_prefilled_and_decoded_sharded(mesh, params):
+def test_cache_is_created_prefilled_and_decoded_sharded(mesh, params, monkeypatch):
     single = gen.generate(params, CFG, PROMPTS, max_new_tokens=NEW)
-    tokens, lengths = gen._pad_prompts([np.asarray(p, np.int32) for p in PROMPTS], 16)
+    checked = []  # the engine's cache after its admission (the prefill) and its decode loop
+    admit, run = engine._admit, engine._run
+
+    def check(state):  # before the next call takes (donates) it
+        _assert_eighths(state.kv)
+        checked.append(state)
+        return state
+
+    monkeypatch.setattr(engine, "_admit", lambda *a, **kw: check(admit(*a, **kw)))
+    monkeypatch.setattr(engine, "_run", lambda *a, **kw: (lambda out: (check(out[0]),
+                                                                        *out[1:]))(run(*a, **kw)))
     with use_mesh(mesh, RULES):
         cache = init_cache(CFG, len(PROMPTS), 128)
         _assert_eighths(cache)
         assert cache["k"].sharding.spec == P(None, "data", None, "tensor", None)
-        logits, cache = gen.prefill(params, CFG, cache, tokens, lengths)
-        _assert_eighths(cache)
-        out = gen.decode(params, CFG, cache, logits, gen.row_keys(0, len(PROMPTS)),
-                         jnp.int32(NEW), jnp.int32(-1), width=64)
-        _assert_eighths(out["cache"])
         sharded = gen.generate(params, CFG, PROMPTS, max_new_tokens=NEW)
-    np.testing.assert_array_equal(np.asarray(out["tokens"])[:, :NEW], single.tokens)
+    assert len(checked) == 2  # one prefill, one decode loop
     np.testing.assert_array_equal(sharded.tokens, single.tokens)
 
 

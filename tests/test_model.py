@@ -155,7 +155,7 @@ def test_remat_policies_give_the_same_gradients(params, remat):
 def test_every_position_scheme_decodes_like_the_full_forward(positions):
     """Any positions in the decoder: cached decoding equals the full forward."""
     import dataclasses
-    from jaxlm.infer.cache import init_cache
+    from jaxlm.model.kv import Contiguous, init_cache
     cfg = dataclasses.replace(SMALL, positions=positions, relative_buckets=8, init_std=0.3, n_layers=1,
                               relative_max_distance=16, n_heads=6, n_kv_heads=6)
     p = init_params(cfg, jax.random.key(5))
@@ -164,11 +164,11 @@ def test_every_position_scheme_decodes_like_the_full_forward(positions):
     tokens = jnp.array(np.random.default_rng(3).integers(0, 101, (2, 10)))
     fwd = jax.jit(forward, static_argnames="cfg")  # three compiles, not eager op by op
     full, _ = fwd(p, cfg, tokens)
-    _, aux = fwd(p, cfg, tokens[:, :6], cache=init_cache(cfg, 2, 16))
-    cache = aux["cache"]
+    _, aux = fwd(p, cfg, tokens[:, :6], store=Contiguous.of(init_cache(cfg, 2, 16)))
+    cache = aux["store"]
     for i in range(6, 10):
-        step, aux = fwd(p, cfg, tokens[:, i:i + 1], cache=cache)
-        cache = aux["cache"]
+        step, aux = fwd(p, cfg, tokens[:, i:i + 1], store=cache)
+        cache = aux["store"]
         np.testing.assert_allclose(step[:, 0], full[:, i], atol=2e-5)
     # Positions matter: swapping two earlier tokens changes the last token's
     # logits, except without positions (one layer of attention is order-blind).

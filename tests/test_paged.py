@@ -11,8 +11,7 @@ import pytest
 
 from jaxlm.errors import InputError
 from jaxlm.infer import engine
-from jaxlm.infer import generate as gen_module
-from jaxlm.infer.engine import generate_many
+from jaxlm.infer.generate import generate_many
 from jaxlm.infer.generate import generate
 from jaxlm.model import ModelConfig, init_params
 from jaxlm.model.kernels.paged import paged_attention_pallas, paged_attention_reference
@@ -94,25 +93,23 @@ def greedy(params, workload):
     return eos, per_prompt(params, prompts, news, eos_id=eos)
 
 
-def test_greedy_equals_per_prompt_generate(params, workload, greedy):
+def test_greedy_equals_per_prompt_generate(params, workload, greedy, traces):
     prompts, news = workload
     eos, want = greedy
-    before = dict(engine.TRACE_COUNTS)
-    prefills = gen_module.TRACE_COUNTS["prefill"]
+    before = traces.copy()
     out, infos = run_engine(params, prompts, news, eos_id=eos)
     got = out.sequences(include_eos=True)
     assert got == want
     assert [len(s) for s in got] == list(out.lengths)
     assert any(len(s) < m for s, m in zip(got, news))  # some rows stopped on EOS
     check_pages(infos)
-    assert engine.TRACE_COUNTS["engine_loop"] - before["engine_loop"] == 1  # one compiled loop
+    assert traces["_run"] - before["_run"] == 1  # one compiled loop
     # batched admission: one packed prefill per refill that admitted, several prompts in
     # one; compilations bounded by the pack-width buckets (4 prompts of <= 4 pages: 16, 24,
-    # 32, 48, 64, 96, 128), none of generate's contiguous prefill
+    # 32, 48, 64, 96, 128)
     calls = [len(i["admitted"]) for i in infos if i["admitted"]]
     assert max(calls) > 1 and len(calls) < len(prompts)
-    assert engine.TRACE_COUNTS["admit"] - before["admit"] <= 7
-    assert gen_module.TRACE_COUNTS["prefill"] == prefills
+    assert traces["_admit"] - before["_admit"] <= 7
 
 
 def test_refill_batch_waits_for_several_finishes(params, workload, greedy):
@@ -148,9 +145,9 @@ def test_packs_split_at_pack_tokens(params, workload, greedy, monkeypatch):
     eos, want = greedy
     monkeypatch.setattr(engine, "PACK_TOKENS", 2 * PAGE)
     calls = []
-    real = engine._prefill_packed
-    monkeypatch.setattr(engine, "_prefill_packed",
-                        lambda *a: calls.append(a[4].shape[1]) or real(*a))
+    real = engine._admit
+    monkeypatch.setattr(engine, "_admit",  # the pack (argument 5)'s width
+                        lambda *a, **kw: calls.append(a[5].tokens.shape[1]) or real(*a, **kw))
     out, infos = run_engine(params, prompts, news, eos_id=eos)
     assert out.sequences(include_eos=True) == want
     check_pages(infos)
@@ -163,10 +160,12 @@ def test_packs_split_at_pack_tokens(params, workload, greedy, monkeypatch):
          out_bias=True, mlp_bias=True, tie_embeddings=True),
     dict(sliding_window=5),
     dict(n_experts=4, experts_per_token=2),
-], ids=["gpt2", "window", "moe"])
+    dict(positions="alibi"),
+], ids=["gpt2", "window", "moe", "alibi"])
 def test_families_equal_per_prompt_generate(workload, overrides):
     """Learned positions, a window shorter than the prompts (and than a page), a
-    mixture of experts: the packed prefill (prompts sharing one row, segment
+    mixture of experts, ALiBi (a position bias over the pages' positions): the packed
+    prefill (prompts sharing one row, segment
     masks, positions restarting) and the paged steps give generate's tokens."""
     cfg = dataclasses.replace(CFG, **overrides)
     params = init_params(cfg, jax.random.PRNGKey(1))
@@ -185,12 +184,6 @@ def test_too_small_pool_is_one_line(params, workload):
         generate_many(params, CFG, prompts, max_new_tokens=news, page_size=PAGE,
                       n_pages=need - 1)
     assert "\n" not in str(e.value)
-
-
-def test_position_bias_refused(params):
-    with pytest.raises(InputError, match="positions='alibi'"):
-        generate_many(params, dataclasses.replace(CFG, positions="alibi"), [[1, 2]],
-                      max_new_tokens=2)
 
 
 def _naive_paged(q, kp, vp, table, lengths, window=None):
@@ -248,7 +241,7 @@ def test_sharded_pool_stays_an_eighth_and_outputs_equal_generate(params, workloa
     eighths (pages over data, kv_heads over tensor); each slot's pages lie in its
     data shard's block; outputs equal per-prompt generate."""
     from jax.sharding import Mesh
-    from jaxlm.infer.paged import init_pages, pool_layout
+    from jaxlm.model.kv.paged import init_pages, pool_layout
     from jaxlm.sharding.rules import use_mesh
     prompts, news = workload
     eos, want = greedy
@@ -279,7 +272,7 @@ def test_sharded_pool_stays_an_eighth_and_outputs_equal_generate(params, workloa
     for per_device, global_ in [created] + seen:  # creation, every admission and decode
         assert len(global_) == 1 and per_device == {global_.pop() // 8}
     # the compiled init allocates no global pool: each device its eighth of k and v
-    from jaxlm.infer.cache import _zeros_fn
+    from jaxlm.model.kv.contiguous import _zeros_fn
     sd = jax.ShapeDtypeStruct(pool["k"].shape, pool["k"].dtype)
     mem = _zeros_fn((sd, sd), (pool["k"].sharding,) * 2).lower().compile().memory_analysis()
     assert mem.output_size_in_bytes + mem.temp_size_in_bytes <= 2 * pool["k"].nbytes // 8 + 1024

@@ -68,7 +68,7 @@ def test_plan_errors():
 def test_int8_kv_and_cross_kv_bytes_match_the_real_trees(capsys):
     """kv_cache / kv_cache_int8 are the bytes of the cache generate allocates (float and
     generate.kv_dtype=int8); an encoder-decoder's cross K/V those of `cross_kv`'s tree."""
-    from jaxlm.infer.cache import cache_bytes, cache_shapes
+    from jaxlm.model.kv.contiguous import cache_bytes, cache_shapes
     from jaxlm.model import init_params
     from jaxlm.model.families.encoder_decoder import cross_kv
     for preset in ("tiny-llama", "tiny-t5"):

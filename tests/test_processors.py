@@ -36,11 +36,12 @@ def ours(proc, ids, logits, n_new=0, eos=None, split=None):
     """Our processed logits; with split, the history is the prompt ids[:, :split] + the
     rest pushed one token at a time (the in-loop path)."""
     split = L if split is None else split
-    hist = lp.init_history(proc, jnp.asarray(ids[:, :split]), jnp.full((R,), split, jnp.int32),
-                           V, L - split)
+    hist = lp.init_history(proc.shape(), jnp.asarray(ids[:, :split]),
+                           jnp.full((R,), split, jnp.int32), V, L - split)
     for t in range(split, L):
-        hist = lp.push(proc, hist, jnp.asarray(ids[:, t]), jnp.ones((R,), bool))
-    return np.asarray(lp.apply(proc, jnp.asarray(logits), hist, n_new, lp.eos_array(eos, V)))
+        hist = lp.push(hist, jnp.asarray(ids[:, t]), jnp.ones((R,), bool))
+    return np.asarray(lp.apply(proc.shape(), jnp.asarray(logits), hist, proc.rows(R), n_new,
+                               lp.eos_array(eos, V)))
 
 
 def theirs(processor, ids, logits):
@@ -66,10 +67,11 @@ def test_no_repeat_ngram_matches_hf(data, n, split):
     np.testing.assert_array_equal(got, ref)
     assert np.isinf(got).any()
     short = ids[:, :n - 1] if n > 1 else ids[:, :0]  # fewer than n ids: nothing banned
-    hist = lp.init_history(lp.Processors(no_repeat_ngram_size=n), jnp.asarray(
+    proc = lp.Processors(no_repeat_ngram_size=n)
+    hist = lp.init_history(proc.shape(), jnp.asarray(
         np.pad(short, ((0, 0), (0, 4)))), jnp.full((R,), n - 1, jnp.int32), V, 4)
-    assert np.isfinite(lp.apply(lp.Processors(no_repeat_ngram_size=n), jnp.asarray(logits),
-                                hist, 0, lp.eos_array(None, V))).all()
+    assert np.isfinite(lp.apply(proc.shape(), jnp.asarray(logits), hist, proc.rows(R), 0,
+                                lp.eos_array(None, V))).all()
 
 
 @pytest.mark.parametrize("n_new", [0, 3, 4, 9])
@@ -202,14 +204,14 @@ def test_sampled_tokens_lie_in_the_processed_support(llama):
             assert np.isfinite(scores).sum() < cfg.vocab_size
 
 
-def test_processors_traced_once(llama):
+def test_processors_traced_once(llama, traces):
     _, cfg, params = llama
     kw = dict(max_new_tokens=10, repetition_penalty=1.2, no_repeat_ngram_size=2,
               presence_penalty=0.1, frequency_penalty=0.2, min_new_tokens=2, eos_id=[3, 4])
     generate(params, cfg, PROMPTS, **kw)
-    before = gen.TRACE_COUNTS["decode_step"]
+    before = traces["_run"]
     generate(params, cfg, [[1, 2], [3], [9, 9, 9, 9]], **{**kw, "eos_id": 5})
-    assert gen.TRACE_COUNTS["decode_step"] == before
+    assert traces["_run"] == before
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.infer.cache import init_cache
-from jaxlm.infer.generate import decode_step
+from jaxlm.model.kv.contiguous import init_cache
+from jaxlm.infer.engine import model_step
 from jaxlm.model import init_params
 from jaxlm.model.adapters import QuantizedWeight, concatenate, quantize
 from jaxlm.model.config import load_config
@@ -111,8 +111,10 @@ def test_decode_step_reads_int8_weights_inside_the_dot():
     params = quantize_params(init_params(cfg, jax.random.key(0)), qcfg)
     shapes = _weight_shapes(params)
     batch = 3  # no activation of this step is shaped like a weight
-    step = jax.jit(lambda p, c, t: decode_step(unstack_layers(p), qcfg, c, t))
-    hlo = step.lower(params, init_cache(qcfg, batch, 24), jnp.ones((batch,), jnp.int32)).compile(
+    step = jax.jit(lambda p, c, t: model_step(unstack_layers(p), qcfg, "contiguous", c, t[:, None],
+                                              jnp.zeros((batch,), jnp.int32), None, None))
+    kv = {n: a for n, a in init_cache(qcfg, batch, 24).items() if n != "lengths"}
+    hlo = step.lower(params, kv, jnp.ones((batch,), jnp.int32)).compile(
         compiler_options=YNN).as_text()
     assert re.search(r"s8\[[\d,]+\]", hlo) and "__ynn_fusion" in hlo  # int8 reaches the dots
     assert _float_buffers(hlo, shapes) == []

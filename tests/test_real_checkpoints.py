@@ -200,7 +200,7 @@ def test_llama_chat_and_two_eos_ids(llama, capsys):
     assert [w[-1] for w in want] == eos and all(len(w) < NEW + 1 for w in want)
 
     from jaxlm.infer.text import encode_prompts, generation_settings
-    from jaxlm.scripts.generate import chat_template_for
+    from jaxlm.infer.text import chat_template_for
     tok = jaxlm.load_tokenizer(path)
     assert generation_settings(path, tok).eos_ids == tuple(eos)
     cfg, params = jaxlm.load(path)

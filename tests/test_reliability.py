@@ -26,7 +26,7 @@ from jaxlm.errors import CheckpointError, ConfigError, InputError, JaxlmError
 from jaxlm.model.config import ModelConfig, load_config
 from jaxlm.model.tokenizer import train_sentencepiece
 from jaxlm.scripts import cli
-from jaxlm.scripts.batch_infer import batch_infer, row_seed
+from jaxlm.infer.batch import batch_infer, row_seed
 from jaxlm.train import checkpoint, guard
 from jaxlm.train.data import load_documents
 from jaxlm.train.loop import train
@@ -520,7 +520,7 @@ def test_api_inputs_are_validated(trained, tok):
 
 
 def test_generate_model_overrides(trained):
-    from jaxlm.scripts.generate import apply_model_overrides
+    from jaxlm.infer.text import apply_model_overrides
     cfg, _ = jaxlm.load(trained)
     assert apply_model_overrides(cfg, ["model.attention_impl=xla"]).attention_impl == "xla"
     with pytest.raises(ConfigError, match="model.d_model: changes the checkpoint's"):

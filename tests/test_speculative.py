@@ -8,10 +8,13 @@ import pytest
 from scipy import stats
 
 from jaxlm.errors import InputError
-from jaxlm.infer import speculative as spec
 from jaxlm.infer.generate import generate
-from jaxlm.infer.speculative import generate_speculative
 from jaxlm.model import ModelConfig, forward, init_params
+
+
+def generate_speculative(params, cfg, draft_params, draft_cfg, prompts, **kw):
+    """jaxlm.generate with a draft model: the engine's speculative cycle."""
+    return generate(params, cfg, prompts, draft=(draft_params, draft_cfg), **kw)
 
 CFG = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                   max_seq_len=256, init_std=0.2, dtype="float32", param_dtype="float32")
@@ -60,13 +63,13 @@ def test_stop_ids_end_rows_as_plain_generate(models, greedy):
     assert out.finished.tolist() == ref.finished.tolist() and out.finished.any()
 
 
-def test_traced_once_for_64_tokens(models):
+def test_traced_once_for_64_tokens(models, traces):
     target, draft, _ = models
     generate_speculative(target, CFG, draft, DRAFT, [[1, 2], [3]], max_new_tokens=64)
-    before = spec.TRACE_COUNTS["cycle"]
+    before = traces["_run"]
     out = generate_speculative(target, CFG, draft, DRAFT, [[4, 5, 6], [7]], max_new_tokens=64,
                                seed=2)
-    assert spec.TRACE_COUNTS["cycle"] == before and out.lengths.tolist() == [64, 64]
+    assert traces["_run"] == before and out.lengths.tolist() == [64, 64]
 
 
 SMALL = dict(vocab_size=12, max_seq_len=64, dtype="float32", param_dtype="float32")

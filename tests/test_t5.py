@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from jaxlm.errors import CheckpointError
-from jaxlm.infer import seq2seq
 from jaxlm.infer.generate import generate
 from jaxlm.model import forward, model_specs
 from jaxlm.model.config import ModelConfig, load_config
@@ -276,14 +275,14 @@ def test_greedy_generation_matches_transformers(variant):
         np.testing.assert_allclose(out.logits[running, t], full[running, t], atol=1e-4)
 
 
-def test_decode_loop_is_traced_once():
+def test_decode_loop_is_traced_once(traces):
     cfg = VARIANTS["v1_0"]
     params = random_params(cfg, 3)
     generate(params, cfg, [[5, 6, 7], [8, 9], [1]], max_new_tokens=5, return_logits=True)
-    before = dict(seq2seq.TRACE_COUNTS)
+    before = traces.copy()
     out = generate(params, cfg, [[9, 8, 7, 6], [5], [3, 3]], max_new_tokens=9, eos_id=4,
                    return_logits=True)
-    assert seq2seq.TRACE_COUNTS == before
+    assert traces["_run"] == before["_run"]
     assert out.tokens.shape == (3, 9)
 
 
@@ -300,9 +299,10 @@ def test_int8_kv_cache_logits_and_greedy_ids():
     err = np.max(np.abs(q8.logits - ref.logits), axis=(1, 2))
     assert (err <= 0.03 * np.max(np.abs(ref.logits), axis=(1, 2))).all(), err
     assert (err > 0).all()  # the int8 path did run
-    tokens, segments = seq2seq._pad_inputs(rows, 16)
-    _, state = seq2seq.start(params, cfg, tokens, segments, 128, 0, "int8")
-    for tree, length in ((state.cache, 128), (state.cross, 16)):
+    held = {"engine": None}  # the engine that ran: its decoder cache and cross K/V
+    generate(params, cfg, rows, max_new_tokens=8, kv_dtype="int8", engine_options=held)
+    state = held["engine"].state
+    for tree, length in ((state.kv, 128), (state.cross, 16)):
         assert tree["k"].dtype == tree["v"].dtype == jnp.int8
         assert tree["k_scale"].dtype == tree["v_scale"].dtype == jnp.float32
         assert tree["k_scale"].shape == (2, 3, length, cfg.n_kv_heads)

@@ -20,17 +20,17 @@ import jax
 import jax.numpy as jnp
 
 from ...errors import ConfigError
-from .decoder import remat
-from ..adapters import layer_weights, materialize_outside_layers
+from ..adapters import materialize_outside_layers
+from ..block import BlockInputs, run_layers
 from ..config import dtype_of
-from ..kernels import MaskSpec
-from ..layers.attention import attention_specs, position_bias, self_attention
+from ..kv import NO_CACHE, arange_positions, own_mask
+from ..layers.attention import attention_specs, position_bias
 from ..layers.relative import relative_bias_specs
 from ..layers.dense import dense
-from ..layers.dropout import ATTN_OUT, ATTN_PROBS, EMBED, MLP_OUT, dropout, site_key
+from ..layers.dropout import EMBED, dropout, site_key
 from ..layers.embeddings import (embed_tokens_and_positions, embedding_specs,
-                                           head_specs, head_weights)
-from ..layers.mlp import GATED, activation, mlp, mlp_specs
+                                 head_specs, head_weights)
+from ..layers.mlp import GATED, activation, mlp_specs
 from ..layers.norms import norm, norm_specs
 from ..layers.positions import learned_position_specs
 from ..params import Spec, normal, stack, zeros
@@ -78,22 +78,22 @@ def encoder_specs(cfg):
 
 
 def encoder(params, cfg, tokens, positions=None, segment_ids=None, token_types=None,
-            return_hidden=False, dropout_key=None):
-    """tokens [B,S] -> (MLM logits [B,S,V] float32, aux {}).
+            dropout_key=None):
+    """tokens [B,S] -> (final hidden states [B,S,D] (before the MLM head: `mlm_logits`
+    maps them to logits), aux {}).
 
     `segment_ids` [B,S]: 0 = padding (sees and is seen by nothing), tokens
     attend only within their own segment; None: every token sees every token.
     `positions` default to arange (right padding); `token_types` [B,S]
-    default to type 0. `return_hidden`: the final hidden states [B,S,D]
-    (before the MLM head; `mlm_logits` maps them to logits). `dropout_key`
-    (training only): model.dropout on the embeddings (after the embedding
-    LayerNorm) and on each attention / MLP output before its residual add,
-    model.attention_dropout on the attention probabilities.
+    default to type 0. `dropout_key` (training only): model.dropout on the
+    embeddings (after the embedding LayerNorm) and on each attention / MLP
+    output before its residual add, model.attention_dropout on the attention
+    probabilities.
     """
     b, s = tokens.shape
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
     if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        positions = arange_positions(b, s)
     x = embed_tokens_and_positions(params, tokens, positions, cfg)
     if cfg.type_vocab_size:
         types = jnp.zeros((b, s), jnp.int32) if token_types is None else token_types
@@ -102,34 +102,13 @@ def encoder(params, cfg, tokens, positions=None, segment_ids=None, token_types=N
     if post:
         x = norm(params["embed_ln"], x, cfg)
     x = dropout(x, cfg.dropout, site_key(dropout_key, EMBED))
-    mask = MaskSpec(causal=False, q_positions=positions, kv_positions=positions,
-                    q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
-    bias = position_bias(params, mask, cfg, bidirectional=True)
-
-    def block(x, xs):
-        layer, i = xs
-        layer = layer_weights(layer, dtype_of(cfg.dtype))  # LoRA merged; int8 stays int8 (dense)
-        key = site_key(dropout_key, i)  # this layer's key (None: no dropout)
-
-        def attn(x):
-            o = self_attention(layer["attn"], x, positions, mask, cfg, bias,
-                               site_key(key, ATTN_PROBS))
-            return dropout(o, cfg.dropout, site_key(key, ATTN_OUT))
-
-        def ff(x):
-            return dropout(mlp(layer["mlp"], x, cfg), cfg.dropout, site_key(key, MLP_OUT))
-
-        if post:
-            x = norm(layer["ln1"], x + attn(x), cfg)
-            return norm(layer["ln2"], x + ff(x), cfg), None
-        x = x + attn(norm(layer["ln1"], x, cfg))
-        return x + ff(norm(layer["ln2"], x, cfg)), None
-
-    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    x, _ = jax.lax.scan(remat(block, cfg), x, (params["layers"], layer_ids))
+    mask = own_mask(False, positions, segment_ids, None)
+    inputs = BlockInputs(positions, mask, position_bias(params, mask, cfg, bidirectional=True),
+                         dropout_key=dropout_key)
+    x, _, _ = run_layers(params["layers"], cfg, x, NO_CACHE, inputs)
     if not post:
         x = norm(params["final_ln"], x, cfg)
-    return (x if return_hidden else mlm_logits(params, cfg, x)), {}
+    return x, {}
 
 
 def mlm_transform(params, cfg, hidden):

@@ -41,19 +41,18 @@ import jax
 import jax.numpy as jnp
 
 from ...errors import ConfigError
-from ...infer.cache import constrain_cache, dequantize, quantize_kv, read_kv, write_kv
-from .decoder import remat
 from ..adapters import layer_weights, materialize_outside_layers
+from ..block import BlockInputs, run_layers
 from ..config import dtype_of
-from ..kernels import MaskSpec, attention
-from ..layers.attention import attention_specs, output_projection, project_qkv
+from ..kv import NO_CACHE, own_mask, quantize_kv
+from ..layers.attention import attention_specs, position_bias
 from ..layers.dense import dense
-from ..layers.dropout import (ATTN_OUT, ATTN_PROBS, CROSS_OUT, CROSS_PROBS, EMBED, FINAL,
-                                        MLP_OUT, dropout, site_key)
-from ..layers.embeddings import embed, embedding_specs, head_specs, unembed
-from ..layers.mlp import mlp, mlp_specs
+from ..layers.dropout import EMBED, FINAL, dropout, site_key
+from ..layers.embeddings import embed, embedding_specs, head_specs
+from ..layers.mlp import mlp_specs
 from ..layers.norms import norm, norm_specs
-from ..layers.relative import relative_bias, relative_bias_specs
+from ..layers.relative import relative_bias_specs
+from ..kernels import MaskSpec
 from ..params import stack
 from ...sharding.rules import constrain
 
@@ -92,13 +91,6 @@ def encoder_decoder_specs(cfg):
 
 # ------------------------------------------------------------------ pieces
 
-def _attend(q, k, v, mask, bias, cfg, dropout_key=None):
-    """The one attention call, with T5's score scale (cfg.attn_scale; 0: default);
-    `dropout_key`: model.attention_dropout on the probabilities (training)."""
-    return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=cfg.attn_scale or None,
-                     dropout_rate=cfg.attention_dropout, dropout_key=dropout_key)
-
-
 def _drop(x, cfg, key, site):
     """model.dropout at `site` of `key` (None: the identity)."""
     return dropout(x, cfg.dropout, site_key(key, site))
@@ -106,13 +98,6 @@ def _drop(x, cfg, key, site):
 
 def _arange(n):
     return jnp.arange(n, dtype=jnp.int32)[None]
-
-
-def _stack_bias(stack_params, q_positions, kv_positions, cfg, bidirectional):
-    if "relative" not in stack_params:
-        return None
-    return relative_bias(stack_params["relative"], q_positions, kv_positions, cfg,
-                         bidirectional=bidirectional)
 
 
 def _cross_segments(q_seg, kv_seg, b, sq, sk):
@@ -136,21 +121,10 @@ def encode(params, cfg, tokens, segment_ids=None, positions=None, dropout_key=No
     positions = _arange(s) if positions is None else positions
     x = _drop(embed(params["embed"], tokens, cfg), cfg, dropout_key, EMBED)
     p = params["encoder"]
-    bias = _stack_bias(p, positions, positions, cfg, bidirectional=True)
-    mask = MaskSpec(q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
-
-    def block(x, xs):
-        layer, i = xs
-        layer = layer_weights(layer, dtype_of(cfg.dtype))  # LoRA merged; int8 stays int8 (dense)
-        key = site_key(dropout_key, i)
-        q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
-        o = _attend(q, k, v, mask, bias, cfg, site_key(key, ATTN_PROBS))
-        x = x + _drop(output_projection(layer["attn"], o, cfg), cfg, key, ATTN_OUT)
-        return x + _drop(mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), cfg, key,
-                         MLP_OUT), None
-
-    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    x, _ = jax.lax.scan(remat(block, cfg), x, (p["layers"], layer_ids))
+    mask = own_mask(False, positions, segment_ids, None)
+    inputs = BlockInputs(positions, mask, position_bias(p, mask, cfg, bidirectional=True),
+                         dropout_key=dropout_key)
+    x, _, _ = run_layers(p["layers"], cfg, x, NO_CACHE, inputs)
     return _drop(norm(p["final_ln"], x, cfg), cfg, dropout_key, FINAL)
 
 
@@ -168,104 +142,58 @@ def cross_kv(params, cfg, encoded, kv_dtype: str = "auto"):
     return quantize_kv({"k": k, "v": v}) if kv_dtype == "int8" else {"k": k, "v": v}
 
 
-def _read_cross(cross: dict, dtype):
-    """One layer's cross {"k", "v": [B,S,KVH,D]} (+ int8 scales) -> (k, v) in `dtype`."""
-    if "k_scale" in cross:
-        return (dequantize(cross["k"], cross["k_scale"], dtype),
-                dequantize(cross["v"], cross["v_scale"], dtype))
-    return cross["k"].astype(dtype), cross["v"].astype(dtype)
-
-
 def decode(params, cfg, decoder_tokens, cross, *, segment_ids=None,
-           decoder_segment_ids=None, positions=None, cache=None, return_hidden=False,
-           dropout_key=None):
+           decoder_segment_ids=None, positions=None, store=None, dropout_key=None):
     """Decoder tokens [B,T] over cached cross-attention K/V (`cross_kv`'s dict) ->
-    (logits [B,T,V], aux).
+    (the hidden states the head sees [B,T,D], aux): the final norm, times
+    d_model ** -0.5 when the head is tied (T5 v1.0); a base model without a head
+    (`model.head: false`) gets the final norm's output. `unembed` maps them to logits.
 
-    `segment_ids` are the encoder's [B,S] (0 = padding). Without a cache: a
-    full causal pass (`decoder_segment_ids` for the decoder's padding /
-    packing, `positions` restarting per packed example). With a cache
-    ({"k", "v": [L,B,T_max,KVH,D], "lengths": [B]}, + int8 "k_scale", "v_scale"
-    [L,B,T_max,KVH]: `jaxlm.infer.cache.write_kv` / `read_kv`): the tokens go at
-    positions lengths[b] + i and aux["cache"] is the cache advanced by T.
-    `return_hidden`: the hidden states the head sees (final norm, times
-    d_model ** -0.5 when the head is tied; a base model without a head,
-    `model.head: false`: the final norm's output) instead of logits. `dropout_key`
-    (training only, no cache): dropout as in `encode`.
+    `segment_ids` are the encoder's [B,S] (0 = padding). Without a store: a full
+    causal pass (`decoder_segment_ids` for the decoder's padding / packing,
+    `positions` restarting per packed example). With a KV store (`jaxlm.model.kv`)
+    the tokens go at its positions and attend to what it holds; aux["store"] is
+    the store advanced by T. `dropout_key` (training only, no cache): dropout as
+    in `encode`.
     """
-    if not return_hidden:
-        from ...validate import check_head
-        check_head(cfg, "decode")  # a T5Model has no head: no logits (not even tied ones)
     b, t = decoder_tokens.shape
     sk = cross["k"].shape[2]
+    store = NO_CACHE if store is None else store
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
-    if cache is not None:
-        positions = cache["lengths"][:, None] + _arange(t)
-    elif positions is None:
-        positions = _arange(t)
+    if positions is None:
+        positions = _arange(t) if store is NO_CACHE else store.positions(b, t)
     x = _drop(embed(params["embed"], decoder_tokens, cfg), cfg, dropout_key, EMBED)
     p = params["decoder"]
-    q_seg, kv_seg = _cross_segments(decoder_segment_ids if cache is None else None,
-                                    segment_ids, b, t, sk)
-    cross_mask = MaskSpec(q_segment_ids=q_seg, kv_segment_ids=kv_seg)
-    if cache is None:
-        kv_positions = positions
-        self_mask = MaskSpec(causal=True, q_positions=positions, kv_positions=positions,
-                             q_segment_ids=decoder_segment_ids, kv_segment_ids=decoder_segment_ids)
-    else:
-        kv_positions = _arange(cache["k"].shape[2])
-        self_mask = MaskSpec(causal=True, q_positions=positions, kv_positions=kv_positions,
-                             kv_lengths=cache["lengths"] + t)
-    bias = _stack_bias(p, positions, kv_positions, cfg, bidirectional=False)
-    rows = jnp.arange(b)[:, None]
-
-    def block(carry, xs):
-        x, kv = carry
-        layer, cross_layer, i = xs
-        layer = layer_weights(layer, dtype_of(cfg.dtype))  # LoRA merged; int8 stays int8 (dense)
-        key = site_key(dropout_key, i)
-        q, k, v = project_qkv(layer["attn"], norm(layer["ln1"], x, cfg), positions, cfg)
-        if kv is not None:  # write this step's K/V into the cache, attend over all of it
-            kv = write_kv(kv, i, rows, positions, k, v)
-            k, v = read_kv(kv, i, q.dtype)
-        o = _attend(q, k, v, self_mask, bias, cfg, site_key(key, ATTN_PROBS))
-        x = x + _drop(output_projection(layer["attn"], o, cfg), cfg, key, ATTN_OUT)
-        h = norm(layer["ln_cross"], x, cfg)
-        q = constrain(dense(h, layer["cross"]["q"]),
-                      ("batch", "seq", "heads", "head_dim"))
-        o = _attend(q, *_read_cross(cross_layer, q.dtype), cross_mask, None, cfg,
-                    site_key(key, CROSS_PROBS))
-        x = x + _drop(output_projection(layer["cross"], o, cfg), cfg, key, CROSS_OUT)
-        x = x + _drop(mlp(layer["mlp"], norm(layer["ln2"], x, cfg), cfg), cfg, key, MLP_OUT)
-        return (x, kv), None
-
-    carry = (x, None if cache is None else {n: a for n, a in cache.items() if n != "lengths"})
-    layer_ids = jnp.arange(decoder_layers(cfg), dtype=jnp.int32)
-    step = block if cache is not None else remat(block, cfg)
-    (x, kv), _ = jax.lax.scan(step, carry, (p["layers"], cross, layer_ids))
+    fresh = store is NO_CACHE
+    q_seg, kv_seg = _cross_segments(decoder_segment_ids if fresh else None, segment_ids, b, t,
+                                    sk)
+    mask = store.mask(True, positions, decoder_segment_ids if fresh else None, None)
+    inputs = BlockInputs(positions, mask, position_bias(p, mask, cfg, bidirectional=False),
+                         cross_mask=MaskSpec(q_segment_ids=q_seg, kv_segment_ids=kv_seg),
+                         dropout_key=dropout_key)
+    x, store, _ = run_layers(p["layers"], cfg, x, store, inputs, cross)
     hidden = _drop(norm(p["final_ln"], x, cfg), cfg, dropout_key, FINAL)
     if cfg.head and cfg.tie_embeddings:  # T5 v1.0: rescale before the tied head
         hidden = hidden * jnp.asarray(cfg.d_model ** -0.5, hidden.dtype)
-    aux = {} if cache is None else {"cache": constrain_cache(
-        dict(kv, lengths=cache["lengths"] + t))}
-    return (hidden if return_hidden else unembed(params, hidden, cfg)), aux
+    return hidden, ({} if fresh else {"store": store.advance(t)})
 
 
 def encoder_decoder(params, cfg, tokens, decoder_tokens, segment_ids=None,
                     decoder_segment_ids=None, positions=None, decoder_positions=None,
-                    return_hidden=False, dropout_key=None):
-    """tokens [B,S], decoder_tokens [B,T] -> (logits [B,T,V] float32, aux).
+                    dropout_key=None):
+    """tokens [B,S], decoder_tokens [B,T] -> (the hidden states the head sees
+    [B,T,D], aux) (`decode`; `unembed` maps them to logits).
 
     Teacher forcing: decoder_tokens are the targets shifted right behind the
     start id (T5: pad = 0). `segment_ids` / `decoder_segment_ids`: 0 = padding
     (see the module docstring for packing). `positions` / `decoder_positions`
-    (default arange) feed the relative buckets. `return_hidden`: see `decode`.
-    `dropout_key` (training only): model.dropout / attention_dropout in both
-    stacks (encoder and decoder keys folded apart).
+    (default arange) feed the relative buckets. `dropout_key` (training only):
+    model.dropout / attention_dropout in both stacks (encoder and decoder keys
+    folded apart).
     """
     encoded = encode(params, cfg, tokens, segment_ids, positions,
                      dropout_key=site_key(dropout_key, 0))
     return decode(params, cfg, decoder_tokens, cross_kv(params, cfg, encoded),
                   segment_ids=segment_ids,
                   decoder_segment_ids=decoder_segment_ids, positions=decoder_positions,
-                  return_hidden=return_hidden, dropout_key=site_key(dropout_key, 1))
+                  dropout_key=site_key(dropout_key, 1))

@@ -13,14 +13,18 @@ the cache that prefill and the decode loop carry, so XLA cannot re-layout it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ..sharding.rules import active_mesh, partition_spec
+from ...sharding.rules import active_mesh, partition_spec
+from ..kernels import MaskSpec
+from ..layers.attention import attend
 
 # max_len is the `seq` logical axis: under context parallelism (mesh.context > 1)
 # each device holds a contiguous 1/c of every row's cache, so no device holds the
@@ -28,7 +32,6 @@ from ..sharding.rules import active_mesh, partition_spec
 # own block (`write_kv_block`), and one decode query against the seq-sharded cache
 # stays XLA-partitioned (its softmax max / sum and output are all-reduced over
 # `context`). Without a context axis in the rules, max_len stays whole.
-# (No jaxlm.model import at module level: the decoder imports this module.)
 KV_AXES = ("layers", "batch", "seq", "kv_heads", None)
 SCALE_AXES = KV_AXES[:-1]  # k_scale, v_scale [layers, batch, max_len, kv_heads]
 KV_DTYPES = ("auto", "int8")  # auto: the model's compute dtype
@@ -37,14 +40,14 @@ KV_DTYPES = ("auto", "int8")  # auto: the model's compute dtype
 def cache_axes() -> dict:
     """The logical-axes tree of a cache: k, v [layers, batch, max_len, kv_heads, head_dim],
     lengths [batch]."""
-    from ..model.params import LogicalAxes
+    from ..params import LogicalAxes
     return {"k": LogicalAxes(KV_AXES), "v": LogicalAxes(KV_AXES),
             "k_scale": LogicalAxes(SCALE_AXES), "v_scale": LogicalAxes(SCALE_AXES),
             "lengths": LogicalAxes(("batch",))}
 
 
 def check_kv_dtype(kv_dtype: str, what: str = "generate.kv_dtype") -> str:
-    from ..errors import ConfigError
+    from ...errors import ConfigError
     if kv_dtype not in KV_DTYPES:
         raise ConfigError(f"{what}={kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
     return kv_dtype
@@ -54,7 +57,7 @@ def cache_shapes(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "aut
                  layers: int | None = None) -> dict:
     """The abstract cache: a tree of jax.ShapeDtypeStruct (+ the scales with int8).
     `layers`: default cfg.n_layers (an encoder-decoder's decoder passes its own)."""
-    from ..model.config import dtype_of
+    from ..config import dtype_of
     check_kv_dtype(kv_dtype)
     int8 = kv_dtype == "int8"
     dtype = jnp.int8 if int8 else dtype or dtype_of(cfg.dtype)
@@ -103,11 +106,12 @@ def _zeros_fn(shapes: tuple, shardings: tuple):
                    out_shardings=shardings)
 
 
-def init_cache(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "auto") -> dict:
+def init_cache(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "auto",
+               layers: int | None = None) -> dict:
     """The empty cache {"k", "v": [L, B, max_len, KVH, D] zeros, "lengths": [B] zeros}
     (+ "k_scale", "v_scale" [L, B, max_len, KVH] with kv_dtype="int8"); under an
-    active mesh created sharded (see `cache_axes`)."""
-    shapes = cache_shapes(cfg, batch, max_len, dtype, kv_dtype)
+    active mesh created sharded (see `cache_axes`). layers: default cfg.n_layers."""
+    shapes = cache_shapes(cfg, batch, max_len, dtype, kv_dtype, layers)
     active = active_mesh()
     if active is None:
         return {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()}
@@ -262,3 +266,88 @@ def read_kv(cache: dict, i, dtype):
 def cache_bytes(cache: dict) -> int:
     """Global bytes of a cache's leaves."""
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
+def read_cross(cross: dict, dtype):
+    """One layer's cached encoder K/V {"k", "v": [B, S, KVH, D]} (+ int8 scales) of an
+    encoder-decoder's cross-attention -> (k, v) in `dtype`."""
+    if "k_scale" in cross:
+        return (dequantize(cross["k"], cross["k_scale"], dtype),
+                dequantize(cross["v"], cross["v_scale"], dtype))
+    return cross["k"].astype(dtype), cross["v"].astype(dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Contiguous:
+    """The preallocated cache as a KV store (see `jaxlm.model.kv`). kv: {"k", "v":
+    [L, B, T, KVH, D]} (+ int8 "k_scale", "v_scale"), or split per layer head-major
+    (`split_layers`, for a decode loop over unstacked weights); lengths [R]: the
+    tokens already in the call's rows; rows [R]: the call's rows of the cache (None:
+    all of them, in order); live [R] bool: the rows whose writes are kept (None:
+    all). A call's S tokens go at positions lengths + [0, S) and attend to
+    everything before them (`kv_lengths`); `advance` moves lengths on.
+
+    fresh (static): the call's rows are empty (lengths 0: a prompt); its tokens
+    attend to each other (the call's own mask: segment ids keep a row's padding
+    out), over what the cache stores of them (int8: dequantized). Under a context
+    mesh that is ring attention in the prompt's array order (contiguous chunks,
+    so that each device's chunk is its own block of the seq-sharded cache,
+    written in place by `write_kv_block`; the call then covers every row) instead
+    of attending over the whole cache, which would gather the sequence."""
+    kv: dict
+    lengths: jax.Array
+    rows: Optional[jax.Array] = None
+    live: Optional[jax.Array] = None
+    fresh: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @classmethod
+    def of(cls, cache: dict, fresh: bool = False) -> "Contiguous":
+        """The store of an `init_cache` dict (its "lengths" the store's)."""
+        return cls({n: a for n, a in cache.items() if n != "lengths"}, cache["lengths"],
+                   fresh=fresh)
+
+    def cache(self) -> dict:
+        """The `init_cache`-style dict: kv and lengths."""
+        return dict(self.kv, lengths=self.lengths)
+
+    def _ring(self) -> bool:
+        from ...sharding.context import context_size
+        return self.fresh and context_size() > 1
+
+    def positions(self, b: int, s: int):
+        return self.lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
+
+    def mask(self, causal: bool, positions, segment_ids, window) -> MaskSpec:
+        if self.fresh:
+            return MaskSpec(causal=True, q_positions=positions, kv_positions=positions,
+                            q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                            window=window)
+        return MaskSpec(causal=True, q_positions=positions,
+                        kv_positions=jnp.arange(cache_length(self.kv), dtype=jnp.int32)[None],
+                        kv_lengths=self.lengths + positions.shape[1], window=window)
+
+    def attend(self, i, q, k, v, mask, bias, cfg, dropout_key=None):
+        b, s = q.shape[:2]
+        kv = self.kv
+        if self._ring():  # every row, from position 0: one block write per layer
+            kv = write_kv_block(kv, i, k, v)
+            o = attend(q, *(c[:, :s] for c in read_kv(kv, i, q.dtype)), mask, cfg, bias)
+            return dataclasses.replace(self, kv=kv), o
+        at = self.positions(b, s)
+        if self.live is not None:
+            at = jnp.where(self.live[:, None], at, cache_length(kv))  # dropped
+        rows = jnp.arange(b) if self.rows is None else self.rows
+        kv = write_kv(kv, i, rows[:, None], at, k, v)
+        if self.fresh:  # the prompt's own K/V, as the cache holds them
+            if "k_scale" in kv:
+                k, v = (dequantize(*quantize(x), q.dtype) for x in (k, v))
+            return dataclasses.replace(self, kv=kv), attend(q, k, v, mask, cfg, bias)
+        ks, vs = read_kv(kv, i, q.dtype)
+        if self.rows is not None:
+            ks, vs = (jnp.take(x, self.rows, axis=0, mode="clip") for x in (ks, vs))
+        o = attend(q, ks, vs, mask, cfg, bias, kv_heads_major=is_split(kv))
+        return dataclasses.replace(self, kv=kv), o
+
+    def advance(self, s: int):
+        return dataclasses.replace(self, kv=constrain_cache(self.kv), lengths=self.lengths + s)

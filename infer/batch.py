@@ -1,7 +1,22 @@
 """`jaxlm batch-infer`: a JSONL file of prompts in, a JSONL file of completions out.
 
-Input lines: `{"id": ..., "prompt": "..."}` (ids unique; blank lines skipped).
-Output lines: `{"id", "prompt", "completion", "tokens"}` in input order.
+Input lines: `{"id": ..., "prompt": "...", KEY: VALUE, ...}` (ids unique; blank lines
+skipped). A line may set its own decoding settings (`ROW_KEYS`): max_new_tokens,
+temperature, top_k, top_p, min_p, seed, repetition_penalty, presence_penalty,
+frequency_penalty, no_repeat_ngram_size, min_new_tokens, stop_ids, length_penalty,
+early_stopping, `n` (samples: generate.num_return_sequences), `stop` (a string or a
+list of strings: the completion ends before the first one its text holds) and one of
+`json_schema` / `regex` / `choice` (guided decoding); the rest come from the
+generate.* settings. Any other key is a one-line error naming it.
+Output lines, in input order: `{"id", "prompt", "completion", "tokens",
+"finish_reason"}` ("stop": a stop id or string, "length": max_new_tokens); with
+n > 1 (or num_return_sequences beams) "completions", "tokens" and "finish_reasons"
+hold one entry per sequence.
+
+All rows run through the one engine (`jaxlm.infer.engine`): continuous batching
+over a paged pool (`--engine auto` / `continuous`) of --batch-size slots, or over a
+contiguous cache (`static`), in chunks of prompts (8 x batch-size; `static`:
+batch-size) whose lines are written as their chunk completes.
 
 Checkpoints: a jaxlm run dir (its saved generate/mesh settings are the base of
 the overrides) or a Hugging Face dir (tokenizer.json preferred; the stop ids are
@@ -78,8 +93,60 @@ def read_inputs(path: str) -> list[dict]:
             raise InputError(f"{path} line {n}: duplicate id {row['id']!r} "
                              f"(first on line {seen[key]})")
         seen[key] = n
-        rows.append({"id": row["id"], "prompt": row["prompt"], "line": n})
+        extra = {k: v for k, v in row.items() if k not in ("id", "prompt")}
+        for k in extra:
+            if k not in ROW_KEYS:
+                import difflib
+                hint = difflib.get_close_matches(k, list(ROW_KEYS) + ["id", "prompt"], n=1)
+                raise InputError(f"{path} line {n}: unknown key {k!r}"
+                                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                 + f"; a line holds id, prompt and {', '.join(ROW_KEYS)}")
+        rows.append({"id": row["id"], "prompt": row["prompt"], "line": n, "settings": extra})
     return rows
+
+
+# the keys an input line may set besides id and prompt: generate.* settings (n is
+# num_return_sequences), stop strings, and a guide
+ROW_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed",
+            "repetition_penalty", "presence_penalty", "frequency_penalty",
+            "no_repeat_ngram_size", "min_new_tokens", "stop_ids", "length_penalty",
+            "early_stopping", "n", "stop", "json_schema", "regex", "choice")
+GUIDE_KEYS = ("json_schema", "regex", "choice")
+
+
+def row_settings(g, row: dict, path: str):
+    """(GenerateConfig, stop strings, guide spec or None) of an input row: g with the
+    row's own keys, or a one-line InputError naming the line."""
+    import dataclasses
+    from ..errors import ConfigError
+    extra = dict(row["settings"])
+    where = f"{path} line {row['line']}"
+    stop = extra.pop("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise InputError(f"{where}: \"stop\" must be a string or a list of non-empty "
+                         f"strings, got {stop!r}")
+    guides = [k for k in GUIDE_KEYS if k in extra]
+    if len(guides) > 1:
+        raise InputError(f"{where}: give one of {', '.join(GUIDE_KEYS)}, not {guides}")
+    guide = (guides[0], extra.pop(guides[0])) if guides else None
+    if "n" in extra:
+        extra["num_return_sequences"] = extra.pop("n")
+        if g.num_beams > 1:
+            raise InputError(f"{where}: \"n\" samples with generate.num_beams={g.num_beams}: "
+                             "beam search returns num_return_sequences hypotheses instead")
+    for k, v in extra.items():
+        if k == "early_stopping" or k == "stop_ids":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InputError(f"{where}: {k}={v!r} must be a number")
+    try:
+        return dataclasses.replace(g, **extra), tuple(stop), guide
+    except ConfigError as e:
+        raise InputError(f"{where}: {e}") from None
+    except TypeError as e:
+        raise InputError(f"{where}: {e}") from None
 
 
 def _key(id_) -> str:
@@ -157,9 +224,14 @@ def _changed(rows, done: dict, settings: str) -> list[tuple[dict, str]]:
             continue
         if old.get("prompt_hash") != _hash(r["prompt"]):
             out.append((r, "its prompt changed"))
-        elif old.get("settings_hash") != settings:
+        elif old.get("settings_hash") != _row_hash(settings, r):
             out.append((r, "the checkpoint or generate settings changed"))
     return out
+
+
+def _row_hash(settings: str, row: dict) -> str:
+    """The settings hash of a row's output line: the job's, and the row's own keys."""
+    return settings if not row["settings"] else _hash({"job": settings, "row": row["settings"]})
 
 
 def _drop_lines(path: str, keys: set[str]) -> None:
@@ -174,7 +246,7 @@ def _run_settings(checkpoint: str, overrides):
     has none (its generation_config.json gives the stop ids, see `stop_ids`)."""
     from ..api import checkpoint_kind
     from ..model.config import config_from_dict, to_dict
-    from .generate import split_model_overrides
+    from .text import split_model_overrides
     from ..train.loop import read_run_config
     hf_dir = checkpoint_kind(checkpoint) == "hf"
     model_overrides, overrides = split_model_overrides(list(overrides))
@@ -224,64 +296,83 @@ def _shared_plan(*args):
 
 
 ENGINES = ("auto", "continuous", "static")
-CONTINUOUS_CHUNK = 8  # continuous batching: a chunk is 8 x batch_size prompts over batch_size slots
+CONTINUOUS_CHUNK = 8  # a chunk is 8 x batch_size prompts over batch_size slots (static: 1 x)
 
 
-def _use_engine(engine: str, cfg, kwargs: dict) -> bool:
-    """auto: continuous batching where it computes the same outputs, else static."""
-    from ..infer.engine import unsupported
-    why = unsupported(cfg, kwargs)
-    if engine == "continuous" and why:
-        raise InputError(f"--engine continuous: {why}; use --engine static")
-    return engine != "static" and why is None
+def generate_rows(engine, chunk: list, prepared: dict) -> list:
+    """One chunk of input rows through the engine: each row's request queued (its
+    settings, stop strings, guide, and row_seed(id) as its seed's fold), the engine
+    stepped until all of them finished -> their Requests, in the chunk's order."""
+    reqs = []
+    for r in chunk:
+        ids, g, stop, guide, eos = prepared[_key(r["id"])]
+        reqs.append(engine.add(ids, g, guide=guide, row_seed=row_seed(r["id"]), eos_ids=eos,
+                               stop=stop))
+    while not all(q.finished for q in reqs):
+        engine.step()
+    return reqs
 
 
-def generate_rows(params, cfg, ids, seeds, kwargs: dict, *, max_len, shards: int, slots: int,
-                  continuous: bool) -> list[list[int]]:
-    """One chunk of prompts -> one generated id list each (EOS excluded).
+def _line(r: dict, req, settings: str) -> str:
+    outs = req.outputs
+    row = {"id": r["id"], "prompt": r["prompt"]}
+    if len(outs) == 1:
+        o = outs[0]
+        row.update(completion=o.text, tokens=_ids(o), finish_reason=o.finish_reason)
+    else:
+        row.update(completions=[o.text for o in outs], tokens=[_ids(o) for o in outs],
+                   finish_reasons=[o.finish_reason for o in outs])
+    row.update(prompt_hash=_hash(r["prompt"]), settings_hash=_row_hash(settings, r))
+    return json.dumps(row, ensure_ascii=False)
 
-    static: jaxlm.generate on the chunk, padded to the data shards; with
-    num_return_sequences > 1 the best (beams) or first (sampling) of each prompt.
-    continuous: jaxlm.infer.engine.generate_many over `slots` slots (rounded up
-    to the data shards); the same outputs, as both sample row r with its seed."""
-    from ..api import load
-    from ..infer.text import generate
-    from ..model.tokenizer import load_tokenizer
-    n = len(ids)
-    if continuous:
-        from ..infer.engine import engine_kwargs, generate_many
-        out = generate_many(params, cfg, ids, slots=-(-slots // shards) * shards,
-                            row_seeds=seeds, **engine_kwargs(kwargs))
-        return out.sequences()
-    ids = ids + [ids[0]] * (-n % shards)  # pad to the data shards; dropped below
-    seeds = seeds + [seeds[0]] * (len(ids) - n)
-    result = generate(params, cfg, ids, max_len=max_len, row_seeds=seeds, **kwargs)
-    return result.sequences()[::kwargs.get("num_return_sequences", 1)][:n]
+
+def _ids(o) -> list:
+    """An output's ids as the completion's text has them (the final stop id left out)."""
+    return o.tokens[:-1] if o.stopped_by_id else list(o.tokens)
+
+
+def _guide_of(spec, tok, vocab_size: int, cache: dict, where: str):
+    """A row's guide ("json_schema" / "regex" / "choice", value), compiled once per spec."""
+    if spec is None:
+        return None
+    from .guided import Guide
+    kind, value = spec
+    key = json.dumps(spec, sort_keys=True)
+    if key not in cache:
+        try:
+            cache[key] = (Guide.json_schema(value, tok, vocab_size) if kind == "json_schema"
+                          else Guide.regex(value, tok, vocab_size) if kind == "regex"
+                          else Guide.choice(value, tok, vocab_size))
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+    return cache[key]
 
 
 def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_size: int = 32,
                 overrides=(), progress: bool = True, on_change: str = "refuse",
-                step: int | None = None, chat: bool = False, engine: str = "auto") -> dict:
+                step: int | None = None, chat: bool = False, engine: str = "auto",
+                guide=None) -> dict:
     """Generate a completion for every input row not yet in --output (see the module
     docstring). checkpoint: a jaxlm run dir or a Hugging Face dir. Multi-host
     (after `jaxlm.sharding.distributed.initialize`): every process reads the input
-    and runs every batch on the global mesh; process 0 alone reads and writes
-    --output (the others hold no file), so the file is the one-process file."""
+    and runs every chunk on the global mesh; process 0 alone reads and writes
+    --output (the others hold no file), so the file is the one-process file.
+    guide: ("json_schema" | "regex" | "choice", value) for the rows that give none.
+    The summary's "engine" holds the engine's own counters (requests admitted,
+    prefill calls, the prompt pages allocated)."""
     import jax
     from tqdm.auto import tqdm
 
-    from ..api import load
-    from ..infer.text import generate
-    from ..model.tokenizer import load_tokenizer
-    from ..api import model_config_of
-    from ..infer.generate import generate_kwargs
-    from ..infer.text import (decode_ids, encode_prompts, generation_settings,
-                                  given_generate_keys, resolve_generate)
+    from ..api import load, model_config_of
     from ..model.config import to_dict
-    from .generate import apply_model_overrides, chat_template_for, stop_ids
+    from ..model.tokenizer import load_tokenizer
+    from .text import apply_model_overrides, chat_template_for, stop_ids
     from ..sharding.mesh import check_divisible, make_mesh
     from ..sharding.rules import partition_spec, use_mesh
     from ..train.checkpoint import latest_step
+    from .engine import Engine, Features
+    from .text import (decode_ids, encode_prompts, generation_settings, given_generate_keys,
+                       resolve_generate)
 
     if batch_size < 1:
         raise InputError(f"--batch-size={batch_size} must be >= 1")
@@ -309,12 +400,29 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     # generate section: those it sets to other than the defaults)
     g = resolve_generate(g, gen, given_generate_keys(
         overrides, saved=None if hf_dir else to_dict(g)))
-    stops = stop_ids(gen.eos_ids, g, cfg.vocab_size)
+    stops = tuple(stop_ids(gen.eos_ids, g, cfg.vocab_size))
     settings = _hash({"checkpoint": os.path.realpath(checkpoint), "step": step,
                       "generate": to_dict(g), "model": sorted(model_overrides),
                       **({"chat": True} if chat else {}),
-                      **({"stop": stops} if hf_dir else {})})
-    max_len = _check_lengths(rows, encoded, cfg, g.max_new_tokens, input_path)
+                      **({"stop": list(stops)} if hf_dir else {}),
+                      **({"guide": list(guide)} if guide is not None else {})})
+    guides: dict = {}
+    prepared = {}
+    for r in rows:  # every row's settings, checked before anything runs
+        rg, stop, spec = row_settings(g, r, input_path)
+        where = f"{input_path} line {r['line']} (id {r['id']!r})"
+        ids = encoded[_key(r["id"])]
+        if cfg.family == "decoder" and len(ids) + rg.max_new_tokens > cfg.max_seq_len:
+            raise InputError(f"{where}: the prompt has {len(ids)} tokens + "
+                             f"generate.max_new_tokens={rg.max_new_tokens}, more than "
+                             f"model.max_seq_len={cfg.max_seq_len}")
+        row_guide = _guide_of(spec if spec is not None else guide, tok, cfg.vocab_size, guides,
+                              where)
+        if row_guide is not None and not stops:
+            raise InputError(f"{where}: guided decoding needs a stop id (the tokenizer has "
+                             "no EOS; give generate.stop_ids)")
+        eos = tuple(dict.fromkeys(stops + tuple(rg.stop_ids)))
+        prepared[_key(r["id"])] = (ids, rg, stop, row_guide, eos)
     todo_idx, n_changed = _shared_plan(rows, input_path, output_path, settings, on_change)
     todo = [rows[i] for i in todo_idx]
 
@@ -326,76 +434,44 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     _, params = load(checkpoint, cfg=cfg, mesh=mesh, rules=rules, step=step)
     spec = partition_spec(("batch",), rules)[0] or ()
     shards = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec))
-    kwargs = generate_kwargs(g)
-    kwargs["eos_id"] = stops or None
-    if cfg.family == "encoder_decoder" and gen.decoder_start_id is not None:
-        kwargs["decoder_start_id"] = gen.decoder_start_id
     writer = jax.process_index() == 0
+    # one engine for the whole job: its buffers and compiled features cover every row
+    every = [prepared[_key(r["id"])] for r in rows]
+    feats = Features.of([x[1] for x in every], cfg.vocab_size,
+                        guided=any(x[3] is not None for x in every),
+                        beams=g.num_beams if g.num_beams > 1 else 0,
+                        stops=max(4, 1 << (max(len(x[4]) for x in every) - 1).bit_length()))
+    width = max((x[1].num_beams if x[1].num_beams > 1 else x[1].num_return_sequences)
+                for x in every)
+    slots = -(-max(batch_size, width) // (shards * width)) * shards * width
+    decoder_start = gen.decoder_start_id if cfg.family == "encoder_decoder" and \
+        gen.decoder_start_id is not None else 0
 
     new_tokens, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), disable=not (progress and writer),
                desc="batch-infer", unit="prompt", dynamic_ncols=True)
     with (open(output_path, "a", encoding="utf-8") if writer else contextlib.nullcontext()) \
             as out, use_mesh(mesh, rules):
-        continuous = _use_engine(engine, cfg, kwargs)
-        chunk_size = batch_size * (CONTINUOUS_CHUNK if continuous else 1)
+        eng = Engine(params, cfg, settings=g, max_prompt_len=max(len(x[0]) for x in every),
+                     max_new_tokens=max(x[1].max_new_tokens for x in every), slots=slots,
+                     cache="contiguous" if engine == "static" else "paged", features=feats,
+                     detokenize=lambda ids: decode_ids(tok, ids, cfg.vocab_size),
+                     decoder_start_id=decoder_start,
+                     guides=list({id(x[3]): x[3] for x in every if x[3] is not None}.values()))
+        chunk_size = batch_size * (1 if engine == "static" else CONTINUOUS_CHUNK)
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
-            seqs = generate_rows(params, cfg, [encoded[_key(r["id"])] for r in chunk],
-                                 [row_seed(r["id"]) for r in chunk], kwargs,
-                                 max_len=max_len, shards=shards, slots=batch_size,
-                                 continuous=continuous)
-            for r, seq in zip(chunk, seqs):
-                new_tokens += len(seq)
-                if not writer:
-                    continue
-                line = json.dumps({"id": r["id"], "prompt": r["prompt"],
-                                   "completion": decode_ids(tok, seq, cfg.vocab_size),
-                                   "tokens": seq, "prompt_hash": _hash(r["prompt"]),
-                                   "settings_hash": settings}, ensure_ascii=False)
-                out.write(line + "\n")  # whole, then on disk before the next
-                out.flush()
-                os.fsync(out.fileno())
+            for r, req in zip(chunk, generate_rows(eng, chunk, prepared)):
+                new_tokens += sum(len(o.tokens) for o in req.outputs)
+                if writer:
+                    out.write(_line(r, req, settings) + "\n")  # whole, then on disk
+                    out.flush()
+                    os.fsync(out.fileno())
             bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - t0
-    summary = {"prompts": len(todo), "skipped": len(rows) - len(todo),
-               "regenerated": n_changed, "new_tokens": new_tokens,
-               "seconds": round(seconds, 3),
-               "tokens_per_s": round(new_tokens / seconds, 1) if seconds > 0 else 0.0}
-    return summary
-
-
-def _check_lengths(rows, encoded, cfg, max_new_tokens: int, input_path: str):
-    """The job's one cache length (decoders: from the longest prompt of the whole
-    input, so that it does not depend on the batching), or an InputError naming
-    the input line and id of a prompt that does not fit."""
-    if cfg.family != "decoder":
-        return None
-    from ..infer.generate import _cache_len
-    for r in rows:
-        n = len(encoded[_key(r["id"])])
-        if n + max_new_tokens > cfg.max_seq_len:
-            raise InputError(f"{input_path} line {r['line']} (id {r['id']!r}): the prompt has "
-                             f"{n} tokens + generate.max_new_tokens={max_new_tokens}, more than "
-                             f"model.max_seq_len={cfg.max_seq_len}")
-    longest = max(len(v) for v in encoded.values())
-    return _cache_len(cfg, longest, max_new_tokens, None)
-
-
-def run_batch_infer(args):
-    from ..sharding.distributed import initialize
-    initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-               getattr(args, "process_id", None),
-               timeout_s=getattr(args, "coordinator_timeout", 300.0))  # before any device use
-    s = batch_infer(args.checkpoint, args.input, args.output, batch_size=args.batch_size,
-                    overrides=args.overrides, on_change=args.on_change, step=args.step,
-                    chat=getattr(args, "chat", False), engine=getattr(args, "engine", "auto"))
-    import jax
-    if jax.process_index() != 0:  # process 0 writes the output and reports
-        return s
-    print(f"batch-infer: {s['prompts']} prompts ({s['skipped']} already done, "
-          f"{s['regenerated']} regenerated after a change), "
-          f"{s['new_tokens']} new tokens in {s['seconds']:.1f}s: {s['tokens_per_s']:.1f} tokens/s; "
-          f"wrote {args.output}")
-    return s
+    return {"prompts": len(todo), "skipped": len(rows) - len(todo),
+            "regenerated": n_changed, "new_tokens": new_tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(new_tokens / seconds, 1) if seconds > 0 else 0.0,
+            "engine": dict(eng.stats, cache=eng.kind, slots=eng.n_slots)}
