@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 
 from .errors import CheckpointError, ConfigError
 from .model import hf, quantize
-from .model.config import Config, DataConfig, MeshConfig, ModelConfig
+from .config import Config, DataConfig, MeshConfig
+from .model.config import ModelConfig
 from .model.params import Spec, abstract
 from .train import checkpoint
 from .train.loop import CONFIG_FILE, _write_config, read_run_config
@@ -156,7 +157,7 @@ def load(path, cfg: ModelConfig | None = None, mesh=None, rules=None,
     mesh: a `jax.sharding.Mesh` (axes data/fsdp/expert/tensor, e.g. from
       `jaxlm.sharding.mesh.make_mesh`): every leaf is loaded directly into the
       NamedSharding its logical axes ask for under `rules` (default: the mesh
-      config's rules, `model/config.py` DEFAULT_RULES). None: unsharded.
+      config's rules, `jaxlm.config.DEFAULT_RULES`). None: unsharded.
     step: which checkpoint of a run dir (default: the latest).
     """
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):

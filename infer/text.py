@@ -127,7 +127,7 @@ def given_generate_keys(overrides=(), *sections, saved=None) -> frozenset:
     saved generate section, which holds every key) those that differ from
     GenerateConfig's defaults: a run made from a Hugging Face dir (`jaxlm quantize`)
     keeps its generation_config.json's decoding defaults."""
-    from ..model.config import GenerateConfig, parse_override, to_dict
+    from ..config import GenerateConfig, parse_override, to_dict
     defaults = to_dict(GenerateConfig())
     keys = {k for k, v in (saved or {}).items() if k not in defaults or v != defaults[k]}
     for text in overrides:

@@ -173,7 +173,7 @@ def _run_settings(checkpoint: str, overrides):
     HF dir). A jaxlm run dir's saved generate/mesh settings are the base; an HF dir
     has none (its generation_config.json gives the stop ids, see `stop_ids`)."""
     from ..api import checkpoint_kind
-    from ..model.config import config_from_dict, to_dict
+    from ..config import config_from_dict, to_dict
     from .generate import split_model_overrides
     from ..train.loop import read_run_config
     hf_dir = checkpoint_kind(checkpoint) == "hf"
@@ -277,7 +277,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     from ..infer.generate import generate_kwargs
     from ..infer.text import (decode_ids, encode_prompts, generation_settings,
                                   given_generate_keys, resolve_generate)
-    from ..model.config import to_dict
+    from ..config import to_dict
     from .generate import apply_model_overrides, chat_template_for, stop_ids
     from ..sharding.mesh import check_divisible, make_mesh
     from ..sharding.rules import partition_spec, use_mesh

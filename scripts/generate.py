@@ -45,7 +45,8 @@ def apply_model_overrides(cfg, overrides):
     if not overrides:
         return cfg
     from ..errors import ConfigError
-    from ..model.config import ModelConfig, _build, _deep_set, parse_override, to_dict
+    from ..config import _build, _deep_set, parse_override, to_dict
+    from ..model.config import ModelConfig
     from ..validate import _expected_shapes
 
     def replaced(texts):
@@ -72,7 +73,7 @@ def run_generate(args):
     from ..infer.text import generate
     from ..model.tokenizer import load_tokenizer
     from ..infer.generate import generate_kwargs
-    from ..model.config import config_from_dict, load_config, read_yaml, to_dict
+    from ..config import config_from_dict, load_config, read_yaml, to_dict
     from ..train.loop import read_run_config
 
     from ..api import checkpoint_kind

@@ -230,7 +230,7 @@ def _int8_param_bytes(m, leaf_bytes, is_axes) -> int:
 
 
 def run_plan(args) -> int:
-    from ..model.config import load_config
+    from ..config import load_config
     cfg = load_config(args.config, args.overrides)
     p = plan(cfg, args.devices, args.cache_len, args.batch)
     mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())

@@ -30,11 +30,11 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     """Quantize `src` into the new run dir `out`; returns the one-line summary."""
     from ..api import load, save
     from ..api import _chmod_umask, checkpoint_kind, model_config_of
-    from ..model.config import Config, DataConfig
+    from ..config import Config, DataConfig
     from ..model.quantize import param_bytes
     from .convert import TOKENIZER_FILES
     from .plan import fmt_bytes
-    from ..model.config import to_dict
+    from ..config import to_dict
     from ..train.loop import CONFIG_FILE, read_run_config
 
     if weight_dtype != "int8":

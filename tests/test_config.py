@@ -3,8 +3,8 @@
 import pytest
 
 from jaxlm.errors import ConfigError
-from jaxlm.model.config import (Config, ModelConfig, config_from_dict, load_config, parse_override,
-                                to_dict)
+from jaxlm.config import Config, config_from_dict, load_config, parse_override, to_dict
+from jaxlm.model.config import ModelConfig
 
 
 PARAMS_B = {"llama3-8b": 8.03, "mistral-7b": 7.24, "qwen2-0.5b": 0.494, "mixtral-8x7b": 46.70,

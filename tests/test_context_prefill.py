@@ -14,7 +14,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.infer import generate as gen
 from jaxlm.infer.cache import init_cache
 from jaxlm.model import ModelConfig, init_params
-from jaxlm.model.config import MeshConfig
+from jaxlm.config import MeshConfig
 from jaxlm.sharding.mesh import make_mesh
 from jaxlm.sharding.rules import use_mesh
 

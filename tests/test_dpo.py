@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxlm.model.config import Config, DataConfig, MeshConfig, TrainConfig  # noqa: E402
+from jaxlm.config import Config, DataConfig, MeshConfig, TrainConfig  # noqa: E402
 from jaxlm.model.hf import load_hf  # noqa: E402
 from jaxlm.sharding.mesh import make_mesh  # noqa: E402
 from jaxlm.sharding.rules import named_sharding, use_mesh  # noqa: E402

@@ -14,7 +14,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 import jaxlm  # noqa: E402
 from jaxlm.errors import CheckpointError, ConfigError, InputError  # noqa: E402
-from jaxlm.model.config import load_config  # noqa: E402
+from jaxlm.config import load_config  # noqa: E402
 from jaxlm.scripts.cli import main  # noqa: E402
 from jaxlm.train.loop import train  # noqa: E402
 

@@ -17,7 +17,8 @@ from jaxlm.errors import ConfigError  # noqa: E402
 from jaxlm.model import forward, model_specs  # noqa: E402
 from jaxlm.model.adapters import (LoraWeight, QuantizedWeight, dequantize,  # noqa: E402
                                   materialize, quantize)
-from jaxlm.model.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig  # noqa: E402
+from jaxlm.config import Config, DataConfig, MeshConfig, TrainConfig  # noqa: E402
+from jaxlm.model.config import ModelConfig  # noqa: E402
 from jaxlm.model.hf import load_hf  # noqa: E402
 from jaxlm.model.params import LogicalAxes, logical_axes  # noqa: E402
 from jaxlm.model.peft import save_lora_run  # noqa: E402

@@ -127,7 +127,7 @@ def test_moe_decoder_decodes_with_the_cache():
 
 def test_moe_train_step_logs_router_stats():
     from jaxlm.model import model_specs
-    from jaxlm.model.config import Config, DataConfig, MeshConfig, TrainConfig
+    from jaxlm.config import Config, DataConfig, MeshConfig, TrainConfig
     from jaxlm.sharding.mesh import make_mesh
     from jaxlm.sharding.rules import named_sharding, use_mesh
     from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer

@@ -14,7 +14,8 @@ from test_sharding import assert_rule_shardings
 import jaxlm
 from jaxlm.errors import ConfigError
 from jaxlm.model import forward, model_specs
-from jaxlm.model.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig, load_config
+from jaxlm.config import Config, DataConfig, MeshConfig, TrainConfig, load_config
+from jaxlm.model.config import ModelConfig
 from jaxlm.sharding.mesh import make_mesh
 from jaxlm.sharding.pipeline import Pipeline, bubble_fraction, pipeline_of, schedule
 from jaxlm.sharding.rules import named_sharding, use_mesh

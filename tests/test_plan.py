@@ -6,7 +6,7 @@ import pytest
 
 from jaxlm.errors import ConfigError
 from jaxlm.model import model_specs
-from jaxlm.model.config import load_config
+from jaxlm.config import load_config
 from jaxlm.scripts.cli import main
 from jaxlm.scripts.plan import parse_bytes, plan
 from jaxlm.sharding.mesh import make_mesh

@@ -15,7 +15,8 @@ import jaxlm
 from jaxlm.errors import ConfigError
 from jaxlm.model import forward, init_params
 from jaxlm.model.adapters import QuantizedWeight
-from jaxlm.model.config import ModelConfig, load_config
+from jaxlm.config import load_config
+from jaxlm.model.config import ModelConfig
 from jaxlm.model.quantize import quantize_params
 from jaxlm.model.tokenizer import train_sentencepiece
 from jaxlm.scripts import cli
@@ -200,7 +201,7 @@ def test_bad_input_is_one_line(trained, quantized, tmp_path, capsys):
 
 
 def test_int8_loads_sharded(trained, quantized):
-    from jaxlm.model.config import MeshConfig
+    from jaxlm.config import MeshConfig
     from jaxlm.sharding.mesh import make_mesh
     mesh = make_mesh(MeshConfig(fsdp=4, devices=4))  # (n_kv_heads=1 cannot go over tensor)
     _, ref = jaxlm.load(quantized)

@@ -16,7 +16,7 @@ from jaxlm.infer.cache import init_cache
 from jaxlm.infer.generate import decode_step
 from jaxlm.model import init_params
 from jaxlm.model.adapters import QuantizedWeight, concatenate, quantize
-from jaxlm.model.config import load_config
+from jaxlm.config import load_config
 from jaxlm.model.families.decoder import unstack_layers
 from jaxlm.model.layers.dense import dense, expert_einsum, grouped
 from jaxlm.model.quantize import quantize_params
@@ -125,7 +125,8 @@ def test_int8_experts_all_to_all_equal_the_dequantized_grouped_path():
     """Expert parallelism (shard_map + all_to_all over `expert`) carries int8 experts with
     their scales: equal to the single-device grouped path on the dequantized weights."""
     from jaxlm.model.adapters import materialize
-    from jaxlm.model.config import MeshConfig, ModelConfig
+    from jaxlm.config import MeshConfig
+    from jaxlm.model.config import ModelConfig
     from jaxlm.model.layers.moe import expert_parallel_plan, moe, moe_specs
     from jaxlm.model.params import initialize
     from jaxlm.sharding.mesh import make_mesh

@@ -10,7 +10,8 @@ import pytest
 
 from jaxlm.errors import ConfigError
 from jaxlm.model import forward, model_specs
-from jaxlm.model.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from jaxlm.config import Config, DataConfig, MeshConfig, TrainConfig
+from jaxlm.model.config import ModelConfig
 from jaxlm.model.params import LogicalAxes, logical_axes
 from jaxlm.sharding.mesh import check_divisible, make_mesh, mesh_shape, model_dims
 from jaxlm.sharding.rules import named_sharding, partition_spec, use_mesh

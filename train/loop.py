@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError, JaxlmError
 from ..model import model_specs
-from ..model.config import Config, config_from_dict, model_flops_per_token, to_dict
+from ..config import Config, config_from_dict, to_dict
+from ..model.config import model_flops_per_token
 from ..model.tokenizer import load_tokenizer, train_sentencepiece
 from ..sharding.distributed import local_batch_size, local_rows, put_batch
 from ..sharding.mesh import check_divisible, make_mesh, model_dims

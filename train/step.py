@@ -21,7 +21,8 @@ import optax
 
 from ..model import forward, head_weights
 from ..model.adapters import materialize_outside_layers
-from ..model.config import TrainConfig, dtype_of
+from ..config import TrainConfig
+from ..model.config import dtype_of
 from ..model.families.encoder import mlm_head_inputs
 from ..sharding.context import context_reorder, context_size
 from ..sharding.rules import constrain
