@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from .errors import ConfigError
-from .model.config import ModelConfig, _choice, _positive
+from .model.config import ModelConfig, _choice, _positive, _section_type
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -74,6 +75,53 @@ def _data_sources(value) -> tuple:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA (jaxlm.train.lora): rank 0 = off. Adapters on the weights whose path
+    ("layers/attn/q", "decoder/layers/cross/o", ...) re.fullmatch-es `targets`;
+    scale alpha / rank (alpha 0: 2 * rank). base_dtype int8: the frozen base's
+    layer matmul weights held as int8 (QLoRA)."""
+    _prefix = "train.lora."
+
+    rank: int = 0
+    alpha: float = 0.0
+    targets: str = "layers/attn/(q|k|v|o)"
+    base_dtype: str = "same"  # same | int8
+
+    def __post_init__(self):
+        _choice(self, "base_dtype", ("same", "int8"))
+        if self.rank < 0:
+            raise ConfigError(f"train.lora.rank={self.rank} must be >= 0 (0: LoRA off)")
+        if self.alpha < 0:
+            raise ConfigError(f"train.lora.alpha={self.alpha} must be >= 0 (0: 2 * rank)")
+        if self.base_dtype == "int8" and not self.rank:
+            raise ConfigError("train.lora.base_dtype=int8 (QLoRA) needs train.lora.rank > 0")
+        if self.rank:
+            try:
+                re.compile(self.targets)
+            except re.error as e:
+                raise ConfigError(f"train.lora.targets={self.targets!r} is not a valid "
+                                  f"regular expression ({e})") from None
+
+
+@dataclass(frozen=True)
+class DpoConfig:
+    """DPO (jaxlm.train.dpo, train.objective=dpo): Rafailov et al.'s loss."""
+    _prefix = "train.dpo."
+
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        _choice(self, "loss", ("sigmoid", "ipo"))
+        if not self.beta > 0:
+            raise ConfigError(f"train.dpo.beta={self.beta} must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"train.dpo.label_smoothing={self.label_smoothing} must be in "
+                              "[0, 0.5)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     _prefix = "train."
 
@@ -112,23 +160,15 @@ class TrainConfig:
     max_skipped_steps: int = 10
     # Gradient accumulation: the batch runs as this many microbatches inside one step.
     grad_accum_steps: int = 1
-    # LoRA (jaxlm.train.lora): rank 0 = off. Adapters on the weights whose path
-    # ("layers/attn/q", "decoder/layers/cross/o", ...) re.fullmatch-es lora_targets;
-    # scale lora_alpha / lora_rank (lora_alpha 0: 2 * lora_rank). lora_base_dtype
-    # int8: the frozen base's layer matmul weights held as int8 (QLoRA).
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_targets: str = "layers/attn/(q|k|v|o)"
-    lora_base_dtype: str = "same"  # same | int8
-    # DPO (jaxlm.train.dpo, train.objective=dpo): Rafailov et al.'s loss.
-    dpo_beta: float = 0.1
-    dpo_loss: str = "sigmoid"  # sigmoid | ipo
-    dpo_label_smoothing: float = 0.0
+    lora: LoraConfig = field(default_factory=LoraConfig)  # lora.rank 0: off
+    dpo: DpoConfig = field(default_factory=DpoConfig)  # train.objective=dpo
     # Pipeline parallelism (mesh.stage > 1): microbatches per step flowing through
     # the stages (GPipe); 0: one per stage. Bubble (S-1)/(R*M+S-1).
     pipeline_microbatches: int = 0
 
     def __post_init__(self):
+        _section_type(self, "lora", LoraConfig)
+        _section_type(self, "dpo", DpoConfig)
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints", "log_every", "max_skipped_steps")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
@@ -138,27 +178,8 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo"))
         _choice(self, "sft_loss_on", ("completion", "all"))
-        _choice(self, "lora_base_dtype", ("same", "int8"))
-        _choice(self, "dpo_loss", ("sigmoid", "ipo"))
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
-        if self.lora_rank < 0:
-            raise ConfigError(f"train.lora_rank={self.lora_rank} must be >= 0 (0: LoRA off)")
-        if self.lora_alpha < 0:
-            raise ConfigError(f"train.lora_alpha={self.lora_alpha} must be >= 0 (0: 2 * rank)")
-        if self.lora_base_dtype == "int8" and not self.lora_rank:
-            raise ConfigError("train.lora_base_dtype=int8 (QLoRA) needs train.lora_rank > 0")
-        if self.lora_rank:
-            try:
-                re.compile(self.lora_targets)
-            except re.error as e:
-                raise ConfigError(f"train.lora_targets={self.lora_targets!r} is not a valid "
-                                  f"regular expression ({e})") from None
-        if not self.dpo_beta > 0:
-            raise ConfigError(f"train.dpo_beta={self.dpo_beta} must be > 0")
-        if not 0.0 <= self.dpo_label_smoothing < 0.5:
-            raise ConfigError(f"train.dpo_label_smoothing={self.dpo_label_smoothing} must be in "
-                              "[0, 0.5)")
         if not (0 < self.mlm_probability < 1 and 0 < self.span_noise_density < 1
                 and self.span_mean_length >= 1):
             raise ConfigError("train: 0 < mlm_probability < 1, 0 < span_noise_density < 1 and "
@@ -349,7 +370,7 @@ class Config:
         if self.train.objective == "dpo" and self.model.family != "decoder":
             raise ConfigError(f"train.objective=dpo needs model.family=decoder, not "
                               f"{self.model.family!r}")
-        if self.train.lora_rank:  # a regex that adapts nothing stops here, naming itself
+        if self.train.lora.rank:  # a regex that adapts nothing stops here, naming itself
             from .train.lora import lora_targets
             lora_targets(self.model, self.train)
         context = self.mesh.context
@@ -487,7 +508,9 @@ def resolve_preset(name_or_path: str) -> str:
                       + ", ".join(known) + ")" + (f"; did you mean {hint[0]!r}?" if hint else ""))
 
 
-def _with_overrides(data: dict, overrides) -> dict:
+def apply_overrides(data: dict, overrides) -> dict:
+    """A copy of the config mapping `data` with `a.b=value` overrides (or (key, value)
+    pairs) set in it."""
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections (model:, data:, ...), "
                           f"got a {type(data).__name__}")
@@ -499,7 +522,7 @@ def _with_overrides(data: dict, overrides) -> dict:
 
 
 def config_from_dict(data: dict, overrides=()) -> Config:
-    return _build(Config, _with_overrides(data, overrides))
+    return _build(Config, apply_overrides(data, overrides))
 
 
 def resolve_init_from(data: dict) -> dict:
@@ -527,21 +550,52 @@ def resolve_init_from(data: dict) -> dict:
     explicit = data.get("model") or {}
     if not isinstance(explicit, dict):
         raise ConfigError(f"model should be a mapping, got {explicit!r}")
-    hints = typing.get_type_hints(ModelConfig)
-    for key, value in explicit.items():
-        if key not in hints:
-            raise _unknown_key(f"model.{key}", value)
-        value = _coerce(value, hints[key], f"model.{key}")
-        if value == getattr(base, key):
+    for key, value in _leaves(ModelConfig, explicit, "model."):
+        current = _get_path(base, key)
+        if value == current:
             continue
-        candidate = dataclasses.replace(base, **{key: value})
+        candidate = _replace_path(base, key, value)
         if shapes(candidate) != reference:
             raise ConfigError(
                 f"model.{key}={value!r} would change a parameter shape of the train.init_from "
-                f"checkpoint {path} (it has {key}={getattr(base, key)!r}); the model comes from "
+                f"checkpoint {path} (it has {key}={current!r}); the model comes from "
                 "the checkpoint: leave the key out")
         base = candidate
     return {**data, "model": to_dict(base)}
+
+
+def _leaves(cls, data: dict, prefix: str):
+    """(dotted key below prefix, value coerced to its field's type) for every leaf of
+    `data`, a mapping of cls's fields (nested sections: nested mappings)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        path = prefix + str(key)
+        if key not in hints:
+            raise _unknown_key(path, value)
+        t = hints[key]
+        if dataclasses.is_dataclass(t):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} should be a mapping, got {value!r}")
+            for sub, v in _leaves(t, value, path + "."):
+                yield f"{key}.{sub}", v
+        else:
+            yield str(key), _coerce(value, t, path)
+
+
+def _get_path(cfg, dotted: str):
+    for name in dotted.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _replace_path(cfg, dotted: str, value):
+    """cfg with the field at `dotted` (e.g. "rope.yarn.beta_fast") set to value."""
+    head, _, rest = dotted.partition(".")
+    if rest:
+        value = _replace_path(getattr(cfg, head), rest, value)
+    return dataclasses.replace(cfg, **{head: value})
 
 
 def _override_list(overrides) -> list:
@@ -582,13 +636,24 @@ def load_config(path: str | None = None, overrides=()) -> Config:
     """Load a preset (path or name) and apply `a.b=value` overrides."""
     overrides = _override_list(overrides)
     data = read_yaml(path) if path is not None and path != "" else {}
-    return _build(Config, resolve_init_from(_with_overrides(data, overrides)))
+    return _build(Config, resolve_init_from(apply_overrides(data, overrides)))
 
 
 def _plain(x):
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
     return x
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict (`to_dict`'s) as {dotted key: leaf value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def to_dict(cfg) -> dict:
@@ -611,6 +676,7 @@ def model_config_from_dict(data: dict) -> ModelConfig:
     return _build(ModelConfig, data, "model.")
 
 
-__all__ = ["Config", "DataConfig", "TrainConfig", "MeshConfig", "GenerateConfig",
-           "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
-           "model_config_from_dict", "to_dict", "parse_override", "read_yaml"]
+__all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "MeshConfig",
+           "GenerateConfig", "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
+           "model_config_from_dict", "apply_overrides", "to_dict", "flatten", "parse_override",
+           "read_yaml"]

@@ -42,8 +42,8 @@ prompt i samples its t-th token with fold_in(fold_in(key(seed), row_seeds[i]), t
 row_seeds defaulting to the prompt's index (as generate numbers its rows),
 with the same sampler; the attention is the same function over the same keys.
 Mixture-of-experts models route as generate does, so this holds for dropless
-routing (`moe_capacity_factor` 0, as Mixtral's); with a capacity factor which
-tokens an expert drops depends on the tokens batched with them (a pack here, a
+routing (`model.moe.capacity_factor` 0, as Mixtral's); with a capacity factor
+which tokens an expert drops depends on the tokens batched with them (a pack here, a
 batch there), in generate too.
 Logit processors, beams, guides and return_logits are the static path's
 (`jaxlm.generate`).

@@ -9,13 +9,81 @@ loader are `jaxlm.config`.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    """YaRN's ramp and attention factor (`model.rope.scaling=yarn`; HF rope_parameters'
+    beta_fast, beta_slow, mscale, mscale_all_dim, truncate)."""
+    _prefix = "model.rope.yarn."  # key path in error messages (not a field)
+
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0  # 0: unset (with mscale_all_dim: their ratio is the factor)
+    mscale_all_dim: float = 0.0
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary positions (`model.positions=rope`) and their long-context scaling
+    (layers/positions.py)."""
+    _prefix = "model.rope."
+
+    theta: float = 10000.0
+    scaling: str = "none"  # none | llama3 | linear | dynamic | yarn
+    factor: float = 8.0  # the scaling factor
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_len: int = 8192  # llama3, yarn: pretraining length; dynamic: NTK from here
+    attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 * ln(factor) + 1
+    yarn: YarnConfig = field(default_factory=YarnConfig)
+
+    def __post_init__(self):
+        _section_type(self, "yarn", YarnConfig)
+        _positive(self, "theta")
+        _choice(self, "scaling", ("none", "llama3", "linear", "dynamic", "yarn"))
+        if self.scaling == "none":
+            return
+        if not self.factor >= 1:
+            raise ConfigError(f"model.rope.factor={self.factor} must be >= 1 "
+                              f"for model.rope.scaling={self.scaling!r}")
+        if self.original_max_len <= 0:
+            raise ConfigError(f"model.rope.original_max_len={self.original_max_len} must be > 0")
+        if self.scaling == "yarn":
+            y = self.yarn
+            if not y.beta_fast >= y.beta_slow > 0:
+                raise ConfigError(f"model.rope.yarn.beta_fast={y.beta_fast} must be >= "
+                                  f"model.rope.yarn.beta_slow={y.beta_slow} > 0")
+            if min(self.attention_factor, y.mscale, y.mscale_all_dim) < 0:
+                raise ConfigError("model.rope.attention_factor, model.rope.yarn.mscale and "
+                                  "model.rope.yarn.mscale_all_dim must be >= 0 (0: unset)")
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Mixture of experts in every layer's MLP (layers/moe.py); n_experts 0: a dense MLP."""
+    _prefix = "model.moe."
+
+    n_experts: int = 0  # 0: dense MLP; E: mixture of experts in every layer
+    experts_per_token: int = 2
+    capacity_factor: float = 0.0  # 0: dropless; c: each expert takes c * T * k / E tokens
+    aux_loss_coef: float = 0.02  # the router's load-balancing loss
+    z_loss_coef: float = 0.001  # the router's z-loss
+
+    def __post_init__(self):
+        if self.n_experts < 0 or self.capacity_factor < 0:
+            raise ConfigError("model.moe.n_experts and model.moe.capacity_factor must be >= 0")
+        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            raise ConfigError(f"model.moe.experts_per_token={self.experts_per_token} must be in "
+                              f"[1, model.moe.n_experts={self.n_experts}]")
 
 
 @dataclass(frozen=True)
@@ -43,27 +111,12 @@ class ModelConfig:
     n_decoder_layers: int = 0  # encoder_decoder: decoder depth (0: n_layers)
     attn_scale: float = 0.0  # 0: head_dim ** -0.5; T5: 1.0
     attn_logit_softcap: float = 0.0  # 0: off; c: scores -> c * tanh(scores / c) (Gemma 2)
-    rope_theta: float = 10000.0
-    rope_scaling: str = "none"  # none | llama3 | linear | dynamic | yarn (layers/positions.py)
-    rope_scaling_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0  # llama3
-    rope_high_freq_factor: float = 4.0  # llama3
-    rope_original_max_len: int = 8192  # llama3, yarn: pretraining length; dynamic: NTK from here
-    rope_yarn_beta_fast: float = 32.0
-    rope_yarn_beta_slow: float = 1.0
-    rope_yarn_mscale: float = 0.0  # 0: unset (with mscale_all_dim: their ratio is the factor)
-    rope_yarn_mscale_all_dim: float = 0.0
-    rope_yarn_truncate: bool = True
-    rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 * ln(factor) + 1
+    rope: RopeConfig = field(default_factory=RopeConfig)  # rope.theta, rope.scaling, ...
     qkv_bias: bool = False
     out_bias: bool = False  # attention output projection
     mlp_bias: bool = False
     sliding_window: int = 0  # 0: full attention; W: a token sees the last W positions
-    n_experts: int = 0  # 0: dense MLP; E: mixture of experts in every layer
-    experts_per_token: int = 2
-    moe_capacity_factor: float = 0.0  # 0: dropless; c: each expert takes c * T * k / E tokens
-    router_aux_loss_coef: float = 0.02  # load balancing
-    router_z_loss_coef: float = 0.001
+    moe: MoeConfig = field(default_factory=MoeConfig)  # moe.n_experts 0: dense MLPs
     tie_embeddings: bool = False
     head: bool = True  # false: no output head (a base model, e.g. HF LlamaModel): hidden states only
     dtype: str = "float32"  # activations and matmuls
@@ -83,6 +136,8 @@ class ModelConfig:
     attention_dropout: float = 0.0
 
     def __post_init__(self):
+        _section_type(self, "rope", RopeConfig)
+        _section_type(self, "moe", MoeConfig)
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
         _choice(self, "family", ("decoder", "encoder", "encoder_decoder"))
         _choice(self, "norm_position", ("pre", "post"))
@@ -90,8 +145,6 @@ class ModelConfig:
         _choice(self, "mlp", ("swiglu", "geglu", "gelu", "relu"))
         _choice(self, "positions", ("rope", "learned", "sinusoidal", "alibi", "t5_relative",
                                     "none"))
-        _choice(self, "rope_scaling", ("none", "llama3", "linear", "dynamic", "yarn"))
-        _check_rope_scaling(self)
         _choice(self, "remat", REMAT_POLICIES)
         _choice(self, "attention_impl", ATTENTION_IMPLS)
         _choice(self, "dtype", DTYPES)
@@ -115,20 +168,15 @@ class ModelConfig:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even for rope positions")
         if self.positions == "sinusoidal" and self.d_model % 2:
             raise ConfigError(f"model.d_model={self.d_model} must be even for sinusoidal positions")
-        if not (self.norm_eps > 0 and self.init_std > 0 and self.rope_theta > 0):
-            raise ConfigError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
+        if not (self.norm_eps > 0 and self.init_std > 0):
+            raise ConfigError("model.norm_eps and model.init_std must be > 0")
         if self.attn_logit_softcap < 0:
             raise ConfigError(f"model.attn_logit_softcap={self.attn_logit_softcap} must be >= 0")
         if self.sliding_window < 0:
             raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: off)")
-        if self.n_experts < 0 or self.moe_capacity_factor < 0:
-            raise ConfigError("model.n_experts and model.moe_capacity_factor must be >= 0")
-        if self.n_experts and self.mlp != "swiglu":
-            raise ConfigError(f"model.n_experts={self.n_experts} needs model.mlp='swiglu' "
+        if self.moe.n_experts and self.mlp != "swiglu":
+            raise ConfigError(f"model.moe.n_experts={self.moe.n_experts} needs model.mlp='swiglu' "
                               f"(the experts are SwiGLU), not {self.mlp!r}")
-        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
-            raise ConfigError(f"model.experts_per_token={self.experts_per_token} must be in "
-                              f"[1, model.n_experts={self.n_experts}]")
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
@@ -139,23 +187,6 @@ class ModelConfig:
     @property
     def q_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
-
-
-def _check_rope_scaling(cfg: "ModelConfig") -> None:
-    if cfg.rope_scaling == "none":
-        return
-    if not cfg.rope_scaling_factor >= 1:
-        raise ConfigError(f"model.rope_scaling_factor={cfg.rope_scaling_factor} must be >= 1 "
-                          f"for rope_scaling={cfg.rope_scaling!r}")
-    if cfg.rope_original_max_len <= 0:
-        raise ConfigError(f"model.rope_original_max_len={cfg.rope_original_max_len} must be > 0")
-    if cfg.rope_scaling == "yarn":
-        if not cfg.rope_yarn_beta_fast >= cfg.rope_yarn_beta_slow > 0:
-            raise ConfigError(f"model.rope_yarn_beta_fast={cfg.rope_yarn_beta_fast} must be >= "
-                              f"model.rope_yarn_beta_slow={cfg.rope_yarn_beta_slow} > 0")
-        if min(cfg.rope_attention_factor, cfg.rope_yarn_mscale, cfg.rope_yarn_mscale_all_dim) < 0:
-            raise ConfigError("model.rope_attention_factor, rope_yarn_mscale and "
-                              "rope_yarn_mscale_all_dim must be >= 0 (0: unset)")
 
 
 # ---------------------------------------------------------------- validation
@@ -182,6 +213,15 @@ def _section(obj) -> str:
     return getattr(type(obj), "_prefix", "")
 
 
+def _section_type(obj, name, cls):
+    """A nested section must be its frozen dataclass (hashable: ModelConfig is a static
+    jit argument), not a dict: build one from a dict with `jaxlm.config`."""
+    v = getattr(obj, name)
+    if not isinstance(v, cls):
+        raise ConfigError(f"{_section(obj)}{name} should be a {cls.__name__}, got "
+                          f"{type(v).__name__} {v!r:.60}")
+
+
 def dtype_of(name: str):
     import jax.numpy as jnp
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
@@ -201,8 +241,8 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
     attn_proj = d * hd * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
     mlp = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * d * cfg.d_ff
-    if cfg.n_experts:  # each token runs through k experts, plus the router
-        mlp = cfg.experts_per_token * mlp + d * cfg.n_experts
+    if cfg.moe.n_experts:  # each token runs through k experts, plus the router
+        mlp = cfg.moe.experts_per_token * mlp + d * cfg.moe.n_experts
     head = d * cfg.vocab_size
     matmul_params = L * (attn_proj + mlp) + head
     attn_scores = 12.0 * L * seq_len * cfg.n_heads * hd
@@ -211,4 +251,5 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + attn_scores
 
 
-__all__ = ["ModelConfig", "dtype_of", "model_flops_per_token"]
+__all__ = ["ModelConfig", "RopeConfig", "YarnConfig", "MoeConfig", "dtype_of",
+           "model_flops_per_token"]

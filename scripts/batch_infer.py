@@ -322,7 +322,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     check_divisible(mesh, rules, {"vocab": cfg.vocab_size, "heads": cfg.n_heads,
                                   "kv_heads": cfg.n_kv_heads, "mlp": cfg.d_ff,
                                   "embed": cfg.d_model,
-                                  **({"experts": cfg.n_experts} if cfg.n_experts else {})})
+                                  **({"experts": cfg.moe.n_experts} if cfg.moe.n_experts else {})})
     _, params = load(checkpoint, cfg=cfg, mesh=mesh, rules=rules, step=step)
     spec = partition_spec(("batch",), rules)[0] or ()
     shards = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec))

@@ -45,15 +45,11 @@ def apply_model_overrides(cfg, overrides):
     if not overrides:
         return cfg
     from ..errors import ConfigError
-    from ..config import _build, _deep_set, parse_override, to_dict
-    from ..model.config import ModelConfig
+    from ..config import apply_overrides, model_config_from_dict, parse_override, to_dict
     from ..validate import _expected_shapes
 
     def replaced(texts):
-        data = {"model": to_dict(cfg)}
-        for text in texts:
-            _deep_set(data, *parse_override(text))
-        return _build(ModelConfig, data["model"], "model.")
+        return model_config_from_dict(apply_overrides({"model": to_dict(cfg)}, texts)["model"])
 
     new = replaced(overrides)
     if _expected_shapes(new) != _expected_shapes(cfg):

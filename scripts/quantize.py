@@ -48,7 +48,8 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     if checkpoint_kind(src) == "jaxlm":
         run = read_run_config(src)  # keep its data/generate settings; it is no LoRA run now
         full = dataclasses.replace(run, model=cfg, train=dataclasses.replace(
-            run.train, lora_rank=0, lora_base_dtype="same", init_from=""))
+            run.train, lora=dataclasses.replace(run.train.lora, rank=0, base_dtype="same"),
+            init_from=""))
     else:
         full = Config(model=cfg, data=DataConfig(seq_len=min(DataConfig().seq_len,
                                                              cfg.max_seq_len)))

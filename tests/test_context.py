@@ -64,7 +64,7 @@ def test_parity_and_seq_sharding(family, mesh_name):
     b_local, s_local, d = B // sizes["data"], S // sizes["context"], cfg.model.d_model
     assert "collective-permute" in hlo
     assert f"f32[{b_local},{s_local},{d}]" in hlo
-    if not cfg.model.n_experts:  # dropless MoE sorts all tokens by expert: XLA gathers them
+    if not cfg.model.moe.n_experts:  # dropless MoE sorts all tokens by expert: XLA gathers them
         assert f"f32[{b_local},{S},{d}]" not in hlo and f"f32[{B},{S},{d}]" not in hlo
 
 

@@ -19,7 +19,7 @@ TINY = ["model.vocab_size=128", "model.d_model=64", "model.n_layers=2", "model.n
 
 
 def test_params_and_optimizer_bytes_match_real_shards():
-    cfg = load_config(None, TINY + ["model.n_experts=4", "mesh.data=1", "mesh.fsdp=2",
+    cfg = load_config(None, TINY + ["model.moe.n_experts=4", "mesh.data=1", "mesh.fsdp=2",
                                     "mesh.expert=2", "mesh.tensor=2"])
     p = plan(cfg)
     assert p["devices"] == 8

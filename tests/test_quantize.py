@@ -70,7 +70,7 @@ def test_forward_equals_dequantized_float_model(preset):
     params = init_params(cfg, jax.random.key(1))
     qcfg = dataclasses.replace(cfg, weight_dtype="int8")
     qparams = quantize_params(params, qcfg)
-    expected_q, oracle_params = numpy_quantize(params, cfg.n_experts)
+    expected_q, oracle_params = numpy_quantize(params, cfg.moe.n_experts)
     got_q = {tuple(k.key for k in path): np.asarray(w.q) for path, w in
              jax.tree_util.tree_flatten_with_path(
                  qparams, is_leaf=lambda x: isinstance(x, QuantizedWeight))[0]

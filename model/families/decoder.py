@@ -37,7 +37,7 @@ _REMAT = {
 
 def decoder_specs(cfg):
     layer = {"ln1": norm_specs(cfg), "attn": attention_specs(cfg), "ln2": norm_specs(cfg),
-             "mlp": moe_specs(cfg) if cfg.n_experts else mlp_specs(cfg)}
+             "mlp": moe_specs(cfg) if cfg.moe.n_experts else mlp_specs(cfg)}
     specs = {"embed": embedding_specs(cfg), "layers": stack(layer, cfg.n_layers),
              "final_ln": norm_specs(cfg)}
     if cfg.positions == "learned":
@@ -58,7 +58,7 @@ def remat(fn, cfg):
 def _feed_forward(layer, x, cfg, token_mask):
     """MLP or MoE on the normed input; MoE also returns its router stats."""
     h = norm(layer["ln2"], x, cfg)
-    if cfg.n_experts:
+    if cfg.moe.n_experts:
         return moe(layer["mlp"], h, cfg, token_mask)
     return mlp(layer["mlp"], h, cfg), {}
 
