@@ -393,6 +393,73 @@ class Config:
 
 # ---------------------------------------------------------------- loading
 
+# Old flat keys -> their nested paths, from when the groups one layer or loss
+# consumes became sections. Applied wherever a config mapping is read (YAML
+# files, a run's saved config.yaml, `key=value` overrides, model_config_from_dict,
+# resolve_init_from's explicit model keys), so old run dirs and commands load;
+# `to_dict` writes the nested form. A key moved into a section adds its old name here
+# (tests/test_config.py checks that every nested key has one).
+ALIASES = {
+    "model.rope_theta": "model.rope.theta",
+    "model.rope_scaling": "model.rope.scaling",
+    "model.rope_scaling_factor": "model.rope.factor",
+    "model.rope_low_freq_factor": "model.rope.low_freq_factor",
+    "model.rope_high_freq_factor": "model.rope.high_freq_factor",
+    "model.rope_original_max_len": "model.rope.original_max_len",
+    "model.rope_attention_factor": "model.rope.attention_factor",
+    "model.rope_yarn_beta_fast": "model.rope.yarn.beta_fast",
+    "model.rope_yarn_beta_slow": "model.rope.yarn.beta_slow",
+    "model.rope_yarn_mscale": "model.rope.yarn.mscale",
+    "model.rope_yarn_mscale_all_dim": "model.rope.yarn.mscale_all_dim",
+    "model.rope_yarn_truncate": "model.rope.yarn.truncate",
+    "model.n_experts": "model.moe.n_experts",
+    "model.experts_per_token": "model.moe.experts_per_token",
+    "model.moe_capacity_factor": "model.moe.capacity_factor",
+    "model.router_aux_loss_coef": "model.moe.aux_loss_coef",
+    "model.router_z_loss_coef": "model.moe.z_loss_coef",
+    "train.lora_rank": "train.lora.rank",
+    "train.lora_alpha": "train.lora.alpha",
+    "train.lora_targets": "train.lora.targets",
+    "train.lora_base_dtype": "train.lora.base_dtype",
+    "train.dpo_beta": "train.dpo.beta",
+    "train.dpo_loss": "train.dpo.loss",
+    "train.dpo_label_smoothing": "train.dpo.label_smoothing",
+}
+
+
+def canonical_key(key: str) -> str:
+    """The current dotted path of a key (an old flat name -> its nested path)."""
+    return ALIASES.get(key, key)
+
+
+def resolve_aliases(node: dict, prefix: str = "") -> dict:
+    """A copy of `node`, the config mapping at `prefix` ("" for a whole config,
+    "model." for a model section), with every old flat key moved to its nested
+    path. The old and the new name of one key with different values: ConfigError."""
+    out, moved = {}, []
+    for key, value in node.items():
+        path = prefix + str(key)
+        if path in ALIASES:
+            moved.append((path, value))
+        else:
+            out[key] = resolve_aliases(value, path + ".") if isinstance(value, dict) else value
+    for old, value in moved:
+        new = ALIASES[old]
+        *sections, leaf = new[len(prefix):].split(".")
+        target = out
+        for name in sections:
+            if target.get(name) is None:
+                target[name] = {}
+            elif not isinstance(target[name], dict):
+                raise ConfigError(f"{old} belongs in section {new.rsplit('.', 1)[0]}, but "
+                                  f"{prefix}{name}={target[name]!r} is a value")
+            target = target[name]
+        if leaf in target and target[leaf] != value:
+            raise ConfigError(f"{old}={value!r} and {new}={target[leaf]!r} are the old and the "
+                              f"new name of one key: give one")
+        target[leaf] = value
+    return out
+
 def _all_keys(cls, prefix="") -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)
@@ -470,7 +537,9 @@ def _deep_set(tree: dict, path: str, value):
     parts = path.split(".")
     node = tree
     for p in parts[:-1]:
-        child = node.setdefault(p, {})
+        if node.get(p) is None:  # missing, or an empty section in YAML (`rope:`)
+            node[p] = {}
+        child = node[p]
         if not isinstance(child, dict):
             raise ConfigError(f"{path}: {p!r} is a value, not a section")
         node = child
@@ -510,15 +579,23 @@ def resolve_preset(name_or_path: str) -> str:
 
 def apply_overrides(data: dict, overrides) -> dict:
     """A copy of the config mapping `data` with `a.b=value` overrides (or (key, value)
-    pairs) set in it."""
+    pairs) set in it; old key names (ALIASES) in either become their nested paths.
+    An override wins over the mapping; two overrides naming one key by its old and
+    its new name with different values are a ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections (model:, data:, ...), "
                           f"got a {type(data).__name__}")
-    data = _plain(data)
+    data = resolve_aliases(data)
+    given = {}
     for text in _override_list(overrides):
         key, value = parse_override(text) if isinstance(text, str) else text
-        _deep_set(data, key, value)
-    return data
+        path = canonical_key(key)
+        if path in given and given[path][0] != key and given[path][1] != value:
+            raise ConfigError(f"{given[path][0]}={given[path][1]!r} and {key}={value!r} are the "
+                              "old and the new name of one key: give one")
+        given[path] = (key, value)
+        _deep_set(data, path, value)
+    return resolve_aliases(data)  # a whole section set by an override may hold old names
 
 
 def config_from_dict(data: dict, overrides=()) -> Config:
@@ -550,7 +627,7 @@ def resolve_init_from(data: dict) -> dict:
     explicit = data.get("model") or {}
     if not isinstance(explicit, dict):
         raise ConfigError(f"model should be a mapping, got {explicit!r}")
-    for key, value in _leaves(ModelConfig, explicit, "model."):
+    for key, value in _leaves(ModelConfig, resolve_aliases(explicit, "model."), "model."):
         current = _get_path(base, key)
         if value == current:
             continue
@@ -639,12 +716,6 @@ def load_config(path: str | None = None, overrides=()) -> Config:
     return _build(Config, resolve_init_from(apply_overrides(data, overrides)))
 
 
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    return x
-
-
 def flatten(tree: dict, prefix: str = "") -> dict:
     """A nested config dict (`to_dict`'s) as {dotted key: leaf value}."""
     out = {}
@@ -673,10 +744,13 @@ def to_dict(cfg) -> dict:
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
-    return _build(ModelConfig, data, "model.")
+    """A ModelConfig from a model section mapping (old key names accepted)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"model should be a mapping, got {data!r}")
+    return _build(ModelConfig, resolve_aliases(data, "model."), "model.")
 
 
 __all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "MeshConfig",
            "GenerateConfig", "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
            "model_config_from_dict", "apply_overrides", "to_dict", "flatten", "parse_override",
-           "read_yaml"]
+           "read_yaml", "ALIASES", "canonical_key", "resolve_aliases"]
