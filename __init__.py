@@ -26,7 +26,7 @@ _LAZY = {
     "generate_many": "jaxlm.infer.generate",
     "embed": "jaxlm.validate",
     "load_tokenizer": "jaxlm.model.tokenizer",
-    "Config": "jaxlm.model.config", "load_config": "jaxlm.model.config",
+    "Config": "jaxlm.config", "load_config": "jaxlm.config",
 }
 
 __all__ = sorted(_LAZY) + ["JaxlmError", "ConfigError", "CheckpointError", "InputError"]

@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 
 from .errors import CheckpointError, ConfigError
 from .model import hf, quantize
-from .model.config import Config, DataConfig, MeshConfig, ModelConfig
+from .config import Config, DataConfig, MeshConfig
+from .model.config import ModelConfig
 from .model.params import Spec, abstract
 from .train import checkpoint
 from .train.loop import CONFIG_FILE, _write_config, read_run_config
@@ -76,7 +77,7 @@ def load_params(path, cfg: ModelConfig, shardings=None, step: int | None = None)
             raise CheckpointError(f"{path} is a Hugging Face dir: it has no steps (step={step})")
         return hf.load_hf(path, cfg=cfg, shardings=shardings)[1]
     run = read_run_config(os.fspath(path))
-    if run.train.lora_rank:
+    if run.train.lora.rank:
         return _lora_run_params(os.fspath(path), run, cfg, shardings, step)
     tree = checkpoint.restore_params(os.fspath(path), quantize.storable(
         quantize.params_abstract(cfg)), step, shardings=quantize.storable(shardings))
@@ -116,12 +117,12 @@ def _replicated(sharding):
 
 
 def lora_adapters(path, step: int | None = None):
-    """(run config, adapters) of a LoRA run dir (train.lora_rank > 0): the A/B tree
+    """(run config, adapters) of a LoRA run dir (train.lora.rank > 0): the A/B tree
     its checkpoint holds (the base is not in it: train.init_from names it)."""
     from .train import lora
     path = os.fspath(path)
-    if checkpoint_kind(path) != "jaxlm" or not read_run_config(path).train.lora_rank:
-        raise CheckpointError(f"{path} is not a LoRA run dir (train.lora_rank > 0)")
+    if checkpoint_kind(path) != "jaxlm" or not read_run_config(path).train.lora.rank:
+        raise CheckpointError(f"{path} is not a LoRA run dir (train.lora.rank > 0)")
     run = read_run_config(path)
     adapters = checkpoint.restore_params(path, abstract(lora.lora_specs(run.model, run.train)),
                                          step)
@@ -156,7 +157,7 @@ def load(path, cfg: ModelConfig | None = None, mesh=None, rules=None,
     mesh: a `jax.sharding.Mesh` (axes data/fsdp/expert/tensor, e.g. from
       `jaxlm.sharding.mesh.make_mesh`): every leaf is loaded directly into the
       NamedSharding its logical axes ask for under `rules` (default: the mesh
-      config's rules, `model/config.py` DEFAULT_RULES). None: unsharded.
+      config's rules, `jaxlm.config.DEFAULT_RULES`). None: unsharded.
     step: which checkpoint of a run dir (default: the latest).
     """
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):

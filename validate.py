@@ -19,7 +19,8 @@ from .errors import CheckpointError, ConfigError, InputError
 
 def check_model_cfg(cfg, where: str) -> None:
     """`cfg` must be a ModelConfig (a full Config: its .model)."""
-    from .model.config import Config, ModelConfig
+    from .config import Config
+    from .model.config import ModelConfig
     if isinstance(cfg, ModelConfig):
         return
     if isinstance(cfg, Config):

@@ -92,7 +92,7 @@ def rss_now():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
 t0 = time.perf_counter()
-from jaxlm.model.config import load_config
+from jaxlm.config import load_config
 from jaxlm.model.tokenizer import load_tokenizer
 from jaxlm.train.data import make_batches, open_sources
 t1 = time.perf_counter()

@@ -27,7 +27,7 @@ import numpy as np
 
 from benchlib import copy_bandwidth, device_info, guarded, write_json
 from jaxlm.model import init_params, model_specs
-from jaxlm.model.config import load_config
+from jaxlm.config import load_config
 from jaxlm.model.params import count
 
 DRY_MODEL = dict(vocab_size=128, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=128,

@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jaxlm.model.config import MeshConfig  # noqa: E402
+from jaxlm.config import MeshConfig  # noqa: E402
 from jaxlm.model.kernels import MaskSpec, attention, flash_attention  # noqa: E402
 from jaxlm.sharding.mesh import make_mesh  # noqa: E402
 from jaxlm.sharding.rules import use_mesh  # noqa: E402

@@ -25,7 +25,8 @@ import jax
 
 from benchlib import device_info, guarded, matmul_peak, peak_memory_bytes, write_json
 from jaxlm.model import model_specs
-from jaxlm.model.config import load_config, model_flops_per_token
+from jaxlm.config import load_config
+from jaxlm.model.config import model_flops_per_token
 from jaxlm.model.params import count
 from jaxlm.train.metrics import datasheet_peak, mfu
 

@@ -245,7 +245,7 @@ def _run_settings(checkpoint: str, overrides):
     HF dir). A jaxlm run dir's saved generate/mesh settings are the base; an HF dir
     has none (its generation_config.json gives the stop ids, see `stop_ids`)."""
     from ..api import checkpoint_kind
-    from ..model.config import config_from_dict, to_dict
+    from ..config import config_from_dict, to_dict
     from .text import split_model_overrides
     from ..train.loop import read_run_config
     hf_dir = checkpoint_kind(checkpoint) == "hf"
@@ -364,7 +364,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     from tqdm.auto import tqdm
 
     from ..api import load, model_config_of
-    from ..model.config import to_dict
+    from ..config import to_dict
     from ..model.tokenizer import load_tokenizer
     from .text import apply_model_overrides, chat_template_for, stop_ids
     from ..sharding.mesh import check_divisible, make_mesh
@@ -430,7 +430,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     check_divisible(mesh, rules, {"vocab": cfg.vocab_size, "heads": cfg.n_heads,
                                   "kv_heads": cfg.n_kv_heads, "mlp": cfg.d_ff,
                                   "embed": cfg.d_model,
-                                  **({"experts": cfg.n_experts} if cfg.n_experts else {})})
+                                  **({"experts": cfg.moe.n_experts} if cfg.moe.n_experts else {})})
     _, params = load(checkpoint, cfg=cfg, mesh=mesh, rules=rules, step=step)
     spec = partition_spec(("batch",), rules)[0] or ()
     shards = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec))

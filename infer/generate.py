@@ -63,7 +63,7 @@ class StreamEvent(NamedTuple):
 def settings_of(**kw):
     """The GenerateConfig of generate's keyword arguments (a bad value: its one-line
     ConfigError, naming the generate.* key)."""
-    from ..model.config import GenerateConfig
+    from ..config import GenerateConfig
     return GenerateConfig(**kw)
 
 

@@ -127,7 +127,7 @@ def given_generate_keys(overrides=(), *sections, saved=None) -> frozenset:
     saved generate section, which holds every key) those that differ from
     GenerateConfig's defaults: a run made from a Hugging Face dir (`jaxlm quantize`)
     keeps its generation_config.json's decoding defaults."""
-    from ..model.config import GenerateConfig, parse_override, to_dict
+    from ..config import GenerateConfig, parse_override, to_dict
     defaults = to_dict(GenerateConfig())
     keys = {k for k, v in (saved or {}).items() if k not in defaults or v != defaults[k]}
     for text in overrides:
@@ -267,14 +267,11 @@ def apply_model_overrides(cfg, overrides):
     if not overrides:
         return cfg
     from ..errors import ConfigError
-    from ..model.config import ModelConfig, _build, _deep_set, parse_override, to_dict
+    from ..config import apply_overrides, model_config_from_dict, parse_override, to_dict
     from ..validate import _expected_shapes
 
     def replaced(texts):
-        data = {"model": to_dict(cfg)}
-        for text in texts:
-            _deep_set(data, *parse_override(text))
-        return _build(ModelConfig, data["model"], "model.")
+        return model_config_from_dict(apply_overrides({"model": to_dict(cfg)}, texts)["model"])
 
     new = replaced(overrides)
     if _expected_shapes(new) != _expected_shapes(cfg):

@@ -63,7 +63,7 @@ def remat(fn, cfg):
 
 def feed_forward(layer, h, cfg, token_mask=None):
     """MLP or MoE on the normed input h -> (output, router stats ({} for an MLP))."""
-    if cfg.n_experts:
+    if cfg.moe.n_experts:
         return moe(layer["mlp"], h, cfg, token_mask)
     return mlp(layer["mlp"], h, cfg), {}
 

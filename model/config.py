@@ -1,22 +1,15 @@
-"""Config: frozen dataclasses loaded from YAML presets, `a.b=value` overrides.
+"""ModelConfig: the model's shape and numerics, a frozen (hashable) dataclass.
 
-Every section is a frozen (hashable) dataclass, so `ModelConfig` can be a
-static argument of `jax.jit`. Unknown keys and inconsistent values stop with
-one `ConfigError` line naming the key (and the nearest valid key for a typo).
+Every section is frozen, so a `ModelConfig` can be a static argument of
+`jax.jit`. Inconsistent values stop with one `ConfigError` line naming the key.
+The run configs (data, train, mesh, generate) and the YAML / `a.b=value`
+loader are `jaxlm.config`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import math
-import importlib.resources
-import os
-import re
-import typing
 from dataclasses import dataclass, field
-
-import yaml
 
 from ..errors import ConfigError
 
@@ -26,7 +19,77 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
+class YarnConfig:
+    """YaRN's ramp and attention factor (`model.rope.scaling=yarn`; HF rope_parameters'
+    beta_fast, beta_slow, mscale, mscale_all_dim, truncate)."""
+    _prefix = "model.rope.yarn."  # key path in error messages (not a field)
+
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0  # 0: unset (with mscale_all_dim: their ratio is the factor)
+    mscale_all_dim: float = 0.0
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary positions (`model.positions=rope`) and their long-context scaling
+    (layers/positions.py)."""
+    _prefix = "model.rope."
+
+    theta: float = 10000.0
+    scaling: str = "none"  # none | llama3 | linear | dynamic | yarn
+    factor: float = 8.0  # the scaling factor
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_len: int = 8192  # llama3, yarn: pretraining length; dynamic: NTK from here
+    attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 * ln(factor) + 1
+    yarn: YarnConfig = field(default_factory=YarnConfig)
+
+    def __post_init__(self):
+        _section_type(self, "yarn", YarnConfig)
+        _positive(self, "theta")
+        _choice(self, "scaling", ("none", "llama3", "linear", "dynamic", "yarn"))
+        if self.scaling == "none":
+            return
+        if not self.factor >= 1:
+            raise ConfigError(f"model.rope.factor={self.factor} must be >= 1 "
+                              f"for model.rope.scaling={self.scaling!r}")
+        if self.original_max_len <= 0:
+            raise ConfigError(f"model.rope.original_max_len={self.original_max_len} must be > 0")
+        if self.scaling == "yarn":
+            y = self.yarn
+            if not y.beta_fast >= y.beta_slow > 0:
+                raise ConfigError(f"model.rope.yarn.beta_fast={y.beta_fast} must be >= "
+                                  f"model.rope.yarn.beta_slow={y.beta_slow} > 0")
+            if min(self.attention_factor, y.mscale, y.mscale_all_dim) < 0:
+                raise ConfigError("model.rope.attention_factor, model.rope.yarn.mscale and "
+                                  "model.rope.yarn.mscale_all_dim must be >= 0 (0: unset)")
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Mixture of experts in every layer's MLP (layers/moe.py); n_experts 0: a dense MLP."""
+    _prefix = "model.moe."
+
+    n_experts: int = 0  # 0: dense MLP; E: mixture of experts in every layer
+    experts_per_token: int = 2
+    capacity_factor: float = 0.0  # 0: dropless; c: each expert takes c * T * k / E tokens
+    aux_loss_coef: float = 0.02  # the router's load-balancing loss
+    z_loss_coef: float = 0.001  # the router's z-loss
+
+    def __post_init__(self):
+        if self.n_experts < 0 or self.capacity_factor < 0:
+            raise ConfigError("model.moe.n_experts and model.moe.capacity_factor must be >= 0")
+        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            raise ConfigError(f"model.moe.experts_per_token={self.experts_per_token} must be in "
+                              f"[1, model.moe.n_experts={self.n_experts}]")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
+    _prefix = "model."  # key path in error messages (not a field)
+
     family: str = "decoder"  # decoder | encoder | encoder_decoder
     vocab_size: int = 32000
     d_model: int = 256
@@ -48,27 +111,12 @@ class ModelConfig:
     n_decoder_layers: int = 0  # encoder_decoder: decoder depth (0: n_layers)
     attn_scale: float = 0.0  # 0: head_dim ** -0.5; T5: 1.0
     attn_logit_softcap: float = 0.0  # 0: off; c: scores -> c * tanh(scores / c) (Gemma 2)
-    rope_theta: float = 10000.0
-    rope_scaling: str = "none"  # none | llama3 | linear | dynamic | yarn (layers/positions.py)
-    rope_scaling_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0  # llama3
-    rope_high_freq_factor: float = 4.0  # llama3
-    rope_original_max_len: int = 8192  # llama3, yarn: pretraining length; dynamic: NTK from here
-    rope_yarn_beta_fast: float = 32.0
-    rope_yarn_beta_slow: float = 1.0
-    rope_yarn_mscale: float = 0.0  # 0: unset (with mscale_all_dim: their ratio is the factor)
-    rope_yarn_mscale_all_dim: float = 0.0
-    rope_yarn_truncate: bool = True
-    rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 * ln(factor) + 1
+    rope: RopeConfig = field(default_factory=RopeConfig)  # rope.theta, rope.scaling, ...
     qkv_bias: bool = False
     out_bias: bool = False  # attention output projection
     mlp_bias: bool = False
     sliding_window: int = 0  # 0: full attention; W: a token sees the last W positions
-    n_experts: int = 0  # 0: dense MLP; E: mixture of experts in every layer
-    experts_per_token: int = 2
-    moe_capacity_factor: float = 0.0  # 0: dropless; c: each expert takes c * T * k / E tokens
-    router_aux_loss_coef: float = 0.02  # load balancing
-    router_z_loss_coef: float = 0.001
+    moe: MoeConfig = field(default_factory=MoeConfig)  # moe.n_experts 0: dense MLPs
     tie_embeddings: bool = False
     head: bool = True  # false: no output head (a base model, e.g. HF LlamaModel): hidden states only
     dtype: str = "float32"  # activations and matmuls
@@ -88,6 +136,8 @@ class ModelConfig:
     attention_dropout: float = 0.0
 
     def __post_init__(self):
+        _section_type(self, "rope", RopeConfig)
+        _section_type(self, "moe", MoeConfig)
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
         _choice(self, "family", ("decoder", "encoder", "encoder_decoder"))
         _choice(self, "norm_position", ("pre", "post"))
@@ -95,8 +145,6 @@ class ModelConfig:
         _choice(self, "mlp", ("swiglu", "geglu", "gelu", "relu"))
         _choice(self, "positions", ("rope", "learned", "sinusoidal", "alibi", "t5_relative",
                                     "none"))
-        _choice(self, "rope_scaling", ("none", "llama3", "linear", "dynamic", "yarn"))
-        _check_rope_scaling(self)
         _choice(self, "remat", REMAT_POLICIES)
         _choice(self, "attention_impl", ATTENTION_IMPLS)
         _choice(self, "dtype", DTYPES)
@@ -120,20 +168,15 @@ class ModelConfig:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even for rope positions")
         if self.positions == "sinusoidal" and self.d_model % 2:
             raise ConfigError(f"model.d_model={self.d_model} must be even for sinusoidal positions")
-        if not (self.norm_eps > 0 and self.init_std > 0 and self.rope_theta > 0):
-            raise ConfigError("model.norm_eps, model.init_std and model.rope_theta must be > 0")
+        if not (self.norm_eps > 0 and self.init_std > 0):
+            raise ConfigError("model.norm_eps and model.init_std must be > 0")
         if self.attn_logit_softcap < 0:
             raise ConfigError(f"model.attn_logit_softcap={self.attn_logit_softcap} must be >= 0")
         if self.sliding_window < 0:
             raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: off)")
-        if self.n_experts < 0 or self.moe_capacity_factor < 0:
-            raise ConfigError("model.n_experts and model.moe_capacity_factor must be >= 0")
-        if self.n_experts and self.mlp != "swiglu":
-            raise ConfigError(f"model.n_experts={self.n_experts} needs model.mlp='swiglu' "
+        if self.moe.n_experts and self.mlp != "swiglu":
+            raise ConfigError(f"model.moe.n_experts={self.moe.n_experts} needs model.mlp='swiglu' "
                               f"(the experts are SwiGLU), not {self.mlp!r}")
-        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
-            raise ConfigError(f"model.experts_per_token={self.experts_per_token} must be in "
-                              f"[1, model.n_experts={self.n_experts}]")
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
@@ -146,364 +189,9 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
 
-def _check_rope_scaling(cfg: "ModelConfig") -> None:
-    if cfg.rope_scaling == "none":
-        return
-    if not cfg.rope_scaling_factor >= 1:
-        raise ConfigError(f"model.rope_scaling_factor={cfg.rope_scaling_factor} must be >= 1 "
-                          f"for rope_scaling={cfg.rope_scaling!r}")
-    if cfg.rope_original_max_len <= 0:
-        raise ConfigError(f"model.rope_original_max_len={cfg.rope_original_max_len} must be > 0")
-    if cfg.rope_scaling == "yarn":
-        if not cfg.rope_yarn_beta_fast >= cfg.rope_yarn_beta_slow > 0:
-            raise ConfigError(f"model.rope_yarn_beta_fast={cfg.rope_yarn_beta_fast} must be >= "
-                              f"model.rope_yarn_beta_slow={cfg.rope_yarn_beta_slow} > 0")
-        if min(cfg.rope_attention_factor, cfg.rope_yarn_mscale, cfg.rope_yarn_mscale_all_dim) < 0:
-            raise ConfigError("model.rope_attention_factor, rope_yarn_mscale and "
-                              "rope_yarn_mscale_all_dim must be >= 0 (0: unset)")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    corpus: str = "stdlib"  # "stdlib", a directory, a text/.jsonl file, or a `jaxlm prepare` dir
-    max_docs: int = 0  # 0: all
-    eval_fraction: float = 0.02
-    seq_len: int = 256
-    batch_size: int = 8
-    seed: int = 0
-    shuffle_rows: int = 2048  # packed rows shuffled within windows of this many; 0: off
-    tokenizer: str = ""  # "": train a sentencepiece model on the corpus; else its path
-    tokenizer_max_chars: int = 4_000_000
-    # sft/dpo chat records: "" the checkpoint's own template (else ChatML), "chatml", or a
-    # .jinja file (see jaxlm.model.chat.resolve_chat_template)
-    chat_template: str = ""
-    # A weighted mixture, replacing `corpus` when given: [{path: ..., weight: ...}, ...]
-    # in YAML, each path a corpus as above; a source's share of the rows is its weight.
-    sources: tuple = ()
-
-    def __post_init__(self):
-        _positive(self, "seq_len", "batch_size", "tokenizer_max_chars")
-        object.__setattr__(self, "sources", _data_sources(self.sources))
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
-        if self.max_docs < 0 or self.shuffle_rows < 0:
-            raise ConfigError("data.max_docs and data.shuffle_rows must be >= 0")
-
-
-def _data_sources(value) -> tuple:
-    """data.sources as ((path, weight), ...) from a list of {path, weight} (or pairs)."""
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"data.sources should be a list of {{path, weight}}, got {value!r}")
-    out = []
-    for i, s in enumerate(value):
-        if isinstance(s, dict) and set(s) <= {"path", "weight"} and "path" in s:
-            path, weight = s["path"], s.get("weight", 1.0)
-        elif isinstance(s, (list, tuple)) and len(s) == 2:
-            path, weight = s
-        else:
-            raise ConfigError(f"data.sources[{i}]={s!r} should be a mapping {{path, weight}}")
-        if not isinstance(path, str) or not path or isinstance(weight, bool) \
-                or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ConfigError(f"data.sources[{i}]: path must be a non-empty string and weight a "
-                              f"number > 0, got path={path!r}, weight={weight!r}")
-        out.append((path, float(weight)))
-    if out and not math.isfinite(sum(w for _, w in out)):
-        raise ConfigError("data.sources: the weights must sum to a finite positive number")
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000
-    learning_rate: float = 3e-4
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 4
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    seed: int = 0
-    # Cross-entropy over vocab chunks of about this many columns, never
-    # materialising [batch, seq, vocab] logits; 0: plain full logits.
-    loss_vocab_chunk: int = 4096
-    objective: str = "clm"  # clm | mlm (masked LM) | span (T5 span corruption) | sft | dpo
-    # A jaxlm run/checkpoint dir or a Hugging Face dir to start from: the model
-    # config and weights come from it ("" = random init). See `resolve_init_from`.
-    init_from: str = ""
-    mlm_probability: float = 0.15  # mlm: tokens chosen; of them 80% [MASK], 10% random, 10% kept
-    span_noise_density: float = 0.15  # span: fraction of tokens corrupted
-    span_mean_length: float = 3.0  # span: mean corrupted span length
-    sft_loss_on: str = "completion"  # sft: loss on completion / assistant tokens | all tokens
-    # Per-device peak FLOP/s that MFU divides by; 0: the datasheet bf16 figure
-    # for a known accelerator (train/metrics.py), else the measured matmul peak.
-    peak_flops: float = 0.0
-    tensorboard: bool = True  # TensorBoard event files in run_dir beside metrics.jsonl
-    # A step whose loss, gradient or update is not finite is skipped on device
-    # (params and optimizer state unchanged); this many in a row stop the run.
-    max_skipped_steps: int = 10
-    # Gradient accumulation: the batch runs as this many microbatches inside one step.
-    grad_accum_steps: int = 1
-    # LoRA (jaxlm.train.lora): rank 0 = off. Adapters on the weights whose path
-    # ("layers/attn/q", "decoder/layers/cross/o", ...) re.fullmatch-es lora_targets;
-    # scale lora_alpha / lora_rank (lora_alpha 0: 2 * lora_rank). lora_base_dtype
-    # int8: the frozen base's layer matmul weights held as int8 (QLoRA).
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_targets: str = "layers/attn/(q|k|v|o)"
-    lora_base_dtype: str = "same"  # same | int8
-    # DPO (jaxlm.train.dpo, train.objective=dpo): Rafailov et al.'s loss.
-    dpo_beta: float = 0.1
-    dpo_loss: str = "sigmoid"  # sigmoid | ipo
-    dpo_label_smoothing: float = 0.0
-    # Pipeline parallelism (mesh.stage > 1): microbatches per step flowing through
-    # the stages (GPipe); 0: one per stage. Bubble (S-1)/(R*M+S-1).
-    pipeline_microbatches: int = 0
-
-    def __post_init__(self):
-        _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
-                  "checkpoint_every", "keep_checkpoints", "log_every", "max_skipped_steps")
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise ConfigError(
-                f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo"))
-        _choice(self, "sft_loss_on", ("completion", "all"))
-        _choice(self, "lora_base_dtype", ("same", "int8"))
-        _choice(self, "dpo_loss", ("sigmoid", "ipo"))
-        if self.grad_accum_steps < 1:
-            raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
-        if self.lora_rank < 0:
-            raise ConfigError(f"train.lora_rank={self.lora_rank} must be >= 0 (0: LoRA off)")
-        if self.lora_alpha < 0:
-            raise ConfigError(f"train.lora_alpha={self.lora_alpha} must be >= 0 (0: 2 * rank)")
-        if self.lora_base_dtype == "int8" and not self.lora_rank:
-            raise ConfigError("train.lora_base_dtype=int8 (QLoRA) needs train.lora_rank > 0")
-        if self.lora_rank:
-            try:
-                re.compile(self.lora_targets)
-            except re.error as e:
-                raise ConfigError(f"train.lora_targets={self.lora_targets!r} is not a valid "
-                                  f"regular expression ({e})") from None
-        if not self.dpo_beta > 0:
-            raise ConfigError(f"train.dpo_beta={self.dpo_beta} must be > 0")
-        if not 0.0 <= self.dpo_label_smoothing < 0.5:
-            raise ConfigError(f"train.dpo_label_smoothing={self.dpo_label_smoothing} must be in "
-                              "[0, 0.5)")
-        if not (0 < self.mlm_probability < 1 and 0 < self.span_noise_density < 1
-                and self.span_mean_length >= 1):
-            raise ConfigError("train: 0 < mlm_probability < 1, 0 < span_noise_density < 1 and "
-                              "span_mean_length >= 1 are required")
-        if self.loss_vocab_chunk < 0:
-            raise ConfigError(f"train.loss_vocab_chunk={self.loss_vocab_chunk} must be >= 0")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
-        if not self.peak_flops >= 0:
-            raise ConfigError(f"train.peak_flops={self.peak_flops} must be >= 0 (0: automatic)")
-
-
-# Logical axis -> mesh axis (or None: replicated). Changing parallelism is
-# changing this table and the mesh sizes, never model code.
-# The batch is split over data, fsdp and expert: outside the MoE layers the
-# expert axis is one more data-parallel axis (GShard / Switch layout).
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp", "expert")),
-    ("seq", "context"),  # context parallelism: ring attention (model/kernels/ring.py)
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", "stage"),  # pipeline parallelism: contiguous stages (sharding/pipeline.py)
-    ("experts", "expert"),
-)
-
-# Outer to inner: tensor is the fastest. context sits inside data and fsdp
-# (its ring moves K/V every layer, more often than their per-step / per-layer
-# collectives) and outside expert and tensor (whose all-to-all / all-reduce
-# per matmul need the fastest links); the ring only talks to neighbours.
-# stage is outermost: a pipeline sends one activation per microbatch to its
-# neighbour, the least traffic of all (across hosts / slices).
-MESH_AXES = ("stage", "data", "fsdp", "context", "expert", "tensor")
-
-
-@dataclass(frozen=True)
-class MeshConfig:
-    data: int = -1  # -1: all devices not taken by the other axes
-    fsdp: int = 1
-    tensor: int = 1
-    expert: int = 1  # MoE experts split over this axis (and the batch, outside MoE layers)
-    context: int = 1  # the sequence split over this axis: ring attention, causal load balancing
-    stage: int = 1  # pipeline stages: the layer stack split over this axis (sharding/pipeline.py)
-    # > 1: each stage holds this many round-robin blocks of layers (circular schedule)
-    pipeline_repeats: int = 1
-    # Cross-host (DCN) factors: mesh axis X has mesh.X devices in all, of which
-    # dcn_X across slices/hosts (the rest within one). All 1: a single slice.
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_tensor: int = 1
-    dcn_expert: int = 1
-    dcn_context: int = 1
-    dcn_stage: int = 1
-    devices: int = 0  # 0: every device; N: only the first N (single-process runs)
-    rules: tuple = DEFAULT_RULES
-
-    def __post_init__(self):
-        if self.devices < 0:
-            raise ConfigError(f"mesh.devices={self.devices} must be >= 0 (0: all devices)")
-        sizes = self.sizes
-        if sum(1 for v in sizes.values() if v == -1) > 1:
-            raise ConfigError("mesh: at most one axis may be -1")
-        if self.pipeline_repeats < 1 or (self.pipeline_repeats > 1 and self.stage == 1):
-            raise ConfigError(f"mesh.pipeline_repeats={self.pipeline_repeats} must be >= 1, "
-                              "and needs mesh.stage > 1 when above 1")
-        for name, v in sizes.items():
-            if v == 0 or v < -1:
-                raise ConfigError(f"mesh.{name}={v} must be a positive size or -1")
-            dcn = getattr(self, f"dcn_{name}")
-            if dcn < 1:
-                raise ConfigError(f"mesh.dcn_{name}={dcn} must be >= 1")
-            if v != -1 and v % dcn:
-                raise ConfigError(f"mesh.dcn_{name}={dcn} does not divide mesh.{name}={v}")
-        rules = tuple((str(k), _mesh_axes(v)) for k, v in (
-            self.rules.items() if isinstance(self.rules, dict) else self.rules))
-        for logical, axes in rules:
-            for a in axes or ():
-                if a not in sizes:
-                    raise ConfigError(
-                        f"mesh.rules.{logical}: unknown mesh axis {a!r} "
-                        f"(valid: {', '.join(sizes)})")
-        object.__setattr__(self, "rules", rules)
-
-    @property
-    def axis_names(self) -> tuple[str, ...]:
-        return MESH_AXES
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        """Configured size per mesh axis (-1: takes the rest), in mesh order."""
-        return {a: getattr(self, a) for a in MESH_AXES}
-
-    @property
-    def dcn_sizes(self) -> dict[str, int]:
-        return {a: getattr(self, f"dcn_{a}") for a in MESH_AXES}
-
-
-def _mesh_axes(v):
-    if v is None:
-        return None
-    if isinstance(v, str):
-        return (v,)
-    return tuple(v)
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    seed: int = 0
-    # logit processors (HF semantics, see jaxlm.infer.processors) and min-p
-    min_p: float = 0.0  # 0: off
-    repetition_penalty: float = 1.0  # 1: off; prompt + generated tokens
-    presence_penalty: float = 0.0  # OpenAI semantics, generated tokens only
-    frequency_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0  # 0: off
-    min_new_tokens: int = 0  # stop ids masked before this many new tokens
-    stop_ids: tuple = ()  # token ids that stop a row, besides the tokenizer's EOS
-    # beam search (greedy only), HF semantics
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: typing.Union[bool, str] = False  # true, false or never
-    num_return_sequences: int = 1
-    kv_dtype: str = "auto"  # KV cache: auto (the model's dtype) or int8 (per-token scales)
-
-    def __post_init__(self):
-        if self.kv_dtype not in ("auto", "int8"):
-            raise ConfigError(f"generate.kv_dtype={self.kv_dtype!r} is not one of auto, int8")
-        _positive(self, "max_new_tokens", "num_beams", "num_return_sequences",
-                  "repetition_penalty")
-        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(
-                "generate: temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ConfigError(f"generate.min_p={self.min_p} must be in [0, 1]")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ConfigError(f"generate.{name}={getattr(self, name)} must be in [-2, 2]")
-        for name in ("no_repeat_ngram_size", "min_new_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"generate.{name}={getattr(self, name)} must be >= 0")
-        stop = self.stop_ids
-        stop = [stop] if isinstance(stop, int) and not isinstance(stop, bool) else stop
-        if not isinstance(stop, (list, tuple)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in stop):
-            raise ConfigError(f"generate.stop_ids={self.stop_ids!r} must be a list of "
-                              "token ids >= 0")
-        object.__setattr__(self, "stop_ids", tuple(stop))
-        if not (self.early_stopping is True or self.early_stopping is False
-                or self.early_stopping == "never"):
-            raise ConfigError(f"generate.early_stopping={self.early_stopping!r} must be "
-                              "true, false or never")
-        if self.num_beams > 1 and self.temperature > 0:
-            raise ConfigError(f"generate.num_beams={self.num_beams} with temperature="
-                              f"{self.temperature}: sampling with beams is not supported; "
-                              "set generate.temperature=0")
-        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-            raise ConfigError(f"generate.num_return_sequences={self.num_return_sequences} "
-                              f"must be <= generate.num_beams={self.num_beams}")
-
-
-@dataclass(frozen=True)
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    run_dir: str = "runs/default"
-
-    def __post_init__(self):
-        if self.data.batch_size % self.train.grad_accum_steps:
-            raise ConfigError(f"train.grad_accum_steps={self.train.grad_accum_steps} does not "
-                              f"divide data.batch_size={self.data.batch_size}")
-        if self.data.seq_len > self.model.max_seq_len:
-            raise ConfigError(
-                f"data.seq_len={self.data.seq_len} is longer than "
-                f"model.max_seq_len={self.model.max_seq_len}")
-        if self.train.objective == "dpo" and self.model.family != "decoder":
-            raise ConfigError(f"train.objective=dpo needs model.family=decoder, not "
-                              f"{self.model.family!r}")
-        if self.train.lora_rank:  # a regex that adapts nothing stops here, naming itself
-            from ..train.lora import lora_targets
-            lora_targets(self.model, self.train)
-        context = self.mesh.context
-        if context > 1:
-            if self.data.seq_len % (2 * context):
-                raise ConfigError(
-                    f"data.seq_len={self.data.seq_len} must divide by 2 x mesh.context="
-                    f"{2 * context} (causal load balancing splits it into 2 x context chunks)")
-            if self.model.positions in ("alibi", "t5_relative"):
-                raise ConfigError(
-                    f"model.positions={self.model.positions!r} (an attention bias) is not "
-                    "supported under context parallelism (mesh.context > 1)")
-            if self.model.family != "decoder":
-                raise ConfigError(
-                    f"mesh.context={context}: context parallelism supports model.family="
-                    f"'decoder' only, not {self.model.family!r}")
-        from ..sharding.pipeline import check_pipeline_config
-        check_pipeline_config(self)
-
-
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- validation
+# A config section names its keys' prefix in `_prefix` ("model.", "train.", ...),
+# so that a check names the full key path.
 
 def _positive(obj, *names):
     for n in names:
@@ -521,251 +209,17 @@ def _choice(obj, name, choices):
             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
 
 
-_SECTION_NAMES = {"ModelConfig": "model.", "DataConfig": "data.", "TrainConfig": "train.",
-                  "MeshConfig": "mesh.", "GenerateConfig": "generate."}
-
-
 def _section(obj) -> str:
-    return _SECTION_NAMES.get(type(obj).__name__, "")
+    return getattr(type(obj), "_prefix", "")
 
 
-def _all_keys(cls, prefix="") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        t = hints[f.name]
-        if dataclasses.is_dataclass(t):
-            keys += _all_keys(t, prefix + f.name + ".")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-def _unknown_key(path: str, value) -> ConfigError:
-    while isinstance(value, dict) and len(value) == 1:  # name the full key: trian.steps
-        (key, value), = value.items()
-        path = f"{path}.{key}"
-    candidates = _all_keys(Config)
-    hint = difflib.get_close_matches(path, candidates, n=1, cutoff=0.5)
-    return ConfigError(f"unknown config key {path!r}"
-                       + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-
-
-def _coerce(value, typ, path):
-    """Coerce a YAML/CLI value to the field's type, or raise a ConfigError."""
-    origin = typing.get_origin(typ)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-    elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif typ is tuple or origin is tuple:
-        if isinstance(value, (list, tuple, dict)):
-            return value
-    else:
-        return value
-    raise ConfigError(f"{path}={value!r} should be of type {getattr(typ, '__name__', typ)}")
-
-
-def _build(cls, data: dict, prefix=""):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} should be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        path = prefix + str(key)
-        if key not in names:
-            raise _unknown_key(path, value)
-        t = hints[key]
-        if dataclasses.is_dataclass(t):
-            kwargs[key] = _build(t, value or {}, path + ".")
-        else:
-            kwargs[key] = _coerce(value, t, path)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # e.g. a value of a type the dataclass refuses
-        raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
-
-
-def _deep_set(tree: dict, path: str, value):
-    parts = path.split(".")
-    node = tree
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{path}: {p!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """`a.b=value` -> ("a.b", value), the value parsed as YAML (1e-3, true, [1, 2])."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} should look like key=value (e.g. train.steps=100)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def resolve_preset(name_or_path: str) -> str:
-    """A YAML path, or a preset name shipped in jaxlm/configs (e.g. `tiny-llama`)."""
-    if os.path.exists(name_or_path):
-        return name_or_path
-    name = os.path.basename(name_or_path)
-    name = name if name.endswith(".yaml") else name + ".yaml"
-    preset = importlib.resources.files("jaxlm.configs") / name
-    if preset.is_file():
-        return str(preset)
-    known = sorted(p.name[:-5] for p in importlib.resources.files("jaxlm.configs").iterdir()
-                   if p.name.endswith(".yaml"))
-    hint = difflib.get_close_matches(name[:-5], known, n=1)
-    raise ConfigError(f"config {name_or_path!r} not found: not a file, nor a preset ("
-                      + ", ".join(known) + ")" + (f"; did you mean {hint[0]!r}?" if hint else ""))
-
-
-def _with_overrides(data: dict, overrides) -> dict:
-    if not isinstance(data, dict):
-        raise ConfigError(f"a config must be a mapping of sections (model:, data:, ...), "
-                          f"got a {type(data).__name__}")
-    data = _plain(data)
-    for text in _override_list(overrides):
-        key, value = parse_override(text) if isinstance(text, str) else text
-        _deep_set(data, key, value)
-    return data
-
-
-def config_from_dict(data: dict, overrides=()) -> Config:
-    return _build(Config, _with_overrides(data, overrides))
-
-
-def resolve_init_from(data: dict) -> dict:
-    """With `train.init_from=PATH`, the model section comes from that checkpoint.
-
-    Keys the config gives explicitly under `model` are applied on top of the
-    checkpoint's model config when they leave every parameter shape as it is
-    (dtype, param_dtype, remat, attention_impl, ...); one that would change a
-    shape (n_layers, d_model, vocab_size, ...) is a ConfigError naming it.
-    Used for configs a user writes (`load_config`), not for a run's saved
-    config.yaml, which holds the resolved model section already.
-    """
-    if not isinstance(data, dict) or not isinstance(data.get("train"), dict) \
-            or not data["train"].get("init_from"):
-        return data
-    path = str(data["train"]["init_from"])
-    from ..api import model_config_of  # reads config.yaml / config.json only
-    from .families import model_specs
-    from .params import abstract
-    import jax
-
-    base = model_config_of(path)
-    shapes = lambda c: jax.tree.map(lambda s: s.shape, abstract(model_specs(c)))  # noqa: E731
-    reference = shapes(base)
-    explicit = data.get("model") or {}
-    if not isinstance(explicit, dict):
-        raise ConfigError(f"model should be a mapping, got {explicit!r}")
-    hints = typing.get_type_hints(ModelConfig)
-    for key, value in explicit.items():
-        if key not in hints:
-            raise _unknown_key(f"model.{key}", value)
-        value = _coerce(value, hints[key], f"model.{key}")
-        if value == getattr(base, key):
-            continue
-        candidate = dataclasses.replace(base, **{key: value})
-        if shapes(candidate) != reference:
-            raise ConfigError(
-                f"model.{key}={value!r} would change a parameter shape of the train.init_from "
-                f"checkpoint {path} (it has {key}={getattr(base, key)!r}); the model comes from "
-                "the checkpoint: leave the key out")
-        base = candidate
-    return {**data, "model": to_dict(base)}
-
-
-def _override_list(overrides) -> list:
-    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, (list, tuple)):
-        raise ConfigError(f"overrides must be a list of 'key=value' strings, got a "
-                          f"{type(overrides).__name__} {overrides!r:.60}"
-                          + (f" (wrap it: [{overrides!r:.40}])" if isinstance(overrides, str)
-                             else ""))
-    return list(overrides)
-
-
-def read_yaml(path) -> dict:
-    """The mapping of a config file (a path or preset name), or a one-line ConfigError."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise ConfigError(f"config path must be a str (a YAML file or preset name), got "
-                          f"{type(path).__name__}")
-    path = resolve_preset(os.fspath(path))
-    if os.path.isdir(path):
-        raise ConfigError(f"config {path} is a directory, not a YAML file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config {path} is not UTF-8 text") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, "
-                          f"data:, ...), not a {type(data).__name__}")
-    return data
-
-
-def load_config(path: str | None = None, overrides=()) -> Config:
-    """Load a preset (path or name) and apply `a.b=value` overrides."""
-    overrides = _override_list(overrides)
-    data = read_yaml(path) if path is not None and path != "" else {}
-    return _build(Config, resolve_init_from(_with_overrides(data, overrides)))
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    return x
-
-
-def to_dict(cfg) -> dict:
-    """A YAML-safe dict that `config_from_dict` turns back into the same config."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            out[f.name] = to_dict(v)
-        elif f.name == "rules":
-            out[f.name] = {k: (list(a) if a else None) for k, a in v}
-        elif f.name == "sources":
-            out[f.name] = [{"path": p, "weight": w} for p, w in v]
-        else:
-            out[f.name] = v
-    return out
-
-
-def model_config_from_dict(data: dict) -> ModelConfig:
-    return _build(ModelConfig, data, "model.")
+def _section_type(obj, name, cls):
+    """A nested section must be its frozen dataclass (hashable: ModelConfig is a static
+    jit argument), not a dict: build one from a dict with `jaxlm.config`."""
+    v = getattr(obj, name)
+    if not isinstance(v, cls):
+        raise ConfigError(f"{_section(obj)}{name} should be a {cls.__name__}, got "
+                          f"{type(v).__name__} {v!r:.60}")
 
 
 def dtype_of(name: str):
@@ -787,8 +241,8 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
     attn_proj = d * hd * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
     mlp = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * d * cfg.d_ff
-    if cfg.n_experts:  # each token runs through k experts, plus the router
-        mlp = cfg.experts_per_token * mlp + d * cfg.n_experts
+    if cfg.moe.n_experts:  # each token runs through k experts, plus the router
+        mlp = cfg.moe.experts_per_token * mlp + d * cfg.moe.n_experts
     head = d * cfg.vocab_size
     matmul_params = L * (attn_proj + mlp) + head
     attn_scores = 12.0 * L * seq_len * cfg.n_heads * hd
@@ -797,5 +251,5 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + attn_scores
 
 
-__all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "MeshConfig", "GenerateConfig",
-           "load_config", "config_from_dict", "to_dict", "parse_override"]
+__all__ = ["ModelConfig", "RopeConfig", "YarnConfig", "MoeConfig", "dtype_of",
+           "model_flops_per_token"]

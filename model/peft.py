@@ -84,8 +84,8 @@ def save_peft(directory, cfg, adapters, *, rank: int, alpha: float,
 
 
 def save_lora_run(directory, cfg, adapters, base_model_name_or_path: str = ""):
-    """save_peft with the run's train.lora_rank / lora_alpha (alpha 0: 2 * rank)."""
+    """save_peft with the run's train.lora.rank / train.lora.alpha (alpha 0: 2 * rank)."""
     t = cfg.train
-    return save_peft(directory, cfg.model, adapters, rank=t.lora_rank,
-                     alpha=t.lora_alpha or 2.0 * t.lora_rank,
+    return save_peft(directory, cfg.model, adapters, rank=t.lora.rank,
+                     alpha=t.lora.alpha or 2.0 * t.lora.rank,
                      base_model_name_or_path=base_model_name_or_path)

@@ -144,7 +144,7 @@ def bench_decode_vs_hf(cfg, params, batches=(1, 16), prompt_len: int = 32,
 
 def main(argv=None):
     from ..model import init_params
-    from ..model.config import load_config
+    from ..config import load_config
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="bench-cpu")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])

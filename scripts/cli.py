@@ -12,7 +12,7 @@ import sys
 
 
 def _config(args):
-    from ..model.config import load_config
+    from ..config import load_config
     return load_config(args.config, args.overrides)
 
 

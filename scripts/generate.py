@@ -38,7 +38,7 @@ def run_generate(args):
     from ..infer.text import generate
     from ..model.tokenizer import load_tokenizer
     from ..infer.generate import generate_kwargs
-    from ..model.config import config_from_dict, load_config, read_yaml, to_dict
+    from ..config import config_from_dict, load_config, read_yaml, to_dict
     from ..train.loop import read_run_config
 
     from ..api import checkpoint_kind

@@ -158,7 +158,7 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     d = m.d_model
     q = math.ceil(m.n_heads / tp_h) * m.head_dim
     kv = math.ceil(m.n_kv_heads / tp_kv) * m.head_dim
-    f = math.ceil(m.d_ff / tp_f) * (m.experts_per_token if m.n_experts else 1)
+    f = math.ceil(m.d_ff / tp_f) * (m.moe.experts_per_token if m.moe.n_experts else 1)
     gated = 3 if m.mlp in ("swiglu", "geglu") else 2
     dots = t * (q + 2 * kv + q + d + gated * f + d) * act
     scores = b_local * math.ceil(m.n_heads / tp_h) * s * s * 2 * act
@@ -230,7 +230,7 @@ def _int8_param_bytes(m, leaf_bytes, is_axes) -> int:
 
 
 def run_plan(args) -> int:
-    from ..model.config import load_config
+    from ..config import load_config
     cfg = load_config(args.config, args.overrides)
     p = plan(cfg, args.devices, args.cache_len, args.batch)
     mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())

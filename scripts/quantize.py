@@ -30,11 +30,11 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     """Quantize `src` into the new run dir `out`; returns the one-line summary."""
     from ..api import load, save
     from ..api import _chmod_umask, checkpoint_kind, model_config_of
-    from ..model.config import Config, DataConfig
+    from ..config import Config, DataConfig
     from ..model.quantize import param_bytes
     from .convert import TOKENIZER_FILES
     from .plan import fmt_bytes
-    from ..model.config import to_dict
+    from ..config import to_dict
     from ..train.loop import CONFIG_FILE, read_run_config
 
     if weight_dtype != "int8":
@@ -48,7 +48,8 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     if checkpoint_kind(src) == "jaxlm":
         run = read_run_config(src)  # keep its data/generate settings; it is no LoRA run now
         full = dataclasses.replace(run, model=cfg, train=dataclasses.replace(
-            run.train, lora_rank=0, lora_base_dtype="same", init_from=""))
+            run.train, lora=dataclasses.replace(run.train.lora, rank=0, base_dtype="same"),
+            init_from=""))
     else:
         full = Config(model=cfg, data=DataConfig(seq_len=min(DataConfig().seq_len,
                                                              cfg.max_seq_len)))

@@ -91,8 +91,8 @@ def model_dims(cfg) -> dict[str, int]:
     m = cfg.model
     dims = {"batch": cfg.data.batch_size, "vocab": m.vocab_size, "heads": m.n_heads,
             "kv_heads": m.n_kv_heads, "mlp": m.d_ff, "embed": m.d_model, "layers": m.n_layers}
-    if m.n_experts:
-        dims["experts"] = m.n_experts
+    if m.moe.n_experts:
+        dims["experts"] = m.moe.n_experts
     return dims
 
 

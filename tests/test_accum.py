@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.model import init_params, model_specs
-from jaxlm.model.config import ModelConfig, TrainConfig
+from jaxlm.config import TrainConfig
+from jaxlm.model.config import ModelConfig
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.train.state import TrainState
 from jaxlm.train.step import microbatches, train_step

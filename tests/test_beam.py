@@ -127,7 +127,7 @@ def test_llama_beams_with_processors_match_transformers(llama):
 
 def test_mixtral_beams_match_transformers(mixtral):
     model, cfg, params = mixtral
-    assert cfg.n_experts == 4
+    assert cfg.moe.n_experts == 4
     kw = BEAM_SETTINGS[0]
     eos = stop_ids(params, cfg, PROMPTS[:1])
     out = generate(params, cfg, PROMPTS[:1], max_new_tokens=NEW, eos_id=eos, **kw)

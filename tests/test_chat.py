@@ -154,7 +154,7 @@ def test_sentencepiece_encode_chat(tmp_path):
 def test_resolve_chat_template_and_config_keys(tmp_path, chatml_dir):
     from jaxlm.errors import ConfigError
     from jaxlm.model.chat import resolve_chat_template
-    from jaxlm.model.config import DataConfig, TrainConfig
+    from jaxlm.config import DataConfig, TrainConfig
 
     assert resolve_chat_template("", chatml_dir) == CHATML
     assert resolve_chat_template("", tmp_path) == DEFAULT_CHAT_TEMPLATE

@@ -3,8 +3,8 @@
 import pytest
 
 from jaxlm.errors import ConfigError
-from jaxlm.model.config import (Config, ModelConfig, config_from_dict, load_config, parse_override,
-                                to_dict)
+from jaxlm.config import Config, config_from_dict, load_config, parse_override, to_dict
+from jaxlm.model.config import ModelConfig
 
 
 PARAMS_B = {"llama3-8b": 8.03, "mistral-7b": 7.24, "qwen2-0.5b": 0.494, "mixtral-8x7b": 46.70,
@@ -100,3 +100,166 @@ def test_llama_1b_preset_counts_its_parameters():
     assert count(model_specs(m)) == want
     assert 1.0e9 < want < 1.1e9 and hd == 128
     assert (m.dtype, m.param_dtype, cfg.data.seq_len) == ("bfloat16", "float32", 2048)
+
+
+# ------------------------------------------------------------------ nested sections, old keys
+
+# A config.yaml as runs saved it before the nested sections: every old flat key, none
+# at its default.
+OLD_LAYOUT = """
+model:
+  vocab_size: 256
+  d_model: 32
+  n_layers: 2
+  n_heads: 4
+  d_ff: 64
+  max_seq_len: 64
+  rope_theta: 500000.0
+  rope_scaling: yarn
+  rope_scaling_factor: 4.0
+  rope_low_freq_factor: 2.0
+  rope_high_freq_factor: 8.0
+  rope_original_max_len: 32
+  rope_yarn_beta_fast: 16.0
+  rope_yarn_beta_slow: 2.0
+  rope_yarn_mscale: 1.0
+  rope_yarn_mscale_all_dim: 0.5
+  rope_yarn_truncate: false
+  rope_attention_factor: 1.5
+  n_experts: 4
+  experts_per_token: 1
+  moe_capacity_factor: 1.25
+  router_aux_loss_coef: 0.01
+  router_z_loss_coef: 0.002
+data:
+  seq_len: 32
+train:
+  lora_rank: 8
+  lora_alpha: 16.0
+  lora_targets: layers/attn/(q|v)
+  lora_base_dtype: int8
+  dpo_beta: 0.2
+  dpo_loss: ipo
+  dpo_label_smoothing: 0.1
+run_dir: runs/old
+"""
+
+
+def _nested_form():
+    from jaxlm.config import DataConfig, DpoConfig, LoraConfig, TrainConfig
+    from jaxlm.model.config import MoeConfig, RopeConfig, YarnConfig
+    return Config(
+        model=ModelConfig(
+            vocab_size=256, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64,
+            rope=RopeConfig(theta=500000.0, scaling="yarn", factor=4.0, low_freq_factor=2.0,
+                            high_freq_factor=8.0, original_max_len=32, attention_factor=1.5,
+                            yarn=YarnConfig(beta_fast=16.0, beta_slow=2.0, mscale=1.0,
+                                            mscale_all_dim=0.5, truncate=False)),
+            moe=MoeConfig(n_experts=4, experts_per_token=1, capacity_factor=1.25,
+                          aux_loss_coef=0.01, z_loss_coef=0.002)),
+        data=DataConfig(seq_len=32),
+        train=TrainConfig(lora=LoraConfig(rank=8, alpha=16.0, targets="layers/attn/(q|v)",
+                                          base_dtype="int8"),
+                          dpo=DpoConfig(beta=0.2, loss="ipo", label_smoothing=0.1)),
+        run_dir="runs/old")
+
+
+def test_an_old_flat_config_yaml_loads_as_the_nested_form(tmp_path):
+    import yaml
+    from jaxlm.config import ALIASES, flatten
+    from jaxlm.train.loop import read_run_config
+    old = yaml.safe_load(OLD_LAYOUT)
+    assert set(ALIASES) <= set(flatten(old)), "the fixture holds every old key"
+    defaults = flatten(to_dict(Config()))
+    assert all(flatten(old)[k] != defaults[ALIASES[k]] for k in ALIASES), "none at its default"
+    want = _nested_form()
+    (tmp_path / "config.yaml").write_text(OLD_LAYOUT)
+    assert read_run_config(str(tmp_path)) == want  # a run dir saved before the split
+    assert load_config(str(tmp_path / "config.yaml")) == want  # a YAML file
+    assert config_from_dict(old) == want
+    written = flatten(to_dict(want))  # written back: the nested form only
+    assert not set(ALIASES) & set(written) and set(ALIASES.values()) <= set(written)
+    assert config_from_dict(to_dict(want)) == want
+
+
+def test_old_and_new_names_in_overrides_and_model_sections():
+    from jaxlm.config import model_config_from_dict
+    assert load_config("tiny-llama", ["train.lora_rank=8"]) == \
+        load_config("tiny-llama", ["train.lora.rank=8"])
+    assert load_config("tiny-llama", ["model.rope_yarn_beta_fast=16", "model.rope_scaling=yarn"]) \
+        == load_config("tiny-llama", ["model.rope.yarn.beta_fast=16", "model.rope.scaling=yarn"])
+    # an override wins over the file, whichever name either uses
+    assert load_config("llama3-8b", ["model.rope_theta=1e6"]).model.rope.theta == 1e6
+    assert model_config_from_dict({"n_experts": 4, "rope_theta": 5.0}) == \
+        model_config_from_dict({"moe": {"n_experts": 4}, "rope": {"theta": 5.0}})
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.lora_rank=8", "train.lora.rank=4"],
+     "train.lora_rank=8 and train.lora.rank=4 are the old and the new name of one key"),
+    (["model={rope_theta: 7, rope: {theta: 8}}"],
+     "model.rope_theta=7 and model.rope.theta=8 are the old and the new name of one key"),
+    (["model.rope.thta=1"],
+     "unknown config key 'model.rope.thta' (did you mean 'model.rope.theta'?)"),
+    (["model.rope.yarn.beta_fsat=1"],
+     "unknown config key 'model.rope.yarn.beta_fsat' (did you mean 'model.rope.yarn.beta_fast'?)"),
+    (["model.moe.n_experts=4", "model.moe.experts_per_token=5"],
+     "model.moe.experts_per_token=5 must be in [1, model.moe.n_experts=4]"),
+    (["model.n_experts=4", "model.experts_per_token=5"],
+     "model.moe.experts_per_token=5 must be in [1, model.moe.n_experts=4]"),
+    (["model.rope.scaling=yarn", "model.rope.yarn.beta_fast=0.5"],
+     "model.rope.yarn.beta_fast=0.5 must be >= model.rope.yarn.beta_slow=1.0 > 0"),
+    (["train.lora.rank=-1"], "train.lora.rank=-1 must be >= 0 (0: LoRA off)"),
+    (["train.dpo.loss=hinge"], "train.dpo.loss='hinge' is not one of sigmoid, ipo"),
+    (["model.rope=5"], "model.rope should be a mapping, got 5"),
+])
+def test_nested_errors_are_one_clear_line(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny-llama", overrides)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_a_file_giving_old_and_new_names_of_one_key_is_an_error(tmp_path):
+    p = tmp_path / "both.yaml"
+    p.write_text("model:\n  rope_theta: 1000.0\n  rope:\n    theta: 2000.0\n")
+    with pytest.raises(ConfigError, match=r"model\.rope_theta=1000\.0 and model\.rope\.theta="
+                                          r"2000\.0 are the old and the new name of one key"):
+        load_config(str(p))
+    p.write_text("model:\n  rope_theta: 1000.0\n  rope:\n    theta: 1000.0\n")  # agreeing: fine
+    assert load_config(str(p)).model.rope.theta == 1000.0
+
+
+def test_init_from_takes_old_model_key_names(tmp_path):
+    """resolve_init_from's explicit model keys go through the aliases too."""
+    import yaml
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(load_config("tiny-llama"))))
+    cfg = load_config("tiny-llama", [f"train.init_from={run}", "model.rope_theta=20000"])
+    assert cfg.model.rope.theta == 20000.0
+    with pytest.raises(ConfigError, match=r"model\.moe\.n_experts=4 would change a parameter "
+                                          r"shape .* \(it has moe\.n_experts=0\)"):
+        load_config("tiny-llama", [f"train.init_from={run}", "model.n_experts=4"])
+
+
+# Keys that sit in a nested section without ever having had a flat name (none yet).
+NEVER_FLAT = set()
+
+
+def test_every_nested_key_has_its_old_flat_name_in_the_alias_table():
+    """A key moved into a section without an entry in ALIASES fails here: every leaf
+    below a nested section (model.rope.*, train.lora.*, ...) is the target of one alias,
+    each alias's old name is no current key, and its target is one."""
+    from jaxlm.config import ALIASES, _all_keys
+    keys = set(_all_keys(Config))
+    nested = {k for k in keys if k.count(".") >= 2}
+    assert {"model.rope.theta", "model.rope.yarn.beta_fast", "train.lora.rank"} <= nested
+    targets = list(ALIASES.values())
+    assert len(targets) == len(set(targets)), "one old name per key"
+    missing = nested - set(targets) - NEVER_FLAT
+    assert not missing, f"nested keys without their old flat name in ALIASES: {sorted(missing)}"
+    for old, new in ALIASES.items():
+        assert new in keys, f"ALIASES[{old!r}] = {new!r} is no config key"
+        assert old not in keys and old.count(".") == 1, old
+        assert old.split(".")[0] == new.split(".")[0], (old, new)  # same top-level section

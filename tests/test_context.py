@@ -15,7 +15,7 @@ from test_sharding import (B, FAMILIES, S, _forward, assert_matches_reference,
                            synthetic_batch)
 
 from jaxlm.errors import ConfigError
-from jaxlm.model.config import Config, DataConfig, MeshConfig
+from jaxlm.config import Config, DataConfig, MeshConfig
 from jaxlm.model.kernels import MaskSpec, attention, flash_attention
 from jaxlm.model.kernels.reference import attention_reference
 from jaxlm.sharding.context import (balanced_forward, balanced_order, context_reorder,
@@ -64,7 +64,7 @@ def test_parity_and_seq_sharding(family, mesh_name):
     b_local, s_local, d = B // sizes["data"], S // sizes["context"], cfg.model.d_model
     assert "collective-permute" in hlo
     assert f"f32[{b_local},{s_local},{d}]" in hlo
-    if not cfg.model.n_experts:  # dropless MoE sorts all tokens by expert: XLA gathers them
+    if not cfg.model.moe.n_experts:  # dropless MoE sorts all tokens by expert: XLA gathers them
         assert f"f32[{b_local},{S},{d}]" not in hlo and f"f32[{B},{S},{d}]" not in hlo
 
 
@@ -193,7 +193,7 @@ def test_ring_memory_8k_vs_unsharded_flash():
 
 
 def test_plan_accounts_for_context(capsys):
-    from jaxlm.model.config import load_config
+    from jaxlm.config import load_config
     from jaxlm.scripts.cli import main
     from jaxlm.scripts.plan import plan
     base = plan(load_config("llama3-8b", ["mesh.fsdp=32", "mesh.data=8"]), n_devices=256)

@@ -15,7 +15,7 @@ from jaxlm.infer import engine
 from jaxlm.infer import generate as gen
 from jaxlm.model.kv.contiguous import init_cache
 from jaxlm.model import ModelConfig, init_params
-from jaxlm.model.config import MeshConfig
+from jaxlm.config import MeshConfig
 from jaxlm.sharding.mesh import make_mesh
 from jaxlm.sharding.rules import use_mesh
 

@@ -17,7 +17,7 @@ import pytest
 
 from jaxlm.infer.engine import Engine
 from jaxlm.model import ModelConfig, init_params
-from jaxlm.model.config import GenerateConfig
+from jaxlm.config import GenerateConfig
 
 # distinct sizes: d_model*d_ff = 3072, per-layer cache B*KVH*T*D = 2*2*64*8 = 2048
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96,

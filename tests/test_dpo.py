@@ -12,7 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxlm.model.config import Config, DataConfig, MeshConfig, TrainConfig  # noqa: E402
+from jaxlm.config import (Config, DataConfig, DpoConfig, LoraConfig, MeshConfig,  # noqa: E402
+                          TrainConfig)
 from jaxlm.model.hf import load_hf  # noqa: E402
 from jaxlm.sharding.mesh import make_mesh  # noqa: E402
 from jaxlm.sharding.rules import named_sharding, use_mesh  # noqa: E402
@@ -108,7 +109,7 @@ def test_dpo_step_loss_and_gradient_match_transformers(models):
     policy, reference, mcfg, p_params, r_params = models
     batch = preference_batch()
     beta, ls = 0.5, 0.1
-    tcfg = TrainConfig(objective="dpo", dpo_beta=beta, dpo_label_smoothing=ls, steps=1,
+    tcfg = TrainConfig(objective="dpo", dpo=DpoConfig(beta=beta, label_smoothing=ls), steps=1,
                        warmup_steps=0)
 
     # oracle: transformers log-probs, the formula in numpy (loss) and torch (gradient)
@@ -157,9 +158,9 @@ def test_lora_dpo_steps_raise_the_reward_margin(models):
     """Reference = the frozen base (adapters off): margin 0 at the first step, then up.
     Two microbatches per step."""
     _, _, mcfg, p_params, _ = models
-    tcfg = TrainConfig(objective="dpo", dpo_beta=0.5, steps=8, warmup_steps=0,
-                       learning_rate=2e-2, lora_rank=4, grad_accum_steps=2,
-                       lora_targets="layers/(attn/(q|v)|mlp/(up|down))")
+    tcfg = TrainConfig(objective="dpo", dpo=DpoConfig(beta=0.5), steps=8, warmup_steps=0,
+                       learning_rate=2e-2, grad_accum_steps=2,
+                       lora=LoraConfig(rank=4, targets="layers/(attn/(q|v)|mlp/(up|down))"))
     cfg = Config(model=mcfg, train=tcfg, data=DataConfig(seq_len=S, batch_size=8),
                  mesh=MeshConfig(devices=1))
     mesh = make_mesh(cfg.mesh)

@@ -15,7 +15,8 @@ import pytest
 import jaxlm
 from jaxlm.errors import ConfigError
 from jaxlm.model import forward, init_params, model_specs
-from jaxlm.model.config import ModelConfig, TrainConfig, load_config
+from jaxlm.config import TrainConfig, load_config
+from jaxlm.model.config import ModelConfig
 from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.kernels.reference import attention_reference
 from jaxlm.model.layers.dropout import dropout

@@ -11,7 +11,8 @@ import pytest
 import jaxlm
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.model import forward, init_params, model_specs
-from jaxlm.model.config import ModelConfig, TrainConfig
+from jaxlm.config import TrainConfig
+from jaxlm.model.config import ModelConfig
 from jaxlm.model.families.encoder import mlm_head_inputs, mlm_logits
 from jaxlm.model.params import abstract
 from jaxlm.train.objectives import batch_objective, mlm_corrupt, mlm_key, mlm_mask_id

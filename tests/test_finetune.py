@@ -14,7 +14,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 import jaxlm  # noqa: E402
 from jaxlm.errors import CheckpointError, ConfigError, InputError  # noqa: E402
-from jaxlm.model.config import load_config  # noqa: E402
+from jaxlm.config import load_config  # noqa: E402
 from jaxlm.scripts.cli import main  # noqa: E402
 from jaxlm.train.loop import train  # noqa: E402
 
@@ -118,7 +118,7 @@ def test_sft_from_a_hugging_face_dir(sft_run, hf_llama):
 
 
 def test_lora_from_a_hugging_face_dir_resumes_exactly_and_exports(hf_llama, corpora, tmp_path):
-    lora = ("train.lora_rank=4", "train.lora_alpha=8", "train.lora_targets=layers/attn/(q|v)",
+    lora = ("train.lora.rank=4", "train.lora.alpha=8", "train.lora.targets=layers/attn/(q|v)",
             "model.remat=full")
     straight = tmp_path / "straight"
     train(_cfg(straight, hf_llama, corpora["sft"], *lora), progress=False)
@@ -152,7 +152,7 @@ def test_lora_from_a_hugging_face_dir_resumes_exactly_and_exports(hf_llama, corp
 def test_dpo_from_the_sft_run(sft_run, corpora, tmp_path):
     """init_from a jaxlm run dir; DPO without LoRA keeps a frozen copy as the reference."""
     run, _, _ = sft_run
-    cfg = _cfg(tmp_path / "dpo", run, corpora["dpo"], "train.objective=dpo", "train.dpo_beta=0.5")
+    cfg = _cfg(tmp_path / "dpo", run, corpora["dpo"], "train.objective=dpo", "train.dpo.beta=0.5")
     summary = train(cfg, progress=False)
     steps, evals = _metrics(tmp_path / "dpo")
     assert steps[1]["reward_margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
@@ -167,7 +167,7 @@ def test_dpo_from_the_sft_run(sft_run, corpora, tmp_path):
 # test above and test_dpo.py's LoRA DPO steps with grad accumulation
 def test_dpo_with_lora_from_a_hugging_face_dir(hf_llama, corpora, tmp_path):
     cfg = _cfg(tmp_path / "dpo", hf_llama, corpora["dpo"], "train.objective=dpo",
-               "train.lora_rank=4", "train.lora_base_dtype=int8", "train.grad_accum_steps=2")
+               "train.lora.rank=4", "train.lora.base_dtype=int8", "train.grad_accum_steps=2")
     train(cfg, progress=False)
     steps, _ = _metrics(tmp_path / "dpo")
     assert steps[1]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
@@ -200,10 +200,10 @@ def test_errors_at_the_door(hf_llama, corpora, tmp_path, capsys):
     _cfg(tmp_path, hf_llama, corpora["sft"], "model.remat=full")  # shapes unchanged: fine
     with pytest.raises(CheckpointError, match="does not exist"):
         _cfg(tmp_path, tmp_path / "nowhere", corpora["sft"])
-    with pytest.raises(ConfigError, match="lora_rank=-1"):
-        _cfg(tmp_path, hf_llama, corpora["sft"], "train.lora_rank=-1")
-    with pytest.raises(ConfigError, match="lora_targets"):
-        _cfg(tmp_path, hf_llama, corpora["sft"], "train.lora_rank=4", "train.lora_targets=nothing")
+    with pytest.raises(ConfigError, match=r"lora\.rank=-1"):
+        _cfg(tmp_path, hf_llama, corpora["sft"], "train.lora.rank=-1")
+    with pytest.raises(ConfigError, match=r"lora\.targets"):
+        _cfg(tmp_path, hf_llama, corpora["sft"], "train.lora.rank=4", "train.lora.targets=nothing")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(InputError, match=r"bad.jsonl:1.*assistant"):

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from jaxlm.errors import CheckpointError, ConfigError  # noqa: E402
 from jaxlm.model import abstract, forward, model_specs  # noqa: E402
-from jaxlm.model.config import ModelConfig  # noqa: E402
+from jaxlm.model.config import ModelConfig, MoeConfig, RopeConfig  # noqa: E402
 from jaxlm.model.hf import (config_from_hf, hf_config_from, infer_model_type,  # noqa: E402
                             is_hf_checkpoint, load_hf, save_hf)
 
@@ -135,7 +135,7 @@ def test_logits_match_transformers(family, tmp_path):
         no_window = jax_logits(dataclasses.replace(cfg, sliding_window=0), params)
         assert np.abs(no_window - ours)[:, 4:].max() > 1e-3
     if family == "llama":
-        assert cfg.rope_scaling == "llama3" and cfg.head_dim == 12 and cfg.out_bias
+        assert cfg.rope.scaling == "llama3" and cfg.head_dim == 12 and cfg.out_bias
     if family == "gpt2":
         assert (cfg.head_dim, cfg.d_ff, cfg.tie_embeddings) == (9, 144, True)
 
@@ -209,16 +209,16 @@ def test_mixtral_per_expert_and_fused_layouts_agree(tmp_path):
 
 EXPORTS = {
     "llama": ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                         head_dim=12, d_ff=40, max_seq_len=64, rope_theta=500.0,
-                         rope_scaling="llama3", rope_scaling_factor=4.0,
-                         rope_original_max_len=32, norm_eps=1e-6),
+                         head_dim=12, d_ff=40, max_seq_len=64,
+                         rope=RopeConfig(theta=500.0, scaling="llama3", factor=4.0,
+                                         original_max_len=32), norm_eps=1e-6),
     "gpt2": ModelConfig(vocab_size=V, d_model=36, n_layers=2, n_heads=4, d_ff=50, max_seq_len=32,
                         norm="layernorm", mlp="gelu", gelu_approximate=True,
                         positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
                         tie_embeddings=True),
     "mixtral": ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1,
-                           d_ff=40, max_seq_len=64, n_experts=4, experts_per_token=2,
-                           sliding_window=5),
+                           d_ff=40, max_seq_len=64,
+                           moe=MoeConfig(n_experts=4, experts_per_token=2), sliding_window=5),
     "qwen2": ModelConfig(vocab_size=V, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=40,
                          max_seq_len=64, qkv_bias=True, tie_embeddings=True),
     "mistral": ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -287,8 +287,8 @@ def test_config_mapping_transformers5_and_legacy_rope():
                                   intermediate_size=96, max_position_embeddings=128,
                                   rope_parameters=dict(LLAMA3_ROPE, rope_theta=5e5)).to_dict()
     cfg = config_from_hf(hf)
-    assert (cfg.rope_scaling, cfg.rope_theta, cfg.rope_scaling_factor,
-            cfg.rope_original_max_len) == ("llama3", 5e5, 4.0, 32)
+    assert (cfg.rope.scaling, cfg.rope.theta, cfg.rope.factor,
+            cfg.rope.original_max_len) == ("llama3", 5e5, 4.0, 32)
     legacy = {k: v for k, v in hf.items() if k != "rope_parameters"}
     legacy.update(rope_theta=5e5, rope_scaling={"type": "llama3", "factor": 4.0,
                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 import jaxlm  # noqa: E402
 from jaxlm.errors import CheckpointError  # noqa: E402
 from jaxlm.model import logical_axes, model_specs  # noqa: E402
-from jaxlm.model.config import MeshConfig  # noqa: E402
+from jaxlm.config import MeshConfig  # noqa: E402
 from jaxlm.model.hf import io as hf_io  # noqa: E402
 from jaxlm.model.hf.rules import Rule, linear, merged  # noqa: E402
 from jaxlm.sharding.mesh import make_mesh  # noqa: E402

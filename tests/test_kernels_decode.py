@@ -108,7 +108,7 @@ def test_model_forward_pallas_matches_xla(params, backend, monkeypatch):
 def test_model_gradient_per_shard_under_mesh(params, monkeypatch):
     """Under a data x fsdp x tensor mesh the kernel runs in shard_map (batch and
     heads split), with the same gradient as the XLA reference."""
-    from jaxlm.model.config import MeshConfig
+    from jaxlm.config import MeshConfig
     from jaxlm.model.kernels import per_shard
     from jaxlm.sharding.mesh import make_mesh
     from jaxlm.sharding.rules import named_sharding, use_mesh

@@ -17,7 +17,9 @@ from jaxlm.errors import ConfigError  # noqa: E402
 from jaxlm.model import forward, model_specs  # noqa: E402
 from jaxlm.model.adapters import (LoraWeight, QuantizedWeight, dequantize,  # noqa: E402
                                   materialize, quantize)
-from jaxlm.model.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig  # noqa: E402
+from jaxlm.config import (Config, DataConfig, DpoConfig, LoraConfig, MeshConfig,  # noqa: E402
+                          TrainConfig)
+from jaxlm.model.config import ModelConfig  # noqa: E402
 from jaxlm.model.hf import load_hf  # noqa: E402
 from jaxlm.model.params import LogicalAxes, logical_axes  # noqa: E402
 from jaxlm.model.peft import save_lora_run  # noqa: E402
@@ -55,24 +57,25 @@ def logits_of(params, mcfg, batch):
 
 # ------------------------------------------------------------------ config
 
-@pytest.mark.parametrize("over, needle", [
-    (dict(lora_rank=-1), "train.lora_rank"),
-    (dict(lora_rank=4, lora_targets="layers/(q"), "train.lora_targets"),
-    (dict(lora_base_dtype="int8"), "train.lora_base_dtype"),
-    (dict(grad_accum_steps=0), "train.grad_accum_steps"),
-    (dict(dpo_loss="hinge"), "train.dpo_loss"),
+@pytest.mark.parametrize("section, over, needle", [
+    (LoraConfig, dict(rank=-1), "train.lora.rank"),
+    (LoraConfig, dict(rank=4, targets="layers/(q"), "train.lora.targets"),
+    (LoraConfig, dict(base_dtype="int8"), "train.lora.base_dtype"),
+    (TrainConfig, dict(grad_accum_steps=0), "train.grad_accum_steps"),
+    (DpoConfig, dict(loss="hinge"), "train.dpo.loss"),
 ])
-def test_bad_settings_are_one_line_config_errors(over, needle):
+def test_bad_settings_are_one_line_config_errors(section, over, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
-        TrainConfig(**over)
+        section(**over)
 
 
 def test_targets_matching_no_weight_and_accum_not_dividing_batch():
     mcfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64)
-    with pytest.raises(ConfigError, match="lora_targets='embed/tokens'"):
-        lora_specs(mcfg, TrainConfig(lora_rank=2, lora_targets="embed/tokens"))
-    with pytest.raises(ConfigError, match="lora_targets='layers/mlp/nothing'"):
-        Config(model=mcfg, train=TrainConfig(lora_rank=2, lora_targets="layers/mlp/nothing"))
+    with pytest.raises(ConfigError, match="lora.targets='embed/tokens'"):
+        lora_specs(mcfg, TrainConfig(lora=LoraConfig(rank=2, targets="embed/tokens")))
+    with pytest.raises(ConfigError, match="lora.targets='layers/mlp/nothing'"):
+        Config(model=mcfg, train=TrainConfig(lora=LoraConfig(rank=2,
+                                                             targets="layers/mlp/nothing")))
     with pytest.raises(ConfigError, match="objective=dpo needs model.family=decoder"):
         Config(model=dataclasses.replace(mcfg, family="encoder", mlp="gelu"),
                train=TrainConfig(objective="dpo"))
@@ -119,11 +122,11 @@ def hf_llama(tmp_path_factory):
     return path, model, mcfg, params
 
 
-def lora_cfg(mcfg, **train):
+def lora_cfg(mcfg, **lora):
     # eps 1e-4: Adam's first steps stay smooth in gradients near 0 (see the sharded test)
-    t = dict(steps=10, warmup_steps=0, learning_rate=3e-2, lora_rank=4, lora_alpha=8.0,
-             lora_targets=TARGETS, grad_clip=0.0, eps=1e-4)
-    return Config(model=mcfg, train=TrainConfig(**{**t, **train}),
+    lora = LoraConfig(**{**dict(rank=4, alpha=8.0, targets=TARGETS), **lora})
+    t = dict(steps=10, warmup_steps=0, learning_rate=3e-2, grad_clip=0.0, eps=1e-4)
+    return Config(model=mcfg, train=TrainConfig(**t, lora=lora),
                   data=DataConfig(seq_len=S, batch_size=B), mesh=MeshConfig(devices=1))
 
 
@@ -201,7 +204,7 @@ def test_merged_equals_unmerged_and_peft_loads_the_export(hf_llama, trained, tmp
 
 def test_qlora_base_is_int8_and_steps_run(hf_llama):
     _, _, mcfg, params = hf_llama
-    cfg = lora_cfg(mcfg, lora_base_dtype="int8", lora_targets="layers/attn/(q|k|v|o)")
+    cfg = lora_cfg(mcfg, base_dtype="int8", targets="layers/attn/(q|k|v|o)")
     batch = lm_batch()
     start, state, metrics, _, _ = run_lora(cfg, params, 2, batch)
     q = start.frozen["layers"]["attn"]["q"]

@@ -108,7 +108,7 @@ def test_no_device_allocates_the_global_cache(mesh):
 
 def test_int8_kv_cache_logits_and_bytes(params):
     from jaxlm.errors import ConfigError
-    from jaxlm.model.config import GenerateConfig
+    from jaxlm.config import GenerateConfig
     ref = gen.generate(params, CFG, PROMPTS[:4], max_new_tokens=NEW, return_logits=True)
     q8 = gen.generate(params, CFG, PROMPTS[:4], max_new_tokens=NEW, return_logits=True,
                       kv_dtype="int8")

@@ -6,7 +6,8 @@ import jax
 import pytest
 
 from jaxlm.errors import ConfigError
-from jaxlm.model.config import ModelConfig, TrainConfig, model_flops_per_token
+from jaxlm.config import TrainConfig
+from jaxlm.model.config import ModelConfig, model_flops_per_token
 from jaxlm.train import metrics
 
 
@@ -39,7 +40,7 @@ def test_peak_table_and_override(monkeypatch):
 def test_cpu_mfu_does_not_grow_with_forced_devices(monkeypatch):
     """The same machine's throughput over 1 or 8 forced host devices: one MFU."""
     from jaxlm.sharding.mesh import make_mesh
-    from jaxlm.model.config import MeshConfig
+    from jaxlm.config import MeshConfig
     monkeypatch.setattr(metrics, "measure_matmul_peak", lambda dtype, seconds: 8e9)
     figures = []
     for n in (1, 8):

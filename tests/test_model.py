@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from jaxlm.model import forward, init_params, model_specs
-from jaxlm.model.config import ModelConfig
+from jaxlm.model.config import ModelConfig, RopeConfig
 from jaxlm.model.kernels import MaskSpec, attention
 from jaxlm.model.params import abstract, is_spec, logical_axes
 
 SMALL = ModelConfig(vocab_size=101, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=80,
-                    max_seq_len=64, rope_theta=500.0, norm_eps=1e-6)
+                    max_seq_len=64, rope=RopeConfig(theta=500.0), norm_eps=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_logits_match_transformers_llama(params):
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope.theta, tie_word_embeddings=False,
         attention_bias=False, mlp_bias=False)
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
     missing, unexpected = model.load_state_dict(to_hf_llama(params, cfg), strict=False)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from jaxlm.model import forward, init_params
-from jaxlm.model.config import ModelConfig
+from jaxlm.model.config import ModelConfig, MoeConfig
 from jaxlm.model.layers.moe import moe
 
 CFG = ModelConfig(vocab_size=61, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=24,
-                  max_seq_len=32, n_experts=4, experts_per_token=2, init_std=0.3)
+                  max_seq_len=32, moe=MoeConfig(n_experts=4, experts_per_token=2), init_std=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_dropless_matches_the_token_loop(layer):
 
 
 def test_capacity_drops_tokens_in_order(layer):
-    cfg = dataclasses.replace(CFG, moe_capacity_factor=0.5)
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, capacity_factor=0.5))
     x = np.random.default_rng(1).normal(size=(1, 16, 16)).astype(np.float32)
     y, aux = moe(layer, jnp.asarray(x), cfg)
     # Independent recomputation of who fits: capacity ceil(0.5 * 16 * 2 / 4) = 4 per expert,
@@ -71,7 +71,7 @@ def test_masked_tokens_take_no_capacity(layer):
     puts row 0's padding before row 1's tokens: what the padding holds changes
     nothing, and the real tokens keep what they keep alone (capacity still counts
     every position: ceil(0.5 * 16 * 2 / 4) = 4 per expert, as for 16 real tokens)."""
-    cfg = dataclasses.replace(CFG, moe_capacity_factor=0.5)
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, capacity_factor=0.5))
     rng = np.random.default_rng(2)
     real = rng.normal(size=(8, 16)).astype(np.float32)
     mask = jnp.asarray(np.r_[np.zeros(8), np.ones(8)].reshape(1, 16))
@@ -127,7 +127,7 @@ def test_moe_decoder_decodes_with_the_cache():
 
 def test_moe_train_step_logs_router_stats():
     from jaxlm.model import model_specs
-    from jaxlm.model.config import Config, DataConfig, MeshConfig, TrainConfig
+    from jaxlm.config import Config, DataConfig, MeshConfig, TrainConfig
     from jaxlm.sharding.mesh import make_mesh
     from jaxlm.sharding.rules import named_sharding, use_mesh
     from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer

@@ -61,7 +61,7 @@ def test_single_process_needs_nothing(monkeypatch):
 @pytest.mark.slow  # 2-process training and resume also run in the SIGTERM test below
 def test_jaxlm_train_two_processes(tmp_path):
     """`jaxlm train --coordinator ...` x 2 processes: one run dir, written by process 0."""
-    from jaxlm.model.config import load_config
+    from jaxlm.config import load_config
     from jaxlm.model.tokenizer import train_sentencepiece
     from jaxlm.train.data import load_documents
     from jaxlm.train.loop import train

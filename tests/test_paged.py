@@ -14,6 +14,7 @@ from jaxlm.infer import engine
 from jaxlm.infer.generate import generate_many
 from jaxlm.infer.generate import generate
 from jaxlm.model import ModelConfig, init_params
+from jaxlm.model.config import MoeConfig
 from jaxlm.model.kernels.paged import paged_attention_pallas, paged_attention_reference
 from jaxlm.train.data import load_documents
 
@@ -159,7 +160,7 @@ def test_packs_split_at_pack_tokens(params, workload, greedy, monkeypatch):
     dict(positions="learned", norm="layernorm", mlp="gelu", n_kv_heads=0, qkv_bias=True,
          out_bias=True, mlp_bias=True, tie_embeddings=True),
     dict(sliding_window=5),
-    dict(n_experts=4, experts_per_token=2),
+    dict(moe=MoeConfig(n_experts=4, experts_per_token=2)),
     dict(positions="alibi"),
 ], ids=["gpt2", "window", "moe", "alibi"])
 def test_families_equal_per_prompt_generate(workload, overrides):

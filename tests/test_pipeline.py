@@ -14,7 +14,8 @@ from test_sharding import assert_rule_shardings
 import jaxlm
 from jaxlm.errors import ConfigError
 from jaxlm.model import forward, model_specs
-from jaxlm.model.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig, load_config
+from jaxlm.config import Config, DataConfig, MeshConfig, TrainConfig, load_config
+from jaxlm.model.config import ModelConfig, MoeConfig
 from jaxlm.sharding.mesh import make_mesh
 from jaxlm.sharding.pipeline import Pipeline, bubble_fraction, pipeline_of, schedule
 from jaxlm.sharding.rules import named_sharding, use_mesh
@@ -26,7 +27,7 @@ B, S = 8, 32
 _DENSE = dict(family="decoder", vocab_size=256, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2,
               d_ff=64, max_seq_len=32)
 MODELS = {"llama": ModelConfig(**_DENSE),
-          "moe": ModelConfig(**_DENSE, n_experts=4, experts_per_token=2)}
+          "moe": ModelConfig(**_DENSE, moe=MoeConfig(n_experts=4, experts_per_token=2))}
 MESHES = {"stage4_data2": dict(stage=4, data=2), "stage2_fsdp2_tensor2": dict(stage=2, data=1,
                                                                               fsdp=2, tensor=2),
           "stage2_context4": dict(stage=2, data=1, context=4)}
@@ -105,7 +106,7 @@ def test_parity_and_stage_sharding(model, mesh_name, remat):
     of one device; under context, ring attention inside each stage keeps `seq` sharded."""
     sizes = MESHES[mesh_name]
     c = sizes.get("context", 1)
-    moe = MODELS[model].n_experts > 0
+    moe = MODELS[model].moe.n_experts > 0
     # under context: 2 microbatches of 4 rows, so that a microbatch's per-device
     # activation [4, S / c, D] has a shape no weight has (a stage holds 2 layers).
     # MoE: M microbatches everywhere (one reference, accumulated over the same M), no
@@ -160,7 +161,8 @@ def test_bubble_measured_by_the_loop_and_circular_parity():
     # Mixtral-style, with expert parallelism inside the stages (capacity E / k: nothing
     # drops, so one device without a mesh is the oracle): the experts' all-to-all runs
     # in the stage loop; router stats are the mean over microbatches (as with accumulation)
-    moe = dataclasses.replace(MODELS["moe"], moe_capacity_factor=2.0)
+    moe = dataclasses.replace(MODELS["moe"], moe=dataclasses.replace(MODELS["moe"].moe,
+                                                                   capacity_factor=2.0))
     params = jaxlm.init_params(moe, jax.random.key(0))
     fwd = jax.jit(lambda p, b: forward(p, moe, b["tokens"], b["positions"], b["segment_ids"]))
     parts = [jax.tree.map(lambda x: x[j::4], batch) for j in range(4)]

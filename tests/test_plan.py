@@ -6,7 +6,7 @@ import pytest
 
 from jaxlm.errors import ConfigError
 from jaxlm.model import model_specs
-from jaxlm.model.config import load_config
+from jaxlm.config import load_config
 from jaxlm.scripts.cli import main
 from jaxlm.scripts.plan import parse_bytes, plan
 from jaxlm.sharding.mesh import make_mesh
@@ -19,7 +19,7 @@ TINY = ["model.vocab_size=128", "model.d_model=64", "model.n_layers=2", "model.n
 
 
 def test_params_and_optimizer_bytes_match_real_shards():
-    cfg = load_config(None, TINY + ["model.n_experts=4", "mesh.data=1", "mesh.fsdp=2",
+    cfg = load_config(None, TINY + ["model.moe.n_experts=4", "mesh.data=1", "mesh.fsdp=2",
                                     "mesh.expert=2", "mesh.tensor=2"])
     p = plan(cfg)
     assert p["devices"] == 8

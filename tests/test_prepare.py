@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxlm.errors import ConfigError, InputError
-from jaxlm.model.config import load_config, to_dict, config_from_dict
+from jaxlm.config import load_config, to_dict, config_from_dict
 from jaxlm.model.tokenizer import load_tokenizer, train_sentencepiece
 from jaxlm.scripts.cli import main as cli_main
 from jaxlm.train import data

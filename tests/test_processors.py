@@ -11,7 +11,7 @@ from jaxlm.infer import generate as gen
 from jaxlm.infer import processors as lp
 from jaxlm.infer.generate import generate, generate_kwargs
 from jaxlm.infer.sampling import sample, warp
-from jaxlm.model.config import GenerateConfig, load_config
+from jaxlm.config import GenerateConfig, load_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

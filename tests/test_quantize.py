@@ -15,7 +15,8 @@ import jaxlm
 from jaxlm.errors import ConfigError
 from jaxlm.model import forward, init_params
 from jaxlm.model.adapters import QuantizedWeight
-from jaxlm.model.config import ModelConfig, load_config
+from jaxlm.config import load_config
+from jaxlm.model.config import ModelConfig
 from jaxlm.model.quantize import quantize_params
 from jaxlm.model.tokenizer import train_sentencepiece
 from jaxlm.scripts import cli
@@ -69,7 +70,7 @@ def test_forward_equals_dequantized_float_model(preset):
     params = init_params(cfg, jax.random.key(1))
     qcfg = dataclasses.replace(cfg, weight_dtype="int8")
     qparams = quantize_params(params, qcfg)
-    expected_q, oracle_params = numpy_quantize(params, cfg.n_experts)
+    expected_q, oracle_params = numpy_quantize(params, cfg.moe.n_experts)
     got_q = {tuple(k.key for k in path): np.asarray(w.q) for path, w in
              jax.tree_util.tree_flatten_with_path(
                  qparams, is_leaf=lambda x: isinstance(x, QuantizedWeight))[0]
@@ -200,7 +201,7 @@ def test_bad_input_is_one_line(trained, quantized, tmp_path, capsys):
 
 
 def test_int8_loads_sharded(trained, quantized):
-    from jaxlm.model.config import MeshConfig
+    from jaxlm.config import MeshConfig
     from jaxlm.sharding.mesh import make_mesh
     mesh = make_mesh(MeshConfig(fsdp=4, devices=4))  # (n_kv_heads=1 cannot go over tensor)
     _, ref = jaxlm.load(quantized)

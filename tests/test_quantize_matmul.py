@@ -16,7 +16,7 @@ from jaxlm.model.kv.contiguous import init_cache
 from jaxlm.infer.engine import model_step
 from jaxlm.model import init_params
 from jaxlm.model.adapters import QuantizedWeight, concatenate, quantize
-from jaxlm.model.config import load_config
+from jaxlm.config import load_config
 from jaxlm.model.families.decoder import unstack_layers
 from jaxlm.model.layers.dense import dense, expert_einsum, grouped
 from jaxlm.model.quantize import quantize_params
@@ -129,14 +129,16 @@ def test_int8_experts_all_to_all_equal_the_dequantized_grouped_path():
     """Expert parallelism (shard_map + all_to_all over `expert`) carries int8 experts with
     their scales: equal to the single-device grouped path on the dequantized weights."""
     from jaxlm.model.adapters import materialize
-    from jaxlm.model.config import MeshConfig, ModelConfig
+    from jaxlm.config import MeshConfig
+    from jaxlm.model.config import ModelConfig, MoeConfig
     from jaxlm.model.layers.moe import expert_parallel_plan, moe, moe_specs
     from jaxlm.model.params import initialize
     from jaxlm.sharding.mesh import make_mesh
     from jaxlm.sharding.rules import use_mesh
     cfg = ModelConfig(family="decoder", vocab_size=128, d_model=32, n_layers=1, n_heads=2,
-                      d_ff=64, max_seq_len=16, n_experts=8, experts_per_token=2,
-                      moe_capacity_factor=4.0, init_std=0.3)  # capacity: nothing dropped
+                      d_ff=64, max_seq_len=16, init_std=0.3,
+                      moe=MoeConfig(n_experts=8, experts_per_token=2,
+                                    capacity_factor=4.0))  # capacity: nothing dropped
     p = initialize(moe_specs(cfg), jax.random.key(1))
     qp = {k: (w if k == "router" else quantize(w, (1,))) for k, w in p.items()}
     x = jax.random.normal(jax.random.key(2), (8, 4, cfg.d_model))

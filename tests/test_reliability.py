@@ -23,7 +23,8 @@ import pytest
 
 import jaxlm
 from jaxlm.errors import CheckpointError, ConfigError, InputError, JaxlmError
-from jaxlm.model.config import ModelConfig, load_config
+from jaxlm.config import load_config
+from jaxlm.model.config import ModelConfig
 from jaxlm.model.tokenizer import train_sentencepiece
 from jaxlm.scripts import cli
 from jaxlm.infer.batch import batch_infer, row_seed

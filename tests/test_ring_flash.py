@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.model.config import MeshConfig
+from jaxlm.config import MeshConfig
 from jaxlm.model.kernels import MaskSpec, attention, flash
 from jaxlm.model.kernels.dispatch import ring_impl
 from jaxlm.model.kernels.flash import BlockSizes, flash_backward, flash_delta, flash_forward

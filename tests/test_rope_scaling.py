@@ -1,4 +1,4 @@
-"""Long-context RoPE (`model.rope_scaling` = linear | dynamic | yarn) against
+"""Long-context RoPE (`model.rope.scaling` = linear | dynamic | yarn) against
 transformers: logits of a tiny Llama built with that rope_scaling, at a
 sequence (40) longer than the original context (16), loaded from its config.json."""
 
@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import jaxlm  # noqa: E402
 from jaxlm.errors import ConfigError  # noqa: E402
-from jaxlm.model.config import ModelConfig  # noqa: E402
+from jaxlm.model.config import ModelConfig, RopeConfig, YarnConfig  # noqa: E402
 from jaxlm.model.layers.positions import rope_attention_factor, rope_frequencies  # noqa: E402
 
 V, SEQ, ORIG = 97, 40, 16
@@ -66,10 +66,10 @@ def theirs(model, tokens=TOKENS):
 
 def test_logits_match_transformers_past_the_original_context(pair):
     name, model, cfg, params = pair
-    assert cfg.rope_scaling == name.split("_")[0]
+    assert cfg.rope.scaling == name.split("_")[0]
     np.testing.assert_allclose(ours(cfg, params), theirs(model), atol=1e-4, rtol=0)
     # the scaling matters at this length: without it the logits differ
-    plain = dataclasses.replace(cfg, rope_scaling="none")
+    plain = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, scaling="none"))
     assert np.abs(ours(plain, params) - theirs(model)).max() > 1e-3
 
 
@@ -86,7 +86,7 @@ def test_dynamic_within_the_original_context_is_plain_rope(pair):
     if name != "dynamic":
         pytest.skip("dynamic only")
     short = TOKENS[:, :ORIG]
-    plain = dataclasses.replace(cfg, rope_scaling="none")
+    plain = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, scaling="none"))
     np.testing.assert_allclose(ours(cfg, params, short), ours(plain, params, short), atol=1e-6)
     # a fresh HF model: one that ran a long call keeps its grown base (HF's rotary
     # embedding is stateful, jaxlm's is not)
@@ -104,9 +104,9 @@ def test_export_round_trip_through_transformers(pair, tmp_path):
 
 
 def test_bad_scaling_values_are_one_line_errors():
-    with pytest.raises(ConfigError, match="rope_scaling_factor"):
-        ModelConfig(rope_scaling="linear", rope_scaling_factor=0.5)
+    with pytest.raises(ConfigError, match=r"rope\.factor"):
+        ModelConfig(rope=RopeConfig(scaling="linear", factor=0.5))
     with pytest.raises(ConfigError, match="beta_fast"):
-        ModelConfig(rope_scaling="yarn", rope_yarn_beta_fast=1.0, rope_yarn_beta_slow=2.0)
-    with pytest.raises(ConfigError, match="not one of|rope_scaling"):
-        ModelConfig(rope_scaling="ntk")
+        ModelConfig(rope=RopeConfig(scaling="yarn", yarn=YarnConfig(beta_fast=1.0, beta_slow=2.0)))
+    with pytest.raises(ConfigError, match=r"not one of|rope\.scaling"):
+        ModelConfig(rope=RopeConfig(scaling="ntk"))

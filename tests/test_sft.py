@@ -269,7 +269,7 @@ def test_stdlib_sft_records_are_functions_split_after_the_docstring():
 
 
 def test_finetune_data_from_config(tmp_path, tok, records):
-    from jaxlm.model.config import config_from_dict
+    from jaxlm.config import config_from_dict
     from jaxlm.train.sft import finetune_data
     _write(tmp_path / "sft.jsonl", records[:12])
     _write(tmp_path / "dpo.jsonl", [{"prompt": r["prompt"], "chosen": r["completion"],

@@ -10,7 +10,8 @@ import pytest
 
 from jaxlm.errors import ConfigError
 from jaxlm.model import forward, model_specs
-from jaxlm.model.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from jaxlm.config import Config, DataConfig, MeshConfig, TrainConfig
+from jaxlm.model.config import ModelConfig, MoeConfig
 from jaxlm.model.params import LogicalAxes, logical_axes
 from jaxlm.sharding.mesh import check_divisible, make_mesh, mesh_shape, model_dims
 from jaxlm.sharding.rules import named_sharding, partition_spec, use_mesh
@@ -28,10 +29,11 @@ FAMILIES = {
                         d_ff=128, max_seq_len=32, norm="layernorm", mlp="gelu",
                         gelu_approximate=True, positions="learned", qkv_bias=True,
                         out_bias=True, mlp_bias=True, tie_embeddings=True),
-    "moe": ModelConfig(**_LLAMA, n_experts=8, experts_per_token=2),
+    "moe": ModelConfig(**_LLAMA, moe=MoeConfig(n_experts=8, experts_per_token=2)),
     # capacity = c * tokens * k / experts = all local tokens: nothing dropped, so
     # the expert-parallel all-to-all path must equal the dropless single device
-    "moe_ep": ModelConfig(**_LLAMA, n_experts=8, experts_per_token=2, moe_capacity_factor=4.0),
+    "moe_ep": ModelConfig(**_LLAMA, moe=MoeConfig(n_experts=8, experts_per_token=2,
+                                                capacity_factor=4.0)),
     "bert": ModelConfig(family="encoder", vocab_size=128, d_model=64, n_layers=2, n_heads=8,
                         d_ff=128, max_seq_len=32, type_vocab_size=2, norm="layernorm",
                         norm_eps=1e-12, norm_position="post", mlp="gelu", positions="learned",
@@ -205,8 +207,8 @@ def test_mesh_sizes_and_errors():
         mesh_shape(MeshConfig(dcn_data=3), 8)
     with pytest.raises(ConfigError, match="unknown mesh axis 'experts'"):
         MeshConfig(rules=(("experts", "experts"),))
-    cfg = dataclasses.replace(make_cfg("moe", dict(data=1, expert=8)),
-                              model=dataclasses.replace(FAMILIES["moe"], n_experts=4))
+    cfg = dataclasses.replace(make_cfg("moe", dict(data=1, expert=8)), model=dataclasses.replace(
+        FAMILIES["moe"], moe=MoeConfig(n_experts=4)))
     with pytest.raises(ConfigError, match="experts=4 is sharded over mesh axes expert of size 8"):
         check_divisible(make_mesh(cfg.mesh), cfg.mesh.rules, model_dims(cfg))
 
@@ -224,7 +226,8 @@ def test_expert_parallel_capacity_is_per_device():
     """With drops, the all-to-all path equals running each device's tokens alone."""
     from jaxlm.model.layers.moe import expert_parallel_plan, moe, moe_specs
     from jaxlm.model.params import initialize
-    mcfg = dataclasses.replace(FAMILIES["moe_ep"], moe_capacity_factor=0.5)
+    mcfg = dataclasses.replace(FAMILIES["moe_ep"], moe=dataclasses.replace(FAMILIES["moe_ep"].moe,
+                                                                         capacity_factor=0.5))
     cfg = make_cfg("moe_ep", MOE_MESHES["expert8"])
     p = initialize(moe_specs(mcfg), jax.random.key(1))
     x = jax.random.normal(jax.random.key(2), (B, S, mcfg.d_model))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxlm.model import init_params, model_specs
-from jaxlm.model.config import ModelConfig, TrainConfig
+from jaxlm.config import TrainConfig
+from jaxlm.model.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.train.state import TrainState

@@ -12,7 +12,8 @@ import pytest
 from jaxlm.errors import CheckpointError
 from jaxlm.infer.generate import generate
 from jaxlm.model import forward, model_specs
-from jaxlm.model.config import ModelConfig, load_config
+from jaxlm.config import load_config
+from jaxlm.model.config import ModelConfig
 from jaxlm.model.hf import config_from_hf, hf_config_from, load_hf, save_hf
 from jaxlm.model.layers.relative import relative_buckets
 from jaxlm.model.params import abstract

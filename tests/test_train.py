@@ -10,7 +10,7 @@ import pytest
 
 import jaxlm
 from jaxlm.errors import CheckpointError, ConfigError
-from jaxlm.model.config import load_config
+from jaxlm.config import load_config
 from jaxlm.model.tokenizer import train_sentencepiece
 from jaxlm.train.data import load_documents
 from jaxlm.train.loop import train

@@ -62,7 +62,7 @@ def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str = "sigmoid",
     elif loss_type == "ipo":
         losses = jnp.square(m - 1.0 / (2.0 * beta))
     else:
-        raise ConfigError(f"train.dpo_loss={loss_type!r} is not one of sigmoid, ipo")
+        raise ConfigError(f"train.dpo.loss={loss_type!r} is not one of sigmoid, ipo")
     chosen, rejected = beta * (pc - rc), beta * (pr - rr)
     metrics = {"rewards_chosen": chosen, "rewards_rejected": rejected,
                "reward_accuracy": (chosen > rejected).astype(jnp.float32),
@@ -78,5 +78,5 @@ def dpo_sums(policy_params, reference_params, cfg, batch, tcfg, vocab_chunk: int
     reference = jax.lax.stop_gradient(
         sequence_logprobs(reference_params, cfg, both, vocab_chunk))
     losses, metrics = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:],
-                               tcfg.dpo_beta, tcfg.dpo_loss, tcfg.dpo_label_smoothing)
+                               tcfg.dpo.beta, tcfg.dpo.loss, tcfg.dpo.label_smoothing)
     return jnp.sum(losses), {k: jnp.sum(v) for k, v in metrics.items()}, n

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError, JaxlmError
 from ..model import model_specs
-from ..model.config import Config, config_from_dict, model_flops_per_token, to_dict
+from ..config import Config, config_from_dict, flatten, to_dict
+from ..model.config import model_flops_per_token
 from ..model.tokenizer import load_tokenizer, train_sentencepiece
 from ..sharding.distributed import local_batch_size, local_rows, put_batch
 from ..sharding.mesh import check_divisible, make_mesh, model_dims
@@ -50,7 +51,7 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     if cfg.model.weight_dtype == "int8":  # before the run dir is touched
         raise ConfigError("model.weight_dtype=int8 is for inference (jaxlm quantize): train "
                           "float weights (set model.weight_dtype=''), or fine-tune an int8 "
-                          "base with train.lora_rank=R train.lora_base_dtype=int8")
+                          "base with train.lora.rank=R train.lora.base_dtype=int8")
     with guard.run_dir_lock(cfg.run_dir), guard.stop_signals() as stop:
         return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step,
                       stop=stop)
@@ -357,7 +358,7 @@ def _check_run_dir(cfg: Config, resume: bool):
             raise CheckpointError(f"--resume: no checkpoint to resume in {cfg.run_dir}")
         saved = read_run_config(cfg.run_dir)
         for section in ("model", "data"):
-            a, b = to_dict(getattr(saved, section)), to_dict(getattr(cfg, section))
+            a, b = (flatten(to_dict(getattr(c, section))) for c in (saved, cfg))
             for key in a:
                 if a[key] != b[key]:
                     raise ConfigError(

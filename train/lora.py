@@ -11,8 +11,8 @@ so they shard like their weight, and the model sees W + (alpha / r) * A @ B
 (`LoraWeight`, merged per layer inside the scanned block). B = 0 at init, so
 a fresh adapter leaves the logits exactly the base's. Targets: the paths
 ("layers/attn/q", "decoder/layers/cross/o", ...) that `re.fullmatch`
-`train.lora_targets`; MoE expert weights, routers, embeddings and heads are
-never targets. QLoRA (`train.lora_base_dtype=int8`): the frozen base's layer
+`train.lora.targets`; MoE expert weights, routers, embeddings and heads are
+never targets. QLoRA (`train.lora.base_dtype=int8`): the frozen base's layer
 matmul weights (experts and routers included) are int8 with per-output-channel
 absmax scales (`QuantizedWeight`), dequantized per layer right before use.
 
@@ -37,7 +37,7 @@ from ..model.params import Spec, is_spec, zeros
 
 def lora_scale(tcfg) -> float:
     """alpha / r (alpha 0: 2 * r, i.e. a scale of 2)."""
-    return (tcfg.lora_alpha or 2.0 * tcfg.lora_rank) / tcfg.lora_rank
+    return (tcfg.lora.alpha or 2.0 * tcfg.lora.rank) / tcfg.lora.rank
 
 
 def _named_specs(specs):
@@ -47,7 +47,7 @@ def _named_specs(specs):
 
 def lora_targets(mcfg, tcfg) -> dict[tuple[str, ...], tuple[Spec, int]]:
     """{path: (weight spec, number of input axes)} of the weights LoRA adapts."""
-    pattern = re.compile(tcfg.lora_targets)
+    pattern = re.compile(tcfg.lora.targets)
     out = {}
     for path, spec in _named_specs(model_specs(mcfg)):
         in_axes = matmul_in_axes(path, spec)
@@ -56,7 +56,7 @@ def lora_targets(mcfg, tcfg) -> dict[tuple[str, ...], tuple[Spec, int]]:
             continue
         out[path] = (spec, len(in_axes))
     if not out:
-        raise ConfigError(f"train.lora_targets={tcfg.lora_targets!r} matches no layer matmul "
+        raise ConfigError(f"train.lora.targets={tcfg.lora.targets!r} matches no layer matmul "
                           "weight (paths look like layers/attn/q, layers/mlp/up)")
     return out
 
@@ -71,7 +71,7 @@ def _kaiming_uniform(n_lead: int):
 
 def lora_specs(mcfg, tcfg):
     """The adapter spec tree: {"a": Spec [L, *in, r], "b": Spec [L, r, *out]} per target."""
-    r = tcfg.lora_rank
+    r = tcfg.lora.rank
     tree: dict = {}
     for path, (w, n_in) in lora_targets(mcfg, tcfg).items():
         lead = _lead(w.axes)
@@ -88,7 +88,7 @@ def lora_specs(mcfg, tcfg):
 
 def trainable_specs(cfg):
     """The specs the optimizer sees: the adapters of a LoRA run, else the model's."""
-    if cfg.train.lora_rank:
+    if cfg.train.lora.rank:
         return lora_specs(cfg.model, cfg.train)
     return model_specs(cfg.model)
 
@@ -143,7 +143,7 @@ def frozen_axes(mcfg, tcfg):
     def one(path, s):
         axes = LogicalAxes(s.axes)
         in_axes = matmul_in_axes(tuple(k.key for k in path), s)
-        if tcfg.lora_base_dtype != "int8" or in_axes is None:
+        if tcfg.lora.base_dtype != "int8" or in_axes is None:
             return axes
         scale = LogicalAxes(None if i in in_axes else a for i, a in enumerate(s.axes))
         return QuantizedWeight(q=axes, scale=scale)

@@ -3,7 +3,7 @@
 Three kinds of run share one state type:
 
 * plain: `params` are the model's, `frozen` is None;
-* LoRA / QLoRA (`train.lora_rank` > 0): `params` are the adapters only (the
+* LoRA / QLoRA (`train.lora.rank` > 0): `params` are the adapters only (the
   optimizer's whole world), `frozen` the base (int8 `QuantizedWeight` leaves
   under QLoRA), never updated, never donated;
 * DPO without LoRA (`train.objective=dpo`): `frozen` is a copy of the starting
@@ -42,7 +42,7 @@ def needs_frozen(cfg) -> bool:
 
 
 def _has_frozen(cfg) -> bool:
-    return bool(cfg.train.lora_rank) or cfg.train.objective == "dpo"
+    return bool(cfg.train.lora.rank) or cfg.train.objective == "dpo"
 
 
 def state_shardings(cfg, mesh, tx):
@@ -91,16 +91,16 @@ def create_state(cfg, mesh, tx, seed: int, params=None) -> TrainState:
 
 def create_lora_state(cfg, mesh, tx, base_params, seed: int) -> TrainState:
     """A LoRA (QLoRA) state: `base_params` frozen (quantized), adapters from `seed`."""
-    if not cfg.train.lora_rank:
-        raise ValueError("create_lora_state needs train.lora_rank > 0")
+    if not cfg.train.lora.rank:
+        raise ValueError("create_lora_state needs train.lora.rank > 0")
     return create_state(cfg, mesh, tx, seed, base_params)
 
 
 def _frozen(cfg, base):
     """The frozen tree made from the starting params: the (quantized) LoRA base, or the
     DPO reference policy (its own buffers); None for other runs."""
-    if cfg.train.lora_rank:
-        return lora.quantize_base(base, cfg.model) if cfg.train.lora_base_dtype == "int8" else base
+    if cfg.train.lora.rank:
+        return lora.quantize_base(base, cfg.model) if cfg.train.lora.base_dtype == "int8" else base
     if cfg.train.objective == "dpo":
         return jax.tree.map(jnp.copy, base)
     return None
@@ -123,7 +123,7 @@ def _new_state(cfg, tx, key, base):
     if not given:
         base = initialize(model_specs(cfg.model), key)
     frozen = _frozen(cfg, base)
-    if cfg.train.lora_rank:
+    if cfg.train.lora.rank:
         params = initialize(lora.lora_specs(cfg.model, cfg.train), jax.random.fold_in(key, 1))
     else:
         params = jax.tree.map(jnp.copy, base) if given else base  # own buffers: donated

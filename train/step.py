@@ -21,7 +21,8 @@ import optax
 
 from ..model import forward, head_weights
 from ..model.adapters import materialize_outside_layers
-from ..model.config import TrainConfig, dtype_of
+from ..config import TrainConfig
+from ..model.config import dtype_of
 from ..model.families.encoder import mlm_head_inputs
 from ..sharding.context import context_reorder, context_size
 from ..sharding.rules import constrain
@@ -70,16 +71,16 @@ def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_wei
     extra = {}
     if "moe" in aux:
         stats = aux["moe"]
-        objective = objective + aux_weight * (mcfg.router_aux_loss_coef
+        objective = objective + aux_weight * (mcfg.moe.aux_loss_coef
                                               * stats["load_balancing_loss"]
-                                              + mcfg.router_z_loss_coef * stats["router_z_loss"])
+                                              + mcfg.moe.z_loss_coef * stats["router_z_loss"])
         extra = {f"moe_{k}": v * aux_weight for k, v in stats.items()}
     return objective, (loss_sum, count, extra)
 
 
 def _model_params(trainable, frozen, tcfg):
     """(params the model runs, params of the DPO reference policy)."""
-    if tcfg.lora_rank:
+    if tcfg.lora.rank:
         return apply_lora(frozen, trainable, lora_scale(tcfg)), frozen
     return trainable, frozen
 

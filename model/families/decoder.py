@@ -33,7 +33,7 @@ from ...sharding.pipeline import pipelined_layers
 
 def decoder_specs(cfg):
     layer = {"ln1": norm_specs(cfg), "attn": attention_specs(cfg), "ln2": norm_specs(cfg),
-             "mlp": moe_specs(cfg) if cfg.n_experts else mlp_specs(cfg)}
+             "mlp": moe_specs(cfg) if cfg.moe.n_experts else mlp_specs(cfg)}
     specs = {"embed": embedding_specs(cfg), "layers": stack(layer, cfg.n_layers),
              "final_ln": norm_specs(cfg)}
     if cfg.positions == "learned":

@@ -40,9 +40,10 @@ from ...sharding.rules import constrain
 def _check(cfg):
     # gated MLPs: T5 v1.1 encoders (T5EncoderModel) load as this family; the MLM
     # head (BERT) needs a plain one
-    if cfg.n_experts or cfg.sliding_window or (cfg.mlp in GATED and cfg.head):
-        raise ConfigError("model.family=encoder supports neither n_experts, sliding_window nor "
-                          f"gated MLPs with the MLM head (got n_experts={cfg.n_experts}, "
+    if cfg.moe.n_experts or cfg.sliding_window or (cfg.mlp in GATED and cfg.head):
+        raise ConfigError("model.family=encoder supports neither moe.n_experts, sliding_window "
+                          "nor gated MLPs with the MLM head (got moe.n_experts="
+                          f"{cfg.moe.n_experts}, "
                           f"sliding_window={cfg.sliding_window}, mlp={cfg.mlp!r}; use mlp=gelu "
                           "or relu)")
 

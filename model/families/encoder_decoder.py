@@ -65,8 +65,8 @@ def _check(cfg):
     if cfg.positions not in ("t5_relative", "none"):
         raise ConfigError(f"model.positions={cfg.positions!r}: the encoder_decoder family "
                           "supports 't5_relative' or 'none'")
-    if cfg.n_experts:
-        raise ConfigError("model.n_experts: the encoder_decoder family has dense MLPs only")
+    if cfg.moe.n_experts:
+        raise ConfigError("model.moe.n_experts: the encoder_decoder family has dense MLPs only")
     if cfg.positions == "t5_relative" and cfg.relative_buckets < 4:
         raise ConfigError(f"model.relative_buckets={cfg.relative_buckets} must be >= 4")
 

@@ -27,7 +27,7 @@ import json
 import re
 
 from ...errors import CheckpointError, ConfigError
-from ..config import ModelConfig
+from ..config import ModelConfig, MoeConfig, RopeConfig
 from .io import CONFIG_FILE
 from .rules import Rule, linear, merged
 from ..layers.positions import SCALED_ROPE, rope_fields_from_hf, rope_parameters_to_hf
@@ -64,7 +64,7 @@ def _get(hf: dict, key: str, default=None, required=False):
     return value
 
 
-def _rope_fields(hf: dict, model_type: str, max_len: int) -> dict:
+def _rope(hf: dict, model_type: str, max_len: int) -> RopeConfig:
     # transformers 4 writes rope_theta + rope_scaling; 5 writes rope_parameters
     # (rope_theta inside). Like transformers 5, a legacy rope_scaling wins.
     params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
@@ -80,16 +80,15 @@ def _rope_fields(hf: dict, model_type: str, max_len: int) -> dict:
         raise CheckpointError(f"{CONFIG_FILE}: partial_rotary_factor={partial} is not supported")
     kind = params.get("rope_type", params.get("type")) or "default"
     if kind == "default":
-        return {"rope_theta": float(theta)}
+        return RopeConfig(theta=float(theta))
     if kind == "llama3":
-        return {"rope_theta": float(theta), "rope_scaling": "llama3",
-                "rope_scaling_factor": float(params["factor"]),
-                "rope_low_freq_factor": float(params.get("low_freq_factor", 1.0)),
-                "rope_high_freq_factor": float(params.get("high_freq_factor", 4.0)),
-                "rope_original_max_len": int(params.get("original_max_position_embeddings")
-                                             or max_len)}
+        return RopeConfig(theta=float(theta), scaling="llama3", factor=float(params["factor"]),
+                          low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+                          high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+                          original_max_len=int(params.get("original_max_position_embeddings")
+                                               or max_len))
     if kind in SCALED_ROPE:
-        return {"rope_theta": float(theta), **rope_fields_from_hf(kind, params, max_len)}
+        return RopeConfig(theta=float(theta), **rope_fields_from_hf(kind, params, max_len))
     raise CheckpointError(f"{CONFIG_FILE}: rope_type {kind!r} is not supported "
                           f"(supported: default, llama3, {', '.join(SCALED_ROPE)})")
 
@@ -135,17 +134,17 @@ def _llama_like(hf: dict, model_type: str) -> dict:
         sliding_window=_window(hf, model_type, n_layers),
         tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
         init_std=float(_get(hf, "initializer_range", 0.02)),
-        **_rope_fields(hf, model_type, max_len))
+        rope=_rope(hf, model_type, max_len))
     if model_type == "llama":
         bias = bool(_get(hf, "attention_bias", False))
         fields.update(qkv_bias=bias, out_bias=bias, mlp_bias=bool(_get(hf, "mlp_bias", False)))
     elif model_type == "qwen2":
         fields.update(qkv_bias=True)
     elif model_type == "mixtral":
-        fields.update(n_experts=_get(hf, "num_local_experts", required=True),
-                      experts_per_token=_get(hf, "num_experts_per_tok", 2),
-                      router_aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.001)),
-                      moe_capacity_factor=0.0)
+        fields.update(moe=MoeConfig(
+            n_experts=_get(hf, "num_local_experts", required=True),
+            experts_per_token=_get(hf, "num_experts_per_tok", 2),
+            aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.001)), capacity_factor=0.0))
     return fields
 
 
@@ -192,7 +191,7 @@ def infer_model_type(cfg: ModelConfig) -> str:
     """The HF family a config exports as."""
     if cfg.positions == "learned" and cfg.norm == "layernorm":
         return "gpt2"
-    if cfg.n_experts:
+    if cfg.moe.n_experts:
         return "mixtral"
     if cfg.qkv_bias and not cfg.out_bias:
         return "qwen2"
@@ -218,14 +217,14 @@ def _export_problems(cfg: ModelConfig, model_type: str) -> list[str]:
              "qkv_bias, out_bias and mlp_bias true")
         need(cfg.n_kv_heads == cfg.n_heads, "n_kv_heads == n_heads")
         need(cfg.head_dim * cfg.n_heads == cfg.d_model, "head_dim * n_heads == d_model")
-        need(not cfg.sliding_window and not cfg.n_experts, "no sliding_window, no experts")
+        need(not cfg.sliding_window and not cfg.moe.n_experts, "no sliding_window, no experts")
         return bad
     need(cfg.norm == "rmsnorm", "norm=rmsnorm")
     need(cfg.positions == "rope", "positions=rope")
     need(cfg.mlp in ("swiglu", "geglu") if model_type != "mixtral" else cfg.mlp == "swiglu",
          "mlp=swiglu" + ("" if model_type == "mixtral" else " or geglu"))
-    need(bool(cfg.n_experts) == (model_type == "mixtral"),
-         "n_experts > 0" if model_type == "mixtral" else "n_experts=0")
+    need(bool(cfg.moe.n_experts) == (model_type == "mixtral"),
+         "moe.n_experts > 0" if model_type == "mixtral" else "moe.n_experts=0")
     if model_type == "llama":
         need(cfg.qkv_bias == cfg.out_bias, "qkv_bias == out_bias (attention_bias)")
         need(not cfg.sliding_window, "sliding_window=0")
@@ -262,12 +261,12 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     act = "silu" if cfg.mlp == "swiglu" else ("gelu_pytorch_tanh" if cfg.gelu_approximate
                                              else "gelu")
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling == "llama3":
-        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor,
-                    low_freq_factor=cfg.rope_low_freq_factor,
-                    high_freq_factor=cfg.rope_high_freq_factor,
-                    original_max_position_embeddings=cfg.rope_original_max_len)
+    rope = {"rope_type": "default", "rope_theta": cfg.rope.theta}
+    if cfg.rope.scaling == "llama3":
+        rope.update(rope_type="llama3", factor=cfg.rope.factor,
+                    low_freq_factor=cfg.rope.low_freq_factor,
+                    high_freq_factor=cfg.rope.high_freq_factor,
+                    original_max_position_embeddings=cfg.rope.original_max_len)
     rope.update(rope_parameters_to_hf(cfg))  # linear, dynamic, yarn
     out = {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
@@ -275,8 +274,8 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
            "hidden_act": act, "max_position_embeddings": cfg.max_seq_len,
            "rms_norm_eps": cfg.norm_eps, "attention_dropout": 0.0,
            # transformers 5 reads rope_parameters; 4.x reads rope_theta/rope_scaling
-           "rope_parameters": rope, "rope_theta": cfg.rope_theta,
-           "rope_scaling": rope if cfg.rope_scaling != "none" else None}
+           "rope_parameters": rope, "rope_theta": cfg.rope.theta,
+           "rope_scaling": rope if cfg.rope.scaling != "none" else None}
     window = cfg.sliding_window or None
     if model_type == "llama":
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
@@ -286,8 +285,9 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
     else:
         out.update(sliding_window=window)
     if model_type == "mixtral":
-        out.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
-                   router_aux_loss_coef=cfg.router_aux_loss_coef, output_router_logits=False,
+        out.update(num_local_experts=cfg.moe.n_experts,
+                   num_experts_per_tok=cfg.moe.experts_per_token,
+                   router_aux_loss_coef=cfg.moe.aux_loss_coef, output_router_logits=False,
                    router_jitter_noise=0.0)
     return out
 
@@ -326,7 +326,7 @@ def _llama_rules(cfg, keys):
                   for w in "qkv"]
     if cfg.out_bias:
         rules.append(Rule(("layers", "attn", "o_bias"), att + "o_proj.bias"))
-    if cfg.n_experts:
+    if cfg.moe.n_experts:
         return rules + _mixtral_expert_rules(layer, keys)
     for name in ("gate", "up", "down") if cfg.mlp in ("swiglu", "geglu") else ("up", "down"):
         rules.append(Rule(("layers", "mlp", name), layer + f"mlp.{name}_proj.weight",

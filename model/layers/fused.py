@@ -63,6 +63,6 @@ def fuse_layer(layer: dict, cfg) -> dict:
     out = dict(layer)
     if _outputs_replicated("heads", "kv_heads"):
         out["attn"] = fuse(layer["attn"], QKV, "qkv", axis=1, bias_axis=0)
-    if not cfg.n_experts and _outputs_replicated("mlp"):
+    if not cfg.moe.n_experts and _outputs_replicated("mlp"):
         out["mlp"] = fuse(layer["mlp"], GATE_UP, "gate_up", axis=1, bias_axis=0)
     return out

@@ -2,8 +2,8 @@
 
 Routing: softmax over the k selected router logits (= softmax over all, top-k,
 renormalised). Dropless by default: assignments are sorted by expert and run
-as grouped matmuls (`lax.ragged_dot`). With `moe_capacity_factor` c > 0 each
-expert takes at most ceil(c * tokens * k / experts) assignments, in token
+as grouped matmuls (`lax.ragged_dot`). With `model.moe.capacity_factor` c > 0
+each expert takes at most ceil(c * tokens * k / experts) assignments, in token
 order; the rest are dropped (their weight is zeroed) and counted. Tokens the
 token mask leaves out (padding) take no capacity.
 
@@ -32,7 +32,7 @@ from ...sharding.rules import active_mesh, constrain
 
 def moe_specs(cfg):
     init, dt = normal(cfg.init_std), cfg.param_dtype
-    e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
+    e, d, f = cfg.moe.n_experts, cfg.d_model, cfg.d_ff
     return {
         "router": Spec((d, e), ("embed", None), init, dt),
         "gate": Spec((e, d, f), ("experts", "embed", "mlp"), init, dt),
@@ -44,7 +44,7 @@ def moe_specs(cfg):
 def route(p, x, cfg):
     """x [T,D] -> (weights [T,k], experts [T,k], router logits [T,E] float32)."""
     logits = dense(x, p["router"].astype(x.dtype), out_dtype=jnp.float32)
-    top_logits, experts = jax.lax.top_k(logits, cfg.experts_per_token)
+    top_logits, experts = jax.lax.top_k(logits, cfg.moe.experts_per_token)
     return jax.nn.softmax(top_logits, axis=-1), experts, logits
 
 
@@ -59,9 +59,9 @@ def _keep_within_capacity(experts, cfg, valid):
     """[T,k] bool: which assignments of valid ([T] bool) tokens fit their expert's
     capacity (token order). Masked tokens (padding) take no capacity."""
     t, k = experts.shape
-    capacity = math.ceil(cfg.moe_capacity_factor * t * k / cfg.n_experts)
+    capacity = math.ceil(cfg.moe.capacity_factor * t * k / cfg.moe.n_experts)
     counted = jnp.repeat(valid, k)
-    rank = _expert_rank(experts.reshape(-1), cfg.n_experts, counted)
+    rank = _expert_rank(experts.reshape(-1), cfg.moe.n_experts, counted)
     return (counted & (rank < capacity)).reshape(t, k)
 
 
@@ -72,7 +72,7 @@ def _experts_grouped(p, x, weights, experts, cfg):
     order = jnp.argsort(flat_expert, stable=True)
     token = order // k
     rows = x[token]  # [T*k, D]
-    sizes = jnp.bincount(flat_expert, length=cfg.n_experts).astype(jnp.int32)
+    sizes = jnp.bincount(flat_expert, length=cfg.moe.n_experts).astype(jnp.int32)
     dt = x.dtype
     row_expert = flat_expert[order]
     gate = grouped(rows, p["gate"], sizes, row_expert)
@@ -86,14 +86,14 @@ def _experts_grouped(p, x, weights, experts, cfg):
 def expert_parallel_plan(cfg, tokens: int):
     """(mesh, batch mesh axes, token shards) when the experts run with all-to-all, else None."""
     active = active_mesh()
-    if active is None or cfg.moe_capacity_factor <= 0:
+    if active is None or cfg.moe.capacity_factor <= 0:
         return None
     mesh, rules = active
     table = dict(rules)
     batch_axes = tuple(a for a in (table.get("batch") or ()) if a in mesh.shape)
     n_ep = mesh.shape.get("expert", 1)
     if (tuple(table.get("experts") or ()) != ("expert",) or n_ep == 1
-            or "expert" not in batch_axes or cfg.n_experts % n_ep):
+            or "expert" not in batch_axes or cfg.moe.n_experts % n_ep):
         return None
     shards = math.prod(mesh.shape[a] for a in batch_axes)
     return (mesh, batch_axes, shards) if tokens % shards == 0 else None
@@ -104,10 +104,10 @@ def _experts_all_to_all(p, x, weights, experts, keep, cfg, plan):
     batch axes; per device, capacity buffers [E, C, D] go to their experts' devices."""
     mesh, batch_axes, shards = plan
     from jax.sharding import PartitionSpec as P
-    e, n_ep = cfg.n_experts, mesh.shape["expert"]
+    e, n_ep = cfg.moe.n_experts, mesh.shape["expert"]
     t, k = experts.shape
     d = x.shape[1]
-    capacity = math.ceil(cfg.moe_capacity_factor * (t // shards) * k / e)
+    capacity = math.ceil(cfg.moe.capacity_factor * (t // shards) * k / e)
     dt = x.dtype
 
     def local(x, weights, experts, keep, gate, up, down):
@@ -147,7 +147,7 @@ def moe(p, x, cfg, token_mask=None):
         y = _experts_all_to_all(p, flat, jnp.where(keep, weights, 0.0), experts, keep, cfg, plan)
         aux = router_stats(logits, experts, keep, valid, cfg)
         return constrain(y.reshape(b, s, d), ("batch", "seq", "embed")), aux
-    keep = (_keep_within_capacity(experts, cfg, valid) if cfg.moe_capacity_factor > 0
+    keep = (_keep_within_capacity(experts, cfg, valid) if cfg.moe.capacity_factor > 0
             else valid[:, None])
     y = _experts_grouped(p, flat, jnp.where(keep, weights, 0.0), experts, cfg)
     aux = router_stats(logits, experts, keep, valid, cfg)
@@ -155,7 +155,7 @@ def moe(p, x, cfg, token_mask=None):
 
 
 def router_stats(logits, experts, keep, valid, cfg):
-    e, k = cfg.n_experts, cfg.experts_per_token
+    e, k = cfg.moe.n_experts, cfg.moe.experts_per_token
     n = jnp.maximum(jnp.sum(valid), 1)
     w = valid.astype(jnp.float32)[:, None]
     assigned = jax.nn.one_hot(experts, e) * w[..., None]  # [T,k,E]

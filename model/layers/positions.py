@@ -1,11 +1,11 @@
 """Position encodings: RoPE (with long-context scaling), learned, sinusoidal, ALiBi.
 
-RoPE scaling (`model.rope_scaling`), with Hugging Face's semantics
+RoPE scaling (`model.rope.scaling`), with Hugging Face's semantics
 (transformers' modeling_rope_utils):
 
 * `llama3`: Llama 3.1's banded interpolation of the low frequencies.
 * `linear`: position interpolation, every frequency divided by the factor.
-* `dynamic`: dynamic NTK. Past `rope_original_max_len` (HF's
+* `dynamic`: dynamic NTK. Past `rope.original_max_len` (HF's
   max_position_embeddings) the base grows with the current length L:
   theta * (factor * L / orig - (factor - 1)) ** (d / (d - 2)). L is the largest
   position in the call + 1, over the whole batch, as HF takes max(position_ids)
@@ -17,9 +17,9 @@ RoPE scaling (`model.rope_scaling`), with Hugging Face's semantics
 * `yarn`: NTK-by-parts interpolation between the original and the scaled
   frequencies over the dimensions whose wavelengths fall between beta_fast and
   beta_slow rotations of the original context (bounds floored/ceiled unless
-  `rope_yarn_truncate` is false), and cos/sin multiplied by the attention
-  factor (`rope_attention_factor`, or 0.1 * ln(factor) + 1, or the ratio of
-  the two mscales when both `rope_yarn_mscale` and `rope_yarn_mscale_all_dim`
+  `rope.yarn.truncate` is false), and cos/sin multiplied by the attention
+  factor (`rope.attention_factor`, or 0.1 * ln(factor) + 1, or the ratio of
+  the two mscales when both `rope.yarn.mscale` and `rope.yarn.mscale_all_dim`
   are set).
 """
 
@@ -28,6 +28,7 @@ import math
 import jax.numpy as jnp
 
 from ...errors import CheckpointError
+from ..config import YarnConfig
 from ..params import Spec, normal
 
 SCALED_ROPE = ("linear", "dynamic", "yarn")  # besides llama3
@@ -38,8 +39,8 @@ def _base_frequencies(theta, d: int):
 
 
 def _llama3(inv_freq, cfg):
-    factor, old_len = cfg.rope_scaling_factor, cfg.rope_original_max_len
-    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    factor, old_len = cfg.rope.factor, cfg.rope.original_max_len
+    low, high = cfg.rope.low_freq_factor, cfg.rope.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
@@ -49,14 +50,14 @@ def _llama3(inv_freq, cfg):
 
 
 def _yarn(cfg):
-    d, theta, factor = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor
+    d, theta, factor = cfg.head_dim, cfg.rope.theta, cfg.rope.factor
 
     def correction_dim(rotations):  # the dimension that turns `rotations` times in the context
-        return d * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (
+        return d * math.log(cfg.rope.original_max_len / (rotations * 2 * math.pi)) / (
             2 * math.log(theta))
 
-    low, high = correction_dim(cfg.rope_yarn_beta_fast), correction_dim(cfg.rope_yarn_beta_slow)
-    if cfg.rope_yarn_truncate:
+    low, high = correction_dim(cfg.rope.yarn.beta_fast), correction_dim(cfg.rope.yarn.beta_slow)
+    if cfg.rope.yarn.truncate:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
@@ -69,34 +70,34 @@ def _yarn(cfg):
 
 def rope_attention_factor(cfg) -> float:
     """What cos and sin are multiplied by (yarn's mscale; 1 otherwise)."""
-    if cfg.rope_scaling != "yarn":
+    if cfg.rope.scaling != "yarn":
         return 1.0
-    if cfg.rope_attention_factor:
-        return cfg.rope_attention_factor
+    if cfg.rope.attention_factor:
+        return cfg.rope.attention_factor
 
     def mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
-    factor = cfg.rope_scaling_factor
-    if cfg.rope_yarn_mscale and cfg.rope_yarn_mscale_all_dim:
-        return mscale(factor, cfg.rope_yarn_mscale) / mscale(factor, cfg.rope_yarn_mscale_all_dim)
+    factor = cfg.rope.factor
+    if cfg.rope.yarn.mscale and cfg.rope.yarn.mscale_all_dim:
+        return mscale(factor, cfg.rope.yarn.mscale) / mscale(factor, cfg.rope.yarn.mscale_all_dim)
     return mscale(factor)
 
 
 def rope_frequencies(cfg, seq_len=None):
-    """Inverse frequencies [head_dim/2] under cfg.rope_scaling. seq_len (dynamic
+    """Inverse frequencies [head_dim/2] under cfg.rope.scaling. seq_len (dynamic
     only; may be traced): the current length L; None means the original length."""
-    d, kind = cfg.head_dim, cfg.rope_scaling
+    d, kind = cfg.head_dim, cfg.rope.scaling
     if kind == "yarn":
         return _yarn(cfg)
     if kind == "dynamic":
-        orig, factor = cfg.rope_original_max_len, cfg.rope_scaling_factor
+        orig, factor = cfg.rope.original_max_len, cfg.rope.factor
         length = orig if seq_len is None else jnp.maximum(seq_len, orig).astype(jnp.float32)
-        theta = cfg.rope_theta * (factor * length / orig - (factor - 1)) ** (d / (d - 2))
+        theta = cfg.rope.theta * (factor * length / orig - (factor - 1)) ** (d / (d - 2))
         return _base_frequencies(theta, d)
-    inv_freq = _base_frequencies(cfg.rope_theta, d)
+    inv_freq = _base_frequencies(cfg.rope.theta, d)
     if kind == "linear":
-        return inv_freq / cfg.rope_scaling_factor
+        return inv_freq / cfg.rope.factor
     if kind == "llama3":
         return _llama3(inv_freq, cfg)
     return inv_freq
@@ -104,7 +105,7 @@ def rope_frequencies(cfg, seq_len=None):
 
 def rope(x, positions, cfg):
     """Rotate x [B,S,H,D] by positions [B,S]; pairs are (i, i + D/2) (Llama layout)."""
-    seq_len = jnp.max(positions) + 1 if cfg.rope_scaling == "dynamic" else None
+    seq_len = jnp.max(positions) + 1 if cfg.rope.scaling == "dynamic" else None
     angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(cfg, seq_len)  # [B,S,D/2]
     scale = rope_attention_factor(cfg)
     cos = (jnp.cos(angles) * scale)[:, :, None, :]
@@ -115,40 +116,41 @@ def rope(x, positions, cfg):
 
 
 def rope_fields_from_hf(kind: str, params: dict, max_position_embeddings: int) -> dict:
-    """ModelConfig fields for a Hugging Face rope_parameters dict of type linear,
-    dynamic or yarn (transformers' defaults for the keys it leaves out)."""
+    """RopeConfig fields (model.rope.*, theta aside) for a Hugging Face
+    rope_parameters dict of type linear, dynamic or yarn (transformers' defaults for
+    the keys it leaves out)."""
     if not isinstance(params.get("factor"), (int, float)):
         raise CheckpointError(f"config.json: rope_parameters of type {kind!r} needs a numeric "
                               f"'factor', not {params.get('factor')!r}")
-    fields = {"rope_scaling": kind, "rope_scaling_factor": float(params["factor"])}
+    fields = {"scaling": kind, "factor": float(params["factor"])}
     if kind == "dynamic":  # HF: the NTK base grows past max_position_embeddings
-        fields["rope_original_max_len"] = int(max_position_embeddings)
+        fields["original_max_len"] = int(max_position_embeddings)
     if kind == "yarn":
         fields.update(
-            rope_original_max_len=int(params.get("original_max_position_embeddings")
-                                      or max_position_embeddings),
-            rope_yarn_beta_fast=float(params.get("beta_fast") or 32.0),
-            rope_yarn_beta_slow=float(params.get("beta_slow") or 1.0),
-            rope_yarn_mscale=float(params.get("mscale") or 0.0),
-            rope_yarn_mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
-            rope_attention_factor=float(params.get("attention_factor") or 0.0),
-            rope_yarn_truncate=bool(params.get("truncate", True)))
+            original_max_len=int(params.get("original_max_position_embeddings")
+                                 or max_position_embeddings),
+            attention_factor=float(params.get("attention_factor") or 0.0),
+            yarn=YarnConfig(beta_fast=float(params.get("beta_fast") or 32.0),
+                            beta_slow=float(params.get("beta_slow") or 1.0),
+                            mscale=float(params.get("mscale") or 0.0),
+                            mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+                            truncate=bool(params.get("truncate", True))))
     return fields
 
 
 def rope_parameters_to_hf(cfg) -> dict:
     """The inverse of rope_fields_from_hf: HF rope_parameters entries (empty
-    unless cfg.rope_scaling is linear, dynamic or yarn)."""
-    if cfg.rope_scaling not in SCALED_ROPE:
+    unless cfg.rope.scaling is linear, dynamic or yarn)."""
+    if cfg.rope.scaling not in SCALED_ROPE:
         return {}
-    out = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_scaling_factor}
-    if cfg.rope_scaling == "yarn":
-        out.update(original_max_position_embeddings=cfg.rope_original_max_len,
-                   beta_fast=cfg.rope_yarn_beta_fast, beta_slow=cfg.rope_yarn_beta_slow,
-                   truncate=cfg.rope_yarn_truncate)
-        for key, value in (("mscale", cfg.rope_yarn_mscale),
-                           ("mscale_all_dim", cfg.rope_yarn_mscale_all_dim),
-                           ("attention_factor", cfg.rope_attention_factor)):
+    out = {"rope_type": cfg.rope.scaling, "factor": cfg.rope.factor}
+    if cfg.rope.scaling == "yarn":
+        out.update(original_max_position_embeddings=cfg.rope.original_max_len,
+                   beta_fast=cfg.rope.yarn.beta_fast, beta_slow=cfg.rope.yarn.beta_slow,
+                   truncate=cfg.rope.yarn.truncate)
+        for key, value in (("mscale", cfg.rope.yarn.mscale),
+                           ("mscale_all_dim", cfg.rope.yarn.mscale_all_dim),
+                           ("attention_factor", cfg.rope.attention_factor)):
             if value:
                 out[key] = value
     return out

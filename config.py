@@ -1,0 +1,756 @@
+"""Run configs: frozen dataclasses loaded from YAML presets, `a.b=value` overrides.
+
+`Config` holds the model section (`jaxlm.model.config.ModelConfig`) and the
+run sections (data, train, mesh, generate). Every section is a frozen
+(hashable) dataclass. Unknown keys and inconsistent values stop with one
+`ConfigError` line naming the key (and the nearest valid key for a typo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import math
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from .errors import ConfigError
+from .model.config import ModelConfig, _choice, _positive, _section_type
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    _prefix = "data."
+
+    corpus: str = "stdlib"  # "stdlib", a directory, a text/.jsonl file, or a `jaxlm prepare` dir
+    max_docs: int = 0  # 0: all
+    eval_fraction: float = 0.02
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    shuffle_rows: int = 2048  # packed rows shuffled within windows of this many; 0: off
+    tokenizer: str = ""  # "": train a sentencepiece model on the corpus; else its path
+    tokenizer_max_chars: int = 4_000_000
+    # sft/dpo chat records: "" the checkpoint's own template (else ChatML), "chatml", or a
+    # .jinja file (see jaxlm.model.chat.resolve_chat_template)
+    chat_template: str = ""
+    # A weighted mixture, replacing `corpus` when given: [{path: ..., weight: ...}, ...]
+    # in YAML, each path a corpus as above; a source's share of the rows is its weight.
+    sources: tuple = ()
+
+    def __post_init__(self):
+        _positive(self, "seq_len", "batch_size", "tokenizer_max_chars")
+        object.__setattr__(self, "sources", _data_sources(self.sources))
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
+        if self.max_docs < 0 or self.shuffle_rows < 0:
+            raise ConfigError("data.max_docs and data.shuffle_rows must be >= 0")
+
+
+def _data_sources(value) -> tuple:
+    """data.sources as ((path, weight), ...) from a list of {path, weight} (or pairs)."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"data.sources should be a list of {{path, weight}}, got {value!r}")
+    out = []
+    for i, s in enumerate(value):
+        if isinstance(s, dict) and set(s) <= {"path", "weight"} and "path" in s:
+            path, weight = s["path"], s.get("weight", 1.0)
+        elif isinstance(s, (list, tuple)) and len(s) == 2:
+            path, weight = s
+        else:
+            raise ConfigError(f"data.sources[{i}]={s!r} should be a mapping {{path, weight}}")
+        if not isinstance(path, str) or not path or isinstance(weight, bool) \
+                or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"data.sources[{i}]: path must be a non-empty string and weight a "
+                              f"number > 0, got path={path!r}, weight={weight!r}")
+        out.append((path, float(weight)))
+    if out and not math.isfinite(sum(w for _, w in out)):
+        raise ConfigError("data.sources: the weights must sum to a finite positive number")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA (jaxlm.train.lora): rank 0 = off. Adapters on the weights whose path
+    ("layers/attn/q", "decoder/layers/cross/o", ...) re.fullmatch-es `targets`;
+    scale alpha / rank (alpha 0: 2 * rank). base_dtype int8: the frozen base's
+    layer matmul weights held as int8 (QLoRA)."""
+    _prefix = "train.lora."
+
+    rank: int = 0
+    alpha: float = 0.0
+    targets: str = "layers/attn/(q|k|v|o)"
+    base_dtype: str = "same"  # same | int8
+
+    def __post_init__(self):
+        _choice(self, "base_dtype", ("same", "int8"))
+        if self.rank < 0:
+            raise ConfigError(f"train.lora.rank={self.rank} must be >= 0 (0: LoRA off)")
+        if self.alpha < 0:
+            raise ConfigError(f"train.lora.alpha={self.alpha} must be >= 0 (0: 2 * rank)")
+        if self.base_dtype == "int8" and not self.rank:
+            raise ConfigError("train.lora.base_dtype=int8 (QLoRA) needs train.lora.rank > 0")
+        if self.rank:
+            try:
+                re.compile(self.targets)
+            except re.error as e:
+                raise ConfigError(f"train.lora.targets={self.targets!r} is not a valid "
+                                  f"regular expression ({e})") from None
+
+
+@dataclass(frozen=True)
+class DpoConfig:
+    """DPO (jaxlm.train.dpo, train.objective=dpo): Rafailov et al.'s loss."""
+    _prefix = "train.dpo."
+
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        _choice(self, "loss", ("sigmoid", "ipo"))
+        if not self.beta > 0:
+            raise ConfigError(f"train.dpo.beta={self.beta} must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"train.dpo.label_smoothing={self.label_smoothing} must be in "
+                              "[0, 0.5)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    _prefix = "train."
+
+    steps: int = 1000
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    seed: int = 0
+    # Cross-entropy over vocab chunks of about this many columns, never
+    # materialising [batch, seq, vocab] logits; 0: plain full logits.
+    loss_vocab_chunk: int = 4096
+    objective: str = "clm"  # clm | mlm (masked LM) | span (T5 span corruption) | sft | dpo
+    # A jaxlm run/checkpoint dir or a Hugging Face dir to start from: the model
+    # config and weights come from it ("" = random init). See `resolve_init_from`.
+    init_from: str = ""
+    mlm_probability: float = 0.15  # mlm: tokens chosen; of them 80% [MASK], 10% random, 10% kept
+    span_noise_density: float = 0.15  # span: fraction of tokens corrupted
+    span_mean_length: float = 3.0  # span: mean corrupted span length
+    sft_loss_on: str = "completion"  # sft: loss on completion / assistant tokens | all tokens
+    # Per-device peak FLOP/s that MFU divides by; 0: the datasheet bf16 figure
+    # for a known accelerator (train/metrics.py), else the measured matmul peak.
+    peak_flops: float = 0.0
+    tensorboard: bool = True  # TensorBoard event files in run_dir beside metrics.jsonl
+    # A step whose loss, gradient or update is not finite is skipped on device
+    # (params and optimizer state unchanged); this many in a row stop the run.
+    max_skipped_steps: int = 10
+    # Gradient accumulation: the batch runs as this many microbatches inside one step.
+    grad_accum_steps: int = 1
+    lora: LoraConfig = field(default_factory=LoraConfig)  # lora.rank 0: off
+    dpo: DpoConfig = field(default_factory=DpoConfig)  # train.objective=dpo
+    # Pipeline parallelism (mesh.stage > 1): microbatches per step flowing through
+    # the stages (GPipe); 0: one per stage. Bubble (S-1)/(R*M+S-1).
+    pipeline_microbatches: int = 0
+
+    def __post_init__(self):
+        _section_type(self, "lora", LoraConfig)
+        _section_type(self, "dpo", DpoConfig)
+        _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
+                  "checkpoint_every", "keep_checkpoints", "log_every", "max_skipped_steps")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ConfigError(
+                f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo"))
+        _choice(self, "sft_loss_on", ("completion", "all"))
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+        if not (0 < self.mlm_probability < 1 and 0 < self.span_noise_density < 1
+                and self.span_mean_length >= 1):
+            raise ConfigError("train: 0 < mlm_probability < 1, 0 < span_noise_density < 1 and "
+                              "span_mean_length >= 1 are required")
+        if self.loss_vocab_chunk < 0:
+            raise ConfigError(f"train.loss_vocab_chunk={self.loss_vocab_chunk} must be >= 0")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
+        if not self.peak_flops >= 0:
+            raise ConfigError(f"train.peak_flops={self.peak_flops} must be >= 0 (0: automatic)")
+
+
+# Logical axis -> mesh axis (or None: replicated). Changing parallelism is
+# changing this table and the mesh sizes, never model code.
+# The batch is split over data, fsdp and expert: outside the MoE layers the
+# expert axis is one more data-parallel axis (GShard / Switch layout).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("seq", "context"),  # context parallelism: ring attention (model/kernels/ring.py)
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", "stage"),  # pipeline parallelism: contiguous stages (sharding/pipeline.py)
+    ("experts", "expert"),
+)
+
+# Outer to inner: tensor is the fastest. context sits inside data and fsdp
+# (its ring moves K/V every layer, more often than their per-step / per-layer
+# collectives) and outside expert and tensor (whose all-to-all / all-reduce
+# per matmul need the fastest links); the ring only talks to neighbours.
+# stage is outermost: a pipeline sends one activation per microbatch to its
+# neighbour, the least traffic of all (across hosts / slices).
+MESH_AXES = ("stage", "data", "fsdp", "context", "expert", "tensor")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    _prefix = "mesh."
+
+    data: int = -1  # -1: all devices not taken by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1  # MoE experts split over this axis (and the batch, outside MoE layers)
+    context: int = 1  # the sequence split over this axis: ring attention, causal load balancing
+    stage: int = 1  # pipeline stages: the layer stack split over this axis (sharding/pipeline.py)
+    # > 1: each stage holds this many round-robin blocks of layers (circular schedule)
+    pipeline_repeats: int = 1
+    # Cross-host (DCN) factors: mesh axis X has mesh.X devices in all, of which
+    # dcn_X across slices/hosts (the rest within one). All 1: a single slice.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    dcn_expert: int = 1
+    dcn_context: int = 1
+    dcn_stage: int = 1
+    devices: int = 0  # 0: every device; N: only the first N (single-process runs)
+    rules: tuple = DEFAULT_RULES
+
+    def __post_init__(self):
+        if self.devices < 0:
+            raise ConfigError(f"mesh.devices={self.devices} must be >= 0 (0: all devices)")
+        sizes = self.sizes
+        if sum(1 for v in sizes.values() if v == -1) > 1:
+            raise ConfigError("mesh: at most one axis may be -1")
+        if self.pipeline_repeats < 1 or (self.pipeline_repeats > 1 and self.stage == 1):
+            raise ConfigError(f"mesh.pipeline_repeats={self.pipeline_repeats} must be >= 1, "
+                              "and needs mesh.stage > 1 when above 1")
+        for name, v in sizes.items():
+            if v == 0 or v < -1:
+                raise ConfigError(f"mesh.{name}={v} must be a positive size or -1")
+            dcn = getattr(self, f"dcn_{name}")
+            if dcn < 1:
+                raise ConfigError(f"mesh.dcn_{name}={dcn} must be >= 1")
+            if v != -1 and v % dcn:
+                raise ConfigError(f"mesh.dcn_{name}={dcn} does not divide mesh.{name}={v}")
+        rules = tuple((str(k), _mesh_axes(v)) for k, v in (
+            self.rules.items() if isinstance(self.rules, dict) else self.rules))
+        for logical, axes in rules:
+            for a in axes or ():
+                if a not in sizes:
+                    raise ConfigError(
+                        f"mesh.rules.{logical}: unknown mesh axis {a!r} "
+                        f"(valid: {', '.join(sizes)})")
+        object.__setattr__(self, "rules", rules)
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return MESH_AXES
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Configured size per mesh axis (-1: takes the rest), in mesh order."""
+        return {a: getattr(self, a) for a in MESH_AXES}
+
+    @property
+    def dcn_sizes(self) -> dict[str, int]:
+        return {a: getattr(self, f"dcn_{a}") for a in MESH_AXES}
+
+
+def _mesh_axes(v):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return (v,)
+    return tuple(v)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    _prefix = "generate."
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+    # logit processors (HF semantics, see jaxlm.infer.processors) and min-p
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off; prompt + generated tokens
+    presence_penalty: float = 0.0  # OpenAI semantics, generated tokens only
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0  # 0: off
+    min_new_tokens: int = 0  # stop ids masked before this many new tokens
+    stop_ids: tuple = ()  # token ids that stop a row, besides the tokenizer's EOS
+    # beam search (greedy only), HF semantics
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: typing.Union[bool, str] = False  # true, false or never
+    num_return_sequences: int = 1
+    kv_dtype: str = "auto"  # KV cache: auto (the model's dtype) or int8 (per-token scales)
+
+    def __post_init__(self):
+        if self.kv_dtype not in ("auto", "int8"):
+            raise ConfigError(f"generate.kv_dtype={self.kv_dtype!r} is not one of auto, int8")
+        _positive(self, "max_new_tokens", "num_beams", "num_return_sequences",
+                  "repetition_penalty")
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(
+                "generate: temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(f"generate.min_p={self.min_p} must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ConfigError(f"generate.{name}={getattr(self, name)} must be in [-2, 2]")
+        for name in ("no_repeat_ngram_size", "min_new_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"generate.{name}={getattr(self, name)} must be >= 0")
+        stop = self.stop_ids
+        stop = [stop] if isinstance(stop, int) and not isinstance(stop, bool) else stop
+        if not isinstance(stop, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in stop):
+            raise ConfigError(f"generate.stop_ids={self.stop_ids!r} must be a list of "
+                              "token ids >= 0")
+        object.__setattr__(self, "stop_ids", tuple(stop))
+        if not (self.early_stopping is True or self.early_stopping is False
+                or self.early_stopping == "never"):
+            raise ConfigError(f"generate.early_stopping={self.early_stopping!r} must be "
+                              "true, false or never")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ConfigError(f"generate.num_beams={self.num_beams} with temperature="
+                              f"{self.temperature}: sampling with beams is not supported; "
+                              "set generate.temperature=0")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise ConfigError(f"generate.num_return_sequences={self.num_return_sequences} "
+                              f"must be <= generate.num_beams={self.num_beams}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    run_dir: str = "runs/default"
+
+    def __post_init__(self):
+        if self.data.batch_size % self.train.grad_accum_steps:
+            raise ConfigError(f"train.grad_accum_steps={self.train.grad_accum_steps} does not "
+                              f"divide data.batch_size={self.data.batch_size}")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} is longer than "
+                f"model.max_seq_len={self.model.max_seq_len}")
+        if self.train.objective == "dpo" and self.model.family != "decoder":
+            raise ConfigError(f"train.objective=dpo needs model.family=decoder, not "
+                              f"{self.model.family!r}")
+        if self.train.lora.rank:  # a regex that adapts nothing stops here, naming itself
+            from .train.lora import lora_targets
+            lora_targets(self.model, self.train)
+        context = self.mesh.context
+        if context > 1:
+            if self.data.seq_len % (2 * context):
+                raise ConfigError(
+                    f"data.seq_len={self.data.seq_len} must divide by 2 x mesh.context="
+                    f"{2 * context} (causal load balancing splits it into 2 x context chunks)")
+            if self.model.positions in ("alibi", "t5_relative"):
+                raise ConfigError(
+                    f"model.positions={self.model.positions!r} (an attention bias) is not "
+                    "supported under context parallelism (mesh.context > 1)")
+            if self.model.family != "decoder":
+                raise ConfigError(
+                    f"mesh.context={context}: context parallelism supports model.family="
+                    f"'decoder' only, not {self.model.family!r}")
+        from .sharding.pipeline import check_pipeline_config
+        check_pipeline_config(self)
+
+
+# ---------------------------------------------------------------- loading
+
+# Old flat keys -> their nested paths, from when the groups one layer or loss
+# consumes became sections. Applied wherever a config mapping is read (YAML
+# files, a run's saved config.yaml, `key=value` overrides, model_config_from_dict,
+# resolve_init_from's explicit model keys), so old run dirs and commands load;
+# `to_dict` writes the nested form. A key moved into a section adds its old name here
+# (tests/test_config.py checks that every nested key has one).
+ALIASES = {
+    "model.rope_theta": "model.rope.theta",
+    "model.rope_scaling": "model.rope.scaling",
+    "model.rope_scaling_factor": "model.rope.factor",
+    "model.rope_low_freq_factor": "model.rope.low_freq_factor",
+    "model.rope_high_freq_factor": "model.rope.high_freq_factor",
+    "model.rope_original_max_len": "model.rope.original_max_len",
+    "model.rope_attention_factor": "model.rope.attention_factor",
+    "model.rope_yarn_beta_fast": "model.rope.yarn.beta_fast",
+    "model.rope_yarn_beta_slow": "model.rope.yarn.beta_slow",
+    "model.rope_yarn_mscale": "model.rope.yarn.mscale",
+    "model.rope_yarn_mscale_all_dim": "model.rope.yarn.mscale_all_dim",
+    "model.rope_yarn_truncate": "model.rope.yarn.truncate",
+    "model.n_experts": "model.moe.n_experts",
+    "model.experts_per_token": "model.moe.experts_per_token",
+    "model.moe_capacity_factor": "model.moe.capacity_factor",
+    "model.router_aux_loss_coef": "model.moe.aux_loss_coef",
+    "model.router_z_loss_coef": "model.moe.z_loss_coef",
+    "train.lora_rank": "train.lora.rank",
+    "train.lora_alpha": "train.lora.alpha",
+    "train.lora_targets": "train.lora.targets",
+    "train.lora_base_dtype": "train.lora.base_dtype",
+    "train.dpo_beta": "train.dpo.beta",
+    "train.dpo_loss": "train.dpo.loss",
+    "train.dpo_label_smoothing": "train.dpo.label_smoothing",
+}
+
+
+def canonical_key(key: str) -> str:
+    """The current dotted path of a key (an old flat name -> its nested path)."""
+    return ALIASES.get(key, key)
+
+
+def resolve_aliases(node: dict, prefix: str = "") -> dict:
+    """A copy of `node`, the config mapping at `prefix` ("" for a whole config,
+    "model." for a model section), with every old flat key moved to its nested
+    path. The old and the new name of one key with different values: ConfigError."""
+    out, moved = {}, []
+    for key, value in node.items():
+        path = prefix + str(key)
+        if path in ALIASES:
+            moved.append((path, value))
+        else:
+            out[key] = resolve_aliases(value, path + ".") if isinstance(value, dict) else value
+    for old, value in moved:
+        new = ALIASES[old]
+        *sections, leaf = new[len(prefix):].split(".")
+        target = out
+        for name in sections:
+            if target.get(name) is None:
+                target[name] = {}
+            elif not isinstance(target[name], dict):
+                raise ConfigError(f"{old} belongs in section {new.rsplit('.', 1)[0]}, but "
+                                  f"{prefix}{name}={target[name]!r} is a value")
+            target = target[name]
+        if leaf in target and target[leaf] != value:
+            raise ConfigError(f"{old}={value!r} and {new}={target[leaf]!r} are the old and the "
+                              f"new name of one key: give one")
+        target[leaf] = value
+    return out
+
+def _all_keys(cls, prefix="") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += _all_keys(t, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key(path: str, value) -> ConfigError:
+    while isinstance(value, dict) and len(value) == 1:  # name the full key: trian.steps
+        (key, value), = value.items()
+        path = f"{path}.{key}"
+    candidates = _all_keys(Config)
+    hint = difflib.get_close_matches(path, candidates, n=1, cutoff=0.5)
+    return ConfigError(f"unknown config key {path!r}"
+                       + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+def _coerce(value, typ, path):
+    """Coerce a YAML/CLI value to the field's type, or raise a ConfigError."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typ is tuple or origin is tuple:
+        if isinstance(value, (list, tuple, dict)):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{path}={value!r} should be of type {getattr(typ, '__name__', typ)}")
+
+
+def _build(cls, data: dict, prefix=""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} should be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = prefix + str(key)
+        if key not in names:
+            raise _unknown_key(path, value)
+        t = hints[key]
+        if dataclasses.is_dataclass(t):
+            kwargs[key] = _build(t, value or {}, path + ".")
+        else:
+            kwargs[key] = _coerce(value, t, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # e.g. a value of a type the dataclass refuses
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
+
+
+def _deep_set(tree: dict, path: str, value):
+    parts = path.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if node.get(p) is None:  # missing, or an empty section in YAML (`rope:`)
+            node[p] = {}
+        child = node[p]
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: {p!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`a.b=value` -> ("a.b", value), the value parsed as YAML (1e-3, true, [1, 2])."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} should look like key=value (e.g. train.steps=100)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def resolve_preset(name_or_path: str) -> str:
+    """A YAML path, or a preset name shipped in jaxlm/configs (e.g. `tiny-llama`)."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    name = os.path.basename(name_or_path)
+    name = name if name.endswith(".yaml") else name + ".yaml"
+    preset = importlib.resources.files("jaxlm.configs") / name
+    if preset.is_file():
+        return str(preset)
+    known = sorted(p.name[:-5] for p in importlib.resources.files("jaxlm.configs").iterdir()
+                   if p.name.endswith(".yaml"))
+    hint = difflib.get_close_matches(name[:-5], known, n=1)
+    raise ConfigError(f"config {name_or_path!r} not found: not a file, nor a preset ("
+                      + ", ".join(known) + ")" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """A copy of the config mapping `data` with `a.b=value` overrides (or (key, value)
+    pairs) set in it; old key names (ALIASES) in either become their nested paths.
+    An override wins over the mapping; two overrides naming one key by its old and
+    its new name with different values are a ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections (model:, data:, ...), "
+                          f"got a {type(data).__name__}")
+    data = resolve_aliases(data)
+    given = {}
+    for text in _override_list(overrides):
+        key, value = parse_override(text) if isinstance(text, str) else text
+        path = canonical_key(key)
+        if path in given and given[path][0] != key and given[path][1] != value:
+            raise ConfigError(f"{given[path][0]}={given[path][1]!r} and {key}={value!r} are the "
+                              "old and the new name of one key: give one")
+        given[path] = (key, value)
+        _deep_set(data, path, value)
+    return resolve_aliases(data)  # a whole section set by an override may hold old names
+
+
+def config_from_dict(data: dict, overrides=()) -> Config:
+    return _build(Config, apply_overrides(data, overrides))
+
+
+def resolve_init_from(data: dict) -> dict:
+    """With `train.init_from=PATH`, the model section comes from that checkpoint.
+
+    Keys the config gives explicitly under `model` are applied on top of the
+    checkpoint's model config when they leave every parameter shape as it is
+    (dtype, param_dtype, remat, attention_impl, ...); one that would change a
+    shape (n_layers, d_model, vocab_size, ...) is a ConfigError naming it.
+    Used for configs a user writes (`load_config`), not for a run's saved
+    config.yaml, which holds the resolved model section already.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("train"), dict) \
+            or not data["train"].get("init_from"):
+        return data
+    path = str(data["train"]["init_from"])
+    from .api import model_config_of  # reads config.yaml / config.json only
+    from .model.families import model_specs
+    from .model.params import abstract
+    import jax
+
+    base = model_config_of(path)
+    shapes = lambda c: jax.tree.map(lambda s: s.shape, abstract(model_specs(c)))  # noqa: E731
+    reference = shapes(base)
+    explicit = data.get("model") or {}
+    if not isinstance(explicit, dict):
+        raise ConfigError(f"model should be a mapping, got {explicit!r}")
+    for key, value in _leaves(ModelConfig, resolve_aliases(explicit, "model."), "model."):
+        current = _get_path(base, key)
+        if value == current:
+            continue
+        candidate = _replace_path(base, key, value)
+        if shapes(candidate) != reference:
+            raise ConfigError(
+                f"model.{key}={value!r} would change a parameter shape of the train.init_from "
+                f"checkpoint {path} (it has {key}={current!r}); the model comes from "
+                "the checkpoint: leave the key out")
+        base = candidate
+    return {**data, "model": to_dict(base)}
+
+
+def _leaves(cls, data: dict, prefix: str):
+    """(dotted key below prefix, value coerced to its field's type) for every leaf of
+    `data`, a mapping of cls's fields (nested sections: nested mappings)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        path = prefix + str(key)
+        if key not in hints:
+            raise _unknown_key(path, value)
+        t = hints[key]
+        if dataclasses.is_dataclass(t):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} should be a mapping, got {value!r}")
+            for sub, v in _leaves(t, value, path + "."):
+                yield f"{key}.{sub}", v
+        else:
+            yield str(key), _coerce(value, t, path)
+
+
+def _get_path(cfg, dotted: str):
+    for name in dotted.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _replace_path(cfg, dotted: str, value):
+    """cfg with the field at `dotted` (e.g. "rope.yarn.beta_fast") set to value."""
+    head, _, rest = dotted.partition(".")
+    if rest:
+        value = _replace_path(getattr(cfg, head), rest, value)
+    return dataclasses.replace(cfg, **{head: value})
+
+
+def _override_list(overrides) -> list:
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, (list, tuple)):
+        raise ConfigError(f"overrides must be a list of 'key=value' strings, got a "
+                          f"{type(overrides).__name__} {overrides!r:.60}"
+                          + (f" (wrap it: [{overrides!r:.40}])" if isinstance(overrides, str)
+                             else ""))
+    return list(overrides)
+
+
+def read_yaml(path) -> dict:
+    """The mapping of a config file (a path or preset name), or a one-line ConfigError."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"config path must be a str (a YAML file or preset name), got "
+                          f"{type(path).__name__}")
+    path = resolve_preset(os.fspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"config {path} is a directory, not a YAML file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, "
+                          f"data:, ...), not a {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | None = None, overrides=()) -> Config:
+    """Load a preset (path or name) and apply `a.b=value` overrides."""
+    overrides = _override_list(overrides)
+    data = read_yaml(path) if path is not None and path != "" else {}
+    return _build(Config, resolve_init_from(apply_overrides(data, overrides)))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict (`to_dict`'s) as {dotted key: leaf value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def to_dict(cfg) -> dict:
+    """A YAML-safe dict that `config_from_dict` turns back into the same config."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif f.name == "rules":
+            out[f.name] = {k: (list(a) if a else None) for k, a in v}
+        elif f.name == "sources":
+            out[f.name] = [{"path": p, "weight": w} for p, w in v]
+        else:
+            out[f.name] = v
+    return out
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    """A ModelConfig from a model section mapping (old key names accepted)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"model should be a mapping, got {data!r}")
+    return _build(ModelConfig, resolve_aliases(data, "model."), "model.")
+
+
+__all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "MeshConfig",
+           "GenerateConfig", "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
+           "model_config_from_dict", "apply_overrides", "to_dict", "flatten", "parse_override",
+           "read_yaml", "ALIASES", "canonical_key", "resolve_aliases"]
