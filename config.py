@@ -292,6 +292,9 @@ def _mesh_axes(v):
 
 @dataclass(frozen=True)
 class GenerateConfig:
+    """The one decoding-settings value: `jaxlm.generate`'s keyword arguments, the
+    generate.* config keys, batch-infer's per-row keys and each engine request's
+    settings (`jaxlm.infer.engine`) are its fields."""
     _prefix = "generate."
 
     max_new_tokens: int = 64
@@ -307,6 +310,7 @@ class GenerateConfig:
     no_repeat_ngram_size: int = 0  # 0: off
     min_new_tokens: int = 0  # stop ids masked before this many new tokens
     stop_ids: tuple = ()  # token ids that stop a row, besides the tokenizer's EOS
+    stop: tuple = ()  # stop strings: a row ends once its text holds one (not returned)
     # beam search (greedy only), HF semantics
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -337,6 +341,12 @@ class GenerateConfig:
             raise ConfigError(f"generate.stop_ids={self.stop_ids!r} must be a list of "
                               "token ids >= 0")
         object.__setattr__(self, "stop_ids", tuple(stop))
+        strings = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(strings, (list, tuple)) or not all(
+                isinstance(s, str) and s for s in strings):
+            raise ConfigError(f"generate.stop={self.stop!r} must be a string or a list of "
+                              "non-empty strings")
+        object.__setattr__(self, "stop", tuple(strings))
         if not (self.early_stopping is True or self.early_stopping is False
                 or self.early_stopping == "never"):
             raise ConfigError(f"generate.early_stopping={self.early_stopping!r} must be "

@@ -115,16 +115,15 @@ GUIDE_KEYS = ("json_schema", "regex", "choice")
 
 
 def row_settings(g, row: dict, path: str):
-    """(GenerateConfig, stop strings, guide spec or None) of an input row: g with the
-    row's own keys, or a one-line InputError naming the line."""
+    """(GenerateConfig, guide spec or None) of an input row: g with the row's own keys
+    (its stop strings too), or a one-line InputError naming the line."""
     import dataclasses
     from ..errors import ConfigError
     extra = dict(row["settings"])
     where = f"{path} line {row['line']}"
-    stop = extra.pop("stop", [])
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+    stop = extra.get("stop", [])
+    if not isinstance(stop, (str, list)) or not all(isinstance(s, str) and s for s in
+                                                     ([stop] if isinstance(stop, str) else stop)):
         raise InputError(f"{where}: \"stop\" must be a string or a list of non-empty "
                          f"strings, got {stop!r}")
     guides = [k for k in GUIDE_KEYS if k in extra]
@@ -142,7 +141,7 @@ def row_settings(g, row: dict, path: str):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise InputError(f"{where}: {k}={v!r} must be a number")
     try:
-        return dataclasses.replace(g, **extra), tuple(stop), guide
+        return dataclasses.replace(g, **extra), guide
     except ConfigError as e:
         raise InputError(f"{where}: {e}") from None
     except TypeError as e:
@@ -305,9 +304,8 @@ def generate_rows(engine, chunk: list, prepared: dict) -> list:
     stepped until all of them finished -> their Requests, in the chunk's order."""
     reqs = []
     for r in chunk:
-        ids, g, stop, guide, eos = prepared[_key(r["id"])]
-        reqs.append(engine.add(ids, g, guide=guide, row_seed=row_seed(r["id"]), eos_ids=eos,
-                               stop=stop))
+        ids, g, guide, eos = prepared[_key(r["id"])]
+        reqs.append(engine.add(ids, g, guide=guide, row_seed=row_seed(r["id"]), eos_ids=eos))
     while not all(q.finished for q in reqs):
         engine.step()
     return reqs
@@ -409,7 +407,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     guides: dict = {}
     prepared = {}
     for r in rows:  # every row's settings, checked before anything runs
-        rg, stop, spec = row_settings(g, r, input_path)
+        rg, spec = row_settings(g, r, input_path)
         where = f"{input_path} line {r['line']} (id {r['id']!r})"
         ids = encoded[_key(r["id"])]
         if cfg.family == "decoder" and len(ids) + rg.max_new_tokens > cfg.max_seq_len:
@@ -422,7 +420,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
             raise InputError(f"{where}: guided decoding needs a stop id (the tokenizer has "
                              "no EOS; give generate.stop_ids)")
         eos = tuple(dict.fromkeys(stops + tuple(rg.stop_ids)))
-        prepared[_key(r["id"])] = (ids, rg, stop, row_guide, eos)
+        prepared[_key(r["id"])] = (ids, rg, row_guide, eos)
     todo_idx, n_changed = _shared_plan(rows, input_path, output_path, settings, on_change)
     todo = [rows[i] for i in todo_idx]
 
@@ -438,9 +436,9 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     # one engine for the whole job: its buffers and compiled features cover every row
     every = [prepared[_key(r["id"])] for r in rows]
     feats = Features.of([x[1] for x in every], cfg.vocab_size,
-                        guided=any(x[3] is not None for x in every),
+                        guided=any(x[2] is not None for x in every),
                         beams=g.num_beams if g.num_beams > 1 else 0,
-                        stops=max(4, 1 << (max(len(x[4]) for x in every) - 1).bit_length()))
+                        stops=max(4, 1 << (max(len(x[3]) for x in every) - 1).bit_length()))
     width = max((x[1].num_beams if x[1].num_beams > 1 else x[1].num_return_sequences)
                 for x in every)
     slots = -(-max(batch_size, width) // (shards * width)) * shards * width
@@ -457,7 +455,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
                      cache="contiguous" if engine == "static" else "paged", features=feats,
                      detokenize=lambda ids: decode_ids(tok, ids, cfg.vocab_size),
                      decoder_start_id=decoder_start,
-                     guides=list({id(x[3]): x[3] for x in every if x[3] is not None}.values()))
+                     guides=list({id(x[2]): x[2] for x in every if x[2] is not None}.values()))
         chunk_size = batch_size * (1 if engine == "static" else CONTINUOUS_CHUNK)
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]

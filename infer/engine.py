@@ -598,12 +598,14 @@ class Engine:
     # -------------------------------------------------------- requests
 
     def add(self, prompt, settings=None, *, guide=None, row_seed: Optional[int] = None,
-            eos_ids=(), stop=(), on_token: Optional[Callable] = None) -> Request:
+            eos_ids=(), on_token: Optional[Callable] = None) -> Request:
         """Queue a request: prompt ids; settings: a GenerateConfig (default the
-        engine's); eos_ids: its stop ids (besides settings.stop_ids); stop: stop
-        strings; row_seed: what its key folds in (default its index). A request the
+        engine's; its stop strings end the request on its text); eos_ids: its stop ids
+        (besides settings.stop_ids); row_seed: what its key folds in (default its
+        index); on_token(event): called with each Event of the request. A request the
         engine cannot run is a one-line InputError."""
         s = self.settings if settings is None else settings
+        stop = s.stop
         ids = np.asarray(prompt, np.int32).reshape(-1)
         i = len(self.requests)
         if ids.size == 0:
@@ -799,6 +801,7 @@ class Engine:
             o = req.outputs[k]
             n = int(sl["count"][s])
             fresh = [int(t) for t in out[s, self.emitted[s]:n]]
+            before = len(o.tokens)
             if fresh:
                 o.tokens.extend(fresh)
                 if lps is not None:
@@ -809,10 +812,9 @@ class Engine:
             if was_live[s] and not sl["live"][s]:
                 reason = "stop" if sl["eos"][s] else "length"
                 o.stopped_by_id = bool(sl["eos"][s])
-            if req.stop and fresh:
-                cut = self._stop_string(o, req.stop)
-                if cut:
-                    reason = "stop"
+            if req.stop and fresh and self._stop_string(o, req.stop, before):
+                reason = "stop"
+                fresh = o.tokens[before:]  # what the stop string left of this round's
             if reason is not None:
                 self._end(req, k, s, reason)
             if fresh or reason is not None:
@@ -821,15 +823,16 @@ class Engine:
             for s in np.flatnonzero(sl["live"]):
                 self.pool.trim(s, int(sl["lengths"][s]))
 
-    def _stop_string(self, o: Output, stops: tuple) -> bool:
+    def _stop_string(self, o: Output, stops: tuple, checked: int) -> bool:
         """Cut o at the first stop string its text holds (tokens: through the one that
-        completed it; text: before it) -> whether one was found."""
+        completed it; text: before it) -> whether one was found. Its first `checked`
+        tokens held none (the earlier round trips looked)."""
         text = self.detokenize(o.tokens)
         hits = [text.find(t) for t in stops if t in text]
         if not hits:
             return False
         at = min(hits)
-        for n in range(1, len(o.tokens) + 1):  # the fewest tokens whose text holds it
+        for n in range(checked + 1, len(o.tokens) + 1):  # the fewest tokens whose text holds it
             if any(t in self.detokenize(o.tokens[:n]) for t in stops):
                 o.tokens = o.tokens[:n]
                 if o.logprobs is not None:

@@ -155,8 +155,6 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                           no_repeat_ngram_size=no_repeat_ngram_size,
                           min_new_tokens=min_new_tokens, num_return_sequences=num_return_sequences,
                           kv_dtype=kv_dtype))
-    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
-        raise InputError(f"stop={stop!r} must be a list of non-empty strings")
     if not 0 <= decoder_start_id < cfg.vocab_size:
         raise InputError(f"decoder_start_id={decoder_start_id} is outside [0, {cfg.vocab_size})")
     if row_seeds is not None:
@@ -173,7 +171,8 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                        no_repeat_ngram_size=int(no_repeat_ngram_size),
                        min_new_tokens=int(min_new_tokens), num_beams=int(num_beams),
                        length_penalty=float(length_penalty), early_stopping=early_stopping,
-                       num_return_sequences=int(num_return_sequences), kv_dtype=kv_dtype)
+                       num_return_sequences=int(num_return_sequences), kv_dtype=kv_dtype,
+                       stop=stop)
     import dataclasses
     per_row = [base if m == base.max_new_tokens else dataclasses.replace(base, max_new_tokens=m)
                for m in budgets]
@@ -206,8 +205,8 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                     guides=[g for g in (guides or []) if g is not None],
                     **{k: v for k, v in (engine_options or {}).items() if v is not None})
     reqs = [engine.add(r, per_row[i], guide=None if guides is None else guides[i],
-                       row_seed=i if row_seeds is None else int(row_seeds[i]), eos_ids=eos,
-                       stop=tuple(stop)) for i, r in enumerate(rows)]
+                       row_seed=i if row_seeds is None else int(row_seeds[i]), eos_ids=eos)
+            for i, r in enumerate(rows)]
     if engine_options is not None and "engine" in engine_options:
         engine_options["engine"] = engine  # tests: the engine's counters and pool
     if stream:
@@ -439,7 +438,7 @@ def generate_kwargs(g, eos_id=None) -> dict:
                 no_repeat_ngram_size=g.no_repeat_ngram_size, min_new_tokens=g.min_new_tokens,
                 num_beams=g.num_beams, length_penalty=g.length_penalty,
                 early_stopping=g.early_stopping, num_return_sequences=g.num_return_sequences,
-                kv_dtype=g.kv_dtype)
+                kv_dtype=g.kv_dtype, stop=g.stop)
 
 
 __all__ = ["generate", "GenerateOutput", "StreamEvent", "PAD_ID", "generate_kwargs",

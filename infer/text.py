@@ -237,7 +237,9 @@ def generate(params, cfg, prompts, *, tokenizer=None, chat_template: str | None 
     user message rendered with it); eos_id defaults to the tokenizer's EOS (pass a
     list for several stop ids; a tokenizer without one: rows stop at
     max_new_tokens); the output's `texts` holds each row's generated text
-    (the final stop id left out). Without one: exactly the ids-only call
+    (the final stop id left out), `stop` strings end a row on its text (the text
+    stops before the stop string), and `stream=True` yields StreamEvents whose
+    `text` is the new text of each event. Without one: exactly the ids-only call
     (`texts` is None). Every other keyword is `jaxlm.infer.generate.generate`'s.
     """
     from .generate import generate as generate_ids
@@ -248,8 +250,36 @@ def generate(params, cfg, prompts, *, tokenizer=None, chat_template: str | None 
     ids = encode_prompts(tokenizer, cfg, prompts, chat_template=chat_template)
     if eos_id is None:
         eos_id = tokenizer.eos_id
-    out = generate_ids(params, cfg, ids, eos_id=eos_id, **kwargs)
-    return out._replace(texts=[decode_ids(tokenizer, s, cfg.vocab_size) for s in out.sequences()])
+    detokenize = lambda ids: decode_ids(tokenizer, ids, cfg.vocab_size)  # noqa: E731
+    out = generate_ids(params, cfg, ids, eos_id=eos_id, detokenize=detokenize, **kwargs)
+    if not kwargs.get("stream"):
+        return out
+    stop = kwargs.get("stop") or ()
+    return _with_text(out, detokenize, max(map(len, [stop] if isinstance(stop, str) else stop),
+                                           default=1) - 1)
+
+
+def _with_text(events, detokenize, hold: int):
+    """StreamEvents with `text` the new text each adds to its row: a character split
+    over tokens waits for the token that completes it, and the last `hold` characters
+    (the longest stop string but one) wait until they cannot be a stop string's start;
+    a row's last event carries the rest of its final text."""
+    seen: dict[int, tuple[list, str]] = {}
+    for ev in events:
+        ids, shown = seen.get(ev.row, ([], ""))
+        ids = ids + list(ev.tokens)
+        if ev.finish_reason is not None:
+            text = ev.text if ev.text is not None else detokenize(ids)
+            delta = text[len(shown):] if text.startswith(shown) else text
+            shown = text
+        else:
+            text = detokenize(ids)
+            text = text[:len(text) - 1] if text.endswith("\ufffd") else text
+            text = text[:max(len(text) - hold, 0)]
+            delta = text[len(shown):] if text.startswith(shown) else ""
+            shown = shown + delta
+        seen[ev.row] = (ids, shown)
+        yield ev._replace(text=delta)
 
 
 # ------------------------------------------------------------ a checkpoint's settings
