@@ -156,19 +156,18 @@ class State(NamedTuple):
 
 
 def model_step(params, cfg, kind: str, kv, tokens, lengths, live, page_table, cross=None,
-               enc_seg=None, rows=None):
-    """tokens [R, T] at positions lengths [R] + [0, T) -> (logits [R, T, V] float32, kv
-    with the live rows' K/V written): the family's forward over the `kind` store."""
-    r = tokens.shape[0]
+               enc_seg=None):
+    """Every slot's tokens [S, T] at positions lengths [S] + [0, T) -> (logits [S, T, V]
+    float32, kv with the live slots' K/V written): the family's forward over the
+    `kind` store (paged: page_table [S, P], the layout the pool's is fitted to)."""
     if kind == "paged":
         store = Paged(kv, page_table, lengths, live, slots=page_table.shape[0])
     else:
-        store = Contiguous(kv, lengths, rows=rows, live=live)
+        store = Contiguous(kv, lengths, live=live)
     if cfg.family == "encoder_decoder":
         hidden, aux = decode_t5(params, cfg, tokens, cross, segment_ids=enc_seg, store=store)
     else:
         hidden, aux = decoder(params, cfg, tokens, store=store)
-    del r
     return unembed(params, hidden, cfg), aux["store"].kv
 
 
@@ -213,7 +212,7 @@ class EncPack(NamedTuple):
     tokens: jax.Array  # [A, P] int32, right-padded
     segments: jax.Array  # [A, P] int32: 1, 0 = padding
     out_slot: jax.Array  # [A] the slot of each (S: a padding row)
-    table: jax.Array  # paged: [A, P_pages] the slots' page tables; contiguous: unused [A]
+    table: jax.Array  # paged: [S, P_pages] every slot's page table; contiguous: [S, 1] unused
 
 
 class New(NamedTuple):
@@ -315,13 +314,15 @@ def _admit(params, cfg, draft_params, draft_cfg, state: State, pack, new: New, a
         seg = jnp.zeros((enc.tokens.shape[0], enc_seg.shape[1]), jnp.int32)
         enc_seg = enc_seg.at[enc.out_slot].set(seg.at[:, :width].set(enc.segments), mode="drop")
         a = enc.tokens.shape[0]
-        start = jnp.full((a, 1), start_id, jnp.int32)
-        live = enc.out_slot < s
-        logits, kv = model_step(params, cfg, kind, state.kv, start, jnp.zeros((a,), jnp.int32),
-                                live, enc.table, new_cross, enc.segments,
-                                rows=None if kind == "paged" else enc.out_slot)
-        logits_all = rows.logits.at[enc.out_slot].set(logits[:, 0], mode="drop")
-        hist = _history_of(rows.hist, enc.out_slot, start[:, 0], jnp.zeros((a,), jnp.int32))
+        # the decoder's first step, the start id at position 0, over every slot (the
+        # store's layout is the slots'): written and read for the admitted slots only
+        first = jnp.zeros((s,), bool).at[enc.out_slot].set(True, mode="drop")
+        start = jnp.full((s, 1), start_id, jnp.int32)
+        logits, kv = model_step(params, cfg, kind, state.kv, start, jnp.zeros((s,), jnp.int32),
+                                first, enc.table, cross, enc_seg)
+        logits_all = _where_rows(first, logits[:, 0], rows.logits)
+        hist = _history_of(rows.hist, enc.out_slot, jnp.full((a,), start_id, jnp.int32),
+                           jnp.zeros((a,), jnp.int32))
     else:
         kv, logits = _prefill_decoder(params, cfg, kind, state.kv, pack, s, whole)
         logits_all = (_where_rows(admitted, logits, rows.logits) if whole else
@@ -592,8 +593,11 @@ class Engine:
         self.requests: list[Request] = []
         self.emitted = np.zeros(slots, np.int32)  # tokens of each slot streamed so far
         self.events: list[Event] = []
-        self.stats = {"admit_calls": 0, "run_calls": 0, "steps": 0, "admitted": 0,
-                      "finished": 0, "prompt_pages": 0}
+        # the engine's own counters: admission calls, prompts prefilled (once per request,
+        # whatever its n), decode-loop calls and steps, requests admitted and finished,
+        # prompt pages allocated (once per request: its samples share them)
+        self.stats = {"admit_calls": 0, "prefilled": 0, "run_calls": 0, "steps": 0,
+                      "admitted": 0, "finished": 0, "prompt_pages": 0}
 
     # -------------------------------------------------------- requests
 
@@ -915,6 +919,7 @@ class Engine:
             calls = [chosen]
         for group in calls:
             self._admit_call(group)
+            self.stats["prefilled"] += len(group)
         self.stats["admitted"] += len(chosen)
         return [r for r, _ in chosen]
 
@@ -1136,16 +1141,10 @@ class Engine:
         for row, (req, slots) in enumerate(group):
             n = len(req.prompt)
             tokens[row, :n], segments[row, :n], out_slot[row] = req.prompt, 1, slots[0]
-        table = (self.pool.table[np.minimum(out_slot, s_total - 1)] if self.pool is not None
-                 else np.zeros(a, np.int32))
         if self.pool is not None:
-            table = np.where((out_slot < s_total)[:, None], table, self.pool.n_pages)
             for req, slots in group:  # the first decoder token's page
                 self.pool.grow(slots[0], 1)
-            table = np.where((out_slot < s_total)[:, None],
-                             self.pool.table[np.minimum(out_slot, s_total - 1)],
-                             self.pool.n_pages)
-        return EncPack(tokens, segments, out_slot, table)
+        return EncPack(tokens, segments, out_slot, self._table())
 
 
 def _pack_width(n: int, page_size: int) -> int:

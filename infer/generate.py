@@ -145,8 +145,6 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                         num_beams=num_beams, length_penalty=length_penalty,
                         early_stopping=early_stopping,
                         num_return_sequences=num_return_sequences)
-    if cfg.family == "encoder_decoder" and guide is not None:
-        raise InputError("guided decoding is not supported for encoder-decoder models yet")
     guides = _check_guides(guide, len(rows), eos_id, beams, min(budgets))
     if draft is not None:
         _check_draft(cfg, draft, num_speculative, beams, guides,
