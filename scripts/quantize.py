@@ -33,7 +33,7 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     from ..config import Config, DataConfig
     from ..model.quantize import param_bytes
     from .convert import TOKENIZER_FILES
-    from .plan import fmt_bytes
+    from ..sharding.plan import fmt_bytes
     from ..config import to_dict
     from ..train.loop import CONFIG_FILE, read_run_config
 

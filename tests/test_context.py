@@ -195,7 +195,7 @@ def test_ring_memory_8k_vs_unsharded_flash():
 def test_plan_accounts_for_context(capsys):
     from jaxlm.config import load_config
     from jaxlm.scripts.cli import main
-    from jaxlm.scripts.plan import plan
+    from jaxlm.sharding.plan import plan
     base = plan(load_config("llama3-8b", ["mesh.fsdp=32", "mesh.data=8"]), n_devices=256)
     ctx = plan(load_config("llama3-8b", ["mesh.fsdp=32", "mesh.context=8", "mesh.data=1"]),
                n_devices=256)

@@ -5,7 +5,7 @@ skipping, the dispatcher, and the memory check: the compiled train step with
 the kernel holds no [seq, seq] array. The TPU lowering (TPU interpret mode),
 decode attention and the model-level checks are in test_kernels_tpu.py.
 
-Tolerances (inputs ~ N(0,1)), from jaxlm.model.kernels.testing.TOLERANCE:
+Tolerances (inputs ~ N(0,1)), from tests/kernel_cases.py (TOLERANCE):
 float32 output 2e-5 abs/rel, gradients 1e-4 (abs, times max |grad|) / 1e-4 rel;
 bfloat16 output 3e-2, gradients 1e-1 / 5e-2 (the reference runs in float32).
 """
@@ -22,7 +22,7 @@ from jaxlm.model.kernels import MaskSpec, attention, decode, dispatch, flash
 from jaxlm.model.kernels.blocks import block_range, mask_arrays, visible_blocks
 from jaxlm.model.kernels.flash import BlockSizes, flash_attention
 from jaxlm.model.kernels.reference import attention_reference
-from jaxlm.model.kernels.testing import (FLASH_CASES, INTERPRET, assert_close, flash_case,
+from kernel_cases import (FLASH_CASES, INTERPRET, assert_close, flash_case,
                                          on_accelerator, packed_segments, random_qkv, vjp_both)
 
 # Small, unequal tiles: several blocks per grid axis, different dq / dkv tilings.

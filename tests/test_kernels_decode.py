@@ -18,7 +18,7 @@ from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.kernels.decode import combine, decode_attention
 from jaxlm.model.kernels.backends import ENV_BACKEND
 from jaxlm.model.kernels.reference import attention_reference
-from jaxlm.model.kernels.testing import INTERPRET, kernel_backends, packed_segments, random_qkv
+from kernel_cases import INTERPRET, kernel_backends, packed_segments, random_qkv
 
 BACKENDS = kernel_backends()
 DECODE_CASES = {  # lengths 1 and max, GQA groups 1 / 4 / 8, head dims 64 / 128

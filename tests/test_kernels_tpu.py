@@ -2,14 +2,14 @@
 
 TPU interpret mode (`pltpu.InterpretParams()`) runs the Mosaic kernels on CPU,
 simulating VMEM / SMEM, scalar prefetch and the grid pipeline. Same case table
-and tolerances as test_kernels.py (jaxlm.model.kernels.testing).
+and tolerances as test_kernels.py (kernel_cases.py).
 """
 
 import jax
 import pytest
 
 from jaxlm.model.kernels.flash import BlockSizes, flash_attention
-from jaxlm.model.kernels.testing import FLASH_CASES, INTERPRET, assert_close, flash_case, vjp_both
+from kernel_cases import FLASH_CASES, INTERPRET, assert_close, flash_case, vjp_both
 
 pytestmark = pytest.mark.skipif(jax.default_backend() == "gpu",
                                 reason="the TPU lowering runs on a TPU or interpreted on CPU")

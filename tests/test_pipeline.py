@@ -257,7 +257,7 @@ def test_stage_run_resumes_into_a_mesh_without_stages(tmp_path):
 
 def test_plan_accounts_for_stages(capsys):
     from jaxlm.scripts.cli import main
-    from jaxlm.scripts.plan import plan
+    from jaxlm.sharding.plan import plan
     over = ["mesh.fsdp=8", "mesh.data=1", "data.batch_size=64"]
     base = plan(load_config("llama3-8b", over), n_devices=8)
     staged = plan(load_config("llama3-8b", over + ["mesh.stage=4",

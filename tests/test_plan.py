@@ -8,7 +8,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.model import model_specs
 from jaxlm.config import load_config
 from jaxlm.scripts.cli import main
-from jaxlm.scripts.plan import parse_bytes, plan
+from jaxlm.sharding.plan import parse_bytes, plan
 from jaxlm.sharding.mesh import make_mesh
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import create_state

@@ -20,7 +20,7 @@ from jaxlm.model.config import ModelConfig
 from jaxlm.model.quantize import quantize_params
 from jaxlm.model.tokenizer import train_sentencepiece
 from jaxlm.scripts import cli
-from jaxlm.scripts.plan import plan
+from jaxlm.sharding.plan import plan
 from jaxlm.train.data import load_documents
 from jaxlm.train.loop import train
 

@@ -15,7 +15,7 @@ from jaxlm.model.kernels.dispatch import ring_impl
 from jaxlm.model.kernels.flash import BlockSizes, flash_backward, flash_delta, flash_forward
 from jaxlm.model.kernels.reference import attention_reference
 from jaxlm.model.kernels.ring import _merge, ring_attention
-from jaxlm.model.kernels.testing import (INTERPRET, kernel_backends, packed_segments,
+from kernel_cases import (INTERPRET, kernel_backends, packed_segments,
                                          random_qkv)
 from jaxlm.sharding.context import balanced_order
 from jaxlm.sharding.mesh import make_mesh

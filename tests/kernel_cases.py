@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .mask import MaskSpec
-from .reference import attention_reference
+from jaxlm.model.kernels.mask import MaskSpec
+from jaxlm.model.kernels.reference import attention_reference
 
 # Kernel tests pass `interpret=INTERPRET`. By default that is True: the kernels
 # run in interpret mode everywhere (CI, CPU). With JAXLM_KERNELS_COMPILED=1 it is
