@@ -68,7 +68,7 @@ from ..sharding.distributed import fetch
 from . import guided
 from .pages import PagePool
 from .processors import History, Penalties, ProcessorShape, apply as apply_processors, \
-    gather as gather_history, is_eos, push
+    is_eos, push
 from .sampling import Sampler, SamplerShape, pick
 
 PAD_ID = -1  # fills output rows after a sequence stopped
@@ -1020,12 +1020,12 @@ class Engine:
                         if mine[i] != first[i]:
                             copies.append((first[i], mine[i]))
         new = self._new_rows(group, admitted)
-        f = np.full((s_total, 2), s_total, np.int32)
+        # (src, dst) lists padded to a power of two (a bounded number of compilations;
+        # each copy moves what it names: the padding points out of range)
+        f = np.full((_pow2(len(forks), 1), 2), s_total, np.int32)
         if forks:
             f[:len(forks)] = forks
-        n_pages = self.pool.n_pages if self.pool is not None else 0
-        c = np.full((max(1, s_total * (self.max_pages if self.pool is not None else 1)), 2),
-                    n_pages, np.int32)
+        c = np.full((_pow2(len(copies), 1), 2), self.pool.n_pages if self.pool else 0, np.int32)
         if copies:
             c[:len(copies)] = copies
         pack = self._enc_pack(group) if self.seq2seq else (

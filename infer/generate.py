@@ -196,12 +196,16 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                         speculative=int(num_speculative) if draft is not None else 0,
                         logprobs=bool(logprobs), return_logits=bool(return_logits),
                         stops=max(4, _pow2(len(eos))))
+    options = {k: v for k, v in (engine_options or {}).items() if v is not None}
+    if cache == "contiguous" and n_seq <= slots and not stream:
+        # every sequence admitted at once: one round trip runs them to the end (each
+        # round trip splits and restacks the cache per layer once)
+        options.setdefault("steps_per_call", max(budgets))
     engine = Engine(params, cfg, settings=base, max_prompt_len=longest,
                     max_new_tokens=max(budgets), slots=slots, cache=cache, page_size=page_size,
                     max_len=span, features=feats, draft=draft, detokenize=detokenize,
                     decoder_start_id=decoder_start_id,
-                    guides=[g for g in (guides or []) if g is not None],
-                    **{k: v for k, v in (engine_options or {}).items() if v is not None})
+                    guides=[g for g in (guides or []) if g is not None], **options)
     reqs = [engine.add(r, per_row[i], guide=None if guides is None else guides[i],
                        row_seed=i if row_seeds is None else int(row_seeds[i]), eos_ids=eos)
             for i, r in enumerate(rows)]

@@ -129,14 +129,17 @@ def continuous_workload(n_prompts: int = 200, seed: int = 0):
 
 
 def bench_continuous(cfg, params, n_prompts: int = 200, slots: int = 16,
-                     page_size: int = 16, steps_per_call: int = 32, repeats: int = 3) -> dict:
+                     page_size: int = 16, steps_per_call: int = 32, repeats: int = 3,
+                     **settings) -> dict:
     """Continuous batching (jaxlm.infer.engine) against static batches of the same
     `slots` rows (jaxlm.generate, each batch running to its longest request), on
     the same workload, greedy, no stop id: both produce exactly each request's
     max_new_tokens, the tokens counted. Each path runs once to compile, then the
     two are timed alternately `repeats` times (identical runs on a shared 2-core VM
     differ by +-15%): the medians of tokens/s and of the per-pair ratios, and in
-    how many requests the compile runs' tokens are equal (same_outputs)."""
+    how many requests the compile runs' tokens are equal (same_outputs). settings:
+    more generate keywords for both (e.g. the logit processors, sampled: what
+    batch-infer's static fallback ran before the one engine)."""
     from ..infer.generate import generate, generate_many
     prompts, news = continuous_workload(n_prompts)
     max_len = -(-(max(map(len, prompts)) + max(news)) // 128) * 128
@@ -146,13 +149,14 @@ def bench_continuous(cfg, params, n_prompts: int = 200, slots: int = 16,
         for i in range(0, len(prompts), slots):
             batch, want = prompts[i:i + slots], news[i:i + slots]
             out = generate(params, cfg, batch, max_new_tokens=max(want), max_len=max_len,
-                           row_seeds=list(range(i, i + len(batch))))
+                           row_seeds=list(range(i, i + len(batch))), **settings)
             rows += [s[:m] for s, m in zip(out.sequences(), want)]
         return rows
 
     def continuous():
         return generate_many(params, cfg, prompts, max_new_tokens=news, slots=slots,
-                             page_size=page_size, steps_per_call=steps_per_call).sequences()
+                             page_size=page_size, steps_per_call=steps_per_call,
+                             row_seeds=list(range(len(prompts))), **settings).sequences()
 
     # the compile runs: the two paths' tokens, request by request
     same = sum(a == b for a, b in zip(static(), continuous()))
@@ -166,6 +170,41 @@ def bench_continuous(cfg, params, n_prompts: int = 200, slots: int = 16,
     return {"prompts": n_prompts, "slots": slots, "tokens": sum(news), "same_outputs": same,
             **{k: float(np.median(v)) for k, v in tps.items()}, "ratio": float(np.median(ratios)),
             "ratios": [round(r, 3) for r in ratios]}
+
+
+def bench_samples(cfg, params, n_prompts: int = 32, prompt_len: int = 240, n: int = 4,
+                  new_tokens: int = 16, slots: int = 16, repeats: int = 3) -> dict:
+    """n samples per prompt (one request each: prefilled once, its full pages shared
+    by the n slots) against the same prompts as n separate requests each (n
+    prefills), over the same paged engine and slots; long prompts, short outputs,
+    sampled. Alternated `repeats` times: medians of tokens/s and of the ratios."""
+    from ..infer.generate import generate
+    rng = np.random.default_rng(3)
+    prompts = rng.integers(3, cfg.vocab_size, (n_prompts, prompt_len)).tolist()
+    kw = dict(max_new_tokens=new_tokens, temperature=1.0, cache="paged", slots=slots,
+              min_new_tokens=new_tokens)
+
+    def shared():
+        return generate(params, cfg, prompts, num_return_sequences=n, **kw)
+
+    def separate():
+        return generate(params, cfg, [p for p in prompts for _ in range(n)], **kw)
+
+    tokens = n_prompts * n * new_tokens
+    shared(), separate()  # compile
+    tps, ratios = {"shared": [], "separate": []}, []
+    for _ in range(repeats):
+        for name, fn in (("shared", shared), ("separate", separate)):
+            t0 = time.perf_counter()
+            fn()
+            tps[name].append(tokens / (time.perf_counter() - t0))
+        ratios.append(tps["shared"][-1] / tps["separate"][-1])
+    return {"prompts": n_prompts, "n": n, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            **{k: float(np.median(v)) for k, v in tps.items()},
+            "ratio": float(np.median(ratios)), "ratios": [round(r, 3) for r in ratios]}
+
+
+PROCESSORS = dict(temperature=0.8, repetition_penalty=1.3, no_repeat_ngram_size=3, min_p=0.05)
 
 
 def run_bench(cfg) -> dict:
@@ -195,6 +234,17 @@ def run_bench(cfg) -> dict:
           f"for static batches (x{cb['ratio']:.2f}, median of the alternated pairs "
           f"{', '.join(f'x{r:.2f}' for r in cb['ratios'])}; outputs equal for "
           f"{cb['same_outputs']} of {cb['prompts']} prompts)")
+    cp = bench_continuous(cfg.model, params, **PROCESSORS)
+    print(f"with processors (repetition 1.3, no-repeat-ngram 3, min-p 0.05, sampled): "
+          f"continuous {cp['continuous']:.0f} tokens/s against {cp['static']:.0f} for static "
+          f"batches, batch-infer's fallback before the one engine (x{cp['ratio']:.2f}, pairs "
+          f"{', '.join(f'x{r:.2f}' for r in cp['ratios'])}; outputs equal for "
+          f"{cp['same_outputs']} of {cp['prompts']})")
+    ns = bench_samples(cfg.model, params)
+    print(f"n={ns['n']} samples of {ns['prompts']} prompts of {ns['prompt_len']} tokens "
+          f"({ns['new_tokens']} new): {ns['shared']:.0f} tokens/s, one prefill each, against "
+          f"{ns['separate']:.0f} as {ns['n']} separate requests (x{ns['ratio']:.2f}, pairs "
+          f"{', '.join(f'x{r:.2f}' for r in ns['ratios'])})")
     result = {"peak_gflops": round(peak / 1e9, 2), "train_tokens_per_s": round(tps, 1),
               "train_mfu": round(train_mfu, 4), "peak_source": source,
               "decode_tokens_per_s_b1": round(dec[1], 1),
@@ -208,6 +258,12 @@ def run_bench(cfg) -> dict:
               "static_batching_tokens_per_s": round(cb["static"], 1),
               "continuous_over_static": round(cb["ratio"], 3),
               "continuous_same_outputs": cb["same_outputs"],
+              "processors_continuous_tokens_per_s": round(cp["continuous"], 1),
+              "processors_static_tokens_per_s": round(cp["static"], 1),
+              "processors_continuous_over_static": round(cp["ratio"], 3),
+              "n_samples_tokens_per_s": round(ns["shared"], 1),
+              "separate_requests_tokens_per_s": round(ns["separate"], 1),
+              "n_samples_over_separate": round(ns["ratio"], 3),
               "decode_vs_hf": vs_hf}
     print(json.dumps(result))
     return result

@@ -175,3 +175,21 @@ def test_every_position_scheme_decodes_like_the_full_forward(positions):
     swapped, _ = fwd(p, cfg, tokens[:, jnp.array([0, 1, 2, 3, 4, 5, 6, 8, 7, 9])])
     moved = np.abs(np.asarray(swapped[:, -1]) - np.asarray(full[:, -1])).max()
     assert (moved > 1e-4) == (positions != "none"), moved
+
+
+def test_recording_store_keeps_every_layers_kv_as_the_cache_holds_it():
+    """The Recording store attends as NoCache does (the same logits) and keeps each
+    layer's K/V (after RoPE): what a prefill writes into a contiguous cache."""
+    from jaxlm.model.kv import Contiguous, Recording, init_cache
+    p = init_params(SMALL, jax.random.key(2))
+    tokens = jnp.array(np.random.default_rng(4).integers(0, SMALL.vocab_size, (2, 7)))
+    fwd = jax.jit(forward, static_argnames="cfg")
+    plain, _ = fwd(p, SMALL, tokens)
+    rec, aux = fwd(p, SMALL, tokens, store=Recording.create(SMALL, 2, 7))
+    np.testing.assert_array_equal(np.asarray(rec), np.asarray(plain))
+    _, cached = fwd(p, SMALL, tokens, store=Contiguous.of(init_cache(SMALL, 2, 16), fresh=True))
+    kv = cached["store"].kv
+    for name in ("k", "v"):
+        np.testing.assert_allclose(np.asarray(getattr(aux["store"], name)),
+                                   np.asarray(kv[name][:, :, :7]), atol=1e-6)
+    assert float(jnp.abs(aux["store"].k).max()) > 0
