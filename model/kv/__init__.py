@@ -32,19 +32,12 @@ import jax.numpy as jnp
 from ..kernels import MaskSpec
 from ..layers.attention import attend
 from .contiguous import (Contiguous, cache_axes, cache_bytes, cache_shapes, check_kv_dtype,
-                         constrain_cache, init_cache, quantize_kv, read_cross)
+                         constrain_cache, init_cache, own_mask, quantize_kv, read_cross)
 from .paged import Paged, init_pages
 
 
 def arange_positions(b: int, s: int):
     return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-
-
-def own_mask(causal: bool, positions, segment_ids, window) -> MaskSpec:
-    """The mask of a call whose tokens attend only to each other (positions None:
-    the implicit arange, which cuDNN / splash attention can take)."""
-    return MaskSpec(causal=causal, q_positions=positions, kv_positions=positions,
-                    q_segment_ids=segment_ids, kv_segment_ids=segment_ids, window=window)
 
 
 @jax.tree_util.register_dataclass

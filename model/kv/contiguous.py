@@ -277,6 +277,29 @@ def read_cross(cross: dict, dtype):
     return cross["k"].astype(dtype), cross["v"].astype(dtype)
 
 
+def own_mask(causal: bool, positions, segment_ids, window) -> MaskSpec:
+    """The mask of a call whose tokens attend only to each other (positions None:
+    the implicit arange, which cuDNN / splash attention can take)."""
+    return MaskSpec(causal=causal, q_positions=positions, kv_positions=positions,
+                    q_segment_ids=segment_ids, kv_segment_ids=segment_ids, window=window)
+
+
+def after(lengths, s: int):
+    """Positions [R, S] of S tokens written after each row's lengths [R]."""
+    return lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
+
+
+def cache_mask(fresh: bool, positions, segment_ids, window, lengths, span: int) -> MaskSpec:
+    """What a cached call's tokens see: fresh (a prompt into empty rows), each other
+    (`own_mask`, causal); else every key of the row's [0, span) positions up to its
+    lengths + S, causally (and within the window)."""
+    if fresh:
+        return own_mask(True, positions, segment_ids, window)
+    return MaskSpec(causal=True, q_positions=positions,
+                    kv_positions=jnp.arange(span, dtype=jnp.int32)[None],
+                    kv_lengths=lengths + positions.shape[1], window=window)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Contiguous:
@@ -316,16 +339,11 @@ class Contiguous:
         return self.fresh and context_size() > 1
 
     def positions(self, b: int, s: int):
-        return self.lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
+        return after(self.lengths, s)
 
     def mask(self, causal: bool, positions, segment_ids, window) -> MaskSpec:
-        if self.fresh:
-            return MaskSpec(causal=True, q_positions=positions, kv_positions=positions,
-                            q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                            window=window)
-        return MaskSpec(causal=True, q_positions=positions,
-                        kv_positions=jnp.arange(cache_length(self.kv), dtype=jnp.int32)[None],
-                        kv_lengths=self.lengths + positions.shape[1], window=window)
+        return cache_mask(self.fresh, positions, segment_ids, window, self.lengths,
+                          cache_length(self.kv))
 
     def attend(self, i, q, k, v, mask, bias, cfg, dropout_key=None):
         b, s = q.shape[:2]
@@ -334,7 +352,7 @@ class Contiguous:
             kv = write_kv_block(kv, i, k, v)
             o = attend(q, *(c[:, :s] for c in read_kv(kv, i, q.dtype)), mask, cfg, bias)
             return dataclasses.replace(self, kv=kv), o
-        at = self.positions(b, s)
+        at = after(self.lengths, s)
         if self.live is not None:
             at = jnp.where(self.live[:, None], at, cache_length(kv))  # dropped
         rows = jnp.arange(b) if self.rows is None else self.rows

@@ -42,11 +42,11 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import dtype_of
-from ..kernels import MaskSpec
 from ..kernels.paged import gather_pages, paged_attention
 from ..layers.attention import attend
 from ...sharding.rules import active_mesh, partition_spec
-from .contiguous import dequantize, quantize
+from ..kernels import MaskSpec
+from .contiguous import after, cache_mask, dequantize, quantize
 
 
 def _rule_axes(mesh, rules, name, dims, used=()) -> tuple:
@@ -182,23 +182,17 @@ class Paged:
         return pool_layout(self.slots, k.shape[1], k.shape[3])
 
     def positions(self, b: int, s: int):
-        return self.lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
+        return after(self.lengths, s)
 
     def mask(self, causal: bool, positions, segment_ids, window) -> MaskSpec:
-        if self.fresh:
-            return MaskSpec(causal=True, q_positions=positions, kv_positions=positions,
-                            q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                            window=window)
-        span = self.page_table.shape[1] * self.page_size
-        return MaskSpec(causal=True, q_positions=positions,
-                        kv_positions=jnp.arange(span, dtype=jnp.int32)[None],
-                        kv_lengths=self.lengths + positions.shape[1], window=window)
+        return cache_mask(self.fresh, positions, segment_ids, window, self.lengths,
+                          self.page_table.shape[1] * self.page_size)
 
     def attend(self, i, q, k, v, mask, bias, cfg, dropout_key=None):
         r, s = q.shape[:2]
         ps = self.page_size
         n_pages = self.kv["k"].shape[1]
-        at = self.lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None]  # [R, S]
+        at = after(self.lengths, s)  # [R, S]
         page = jnp.take_along_axis(self.page_table, at // ps, axis=1, mode="clip")
         ok = at // ps < self.page_table.shape[1]
         if self.live is not None:
