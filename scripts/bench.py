@@ -160,16 +160,22 @@ def bench_continuous(cfg, params, n_prompts: int = 200, slots: int = 16,
 
     # the compile runs: the two paths' tokens, request by request
     same = sum(a == b for a, b in zip(static(), continuous()))
-    tps, ratios = {"static": [], "continuous": []}, []
+    return {"prompts": n_prompts, "slots": slots, "tokens": sum(news), "same_outputs": same,
+            **alternate(continuous, static, sum(news), repeats, ("continuous", "static"))}
+
+
+def alternate(a, b, tokens: int, repeats: int, names) -> dict:
+    """a() and b() (compiled already) timed in turn `repeats` times, each producing
+    `tokens` tokens: the medians of their tokens/s and of the per-pair ratios a / b."""
+    tps, ratios = {n: [] for n in names}, []
     for _ in range(repeats):
-        for name, fn in (("static", static), ("continuous", continuous)):
+        for name, fn in zip(names, (a, b)):
             t0 = time.perf_counter()
             fn()
-            tps[name].append(sum(news) / (time.perf_counter() - t0))
-        ratios.append(tps["continuous"][-1] / tps["static"][-1])
-    return {"prompts": n_prompts, "slots": slots, "tokens": sum(news), "same_outputs": same,
-            **{k: float(np.median(v)) for k, v in tps.items()}, "ratio": float(np.median(ratios)),
-            "ratios": [round(r, 3) for r in ratios]}
+            tps[name].append(tokens / (time.perf_counter() - t0))
+        ratios.append(tps[names[0]][-1] / tps[names[1]][-1])
+    return {**{k: float(np.median(v)) for k, v in tps.items()},
+            "ratio": float(np.median(ratios)), "ratios": [round(r, 3) for r in ratios]}
 
 
 def bench_samples(cfg, params, n_prompts: int = 32, prompt_len: int = 240, n: int = 4,
@@ -190,18 +196,10 @@ def bench_samples(cfg, params, n_prompts: int = 32, prompt_len: int = 240, n: in
     def separate():
         return generate(params, cfg, [p for p in prompts for _ in range(n)], **kw)
 
-    tokens = n_prompts * n * new_tokens
     shared(), separate()  # compile
-    tps, ratios = {"shared": [], "separate": []}, []
-    for _ in range(repeats):
-        for name, fn in (("shared", shared), ("separate", separate)):
-            t0 = time.perf_counter()
-            fn()
-            tps[name].append(tokens / (time.perf_counter() - t0))
-        ratios.append(tps["shared"][-1] / tps["separate"][-1])
     return {"prompts": n_prompts, "n": n, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            **{k: float(np.median(v)) for k, v in tps.items()},
-            "ratio": float(np.median(ratios)), "ratios": [round(r, 3) for r in ratios]}
+            **alternate(shared, separate, n_prompts * n * new_tokens, repeats,
+                        ("shared", "separate"))}
 
 
 PROCESSORS = dict(temperature=0.8, repetition_penalty=1.3, no_repeat_ngram_size=3, min_p=0.05)
