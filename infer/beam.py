@@ -149,7 +149,7 @@ def engine_step(st, kv, sl, step, feats, kind: str, page_table):
     sl = Slots(sl.lengths, sl.count + sl.live, sl.budget, still, sl.eos)
     logits, kv = step(kv, jnp.maximum(nxt, 0)[:, None], sl.lengths, sl.live)
     rows = rows._replace(out=out, hist=hist,
-                         logits=jnp.where(sl.live[:, None], logits[:, 0], rows.logits))
+                         logits=logits[:, 0])
     sl = sl._replace(lengths=sl.lengths + sl.live)
     return st._replace(rows=rows, beams=b), kv, sl, stopped
 

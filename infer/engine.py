@@ -425,7 +425,7 @@ def _run(params, cfg, draft_params, draft_cfg, state: State, sl: Slots, page_tab
             rows = record(rows, sl, tok, rows.logits)
             sl, stop = finish(sl, tok, rows, sl.live.astype(jnp.int32))
             logits, kv = step(kv, jnp.maximum(tok, 0)[:, None], sl.lengths, sl.live)
-            rows = rows._replace(logits=jnp.where(sl.live[:, None], logits[:, 0], rows.logits))
+            rows = rows._replace(logits=logits[:, 0])  # a slot not live: never read again
             sl = sl._replace(lengths=sl.lengths + sl.live)
             st = st._replace(rows=rows)
         return i + 1, st, kv, sl, done + jnp.sum(stop, dtype=jnp.int32)
