@@ -403,7 +403,10 @@ def _run(params, cfg, draft_params, draft_cfg, state: State, sl: Slots, page_tab
          exit_after, *, feats: Features, kind: str):
     """Up to max_steps decode steps (speculative: cycles) of every live slot; stops
     early after the step where the exit_after-th slot of this call finished (0:
-    never). -> (state, slots, steps run)."""
+    never). -> (state, slots, steps run). Stacked params (an engine that is not
+    `presplit`) are split per layer here, inside the program (`decode_params`)."""
+    params = decode_params(params, cfg)
+    draft_params = None if draft_params is None else decode_params(draft_params, draft_cfg)
     split = kind == "contiguous" and isinstance(params.get("layers"), (list, tuple))
     kv = split_layers(state.kv) if split else state.kv
     step = partial(model_step, params, cfg, kind, page_table=page_table, cross=state.cross,
@@ -507,7 +510,7 @@ class Engine:
                  refill_batch: Optional[int] = None, features: Optional[Features] = None,
                  draft=None, detokenize: Optional[Callable] = None, decoder_start_id: int = 0,
                  guides: Sequence = (), max_len: Optional[int] = None,
-                 on_refill: Optional[Callable[[dict], None]] = None):
+                 on_refill: Optional[Callable[[dict], None]] = None, presplit: bool = True):
         if cfg.family not in ("decoder", "encoder_decoder"):
             raise InputError(f"model.family={cfg.family!r} does not generate text")
         if cache not in ("paged", "contiguous"):
@@ -540,11 +543,15 @@ class Engine:
         if feats.beams and slots % feats.beams:
             raise InputError(f"slots={slots} must be a multiple of num_beams={feats.beams}")
         self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
-        self.params = _split_once(params, cfg) if unrolls(params, cfg) else params
+        # split (and fused) once for the engine's life, not at every round trip; an engine
+        # that runs once (`jaxlm.generate` admitting everything at once) leaves it to its
+        # one decode loop, inside the program (no separate copy of the weights)
+        self.params = _split_once(params, cfg) if presplit and unrolls(params, cfg) else params
         self.draft = None
         if draft is not None:
             dparams, dcfg = draft
-            self.draft = (_split_once(dparams, dcfg) if unrolls(dparams, dcfg) else dparams,
+            self.draft = (_split_once(dparams, dcfg) if presplit and unrolls(dparams, dcfg)
+                          else dparams,
                           dcfg)
         self.n_slots = slots
         kv_dtype = settings.kv_dtype

@@ -198,9 +198,11 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                         stops=max(4, _pow2(len(eos))))
     options = {k: v for k, v in (engine_options or {}).items() if v is not None}
     if cache == "contiguous" and n_seq <= slots and not stream:
-        # every sequence admitted at once: one round trip runs them to the end (each
-        # round trip splits and restacks the cache per layer once)
-        options.setdefault("steps_per_call", max(budgets))
+        # every sequence admitted at once: one round trip runs them to the end (a round
+        # trip splits and restacks the cache per layer once), which splits the weights
+        # per layer inside its program too
+        options.setdefault("steps_per_call", max(budgets) + 1)
+        options.setdefault("presplit", False)
     engine = Engine(params, cfg, settings=base, max_prompt_len=longest,
                     max_new_tokens=max(budgets), slots=slots, cache=cache, page_size=page_size,
                     max_len=span, features=feats, draft=draft, detokenize=detokenize,
