@@ -202,6 +202,22 @@ def bench_samples(cfg, params, n_prompts: int = 32, prompt_len: int = 240, n: in
                         ("shared", "separate"))}
 
 
+def bench_caches(cfg, params, batch: int = 16, prompt_len: int = 32, new_tokens: int = 64,
+                 repeats: int = 3) -> dict:
+    """The one engine over a contiguous cache row per sequence (what jaxlm.generate
+    takes when every sequence fits its slots at once) against its paged pool, greedy,
+    the same batch admitted at once: medians of tokens/s and of the ratios."""
+    from ..infer.generate import generate
+    prompts = np.random.default_rng(4).integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    runs = {c: (lambda c=c: generate(params, cfg, prompts, cache=c, **kw))
+            for c in ("contiguous", "paged")}
+    same = runs["contiguous"]().tokens.tolist() == runs["paged"]().tokens.tolist()  # compile
+    return {"batch": batch, "same_outputs": same,
+            **alternate(runs["contiguous"], runs["paged"], batch * new_tokens, repeats,
+                        ("contiguous", "paged"))}
+
+
 PROCESSORS = dict(temperature=0.8, repetition_penalty=1.3, no_repeat_ngram_size=3, min_p=0.05)
 
 
@@ -232,6 +248,11 @@ def run_bench(cfg) -> dict:
           f"for static batches (x{cb['ratio']:.2f}, median of the alternated pairs "
           f"{', '.join(f'x{r:.2f}' for r in cb['ratios'])}; outputs equal for "
           f"{cb['same_outputs']} of {cb['prompts']} prompts)")
+    cc = bench_caches(cfg.model, params)
+    print(f"batch {cc['batch']} admitted at once: contiguous cache {cc['contiguous']:.0f} "
+          f"tokens/s against the paged pool's {cc['paged']:.0f} (x{cc['ratio']:.2f}, pairs "
+          f"{', '.join(f'x{r:.2f}' for r in cc['ratios'])}; outputs equal: "
+          f"{cc['same_outputs']})")
     cp = bench_continuous(cfg.model, params, **PROCESSORS)
     print(f"with processors (repetition 1.3, no-repeat-ngram 3, min-p 0.05, sampled): "
           f"continuous {cp['continuous']:.0f} tokens/s against {cp['static']:.0f} for static "
@@ -259,6 +280,9 @@ def run_bench(cfg) -> dict:
               "processors_continuous_tokens_per_s": round(cp["continuous"], 1),
               "processors_static_tokens_per_s": round(cp["static"], 1),
               "processors_continuous_over_static": round(cp["ratio"], 3),
+              "contiguous_b16_tokens_per_s": round(cc["contiguous"], 1),
+              "paged_b16_tokens_per_s": round(cc["paged"], 1),
+              "contiguous_over_paged_b16": round(cc["ratio"], 3),
               "n_samples_tokens_per_s": round(ns["shared"], 1),
               "separate_requests_tokens_per_s": round(ns["separate"], 1),
               "n_samples_over_separate": round(ns["ratio"], 3),
