@@ -321,3 +321,31 @@ def test_per_row_settings_reach_their_rows(checkpoints, tmp_path):
     assert len(got["a"]["tokens"]) <= 3 and len(got["c"]["tokens"]) <= 6
     assert len(got["b"]["completions"]) == 2
     assert summary["engine"]["admitted"] == 3
+
+
+def test_logprobs_are_the_raw_logits_log_softmax_at_each_token(tiny):
+    out = jaxlm.generate(tiny, TINY, ROWS, max_new_tokens=6, temperature=0.9, seed=1,
+                         return_logits=True, logprobs=True, cache="paged", slots=2)
+    for r in range(len(ROWS)):
+        n = int(out.lengths[r])
+        lsm = jax.nn.log_softmax(out.logits[r, :n], axis=-1)
+        want = np.take_along_axis(np.asarray(lsm), out.tokens[r, :n, None], axis=-1)[:, 0]
+        np.testing.assert_allclose(out.logprobs[r, :n], want, atol=1e-5)
+
+
+def test_paged_pool_runs_int8_kv_and_speculative_drafts_as_the_contiguous_cache(tiny):
+    """The same engine over its two caches: an int8 KV pool (scales per token and head)
+    gives the contiguous int8 cache's greedy tokens; a draft's pages in the same pool
+    (speculative decoding) give the target's own greedy tokens."""
+    kw = dict(max_new_tokens=12, kv_dtype="int8")
+    contiguous = jaxlm.generate(tiny, TINY, ROWS, **kw)
+    paged = jaxlm.generate(tiny, TINY, ROWS, cache="paged", slots=2, page_size=4, **kw)
+    assert paged.tokens.tolist() == contiguous.tokens.tolist()
+    draft_cfg = jaxlm.ModelConfig(vocab_size=97, d_model=32, n_layers=1, n_heads=4,
+                                  n_kv_heads=2, d_ff=64, max_seq_len=128, init_std=0.2)
+    draft = (jaxlm.init_params(draft_cfg, jax.random.key(9)), draft_cfg)
+    plain = jaxlm.generate(tiny, TINY, ROWS, max_new_tokens=12)
+    spec = jaxlm.generate(tiny, TINY, ROWS, max_new_tokens=12, draft=draft, num_speculative=3,
+                          cache="paged", slots=2, page_size=4)
+    assert spec.tokens.tolist() == plain.tokens.tolist()
+    assert spec.stats["drafted"] > 0
