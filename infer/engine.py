@@ -1,7 +1,7 @@
 """The one inference engine: requests in, tokens out, continuous batching over a KV cache.
 
     eng = Engine(params, cfg, settings=GenerateConfig(max_new_tokens=64), slots=8)
-    req = eng.add([5, 7, 9], temperature=0.7, n=2)          # any time, also mid-run
+    req = eng.add([5, 7, 9], temperature=0.7, num_return_sequences=2)   # any time
     for event in eng.stream():                              # tokens as they are produced
         print(event.request.index, event.sample, event.tokens, event.finish_reason)
     req.outputs[0].tokens, req.outputs[0].finish_reason      # "stop" | "length"
@@ -495,7 +495,7 @@ class Engine:
     settings: the GenerateConfig each request starts from (`add` overrides keys per
     request). max_prompt_len / max_new_tokens: the largest prompt and budget any
     request may bring (they size the buffers: output width, cache length, pages per
-    slot). features: what the compiled loop runs (default: what `settings` needs;
+    slot; default settings.max_new_tokens and the rest of model.max_seq_len). features: what the compiled loop runs (default: what `settings` needs;
     `Features.of` over every request's settings when they differ); a request
     needing more is refused with one line. cache: "paged" (page_size, n_pages:
     default enough for every slot's longest request) or "contiguous" (one row of
@@ -504,7 +504,8 @@ class Engine:
     strings and `Output.text`. guides: every Guide requests will use (stacked into
     one table on device)."""
 
-    def __init__(self, params, cfg, *, settings, max_prompt_len: int, max_new_tokens: int,
+    def __init__(self, params, cfg, *, settings, max_prompt_len: Optional[int] = None,
+                 max_new_tokens: Optional[int] = None,
                  slots: int = 8, cache: str = "paged", page_size: int = 16,
                  n_pages: Optional[int] = None, steps_per_call: int = 32,
                  refill_batch: Optional[int] = None, features: Optional[Features] = None,
@@ -516,6 +517,10 @@ class Engine:
         if cache not in ("paged", "contiguous"):
             raise InputError(f"cache={cache!r} must be 'paged' or 'contiguous'")
         refill_batch = max(1, slots // 8) if refill_batch is None else refill_batch
+        max_new_tokens = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if max_prompt_len is None:
+            max_prompt_len = cfg.max_seq_len - (0 if cfg.family == "encoder_decoder"
+                                                else max_new_tokens)
         for name, value in (("slots", slots), ("page_size", page_size),
                             ("steps_per_call", steps_per_call), ("refill_batch", refill_batch),
                             ("max_prompt_len", max_prompt_len),
@@ -609,13 +614,16 @@ class Engine:
     # -------------------------------------------------------- requests
 
     def add(self, prompt, settings=None, *, guide=None, row_seed: Optional[int] = None,
-            eos_ids=(), on_token: Optional[Callable] = None) -> Request:
+            eos_ids=(), on_token: Optional[Callable] = None, **overrides) -> Request:
         """Queue a request: prompt ids; settings: a GenerateConfig (default the
-        engine's; its stop strings end the request on its text); eos_ids: its stop ids
-        (besides settings.stop_ids); row_seed: what its key folds in (default its
-        index); on_token(event): called with each Event of the request. A request the
-        engine cannot run is a one-line InputError."""
+        engine's), with `overrides` of its keys (temperature=0.7, ...; its stop strings
+        end the request on its text); eos_ids: its stop ids (besides
+        settings.stop_ids); row_seed: what its key folds in (default its index);
+        on_token(event): called with each Event of the request. A request the engine
+        cannot run is a one-line InputError (a bad setting: its ConfigError)."""
         s = self.settings if settings is None else settings
+        if overrides:
+            s = dataclasses.replace(s, **overrides)
         stop = s.stop
         ids = np.asarray(prompt, np.int32).reshape(-1)
         i = len(self.requests)
