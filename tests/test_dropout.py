@@ -20,8 +20,6 @@ from jaxlm.model.config import ModelConfig
 from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.kernels.reference import attention_reference
 from jaxlm.model.layers.dropout import dropout
-from jaxlm.model.tokenizer import train_sentencepiece
-from jaxlm.train.data import load_documents
 from jaxlm.train.loop import train
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.train.state import TrainState
@@ -146,15 +144,13 @@ def test_train_step_dropout_is_keyed_by_seed_and_step_and_eval_is_deterministic(
 # ------------------------------------------------ a real run: resume is exact
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    train_sentencepiece(load_documents("stdlib", max_docs=20), 511, out, max_chars=200_000)
-    return str(out / "tokenizer.model")
+def tok(sp_tokenizer_file):
+    return sp_tokenizer_file
 
 
-def bert_cfg(tok, run_dir):
+def bert_cfg(tok, run_dir):  # vocab: the tokenizer's 512 ids + the reserved [MASK] id
     return load_config("tiny-bert", [
-        "model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+        "model.vocab_size=513", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
         "model.d_ff=64", "model.max_seq_len=64", "model.dropout=0.1",
         "model.attention_dropout=0.1", "model.attention_impl=xla", "data.seq_len=32",
         "data.batch_size=2", "data.max_docs=20", "train.steps=6", "train.warmup_steps=1",

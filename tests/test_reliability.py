@@ -25,11 +25,9 @@ import jaxlm
 from jaxlm.errors import CheckpointError, ConfigError, InputError, JaxlmError
 from jaxlm.config import load_config
 from jaxlm.model.config import ModelConfig
-from jaxlm.model.tokenizer import train_sentencepiece
 from jaxlm.scripts import cli
 from jaxlm.infer.batch import batch_infer, row_seed
 from jaxlm.train import checkpoint, guard
-from jaxlm.train.data import load_documents
 from jaxlm.train.loop import train
 from jaxlm.train.metrics import MetricsLog
 
@@ -43,10 +41,8 @@ DEADLINE = 240.0
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    train_sentencepiece(load_documents("stdlib", max_docs=20), 512, out, max_chars=200_000)
-    return str(out / "tokenizer.model")
+def tok(sp_tokenizer_file):
+    return sp_tokenizer_file
 
 
 def overrides(tok, run_dir, *extra):

@@ -403,12 +403,8 @@ def test_span_batches_resume_exactly():
 # ------------------------------------------------------------------ training
 
 
-def test_span_training_reduces_the_loss(tmp_path):
-    from jaxlm.model.tokenizer import train_sentencepiece
-    from jaxlm.train.data import load_documents
+def test_span_training_reduces_the_loss(tmp_path, sp_tokenizer_file):
     from jaxlm.train.loop import train
-    docs = load_documents("stdlib", max_docs=40)
-    train_sentencepiece(docs, 512, tmp_path / "tok", max_chars=100_000)
     reserved = span.sentinels(32, 0.15, 3.0)
     cfg = load_config("tiny-t5", [
         f"model.vocab_size={512 + reserved}", "model.d_model=32", "model.head_dim=8",
@@ -416,7 +412,7 @@ def test_span_training_reduces_the_loss(tmp_path):
         "data.max_docs=40", "data.eval_fraction=0.1", "train.steps=16",
         "train.warmup_steps=2", "train.learning_rate=1e-2", "train.eval_every=8",
         "train.eval_batches=2", "train.checkpoint_every=100", "train.log_every=4",
-        "mesh.devices=1", f"data.tokenizer={tmp_path / 'tok' / 'tokenizer.model'}",
+        "mesh.devices=1", f"data.tokenizer={sp_tokenizer_file}",
         f"run_dir={tmp_path / 'run'}"])
     summary = train(cfg, progress=False)
     evals = [e["eval_loss"] for e in summary["eval"]]
