@@ -24,15 +24,11 @@ from jaxlm.train.loop import train
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.train.state import TrainState
 from jaxlm.train.step import dropout_key, eval_step, train_step
+import tiny_models
 
-BERT = ModelConfig(family="encoder", vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                   max_seq_len=16, norm="layernorm", norm_position="post", mlp="gelu",
-                   positions="learned", type_vocab_size=2, tie_embeddings=True,
-                   attention_impl="xla")
-T5 = ModelConfig(family="encoder_decoder", vocab_size=64, d_model=32, n_layers=2,
-                 n_decoder_layers=2, n_heads=2, head_dim=16, d_ff=64, max_seq_len=16,
-                 mlp="geglu", positions="t5_relative", relative_buckets=8,
-                 relative_max_distance=16, attn_scale=1.0, attention_impl="xla")
+# the shared tiny families, on the XLA reference attention (the one with dropout)
+BERT = dataclasses.replace(tiny_models.BERT, attention_impl="xla")
+T5 = dataclasses.replace(tiny_models.T5, attention_impl="xla")
 
 
 def with_dropout(cfg, p=0.1, a=0.1):

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from test_sharding import assert_rule_shardings
+import tiny_models
 
 import jaxlm
 from jaxlm.errors import ConfigError
@@ -206,8 +207,7 @@ def test_bad_input_one_line():
     with pytest.raises(ConfigError, match="pipeline_microbatches=3 does not divide the batch "
                                           "of 4 rows"):
         cfg(dict(stage=2), m=3, accum=2)
-    bert = ModelConfig(family="encoder", vocab_size=256, d_model=32, n_layers=4, n_heads=4,
-                       d_ff=64, max_seq_len=32, positions="learned")
+    bert = tiny_models.BERT
     with pytest.raises(ConfigError, match="mesh.stage=2: pipeline parallelism supports "
                                           "model.family='decoder' only, not 'encoder'"):
         cfg(dict(stage=2), model=bert)

@@ -1,6 +1,7 @@
 """T5 (encoder-decoder) against Hugging Face: logits, checkpoints, greedy generation;
 span corruption; a few training steps."""
 
+import dataclasses
 import json
 import os
 
@@ -13,22 +14,18 @@ from jaxlm.errors import CheckpointError
 from jaxlm.infer.generate import generate
 from jaxlm.model import forward, model_specs
 from jaxlm.config import load_config
-from jaxlm.model.config import ModelConfig
 from jaxlm.model.hf import config_from_hf, hf_config_from, load_hf, save_hf
 from jaxlm.model.layers.relative import relative_buckets
 from jaxlm.model.params import abstract
 from jaxlm.train import span
+from tiny_models import T5
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(family="encoder_decoder", vocab_size=99, d_model=32, n_layers=2, n_decoder_layers=2,
-            n_heads=4, head_dim=8, d_ff=48, max_seq_len=64, norm_eps=1e-6,
-            positions="t5_relative", relative_buckets=8, relative_max_distance=16,
-            attn_scale=1.0)
 VARIANTS = {
-    "v1_0": ModelConfig(**TINY, mlp="relu", tie_embeddings=True),
-    "v1_1": ModelConfig(**TINY, mlp="geglu", gelu_approximate=True, tie_embeddings=False),
+    "v1_0": T5,  # relu, tied
+    "v1_1": dataclasses.replace(T5, mlp="geglu", gelu_approximate=True, tie_embeddings=False),
 }
 
 
