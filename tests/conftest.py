@@ -41,3 +41,107 @@ def traces():
         yield counts
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
+
+
+# ------------------------------------------------------------ shared session fixtures
+#
+# One trained tokenizer, one tiny model (config + params) per family and one checkpoint
+# per family, made once per worker process and shared by every test file that needs
+# "some" such thing (tests/tiny_models.py says why: fewer distinct configs, fewer
+# compiles). They are read-only: a test that changes one copies it first.
+
+import shutil  # noqa: E402
+from typing import NamedTuple  # noqa: E402
+
+import tiny_models  # noqa: E402
+
+
+class Tiny(NamedTuple):
+    cfg: object  # jaxlm ModelConfig
+    params: dict
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer_dir(tmp_path_factory):
+    """The directory (a pathlib.Path) of the shared sentencepiece tokenizer: its
+    `tokenizer.model`, trained on the first 20 stdlib files (200,000 characters), 512
+    pieces. Do not write into it: copy the file where a run dir / checkpoint needs it."""
+    from jaxlm.model.tokenizer import train_sentencepiece
+    from jaxlm.train.data import load_documents
+    out = tmp_path_factory.mktemp("sp_tokenizer")
+    train_sentencepiece(load_documents("stdlib", max_docs=20), tiny_models.TOKENIZER_VOCAB, out,
+                        max_chars=200_000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer_file(sp_tokenizer_dir):
+    """The shared tokenizer's `tokenizer.model` path, a str (for `data.tokenizer=...`)."""
+    return str(sp_tokenizer_dir / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(sp_tokenizer_dir):
+    """The shared tokenizer, loaded (a jaxlm SentencePieceTokenizer; 512 ids, bos/eos)."""
+    from jaxlm.model.tokenizer import load_tokenizer
+    return load_tokenizer(sp_tokenizer_dir)
+
+
+def _tiny(cfg):
+    import jaxlm
+    return Tiny(cfg, jaxlm.init_params(cfg, jax.random.key(0)))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """(cfg, params) of tiny_models.LLAMA: a Llama-style GQA decoder, vocab 97, 256
+    positions, init_std 0.2 (peaked logits); params from key 0."""
+    return _tiny(tiny_models.LLAMA)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """(cfg, params) of tiny_models.GPT2: learned positions, LayerNorm, GELU, biases,
+    tied embeddings; params from key 0."""
+    return _tiny(tiny_models.GPT2)
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral():
+    """(cfg, params) of tiny_models.MIXTRAL: the Llama with 4 experts, top-2; key 0."""
+    return _tiny(tiny_models.MIXTRAL)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    """(cfg, params) of tiny_models.BERT: a BERT-style encoder (post-LN, biases, token
+    types, tied MLM head), vocab 99, d_model 48; params from key 0."""
+    return _tiny(tiny_models.BERT)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5():
+    """(cfg, params) of tiny_models.T5: a T5 v1.0-style encoder-decoder (relative
+    buckets, ReLU, tied), vocab 99; params from key 0."""
+    return _tiny(tiny_models.T5)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, sp_tokenizer_dir):
+    """tiny_checkpoint(family="llama") -> the path (a str) of a jaxlm checkpoint dir of
+    that family (tiny_models.checkpoint_config: vocab 512, 32 positions, init_std 0.2,
+    params from key 0) with the shared tokenizer in it; each saved once, when first
+    asked for. Read-only: copy it (shutil.copytree) to change it."""
+    import jaxlm
+    made = {}
+
+    def get(family="llama"):
+        if family not in made:
+            cfg = tiny_models.checkpoint_config(family)
+            path = tmp_path_factory.mktemp(f"checkpoint_{family}") / "model"
+            jaxlm.save(str(path), cfg, jaxlm.init_params(cfg, jax.random.key(0)))
+            shutil.copy(sp_tokenizer_dir / "tokenizer.model", path / "tokenizer.model")
+            made[family] = str(path)
+        return made[family]
+
+    return get

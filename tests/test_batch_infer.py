@@ -8,10 +8,7 @@ import pytest
 
 import jaxlm
 from jaxlm.errors import InputError
-from jaxlm.model.config import ModelConfig
-from jaxlm.model.tokenizer import train_sentencepiece
 from jaxlm.infer.batch import batch_infer, read_inputs, recover_output
-from jaxlm.train.data import load_documents
 
 PROMPTS = ["def main():", "import os", "class Foo(object):", "return None", "for i in range(",
            "# a comment", "while True:", "x = [", "try:", "print('hello')", "with open("]
@@ -19,12 +16,8 @@ GEN = ["generate.max_new_tokens=6", "generate.temperature=0"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=4, d_ff=64, max_seq_len=64)
-    jaxlm.save(str(path), cfg, jaxlm.init_params(cfg, jax.random.key(0)))
-    train_sentencepiece(load_documents("stdlib", max_docs=20), 512, path, max_chars=200_000)
-    return str(path)
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint("llama")
 
 
 def write_inputs(path, rows):

@@ -11,8 +11,8 @@ from jaxlm.errors import InputError
 from jaxlm.infer import generate as gen
 from jaxlm.infer.generate import generate
 from jaxlm.model import model_specs
-from jaxlm.model.config import ModelConfig
 from jaxlm.model.params import abstract
+import tiny_models
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -140,11 +140,7 @@ def test_mixtral_beams_match_transformers(mixtral):
 
 # ------------------------------------------------------------------ T5
 
-T5 = ModelConfig(family="encoder_decoder", vocab_size=V, d_model=32, n_layers=2,
-                 n_decoder_layers=2, n_heads=4, head_dim=8, d_ff=48, max_seq_len=64,
-                 norm_eps=1e-6, positions="t5_relative", relative_buckets=8,
-                 relative_max_distance=16, attn_scale=1.0, mlp="relu", tie_embeddings=True,
-                 dtype="float32", param_dtype="float32")
+T5 = tiny_models.T5  # v1.0 (relu, tied), as transformers' T5ForConditionalGeneration reads
 
 
 @pytest.fixture(scope="module")

@@ -140,9 +140,8 @@ def test_default_template_and_errors(llama3_dir):
         render_chat("{{ messages.__class__.__mro__ }}", messages)
 
 
-def test_sentencepiece_encode_chat(tmp_path):
-    from jaxlm.model.tokenizer import train_sentencepiece
-    tok = train_sentencepiece(TEXTS, 300, tmp_path)
+def test_sentencepiece_encode_chat(sp_tokenizer):
+    tok = sp_tokenizer
     bos, eos = tok.id_to_piece(tok.bos_id), tok.id_to_piece(tok.eos_id)
     assert template_tokens(tok) == {"bos_token": bos, "eos_token": eos}
     text = f"{bos}hello world{eos}\n{eos}"

@@ -9,9 +9,6 @@ import numpy as np
 import pytest
 
 import jaxlm
-from jaxlm.model.config import ModelConfig
-from jaxlm.model.tokenizer import train_sentencepiece
-from jaxlm.train.data import load_documents
 
 
 def run_cli(*args, timeout=180):
@@ -28,13 +25,9 @@ def assert_one_line_error(proc, needle):
 
 
 @pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory):
+def small_checkpoint(tiny_checkpoint):
     """A random tiny model with a 32-token context and a real tokenizer."""
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32)
-    jaxlm.save(str(path), cfg, jaxlm.init_params(cfg, jax.random.key(0)))
-    train_sentencepiece(load_documents("stdlib", max_docs=20), 512, path, max_chars=200_000)
-    return str(path)
+    return tiny_checkpoint("llama")
 
 
 def test_help():

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from jaxlm.errors import CheckpointError, InputError
-from jaxlm.model.tokenizer import train_sentencepiece
 from jaxlm.train.data import (
     BATCH_KEYS,
     eval_batches,
@@ -29,9 +28,8 @@ EXTRA_DOCS = [
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    docs = load_documents("stdlib", max_docs=80)
-    return train_sentencepiece(docs, 768, tmp_path_factory.mktemp("tok"), max_chars=200_000)
+def tok(sp_tokenizer):
+    return sp_tokenizer
 
 
 @pytest.fixture(scope="module")

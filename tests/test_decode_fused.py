@@ -12,16 +12,15 @@ import pytest
 from jax.sharding import Mesh
 
 from jaxlm.infer.generate import generate
-from jaxlm.model import ModelConfig, forward, init_params
+from jaxlm.model import forward, init_params
 from jaxlm.model.adapters import LoraWeight, QuantizedWeight
 from jaxlm.model.layers.fused import fuse_layer
 from jaxlm.model.quantize import quantize_params
 from jaxlm.sharding.rules import use_mesh
+import tiny_models
 
 # Qwen-like: q/k/v biases, gated MLP with biases; init_std 0.2 for peaked logits
-CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                  max_seq_len=64, init_std=0.2, qkv_bias=True, mlp_bias=True,
-                  dtype="float32", param_dtype="float32")
+CFG = dataclasses.replace(tiny_models.LLAMA, qkv_bias=True, mlp_bias=True)
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [40]]
 NEW = 8
 INT8 = dataclasses.replace(CFG, weight_dtype="int8")

@@ -20,21 +20,15 @@ from jaxlm.model.config import ModelConfig
 from jaxlm.model.kernels import MaskSpec
 from jaxlm.model.kernels.reference import attention_reference
 from jaxlm.model.layers.dropout import dropout
-from jaxlm.model.tokenizer import train_sentencepiece
-from jaxlm.train.data import load_documents
 from jaxlm.train.loop import train
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.train.state import TrainState
 from jaxlm.train.step import dropout_key, eval_step, train_step
+import tiny_models
 
-BERT = ModelConfig(family="encoder", vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                   max_seq_len=16, norm="layernorm", norm_position="post", mlp="gelu",
-                   positions="learned", type_vocab_size=2, tie_embeddings=True,
-                   attention_impl="xla")
-T5 = ModelConfig(family="encoder_decoder", vocab_size=64, d_model=32, n_layers=2,
-                 n_decoder_layers=2, n_heads=2, head_dim=16, d_ff=64, max_seq_len=16,
-                 mlp="geglu", positions="t5_relative", relative_buckets=8,
-                 relative_max_distance=16, attn_scale=1.0, attention_impl="xla")
+# the shared tiny families, on the XLA reference attention (the one with dropout)
+BERT = dataclasses.replace(tiny_models.BERT, attention_impl="xla")
+T5 = dataclasses.replace(tiny_models.T5, attention_impl="xla")
 
 
 def with_dropout(cfg, p=0.1, a=0.1):
@@ -146,15 +140,13 @@ def test_train_step_dropout_is_keyed_by_seed_and_step_and_eval_is_deterministic(
 # ------------------------------------------------ a real run: resume is exact
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    train_sentencepiece(load_documents("stdlib", max_docs=20), 511, out, max_chars=200_000)
-    return str(out / "tokenizer.model")
+def tok(sp_tokenizer_file):
+    return sp_tokenizer_file
 
 
-def bert_cfg(tok, run_dir):
+def bert_cfg(tok, run_dir):  # vocab: the tokenizer's 512 ids + the reserved [MASK] id
     return load_config("tiny-bert", [
-        "model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+        "model.vocab_size=513", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
         "model.d_ff=64", "model.max_seq_len=64", "model.dropout=0.1",
         "model.attention_dropout=0.1", "model.attention_impl=xla", "data.seq_len=32",
         "data.batch_size=2", "data.max_docs=20", "train.steps=6", "train.warmup_steps=1",

@@ -1,5 +1,6 @@
 """The encoder family (BERT) against HF BertForMaskedLM; embed; MLM masking and training."""
 
+import dataclasses
 import functools
 import json
 
@@ -19,14 +20,12 @@ from jaxlm.train.objectives import batch_objective, mlm_corrupt, mlm_key, mlm_ma
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import TrainState
 from jaxlm.train.step import train_step
+import tiny_models
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-TINY = ModelConfig(family="encoder", vocab_size=99, d_model=48, n_layers=2, n_heads=4, d_ff=80,
-                   max_seq_len=64, type_vocab_size=2, norm="layernorm", norm_eps=1e-12,
-                   norm_position="post", mlp="gelu", positions="learned", qkv_bias=True,
-                   out_bias=True, mlp_bias=True, tie_embeddings=True)
+TINY = tiny_models.BERT  # vocab 99, d_model 48, 4 heads, d_ff 80, 64 positions
 
 
 def hf_config(**overrides):
@@ -143,7 +142,7 @@ def test_save_bert_loads_in_transformers(hf_model, tmp_path):
     with pytest.raises(CheckpointError, match="not empty"):
         save_hf(tmp_path / "out", TINY, params)
     with pytest.raises(ConfigError, match="norm_position=post"):
-        save_hf(tmp_path / "pre", ModelConfig(**{**TINY.__dict__, "norm_position": "pre"}), {})
+        save_hf(tmp_path / "pre", dataclasses.replace(TINY, norm_position="pre"), {})
 
 
 def test_load_bert_sharded_and_errors(hf_model, tmp_path):
@@ -174,8 +173,8 @@ def test_load_bert_sharded_and_errors(hf_model, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def params():
-    return init_params(TINY, jax.random.key(0))
+def params(tiny_bert):
+    return tiny_bert.params
 
 
 def test_embed_is_a_masked_mean_of_hidden_states(params):
@@ -193,7 +192,7 @@ def test_embed_is_a_masked_mean_of_hidden_states(params):
 
 @pytest.mark.parametrize("norm_position", ["post", "pre"])
 def test_packed_segments_never_attend_across(norm_position):
-    cfg = ModelConfig(**{**TINY.__dict__, "norm_position": norm_position})
+    cfg = dataclasses.replace(TINY, norm_position=norm_position)
     params = init_params(cfg, jax.random.key(1))
     run = jax.jit(forward, static_argnums=1)
     rng = np.random.default_rng(0)

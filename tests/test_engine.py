@@ -22,6 +22,7 @@ import jaxlm  # noqa: E402
 from jaxlm.infer.batch import batch_infer, row_seed  # noqa: E402
 from jaxlm.model.kv.paged import pages_for  # noqa: E402
 from jaxlm.train.data import load_documents  # noqa: E402
+import tiny_models  # noqa: E402
 
 V = 300
 N_PROMPTS = 100
@@ -206,14 +207,13 @@ def test_beams_equal_transformers(checkpoints, prompts, name, tmp_path):
 
 # ------------------------------------------------------------ the engine's API, on a tiny model
 
-TINY = jaxlm.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                         d_ff=64, max_seq_len=128, init_std=0.2)
+TINY = tiny_models.LLAMA
 ROWS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12], [40], [60, 61, 62, 63, 64, 65], [7, 7, 7, 7, 7]]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return jaxlm.init_params(TINY, jax.random.key(0))
+def tiny(tiny_llama):
+    return tiny_llama.params
 
 
 def test_stream_yields_the_same_tokens_and_the_first_before_the_last_finishes(tiny):

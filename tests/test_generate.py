@@ -8,19 +8,17 @@ import pytest
 from jaxlm.errors import InputError
 from jaxlm.infer import generate as gen
 from jaxlm.infer.generate import PAD_ID, generate
-from jaxlm.model import ModelConfig, forward, init_params
+from jaxlm.model import forward
+from tiny_models import LLAMA as CFG  # vocab 97, 256 positions; init_std 0.2: no near-ties
 
-# init_std 0.2: peaked logits, so greedy choices are not near-ties
-CFG = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                  max_seq_len=256, init_std=0.2, dtype="float32", param_dtype="float32")
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [40], [60, 61, 62, 63, 64]]
 NEW = 24
 NAIVE_LEN = 64  # the no-cache oracle runs on sequences right-padded to this length
 
 
 @pytest.fixture(scope="module")
-def params():
-    return init_params(CFG, jax.random.PRNGKey(0))
+def params(tiny_llama):
+    return tiny_llama.params
 
 
 @jax.jit

@@ -270,11 +270,10 @@ def test_model_config_of_and_load_params(hf_dirs, run_dir, unsharded, tmp_path):
             assert "\n" not in str(e.value)
 
 
-def test_tokenizer_of_either_kind_of_dir(hf_dirs, run_dir, tmp_path):
+def test_tokenizer_of_either_kind_of_dir(hf_dirs, run_dir, tmp_path, sp_tokenizer_dir):
     import shutil
 
-    from jaxlm.model.tokenizer import (HFTokenizer, SentencePieceTokenizer, load_tokenizer,
-                                       train_sentencepiece)
+    from jaxlm.model.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     text = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n"] * 30
     bpe = Tokenizer(models.BPE())
@@ -282,8 +281,7 @@ def test_tokenizer_of_either_kind_of_dir(hf_dirs, run_dir, tmp_path):
     bpe.train_from_iterator(text, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    sp = tmp_path / "sp"
-    train_sentencepiece(text, 300, sp, max_chars=10_000)
+    sp = sp_tokenizer_dir
     hf_dir, run = tmp_path / "hf", tmp_path / "run"
     shutil.copytree(hf_dirs["llama"], hf_dir)
     shutil.copytree(run_dir, run)

@@ -19,7 +19,6 @@ from jaxlm.model.adapters import (LoraWeight, QuantizedWeight, dequantize,  # no
                                   materialize, quantize)
 from jaxlm.config import (Config, DataConfig, DpoConfig, LoraConfig, MeshConfig,  # noqa: E402
                           TrainConfig)
-from jaxlm.model.config import ModelConfig  # noqa: E402
 from jaxlm.model.hf import load_hf  # noqa: E402
 from jaxlm.model.params import LogicalAxes, logical_axes  # noqa: E402
 from jaxlm.model.peft import save_lora_run  # noqa: E402
@@ -29,6 +28,7 @@ from jaxlm.train.lora import apply_lora, lora_scale, lora_specs, merge_lora, spl
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 from jaxlm.train.state import create_lora_state, state_shardings  # noqa: E402
 from jaxlm.train.step import compile_steps  # noqa: E402
+from tiny_models import LLAMA  # noqa: E402
 
 B, S, V = 4, 16, 96
 TARGETS = "layers/(attn/(q|v|o)|mlp/(gate|up|down))"  # o: two input axes
@@ -70,7 +70,7 @@ def test_bad_settings_are_one_line_config_errors(section, over, needle):
 
 
 def test_targets_matching_no_weight_and_accum_not_dividing_batch():
-    mcfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+    mcfg = LLAMA
     with pytest.raises(ConfigError, match="lora.targets='embed/tokens'"):
         lora_specs(mcfg, TrainConfig(lora=LoraConfig(rank=2, targets="embed/tokens")))
     with pytest.raises(ConfigError, match="lora.targets='layers/mlp/nothing'"):

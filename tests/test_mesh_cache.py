@@ -9,13 +9,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxlm.infer import engine
 from jaxlm.infer import generate as gen
 from jaxlm.model.kv.contiguous import _zeros_fn, cache_bytes, cache_shapes, cache_shardings, init_cache
-from jaxlm.model import ModelConfig, init_params
+from tiny_models import LLAMA as CFG
 from jaxlm.sharding.rules import active_mesh, constrain, use_mesh
 
 RULES = (("batch", ("data",)), ("embed", ("tensor",)), ("kv_heads", ("tensor",)),
          ("heads", ("tensor",)))
-CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                  max_seq_len=128, init_std=0.2, dtype="float32", param_dtype="float32")
 PROMPTS = [[1 + i, 2, 3 + 2 * i][: 1 + i % 3] + [7] * (i % 4) for i in range(8)]
 NEW = 12
 
@@ -64,8 +62,8 @@ def _assert_eighths(cache):
 
 
 @pytest.fixture(scope="module")
-def params():
-    return init_params(CFG, jax.random.PRNGKey(0))
+def params(tiny_llama):
+    return tiny_llama.params
 
 
 def test_cache_is_created_prefilled_and_decoded_sharded(mesh, params, monkeypatch):

@@ -59,20 +59,15 @@ def test_single_process_needs_nothing(monkeypatch):
 
 
 @pytest.mark.slow  # 2-process training and resume also run in the SIGTERM test below
-def test_jaxlm_train_two_processes(tmp_path):
+def test_jaxlm_train_two_processes(tmp_path, sp_tokenizer_file):
     """`jaxlm train --coordinator ...` x 2 processes: one run dir, written by process 0."""
     from jaxlm.config import load_config
-    from jaxlm.model.tokenizer import train_sentencepiece
-    from jaxlm.train.data import load_documents
     from jaxlm.train.loop import train
-    train_sentencepiece(load_documents("stdlib", max_docs=60), 512, tmp_path / "tok",
-                        max_chars=300_000)
     args = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
             "model.n_kv_heads=2", "model.d_ff=64", "model.max_seq_len=64", "data.seq_len=32",
             "data.batch_size=8", "data.max_docs=60", "data.eval_fraction=0.1", "train.steps=4",
             "train.warmup_steps=1", "train.eval_every=2", "train.eval_batches=1",
-            "train.checkpoint_every=2", "train.log_every=1",
-            f"data.tokenizer={tmp_path / 'tok' / 'tokenizer.model'}"]
+            "train.checkpoint_every=2", "train.log_every=1", f"data.tokenizer={sp_tokenizer_file}"]
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
 
@@ -126,25 +121,21 @@ def test_jaxlm_train_two_processes(tmp_path):
                  params, state.params)
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, sp_tokenizer_file):
     """A preemption that reaches only process 1: both processes agree on the stop
     step (one allgather every train.log_every steps), save it, and exit 0; the
     2-process resume continues from it, and ends with the losses and params of an
     uninterrupted 2-process run."""
     import signal
     import time
-    from jaxlm.model.tokenizer import train_sentencepiece
     from jaxlm.train import checkpoint
-    from jaxlm.train.data import load_documents
-    train_sentencepiece(load_documents("stdlib", max_docs=20), 512, tmp_path / "tok",
-                        max_chars=200_000)
     run_dir = tmp_path / "run"
     args = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
             "model.n_kv_heads=1", "model.d_ff=64", "model.max_seq_len=64", "data.seq_len=32",
             "data.batch_size=8", "data.max_docs=20", "train.warmup_steps=1",
             "train.eval_every=100000", "train.eval_batches=1", "train.checkpoint_every=100000",
             "train.log_every=2", "train.min_lr_ratio=1.0",
-            f"data.tokenizer={tmp_path / 'tok' / 'tokenizer.model'}", f"run_dir={run_dir}"]
+            f"data.tokenizer={sp_tokenizer_file}", f"run_dir={run_dir}"]
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
 

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from test_sharding import assert_rule_shardings
+import tiny_models
 
 import jaxlm
 from jaxlm.errors import ConfigError
@@ -206,8 +207,7 @@ def test_bad_input_one_line():
     with pytest.raises(ConfigError, match="pipeline_microbatches=3 does not divide the batch "
                                           "of 4 rows"):
         cfg(dict(stage=2), m=3, accum=2)
-    bert = ModelConfig(family="encoder", vocab_size=256, d_model=32, n_layers=4, n_heads=4,
-                       d_ff=64, max_seq_len=32, positions="learned")
+    bert = tiny_models.BERT
     with pytest.raises(ConfigError, match="mesh.stage=2: pipeline parallelism supports "
                                           "model.family='decoder' only, not 'encoder'"):
         cfg(dict(stage=2), model=bert)
@@ -223,23 +223,19 @@ def test_bad_input_one_line():
         check_pipeline_mesh(c, dict(stage=2, data=4, fsdp=1, context=1, expert=1, tensor=1))
 
 
-def test_stage_run_resumes_into_a_mesh_without_stages(tmp_path):
+def test_stage_run_resumes_into_a_mesh_without_stages(tmp_path, sp_tokenizer_file):
     """An uninterrupted 4-step run on 2 stages (checkpoints at 2 and 4); its step-2
     checkpoint resumed on one device without stages for 2 more steps ends with
     the same params (within 1e-5: the pipeline's sums are in another order)."""
     import shutil
 
-    from jaxlm.model.tokenizer import train_sentencepiece
-    from jaxlm.train.data import load_documents
     from jaxlm.train.loop import train
-    tok_dir = tmp_path / "tok"
-    train_sentencepiece(load_documents("stdlib", max_docs=10), 512, tok_dir, max_chars=100_000)
     base = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
             "model.n_kv_heads=2", "model.d_ff=64", "model.max_seq_len=32", "data.seq_len=32",
             "data.batch_size=4", "data.max_docs=10", "train.steps=4", "train.warmup_steps=0",
             "train.eval_every=100", "train.eval_batches=1", "train.checkpoint_every=2",
             "train.log_every=1", "train.tensorboard=false", "train.loss_vocab_chunk=64",
-            f"data.tokenizer={tok_dir / 'tokenizer.model'}"]
+            f"data.tokenizer={sp_tokenizer_file}"]
     staged = base + ["mesh.stage=2", "mesh.data=1", "mesh.devices=2",
                      "train.pipeline_microbatches=2"]
     ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")

@@ -45,10 +45,8 @@ def stream_pieces(tok, batches):
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    train_sentencepiece(load_documents("stdlib", max_docs=30), 384, out, max_chars=100_000)
-    return str(out / "tokenizer.model")
+def tok(sp_tokenizer_file):
+    return sp_tokenizer_file
 
 
 def write_inputs(root: pathlib.Path) -> list[str]:
@@ -280,7 +278,7 @@ def test_train_on_a_prepared_corpus(corpus, tmp_path, tok):
     """`data.corpus=DIR` trains with the corpus's own tokenizer; another one is refused."""
     from jaxlm.train.loop import train
     root, _, _ = corpus
-    tiny = ["model.vocab_size=384", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+    tiny = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
             "model.n_kv_heads=2", "model.d_ff=64", "model.max_seq_len=16", "data.seq_len=16",
             "data.batch_size=2", "data.eval_fraction=0.2", "train.steps=2", "train.warmup_steps=1",
             "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=2", "mesh.devices=1",

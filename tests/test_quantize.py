@@ -18,7 +18,6 @@ from jaxlm.model.adapters import QuantizedWeight
 from jaxlm.config import load_config
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.quantize import quantize_params
-from jaxlm.model.tokenizer import train_sentencepiece
 from jaxlm.scripts import cli
 from jaxlm.sharding.plan import plan
 from jaxlm.train.data import load_documents
@@ -111,11 +110,9 @@ TRAIN = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quant")
-    train_sentencepiece(load_documents("stdlib", max_docs=20), 512, out, max_chars=200_000)
-    run_dir = str(out / "run")
-    train(load_config("tiny-llama", TRAIN + [f"data.tokenizer={out / 'tokenizer.model'}",
+def trained(tmp_path_factory, sp_tokenizer_file):
+    run_dir = str(tmp_path_factory.mktemp("quant") / "run")
+    train(load_config("tiny-llama", TRAIN + [f"data.tokenizer={sp_tokenizer_file}",
                                              f"run_dir={run_dir}"]), progress=False)
     return run_dir
 

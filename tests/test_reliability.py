@@ -6,6 +6,7 @@ checkpoint) the real `jaxlm` command runs as a subprocess; the tests wait on
 files the child writes (with a deadline), never on wall-clock guesses.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -24,14 +25,12 @@ import pytest
 import jaxlm
 from jaxlm.errors import CheckpointError, ConfigError, InputError, JaxlmError
 from jaxlm.config import load_config
-from jaxlm.model.config import ModelConfig
-from jaxlm.model.tokenizer import train_sentencepiece
 from jaxlm.scripts import cli
 from jaxlm.infer.batch import batch_infer, row_seed
 from jaxlm.train import checkpoint, guard
-from jaxlm.train.data import load_documents
 from jaxlm.train.loop import train
 from jaxlm.train.metrics import MetricsLog
+import tiny_models
 
 TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
         "model.n_kv_heads=1", "model.d_ff=64", "model.max_seq_len=64", "data.seq_len=32",
@@ -43,10 +42,8 @@ DEADLINE = 240.0
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    train_sentencepiece(load_documents("stdlib", max_docs=20), 512, out, max_chars=200_000)
-    return str(out / "tokenizer.model")
+def tok(sp_tokenizer_file):
+    return sp_tokenizer_file
 
 
 def overrides(tok, run_dir, *extra):
@@ -501,8 +498,7 @@ def test_api_inputs_are_validated(trained, tok):
         with pytest.raises(InputError, match=f"id {bad}, outside"):
             jaxlm.forward(params, cfg, jnp.array([[1, bad]]))
     jax.jit(lambda t: jaxlm.forward(params, cfg, t)[0])(tokens)  # traced: not checked
-    learned = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32,
-                          max_seq_len=8, positions="learned")
+    learned = dataclasses.replace(tiny_models.GPT2, max_seq_len=8)  # learned positions
     lp = jaxlm.init_params(learned, jax.random.key(0))
     with pytest.raises(InputError, match="9 positions, more than model.max_seq_len=8"):
         jaxlm.forward(lp, learned, jnp.zeros((1, 9), jnp.int32))

@@ -13,7 +13,7 @@ import pytest
 import jaxlm
 from jaxlm.errors import InputError
 from jaxlm.model.chat import DEFAULT_CHAT_TEMPLATE
-from jaxlm.model.tokenizer import HFTokenizer, train_sentencepiece
+from jaxlm.model.tokenizer import HFTokenizer
 from jaxlm.train.data import BATCH_KEYS, stdlib_sources
 from jaxlm.train.sft import (chat_example, load_sft_records, sft_batches, sft_eval_batches,
                              split_records, stdlib_sft_records)
@@ -28,10 +28,8 @@ def _text(rng, lo, hi):
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    return train_sentencepiece([_text(rng, 5, 30) for _ in range(300)], 320,
-                               tmp_path_factory.mktemp("tok"))
+def tok(sp_tokenizer):
+    return sp_tokenizer
 
 
 @pytest.fixture(scope="module")

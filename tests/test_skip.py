@@ -8,16 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.model import init_params, model_specs
+from jaxlm.model import model_specs
 from jaxlm.config import TrainConfig
-from jaxlm.model.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.train.state import TrainState
 from jaxlm.train.step import train_step
+from tiny_models import LLAMA as MCFG
 
-MCFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                   max_seq_len=16)
 TCFG = TrainConfig(steps=10, warmup_steps=0, learning_rate=1e-2)
 
 
@@ -33,9 +31,9 @@ def batch_of(seed, nan=False, b=4, s=12):
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(tiny_llama):
     tx = make_optimizer(TCFG, model_specs(MCFG))
-    params = init_params(MCFG, jax.random.key(0))
+    params = tiny_llama.params
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                        skipped=jnp.zeros((), jnp.int32))
     step = jax.jit(functools.partial(train_step, mcfg=MCFG, tx=tx,

@@ -1,6 +1,8 @@
 """Speculative decoding: greedy output = the target's greedy output whatever the draft;
 sampled second tokens follow the target's own distribution (chi-square); one trace."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,23 +12,21 @@ from scipy import stats
 from jaxlm.errors import InputError
 from jaxlm.infer.generate import generate
 from jaxlm.model import ModelConfig, forward, init_params
+from tiny_models import LLAMA as CFG  # the target: vocab 97, init_std 0.2
 
 
 def generate_speculative(params, cfg, draft_params, draft_cfg, prompts, **kw):
     """jaxlm.generate with a draft model: the engine's speculative cycle."""
     return generate(params, cfg, prompts, draft=(draft_params, draft_cfg), **kw)
 
-CFG = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                  max_seq_len=256, init_std=0.2, dtype="float32", param_dtype="float32")
-DRAFT = ModelConfig(vocab_size=97, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
-                    max_seq_len=256, init_std=0.2, dtype="float32", param_dtype="float32")
+DRAFT = dataclasses.replace(CFG, n_layers=1, n_heads=2, n_kv_heads=1)  # a smaller model
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [40], [60, 61, 62, 63, 64]]
 NEW = 40
 
 
 @pytest.fixture(scope="module")
-def models():
-    target = init_params(CFG, jax.random.PRNGKey(0))
+def models(tiny_llama):
+    target = tiny_llama.params
     draft = init_params(DRAFT, jax.random.PRNGKey(1))
     contrary = dict(target, head={"kernel": -target["head"]["kernel"]})  # argmax -> argmin
     return target, draft, contrary
@@ -99,8 +99,7 @@ def test_sampled_tokens_follow_the_targets_distribution():
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"draft_cfg": ModelConfig(vocab_size=98, d_model=32, n_layers=1, n_heads=2,
-                               n_kv_heads=1, d_ff=64)}, ["vocabulary", "98", "97"]),
+    ({"draft_cfg": dataclasses.replace(DRAFT, vocab_size=98)}, ["vocabulary", "98", "97"]),
     ({"num_speculative": 0}, ["num_speculative=0"]),
     ({"temperature": -1.0}, ["temperature"]),
 ])

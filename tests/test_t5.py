@@ -1,6 +1,7 @@
 """T5 (encoder-decoder) against Hugging Face: logits, checkpoints, greedy generation;
 span corruption; a few training steps."""
 
+import dataclasses
 import json
 import os
 
@@ -13,22 +14,18 @@ from jaxlm.errors import CheckpointError
 from jaxlm.infer.generate import generate
 from jaxlm.model import forward, model_specs
 from jaxlm.config import load_config
-from jaxlm.model.config import ModelConfig
 from jaxlm.model.hf import config_from_hf, hf_config_from, load_hf, save_hf
 from jaxlm.model.layers.relative import relative_buckets
 from jaxlm.model.params import abstract
 from jaxlm.train import span
+from tiny_models import T5
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(family="encoder_decoder", vocab_size=99, d_model=32, n_layers=2, n_decoder_layers=2,
-            n_heads=4, head_dim=8, d_ff=48, max_seq_len=64, norm_eps=1e-6,
-            positions="t5_relative", relative_buckets=8, relative_max_distance=16,
-            attn_scale=1.0)
 VARIANTS = {
-    "v1_0": ModelConfig(**TINY, mlp="relu", tie_embeddings=True),
-    "v1_1": ModelConfig(**TINY, mlp="geglu", gelu_approximate=True, tie_embeddings=False),
+    "v1_0": T5,  # relu, tied
+    "v1_1": dataclasses.replace(T5, mlp="geglu", gelu_approximate=True, tie_embeddings=False),
 }
 
 
@@ -403,12 +400,8 @@ def test_span_batches_resume_exactly():
 # ------------------------------------------------------------------ training
 
 
-def test_span_training_reduces_the_loss(tmp_path):
-    from jaxlm.model.tokenizer import train_sentencepiece
-    from jaxlm.train.data import load_documents
+def test_span_training_reduces_the_loss(tmp_path, sp_tokenizer_file):
     from jaxlm.train.loop import train
-    docs = load_documents("stdlib", max_docs=40)
-    train_sentencepiece(docs, 512, tmp_path / "tok", max_chars=100_000)
     reserved = span.sentinels(32, 0.15, 3.0)
     cfg = load_config("tiny-t5", [
         f"model.vocab_size={512 + reserved}", "model.d_model=32", "model.head_dim=8",
@@ -416,7 +409,7 @@ def test_span_training_reduces_the_loss(tmp_path):
         "data.max_docs=40", "data.eval_fraction=0.1", "train.steps=16",
         "train.warmup_steps=2", "train.learning_rate=1e-2", "train.eval_every=8",
         "train.eval_batches=2", "train.checkpoint_every=100", "train.log_every=4",
-        "mesh.devices=1", f"data.tokenizer={tmp_path / 'tok' / 'tokenizer.model'}",
+        "mesh.devices=1", f"data.tokenizer={sp_tokenizer_file}",
         f"run_dir={tmp_path / 'run'}"])
     summary = train(cfg, progress=False)
     evals = [e["eval_loss"] for e in summary["eval"]]

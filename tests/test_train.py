@@ -11,8 +11,6 @@ import pytest
 import jaxlm
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.config import load_config
-from jaxlm.model.tokenizer import train_sentencepiece
-from jaxlm.train.data import load_documents
 from jaxlm.train.loop import train
 
 TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
@@ -24,11 +22,8 @@ TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n
 
 
 @pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    docs = load_documents("stdlib", max_docs=60)
-    train_sentencepiece(docs, 512, out, max_chars=300_000)
-    return str(out / "tokenizer.model")
+def tokenizer_path(sp_tokenizer_file):
+    return sp_tokenizer_file
 
 
 def tiny_cfg(run_dir, tokenizer_path, *extra):
