@@ -25,6 +25,25 @@ import pytest  # noqa: E402
 _TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 
 
+_MAPS = "/proc/self/maps"
+_MAPS_LIMIT = 30_000  # Linux's default vm.max_map_count is 65530
+
+
+@pytest.fixture(autouse=True)
+def _bounded_jit_memory():
+    """XLA:CPU maps each compiled kernel's code and data into the process (three
+    mappings each). A worker that runs hundreds of test files keeps every executable
+    alive through jit's caches, and past vm.max_map_count the next compile aborts the
+    process. Once a worker holds half of that, drop the caches (the next use compiles
+    again) so the count falls back."""
+    yield
+    if os.path.exists(_MAPS):
+        with open(_MAPS) as f:
+            n = sum(1 for _ in f)
+        if n > _MAPS_LIMIT:
+            jax.clear_caches()
+
+
 @pytest.fixture
 def traces():
     """Counts, per function name, the jit traces made while the test runs, as JAX
