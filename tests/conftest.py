@@ -12,6 +12,15 @@ if "xla_backend_optimization_level" not in _flags:
 os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache for the session: set by the first process that loads
+# this file (pytest-xdist's controller), inherited by its workers and by every `jaxlm`
+# subprocess a test starts, so a program compiled in one of them (a train step, a decode
+# loop) is read back in the others. Removed at the end of the session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-tests-xla-")
+    os.environ["_JAXLM_TESTS_OWN_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 
@@ -164,3 +173,10 @@ def tiny_checkpoint(tmp_path_factory, sp_tokenizer_dir):
         return made[family]
 
     return get
+
+
+def pytest_sessionfinish(session):
+    own = os.environ.get("_JAXLM_TESTS_OWN_CACHE")
+    if own and not hasattr(session.config, "workerinput"):  # the controller, last
+        import shutil
+        shutil.rmtree(own, ignore_errors=True)
