@@ -495,7 +495,8 @@ class Engine:
     settings: the GenerateConfig each request starts from (`add` overrides keys per
     request). max_prompt_len / max_new_tokens: the largest prompt and budget any
     request may bring (they size the buffers: output width, cache length, pages per
-    slot; default settings.max_new_tokens and the rest of model.max_seq_len). features: what the compiled loop runs (default: what `settings` needs;
+    slot; default settings.max_new_tokens and the rest of model.max_seq_len).
+    features: what the compiled loop runs (default: what `settings` needs;
     `Features.of` over every request's settings when they differ); a request
     needing more is refused with one line. cache: "paged" (page_size, n_pages:
     default enough for every slot's longest request) or "contiguous" (one row of
@@ -551,13 +552,11 @@ class Engine:
         # split (and fused) once for the engine's life, not at every round trip; an engine
         # that runs once (`jaxlm.generate` admitting everything at once) leaves it to its
         # one decode loop, inside the program (no separate copy of the weights)
-        self.params = _split_once(params, cfg) if presplit and unrolls(params, cfg) else params
-        self.draft = None
-        if draft is not None:
-            dparams, dcfg = draft
-            self.draft = (_split_once(dparams, dcfg) if presplit and unrolls(dparams, dcfg)
-                          else dparams,
-                          dcfg)
+        def prepared(p, c):
+            return _split_once(p, c) if presplit and unrolls(p, c) else p
+
+        self.params = prepared(params, cfg)
+        self.draft = None if draft is None else (prepared(*draft), draft[1])
         self.n_slots = slots
         kv_dtype = settings.kv_dtype
         if cache == "paged":

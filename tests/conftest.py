@@ -178,5 +178,4 @@ def tiny_checkpoint(tmp_path_factory, sp_tokenizer_dir):
 def pytest_sessionfinish(session):
     own = os.environ.get("_JAXLM_TESTS_OWN_CACHE")
     if own and not hasattr(session.config, "workerinput"):  # the controller, last
-        import shutil
         shutil.rmtree(own, ignore_errors=True)

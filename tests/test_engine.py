@@ -6,6 +6,7 @@ prompt, prefilled once (its pages allocated once); beams equal to
 `transformers.generate`'s. None of it falls back: the engine's own counters say
 every request ran in it, over its paged pool."""
 
+import dataclasses
 import json
 import os
 
@@ -341,8 +342,7 @@ def test_paged_pool_runs_int8_kv_and_speculative_drafts_as_the_contiguous_cache(
     contiguous = jaxlm.generate(tiny, TINY, ROWS, **kw)
     paged = jaxlm.generate(tiny, TINY, ROWS, cache="paged", slots=2, page_size=4, **kw)
     assert paged.tokens.tolist() == contiguous.tokens.tolist()
-    draft_cfg = jaxlm.ModelConfig(vocab_size=97, d_model=32, n_layers=1, n_heads=4,
-                                  n_kv_heads=2, d_ff=64, max_seq_len=128, init_std=0.2)
+    draft_cfg = dataclasses.replace(TINY, n_layers=1)
     draft = (jaxlm.init_params(draft_cfg, jax.random.key(9)), draft_cfg)
     plain = jaxlm.generate(tiny, TINY, ROWS, max_new_tokens=12)
     spec = jaxlm.generate(tiny, TINY, ROWS, max_new_tokens=12, draft=draft, num_speculative=3,
