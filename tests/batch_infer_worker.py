@@ -8,7 +8,9 @@ it) when it is about to run batch N, i.e. after N - 1 batches.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import xla_flags  # noqa: E402  (this script's directory is on sys.path)
+
+os.environ["XLA_FLAGS"] = xla_flags.for_devices(4)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -2,14 +2,10 @@
 
 import os
 
-# The suite is bound by compiling many tiny programs: LLVM at -O0 compiles them about a
-# third faster. The HLO is the same; results can differ from -O2's by float rounding
-# (a few ulps: vectorised math and FMA contraction), well inside every tolerance here.
-# A level given in XLA_FLAGS wins.
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_backend_optimization_level" not in _flags:
-    _flags += " --xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+import xla_flags
+
+# Fast compiles (tests/xla_flags.py); flags given in XLA_FLAGS win.
+os.environ["XLA_FLAGS"] = xla_flags.for_devices(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent compilation cache for the session: set by the first process that loads

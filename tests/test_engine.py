@@ -130,57 +130,75 @@ def encoded(checkpoint, texts):
     return cfg, encode_prompts(jaxlm.load_tokenizer(str(checkpoint)), cfg, texts)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_processors_and_min_p_equal_per_prompt_generate(checkpoints, prompts, name, tmp_path):
+PROCESSORS = dict(temperature=0.8, repetition_penalty=1.3, no_repeat_ngram_size=3, min_p=0.05,
+                  seed=7)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def mixed(request, checkpoints, prompts, tmp_path_factory):
+    """One batch-infer run per model over 300 rows, the 100 prompts three times with
+    per-row settings: "p<i>" repetition penalty + no-repeat-ngram + min-p, sampled and
+    seeded; "j<i>" guided by a JSON schema; "n<i>" n = 3 samples. -> (name, {kind:
+    output rows in prompt order}, the summary). Each kind's rows share the run (one
+    compiled engine) with the other two, so they also show that a row's output does not
+    depend on the other rows' settings."""
+    name = request.param
+    path, _ = checkpoints[name]
+    _, texts = prompts
+    kinds = {"p": PROCESSORS,
+             "j": {"json_schema": SCHEMA, "max_new_tokens": 24, "temperature": 0.7},
+             "n": {"temperature": 2.0, "min_new_tokens": NEW, "n": 3}}
+    d = tmp_path_factory.mktemp(f"mixed-{name}")
+    (d / "in.jsonl").write_text("".join(
+        json.dumps({"id": f"{k}{i}", "prompt": t, **row}) + "\n"
+        for k, row in kinds.items() for i, t in enumerate(texts)))
+    rows, summary = run(path, str(d / "in.jsonl"), d / "out.jsonl")
+    return name, {k: [r for r in rows if r["id"][0] == k] for k in kinds}, summary
+
+
+def test_processors_and_min_p_equal_per_prompt_generate(checkpoints, prompts, mixed):
     """Repetition penalty 1.3 + no-repeat-ngram 3 + min-p 0.05, sampled and seeded:
     each row equals jaxlm.generate on its prompt alone (one device) with its seed."""
+    name, rows, _ = mixed
     path, _ = checkpoints[name]
-    inp, texts = prompts
-    settings = dict(temperature=0.8, repetition_penalty=1.3, no_repeat_ngram_size=3,
-                    min_p=0.05, seed=7)
-    rows, _ = run(path, inp, tmp_path / "out.jsonl",
-                  *[f"generate.{k}={v}" for k, v in settings.items()])
+    _, texts = prompts
     cfg, ids = encoded(path, texts)
     _, params = jaxlm.load(str(path))
     params = jax.device_put(params, jax.devices()[0])
     tok = jaxlm.load_tokenizer(str(path))
-    seeds = [row_seed(f"r{i}") for i in range(len(texts))]
-    kw = dict(max_new_tokens=NEW, eos_id=tok.eos_id, **settings)
+    seeds = [row_seed(f"p{i}") for i in range(len(texts))]
+    kw = dict(max_new_tokens=NEW, eos_id=tok.eos_id, **PROCESSORS)
     want = jaxlm.generate(params, cfg, ids, row_seeds=seeds, **kw).sequences()
     for i in (0, 1):  # a row does not depend on its batch: two prompts alone
         alone = jaxlm.generate(params, cfg, [ids[i]], row_seeds=[seeds[i]], **kw)
         assert alone.sequences()[0] == want[i]
-    assert [r["tokens"] for r in rows] == want
+    assert [r["tokens"] for r in rows["p"]] == want
     assert len({tuple(w) for w in want}) > N_PROMPTS // 2  # not one degenerate output
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_json_schema_outputs_parse_and_validate(checkpoints, prompts, name, tmp_path):
-    path, _ = checkpoints[name]
-    inp, _ = prompts
-    rows, _ = run(path, inp, tmp_path / "out.jsonl", "generate.max_new_tokens=24",
-                  "generate.temperature=0.7", guide=("json_schema", json.dumps(SCHEMA)))
-    for r in rows:
+def test_json_schema_outputs_parse_and_validate(mixed):
+    _, rows, _ = mixed
+    assert len(rows["j"]) == N_PROMPTS
+    for r in rows["j"]:
         assert r["finish_reason"] == "stop", r
         jsonschema.validate(json.loads(r["completion"]), SCHEMA)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_n_samples_share_one_prefill(checkpoints, prompts, name, tmp_path):
+def test_n_samples_share_one_prefill(checkpoints, prompts, mixed):
     """n = 3: three distinct completions per id; each prompt prefilled once, its pages
     allocated once (the samples share them; counted by the engine as it allocates)."""
+    name, rows, summary = mixed
     path, _ = checkpoints[name]
-    inp, texts = prompts
-    rows, summary = run(path, inp, tmp_path / "out.jsonl", "generate.temperature=2.0",
-                        f"generate.min_new_tokens={NEW}", "generate.num_return_sequences=3")
-    for r in rows:
+    _, texts = prompts
+    assert len(rows["n"]) == N_PROMPTS
+    for r in rows["n"]:
         assert len(r["completions"]) == len(r["tokens"]) == 3
         assert len({tuple(t) for t in r["tokens"]}) == 3, r
     engine = summary["engine"]
-    assert engine["prefilled"] == len(texts)  # once per prompt, not per sample
+    assert engine["prefilled"] == 3 * len(texts)  # once per row, not per sample
     cfg, ids = encoded(path, texts)
-    if cfg.family == "decoder":
-        assert engine["prompt_pages"] == sum(pages_for(len(x), 16) for x in ids)
+    if cfg.family == "decoder":  # every row's prompt pages once: 3 kinds of row per prompt
+        assert engine["prompt_pages"] == 3 * sum(pages_for(len(x), 16) for x in ids)
 
 
 def hf_beams(model, ids, encoder_decoder: bool, eos: int):

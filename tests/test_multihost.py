@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import xla_flags
 
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.sharding.distributed import initialize
@@ -69,7 +70,7 @@ def test_jaxlm_train_two_processes(tmp_path, sp_tokenizer_file):
             "train.warmup_steps=1", "train.eval_every=2", "train.eval_batches=1",
             "train.checkpoint_every=2", "train.log_every=1", f"data.tokenizer={sp_tokenizer_file}"]
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+           "XLA_FLAGS": xla_flags.for_devices(4), "JAX_PLATFORMS": "cpu"}
 
     def two_processes(*extra):
         coordinator = f"localhost:{_free_port()}"
@@ -137,7 +138,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, sp_tok
             "train.log_every=2", "train.min_lr_ratio=1.0",
             f"data.tokenizer={sp_tokenizer_file}", f"run_dir={run_dir}"]
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+           "XLA_FLAGS": xla_flags.for_devices(4), "JAX_PLATFORMS": "cpu"}
 
     def start(*extra):
         coordinator = f"localhost:{_free_port()}"

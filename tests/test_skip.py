@@ -42,11 +42,11 @@ def setup(tiny_llama):
     return state, step
 
 
-def same(a, b):
+def same(a, b, rtol=0.0, atol=0.0):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 def test_a_nan_batch_is_skipped_and_training_goes_on(setup):
@@ -89,8 +89,10 @@ def test_a_finite_step_is_unchanged_by_the_guard(setup):
         return optax.apply_updates(params, updates), opt_state
 
     params, opt_state = jax.device_get(jax.jit(plain)(state.params, state.opt_state))
-    same(got.params, params)
-    same(got.opt_state, opt_state)
+    # two programs, fused differently by XLA: equal up to float rounding (a few ulps;
+    # an Adam step is ~1e-3 here)
+    same(got.params, params, rtol=1e-6, atol=1e-8)
+    same(got.opt_state, opt_state, rtol=1e-6, atol=1e-8)
 
 
 def test_max_skipped_steps_is_validated():
