@@ -116,7 +116,7 @@ class _Loop:
         self.log = MetricsLog(os.path.join(cfg.run_dir, "metrics.jsonl") if lead else os.devnull,
                               cfg.run_dir if lead and cfg.train.tensorboard else None)
         self.devices, local = mesh_devices(batch_sharding.mesh)
-        self.peak, _ = device_peak(cfg.model.dtype, cfg.train.peak_flops, 0.5, sharing=local)
+        self.peak, _ = device_peak(cfg.model.dtype, cfg.train.peak_flops, sharing=local)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
 
     def evaluate(self, state) -> dict:
