@@ -102,8 +102,7 @@ class MetricsLog:
         self._f = open(path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard_dir:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(logdir=tensorboard_dir, flush_secs=30)
+            self._tb = _summary_writer()(logdir=tensorboard_dir, flush_secs=30)
 
     def write(self, record: dict):
         plain = {k: _plain(v) for k, v in record.items()}
@@ -118,6 +117,22 @@ class MetricsLog:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch
+    whenever it is installed (~3 s of every run's start) only to accept torch tensors,
+    and this log writes floats. A torch the process already imported is left as is."""
+    import sys
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _scalars(record: dict):
