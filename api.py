@@ -197,7 +197,12 @@ def _chmod_umask(directory) -> None:
 
 def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") -> str:
     """Write params + config as a jaxlm checkpoint dir that `load` reads back, or
-    (format="hf") as a Hugging Face directory that `transformers` loads."""
+    (format="hf") as a Hugging Face directory that `transformers` loads. `path` must
+    be new or an empty directory: anything else is a one-line CheckpointError, and
+    nothing is written."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"save: {path} is a file, not a directory; choose a new "
+                              "directory")
     if format == "hf":
         model_cfg = cfg.model if isinstance(cfg, Config) else cfg
         if model_cfg.weight_dtype == "int8":  # Hugging Face dirs hold float weights
@@ -218,6 +223,9 @@ def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") ->
         raise ConfigError("save: params do not match the config's parameter shapes")
     if checkpoint.latest_step(path) is not None:
         raise CheckpointError(f"save: {path} already holds a checkpoint; choose a new directory")
+    if os.path.isdir(path) and os.listdir(path):
+        raise CheckpointError(f"save: {path} already exists and is not empty; choose a new "
+                              "directory")
     os.makedirs(path, exist_ok=True)
     _write_config(dataclasses.replace(full, run_dir=path))
     mngr = checkpoint.manager(path, keep=1)

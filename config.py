@@ -590,8 +590,8 @@ def resolve_preset(name_or_path: str) -> str:
 def apply_overrides(data: dict, overrides) -> dict:
     """A copy of the config mapping `data` with `a.b=value` overrides (or (key, value)
     pairs) set in it; old key names (ALIASES) in either become their nested paths.
-    An override wins over the mapping; two overrides naming one key by its old and
-    its new name with different values are a ConfigError."""
+    An override wins over the mapping. A key given twice (by one name, or by its old
+    and its new name) is a ConfigError: neither silently wins."""
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections (model:, data:, ...), "
                           f"got a {type(data).__name__}")
@@ -600,9 +600,12 @@ def apply_overrides(data: dict, overrides) -> dict:
     for text in _override_list(overrides):
         key, value = parse_override(text) if isinstance(text, str) else text
         path = canonical_key(key)
-        if path in given and given[path][0] != key and given[path][1] != value:
-            raise ConfigError(f"{given[path][0]}={given[path][1]!r} and {key}={value!r} are the "
-                              "old and the new name of one key: give one")
+        if path in given:
+            first, was = given[path]
+            raise ConfigError(
+                f"{first}={was!r} and {key}={value!r} are the old and the new name of one "
+                "key: give one" if first != key else
+                f"{key} is given twice ({key}={was!r}, then {key}={value!r}): give it once")
         given[path] = (key, value)
         _deep_set(data, path, value)
     return resolve_aliases(data)  # a whole section set by an override may hold old names

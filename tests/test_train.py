@@ -122,6 +122,19 @@ def test_save_and_load_round_trip(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, params2)
     with pytest.raises(CheckpointError, match="already holds a checkpoint"):
         jaxlm.save(str(tmp_path / "exported"), cfg, params)
+    # onto a file, or into a directory holding other files: one line, nothing written
+    (tmp_path / "a_file").write_text("mine")
+    (tmp_path / "model_dir").mkdir()
+    (tmp_path / "model_dir" / "config.yaml").write_text("mine")
+    for target, fmt, needle in [("a_file", "jaxlm", "is a file, not a directory"),
+                                ("a_file", "hf", "is a file, not a directory"),
+                                ("model_dir", "jaxlm", "already exists and is not empty")]:
+        with pytest.raises(CheckpointError, match=needle) as e:
+            jaxlm.save(str(tmp_path / target), cfg, params, format=fmt)
+        assert "\n" not in str(e.value)
+    assert (tmp_path / "a_file").read_text() == "mine"
+    assert [p.name for p in (tmp_path / "model_dir").iterdir()] == ["config.yaml"]
+    assert (tmp_path / "model_dir" / "config.yaml").read_text() == "mine"
 
 
 def test_tensorboard_events_hold_the_logged_scalars(straight_run):
