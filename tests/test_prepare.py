@@ -268,6 +268,17 @@ def test_prepare_errors_are_one_line(tmp_path, tok, corpus, capsys):
     (tmp_path / "o4" / "00000-0000.array_record").write_bytes(b"")
     assert "already holds shards" in error_of("--input", str(root / "in" / "a.txt"), "--output",
                                               str(tmp_path / "o4"), "--tokenizer", tok)
+    # a directory that is something else's (a model dir): refused, left as it was
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (model_dir / name).write_text(name)
+    msg = error_of("--input", str(root / "in" / "a.txt"), "--output", str(model_dir),
+                   "--tokenizer", tok)
+    assert "is not empty and not a prepared-data directory" in msg and "config.json" in msg
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.safetensors",
+                                                           "tokenizer.json"]
+    assert all((model_dir / n).read_text() == n for n in ("config.json", "tokenizer.json"))
     # and the command works
     assert cli_main(["prepare", "--input", str(root / "in" / "*.md"), "--output", str(tmp_path / "o5"),
                      "--tokenizer", tok]) == 0

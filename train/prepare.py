@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Iterator
 
@@ -116,6 +117,14 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]
 
 
 # ---------------------------------------------------------------- shards
+
+
+# the names prepare writes in --output (shards, done records, the manifest, the
+# tokenizer and its special-token files, files being written); any other name there
+# means the directory is something else's (a model dir, a corpus)
+_OWN_FILE = re.compile(r"^(\d{5}-\d{4}\.array_record|\d{5}\.done\.json|manifest\.json|"
+                       r"tokenizer\.(model|json)|tokenizer_config\.json|"
+                       r"special_tokens_map\.json|.*\.tmp)$")
 
 
 def _shard_name(file_index: int, shard: int) -> str:
@@ -248,6 +257,11 @@ def prepare(input_glob: str, output: str, *, tokenizer: str = "", resume: bool =
     out = pathlib.Path(output).expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {output} exists and is not a directory")
+    foreign = sorted(n for n in os.listdir(out) if not _OWN_FILE.match(n)) if out.is_dir() else []
+    if foreign:
+        raise InputError(f"--output {output} is not empty and not a prepared-data directory "
+                         f"(it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+                         "; choose a new or an empty directory")
     held = out.is_dir() and (any(out.glob("*" + SHARD_SUFFIX)) or (out / MANIFEST).exists())
     if held and not resume:
         raise InputError(f"--output {output} already holds shards: pass --resume to complete "
