@@ -590,12 +590,29 @@ def resolve_preset(name_or_path: str) -> str:
 def apply_overrides(data: dict, overrides) -> dict:
     """A copy of the config mapping `data` with `a.b=value` overrides (or (key, value)
     pairs) set in it; old key names (ALIASES) in either become their nested paths.
-    An override wins over the mapping. A key given twice (by one name, or by its old
-    and its new name) is a ConfigError: neither silently wins."""
+    An override wins over the mapping, and a later override over an earlier one (a
+    list composed of a base and its changes); two overrides naming one key by its old
+    and its new name with different values are a ConfigError. (The command line
+    refuses any key given twice: `refuse_repeated_keys`.)"""
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections (model:, data:, ...), "
                           f"got a {type(data).__name__}")
     data = resolve_aliases(data)
+    given = {}
+    for text in _override_list(overrides):
+        key, value = parse_override(text) if isinstance(text, str) else text
+        path = canonical_key(key)
+        if path in given and given[path][0] != key and given[path][1] != value:
+            raise ConfigError(f"{given[path][0]}={given[path][1]!r} and {key}={value!r} are the "
+                              "old and the new name of one key: give one")
+        given[path] = (key, value)
+        _deep_set(data, path, value)
+    return resolve_aliases(data)  # a whole section set by an override may hold old names
+
+
+def refuse_repeated_keys(overrides) -> None:
+    """ConfigError naming a key that `key=value` overrides give twice (by one name, or by
+    its old and its new name): on a command line neither silently wins."""
     given = {}
     for text in _override_list(overrides):
         key, value = parse_override(text) if isinstance(text, str) else text
@@ -607,15 +624,13 @@ def apply_overrides(data: dict, overrides) -> dict:
                 "key: give one" if first != key else
                 f"{key} is given twice ({key}={was!r}, then {key}={value!r}): give it once")
         given[path] = (key, value)
-        _deep_set(data, path, value)
-    return resolve_aliases(data)  # a whole section set by an override may hold old names
 
 
 def config_from_dict(data: dict, overrides=()) -> Config:
     return _build(Config, apply_overrides(data, overrides))
 
 
-def resolve_init_from(data: dict) -> dict:
+def resolve_init_from(data: dict, preset: str | None = None, user_keys=None) -> dict:
     """With `train.init_from=PATH`, the model section comes from that checkpoint.
 
     Keys the config gives explicitly under `model` are applied on top of the
@@ -623,7 +638,9 @@ def resolve_init_from(data: dict) -> dict:
     (dtype, param_dtype, remat, attention_impl, ...); one that would change a
     shape (n_layers, d_model, vocab_size, ...) is a ConfigError naming it.
     Used for configs a user writes (`load_config`), not for a run's saved
-    config.yaml, which holds the resolved model section already.
+    config.yaml, which holds the resolved model section already. `preset` and
+    `user_keys` (the dotted keys the overrides set; None: all of them) say who set a
+    key, so that a preset's model section is reported as the preset's.
     """
     if not isinstance(data, dict) or not isinstance(data.get("train"), dict) \
             or not data["train"].get("init_from"):
@@ -645,6 +662,14 @@ def resolve_init_from(data: dict) -> dict:
         if value == current:
             continue
         candidate = _replace_path(base, key, value)
+        if shapes(candidate) != reference and preset is not None and user_keys is not None \
+                and not any(f"model.{key}" == k or f"model.{key}".startswith(k + ".")
+                            for k in user_keys):
+            raise ConfigError(
+                f"the config {preset} sets model.{key}={value!r}, which would change a "
+                f"parameter shape of the train.init_from checkpoint {path} (it has "
+                f"{key}={current!r}); the model comes from the checkpoint: start from a "
+                "fine-tuning preset with no model section (--config sft or dpo)")
         if shapes(candidate) != reference:
             raise ConfigError(
                 f"model.{key}={value!r} would change a parameter shape of the train.init_from "
@@ -726,7 +751,10 @@ def load_config(path: str | None = None, overrides=()) -> Config:
     """Load a preset (path or name) and apply `a.b=value` overrides."""
     overrides = _override_list(overrides)
     data = read_yaml(path) if path is not None and path != "" else {}
-    return _build(Config, resolve_init_from(apply_overrides(data, overrides)))
+    user_keys = {canonical_key(parse_override(o)[0] if isinstance(o, str) else o[0])
+                 for o in overrides}
+    return _build(Config, resolve_init_from(apply_overrides(data, overrides), preset=path,
+                                            user_keys=user_keys))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -765,5 +793,5 @@ def model_config_from_dict(data: dict) -> ModelConfig:
 
 __all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "MeshConfig",
            "GenerateConfig", "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
-           "model_config_from_dict", "apply_overrides", "to_dict", "flatten", "parse_override",
+           "model_config_from_dict", "apply_overrides", "refuse_repeated_keys", "to_dict", "flatten", "parse_override",
            "read_yaml", "ALIASES", "canonical_key", "resolve_aliases"]

@@ -1,14 +1,16 @@
 """`jaxlm batch-infer`: a JSONL file of prompts in, a JSONL file of completions out.
 
-Input lines: `{"id": ..., "prompt": "...", KEY: VALUE, ...}` (ids unique; blank lines
-skipped). A line may set its own decoding settings (`ROW_KEYS`): max_new_tokens,
+Input lines: `{"id": ..., "prompt": "...", KEY: VALUE, ...}` or, in place of the prompt,
+`"messages": [{"role": ..., "content": ...}, ...]` (a conversation, rendered with the
+checkpoint's chat template and its generation prompt); ids unique, blank lines
+skipped. A line may set its own decoding settings (`ROW_KEYS`): max_new_tokens,
 temperature, top_k, top_p, min_p, seed, repetition_penalty, presence_penalty,
 frequency_penalty, no_repeat_ngram_size, min_new_tokens, stop_ids, length_penalty,
 early_stopping, `n` (samples: generate.num_return_sequences), `stop` (a string or a
 list of strings: the completion ends before the first one its text holds) and one of
 `json_schema` / `regex` / `choice` (guided decoding); the rest come from the
 generate.* settings. Any other key is a one-line error naming it.
-Output lines, in input order: `{"id", "prompt", "completion", "tokens",
+Output lines, in input order: `{"id", "prompt" (or "messages"), "completion", "tokens",
 "finish_reason"}` ("stop": a stop id or string, "length": max_new_tokens); with
 n > 1 (or num_return_sequences beams) "completions", "tokens" and "finish_reasons"
 hold one entry per sequence.
@@ -86,22 +88,31 @@ def read_inputs(path: str) -> list[dict]:
             raise InputError(f"{path} line {n}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or "id" not in row:
             raise InputError(f"{path} line {n}: missing \"id\"")
-        if not isinstance(row.get("prompt"), str) or not row["prompt"]:
+        if ("prompt" in row) == ("messages" in row):
+            raise InputError(f"{path} line {n}: give \"prompt\" (a string) or \"messages\" "
+                             "(a conversation), one of them")
+        if "messages" in row:
+            from ..model.chat import check_messages
+            check_messages(row["messages"], f"{path} line {n}", need_assistant=False)
+        elif not isinstance(row["prompt"], str) or not row["prompt"]:
             raise InputError(f"{path} line {n}: \"prompt\" must be a non-empty string")
         key = _key(row["id"])
         if key in seen:
             raise InputError(f"{path} line {n}: duplicate id {row['id']!r} "
                              f"(first on line {seen[key]})")
         seen[key] = n
-        extra = {k: v for k, v in row.items() if k not in ("id", "prompt")}
+        extra = {k: v for k, v in row.items() if k not in ("id", "prompt", "messages")}
         for k in extra:
             if k not in ROW_KEYS:
                 import difflib
-                hint = difflib.get_close_matches(k, list(ROW_KEYS) + ["id", "prompt"], n=1)
+                hint = difflib.get_close_matches(k, list(ROW_KEYS) + ["id", "prompt", "messages"],
+                                                 n=1)
                 raise InputError(f"{path} line {n}: unknown key {k!r}"
                                  + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                                 + f"; a line holds id, prompt and {', '.join(ROW_KEYS)}")
-        rows.append({"id": row["id"], "prompt": row["prompt"], "line": n, "settings": extra})
+                                 + f"; a line holds id, prompt or messages, and "
+                                 f"{', '.join(ROW_KEYS)}")
+        rows.append({"id": row["id"], "line": n, "settings": extra,
+                     **{k: row[k] for k in ("prompt", "messages") if k in row}})
     return rows
 
 
@@ -221,11 +232,15 @@ def _changed(rows, done: dict, settings: str) -> list[tuple[dict, str]]:
         old = done.get(_key(r["id"]))
         if old is None:
             continue
-        if old.get("prompt_hash") != _hash(r["prompt"]):
+        if old.get("prompt_hash") != _prompt_hash(r):
             out.append((r, "its prompt changed"))
         elif old.get("settings_hash") != _row_hash(settings, r):
             out.append((r, "the checkpoint or generate settings changed"))
     return out
+
+
+def _prompt_hash(row: dict) -> str:
+    return _hash(row["prompt"] if "prompt" in row else {"messages": row["messages"]})
 
 
 def _row_hash(settings: str, row: dict) -> str:
@@ -313,14 +328,14 @@ def generate_rows(engine, chunk: list, prepared: dict) -> list:
 
 def _line(r: dict, req, settings: str) -> str:
     outs = req.outputs
-    row = {"id": r["id"], "prompt": r["prompt"]}
+    row = {"id": r["id"], **{k: r[k] for k in ("prompt", "messages") if k in r}}
     if len(outs) == 1:
         o = outs[0]
         row.update(completion=o.text, tokens=_ids(o), finish_reason=o.finish_reason)
     else:
         row.update(completions=[o.text for o in outs], tokens=[_ids(o) for o in outs],
                    finish_reasons=[o.finish_reason for o in outs])
-    row.update(prompt_hash=_hash(r["prompt"]), settings_hash=_row_hash(settings, r))
+    row.update(prompt_hash=_prompt_hash(r), settings_hash=_row_hash(settings, r))
     return json.dumps(row, ensure_ascii=False)
 
 
@@ -364,7 +379,8 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     from ..api import load, model_config_of
     from ..config import to_dict
     from ..model.tokenizer import load_tokenizer
-    from .text import apply_model_overrides, chat_template_for, stop_ids
+    from ..errors import CheckpointError
+    from .text import apply_model_overrides, chat_ids, chat_template_for, stop_ids
     from ..sharding.mesh import check_divisible, make_mesh
     from ..sharding.rules import partition_spec, use_mesh
     from ..train.checkpoint import latest_step
@@ -390,9 +406,18 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
                          "needs a generative model (a decoder or an encoder-decoder like T5)")
     tok = load_tokenizer(checkpoint)
     template = chat_template_for(checkpoint) if chat else None
-    encoded = dict(zip((_key(r["id"]) for r in rows),
-                       encode_prompts(tok, cfg, [r["prompt"] for r in rows],
-                                      chat_template=template)))
+    if template is None and any("messages" in r for r in rows):
+        first = next(r for r in rows if "messages" in r)
+        try:
+            template = chat_template_for(checkpoint)
+        except CheckpointError:
+            raise InputError(f"{input_path} line {first['line']}: \"messages\" are rendered "
+                             f"with the checkpoint's chat template, and {checkpoint} has none"
+                             ) from None
+    texts = iter(encode_prompts(tok, cfg, [r["prompt"] for r in rows if "prompt" in r],
+                                chat_template=template))
+    encoded = {_key(r["id"]): chat_ids(tok, template, r["messages"]) if "messages" in r
+               else next(texts) for r in rows}
     gen = generation_settings(checkpoint, tok)
     # generation_config.json's decoding defaults for the keys not given (a run's saved
     # generate section: those it sets to other than the defaults)

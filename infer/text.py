@@ -186,12 +186,14 @@ def generation_settings(directory, tokenizer) -> GenerationSettings:
                               defaults=decoding_defaults(gen, where))
 
 
-def chat_ids(tokenizer, template: str, prompt: str) -> list[int]:
-    """Ids of `prompt` as one user message rendered by `template` with the generation
-    prompt, as transformers' apply_chat_template(tokenize=True) gives them."""
+def chat_ids(tokenizer, template: str, prompt) -> list[int]:
+    """Ids of `prompt` (a string: one user message; or a list of messages) rendered by
+    `template` with the generation prompt, as transformers'
+    apply_chat_template(tokenize=True) gives them."""
     from ..model.chat import render_chat, template_tokens
-    text = render_chat(template, [{"role": "user", "content": prompt}],
-                       add_generation_prompt=True, **template_tokens(tokenizer))
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = render_chat(template, messages, add_generation_prompt=True,
+                       **template_tokens(tokenizer))
     return tokenizer.encode_chat(text)
 
 

@@ -209,3 +209,17 @@ class _GenerationBlock(jinja2.ext.Extension):
 
     def _body(self, caller):
         return caller()
+
+
+def check_messages(messages: Any, where: str, *, need_assistant: bool) -> None:
+    """InputError naming `where` unless `messages` is a non-empty list of {"role": str,
+    "content": str} (with an assistant turn when `need_assistant`)."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{where}: \"messages\" should be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InputError(f"{where}: message {i} should be an object with a string \"role\"")
+        if not isinstance(m.get("content"), str):
+            raise InputError(f"{where}: message {i} ({m['role']}) has a non-string \"content\"")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise InputError(f"{where}: the conversation has no assistant turn")

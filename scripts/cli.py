@@ -204,6 +204,9 @@ def main(argv=None) -> int:
     from absl import logging as absl_logging  # orbax logs routine notices as warnings
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
+        if getattr(args, "overrides", None):  # a key typed twice: neither silently wins
+            from ..config import refuse_repeated_keys
+            refuse_repeated_keys(args.overrides)
         rc = args.fn(args)
     except KeyboardInterrupt as e:
         print(interrupt_message(args.command, e), file=sys.stderr)

@@ -164,27 +164,53 @@ def test_gpt2_and_t5_dirs_match_transformers(dirs, family, tmp_path):
     assert all(r["completion"] == tok.decode(w) for r, w in zip(rows, want))
 
 
+CONVERSATION = [{"role": "system", "content": "be"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "go"}]
+
+
 def test_chat_renders_the_checkpoints_template(dirs, tmp_path):
+    """--chat renders each prompt as one user message; a "messages" line (here beside
+    them) is a whole conversation: both as transformers' apply_chat_template renders
+    them, with the generation prompt."""
     path, model, stops = dirs["llama"]
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(path))
     inp, out = write_inputs(tmp_path / "in.jsonl", PROMPTS[:2]), str(tmp_path / "out.jsonl")
+    with open(inp, "a") as f:
+        f.write(json.dumps({"id": "conv", "messages": CONVERSATION}) + "\n")
     batch_infer(str(path), inp, out, batch_size=2, overrides=GEN, progress=False, chat=True)
     want = []
-    for p in PROMPTS[:2]:
-        text = hf_tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True)
+    for messages in [[{"role": "user", "content": p}] for p in PROMPTS[:2]] + [CONVERSATION]:
+        text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         want.append(hf_greedy(model, hf_tok(text, add_special_tokens=False)["input_ids"],
                               set(stops)))
-    assert [r["tokens"] for r in read_rows(out)] == want
+    rows = read_rows(out)
+    assert [r["tokens"] for r in rows] == want
+    assert rows[2]["messages"] == CONVERSATION and "prompt" not in rows[2]
+    # without --chat, a messages line is rendered the same way beside plain prompts
+    out2 = str(tmp_path / "out2.jsonl")
+    batch_infer(str(path), inp, out2, batch_size=2, overrides=GEN, progress=False)
+    assert read_rows(out2)[2]["tokens"] == want[2]
 
 
 @pytest.mark.parametrize("case, needle", [
     ("chat_without_template", "--chat: .* has no chat template"),
     ("encoder_only", "encoder-only model .*batch-infer needs a generative model"),
+    ("messages_without_template", 'line 2: "messages" are rendered with the checkpoint\'s '
+                                  "chat template, and .* has none"),
+    ("prompt_and_messages", 'line 2: give "prompt" .* or "messages" .*, one of them'),
+    ("bad_messages", r'line 2: message 0 \(user\) has a non-string "content"'),
 ])
 def test_bad_input_one_line(dirs, tmp_path, case, needle):
     path = dirs["bert"] if case == "encoder_only" else dirs["gpt2"][0]
     inp, out = write_inputs(tmp_path / "in.jsonl", PROMPTS[:1]), tmp_path / "out.jsonl"
+    second = {"messages_without_template": {"messages": CONVERSATION},
+              "prompt_and_messages": {"prompt": "a", "messages": CONVERSATION},
+              "bad_messages": {"messages": [{"role": "user", "content": 3}]}}.get(case)
+    if second is not None:
+        with open(inp, "a") as f:
+            f.write(json.dumps({"id": "x", **second}) + "\n")
     with pytest.raises(CheckpointError if case == "chat_without_template" else InputError,
                        match=needle) as e:
         batch_infer(str(path), inp, str(out), overrides=GEN, progress=False,

@@ -199,9 +199,6 @@ def test_old_and_new_names_in_overrides_and_model_sections():
      "train.lora_rank=8 and train.lora.rank=4 are the old and the new name of one key"),
     (["model={rope_theta: 7, rope: {theta: 8}}"],
      "model.rope_theta=7 and model.rope.theta=8 are the old and the new name of one key"),
-    (["train.steps=3", "train.steps=2"],
-     "train.steps is given twice (train.steps=3, then train.steps=2): give it once"),
-    (["train.steps=3", "train.steps=3"], "train.steps is given twice"),
     (["model.rope.thta=1"],
      "unknown config key 'model.rope.thta' (did you mean 'model.rope.theta'?)"),
     (["model.rope.yarn.beta_fsat=1"],
@@ -266,3 +263,25 @@ def test_every_nested_key_has_its_old_flat_name_in_the_alias_table():
         assert new in keys, f"ALIASES[{old!r}] = {new!r} is no config key"
         assert old not in keys and old.count(".") == 1, old
         assert old.split(".")[0] == new.split(".")[0], (old, new)  # same top-level section
+
+
+def test_a_key_typed_twice_on_the_command_line_is_refused(tmp_path, capsys):
+    """`jaxlm train ... train.steps=3 train.steps=2` kept the last one silently: refused
+    in one line, exit 2, nothing written. (A library caller's override list may
+    compose a base and its changes: there the later one wins.)"""
+    from jaxlm.config import refuse_repeated_keys
+    from jaxlm.scripts.cli import main
+    run = tmp_path / "run"
+    for args, needle in [(["train.steps=3", "train.steps=2"],
+                          "train.steps is given twice (train.steps=3, then train.steps=2): "
+                          "give it once"),
+                         (["train.steps=3", "train.steps=3"], "train.steps is given twice"),
+                         (["train.lora_rank=8", "train.lora.rank=4"],
+                          "train.lora_rank=8 and train.lora.rank=4 are the old and the new name")]:
+        assert main(["train", "--config", "tiny-llama", f"run_dir={run}", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "error: " + err[len("error: "):] and needle in err and "\n" not in err
+        with pytest.raises(ConfigError):
+            refuse_repeated_keys(args)
+    assert not run.exists()
+    assert load_config("tiny-llama", ["train.steps=300", "train.steps=200"]).train.steps == 200

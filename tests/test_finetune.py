@@ -158,6 +158,8 @@ def test_dpo_from_the_sft_run(sft_run, corpora, tmp_path):
     assert steps[1]["reward_margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
     assert steps[1]["loss"] == pytest.approx(np.log(2), abs=1e-5)
     assert all(k in evals[-1] for k in ("eval_reward_accuracy", "eval_reward_margin"))
+    assert not any("eval_perplexity" in e for e in evals)  # exp(a DPO loss) means nothing
+    assert all("eval_perplexity" in e for e in _metrics(run)[1])  # SFT's token loss: it does
     assert steps[6]["reward_margin"] != 0.0  # the policy has moved off the reference
     assert all(np.isfinite(steps[s]["loss"]) for s in steps) and len(summary["eval"]) == 2
     # (test_dpo.py shows a few steps on a fixed preference set raise the margin)
@@ -194,10 +196,60 @@ def test_sharded_init_from_a_hugging_face_dir(hf_llama, corpora, tmp_path):
     assert embed.addressable_shards[0].data.shape == (embed.shape[0], embed.shape[1] // 4)
 
 
+def test_continued_pretraining_keeps_the_checkpoints_tokenizer(hf_llama, tmp_path, capsys):
+    """clm from an HF dir on a raw corpus uses the checkpoint's tokenizer (it trained a
+    new sentencepiece one and paired it with the weights); a corpus prepared with
+    another tokenizer is refused in one line naming it."""
+    rng = np.random.default_rng(2)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(6):
+        (raw / f"doc{i}.txt").write_text("\n".join(_sentence(rng, 9) for _ in range(20)))
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"train.init_from={hf_llama}", f"data.corpus={raw}",
+                             f"run_dir={run}", "train.objective=clm", "data.seq_len=32",
+                             "data.batch_size=2", "data.eval_fraction=0.2", "train.steps=1",
+                             "train.warmup_steps=0", "train.eval_batches=1", "mesh.devices=1"])
+    train(cfg, progress=False)
+    ours = jaxlm.load_tokenizer(str(run))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(hf_llama))
+    alphabet = list("abcdefghij ,.()=+-\n\t") + WORDS
+    texts = ["".join(rng.choice(alphabet, int(rng.integers(1, 12)))) for _ in range(1000)]
+    assert [ours.encode(t) for t in texts] == \
+        [theirs(t, add_special_tokens=False)["input_ids"] for t in texts]
+    # a corpus prepared with a tokenizer of its own (trained by prepare): refused
+    assert main(["prepare", "--input", f"{raw}/*.txt", "--output", str(tmp_path / "prep"),
+                 "--vocab-size", "320"]) == 0
+    capsys.readouterr()
+    rc = main(["train", "--config", "sft", f"train.init_from={hf_llama}", "train.objective=clm",
+               f"data.corpus={tmp_path / 'prep'}", f"run_dir={tmp_path / 'run2'}",
+               "data.seq_len=32", "mesh.devices=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "prepared with the tokenizer" in err[0] and str(tmp_path / "prep") in err[0], err
+    assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
+def test_fine_tuning_presets_take_everything_from_init_from(hf_llama, corpora):
+    """`--config sft` / `dpo`: no model section, no sampling settings; the model is the
+    checkpoint's, the generate settings the defaults (or generation_config.json's)."""
+    from jaxlm.config import GenerateConfig
+    for preset, objective in (("sft", "sft"), ("dpo", "dpo")):
+        cfg = load_config(preset, [f"train.init_from={hf_llama}",
+                                   f"data.corpus={corpora[objective]}", "data.seq_len=48"])
+        assert cfg.train.objective == objective
+        assert cfg.model == jaxlm.model_config_of(str(hf_llama))
+        assert cfg.generate == GenerateConfig()
+
+
 def test_errors_at_the_door(hf_llama, corpora, tmp_path, capsys):
     with pytest.raises(ConfigError, match="model.n_layers=3 would change a parameter shape"):
         _cfg(tmp_path, hf_llama, corpora["sft"], "model.n_layers=3")
     _cfg(tmp_path, hf_llama, corpora["sft"], "model.remat=full")  # shapes unchanged: fine
+    # a preset's model section is reported as the preset's, not as the user's keys
+    with pytest.raises(ConfigError, match=r"the config tiny-llama sets model\.\w+=.* would "
+                                          r"change a parameter shape.*--config sft or dpo"):
+        load_config("tiny-llama", [f"train.init_from={hf_llama}"])
     with pytest.raises(CheckpointError, match="does not exist"):
         _cfg(tmp_path, tmp_path / "nowhere", corpora["sft"])
     with pytest.raises(ConfigError, match=r"lora\.rank=-1"):

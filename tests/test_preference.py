@@ -87,7 +87,9 @@ def test_pairs_shapes_and_masks(tok, records):
     want = sorted(json.dumps({s: list(oracle(tok, r, s)) for s in ("chosen", "rejected")})
                   for r in records)
     assert got == want
-    assert it.stats == {"examples": len(records), "truncated": 1, "dropped": 0}
+    same = sum(oracle(tok, r, "chosen")[0] == oracle(tok, r, "rejected")[0] for r in records)
+    assert it.stats == {"examples": len(records), "truncated": 1, "dropped": 0,
+                        "identical": same}
 
 
 def test_resume_and_eval(tok, records):
@@ -109,9 +111,24 @@ def test_prompt_longer_than_row_is_dropped(tok):
     recs = [{"prompt": "fox " * 60, "chosen": "a", "rejected": "b"},
             {"prompt": "fox", "chosen": "a", "rejected": "b"}]
     it = dpo_batches(recs, tok, seq_len=SEQ, batch_size=1, seed=0)
-    assert it.stats == {"examples": 1, "truncated": 1, "dropped": 1}
+    assert it.stats == {"examples": 1, "truncated": 1, "dropped": 1, "identical": 0}
     with pytest.raises(InputError, match="no preference pairs"):
         dpo_batches(recs[:1], tok, seq_len=SEQ, batch_size=1, seed=0)
+
+
+def test_identical_chosen_and_rejected_are_counted_and_all_identical_refused(tok):
+    """A pair whose chosen and rejected are the same tokens (after truncation to the
+    row) carries no preference: counted (the run warns with the count), and a data set
+    of only such pairs is refused in one line rather than trained at a flat loss."""
+    same = [{"prompt": "fox", "chosen": "a dog", "rejected": "a dog"},
+            {"prompt": "fox", "chosen": "hex " * 60, "rejected": "hex " * 61}]  # same once cut
+    it = dpo_batches([*same, {"prompt": "fox", "chosen": "a", "rejected": "b"}], tok,
+                     seq_len=SEQ, batch_size=1, seed=0)
+    assert it.stats == {"examples": 3, "truncated": 1, "dropped": 0, "identical": 2}
+    with pytest.raises(InputError) as e:
+        dpo_batches(same, tok, seq_len=SEQ, batch_size=1, seed=0)
+    assert "every preference pair (2) has the same tokens" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("line, match", [

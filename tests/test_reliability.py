@@ -47,7 +47,12 @@ def tok(sp_tokenizer_file):
 
 
 def overrides(tok, run_dir, *extra):
-    return TINY + [f"data.tokenizer={tok}", f"run_dir={run_dir}", *extra]
+    """TINY with the run's tokenizer and dir, then `extra`, whose keys replace earlier
+    values (the command line refuses a key given twice)."""
+    merged = {}
+    for o in [*TINY, f"data.tokenizer={tok}", f"run_dir={run_dir}", *extra]:
+        merged[o.split("=", 1)[0]] = o
+    return list(merged.values())
 
 
 def cfg_of(tok, run_dir, *extra):

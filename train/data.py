@@ -569,8 +569,10 @@ def _check_tokenizer(sources, tokenizer: Tokenizer) -> None:
         for d, _ in sources:
             if d.tokenizer_digest not in (None, have):
                 raise ConfigError(
-                    f"the tokenizer (digest {have}) is not the one the corpus was prepared with "
-                    f"(digest {d.tokenizer_digest}, saved as {d.tokenizer_path}): set data.tokenizer to it")
+                    f"the corpus was prepared with the tokenizer {d.tokenizer_path} (digest "
+                    f"{d.tokenizer_digest}), not with the run's (digest {have}: train.init_from's,"
+                    " else data.tokenizer): prepare it again with `jaxlm prepare --tokenizer` "
+                    "the run's, or, for a new model, set data.tokenizer to the corpus's")
 
 
 def _shard(sources, process_index: int, process_count: int) -> list[tuple[Documents, float]]:

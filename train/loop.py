@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -24,7 +25,7 @@ from ..sharding.rules import named_sharding, use_mesh
 from . import checkpoint, guard, span
 from .data import eval_batches, make_batches, open_sources, sample_texts
 from .metrics import MetricsLog, device_peak, mesh_devices, mfu
-from .objectives import batch_objective
+from .objectives import batch_objective, is_token_cross_entropy
 from .optimizer import learning_rate_schedule, make_optimizer
 from .lora import trainable_specs
 from .state import (abstract_state, attach_frozen, create_state, needs_frozen,
@@ -246,11 +247,14 @@ class _Loop:
     def _eval(self, state, step):
         means = self.evaluate(state)
         loss = means.pop("loss")
-        record = {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-                  **{f"eval_{k}": v for k, v in means.items()}}
+        record = {"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in means.items()}}
+        line = f"step {step}: eval loss {loss:.4f}"
+        if is_token_cross_entropy(self.cfg.train.objective):  # not for a preference loss
+            record["eval_perplexity"] = math.exp(min(loss, 50.0))
+            line += f", perplexity {record['eval_perplexity']:.2f}"
         self.log.write(record)
         if self.progress:
-            tqdm.write(f"step {step}: eval loss {loss:.4f}, perplexity {record['eval_perplexity']:.2f}")
+            tqdm.write(line)
         return record
 
 
@@ -269,6 +273,10 @@ def _data(cfg: Config):
             print(f"{cfg.train.objective}: {stats.get('examples', '?')} examples, "
                   f"{stats.get('truncated', 0)} truncated to data.seq_len={cfg.data.seq_len}, "
                   f"{stats.get('dropped', 0)} dropped (no loss token within the row)", flush=True)
+            if stats.get("identical"):
+                print(f"warning: {stats['identical']} of {stats['examples']} preference pairs "
+                      "have the same tokens as chosen and as rejected: they add nothing to "
+                      "the loss", file=sys.stderr, flush=True)
         return batches, evals, tokenizer
     train_docs, eval_docs = open_sources(cfg.data)  # lazy: read as the pipeline streams
     tokenizer = _tokenizer(cfg, train_docs)
@@ -393,7 +401,7 @@ def read_run_config(run_dir: str) -> Config:
 
 
 def _tokenizer(cfg: Config, train_docs):
-    if train_docs is None:  # fine-tuning: the checkpoint's own tokenizer
+    if train_docs is None or cfg.train.init_from:  # a checkpoint's weights: its own tokenizer
         return _checkpoint_tokenizer(cfg)
     first = train_docs if not isinstance(train_docs, list) else train_docs[0][0]
     path = cfg.data.tokenizer or first.tokenizer_path or os.path.join(cfg.run_dir, TOKENIZER_FILE)
@@ -417,13 +425,24 @@ def _tokenizer(cfg: Config, train_docs):
 
 
 def _checkpoint_tokenizer(cfg: Config):
-    """data.tokenizer, else train.init_from's tokenizer (a jaxlm run's tokenizer.model,
-    an HF dir's tokenizer.json / tokenizer.model), copied into the run dir."""
-    source = cfg.data.tokenizer or cfg.train.init_from
+    """train.init_from's tokenizer (a jaxlm run's tokenizer.model, an HF dir's
+    tokenizer.json / tokenizer.model), else data.tokenizer, copied into the run dir.
+    The weights of train.init_from were trained with its tokenizer: a data.tokenizer
+    that encodes differently is a ConfigError naming both."""
+    source = cfg.train.init_from or cfg.data.tokenizer
     if not source:
         raise ConfigError(f"train.objective={cfg.train.objective} needs a tokenizer: set "
                           "train.init_from=CHECKPOINT (its tokenizer is used) or data.tokenizer=PATH")
     tok = load_tokenizer(source)
+    if cfg.train.init_from and cfg.data.tokenizer:
+        from .prepare import tokenizer_digest
+        given = load_tokenizer(cfg.data.tokenizer)
+        if tokenizer_digest(given) != tokenizer_digest(tok):
+            raise ConfigError(
+                f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer of train.init_from="
+                f"{cfg.train.init_from} (digests {tokenizer_digest(given)} and "
+                f"{tokenizer_digest(tok)}); the checkpoint's weights need its own: leave "
+                "data.tokenizer out")
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer of {source} has {tok.vocab_size} tokens but "
                           f"model.vocab_size={cfg.model.vocab_size}")

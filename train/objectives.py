@@ -16,6 +16,12 @@ from ..errors import ConfigError
 from ..sharding.context import context_size
 
 
+def is_token_cross_entropy(objective: str) -> bool:
+    """Whether the objective's loss is a mean token cross-entropy (clm, sft, mlm, span),
+    so that exp(loss) is a perplexity; a preference loss (dpo) is not."""
+    return objective != "dpo"
+
+
 def causal_lm_loss(logits, targets, loss_mask):
     """Token cross-entropy from logits [B,S,V] float32, targets [B,S], loss_mask [B,S]."""
     logz = jax.nn.logsumexp(logits, axis=-1)

@@ -33,12 +33,12 @@ import grain
 import numpy as np
 
 from ..errors import ConfigError, InputError
+from ..model.chat import check_messages
 from ..model.tokenizer import require_eos as _require_eos
 from ..model.tokenizer import Tokenizer
 from .data import _EpochShuffle, _check_shapes
-from .sft import (SFTBatches, _check_messages, _jsonl_records, _shard, chat_example,
-                             examples_digest, finish_rows, fixed_batches,
-                             prompt_completion_example)
+from .sft import (SFTBatches, _jsonl_records, _shard, chat_example, examples_digest,
+                  finish_rows, fixed_batches, prompt_completion_example)
 
 SIDES = ("chosen", "rejected")
 
@@ -60,13 +60,13 @@ def check_preference_record(record: Mapping[str, Any]) -> None:
         raise InputError(f"{where}: a preference record needs \"prompt\", \"chosen\" and "
                          f"\"rejected\" (missing {', '.join(missing)})")
     if not isinstance(record["prompt"], str):
-        _check_messages(record["prompt"], f"{where}: prompt", need_assistant=False)
+        check_messages(record["prompt"], f"{where}: prompt", need_assistant=False)
     for side in SIDES:
         response = record[side]
         if isinstance(response, str):
             continue
         messages = [response] if isinstance(response, dict) else response
-        _check_messages(messages, f"{where}: {side}", need_assistant=True)
+        check_messages(messages, f"{where}: {side}", need_assistant=True)
 
 
 def _as_messages(value, role: str) -> list[dict]:
@@ -111,8 +111,10 @@ def _row(tokens: np.ndarray, is_loss: np.ndarray, seq_len: int, pad_id: int) -> 
 
 
 def tokenize_pairs(records, tokenizer, template, seq_len):
-    """Rows {"chosen": row, "rejected": row} of the records, and their stats."""
-    pairs, truncated, dropped = [], 0, 0
+    """Rows {"chosen": row, "rejected": row} of the records, and their stats ("identical":
+    the kept pairs whose chosen and rejected tokens are the same, which DPO learns
+    nothing from)."""
+    pairs, truncated, dropped, identical = [], 0, 0, 0
     for record in records:
         sides = tokenize_pair(record, tokenizer, template)
         cut = False
@@ -123,8 +125,10 @@ def tokenize_pairs(records, tokenizer, template, seq_len):
         if not all(is_loss[1:].any() for _, is_loss in sides.values()):
             dropped += 1
             continue
+        identical += np.array_equal(sides["chosen"][0], sides["rejected"][0])
         pairs.append({side: _row(*sides[side], seq_len, tokenizer.pad_id) for side in SIDES})
-    return pairs, {"examples": len(pairs), "truncated": truncated, "dropped": dropped}
+    return pairs, {"examples": len(pairs), "truncated": truncated, "dropped": dropped,
+                   "identical": identical}
 
 
 def _stack_pairs(rows: Sequence[dict], batch_size: int) -> dict[str, dict[str, np.ndarray]]:
@@ -144,6 +148,9 @@ def _pairs_or_raise(records, tokenizer, template, seq_len, process_index, proces
     if not pairs:
         raise InputError(f"no preference pairs with response tokens within seq_len={seq_len} "
                          f"({stats['dropped']} dropped)")
+    if stats["identical"] == len(pairs):
+        raise InputError(f"every preference pair ({len(pairs)}) has the same tokens as chosen "
+                         "and as rejected: a preference loss learns nothing from them")
     return pairs, stats
 
 

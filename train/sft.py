@@ -51,7 +51,7 @@ import grain
 import numpy as np
 
 from ..errors import ConfigError, InputError
-from ..model.chat import DEFAULT_CHAT_TEMPLATE, render_chat, template_tokens
+from ..model.chat import DEFAULT_CHAT_TEMPLATE, check_messages, render_chat, template_tokens
 from ..model.tokenizer import require_eos as _require_eos
 from ..model.tokenizer import Tokenizer
 from .data import BatchIterator, _EpochShuffle, _check_shapes, split_documents, stdlib_sources
@@ -85,7 +85,7 @@ def check_sft_record(record: Mapping[str, Any]) -> None:
     """InputError (naming `record["where"]`) unless a prompt/completion or messages record."""
     where = record.get("where", "record")
     if "messages" in record:
-        _check_messages(record["messages"], where, need_assistant=True)
+        check_messages(record["messages"], where, need_assistant=True)
     elif "prompt" in record and "completion" in record:
         for key in ("prompt", "completion"):
             if not isinstance(record[key], str):
@@ -93,18 +93,6 @@ def check_sft_record(record: Mapping[str, Any]) -> None:
     else:
         raise InputError(f"{where}: expected {{\"prompt\", \"completion\"}} or {{\"messages\"}}, "
                          f"got keys {sorted(k for k in record if k != 'where')}")
-
-
-def _check_messages(messages: Any, where: str, *, need_assistant: bool) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise InputError(f"{where}: \"messages\" should be a non-empty list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise InputError(f"{where}: message {i} should be an object with a string \"role\"")
-        if not isinstance(m.get("content"), str):
-            raise InputError(f"{where}: message {i} ({m['role']}) has a non-string \"content\"")
-    if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise InputError(f"{where}: the conversation has no assistant turn")
 
 
 def source_files(source: str | Sequence[str]) -> list[pathlib.Path]:
