@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 
 import jax
 import orbax.checkpoint as ocp
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, InputError
 from .model import hf, quantize
 from .config import Config, DataConfig, MeshConfig
+from .model.companions import copy_companions
 from .model.config import ModelConfig
 from .model.params import Spec, abstract
 from .train import checkpoint
@@ -195,21 +197,53 @@ def _chmod_umask(directory) -> None:
             os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
-def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") -> str:
+def _hf_companions(src: str) -> tuple[dict, dict]:
+    """(config.json's special-token ids, {file name: bytes}) an HF export of the
+    checkpoint dir `src` carries."""
+    import json
+    from .model.companions import FILES, GENERATION_CONFIG, generation_config, special_token_ids
+    from .model.tokenizer import load_tokenizer
+    try:
+        tok = load_tokenizer(src)
+    except InputError:
+        tok = None  # no tokenizer: the files it has still go along
+    run = read_run_config(src) if os.path.isfile(os.path.join(src, CONFIG_FILE)) else None
+    files = {name: pathlib.Path(src, name).read_bytes() for name in FILES
+             if name != GENERATION_CONFIG and os.path.isfile(os.path.join(src, name))}
+    if tok is None:
+        return {}, files
+    gen = generation_config(src, tok, run.generate if run is not None else None)
+    files[GENERATION_CONFIG] = (json.dumps(gen, indent=2) + "\n").encode()
+    ids = {k: v for k, v in special_token_ids(gen, tok).items() if v is not None}
+    return ids, files
+
+
+def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm",
+         companions: str | None = None) -> str:
     """Write params + config as a jaxlm checkpoint dir that `load` reads back, or
     (format="hf") as a Hugging Face directory that `transformers` loads. `path` must
     be new or an empty directory: anything else is a one-line CheckpointError, and
-    nothing is written."""
+    nothing is written.
+
+    companions: a checkpoint dir (a jaxlm run or an HF dir) whose tokenizer files,
+    chat template and generation_config.json go along (`jaxlm.model.companions`); an
+    HF export's config.json then names its special-token ids, and it gets a
+    generation_config.json (the source's, else one made from the tokenizer and the
+    run's generate settings), so transformers stops where jaxlm stops."""
     if os.path.lexists(path) and not os.path.isdir(path):
         raise CheckpointError(f"save: {path} is a file, not a directory; choose a new "
                               "directory")
+    if companions is not None and not os.path.isdir(companions):
+        raise CheckpointError(f"save: companions={companions} is not a checkpoint directory")
     if format == "hf":
         model_cfg = cfg.model if isinstance(cfg, Config) else cfg
         if model_cfg.weight_dtype == "int8":  # Hugging Face dirs hold float weights
             from .model.config import dtype_of
             params = quantize.dequantize_params(params, dtype_of(model_cfg.param_dtype))
             model_cfg = dataclasses.replace(model_cfg, weight_dtype="")
-        out = hf.save_hf(path, model_cfg, params)
+        extra_config, extra_files = _hf_companions(companions) if companions else ({}, {})
+        out = hf.save_hf(path, model_cfg, params, extra_config=extra_config,
+                         extra_files=extra_files)
         _chmod_umask(out)  # the temporary dir it was written in is 0700
         return str(out / "config.json")
     if format != "jaxlm":
@@ -228,6 +262,8 @@ def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm") ->
                               "directory")
     os.makedirs(path, exist_ok=True)
     _write_config(dataclasses.replace(full, run_dir=path))
+    if companions:  # before the weights: a dir with a checkpoint is complete
+        copy_companions(companions, path)
     mngr = checkpoint.manager(path, keep=1)
     mngr.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave(
         {"params": quantize.storable(params)})))

@@ -645,7 +645,9 @@ def resolve_init_from(data: dict, preset: str | None = None, user_keys=None) -> 
     if not isinstance(data, dict) or not isinstance(data.get("train"), dict) \
             or not data["train"].get("init_from"):
         return data
-    path = str(data["train"]["init_from"])
+    # absolute: the run dir's config.yaml and its exports name the base from anywhere
+    path = os.path.abspath(os.path.expanduser(str(data["train"]["init_from"])))
+    data = {**data, "train": {**data["train"], "init_from": path}}
     from .api import model_config_of  # reads config.yaml / config.json only
     from .model.families import model_specs
     from .model.params import abstract

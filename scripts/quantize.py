@@ -18,9 +18,6 @@ import yaml
 
 from ..errors import CheckpointError, ConfigError
 
-EXTRA_FILES = ("generation_config.json",)  # copied beside the tokenizer files
-
-
 def _check_out(out: str) -> None:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory")
@@ -32,7 +29,7 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     from ..api import _chmod_umask, checkpoint_kind, model_config_of
     from ..config import Config, DataConfig
     from ..model.quantize import param_bytes
-    from .convert import TOKENIZER_FILES
+    from ..model.companions import copy_companions
     from ..sharding.plan import fmt_bytes
     from ..config import to_dict
     from ..train.loop import CONFIG_FILE, read_run_config
@@ -62,9 +59,7 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
         save(tmp, full, params)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:  # run_dir: its final name
             yaml.safe_dump(to_dict(dataclasses.replace(full, run_dir=out)), f, sort_keys=False)
-        for name in (*TOKENIZER_FILES, *EXTRA_FILES):
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        copy_companions(src, tmp)  # tokenizer, chat template, generation_config.json
         _chmod_umask(tmp)
         _check_out(out)  # nothing appeared meanwhile
         os.rename(tmp, out)  # atomic; replaces an empty dir

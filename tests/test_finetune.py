@@ -22,6 +22,7 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
           "'<|im_end|>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 WORDS = "alpha beta gamma delta one two three four red green blue add sub mul".split()
+EOS_IDS = [2, 0]  # <|im_end|>, <|endoftext|>: the special tokens' ids in hf_llama's tokenizer
 
 
 def _sentence(rng, n):
@@ -50,6 +51,9 @@ def hf_llama(tmp_path_factory):
         tie_word_embeddings=False)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     fast.save_pretrained(path)
+    # two stop ids, as Llama-3-Instruct has (<|eot_id|>, <|end_of_text|>)
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": fast.bos_token_id, "eos_token_id": EOS_IDS}))
     return path
 
 
@@ -147,6 +151,66 @@ def test_lora_from_a_hugging_face_dir_resumes_exactly_and_exports(hf_llama, corp
     with torch.no_grad():
         theirs = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+
+
+def test_lora_run_and_its_exports_keep_tokenizer_template_and_stop_ids(
+        hf_llama, corpora, tmp_path, monkeypatch, capsys):
+    """HF dir (ChatML, two EOS ids in generation_config.json) -> LoRA SFT through the CLI,
+    with a relative train.init_from -> `convert --to hf` and `--to peft`: transformers
+    renders the merged dir's chat template as the original's and stops at either EOS;
+    peft loads the adapter from another working directory with no hub; `jaxlm generate
+    --chat` runs on the merged export. A --resume that changes the LoRA rank is refused
+    in one line and leaves the run dir byte-identical."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from jaxlm.infer.text import generation_settings
+    monkeypatch.chdir(hf_llama.parent)
+    run, merged, adapter = tmp_path / "run", tmp_path / "merged", tmp_path / "adapter"
+    args = ["train", "--config", "sft", f"train.init_from={hf_llama.name}",  # relative
+            f"data.corpus={corpora['sft']}", f"run_dir={run}", "data.seq_len=48",
+            "data.batch_size=4", "train.steps=2", "train.warmup_steps=1", "train.eval_every=2",
+            "train.eval_batches=1", "train.checkpoint_every=2", "mesh.devices=1",
+            "train.lora.rank=4", "train.lora.targets=layers/attn/(q|v)"]
+    assert main(args) == 0
+    tok = jaxlm.load_tokenizer(str(run))
+    assert list(generation_settings(run, tok).eos_ids) == EOS_IDS  # the run keeps both
+    assert main(["convert", "--input", str(run), "--output", str(merged), "--to", "hf"]) == 0
+    assert main(["convert", "--input", str(run), "--output", str(adapter), "--to", "peft"]) == 0
+    chat = [{"role": "user", "content": "red green"}]
+    original = transformers.AutoTokenizer.from_pretrained(str(hf_llama))
+    exported = transformers.AutoTokenizer.from_pretrained(str(merged))
+    assert exported.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        original.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert exported.eos_token == original.eos_token
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(merged))
+    assert model.generation_config.eos_token_id == EOS_IDS
+    assert json.loads((merged / "config.json").read_text())["eos_token_id"] == EOS_IDS
+    text = original.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([original(text, add_special_tokens=False)["input_ids"]])
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert not any(t in EOS_IDS for t in out[:-1])  # it ran to the length or to either EOS
+    # peft: the adapter names the base by its absolute path, loadable from elsewhere
+    assert json.loads((adapter / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(hf_llama.resolve())
+    monkeypatch.chdir(tmp_path)
+    with torch.no_grad():
+        lora_model = peft.AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()
+        theirs = lora_model(torch.tensor([[3, 4, 5, 6]])).logits.numpy()
+    mcfg, params = jaxlm.load(str(run))
+    ours, _ = jaxlm.forward(params, mcfg, np.array([[3, 4, 5, 6]], np.int32))
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(merged), "--chat", "--prompt", "red",
+                 "generate.max_new_tokens=4"]) == 0
+    assert capsys.readouterr().out.strip()
+    # a refused --resume changes nothing
+    monkeypatch.chdir(hf_llama.parent)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    resumed = [a if not a.startswith("train.lora.rank=") else "train.lora.rank=8" for a in args]
+    assert main([*resumed, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.lora.rank=8 differs from the run's 4" in err[0], err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_dpo_from_the_sft_run(sft_run, corpora, tmp_path):

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError, JaxlmError
 from ..model import model_specs
+from ..model.companions import copy_companions
 from ..config import Config, config_from_dict, flatten, to_dict
 from ..model.config import model_flops_per_token
 from ..model.tokenizer import load_tokenizer, train_sentencepiece
@@ -359,19 +360,27 @@ def _own_data_state(saved: dict) -> dict:
     return states[jax.process_index()]
 
 
+# train.* keys that decide what a checkpoint holds (which params train, which
+# optimizer state): a resume must keep them
+_STATE_TRAIN_KEYS = ("objective", "lora.rank", "lora.targets")
+
+
 def _check_run_dir(cfg: Config, resume: bool):
     latest = checkpoint.latest_step(cfg.run_dir)
     if resume:
         if latest is None:
             raise CheckpointError(f"--resume: no checkpoint to resume in {cfg.run_dir}")
+        # before anything is written: the model, the data and the train keys that shape
+        # the checkpoint's state must be the run's (config.yaml is not rewritten first)
         saved = read_run_config(cfg.run_dir)
-        for section in ("model", "data"):
+        for section in ("model", "data", "train"):
             a, b = (flatten(to_dict(getattr(c, section))) for c in (saved, cfg))
             for key in a:
-                if a[key] != b[key]:
+                if a[key] != b[key] and (section != "train" or key in _STATE_TRAIN_KEYS):
                     raise ConfigError(
                         f"--resume: {section}.{key}={b[key]!r} differs from the run's "
-                        f"{a[key]!r} ({os.path.join(cfg.run_dir, CONFIG_FILE)})")
+                        f"{a[key]!r} ({os.path.join(cfg.run_dir, CONFIG_FILE)}); its "
+                        "checkpoints hold that run's state: start a new run_dir to change it")
     elif latest is not None:
         raise ConfigError(f"run_dir {cfg.run_dir} already holds checkpoints (latest step {latest}): "
                           "pass --resume to continue it, or choose another run_dir")
@@ -448,17 +457,9 @@ def _checkpoint_tokenizer(cfg: Config):
                           f"model.vocab_size={cfg.model.vocab_size}")
     if jax.process_index() == 0:  # the run dir is self-contained
         tok.save(cfg.run_dir)
-        _copy_chat_template(source, cfg.run_dir)
+        # the chat template and generation_config.json (every EOS id) go along
+        copy_companions(source, cfg.run_dir)
     return tok
-
-
-def _copy_chat_template(source: str, run_dir: str):
-    """chat_template.jinja beside the source tokenizer goes along with it."""
-    import shutil
-    folder = source if os.path.isdir(source) else os.path.dirname(source)
-    src = os.path.join(folder, "chat_template.jinja")
-    if os.path.isfile(src) and os.path.abspath(folder) != os.path.abspath(run_dir):
-        shutil.copyfile(src, os.path.join(run_dir, "chat_template.jinja"))
 
 
 __all__ = ["train", "read_run_config"]

@@ -121,7 +121,8 @@ def load_hf(directory, *, cfg: ModelConfig | None = None, dtype: str | None = No
 
 
 def save_hf(directory, cfg: ModelConfig, params, model_type: str | None = None, *,
-            max_shard_bytes: int | None = 5 * 2**30) -> pathlib.Path:
+            max_shard_bytes: int | None = 5 * 2**30, extra_config: dict | None = None,
+            extra_files: dict | None = None) -> pathlib.Path:
     """Write cfg + params as an HF checkpoint dir that transformers loads; returns it.
 
     model_type: default by cfg.family (decoders: `infer_model_type`; bert; t5).
@@ -129,10 +130,13 @@ def save_hf(directory, cfg: ModelConfig, params, model_type: str | None = None, 
     into shards `model-0000k-of-0000n.safetensors` listed in
     `model.safetensors.index.json`. Refuses a directory that exists and is not
     empty; writes a temporary directory next to it and renames it at the end.
+    `extra_config` (the special-token ids) joins config.json; `extra_files` ({name:
+    bytes}: the tokenizer, chat template, generation_config.json) are written with the
+    weights (`jaxlm.model.companions`).
     """
     if model_type is None and cfg.family == "decoder":
         model_type = infer_model_type(cfg)
-    hf = hf_config_from(cfg, model_type)
+    hf = {**hf_config_from(cfg, model_type), **(extra_config or {})}
     expected = jax.tree.map(lambda s: s.shape, abstract(model_specs(cfg)))
     try:
         got = jax.tree.map(lambda a: tuple(a.shape), params)
@@ -142,7 +146,7 @@ def save_hf(directory, cfg: ModelConfig, params, model_type: str | None = None, 
         raise ConfigError("save_hf: params do not match the config's parameter shapes")
     table = _family_of(hf).rules(cfg, hf)
     return write_checkpoint(directory, hf, export_tensors(table, params), max_shard_bytes,
-                            who="save_hf")
+                            who="save_hf", extra_files=extra_files)
 
 
 __all__ = ["SUPPORTED", "config_from_hf", "hf_config_from", "infer_model_type", "model_config",

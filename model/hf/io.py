@@ -140,7 +140,8 @@ class CheckpointReader:
 
 def write_checkpoint(directory, config: dict,
                      tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
-                     max_shard_bytes: int | None = None, *, who: str = "save") -> pathlib.Path:
+                     max_shard_bytes: int | None = None, *, who: str = "save",
+                     extra_files: Mapping[str, bytes] | None = None) -> pathlib.Path:
     """Write `config.json` + `tensors` as a checkpoint dir; returns it (absolute).
 
     tensors: a dict, or (name, array) pairs, consumed one at a time (a generator
@@ -148,7 +149,8 @@ def write_checkpoint(directory, config: dict,
     they go into `model-0000k-of-0000n.safetensors` listed in
     `model.safetensors.index.json`. Refuses a directory that exists and is not
     empty; writes a temporary directory next to it and renames it at the end,
-    leaving nothing behind on failure. `who` prefixes the errors.
+    leaving nothing behind on failure. `who` prefixes the errors. `extra_files`
+    ({name: bytes}: the tokenizer, generation_config.json, ...) are written with them.
     """
     from safetensors.numpy import save_file
     target = pathlib.Path(os.fspath(directory)).absolute()
@@ -187,6 +189,8 @@ def write_checkpoint(directory, config: dict,
             (tmp / INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                 indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         try:
             os.replace(tmp, target)  # also replaces an empty directory (POSIX)
