@@ -17,6 +17,9 @@ Names are imported on first use, so `import jaxlm` (and `jaxlm --help`) stay fas
 import importlib
 
 from .errors import CheckpointError, ConfigError, InputError, JaxlmError
+from .lazy import submodule_getattr
+
+_submodule = submodule_getattr(__name__)
 
 _LAZY = {
     "load": "jaxlm.api", "save": "jaxlm.api",
@@ -37,7 +40,7 @@ def __getattr__(name):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'jaxlm' has no attribute {name!r}")
+    return _submodule(name)  # jaxlm.model, jaxlm.infer.text, ...
 
 
 def __dir__():

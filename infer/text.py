@@ -261,6 +261,21 @@ def generate(params, cfg, prompts, *, tokenizer=None, chat_template: str | None 
                                            default=1) - 1)
 
 
+def _documented(wrapper, inner):
+    """`wrapper(..., **kwargs)` that passes its keywords to `inner`, given inner's
+    keyword parameters in its signature and inner's docstring after its own, so that
+    help() and inspect list every parameter it takes."""
+    import inspect
+    outer = inspect.signature(wrapper)
+    own = [p for p in outer.parameters.values() if p.kind != p.VAR_KEYWORD]
+    names = {p.name for p in own}
+    rest = [p for p in inspect.signature(inner).parameters.values()
+            if p.kind == p.KEYWORD_ONLY and p.name not in names]
+    wrapper.__signature__ = outer.replace(parameters=own + rest)
+    wrapper.__doc__ = f"{wrapper.__doc__}\n{inner.__name__}'s parameters:\n{inner.__doc__}"
+    return wrapper
+
+
 def _with_text(events, detokenize, hold: int):
     """StreamEvents with `text` the new text each adds to its row: a character split
     over tokens waits for the token that completes it, and the last `hold` characters
@@ -349,3 +364,11 @@ def chat_template_for(checkpoint) -> str:
         raise CheckpointError(f"--chat: {checkpoint} has no chat template (no chat_template in "
                               "tokenizer_config.json, no chat_template.jinja)")
     return template
+
+
+def _document_generate():
+    from .generate import generate as generate_ids
+    _documented(generate, generate_ids)
+
+
+_document_generate()

@@ -13,3 +13,7 @@ def init_params(cfg: ModelConfig, key):
 
 __all__ = ["ModelConfig", "forward", "unembed", "head_weights", "model_specs", "init_params", "abstract", "initialize",
            "logical_axes"]
+
+from ..lazy import submodule_getattr as _submodule_getattr  # noqa: E402
+
+__getattr__ = _submodule_getattr(__name__)  # its submodules as attributes

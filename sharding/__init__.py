@@ -1,0 +1,5 @@
+"""Meshes, sharding rules, context and pipeline parallelism, multi-host."""
+
+from ..lazy import submodule_getattr as _submodule_getattr
+
+__getattr__ = _submodule_getattr(__name__)  # its submodules as attributes

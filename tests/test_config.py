@@ -285,3 +285,29 @@ def test_a_key_typed_twice_on_the_command_line_is_refused(tmp_path, capsys):
             refuse_repeated_keys(args)
     assert not run.exists()
     assert load_config("tiny-llama", ["train.steps=300", "train.steps=200"]).train.steps == 200
+
+
+def test_submodules_and_generate_parameters_from_a_plain_import():
+    """After `import jaxlm` alone (a fresh interpreter, nothing else imported, jax not
+    loaded): jaxlm.model.chat.chat_template_of is reachable, and help(jaxlm.generate)
+    lists its real keyword parameters, not **kwargs."""
+    import subprocess
+    import sys
+    code = ("import sys, inspect, jaxlm\n"
+            "assert 'jax' not in sys.modules\n"
+            "assert callable(jaxlm.model.chat.chat_template_of)\n"
+            "assert callable(jaxlm.infer.batch.batch_infer)\n"
+            "sig = inspect.signature(jaxlm.generate)\n"
+            "kinds = {p.kind for p in sig.parameters.values()}\n"
+            "assert inspect.Parameter.VAR_KEYWORD not in kinds, sig\n"
+            "assert {'max_new_tokens', 'temperature', 'num_beams', 'stream', 'tokenizer',\n"
+            "        'stop'} <= set(sig.parameters), sig\n"
+            "assert 'repetition_penalty' in jaxlm.generate.__doc__\n"
+            "try:\n"
+            "    jaxlm.model.no_such_module\n"
+            "except AttributeError as e:\n"
+            "    assert 'no_such_module' in str(e)\n"
+            "else:\n"
+            "    raise SystemExit('no AttributeError')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

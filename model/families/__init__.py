@@ -33,3 +33,7 @@ def forward(params, cfg, tokens, *args, return_hidden: bool = False, pipeline=No
     else:
         hidden, aux = body(params, cfg, tokens, *args, **kwargs)
     return (hidden if return_hidden else head(params, hidden, cfg)), aux
+
+from ...lazy import submodule_getattr as _submodule_getattr  # noqa: E402
+
+__getattr__ = _submodule_getattr(__name__)  # its submodules as attributes

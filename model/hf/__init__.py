@@ -152,3 +152,7 @@ def save_hf(directory, cfg: ModelConfig, params, model_type: str | None = None, 
 __all__ = ["SUPPORTED", "config_from_hf", "hf_config_from", "infer_model_type", "model_config",
            "load_hf", "save_hf", "is_hf_checkpoint", "read_config", "CheckpointReader",
            "write_checkpoint", "Rule", "load_leaf", "export_tensors"]
+
+from ...lazy import submodule_getattr as _submodule_getattr  # noqa: E402
+
+__getattr__ = _submodule_getattr(__name__)  # its submodules as attributes

@@ -11,3 +11,7 @@ from .flash import BlockSizes, flash_attention
 from .mask import MaskSpec
 
 __all__ = ["attention", "MaskSpec", "flash_attention", "decode_attention", "BlockSizes"]
+
+from ...lazy import submodule_getattr as _submodule_getattr  # noqa: E402
+
+__getattr__ = _submodule_getattr(__name__)  # its submodules as attributes

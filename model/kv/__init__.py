@@ -85,3 +85,7 @@ NO_CACHE = NoCache()
 __all__ = ["NoCache", "NO_CACHE", "Recording", "Contiguous", "Paged", "init_cache",
            "init_pages", "cache_axes", "cache_bytes", "cache_shapes", "check_kv_dtype",
            "constrain_cache", "quantize_kv", "read_cross", "own_mask", "arange_positions"]
+
+from ...lazy import submodule_getattr as _submodule_getattr  # noqa: E402
+
+__getattr__ = _submodule_getattr(__name__)  # its submodules as attributes
