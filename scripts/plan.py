@@ -12,7 +12,15 @@ def run_plan(args) -> int:
     p = plan(cfg, args.devices, args.cache_len, args.batch)
     mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
     print(f"mesh {mesh} ({p['devices']} devices); per device:")
-    for key in ("params", "gradients", "optimizer", "activations"):
+    if p["trained"] != p["params"]:  # LoRA: the adapters train, the base is frozen
+        print(f"  {'params':<12} {fmt_bytes(p['trained'])}  (the LoRA adapters, trained)")
+    else:
+        print(f"  {'params':<12} {fmt_bytes(p['params'])}")
+    if p["frozen"]:
+        what = ("the LoRA base" + (", int8" if cfg.train.lora.base_dtype == "int8" else "")
+                if cfg.train.lora.rank else "the DPO reference, a frozen copy")
+        print(f"  {'frozen':<12} {fmt_bytes(p['frozen'])}  ({what})")
+    for key in ("gradients", "optimizer", "activations"):
         print(f"  {key:<12} {fmt_bytes(p[key])}")
     if p["ring_kv"]:
         print(f"  {'ring kv':<12} {fmt_bytes(p['ring_kv'])}  (ring attention K/V chunks in "

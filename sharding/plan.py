@@ -7,9 +7,13 @@ sizes: no devices are needed, so a 256-device mesh plans on a laptop.
 Per device (a sharded dim of size n over mesh axes of total size m holds
 ceil(n / m)):
   params       every param leaf, at param_dtype
-  gradients    the same shapes (the train step holds one gradient tree)
-  optimizer    every optimizer-state leaf (Adam mu, nu like their params;
-               counters replicated)
+  gradients    the trained tree's shapes (the train step holds one gradient tree):
+               the params, or with LoRA (train.lora.rank) the adapters alone
+  optimizer    every optimizer-state leaf of the trained tree (Adam mu, nu like
+               their params; counters replicated)
+  frozen       what a fine-tuning run holds without training it: LoRA's base
+               (int8 weights with train.lora.base_dtype=int8), or full-weight DPO's
+               reference copy of the params
   activations  estimate of what the backward pass keeps, with t = local
                tokens = batch * seq / (batch shards), d = d_model, q = heads *
                head_dim / tp, kv = kv_heads * head_dim / tp, f = d_ff / tp
@@ -56,7 +60,8 @@ ceil(n / m)):
   int8 weights params with model.weight_dtype=int8: the layer matmul weights
                int8 (1 byte) + float32 scales per output channel, the rest at
                param_dtype (model/quantize.py)
-train total = params + gradients + optimizer + activations + ring kv;
+train total = trained params (params, or LoRA's adapters) + frozen + gradients +
+optimizer + activations + ring kv;
 inference total = params (int8 weights when model.weight_dtype=int8) + kv cache
 (+ cross kv; int8 kv when generate.kv_dtype=int8).
 """
@@ -115,6 +120,7 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     from .mesh import check_divisible, mesh_shape, model_dims
     from .pipeline import bubble_fraction, check_pipeline_mesh, microbatches_of
     from .rules import partition_spec
+    from ..train.lora import trainable_specs
     from ..train.optimizer import make_optimizer
 
     for flag, value in (("--devices", n_devices), ("--cache-len", cache_len),
@@ -139,10 +145,19 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
         return shard_bytes(s.shape, s.dtype, partition_spec(a, rules), sizes)
     params = sum(jax.tree.leaves(jax.tree.map(leaf_bytes, shapes, axes, is_leaf=is_axes)))
     params_int8 = _int8_param_bytes(m, leaf_bytes, is_axes)
-    tx = make_optimizer(cfg.train, specs)
-    opt_shapes = jax.eval_shape(tx.init, shapes)
+    # what the train step differentiates and the optimizer follows (LoRA: the adapters)
+    trained_specs = trainable_specs(cfg)
+    trained_shapes, trained_axes = abstract(trained_specs), logical_axes(trained_specs)
+    trained = sum(jax.tree.leaves(jax.tree.map(leaf_bytes, trained_shapes, trained_axes,
+                                               is_leaf=is_axes)))
+    if cfg.train.lora.rank:  # the base, frozen
+        frozen = params_int8 if cfg.train.lora.base_dtype == "int8" else params
+    else:  # full-weight DPO: a frozen reference copy of the params
+        frozen = params if cfg.train.objective == "dpo" else 0
+    tx = make_optimizer(cfg.train, trained_specs)
+    opt_shapes = jax.eval_shape(tx.init, trained_shapes)
     opt_tree = optax.tree_map_params(
-        tx, leaf_bytes, opt_shapes, axes, is_leaf=is_axes,
+        tx, leaf_bytes, opt_shapes, trained_axes, is_leaf=is_axes,
         transform_non_params=lambda s: int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize)
     optimizer = sum(x for x in jax.tree.leaves(opt_tree) if isinstance(x, (int, np.integer)))
 
@@ -205,11 +220,11 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     kv_cache, kv_cache_int8 = kv_bytes(cache_len)
     # an encoder-decoder's cross-attention K/V over the encoded input (data.seq_len)
     cross_kv, cross_kv_int8 = kv_bytes(s) if m.family == "encoder_decoder" else (0, 0)
-    out = {"mesh": sizes, "devices": n_devices, "params": params, "gradients": params,
-           "optimizer": optimizer, "activations": activations, "kv_cache": kv_cache,
+    out = {"mesh": sizes, "devices": n_devices, "params": params, "trained": trained,
+           "frozen": frozen, "gradients": trained, "optimizer": optimizer, "activations": activations, "kv_cache": kv_cache,
            "kv_cache_int8": kv_cache_int8, "cross_kv": cross_kv, "cross_kv_int8": cross_kv_int8,
            "cache_len": cache_len, "ring_kv": ring_kv, "bubble": bubble}
-    out["train_total"] = params * 2 + optimizer + activations + ring_kv
+    out["train_total"] = trained + frozen + trained + optimizer + activations + ring_kv
     out["params_int8"] = params_int8
     kv = kv_cache_int8 + cross_kv_int8 if cfg.generate.kv_dtype == "int8" else kv_cache + cross_kv
     out["inference_total"] = (params_int8 if m.weight_dtype == "int8" else params) + kv

@@ -34,6 +34,47 @@ def test_params_and_optimizer_bytes_match_real_shards():
     assert p["optimizer"] == on_device(state.opt_state)
 
 
+@pytest.mark.parametrize("extra", [["train.lora.rank=4", "train.lora.base_dtype=int8"],
+                                   ["train.objective=dpo"]])
+def test_fine_tuning_runs_count_what_they_hold(extra):
+    """LoRA (QLoRA): gradients and optimizer state of the adapters alone, the base frozen
+    in int8; full-weight DPO: a frozen reference copy. Each equals the bytes of the real
+    state's shards on one device."""
+    from jaxlm.train.lora import trainable_specs
+    cfg = load_config(None, TINY + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *extra])
+    p = plan(cfg)
+    mesh = make_mesh(cfg.mesh)
+    state = create_state(cfg, mesh, make_optimizer(cfg.train, trainable_specs(cfg)), 0)
+    dev = jax.devices()[0]
+
+    def on_device(tree):
+        return sum(s.data.nbytes for a in jax.tree.leaves(tree) for s in a.addressable_shards
+                   if s.device == dev)
+    assert p["trained"] == p["gradients"] == on_device(state.params)
+    assert p["optimizer"] == on_device(state.opt_state)
+    assert p["frozen"] == on_device(state.frozen) > 0
+    if cfg.train.lora.rank:
+        assert p["frozen"] == p["params_int8"] and p["trained"] < p["params"] // 10
+    else:
+        assert p["frozen"] == p["params"] == p["trained"]
+    assert p["train_total"] == (2 * p["trained"] + p["frozen"] + p["optimizer"]
+                                + p["activations"])
+
+
+def test_lora_on_llama3_8b_holds_a_sliver_of_the_optimizer_state(capsys):
+    # (8-way FSDP: each adapter's B [L, r, out] is not sharded over fsdp, whose axis
+    # maps "embed"; at 256-way FSDP it is 17% of the full run's per-device share)
+    full = plan(load_config("llama3-8b", []), n_devices=8)
+    lora = plan(load_config("llama3-8b", ["train.lora.rank=16"]), n_devices=8)
+    assert lora["optimizer"] < 0.01 * full["optimizer"]
+    assert lora["gradients"] < 0.01 * full["gradients"]
+    assert lora["frozen"] == full["params"]  # the base, at param_dtype
+    assert main(["plan", "--config", "llama3-8b", "--devices", "8",
+                 "train.lora.rank=16"]) == 0
+    out = capsys.readouterr().out
+    assert "the LoRA adapters, trained" in out and "frozen" in out
+
+
 def test_llama3_8b_on_256_devices_without_devices():
     cfg = load_config("llama3-8b", [])
     p = plan(cfg, n_devices=256)
