@@ -256,6 +256,43 @@ def test_kill_9_then_resume(tok, tmp_path):
     assert steps == sorted(set(steps)) and steps[-2:] == [latest + 1, latest + 2]
 
 
+def _du(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_on_a_larger_one(tok, tmp_path):
+    """A tmpfs that holds one checkpoint but not two: step 3 is saved, step 6 does not
+    fit. One `error:` line naming the run dir, the bytes a checkpoint needs and the
+    intact step; exit 2, no traceback. The run dir copied to a larger disk resumes to
+    the losses of an uninterrupted run."""
+    import shutil
+    straight = str(tmp_path / "straight")
+    train(cfg_of(tok, straight), progress=False)  # 6 steps, checkpoints at 3 and 6
+    one = _du(os.path.join(straight, "checkpoints", "3"))
+    rest = _du(straight) - _du(os.path.join(straight, "checkpoints"))
+    small = tmp_path / "small"
+    small.mkdir()
+    size = rest + int(1.5 * one) + 256 * 1024
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (it needs root)")
+    try:
+        run_dir = str(small / "run")
+        proc = run_cli("train", "--config", "tiny-llama", *overrides(tok, run_dir))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+        assert len(errors) == 1 and proc.stderr.strip().endswith(errors[0]), proc.stderr
+        assert f"no space left on the device of {run_dir}: a checkpoint needs about" in \
+            errors[0] and "the latest checkpoint, step 3, is intact" in errors[0], errors[0]
+        assert checkpoint.latest_step(run_dir) == 3
+        moved = str(tmp_path / "moved")
+        shutil.copytree(run_dir, moved)
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+    train(cfg_of(tok, moved), resume=True, progress=False)
+    assert losses(moved) == losses(straight)
+
+
 def test_run_dir_errors_are_one_line(tok, tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")

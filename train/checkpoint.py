@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 
@@ -71,6 +72,20 @@ def save(mngr: ocp.CheckpointManager, state, data_state: dict, force: bool = Fal
         return
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(_as_dict(state)),
                                             data=ocp.args.JsonSave(data_state)), force=force)
+
+
+def no_space(e: BaseException | None) -> bool:
+    """Whether `e` (or an exception it was raised from) is a full disk: an OSError
+    ENOSPC, or orbax / tensorstore's error naming it ("No space left on device")."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _restore_args(abstract_tree):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -100,10 +101,39 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
                      stop)
         try:
             return loop.run(state, stop_after)
+        except Exception as e:
+            if checkpoint.no_space(e):
+                raise _disk_full(cfg, mngr, state) from None
+            raise
         finally:
-            mngr.wait_until_finished()
-            mngr.close()
-            loop.log.close()
+            try:
+                mngr.wait_until_finished()  # an async save's error is raised here
+            except Exception as e:
+                if not checkpoint.no_space(e):
+                    raise
+                raise _disk_full(cfg, mngr, state) from None
+            finally:
+                mngr.close()
+                loop.log.close()
+
+
+def _checkpoint_bytes(state) -> int:
+    """What a checkpoint of `state` writes, about: its params and optimizer state."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state)))
+
+
+def _disk_full(cfg: Config, mngr, state) -> CheckpointError:
+    """One line for a save that does not fit the disk: where, what a checkpoint needs,
+    what is free, and the checkpoint that is intact."""
+    from ..sharding.plan import fmt_bytes
+    need, free = _checkpoint_bytes(state), shutil.disk_usage(cfg.run_dir).free
+    latest = mngr.latest_step()
+    return CheckpointError(
+        f"no space left on the device of {os.path.abspath(cfg.run_dir)}: a checkpoint needs "
+        f"about {fmt_bytes(need)}, {fmt_bytes(free)} is free; "
+        + (f"the latest checkpoint, step {latest}, is intact: free space (or move the run "
+           "dir to a larger disk), then --resume" if latest is not None else
+           "no checkpoint was written: free space, or choose a run_dir on a larger disk"))
 
 
 class _Loop:
@@ -136,6 +166,9 @@ class _Loop:
             raise JaxlmError(
                 f"training diverged: the state at step {int(state.step)} is not finite; it was "
                 f"not saved (latest checkpoint: step {self.mngr.latest_step()})")
+        need, free = _checkpoint_bytes(state), shutil.disk_usage(self.cfg.run_dir).free
+        if free < need:  # refused before orbax writes a byte (and logs a failure per thread)
+            raise _disk_full(self.cfg, self.mngr, state)
         checkpoint.save(self.mngr, state, _all_data_states(self.batches.get_state()))
 
     def final_save(self, state, start: int) -> tuple[int | None, str]:
