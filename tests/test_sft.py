@@ -15,8 +15,8 @@ from jaxlm.errors import InputError
 from jaxlm.model.chat import DEFAULT_CHAT_TEMPLATE
 from jaxlm.model.tokenizer import HFTokenizer
 from jaxlm.train.data import BATCH_KEYS, stdlib_sources
-from jaxlm.train.sft import (chat_example, load_sft_records, sft_batches, sft_eval_batches,
-                             split_records, stdlib_sft_records)
+from jaxlm.train.sft import (chat_example, check_sft_record, load_sft_records, sft_batches,
+                             sft_eval_batches, split_records, stdlib_sft_records, tokenize_sft)
 
 SEQ, BATCH = 48, 4
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
@@ -195,6 +195,28 @@ def test_chat_mask_covers_exactly_the_assistant_turns(chatml_tok):
     n = len(tokens)
     np.testing.assert_array_equal(batch["tokens"][0, :n], tokens)
     np.testing.assert_array_equal(batch["loss_mask"][0, :n - 1], is_loss[1:])
+
+
+def test_trl_conversational_prompt_completion_puts_loss_on_the_completion_only(chatml_tok):
+    """TRL's {"prompt": [messages], "completion": [messages]}: the conversation rendered
+    whole, loss on the completion's turns only (an assistant turn inside the prompt
+    carries none), and bad records name their line."""
+    record = {"prompt": CHAT[:4], "completion": CHAT[4:]}
+    tokens, is_loss = tokenize_sft(record, chatml_tok, DEFAULT_CHAT_TEMPLATE)
+    expected_tokens, expected_loss = [], []
+    for i, m in enumerate(CHAT):  # independent: ChatML pieces tokenized one by one
+        head = chatml_tok.encode_chat(f"<|im_start|>{m['role']}\n")
+        body = chatml_tok.encode_chat(f"{m['content']}<|im_end|>\n")
+        expected_tokens += head + body
+        expected_loss += [0] * len(head) + [int(i >= 4)] * len(body)
+    assert tokens.tolist() == expected_tokens
+    assert is_loss.astype(int).tolist() == expected_loss
+    check_sft_record(record)
+    with pytest.raises(InputError, match=r"f.jsonl:2: completion: the conversation has no "
+                                         "assistant turn"):
+        check_sft_record({"prompt": CHAT[:2], "completion": [CHAT[1]], "where": "f.jsonl:2"})
+    with pytest.raises(InputError, match=r"f.jsonl:2: prompt: \"messages\" should be"):
+        check_sft_record({"prompt": "p", "completion": CHAT[2:3], "where": "f.jsonl:2"})
 
 
 def test_template_breaking_the_prefix_assumption_is_refused(chatml_tok):

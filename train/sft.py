@@ -6,8 +6,11 @@
     evals = sft_eval_batches(held_out, tok, template=..., seq_len=128, batch_size=8,
                              num_batches=4)
 
-A record is one JSON line: `{"prompt": str, "completion": str}` or
-`{"messages": [{"role": ..., "content": ...}, ...]}` (OpenAI / HF chat format).
+A record is one JSON line: `{"prompt": str, "completion": str}`,
+`{"messages": [{"role": ..., "content": ...}, ...]}` (OpenAI / HF chat format), or
+TRL's conversational prompt/completion `{"prompt": [messages], "completion":
+[messages]}` (rendered as the messages prompt + completion; loss tokens: the
+completion's assistant turns only, as TRL's completion-only loss).
 
 Tokenization (eager, once per process, so truncations are counted exactly):
   - prompt/completion: `[bos] + encode(prompt) + encode(completion) + [eos]`;
@@ -87,6 +90,11 @@ def check_sft_record(record: Mapping[str, Any]) -> None:
     if "messages" in record:
         check_messages(record["messages"], where, need_assistant=True)
     elif "prompt" in record and "completion" in record:
+        if isinstance(record["prompt"], list) or isinstance(record["completion"], list):
+            # TRL's conversational prompt/completion: two lists of messages
+            check_messages(record["prompt"], f"{where}: prompt", need_assistant=False)
+            check_messages(record["completion"], f"{where}: completion", need_assistant=True)
+            return
         for key in ("prompt", "completion"):
             if not isinstance(record[key], str):
                 raise InputError(f"{where}: \"{key}\" is not a string")
@@ -225,6 +233,10 @@ def tokenize_sft(record: Mapping[str, Any], tokenizer: Tokenizer, template: str 
     if "messages" in record:
         return chat_example(record["messages"], tokenizer, template, loss_on,
                             where=record.get("where", "record"))
+    if isinstance(record["prompt"], list):  # conversational: loss on the completion's turns
+        return chat_example([*record["prompt"], *record["completion"]], tokenizer, template,
+                            loss_on, where=record.get("where", "record"),
+                            loss_from=len(record["prompt"]))
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     prompt = bos + tokenizer.encode(record["prompt"])
     completion = tokenizer.encode(record["completion"]) + [_require_eos(tokenizer, "sft")]
