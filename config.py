@@ -664,19 +664,17 @@ def resolve_init_from(data: dict, preset: str | None = None, user_keys=None) -> 
         if value == current:
             continue
         candidate = _replace_path(base, key, value)
-        if shapes(candidate) != reference and preset is not None and user_keys is not None \
-                and not any(f"model.{key}" == k or f"model.{key}".startswith(k + ".")
-                            for k in user_keys):
+        if shapes(candidate) != reference:
+            given = user_keys is None or any(f"model.{key}" == k or f"model.{key}".startswith(
+                k + ".") for k in user_keys)
             raise ConfigError(
+                f"model.{key}={value!r} would change a parameter shape of the train.init_from "
+                f"checkpoint {path} (it has {key}={current!r}); the model comes from "
+                "the checkpoint: leave the key out" if given or preset is None else
                 f"the config {preset} sets model.{key}={value!r}, which would change a "
                 f"parameter shape of the train.init_from checkpoint {path} (it has "
                 f"{key}={current!r}); the model comes from the checkpoint: start from a "
                 "fine-tuning preset with no model section (--config sft or dpo)")
-        if shapes(candidate) != reference:
-            raise ConfigError(
-                f"model.{key}={value!r} would change a parameter shape of the train.init_from "
-                f"checkpoint {path} (it has {key}={current!r}); the model comes from "
-                "the checkpoint: leave the key out")
         base = candidate
     return {**data, "model": to_dict(base)}
 
@@ -795,5 +793,6 @@ def model_config_from_dict(data: dict) -> ModelConfig:
 
 __all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "MeshConfig",
            "GenerateConfig", "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
-           "model_config_from_dict", "apply_overrides", "refuse_repeated_keys", "to_dict", "flatten", "parse_override",
-           "read_yaml", "ALIASES", "canonical_key", "resolve_aliases"]
+           "model_config_from_dict", "apply_overrides", "refuse_repeated_keys", "to_dict",
+           "flatten", "parse_override", "read_yaml", "ALIASES", "canonical_key",
+           "resolve_aliases"]
