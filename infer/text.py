@@ -35,14 +35,12 @@ max_length (prompt-inclusive), num_beams and the other beam keys.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import NamedTuple, Optional, Sequence
 
 from ..errors import CheckpointError, InputError
-
-GENERATION_CONFIG = "generation_config.json"
+from ..model.companions import GENERATION_CONFIG, read_generation_config
 
 
 class GenerationSettings(NamedTuple):
@@ -71,20 +69,6 @@ def _ids(value, key: str, path) -> tuple:
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         raise CheckpointError(f"{path}: {key} should be a token id or a list of ids, got {value!r}")
     return tuple(values)
-
-
-def read_generation_config(directory) -> dict:
-    """`generation_config.json` of a checkpoint dir as a dict ({} when there is none)."""
-    path = pathlib.Path(os.fspath(directory)) / GENERATION_CONFIG
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} should hold a JSON object")
-    return data
 
 
 def _number(value, key: str, typ, path):

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
+
+from ..errors import CheckpointError
 
 # the files copied as they are (whichever of them the source has)
 FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -36,13 +39,25 @@ def copy_companions(src, dst) -> list[str]:
     return copied
 
 
+def read_generation_config(directory) -> dict:
+    """`generation_config.json` of a checkpoint dir as a dict ({} when there is none)."""
+    path = pathlib.Path(os.fspath(directory)) / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} should hold a JSON object")
+    return data
+
+
 def generation_config(src, tokenizer, generate=None) -> dict:
     """The generation_config.json an export of the checkpoint dir `src` carries: the
     one it has, else one built from the tokenizer's special ids and `generate` (a
     run's GenerateConfig: its decoding settings, as transformers names them)."""
-    path = os.path.join(os.fspath(src), GENERATION_CONFIG)
-    if os.path.isfile(path):
-        from ..infer.text import read_generation_config
+    if os.path.isfile(os.path.join(os.fspath(src), GENERATION_CONFIG)):
         return read_generation_config(src)
     out = {k: v for k, v in special_token_ids({}, tokenizer).items() if v is not None}
     if generate is not None:
