@@ -221,10 +221,11 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     # an encoder-decoder's cross-attention K/V over the encoded input (data.seq_len)
     cross_kv, cross_kv_int8 = kv_bytes(s) if m.family == "encoder_decoder" else (0, 0)
     out = {"mesh": sizes, "devices": n_devices, "params": params, "trained": trained,
-           "frozen": frozen, "gradients": trained, "optimizer": optimizer, "activations": activations, "kv_cache": kv_cache,
-           "kv_cache_int8": kv_cache_int8, "cross_kv": cross_kv, "cross_kv_int8": cross_kv_int8,
-           "cache_len": cache_len, "ring_kv": ring_kv, "bubble": bubble}
-    out["train_total"] = trained + frozen + trained + optimizer + activations + ring_kv
+           "frozen": frozen, "gradients": trained, "optimizer": optimizer,
+           "activations": activations, "kv_cache": kv_cache, "kv_cache_int8": kv_cache_int8,
+           "cross_kv": cross_kv, "cross_kv_int8": cross_kv_int8, "cache_len": cache_len,
+           "ring_kv": ring_kv, "bubble": bubble}
+    out["train_total"] = 2 * trained + frozen + optimizer + activations + ring_kv
     out["params_int8"] = params_int8
     kv = kv_cache_int8 + cross_kv_int8 if cfg.generate.kv_dtype == "int8" else kv_cache + cross_kv
     out["inference_total"] = (params_int8 if m.weight_dtype == "int8" else params) + kv
