@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import types
 
 import jax
 import orbax.checkpoint as ocp
 
 from .errors import CheckpointError, ConfigError, InputError
 from .model import hf, quantize
-from .config import Config, DataConfig, MeshConfig
+from .config import Config, DataConfig, LoraConfig, MeshConfig, TrainConfig
 from .model.companions import copy_companions
 from .model.config import ModelConfig
 from .model.params import Spec, abstract
@@ -28,7 +29,7 @@ from .train.loop import CONFIG_FILE, _write_config, read_run_config
 
 
 def checkpoint_kind(path) -> str:
-    """"jaxlm" or "hf"; CheckpointError (one line) for a missing dir or one that is neither."""
+    """"jaxlm", "hf" or "peft" (a LoRA adapter dir); CheckpointError (one line) for a missing dir or one that is neither."""
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(f"load: path must be a checkpoint directory (a str), "
                               f"got {type(path).__name__}")
@@ -39,6 +40,8 @@ def checkpoint_kind(path) -> str:
         return "jaxlm"
     if hf.is_hf_checkpoint(path):
         return "hf"
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return "peft"
     if not os.path.exists(os.path.join(path, "config.json")) and any(
             name.endswith(".safetensors") for name in os.listdir(path)):
         raise CheckpointError(f"{path} looks like a Hugging Face dir (safetensors) but its "
@@ -47,10 +50,14 @@ def checkpoint_kind(path) -> str:
                           "Hugging Face dir (no config.json with a model_type)")
 
 
-def model_config_of(path) -> ModelConfig:
-    """The ModelConfig of a jaxlm run dir (its config.yaml) or an HF dir (its config.json;
-    param_dtype and dtype float32). Reads no weights."""
-    if checkpoint_kind(path) == "hf":
+def model_config_of(path, init_from: str | None = None) -> ModelConfig:
+    """The ModelConfig of a jaxlm run dir (its config.yaml), an HF dir (its config.json;
+    param_dtype and dtype float32) or a peft adapter dir (its base's; `init_from`: a
+    base dir other than the one it names). Reads no weights."""
+    kind = checkpoint_kind(path)
+    if kind == "peft":
+        return model_config_of(peft_base(path, init_from))
+    if kind == "hf":
         try:
             return hf.model_config(path)
         except (TypeError, ValueError, KeyError) as e:  # a field of the wrong type or value
@@ -60,7 +67,8 @@ def model_config_of(path) -> ModelConfig:
     return read_run_config(os.fspath(path)).model
 
 
-def load_params(path, cfg: ModelConfig, shardings=None, step: int | None = None):
+def load_params(path, cfg: ModelConfig, shardings=None, step: int | None = None, *,
+                init_from: str | None = None, accept_base_change: bool = False):
     """The params of a jaxlm run dir (step: default the latest) or an HF dir, shaped and
     typed as `cfg` says (weights cast to cfg.param_dtype).
 
@@ -69,24 +77,31 @@ def load_params(path, cfg: ModelConfig, shardings=None, step: int | None = None)
     run dir; per-device slices of the safetensors for an HF dir), never gathered
     whole on one process. CheckpointError (one line) for a missing dir, a dir that
     is neither kind, a missing tensor or one whose shape does not match cfg.
+
+    A LoRA run dir or a peft adapter dir is read over its base, merged:
+    init_from points to a moved base (its weights digest must match the run's
+    base.json, see `jaxlm.train.base`), accept_base_change takes a changed one.
     """
+    base = {"init_from": init_from, "accept_base_change": accept_base_change}
     kind = checkpoint_kind(path)
+    if kind == "peft":
+        return _peft_params(os.fspath(path), cfg, shardings, **base)
     stored = read_run_config(os.fspath(path)).model.weight_dtype if kind == "jaxlm" else ""
     if stored != cfg.weight_dtype:  # int8 from float weights, or float from an int8 run
-        return _convert_weights(path, cfg, stored, shardings, step)
+        return _convert_weights(path, cfg, stored, shardings, step, base)
     if kind == "hf":
         if step is not None:
             raise CheckpointError(f"{path} is a Hugging Face dir: it has no steps (step={step})")
         return hf.load_hf(path, cfg=cfg, shardings=shardings)[1]
     run = read_run_config(os.fspath(path))
     if run.train.lora.rank:
-        return _lora_run_params(os.fspath(path), run, cfg, shardings, step)
+        return _lora_run_params(os.fspath(path), run, cfg, shardings, step, **base)
     tree = checkpoint.restore_params(os.fspath(path), quantize.storable(
         quantize.params_abstract(cfg)), step, shardings=quantize.storable(shardings))
     return quantize.from_storable(tree, quantize.params_specs(cfg))
 
 
-def _convert_weights(path, cfg: ModelConfig, stored: str, shardings, step):
+def _convert_weights(path, cfg: ModelConfig, stored: str, shardings, step, base: dict):
     """Params of `cfg` (weight_dtype int8 or "") from a checkpoint stored with the
     other weight_dtype: load as stored, then quantize / dequantize (under jit, into
     `shardings`)."""
@@ -103,7 +118,7 @@ def _convert_weights(path, cfg: ModelConfig, stored: str, shardings, step):
             lambda a, s: QuantizedWeight(q=s, scale=_replicated(s)) if is_q(a) else s,
             quantize.params_specs(src), shardings,
             is_leaf=lambda x: is_q(x) or isinstance(x, Spec))
-    params = load_params(path, src, src_shardings, step)
+    params = load_params(path, src, src_shardings, step, **base)
     if cfg.weight_dtype == "int8":
         fn = lambda p: quantize.quantize_params(p, cfg)  # noqa: E731
     else:
@@ -131,14 +146,51 @@ def lora_adapters(path, step: int | None = None):
     return run, adapters
 
 
-def _lora_run_params(path: str, run: Config, cfg: ModelConfig, shardings, step):
-    """A LoRA run's params: its base (train.init_from) with the adapters merged in."""
+def peft_base(path, init_from: str | None = None) -> str:
+    """The base dir of a peft adapter dir: `init_from`, else its adapter_config.json's
+    base_model_name_or_path, which must be a local directory (no hub)."""
+    from .model.peft import read_adapter_config
+    base = init_from or read_adapter_config(path).get("base_model_name_or_path") or ""
+    if not base or not os.path.isdir(base):
+        raise CheckpointError(f"{path} is a peft adapter over base_model_name_or_path="
+                              f"{base!r}, which is not a local directory: point to the base "
+                              "with train.init_from=DIR (init_from=DIR in Python)")
+    return base
+
+
+def companions_dir(path, init_from: str | None = None) -> str:
+    """Where a checkpoint's tokenizer, chat template and generation_config.json are: the
+    dir itself, or for a peft adapter dir without a tokenizer (peft saves none) its base."""
+    path = os.fspath(path)
+    if checkpoint_kind(path) != "peft" or any(
+            os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model")):
+        return path
+    return peft_base(path, init_from)
+
+
+def _peft_params(path: str, cfg: ModelConfig, shardings, init_from: str | None = None,
+                 accept_base_change: bool = False):
+    """A peft adapter dir's params: its base with the adapters merged in."""
+    from .model.peft import lora_settings, read_adapter_config, read_peft
     from .train import lora
-    base_dir = run.train.init_from
-    if not base_dir or not os.path.isdir(base_dir):
-        raise CheckpointError(f"{path} is a LoRA run: its base train.init_from={base_dir!r} "
-                              "is needed and is not a directory")
-    base = load_params(base_dir, run.model, shardings)
+    base_dir = peft_base(path, init_from)
+    settings = lora_settings(read_adapter_config(path), cfg)
+    tcfg = TrainConfig(lora=LoraConfig(**settings))
+    adapters = read_peft(path, cfg, lora.lora_specs(cfg, tcfg))
+    base = load_params(base_dir, cfg, shardings, accept_base_change=accept_base_change)
+    run = types.SimpleNamespace(model=cfg, train=tcfg)  # what merge_lora reads
+    merge = jax.jit(lambda b, a: lora.merge_lora(b, a, run), out_shardings=shardings)
+    return merge(base, adapters)
+
+
+def _lora_run_params(path: str, run: Config, cfg: ModelConfig, shardings, step,
+                     init_from: str | None = None, accept_base_change: bool = False):
+    """A LoRA run's params: its base (train.init_from, checked against base.json) with
+    the adapters merged in."""
+    from .train import base as pinned, lora
+    base_dir, base_step, _ = pinned.resolve(path, run.train.init_from, init_from,
+                                            accept_base_change)
+    base = load_params(base_dir, run.model, shardings, base_step)
     _, adapters = lora_adapters(path, step)
     run = dataclasses.replace(run, model=dataclasses.replace(run.model,
                                                              param_dtype=cfg.param_dtype))
@@ -148,7 +200,8 @@ def _lora_run_params(path: str, run: Config, cfg: ModelConfig, shardings, step):
 
 def load(path, cfg: ModelConfig | None = None, mesh=None, rules=None,
          param_dtype: str | None = None, dtype: str | None = None,
-         step: int | None = None) -> tuple[ModelConfig, dict]:
+         step: int | None = None, *, init_from: str | None = None,
+         accept_base_change: bool = False) -> tuple[ModelConfig, dict]:
     """(model config, params) from a jaxlm run/checkpoint dir or a Hugging Face dir.
 
     cfg: the config to load into (default `model_config_of(path)`: the run's
@@ -161,13 +214,15 @@ def load(path, cfg: ModelConfig | None = None, mesh=None, rules=None,
       NamedSharding its logical axes ask for under `rules` (default: the mesh
       config's rules, `jaxlm.config.DEFAULT_RULES`). None: unsharded.
     step: which checkpoint of a run dir (default: the latest).
+    init_from / accept_base_change: a LoRA run's (or a peft dir's) base moved to
+      another dir / replaced by other weights: see `load_params`.
     """
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
         raise CheckpointError(f"load: step must be a checkpoint step (an int >= 0), got {step!r}")
     if cfg is not None and not isinstance(cfg, ModelConfig):
         raise ConfigError(f"load: cfg must be a ModelConfig, got {type(cfg).__name__} "
                           "(pass a checkpoint step as step=N)")
-    cfg = cfg or model_config_of(path)
+    cfg = cfg or model_config_of(path, init_from)
     if param_dtype or dtype:
         try:
             cfg = dataclasses.replace(cfg, param_dtype=param_dtype or cfg.param_dtype,
@@ -181,7 +236,8 @@ def load(path, cfg: ModelConfig | None = None, mesh=None, rules=None,
         shardings = tree_shardings(mesh, quantize.params_logical_axes(cfg), rules)
     elif rules is not None:
         raise ConfigError("load: rules without a mesh; pass mesh=... too")
-    return cfg, load_params(path, cfg, shardings, step)
+    return cfg, load_params(path, cfg, shardings, step, init_from=init_from,
+                            accept_base_change=accept_base_change)
 
 
 def _chmod_umask(directory) -> None:

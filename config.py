@@ -79,13 +79,15 @@ class LoraConfig:
     """LoRA (jaxlm.train.lora): rank 0 = off. Adapters on the weights whose path
     ("layers/attn/q", "decoder/layers/cross/o", ...) re.fullmatch-es `targets`;
     scale alpha / rank (alpha 0: 2 * rank). base_dtype int8: the frozen base's
-    layer matmul weights held as int8 (QLoRA)."""
+    layer matmul weights held as int8 (QLoRA). init_from: a peft adapter dir the
+    adapters start from (its r, lora_alpha and target_modules; `resolve_lora_from`)."""
     _prefix = "train.lora."
 
     rank: int = 0
     alpha: float = 0.0
     targets: str = "layers/attn/(q|k|v|o)"
     base_dtype: str = "same"  # same | int8
+    init_from: str = ""  # a peft LoRA adapter dir to continue (train.lora_from=DIR)
 
     def __post_init__(self):
         _choice(self, "base_dtype", ("same", "int8"))
@@ -431,6 +433,7 @@ ALIASES = {
     "train.lora_alpha": "train.lora.alpha",
     "train.lora_targets": "train.lora.targets",
     "train.lora_base_dtype": "train.lora.base_dtype",
+    "train.lora_from": "train.lora.init_from",
     "train.dpo_beta": "train.dpo.beta",
     "train.dpo_loss": "train.dpo.loss",
     "train.dpo_label_smoothing": "train.dpo.label_smoothing",
@@ -753,8 +756,51 @@ def load_config(path: str | None = None, overrides=()) -> Config:
     data = read_yaml(path) if path is not None and path != "" else {}
     user_keys = {canonical_key(parse_override(o)[0] if isinstance(o, str) else o[0])
                  for o in overrides}
-    return _build(Config, resolve_init_from(apply_overrides(data, overrides), preset=path,
-                                            user_keys=user_keys))
+    return _build(Config, resolve_lora_from(resolve_init_from(
+        apply_overrides(data, overrides), preset=path, user_keys=user_keys)))
+
+
+def resolve_lora_from(data: dict) -> dict:
+    """With `train.lora.init_from=ADAPTER_DIR` (alias train.lora_from), a peft LoRA
+    adapter dir to continue: its r, lora_alpha and target_modules become train.lora's
+    rank, alpha and targets; one the config sets otherwise is a ConfigError."""
+    train = data.get("train") if isinstance(data, dict) else None
+    lora = train.get("lora") if isinstance(train, dict) else None
+    if not isinstance(lora, dict) or not lora.get("init_from"):
+        return data
+    path = os.path.abspath(os.path.expanduser(str(lora["init_from"])))
+    if not train.get("init_from"):
+        raise ConfigError(f"train.lora.init_from={path}: continuing a peft adapter needs its "
+                          "base too: train.init_from=HF_DIR")
+    from .model.peft import lora_settings, read_adapter_config
+    from .errors import CheckpointError
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ConfigError(f"train.lora.init_from={path} is not a peft adapter dir (no "
+                          "adapter_config.json)")
+    try:
+        settings = lora_settings(read_adapter_config(path), model_config_from_dict(
+            data.get("model") or {}))
+    except CheckpointError as e:
+        raise ConfigError(f"train.lora.init_from: {e}") from None
+    defaults = LoraConfig()
+    for key, value in settings.items():
+        given = lora.get(key, getattr(defaults, key))
+        if key in lora and given not in (getattr(defaults, key), value) and not (
+                key == "targets" and _same_targets(given, value, data)):
+            raise ConfigError(f"train.lora.{key}={given!r} differs from the adapter's {value!r} "
+                              f"({path}/adapter_config.json): leave it out")
+    return {**data, "train": {**train, "lora": {**lora, **settings, "init_from": path}}}
+
+
+def _same_targets(a: str, b: str, data: dict) -> bool:
+    """Whether two train.lora.targets regexes pick the same weights of data's model."""
+    from .train.lora import lora_targets
+    mcfg = model_config_from_dict(data.get("model") or {})
+    try:
+        return set(lora_targets(mcfg, TrainConfig(lora=LoraConfig(rank=1, targets=a)))) == set(
+            lora_targets(mcfg, TrainConfig(lora=LoraConfig(rank=1, targets=b))))
+    except ConfigError:
+        return False
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -262,7 +262,7 @@ def _run_settings(checkpoint: str, overrides):
     from ..config import config_from_dict, to_dict
     from .text import split_model_overrides
     from ..train.loop import read_run_config
-    hf_dir = checkpoint_kind(checkpoint) == "hf"
+    hf_dir = checkpoint_kind(checkpoint) != "jaxlm"  # an HF or a peft dir: no saved settings
     model_overrides, overrides = split_model_overrides(list(overrides))
     saved = {} if hf_dir else read_run_config(checkpoint)
     base = {} if hf_dir else {"generate": to_dict(saved.generate), "mesh": to_dict(saved.mesh)}
@@ -364,9 +364,11 @@ def _guide_of(spec, tok, vocab_size: int, cache: dict, where: str):
 def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_size: int = 32,
                 overrides=(), progress: bool = True, on_change: str = "refuse",
                 step: int | None = None, chat: bool = False, engine: str = "auto",
-                guide=None) -> dict:
+                guide=None, init_from: str | None = None,
+                accept_base_change: bool = False) -> dict:
     """Generate a completion for every input row not yet in --output (see the module
-    docstring). checkpoint: a jaxlm run dir or a Hugging Face dir. Multi-host
+    docstring). checkpoint: a jaxlm run dir, a Hugging Face dir or a peft adapter dir
+    (init_from / accept_base_change: a LoRA run's moved or changed base, `jaxlm.load`). Multi-host
     (after `jaxlm.sharding.distributed.initialize`): every process reads the input
     and runs every chunk on the global mesh; process 0 alone reads and writes
     --output (the others hold no file), so the file is the one-process file.
@@ -376,7 +378,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     import jax
     from tqdm.auto import tqdm
 
-    from ..api import load, model_config_of
+    from ..api import companions_dir, load, model_config_of
     from ..config import to_dict
     from ..model.tokenizer import load_tokenizer
     from ..errors import CheckpointError
@@ -398,18 +400,20 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
     run, model_overrides, hf_dir = _run_settings(checkpoint, overrides)
     g = run.generate
     if hf_dir and step is not None:
-        raise InputError(f"--step {step}: {checkpoint} is a Hugging Face dir, it has no steps")
+        raise InputError(f"--step {step}: {checkpoint} is a Hugging Face or peft dir, it has no "
+                         "steps")
     step = None if hf_dir else (latest_step(checkpoint) if step is None else step)
-    cfg = apply_model_overrides(model_config_of(checkpoint), model_overrides)
+    cfg = apply_model_overrides(model_config_of(checkpoint, init_from), model_overrides)
+    files = companions_dir(checkpoint, init_from)  # tokenizer, template, generation config
     if cfg.family == "encoder":
         raise InputError(f"{checkpoint} is an encoder-only model ({cfg.family}): batch-infer "
                          "needs a generative model (a decoder or an encoder-decoder like T5)")
-    tok = load_tokenizer(checkpoint)
-    template = chat_template_for(checkpoint) if chat else None
+    tok = load_tokenizer(files)
+    template = chat_template_for(files) if chat else None
     if template is None and any("messages" in r for r in rows):
         first = next(r for r in rows if "messages" in r)
         try:
-            template = chat_template_for(checkpoint)
+            template = chat_template_for(files)
         except CheckpointError:
             raise InputError(f"{input_path} line {first['line']}: \"messages\" are rendered "
                              f"with the checkpoint's chat template, and {checkpoint} has none"
@@ -418,7 +422,7 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
                                 chat_template=template))
     encoded = {_key(r["id"]): chat_ids(tok, template, r["messages"]) if "messages" in r
                else next(texts) for r in rows}
-    gen = generation_settings(checkpoint, tok)
+    gen = generation_settings(files, tok)
     # generation_config.json's decoding defaults for the keys not given (a run's saved
     # generate section: those it sets to other than the defaults)
     g = resolve_generate(g, gen, given_generate_keys(
@@ -454,7 +458,8 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
                                   "kv_heads": cfg.n_kv_heads, "mlp": cfg.d_ff,
                                   "embed": cfg.d_model,
                                   **({"experts": cfg.moe.n_experts} if cfg.moe.n_experts else {})})
-    _, params = load(checkpoint, cfg=cfg, mesh=mesh, rules=rules, step=step)
+    _, params = load(checkpoint, cfg=cfg, mesh=mesh, rules=rules, step=step, init_from=init_from,
+                     accept_base_change=accept_base_change)
     spec = partition_spec(("batch",), rules)[0] or ()
     shards = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec))
     writer = jax.process_index() == 0

@@ -335,7 +335,7 @@ def chat_template_for(checkpoint) -> str:
     with); a checkpoint without one is a CheckpointError."""
     from ..api import checkpoint_kind
     from ..model.chat import chat_template_of, resolve_chat_template
-    if checkpoint_kind(checkpoint) == "hf":
+    if checkpoint_kind(checkpoint) != "jaxlm":  # an HF dir, a peft adapter dir
         template = chat_template_of(checkpoint)
     else:
         from ..train.loop import read_run_config

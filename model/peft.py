@@ -89,3 +89,81 @@ def save_lora_run(directory, cfg, adapters, base_model_name_or_path: str = ""):
     return save_peft(directory, cfg.model, adapters, rank=t.lora.rank,
                      alpha=t.lora.alpha or 2.0 * t.lora.rank,
                      base_model_name_or_path=base_model_name_or_path)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def read_adapter_config(directory) -> dict:
+    """A peft LoRA adapter dir's adapter_config.json, checked for what jaxlm can read:
+    plain LoRA (no DoRA, rsLoRA or per-module rank / alpha patterns)."""
+    from ..errors import CheckpointError
+    file = pathlib.Path(os.fspath(directory), ADAPTER_CONFIG)
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file} is not readable JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{file}: peft_type {config.get('peft_type')!r} is not LORA")
+    unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
+                                          "modules_to_save")
+                   if config.get(k)]
+    if unsupported:
+        raise CheckpointError(f"{file}: {', '.join(unsupported)} is not supported (plain LoRA "
+                              "adapters only)")
+    if not isinstance(config.get("r"), int) or config["r"] <= 0:
+        raise CheckpointError(f"{file}: r={config.get('r')!r} is not a positive int")
+    return config
+
+
+def lora_settings(config: dict, cfg, model_type: str | None = None) -> dict:
+    """train.lora's {rank, alpha, targets} of a peft adapter config for model `cfg`:
+    target_modules (q_proj, ...) as the regex of our weight paths they name."""
+    from .hf import infer_model_type
+    modules = hf_modules(cfg, model_type or infer_model_type(cfg))
+    wanted = config.get("target_modules") or []
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    paths = sorted("/".join(p) for p, m in modules.items()
+                   if p[0] == "layers" and m.rsplit(".", 1)[-1] in wanted)
+    if not paths:
+        raise ConfigError(f"the adapter's target_modules {wanted} name no weight of this "
+                          f"{cfg.family} model")
+    return {"rank": int(config["r"]), "alpha": float(config.get("lora_alpha") or 0.0),
+            "targets": "|".join(paths)}
+
+
+def read_peft(directory, cfg, specs, model_type: str | None = None) -> dict:
+    """The adapter tree (as `jaxlm.train.lora.lora_specs` shapes it: A [L, *in, r],
+    B [L, r, *out]) of a peft adapter dir: the inverse of `peft_tensors`."""
+    from safetensors.numpy import load_file
+
+    from ..errors import CheckpointError
+    from .hf import infer_model_type
+    file = pathlib.Path(os.fspath(directory), ADAPTER_WEIGHTS)
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    tensors = {k.replace(".default.", "."): v for k, v in load_file(str(file)).items()}
+    modules = hf_modules(cfg, model_type or infer_model_type(cfg))
+    out: dict = {}
+    for path, a_spec, b_spec in _leaves(specs):
+        a = np.zeros(a_spec.shape, np.float32)
+        b = np.zeros(b_spec.shape, np.float32)
+        r = a.shape[-1]
+        for i in range(a.shape[0]):
+            name = "base_model.model." + modules[path].format(i=i)
+            for part, dst in (("lora_A", a), ("lora_B", b)):
+                t = tensors.get(f"{name}.{part}.weight")
+                if t is None:
+                    raise CheckpointError(f"{file}: tensor {name}.{part}.weight is missing")
+                want = (r, dst[i].size // r) if part == "lora_A" else (dst[i].size // r, r)
+                if t.shape != want:
+                    raise CheckpointError(f"{file}: {name}.{part}.weight has shape "
+                                          f"{list(t.shape)}, expected {list(want)}")
+            a[i] = tensors[f"{name}.lora_A.weight"].T.reshape(a.shape[1:])
+            b[i] = tensors[f"{name}.lora_B.weight"].T.reshape(b.shape[1:])
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = {"a": a, "b": b}
+    return out

@@ -16,6 +16,38 @@ def _config(args):
     return load_config(args.config, args.overrides)
 
 
+def _base_options(p, overrides: bool = False):
+    """--accept-base-change, and for commands without key=value overrides of their own
+    the one override they take: train.init_from=DIR (a LoRA run's base, moved)."""
+    p.add_argument("--accept-base-change", action="store_true",
+                   help="a LoRA run's (or peft dir's) base whose weights changed since the "
+                   "run (its digest in base.json): use it anyway")
+    if overrides:
+        p.add_argument("overrides", nargs="*", metavar="train.init_from=DIR",
+                       help="a LoRA run's base, moved to DIR")
+
+
+def base_choice(args, only: bool = False) -> dict:
+    """{init_from, accept_base_change} for `jaxlm.load` from the command line: the
+    train.init_from=DIR override taken out of args.overrides. `only`: the command
+    takes no other override."""
+    from ..config import parse_override
+    from ..errors import ConfigError
+    init_from, rest = None, []
+    for text in getattr(args, "overrides", None) or []:
+        key, value = parse_override(text)
+        if key == "train.init_from":
+            init_from = os.path.abspath(os.path.expanduser(str(value)))
+        elif only:
+            raise ConfigError(f"{key}: jaxlm {args.command} takes no key=value settings but "
+                              "train.init_from=DIR (a LoRA run's moved base)")
+        else:
+            rest.append(text)
+    args.overrides = rest
+    return {"init_from": init_from,
+            "accept_base_change": getattr(args, "accept_base_change", False)}
+
+
 def cmd_train(args):
     from ..sharding.distributed import initialize
     cfg = _config(args)
@@ -25,7 +57,8 @@ def cmd_train(args):
     initialize(args.coordinator, args.num_processes, args.process_id,  # before any device use
                timeout_s=args.coordinator_timeout)
     from ..train.loop import train
-    summary = train(cfg, resume=args.resume, step=args.step)
+    summary = train(cfg, resume=args.resume, step=args.step,
+                    accept_base_change=args.accept_base_change)
     evals = summary["eval"]
     if not evals:
         print(f"{cfg.run_dir} is at step {summary['final_step']} of train.steps={cfg.train.steps}: "
@@ -38,7 +71,7 @@ def cmd_train(args):
 
 def cmd_generate(args):
     from .generate import run_generate
-    run_generate(args)
+    run_generate(args, **base_choice(args))
 
 
 def cmd_batch_infer(args):
@@ -47,6 +80,7 @@ def cmd_batch_infer(args):
 
 def run_batch_infer(args):
     from ..infer.batch import batch_infer
+    base = base_choice(args)
     from ..sharding.distributed import initialize
     initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
                getattr(args, "process_id", None),
@@ -55,7 +89,7 @@ def run_batch_infer(args):
     s = batch_infer(args.checkpoint, args.input, args.output, batch_size=args.batch_size,
                     overrides=args.overrides, on_change=args.on_change, step=args.step,
                     chat=getattr(args, "chat", False), engine=getattr(args, "engine", "auto"),
-                    guide=read_guide_spec(args))
+                    guide=read_guide_spec(args), **base)
     import jax
     if jax.process_index() != 0:  # process 0 writes the output and reports
         return s
@@ -68,7 +102,7 @@ def run_batch_infer(args):
 
 def cmd_convert(args):
     from .convert import run_convert
-    print(run_convert(args.input, args.output, args.to))
+    print(run_convert(args.input, args.output, args.to, **base_choice(args, only=True)))
 
 
 def cmd_bench(args):
@@ -78,7 +112,8 @@ def cmd_bench(args):
 
 def cmd_quantize(args):
     from .quantize import run_quantize
-    print(run_quantize(args.checkpoint, args.out, args.weight_dtype, args.step))
+    print(run_quantize(args.checkpoint, args.out, args.weight_dtype, args.step,
+                       **base_choice(args, only=True)))
 
 
 def cmd_plan(args):
@@ -114,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-host: how long to wait for every process (default 300)")
     t.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     t.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    _base_options(t)
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.set_defaults(fn=cmd_train)
 
@@ -134,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-speculative", type=int, default=4,
                    help="tokens the draft proposes per cycle (with --draft; default 4)")
     _guide_options(g)
+    _base_options(g)
     g.add_argument("overrides", nargs="*", metavar="generate.key=value")
     g.set_defaults(fn=cmd_generate)
 
@@ -159,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the engine's cache: a paged pool (auto, continuous: the default) or "
                     "a contiguous row per slot (static: chunks of --batch-size prompts)")
     _guide_options(bi, " (rows that give none)")
+    _base_options(bi)
     bi.add_argument("overrides", nargs="*", metavar="generate.key=value|mesh.key=value")
     bi.set_defaults(fn=cmd_batch_infer)
 
@@ -166,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input", required=True, help="a jaxlm run/checkpoint dir or a HF dir")
     c.add_argument("--output", required=True, help="a new directory")
     c.add_argument("--to", choices=("jaxlm", "hf", "peft"), required=True, help="the output format")
+    _base_options(c, overrides=True)
     c.set_defaults(fn=cmd_convert)
 
     b = sub.add_parser("bench", help="measure train and decode speed")
@@ -179,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--out", required=True, help="a new directory (written atomically)")
     qz.add_argument("--weight-dtype", default="int8", help="the weights' dtype (int8)")
     qz.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
+    _base_options(qz, overrides=True)
     qz.set_defaults(fn=cmd_quantize)
 
     pl = sub.add_parser("plan", help="per-device memory of a config on a mesh (no allocation)")

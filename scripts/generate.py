@@ -33,7 +33,7 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def run_generate(args):
+def run_generate(args, init_from: str | None = None, accept_base_change: bool = False):
     from ..api import load
     from ..infer.text import generate
     from ..model.tokenizer import load_tokenizer
@@ -41,23 +41,25 @@ def run_generate(args):
     from ..config import config_from_dict, load_config, read_yaml, to_dict
     from ..train.loop import read_run_config
 
-    from ..api import checkpoint_kind
+    from ..api import checkpoint_kind, companions_dir
 
     prompts = read_prompts(args)
-    template = chat_template_for(args.checkpoint) if getattr(args, "chat", False) else None
+    files = companions_dir(args.checkpoint, init_from)  # tokenizer, template, generation config
+    template = chat_template_for(files) if getattr(args, "chat", False) else None
     model_overrides, overrides = split_model_overrides(args.overrides)
-    if checkpoint_kind(args.checkpoint) == "hf":
-        saved = {}  # a Hugging Face dir: generation settings from the command line only
+    if checkpoint_kind(args.checkpoint) != "jaxlm":
+        saved = {}  # an HF or peft dir: generation settings from the command line only
     else:
         saved = {"generate": to_dict(read_run_config(args.checkpoint).generate)}
     gen_cfg = load_config(args.config, overrides) if args.config else config_from_dict(
         saved, overrides)
     given = given_generate_keys(overrides, read_yaml(args.config) if args.config else {},
                                 saved=saved.get("generate"))
-    cfg, params = load(args.checkpoint, step=getattr(args, "step", None))
+    cfg, params = load(args.checkpoint, step=getattr(args, "step", None), init_from=init_from,
+                       accept_base_change=accept_base_change)
     cfg = apply_model_overrides(cfg, model_overrides)
-    tok = load_tokenizer(args.checkpoint)
-    settings = generation_settings(args.checkpoint, tok)
+    tok = load_tokenizer(files)
+    settings = generation_settings(files, tok)
     g = resolve_generate(gen_cfg.generate, settings, given)
     ids = encode_prompts(tok, cfg, prompts, chat_template=template)
     eos = stop_ids(getattr(args, "eos_id", None) or settings.eos_ids, g, cfg.vocab_size)

@@ -23,8 +23,10 @@ def _check_out(out: str) -> None:
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory")
 
 
-def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | None = None) -> str:
-    """Quantize `src` into the new run dir `out`; returns the one-line summary."""
+def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | None = None,
+                 init_from: str | None = None, accept_base_change: bool = False) -> str:
+    """Quantize `src` into the new run dir `out`; returns the one-line summary.
+    `init_from` / `accept_base_change`: a LoRA run's moved / changed base (`jaxlm.load`)."""
     from ..api import load, save
     from ..api import _chmod_umask, checkpoint_kind, model_config_of
     from ..config import Config, DataConfig
@@ -38,7 +40,7 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
         raise ConfigError(f"--weight-dtype {weight_dtype!r}: quantize writes int8 weights "
                           "(the only model.weight_dtype besides '' = param_dtype)")
     _check_out(out)
-    base = model_config_of(src)  # a missing / unreadable checkpoint stops here
+    base = model_config_of(src, init_from)  # a missing / unreadable checkpoint stops here
     if base.weight_dtype == "int8":
         raise CheckpointError(f"--checkpoint {src} is already int8 (model.weight_dtype=int8)")
     cfg = dataclasses.replace(base, weight_dtype=weight_dtype)
@@ -50,7 +52,8 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     else:
         full = Config(model=cfg, data=DataConfig(seq_len=min(DataConfig().seq_len,
                                                              cfg.max_seq_len)))
-    _, params = load(src, cfg=cfg, step=step)
+    _, params = load(src, cfg=cfg, step=step, init_from=init_from,
+                     accept_base_change=accept_base_change)
 
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)

@@ -330,3 +330,78 @@ def test_errors_at_the_door(hf_llama, corpora, tmp_path, capsys):
                f"run_dir={tmp_path / 'r2'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "bad.jsonl:2" in err[0], err
+
+
+def test_a_lora_run_pins_its_base(hf_llama, corpora, tmp_path, capsys):
+    """base.json records the base's absolute path and weights digest. Replaced by
+    same-shaped weights, the base is refused in one line naming both digests by
+    jaxlm.load, generate, convert and --resume (each changing nothing), unless
+    accepted; a moved base is pointed to with train.init_from=NEW. A peft export
+    loads as a checkpoint (`jaxlm.load`, `generate --chat`) and continues as
+    train.lora_from."""
+    import shutil
+    torch = pytest.importorskip("torch")
+    base, run = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(hf_llama, base)
+    lora = ("train.lora.rank=4", "train.lora.targets=layers/attn/(q|v)")
+    cfg = _cfg(run, base, corpora["sft"], *lora, "train.steps=2", "train.checkpoint_every=2")
+    train(cfg, progress=False)
+    record = json.loads((run / "base.json").read_text())
+    assert record["path"] == str(base) and record["kind"] == "hf" and len(record["digest"]) == 16
+    tokens = np.array([[3, 4, 5, 6]], np.int32)
+    mcfg, params = jaxlm.load(str(run))
+    want = np.asarray(jaxlm.forward(params, mcfg, tokens)[0])
+
+    # an export of the run as a peft dir is itself a checkpoint
+    adapter = tmp_path / "adapter"
+    assert main(["convert", "--input", str(run), "--output", str(adapter), "--to", "peft"]) == 0
+    assert jaxlm.api.checkpoint_kind(str(adapter)) == "peft"
+    pcfg, pparams = jaxlm.load(str(adapter))
+    np.testing.assert_allclose(np.asarray(jaxlm.forward(pparams, pcfg, tokens)[0]), want,
+                               atol=1e-5)
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(adapter), "--chat", "--prompt", "red",
+                 "generate.max_new_tokens=3"]) == 0
+    assert capsys.readouterr().out.strip()
+
+    # train.lora_from continues the adapter: one step at the warmup's learning rate 0
+    # writes it back as read
+    cont = tmp_path / "continued"
+    train(_cfg(cont, base, corpora["sft"], f"train.lora_from={adapter}", "train.steps=1",
+               "train.checkpoint_every=1", "train.eval_every=1"), progress=False)
+    assert (read := jaxlm.load(str(cont)))[0] == mcfg
+    np.testing.assert_allclose(np.asarray(jaxlm.forward(read[1], mcfg, tokens)[0]), want,
+                               atol=1e-5)
+
+    # same-shaped weights in the base dir: every reader refuses, naming both digests
+    state = transformers.LlamaForCausalLM.from_pretrained(base).state_dict()
+    torch.manual_seed(7)
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(base))
+    assert {k: v.shape for k, v in other.state_dict().items()} == {
+        k: v.shape for k, v in state.items()}
+    other.save_pretrained(base)
+    with pytest.raises(CheckpointError, match=f"trained on {record['digest']}"):
+        jaxlm.load(str(run))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    for argv in (["generate", "--checkpoint", str(run), "--prompt", "red"],
+                 ["convert", "--input", str(run), "--output", str(tmp_path / "m"), "--to", "hf"],
+                 ["train", "--config", str(run / "config.yaml"), "--resume", "train.steps=4"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and record["digest"] in err[0] and str(base) in err[0], err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "m").exists()
+    _, accepted = jaxlm.load(str(run), accept_base_change=True)  # the new base, merged
+    assert not np.allclose(np.asarray(jaxlm.forward(accepted, mcfg, tokens)[0]), want)
+
+    # the original weights, moved elsewhere: train.init_from=NEW on load and on resume
+    moved = tmp_path / "moved"
+    shutil.copytree(hf_llama, moved)
+    _, again = jaxlm.load(str(run), init_from=str(moved))
+    np.testing.assert_allclose(np.asarray(jaxlm.forward(again, mcfg, tokens)[0]), want, atol=1e-5)
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "red",
+                 "generate.max_new_tokens=2", f"train.init_from={moved}"]) == 0
+    assert main(["train", "--config", str(run / "config.yaml"), "--resume", "train.steps=3",
+                 f"train.init_from={moved}"]) == 0
+    assert json.loads((run / "base.json").read_text())["path"] == str(moved)

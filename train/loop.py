@@ -24,7 +24,7 @@ from ..sharding.distributed import local_batch_size, local_rows, put_batch
 from ..sharding.mesh import check_divisible, make_mesh, model_dims
 from ..sharding.pipeline import check_pipeline_mesh, pipeline_of, pipeline_summary
 from ..sharding.rules import named_sharding, use_mesh
-from . import checkpoint, guard, span
+from . import base as pinned, checkpoint, guard, span
 from .data import eval_batches, make_batches, open_sources, sample_texts
 from .metrics import MetricsLog, device_peak, mesh_devices, mfu
 from .objectives import batch_objective, is_token_cross_entropy
@@ -39,7 +39,8 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
-          progress: bool = True, step: int | None = None) -> dict:
+          progress: bool = True, step: int | None = None,
+          accept_base_change: bool = False) -> dict:
     """Train `cfg` in `cfg.run_dir`; with `resume`, continue its latest checkpoint
     (or checkpoint `step`: the later ones are moved aside, not deleted).
 
@@ -50,6 +51,9 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     checkpoint of it (the `jaxlm train` command then exits 0, Ctrl-C 130);
     multi-host, all processes agree on the stop step. Non-finite steps are
     skipped on device; train.max_skipped_steps of them in a row stop the run.
+
+    A LoRA or DPO run pins its base (train.init_from) in base.json: a resume whose
+    base weights changed is refused unless `accept_base_change` (`jaxlm.train.base`).
     """
     if cfg.model.weight_dtype == "int8":  # before the run dir is touched
         raise ConfigError("model.weight_dtype=int8 is for inference (jaxlm quantize): train "
@@ -57,18 +61,21 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
                           "base with train.lora.rank=R train.lora.base_dtype=int8")
     with guard.run_dir_lock(cfg.run_dir), guard.stop_signals() as stop:
         return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step,
-                      stop=stop)
+                      stop=stop, accept_base_change=accept_base_change)
 
 
 def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
-           step: int | None, stop: guard.StopRequest) -> dict:
+           step: int | None, stop: guard.StopRequest, accept_base_change: bool) -> dict:
     run_dir = cfg.run_dir
     _check_run_dir(cfg, resume)
+    base_step, base_record = _pin_base(cfg, resume, accept_base_change)  # before any write
     os.makedirs(run_dir, exist_ok=True)
     lead = jax.process_index() == 0  # multi-host: one writer of the run dir's files
     progress = progress and lead
     if lead:
         _write_config(cfg)
+        if base_record is not None:
+            pinned.write(run_dir, base_record)
 
     batches, eval_host, tokenizer = _data(cfg)
 
@@ -85,11 +92,14 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
         if resume:
             state, data_state = checkpoint.restore_state(mngr, abstract_state(cfg, mesh, tx), step)
             if needs_frozen(cfg):  # checkpoints hold no frozen tree: rebuilt from init_from
-                state = attach_frozen(cfg, mesh, state, _initial_params(cfg, mesh))
+                state = attach_frozen(cfg, mesh, state, _initial_params(cfg, mesh, base_step))
             batches.set_state(_own_data_state(data_state))
             _resumed(cfg, mngr, int(state.step))
         else:
-            state = create_state(cfg, mesh, tx, cfg.train.seed, _initial_params(cfg, mesh))
+            state = create_state(cfg, mesh, tx, cfg.train.seed,
+                                 _initial_params(cfg, mesh, base_step))
+            if cfg.train.lora.init_from:  # continue a peft adapter
+                state = _peft_adapters(cfg, mesh, tx, state)
         batch_sharding = named_sharding(mesh, ("batch", "seq"), rules)
         train_step, eval_step = compile_steps(cfg.model, tx, lr, state_shardings(cfg, mesh, tx),
                                               batch_sharding, cfg.train.loss_vocab_chunk,
@@ -331,15 +341,39 @@ def _template_dir(cfg: Config):
     return cfg.run_dir if os.path.exists(own) else (cfg.train.init_from or None)
 
 
-def _initial_params(cfg: Config, mesh):
-    """train.init_from's params, read straight into their shardings, or None (random init)."""
+def _peft_adapters(cfg: Config, mesh, tx, state):
+    """`state` with train.lora.init_from's peft adapters as its params (fresh moments)."""
+    from ..model.peft import read_peft
+    sh = state_shardings(cfg, mesh, tx)
+    adapters = read_peft(cfg.train.lora.init_from, cfg.model, trainable_specs(cfg))
+    params = jax.device_put(adapters, sh.params)
+    return state.replace(params=params,
+                         opt_state=jax.jit(tx.init, out_shardings=sh.opt_state)(params))
+
+
+def _pin_base(cfg: Config, resume: bool, accept: bool) -> tuple[int | None, dict | None]:
+    """(the step of train.init_from to read, base.json's record to write) of a run
+    that reads its base again later (LoRA, DPO); (None, None) for other runs. A new
+    run records the base; a resume checks it (a changed base: CheckpointError)."""
+    if not (cfg.train.init_from and needs_frozen(cfg)):
+        return None, None
+    if not resume:
+        record = pinned.record(cfg.train.init_from)
+        return record["step"], record
+    _, step, record = pinned.resolve(cfg.run_dir, cfg.train.init_from, accept=accept)
+    return step, record
+
+
+def _initial_params(cfg: Config, mesh, step: int | None = None):
+    """train.init_from's params (of `step`, for a jaxlm dir; default its latest), read
+    straight into their shardings, or None (random init)."""
     if not cfg.train.init_from:
         return None
     from ..api import load_params
     from ..model.params import logical_axes
     from ..sharding.rules import tree_shardings
     shardings = tree_shardings(mesh, logical_axes(model_specs(cfg.model)), cfg.mesh.rules)
-    return load_params(cfg.train.init_from, cfg.model, shardings)
+    return load_params(cfg.train.init_from, cfg.model, shardings, step)
 
 
 def _check_diverged(rows, limit: int, latest=lambda: None):
