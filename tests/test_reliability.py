@@ -260,9 +260,6 @@ def _du(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-@pytest.mark.xfail(strict=False, reason="known defect (issue 23 note): the pre-save space "
-                   "check estimates a checkpoint by its in-memory bytes; when the disk fills "
-                   "during orbax's write anyway, its writer threads still print tracebacks")
 def test_a_full_disk_is_one_line_and_the_run_resumes_on_a_larger_one(tok, tmp_path):
     """A tmpfs that holds one checkpoint but not two: step 3 is saved, step 6 does not
     fit. One `error:` line naming the run dir, the bytes a checkpoint needs and the

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import sys
 
 import jax
 import numpy as np
@@ -86,6 +87,41 @@ def no_space(e: BaseException | None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+class _NoSpaceFilter(logging.Filter):
+    """Drops orbax's log records of a write that failed on a full disk (one per writer
+    thread, with its traceback): the run reports the full disk in one line."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (no_space(exc) or "No space left on device" in record.getMessage()
+                    or "RESOURCE_EXHAUSTED" in record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_full_disk():
+    """While saving: a full disk is reported once, by the caller, not by orbax's
+    threads. Their log records (absl) of the failed write are dropped, and so are the
+    tracebacks that tensorstore's callbacks print through sys.excepthook after the
+    write's event loop closed ("Event loop is closed"), or for the failed write."""
+    log = logging.getLogger("absl")
+    flt = _NoSpaceFilter()
+    hook = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        if no_space(value) or (isinstance(value, RuntimeError)
+                               and str(value) == "Event loop is closed"):
+            return
+        hook(kind, value, tb)
+
+    log.addFilter(flt)
+    sys.excepthook = excepthook
+    try:
+        yield
+    finally:
+        log.removeFilter(flt)
+        sys.excepthook = hook
 
 
 def _restore_args(abstract_tree):

@@ -109,34 +109,44 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
         evals = [put_batch(local_rows(b, cfg.data.batch_size), batch_sharding) for b in eval_host]
         loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress,
                      stop)
-        try:
-            return loop.run(state, stop_after)
-        except Exception as e:
-            if checkpoint.no_space(e):
-                raise _disk_full(cfg, mngr, state) from None
-            raise
-        finally:
+        with checkpoint.quiet_full_disk():  # reported once, below, not by orbax's threads
             try:
-                mngr.wait_until_finished()  # an async save's error is raised here
+                return loop.run(state, stop_after)
             except Exception as e:
-                if not checkpoint.no_space(e):
-                    raise
-                raise _disk_full(cfg, mngr, state) from None
+                if checkpoint.no_space(e):
+                    raise _disk_full(cfg, mngr, state) from None
+                raise
             finally:
-                mngr.close()
-                loop.log.close()
+                try:
+                    mngr.wait_until_finished()  # an async save's error is raised here
+                except Exception as e:
+                    if not checkpoint.no_space(e):
+                        raise
+                    raise _disk_full(cfg, mngr, state) from None
+                finally:
+                    mngr.close()
+                    loop.log.close()
 
 
-def _checkpoint_bytes(state) -> int:
-    """What a checkpoint of `state` writes, about: its params and optimizer state."""
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state)))
+def _checkpoint_bytes(state, run_dir: str | None = None) -> int:
+    """What a checkpoint of `state` writes, about: its params and optimizer state, or the
+    latest checkpoint's size on disk when that is larger (orbax's metadata and the data
+    state), with 20% to spare."""
+    held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state)))
+    latest = checkpoint.latest_step(run_dir) if run_dir else None
+    on_disk = 0
+    if latest is not None:
+        for d, _, files in os.walk(os.path.join(run_dir, checkpoint.CHECKPOINTS, str(latest))):
+            on_disk += sum(os.path.getsize(os.path.join(d, f)) for f in files
+                           if os.path.isfile(os.path.join(d, f)))
+    return int(max(held, on_disk) * 1.2)
 
 
 def _disk_full(cfg: Config, mngr, state) -> CheckpointError:
     """One line for a save that does not fit the disk: where, what a checkpoint needs,
     what is free, and the checkpoint that is intact."""
     from ..sharding.plan import fmt_bytes
-    need, free = _checkpoint_bytes(state), shutil.disk_usage(cfg.run_dir).free
+    need, free = _checkpoint_bytes(state, cfg.run_dir), shutil.disk_usage(cfg.run_dir).free
     latest = mngr.latest_step()
     return CheckpointError(
         f"no space left on the device of {os.path.abspath(cfg.run_dir)}: a checkpoint needs "
@@ -176,7 +186,8 @@ class _Loop:
             raise JaxlmError(
                 f"training diverged: the state at step {int(state.step)} is not finite; it was "
                 f"not saved (latest checkpoint: step {self.mngr.latest_step()})")
-        need, free = _checkpoint_bytes(state), shutil.disk_usage(self.cfg.run_dir).free
+        need = _checkpoint_bytes(state, self.cfg.run_dir)
+        free = shutil.disk_usage(self.cfg.run_dir).free
         if free < need:  # refused before orbax writes a byte (and logs a failure per thread)
             raise _disk_full(self.cfg, self.mngr, state)
         checkpoint.save(self.mngr, state, _all_data_states(self.batches.get_state()))
