@@ -58,18 +58,24 @@ _TRAINER_OPTIONS = dict(
 class Tokenizer:
     """Interface: text <-> ids, special ids, and saving to a directory."""
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text`, without bos/eos."""
+    def encode(self, text: str, *, add_special_tokens: bool = False,
+               split_special_tokens: bool = False) -> list[int]:
+        """Ids of `text`. As in transformers, the tokenizer's special-token strings in
+        the text ("<|im_start|>", "<s>", "[SEP]") are their ids; split_special_tokens:
+        read them as ordinary text instead (pretraining corpora, whose documents are
+        delimited by the ids the data pipeline adds). add_special_tokens: frame the
+        ids as transformers' `tokenizer(text)` does (BOS for Llama-style tokenizers,
+        [CLS] ... [SEP] for BERT's); off by default."""
         raise NotImplementedError
 
     def encode_chat(self, text: str) -> list[int]:
-        """Ids of a rendered chat template: special-token strings ("<|im_start|>",
-        "<s>") become their ids, the rest is encoded as `encode` does; no bos/eos added."""
-        raise NotImplementedError
+        """Ids of a rendered chat template: `encode(text)` (special-token strings become
+        their ids; nothing added)."""
+        return self.encode(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` of each text (subclasses may parallelise)."""
-        return [self.encode(t) for t in texts]
+    def encode_batch(self, texts: Sequence[str], **kwargs) -> list[list[int]]:
+        """`encode(text, **kwargs)` of each text (subclasses may parallelise)."""
+        return [self.encode(t, **kwargs) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special ids (pad/bos/eos) decode to nothing."""
@@ -164,7 +170,8 @@ class SentencePieceTokenizer(Tokenizer):
             return None
         return ids
 
-    def encode(self, text: str) -> list[int]:
+    def _plain(self, text: str) -> list[int]:
+        """Ids of `text` read as text (special-token strings are ordinary pieces)."""
         if _SPACE_MARK not in text or self._bytes_of_mark is None:
             return self._sp.encode(text)
         ids: list[int] = []
@@ -174,26 +181,53 @@ class SentencePieceTokenizer(Tokenizer):
             ids.extend(self._sp.encode(part))
         return ids
 
-    def encode_chat(self, text: str) -> list[int]:
-        """`encode`, with the bos/eos piece strings ("<s>", "</s>") read as those ids."""
-        specials = {self._sp.id_to_piece(i): i for i in (self._sp.bos_id(), self._sp.eos_id()) if i >= 0}
-        pattern = "|".join(re.escape(p) for p in sorted(specials, key=len, reverse=True))
+    @functools.cached_property
+    def _specials(self) -> tuple[dict[str, int], re.Pattern | None]:
+        """The special pieces' strings ("<s>", "</s>", "<unk>", control pieces) -> ids,
+        and a pattern finding them (longest first)."""
+        sp = self._sp
+        ids = [i for i in range(sp.get_piece_size())
+               if sp.is_control(i) or sp.is_unknown(i)] + [sp.bos_id(), sp.eos_id()]
+        specials = {sp.id_to_piece(i): i for i in ids if i >= 0 and sp.id_to_piece(i)}
+        if not specials:
+            return {}, None
+        return specials, re.compile("|".join(
+            re.escape(p) for p in sorted(specials, key=len, reverse=True)))
+
+    def _framed(self, ids: list[int], add: bool) -> list[int]:
+        """transformers' framing of a sentencepiece tokenizer: BOS first (Llama), or
+        for a tokenizer without BOS, EOS last (T5)."""
+        if not add:
+            return ids
+        if self.bos_id is not None:
+            return [self.bos_id] + ids
+        return ids + ([self.eos_id] if self.eos_id is not None else [])
+
+    def encode(self, text: str, *, add_special_tokens: bool = False,
+               split_special_tokens: bool = False) -> list[int]:
+        specials, pattern = self._specials
+        if split_special_tokens or pattern is None:
+            return self._framed(self._plain(text), add_special_tokens)
         ids: list[int] = []
         start = 0
-        for match in re.finditer(pattern, text):
-            ids.extend(self.encode(text[start:match.start()]) if match.start() > start else [])
+        for match in pattern.finditer(text):
+            ids.extend(self._plain(text[start:match.start()]) if match.start() > start else [])
             ids.append(specials[match.group()])
             start = match.end()
         if start < len(text):
-            ids.extend(self.encode(text[start:]))
-        return ids
+            ids.extend(self._plain(text[start:]))
+        return self._framed(ids, add_special_tokens)
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 2) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 2,
+                     **kwargs) -> list[list[int]]:
         texts = list(texts)
         out = self._sp.encode(texts, num_threads=num_threads)
-        for i, text in enumerate(texts):
-            if _SPACE_MARK in text:
-                out[i] = self.encode(text)
+        _, pattern = self._specials
+        for i, text in enumerate(texts):  # the rare text the batch call reads otherwise
+            if _SPACE_MARK in text or (pattern is not None and pattern.search(text)):
+                out[i] = self.encode(text, **kwargs)
+            elif kwargs.get("add_special_tokens"):
+                out[i] = self._framed(out[i], True)
         return out
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -236,9 +270,9 @@ class SentencePieceTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json` (BPE, WordPiece, Unigram, ...), via `tokenizers`.
 
-    `encode` reads text as text: a special token's string in the text (say
-    "<|endoftext|>") is encoded as ordinary pieces, never as the special id,
-    and no bos/eos/template tokens are added. Special ids come from
+    `encode` reads a special token's string in the text (say "<|endoftext|>") as
+    its id, as transformers does (split_special_tokens=True: as ordinary pieces),
+    and adds no bos/eos/template tokens unless add_special_tokens. Special ids come from
     tokenizer_config.json / special_tokens_map.json beside the file if present,
     else from the tokenizer's added tokens by their usual names (<s>, </s>,
     <|endoftext|>, ...); a tokenizer_config.json that names no bos_token means no
@@ -318,21 +352,22 @@ class HFTokenizer(Tokenizer):
                 return added[name]
         return None
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def _reader(self, split_special_tokens: bool):
+        return self._tok if split_special_tokens else self._special_tok
+
+    def encode(self, text: str, *, add_special_tokens: bool = False,
+               split_special_tokens: bool = False) -> list[int]:
+        return self._reader(split_special_tokens).encode(
+            text, add_special_tokens=add_special_tokens).ids
 
     @functools.cached_property
-    def _chat_tok(self):
-        """A second copy that reads special-token strings as their ids (built on first use)."""
+    def _special_tok(self):
+        """A second copy that reads special-token strings as their ids, as transformers
+        does (built on first use; `_tok` reads them as text)."""
         from tokenizers import Tokenizer as _Tokenizer
         tok = _Tokenizer.from_str(self._json)
         tok.encode_special_tokens = False
         return tok
-
-    def encode_chat(self, text: str) -> list[int]:
-        """`encode`, but added special tokens' strings ("<|im_start|>") are their ids,
-        as transformers tokenizes a rendered chat template."""
-        return self._chat_tok.encode(text, add_special_tokens=False).ids
 
     @property
     def special_token_strings(self) -> dict[str, str]:
@@ -345,8 +380,10 @@ class HFTokenizer(Tokenizer):
             named = {k: self._tok.id_to_token(i) for k, i in ids.items() if i is not None}
         return named
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False,
+                     split_special_tokens: bool = False) -> list[list[int]]:
+        return [e.ids for e in self._reader(split_special_tokens).encode_batch(
+            list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([i for i in _checked_ids(ids, self.vocab_size)

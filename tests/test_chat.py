@@ -105,8 +105,15 @@ def test_matches_transformers(which, conversation, add_generation_prompt, chatml
                        **template_tokens(tok))
     ours = tok.encode_chat(text)
     assert ours == _hf_ids(path, messages, add_generation_prompt)
+    # plain encode reads special-token strings as transformers' tokenizer(text) does
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    for split in (False, True):
+        for add in (False, True):
+            assert tok.encode(text, add_special_tokens=add, split_special_tokens=split) == hf(
+                text, add_special_tokens=add, split_special_tokens=split)["input_ids"], (split, add)
     special = {"chatml": "<|im_start|>", "llama3": "<|eot_id|>"}[which]
-    assert tok.encode(special) != [tok._chat_tok.token_to_id(special)]  # plain encode: text
+    assert tok.encode(special) == [hf.convert_tokens_to_ids(special)]
+    assert tok.encode(special, split_special_tokens=True) != tok.encode(special)
 
 
 def test_template_sources(tmp_path, chatml_dir):
@@ -147,7 +154,9 @@ def test_sentencepiece_encode_chat(sp_tokenizer):
     text = f"{bos}hello world{eos}\n{eos}"
     assert tok.encode_chat(text) == ([tok.bos_id] + tok.encode("hello world") + [tok.eos_id]
                                      + tok.encode("\n") + [tok.eos_id])
-    assert tok.bos_id not in tok.encode(text)
+    assert tok.encode(text) == tok.encode_chat(text)  # special strings are their ids
+    assert tok.bos_id not in tok.encode(text, split_special_tokens=True)
+    assert tok.encode("hi", add_special_tokens=True) == [tok.bos_id] + tok.encode("hi")
 
 
 def test_resolve_chat_template_and_config_keys(tmp_path, chatml_dir):

@@ -154,7 +154,7 @@ class _Bytes:
     """Ids = bytes + 3: a row's source is visible in its tokens."""
     vocab_size, pad_id, bos_id, eos_id = 260, 0, 1, 2
 
-    def encode(self, text):
+    def encode(self, text, split_special_tokens=False):
         return [3 + b for b in text.encode()]
 
 

@@ -361,7 +361,8 @@ class _Tokenize(grain.transforms.Map):
         self._eos = [_require_eos(tokenizer, "data: documents")]
 
     def map(self, text: str) -> dict[str, np.ndarray]:
-        ids = self._bos + self._tokenizer.encode(text) + self._eos
+        # a corpus is text: a literal "</s>" in it is not a document boundary
+        ids = self._bos + self._tokenizer.encode(text, split_special_tokens=True) + self._eos
         return {"tokens": np.asarray(ids, dtype=np.int32)}
 
 

@@ -113,7 +113,7 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     eos = _require_eos(tokenizer, "prepare: documents")
     return [np.asarray(bos + ids + [eos], dtype="<i4")
-            for ids in tokenizer.encode_batch(texts)]
+            for ids in tokenizer.encode_batch(texts, split_special_tokens=True)]  # as _Tokenize
 
 
 # ---------------------------------------------------------------- shards
