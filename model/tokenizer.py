@@ -71,6 +71,11 @@ class Tokenizer:
         """`encode` of each text (subclasses may parallelise)."""
         return [self.encode(t) for t in texts]
 
+    def encode_input(self, text: str) -> list[int]:
+        """Ids of `text` as a model reads it whole (a classifier's input): with the
+        special tokens transformers' `tokenizer(text)` adds; here bos + `encode`."""
+        return ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special ids (pad/bos/eos) decode to nothing."""
         raise NotImplementedError
@@ -333,6 +338,12 @@ class HFTokenizer(Tokenizer):
         """`encode`, but added special tokens' strings ("<|im_start|>") are their ids,
         as transformers tokenizes a rendered chat template."""
         return self._chat_tok.encode(text, add_special_tokens=False).ids
+
+    def encode_input(self, text: str) -> list[int]:
+        """As transformers' `tokenizer(text)`: the tokenizer.json's post-processor adds
+        its special tokens (BERT's [CLS] ... [SEP], Llama's BOS), and special-token
+        strings in the text are their ids."""
+        return self._chat_tok.encode(text, add_special_tokens=True).ids
 
     @property
     def special_token_strings(self) -> dict[str, str]:

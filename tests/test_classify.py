@@ -4,6 +4,7 @@ transformers' scores, right-padded batches included; exports load back in
 transformers with the same scores, labels and pad id; and the errors at the door."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -149,3 +150,112 @@ def test_errors_at_the_door(hf_llama_cls, tiny_llama, tmp_path):
                                                  "problem_type": "multi_label_classification"}))
     with pytest.raises(CheckpointError, match="multi_label_classification.*not supported"):
         jaxlm.model_config_of(str(bad))
+
+
+# ------------------------------------------------------------ training
+
+
+def _labelled(path, n=64, seed=0, **extra):
+    """JSONL of {"text", "label"}: the label is the colour word that ends the text (some
+    lines name it by its id2label name), so that a few steps learn it."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            label = int(rng.integers(0, 3))
+            text = " ".join(rng.choice(WORDS[:8], 4)) + " " + ("red", "green", "blue")[label]
+            f.write(json.dumps({"text": text, "label": LABELS[label] if i % 4 == 0 else label,
+                                **extra}) + "\n")
+    return path
+
+
+def _train_args(init_from, corpus, run_dir, *overrides):
+    return ["train", "--config", "classify", f"train.init_from={init_from}",
+            f"data.corpus={corpus}", f"run_dir={run_dir}", "data.seq_len=16",
+            "data.batch_size=8", "data.eval_fraction=0.25", "train.steps=12",
+            "train.warmup_steps=1", "train.eval_every=12", "train.eval_batches=2",
+            "train.checkpoint_every=12", "train.log_every=4", "train.learning_rate=3e-3",
+            "mesh.devices=1", *overrides]
+
+
+def test_trained_run_exports_what_transformers_scores_alike(hf_llama_cls, tmp_path, capsys):
+    from jaxlm.scripts.cli import main
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert main(_train_args(hf_llama_cls, _labelled(tmp_path / "train.jsonl"), run)) == 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in lines if "eval_loss" in m]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals
+    assert "eval_accuracy" in evals[-1] and "eval_perplexity" not in evals[-1]
+    assert all(m["tokens"] == 8 for m in lines if "loss" in m)  # rows, not tokens
+    assert main(["convert", "--input", str(run), "--output", str(out), "--to", "hf"]) == 0
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["architectures"] == ["LlamaForSequenceClassification"]
+    assert hf["id2label"] == {str(k): v for k, v in LABELS.items()} and hf["pad_token_id"] == 0
+    fast = transformers.AutoTokenizer.from_pretrained(out)
+    enc = fast(["red green blue", "one two three four five green", "add"], padding=True,
+               return_tensors="np")
+    cfg, params = jaxlm.load(str(run))
+    _, base = jaxlm.load(str(hf_llama_cls))
+    assert np.abs(np.asarray(params["score"]["kernel"]) - np.asarray(
+        base["score"]["kernel"])).max() > 0  # trained
+    ours = np.asarray(jaxlm.classify(params, cfg, enc["input_ids"], enc["attention_mask"]))
+    ref = _hf_scores(out, enc["input_ids"], enc["attention_mask"])
+    assert np.abs(ours - ref).max() <= TOL
+
+
+def test_classify_input_errors_are_one_line(hf_llama_cls, tiny_checkpoint, tmp_path, capsys):
+    from jaxlm.scripts.cli import main
+    cases = {
+        "missing": ({"text": "red"}, r"train.jsonl:1: a classify record needs \"label\""),
+        "range": ({"text": "red", "label": 3}, r"train.jsonl:1: label 3 is not a class id "
+                                               r"in \[0, 3\)"),
+        "name": ({"text": "red", "label": "happy"}, r"label 'happy' is not a class id"),
+        "text": ({"label": 1}, r"needs \"text\""),
+    }
+    for name, (record, message) in cases.items():
+        corpus = tmp_path / name / "train.jsonl"
+        corpus.parent.mkdir()
+        corpus.write_text("\n".join([json.dumps(record)] + [json.dumps(
+            {"text": "blue", "label": 2})] * 3) + "\n")
+        rc = main(_train_args(hf_llama_cls, corpus, tmp_path / name / "run"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, (name, err)
+        assert re.search(message, err[0]), (name, err[0])
+    # a model without a score head, a classifier with another objective, LoRA
+    corpus = tmp_path / "range" / "train.jsonl"
+    for args, message in (
+            (_train_args(tiny_checkpoint("llama"), corpus, tmp_path / "lm"),
+             "train.objective=classify needs a model with a score head"),
+            (_train_args(hf_llama_cls, corpus, tmp_path / "sft", "train.objective=sft"),
+             "sequence classifier.*use train.objective=classify"),
+            (_train_args(hf_llama_cls, corpus, tmp_path / "lora", "train.lora.rank=4"),
+             "lora.rank > 0 is not supported")):
+        rc = main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, err
+        assert re.search(message, err[0]), err[0]
+
+
+def test_regression_and_classification_losses_are_transformers():
+    """num_labels 1: HF's regression (MSE); more: single-label cross-entropy; padding
+    rows (weight 0) count for nothing."""
+    from jaxlm.train.classify import check_classify_record
+    from jaxlm.train.objectives import classification_loss
+    rng = np.random.default_rng(0)
+    scores, labels = rng.normal(size=(4, 3)).astype(np.float32), np.array([0, 2, 1, 0])
+    weights = np.array([1, 1, 1, 0])
+    total, count, extra = classification_loss(scores, labels.astype(np.float32), weights)
+    ref = torch.nn.functional.cross_entropy(torch.tensor(scores[:3]), torch.tensor(labels[:3]))
+    assert count == 3 and abs(float(total) / 3 - float(ref)) < 1e-6
+    assert float(extra["accuracy"]) == float(np.sum(scores[:3].argmax(-1) == labels[:3]))
+    targets = rng.normal(size=4).astype(np.float32)
+    total, count, extra = classification_loss(scores[:, :1], targets, weights)
+    ref = torch.nn.functional.mse_loss(torch.tensor(scores[:3, 0]), torch.tensor(targets[:3]))
+    assert extra == {} and abs(float(total) / 3 - float(ref)) < 1e-6
+    assert check_classify_record({"text": "x", "label": 0.25}, 1) == 0.25
+    assert check_classify_record({"messages": [{"role": "user", "content": "x"}],
+                                  "label": "b"}, 2, ("a", "b")) == 1.0
+    from jaxlm.errors import InputError
+    with pytest.raises(InputError, match="not a finite number"):
+        check_classify_record({"text": "x", "label": "1.5"}, 1)
+    with pytest.raises(InputError, match="not a class id"):
+        check_classify_record({"text": "x", "label": True}, 2)
