@@ -28,10 +28,10 @@ def _tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([" ".join(rng.choice(WORDS, 12)) for _ in range(50)],
-                            trainers.BpeTrainer(show_progress=False, vocab_size=300,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                special_tokens=["<pad>", "<s>", "</s>"]))
+    trainer = trainers.BpeTrainer(show_progress=False, vocab_size=300,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<pad>", "<s>", "</s>"])
+    tok.train_from_iterator([" ".join(rng.choice(WORDS, 12)) for _ in range(50)], trainer)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
                                                 bos_token="<s>", eos_token="</s>")
 
