@@ -5,6 +5,7 @@
     cfg, params = jaxlm.load(path, mesh=mesh)         # every leaf loaded into its sharding
     logits, aux = jaxlm.forward(params, cfg, tokens)
     vectors = jaxlm.embed(params, cfg, tokens, mask)  # encoders: [B, D] masked-mean pooled
+    scores = jaxlm.classify(params, cfg, tokens, mask)  # *ForSequenceClassification: [B, N]
     out = jaxlm.generate(params, cfg, [[1, 5, 9]], max_new_tokens=64)
     out = jaxlm.generate(params, cfg, ["def f"], tokenizer=tok, max_new_tokens=64)  # out.texts
     out = jaxlm.generate_many(params, cfg, prompts, max_new_tokens=[64, 8], slots=8)  # paged
@@ -27,7 +28,7 @@ _LAZY = {
     "forward": "jaxlm.validate", "init_params": "jaxlm.validate", "ModelConfig": "jaxlm.model",
     "generate": "jaxlm.infer.text",
     "generate_many": "jaxlm.infer.generate",
-    "embed": "jaxlm.validate",
+    "embed": "jaxlm.validate", "classify": "jaxlm.validate",
     "load_tokenizer": "jaxlm.model.tokenizer",
     "Config": "jaxlm.config", "load_config": "jaxlm.config",
 }

@@ -145,7 +145,9 @@ class TrainConfig:
     # Cross-entropy over vocab chunks of about this many columns, never
     # materialising [batch, seq, vocab] logits; 0: plain full logits.
     loss_vocab_chunk: int = 4096
-    objective: str = "clm"  # clm | mlm (masked LM) | span (T5 span corruption) | sft | dpo
+    # clm | mlm (masked LM) | span (T5 span corruption) | sft | dpo | classify (a score
+    # head's cross-entropy over labelled texts; MSE for model.num_labels=1)
+    objective: str = "clm"
     # A jaxlm run/checkpoint dir or a Hugging Face dir to start from: the model
     # config and weights come from it ("" = random init). See `resolve_init_from`.
     init_from: str = ""
@@ -178,7 +180,7 @@ class TrainConfig:
                 f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo"))
+        _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo", "classify"))
         _choice(self, "sft_loss_on", ("completion", "all"))
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
@@ -382,6 +384,7 @@ class Config:
         if self.train.objective == "dpo" and self.model.family != "decoder":
             raise ConfigError(f"train.objective=dpo needs model.family=decoder, not "
                               f"{self.model.family!r}")
+        _check_classify(self)
         if self.train.lora.rank:  # a regex that adapts nothing stops here, naming itself
             from .train.lora import lora_targets
             lora_targets(self.model, self.train)
@@ -401,6 +404,21 @@ class Config:
                     f"'decoder' only, not {self.model.family!r}")
         from .sharding.pipeline import check_pipeline_config
         check_pipeline_config(self)
+
+
+def _check_classify(cfg: Config) -> None:
+    """What train.objective=classify does not support. (Whether the model has the score
+    head it trains is checked when training starts, `train.objectives.check_objective`:
+    a preset names no model, and a classifier's Config with the default objective is
+    fine for saving and loading.)"""
+    if cfg.train.objective != "classify":
+        return
+    if cfg.train.lora.rank:
+        raise ConfigError("train.objective=classify with train.lora.rank > 0 is not supported: "
+                          "LoRA adapts layer weights only, and the score head would stay frozen")
+    if cfg.mesh.context > 1:
+        raise ConfigError(f"train.objective=classify with mesh.context={cfg.mesh.context} is not "
+                          "supported (a row's score is pooled from one position)")
 
 
 # ---------------------------------------------------------------- loading

@@ -1,8 +1,8 @@
 """Checks of the public API's concrete inputs, before anything is traced.
 
-`jaxlm.forward`, `jaxlm.embed`, `jaxlm.generate` and `jaxlm.init_params` call
-these on their arguments: the config's type, the params' tree against the
-config's parameter specs, and (for concrete token arrays only; a traced call
+`jaxlm.forward`, `jaxlm.embed`, `jaxlm.classify`, `jaxlm.generate` and
+`jaxlm.init_params` call these on their arguments: the config's type, the params'
+tree against the config's parameter specs, and (for concrete token arrays only; a traced call
 inside the user's `jax.jit` is not checked) the token ids' range and length.
 Each failure is one-line `jaxlm` error naming the argument.
 """
@@ -78,6 +78,16 @@ def check_head(cfg, where: str) -> None:
                               "or jaxlm.embed")
 
 
+def check_lm_head(cfg, where: str) -> None:
+    """Token logits need the LM head: a base model (`check_head`) or a sequence
+    classifier (a score head) has none."""
+    check_head(cfg, where)
+    if cfg.num_labels:
+        raise ConfigError(f"{where}: this model is a sequence classifier (model.num_labels="
+                          f"{cfg.num_labels}): its head scores labels, it has no LM head; use "
+                          "jaxlm.classify")
+
+
 def check_tokens(tokens, cfg, where: str, *, cached: bool = False) -> None:
     """Concrete token ids: integers in [0, vocab_size); with learned positions
     and no cache, at most model.max_seq_len of them per row. Traced: no check."""
@@ -118,6 +128,17 @@ def embed(params, cfg, tokens, *args, **kwargs):
     check_model_args(params, cfg, "embed")
     check_tokens(tokens, cfg, "embed")
     return model_embed(params, cfg, tokens, *args, **kwargs)
+
+
+def classify(params, cfg, tokens, *args, **kwargs):
+    """`jaxlm.classify`: `jaxlm.model.classify.classify` after the checks above."""
+    from .model.classify import classify as model_classify
+    check_model_args(params, cfg, "classify")
+    if not cfg.num_labels:
+        raise ConfigError("classify: this model has no score head (model.num_labels=0); a "
+                          "Hugging Face *ForSequenceClassification checkpoint loads with one")
+    check_tokens(tokens, cfg, "classify")
+    return model_classify(params, cfg, tokens, *args, **kwargs)
 
 
 def init_params(cfg, key):

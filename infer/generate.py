@@ -127,12 +127,12 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     holds one. stream=True: an iterator of StreamEvent, each row's tokens as they
     are produced; the engine frees a row's slots when the iterator is closed.
     """
-    from ..validate import check_head, check_model_args
+    from ..validate import check_lm_head, check_model_args
     check_model_args(params, cfg, "generate")
     if cfg.family == "encoder":
         raise InputError("encoders do not generate text; use jaxlm.forward (masked-LM logits) "
                          "or jaxlm.embed (sentence vectors)")
-    check_head(cfg, "generate")
+    check_lm_head(cfg, "generate")
     rows = _check_prompts(prompts, cfg.vocab_size)
     budgets = _budgets(max_new_tokens, len(rows))
     check_sampling(temperature, top_k, top_p, min_p)

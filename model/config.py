@@ -119,6 +119,14 @@ class ModelConfig:
     moe: MoeConfig = field(default_factory=MoeConfig)  # moe.n_experts 0: dense MLPs
     tie_embeddings: bool = False
     head: bool = True  # false: no output head (a base model, e.g. HF LlamaModel): hidden states only
+    # Sequence classification (HF *ForSequenceClassification, reward models): N > 0 puts a
+    # score head over N labels where the LM / MLM head would be (model/layers/score.py);
+    # 1: a regression (one score). 0: the LM head.
+    num_labels: int = 0
+    # num_labels > 0, decoders: pool at the last token that is not this id (HF's
+    # config.pad_token_id rule); -1: none, the last (unmasked) position
+    pad_token_id: int = -1
+    label_names: tuple = ()  # num_labels > 0: HF id2label's names (): LABEL_0, LABEL_1, ...
     dtype: str = "float32"  # activations and matmuls
     param_dtype: str = "float32"
     # "" (the weights at param_dtype) | int8: the layer matmul weights int8 with
@@ -180,13 +188,38 @@ class ModelConfig:
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
+        self._check_labels()
         if (self.dropout or self.attention_dropout) and self.family == "decoder":
             raise ConfigError("model.dropout and model.attention_dropout are for the encoder and "
                               "encoder_decoder families (BERT, T5); the decoder has none")
 
+    def _check_labels(self):
+        if self.num_labels < 0 or self.pad_token_id < -1:
+            raise ConfigError(f"model.num_labels={self.num_labels} must be >= 0 (0: the LM head) "
+                              f"and model.pad_token_id={self.pad_token_id} >= -1 (-1: none)")
+        names = self.label_names
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"model.label_names={names!r} must be a list of strings")
+        object.__setattr__(self, "label_names", tuple(names))
+        if names and len(names) != self.num_labels:
+            raise ConfigError(f"model.label_names has {len(names)} names for "
+                              f"model.num_labels={self.num_labels}")
+        if self.num_labels and self.family == "encoder_decoder":
+            raise ConfigError("model.num_labels > 0 (a score head) is for the decoder and "
+                              "encoder families, not encoder_decoder")
+        if self.num_labels and not self.head:
+            raise ConfigError(f"model.num_labels={self.num_labels} needs model.head=true: the "
+                              "score head is the model's output head")
+
     @property
     def q_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def lm_head(self) -> bool:
+        """Whether the model has the LM (decoder, encoder-decoder) or MLM (encoder) head:
+        an output head that is not a score head."""
+        return self.head and not self.num_labels
 
 
 # ---------------------------------------------------------------- validation
@@ -243,7 +276,7 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     mlp = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * d * cfg.d_ff
     if cfg.moe.n_experts:  # each token runs through k experts, plus the router
         mlp = cfg.moe.experts_per_token * mlp + d * cfg.moe.n_experts
-    head = d * cfg.vocab_size
+    head = d * (cfg.num_labels or cfg.vocab_size)
     matmul_params = L * (attn_proj + mlp) + head
     attn_scores = 12.0 * L * seq_len * cfg.n_heads * hd
     if cfg.family == "decoder":

@@ -27,7 +27,7 @@ from ..sharding.rules import named_sharding, use_mesh
 from . import base as pinned, checkpoint, guard, span
 from .data import eval_batches, make_batches, open_sources, sample_texts
 from .metrics import MetricsLog, device_peak, mesh_devices, mfu
-from .objectives import batch_objective, is_token_cross_entropy
+from .objectives import batch_objective, check_objective, is_token_cross_entropy
 from .optimizer import learning_rate_schedule, make_optimizer
 from .lora import trainable_specs
 from .state import (abstract_state, attach_frozen, create_state, needs_frozen,
@@ -59,6 +59,7 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
         raise ConfigError("model.weight_dtype=int8 is for inference (jaxlm quantize): train "
                           "float weights (set model.weight_dtype=''), or fine-tune an int8 "
                           "base with train.lora.rank=R train.lora.base_dtype=int8")
+    check_objective(cfg.train, cfg.model)  # before the run dir is touched too
     with guard.run_dir_lock(cfg.run_dir), guard.stop_signals() as stop:
         return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step,
                       stop=stop, accept_base_change=accept_base_change)
@@ -316,7 +317,7 @@ class _Loop:
 def _data(cfg: Config):
     """(training batch iterator, global eval batches, tokenizer) for train.objective."""
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    if cfg.train.objective in ("sft", "dpo"):
+    if cfg.train.objective in ("sft", "dpo", "classify"):
         from ..model.chat import resolve_chat_template
         from .sft import finetune_data
         tokenizer = _tokenizer(cfg, None)
@@ -327,7 +328,9 @@ def _data(cfg: Config):
         if stats and jax.process_index() == 0:
             print(f"{cfg.train.objective}: {stats.get('examples', '?')} examples, "
                   f"{stats.get('truncated', 0)} truncated to data.seq_len={cfg.data.seq_len}, "
-                  f"{stats.get('dropped', 0)} dropped (no loss token within the row)", flush=True)
+                  f"{stats.get('dropped', 0)} dropped ("
+                  + ("no token" if cfg.train.objective == "classify" else
+                     "no loss token within the row") + ")", flush=True)
             if stats.get("identical"):
                 print(f"warning: {stats['identical']} of {stats['examples']} preference pairs "
                       "have the same tokens as chosen and as rejected: they add nothing to "

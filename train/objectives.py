@@ -1,7 +1,7 @@
 """Training objectives: losses over logits (or hidden states) with a loss mask.
 
 Losses return (sum over counted tokens, number of counted tokens), so callers
-can average over any number of batches exactly.
+can average over any number of batches exactly; a classifier's loss counts rows.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from ..sharding.context import context_size
 
 def is_token_cross_entropy(objective: str) -> bool:
     """Whether the objective's loss is a mean token cross-entropy (clm, sft, mlm, span),
-    so that exp(loss) is a perplexity; a preference loss (dpo) is not."""
-    return objective != "dpo"
+    so that exp(loss) is a perplexity; a preference loss (dpo) and a classifier's loss
+    (classify) are not."""
+    return objective not in ("dpo", "classify")
 
 
 def causal_lm_loss(logits, targets, loss_mask):
@@ -28,6 +29,27 @@ def causal_lm_loss(logits, targets, loss_mask):
     target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum((logz - target_logit) * mask), jnp.sum(mask)
+
+
+def classification_loss(scores, labels, weights):
+    """(loss sum, row count, {"accuracy": correct rows} or {}) of a sequence classifier's
+    pooled scores [B, N] float32 against labels [B] (float: class ids, or N == 1 the
+    regression targets); `weights` [B] 1 for a labelled row, 0 for padding. N > 1: the
+    cross-entropy of HF's single_label_classification; N == 1: squared error (HF's
+    regression, MSE)."""
+    w = weights.astype(jnp.float32)
+    if scores.shape[-1] == 1:
+        return jnp.sum(jnp.square(scores[:, 0] - labels) * w), jnp.sum(w), {}
+    ids = labels.astype(jnp.int32)
+    target = jnp.take_along_axis(scores, ids[:, None], axis=-1)[:, 0]
+    per_row = jax.nn.logsumexp(scores, axis=-1) - target
+    correct = (jnp.argmax(scores, axis=-1) == ids).astype(jnp.float32)
+    return jnp.sum(per_row * w), jnp.sum(w), {"accuracy": jnp.sum(correct * w)}
+
+
+def labelled_rows(batch):
+    """[B] bool: the rows of a classify batch that hold an example (any segment id > 0)."""
+    return jnp.any(batch["segment_ids"] > 0, axis=-1)
 
 
 def chunked_lm_loss(hidden, w, targets, loss_mask, chunk: int):
@@ -185,16 +207,33 @@ def mlm_batch(batch, key, **corrupt):
             "loss_mask": chosen.astype(jnp.float32)}
 
 
-def batch_objective(tcfg, mcfg, tokenizer):
-    """`(batch, step) -> batch`: train.objective's batch transform for the jitted
-    steps (step None: eval, a fixed key), or None when batches are used as they
-    come (clm). ConfigError when the objective does not fit the model family."""
+def check_objective(tcfg, mcfg) -> None:
+    """ConfigError when train.objective does not fit the model (its family, its head)."""
+    if mcfg.num_labels and tcfg.objective != "classify":
+        raise ConfigError(f"train.objective={tcfg.objective!r} needs an LM head, but this model "
+                          f"is a sequence classifier (model.num_labels={mcfg.num_labels}); use "
+                          "train.objective=classify")
+    if tcfg.objective == "classify":
+        if not mcfg.num_labels:
+            raise ConfigError("train.objective=classify needs a model with a score head "
+                              "(model.num_labels > 0): start from a *ForSequenceClassification "
+                              "checkpoint (train.init_from) or set model.num_labels")
+        return
     if mcfg.family == "encoder" and tcfg.objective != "mlm":
         raise ConfigError(f"train.objective={tcfg.objective!r} does not fit model.family=encoder "
-                          "(bidirectional attention sees its targets); use train.objective=mlm")
+                          "(bidirectional attention sees its targets); use train.objective=mlm "
+                          "(or classify, with a score head)")
     if (mcfg.family == "encoder_decoder") != (tcfg.objective == "span"):
         raise ConfigError(f"train.objective={tcfg.objective!r} does not fit model.family="
                           f"{mcfg.family} (span corruption is the encoder_decoder objective)")
+
+
+def batch_objective(tcfg, mcfg, tokenizer):
+    """`(batch, step) -> batch`: train.objective's batch transform for the jitted
+    steps (step None: eval, a fixed key), or None when batches are used as they
+    come (clm, sft, dpo, classify). ConfigError when the objective does not fit the
+    model (`check_objective`)."""
+    check_objective(tcfg, mcfg)
     if tcfg.objective != "mlm":  # span: corrupted on the host (jaxlm.train.span)
         return None
     corrupt = dict(probability=tcfg.mlm_probability,

@@ -491,7 +491,8 @@ def sft_eval_batches(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
 
 def finetune_data(kind: str, cfg, tokenizer: Tokenizer, *, template: str | None,
                   batch_size: int | None = None, process_index: int = 0, process_count: int = 1):
-    """(training iterator, fixed eval batches) of an "sft" or "dpo" run, from `cfg`.
+    """(training iterator, fixed eval batches) of an "sft", "dpo" or "classify" run, from
+    `cfg`.
 
     Reads `cfg.data.corpus` (jsonl paths/globs, or "stdlib-sft" for sft),
     holds out `cfg.data.eval_fraction` of the records (seed `cfg.data.seed`),
@@ -500,7 +501,7 @@ def finetune_data(kind: str, cfg, tokenizer: Tokenizer, *, template: str | None,
     batch (default `cfg.data.batch_size`); eval batches are global (every
     process builds the same ones). `template`: see `resolve_chat_template`.
     """
-    from . import preference
+    from . import classify, preference
 
     data = cfg.data
     if kind == "sft":
@@ -508,8 +509,13 @@ def finetune_data(kind: str, cfg, tokenizer: Tokenizer, *, template: str | None,
                                    seq_len=data.seq_len)
     elif kind == "dpo":
         records = preference.load_preference_records(data.corpus, max_records=data.max_docs or None)
+    elif kind == "classify":
+        records = classify.load_classify_records(data.corpus, cfg.model.num_labels,
+                                                 cfg.model.label_names,
+                                                 max_records=data.max_docs or None)
     else:
-        raise ConfigError(f"finetune_data: kind should be 'sft' or 'dpo', got {kind!r}")
+        raise ConfigError(f"finetune_data: kind should be 'sft', 'dpo' or 'classify', got "
+                          f"{kind!r}")
     train, held = split_records(records, data.eval_fraction, data.seed)
     if not held:
         raise InputError(f"data.corpus={data.corpus}: {len(records)} record(s), too few to hold "
@@ -522,6 +528,13 @@ def finetune_data(kind: str, cfg, tokenizer: Tokenizer, *, template: str | None,
                               process_count=process_count, **common)
         evals = sft_eval_batches(held, tokenizer, batch_size=data.batch_size,
                                  num_batches=cfg.train.eval_batches, loss_on=loss_on, **common)
+    elif kind == "classify":
+        batches = classify.classify_batches(train, tokenizer,
+                                            batch_size=batch_size or data.batch_size,
+                                            seed=data.seed, process_index=process_index,
+                                            process_count=process_count, **common)
+        evals = classify.classify_eval_batches(held, tokenizer, batch_size=data.batch_size,
+                                               num_batches=cfg.train.eval_batches, **common)
     else:
         batches = preference.dpo_batches(train, tokenizer, batch_size=batch_size or data.batch_size,
                                          seed=data.seed, process_index=process_index,

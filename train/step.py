@@ -1,12 +1,12 @@
 """The jitted train and eval steps: plain, LoRA (frozen base + adapters), DPO,
-each with gradient accumulation.
+classify (a sequence classifier's pooled scores), each with gradient accumulation.
 
 One `train_step(state, batch)` covers every run kind (see train/state.py):
 the trainable tree is `state.params`; the model sees `apply_lora(frozen,
 params)` for LoRA runs. With `train.grad_accum_steps` k > 1 the batch is
 split into k microbatches (rows j, j + k, ...: each device keeps its share)
 scanned inside the step; each microbatch's objective is its loss sum over
-the whole batch's denominator (tokens, or pairs for DPO), so the summed
+the whole batch's denominator (tokens, pairs for DPO, rows for classify), so the summed
 gradients and losses are exactly the full-batch means. (MoE router losses
 are averaged over microbatches.)
 """
@@ -23,12 +23,13 @@ from ..model import forward, head_weights
 from ..model.adapters import materialize_outside_layers
 from ..config import TrainConfig
 from ..model.config import dtype_of
+from ..model.classify import pooled_scores
 from ..model.families.encoder import mlm_head_inputs
 from ..sharding.context import context_reorder, context_size
 from ..sharding.rules import constrain
 from . import dpo
 from .lora import apply_lora, lora_scale
-from .objectives import causal_lm_loss, chunked_lm_loss
+from .objectives import causal_lm_loss, chunked_lm_loss, classification_loss, labelled_rows
 from .state import TrainState
 
 DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
@@ -38,8 +39,10 @@ def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_wei
             dropout_key=None, pipeline=None):
     """(training objective, (token loss sum, token count, extra metrics)).
 
-    The objective is the token loss sum over `denominator` (default: this
-    batch's token count, i.e. the mean) plus, for MoE configs, `aux_weight`
+    A sequence classifier (model.num_labels > 0) counts rows instead of tokens: its
+    loss is over each row's pooled scores and batch["labels"] (accuracy in the extra
+    metrics). The objective is the loss sum over `denominator` (default: this
+    batch's count, i.e. the mean) plus, for MoE configs, `aux_weight`
     times the router's load-balancing and z losses times their coefficients
     (logged apart). `vocab_chunk` > 0 computes the token loss over vocab chunks.
     `dropout_key`: the model's dropout key (training; None: no dropout).
@@ -48,6 +51,14 @@ def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_wei
     keyed = {} if dropout_key is None else {"dropout_key": dropout_key}
     if pipeline is not None:
         keyed["pipeline"] = pipeline
+    extra = {}
+    if mcfg.num_labels:  # a sequence classifier: one pooled score per row (train/classify.py)
+        hidden, aux = forward(params, mcfg, batch["tokens"], batch["positions"],
+                              batch["segment_ids"], return_hidden=True, **keyed)
+        scores = pooled_scores(params, mcfg, hidden, batch["tokens"], batch["segment_ids"])
+        loss_sum, count, extra = classification_loss(scores, batch["labels"][:, 0],
+                                                     labelled_rows(batch))
+        return _with_router_losses(loss_sum, count, extra, aux, mcfg, denominator, aux_weight)
     if mcfg.family == "decoder":  # context parallelism: causal load balancing (identity without)
         batch = context_reorder(batch, context_size())
     if mcfg.family == "encoder_decoder":  # span corruption: encoder inputs -> decoder targets
@@ -66,15 +77,20 @@ def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_wei
         loss_sum, count = chunked_lm_loss(out, w, batch["targets"], batch["loss_mask"], vocab_chunk)
     else:
         loss_sum, count = causal_lm_loss(out, batch["targets"], batch["loss_mask"])
+    return _with_router_losses(loss_sum, count, extra, aux, mcfg, denominator, aux_weight)
+
+
+def _with_router_losses(loss_sum, count, extra, aux, mcfg, denominator, aux_weight):
+    """loss_fn's result: the loss sum over `denominator` (None: count), plus the MoE
+    router losses (logged apart, in `extra`)."""
     denominator = jnp.maximum(count, 1.0) if denominator is None else denominator
     objective = loss_sum / denominator
-    extra = {}
     if "moe" in aux:
         stats = aux["moe"]
         objective = objective + aux_weight * (mcfg.moe.aux_loss_coef
                                               * stats["load_balancing_loss"]
                                               + mcfg.moe.z_loss_coef * stats["router_z_loss"])
-        extra = {f"moe_{k}": v * aux_weight for k, v in stats.items()}
+        extra = {**extra, **{f"moe_{k}": v * aux_weight for k, v in stats.items()}}
     return objective, (loss_sum, count, extra)
 
 
@@ -100,9 +116,12 @@ def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, voc
 
 
 def _totals(batch, tcfg):
-    """The full batch's denominator: pairs for DPO, counted tokens otherwise."""
+    """The full batch's denominator: pairs for DPO, labelled rows for classify, counted
+    tokens otherwise."""
     if tcfg.objective == "dpo":
         return jnp.asarray(batch["chosen"]["tokens"].shape[0], jnp.float32)
+    if tcfg.objective == "classify":
+        return jnp.maximum(jnp.sum(labelled_rows(batch).astype(jnp.float32)), 1.0)
     return jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
 
@@ -151,6 +170,8 @@ def _metrics(sums, tcfg):
     if tcfg.objective == "dpo":
         out["dpo_loss"] = out["loss"]
         out.update({k: sums[k] / n for k in DPO_METRICS})
+    if "accuracy" in sums:  # classify (num_labels > 1): correct rows / rows
+        out["accuracy"] = sums["accuracy"] / n
     out.update({k: v for k, v in sums.items() if k.startswith("moe_")})
     return out
 

@@ -27,6 +27,7 @@ from ..layers.moe import moe_specs
 from ..layers.norms import norm, norm_specs
 from ..layers.positions import learned_position_specs
 from ..layers.relative import relative_bias_specs
+from ..layers.score import score_specs
 from ..params import stack
 from ...sharding.pipeline import pipelined_layers
 
@@ -40,8 +41,10 @@ def decoder_specs(cfg):
         specs["positions"] = learned_position_specs(cfg)
     if cfg.positions == "t5_relative":
         specs["relative"] = relative_bias_specs(cfg)
-    if cfg.head and not cfg.tie_embeddings:  # a base model (HF LlamaModel) has none
+    if cfg.lm_head and not cfg.tie_embeddings:  # a base model (HF LlamaModel) has none
         specs["head"] = head_specs(cfg)
+    if cfg.num_labels:  # a sequence classifier: the score head instead (no lm_head)
+        specs.update(score_specs(cfg, pooler=False))
     return specs
 
 

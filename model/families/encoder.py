@@ -10,8 +10,10 @@
     word embeddings, or a separate head when tie_embeddings is false)
 
 Attention is bidirectional: `segment_ids` (0 = padding) keep padding out and
-packed sequences apart. BertForMaskedLM has no pooler, so there is none here;
-`jaxlm.embed` (model/embed.py) pools by a masked mean instead.
+packed sequences apart. BertForMaskedLM has no pooler, so an MLM model has none;
+`jaxlm.embed` (model/embed.py) pools by a masked mean instead. A sequence
+classifier (model.num_labels > 0, BertForSequenceClassification) has BERT's pooler
+and classifier in place of the MLM head (model/layers/score.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..layers.embeddings import (embed_tokens_and_positions, embedding_specs,
 from ..layers.mlp import GATED, activation, mlp_specs
 from ..layers.norms import norm, norm_specs
 from ..layers.positions import learned_position_specs
+from ..layers.score import score_specs
 from ..params import Spec, normal, stack, zeros
 from ...sharding.rules import constrain
 
@@ -40,7 +43,7 @@ from ...sharding.rules import constrain
 def _check(cfg):
     # gated MLPs: T5 v1.1 encoders (T5EncoderModel) load as this family; the MLM
     # head (BERT) needs a plain one
-    if cfg.moe.n_experts or cfg.sliding_window or (cfg.mlp in GATED and cfg.head):
+    if cfg.moe.n_experts or cfg.sliding_window or (cfg.mlp in GATED and cfg.lm_head):
         raise ConfigError("model.family=encoder supports neither moe.n_experts, sliding_window "
                           "nor gated MLPs with the MLM head (got moe.n_experts="
                           f"{cfg.moe.n_experts}, "
@@ -63,8 +66,10 @@ def encoder_specs(cfg):
     layer = {"attn": attention_specs(cfg), "ln1": norm_specs(cfg), "mlp": mlp_specs(cfg),
              "ln2": norm_specs(cfg)}
     specs = {"embed": embedding_specs(cfg), "layers": stack(layer, cfg.n_layers)}
-    if cfg.head:  # a base model (HF BertModel, T5EncoderModel) has no MLM head
+    if cfg.lm_head:  # a base model (HF BertModel, T5EncoderModel) has no MLM head
         specs["mlm"] = mlm_head_specs(cfg)
+    if cfg.num_labels:  # a sequence classifier (BertForSequenceClassification): pooler + score
+        specs.update(score_specs(cfg, pooler=True))
     specs["embed_ln" if post else "final_ln"] = norm_specs(cfg)
     if cfg.positions == "learned":
         specs["positions"] = learned_position_specs(cfg)
@@ -73,7 +78,7 @@ def encoder_specs(cfg):
     if cfg.type_vocab_size:
         specs["token_types"] = {"table": Spec((cfg.type_vocab_size, cfg.d_model), (None, "embed"),
                                               normal(cfg.init_std), cfg.param_dtype)}
-    if cfg.head and not cfg.tie_embeddings:
+    if cfg.lm_head and not cfg.tie_embeddings:
         specs["head"] = head_specs(cfg)
     return specs
 

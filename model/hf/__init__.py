@@ -6,7 +6,8 @@
     save_hf(out_dir, cfg, params)                 # a directory transformers loads
 
 Families (`model_type`): llama, mistral, qwen2, mixtral, gpt2 (`decoder`), bert
-(`bert`), t5 / mt5 (`t5`). Each family module gives `config_from_hf`,
+(`bert`), t5 / mt5 (`t5`); decoders and bert also as `*ForSequenceClassification`
+(model.num_labels > 0: `labels`). Each family module gives `config_from_hf`,
 `hf_config` and `rules(cfg, hf, keys)`: one table of `rules.Rule`s read by the
 one leaf loader (`rules.load_leaf`) and the one exporter (`rules.export_tensors`).
 
@@ -130,13 +131,17 @@ def save_hf(directory, cfg: ModelConfig, params, model_type: str | None = None, 
     into shards `model-0000k-of-0000n.safetensors` listed in
     `model.safetensors.index.json`. Refuses a directory that exists and is not
     empty; writes a temporary directory next to it and renames it at the end.
-    `extra_config` (the special-token ids) joins config.json; `extra_files` ({name:
-    bytes}: the tokenizer, chat template, generation_config.json) are written with the
-    weights (`jaxlm.model.companions`).
+    `extra_config` (the special-token ids) joins config.json (a sequence classifier
+    keeps its model.pad_token_id: HF pools at the last token that is not it);
+    `extra_files` ({name: bytes}: the tokenizer, chat template, generation_config.json)
+    are written with the weights (`jaxlm.model.companions`).
     """
     if model_type is None and cfg.family == "decoder":
         model_type = infer_model_type(cfg)
-    hf = {**hf_config_from(cfg, model_type), **(extra_config or {})}
+    own = hf_config_from(cfg, model_type)
+    hf = {**own, **(extra_config or {})}
+    if cfg.num_labels:  # a classifier pools by its own pad id, whatever the tokenizer's
+        hf["pad_token_id"] = own["pad_token_id"]
     expected = jax.tree.map(lambda s: s.shape, abstract(model_specs(cfg)))
     try:
         got = jax.tree.map(lambda a: tuple(a.shape), params)

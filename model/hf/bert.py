@@ -1,14 +1,17 @@
 """Hugging Face BERT checkpoints <-> the encoder family.
 
 * `config_from_hf(config_json_dict) -> ModelConfig`, `hf_config(cfg) -> dict`
-  (a BertForMaskedLM that `transformers` loads).
+  (a BertForMaskedLM, BertModel or BertForSequenceClassification that `transformers`
+  loads).
 * `rules(cfg, hf, keys)`: the table of `jaxlm.model.hf.rules.Rule`s.
 
 Accepted checkpoints: BertForMaskedLM / BertForPreTraining (keys under
-`bert.` and `cls.predictions.`), and BertModel (no `bert.` prefix, no head:
-it loads as `head: false`, hidden states only). Old names (`LayerNorm.gamma/beta`) and the
-tied `cls.predictions.decoder.bias` are read too (aliases); tensors the MLM
-model does not use (pooler, next-sentence head, position_ids buffers) are ignored.
+`bert.` and `cls.predictions.`), BertModel (no `bert.` prefix, no head:
+it loads as `head: false`, hidden states only), and BertForSequenceClassification
+(`bert.pooler.dense` + `classifier`: model.num_labels > 0, hf/labels.py). Old names
+(`LayerNorm.gamma/beta`) and the tied `cls.predictions.decoder.bias` are read too
+(aliases); tensors the model does not use (an MLM model's pooler, the next-sentence
+head, position_ids buffers) are ignored.
 
 HF Linear weights are [out, in]; ours are [in..., out...] (q: [D, H, hd], o: [H, hd, D]).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 from ...errors import CheckpointError, ConfigError
 from ..config import ModelConfig
 from .io import CONFIG_FILE
+from .labels import hf_label_fields, label_fields
 from .rules import Rule, linear, merged
 
 MODEL_TYPES = ("bert",)
@@ -62,7 +66,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
             gelu_approximate=approximate, positions="learned", qkv_bias=True, out_bias=True,
             mlp_bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
             init_std=float(get("initializer_range", 0.02)),
-            head="BertModel" not in (hf.get("architectures") or ()))  # base: no cls.*
+            head="BertModel" not in (hf.get("architectures") or ()),  # base: no cls.*
+            **label_fields(hf))
     except ConfigError as e:
         raise CheckpointError(f"{CONFIG_FILE}: {e}") from None
 
@@ -83,8 +88,10 @@ def hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict:
     if bad:
         raise ConfigError(f"hf export: the config is not a BERT; it needs {', '.join(bad)}")
     act = "relu" if cfg.mlp == "relu" else ("gelu_new" if cfg.gelu_approximate else "gelu")
+    arch = ("BertForSequenceClassification" if cfg.num_labels else
+            "BertForMaskedLM" if cfg.head else "BertModel")
     return {
-        "architectures": ["BertForMaskedLM" if cfg.head else "BertModel"], "model_type": "bert",
+        "architectures": [arch], "model_type": "bert",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "intermediate_size": cfg.d_ff, "hidden_act": act,
@@ -92,7 +99,7 @@ def hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict:
         "layer_norm_eps": cfg.norm_eps, "initializer_range": cfg.init_std,
         "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
         "position_embedding_type": "absolute", "tie_word_embeddings": cfg.tie_embeddings,
-        "pad_token_id": 0, "dtype": cfg.param_dtype,
+        "pad_token_id": 0, "dtype": cfg.param_dtype, **hf_label_fields(cfg),
     }
 
 
@@ -107,7 +114,11 @@ def rules(cfg: ModelConfig, hf: dict | None = None, keys=frozenset()) -> list[Ru
              "mlm/dense/kernel": (head + "transform.dense.weight", linear(1, 2)),
              "mlm/dense/bias": (head + "transform.dense.bias", None),
              "mlm/bias": (head + "bias", None),
-             "head/kernel": (head + "decoder.weight", linear(1, 2))}
+             "head/kernel": (head + "decoder.weight", linear(1, 2)),
+             "pooler/kernel": ("bert.pooler.dense.weight", linear(1, 2)),
+             "pooler/bias": ("bert.pooler.dense.bias", None),
+             "score/kernel": ("classifier.weight", linear(1, 2)),
+             "score/bias": ("classifier.bias", None)}
     norms = {"embed_ln": emb + "LayerNorm", "layers/ln1": layer + "attention.output.LayerNorm",
              "layers/ln2": layer + "output.LayerNorm", "mlm/ln": head + "transform.LayerNorm"}
     for ours, theirs in norms.items():
@@ -122,10 +133,12 @@ def rules(cfg: ModelConfig, hf: dict | None = None, keys=frozenset()) -> list[Ru
         # q/k/v biases are [H*hd] in HF, [H, hd] here
         table["layers/" + ours + "_bias"] = (layer + theirs + ".bias",
                                              merged(2) if ours[-1] in "qkv" else None)
-    if cfg.tie_embeddings or not cfg.head:
+    if cfg.tie_embeddings or not cfg.lm_head:
         del table["head/kernel"]
-    if not cfg.head:  # BertModel: no cls.predictions.*
+    if not cfg.lm_head:  # BertModel, BertForSequenceClassification: no cls.predictions.*
         table = {k: v for k, v in table.items() if not k.startswith("mlm/")}
+    if not cfg.num_labels:  # the pooler and classifier of BertForSequenceClassification
+        table = {k: v for k, v in table.items() if not k.startswith(("pooler/", "score/"))}
     return [Rule(tuple(path.split("/")), key, groups, aliases=tuple(_aliases(key)[1:]))
             for path, (key, groups) in table.items()]
 

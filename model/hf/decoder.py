@@ -19,6 +19,10 @@ Mixtral experts come in two layouts, detected per checkpoint:
     model.layers.N.mlp.experts.gate_up_proj [E, 2F, D]  (gate rows first, then up)
     model.layers.N.mlp.experts.down_proj [E, D, F]
 Export writes the per-expert layout.
+
+Sequence classifiers (`LlamaForSequenceClassification`, ...,
+`GPT2ForSequenceClassification`: `score.weight` [N, D] in place of `lm_head.weight`)
+load as model.num_labels = N (hf/labels.py), and export as such.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import re
 from ...errors import CheckpointError, ConfigError
 from ..config import ModelConfig, MoeConfig, RopeConfig
 from .io import CONFIG_FILE
+from .labels import hf_label_fields, label_fields
 from .rules import Rule, linear, merged
 from ..layers.positions import SCALED_ROPE, rope_fields_from_hf, rope_parameters_to_hf
 
@@ -41,6 +46,12 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 # they load as model.head=false (hidden states only)
 BASE_ARCHITECTURES = {"llama": "LlamaModel", "mistral": "MistralModel", "qwen2": "Qwen2Model",
                       "mixtral": "MixtralModel", "gpt2": "GPT2Model"}
+# sequence classifiers (a score head, no lm_head): model.num_labels > 0 (hf/labels.py)
+CLASSIFIER_ARCHITECTURES = {"llama": "LlamaForSequenceClassification",
+                            "mistral": "MistralForSequenceClassification",
+                            "qwen2": "Qwen2ForSequenceClassification",
+                            "mixtral": "MixtralForSequenceClassification",
+                            "gpt2": "GPT2ForSequenceClassification"}
 _DEFAULT_THETA = {"mixtral": 1e6}  # else 10000
 # llama-style hidden_act -> (our gated mlp, gelu_approximate)
 _GATED_ACTS = {"silu": ("swiglu", False), "swish": ("swiglu", False), "gelu": ("geglu", False),
@@ -181,6 +192,7 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
                               f"(supported: {', '.join(SUPPORTED)})")
     fields = _gpt2(hf_config) if model_type == "gpt2" else _llama_like(hf_config, model_type)
     fields["head"] = BASE_ARCHITECTURES[model_type] not in (hf_config.get("architectures") or ())
+    fields.update(label_fields(hf_config))
     try:
         return ModelConfig(**fields)
     except ConfigError as e:
@@ -247,12 +259,13 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
     if bad:
         raise ConfigError(f"hf export: this config cannot be written as {model_type}; "
                           f"it needs {'; '.join(bad)}")
-    arch = (ARCHITECTURES if cfg.head else BASE_ARCHITECTURES)[model_type]
+    arch = (CLASSIFIER_ARCHITECTURES if cfg.num_labels else
+            ARCHITECTURES if cfg.head else BASE_ARCHITECTURES)[model_type]
     common = {"architectures": [arch], "model_type": model_type,
               "vocab_size": cfg.vocab_size, "initializer_range": cfg.init_std,
               "tie_word_embeddings": cfg.tie_embeddings, "dtype": cfg.param_dtype,
               "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-              "use_cache": True}
+              "use_cache": True, **hf_label_fields(cfg)}
     if model_type == "gpt2":
         act = {"relu": "relu"}.get(cfg.mlp, "gelu_new" if cfg.gelu_approximate else "gelu")
         return {**common, "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
@@ -319,8 +332,7 @@ def _llama_rules(cfg, keys):
         Rule(("layers", "attn", "v"), att + "v_proj.weight", heads),
         Rule(("layers", "attn", "o"), att + "o_proj.weight", linear(2, 3)),  # [D, H*hd]
     ]
-    if cfg.head and not cfg.tie_embeddings:
-        rules.append(Rule(("head", "kernel"), "lm_head.weight", linear(1, 2)))
+    rules += _head_rules(cfg)
     if cfg.qkv_bias:
         rules += [Rule(("layers", "attn", w + "_bias"), att + f"{w}_proj.bias", head_bias)
                   for w in "qkv"]
@@ -379,9 +391,16 @@ def _gpt2_rules(cfg, keys):
                        (1, j, 3)),
                   Rule(("layers", "attn", name + "_bias"), layer + "attn.c_attn.bias",
                        merged(2), (0, j, 3))]
+    return rules + _head_rules(cfg)
+
+
+def _head_rules(cfg):
+    """lm_head [V, D] <-> head [D, V] (untied LM heads); a classifier's score [N, D]."""
+    if cfg.num_labels:
+        return [Rule(("score", "kernel"), "score.weight", linear(1, 2))]
     if cfg.head and not cfg.tie_embeddings:
-        rules.append(Rule(("head", "kernel"), "lm_head.weight", linear(1, 2)))
-    return rules
+        return [Rule(("head", "kernel"), "lm_head.weight", linear(1, 2))]
+    return []
 
 
 def unused_ok(name: str, cfg: ModelConfig) -> bool:
