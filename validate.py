@@ -122,21 +122,56 @@ def forward(params, cfg, tokens, *args, **kwargs):
     return model_forward(params, cfg, tokens, *args, **kwargs)
 
 
-def embed(params, cfg, tokens, *args, **kwargs):
-    """`jaxlm.embed`: `jaxlm.model.embed.embed` after the checks above."""
+def texts_batch(texts, tokenizer, cfg, where: str, args=(), kwargs=None):
+    """(tokens [B, S] int32, mask [B, S]) of a string or a list of strings, each encoded
+    as transformers' `tokenizer(text)` encodes it (BERT's [CLS] ... [SEP], Llama's
+    BOS) and padded on the right with the tokenizer's pad id."""
+    if tokenizer is None:
+        raise InputError(f"{where}: strings need tokenizer= (e.g. jaxlm.load_tokenizer(DIR))")
+    if args or (kwargs or {}).get("mask") is not None:
+        raise InputError(f"{where}: strings make their own mask; pass token ids to give one")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise InputError(f"{where}: tokens must be token ids, or strings with tokenizer=")
+    rows = tokenizer.encode_batch(texts, add_special_tokens=True)
+    longest = max(map(len, rows))
+    if cfg.positions == "learned" and longest > cfg.max_seq_len:
+        i = max(range(len(rows)), key=lambda i: len(rows[i]))
+        raise InputError(f"{where}: text {i} has {longest} tokens, more than "
+                         f"model.max_seq_len={cfg.max_seq_len}")
+    tokens = np.full((len(rows), max(longest, 1)), tokenizer.pad_id, np.int32)
+    mask = np.zeros(tokens.shape, np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+    return tokens, mask
+
+
+def _is_text(tokens) -> bool:
+    return isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and bool(tokens)
+                                       and all(isinstance(t, str) for t in tokens))
+
+
+def embed(params, cfg, tokens, *args, tokenizer=None, **kwargs):
+    """`jaxlm.embed`: `jaxlm.model.embed.embed` after the checks above. `tokens` may be
+    a string or a list of strings, with `tokenizer=` (`texts_batch`)."""
     from .model.embed import embed as model_embed
     check_model_args(params, cfg, "embed")
+    if _is_text(tokens):
+        tokens, kwargs["mask"] = texts_batch(tokens, tokenizer, cfg, "embed", args, kwargs)
     check_tokens(tokens, cfg, "embed")
     return model_embed(params, cfg, tokens, *args, **kwargs)
 
 
-def classify(params, cfg, tokens, *args, **kwargs):
-    """`jaxlm.classify`: `jaxlm.model.classify.classify` after the checks above."""
+def classify(params, cfg, tokens, *args, tokenizer=None, **kwargs):
+    """`jaxlm.classify`: `jaxlm.model.classify.classify` after the checks above. `tokens`
+    may be a string or a list of strings, with `tokenizer=` (`texts_batch`)."""
     from .model.classify import classify as model_classify
     check_model_args(params, cfg, "classify")
     if not cfg.num_labels:
         raise ConfigError("classify: this model has no score head (model.num_labels=0); a "
                           "Hugging Face *ForSequenceClassification checkpoint loads with one")
+    if _is_text(tokens):
+        tokens, kwargs["mask"] = texts_batch(tokens, tokenizer, cfg, "classify", args, kwargs)
     check_tokens(tokens, cfg, "classify")
     return model_classify(params, cfg, tokens, *args, **kwargs)
 

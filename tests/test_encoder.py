@@ -294,3 +294,42 @@ def test_mlm_train_steps_reduce_the_loss(params):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
+
+
+def test_bert_tokenizer_adds_cls_sep_and_embed_takes_strings(hf_model, hf_dir, tmp_path):
+    """A WordPiece tokenizer.json with BERT's post-processor: `encode(text,
+    add_special_tokens=True)` equals BertTokenizerFast(text) ([CLS] ... [SEP]), "[SEP]"
+    in the text is its id as in transformers, and `jaxlm.embed(strings, tokenizer=)`
+    equals the masked mean of transformers' BertModel hidden states on its batch."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(["the cat sat on the mat", "a dog ran far away"] * 20,
+                            trainers.WordPieceTrainer(vocab_size=99, show_progress=False,
+                                                      special_tokens=["[PAD]", "[UNK]", "[CLS]",
+                                                                      "[SEP]", "[MASK]"]))
+    tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
+                                                   ("[CLS]", tok.token_to_id("[CLS]")))
+    fast = transformers.BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                                          sep_token="[SEP]", pad_token="[PAD]",
+                                          cls_token="[CLS]", mask_token="[MASK]")
+    fast.save_pretrained(tmp_path)
+    ours = jaxlm.load_tokenizer(str(tmp_path))
+    texts = ["The cat sat on the mat.", "a dog [SEP] ran", "far"]
+    for text in texts:
+        assert ours.encode(text, add_special_tokens=True) == fast(text)["input_ids"]
+        assert ours.encode(text) == fast(text, add_special_tokens=False)["input_ids"]
+    assert ours.encode("[SEP]") == [fast.sep_token_id]
+
+    cfg, params = jaxlm.load(str(hf_dir))
+    vectors = jaxlm.embed(params, cfg, texts, tokenizer=ours)
+    batch = fast(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = hf_model.bert(**batch).last_hidden_state.numpy()
+    mask = batch["attention_mask"].numpy()[..., None]
+    np.testing.assert_allclose(np.asarray(vectors), (hidden * mask).sum(1) / mask.sum(1),
+                               atol=1e-4)
+    from jaxlm.errors import InputError
+    with pytest.raises(InputError, match="tokenizer="):
+        jaxlm.embed(params, cfg, texts)
