@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
 from ..infer.text import (apply_model_overrides, chat_template_for, decode_ids,  # noqa: F401
                           encode_prompts, generation_settings, given_generate_keys,
                           resolve_generate, split_model_overrides, stop_ids)

@@ -30,14 +30,14 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import grain
 import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..model.chat import check_messages
 from ..model.tokenizer import Tokenizer
-from .data import _EpochShuffle, _check_shapes
-from .sft import SFTBatches, _jsonl_records, _shard, chat_example, examples_digest, fixed_batches
+from .data import _check_shapes
+from .sft import (SFTBatches, _jsonl_records, _shard, chat_example, fixed_batches,
+                  row_batches)
 
 
 def load_classify_records(source: str | Sequence[str], num_labels: int,
@@ -132,18 +132,12 @@ def classify_batches(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
     (`num_epochs=None`); `get_state()/set_state()` resume exactly; `stats`.
     """
     _check_shapes(seq_len, batch_size)
-    if num_epochs is not None and num_epochs < 1:
-        raise ConfigError(f"num_epochs must be positive, got {num_epochs}")
     rows, stats = _rows_or_raise(records, tokenizer, template, seq_len, process_index,
                                  process_count)
-    ds = _EpochShuffle(grain.MapDataset.source(rows), seed).repeat(num_epochs)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
-    it = it.batch(batch_size, batch_fn=lambda batch: _stack(batch, batch_size))
-    fingerprint = {"kind": "classify", "seq_len": seq_len, "batch_size": batch_size,
-                   "seed": seed, "num_epochs": num_epochs, "process_index": process_index,
-                   "process_count": process_count, "num_examples": len(rows),
-                   "examples_sha256": examples_digest(rows)}
-    return SFTBatches(it, fingerprint, stats)
+    return row_batches("classify", rows, _stack, rows, stats, seq_len=seq_len,
+                       batch_size=batch_size, seed=seed, num_epochs=num_epochs,
+                       process_index=process_index, process_count=process_count,
+                       num_threads=num_threads)
 
 
 def classify_eval_batches(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,

@@ -29,16 +29,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import grain
 import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..model.chat import check_messages
 from ..model.tokenizer import require_eos as _require_eos
 from ..model.tokenizer import Tokenizer
-from .data import _EpochShuffle, _check_shapes
-from .sft import (SFTBatches, _jsonl_records, _shard, chat_example, examples_digest,
-                  finish_rows, fixed_batches, prompt_completion_example)
+from .data import _check_shapes
+from .sft import (SFTBatches, _jsonl_records, _shard, chat_example, finish_rows,
+                  fixed_batches, prompt_completion_example, row_batches)
 
 SIDES = ("chosen", "rejected")
 
@@ -164,19 +163,13 @@ def dpo_batches(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
     (`num_epochs=None`); `get_state()/set_state()` resume exactly; `stats`.
     """
     _check_shapes(seq_len, batch_size)
-    if num_epochs is not None and num_epochs < 1:
-        raise ConfigError(f"num_epochs must be positive, got {num_epochs}")
     pairs, stats = _pairs_or_raise(records, tokenizer, template, seq_len, process_index,
                                    process_count)
-    ds = _EpochShuffle(grain.MapDataset.source(pairs), seed).repeat(num_epochs)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
-    it = it.batch(batch_size, batch_fn=lambda rows: _stack_pairs(rows, batch_size))
-    fingerprint = {"kind": "dpo", "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
-                   "num_epochs": num_epochs, "process_index": process_index,
-                   "process_count": process_count, "num_examples": len(pairs),
-                   "examples_sha256": examples_digest(
-                       [{f"{s}_{k}": v for s in SIDES for k, v in p[s].items()} for p in pairs])}
-    return SFTBatches(it, fingerprint, stats)
+    flat = [{f"{s}_{k}": v for s in SIDES for k, v in p[s].items()} for p in pairs]
+    return row_batches("dpo", pairs, _stack_pairs, flat, stats, seq_len=seq_len,
+                       batch_size=batch_size, seed=seed, num_epochs=num_epochs,
+                       process_index=process_index, process_count=process_count,
+                       num_threads=num_threads)
 
 
 def dpo_eval_batches(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,

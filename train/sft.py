@@ -397,6 +397,24 @@ def _shard(records: Sequence, process_index: int, process_count: int) -> list:
     return shard
 
 
+def row_batches(kind: str, items: list, stack, digest_rows: list, stats: dict, *,
+                seq_len: int, batch_size: int, seed: int, num_epochs: int | None,
+                process_index: int, process_count: int, num_threads: int) -> SFTBatches:
+    """Batches of one example per row (DPO pairs, classify examples): `items` shuffled
+    with `seed` each epoch, repeated (`num_epochs=None`) or not, `stack(rows,
+    batch_size)` per batch; resumable, fingerprinted by `digest_rows`' contents."""
+    if num_epochs is not None and num_epochs < 1:
+        raise ConfigError(f"num_epochs must be positive, got {num_epochs}")
+    ds = _EpochShuffle(grain.MapDataset.source(items), seed).repeat(num_epochs)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
+    it = it.batch(batch_size, batch_fn=lambda rows: stack(rows, batch_size))
+    fingerprint = {"kind": kind, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
+                   "num_epochs": num_epochs, "process_index": process_index,
+                   "process_count": process_count, "num_examples": len(items),
+                   "examples_sha256": examples_digest(digest_rows)}
+    return SFTBatches(it, fingerprint, stats)
+
+
 def _no_examples(stats) -> InputError:
     return InputError(f"no examples with a loss token ({stats['dropped']} dropped: nothing to "
                       "learn within seq_len)")
