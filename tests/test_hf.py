@@ -415,9 +415,10 @@ def test_hf_tokenizer_round_trip_and_special_ids(tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 0, 1)  # GPT-2 style: bos = eos
     for text in ["def f(x):\n    return x + 1\n", "  two  spaces\t\ttabs \n\n",
                  "unicode é 中文 😀", "literal <|endoftext|> stays text", ""]:
-        ids = tok.encode(text)
+        ids = tok.encode(text, split_special_tokens=True)
         assert tok.decode(ids) == text
-        assert tok.eos_id not in ids  # special strings in text are text
+        assert tok.eos_id not in ids  # split_special_tokens: special strings in text are text
+    assert tok.encode("a <|endoftext|>") == tok.encode("a ") + [tok.eos_id]  # as transformers
     assert tok.encode_batch(["a b", "def"]) == [tok.encode("a b"), tok.encode("def")]
     ids = tok.encode("return x")
     assert tok.decode([tok.eos_id] + ids + [tok.pad_id, tok.pad_id]) == "return x"

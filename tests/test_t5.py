@@ -371,7 +371,7 @@ def test_span_corruption_is_deterministic_per_row():
 class _ByteTokenizer:
     vocab_size, pad_id, bos_id, eos_id = 260, 0, 1, 2
 
-    def encode(self, text):
+    def encode(self, text, split_special_tokens=False):
         return [3 + b for b in text.encode()[:300] if b < 250]
 
 
