@@ -303,6 +303,10 @@ def test_submodules_and_generate_parameters_from_a_plain_import():
             "assert {'max_new_tokens', 'temperature', 'num_beams', 'stream', 'tokenizer',\n"
             "        'stop'} <= set(sig.parameters), sig\n"
             "assert 'repetition_penalty' in jaxlm.generate.__doc__\n"
+            "import pydoc\n"  # help()'s text: the signature line names the real parameters
+            "head = pydoc.render_doc(jaxlm.generate, renderer=pydoc.plaintext).splitlines()[2]\n"
+            "assert head.startswith('generate(params, cfg, prompts, *,') and '**' not in head\n"
+            "assert 'max_new_tokens' in head and 'num_beams' in head, head\n"
             "try:\n"
             "    jaxlm.model.no_such_module\n"
             "except AttributeError as e:\n"
