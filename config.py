@@ -8,12 +8,17 @@ run sections (data, train, mesh, generate). Every section is a frozen
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import importlib.resources
+import inspect
+import io
 import math
 import os
 import re
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass, field
 
@@ -27,15 +32,19 @@ from .model.config import ModelConfig, _choice, _positive, _section_type
 class DataConfig:
     _prefix = "data."
 
-    corpus: str = "stdlib"  # "stdlib", a directory, a text/.jsonl file, or a `jaxlm prepare` dir
-    max_docs: int = 0  # 0: all
-    eval_fraction: float = 0.02
-    seq_len: int = 256
-    batch_size: int = 8
-    seed: int = 0
+    # the training text: "stdlib", a directory, a text/.jsonl file or a `jaxlm prepare`
+    # dir; sft/dpo: .jsonl files (paths, globs, comma-separated) or "stdlib-sft"
+    corpus: str = "stdlib"
+    max_docs: int = 0  # documents read from the corpus; 0: all
+    eval_fraction: float = 0.02  # the share of documents / records held out for the eval loss
+    seq_len: int = 256  # tokens per row (examples packed into rows)
+    batch_size: int = 8  # rows per step, over all devices and processes
+    seed: int = 0  # the order of the data (shuffling, the held-out split)
     shuffle_rows: int = 2048  # packed rows shuffled within windows of this many; 0: off
-    tokenizer: str = ""  # "": train a sentencepiece model on the corpus; else its path
-    tokenizer_max_chars: int = 4_000_000
+    # a tokenizer file; "": a `jaxlm prepare` corpus's or the run dir's, else a sentencepiece
+    # model trained on the corpus (with train.init_from: the checkpoint's own)
+    tokenizer: str = ""
+    tokenizer_max_chars: int = 4_000_000  # characters of the corpus a tokenizer is trained on
     # sft/dpo chat records: "" the checkpoint's own template (else ChatML), "chatml", or a
     # .jinja file (see jaxlm.model.chat.resolve_chat_template)
     chat_template: str = ""
@@ -83,11 +92,11 @@ class LoraConfig:
     adapters start from (its r, lora_alpha and target_modules; `resolve_lora_from`)."""
     _prefix = "train.lora."
 
-    rank: int = 0
-    alpha: float = 0.0
-    targets: str = "layers/attn/(q|k|v|o)"
-    base_dtype: str = "same"  # same | int8
-    init_from: str = ""  # a peft LoRA adapter dir to continue (train.lora_from=DIR)
+    rank: int = 0  # the adapters' rank; 0: LoRA off
+    alpha: float = 0.0  # adapters scaled by alpha / rank; 0: 2 * rank
+    targets: str = "layers/attn/(q|k|v|o)"  # regex re.fullmatch-ed against weight paths
+    base_dtype: str = "same"  # the frozen base's layer matmul weights: same | int8 (QLoRA)
+    init_from: str = ""  # a peft LoRA adapter dir to continue (alias train.lora_from)
 
     def __post_init__(self):
         _choice(self, "base_dtype", ("same", "int8"))
@@ -110,9 +119,9 @@ class DpoConfig:
     """DPO (jaxlm.train.dpo, train.objective=dpo): Rafailov et al.'s loss."""
     _prefix = "train.dpo."
 
-    beta: float = 0.1
-    loss: str = "sigmoid"  # sigmoid | ipo
-    label_smoothing: float = 0.0
+    beta: float = 0.1  # the KL penalty's strength: larger keeps the policy nearer the reference
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    label_smoothing: float = 0.0  # the assumed share of flipped preference labels (cDPO)
 
     def __post_init__(self):
         _choice(self, "loss", ("sigmoid", "ipo"))
@@ -127,38 +136,38 @@ class DpoConfig:
 class TrainConfig:
     _prefix = "train."
 
-    steps: int = 1000
-    learning_rate: float = 3e-4
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 4
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    seed: int = 0
+    steps: int = 1000  # optimizer steps: the run ends at this step
+    learning_rate: float = 3e-4  # the peak, reached after warmup; then cosine decay
+    warmup_steps: int = 100  # linear warmup from 0 to learning_rate
+    min_lr_ratio: float = 0.1  # the learning rate at train.steps, as a fraction of the peak
+    weight_decay: float = 0.1  # AdamW's (decoupled) weight decay
+    b1: float = 0.9  # AdamW's first-moment decay
+    b2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's epsilon
+    grad_clip: float = 1.0  # the gradients' global norm clipped to this; 0: off
+    eval_every: int = 100  # steps between eval-loss measurements
+    eval_batches: int = 4  # held-out batches per eval
+    checkpoint_every: int = 200  # steps between checkpoints
+    keep_checkpoints: int = 3  # checkpoints kept (the latest)
+    log_every: int = 10  # steps between metrics.jsonl / progress-bar updates
+    seed: int = 0  # initial weights, dropout and masking (mlm, span), keyed by step
     # Cross-entropy over vocab chunks of about this many columns, never
     # materialising [batch, seq, vocab] logits; 0: plain full logits.
     loss_vocab_chunk: int = 4096
-    # clm | mlm (masked LM) | span (T5 span corruption) | sft | dpo | classify (a score
-    # head's cross-entropy over labelled texts; MSE for model.num_labels=1)
+    # the loss: clm (next token) | mlm (masked LM) | span (T5 span corruption) | sft | dpo
+    # | classify (a score head's cross-entropy over labelled texts; MSE for num_labels=1)
     objective: str = "clm"
     # A jaxlm run/checkpoint dir or a Hugging Face dir to start from: the model
-    # config and weights come from it ("" = random init). See `resolve_init_from`.
+    # config, weights and tokenizer come from it ("": random init; `resolve_init_from`)
     init_from: str = ""
     mlm_probability: float = 0.15  # mlm: tokens chosen; of them 80% [MASK], 10% random, 10% kept
     span_noise_density: float = 0.15  # span: fraction of tokens corrupted
     span_mean_length: float = 3.0  # span: mean corrupted span length
-    sft_loss_on: str = "completion"  # sft: loss on completion / assistant tokens | all tokens
+    sft_loss_on: str = "completion"  # sft: the loss on completion / assistant tokens | all
     # Per-device peak FLOP/s that MFU divides by; 0: the datasheet bf16 figure
     # for a known accelerator (train/metrics.py), else the measured matmul peak.
     peak_flops: float = 0.0
-    tensorboard: bool = True  # TensorBoard event files in run_dir beside metrics.jsonl
+    tensorboard: bool = True  # write TensorBoard event files in run_dir beside metrics.jsonl
     # A step whose loss, gradient or update is not finite is skipped on device
     # (params and optimizer state unchanged); this many in a row stop the run.
     max_skipped_steps: int = 10
@@ -226,23 +235,27 @@ MESH_AXES = ("stage", "data", "fsdp", "context", "expert", "tensor")
 class MeshConfig:
     _prefix = "mesh."
 
-    data: int = -1  # -1: all devices not taken by the other axes
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1  # data parallelism: devices the batch is split over; -1: all left
+    fsdp: int = 1  # devices the weights, optimizer state (and the batch) are split over
+    tensor: int = 1  # devices heads, MLP and vocab columns are split over (tensor parallel)
     expert: int = 1  # MoE experts split over this axis (and the batch, outside MoE layers)
     context: int = 1  # the sequence split over this axis: ring attention, causal load balancing
     stage: int = 1  # pipeline stages: the layer stack split over this axis (sharding/pipeline.py)
     # > 1: each stage holds this many round-robin blocks of layers (circular schedule)
     pipeline_repeats: int = 1
+
     # Cross-host (DCN) factors: mesh axis X has mesh.X devices in all, of which
     # dcn_X across slices/hosts (the rest within one). All 1: a single slice.
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_tensor: int = 1
-    dcn_expert: int = 1
-    dcn_context: int = 1
-    dcn_stage: int = 1
+
+    dcn_data: int = 1  # of mesh.data, the factor across slices / hosts (DCN)
+    dcn_fsdp: int = 1  # of mesh.fsdp, the factor across slices / hosts (DCN)
+    dcn_tensor: int = 1  # of mesh.tensor, the factor across slices / hosts (DCN)
+    dcn_expert: int = 1  # of mesh.expert, the factor across slices / hosts (DCN)
+    dcn_context: int = 1  # of mesh.context, the factor across slices / hosts (DCN)
+    dcn_stage: int = 1  # of mesh.stage, the factor across slices / hosts (DCN)
     devices: int = 0  # 0: every device; N: only the first N (single-process runs)
+    # logical axis (batch, embed, heads, ...) -> mesh axes (null: replicated): where
+    # every weight, activation and cache is split
     rules: tuple = DEFAULT_RULES
 
     def __post_init__(self):
@@ -301,25 +314,33 @@ class GenerateConfig:
     settings (`jaxlm.infer.engine`) are its fields."""
     _prefix = "generate."
 
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    seed: int = 0
+    max_new_tokens: int = 64  # tokens generated per sequence, at most
+    temperature: float = 0.0  # the sampling temperature; 0: greedy
+    top_k: int = 0  # sample among the k most likely tokens; 0: off
+    top_p: float = 1.0  # sample among the most likely tokens holding this probability; 1: off
+    seed: int = 0  # the sampling seed
+
     # logit processors (HF semantics, see jaxlm.infer.processors) and min-p
-    min_p: float = 0.0  # 0: off
-    repetition_penalty: float = 1.0  # 1: off; prompt + generated tokens
-    presence_penalty: float = 0.0  # OpenAI semantics, generated tokens only
-    frequency_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0  # 0: off
+
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0: off
+    # penalise tokens of the prompt and the output (HF: logits > 0 divided by it, < 0
+    # multiplied); 1: off
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # minus this on tokens generated so far (OpenAI); 0: off
+    frequency_penalty: float = 0.0  # minus this x each token's count so far (OpenAI); 0: off
+    no_repeat_ngram_size: int = 0  # no n-gram of this size twice in prompt + output; 0: off
     min_new_tokens: int = 0  # stop ids masked before this many new tokens
     stop_ids: tuple = ()  # token ids that stop a row, besides the tokenizer's EOS
     stop: tuple = ()  # stop strings: a row ends once its text holds one (not returned)
+
     # beam search (greedy only), HF semantics
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: typing.Union[bool, str] = False  # true, false or never
-    num_return_sequences: int = 1
+
+    num_beams: int = 1  # beams per prompt; 1: no beam search
+    length_penalty: float = 1.0  # beams: a finished beam's score is divided by length ** this
+    # beams: stop once num_beams are done (true), once a better one is unlikely (false:
+    # HF's heuristic), or once none can come (never)
+    early_stopping: typing.Union[bool, str] = False
+    num_return_sequences: int = 1  # sequences per prompt: samples, or the best beams
     kv_dtype: str = "auto"  # KV cache: auto (the model's dtype) or int8 (per-token scales)
 
     def __post_init__(self):
@@ -371,7 +392,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # the run's directory: config.yaml, checkpoints, metrics
 
     def __post_init__(self):
         if self.data.batch_size % self.train.grad_accum_steps:
@@ -837,15 +858,17 @@ def to_dict(cfg) -> dict:
     out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            out[f.name] = to_dict(v)
-        elif f.name == "rules":
-            out[f.name] = {k: (list(a) if a else None) for k, a in v}
-        elif f.name == "sources":
-            out[f.name] = [{"path": p, "weight": w} for p, w in v]
-        else:
-            out[f.name] = v
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else _plain(f.name, v)
     return out
+
+
+def _plain(name: str, v):
+    """A leaf value as YAML writes it (and reads it back)."""
+    if name == "rules":
+        return {k: (list(_mesh_axes(a)) if a else None) for k, a in v}
+    if name == "sources":
+        return [{"path": p, "weight": w} for p, w in v]
+    return v
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
@@ -855,8 +878,114 @@ def model_config_from_dict(data: dict) -> ModelConfig:
     return _build(ModelConfig, resolve_aliases(data, "model."), "model.")
 
 
+
+# ---------------------------------------------------------------- documentation
+# A key's meaning is written once, as the comment at its field in the dataclass
+# (here and in model/config.py); `jaxlm config` prints them.
+
+class KeyDoc(typing.NamedTuple):
+    key: str  # dotted: train.lora.rank
+    type: str  # int | float | str | bool | list | mapping | bool|str
+    default: object  # the dataclass's default, as YAML writes it
+    value: object  # the value in the config described (the default without one)
+    meaning: str
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field name: meaning} of a dataclass, read from the comments at its definition:
+    the comment lines directly above a field (no blank line between) followed by the
+    comment after it on its line. A comment block followed by a blank line heads a
+    group and belongs to no field. {} when the source cannot be read."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                if t.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    names = {f.name for f in dataclasses.fields(cls)}
+    body = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)).body
+    docs = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and node.target.id in names):
+            continue
+        above, n = [], node.lineno - 1
+        while n >= 1 and lines[n - 1].lstrip().startswith("#"):
+            above.insert(0, comments[n])
+            n -= 1
+        after = [comments[i] for i in range(node.lineno, node.end_lineno + 1)
+                 if i in comments and not lines[i - 1].lstrip().startswith("#")]
+        words = [c for c in above + after if c and not c.startswith(("noqa", "type:"))]
+        docs[node.target.id] = " ".join(words)
+    return docs
+
+
+def describe_keys(cfg: Config | None = None) -> list[KeyDoc]:
+    """Every leaf key of the config tree, in definition order, with its type, default,
+    value in `cfg` (a loaded Config; None: the defaults) and meaning (`field_docs`)."""
+    return list(_describe(Config, cfg, ""))
+
+
+def _describe(cls, cfg, prefix):
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        t, value = hints[f.name], None if cfg is None else getattr(cfg, f.name)
+        if dataclasses.is_dataclass(t):
+            yield from _describe(t, value, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _plain(f.name, default)
+        value = default if cfg is None else _plain(f.name, value)
+        yield KeyDoc(prefix + f.name, _type_name(t, default), _listed(default), _listed(value),
+                     docs.get(f.name, ""))
+
+
+def _listed(v):
+    return [_listed(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _type_name(t, default) -> str:
+    if typing.get_origin(t) is typing.Union:
+        return "|".join(a.__name__ for a in typing.get_args(t))
+    if t is tuple or typing.get_origin(t) is tuple:
+        return "mapping" if isinstance(default, dict) else "list"
+    return t.__name__
+
+
+def config_sections() -> list[str]:
+    """The dotted names of every section: model, model.rope, ..., train.lora, ..."""
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield prefix + f.name
+                yield from walk(hints[f.name], f"{prefix}{f.name}.")
+    return list(walk(Config, ""))
+
+
+def select_keys(docs: list[KeyDoc], names) -> list[KeyDoc]:
+    """The KeyDocs under the given sections or keys (old flat names accepted), in
+    definition order; every KeyDoc when `names` is empty. An unknown name: ConfigError."""
+    chosen = set()
+    for name in names:
+        path = canonical_key(name.strip().rstrip("."))
+        hits = {d.key for d in docs if d.key == path or d.key.startswith(path + ".")}
+        if not hits:
+            known = config_sections() + [d.key for d in docs]
+            hint = difflib.get_close_matches(path, known, n=1, cutoff=0.5)
+            raise ConfigError(f"unknown config section or key {name!r}"
+                              + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                              + "; sections: " + ", ".join(config_sections()))
+        chosen |= hits
+    return [d for d in docs if not names or d.key in chosen]
+
+
 __all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "MeshConfig",
            "GenerateConfig", "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
            "model_config_from_dict", "apply_overrides", "refuse_repeated_keys", "to_dict",
            "flatten", "parse_override", "read_yaml", "ALIASES", "canonical_key",
-           "resolve_aliases"]
+           "resolve_aliases", "KeyDoc", "field_docs", "describe_keys", "config_sections",
+           "select_keys"]

@@ -24,11 +24,14 @@ class YarnConfig:
     beta_fast, beta_slow, mscale, mscale_all_dim, truncate)."""
     _prefix = "model.rope.yarn."  # key path in error messages (not a field)
 
+    # dimensions turning more often than this over original_max_len keep their frequency
     beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 0.0  # 0: unset (with mscale_all_dim: their ratio is the factor)
-    mscale_all_dim: float = 0.0
-    truncate: bool = True
+    beta_slow: float = 1.0  # dimensions turning fewer times are fully interpolated (/ factor)
+    # with mscale_all_dim: the attention factor is mscale(factor, mscale) / mscale(factor,
+    # mscale_all_dim) (DeepSeek's); 0: unset
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0  # see mscale; 0: unset
+    truncate: bool = True  # floor / ceil the ramp's bounds to whole dimensions
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,14 @@ class RopeConfig:
     (layers/positions.py)."""
     _prefix = "model.rope."
 
-    theta: float = 10000.0
-    scaling: str = "none"  # none | llama3 | linear | dynamic | yarn
-    factor: float = 8.0  # the scaling factor
-    low_freq_factor: float = 1.0  # llama3
-    high_freq_factor: float = 4.0  # llama3
+    theta: float = 10000.0  # base of the rotary frequencies
+    scaling: str = "none"  # long-context scaling: none | llama3 | linear | dynamic | yarn
+    factor: float = 8.0  # the scaling factor: how many times longer the context gets
+    # llama3: wavelengths longer than original_max_len / low_freq_factor are scaled by factor
+    low_freq_factor: float = 1.0
+    # llama3: wavelengths shorter than original_max_len / high_freq_factor keep theirs
+    # (between the two bounds: interpolated)
+    high_freq_factor: float = 4.0
     original_max_len: int = 8192  # llama3, yarn: pretraining length; dynamic: NTK from here
     attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 * ln(factor) + 1
     yarn: YarnConfig = field(default_factory=YarnConfig)
@@ -73,10 +79,10 @@ class MoeConfig:
     _prefix = "model.moe."
 
     n_experts: int = 0  # 0: dense MLP; E: mixture of experts in every layer
-    experts_per_token: int = 2
+    experts_per_token: int = 2  # experts each token is routed to (top k)
     capacity_factor: float = 0.0  # 0: dropless; c: each expert takes c * T * k / E tokens
-    aux_loss_coef: float = 0.02  # the router's load-balancing loss
-    z_loss_coef: float = 0.001  # the router's z-loss
+    aux_loss_coef: float = 0.02  # weight of the router's load-balancing loss
+    z_loss_coef: float = 0.001  # weight of the router's z-loss
 
     def __post_init__(self):
         if self.n_experts < 0 or self.capacity_factor < 0:
@@ -90,34 +96,34 @@ class MoeConfig:
 class ModelConfig:
     _prefix = "model."  # key path in error messages (not a field)
 
-    family: str = "decoder"  # decoder | encoder | encoder_decoder
-    vocab_size: int = 32000
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0  # 0: same as n_heads (MHA); 1: MQA; between: GQA
-    head_dim: int = 0  # 0: d_model // n_heads
-    d_ff: int = 1024
-    max_seq_len: int = 2048
+    family: str = "decoder"  # the architecture: decoder | encoder | encoder_decoder
+    vocab_size: int = 32000  # token ids the embedding (and output head) cover
+    d_model: int = 256  # hidden size: the width of the residual stream
+    n_layers: int = 4  # transformer blocks (encoder_decoder: the encoder's)
+    n_heads: int = 4  # attention (query) heads
+    n_kv_heads: int = 0  # key/value heads; 0: same as n_heads (MHA); 1: MQA; between: GQA
+    head_dim: int = 0  # the size of each head; 0: d_model // n_heads
+    d_ff: int = 1024  # the MLP's hidden size (each expert's, with MoE)
+    max_seq_len: int = 2048  # the longest sequence (learned positions, KV cache) it takes
     norm: str = "rmsnorm"  # rmsnorm | layernorm
-    norm_eps: float = 1e-5
-    norm_position: str = "pre"  # pre (GPT-2, Llama, T5) | post (BERT)
-    mlp: str = "swiglu"  # swiglu | geglu (gated) | gelu | relu
+    norm_eps: float = 1e-5  # the norms' epsilon
+    norm_position: str = "pre"  # pre (before each sublayer: GPT-2, Llama, T5) | post (BERT)
+    mlp: str = "swiglu"  # the MLP: swiglu | geglu (gated) | gelu | relu
     gelu_approximate: bool = False  # tanh-approximated GELU (GPT-2's "gelu_new")
     positions: str = "rope"  # rope | learned | sinusoidal | alibi | t5_relative | none
-    relative_buckets: int = 32  # t5_relative
-    relative_max_distance: int = 128  # t5_relative
-    type_vocab_size: int = 0  # token-type (segment) embeddings, BERT: 2
+    relative_buckets: int = 32  # t5_relative: relative-distance buckets
+    relative_max_distance: int = 128  # t5_relative: distances from here on share the last bucket
+    type_vocab_size: int = 0  # token-type (segment) embeddings, BERT: 2; 0: none
     n_decoder_layers: int = 0  # encoder_decoder: decoder depth (0: n_layers)
-    attn_scale: float = 0.0  # 0: head_dim ** -0.5; T5: 1.0
+    attn_scale: float = 0.0  # attention scores' scale; 0: head_dim ** -0.5; T5: 1.0
     attn_logit_softcap: float = 0.0  # 0: off; c: scores -> c * tanh(scores / c) (Gemma 2)
     rope: RopeConfig = field(default_factory=RopeConfig)  # rope.theta, rope.scaling, ...
-    qkv_bias: bool = False
-    out_bias: bool = False  # attention output projection
-    mlp_bias: bool = False
+    qkv_bias: bool = False  # biases on the q, k, v projections
+    out_bias: bool = False  # a bias on the attention output projection
+    mlp_bias: bool = False  # biases on the MLP's projections
     sliding_window: int = 0  # 0: full attention; W: a token sees the last W positions
     moe: MoeConfig = field(default_factory=MoeConfig)  # moe.n_experts 0: dense MLPs
-    tie_embeddings: bool = False
+    tie_embeddings: bool = False  # the output head is the input embedding (transposed)
     head: bool = True  # false: no output head (a base model, e.g. HF LlamaModel): hidden states only
     # Sequence classification (HF *ForSequenceClassification, reward models): N > 0 puts a
     # score head over N labels where the LM / MLM head would be (model/layers/score.py);
@@ -127,21 +133,25 @@ class ModelConfig:
     # config.pad_token_id rule); -1: none, the last (unmasked) position
     pad_token_id: int = -1
     label_names: tuple = ()  # num_labels > 0: HF id2label's names (): LABEL_0, LABEL_1, ...
-    dtype: str = "float32"  # activations and matmuls
-    param_dtype: str = "float32"
+    dtype: str = "float32"  # activations and matmuls: float32 | bfloat16 | float16
+    param_dtype: str = "float32"  # the parameters (master weights): float32 | bfloat16 | float16
     # "" (the weights at param_dtype) | int8: the layer matmul weights int8 with
     # per-output-channel float32 scales, dequantized in the matmul (model/quantize.py;
     # written by `jaxlm quantize`; inference only)
     weight_dtype: str = ""
-    init_std: float = 0.02
+    init_std: float = 0.02  # standard deviation of the initial weights (normal)
+    # activation checkpointing of each layer: none | full (recompute all in the backward) |
+    # dots (keep the matmul outputs) | dots_no_batch (those without a batch dimension)
     remat: str = "none"
+    # the attention kernel: auto (the fastest validated one: xla on CPU, cuDNN on GPU, splash
+    # on TPU) | xla (the reference) | pallas | cudnn
     attention_impl: str = "auto"
-    # Dropout while training (encoder / encoder_decoder families: BERT, T5): on the
-    # embeddings and every residual branch (dropout), on the attention
-    # probabilities (attention_dropout: the XLA attention only). Off in eval and
-    # generation; keyed by (train.seed, step), so resume is exact.
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
+
+    # Dropout while training, for the encoder / encoder_decoder families (BERT, T5):
+    # off in eval and generation; keyed by (train.seed, step), so resume is exact.
+
+    dropout: float = 0.0  # on the embeddings and every residual branch; 0: off
+    attention_dropout: float = 0.0  # on the attention probabilities (xla only); 0: off
 
     def __post_init__(self):
         _section_type(self, "rope", RopeConfig)

@@ -1,4 +1,5 @@
-"""The `jaxlm` command: train | generate | batch-infer | convert | quantize | bench | plan | prepare.
+"""The `jaxlm` command: train | generate | batch-infer | convert | quantize | bench | plan | prepare
+| config.
 
 Each subcommand takes `--config` (a YAML path or a preset name) and
 `key=value` overrides. Bad input prints one `error:` line and exits 2.
@@ -126,6 +127,11 @@ def cmd_prepare(args):
     run_prepare(args)
 
 
+def cmd_config(args):
+    from .config_keys import run_config
+    return run_config(args)
+
+
 def _guide_options(parser, where: str = "") -> None:
     guide = parser.add_mutually_exclusive_group()
     guide.add_argument("--regex", help=f"guided decoding: outputs fully match this regex{where}")
@@ -236,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="tokenize text/.jsonl/Parquet files into ArrayRecord shards")
     prepare_arguments(pr)
     pr.set_defaults(fn=cmd_prepare)
+
+    cf = sub.add_parser("config", help="every config key: its type, default (or a config's "
+                        "value) and meaning")
+    cf.add_argument("--config", help="YAML file or preset name: show its resolved values")
+    cf.add_argument("--json", action="store_true", help="a JSON list of {key, type, default, "
+                    "value, meaning}")
+    cf.add_argument("items", nargs="*", metavar="SECTION|key=value",
+                    help="the sections (model, train.lora, ...) or keys to show (default: all); "
+                    "key=value overrides")
+    cf.set_defaults(fn=cmd_config)
     return p
 
 

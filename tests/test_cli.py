@@ -106,3 +106,60 @@ def test_convert_round_trip_and_generate_from_hf(small_checkpoint, tmp_path):
     assert proc.returncode == 0 and "=== prompt: 'import os'" in proc.stdout, proc.stderr
     assert_one_line_error(run_cli("convert", "--input", hf_dir, "--output", back, "--to", "hf"),
                           "not empty")
+
+
+def test_config_lists_every_key_with_its_meaning(capsys):
+    from jaxlm.config import describe_keys
+    from jaxlm.scripts.cli import main
+    assert main(["config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "type", "default", "meaning"]
+    rows = {line.split()[0]: line for line in lines[1:] if line.strip() and line[0] != " "}
+    assert list(rows) == [d.key for d in describe_keys()]
+    assert rows["train.lora.rank"].split()[1:3] == ["int", "0"]
+    assert "LoRA off" in rows["train.lora.rank"]
+    assert rows["data.tokenizer"].split()[2] == "''"  # values as YAML writes them
+
+    assert main(["config", "--config", "tiny-llama", "train.lora", "model.d_model",
+                 "train.steps=70"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["key", "type", "value"]
+    rows = {line.split()[0]: line.split() for line in lines[1:] if line[:1].strip()}
+    assert rows["model.d_model"][:3] == ["model.d_model", "int", "192"]
+    assert set(rows) == {"model.d_model", "train.lora.rank", "train.lora.alpha",
+                         "train.lora.targets", "train.lora.base_dtype"}
+
+    import json
+    assert main(["config", "--json", "--config", "tiny-llama", "model.rope.theta",
+                 "data.sources"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"key": "model.rope.theta", "type": "float", "default": 10000.0, "value": 10000.0,
+         "meaning": "base of the rotary frequencies"},
+        {"key": "data.sources", "type": "list", "default": [], "value": [],
+         "meaning": describe_keys()[[d.key for d in describe_keys()].index(
+             "data.sources")].meaning}]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["config", "trian"], "unknown config section or key 'trian' (did you mean 'train'?)"),
+    (["config", "--config", "no-such-preset"], "config 'no-such-preset' not found"),
+    (["config", "train.steps=1", "train.steps=2"], "train.steps is given twice"),
+])
+def test_config_errors_are_one_line(args, needle, capsys):
+    from jaxlm.scripts.cli import main
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+
+
+def test_config_wraps_meanings_to_a_terminal():
+    from jaxlm.config import describe_keys, select_keys
+    from jaxlm.scripts.config_keys import format_keys
+    docs = select_keys(describe_keys(), ["train.lora", "mesh.rules"])
+    lines = format_keys(docs, width=90)
+    assert max(len(line) for line in lines if not line.startswith("mesh.rules")) <= 90
+    col = lines[0].index("meaning")
+    targets = lines.index(next(line for line in lines if line.startswith("train.lora.targets")))
+    assert lines[targets + 1].startswith(" " * col + "regex")  # a value too long: next line
+    narrow = format_keys(docs, width=40)
+    assert any(line.startswith("    the adapters' rank") for line in narrow)

@@ -303,6 +303,10 @@ def test_submodules_and_generate_parameters_from_a_plain_import():
             "assert {'max_new_tokens', 'temperature', 'num_beams', 'stream', 'tokenizer',\n"
             "        'stop'} <= set(sig.parameters), sig\n"
             "assert 'repetition_penalty' in jaxlm.generate.__doc__\n"
+            "import pydoc\n"  # help()'s text: the signature line names the real parameters
+            "head = pydoc.render_doc(jaxlm.generate, renderer=pydoc.plaintext).splitlines()[2]\n"
+            "assert head.startswith('generate(params, cfg, prompts, *,') and '**' not in head\n"
+            "assert 'max_new_tokens' in head and 'num_beams' in head, head\n"
             "try:\n"
             "    jaxlm.model.no_such_module\n"
             "except AttributeError as e:\n"
@@ -311,3 +315,75 @@ def test_submodules_and_generate_parameters_from_a_plain_import():
             "    raise SystemExit('no AttributeError')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- `jaxlm config`
+
+def test_every_key_has_a_type_a_default_and_a_meaning():
+    """The meanings are the comments at the dataclass fields (one source): a key added
+    without one fails here."""
+    from jaxlm.config import _all_keys, describe_keys
+    docs = describe_keys()
+    assert [d.key for d in docs] == _all_keys(Config)
+    missing = [d.key for d in docs if not d.meaning.strip()]
+    assert not missing, f"config keys without a meaning (a comment at the field): {missing}"
+    by_key = {d.key: d for d in docs}
+    assert by_key["train.lora.rank"][1:4] == ("int", 0, 0)
+    assert by_key["model.rope.yarn.truncate"].type == "bool"
+    assert by_key["generate.early_stopping"].type == "bool|str"
+    assert by_key["generate.stop_ids"].type == "list" and by_key["generate.stop_ids"].default == []
+    assert by_key["mesh.rules"].type == "mapping"
+    assert by_key["mesh.rules"].default["seq"] == ["context"]
+    assert "MQA" in by_key["model.n_kv_heads"].meaning  # the trailing comment
+    assert "mscale_all_dim" in by_key["model.rope.yarn.mscale"].meaning  # the lines above
+
+
+def test_field_docs_reads_the_comments_above_and_beside_a_field():
+    import dataclasses
+    from jaxlm.config import field_docs
+
+    @dataclasses.dataclass
+    class Section:
+        plain: int = 0
+        beside: int = 0  # said beside
+        # said above,
+        # on two lines
+        above: int = 0  # and beside
+
+        # a heading for what follows: nobody's meaning
+
+        after_heading: str = ""  # noqa: E501
+        _prefix = "x."  # not a field
+
+    assert field_docs(Section) == {"plain": "", "beside": "said beside",
+                                   "above": "said above, on two lines and beside",
+                                   "after_heading": ""}
+
+
+def test_described_values_are_the_resolved_config():
+    from jaxlm.config import describe_keys
+    docs = {d.key: d for d in describe_keys(load_config("tiny-llama", ["train.lora.rank=4"]))}
+    assert docs["model.d_model"].value == 192 and docs["model.d_model"].default == 256
+    assert docs["model.n_kv_heads"].value == 2 and docs["model.head_dim"].value == 32
+    assert docs["train.lora.rank"].value == 4
+    assert docs["run_dir"].value == "runs/tiny-llama"
+
+
+def test_select_keys_by_section_key_or_old_name():
+    from jaxlm.config import config_sections, describe_keys, select_keys
+    docs = describe_keys()
+    assert {"model", "model.rope", "model.rope.yarn", "model.moe", "data", "train",
+            "train.lora", "train.dpo", "mesh", "generate"} == set(config_sections())
+    lora = [d.key for d in select_keys(docs, ["train.lora"])]
+    assert lora == ["train.lora.rank", "train.lora.alpha", "train.lora.targets",
+                    "train.lora.base_dtype"]
+    assert [d.key for d in select_keys(docs, ["train.lora_rank"])] == ["train.lora.rank"]
+    assert [d.key for d in select_keys(docs, ["run_dir", "train.dpo.beta"])] == [
+        "train.dpo.beta", "run_dir"]
+    assert len(select_keys(docs, [])) == len(docs)
+    train = select_keys(docs, ["train"])
+    assert "train.dpo.loss" in {d.key for d in train} and all(
+        d.key.startswith("train.") for d in train)
+    with pytest.raises(ConfigError, match=r"unknown config section or key 'trian' "
+                                          r"\(did you mean 'train'\?\); sections: model, "):
+        select_keys(docs, ["trian"])

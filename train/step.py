@@ -225,13 +225,15 @@ def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, fr
               pipeline=None):
     """(loss sum, count, metric sums) of a held-out batch: token loss sum and
     tokens, or for DPO the DPO loss sum, pairs and the reward metric sums
-    (divide each by count for the means)."""
+    (divide each by count for the means). An MoE model's router statistics are
+    training metrics (a per-batch mean, a per-expert load vector), not sums: left out."""
     tcfg = tcfg or TrainConfig()
     if objective is not None:  # with its fixed eval key
         batch = objective(batch, None)
     _, sums = _objective(params, frozen, batch, None, _totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
                          vocab_chunk=vocab_chunk, k=1, pipeline=pipeline)
-    extra = {k: v for k, v in sums.items() if k not in ("loss_sum", "tokens")}
+    extra = {k: v for k, v in sums.items()
+             if k not in ("loss_sum", "tokens") and not k.startswith("moe_")}
     return sums["loss_sum"], sums["tokens"], extra
 
 
