@@ -127,7 +127,7 @@ def test_config_lists_every_key_with_its_meaning(capsys):
     rows = {line.split()[0]: line.split() for line in lines[1:] if line[:1].strip()}
     assert rows["model.d_model"][:3] == ["model.d_model", "int", "192"]
     assert set(rows) == {"model.d_model", "train.lora.rank", "train.lora.alpha",
-                         "train.lora.targets", "train.lora.base_dtype"}
+                         "train.lora.targets", "train.lora.base_dtype", "train.lora.init_from"}
 
     import json
     assert main(["config", "--json", "--config", "tiny-llama", "model.rope.theta",

@@ -7,8 +7,10 @@ directory where the README's example paths exist:
   runs/tiny-llama        a run trained by `jaxlm train --config tiny-llama` (what
                          `make run` makes), shrunk as below; runs/mine-draft: a copy
   path/to/hf_dir         its Hugging Face export (`jaxlm convert --to hf`) with a
-                         ChatML chat template; path/to/hf_llama: the same
-  chats.jsonl, prefs.jsonl, prompts.txt, prompts.jsonl, tok.model, data/*.parquet
+                         ChatML chat template; path/to/hf_llama: the same;
+                         path/to/hf_llama_cls: it with a 2-label score head
+  chats.jsonl, prefs.jsonl, labels.jsonl, prompts.txt, prompts.jsonl, tok.model,
+  data/*.parquet
                          small inputs of the formats the README describes
 
 Anything else a block uses (runs/mine, runs/lora, ...) an earlier block makes.
@@ -213,6 +215,13 @@ def make_inputs(work: Path, tokenizer: str) -> None:
     config["chat_template"] = CHAT_TEMPLATE
     (work / "path/to/hf_dir/tokenizer_config.json").write_text(json.dumps(config))
     shutil.copytree(work / "path/to/hf_dir", work / "path/to/hf_llama")
+    import transformers  # the export with a fresh 2-label score head, as a classifier dir
+    cls = work / "path/to/hf_llama_cls"
+    transformers.AutoModelForSequenceClassification.from_pretrained(
+        work / "path/to/hf_dir", num_labels=2).save_pretrained(cls)
+    for f in (work / "path/to/hf_dir").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, cls / f.name)
     shutil.copy(tokenizer, work / "tok.model")
     lines = lambda rows: "".join(json.dumps(r) + "\n" for r in rows)  # noqa: E731
     (work / "chats.jsonl").write_text(lines(
@@ -221,6 +230,8 @@ def make_inputs(work: Path, tokenizer: str) -> None:
     (work / "prefs.jsonl").write_text(lines(
         {"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}.", "rejected": f"{i + 2}."}
         for i in range(60)))
+    (work / "labels.jsonl").write_text(lines(
+        {"text": f"{i} is {'even' if i % 2 == 0 else 'odd'}", "label": i % 2} for i in range(60)))
     (work / "prompts.txt").write_text("import os\ndef main():\n")
     (work / "prompts.jsonl").write_text(lines(
         {"id": i, "prompt": p} for i, p in enumerate(["import os", "def main():", "class A:"])))
