@@ -22,7 +22,8 @@ Anything else a block uses (runs/mine, runs/lora, ...) an earlier block makes.
   this one process (one import of jax, shared compiles); each must exit 0.
 - `jaxlm train` runs with SHRINK: those keys replace the snippet's own (2 steps of
   8 x 128 tokens on 20 documents; where the model is the preset's, not train.init_from's:
-  MODEL's smaller widths and the shared 512-piece tokenizer; one device unless the
+  MODEL's smaller widths and depth (one shape for every preset run: their programs
+  compile once) and the shared 512-piece tokenizer; one device unless the
   snippet sets mesh keys), so every preset, key and flag of the snippet is checked
   without a real training run.
 - A block the machine cannot run (`make`, several hosts, a TPU pod, a benchmark)
@@ -53,7 +54,7 @@ SHRINK = {"train.steps": "2", "train.warmup_steps": "0", "train.eval_every": "2"
           "train.eval_batches": "1", "train.checkpoint_every": "2", "train.log_every": "1",
           "data.batch_size": "8", "data.seq_len": "128", "data.max_docs": "20"}
 MODEL = {"model.vocab_size": "512", "model.d_model": "64", "model.n_heads": "4",
-         "model.n_kv_heads": "2", "model.d_ff": "128"}
+         "model.n_kv_heads": "2", "model.d_ff": "128", "model.n_layers": "2"}
 
 
 def readme_blocks(text: str | None = None) -> list[dict]:
@@ -110,7 +111,8 @@ def test_block_parsing():
         ["a", "b c", "d=e f"], ["g", "--x", "line one\nline two"]]
     argv = shrink(["train", "--config", "tiny-llama", "train.steps=2000", "model.n_layers=6",
                    "--resume"], "tok.model")
-    assert argv[:5] == ["train", "--config", "tiny-llama", "model.n_layers=6", "train.steps=2"]
+    assert argv[:4] == ["train", "--config", "tiny-llama", "train.steps=2"]
+    assert "model.n_layers=2" in argv and "model.n_layers=6" not in argv  # MODEL's depth
     assert argv[-3:] == ["data.tokenizer=tok.model", "mesh.devices=1", "--resume"]
     assert "model.d_model=64" in argv and "mesh.devices=1" in argv
     argv = shrink(["train", "--config", "tiny-mixtral", "mesh.data=2"], "tok.model")
