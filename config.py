@@ -133,6 +133,60 @@ class DpoConfig:
 
 
 @dataclass(frozen=True)
+class GrpoConfig:
+    """GRPO (jaxlm.train.grpo, train.objective=grpo): TRL's GRPOTrainer keys. Each step
+    samples num_generations completions per prompt with the engine, over the training
+    params in place, scores them, and runs num_iterations updates on that rollout."""
+    _prefix = "train.grpo."
+
+    num_generations: int = 8  # G: completions sampled per prompt (data.batch_size counts them)
+    beta: float = 0.0  # the KL (k3) penalty to the reference; 0: no reference kept (as TRL)
+    epsilon: float = 0.2  # the clipped surrogate's lower bound 1 - epsilon on the ratio
+    epsilon_high: float = 0.0  # its upper bound 1 + epsilon_high (DAPO); 0: epsilon
+    # how per-token losses become the loss: grpo (each completion's token mean, then the
+    # mean over completions) | bnpo / dapo (the mean over all completion tokens) |
+    # dr_grpo (the sum over completion tokens / (completions x max_completion_length))
+    loss_type: str = "dapo"
+    num_iterations: int = 1  # mu: optimizer steps on each rollout (ratios to its log-probs)
+    max_completion_length: int = 64  # tokens sampled per completion, at most
+    temperature: float = 1.0  # the rollouts' sampling temperature (log-probs use it too)
+    # Reward functions, comma-separated: module:function (called with prompts=,
+    # completions= and each other JSONL field as a list; returns one float per
+    # completion), exact:FIELD (1 if the completion's stripped text equals the row's
+    # FIELD), regex:PATTERN (1 if the completion re.search-es PATTERN)
+    reward_funcs: str = ""
+    reward_weights: tuple = ()  # one weight per reward function; (): 1 each
+    # advantages divided by the std of the group's rewards (group), of the batch's
+    # (batch), or not at all (none: Dr. GRPO)
+    scale_rewards: str = "group"
+
+    def __post_init__(self):
+        _choice(self, "loss_type", ("grpo", "bnpo", "dapo", "dr_grpo"))
+        _choice(self, "scale_rewards", ("group", "batch", "none"))
+        _positive(self, "num_iterations", "max_completion_length")
+        if self.num_generations < 2:
+            raise ConfigError(f"train.grpo.num_generations={self.num_generations} must be >= 2: "
+                              "GRPO's advantage compares completions of one prompt")
+        if self.beta < 0 or self.epsilon <= 0 or self.epsilon_high < 0:
+            raise ConfigError("train.grpo: beta >= 0, epsilon > 0 and epsilon_high >= 0 "
+                              "are required")
+        if not self.temperature > 0:
+            raise ConfigError(f"train.grpo.temperature={self.temperature} must be > 0 "
+                              "(rollouts sample)")
+        weights = self.reward_weights
+        weights = [weights] if isinstance(weights, (int, float)) else weights
+        if not isinstance(weights, (list, tuple)) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+            raise ConfigError(f"train.grpo.reward_weights={self.reward_weights!r} must be a "
+                              "list of numbers")
+        object.__setattr__(self, "reward_weights", tuple(float(w) for w in weights))
+
+    @property
+    def epsilon_upper(self) -> float:
+        return self.epsilon_high or self.epsilon
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     _prefix = "train."
 
@@ -156,6 +210,7 @@ class TrainConfig:
     loss_vocab_chunk: int = 4096
     # the loss: clm (next token) | mlm (masked LM) | span (T5 span corruption) | sft | dpo
     # | classify (a score head's cross-entropy over labelled texts; MSE for num_labels=1)
+    # | grpo (rollouts by the engine, scored by reward functions: train.grpo)
     objective: str = "clm"
     # A jaxlm run/checkpoint dir or a Hugging Face dir to start from: the model
     # config, weights and tokenizer come from it ("": random init; `resolve_init_from`)
@@ -175,6 +230,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     lora: LoraConfig = field(default_factory=LoraConfig)  # lora.rank 0: off
     dpo: DpoConfig = field(default_factory=DpoConfig)  # train.objective=dpo
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)  # train.objective=grpo
     # Pipeline parallelism (mesh.stage > 1): microbatches per step flowing through
     # the stages (GPipe); 0: one per stage. Bubble (S-1)/(R*M+S-1).
     pipeline_microbatches: int = 0
@@ -182,6 +238,7 @@ class TrainConfig:
     def __post_init__(self):
         _section_type(self, "lora", LoraConfig)
         _section_type(self, "dpo", DpoConfig)
+        _section_type(self, "grpo", GrpoConfig)
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints", "log_every", "max_skipped_steps")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
@@ -189,7 +246,8 @@ class TrainConfig:
                 f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo", "classify"))
+        _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo", "classify",
+                                      "grpo"))
         _choice(self, "sft_loss_on", ("completion", "all"))
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
@@ -406,6 +464,7 @@ class Config:
             raise ConfigError(f"train.objective=dpo needs model.family=decoder, not "
                               f"{self.model.family!r}")
         _check_classify(self)
+        _check_grpo(self)
         if self.train.lora.rank:  # a regex that adapts nothing stops here, naming itself
             from .train.lora import lora_targets
             lora_targets(self.model, self.train)
@@ -425,6 +484,25 @@ class Config:
                     f"'decoder' only, not {self.model.family!r}")
         from .sharding.pipeline import check_pipeline_config
         check_pipeline_config(self)
+
+
+def _check_grpo(cfg: Config) -> None:
+    """What train.objective=grpo needs of the rest of the config."""
+    if cfg.train.objective != "grpo":
+        return
+    g = cfg.train.grpo
+    if cfg.model.family != "decoder":
+        raise ConfigError(f"train.objective=grpo needs model.family=decoder, not "
+                          f"{cfg.model.family!r}")
+    if cfg.data.batch_size % g.num_generations:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} (completions per step) must be "
+                          f"a multiple of train.grpo.num_generations={g.num_generations}")
+    if g.max_completion_length >= cfg.data.seq_len:
+        raise ConfigError(f"train.grpo.max_completion_length={g.max_completion_length} must be "
+                          f"less than data.seq_len={cfg.data.seq_len} (prompt + completion)")
+    if cfg.mesh.context > 1 or cfg.mesh.stage > 1:
+        raise ConfigError("train.objective=grpo runs rollouts with the engine: mesh.context "
+                          "and mesh.stage must be 1")
 
 
 def _check_classify(cfg: Config) -> None:
@@ -476,6 +554,19 @@ ALIASES = {
     "train.dpo_beta": "train.dpo.beta",
     "train.dpo_loss": "train.dpo.loss",
     "train.dpo_label_smoothing": "train.dpo.label_smoothing",
+    # TRL's GRPOConfig spellings, flat (short names, not old ones); beta, loss_type and
+    # temperature mean other things in other objectives: grpo_ in front
+    "train.num_generations": "train.grpo.num_generations",
+    "train.grpo_beta": "train.grpo.beta",
+    "train.epsilon": "train.grpo.epsilon",
+    "train.epsilon_high": "train.grpo.epsilon_high",
+    "train.grpo_loss_type": "train.grpo.loss_type",
+    "train.num_iterations": "train.grpo.num_iterations",
+    "train.max_completion_length": "train.grpo.max_completion_length",
+    "train.grpo_temperature": "train.grpo.temperature",
+    "train.reward_funcs": "train.grpo.reward_funcs",
+    "train.reward_weights": "train.grpo.reward_weights",
+    "train.scale_rewards": "train.grpo.scale_rewards",
 }
 
 
@@ -983,7 +1074,7 @@ def select_keys(docs: list[KeyDoc], names) -> list[KeyDoc]:
     return [d for d in docs if not names or d.key in chosen]
 
 
-__all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "MeshConfig",
+__all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "GrpoConfig", "MeshConfig",
            "GenerateConfig", "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
            "model_config_from_dict", "apply_overrides", "refuse_repeated_keys", "to_dict",
            "flatten", "parse_override", "read_yaml", "ALIASES", "canonical_key",

@@ -8,7 +8,8 @@ Three kinds of run share one state type:
   under QLoRA), never updated, never donated;
 * DPO without LoRA (`train.objective=dpo`): `frozen` is a copy of the starting
   params, the reference policy. (DPO with LoRA uses the base alone as the
-  reference: no second copy.)
+  reference: no second copy.) GRPO with train.grpo.beta > 0 likewise; with beta 0
+  it keeps no reference (`frozen` None without LoRA).
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ def needs_frozen(cfg) -> bool:
 
 
 def _has_frozen(cfg) -> bool:
-    return bool(cfg.train.lora.rank) or cfg.train.objective == "dpo"
+    return bool(cfg.train.lora.rank) or _keeps_reference(cfg)
+
+
+def _keeps_reference(cfg) -> bool:
+    """Whether the run needs a frozen copy of its starting params (no LoRA): DPO, and
+    GRPO with a KL penalty (beta > 0)."""
+    t = cfg.train
+    return t.objective == "dpo" or (t.objective == "grpo" and t.grpo.beta != 0.0)
 
 
 def state_shardings(cfg, mesh, tx):
@@ -101,7 +109,7 @@ def _frozen(cfg, base):
     DPO reference policy (its own buffers); None for other runs."""
     if cfg.train.lora.rank:
         return lora.quantize_base(base, cfg.model) if cfg.train.lora.base_dtype == "int8" else base
-    if cfg.train.objective == "dpo":
+    if _keeps_reference(cfg):
         return jax.tree.map(jnp.copy, base)
     return None
 

@@ -27,7 +27,7 @@ from ..model.classify import pooled_scores
 from ..model.families.encoder import mlm_head_inputs
 from ..sharding.context import context_reorder, context_size
 from ..sharding.rules import constrain
-from . import dpo
+from . import dpo, grpo
 from .lora import apply_lora, lora_scale
 from .objectives import causal_lm_loss, chunked_lm_loss, classification_loss, labelled_rows
 from .state import TrainState
@@ -109,6 +109,9 @@ def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, voc
         loss_sum, metrics, n = dpo.dpo_sums(params, reference, mcfg, batch, tcfg, vocab_chunk)
         sums = {"loss_sum": loss_sum, "tokens": jnp.asarray(n, jnp.float32), **metrics}
         return loss_sum / totals, sums
+    if tcfg.objective == "grpo":
+        loss_sum, sums = grpo.grpo_sums(params, reference, mcfg, batch, tcfg)
+        return loss_sum / totals, {"loss_sum": loss_sum, **sums}
     objective, (loss_sum, count, extra) = loss_fn(params, mcfg, batch, vocab_chunk,
                                                   denominator=totals, aux_weight=1.0 / k,
                                                   dropout_key=dropout_key, pipeline=pipeline)
@@ -116,10 +119,13 @@ def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, voc
 
 
 def _totals(batch, tcfg):
-    """The full batch's denominator: pairs for DPO, labelled rows for classify, counted
-    tokens otherwise."""
+    """The full batch's denominator: pairs for DPO, labelled rows for classify, GRPO's
+    loss_type's, counted tokens otherwise."""
     if tcfg.objective == "dpo":
         return jnp.asarray(batch["chosen"]["tokens"].shape[0], jnp.float32)
+    if tcfg.objective == "grpo":  # loss_type's: rows, tokens or rows x max length
+        return grpo.denominator(batch["loss_mask"], tcfg.grpo.loss_type,
+                                tcfg.grpo.max_completion_length)
     if tcfg.objective == "classify":
         return jnp.maximum(jnp.sum(labelled_rows(batch).astype(jnp.float32)), 1.0)
     return jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
@@ -159,14 +165,17 @@ def dropout_key(mcfg, tcfg, step):
     """The step's dropout key, fold_in(fold_in(key(train.seed), stream), step), or None
     when the model has no dropout. Each (seed, step) has its own masks, so a resumed
     run draws exactly the masks an uninterrupted one does."""
-    if not (mcfg.dropout or mcfg.attention_dropout) or tcfg.objective == "dpo":
+    if not (mcfg.dropout or mcfg.attention_dropout) or tcfg.objective in ("dpo", "grpo"):
         return None
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(tcfg.seed), DROPOUT_STREAM), step)
 
 
-def _metrics(sums, tcfg):
+def _metrics(sums, tcfg, totals=None):
     n = jnp.maximum(sums["tokens"], 1.0)
     out = {"loss": sums["loss_sum"] / n, "tokens": sums["tokens"]}
+    if tcfg.objective == "grpo":  # the loss over loss_type's denominator; token means
+        out["loss"] = sums["loss_sum"] / totals
+        out.update({k: sums[k] / n for k in grpo.TOKEN_METRICS})
     if tcfg.objective == "dpo":
         out["dpo_loss"] = out["loss"]
         out.update({k: sums[k] / n for k in DPO_METRICS})
@@ -192,13 +201,14 @@ def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, 
     if objective is not None:
         batch = objective(batch, state.step)
     k = tcfg.grad_accum_steps
-    fn = functools.partial(_objective, totals=_totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
+    totals = _totals(batch, tcfg)
+    fn = functools.partial(_objective, totals=totals, mcfg=mcfg, tcfg=tcfg,
                            vocab_chunk=vocab_chunk, k=k, pipeline=pipeline)
     grads, sums = _grads(fn, state.params, state.frozen, batch, k,
                          dropout_key(mcfg, tcfg, state.step))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**_metrics(sums, tcfg), "grad_norm": optax.global_norm(grads),
+    metrics = {**_metrics(sums, tcfg, totals), "grad_norm": optax.global_norm(grads),
                "lr": lr_schedule(state.step)}
     ok = _all_finite(metrics["loss"], metrics["grad_norm"], updates)
     params, opt_state = _keep_if_not(ok, (params, opt_state), (state.params, state.opt_state))
