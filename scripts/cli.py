@@ -61,7 +61,9 @@ def cmd_train(args):
     summary = train(cfg, resume=args.resume, step=args.step,
                     accept_base_change=args.accept_base_change)
     evals = summary["eval"]
-    if not evals:
+    if not evals and summary["final_step"] > summary["start_step"]:  # grpo: no eval loss
+        print(f"trained to step {summary['final_step']}; run dir {cfg.run_dir}")
+    elif not evals:
         print(f"{cfg.run_dir} is at step {summary['final_step']} of train.steps={cfg.train.steps}: "
               "nothing left to train")
     else:

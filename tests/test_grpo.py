@@ -83,3 +83,50 @@ def test_loss_and_gradient_equal_trls(loss_type, beta):
     np.testing.assert_allclose(float(loss), float(want.detach()), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(grad), x.grad.numpy(), rtol=1e-5, atol=1e-6)
     assert logged["clip_ratio/region_mean"][0] > 0  # the clipping is exercised
+
+
+# ------------------------------------------------------------ a run through `jaxlm train`
+
+
+def _prompts(path, n=6):
+    rows = [{"prompt": f"def f{i}(x):", "answer": f"return {i}"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _run_args(ckpt, corpus, run, *more):
+    return ["train", "--config", "grpo", f"train.init_from={ckpt}", f"data.corpus={corpus}",
+            f"run_dir={run}", "data.seq_len=32", "data.batch_size=8", "train.steps=4", "mesh.data=4",
+            "mesh.tensor=2",
+            "train.num_generations=2", "train.max_completion_length=8",
+            "train.reward_funcs=grpo_rewards:short", "train.learning_rate=1e-2",
+            "train.num_iterations=2", "train.checkpoint_every=2", "train.tensorboard=false",
+            "train.grpo_beta=0.04", *more]
+
+
+def _losses(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def test_a_grpo_run_logs_its_metrics_and_resumes_exactly(tmp_path, tiny_checkpoint):
+    from jaxlm.scripts.cli import main
+    ckpt, corpus = tiny_checkpoint("llama"), _prompts(tmp_path / "prompts.jsonl")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(_run_args(ckpt, corpus, full)) == 0
+    logged = _losses(full)
+    assert sorted(logged) == [1, 2, 3, 4]
+    first = logged[1]
+    for key in ("loss", "reward", "reward_std", "rewards/short/mean", "rewards/short/std", "kl",
+                "clip_region", "completion_length", "entropy", "rollout_share"):
+        assert np.isfinite(first[key]), key
+    assert 0 < first["rollout_share"] < 1 and 1 <= first["completion_length"] <= 8
+    assert "reward" not in logged[2]  # mu = 2: step 2 reuses step 1's rollout
+    # stopped at step 3 (mid-way through the rollout made at step 3), then resumed
+    from jaxlm.train.loop import train
+    cfg = load_config("grpo", _run_args(ckpt, corpus, part)[3:])
+    train(cfg, progress=False, stop_after=3)
+    assert main(_run_args(ckpt, corpus, part) + ["--resume"]) == 0
+    resumed = _losses(part)
+    for step in (1, 2, 3, 4):
+        assert resumed[step]["loss"] == logged[step]["loss"], step

@@ -110,6 +110,8 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
         evals = [put_batch(local_rows(b, cfg.data.batch_size), batch_sharding) for b in eval_host]
         loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress,
                      stop)
+        if cfg.train.objective == "grpo":  # rollouts by the engine over the state's params
+            loop.rollouts = batches
         with checkpoint.quiet_full_disk():  # reported once, below, not by orbax's threads
             try:
                 return loop.run(state, stop_after)
@@ -171,9 +173,32 @@ class _Loop:
         self.devices, local = mesh_devices(batch_sharding.mesh)
         self.peak, _ = device_peak(cfg.model.dtype, cfg.train.peak_flops, sharing=local)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.rollouts = None  # GRPO: train/rollout.py's Rollouts (batches made from the state)
+
+    def next_batch(self, state, step):
+        """(the device batch of optimizer step `step`, host metrics of making it)."""
+        if self.rollouts is None:
+            return put_batch(next(self.batches), self.batch_sharding), {}
+        host, metrics = self.rollouts.batch(state, step)
+        return put_batch(host, self.batch_sharding), metrics
+
+    def timed_step(self, state, batch, made):
+        """The train step; for GRPO its metrics with the rollout's, and the rollout's
+        share of the step's time (the step waited for: the next rollout reads its params)."""
+        t0 = time.perf_counter()
+        state, metrics = self.train_step(state, batch)
+        if self.rollouts is None:
+            return state, metrics
+        jax.block_until_ready(metrics["loss"])
+        rollout = made.pop("rollout_s", 0.0)
+        update = time.perf_counter() - t0
+        return state, {**metrics, **made, "rollout_share": rollout / (rollout + update),
+                       "step_s": rollout + update}
 
     def evaluate(self, state) -> dict:
         """Held-out means: {"loss": ...} plus, for DPO, the reward metrics."""
+        if not self.evals:  # GRPO: no held-out loss (rewards are logged per step)
+            return {}
         sums = jax.device_get([self.eval_step(state, b) for b in self.evals])
         count = max(sum(float(s[1]) for s in sums), 1.0)
         out = {"loss": sum(float(s[0]) for s in sums) / count}
@@ -214,7 +239,7 @@ class _Loop:
         start = int(state.step)
         end = tcfg.steps if stop_after is None else min(tcfg.steps, stop_after)
         summary = {"start_step": start, "end_step": end, "eval": []}
-        if start == 0:
+        if start == 0 and self.evals:
             summary["eval"].append(self._eval(state, 0))
         bar = tqdm(total=end, initial=start, disable=not self.progress, dynamic_ncols=True,
                    desc="train")
@@ -223,8 +248,8 @@ class _Loop:
         stopping = False
         try:
             while step < end and not stopping:
-                batch = put_batch(next(self.batches), self.batch_sharding)
-                state, metrics = self.train_step(state, batch)
+                batch, made = self.next_batch(state, step)
+                state, metrics = self.timed_step(state, batch, made)
                 step += 1
                 pending.append((step, metrics))
                 eval_due = step % tcfg.eval_every == 0 or step == tcfg.steps
@@ -232,7 +257,7 @@ class _Loop:
                 if eval_due or save_due or step % tcfg.log_every == 0:
                     rows, pending = pending, []
                     self._flush(rows, t_mark, bar)
-                    if eval_due:
+                    if eval_due and self.evals:
                         summary["eval"].append(self._eval(state, step))
                     if save_due:
                         self.checkpoint(state)
@@ -302,6 +327,8 @@ class _Loop:
 
     def _eval(self, state, step):
         means = self.evaluate(state)
+        if not means:
+            return None
         loss = means.pop("loss")
         record = {"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in means.items()}}
         line = f"step {step}: eval loss {loss:.4f}"
@@ -317,6 +344,8 @@ class _Loop:
 def _data(cfg: Config):
     """(training batch iterator, global eval batches, tokenizer) for train.objective."""
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if cfg.train.objective == "grpo":
+        return _grpo_data(cfg)
     if cfg.train.objective in ("sft", "dpo", "classify"):
         from ..model.chat import resolve_chat_template
         from .sft import finetune_data
@@ -346,6 +375,24 @@ def _data(cfg: Config):
         eval_docs, tokenizer, seq_len=span.row_length(cfg), batch_size=cfg.data.batch_size,
         num_batches=cfg.train.eval_batches))
     return batches, list(evals), tokenizer
+
+
+def _grpo_data(cfg: Config):
+    """(the Rollouts batch source, no eval batches, tokenizer) of a GRPO run."""
+    from ..infer.text import generation_settings
+    from ..model.chat import resolve_chat_template
+    from .rollout import Rollouts, load_prompt_records
+    if jax.process_count() > 1:
+        raise ConfigError("train.objective=grpo runs on one process for now")
+    tokenizer = _tokenizer(cfg, None)
+    template = resolve_chat_template(cfg.data.chat_template, _template_dir(cfg))
+    records = load_prompt_records(cfg.data.corpus, max_records=cfg.data.max_docs or None)
+    eos = generation_settings(cfg.train.init_from or cfg.run_dir, tokenizer).eos_ids
+    rollouts = Rollouts(cfg, tokenizer, template, records, eos_ids=eos)
+    if jax.process_index() == 0:
+        print(f"grpo: {len(records)} prompts, {rollouts.truncated} cut to data.seq_len - "
+              f"max_completion_length={rollouts.prompt_len} tokens", flush=True)
+    return rollouts, [], tokenizer
 
 
 def _template_dir(cfg: Config):
