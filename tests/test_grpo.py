@@ -130,3 +130,178 @@ def test_a_grpo_run_logs_its_metrics_and_resumes_exactly(tmp_path, tiny_checkpoi
     resumed = _losses(part)
     for step in (1, 2, 3, 4):
         assert resumed[step]["loss"] == logged[step]["loss"], step
+
+
+def test_a_reward_function_that_raises_stops_the_run_in_one_line(tmp_path, tiny_checkpoint,
+                                                                  capsys):
+    from jaxlm.scripts.cli import main
+    ckpt, corpus = tiny_checkpoint("llama"), _prompts(tmp_path / "prompts.jsonl")
+    args = _run_args(ckpt, corpus, tmp_path / "run")
+    args = [a if not a.startswith("train.reward_funcs=") else "train.reward_funcs="
+            "grpo_rewards:raises" for a in args]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+    assert err == ["error: reward function raises raised ValueError: no score today"]
+
+
+# ------------------------------------------------------------ on a 2 x 2 x 2 mesh
+
+MESH = MeshConfig(data=2, fsdp=2, tensor=2)
+
+
+def _grpo_config(mcfg, mesh=MESH, beta=0.0, **grpo_keys):
+    return Config(model=mcfg, data=DataConfig(seq_len=32, batch_size=8),
+                  train=TrainConfig(objective="grpo", steps=4, warmup_steps=0,
+                                    learning_rate=1e-2, grpo=GrpoConfig(
+                                        num_generations=2, max_completion_length=8, beta=beta,
+                                        reward_funcs="grpo_rewards:short", **grpo_keys)),
+                  mesh=mesh)
+
+
+def _state(cfg, params):
+    from jaxlm.sharding.mesh import make_mesh
+    from jaxlm.train.lora import trainable_specs
+    from jaxlm.train.optimizer import make_optimizer
+    from jaxlm.train.state import create_state
+    mesh = make_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.train, trainable_specs(cfg))
+    return mesh, tx, create_state(cfg, mesh, tx, 0, params)
+
+
+def _records(n=4):
+    return [{"prompt": f"def f{i}(x):", "answer": str(i), "where": f"prompts.jsonl:{i + 1}"}
+            for i in range(n)]
+
+
+def _nbytes(arrays):
+    return sum(x.nbytes for x in arrays)
+
+
+def test_rollouts_read_the_training_params_in_place(tiny_checkpoint, sp_tokenizer):
+    """During a rollout on the 2 x 2 x 2 mesh the live device buffers grow by the engine's
+    KV pages and per-slot rows, never by a copy of the (sharded) policy weights; beta = 0
+    keeps no reference tree."""
+    import jaxlm
+    from jaxlm.sharding.rules import use_mesh
+    mcfg, params = jaxlm.load(tiny_checkpoint("llama"))
+    cfg = _grpo_config(mcfg)
+    mesh, _, state = _state(cfg, params)
+    assert state.frozen is None  # beta = 0: no reference
+    sharded = [x for x in jax.tree.leaves(state.params) if not x.sharding.is_fully_replicated]
+    assert sharded, "the training params are sharded over the mesh"
+    weights = _nbytes(jax.tree.leaves(state.params))
+    seen = []
+
+    def during(info):  # after each admission, before the decode loop runs
+        pool = _nbytes(jax.tree.leaves(info["pool"]))
+        seen.append(_nbytes(jax.live_arrays()) - pool)
+
+    with use_mesh(mesh, cfg.mesh.rules):
+        rollouts = rollout.Rollouts(cfg, sp_tokenizer, None, _records())
+        before = _nbytes(jax.live_arrays())
+        batch, metrics = rollouts.rollout(rollout.policy_params(cfg, state), 0, during)
+    grown = max(seen) - before
+    assert grown < weights / 2, (grown, weights)
+    assert batch["tokens"].shape == (8, 32) and metrics["completion_length"] >= 1
+    # the G = 2 samples of each prompt: same prompt, sampled apart
+    assert (batch["tokens"][0, :3] == batch["tokens"][1, :3]).all()
+
+
+def test_a_sharded_step_equals_one_device(tiny_checkpoint):
+    """One GRPO step on fixed rollouts (beta > 0: the reference in the step too, ratios
+    away from 1): the 2 x 2 x 2 mesh gives one device's loss and updated params."""
+    import jaxlm
+    from jaxlm.sharding.rules import named_sharding, use_mesh
+    from jaxlm.train.optimizer import learning_rate_schedule
+    from jaxlm.train.state import state_shardings
+    from jaxlm.train.step import compile_steps
+    mcfg, params = jaxlm.load(tiny_checkpoint("llama"))
+    rng = np.random.default_rng(0)
+    b, s = 8, 32
+    lengths = rng.integers(10, s, b)
+    prompt = 4
+    batch = {"tokens": rng.integers(0, 512, (b, s)).astype(np.int32),
+             "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+             "segment_ids": (np.arange(s)[None] < lengths[:, None]).astype(np.int32)}
+    batch["targets"] = np.roll(batch["tokens"], -1, axis=1)
+    batch["loss_mask"] = ((np.arange(s)[None] >= prompt - 1)
+                          & (np.arange(s)[None] < lengths[:, None] - 1)).astype(np.int32)
+    batch["old_logps"] = rng.normal(-6.5, 0.3, (b, s)).astype(np.float32)
+    batch["advantages"] = np.repeat(rng.normal(0, 1, (b, 1)), s, 1).astype(np.float32)
+    out = {}
+    for name, mesh_cfg in (("one", MeshConfig(devices=1)), ("mesh", MESH)):
+        cfg = _grpo_config(mcfg, mesh_cfg, beta=0.04, loss_type="grpo")
+        # Adam's first update is lr g / (|g| + eps): eps 1e-8 turns the reduction-order
+        # noise of a gradient element near 0 (a vocab column no row predicts) into
+        # 1e-5-sized differences; a larger eps compares the update, not that noise
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eps=1e-3))
+        mesh, tx, state = _state(cfg, params)
+        with use_mesh(mesh, cfg.mesh.rules):
+            sh = named_sharding(mesh, ("batch", "seq"), cfg.mesh.rules)
+            step, _ = compile_steps(cfg.model, tx, learning_rate_schedule(cfg.train),
+                                    state_shardings(cfg, mesh, tx), sh, tcfg=cfg.train)
+            state, metrics = step(state, jax.device_put(batch, sh))
+            out[name] = jax.device_get((metrics, state.params))
+    (m1, p1), (m8, p8) = out["one"], out["mesh"]
+    assert m1["clip_region"] > 0 and abs(m1["kl"]) < 1e-6  # the reference = the start
+    for key in ("loss", "kl", "entropy", "clip_region", "grad_norm"):
+        np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6), p8, p1)
+
+
+# ------------------------------------------------------------ rewards, advantages, config
+
+
+def test_builtin_rewards_weights_and_group_advantages():
+    funcs = rollout.reward_functions("exact:answer, regex:^return \\d{1,2}$")
+    assert [f.__name__ for f in funcs] == ["exact:answer", "regex:^return \\d{1,2}$"]
+    completions = ["return 1", " return 2 ", "nope", "return 123"]
+    got = rollout.score(funcs, ["p"] * 4, completions,
+                        {"answer": ["return 1", "return 2", "x", "return 123"]}, ["w"] * 4)
+    np.testing.assert_array_equal(got, [[1, 1], [1, 0], [0, 0], [1, 0]])
+    rewards = np.array([1.0, 0.0, 0.5, 0.5, 2.0, 0.0])
+    adv = rollout.advantages(rewards, 2, "group")
+    t = torch.tensor(rewards).view(-1, 2)  # TRL: (r - group mean) / (group std + 1e-4)
+    want = ((t - t.mean(1, keepdim=True)) / (t.std(1, keepdim=True) + 1e-4)).view(-1)
+    np.testing.assert_allclose(adv, want.numpy(), rtol=1e-12)
+    assert (rollout.advantages(rewards, 2, "none")[2:4] == 0).all()
+    np.testing.assert_allclose(rollout.advantages(rewards, 2, "batch"),
+                               (rewards - np.repeat(t.mean(1).numpy(), 2))
+                               / (rewards.std(ddof=1) + 1e-4))
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("raises", "reward function raises raised ValueError: no score today"),
+    ("too_few", "reward function too_few returned 3 values for 4 completions"),
+    ("not_finite", "reward function not_finite returned nan for completion 2 (prompt p.jsonl:3)"),
+])
+def test_a_bad_reward_is_one_line(name, needle):
+    funcs = rollout.reward_functions(f"grpo_rewards:{name}")
+    with pytest.raises(InputError) as e:
+        rollout.score(funcs, ["p"] * 4, ["a", "b", "c", "d"], {},
+                      [f"p.jsonl:{i + 1}" for i in range(4)])
+    assert str(e.value) == needle
+
+
+def test_grpo_keys_and_what_is_refused(tmp_path, capsys):
+    from jaxlm.scripts.cli import main
+    cfg = load_config("grpo", ["train.num_generations=4", "train.epsilon_high=0.28",
+                               "train.grpo_beta=0.04", "train.grpo_loss_type=dr_grpo",
+                               "train.scale_rewards=none", "train.reward_funcs=m:f"])
+    g = cfg.train.grpo
+    assert (g.num_generations, g.epsilon_high, g.beta, g.loss_type, g.scale_rewards) == \
+        (4, 0.28, 0.04, "dr_grpo", "none")
+    for bad, needle in [(["train.num_generations=1"], "num_generations=1 must be >= 2"),
+                        (["data.batch_size=12"], "must be a multiple of train.grpo.num_gen"),
+                        (["train.grpo.loss_type=ppo"], "loss_type")]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config("grpo", bad)
+    with pytest.raises(ConfigError, match="cannot import nosuchmodule:f"):
+        rollout.reward_functions("nosuchmodule:f")
+    with pytest.raises(ConfigError, match="needs train.grpo.reward_funcs"):
+        rollout.reward_functions("")
+    rc = main(["train", "--config", "grpo", "train.num_generations=1",
+               f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "num_generations=1 must be >= 2" in err[0]
