@@ -305,3 +305,16 @@ def test_grpo_keys_and_what_is_refused(tmp_path, capsys):
                f"run_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "num_generations=1 must be >= 2" in err[0]
+
+
+def test_grpo_with_lora_merges_the_adapters_for_rollouts(tmp_path, tiny_checkpoint):
+    """LoRA: the base is frozen (and the reference, beta > 0), rollouts sample from the
+    adapters merged once per step, and the adapters learn."""
+    from jaxlm.train.loop import train
+    ckpt, corpus = tiny_checkpoint("llama"), _prompts(tmp_path / "prompts.jsonl")
+    args = _run_args(ckpt, corpus, tmp_path / "lora")[3:] + ["train.lora.rank=4",
+                                                             "train.steps=2"]
+    train(load_config("grpo", [a for a in args if a != "train.steps=4"]), progress=False)
+    logged = _losses(tmp_path / "lora")
+    assert sorted(logged) == [1, 2] and np.isfinite(logged[2]["loss"])
+    assert logged[2]["grad_norm"] > 0

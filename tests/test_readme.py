@@ -9,7 +9,7 @@ directory where the README's example paths exist:
   path/to/hf_dir         its Hugging Face export (`jaxlm convert --to hf`) with a
                          ChatML chat template; path/to/hf_llama: the same;
                          path/to/hf_llama_cls: it with a 2-label score head
-  chats.jsonl, prefs.jsonl, labels.jsonl, prompts.txt, prompts.jsonl, tok.model,
+  chats.jsonl, prefs.jsonl, labels.jsonl, math.jsonl, prompts.txt, prompts.jsonl, tok.model,
   data/*.parquet
                          small inputs of the formats the README describes
 
@@ -235,6 +235,9 @@ def make_inputs(work: Path, tokenizer: str) -> None:
         for i in range(60)))
     (work / "labels.jsonl").write_text(lines(
         {"text": f"{i} is {'even' if i % 2 == 0 else 'odd'}", "label": i % 2} for i in range(60)))
+    (work / "math.jsonl").write_text(lines(
+        {"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": f"{2 * i}."}
+        for i in range(20)))
     (work / "prompts.txt").write_text("import os\ndef main():\n")
     (work / "prompts.jsonl").write_text(lines(
         {"id": i, "prompt": p} for i, p in enumerate(["import os", "def main():", "class A:"])))

@@ -29,7 +29,9 @@ import base64
 import importlib
 import io
 import math
+import os
 import re
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -145,7 +147,7 @@ def reward_functions(spec: str) -> list[Callable]:
             funcs.append(ClassifierReward(arg))
         elif arg:
             try:
-                fn = getattr(importlib.import_module(kind), arg)
+                fn = getattr(_import(kind), arg)
             except (ImportError, AttributeError) as e:
                 raise ConfigError(f"train.grpo.reward_funcs: cannot import {part} ({e})") from None
             if not callable(fn):
@@ -158,6 +160,14 @@ def reward_functions(spec: str) -> list[Callable]:
         raise ConfigError("train.objective=grpo needs train.grpo.reward_funcs (e.g. "
                           "mymodule:reward, exact:answer, regex:PATTERN)")
     return funcs
+
+
+def _import(module: str):
+    """`module`, found on sys.path or, as `python -m` and uvicorn do, in the current
+    directory (a rewards.py beside the command)."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    return importlib.import_module(module)
 
 
 def _split_specs(spec: str) -> list[str]:
