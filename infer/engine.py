@@ -101,6 +101,11 @@ class Features:
     width: int = WIDTH_BUCKET  # output columns per slot
     stops: int = STOP_SLOTS  # stop ids per slot
     history: int = 0  # the n-gram history's columns (prompt + output)
+    # the loop reads per-layer weights split (and q|k|v, gate|up fused) from the stack
+    # up to the unroll limit (`unrolls`: a copy of the layer weights while it runs);
+    # False: the layer scan over the stacked weights as given, no copy (GRPO's
+    # rollouts over the training params, train/rollout.py)
+    split_weights: bool = True
 
     @classmethod
     def of(cls, settings: Sequence, vocab_size: int, **kw) -> "Features":
@@ -405,7 +410,8 @@ def _run(params, cfg, draft_params, draft_cfg, state: State, sl: Slots, page_tab
     early after the step where the exit_after-th slot of this call finished (0:
     never). -> (state, slots, steps run). Stacked params (an engine that is not
     `presplit`) are split per layer here, inside the program (`decode_params`)."""
-    params = decode_params(params, cfg)
+    if feats.split_weights:
+        params = decode_params(params, cfg)
     draft_params = None if draft_params is None else decode_params(draft_params, draft_cfg)
     split = kind == "contiguous" and isinstance(params.get("layers"), (list, tuple))
     kv = split_layers(state.kv) if split else state.kv
@@ -553,7 +559,8 @@ class Engine:
         # that runs once (`jaxlm.generate` admitting everything at once) leaves it to its
         # one decode loop, inside the program (no separate copy of the weights)
         def prepared(p, c):
-            return _split_once(p, c) if presplit and unrolls(p, c) else p
+            return _split_once(p, c) if presplit and feats.split_weights and unrolls(p, c) \
+                else p
 
         self.params = prepared(params, cfg)
         self.draft = None if draft is None else (prepared(*draft), draft[1])

@@ -203,6 +203,18 @@ def test_rollouts_read_the_training_params_in_place(tiny_checkpoint, sp_tokenize
         batch, metrics = rollouts.rollout(rollout.policy_params(cfg, state), 0, during)
     grown = max(seen) - before
     assert grown < weights / 2, (grown, weights)
+    # inside the compiled decode loop too: its temporaries hold no split copy of the
+    # layer weights (the layer scan reads the stacked training weights); per device
+    temps = {}
+    with use_mesh(mesh, cfg.mesh.rules):
+        engine = rollout.rollout_engine(cfg, state.params, 0)
+        for split in (False, True):  # True: generate's loop, which splits (a copy)
+            engine.feats = dataclasses.replace(engine.feats, split_weights=split)
+            temps[split] = engine.lower().compile().memory_analysis().temp_size_in_bytes
+    layers = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(
+        state.params["layers"]))
+    print(f"decode loop temporaries {temps} B per device; layer weights {layers} B")
+    assert temps[True] - temps[False] >= layers, (temps, layers)
     assert batch["tokens"].shape == (8, 32) and metrics["completion_length"] >= 1
     # the G = 2 samples of each prompt: same prompt, sampled apart
     assert (batch["tokens"][0, :3] == batch["tokens"][1, :3]).all()

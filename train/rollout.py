@@ -315,19 +315,10 @@ class Rollouts:
 
     def rollout(self, params, step: int, engine_hook: Callable | None = None):
         """Sample, score and lay out one rollout with `params` (the policy, in place)."""
-        from ..config import GenerateConfig
-        from ..infer.engine import Engine, Features, _pow2
         cfg, g = self.cfg, self.cfg.train.grpo
         chosen = self._next_prompts()
-        settings = GenerateConfig(max_new_tokens=g.max_completion_length,
-                                  temperature=g.temperature, seed=rollout_seed(cfg.train.seed, step),
-                                  num_return_sequences=self.group)
-        feats = Features.of([settings], cfg.model.vocab_size, logprobs=True,
-                            stops=max(4, _pow2(len(self.eos), 1)))
-        n = len(chosen) * self.group
-        engine = Engine(params, cfg.model, settings=settings, max_prompt_len=self.prompt_len,
-                        max_new_tokens=g.max_completion_length, slots=n, features=feats,
-                        presplit=False, on_refill=engine_hook)
+        engine = rollout_engine(cfg, params, rollout_seed(cfg.train.seed, step), self.eos,
+                                on_refill=engine_hook)
         for i, p in enumerate(chosen):
             engine.add(self.ids[p], row_seed=i, eos_ids=self.eos)
         engine.run()
@@ -379,6 +370,23 @@ class Rollouts:
             out["loss_mask"][r, p - 1:n - 1] = 1
             out["old_logps"][r, p - 1:p - 1 + len(lps)] = lps
         return out
+
+
+def rollout_engine(cfg, params, seed: int, eos: Sequence[int] = (), **options):
+    """The engine of one rollout: data.batch_size slots (every completion at once), G
+    samples per request, log-probs recorded, over `params` as they are (no per-layer
+    split: the layer scan reads the stacked training weights in place)."""
+    from ..config import GenerateConfig
+    from ..infer.engine import Engine, Features, _pow2
+    g = cfg.train.grpo
+    settings = GenerateConfig(max_new_tokens=g.max_completion_length, temperature=g.temperature,
+                              seed=seed, num_return_sequences=g.num_generations)
+    feats = Features.of([settings], cfg.model.vocab_size, logprobs=True, split_weights=False,
+                        stops=max(4, _pow2(len(eos), 1)))
+    return Engine(params, cfg.model, settings=settings,
+                  max_prompt_len=cfg.data.seq_len - g.max_completion_length,
+                  max_new_tokens=g.max_completion_length, slots=cfg.data.batch_size,
+                  features=feats, presplit=False, **options)
 
 
 def policy_params(cfg, state):
