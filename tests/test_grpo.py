@@ -218,6 +218,14 @@ def test_rollouts_read_the_training_params_in_place(tiny_checkpoint, sp_tokenize
     assert batch["tokens"].shape == (8, 32) and metrics["completion_length"] >= 1
     # the G = 2 samples of each prompt: same prompt, sampled apart
     assert (batch["tokens"][0, :3] == batch["tokens"][1, :3]).all()
+    # the rollout's log-probs (the importance ratio's old ones) are the training
+    # forward's at the positions that predict each completion token
+    mask = batch["loss_mask"].astype(bool)
+    with use_mesh(mesh, cfg.mesh.rules):
+        again = np.asarray(jax.jit(grpo.token_logps, static_argnums=(1, 3))(
+            state.params, cfg.model, {k: batch[k] for k in ("tokens", "targets", "positions",
+                                                           "segment_ids")}, 1.0))
+    np.testing.assert_allclose(batch["old_logps"][mask], again[mask], atol=2e-4)
 
 
 def test_a_sharded_step_equals_one_device(tiny_checkpoint):
@@ -321,12 +329,14 @@ def test_grpo_keys_and_what_is_refused(tmp_path, capsys):
 
 def test_grpo_with_lora_merges_the_adapters_for_rollouts(tmp_path, tiny_checkpoint):
     """LoRA: the base is frozen (and the reference, beta > 0), rollouts sample from the
-    adapters merged once per step, and the adapters learn."""
+    adapters merged once per step, and the adapters learn. Temperature 0.7: the old
+    log-probs are the merged policy's at logits / 0.7, so the first step's ratios are 1."""
     from jaxlm.train.loop import train
     ckpt, corpus = tiny_checkpoint("llama"), _prompts(tmp_path / "prompts.jsonl")
-    args = _run_args(ckpt, corpus, tmp_path / "lora")[3:] + ["train.lora.rank=4",
-                                                             "train.steps=2"]
+    args = _run_args(ckpt, corpus, tmp_path / "lora")[3:] + [
+        "train.lora.rank=4", "train.steps=2", "train.grpo_temperature=0.7"]
     train(load_config("grpo", [a for a in args if a != "train.steps=4"]), progress=False)
     logged = _losses(tmp_path / "lora")
     assert sorted(logged) == [1, 2] and np.isfinite(logged[2]["loss"])
     assert logged[2]["grad_norm"] > 0
+    assert logged[1]["clip_region"] == 0 and abs(logged[1]["kl"]) < 1e-6
