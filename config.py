@@ -153,7 +153,8 @@ class GrpoConfig:
     # Reward functions, comma-separated: module:function (called with prompts=,
     # completions= and each other JSONL field as a list; returns one float per
     # completion), exact:FIELD (1 if the completion's stripped text equals the row's
-    # FIELD), regex:PATTERN (1 if the completion re.search-es PATTERN)
+    # FIELD), regex:PATTERN (1 if the completion re.search-es PATTERN), model:PATH (a
+    # sequence classifier's score of prompt + completion, jaxlm.classify)
     reward_funcs: str = ""
     reward_weights: tuple = ()  # one weight per reward function; (): 1 each
     # advantages divided by the std of the group's rewards (group), of the batch's

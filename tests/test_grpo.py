@@ -340,3 +340,27 @@ def test_grpo_with_lora_merges_the_adapters_for_rollouts(tmp_path, tiny_checkpoi
     assert sorted(logged) == [1, 2] and np.isfinite(logged[2]["loss"])
     assert logged[2]["grad_norm"] > 0
     assert logged[1]["clip_region"] == 0 and abs(logged[1]["kl"]) < 1e-6
+
+
+def test_a_reward_model_dir_is_a_reward_function(tmp_path, sp_tokenizer_dir):
+    """model:PATH: a sequence classifier's score (jaxlm.classify) of prompt + completion."""
+    import shutil
+    import jaxlm
+    import tiny_models
+    cfg = dataclasses.replace(tiny_models.checkpoint_config("llama"), num_labels=1)
+    params = jaxlm.init_params(cfg, jax.random.key(1))
+    path = tmp_path / "rm"
+    jaxlm.save(str(path), cfg, params)
+    shutil.copy(sp_tokenizer_dir / "tokenizer.model", path / "tokenizer.model")
+    (fn,) = rollout.reward_functions(f"model:{path}")
+    got = rollout.score([fn], ["1 + 1 =", "1 + 1 ="], [" 2", " 3"], {}, ["a", "b"])
+    tok = jaxlm.load_tokenizer(str(path))
+    ids = [tok.encode("1 + 1 = 2"), tok.encode("1 + 1 = 3")]
+    width = max(map(len, ids))
+    tokens = np.zeros((2, width), np.int32)
+    mask = np.zeros((2, width), np.int32)
+    for r, i in enumerate(ids):
+        tokens[r, :len(i)], mask[r, :len(i)] = i, 1
+    want = np.asarray(jaxlm.classify(params, cfg, tokens, mask))[:, 0]
+    np.testing.assert_allclose(got[:, 0], want, rtol=1e-6)
+    assert got[0, 0] != got[1, 0]
