@@ -117,7 +117,8 @@ def test_a_grpo_run_logs_its_metrics_and_resumes_exactly(tmp_path, tiny_checkpoi
     logged = _losses(full)
     assert sorted(logged) == [1, 2, 3, 4]
     first = logged[1]
-    for key in ("loss", "reward", "reward_std", "rewards/short/mean", "rewards/short/std", "kl",
+    for key in ("loss", "reward", "reward_std", "frac_reward_zero_std", "rewards/short/mean",
+                "rewards/short/std", "kl",
                 "clip_region", "completion_length", "entropy", "rollout_share"):
         assert np.isfinite(first[key]), key
     assert 0 < first["rollout_share"] < 1 and 1 <= first["completion_length"] <= 8
@@ -230,7 +231,8 @@ def test_rollouts_read_the_training_params_in_place(tiny_checkpoint, sp_tokenize
 
 def test_a_sharded_step_equals_one_device(tiny_checkpoint):
     """One GRPO step on fixed rollouts (beta > 0: the reference in the step too, ratios
-    away from 1): the 2 x 2 x 2 mesh gives one device's loss and updated params."""
+    away from 1): the 2 x 2 x 2 mesh, and one device with 2 accumulated microbatches,
+    give one device's loss and updated params."""
     import jaxlm
     from jaxlm.sharding.rules import named_sharding, use_mesh
     from jaxlm.train.optimizer import learning_rate_schedule
@@ -250,12 +252,14 @@ def test_a_sharded_step_equals_one_device(tiny_checkpoint):
     batch["old_logps"] = rng.normal(-6.5, 0.3, (b, s)).astype(np.float32)
     batch["advantages"] = np.repeat(rng.normal(0, 1, (b, 1)), s, 1).astype(np.float32)
     out = {}
-    for name, mesh_cfg in (("one", MeshConfig(devices=1)), ("mesh", MESH)):
+    for name, mesh_cfg, accum in (("one", MeshConfig(devices=1), 1), ("mesh", MESH, 1),
+                                  ("accum", MeshConfig(devices=1), 2)):
         cfg = _grpo_config(mcfg, mesh_cfg, beta=0.04, loss_type="grpo")
         # Adam's first update is lr g / (|g| + eps): eps 1e-8 turns the reduction-order
         # noise of a gradient element near 0 (a vocab column no row predicts) into
         # 1e-5-sized differences; a larger eps compares the update, not that noise
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eps=1e-3))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eps=1e-3,
+                                                                 grad_accum_steps=accum))
         mesh, tx, state = _state(cfg, params)
         with use_mesh(mesh, cfg.mesh.rules):
             sh = named_sharding(mesh, ("batch", "seq"), cfg.mesh.rules)
@@ -263,11 +267,14 @@ def test_a_sharded_step_equals_one_device(tiny_checkpoint):
                                     state_shardings(cfg, mesh, tx), sh, tcfg=cfg.train)
             state, metrics = step(state, jax.device_put(batch, sh))
             out[name] = jax.device_get((metrics, state.params))
-    (m1, p1), (m8, p8) = out["one"], out["mesh"]
+    (m1, p1) = out["one"]
     assert m1["clip_region"] > 0 and abs(m1["kl"]) < 1e-6  # the reference = the start
-    for key in ("loss", "kl", "entropy", "clip_region", "grad_norm"):
-        np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6), p8, p1)
+    for name in ("mesh", "accum"):  # 8 devices; 2 microbatches (the same step, accumulated)
+        m8, p8 = out[name]
+        for key in ("loss", "kl", "entropy", "clip_region", "grad_norm"):
+            np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name} {key}")
+        jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6), p8, p1)
 
 
 # ------------------------------------------------------------ rewards, advantages, config

@@ -340,7 +340,13 @@ class Rollouts:
         if g.temperature != 1.0:  # the engine's log-probs are at temperature 1
             batch["old_logps"] = np.asarray(rollout_logps(params, cfg.model, batch, g.temperature),
                                             np.float32)
-        metrics = {"reward": float(total.mean()), "reward_std": float(total.std(ddof=1)),
+        group_std = total.reshape(-1, self.group).std(axis=1, ddof=1)
+        # as TRL logs them: reward_std the mean group std (the batch's with
+        # scale_rewards=batch), frac_reward_zero_std the groups that teach nothing
+        metrics = {"reward": float(total.mean()),
+                   "reward_std": float(total.std(ddof=1) if g.scale_rewards == "batch"
+                                       else group_std.mean()),
+                   "frac_reward_zero_std": float(np.mean(np.isclose(group_std, 0.0))),
                    "completion_length": float(np.mean([len(r[1]) for r in rows]))}
         for j, fn in enumerate(self.funcs):
             metrics[f"rewards/{_name(fn)}/mean"] = float(per_func[:, j].mean())
