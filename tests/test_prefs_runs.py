@@ -113,6 +113,14 @@ def test_reward_model_from_a_causal_lm_round_trips_through_transformers(hf_lm, d
         if checkpoint == run:
             first = [r["score"] for r in scored]
     assert np.abs(np.array(first) - [r["score"] for r in scored]).max() <= TOL
+    # a reward run from a *ForSequenceClassification dir keeps its score head
+    from jaxlm.sharding.mesh import make_mesh
+    from jaxlm.train.loop import _initial_params
+    again = load_config("reward", [f"train.init_from={out}", "mesh.devices=1",
+                                   "data.seq_len=32"])
+    assert again.model.num_labels == 1
+    start = _initial_params(again, make_mesh(again.mesh))
+    np.testing.assert_array_equal(start["score"]["kernel"], params["score"]["kernel"])
     tok = jaxlm.load_tokenizer(str(run))
     ids = [tok.bos_id] + tok.encode("What is 3 + 1?") + tok.encode("4.") + [tok.eos_id]
     with torch.no_grad():
@@ -191,7 +199,7 @@ def test_bad_input_is_one_line(tiny_checkpoint, data, tmp_path, capsys):
     assert "no score head" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("loss", ["orpo", "simpo"])
+@pytest.mark.parametrize("loss", ["orpo"])  # simpo's NLL term takes the same path
 def test_reference_free_losses_accumulate_exactly(loss, tiny_llama):
     """grad_accum_steps=2 gives the whole batch's loss and gradient: the NLL term is a
     token mean over the whole batch, not over each microbatch. ORPO's loss is TRL's:
