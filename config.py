@@ -247,6 +247,9 @@ class TrainConfig:
                 f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.objective in ("orpo", "simpo", "ipo"):  # TRL trainers of their own; here losses
+            raise ConfigError(f"train.objective={self.objective} is a preference loss here: "
+                              f"train.objective=dpo train.dpo.loss={self.objective}")
         _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo", "kto", "classify",
                                     "reward"))
         _choice(self, "sft_loss_on", ("completion", "all"))

@@ -130,7 +130,8 @@ def test_reward_model_from_a_causal_lm_round_trips_through_transformers(hf_lm, d
 
 def test_reward_resumes_exactly_with_margins(tiny_checkpoint, data, tmp_path):
     logged, _ = _resumes_exactly(tmp_path, "reward", tiny_checkpoint("llama"),
-                                 data / "prefs.jsonl", "train.reward.center_rewards_coefficient=0.01")
+                                 data / "prefs.jsonl",
+                                 "train.reward.center_rewards_coefficient=0.01")
     assert logged[4]["reward_accuracy"] >= 0.0
 
 
@@ -192,6 +193,8 @@ def test_bad_input_is_one_line(tiny_checkpoint, data, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1, (preset, message, err)
         assert re.search(message, err[0]), (message, err[0])
+    with pytest.raises(jaxlm.ConfigError, match="train.objective=dpo train.dpo.loss=orpo"):
+        load_config("dpo", ["train.objective=orpo"])
     rows = tmp_path / "rows.jsonl"
     rows.write_text(_lines([{"text": "no prompt"}]))
     assert main(["score", "--checkpoint", base, "--input", str(rows), "--output",

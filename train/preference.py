@@ -200,7 +200,8 @@ def dpo_batches(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
     pairs, stats = _pairs_or_raise(records, tokenizer, template, seq_len, process_index,
                                    process_count, margin)
     flat = [{f"{s}_{k}": v for s in SIDES for k, v in p[s].items()} for p in pairs]
-    return row_batches("reward" if margin else "dpo", pairs, _stack_pairs, flat, stats, seq_len=seq_len,
+    return row_batches("reward" if margin else "dpo", pairs, _stack_pairs, flat, stats,
+                       seq_len=seq_len,
                        batch_size=batch_size, seed=seed, num_epochs=num_epochs,
                        process_index=process_index, process_count=process_count,
                        num_threads=num_threads)
