@@ -152,8 +152,9 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
                                                is_leaf=is_axes)))
     if cfg.train.lora.rank:  # the base, frozen
         frozen = params_int8 if cfg.train.lora.base_dtype == "int8" else params
-    else:  # full-weight DPO: a frozen reference copy of the params
-        frozen = params if cfg.train.objective == "dpo" else 0
+    else:  # full-weight DPO / KTO: a frozen reference copy of the params
+        from ..train.state import needs_reference
+        frozen = params if needs_reference(cfg.train) else 0
     tx = make_optimizer(cfg.train, trained_specs)
     opt_shapes = jax.eval_shape(tx.init, trained_shapes)
     opt_tree = optax.tree_map_params(

@@ -141,12 +141,19 @@ train:
   dpo_beta: 0.2
   dpo_loss: ipo
   dpo_label_smoothing: 0.1
+  simpo_gamma: 0.3
+  cpo_alpha: 0.2
+  kto_beta: 0.2
+  desirable_weight: 2.0
+  undesirable_weight: 0.5
+  center_rewards_coefficient: 0.01
 run_dir: runs/old
 """
 
 
 def _nested_form():
-    from jaxlm.config import DataConfig, DpoConfig, LoraConfig, TrainConfig
+    from jaxlm.config import (DataConfig, DpoConfig, KtoConfig, LoraConfig, RewardConfig,
+                              TrainConfig)
     from jaxlm.model.config import MoeConfig, RopeConfig, YarnConfig
     return Config(
         model=ModelConfig(
@@ -160,7 +167,10 @@ def _nested_form():
         data=DataConfig(seq_len=32),
         train=TrainConfig(lora=LoraConfig(rank=8, alpha=16.0, targets="layers/attn/(q|v)",
                                           base_dtype="int8"),
-                          dpo=DpoConfig(beta=0.2, loss="ipo", label_smoothing=0.1)),
+                          dpo=DpoConfig(beta=0.2, loss="ipo", label_smoothing=0.1,
+                                        simpo_gamma=0.3, cpo_alpha=0.2),
+                          kto=KtoConfig(beta=0.2, desirable_weight=2.0, undesirable_weight=0.5),
+                          reward=RewardConfig(center_rewards_coefficient=0.01)),
         run_dir="runs/old")
 
 
@@ -376,7 +386,8 @@ def test_select_keys_by_section_key_or_old_name():
     from jaxlm.config import config_sections, describe_keys, select_keys
     docs = describe_keys()
     assert {"model", "model.rope", "model.rope.yarn", "model.moe", "data", "train",
-            "train.lora", "train.dpo", "mesh", "generate"} == set(config_sections())
+            "train.lora", "train.dpo", "train.kto", "train.reward", "mesh",
+            "generate"} == set(config_sections())
     lora = [d.key for d in select_keys(docs, ["train.lora"])]
     assert lora == ["train.lora.rank", "train.lora.alpha", "train.lora.targets",
                     "train.lora.base_dtype", "train.lora.init_from"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -179,6 +180,10 @@ class _Loop:
         out = {"loss": sum(float(s[0]) for s in sums) / count}
         for key in sums[0][2]:
             out[key] = sum(float(s[2][key]) for s in sums) / count
+        if "desirable" in out:  # kto: rewards are means over their kind of row
+            from .kto import kto_metrics
+            totals = {k: sum(float(s[2][k]) for s in sums) for k in sums[0][2]}
+            out.update({k: float(v) for k, v in kto_metrics(totals, count).items()})
         return out
 
     def checkpoint(self, state):
@@ -317,7 +322,7 @@ class _Loop:
 def _data(cfg: Config):
     """(training batch iterator, global eval batches, tokenizer) for train.objective."""
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    if cfg.train.objective in ("sft", "dpo", "classify"):
+    if cfg.train.objective in ("sft", "dpo", "kto", "classify", "reward"):
         from ..model.chat import resolve_chat_template
         from .sft import finetune_data
         tokenizer = _tokenizer(cfg, None)
@@ -386,8 +391,17 @@ def _initial_params(cfg: Config, mesh, step: int | None = None):
     from ..api import load_params
     from ..model.params import logical_axes
     from ..sharding.rules import tree_shardings
-    shardings = tree_shardings(mesh, logical_axes(model_specs(cfg.model)), cfg.mesh.rules)
-    return load_params(cfg.train.init_from, cfg.model, shardings, step)
+    from ..api import model_config_of
+    mcfg = cfg.model
+    fresh_head = mcfg.num_labels and not model_config_of(cfg.train.init_from).num_labels
+    if fresh_head:  # a reward model from a causal LM: its body, a new score head
+        mcfg = dataclasses.replace(mcfg, num_labels=0, pad_token_id=-1, label_names=())
+    shardings = tree_shardings(mesh, logical_axes(model_specs(mcfg)), cfg.mesh.rules)
+    params = load_params(cfg.train.init_from, mcfg, shardings, step)
+    if fresh_head:
+        from .reward import fresh_score_head
+        params = fresh_score_head(params, cfg.model, cfg.train.seed)
+    return params
 
 
 def _check_diverged(rows, limit: int, latest=lambda: None):

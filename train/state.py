@@ -6,9 +6,10 @@ Three kinds of run share one state type:
 * LoRA / QLoRA (`train.lora.rank` > 0): `params` are the adapters only (the
   optimizer's whole world), `frozen` the base (int8 `QuantizedWeight` leaves
   under QLoRA), never updated, never donated;
-* DPO without LoRA (`train.objective=dpo`): `frozen` is a copy of the starting
-  params, the reference policy. (DPO with LoRA uses the base alone as the
-  reference: no second copy.)
+* DPO / KTO without LoRA (`train.objective=dpo|kto`): `frozen` is a copy of the
+  starting params, the reference policy. (With LoRA the base alone is the
+  reference: no second copy.) ORPO and SimPO (train.dpo.loss) need no reference:
+  `frozen` is None (or the LoRA base).
 """
 
 from __future__ import annotations
@@ -41,8 +42,14 @@ def needs_frozen(cfg) -> bool:
     return _has_frozen(cfg)
 
 
+def needs_reference(tcfg) -> bool:
+    """Whether the objective compares the policy with a frozen reference: DPO / IPO and
+    KTO do; ORPO, SimPO (train.dpo.loss) and the others do not."""
+    return tcfg.objective == "kto" or (tcfg.objective == "dpo" and not tcfg.dpo.reference_free)
+
+
 def _has_frozen(cfg) -> bool:
-    return bool(cfg.train.lora.rank) or cfg.train.objective == "dpo"
+    return bool(cfg.train.lora.rank) or needs_reference(cfg.train)
 
 
 def state_shardings(cfg, mesh, tx):
@@ -101,7 +108,7 @@ def _frozen(cfg, base):
     DPO reference policy (its own buffers); None for other runs."""
     if cfg.train.lora.rank:
         return lora.quantize_base(base, cfg.model) if cfg.train.lora.base_dtype == "int8" else base
-    if cfg.train.objective == "dpo":
+    if needs_reference(cfg.train):
         return jax.tree.map(jnp.copy, base)
     return None
 

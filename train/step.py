@@ -1,12 +1,14 @@
-"""The jitted train and eval steps: plain, LoRA (frozen base + adapters), DPO,
-classify (a sequence classifier's pooled scores), each with gradient accumulation.
+"""The jitted train and eval steps: plain, LoRA (frozen base + adapters), the preference
+objectives (dpo with its orpo / simpo losses, kto, reward), classify (a sequence
+classifier's pooled scores), each with gradient accumulation.
 
 One `train_step(state, batch)` covers every run kind (see train/state.py):
 the trainable tree is `state.params`; the model sees `apply_lora(frozen,
 params)` for LoRA runs. With `train.grad_accum_steps` k > 1 the batch is
 split into k microbatches (rows j, j + k, ...: each device keeps its share)
 scanned inside the step; each microbatch's objective is its loss sum over
-the whole batch's denominator (tokens, pairs for DPO, rows for classify), so the summed
+the whole batch's denominator (tokens, pairs for DPO and reward, rows for KTO and
+classify), so the summed
 gradients and losses are exactly the full-batch means. (MoE router losses
 are averaged over microbatches.)
 """
@@ -27,12 +29,13 @@ from ..model.classify import pooled_scores
 from ..model.families.encoder import mlm_head_inputs
 from ..sharding.context import context_reorder, context_size
 from ..sharding.rules import constrain
-from . import dpo
+from . import dpo, kto, reward
 from .lora import apply_lora, lora_scale
 from .objectives import causal_lm_loss, chunked_lm_loss, classification_loss, labelled_rows
 from .state import TrainState
 
 DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
+PAIRED = ("dpo", "kto", "reward")  # objectives over preference batches, not LM batches
 
 
 def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_weight=1.0,
@@ -105,24 +108,40 @@ def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, voc
                pipeline=None):
     """(objective of one microbatch, additive sums: loss_sum, tokens, metrics)."""
     params, reference = _model_params(trainable, frozen, tcfg)
-    if tcfg.objective == "dpo":
-        loss_sum, metrics, n = dpo.dpo_sums(params, reference, mcfg, batch, tcfg, vocab_chunk)
+    count = totals["count"]
+    if tcfg.objective in PAIRED:
+        if tcfg.objective == "dpo":
+            loss_sum, metrics, n = dpo.dpo_sums(params, reference, mcfg, batch, tcfg,
+                                                vocab_chunk, totals.get("nll_tokens"), count)
+        elif tcfg.objective == "kto":
+            loss_sum, metrics, n = kto.kto_sums(params, reference, mcfg, batch, tcfg, vocab_chunk)
+        else:
+            loss_sum, metrics, n = reward.reward_sums(params, mcfg, batch, tcfg, dropout_key)
         sums = {"loss_sum": loss_sum, "tokens": jnp.asarray(n, jnp.float32), **metrics}
-        return loss_sum / totals, sums
+        return loss_sum / count, sums
     objective, (loss_sum, count, extra) = loss_fn(params, mcfg, batch, vocab_chunk,
-                                                  denominator=totals, aux_weight=1.0 / k,
+                                                  denominator=count, aux_weight=1.0 / k,
                                                   dropout_key=dropout_key, pipeline=pipeline)
     return objective, {"loss_sum": loss_sum, "tokens": count, **extra}
 
 
 def _totals(batch, tcfg):
-    """The full batch's denominator: pairs for DPO, labelled rows for classify, counted
-    tokens otherwise."""
+    """The full batch's denominators: {"count": pairs for DPO (ORPO, SimPO: and
+    "nll_tokens", the NLL term's), pairs holding an example for reward, rows holding
+    one for KTO, labelled rows for classify, counted tokens otherwise}."""
     if tcfg.objective == "dpo":
-        return jnp.asarray(batch["chosen"]["tokens"].shape[0], jnp.float32)
+        out = {"count": jnp.asarray(batch["chosen"]["tokens"].shape[0], jnp.float32)}
+        if tcfg.dpo.reference_free:
+            out["nll_tokens"] = jnp.sum(dpo.nll_mask(batch, tcfg.dpo.loss))
+        return out
+    if tcfg.objective == "reward":
+        return {"count": jnp.maximum(jnp.sum(reward.valid_pairs(batch)), 1.0)}
+    if tcfg.objective == "kto":
+        rows = jnp.any(batch["completion"]["segment_ids"] > 0, axis=-1)
+        return {"count": jnp.maximum(jnp.sum(rows.astype(jnp.float32)), 1.0)}
     if tcfg.objective == "classify":
-        return jnp.maximum(jnp.sum(labelled_rows(batch).astype(jnp.float32)), 1.0)
-    return jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        return {"count": jnp.maximum(jnp.sum(labelled_rows(batch).astype(jnp.float32)), 1.0)}
+    return {"count": jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)}
 
 
 def microbatches(batch, k: int):
@@ -159,7 +178,7 @@ def dropout_key(mcfg, tcfg, step):
     """The step's dropout key, fold_in(fold_in(key(train.seed), stream), step), or None
     when the model has no dropout. Each (seed, step) has its own masks, so a resumed
     run draws exactly the masks an uninterrupted one does."""
-    if not (mcfg.dropout or mcfg.attention_dropout) or tcfg.objective == "dpo":
+    if not (mcfg.dropout or mcfg.attention_dropout) or tcfg.objective in ("dpo", "kto"):
         return None
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(tcfg.seed), DROPOUT_STREAM), step)
 
@@ -167,9 +186,14 @@ def dropout_key(mcfg, tcfg, step):
 def _metrics(sums, tcfg):
     n = jnp.maximum(sums["tokens"], 1.0)
     out = {"loss": sums["loss_sum"] / n, "tokens": sums["tokens"]}
-    if tcfg.objective == "dpo":
-        out["dpo_loss"] = out["loss"]
+    if tcfg.objective in ("dpo", "reward"):
+        out[f"{tcfg.objective}_loss"] = out["loss"]
         out.update({k: sums[k] / n for k in DPO_METRICS})
+        out.update({k: sums[k] / n for k in ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+                    if k in sums})
+    if tcfg.objective == "kto":
+        out["kto_loss"] = out["loss"]
+        out.update(kto.kto_metrics(sums, n))
     if "accuracy" in sums:  # classify (num_labels > 1): correct rows / rows
         out["accuracy"] = sums["accuracy"] / n
     out.update({k: v for k, v in sums.items() if k.startswith("moe_")})
