@@ -857,8 +857,19 @@ def load_config(path: str | None = None, overrides=()) -> Config:
     data = read_yaml(path) if path is not None and path != "" else {}
     user_keys = {canonical_key(parse_override(o)[0] if isinstance(o, str) else o[0])
                  for o in overrides}
-    return _build(Config, resolve_lora_from(resolve_init_from(
-        apply_overrides(data, overrides), preset=path, user_keys=user_keys)))
+    return _build(Config, _absolute_teacher(resolve_lora_from(resolve_init_from(
+        apply_overrides(data, overrides), preset=path, user_keys=user_keys))))
+
+
+def _absolute_teacher(data: dict) -> dict:
+    """train.distill.teacher as an absolute path (as train.init_from): the run dir's
+    config.yaml names the teacher a resume reads again, from any directory."""
+    train = data.get("train") if isinstance(data, dict) else None
+    section = train.get("distill") if isinstance(train, dict) else None
+    if not isinstance(section, dict) or not section.get("teacher"):
+        return data
+    path = os.path.abspath(os.path.expanduser(str(section["teacher"])))
+    return {**data, "train": {**train, "distill": {**section, "teacher": path}}}
 
 
 def resolve_lora_from(data: dict) -> dict:

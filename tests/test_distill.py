@@ -206,14 +206,16 @@ def test_a_teacher_of_another_vocabulary_is_one_line(tiny_checkpoint, teachers, 
 
 
 def test_config_names_and_plan_counts_the_teacher(tiny_checkpoint, teachers):
-    """TRL's flat spellings load; distill with LoRA is refused; `jaxlm plan` counts the
-    teacher's params as frozen."""
+    """TRL's flat spellings load; the teacher's path is stored absolute; distill with LoRA
+    is refused; `jaxlm plan` counts the teacher's params as frozen."""
     from jaxlm.errors import ConfigError
     from jaxlm.sharding.plan import plan
     cfg = load_config("distill", [f"train.init_from={tiny_checkpoint('llama')}",
                                   f"train.teacher_model_name_or_path={teachers['same']}",
                                   "train.lmbda=0.25", "mesh.devices=1", "data.seq_len=32"])
     assert (cfg.train.distill.teacher, cfg.train.distill.on_policy) == (teachers["same"], 0.25)
+    relative = load_config("distill", ["train.init_from=", "train.distill.teacher=t/model"])
+    assert relative.train.distill.teacher == os.path.abspath("t/model")  # resumable anywhere
     teacher = jaxlm.load(teachers["same"])[1]
     assert plan(cfg)["frozen"] == sum(x.nbytes for x in jax.tree.leaves(teacher))
     with pytest.raises(ConfigError, match="lora"):
