@@ -185,6 +185,44 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Distillation (jaxlm.train.distill, train.objective=distill): the student matches a
+    frozen teacher's next-token distributions on the loss tokens; TRL GKD's names."""
+    _prefix = "train.distill."
+
+    # the teacher: a jaxlm run dir or a Hugging Face dir with the student's vocabulary
+    teacher: str = ""
+    # forward_kl: KL(teacher || student) | reverse_kl: KL(student || teacher) | jsd: GKD's
+    # generalized Jensen-Shannon divergence, interpolated by beta
+    loss: str = "forward_kl"
+    # jsd: the mixture's teacher weight, beta p_T + (1 - beta) p_S (TRL GKD's beta); 0 is
+    # forward KL, 1 reverse KL
+    beta: float = 0.5
+    temperature: float = 1.0  # both sides' logits divided by it (and the on-policy sampling)
+    # On-policy share (TRL GKD's lmbda): with this probability per step, keyed by train.seed
+    # and the step, the batch's completions are the student's own samples (the engine over
+    # the live params); 0: always the data's completions
+    on_policy: float = 0.0
+    alpha: float = 0.0  # the hard-label cross-entropy's weight: (1 - alpha) distill + alpha CE
+
+    def __post_init__(self):
+        _choice(self, "loss", ("forward_kl", "reverse_kl", "jsd"))
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"train.distill.beta={self.beta} must be in [0, 1]")
+        if not self.temperature > 0:
+            raise ConfigError(f"train.distill.temperature={self.temperature} must be > 0")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ConfigError(f"train.distill.on_policy={self.on_policy} must be in [0, 1]")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"train.distill.alpha={self.alpha} must be in [0, 1]")
+
+    @property
+    def jsd_beta(self) -> float:
+        """The GKD beta the loss runs with: 0 forward KL, 1 reverse KL, else beta."""
+        return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.loss, self.beta)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     _prefix = "train."
 
@@ -210,6 +248,7 @@ class TrainConfig:
     # (train.dpo.loss: also orpo, simpo) | kto (unpaired labelled completions) | classify (a
     # score head's cross-entropy over labelled texts; MSE for num_labels=1) | reward (a
     # Bradley-Terry reward model on preference pairs; from a causal LM: a fresh score head)
+    # | distill (match train.distill.teacher's distributions; SFT JSONL or raw text data)
     objective: str = "clm"
     # A jaxlm run/checkpoint dir or a Hugging Face dir to start from: the model
     # config, weights and tokenizer come from it ("": random init; `resolve_init_from`)
@@ -231,6 +270,7 @@ class TrainConfig:
     dpo: DpoConfig = field(default_factory=DpoConfig)  # train.objective=dpo
     kto: KtoConfig = field(default_factory=KtoConfig)  # train.objective=kto
     reward: RewardConfig = field(default_factory=RewardConfig)  # train.objective=reward
+    distill: DistillConfig = field(default_factory=DistillConfig)  # train.objective=distill
     # Pipeline parallelism (mesh.stage > 1): microbatches per step flowing through
     # the stages (GPipe); 0: one per stage. Bubble (S-1)/(R*M+S-1).
     pipeline_microbatches: int = 0
@@ -240,6 +280,7 @@ class TrainConfig:
         _section_type(self, "dpo", DpoConfig)
         _section_type(self, "kto", KtoConfig)
         _section_type(self, "reward", RewardConfig)
+        _section_type(self, "distill", DistillConfig)
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints", "log_every", "max_skipped_steps")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
@@ -251,7 +292,7 @@ class TrainConfig:
             raise ConfigError(f"train.objective={self.objective} is a preference loss here: "
                               f"train.objective=dpo train.dpo.loss={self.objective}")
         _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo", "kto", "classify",
-                                    "reward"))
+                                    "reward", "distill"))
         _choice(self, "sft_loss_on", ("completion", "all"))
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
@@ -468,6 +509,7 @@ class Config:
             raise ConfigError(f"train.objective={self.train.objective} needs model.family="
                               f"decoder, not {self.model.family!r}")
         _check_classify(self)
+        _check_distill(self)
         if self.train.lora.rank:  # a regex that adapts nothing stops here, naming itself
             from .train.lora import lora_targets
             lora_targets(self.model, self.train)
@@ -504,6 +546,22 @@ def _check_classify(cfg: Config) -> None:
     if cfg.mesh.context > 1:
         raise ConfigError(f"train.objective={objective} with mesh.context={cfg.mesh.context} is "
                           "not supported (a row's score is pooled from one position)")
+
+
+def _check_distill(cfg: Config) -> None:
+    """What train.objective=distill does not support. (The teacher is checked when training
+    starts, `train.distill.check_teacher`: a preset names none, and it reads the teacher.)"""
+    if cfg.train.objective != "distill":
+        return
+    if cfg.model.family != "decoder":
+        raise ConfigError(f"train.objective=distill needs model.family=decoder, not "
+                          f"{cfg.model.family!r}")
+    if cfg.train.lora.rank:
+        raise ConfigError("train.objective=distill with train.lora.rank > 0 is not supported "
+                          "yet: the state holds one frozen tree, here the teacher")
+    if cfg.mesh.stage > 1:
+        raise ConfigError(f"train.objective=distill with mesh.stage={cfg.mesh.stage} is not "
+                          "supported (the teacher runs outside the pipeline)")
 
 
 # ---------------------------------------------------------------- loading
@@ -547,6 +605,9 @@ ALIASES = {
     "train.undesirable_weight": "train.kto.undesirable_weight",
     "train.kto_beta": "train.kto.beta",
     "train.center_rewards_coefficient": "train.reward.center_rewards_coefficient",
+    # TRL's flat spellings (GKDConfig), short names rather than old ones
+    "train.lmbda": "train.distill.on_policy",
+    "train.teacher_model_name_or_path": "train.distill.teacher",
 }
 
 
@@ -881,8 +942,19 @@ def load_config(path: str | None = None, overrides=()) -> Config:
     data = read_yaml(path) if path is not None and path != "" else {}
     user_keys = {canonical_key(parse_override(o)[0] if isinstance(o, str) else o[0])
                  for o in overrides}
-    return _build(Config, resolve_lora_from(resolve_init_from(
-        apply_overrides(data, overrides), preset=path, user_keys=user_keys)))
+    return _build(Config, _absolute_teacher(resolve_lora_from(resolve_init_from(
+        apply_overrides(data, overrides), preset=path, user_keys=user_keys))))
+
+
+def _absolute_teacher(data: dict) -> dict:
+    """train.distill.teacher as an absolute path (as train.init_from): the run dir's
+    config.yaml names the teacher a resume reads again, from any directory."""
+    train = data.get("train") if isinstance(data, dict) else None
+    section = train.get("distill") if isinstance(train, dict) else None
+    if not isinstance(section, dict) or not section.get("teacher"):
+        return data
+    path = os.path.abspath(os.path.expanduser(str(section["teacher"])))
+    return {**data, "train": {**train, "distill": {**section, "teacher": path}}}
 
 
 def resolve_lora_from(data: dict) -> dict:
@@ -1070,7 +1142,7 @@ def select_keys(docs: list[KeyDoc], names) -> list[KeyDoc]:
 
 
 __all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "KtoConfig",
-           "RewardConfig", "MeshConfig",
+           "RewardConfig", "DistillConfig", "MeshConfig",
            "GenerateConfig", "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
            "model_config_from_dict", "apply_overrides", "refuse_repeated_keys", "to_dict",
            "flatten", "parse_override", "read_yaml", "ALIASES", "canonical_key",

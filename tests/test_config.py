@@ -180,8 +180,9 @@ def test_an_old_flat_config_yaml_loads_as_the_nested_form(tmp_path):
     from jaxlm.train.loop import read_run_config
     old = yaml.safe_load(OLD_LAYOUT)
     # train.lora_from (a short name, not an old one) names a peft dir that load_config
-    # reads: test_finetune's test_a_lora_run_pins_its_base loads one through it
-    aliases = set(ALIASES) - {"train.lora_from"}
+    # reads: test_finetune's test_a_lora_run_pins_its_base loads one through it; TRL's
+    # spellings (train.lmbda, ...) are short names too (tests/test_distill.py loads them)
+    aliases = set(ALIASES) - {"train.lora_from", "train.lmbda", "train.teacher_model_name_or_path"}
     assert aliases <= set(flatten(old)), "the fixture holds every old key"
     defaults = flatten(to_dict(Config()))
     assert all(flatten(old)[k] != defaults[ALIASES[k]] for k in aliases), "none at its default"
@@ -257,7 +258,9 @@ def test_init_from_takes_old_model_key_names(tmp_path):
 
 
 # Keys that sit in a nested section without ever having had a flat name (none yet).
-NEVER_FLAT = set()
+# keys that were born nested, with no flat name of their own (nor a TRL spelling)
+NEVER_FLAT = {"train.distill.loss", "train.distill.beta", "train.distill.temperature",
+              "train.distill.alpha"}
 
 
 def test_every_nested_key_has_its_old_flat_name_in_the_alias_table():
@@ -386,7 +389,7 @@ def test_select_keys_by_section_key_or_old_name():
     from jaxlm.config import config_sections, describe_keys, select_keys
     docs = describe_keys()
     assert {"model", "model.rope", "model.rope.yarn", "model.moe", "data", "train",
-            "train.lora", "train.dpo", "train.kto", "train.reward", "mesh",
+            "train.lora", "train.dpo", "train.kto", "train.reward", "train.distill", "mesh",
             "generate"} == set(config_sections())
     lora = [d.key for d in select_keys(docs, ["train.lora"])]
     assert lora == ["train.lora.rank", "train.lora.alpha", "train.lora.targets",

@@ -29,10 +29,11 @@ from . import base as pinned, checkpoint, guard, span
 from .data import eval_batches, make_batches, open_sources, sample_texts
 from .metrics import MetricsLog, device_peak, mesh_devices, mfu
 from .objectives import batch_objective, check_objective, is_token_cross_entropy
+from .onpolicy import on_policy_hook
 from .optimizer import learning_rate_schedule, make_optimizer
 from .lora import trainable_specs
 from .state import (abstract_state, attach_frozen, create_state, needs_frozen,
-                               state_shardings)
+                    state_shardings, with_teacher)
 from .step import compile_steps
 
 CONFIG_FILE = "config.yaml"
@@ -61,6 +62,8 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
                           "float weights (set model.weight_dtype=''), or fine-tune an int8 "
                           "base with train.lora.rank=R train.lora.base_dtype=int8")
     check_objective(cfg.train, cfg.model)  # before the run dir is touched too
+    from .distill import check_teacher
+    check_teacher(cfg)  # a teacher of another vocabulary: refused before any write
     with guard.run_dir_lock(cfg.run_dir), guard.stop_signals() as stop:
         return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step,
                       stop=stop, accept_base_change=accept_base_change)
@@ -102,15 +105,17 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
                                  _initial_params(cfg, mesh, base_step))
             if cfg.train.lora.init_from:  # continue a peft adapter
                 state = _peft_adapters(cfg, mesh, tx, state)
+        state = with_teacher(cfg, mesh, state)  # distill: the teacher, frozen, in its shardings
         batch_sharding = named_sharding(mesh, ("batch", "seq"), rules)
         train_step, eval_step = compile_steps(cfg.model, tx, lr, state_shardings(cfg, mesh, tx),
                                               batch_sharding, cfg.train.loss_vocab_chunk,
                                               batch_objective(cfg.train, cfg.model, tokenizer),
-                                              tcfg=cfg.train, pipeline=pipeline_of(cfg))
+                                              tcfg=cfg.train, pipeline=pipeline_of(cfg),
+                                              teacher=_teacher_config(cfg))
         # every process builds the same eval batches and keeps its block of rows
         evals = [put_batch(local_rows(b, cfg.data.batch_size), batch_sharding) for b in eval_host]
         loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress,
-                     stop)
+                     stop, on_policy_hook(cfg, tokenizer))
         with checkpoint.quiet_full_disk():  # reported once, below, not by orbax's threads
             try:
                 return loop.run(state, stop_after)
@@ -160,8 +165,9 @@ def _disk_full(cfg: Config, mngr, state) -> CheckpointError:
 
 class _Loop:
     def __init__(self, cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress,
-                 stop=None):
+                 stop=None, on_policy=None):
         self.cfg, self.mngr, self.batches = cfg, mngr, batches
+        self.on_policy = on_policy  # distill: (params, host batch, step) -> (batch, 0 / 1)
         self.stop = stop or guard.StopRequest()
         self.train_step, self.eval_step, self.evals = train_step, eval_step, evals
         self.batch_sharding = batch_sharding
@@ -228,8 +234,13 @@ class _Loop:
         stopping = False
         try:
             while step < end and not stopping:
-                batch = put_batch(next(self.batches), self.batch_sharding)
+                host, sampled = next(self.batches), None
+                if self.on_policy is not None:  # the student's samples, from the live params
+                    host, sampled = self.on_policy(state.params, host, step)
+                batch = put_batch(host, self.batch_sharding)
                 state, metrics = self.train_step(state, batch)
+                if sampled is not None:
+                    metrics = {**metrics, "on_policy": sampled}
                 step += 1
                 pending.append((step, metrics))
                 eval_due = step % tcfg.eval_every == 0 or step == tcfg.steps
@@ -322,16 +333,20 @@ class _Loop:
 def _data(cfg: Config):
     """(training batch iterator, global eval batches, tokenizer) for train.objective."""
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    if cfg.train.objective in ("sft", "dpo", "kto", "classify", "reward"):
+    kind = cfg.train.objective
+    if kind == "distill":  # prompt/completion records: SFT batches; else raw text
+        from .distill import data_kind
+        kind = data_kind(cfg.data)
+    if kind in ("sft", "dpo", "kto", "classify", "reward"):
         from ..model.chat import resolve_chat_template
         from .sft import finetune_data
         tokenizer = _tokenizer(cfg, None)
         template = resolve_chat_template(cfg.data.chat_template, _template_dir(cfg))
-        batches, evals = finetune_data(cfg.train.objective, cfg, tokenizer, template=template,
+        batches, evals = finetune_data(kind, cfg, tokenizer, template=template,
                                        batch_size=local_batch_size(cfg.data.batch_size), **process)
         stats = getattr(batches, "stats", {})
         if stats and jax.process_index() == 0:
-            print(f"{cfg.train.objective}: {stats.get('examples', '?')} examples, "
+            print(f"{kind}: {stats.get('examples', '?')} examples, "
                   f"{stats.get('truncated', 0)} truncated to data.seq_len={cfg.data.seq_len}, "
                   f"{stats.get('dropped', 0)} dropped ("
                   + ("no token" if cfg.train.objective == "classify" else
@@ -351,6 +366,14 @@ def _data(cfg: Config):
         eval_docs, tokenizer, seq_len=span.row_length(cfg), batch_size=cfg.data.batch_size,
         num_batches=cfg.train.eval_batches))
     return batches, list(evals), tokenizer
+
+
+def _teacher_config(cfg: Config):
+    """The distillation teacher's ModelConfig (static in the steps), or None."""
+    if cfg.train.objective != "distill":
+        return None
+    from .distill import teacher_config
+    return teacher_config(cfg.train)
 
 
 def _template_dir(cfg: Config):

@@ -18,9 +18,9 @@ from ..sharding.context import context_size
 
 def is_token_cross_entropy(objective: str) -> bool:
     """Whether the objective's loss is a mean token cross-entropy (clm, sft, mlm, span),
-    so that exp(loss) is a perplexity; a preference loss (dpo, kto, reward) and a
-    classifier's loss (classify) are not."""
-    return objective not in ("dpo", "kto", "reward", "classify")
+    so that exp(loss) is a perplexity; a preference loss (dpo, kto, reward), a
+    classifier's loss (classify) and a divergence from a teacher (distill) are not."""
+    return objective not in ("dpo", "kto", "reward", "classify", "distill")
 
 
 def causal_lm_loss(logits, targets, loss_mask):

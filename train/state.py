@@ -10,6 +10,10 @@ Three kinds of run share one state type:
   starting params, the reference policy. (With LoRA the base alone is the
   reference: no second copy.) ORPO and SimPO (train.dpo.loss) need no reference:
   `frozen` is None (or the LoRA base).
+* distillation (`train.objective=distill`): `frozen` is the teacher, another model's
+  params (train.distill.teacher), read into its shardings by `distill.load_teacher`
+  and attached after the state is made (`with_teacher`): it is never a jit output,
+  so no step or init copies it.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ class TrainState:
 
 
 def needs_frozen(cfg) -> bool:
-    """Whether the state holds a frozen tree (LoRA base, DPO reference)."""
-    return _has_frozen(cfg)
+    """Whether the state holds a frozen tree made from the starting params (LoRA base,
+    DPO / KTO reference), rebuilt from train.init_from on a resume. (A distillation
+    teacher is frozen too, but read from train.distill.teacher: `with_teacher`.)"""
+    return bool(cfg.train.lora.rank) or needs_reference(cfg.train)
 
 
 def needs_reference(tcfg) -> bool:
@@ -49,7 +55,12 @@ def needs_reference(tcfg) -> bool:
 
 
 def _has_frozen(cfg) -> bool:
-    return bool(cfg.train.lora.rank) or needs_reference(cfg.train)
+    return needs_frozen(cfg) or cfg.train.objective == "distill"
+
+
+def _made_shardings(cfg, shardings):
+    """The shardings of what init / restore make: all but a teacher, attached later."""
+    return shardings.replace(frozen=None) if cfg.train.objective == "distill" else shardings
 
 
 def state_shardings(cfg, mesh, tx):
@@ -63,7 +74,10 @@ def state_shardings(cfg, mesh, tx):
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, param_sh,
                                    transform_non_params=lambda _: replicated)
     frozen_sh = None
-    if _has_frozen(cfg):
+    if cfg.train.objective == "distill":
+        from .distill import teacher_shardings
+        frozen_sh = teacher_shardings(cfg, mesh)
+    elif _has_frozen(cfg):
         frozen_sh = tree_shardings(mesh, lora.frozen_axes(cfg.model, cfg.train), cfg.mesh.rules)
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, frozen=frozen_sh,
                       skipped=replicated)
@@ -71,7 +85,7 @@ def state_shardings(cfg, mesh, tx):
 
 def abstract_state(cfg, mesh, tx):
     """ShapeDtypeStructs with shardings: the target for restoring a checkpoint."""
-    shardings = state_shardings(cfg, mesh, tx)
+    shardings = _made_shardings(cfg, state_shardings(cfg, mesh, tx))
     shapes = jax.eval_shape(lambda: _new_state(cfg, tx, jax.random.key(0), None))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
@@ -83,9 +97,9 @@ def create_state(cfg, mesh, tx, seed: int, params=None) -> TrainState:
     `params`: the starting (base) params, e.g. a loaded checkpoint; None:
     initialised from `seed`. LoRA runs hold them frozen (int8 under QLoRA)
     beside fresh adapters; DPO runs without LoRA keep a frozen copy as the
-    reference policy.
+    reference policy; a distillation state's teacher comes after (`with_teacher`).
     """
-    shardings = state_shardings(cfg, mesh, tx)
+    shardings = _made_shardings(cfg, state_shardings(cfg, mesh, tx))
     key = jax.random.key(seed)
     if params is None:
         init = jax.jit(lambda key: _new_state(cfg, tx, key, None), out_shardings=shardings)
@@ -101,6 +115,15 @@ def create_lora_state(cfg, mesh, tx, base_params, seed: int) -> TrainState:
     if not cfg.train.lora.rank:
         raise ValueError("create_lora_state needs train.lora.rank > 0")
     return create_state(cfg, mesh, tx, seed, base_params)
+
+
+def with_teacher(cfg, mesh, state: TrainState) -> TrainState:
+    """A distillation state (new or restored) with the teacher as its frozen tree, read
+    straight into its shardings; other states unchanged."""
+    if cfg.train.objective != "distill":
+        return state
+    from .distill import load_teacher
+    return state.replace(frozen=load_teacher(cfg, mesh))
 
 
 def _frozen(cfg, base):

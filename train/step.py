@@ -1,6 +1,7 @@
 """The jitted train and eval steps: plain, LoRA (frozen base + adapters), the preference
 objectives (dpo with its orpo / simpo losses, kto, reward), classify (a sequence
-classifier's pooled scores), each with gradient accumulation.
+classifier's pooled scores), distill (the frozen tree is the teacher, its config the
+static `teacher`), each with gradient accumulation.
 
 One `train_step(state, batch)` covers every run kind (see train/state.py):
 the trainable tree is `state.params`; the model sees `apply_lora(frozen,
@@ -29,7 +30,7 @@ from ..model.classify import pooled_scores
 from ..model.families.encoder import mlm_head_inputs
 from ..sharding.context import context_reorder, context_size
 from ..sharding.rules import constrain
-from . import dpo, kto, reward
+from . import distill, dpo, kto, reward
 from .lora import apply_lora, lora_scale
 from .objectives import causal_lm_loss, chunked_lm_loss, classification_loss, labelled_rows
 from .state import TrainState
@@ -105,9 +106,15 @@ def _model_params(trainable, frozen, tcfg):
 
 
 def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, vocab_chunk, k,
-               pipeline=None):
+               pipeline=None, teacher=None):
     """(objective of one microbatch, additive sums: loss_sum, tokens, metrics)."""
     params, reference = _model_params(trainable, frozen, tcfg)
+    if tcfg.objective == "distill":  # `reference`: the teacher's params
+        loss_sum, count, extra, aux = distill.distill_sums(params, reference, mcfg, teacher,
+                                                           batch, tcfg, vocab_chunk, dropout_key)
+        objective, (loss_sum, count, extra) = _with_router_losses(loss_sum, count, extra, aux,
+                                                                  mcfg, totals, 1.0 / k)
+        return objective, {"loss_sum": loss_sum, "tokens": count, **extra}
     count = totals["count"]
     if tcfg.objective in PAIRED:
         if tcfg.objective == "dpo":
@@ -194,6 +201,8 @@ def _metrics(sums, tcfg):
     if tcfg.objective == "kto":
         out["kto_loss"] = out["loss"]
         out.update(kto.kto_metrics(sums, n))
+    if tcfg.objective == "distill":
+        out.update({k: sums[k] / n for k in distill.METRICS})
     if "accuracy" in sums:  # classify (num_labels > 1): correct rows / rows
         out["accuracy"] = sums["accuracy"] / n
     out.update({k: v for k, v in sums.items() if k.startswith("moe_")})
@@ -201,7 +210,7 @@ def _metrics(sums, tcfg):
 
 
 def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, objective=None,
-               tcfg: TrainConfig | None = None, pipeline=None):
+               tcfg: TrainConfig | None = None, pipeline=None, teacher=None):
     """One optimizer step on `batch` (a DPO batch for train.objective=dpo).
 
     `objective`: a batch transform, e.g. MLM masking keyed by (seed, step).
@@ -210,14 +219,16 @@ def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, 
     metrics and `consecutive_skipped` (also `state.skipped`) counts the skips
     in a row, which the loop stops on at train.max_skipped_steps.
     `tcfg` (default: TrainConfig()) picks LoRA, DPO and accumulation; `pipeline`
-    (`jaxlm.sharding.pipeline.pipeline_of(cfg)`) runs the layers over the mesh's stages.
+    (`jaxlm.sharding.pipeline.pipeline_of(cfg)`) runs the layers over the mesh's stages;
+    `teacher`: the teacher's ModelConfig (train.objective=distill; its params are
+    `state.frozen`).
     """
     tcfg = tcfg or TrainConfig()
     if objective is not None:
         batch = objective(batch, state.step)
     k = tcfg.grad_accum_steps
     fn = functools.partial(_objective, totals=_totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
-                           vocab_chunk=vocab_chunk, k=k, pipeline=pipeline)
+                           vocab_chunk=vocab_chunk, k=k, pipeline=pipeline, teacher=teacher)
     grads, sums = _grads(fn, state.params, state.frozen, batch, k,
                          dropout_key(mcfg, tcfg, state.step))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -246,7 +257,7 @@ def _keep_if_not(ok, new, old):
 
 
 def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, frozen=None,
-              pipeline=None):
+              pipeline=None, teacher=None):
     """(loss sum, count, metric sums) of a held-out batch: token loss sum and
     tokens, or for DPO the DPO loss sum, pairs and the reward metric sums
     (divide each by count for the means). An MoE model's router statistics are
@@ -255,7 +266,7 @@ def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, fr
     if objective is not None:  # with its fixed eval key
         batch = objective(batch, None)
     _, sums = _objective(params, frozen, batch, None, _totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
-                         vocab_chunk=vocab_chunk, k=1, pipeline=pipeline)
+                         vocab_chunk=vocab_chunk, k=1, pipeline=pipeline, teacher=teacher)
     extra = {k: v for k, v in sums.items()
              if k not in ("loss_sum", "tokens") and not k.startswith("moe_")}
     return sums["loss_sum"], sums["tokens"], extra
@@ -299,14 +310,16 @@ class _Eval:
 
 
 def compile_steps(mcfg, tx, lr_schedule, state_sharding, batch_sharding, vocab_chunk=0,
-                  objective=None, tcfg: TrainConfig | None = None, pipeline=None):
+                  objective=None, tcfg: TrainConfig | None = None, pipeline=None, teacher=None):
     """jit the steps once: the trainable state donated, the frozen tree not, shardings
-    pinned. `tcfg` (the run's TrainConfig) turns on LoRA, DPO and accumulation;
-    `pipeline` (a `jaxlm.sharding.pipeline.Pipeline`) the pipelined layer stack."""
+    pinned. `tcfg` (the run's TrainConfig) turns on LoRA, DPO, distillation and
+    accumulation; `pipeline` (a `jaxlm.sharding.pipeline.Pipeline`) the pipelined layer
+    stack; `teacher` the distillation teacher's ModelConfig."""
     train = functools.partial(train_step, mcfg=mcfg, tx=tx, lr_schedule=lr_schedule,
                               vocab_chunk=vocab_chunk, objective=objective, tcfg=tcfg,
-                              pipeline=pipeline)
+                              pipeline=pipeline, teacher=teacher)
     evaluate = functools.partial(eval_step, mcfg=mcfg, vocab_chunk=vocab_chunk,
-                                 objective=objective, tcfg=tcfg, pipeline=pipeline)
+                                 objective=objective, tcfg=tcfg, pipeline=pipeline,
+                                 teacher=teacher)
     return (_Train(train, state_sharding, batch_sharding),
             _Eval(evaluate, state_sharding, batch_sharding))
