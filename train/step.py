@@ -112,8 +112,8 @@ def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, voc
     if tcfg.objective == "distill":  # `reference`: the teacher's params
         loss_sum, count, extra, aux = distill.distill_sums(params, reference, mcfg, teacher,
                                                            batch, tcfg, vocab_chunk, dropout_key)
-        objective, (loss_sum, count, extra) = _with_router_losses(loss_sum, count, extra, aux,
-                                                                  mcfg, totals, 1.0 / k)
+        objective, (loss_sum, count, extra) = _with_router_losses(
+            loss_sum, count, extra, aux, mcfg, totals["count"], 1.0 / k)
         return objective, {"loss_sum": loss_sum, "tokens": count, **extra}
     count = totals["count"]
     if tcfg.objective in PAIRED:
