@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, JaxlmError
 from .model.config import ModelConfig, _choice, _positive, _section_type
 
 
@@ -116,20 +116,110 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DpoConfig:
-    """DPO (jaxlm.train.dpo, train.objective=dpo): Rafailov et al.'s loss."""
+    """Paired preference losses (jaxlm.train.dpo, train.objective=dpo): DPO / IPO against a
+    reference policy; ORPO (TRL's ORPOTrainer) and SimPO (TRL's CPOTrainer with
+    loss_type=simpo) without one."""
     _prefix = "train.dpo."
 
-    beta: float = 0.1  # the KL penalty's strength: larger keeps the policy nearer the reference
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    # sigmoid, ipo: the KL penalty's strength (larger keeps the policy nearer the
+    # reference); orpo: lambda, the odds-ratio term's weight; simpo: the reward scale
+    beta: float = 0.1
+    # sigmoid (DPO) | ipo | orpo (odds ratio + chosen NLL, no reference) | simpo
+    # (length-normalised margin with simpo_gamma, no reference)
+    loss: str = "sigmoid"
     label_smoothing: float = 0.0  # the assumed share of flipped preference labels (cDPO)
+    simpo_gamma: float = 0.5  # simpo: the target reward margin gamma (TRL's simpo_gamma)
+    # simpo: the weight of the chosen responses' NLL added to the loss (TRL's cpo_alpha; 0:
+    # SimPO as published, TRL's CPOConfig defaults to 1)
+    cpo_alpha: float = 0.0
 
     def __post_init__(self):
-        _choice(self, "loss", ("sigmoid", "ipo"))
+        _choice(self, "loss", ("sigmoid", "ipo", "orpo", "simpo"))
         if not self.beta > 0:
             raise ConfigError(f"train.dpo.beta={self.beta} must be > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"train.dpo.label_smoothing={self.label_smoothing} must be in "
                               "[0, 0.5)")
+        if self.cpo_alpha < 0:
+            raise ConfigError(f"train.dpo.cpo_alpha={self.cpo_alpha} must be >= 0")
+
+    @property
+    def reference_free(self) -> bool:
+        """Whether the loss needs no reference policy (orpo, simpo): none is kept."""
+        return self.loss in ("orpo", "simpo")
+
+
+@dataclass(frozen=True)
+class KtoConfig:
+    """KTO (jaxlm.train.kto, train.objective=kto): Ethayarajh et al.'s loss on unpaired
+    {"prompt", "completion", "label"} records, as TRL's KTOTrainer computes it."""
+    _prefix = "train.kto."
+
+    beta: float = 0.1  # the KL penalty's strength: larger keeps the policy nearer the reference
+    desirable_weight: float = 1.0  # the loss weight of desirable (label true) completions
+    undesirable_weight: float = 1.0  # the loss weight of undesirable (label false) completions
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ConfigError(f"train.kto.beta={self.beta} must be > 0")
+        if not (self.desirable_weight >= 0 and self.undesirable_weight >= 0):
+            raise ConfigError("train.kto.desirable_weight and train.kto.undesirable_weight "
+                              "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward models (jaxlm.train.reward, train.objective=reward): the Bradley-Terry loss
+    -log sigmoid(r(x, y_w) - r(x, y_l) - margin) over a one-score head, as TRL's
+    RewardTrainer."""
+    _prefix = "train.reward."
+
+    # adds this times mean((r_w + r_l)^2), keeping rewards centred on 0 (TRL's
+    # center_rewards_coefficient); 0: off
+    center_rewards_coefficient: float = 0.0
+
+    def __post_init__(self):
+        if not self.center_rewards_coefficient >= 0:
+            raise ConfigError(f"train.reward.center_rewards_coefficient="
+                              f"{self.center_rewards_coefficient} must be >= 0")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation (jaxlm.train.distill, train.objective=distill): the student matches a
+    frozen teacher's next-token distributions on the loss tokens; TRL GKD's names."""
+    _prefix = "train.distill."
+
+    # the teacher: a jaxlm run dir or a Hugging Face dir with the student's vocabulary
+    teacher: str = ""
+    # forward_kl: KL(teacher || student) | reverse_kl: KL(student || teacher) | jsd: GKD's
+    # generalized Jensen-Shannon divergence, interpolated by beta
+    loss: str = "forward_kl"
+    # jsd: the mixture's teacher weight, beta p_T + (1 - beta) p_S (TRL GKD's beta); 0 is
+    # forward KL, 1 reverse KL
+    beta: float = 0.5
+    temperature: float = 1.0  # both sides' logits divided by it (and the on-policy sampling)
+    # On-policy share (TRL GKD's lmbda): with this probability per step, keyed by train.seed
+    # and the step, the batch's completions are the student's own samples (the engine over
+    # the live params); 0: always the data's completions
+    on_policy: float = 0.0
+    alpha: float = 0.0  # the hard-label cross-entropy's weight: (1 - alpha) distill + alpha CE
+
+    def __post_init__(self):
+        _choice(self, "loss", ("forward_kl", "reverse_kl", "jsd"))
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"train.distill.beta={self.beta} must be in [0, 1]")
+        if not self.temperature > 0:
+            raise ConfigError(f"train.distill.temperature={self.temperature} must be > 0")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ConfigError(f"train.distill.on_policy={self.on_policy} must be in [0, 1]")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"train.distill.alpha={self.alpha} must be in [0, 1]")
+
+    @property
+    def jsd_beta(self) -> float:
+        """The GKD beta the loss runs with: 0 forward KL, 1 reverse KL, else beta."""
+        return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.loss, self.beta)
 
 
 @dataclass(frozen=True)
@@ -210,7 +300,10 @@ class TrainConfig:
     # materialising [batch, seq, vocab] logits; 0: plain full logits.
     loss_vocab_chunk: int = 4096
     # the loss: clm (next token) | mlm (masked LM) | span (T5 span corruption) | sft | dpo
-    # | classify (a score head's cross-entropy over labelled texts; MSE for num_labels=1)
+    # (train.dpo.loss: also orpo, simpo) | kto (unpaired labelled completions) | classify (a
+    # score head's cross-entropy over labelled texts; MSE for num_labels=1) | reward (a
+    # Bradley-Terry reward model on preference pairs; from a causal LM: a fresh score head)
+    # | distill (match train.distill.teacher's distributions; SFT JSONL or raw text data)
     # | grpo (rollouts by the engine, scored by reward functions: train.grpo)
     objective: str = "clm"
     # A jaxlm run/checkpoint dir or a Hugging Face dir to start from: the model
@@ -231,6 +324,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     lora: LoraConfig = field(default_factory=LoraConfig)  # lora.rank 0: off
     dpo: DpoConfig = field(default_factory=DpoConfig)  # train.objective=dpo
+    kto: KtoConfig = field(default_factory=KtoConfig)  # train.objective=kto
+    reward: RewardConfig = field(default_factory=RewardConfig)  # train.objective=reward
+    distill: DistillConfig = field(default_factory=DistillConfig)  # train.objective=distill
     grpo: GrpoConfig = field(default_factory=GrpoConfig)  # train.objective=grpo
     # Pipeline parallelism (mesh.stage > 1): microbatches per step flowing through
     # the stages (GPipe); 0: one per stage. Bubble (S-1)/(R*M+S-1).
@@ -239,6 +335,9 @@ class TrainConfig:
     def __post_init__(self):
         _section_type(self, "lora", LoraConfig)
         _section_type(self, "dpo", DpoConfig)
+        _section_type(self, "kto", KtoConfig)
+        _section_type(self, "reward", RewardConfig)
+        _section_type(self, "distill", DistillConfig)
         _section_type(self, "grpo", GrpoConfig)
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints", "log_every", "max_skipped_steps")
@@ -247,8 +346,11 @@ class TrainConfig:
                 f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo", "classify",
-                                      "grpo"))
+        if self.objective in ("orpo", "simpo", "ipo"):  # TRL trainers of their own; here losses
+            raise ConfigError(f"train.objective={self.objective} is a preference loss here: "
+                              f"train.objective=dpo train.dpo.loss={self.objective}")
+        _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo", "kto", "classify",
+                                    "reward", "distill", "grpo"))
         _choice(self, "sft_loss_on", ("completion", "all"))
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
@@ -461,10 +563,11 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} is longer than "
                 f"model.max_seq_len={self.model.max_seq_len}")
-        if self.train.objective == "dpo" and self.model.family != "decoder":
-            raise ConfigError(f"train.objective=dpo needs model.family=decoder, not "
-                              f"{self.model.family!r}")
+        if self.train.objective in ("dpo", "kto") and self.model.family != "decoder":
+            raise ConfigError(f"train.objective={self.train.objective} needs model.family="
+                              f"decoder, not {self.model.family!r}")
         _check_classify(self)
+        _check_distill(self)
         _check_grpo(self)
         if self.train.lora.rank:  # a regex that adapts nothing stops here, naming itself
             from .train.lora import lora_targets
@@ -507,18 +610,36 @@ def _check_grpo(cfg: Config) -> None:
 
 
 def _check_classify(cfg: Config) -> None:
-    """What train.objective=classify does not support. (Whether the model has the score
+    """What train.objective=classify | reward do not support. (Whether the model has the score
     head it trains is checked when training starts, `train.objectives.check_objective`:
     a preset names no model, and a classifier's Config with the default objective is
     fine for saving and loading.)"""
-    if cfg.train.objective != "classify":
+    objective = cfg.train.objective
+    if objective not in ("classify", "reward"):
         return
     if cfg.train.lora.rank:
-        raise ConfigError("train.objective=classify with train.lora.rank > 0 is not supported: "
-                          "LoRA adapts layer weights only, and the score head would stay frozen")
+        raise ConfigError(f"train.objective={objective} with train.lora.rank > 0 is not "
+                          "supported: LoRA adapts layer weights only, and the score head would "
+                          "stay frozen")
     if cfg.mesh.context > 1:
-        raise ConfigError(f"train.objective=classify with mesh.context={cfg.mesh.context} is not "
-                          "supported (a row's score is pooled from one position)")
+        raise ConfigError(f"train.objective={objective} with mesh.context={cfg.mesh.context} is "
+                          "not supported (a row's score is pooled from one position)")
+
+
+def _check_distill(cfg: Config) -> None:
+    """What train.objective=distill does not support. (The teacher is checked when training
+    starts, `train.distill.check_teacher`: a preset names none, and it reads the teacher.)"""
+    if cfg.train.objective != "distill":
+        return
+    if cfg.model.family != "decoder":
+        raise ConfigError(f"train.objective=distill needs model.family=decoder, not "
+                          f"{cfg.model.family!r}")
+    if cfg.train.lora.rank:
+        raise ConfigError("train.objective=distill with train.lora.rank > 0 is not supported "
+                          "yet: the state holds one frozen tree, here the teacher")
+    if cfg.mesh.stage > 1:
+        raise ConfigError(f"train.objective=distill with mesh.stage={cfg.mesh.stage} is not "
+                          "supported (the teacher runs outside the pipeline)")
 
 
 # ---------------------------------------------------------------- loading
@@ -555,6 +676,16 @@ ALIASES = {
     "train.dpo_beta": "train.dpo.beta",
     "train.dpo_loss": "train.dpo.loss",
     "train.dpo_label_smoothing": "train.dpo.label_smoothing",
+    # TRL's flat names (DPOConfig / CPOConfig / KTOConfig / RewardConfig)
+    "train.simpo_gamma": "train.dpo.simpo_gamma",
+    "train.cpo_alpha": "train.dpo.cpo_alpha",
+    "train.desirable_weight": "train.kto.desirable_weight",
+    "train.undesirable_weight": "train.kto.undesirable_weight",
+    "train.kto_beta": "train.kto.beta",
+    "train.center_rewards_coefficient": "train.reward.center_rewards_coefficient",
+    # TRL's flat spellings (GKDConfig), short names rather than old ones
+    "train.lmbda": "train.distill.on_policy",
+    "train.teacher_model_name_or_path": "train.distill.teacher",
     # TRL's GRPOConfig spellings, flat (short names, not old ones); beta, loss_type and
     # temperature mean other things in other objectives: grpo_ in front
     "train.num_generations": "train.grpo.num_generations",
@@ -787,7 +918,7 @@ def resolve_init_from(data: dict, preset: str | None = None, user_keys=None) -> 
     from .model.params import abstract
     import jax
 
-    base = model_config_of(path)
+    base = reward_model_config(model_config_of(path), path, data["train"].get("objective"))
     shapes = lambda c: jax.tree.map(lambda s: s.shape, abstract(model_specs(c)))  # noqa: E731
     reference = shapes(base)
     explicit = data.get("model") or {}
@@ -811,6 +942,21 @@ def resolve_init_from(data: dict, preset: str | None = None, user_keys=None) -> 
                 "fine-tuning preset with no model section (--config sft or dpo)")
         base = candidate
     return {**data, "model": to_dict(base)}
+
+
+def reward_model_config(base: ModelConfig, path: str, objective) -> ModelConfig:
+    """The model a train.objective=reward run starts from `path` with: a sequence
+    classifier (num_labels > 0) as it is; a causal LM with one fresh score in place of
+    its LM head (TRL's RewardTrainer: AutoModelForSequenceClassification(num_labels=1)),
+    pooled at the last token that is not the tokenizer's pad id. Other objectives: `base`."""
+    if objective != "reward" or base.num_labels or base.family != "decoder":
+        return base
+    from .model.tokenizer import load_tokenizer
+    try:
+        pad = load_tokenizer(path).pad_id
+    except JaxlmError:  # a dir without a tokenizer: no pad rule
+        pad = -1
+    return dataclasses.replace(base, num_labels=1, pad_token_id=pad, label_names=())
 
 
 def _leaves(cls, data: dict, prefix: str):
@@ -887,8 +1033,19 @@ def load_config(path: str | None = None, overrides=()) -> Config:
     data = read_yaml(path) if path is not None and path != "" else {}
     user_keys = {canonical_key(parse_override(o)[0] if isinstance(o, str) else o[0])
                  for o in overrides}
-    return _build(Config, resolve_lora_from(resolve_init_from(
-        apply_overrides(data, overrides), preset=path, user_keys=user_keys)))
+    return _build(Config, _absolute_teacher(resolve_lora_from(resolve_init_from(
+        apply_overrides(data, overrides), preset=path, user_keys=user_keys))))
+
+
+def _absolute_teacher(data: dict) -> dict:
+    """train.distill.teacher as an absolute path (as train.init_from): the run dir's
+    config.yaml names the teacher a resume reads again, from any directory."""
+    train = data.get("train") if isinstance(data, dict) else None
+    section = train.get("distill") if isinstance(train, dict) else None
+    if not isinstance(section, dict) or not section.get("teacher"):
+        return data
+    path = os.path.abspath(os.path.expanduser(str(section["teacher"])))
+    return {**data, "train": {**train, "distill": {**section, "teacher": path}}}
 
 
 def resolve_lora_from(data: dict) -> dict:
@@ -1075,7 +1232,8 @@ def select_keys(docs: list[KeyDoc], names) -> list[KeyDoc]:
     return [d for d in docs if not names or d.key in chosen]
 
 
-__all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "GrpoConfig", "MeshConfig",
+__all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "KtoConfig",
+           "RewardConfig", "DistillConfig", "GrpoConfig", "MeshConfig",
            "GenerateConfig", "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
            "model_config_from_dict", "apply_overrides", "refuse_repeated_keys", "to_dict",
            "flatten", "parse_override", "read_yaml", "ALIASES", "canonical_key",

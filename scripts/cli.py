@@ -1,5 +1,5 @@
-"""The `jaxlm` command: train | generate | batch-infer | convert | quantize | bench | plan | prepare
-| config.
+"""The `jaxlm` command: train | generate | batch-infer | score | convert | quantize | bench | plan
+| prepare | config.
 
 Each subcommand takes `--config` (a YAML path or a preset name) and
 `key=value` overrides. Bad input prints one `error:` line and exits 2.
@@ -108,6 +108,11 @@ def cmd_convert(args):
     print(run_convert(args.input, args.output, args.to, **base_choice(args, only=True)))
 
 
+def cmd_score(args):
+    from .score import run_score
+    print(run_score(args.checkpoint, args.input, args.output, args.batch_size))
+
+
 def cmd_bench(args):
     from .bench import run_bench
     run_bench(_config(args))
@@ -207,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     _base_options(bi)
     bi.add_argument("overrides", nargs="*", metavar="generate.key=value|mesh.key=value")
     bi.set_defaults(fn=cmd_batch_infer)
+
+    sc = sub.add_parser("score", help="a reward model's (a sequence classifier's) scores of "
+                        "JSONL rows")
+    sc.add_argument("--checkpoint", required=True, help="a jaxlm run dir or a HF "
+                    "*ForSequenceClassification dir")
+    sc.add_argument("--input", required=True, help="JSONL: {\"prompt\", \"completion\"} or "
+                    "{\"messages\"} rows")
+    sc.add_argument("--output", required=True, help="JSONL: each row with \"score\" added")
+    sc.add_argument("--batch-size", type=int, default=16, help="rows scored at once")
+    sc.set_defaults(fn=cmd_score)
 
     c = sub.add_parser("convert", help="convert a checkpoint between jaxlm and Hugging Face")
     c.add_argument("--input", required=True, help="a jaxlm run/checkpoint dir or a HF dir")

@@ -18,7 +18,9 @@ def run_plan(args) -> int:
         print(f"  {'params':<12} {fmt_bytes(p['params'])}")
     if p["frozen"]:
         what = ("the LoRA base" + (", int8" if cfg.train.lora.base_dtype == "int8" else "")
-                if cfg.train.lora.rank else "the DPO reference, a frozen copy")
+                if cfg.train.lora.rank else
+                f"the distillation teacher, {cfg.train.distill.teacher}"
+                if cfg.train.objective == "distill" else "the DPO reference, a frozen copy")
         print(f"  {'frozen':<12} {fmt_bytes(p['frozen'])}  ({what})")
     for key in ("gradients", "optimizer", "activations"):
         print(f"  {key:<12} {fmt_bytes(p[key])}")

@@ -12,8 +12,10 @@ ceil(n / m)):
   optimizer    every optimizer-state leaf of the trained tree (Adam mu, nu like
                their params; counters replicated)
   frozen       what a fine-tuning run holds without training it: LoRA's base
-               (int8 weights with train.lora.base_dtype=int8), or full-weight DPO's
-               reference copy of the params
+               (int8 weights with train.lora.base_dtype=int8), full-weight DPO's
+               reference copy of the params, or distillation's teacher (its params
+               by its own specs, placed by the same rules; its forward keeps no
+               activations for the backward pass)
   activations  estimate of what the backward pass keeps, with t = local
                tokens = batch * seq / (batch shards), d = d_model, q = heads *
                head_dim / tp, kv = kv_heads * head_dim / tp, f = d_ff / tp
@@ -152,8 +154,14 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
                                                is_leaf=is_axes)))
     if cfg.train.lora.rank:  # the base, frozen
         frozen = params_int8 if cfg.train.lora.base_dtype == "int8" else params
-    else:  # full-weight DPO: a frozen reference copy of the params
-        frozen = params if cfg.train.objective == "dpo" else 0
+    elif cfg.train.objective == "distill":  # the teacher, another model's params
+        from ..train.distill import teacher_config
+        t_specs = model_specs(teacher_config(cfg.train))
+        frozen = sum(jax.tree.leaves(jax.tree.map(leaf_bytes, abstract(t_specs),
+                                                  logical_axes(t_specs), is_leaf=is_axes)))
+    else:  # full-weight DPO / KTO: a frozen reference copy of the params
+        from ..train.state import needs_reference
+        frozen = params if needs_reference(cfg.train) else 0
     tx = make_optimizer(cfg.train, trained_specs)
     opt_shapes = jax.eval_shape(tx.init, trained_shapes)
     opt_tree = optax.tree_map_params(

@@ -141,12 +141,19 @@ train:
   dpo_beta: 0.2
   dpo_loss: ipo
   dpo_label_smoothing: 0.1
+  simpo_gamma: 0.3
+  cpo_alpha: 0.2
+  kto_beta: 0.2
+  desirable_weight: 2.0
+  undesirable_weight: 0.5
+  center_rewards_coefficient: 0.01
 run_dir: runs/old
 """
 
 
 def _nested_form():
-    from jaxlm.config import DataConfig, DpoConfig, LoraConfig, TrainConfig
+    from jaxlm.config import (DataConfig, DpoConfig, KtoConfig, LoraConfig, RewardConfig,
+                              TrainConfig)
     from jaxlm.model.config import MoeConfig, RopeConfig, YarnConfig
     return Config(
         model=ModelConfig(
@@ -160,7 +167,10 @@ def _nested_form():
         data=DataConfig(seq_len=32),
         train=TrainConfig(lora=LoraConfig(rank=8, alpha=16.0, targets="layers/attn/(q|v)",
                                           base_dtype="int8"),
-                          dpo=DpoConfig(beta=0.2, loss="ipo", label_smoothing=0.1)),
+                          dpo=DpoConfig(beta=0.2, loss="ipo", label_smoothing=0.1,
+                                        simpo_gamma=0.3, cpo_alpha=0.2),
+                          kto=KtoConfig(beta=0.2, desirable_weight=2.0, undesirable_weight=0.5),
+                          reward=RewardConfig(center_rewards_coefficient=0.01)),
         run_dir="runs/old")
 
 
@@ -170,9 +180,11 @@ def test_an_old_flat_config_yaml_loads_as_the_nested_form(tmp_path):
     from jaxlm.train.loop import read_run_config
     old = yaml.safe_load(OLD_LAYOUT)
     # train.lora_from (a short name, not an old one) names a peft dir that load_config
-    # reads: test_finetune's test_a_lora_run_pins_its_base loads one through it
-    # so are TRL's GRPO spellings (train.num_generations, ...): they load as train.grpo.*
-    aliases = {k for k in ALIASES if k != "train.lora_from"
+    # reads: test_finetune's test_a_lora_run_pins_its_base loads one through it; TRL's
+    # spellings (train.lmbda, train.num_generations, ...) are short names too: they load
+    # as train.distill.* / train.grpo.* (tests/test_distill.py, tests/test_grpo.py)
+    aliases = {k for k in ALIASES if k not in ("train.lora_from", "train.lmbda",
+                                               "train.teacher_model_name_or_path")
                and not ALIASES[k].startswith("train.grpo.")}
     assert aliases <= set(flatten(old)), "the fixture holds every old key"
     defaults = flatten(to_dict(Config()))
@@ -249,7 +261,9 @@ def test_init_from_takes_old_model_key_names(tmp_path):
 
 
 # Keys that sit in a nested section without ever having had a flat name (none yet).
-NEVER_FLAT = set()
+# keys that were born nested, with no flat name of their own (nor a TRL spelling)
+NEVER_FLAT = {"train.distill.loss", "train.distill.beta", "train.distill.temperature",
+              "train.distill.alpha"}
 
 
 def test_every_nested_key_has_its_old_flat_name_in_the_alias_table():
@@ -378,7 +392,8 @@ def test_select_keys_by_section_key_or_old_name():
     from jaxlm.config import config_sections, describe_keys, select_keys
     docs = describe_keys()
     assert {"model", "model.rope", "model.rope.yarn", "model.moe", "data", "train",
-            "train.lora", "train.dpo", "train.grpo", "mesh", "generate"} == set(config_sections())
+            "train.lora", "train.dpo", "train.kto", "train.reward", "train.distill",
+            "train.grpo", "mesh", "generate"} == set(config_sections())
     lora = [d.key for d in select_keys(docs, ["train.lora"])]
     assert lora == ["train.lora.rank", "train.lora.alpha", "train.lora.targets",
                     "train.lora.base_dtype", "train.lora.init_from"]

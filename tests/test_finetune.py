@@ -332,7 +332,7 @@ def test_errors_at_the_door(hf_llama, corpora, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "bad.jsonl:2" in err[0], err
 
 
-def test_a_lora_run_pins_its_base(hf_llama, corpora, tmp_path, capsys):
+def test_a_lora_run_pins_its_base(hf_llama, corpora, tmp_path, capsys, monkeypatch):
     """base.json records the base's absolute path and weights digest. Replaced by
     same-shaped weights, the base is refused in one line naming both digests by
     jaxlm.load, generate, convert and --resume (each changing nothing), unless
@@ -351,6 +351,10 @@ def test_a_lora_run_pins_its_base(hf_llama, corpora, tmp_path, capsys):
     tokens = np.array([[3, 4, 5, 6]], np.int32)
     mcfg, params = jaxlm.load(str(run))
     want = np.asarray(jaxlm.forward(params, mcfg, tokens)[0])
+    with monkeypatch.context() as m:  # files with their recorded stats are not read again
+        from jaxlm.train import base as pinned
+        m.setattr(pinned, "digest", lambda *a: pytest.fail("the base was hashed again"))
+        jaxlm.load(str(run))
 
     # an export of the run as a peft dir is itself a checkpoint
     adapter = tmp_path / "adapter"

@@ -9,8 +9,8 @@ directory where the README's example paths exist:
   path/to/hf_dir         its Hugging Face export (`jaxlm convert --to hf`) with a
                          ChatML chat template; path/to/hf_llama: the same;
                          path/to/hf_llama_cls: it with a 2-label score head
-  chats.jsonl, prefs.jsonl, labels.jsonl, math.jsonl, prompts.txt, prompts.jsonl, tok.model,
-  data/*.parquet
+  chats.jsonl, prefs.jsonl, feedback.jsonl (KTO), completions.jsonl (to score),
+  labels.jsonl, math.jsonl (GRPO), prompts.txt, prompts.jsonl, tok.model, data/*.parquet
                          small inputs of the formats the README describes
 
 Anything else a block uses (runs/mine, runs/lora, ...) an earlier block makes.
@@ -233,6 +233,11 @@ def make_inputs(work: Path, tokenizer: str) -> None:
     (work / "prefs.jsonl").write_text(lines(
         {"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}.", "rejected": f"{i + 2}."}
         for i in range(60)))
+    (work / "feedback.jsonl").write_text(lines(
+        {"prompt": f"What is {i} + 1?", "completion": f"{i + 1 + i % 2}.", "label": i % 2 == 0}
+        for i in range(60)))
+    (work / "completions.jsonl").write_text(lines(
+        {"prompt": "What is 2 + 1?", "completion": c} for c in ("3.", "4.")))
     (work / "labels.jsonl").write_text(lines(
         {"text": f"{i} is {'even' if i % 2 == 0 else 'odd'}", "label": i % 2} for i in range(60)))
     (work / "math.jsonl").write_text(lines(

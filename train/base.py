@@ -6,10 +6,12 @@ its reference from the base on resume: both read `train.init_from` again later.
 At the start of such a run, `base.json` in the run dir records
 
     {"path": absolute dir, "kind": "hf" | "jaxlm", "step": the jaxlm step read (or null),
-     "digest": sha256 of the weight files' names and bytes, "name_or_path": config.json's}
+     "digest": sha256 of the weight files' names and bytes, "name_or_path": config.json's,
+     "files": {weight file: [size, mtime_ns, ctime_ns, inode]}}
 
 and every later read (resume, `jaxlm.load`, generate, convert, quantize) checks the
-digest of what it reads against it: replaced weights of the same shapes are one
+digest of what it reads against it (without reading the bytes again while every
+weight file keeps its recorded size, mtime, ctime and inode: a write changes ctime): replaced weights of the same shapes are one
 line naming the path and both digests, not a different model with exit 0. A moved
 base is pointed to with `train.init_from=NEW` (the digest must still match); an
 explicit accept (`--accept-base-change`, `accept_base_change=True`) takes a
@@ -42,18 +44,32 @@ def _weight_files(path: str, kind: str, step: int | None) -> list[str]:
     return sorted(out)
 
 
+def _stats(path: str, files: list[str]) -> dict[str, list[int]]:
+    """{file: [size, mtime_ns, ctime_ns, inode]}: any write to a file changes its ctime,
+    which no tool can set back, so equal stats mean equal bytes."""
+    out = {}
+    for name in files:
+        st = os.stat(os.path.join(path, name))
+        out[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return out
+
+
+def _resolve_step(path: str, kind: str, step: int | None) -> int | None:
+    from .checkpoint import latest_step
+    if kind != "jaxlm":
+        return None
+    step = latest_step(path) if step is None else step
+    if step is None or not os.path.isdir(os.path.join(path, "checkpoints", str(step))):
+        raise CheckpointError(f"the base {path} has no checkpoint of step {step}")
+    return step
+
+
 def digest(path: str, step: int | None = None) -> tuple[str, int | None]:
     """(sha256 of the weights, the step read: a jaxlm dir's `step`, default its latest;
     None for an HF dir). Names and bytes of every weight file, read in 8 MiB chunks."""
     from ..api import checkpoint_kind
-    from .checkpoint import latest_step
     kind = checkpoint_kind(path)
-    if kind == "jaxlm":
-        step = latest_step(path) if step is None else step
-        if step is None or not os.path.isdir(os.path.join(path, "checkpoints", str(step))):
-            raise CheckpointError(f"the base {path} has no checkpoint of step {step}")
-    else:
-        step = None
+    step = _resolve_step(path, kind, step)
     h = hashlib.sha256()
     files = _weight_files(path, kind, step)
     if not files:
@@ -79,7 +95,8 @@ def record(path: str) -> dict:
                 name = str(json.load(f).get("_name_or_path") or "")
         except (OSError, ValueError):
             name = ""
-    return {"path": path, "kind": kind, "step": step, "digest": d, "name_or_path": name}
+    return {"path": path, "kind": kind, "step": step, "digest": d, "name_or_path": name,
+            "files": _stats(path, _weight_files(path, kind, step))}
 
 
 def read(run_dir: str) -> dict | None:
@@ -123,6 +140,8 @@ def resolve(run_dir: str, init_from: str, given: str | None = None,
     rec = read(run_dir)
     if rec is None:
         return path, None, None
+    if path == rec.get("path") and rec.get("files") and _unchanged(path, rec):
+        return path, rec.get("step"), rec  # the files recorded, untouched: no re-read
     try:
         now, step = digest(path, rec.get("step"))
     except CheckpointError:
@@ -137,4 +156,18 @@ def resolve(run_dir: str, init_from: str, given: str | None = None,
                 f"trained on {rec['digest']} ({rec.get('path')}, recorded in {FILE}); point "
                 "train.init_from=DIR at the original, or accept this base with "
                 "--accept-base-change (accept_base_change=True in Python)")
-    return path, step, {**rec, "path": path, "step": step, "digest": now}
+    from ..api import checkpoint_kind
+    kind = checkpoint_kind(path)
+    return path, step, {**rec, "path": path, "kind": kind, "step": step, "digest": now,
+                        "files": _stats(path, _weight_files(path, kind, step))}
+
+
+def _unchanged(path: str, rec: dict) -> bool:
+    """Whether the weight files are the recorded ones, by their stats."""
+    from ..api import checkpoint_kind
+    try:
+        kind = checkpoint_kind(path)
+        files = _weight_files(path, kind, _resolve_step(path, kind, rec.get("step")))
+        return _stats(path, files) == rec["files"]
+    except (OSError, CheckpointError):
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,10 +29,11 @@ from . import base as pinned, checkpoint, guard, span
 from .data import eval_batches, make_batches, open_sources, sample_texts
 from .metrics import MetricsLog, device_peak, mesh_devices, mfu
 from .objectives import batch_objective, check_objective, is_token_cross_entropy
+from .onpolicy import on_policy_hook
 from .optimizer import learning_rate_schedule, make_optimizer
 from .lora import trainable_specs
 from .state import (abstract_state, attach_frozen, create_state, needs_frozen,
-                               state_shardings)
+                    state_shardings, with_teacher)
 from .step import compile_steps
 
 CONFIG_FILE = "config.yaml"
@@ -60,6 +62,8 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
                           "float weights (set model.weight_dtype=''), or fine-tune an int8 "
                           "base with train.lora.rank=R train.lora.base_dtype=int8")
     check_objective(cfg.train, cfg.model)  # before the run dir is touched too
+    from .distill import check_teacher
+    check_teacher(cfg)  # a teacher of another vocabulary: refused before any write
     with guard.run_dir_lock(cfg.run_dir), guard.stop_signals() as stop:
         return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step,
                       stop=stop, accept_base_change=accept_base_change)
@@ -101,15 +105,17 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
                                  _initial_params(cfg, mesh, base_step))
             if cfg.train.lora.init_from:  # continue a peft adapter
                 state = _peft_adapters(cfg, mesh, tx, state)
+        state = with_teacher(cfg, mesh, state)  # distill: the teacher, frozen, in its shardings
         batch_sharding = named_sharding(mesh, ("batch", "seq"), rules)
         train_step, eval_step = compile_steps(cfg.model, tx, lr, state_shardings(cfg, mesh, tx),
                                               batch_sharding, cfg.train.loss_vocab_chunk,
                                               batch_objective(cfg.train, cfg.model, tokenizer),
-                                              tcfg=cfg.train, pipeline=pipeline_of(cfg))
+                                              tcfg=cfg.train, pipeline=pipeline_of(cfg),
+                                              teacher=_teacher_config(cfg))
         # every process builds the same eval batches and keeps its block of rows
         evals = [put_batch(local_rows(b, cfg.data.batch_size), batch_sharding) for b in eval_host]
         loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress,
-                     stop)
+                     stop, on_policy_hook(cfg, tokenizer))
         if cfg.train.objective == "grpo":  # rollouts by the engine over the state's params
             loop.rollouts = batches
         with checkpoint.quiet_full_disk():  # reported once, below, not by orbax's threads
@@ -161,8 +167,9 @@ def _disk_full(cfg: Config, mngr, state) -> CheckpointError:
 
 class _Loop:
     def __init__(self, cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress,
-                 stop=None):
+                 stop=None, on_policy=None):
         self.cfg, self.mngr, self.batches = cfg, mngr, batches
+        self.on_policy = on_policy  # distill: (params, host batch, step) -> (batch, 0 / 1)
         self.stop = stop or guard.StopRequest()
         self.train_step, self.eval_step, self.evals = train_step, eval_step, evals
         self.batch_sharding = batch_sharding
@@ -176,10 +183,15 @@ class _Loop:
         self.rollouts = None  # GRPO: train/rollout.py's Rollouts (batches made from the state)
 
     def next_batch(self, state, step):
-        """(the device batch of optimizer step `step`, host metrics of making it)."""
-        if self.rollouts is None:
-            return put_batch(next(self.batches), self.batch_sharding), {}
-        host, metrics = self.rollouts.batch(state, step)
+        """(the device batch of optimizer step `step`, host metrics of making it): the
+        data's, GRPO's rollouts, or the data's with distill's on-policy samples."""
+        if self.rollouts is not None:
+            host, metrics = self.rollouts.batch(state, step)
+            return put_batch(host, self.batch_sharding), metrics
+        host, metrics = next(self.batches), {}
+        if self.on_policy is not None:  # the student's samples, from the live params
+            host, sampled = self.on_policy(state.params, host, step)
+            metrics = {"on_policy": sampled}
         return put_batch(host, self.batch_sharding), metrics
 
     def timed_step(self, state, batch, made):
@@ -188,7 +200,7 @@ class _Loop:
         t0 = time.perf_counter()
         state, metrics = self.train_step(state, batch)
         if self.rollouts is None:
-            return state, metrics
+            return state, {**metrics, **made}
         jax.block_until_ready(metrics["loss"])
         rollout = made.pop("rollout_s", 0.0)
         update = time.perf_counter() - t0
@@ -204,6 +216,10 @@ class _Loop:
         out = {"loss": sum(float(s[0]) for s in sums) / count}
         for key in sums[0][2]:
             out[key] = sum(float(s[2][key]) for s in sums) / count
+        if "desirable" in out:  # kto: rewards are means over their kind of row
+            from .kto import kto_metrics
+            totals = {k: sum(float(s[2][k]) for s in sums) for k in sums[0][2]}
+            out.update({k: float(v) for k, v in kto_metrics(totals, count).items()})
         return out
 
     def checkpoint(self, state):
@@ -346,16 +362,20 @@ def _data(cfg: Config):
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.train.objective == "grpo":
         return _grpo_data(cfg)
-    if cfg.train.objective in ("sft", "dpo", "classify"):
+    kind = cfg.train.objective
+    if kind == "distill":  # prompt/completion records: SFT batches; else raw text
+        from .distill import data_kind
+        kind = data_kind(cfg.data)
+    if kind in ("sft", "dpo", "kto", "classify", "reward"):
         from ..model.chat import resolve_chat_template
         from .sft import finetune_data
         tokenizer = _tokenizer(cfg, None)
         template = resolve_chat_template(cfg.data.chat_template, _template_dir(cfg))
-        batches, evals = finetune_data(cfg.train.objective, cfg, tokenizer, template=template,
+        batches, evals = finetune_data(kind, cfg, tokenizer, template=template,
                                        batch_size=local_batch_size(cfg.data.batch_size), **process)
         stats = getattr(batches, "stats", {})
         if stats and jax.process_index() == 0:
-            print(f"{cfg.train.objective}: {stats.get('examples', '?')} examples, "
+            print(f"{kind}: {stats.get('examples', '?')} examples, "
                   f"{stats.get('truncated', 0)} truncated to data.seq_len={cfg.data.seq_len}, "
                   f"{stats.get('dropped', 0)} dropped ("
                   + ("no token" if cfg.train.objective == "classify" else
@@ -375,6 +395,14 @@ def _data(cfg: Config):
         eval_docs, tokenizer, seq_len=span.row_length(cfg), batch_size=cfg.data.batch_size,
         num_batches=cfg.train.eval_batches))
     return batches, list(evals), tokenizer
+
+
+def _teacher_config(cfg: Config):
+    """The distillation teacher's ModelConfig (static in the steps), or None."""
+    if cfg.train.objective != "distill":
+        return None
+    from .distill import teacher_config
+    return teacher_config(cfg.train)
 
 
 def _grpo_data(cfg: Config):
@@ -433,8 +461,17 @@ def _initial_params(cfg: Config, mesh, step: int | None = None):
     from ..api import load_params
     from ..model.params import logical_axes
     from ..sharding.rules import tree_shardings
-    shardings = tree_shardings(mesh, logical_axes(model_specs(cfg.model)), cfg.mesh.rules)
-    return load_params(cfg.train.init_from, cfg.model, shardings, step)
+    from ..api import model_config_of
+    mcfg = cfg.model
+    fresh_head = mcfg.num_labels and not model_config_of(cfg.train.init_from).num_labels
+    if fresh_head:  # a reward model from a causal LM: its body, a new score head
+        mcfg = dataclasses.replace(mcfg, num_labels=0, pad_token_id=-1, label_names=())
+    shardings = tree_shardings(mesh, logical_axes(model_specs(mcfg)), cfg.mesh.rules)
+    params = load_params(cfg.train.init_from, mcfg, shardings, step)
+    if fresh_head:
+        from .reward import fresh_score_head
+        params = fresh_score_head(params, cfg.model, cfg.train.seed)
+    return params
 
 
 def _check_diverged(rows, limit: int, latest=lambda: None):

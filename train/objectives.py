@@ -18,9 +18,9 @@ from ..sharding.context import context_size
 
 def is_token_cross_entropy(objective: str) -> bool:
     """Whether the objective's loss is a mean token cross-entropy (clm, sft, mlm, span),
-    so that exp(loss) is a perplexity; a preference loss (dpo) and a classifier's loss
-    (classify) are not."""
-    return objective not in ("dpo", "classify")
+    so that exp(loss) is a perplexity; a preference loss (dpo, kto, reward), a
+    classifier's loss (classify) and a divergence from a teacher (distill) are not."""
+    return objective not in ("dpo", "kto", "reward", "classify", "distill")
 
 
 def causal_lm_loss(logits, targets, loss_mask):
@@ -209,10 +209,19 @@ def mlm_batch(batch, key, **corrupt):
 
 def check_objective(tcfg, mcfg) -> None:
     """ConfigError when train.objective does not fit the model (its family, its head)."""
+    if tcfg.objective == "reward":
+        if mcfg.num_labels != 1:
+            raise ConfigError(
+                f"train.objective=reward needs a one-score head (model.num_labels=1), not "
+                f"model.num_labels={mcfg.num_labels}: start from a causal LM (a fresh score "
+                "head is made) or a *ForSequenceClassification checkpoint with num_labels=1")
+        if mcfg.family == "encoder_decoder":
+            raise ConfigError("train.objective=reward does not fit model.family=encoder_decoder")
+        return
     if mcfg.num_labels and tcfg.objective != "classify":
         raise ConfigError(f"train.objective={tcfg.objective!r} needs an LM head, but this model "
                           f"is a sequence classifier (model.num_labels={mcfg.num_labels}); use "
-                          "train.objective=classify")
+                          "train.objective=classify (or reward, with one score)")
     if tcfg.objective == "classify":
         if not mcfg.num_labels:
             raise ConfigError("train.objective=classify needs a model with a score head "

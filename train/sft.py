@@ -509,8 +509,8 @@ def sft_eval_batches(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
 
 def finetune_data(kind: str, cfg, tokenizer: Tokenizer, *, template: str | None,
                   batch_size: int | None = None, process_index: int = 0, process_count: int = 1):
-    """(training iterator, fixed eval batches) of an "sft", "dpo" or "classify" run, from
-    `cfg`.
+    """(training iterator, fixed eval batches) of an "sft", "dpo", "reward", "kto" or
+    "classify" run, from `cfg`.
 
     Reads `cfg.data.corpus` (jsonl paths/globs, or "stdlib-sft" for sft),
     holds out `cfg.data.eval_fraction` of the records (seed `cfg.data.seed`),
@@ -525,15 +525,17 @@ def finetune_data(kind: str, cfg, tokenizer: Tokenizer, *, template: str | None,
     if kind == "sft":
         records = load_sft_records(data.corpus, max_records=data.max_docs or None,
                                    seq_len=data.seq_len)
-    elif kind == "dpo":
+    elif kind in ("dpo", "reward"):
         records = preference.load_preference_records(data.corpus, max_records=data.max_docs or None)
+    elif kind == "kto":
+        records = preference.load_kto_records(data.corpus, max_records=data.max_docs or None)
     elif kind == "classify":
         records = classify.load_classify_records(data.corpus, cfg.model.num_labels,
                                                  cfg.model.label_names,
                                                  max_records=data.max_docs or None)
     else:
-        raise ConfigError(f"finetune_data: kind should be 'sft', 'dpo' or 'classify', got "
-                          f"{kind!r}")
+        raise ConfigError(f"finetune_data: kind should be 'sft', 'dpo', 'reward', 'kto' or "
+                          f"'classify', got {kind!r}")
     train, held = split_records(records, data.eval_fraction, data.seed)
     if not held:
         raise InputError(f"data.corpus={data.corpus}: {len(records)} record(s), too few to hold "
@@ -553,10 +555,18 @@ def finetune_data(kind: str, cfg, tokenizer: Tokenizer, *, template: str | None,
                                             process_count=process_count, **common)
         evals = classify.classify_eval_batches(held, tokenizer, batch_size=data.batch_size,
                                                num_batches=cfg.train.eval_batches, **common)
-    else:
-        batches = preference.dpo_batches(train, tokenizer, batch_size=batch_size or data.batch_size,
+    elif kind == "kto":
+        batches = preference.kto_batches(train, tokenizer, batch_size=batch_size or data.batch_size,
                                          seed=data.seed, process_index=process_index,
                                          process_count=process_count, **common)
-        evals = preference.dpo_eval_batches(held, tokenizer, batch_size=data.batch_size,
+        evals = preference.kto_eval_batches(held, tokenizer, batch_size=data.batch_size,
                                             num_batches=cfg.train.eval_batches, **common)
+    else:
+        margin = kind == "reward"
+        batches = preference.dpo_batches(train, tokenizer, batch_size=batch_size or data.batch_size,
+                                         seed=data.seed, process_index=process_index,
+                                         process_count=process_count, margin=margin, **common)
+        evals = preference.dpo_eval_batches(held, tokenizer, batch_size=data.batch_size,
+                                            num_batches=cfg.train.eval_batches, margin=margin,
+                                            **common)
     return batches, evals

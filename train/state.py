@@ -6,10 +6,15 @@ Three kinds of run share one state type:
 * LoRA / QLoRA (`train.lora.rank` > 0): `params` are the adapters only (the
   optimizer's whole world), `frozen` the base (int8 `QuantizedWeight` leaves
   under QLoRA), never updated, never donated;
-* DPO without LoRA (`train.objective=dpo`): `frozen` is a copy of the starting
-  params, the reference policy. (DPO with LoRA uses the base alone as the
-  reference: no second copy.) GRPO with train.grpo.beta > 0 likewise; with beta 0
-  it keeps no reference (`frozen` None without LoRA).
+* DPO / KTO without LoRA (`train.objective=dpo|kto`): `frozen` is a copy of the
+  starting params, the reference policy. (With LoRA the base alone is the
+  reference: no second copy.) ORPO and SimPO (train.dpo.loss) need no reference:
+  `frozen` is None (or the LoRA base). GRPO with train.grpo.beta > 0 likewise keeps
+  one; with beta 0 it keeps no reference (`frozen` None without LoRA).
+* distillation (`train.objective=distill`): `frozen` is the teacher, another model's
+  params (train.distill.teacher), read into its shardings by `distill.load_teacher`
+  and attached after the state is made (`with_teacher`): it is never a jit output,
+  so no step or init copies it.
 """
 
 from __future__ import annotations
@@ -38,19 +43,27 @@ class TrainState:
 
 
 def needs_frozen(cfg) -> bool:
-    """Whether the state holds a frozen tree (LoRA base, DPO reference)."""
-    return _has_frozen(cfg)
+    """Whether the state holds a frozen tree made from the starting params (LoRA base,
+    DPO / KTO reference), rebuilt from train.init_from on a resume. (A distillation
+    teacher is frozen too, but read from train.distill.teacher: `with_teacher`.)"""
+    return bool(cfg.train.lora.rank) or needs_reference(cfg.train)
+
+
+def needs_reference(tcfg) -> bool:
+    """Whether the objective compares the policy with a frozen reference: DPO / IPO, KTO
+    and GRPO with a KL penalty (train.grpo.beta != 0) do; ORPO, SimPO (train.dpo.loss)
+    and the others do not."""
+    return (tcfg.objective == "kto" or (tcfg.objective == "dpo" and not tcfg.dpo.reference_free)
+            or (tcfg.objective == "grpo" and tcfg.grpo.beta != 0.0))
 
 
 def _has_frozen(cfg) -> bool:
-    return bool(cfg.train.lora.rank) or _keeps_reference(cfg)
+    return needs_frozen(cfg) or cfg.train.objective == "distill"
 
 
-def _keeps_reference(cfg) -> bool:
-    """Whether the run needs a frozen copy of its starting params (no LoRA): DPO, and
-    GRPO with a KL penalty (beta > 0)."""
-    t = cfg.train
-    return t.objective == "dpo" or (t.objective == "grpo" and t.grpo.beta != 0.0)
+def _made_shardings(cfg, shardings):
+    """The shardings of what init / restore make: all but a teacher, attached later."""
+    return shardings.replace(frozen=None) if cfg.train.objective == "distill" else shardings
 
 
 def state_shardings(cfg, mesh, tx):
@@ -64,7 +77,10 @@ def state_shardings(cfg, mesh, tx):
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, param_sh,
                                    transform_non_params=lambda _: replicated)
     frozen_sh = None
-    if _has_frozen(cfg):
+    if cfg.train.objective == "distill":
+        from .distill import teacher_shardings
+        frozen_sh = teacher_shardings(cfg, mesh)
+    elif _has_frozen(cfg):
         frozen_sh = tree_shardings(mesh, lora.frozen_axes(cfg.model, cfg.train), cfg.mesh.rules)
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, frozen=frozen_sh,
                       skipped=replicated)
@@ -72,7 +88,7 @@ def state_shardings(cfg, mesh, tx):
 
 def abstract_state(cfg, mesh, tx):
     """ShapeDtypeStructs with shardings: the target for restoring a checkpoint."""
-    shardings = state_shardings(cfg, mesh, tx)
+    shardings = _made_shardings(cfg, state_shardings(cfg, mesh, tx))
     shapes = jax.eval_shape(lambda: _new_state(cfg, tx, jax.random.key(0), None))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
@@ -84,9 +100,9 @@ def create_state(cfg, mesh, tx, seed: int, params=None) -> TrainState:
     `params`: the starting (base) params, e.g. a loaded checkpoint; None:
     initialised from `seed`. LoRA runs hold them frozen (int8 under QLoRA)
     beside fresh adapters; DPO runs without LoRA keep a frozen copy as the
-    reference policy.
+    reference policy; a distillation state's teacher comes after (`with_teacher`).
     """
-    shardings = state_shardings(cfg, mesh, tx)
+    shardings = _made_shardings(cfg, state_shardings(cfg, mesh, tx))
     key = jax.random.key(seed)
     if params is None:
         init = jax.jit(lambda key: _new_state(cfg, tx, key, None), out_shardings=shardings)
@@ -104,12 +120,21 @@ def create_lora_state(cfg, mesh, tx, base_params, seed: int) -> TrainState:
     return create_state(cfg, mesh, tx, seed, base_params)
 
 
+def with_teacher(cfg, mesh, state: TrainState) -> TrainState:
+    """A distillation state (new or restored) with the teacher as its frozen tree, read
+    straight into its shardings; other states unchanged."""
+    if cfg.train.objective != "distill":
+        return state
+    from .distill import load_teacher
+    return state.replace(frozen=load_teacher(cfg, mesh))
+
+
 def _frozen(cfg, base):
     """The frozen tree made from the starting params: the (quantized) LoRA base, or the
     DPO reference policy (its own buffers); None for other runs."""
     if cfg.train.lora.rank:
         return lora.quantize_base(base, cfg.model) if cfg.train.lora.base_dtype == "int8" else base
-    if _keeps_reference(cfg):
+    if needs_reference(cfg.train):
         return jax.tree.map(jnp.copy, base)
     return None
 

@@ -1,12 +1,15 @@
-"""The jitted train and eval steps: plain, LoRA (frozen base + adapters), DPO,
-classify (a sequence classifier's pooled scores), each with gradient accumulation.
+"""The jitted train and eval steps: plain, LoRA (frozen base + adapters), the preference
+objectives (dpo with its orpo / simpo losses, kto, reward), classify (a sequence
+classifier's pooled scores), distill (the frozen tree is the teacher, its config the
+static `teacher`), each with gradient accumulation.
 
 One `train_step(state, batch)` covers every run kind (see train/state.py):
 the trainable tree is `state.params`; the model sees `apply_lora(frozen,
 params)` for LoRA runs. With `train.grad_accum_steps` k > 1 the batch is
 split into k microbatches (rows j, j + k, ...: each device keeps its share)
 scanned inside the step; each microbatch's objective is its loss sum over
-the whole batch's denominator (tokens, pairs for DPO, rows for classify), so the summed
+the whole batch's denominator (tokens, pairs for DPO and reward, rows for KTO and
+classify), so the summed
 gradients and losses are exactly the full-batch means. (MoE router losses
 are averaged over microbatches.)
 """
@@ -27,12 +30,13 @@ from ..model.classify import pooled_scores
 from ..model.families.encoder import mlm_head_inputs
 from ..sharding.context import context_reorder, context_size
 from ..sharding.rules import constrain
-from . import dpo, grpo
+from . import distill, dpo, grpo, kto, reward
 from .lora import apply_lora, lora_scale
 from .objectives import causal_lm_loss, chunked_lm_loss, classification_loss, labelled_rows
 from .state import TrainState
 
 DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
+PAIRED = ("dpo", "kto", "reward")  # objectives over preference batches, not LM batches
 
 
 def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_weight=1.0,
@@ -102,33 +106,56 @@ def _model_params(trainable, frozen, tcfg):
 
 
 def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, vocab_chunk, k,
-               pipeline=None):
+               pipeline=None, teacher=None):
     """(objective of one microbatch, additive sums: loss_sum, tokens, metrics)."""
     params, reference = _model_params(trainable, frozen, tcfg)
-    if tcfg.objective == "dpo":
-        loss_sum, metrics, n = dpo.dpo_sums(params, reference, mcfg, batch, tcfg, vocab_chunk)
+    if tcfg.objective == "distill":  # `reference`: the teacher's params
+        loss_sum, count, extra, aux = distill.distill_sums(params, reference, mcfg, teacher,
+                                                           batch, tcfg, vocab_chunk, dropout_key)
+        objective, (loss_sum, count, extra) = _with_router_losses(
+            loss_sum, count, extra, aux, mcfg, totals["count"], 1.0 / k)
+        return objective, {"loss_sum": loss_sum, "tokens": count, **extra}
+    count = totals["count"]
+    if tcfg.objective in PAIRED:
+        if tcfg.objective == "dpo":
+            loss_sum, metrics, n = dpo.dpo_sums(params, reference, mcfg, batch, tcfg,
+                                                vocab_chunk, totals.get("nll_tokens"), count)
+        elif tcfg.objective == "kto":
+            loss_sum, metrics, n = kto.kto_sums(params, reference, mcfg, batch, tcfg, vocab_chunk)
+        else:
+            loss_sum, metrics, n = reward.reward_sums(params, mcfg, batch, tcfg, dropout_key)
         sums = {"loss_sum": loss_sum, "tokens": jnp.asarray(n, jnp.float32), **metrics}
-        return loss_sum / totals, sums
+        return loss_sum / count, sums
     if tcfg.objective == "grpo":
         loss_sum, sums = grpo.grpo_sums(params, reference, mcfg, batch, tcfg)
-        return loss_sum / totals, {"loss_sum": loss_sum, **sums}
+        return loss_sum / count, {"loss_sum": loss_sum, **sums}
     objective, (loss_sum, count, extra) = loss_fn(params, mcfg, batch, vocab_chunk,
-                                                  denominator=totals, aux_weight=1.0 / k,
+                                                  denominator=count, aux_weight=1.0 / k,
                                                   dropout_key=dropout_key, pipeline=pipeline)
     return objective, {"loss_sum": loss_sum, "tokens": count, **extra}
 
 
 def _totals(batch, tcfg):
-    """The full batch's denominator: pairs for DPO, labelled rows for classify, GRPO's
-    loss_type's, counted tokens otherwise."""
+    """The full batch's denominators: {"count": pairs for DPO (ORPO, SimPO: and
+    "nll_tokens", the NLL term's), pairs holding an example for reward, rows holding
+    one for KTO, labelled rows for classify, GRPO's loss_type's (rows,
+    tokens or rows x max length), counted tokens otherwise}."""
     if tcfg.objective == "dpo":
-        return jnp.asarray(batch["chosen"]["tokens"].shape[0], jnp.float32)
-    if tcfg.objective == "grpo":  # loss_type's: rows, tokens or rows x max length
-        return grpo.denominator(batch["loss_mask"], tcfg.grpo.loss_type,
-                                tcfg.grpo.max_completion_length)
+        out = {"count": jnp.asarray(batch["chosen"]["tokens"].shape[0], jnp.float32)}
+        if tcfg.dpo.reference_free:
+            out["nll_tokens"] = jnp.sum(dpo.nll_mask(batch, tcfg.dpo.loss))
+        return out
+    if tcfg.objective == "reward":
+        return {"count": jnp.maximum(jnp.sum(reward.valid_pairs(batch)), 1.0)}
+    if tcfg.objective == "kto":
+        rows = jnp.any(batch["completion"]["segment_ids"] > 0, axis=-1)
+        return {"count": jnp.maximum(jnp.sum(rows.astype(jnp.float32)), 1.0)}
+    if tcfg.objective == "grpo":
+        return {"count": grpo.denominator(batch["loss_mask"], tcfg.grpo.loss_type,
+                                          tcfg.grpo.max_completion_length)}
     if tcfg.objective == "classify":
-        return jnp.maximum(jnp.sum(labelled_rows(batch).astype(jnp.float32)), 1.0)
-    return jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        return {"count": jnp.maximum(jnp.sum(labelled_rows(batch).astype(jnp.float32)), 1.0)}
+    return {"count": jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)}
 
 
 def microbatches(batch, k: int):
@@ -165,7 +192,7 @@ def dropout_key(mcfg, tcfg, step):
     """The step's dropout key, fold_in(fold_in(key(train.seed), stream), step), or None
     when the model has no dropout. Each (seed, step) has its own masks, so a resumed
     run draws exactly the masks an uninterrupted one does."""
-    if not (mcfg.dropout or mcfg.attention_dropout) or tcfg.objective in ("dpo", "grpo"):
+    if not (mcfg.dropout or mcfg.attention_dropout) or tcfg.objective in ("dpo", "kto", "grpo"):
         return None
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(tcfg.seed), DROPOUT_STREAM), step)
 
@@ -174,11 +201,18 @@ def _metrics(sums, tcfg, totals=None):
     n = jnp.maximum(sums["tokens"], 1.0)
     out = {"loss": sums["loss_sum"] / n, "tokens": sums["tokens"]}
     if tcfg.objective == "grpo":  # the loss over loss_type's denominator; token means
-        out["loss"] = sums["loss_sum"] / totals
+        out["loss"] = sums["loss_sum"] / totals["count"]
         out.update({k: sums[k] / n for k in grpo.TOKEN_METRICS})
-    if tcfg.objective == "dpo":
-        out["dpo_loss"] = out["loss"]
+    if tcfg.objective in ("dpo", "reward"):
+        out[f"{tcfg.objective}_loss"] = out["loss"]
         out.update({k: sums[k] / n for k in DPO_METRICS})
+        out.update({k: sums[k] / n for k in ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+                    if k in sums})
+    if tcfg.objective == "kto":
+        out["kto_loss"] = out["loss"]
+        out.update(kto.kto_metrics(sums, n))
+    if tcfg.objective == "distill":
+        out.update({k: sums[k] / n for k in distill.METRICS})
     if "accuracy" in sums:  # classify (num_labels > 1): correct rows / rows
         out["accuracy"] = sums["accuracy"] / n
     out.update({k: v for k, v in sums.items() if k.startswith("moe_")})
@@ -186,7 +220,7 @@ def _metrics(sums, tcfg, totals=None):
 
 
 def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, objective=None,
-               tcfg: TrainConfig | None = None, pipeline=None):
+               tcfg: TrainConfig | None = None, pipeline=None, teacher=None):
     """One optimizer step on `batch` (a DPO batch for train.objective=dpo).
 
     `objective`: a batch transform, e.g. MLM masking keyed by (seed, step).
@@ -195,7 +229,9 @@ def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, 
     metrics and `consecutive_skipped` (also `state.skipped`) counts the skips
     in a row, which the loop stops on at train.max_skipped_steps.
     `tcfg` (default: TrainConfig()) picks LoRA, DPO and accumulation; `pipeline`
-    (`jaxlm.sharding.pipeline.pipeline_of(cfg)`) runs the layers over the mesh's stages.
+    (`jaxlm.sharding.pipeline.pipeline_of(cfg)`) runs the layers over the mesh's stages;
+    `teacher`: the teacher's ModelConfig (train.objective=distill; its params are
+    `state.frozen`).
     """
     tcfg = tcfg or TrainConfig()
     if objective is not None:
@@ -203,7 +239,7 @@ def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, 
     k = tcfg.grad_accum_steps
     totals = _totals(batch, tcfg)
     fn = functools.partial(_objective, totals=totals, mcfg=mcfg, tcfg=tcfg,
-                           vocab_chunk=vocab_chunk, k=k, pipeline=pipeline)
+                           vocab_chunk=vocab_chunk, k=k, pipeline=pipeline, teacher=teacher)
     grads, sums = _grads(fn, state.params, state.frozen, batch, k,
                          dropout_key(mcfg, tcfg, state.step))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -232,7 +268,7 @@ def _keep_if_not(ok, new, old):
 
 
 def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, frozen=None,
-              pipeline=None):
+              pipeline=None, teacher=None):
     """(loss sum, count, metric sums) of a held-out batch: token loss sum and
     tokens, or for DPO the DPO loss sum, pairs and the reward metric sums
     (divide each by count for the means). An MoE model's router statistics are
@@ -241,7 +277,7 @@ def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, fr
     if objective is not None:  # with its fixed eval key
         batch = objective(batch, None)
     _, sums = _objective(params, frozen, batch, None, _totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
-                         vocab_chunk=vocab_chunk, k=1, pipeline=pipeline)
+                         vocab_chunk=vocab_chunk, k=1, pipeline=pipeline, teacher=teacher)
     extra = {k: v for k, v in sums.items()
              if k not in ("loss_sum", "tokens") and not k.startswith("moe_")}
     return sums["loss_sum"], sums["tokens"], extra
@@ -285,14 +321,16 @@ class _Eval:
 
 
 def compile_steps(mcfg, tx, lr_schedule, state_sharding, batch_sharding, vocab_chunk=0,
-                  objective=None, tcfg: TrainConfig | None = None, pipeline=None):
+                  objective=None, tcfg: TrainConfig | None = None, pipeline=None, teacher=None):
     """jit the steps once: the trainable state donated, the frozen tree not, shardings
-    pinned. `tcfg` (the run's TrainConfig) turns on LoRA, DPO and accumulation;
-    `pipeline` (a `jaxlm.sharding.pipeline.Pipeline`) the pipelined layer stack."""
+    pinned. `tcfg` (the run's TrainConfig) turns on LoRA, DPO, distillation and
+    accumulation; `pipeline` (a `jaxlm.sharding.pipeline.Pipeline`) the pipelined layer
+    stack; `teacher` the distillation teacher's ModelConfig."""
     train = functools.partial(train_step, mcfg=mcfg, tx=tx, lr_schedule=lr_schedule,
                               vocab_chunk=vocab_chunk, objective=objective, tcfg=tcfg,
-                              pipeline=pipeline)
+                              pipeline=pipeline, teacher=teacher)
     evaluate = functools.partial(eval_step, mcfg=mcfg, vocab_chunk=vocab_chunk,
-                                 objective=objective, tcfg=tcfg, pipeline=pipeline)
+                                 objective=objective, tcfg=tcfg, pipeline=pipeline,
+                                 teacher=teacher)
     return (_Train(train, state_sharding, batch_sharding),
             _Eval(evaluate, state_sharding, batch_sharding))
