@@ -33,7 +33,7 @@ class DataConfig:
     _prefix = "data."
 
     # the training text: "stdlib", a directory, a text/.jsonl file or a `jaxlm prepare`
-    # dir; sft/dpo: .jsonl files (paths, globs, comma-separated) or "stdlib-sft"
+    # dir; sft/dpo/grpo: .jsonl files (paths, globs, comma-separated) or "stdlib-sft"
     corpus: str = "stdlib"
     max_docs: int = 0  # documents read from the corpus; 0: all
     eval_fraction: float = 0.02  # the share of documents / records held out for the eval loss
@@ -127,7 +127,8 @@ class DpoConfig:
     # sigmoid (DPO) | ipo | orpo (odds ratio + chosen NLL, no reference) | simpo
     # (length-normalised margin with simpo_gamma, no reference)
     loss: str = "sigmoid"
-    label_smoothing: float = 0.0  # the assumed share of flipped preference labels (cDPO)
+    # the assumed share of flipped preference labels (cDPO; sigmoid and simpo only)
+    label_smoothing: float = 0.0
     simpo_gamma: float = 0.5  # simpo: the target reward margin gamma (TRL's simpo_gamma)
     # simpo: the weight of the chosen responses' NLL added to the loss (TRL's cpo_alpha; 0:
     # SimPO as published, TRL's CPOConfig defaults to 1)
@@ -140,6 +141,9 @@ class DpoConfig:
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"train.dpo.label_smoothing={self.label_smoothing} must be in "
                               "[0, 0.5)")
+        if self.label_smoothing and self.loss in ("ipo", "orpo"):
+            raise ConfigError(f"train.dpo.label_smoothing applies to the sigmoid and simpo "
+                              f"losses; loss={self.loss} has none (as in TRL)")
         if self.cpo_alpha < 0:
             raise ConfigError(f"train.dpo.cpo_alpha={self.cpo_alpha} must be >= 0")
 
@@ -244,7 +248,8 @@ class GrpoConfig:
     # completions= and each other JSONL field as a list; returns one float per
     # completion), exact:FIELD (1 if the completion's stripped text equals the row's
     # FIELD), regex:PATTERN (1 if the completion re.search-es PATTERN), model:PATH (a
-    # sequence classifier's score of prompt + completion, jaxlm.classify)
+    # sequence classifier's score of prompt + completion, jaxlm.classify), python (1 if
+    # the prompt's text + the completion parse as Python and the completion is not blank)
     reward_funcs: str = ""
     reward_weights: tuple = ()  # one weight per reward function; (): 1 each
     # advantages divided by the std of the group's rewards (group), of the batch's

@@ -139,7 +139,7 @@ train:
   lora_targets: layers/attn/(q|v)
   lora_base_dtype: int8
   dpo_beta: 0.2
-  dpo_loss: ipo
+  dpo_loss: simpo
   dpo_label_smoothing: 0.1
   simpo_gamma: 0.3
   cpo_alpha: 0.2
@@ -167,7 +167,7 @@ def _nested_form():
         data=DataConfig(seq_len=32),
         train=TrainConfig(lora=LoraConfig(rank=8, alpha=16.0, targets="layers/attn/(q|v)",
                                           base_dtype="int8"),
-                          dpo=DpoConfig(beta=0.2, loss="ipo", label_smoothing=0.1,
+                          dpo=DpoConfig(beta=0.2, loss="simpo", label_smoothing=0.1,
                                         simpo_gamma=0.3, cpo_alpha=0.2),
                           kto=KtoConfig(beta=0.2, desirable_weight=2.0, undesirable_weight=0.5),
                           reward=RewardConfig(center_rewards_coefficient=0.01)),

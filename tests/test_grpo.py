@@ -293,6 +293,12 @@ def test_builtin_rewards_weights_and_group_advantages():
     want = ((t - t.mean(1, keepdim=True)) / (t.std(1, keepdim=True) + 1e-4)).view(-1)
     np.testing.assert_allclose(adv, want.numpy(), rtol=1e-12)
     assert (rollout.advantages(rewards, 2, "none")[2:4] == 0).all()
+    (python,) = rollout.reward_functions("python")
+    head = 'def f(x):\n    """Twice x."""\n'
+    np.testing.assert_array_equal(
+        rollout.score([python], [head] * 4 + [[{"role": "user", "content": "x"}]],
+                      ["    return 2 * x\n", "    return (2 *\n", "   \n", "    y = \0",
+                       "print(1)\n"], {}, ["w"] * 5)[:, 0], [1, 0, 0, 0, 1])
     np.testing.assert_allclose(rollout.advantages(rewards, 2, "batch"),
                                (rewards - np.repeat(t.mean(1).numpy(), 2))
                                / (rewards.std(ddof=1) + 1e-4))
@@ -371,3 +377,11 @@ def test_a_reward_model_dir_is_a_reward_function(tmp_path, sp_tokenizer_dir):
     want = np.asarray(jaxlm.classify(params, cfg, tokens, mask))[:, 0]
     np.testing.assert_allclose(got[:, 0], want, rtol=1e-6)
     assert got[0, 0] != got[1, 0]
+
+
+def test_stdlib_sft_prompts_keep_their_body_for_the_rewards():
+    records = rollout.load_prompt_records("stdlib-sft", max_records=5, seq_len=128)
+    assert len(records) == 5
+    for r in records:  # the reference body is a field; the prompt parses with it
+        assert r["prompt"].lstrip().startswith(("def ", "async def", "@"))
+        assert rollout.python_parses([r["prompt"]], [r["completion"]]) == [1.0]

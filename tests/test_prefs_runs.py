@@ -181,6 +181,8 @@ def test_bad_input_is_one_line(tiny_checkpoint, data, tmp_path, capsys):
         ("reward", bad_margin, [], r"margin.jsonl:1: \"margin\" 'big' is not a finite number"),
         ("reward", data / "kto.jsonl", [], r"kto.jsonl:1: .*train.objective=kto"),
         ("reward", data / "prefs.jsonl", ["train.lora.rank=4"], r"lora.rank > 0 is not supp"),
+        ("dpo", data / "prefs.jsonl", ["train.dpo.loss=orpo", "train.dpo.label_smoothing=0.1"],
+         r"label_smoothing applies to the sigmoid and simpo losses; loss=orpo has none"),
     ]
     for i, (preset, corpus, extra, message) in enumerate(cases):
         given = {e.split("=")[0] for e in extra}

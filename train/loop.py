@@ -414,7 +414,8 @@ def _grpo_data(cfg: Config):
         raise ConfigError("train.objective=grpo runs on one process for now")
     tokenizer = _tokenizer(cfg, None)
     template = resolve_chat_template(cfg.data.chat_template, _template_dir(cfg))
-    records = load_prompt_records(cfg.data.corpus, max_records=cfg.data.max_docs or None)
+    records = load_prompt_records(cfg.data.corpus, max_records=cfg.data.max_docs or None,
+                                  seq_len=cfg.data.seq_len)
     eos = generation_settings(cfg.train.init_from or cfg.run_dir, tokenizer).eos_ids
     rollouts = Rollouts(cfg, tokenizer, template, records, eos_ids=eos)
     if jax.process_index() == 0:

@@ -25,6 +25,7 @@ in use travels in the data state, so a resume mid-way continues it exactly.
 
 from __future__ import annotations
 
+import ast
 import base64
 import importlib
 import io
@@ -43,7 +44,7 @@ from ..errors import ConfigError, InputError
 from ..model.chat import check_messages
 from ..model.tokenizer import Tokenizer
 from .grpo import token_logps
-from .sft import _jsonl_records
+from .sft import STDLIB_SFT, _jsonl_records, stdlib_sft_limits, stdlib_sft_records
 
 ROLLOUT_STREAM = 0x67727030  # "grp0": the rollouts' own stream of train.seed
 
@@ -51,9 +52,13 @@ ROLLOUT_STREAM = 0x67727030  # "grp0": the rollouts' own stream of train.seed
 # ---------------------------------------------------------------- prompts
 
 
-def load_prompt_records(source: str | Sequence[str], *,
-                        max_records: int | None = None) -> list[dict]:
-    """Checked {"prompt": str | [messages], ...} records of `.jsonl` files."""
+def load_prompt_records(source: str | Sequence[str], *, max_records: int | None = None,
+                        seq_len: int | None = None) -> list[dict]:
+    """Checked {"prompt": str | [messages], ...} records of `.jsonl` files; or
+    "stdlib-sft": the standard library's documented functions, prompt = the `def`
+    through its docstring, "completion" = the body it has (a field for the rewards)."""
+    if source == STDLIB_SFT:
+        return stdlib_sft_records(max_records=max_records or 20_000, **stdlib_sft_limits(seq_len))
     records = list(_jsonl_records(source, max_records))
     for r in records:
         where = r.get("where", "record")
@@ -86,6 +91,25 @@ def _exact(field: str):
         return [float(c.strip() == str(ref).strip()) for c, ref in zip(completions, fields[field])]
     exact.__name__ = f"exact:{field}"
     return exact
+
+
+def python_parses(prompts, completions, **fields):
+    """1.0 where the completion is not blank and the prompt's text followed by it parses
+    as Python (`ast.parse`), else 0.0: a verifiable reward for code prompts such as
+    stdlib-sft's (a function's `def` and docstring, to be completed by a body that
+    ends). For a chat prompt, the completion alone is parsed."""
+    out = []
+    for p, c in zip(prompts, completions):
+        source = (p if isinstance(p, str) else "") + c
+        try:
+            ast.parse(source)
+            out.append(float(bool(c.strip())))
+        except (SyntaxError, ValueError):  # ValueError: a NUL byte
+            out.append(0.0)
+    return out
+
+
+python_parses.__name__ = "python"
 
 
 def _regex(pattern: str):
@@ -133,13 +157,15 @@ class ClassifierReward:
 
 def reward_functions(spec: str) -> list[Callable]:
     """train.grpo.reward_funcs -> the callables (module:function, exact:FIELD,
-    regex:PATTERN, model:PATH)."""
+    regex:PATTERN, model:PATH, python)."""
     funcs = []
     for part in (p.strip() for p in _split_specs(spec)):
         if not part:
             continue
         kind, _, arg = part.partition(":")
-        if kind == "exact" and arg:
+        if part == "python":
+            funcs.append(python_parses)
+        elif kind == "exact" and arg:
             funcs.append(_exact(arg))
         elif kind == "regex" and arg:
             funcs.append(_regex(arg))
@@ -155,7 +181,7 @@ def reward_functions(spec: str) -> list[Callable]:
             funcs.append(fn)
         else:
             raise ConfigError(f"train.grpo.reward_funcs: {part!r} is not module:function, "
-                              "exact:FIELD, regex:PATTERN or model:PATH")
+                              "exact:FIELD, regex:PATTERN, model:PATH or python")
     if not funcs:
         raise ConfigError("train.objective=grpo needs train.grpo.reward_funcs (e.g. "
                           "mymodule:reward, exact:answer, regex:PATTERN)")
