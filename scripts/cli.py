@@ -21,8 +21,9 @@ def _base_options(p, overrides: bool = False):
     """--accept-base-change, and for commands without key=value overrides of their own
     the one override they take: train.init_from=DIR (a LoRA run's base, moved)."""
     p.add_argument("--accept-base-change", action="store_true",
-                   help="a LoRA run's (or peft dir's) base whose weights changed since the "
-                   "run (its digest in base.json): use it anyway")
+                   help="a LoRA run's (or peft dir's) base, or a distillation run's teacher, "
+                   "whose weights changed since the run (its digest in base.json / "
+                   "teacher.json): use it anyway")
     if overrides:
         p.add_argument("overrides", nargs="*", metavar="train.init_from=DIR",
                        help="a LoRA run's base, moved to DIR")

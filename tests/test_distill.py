@@ -6,6 +6,7 @@ on-policy samples from the engine); a teacher of another vocabulary is one line.
 
 import dataclasses
 import json
+import shutil
 import os
 
 import jax
@@ -156,9 +157,18 @@ def test_a_distill_run_lowers_the_loss_and_resumes_exactly(tiny_checkpoint, teac
     a = _losses(straight)
     assert [a[s]["on_policy"] for s in range(1, 5)] == [0, 0, 0, 1]
     assert all("distill_loss" in a[s] and "eval_perplexity" not in a[s] for s in a)
-    stopped = tmp_path / "stopped"
-    cfg = _cfg(stopped, student, teachers["same"], sft_jsonl)
+    stopped, teacher = tmp_path / "stopped", tmp_path / "teacher"
+    shutil.copytree(teachers["same"], teacher)
+    cfg = _cfg(stopped, student, teacher, sft_jsonl)
     train(cfg, progress=False, stop_after=2)
+    assert json.loads((stopped / "teacher.json").read_text())["path"] == str(teacher)
+    tcfg = jaxlm.load(str(teacher))[0]  # the teacher replaced by other weights: refused
+    shutil.rmtree(teacher)
+    jaxlm.save(str(teacher), tcfg, jaxlm.init_params(tcfg, jax.random.key(8)))
+    with pytest.raises(jaxlm.CheckpointError, match="the teacher of .* changed: .*teacher.json"):
+        train(cfg, progress=False, resume=True)
+    shutil.rmtree(teacher)
+    shutil.copytree(teachers["same"], teacher)  # the same bytes again (new inodes): taken
     train(cfg, progress=False, resume=True)  # the teacher is read again from its dir
     b = _losses(stopped)
     assert [(a[s]["loss"], a[s]["on_policy"]) for s in range(1, 5)] == \

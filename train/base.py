@@ -1,5 +1,5 @@
 """The base of a LoRA or DPO run, pinned: which weights its adapters (or its frozen
-reference) belong to.
+reference) belong to; and a distillation run's teacher (teacher.json), alike.
 
 A LoRA run's checkpoints hold the adapters only, and a full-weight DPO run rebuilds
 its reference from the base on resume: both read `train.init_from` again later.
@@ -27,6 +27,8 @@ import os
 from ..errors import CheckpointError
 
 FILE = "base.json"
+TEACHER = "teacher.json"  # a distillation run's teacher (train.distill.teacher), pinned alike
+_ROLES = {FILE: ("base", "train.init_from"), TEACHER: ("teacher", "train.distill.teacher")}
 _CHUNK = 1 << 23
 
 
@@ -99,9 +101,10 @@ def record(path: str) -> dict:
             "files": _stats(path, _weight_files(path, kind, step))}
 
 
-def read(run_dir: str) -> dict | None:
-    """The run's base.json, or None (a run without a base, or from before it was kept)."""
-    file = os.path.join(run_dir, FILE)
+def read(run_dir: str, name: str = FILE) -> dict | None:
+    """The run's base.json (or `name`: teacher.json), or None (a run without one, or
+    from before it was kept)."""
+    file = os.path.join(run_dir, name)
     if not os.path.isfile(file):
         return None
     try:
@@ -114,9 +117,9 @@ def read(run_dir: str) -> dict | None:
         raise CheckpointError(f"{file} is corrupt ({e})") from None
 
 
-def write(run_dir: str, rec: dict) -> None:
-    """base.json, atomically."""
-    file = os.path.join(run_dir, FILE)
+def write(run_dir: str, rec: dict, name: str = FILE) -> None:
+    """base.json (or `name`), atomically."""
+    file = os.path.join(run_dir, name)
     with open(file + ".tmp", "w", encoding="utf-8") as f:
         json.dump(rec, f, indent=2)
         f.write("\n")
@@ -124,20 +127,22 @@ def write(run_dir: str, rec: dict) -> None:
 
 
 def resolve(run_dir: str, init_from: str, given: str | None = None,
-            accept: bool = False) -> tuple[str, int | None, dict | None]:
+            accept: bool = False, name: str = FILE) -> tuple[str, int | None, dict | None]:
     """(the base dir to read, its step, the record to keep) for the run in `run_dir`
     whose config names `init_from`; `given`: a dir pointed to instead (a moved base).
+    name=TEACHER: the same for a distillation run's teacher (train.distill.teacher).
 
     The record is base.json's (None for a run without one), updated to the dir read;
     its digest is checked: a change is a CheckpointError naming the path and both
     digests unless `accept`, and then the record takes the new digest."""
+    role, key = _ROLES[name]
     path = os.path.abspath(given or init_from)
     if not init_from and not given:
-        raise CheckpointError(f"{run_dir} needs its base (train.init_from), and names none")
+        raise CheckpointError(f"{run_dir} needs its {role} ({key}), and names none")
     if not os.path.isdir(path):
-        raise CheckpointError(f"the base of {run_dir}, {path}, is not a directory: point to "
-                              "where it is now with train.init_from=DIR")
-    rec = read(run_dir)
+        raise CheckpointError(f"the {role} of {run_dir}, {path}, is not a directory: point to "
+                              f"where it is now with {key}=DIR")
+    rec = read(run_dir, name)
     if rec is None:
         return path, None, None
     if path == rec.get("path") and rec.get("files") and _unchanged(path, rec):
@@ -152,9 +157,9 @@ def resolve(run_dir: str, init_from: str, given: str | None = None,
     if now != rec["digest"]:
         if not accept:
             raise CheckpointError(
-                f"the base of {run_dir} changed: {path} has weights digest {now}, the run was "
-                f"trained on {rec['digest']} ({rec.get('path')}, recorded in {FILE}); point "
-                "train.init_from=DIR at the original, or accept this base with "
+                f"the {role} of {run_dir} changed: {path} has weights digest {now}, the run was "
+                f"trained on {rec['digest']} ({rec.get('path')}, recorded in {name}); point "
+                f"{key}=DIR at the original, or accept this {role} with "
                 "--accept-base-change (accept_base_change=True in Python)")
     from ..api import checkpoint_kind
     kind = checkpoint_kind(path)

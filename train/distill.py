@@ -89,11 +89,12 @@ def teacher_shardings(cfg, mesh):
                           cfg.mesh.rules)
 
 
-def load_teacher(cfg, mesh):
-    """The teacher's params, each leaf read straight into its sharding."""
+def load_teacher(cfg, mesh, step: int | None = None):
+    """The teacher's params (a jaxlm teacher's checkpoint `step`, default its latest),
+    each leaf read straight into its sharding."""
     from ..api import load_params
     return load_params(cfg.train.distill.teacher, teacher_config(cfg.train),
-                       teacher_shardings(cfg, mesh))
+                       teacher_shardings(cfg, mesh), step)
 
 
 def data_kind(dcfg) -> str:

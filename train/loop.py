@@ -74,6 +74,7 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
     run_dir = cfg.run_dir
     _check_run_dir(cfg, resume)
     base_step, base_record = _pin_base(cfg, resume, accept_base_change)  # before any write
+    teacher_step, teacher_record = _pin_teacher(cfg, resume, accept_base_change)
     os.makedirs(run_dir, exist_ok=True)
     lead = jax.process_index() == 0  # multi-host: one writer of the run dir's files
     progress = progress and lead
@@ -81,6 +82,8 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
         _write_config(cfg)
         if base_record is not None:
             pinned.write(run_dir, base_record)
+        if teacher_record is not None:
+            pinned.write(run_dir, teacher_record, pinned.TEACHER)
 
     batches, eval_host, tokenizer = _data(cfg)
 
@@ -105,7 +108,8 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
                                  _initial_params(cfg, mesh, base_step))
             if cfg.train.lora.init_from:  # continue a peft adapter
                 state = _peft_adapters(cfg, mesh, tx, state)
-        state = with_teacher(cfg, mesh, state)  # distill: the teacher, frozen, in its shardings
+        # distill: the teacher (of its pinned step), frozen, in its shardings
+        state = with_teacher(cfg, mesh, state, teacher_step)
         batch_sharding = named_sharding(mesh, ("batch", "seq"), rules)
         train_step, eval_step = compile_steps(cfg.model, tx, lr, state_shardings(cfg, mesh, tx),
                                               batch_sharding, cfg.train.loss_vocab_chunk,
@@ -451,6 +455,19 @@ def _pin_base(cfg: Config, resume: bool, accept: bool) -> tuple[int | None, dict
         record = pinned.record(cfg.train.init_from)
         return record["step"], record
     _, step, record = pinned.resolve(cfg.run_dir, cfg.train.init_from, accept=accept)
+    return step, record
+
+
+def _pin_teacher(cfg: Config, resume: bool, accept: bool) -> tuple[int | None, dict | None]:
+    """_pin_base for a distillation run's teacher (teacher.json): (its step to read, the
+    record to write); (None, None) for other runs."""
+    if cfg.train.objective != "distill":
+        return None, None
+    teacher = cfg.train.distill.teacher
+    if not resume:
+        record = pinned.record(teacher)
+        return record["step"], record
+    _, step, record = pinned.resolve(cfg.run_dir, teacher, accept=accept, name=pinned.TEACHER)
     return step, record
 
 

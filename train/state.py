@@ -120,13 +120,14 @@ def create_lora_state(cfg, mesh, tx, base_params, seed: int) -> TrainState:
     return create_state(cfg, mesh, tx, seed, base_params)
 
 
-def with_teacher(cfg, mesh, state: TrainState) -> TrainState:
-    """A distillation state (new or restored) with the teacher as its frozen tree, read
-    straight into its shardings; other states unchanged."""
+def with_teacher(cfg, mesh, state: TrainState, step: int | None = None) -> TrainState:
+    """A distillation state (new or restored) with the teacher as its frozen tree (a
+    jaxlm teacher's checkpoint `step`: default its latest), read straight into its
+    shardings; other states unchanged."""
     if cfg.train.objective != "distill":
         return state
     from .distill import load_teacher
-    return state.replace(frozen=load_teacher(cfg, mesh))
+    return state.replace(frozen=load_teacher(cfg, mesh, step))
 
 
 def _frozen(cfg, base):
