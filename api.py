@@ -97,7 +97,8 @@ def load_params(path, cfg: ModelConfig, shardings=None, step: int | None = None,
     if run.train.lora.rank:
         return _lora_run_params(os.fspath(path), run, cfg, shardings, step, **base)
     tree = checkpoint.restore_params(os.fspath(path), quantize.storable(
-        quantize.params_abstract(cfg)), step, shardings=quantize.storable(shardings))
+        quantize.params_abstract(cfg)), step, shardings=quantize.storable(shardings),
+        under=_policy_key(run))
     return quantize.from_storable(tree, quantize.params_specs(cfg))
 
 
@@ -133,6 +134,12 @@ def _replicated(sharding):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
+def _policy_key(run: Config) -> str | None:
+    """Where a run's checkpoints hold the model's params: a PPO run's params are
+    {"policy": ..., "value": the value model's} (train/state.py); others: the params."""
+    return "policy" if run.train.objective == "ppo" else None
+
+
 def lora_adapters(path, step: int | None = None):
     """(run config, adapters) of a LoRA run dir (train.lora.rank > 0): the A/B tree
     its checkpoint holds (the base is not in it: train.init_from names it)."""
@@ -142,7 +149,7 @@ def lora_adapters(path, step: int | None = None):
         raise CheckpointError(f"{path} is not a LoRA run dir (train.lora.rank > 0)")
     run = read_run_config(path)
     adapters = checkpoint.restore_params(path, abstract(lora.lora_specs(run.model, run.train)),
-                                         step)
+                                         step, under=_policy_key(run))
     return run, adapters
 
 

@@ -283,6 +283,52 @@ class GrpoConfig:
 
 
 @dataclass(frozen=True)
+class PpoConfig:
+    """PPO (jaxlm.train.ppo, train.objective=ppo): RLHF as InstructGPT and TRL's PPOTrainer
+    (v0.12-0.19) run it; TRL's PPOConfig names. Each rollout samples one completion per
+    prompt with the engine (GRPO's rollouts), scores it with a frozen reward model, and
+    runs num_ppo_epochs updates of the policy and a value model on it."""
+    _prefix = "train.ppo."
+
+    # the reward model: a jaxlm reward run dir (train.objective=reward) or a Hugging Face
+    # *ForSequenceClassification dir with one score and the policy's vocabulary (required)
+    reward_model_path: str = ""
+    # the value model's start: reward (the reward model's backbone and score head, as
+    # TRL) | policy (the policy's backbone with a zero score head)
+    value_init: str = "reward"
+    num_ppo_epochs: int = 4  # optimizer steps on each rollout (ratios to its log-probs)
+    kl_coef: float = 0.05  # the per-token KL penalty's weight in the rewards
+    kl_estimator: str = "k1"  # the KL penalty per token: k1 (logp - ref) | k3 (TRL's option)
+    cliprange: float = 0.2  # the policy ratio clipped to [1 - cliprange, 1 + cliprange]
+    vf_coef: float = 0.1  # the value loss's weight: loss = pg_loss + vf_coef * vf_loss
+    # the new values clipped to the rollout's values +- this in the value loss
+    cliprange_value: float = 0.2
+    gamma: float = 1.0  # GAE's discount
+    lam: float = 0.95  # GAE's lambda
+    whiten_rewards: bool = False  # whiten the per-token rewards over the batch before GAE
+    # subtracted from the reward model's score of a completion without an EOS token; 0: off
+    missing_eos_penalty: float = 0.0
+    # tokens sampled per completion, at most (TRL's response_length)
+    max_completion_length: int = 64
+    temperature: float = 0.7  # the rollouts' sampling temperature (log-probs use it too)
+
+    def __post_init__(self):
+        _choice(self, "value_init", ("reward", "policy"))
+        _choice(self, "kl_estimator", ("k1", "k3"))
+        _positive(self, "num_ppo_epochs", "max_completion_length")
+        if not (self.cliprange > 0 and self.cliprange_value > 0):
+            raise ConfigError("train.ppo: cliprange > 0 and cliprange_value > 0 are required")
+        if self.kl_coef < 0 or self.vf_coef < 0 or self.missing_eos_penalty < 0:
+            raise ConfigError("train.ppo: kl_coef, vf_coef and missing_eos_penalty must be >= 0")
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ConfigError(f"train.ppo: gamma={self.gamma} and lam={self.lam} must be in "
+                              "[0, 1]")
+        if not self.temperature > 0:
+            raise ConfigError(f"train.ppo.temperature={self.temperature} must be > 0 "
+                              "(rollouts sample)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     _prefix = "train."
 
@@ -309,7 +355,8 @@ class TrainConfig:
     # score head's cross-entropy over labelled texts; MSE for num_labels=1) | reward (a
     # Bradley-Terry reward model on preference pairs; from a causal LM: a fresh score head)
     # | distill (match train.distill.teacher's distributions; SFT JSONL or raw text data)
-    # | grpo (rollouts by the engine, scored by reward functions: train.grpo)
+    # | grpo (rollouts by the engine, scored by reward functions: train.grpo) | ppo
+    # (rollouts scored by a reward model, a value model trained beside: train.ppo)
     objective: str = "clm"
     # A jaxlm run/checkpoint dir or a Hugging Face dir to start from: the model
     # config, weights and tokenizer come from it ("": random init; `resolve_init_from`)
@@ -333,6 +380,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)  # train.objective=reward
     distill: DistillConfig = field(default_factory=DistillConfig)  # train.objective=distill
     grpo: GrpoConfig = field(default_factory=GrpoConfig)  # train.objective=grpo
+    ppo: PpoConfig = field(default_factory=PpoConfig)  # train.objective=ppo
     # Pipeline parallelism (mesh.stage > 1): microbatches per step flowing through
     # the stages (GPipe); 0: one per stage. Bubble (S-1)/(R*M+S-1).
     pipeline_microbatches: int = 0
@@ -344,6 +392,7 @@ class TrainConfig:
         _section_type(self, "reward", RewardConfig)
         _section_type(self, "distill", DistillConfig)
         _section_type(self, "grpo", GrpoConfig)
+        _section_type(self, "ppo", PpoConfig)
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints", "log_every", "max_skipped_steps")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
@@ -355,7 +404,7 @@ class TrainConfig:
             raise ConfigError(f"train.objective={self.objective} is a preference loss here: "
                               f"train.objective=dpo train.dpo.loss={self.objective}")
         _choice(self, "objective", ("clm", "mlm", "span", "sft", "dpo", "kto", "classify",
-                                    "reward", "distill", "grpo"))
+                                    "reward", "distill", "grpo", "ppo"))
         _choice(self, "sft_loss_on", ("completion", "all"))
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
@@ -596,22 +645,27 @@ class Config:
 
 
 def _check_grpo(cfg: Config) -> None:
-    """What train.objective=grpo needs of the rest of the config."""
-    if cfg.train.objective != "grpo":
+    """What train.objective=grpo | ppo (rollouts by the engine) need of the rest of the
+    config. (PPO's reward model is checked when training starts, `train.ppo.check_ppo`:
+    a preset names none, and it reads the model's config.)"""
+    objective = cfg.train.objective
+    if objective not in ("grpo", "ppo"):
         return
-    g = cfg.train.grpo
+    section = f"train.{objective}"
+    length = getattr(cfg.train, objective).max_completion_length
     if cfg.model.family != "decoder":
-        raise ConfigError(f"train.objective=grpo needs model.family=decoder, not "
+        raise ConfigError(f"train.objective={objective} needs model.family=decoder, not "
                           f"{cfg.model.family!r}")
-    if cfg.data.batch_size % g.num_generations:
+    g = cfg.train.grpo
+    if objective == "grpo" and cfg.data.batch_size % g.num_generations:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} (completions per step) must be "
                           f"a multiple of train.grpo.num_generations={g.num_generations}")
-    if g.max_completion_length >= cfg.data.seq_len:
-        raise ConfigError(f"train.grpo.max_completion_length={g.max_completion_length} must be "
+    if length >= cfg.data.seq_len:
+        raise ConfigError(f"{section}.max_completion_length={length} must be "
                           f"less than data.seq_len={cfg.data.seq_len} (prompt + completion)")
     if cfg.mesh.context > 1 or cfg.mesh.stage > 1:
-        raise ConfigError("train.objective=grpo runs rollouts with the engine: mesh.context "
-                          "and mesh.stage must be 1")
+        raise ConfigError(f"train.objective={objective} runs rollouts with the engine: "
+                          "mesh.context and mesh.stage must be 1")
 
 
 def _check_classify(cfg: Config) -> None:
@@ -704,6 +758,22 @@ ALIASES = {
     "train.reward_funcs": "train.grpo.reward_funcs",
     "train.reward_weights": "train.grpo.reward_weights",
     "train.scale_rewards": "train.grpo.scale_rewards",
+    # TRL's PPOConfig spellings, flat (response_length is its max_completion_length;
+    # temperature means other things in other objectives: ppo_ in front)
+    "train.reward_model_path": "train.ppo.reward_model_path",
+    "train.value_init": "train.ppo.value_init",
+    "train.num_ppo_epochs": "train.ppo.num_ppo_epochs",
+    "train.kl_coef": "train.ppo.kl_coef",
+    "train.kl_estimator": "train.ppo.kl_estimator",
+    "train.cliprange": "train.ppo.cliprange",
+    "train.vf_coef": "train.ppo.vf_coef",
+    "train.cliprange_value": "train.ppo.cliprange_value",
+    "train.gamma": "train.ppo.gamma",
+    "train.lam": "train.ppo.lam",
+    "train.whiten_rewards": "train.ppo.whiten_rewards",
+    "train.missing_eos_penalty": "train.ppo.missing_eos_penalty",
+    "train.response_length": "train.ppo.max_completion_length",
+    "train.ppo_temperature": "train.ppo.temperature",
 }
 
 
@@ -1043,14 +1113,18 @@ def load_config(path: str | None = None, overrides=()) -> Config:
 
 
 def _absolute_teacher(data: dict) -> dict:
-    """train.distill.teacher as an absolute path (as train.init_from): the run dir's
-    config.yaml names the teacher a resume reads again, from any directory."""
+    """train.distill.teacher and train.ppo.reward_model_path as absolute paths (as
+    train.init_from): the run dir's config.yaml names the model a resume reads again,
+    from any directory."""
     train = data.get("train") if isinstance(data, dict) else None
-    section = train.get("distill") if isinstance(train, dict) else None
-    if not isinstance(section, dict) or not section.get("teacher"):
-        return data
-    path = os.path.abspath(os.path.expanduser(str(section["teacher"])))
-    return {**data, "train": {**train, "distill": {**section, "teacher": path}}}
+    for name, key in (("distill", "teacher"), ("ppo", "reward_model_path")):
+        section = train.get(name) if isinstance(train, dict) else None
+        if not isinstance(section, dict) or not section.get(key):
+            continue
+        path = os.path.abspath(os.path.expanduser(str(section[key])))
+        train = {**train, name: {**section, key: path}}
+        data = {**data, "train": train}
+    return data
 
 
 def resolve_lora_from(data: dict) -> dict:
@@ -1238,7 +1312,7 @@ def select_keys(docs: list[KeyDoc], names) -> list[KeyDoc]:
 
 
 __all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "KtoConfig",
-           "RewardConfig", "DistillConfig", "GrpoConfig", "MeshConfig",
+           "RewardConfig", "DistillConfig", "GrpoConfig", "PpoConfig", "MeshConfig",
            "GenerateConfig", "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
            "model_config_from_dict", "apply_overrides", "refuse_repeated_keys", "to_dict",
            "flatten", "parse_override", "read_yaml", "ALIASES", "canonical_key",

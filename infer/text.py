@@ -341,7 +341,8 @@ def chat_template_for(checkpoint) -> str:
         from ..train.loop import read_run_config
         run = read_run_config(checkpoint)
         template = chat_template_of(checkpoint)
-        if template is None and run.train.objective in ("sft", "dpo", "kto", "distill"):
+        if template is None and run.train.objective in ("sft", "dpo", "kto", "distill", "grpo",
+                                                        "ppo"):
             template = resolve_chat_template(run.data.chat_template,
                                              run.train.init_from or checkpoint)
     if template is None:

@@ -12,7 +12,10 @@ def run_plan(args) -> int:
     p = plan(cfg, args.devices, args.cache_len, args.batch)
     mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
     print(f"mesh {mesh} ({p['devices']} devices); per device:")
-    if p["trained"] != p["params"]:  # LoRA: the adapters train, the base is frozen
+    if cfg.train.objective == "ppo":  # the policy (or its adapters) and the value model
+        print(f"  {'params':<12} {fmt_bytes(p['trained'])}  (the policy"
+              + ("'s LoRA adapters" if cfg.train.lora.rank else "") + " and the value model)")
+    elif p["trained"] != p["params"]:  # LoRA: the adapters train, the base is frozen
         print(f"  {'params':<12} {fmt_bytes(p['trained'])}  (the LoRA adapters, trained)")
     else:
         print(f"  {'params':<12} {fmt_bytes(p['params'])}")
@@ -20,7 +23,9 @@ def run_plan(args) -> int:
         what = ("the LoRA base" + (", int8" if cfg.train.lora.base_dtype == "int8" else "")
                 if cfg.train.lora.rank else
                 f"the distillation teacher, {cfg.train.distill.teacher}"
-                if cfg.train.objective == "distill" else "the DPO reference, a frozen copy")
+                if cfg.train.objective == "distill" else "the reference policy, a frozen copy")
+        if cfg.train.objective == "ppo":
+            what += f"; the reward model, {cfg.train.ppo.reward_model_path}"
         print(f"  {'frozen':<12} {fmt_bytes(p['frozen'])}  ({what})")
     for key in ("gradients", "optimizer", "activations"):
         print(f"  {key:<12} {fmt_bytes(p[key])}")

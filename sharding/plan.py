@@ -15,7 +15,8 @@ ceil(n / m)):
                (int8 weights with train.lora.base_dtype=int8), full-weight DPO's
                reference copy of the params, or distillation's teacher (its params
                by its own specs, placed by the same rules; its forward keeps no
-               activations for the backward pass)
+               activations for the backward pass); PPO: the reference and the reward
+               model (the value model trains: in params, gradients and optimizer)
   activations  estimate of what the backward pass keeps, with t = local
                tokens = batch * seq / (batch shards), d = d_model, q = heads *
                head_dim / tp, kv = kv_heads * head_dim / tp, f = d_ff / tp
@@ -162,6 +163,11 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     else:  # full-weight DPO / KTO: a frozen reference copy of the params
         from ..train.state import needs_reference
         frozen = params if needs_reference(cfg.train) else 0
+    if cfg.train.objective == "ppo":  # the reward model, held by the rollouts
+        from ..train.ppo import reward_config
+        r_specs = model_specs(reward_config(cfg.train))
+        frozen += sum(jax.tree.leaves(jax.tree.map(leaf_bytes, abstract(r_specs),
+                                                   logical_axes(r_specs), is_leaf=is_axes)))
     tx = make_optimizer(cfg.train, trained_specs)
     opt_shapes = jax.eval_shape(tx.init, trained_shapes)
     opt_tree = optax.tree_map_params(

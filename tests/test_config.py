@@ -181,11 +181,12 @@ def test_an_old_flat_config_yaml_loads_as_the_nested_form(tmp_path):
     old = yaml.safe_load(OLD_LAYOUT)
     # train.lora_from (a short name, not an old one) names a peft dir that load_config
     # reads: test_finetune's test_a_lora_run_pins_its_base loads one through it; TRL's
-    # spellings (train.lmbda, train.num_generations, ...) are short names too: they load
-    # as train.distill.* / train.grpo.* (tests/test_distill.py, tests/test_grpo.py)
+    # spellings (train.lmbda, train.num_generations, train.kl_coef, ...) are short names
+    # too: they load as train.distill.* / train.grpo.* / train.ppo.* (tests/test_distill.py,
+    # tests/test_grpo.py, tests/test_ppo.py)
     aliases = {k for k in ALIASES if k not in ("train.lora_from", "train.lmbda",
                                                "train.teacher_model_name_or_path")
-               and not ALIASES[k].startswith("train.grpo.")}
+               and not ALIASES[k].startswith(("train.grpo.", "train.ppo."))}
     assert aliases <= set(flatten(old)), "the fixture holds every old key"
     defaults = flatten(to_dict(Config()))
     assert all(flatten(old)[k] != defaults[ALIASES[k]] for k in aliases), "none at its default"
@@ -393,7 +394,7 @@ def test_select_keys_by_section_key_or_old_name():
     docs = describe_keys()
     assert {"model", "model.rope", "model.rope.yarn", "model.moe", "data", "train",
             "train.lora", "train.dpo", "train.kto", "train.reward", "train.distill",
-            "train.grpo", "mesh", "generate"} == set(config_sections())
+            "train.grpo", "train.ppo", "mesh", "generate"} == set(config_sections())
     lora = [d.key for d in select_keys(docs, ["train.lora"])]
     assert lora == ["train.lora.rank", "train.lora.alpha", "train.lora.targets",
                     "train.lora.base_dtype", "train.lora.init_from"]

@@ -183,12 +183,14 @@ def restore_state(mngr, abstract_state, step: int | None = None):
     return state, out["data"]
 
 
-def restore_params(run_dir: str, abstract_params, step: int | None = None, shardings=None):
+def restore_params(run_dir: str, abstract_params, step: int | None = None, shardings=None,
+                   under: str | None = None):
     """Only the params of a checkpoint (the optimizer state is not read).
 
     shardings: None, or a tree of Shardings matching abstract_params: each leaf is
     restored straight into its sharding (orbax reads each device's slice), cast to
     the abstract dtype. Shapes are checked against the checkpoint's metadata first.
+    under: the key of the params' subtree to read (a PPO run's "policy"), or None.
     """
     if not os.path.isdir(os.path.join(run_dir, CHECKPOINTS)):
         raise CheckpointError(f"{run_dir} has no {CHECKPOINTS}/ directory: not a jaxlm run dir")
@@ -199,8 +201,8 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None, shard
             abstract_params, shardings)
     wanted = mngr.latest_step() if step is None else step
     if isinstance(wanted, int) and wanted in mngr.all_steps():
-        _check_stored_shapes(mngr, wanted, abstract_params)
-    target = {"params": abstract_params}
+        _check_stored_shapes(mngr, wanted, abstract_params, under)
+    target = {"params": abstract_params if under is None else {under: abstract_params}}
 
     def read(s):
         return mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -209,11 +211,12 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None, shard
     out, _ = _restore_verified(mngr, step, read, lambda out: out["state"]["params"],
                                "--step {0} (jaxlm.load(path, step={0}))")
     params = out["state"]["params"]
+    params = params if under is None else params[under]
     _check_shapes(params, abstract_params)
     return params
 
 
-def _check_stored_shapes(mngr, step: int, abstract_params):
+def _check_stored_shapes(mngr, step: int, abstract_params, under: str | None = None):
     """CheckpointError naming the first param whose stored shape differs (when the
     checkpoint's metadata can be read; else the restore itself reports)."""
     try:
@@ -222,6 +225,7 @@ def _check_stored_shapes(mngr, step: int, abstract_params):
                 os.path.join(str(mngr.directory), str(step), "state"))
         meta = getattr(meta, "item_metadata", meta)  # StepMetadata (newer orbax)
         stored = getattr(meta, "tree", meta)["params"]
+        stored = stored if under is None else stored[under]
     except Exception:  # corrupt metadata: the restore below gives the error
         return
     flat = dict(jax.tree_util.tree_leaves_with_path(stored))

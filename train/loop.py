@@ -63,7 +63,9 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
                           "base with train.lora.rank=R train.lora.base_dtype=int8")
     check_objective(cfg.train, cfg.model)  # before the run dir is touched too
     from .distill import check_teacher
+    from .ppo import check_ppo
     check_teacher(cfg)  # a teacher of another vocabulary: refused before any write
+    check_ppo(cfg)  # no reward model, or one of another vocabulary: likewise
     with guard.run_dir_lock(cfg.run_dir), guard.stop_signals() as stop:
         return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step,
                       stop=stop, accept_base_change=accept_base_change)
@@ -104,8 +106,11 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
             batches.set_state(_own_data_state(data_state))
             _resumed(cfg, mngr, int(state.step))
         else:
-            state = create_state(cfg, mesh, tx, cfg.train.seed,
-                                 _initial_params(cfg, mesh, base_step))
+            params = _initial_params(cfg, mesh, base_step)
+            if cfg.train.objective == "ppo":  # with the value model's
+                from .ppo import initial_params
+                params = initial_params(cfg, mesh, params)
+            state = create_state(cfg, mesh, tx, cfg.train.seed, params)
             if cfg.train.lora.init_from:  # continue a peft adapter
                 state = _peft_adapters(cfg, mesh, tx, state)
         # distill: the teacher (of its pinned step), frozen, in its shardings
@@ -115,12 +120,14 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
                                               batch_sharding, cfg.train.loss_vocab_chunk,
                                               batch_objective(cfg.train, cfg.model, tokenizer),
                                               tcfg=cfg.train, pipeline=pipeline_of(cfg),
-                                              teacher=_teacher_config(cfg))
+                                              teacher=_teacher_config(cfg),
+                                              critic=_critic_config(cfg))
         # every process builds the same eval batches and keeps its block of rows
         evals = [put_batch(local_rows(b, cfg.data.batch_size), batch_sharding) for b in eval_host]
         loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress,
                      stop, on_policy_hook(cfg, tokenizer))
-        if cfg.train.objective == "grpo":  # rollouts by the engine over the state's params
+        if cfg.train.objective in ("grpo", "ppo"):  # rollouts by the engine over the params
+            batches.place(mesh)  # ppo: the reward model, read into its shardings
             loop.rollouts = batches
         with checkpoint.quiet_full_disk():  # reported once, below, not by orbax's threads
             try:
@@ -184,11 +191,11 @@ class _Loop:
         self.devices, local = mesh_devices(batch_sharding.mesh)
         self.peak, _ = device_peak(cfg.model.dtype, cfg.train.peak_flops, sharing=local)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
-        self.rollouts = None  # GRPO: train/rollout.py's Rollouts (batches made from the state)
+        self.rollouts = None  # GRPO, PPO: train/rollout.py's Rollouts (batches from the state)
 
     def next_batch(self, state, step):
         """(the device batch of optimizer step `step`, host metrics of making it): the
-        data's, GRPO's rollouts, or the data's with distill's on-policy samples."""
+        data's, GRPO's (PPO's) rollouts, or the data's with distill's on-policy samples."""
         if self.rollouts is not None:
             host, metrics = self.rollouts.batch(state, step)
             return put_batch(host, self.batch_sharding), metrics
@@ -199,7 +206,7 @@ class _Loop:
         return put_batch(host, self.batch_sharding), metrics
 
     def timed_step(self, state, batch, made):
-        """The train step; for GRPO its metrics with the rollout's, and the rollout's
+        """The train step; for GRPO and PPO its metrics with the rollout's, and the rollout's
         share of the step's time (the step waited for: the next rollout reads its params)."""
         t0 = time.perf_counter()
         state, metrics = self.train_step(state, batch)
@@ -213,7 +220,7 @@ class _Loop:
 
     def evaluate(self, state) -> dict:
         """Held-out means: {"loss": ...} plus, for DPO, the reward metrics."""
-        if not self.evals:  # GRPO: no held-out loss (rewards are logged per step)
+        if not self.evals:  # GRPO, PPO: no held-out loss (rewards are logged per step)
             return {}
         sums = jax.device_get([self.eval_step(state, b) for b in self.evals])
         count = max(sum(float(s[1]) for s in sums), 1.0)
@@ -364,7 +371,7 @@ class _Loop:
 def _data(cfg: Config):
     """(training batch iterator, global eval batches, tokenizer) for train.objective."""
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    if cfg.train.objective == "grpo":
+    if cfg.train.objective in ("grpo", "ppo"):
         return _grpo_data(cfg)
     kind = cfg.train.objective
     if kind == "distill":  # prompt/completion records: SFT batches; else raw text
@@ -409,21 +416,32 @@ def _teacher_config(cfg: Config):
     return teacher_config(cfg.train)
 
 
+def _critic_config(cfg: Config):
+    """PPO's value model's ModelConfig (static in the steps), or None."""
+    if cfg.train.objective != "ppo":
+        return None
+    from .ppo import value_config
+    return value_config(cfg)
+
+
 def _grpo_data(cfg: Config):
-    """(the Rollouts batch source, no eval batches, tokenizer) of a GRPO run."""
+    """(the Rollouts batch source, no eval batches, tokenizer) of a GRPO or PPO run."""
     from ..infer.text import generation_settings
     from ..model.chat import resolve_chat_template
+    from .ppo import PPORollouts
     from .rollout import Rollouts, load_prompt_records
+    objective = cfg.train.objective
     if jax.process_count() > 1:
-        raise ConfigError("train.objective=grpo runs on one process for now")
+        raise ConfigError(f"train.objective={objective} runs on one process for now")
     tokenizer = _tokenizer(cfg, None)
     template = resolve_chat_template(cfg.data.chat_template, _template_dir(cfg))
     records = load_prompt_records(cfg.data.corpus, max_records=cfg.data.max_docs or None,
                                   seq_len=cfg.data.seq_len)
     eos = generation_settings(cfg.train.init_from or cfg.run_dir, tokenizer).eos_ids
-    rollouts = Rollouts(cfg, tokenizer, template, records, eos_ids=eos)
+    source = PPORollouts if objective == "ppo" else Rollouts
+    rollouts = source(cfg, tokenizer, template, records, eos_ids=eos)
     if jax.process_index() == 0:
-        print(f"grpo: {len(records)} prompts, {rollouts.truncated} cut to data.seq_len - "
+        print(f"{objective}: {len(records)} prompts, {rollouts.truncated} cut to data.seq_len - "
               f"max_completion_length={rollouts.prompt_len} tokens", flush=True)
     return rollouts, [], tokenizer
 
@@ -438,9 +456,13 @@ def _template_dir(cfg: Config):
 def _peft_adapters(cfg: Config, mesh, tx, state):
     """`state` with train.lora.init_from's peft adapters as its params (fresh moments)."""
     from ..model.peft import read_peft
+    from .lora import lora_specs
     sh = state_shardings(cfg, mesh, tx)
-    adapters = read_peft(cfg.train.lora.init_from, cfg.model, trainable_specs(cfg))
-    params = jax.device_put(adapters, sh.params)
+    adapters = read_peft(cfg.train.lora.init_from, cfg.model, lora_specs(cfg.model, cfg.train))
+    if cfg.train.objective == "ppo":  # the policy's adapters, beside the value model
+        params = {**state.params, "policy": jax.device_put(adapters, sh.params["policy"])}
+    else:
+        params = jax.device_put(adapters, sh.params)
     return state.replace(params=params,
                          opt_state=jax.jit(tx.init, out_shardings=sh.opt_state)(params))
 
@@ -545,7 +567,7 @@ def _own_data_state(saved: dict) -> dict:
 
 # train.* keys that decide what a checkpoint holds (which params train, which
 # optimizer state): a resume must keep them
-_STATE_TRAIN_KEYS = ("objective", "lora.rank", "lora.targets")
+_STATE_TRAIN_KEYS = ("objective", "lora.rank", "lora.targets", "ppo.value_init")
 
 
 def _check_run_dir(cfg: Config, resume: bool):

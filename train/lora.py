@@ -87,10 +87,13 @@ def lora_specs(mcfg, tcfg):
 
 
 def trainable_specs(cfg):
-    """The specs the optimizer sees: the adapters of a LoRA run, else the model's."""
-    if cfg.train.lora.rank:
-        return lora_specs(cfg.model, cfg.train)
-    return model_specs(cfg.model)
+    """The specs the optimizer sees: the adapters of a LoRA run, else the model's; PPO:
+    {"policy": those, "value": the value model's}."""
+    specs = lora_specs(cfg.model, cfg.train) if cfg.train.lora.rank else model_specs(cfg.model)
+    if cfg.train.objective == "ppo":
+        from .ppo import value_config
+        return {"policy": specs, "value": model_specs(value_config(cfg))}
+    return specs
 
 
 def apply_lora(base, adapters, scale: float):

@@ -19,8 +19,9 @@ from ..sharding.context import context_size
 def is_token_cross_entropy(objective: str) -> bool:
     """Whether the objective's loss is a mean token cross-entropy (clm, sft, mlm, span),
     so that exp(loss) is a perplexity; a preference loss (dpo, kto, reward), a
-    classifier's loss (classify) and a divergence from a teacher (distill) are not."""
-    return objective not in ("dpo", "kto", "reward", "classify", "distill")
+    classifier's loss (classify), a divergence from a teacher (distill) and a policy
+    gradient loss (grpo, ppo) are not."""
+    return objective not in ("dpo", "kto", "reward", "classify", "distill", "grpo", "ppo")
 
 
 def causal_lm_loss(logits, targets, loss_mask):

@@ -1,4 +1,4 @@
-"""GRPO's data: prompts in, scored rollouts out, each step, by the one engine.
+"""GRPO's (and PPO's) data: prompts in, scored rollouts out, each step, by the one engine.
 
     rollouts = Rollouts(cfg, tokenizer, template, load_prompt_records("prompts.jsonl"))
     host_batch, metrics = rollouts.batch(state, step)   # the GRPO batch of train/grpo.py
@@ -21,6 +21,9 @@ a float; advantages are normalised within each prompt's group as TRL's
 `_generate_and_score_completions` does (sum_then_normalize). With
 train.grpo.num_iterations = mu > 1 a rollout serves mu optimizer steps; the batch
 in use travels in the data state, so a resume mid-way continues it exactly.
+
+PPO (train/ppo.py) samples with this same machinery (`sample`: one completion per
+prompt, train.ppo's length and temperature) and scores the rollout its own way.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -269,6 +272,23 @@ def _unpack(text: str) -> dict:
         return {k: z[k] for k in z.files}
 
 
+class Sampling(NamedTuple):
+    """What a rollout samples, from train.grpo or train.ppo."""
+    num_generations: int  # completions per prompt
+    max_completion_length: int
+    temperature: float
+    updates: int  # optimizer steps per rollout (GRPO's num_iterations, PPO's num_ppo_epochs)
+
+
+def sampling(cfg) -> Sampling:
+    """The rollout settings of train.objective: grpo's, or ppo's (one completion each)."""
+    if cfg.train.objective == "ppo":
+        p = cfg.train.ppo
+        return Sampling(1, p.max_completion_length, p.temperature, p.num_ppo_epochs)
+    g = cfg.train.grpo
+    return Sampling(g.num_generations, g.max_completion_length, g.temperature, g.num_iterations)
+
+
 def rollout_seed(seed: int, step: int) -> int:
     """The sampling seed of the rollout at `step` (a function of train.seed and step)."""
     return int(np.random.SeedSequence([seed, ROLLOUT_STREAM, step]).generate_state(1)[0])
@@ -280,15 +300,11 @@ class Rollouts:
     def __init__(self, cfg, tokenizer: Tokenizer, template: str | None, records: list[dict],
                  eos_ids: Sequence[int] = ()):
         self.cfg, self.tokenizer = cfg, tokenizer
-        g = cfg.train.grpo
-        self.group, self.funcs = g.num_generations, reward_functions(g.reward_funcs)
-        weights = g.reward_weights or (1.0,) * len(self.funcs)
-        if len(weights) != len(self.funcs):
-            raise ConfigError(f"train.grpo.reward_weights has {len(weights)} weights for "
-                              f"{len(self.funcs)} reward functions")
-        self.weights = np.asarray(weights, np.float64)
+        self.settings = sampling(cfg)
+        self.group = self.settings.num_generations
+        self._init_rewards()
         self.records = records
-        self.prompt_len = cfg.data.seq_len - g.max_completion_length
+        self.prompt_len = cfg.data.seq_len - self.settings.max_completion_length
         self.ids, self.truncated = [], 0
         for r in records:
             ids = encode_prompt(r, tokenizer, template)
@@ -302,10 +318,24 @@ class Rollouts:
         self.current: dict | None = None  # the batch of the latest rollout (mu > 1)
         self.stats = {"examples": len(records), "truncated": self.truncated, "dropped": 0}
 
+    def _init_rewards(self) -> None:
+        """GRPO's reward functions and their weights."""
+        g = self.cfg.train.grpo
+        self.funcs = reward_functions(g.reward_funcs)
+        weights = g.reward_weights or (1.0,) * len(self.funcs)
+        if len(weights) != len(self.funcs):
+            raise ConfigError(f"train.grpo.reward_weights has {len(weights)} weights for "
+                              f"{len(self.funcs)} reward functions")
+        self.weights = np.asarray(weights, np.float64)
+
+    def place(self, mesh) -> None:
+        """Read what the rollouts hold on the training mesh (GRPO: nothing; PPO: the
+        reward model)."""
+
     # ---- the data state (checkpointed with the run)
 
     def get_state(self) -> dict:
-        keep = self.current is not None and self.cfg.train.grpo.num_iterations > 1
+        keep = self.current is not None and self.settings.updates > 1
         return {"epoch": self.epoch, "index": self.index,
                 "current": _pack(self.current) if keep else None}
 
@@ -328,20 +358,26 @@ class Rollouts:
     # ---- one step's batch
 
     def batch(self, state, step: int) -> tuple[dict, dict]:
-        """(host GRPO batch, rollout metrics) for optimizer step `step`: a new rollout
-        every num_iterations steps, else the current one again (metrics {})."""
-        mu = self.cfg.train.grpo.num_iterations
+        """(host batch, rollout metrics) for optimizer step `step`: a new rollout every
+        num_iterations (PPO: num_ppo_epochs) steps, else the current one again (metrics {})."""
+        mu = self.settings.updates
         if step % mu and self.current is not None:
             return self.current, {}
         t0 = time.perf_counter()
-        batch, metrics = self.rollout(policy_params(self.cfg, state), step)
+        batch, metrics = self.make(state, step)
         self.current = batch
         metrics["rollout_s"] = time.perf_counter() - t0
         return batch, metrics
 
-    def rollout(self, params, step: int, engine_hook: Callable | None = None):
-        """Sample, score and lay out one rollout with `params` (the policy, in place)."""
-        cfg, g = self.cfg, self.cfg.train.grpo
+    def make(self, state, step: int):
+        """A new rollout from the train state (GRPO: its policy's samples, scored)."""
+        return self.rollout(policy_params(self.cfg, state), step)
+
+    def sample(self, params, step: int, engine_hook: Callable | None = None):
+        """The engine's samples of the next prompts with `params` (the policy, in place):
+        (chosen record indices, per completion: prompts, completions (text, EOS left out),
+        where, rows (prompt ids, completion ids, their log-probs at temperature 1))."""
+        cfg = self.cfg
         chosen = self._next_prompts()
         engine = rollout_engine(cfg, params, rollout_seed(cfg.train.seed, step), self.eos,
                                 on_refill=engine_hook)
@@ -357,12 +393,20 @@ class Rollouts:
                     [t for t in o.tokens if t not in self.eos]))
                 where.append(record.get("where", str(chosen[i])))
                 rows.append((self.ids[chosen[i]], o.tokens, o.logprobs or []))
+        return chosen, prompts, completions, where, rows
+
+    def rollout(self, params, step: int, engine_hook: Callable | None = None):
+        """Sample, score and lay out one GRPO rollout with `params` (the policy, in place)."""
+        cfg, g = self.cfg, self.cfg.train.grpo
+        chosen, prompts, completions, where, rows = self.sample(params, step, engine_hook)
         fields = {k: [self.records[p].get(k) for p in chosen for _ in range(self.group)]
                   for k in self.records[chosen[0]] if k not in ("prompt", "where")}
         per_func = score(self.funcs, prompts, completions, fields, where)
         total = per_func @ self.weights
         adv = advantages(total, self.group, g.scale_rewards)
-        batch = self._layout(rows, adv)
+        batch = self._layout(rows)
+        batch["advantages"] = np.repeat(np.asarray(adv, np.float32)[:, None],
+                                        cfg.data.seq_len, axis=1)
         if g.temperature != 1.0:  # the engine's log-probs are at temperature 1
             batch["old_logps"] = np.asarray(rollout_logps(params, cfg.model, batch, g.temperature),
                                             np.float32)
@@ -380,9 +424,9 @@ class Rollouts:
         self.last = {"prompts": prompts, "completions": completions, "rewards": total}
         return batch, metrics
 
-    def _layout(self, rows, adv) -> dict:
+    def _layout(self, rows) -> dict:
         """Rows prompt + completion: the LM arrays, the completion's loss_mask and old
-        log-probs at the positions that predict its tokens, the advantages."""
+        log-probs at the positions that predict its tokens."""
         s = self.cfg.data.seq_len
         b = len(rows)
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
@@ -391,7 +435,6 @@ class Rollouts:
         out["tokens"][:] = pad
         out["targets"][:] = pad
         out["old_logps"] = np.zeros((b, s), np.float32)
-        out["advantages"] = np.repeat(np.asarray(adv, np.float32)[:, None], s, axis=1)
         for r, (prompt, completion, lps) in enumerate(rows):
             seq = list(prompt) + list(completion)
             n, p = len(seq), len(prompt)
@@ -410,7 +453,7 @@ def rollout_engine(cfg, params, seed: int, eos: Sequence[int] = (), **options):
     split: the layer scan reads the stacked training weights in place)."""
     from ..config import GenerateConfig
     from ..infer.engine import Engine, Features, _pow2
-    g = cfg.train.grpo
+    g = sampling(cfg)
     settings = GenerateConfig(max_new_tokens=g.max_completion_length, temperature=g.temperature,
                               seed=seed, num_return_sequences=g.num_generations)
     feats = Features.of([settings], cfg.model.vocab_size, logprobs=True, split_weights=False,
@@ -423,10 +466,12 @@ def rollout_engine(cfg, params, seed: int, eos: Sequence[int] = (), **options):
 
 def policy_params(cfg, state):
     """The params the rollout samples from: the training params themselves, or the
-    LoRA adapters merged into the base (once per rollout)."""
+    LoRA adapters merged into the base (once per rollout). (PPO: the policy's part of
+    the params, {"policy", "value"}.)"""
+    params = state.params["policy"] if cfg.train.objective == "ppo" else state.params
     if not cfg.train.lora.rank:
-        return state.params
-    return _merge(cfg)(state.frozen, state.params)
+        return params
+    return _merge(cfg)(state.frozen, params)
 
 
 _MERGES: dict = {}
@@ -448,5 +493,5 @@ def rollout_logps(params, mcfg, batch, temperature: float):
     return _logps(params, mcfg, {k: batch[k] for k in ("tokens", "targets", "positions",
                                                       "segment_ids")}, temperature)
 
-__all__ = ["Rollouts", "load_prompt_records", "reward_functions", "score", "advantages",
+__all__ = ["Rollouts", "Sampling", "sampling", "load_prompt_records", "reward_functions", "score", "advantages",
            "encode_prompt", "ClassifierReward", "rollout_seed", "policy_params"]

@@ -11,6 +11,10 @@ Three kinds of run share one state type:
   reference: no second copy.) ORPO and SimPO (train.dpo.loss) need no reference:
   `frozen` is None (or the LoRA base). GRPO with train.grpo.beta > 0 likewise keeps
   one; with beta 0 it keeps no reference (`frozen` None without LoRA).
+* PPO (`train.objective=ppo`): `params` is {"policy": the policy's params (LoRA: its
+  adapters), "value": the value model's}, one optimizer over both (TRL's
+  PolicyAndValueWrapper); `frozen` the reference as GRPO's (with LoRA the base). The
+  reward model is not in the state: the rollouts hold it (train/ppo.py).
 * distillation (`train.objective=distill`): `frozen` is the teacher, another model's
   params (train.distill.teacher), read into its shardings by `distill.load_teacher`
   and attached after the state is made (`with_teacher`): it is never a jit output,
@@ -50,10 +54,11 @@ def needs_frozen(cfg) -> bool:
 
 
 def needs_reference(tcfg) -> bool:
-    """Whether the objective compares the policy with a frozen reference: DPO / IPO, KTO
-    and GRPO with a KL penalty (train.grpo.beta != 0) do; ORPO, SimPO (train.dpo.loss)
-    and the others do not."""
-    return (tcfg.objective == "kto" or (tcfg.objective == "dpo" and not tcfg.dpo.reference_free)
+    """Whether the objective compares the policy with a frozen reference: DPO / IPO, KTO,
+    PPO and GRPO with a KL penalty (train.grpo.beta != 0) do; ORPO, SimPO
+    (train.dpo.loss) and the others do not."""
+    return (tcfg.objective in ("kto", "ppo")
+            or (tcfg.objective == "dpo" and not tcfg.dpo.reference_free)
             or (tcfg.objective == "grpo" and tcfg.grpo.beta != 0.0))
 
 
@@ -101,6 +106,8 @@ def create_state(cfg, mesh, tx, seed: int, params=None) -> TrainState:
     initialised from `seed`. LoRA runs hold them frozen (int8 under QLoRA)
     beside fresh adapters; DPO runs without LoRA keep a frozen copy as the
     reference policy; a distillation state's teacher comes after (`with_teacher`).
+    PPO: {"policy": the starting params, "value": the value model's}
+    (`jaxlm.train.ppo.initial_params`).
     """
     shardings = _made_shardings(cfg, state_shardings(cfg, mesh, tx))
     key = jax.random.key(seed)
@@ -108,6 +115,10 @@ def create_state(cfg, mesh, tx, seed: int, params=None) -> TrainState:
         init = jax.jit(lambda key: _new_state(cfg, tx, key, None), out_shardings=shardings)
         return init(key)
     base_sh = tree_shardings(mesh, logical_axes(model_specs(cfg.model)), cfg.mesh.rules)
+    if cfg.train.objective == "ppo":
+        from .ppo import value_config
+        base_sh = {"policy": base_sh, "value": tree_shardings(
+            mesh, logical_axes(model_specs(value_config(cfg))), cfg.mesh.rules)}
     params = jax.device_put(params, base_sh)
     init = jax.jit(lambda key, p: _new_state(cfg, tx, key, p), out_shardings=shardings)
     return init(key, params)
@@ -153,6 +164,12 @@ def attach_frozen(cfg, mesh, state: TrainState, base) -> TrainState:
 
 
 def _new_state(cfg, tx, key, base):
+    value = None
+    if cfg.train.objective == "ppo":  # base: {"policy", "value"} (None: both initialised)
+        from .ppo import value_config
+        value = (initialize(model_specs(value_config(cfg)), jax.random.fold_in(key, 2))
+                 if base is None else jax.tree.map(jnp.copy, base["value"]))
+        base = None if base is None else base["policy"]
     given = base is not None
     if not given:
         base = initialize(model_specs(cfg.model), key)
@@ -161,5 +178,7 @@ def _new_state(cfg, tx, key, base):
         params = initialize(lora.lora_specs(cfg.model, cfg.train), jax.random.fold_in(key, 1))
     else:
         params = jax.tree.map(jnp.copy, base) if given else base  # own buffers: donated
+    if value is not None:
+        params = {"policy": params, "value": value}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       frozen=frozen, skipped=jnp.zeros((), jnp.int32))

@@ -1,7 +1,8 @@
 """The jitted train and eval steps: plain, LoRA (frozen base + adapters), the preference
 objectives (dpo with its orpo / simpo losses, kto, reward), classify (a sequence
 classifier's pooled scores), distill (the frozen tree is the teacher, its config the
-static `teacher`), each with gradient accumulation.
+static `teacher`), grpo and ppo (the params hold the policy and the value model, whose
+config is the static `critic`), each with gradient accumulation.
 
 One `train_step(state, batch)` covers every run kind (see train/state.py):
 the trainable tree is `state.params`; the model sees `apply_lora(frozen,
@@ -30,7 +31,7 @@ from ..model.classify import pooled_scores
 from ..model.families.encoder import mlm_head_inputs
 from ..sharding.context import context_reorder, context_size
 from ..sharding.rules import constrain
-from . import distill, dpo, grpo, kto, reward
+from . import distill, dpo, grpo, kto, ppo, reward
 from .lora import apply_lora, lora_scale
 from .objectives import causal_lm_loss, chunked_lm_loss, classification_loss, labelled_rows
 from .state import TrainState
@@ -99,14 +100,17 @@ def _with_router_losses(loss_sum, count, extra, aux, mcfg, denominator, aux_weig
 
 
 def _model_params(trainable, frozen, tcfg):
-    """(params the model runs, params of the DPO reference policy)."""
+    """(params the model runs, params of the DPO reference policy). PPO: the policy's
+    (the value model's are trainable["value"])."""
+    if tcfg.objective == "ppo":
+        trainable = trainable["policy"]
     if tcfg.lora.rank:
         return apply_lora(frozen, trainable, lora_scale(tcfg)), frozen
     return trainable, frozen
 
 
 def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, vocab_chunk, k,
-               pipeline=None, teacher=None):
+               pipeline=None, teacher=None, critic=None):
     """(objective of one microbatch, additive sums: loss_sum, tokens, metrics)."""
     params, reference = _model_params(trainable, frozen, tcfg)
     if tcfg.objective == "distill":  # `reference`: the teacher's params
@@ -129,6 +133,9 @@ def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, voc
     if tcfg.objective == "grpo":
         loss_sum, sums = grpo.grpo_sums(params, reference, mcfg, batch, tcfg)
         return loss_sum / count, {"loss_sum": loss_sum, **sums}
+    if tcfg.objective == "ppo":  # `critic`: the value model's config
+        loss_sum, sums = ppo.ppo_sums(params, trainable["value"], mcfg, critic, batch, tcfg)
+        return loss_sum / count, {"loss_sum": loss_sum, **sums}
     objective, (loss_sum, count, extra) = loss_fn(params, mcfg, batch, vocab_chunk,
                                                   denominator=count, aux_weight=1.0 / k,
                                                   dropout_key=dropout_key, pipeline=pipeline)
@@ -139,7 +146,7 @@ def _totals(batch, tcfg):
     """The full batch's denominators: {"count": pairs for DPO (ORPO, SimPO: and
     "nll_tokens", the NLL term's), pairs holding an example for reward, rows holding
     one for KTO, labelled rows for classify, GRPO's loss_type's (rows,
-    tokens or rows x max length), counted tokens otherwise}."""
+    tokens or rows x max length), counted tokens otherwise (PPO: completion tokens)}."""
     if tcfg.objective == "dpo":
         out = {"count": jnp.asarray(batch["chosen"]["tokens"].shape[0], jnp.float32)}
         if tcfg.dpo.reference_free:
@@ -192,7 +199,8 @@ def dropout_key(mcfg, tcfg, step):
     """The step's dropout key, fold_in(fold_in(key(train.seed), stream), step), or None
     when the model has no dropout. Each (seed, step) has its own masks, so a resumed
     run draws exactly the masks an uninterrupted one does."""
-    if not (mcfg.dropout or mcfg.attention_dropout) or tcfg.objective in ("dpo", "kto", "grpo"):
+    if not (mcfg.dropout or mcfg.attention_dropout) or tcfg.objective in (
+            "dpo", "kto", "grpo", "ppo"):
         return None
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(tcfg.seed), DROPOUT_STREAM), step)
 
@@ -203,6 +211,8 @@ def _metrics(sums, tcfg, totals=None):
     if tcfg.objective == "grpo":  # the loss over loss_type's denominator; token means
         out["loss"] = sums["loss_sum"] / totals["count"]
         out.update({k: sums[k] / n for k in grpo.TOKEN_METRICS})
+    if tcfg.objective == "ppo":  # token means over the completion tokens
+        out.update({k: sums[k] / n for k in ppo.TOKEN_METRICS})
     if tcfg.objective in ("dpo", "reward"):
         out[f"{tcfg.objective}_loss"] = out["loss"]
         out.update({k: sums[k] / n for k in DPO_METRICS})
@@ -220,7 +230,7 @@ def _metrics(sums, tcfg, totals=None):
 
 
 def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, objective=None,
-               tcfg: TrainConfig | None = None, pipeline=None, teacher=None):
+               tcfg: TrainConfig | None = None, pipeline=None, teacher=None, critic=None):
     """One optimizer step on `batch` (a DPO batch for train.objective=dpo).
 
     `objective`: a batch transform, e.g. MLM masking keyed by (seed, step).
@@ -231,7 +241,8 @@ def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, 
     `tcfg` (default: TrainConfig()) picks LoRA, DPO and accumulation; `pipeline`
     (`jaxlm.sharding.pipeline.pipeline_of(cfg)`) runs the layers over the mesh's stages;
     `teacher`: the teacher's ModelConfig (train.objective=distill; its params are
-    `state.frozen`).
+    `state.frozen`); `critic`: the value model's (train.objective=ppo; its params are
+    `state.params["value"]`).
     """
     tcfg = tcfg or TrainConfig()
     if objective is not None:
@@ -239,7 +250,8 @@ def train_step(state: TrainState, batch, *, mcfg, tx, lr_schedule, vocab_chunk, 
     k = tcfg.grad_accum_steps
     totals = _totals(batch, tcfg)
     fn = functools.partial(_objective, totals=totals, mcfg=mcfg, tcfg=tcfg,
-                           vocab_chunk=vocab_chunk, k=k, pipeline=pipeline, teacher=teacher)
+                           vocab_chunk=vocab_chunk, k=k, pipeline=pipeline, teacher=teacher,
+                           critic=critic)
     grads, sums = _grads(fn, state.params, state.frozen, batch, k,
                          dropout_key(mcfg, tcfg, state.step))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -268,7 +280,7 @@ def _keep_if_not(ok, new, old):
 
 
 def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, frozen=None,
-              pipeline=None, teacher=None):
+              pipeline=None, teacher=None, critic=None):
     """(loss sum, count, metric sums) of a held-out batch: token loss sum and
     tokens, or for DPO the DPO loss sum, pairs and the reward metric sums
     (divide each by count for the means). An MoE model's router statistics are
@@ -277,7 +289,8 @@ def eval_step(params, batch, *, mcfg, vocab_chunk, objective=None, tcfg=None, fr
     if objective is not None:  # with its fixed eval key
         batch = objective(batch, None)
     _, sums = _objective(params, frozen, batch, None, _totals(batch, tcfg), mcfg=mcfg, tcfg=tcfg,
-                         vocab_chunk=vocab_chunk, k=1, pipeline=pipeline, teacher=teacher)
+                         vocab_chunk=vocab_chunk, k=1, pipeline=pipeline, teacher=teacher,
+                         critic=critic)
     extra = {k: v for k, v in sums.items()
              if k not in ("loss_sum", "tokens") and not k.startswith("moe_")}
     return sums["loss_sum"], sums["tokens"], extra
@@ -321,16 +334,17 @@ class _Eval:
 
 
 def compile_steps(mcfg, tx, lr_schedule, state_sharding, batch_sharding, vocab_chunk=0,
-                  objective=None, tcfg: TrainConfig | None = None, pipeline=None, teacher=None):
+                  objective=None, tcfg: TrainConfig | None = None, pipeline=None, teacher=None,
+                  critic=None):
     """jit the steps once: the trainable state donated, the frozen tree not, shardings
     pinned. `tcfg` (the run's TrainConfig) turns on LoRA, DPO, distillation and
     accumulation; `pipeline` (a `jaxlm.sharding.pipeline.Pipeline`) the pipelined layer
-    stack; `teacher` the distillation teacher's ModelConfig."""
+    stack; `teacher` the distillation teacher's ModelConfig; `critic` PPO's value model's."""
     train = functools.partial(train_step, mcfg=mcfg, tx=tx, lr_schedule=lr_schedule,
                               vocab_chunk=vocab_chunk, objective=objective, tcfg=tcfg,
-                              pipeline=pipeline, teacher=teacher)
+                              pipeline=pipeline, teacher=teacher, critic=critic)
     evaluate = functools.partial(eval_step, mcfg=mcfg, vocab_chunk=vocab_chunk,
                                  objective=objective, tcfg=tcfg, pipeline=pipeline,
-                                 teacher=teacher)
+                                 teacher=teacher, critic=critic)
     return (_Train(train, state_sharding, batch_sharding),
             _Eval(evaluate, state_sharding, batch_sharding))
