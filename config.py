@@ -249,7 +249,7 @@ class GrpoConfig:
     # completion), exact:FIELD (1 if the completion's stripped text equals the row's
     # FIELD), regex:PATTERN (1 if the completion re.search-es PATTERN), model:PATH (a
     # sequence classifier's score of prompt + completion, jaxlm.classify), python (1 if
-    # the prompt's text + the completion parse as Python and the completion is not blank)
+    # the prompt's text + the completion parse as Python and it adds a statement)
     reward_funcs: str = ""
     reward_weights: tuple = ()  # one weight per reward function; (): 1 each
     # advantages divided by the std of the group's rewards (group), of the batch's

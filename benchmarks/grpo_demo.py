@@ -34,6 +34,10 @@ def mean_reward(cfg, params, tokenizer, records, eos, seed: int) -> float:
     steps = len(records) // rollouts.per_step
     rewards = [rollouts.rollout(params, 10_000 + seed * 1000 + i)[1]["reward"]
                for i in range(steps)]
+    last = rollouts.last
+    for k in range(0, 3 * cfg.train.grpo.num_generations, cfg.train.grpo.num_generations):
+        print(f"  reward {last['rewards'][k]:.0f}: {last['prompts'][k].splitlines()[0]!r} -> "
+              f"{last['completions'][k]!r}", flush=True)
     return float(np.mean(rewards))
 
 

@@ -297,8 +297,8 @@ def test_builtin_rewards_weights_and_group_advantages():
     head = 'def f(x):\n    """Twice x."""\n'
     np.testing.assert_array_equal(
         rollout.score([python], [head] * 4 + [[{"role": "user", "content": "x"}]],
-                      ["    return 2 * x\n", "    return (2 *\n", "   \n", "    y = \0",
-                       "print(1)\n"], {}, ["w"] * 5)[:, 0], [1, 0, 0, 0, 1])
+                      ["    return 2 * x\n", "    return (2 *\n", "    # a comment\n",
+                       "    y = \0", "print(1)\n"], {}, ["w"] * 5)[:, 0], [1, 0, 0, 0, 1])
     np.testing.assert_allclose(rollout.advantages(rewards, 2, "batch"),
                                (rewards - np.repeat(t.mean(1).numpy(), 2))
                                / (rewards.std(ddof=1) + 1e-4))

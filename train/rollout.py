@@ -97,19 +97,29 @@ def _exact(field: str):
 
 
 def python_parses(prompts, completions, **fields):
-    """1.0 where the completion is not blank and the prompt's text followed by it parses
-    as Python (`ast.parse`), else 0.0: a verifiable reward for code prompts such as
+    """1.0 where the prompt's text followed by the completion parses as Python
+    (`ast.parse`) and the completion adds at least one statement (a comment or blank
+    lines add none), else 0.0: a verifiable reward for code prompts such as
     stdlib-sft's (a function's `def` and docstring, to be completed by a body that
     ends). For a chat prompt, the completion alone is parsed."""
     out = []
     for p, c in zip(prompts, completions):
-        source = (p if isinstance(p, str) else "") + c
+        head = p if isinstance(p, str) else ""
         try:
-            ast.parse(source)
-            out.append(float(bool(c.strip())))
+            whole = _statements(head + c)
         except (SyntaxError, ValueError):  # ValueError: a NUL byte
             out.append(0.0)
+            continue
+        try:
+            before = _statements(head)
+        except (SyntaxError, ValueError):  # a prompt that is no program alone
+            before = 0
+        out.append(float(whole > before))
     return out
+
+
+def _statements(source: str) -> int:
+    return sum(isinstance(n, ast.stmt) for n in ast.walk(ast.parse(source)))
 
 
 python_parses.__name__ = "python"
