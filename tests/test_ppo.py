@@ -228,6 +228,15 @@ def test_a_ppo_run_logs_its_metrics_resumes_exactly_and_exports_its_policy(
     again = _logged(part)[4]
     for key in ("loss", "policy_loss", "value_loss", "grad_norm"):
         assert again[key] == logged[4][key], key
+    # the reward model is pinned (reward_model.json): other weights there are refused
+    from jaxlm.train import base as pinned
+    rec = json.loads((full / pinned.REWARD_MODEL).read_text())
+    assert (rec["path"], rec["digest"]) == (reward, pinned.digest(reward)[0])
+    other = tmp_path / "other_rm"
+    rcfg = jaxlm.load(reward)[0]
+    jaxlm.save(str(other), rcfg, jaxlm.init_params(rcfg, jax.random.key(2)))
+    with pytest.raises(jaxlm.CheckpointError, match="the reward model of .* changed"):
+        pinned.resolve(str(full), reward, given=str(other), name=pinned.REWARD_MODEL)
     # the run's model is the policy: jaxlm.load and `convert --to hf` give it
     base_cfg, base = jaxlm.load(ckpt)
     got_cfg, got = jaxlm.load(str(full))

@@ -1,5 +1,6 @@
 """The base of a LoRA or DPO run, pinned: which weights its adapters (or its frozen
-reference) belong to; and a distillation run's teacher (teacher.json), alike.
+reference) belong to; and, alike, the frozen models a run reads again on resume: a
+distillation run's teacher (teacher.json), a PPO run's reward model (reward_model.json).
 
 A LoRA run's checkpoints hold the adapters only, and a full-weight DPO run rebuilds
 its reference from the base on resume: both read `train.init_from` again later.
@@ -28,7 +29,9 @@ from ..errors import CheckpointError
 
 FILE = "base.json"
 TEACHER = "teacher.json"  # a distillation run's teacher (train.distill.teacher), pinned alike
-_ROLES = {FILE: ("base", "train.init_from"), TEACHER: ("teacher", "train.distill.teacher")}
+REWARD_MODEL = "reward_model.json"  # a PPO run's reward model (train.ppo.reward_model_path)
+_ROLES = {FILE: ("base", "train.init_from"), TEACHER: ("teacher", "train.distill.teacher"),
+          REWARD_MODEL: ("reward model", "train.ppo.reward_model_path")}
 _CHUNK = 1 << 23
 
 
@@ -130,7 +133,8 @@ def resolve(run_dir: str, init_from: str, given: str | None = None,
             accept: bool = False, name: str = FILE) -> tuple[str, int | None, dict | None]:
     """(the base dir to read, its step, the record to keep) for the run in `run_dir`
     whose config names `init_from`; `given`: a dir pointed to instead (a moved base).
-    name=TEACHER: the same for a distillation run's teacher (train.distill.teacher).
+    name=TEACHER / REWARD_MODEL: the same for a distillation run's teacher
+    (train.distill.teacher) / a PPO run's reward model (train.ppo.reward_model_path).
 
     The record is base.json's (None for a run without one), updated to the dir read;
     its digest is checked: a change is a CheckpointError naming the path and both

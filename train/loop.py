@@ -76,7 +76,8 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
     run_dir = cfg.run_dir
     _check_run_dir(cfg, resume)
     base_step, base_record = _pin_base(cfg, resume, accept_base_change)  # before any write
-    teacher_step, teacher_record = _pin_teacher(cfg, resume, accept_base_change)
+    frozen = _pin_frozen(cfg, resume, accept_base_change)  # a teacher, a reward model
+    teacher_step = frozen.get(pinned.TEACHER, (None,))[0]
     os.makedirs(run_dir, exist_ok=True)
     lead = jax.process_index() == 0  # multi-host: one writer of the run dir's files
     progress = progress and lead
@@ -84,8 +85,9 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
         _write_config(cfg)
         if base_record is not None:
             pinned.write(run_dir, base_record)
-        if teacher_record is not None:
-            pinned.write(run_dir, teacher_record, pinned.TEACHER)
+        for name, (_, rec) in frozen.items():
+            if rec is not None:
+                pinned.write(run_dir, rec, name)
 
     batches, eval_host, tokenizer = _data(cfg)
 
@@ -127,7 +129,8 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
         loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress,
                      stop, on_policy_hook(cfg, tokenizer))
         if cfg.train.objective in ("grpo", "ppo"):  # rollouts by the engine over the params
-            batches.place(mesh)  # ppo: the reward model, read into its shardings
+            # ppo: the reward model (of its pinned step), read into its shardings
+            batches.place(mesh, frozen.get(pinned.REWARD_MODEL, (None,))[0])
             loop.rollouts = batches
         with checkpoint.quiet_full_disk():  # reported once, below, not by orbax's threads
             try:
@@ -480,17 +483,20 @@ def _pin_base(cfg: Config, resume: bool, accept: bool) -> tuple[int | None, dict
     return step, record
 
 
-def _pin_teacher(cfg: Config, resume: bool, accept: bool) -> tuple[int | None, dict | None]:
-    """_pin_base for a distillation run's teacher (teacher.json): (its step to read, the
-    record to write); (None, None) for other runs."""
-    if cfg.train.objective != "distill":
-        return None, None
-    teacher = cfg.train.distill.teacher
+def _pin_frozen(cfg: Config, resume: bool, accept: bool) -> dict[str, tuple[int | None, dict]]:
+    """_pin_base for the other frozen models a run reads again on resume: {record file:
+    (the step to read, the record to write)}: a distillation run's teacher
+    (teacher.json), a PPO run's reward model (reward_model.json)."""
+    path = {"distill": (pinned.TEACHER, cfg.train.distill.teacher),
+            "ppo": (pinned.REWARD_MODEL, cfg.train.ppo.reward_model_path)}.get(cfg.train.objective)
+    if path is None:
+        return {}
+    name, model = path
     if not resume:
-        record = pinned.record(teacher)
-        return record["step"], record
-    _, step, record = pinned.resolve(cfg.run_dir, teacher, accept=accept, name=pinned.TEACHER)
-    return step, record
+        record = pinned.record(model)
+        return {name: (record["step"], record)}
+    _, step, record = pinned.resolve(cfg.run_dir, model, accept=accept, name=name)
+    return {name: (step, record)}
 
 
 def _initial_params(cfg: Config, mesh, step: int | None = None):

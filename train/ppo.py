@@ -227,11 +227,13 @@ def _shardings(mcfg, cfg, mesh):
     return tree_shardings(mesh, logical_axes(model_specs(mcfg)), cfg.mesh.rules)
 
 
-def load_reward_model(cfg, mesh):
-    """The reward model's params, each leaf read straight into its sharding."""
+def load_reward_model(cfg, mesh, step: int | None = None):
+    """The reward model's params (a jaxlm one's checkpoint `step`, default its latest),
+    each leaf read straight into its sharding."""
     from ..api import load_params
     rcfg = reward_config(cfg.train)
-    return load_params(cfg.train.ppo.reward_model_path, rcfg, _shardings(rcfg, cfg, mesh))
+    return load_params(cfg.train.ppo.reward_model_path, rcfg, _shardings(rcfg, cfg, mesh),
+                       step)
 
 
 def value_from_policy(policy, vcfg):
@@ -297,8 +299,8 @@ class PPORollouts(Rollouts):
         self.reward_cfg, self.value_cfg = reward_config(self.cfg.train), value_config(self.cfg)
         self.reward_params = None  # read onto the training mesh by `place`
 
-    def place(self, mesh) -> None:
-        self.reward_params = load_reward_model(self.cfg, mesh)
+    def place(self, mesh, step: int | None = None) -> None:
+        self.reward_params = load_reward_model(self.cfg, mesh, step)
 
     def make(self, state, step: int):
         cfg = self.cfg

@@ -338,9 +338,9 @@ class Rollouts:
                               f"{len(self.funcs)} reward functions")
         self.weights = np.asarray(weights, np.float64)
 
-    def place(self, mesh) -> None:
+    def place(self, mesh, step: int | None = None) -> None:
         """Read what the rollouts hold on the training mesh (GRPO: nothing; PPO: the
-        reward model)."""
+        reward model, a jaxlm one's checkpoint `step`: default its latest)."""
 
     # ---- the data state (checkpointed with the run)
 
