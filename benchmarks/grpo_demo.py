@@ -51,7 +51,8 @@ def main() -> None:
     p.add_argument("--sft", default="runs/tiny-llama-sft", help="the SFT checkpoint")
     p.add_argument("--out", default="runs/grpo-demo")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the preset")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value overrides of the preset (before --seeds)")
     args = p.parse_args()
 
     import jaxlm
