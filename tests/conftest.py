@@ -8,6 +8,13 @@ import xla_flags
 os.environ["XLA_FLAGS"] = xla_flags.for_devices(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One OpenMP thread for torch (the transformers / TRL / peft oracles) and numpy's BLAS, here
+# and in every subprocess: their ops on these tiny models are microseconds long, and with
+# two pytest workers on two cores a second OpenMP thread mostly spin-waits on a core the
+# other worker needs. 100 Hugging Face beam searches took 21 s of wall (11 s CPU) with
+# torch's default 2 threads on the 2-core VM under load, 2.5 s (1.2 s CPU) with one; a
+# tie-free oracle gives the same tokens. XLA does not read it (its own thread pool).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # One persistent compilation cache for the session: set by the first process that loads
 # this file (pytest-xdist's controller), inherited by its workers and by every `jaxlm`
 # subprocess a test starts, so a program compiled in one of them (a train step, a decode
