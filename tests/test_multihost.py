@@ -136,6 +136,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, sp_tok
             "data.batch_size=8", "data.max_docs=20", "train.warmup_steps=1",
             "train.eval_every=100000", "train.eval_batches=1", "train.checkpoint_every=100000",
             "train.log_every=2", "train.min_lr_ratio=1.0",
+            "train.peak_flops=1e12",  # no matmul timing at each of the 6 start-ups
             f"data.tokenizer={sp_tokenizer_file}", f"run_dir={run_dir}"]
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
            "XLA_FLAGS": xla_flags.for_devices(4), "JAX_PLATFORMS": "cpu"}
