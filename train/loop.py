@@ -66,9 +66,28 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     from .ppo import check_ppo
     check_teacher(cfg)  # a teacher of another vocabulary: refused before any write
     check_ppo(cfg)  # no reward model, or one of another vocabulary: likewise
-    with guard.run_dir_lock(cfg.run_dir), guard.stop_signals() as stop:
-        return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, step=step,
-                      stop=stop, accept_base_change=accept_base_change)
+    made = _missing_ancestor(cfg.run_dir)  # what this call creates (None: the dir exists)
+    try:
+        with guard.run_dir_lock(cfg.run_dir), guard.stop_signals() as stop:
+            return _train(cfg, resume=resume, stop_after=stop_after, progress=progress,
+                          step=step, stop=stop, accept_base_change=accept_base_change)
+    except JaxlmError:
+        # refused before the run began (a mesh the devices cannot make, a missing corpus,
+        # ...): the dirs this call made go again, holding only its config, lock and
+        # tokenizer; a run that logged or saved anything keeps it
+        if (made and jax.process_index() == 0 and not os.path.exists(
+                os.path.join(cfg.run_dir, "metrics.jsonl"))
+                and checkpoint.latest_step(cfg.run_dir) is None):
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def _missing_ancestor(path: str) -> str | None:
+    """The outermost directory of `path` that does not exist yet (None: `path` exists)."""
+    path, made = os.path.abspath(path), None
+    while not os.path.exists(path):
+        made, path = path, os.path.dirname(path)
+    return made
 
 
 def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
