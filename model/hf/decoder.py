@@ -101,9 +101,10 @@ def _rope(hf: dict, model_type: str, max_len: int) -> RopeConfig:
         raise CheckpointError(f"{CONFIG_FILE}: partial_rotary_factor={partial} is not supported")
     kind = params.get("rope_type", params.get("type")) or "default"
     if model_type == "phi3" and kind in ("su", "yarn", "longrope"):  # HF's Phi-3 reads all three
-        kind = "longrope"  # as LongRoPE, its pretraining length the top-level key's
+        kind = "longrope"  # as LongRoPE, its pretraining length the top-level key's (HF: 4096)
         params = {**params, "original_max_position_embeddings": hf.get(
-            "original_max_position_embeddings") or params.get("original_max_position_embeddings")}
+            "original_max_position_embeddings") or params.get(
+            "original_max_position_embeddings") or 4096}
     elif kind == "longrope" and not params.get("original_max_position_embeddings"):
         params = {**params, "original_max_position_embeddings": max_len}
     if kind == "default":
@@ -252,6 +253,8 @@ def _gemma3_rope(hf: dict, max_len: int) -> RopeConfig:
         full = dict(hf.get("rope_scaling") or {})
         local = {}
     full.setdefault("rope_theta", hf.get("rope_theta") or 1e6)
+    if hf.get("partial_rotary_factor") is not None:
+        full.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
     local.setdefault("rope_theta", hf.get("rope_local_base_freq") or 1e4)
     kind = local.get("rope_type", local.get("type")) or "default"
     if kind != "default":
