@@ -8,7 +8,8 @@ from jaxlm.model.config import ModelConfig
 
 
 PARAMS_B = {"llama3-8b": 8.03, "mistral-7b": 7.24, "qwen2-0.5b": 0.494, "mixtral-8x7b": 46.70,
-            "gpt2": 0.1244}
+            "gpt2": 0.1244, "qwen3-8b": 8.191, "qwen3-30b-a3b": 30.53, "gemma2-9b": 9.242,
+            "gemma3-4b": 3.880, "phi3-mini": 3.821}
 
 
 def test_presets_load_and_round_trip():

@@ -284,3 +284,40 @@ def test_sharded_train_step_equals_one_device(family):
     assert_rule_shardings(cfg, tx, state)
     split = [a for a in jax.tree.leaves(state.params) if not a.sharding.is_fully_replicated]
     assert split and len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("name, layers, kv_heads", [
+    ("qwen3-8b", 36, 8), ("qwen3-30b-a3b", 48, 4), ("gemma2-9b", 42, 8), ("gemma3-4b", 34, 4),
+    ("phi3-mini", 32, 32)])
+def test_real_size_presets_plan(name, layers, kv_heads):
+    """`jaxlm plan` of each preset on 256 devices (none needed): the params fully sharded
+    (float32) and a bfloat16 KV cache of every layer at its head_dim."""
+    from jaxlm.config import load_config
+    from jaxlm.model.params import count
+    from jaxlm.sharding.plan import plan
+    cfg = load_config(name, [])
+    p = plan(cfg, n_devices=256)
+    assert abs(p["params"] - count(model_specs(cfg.model)) * 4 / 256) / p["params"] < 2e-3
+    head_dim = cfg.model.head_dim
+    assert p["kv_cache"] == 2 * layers * 1 * (cfg.data.seq_len + 64) * kv_heads * head_dim * 2
+
+
+def test_vocab_chunked_loss_applies_the_final_soft_cap():
+    """The train step's vocab-chunked loss (its own backward) equals the loss of the capped
+    logits, and so do its gradients (jax autodiff of the plain loss as the oracle)."""
+    from jaxlm.train.objectives import causal_lm_loss, chunked_lm_loss
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((8, 37)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 37, (2, 5)))
+    mask = jnp.asarray(rng.integers(0, 2, (2, 5)), jnp.float32)
+
+    def plain(h, w):
+        logits = 2.0 * jnp.tanh((h @ w) / 2.0)
+        return causal_lm_loss(logits, targets, mask)[0]
+    chunked = lambda h, w: chunked_lm_loss(h, w, targets, mask, 10, 2.0)[0]  # noqa: E731
+    want, got = jax.value_and_grad(plain, (0, 1))(h, w), jax.value_and_grad(chunked, (0, 1))(h, w)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert abs(float(chunked_lm_loss(h, w, targets, mask, 10)[0]) - float(want[0])) > 1e-2
