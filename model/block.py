@@ -133,17 +133,20 @@ def run_layers(layers, cfg, x, store, inp: BlockInputs, cross=None):
     without experts; `layer_mean` averages them)). `layers` stacked [L, ...] or unstacked (a tuple,
     `unstack_layers`); `cross`: every layer's encoder K/V stacked [L, ...]. Without
     a cache (training) each block is rematerialized by model.remat."""
-    def body(carry, xs, j=0):
-        x, store = carry
-        layer, i, cross_i = xs
+    def body_of(j):  # the layers at place j of model.layer_pattern (static config)
         lcfg = layer_config(cfg, j)
         linp = _layer_inputs(inp, lcfg) if cfg.layer_pattern else inp
-        x, store, stats = block(layer, x, store, i, linp, lcfg, cross_i)
-        return (x, store), stats
 
-    if type(store) is NoCache:
-        body = remat(body, cfg)
-    (x, store), stats = over_layers(body, (x, store), layers, cross, cfg.layer_period)
+        def body(carry, xs):
+            x, store = carry
+            layer, i, cross_i = xs
+            x, store, stats = block(layer, x, store, i, linp, lcfg, cross_i)
+            return (x, store), stats
+        return remat(body, cfg) if type(store) is NoCache else body
+
+    bodies = [body_of(j) for j in range(cfg.layer_period)]
+    (x, store), stats = over_layers(lambda c, xs, j: bodies[j](c, xs), (x, store), layers,
+                                    cross, cfg.layer_period)
     return x, store, stats
 
 

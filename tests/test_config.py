@@ -265,7 +265,8 @@ def test_init_from_takes_old_model_key_names(tmp_path):
 # Keys that sit in a nested section without ever having had a flat name (none yet).
 # keys that were born nested, with no flat name of their own (nor a TRL spelling)
 NEVER_FLAT = {"train.distill.loss", "train.distill.beta", "train.distill.temperature",
-              "train.distill.alpha"}
+              "train.distill.alpha", "model.moe.normalize_top_k", "model.rope.local_theta",
+              "model.rope.long_factor", "model.rope.short_factor"}
 
 
 def test_every_nested_key_has_its_old_flat_name_in_the_alias_table():

@@ -193,6 +193,8 @@ def test_unbuilt_qwen3_moe_and_phi3_features_are_refused():
                            "shared_expert_intermediate_size=8")):
         with pytest.raises(CheckpointError, match=words.replace("[", r"\[")):
             config_from_hf({**moe, **change})
+    windowed = config_from_hf({**moe, "use_sliding_window": True, "sliding_window": 6})
+    assert (windowed.sliding_window, windowed.layer_pattern) == (6, "")  # HF: every layer
     phi = {"model_type": "phi3", **{k: v for k, v in COMMON.items() if v is not None},
            "rope_scaling": {"type": "longrope", "short_factor": SHORT[:2], "long_factor": LONG}}
     with pytest.raises(CheckpointError, match="short_factor"):
@@ -203,8 +205,8 @@ def test_unbuilt_qwen3_moe_and_phi3_features_are_refused():
         ModelConfig(layer_pattern="lg")
 
 
-def _compile_seconds(n_layers):
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=n_layers, n_heads=2, head_dim=16,
+def _compile_seconds(n_layers, vocab=64):
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=n_layers, n_heads=2, head_dim=16,
                       d_ff=48, max_seq_len=32, sliding_window=4, layer_pattern="lg",
                       norm_position="sandwich", norm_unit_offset=True, qk_norm=True,
                       scale_embeddings=True, attn_logit_softcap=5.0, final_logit_softcap=3.0,
@@ -221,7 +223,9 @@ def test_compile_time_is_independent_of_depth():
     """Alternating local / global layers still scan: 32 layers compile in <= 1.5x the
     time of 4 (the scan body is one group of the pattern)."""
     _compile_seconds(2)  # warm up the tracing machinery
-    four, thirty_two = _compile_seconds(4), _compile_seconds(32)
+    # the best of two programs each (another vocab: no compilation-cache hit), against noise
+    four = min(_compile_seconds(4, v) for v in (64, 66))
+    thirty_two = min(_compile_seconds(32, v) for v in (64, 66))
     assert thirty_two <= 1.5 * four, (four, thirty_two)
 
 

@@ -129,12 +129,14 @@ def _window(hf: dict, model_type: str, n_layers: int) -> tuple[int, str]:
     window = hf.get("sliding_window") or 0
     if model_type in ("mistral", "mixtral", "phi3"):
         return int(window), ""
+    if model_type == "qwen3_moe":  # every layer, where use_sliding_window
+        return (int(window), "") if hf.get("use_sliding_window") else (0, "")
     if model_type in GEMMA:  # local layers by layer_types, else every P-th layer global
         period = hf.get("sliding_window_pattern") or _GEMMA_PERIOD[model_type]
         types = hf.get("layer_types") or [
             "sliding_attention" if (i + 1) % period else "full_attention"
             for i in range(n_layers)]
-    elif model_type in ("qwen2", *QWEN3):
+    elif model_type in ("qwen2", "qwen3"):
         # a window only where use_sliding_window, on layers >= max_window_layers
         if not hf.get("use_sliding_window") or not window:
             return 0, ""
@@ -340,7 +342,7 @@ def _export_problems(cfg: ModelConfig, model_type: str) -> list[str]:
          "attn_logit_softcap=0 and final_logit_softcap=0")
     qk = model_type in ("gemma3_text", *QWEN3)
     need(cfg.qk_norm == qk, f"qk_norm={qk}")
-    need(not cfg.layer_pattern or model_type in ("qwen2", *QWEN3, *GEMMA), "layer_pattern=''")
+    need(not cfg.layer_pattern or model_type in ("qwen2", "qwen3", *GEMMA), "layer_pattern=''")
     need(not cfg.rope.local_theta or model_type == "gemma3_text", "rope.local_theta=0")
     need(cfg.rope.scaling != "longrope" or model_type == "phi3", "rope.scaling other than longrope")
     need(cfg.moe.normalize_top_k or model_type == "qwen3_moe", "moe.normalize_top_k=true")
@@ -421,9 +423,11 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
         out.update(attention_bias=cfg.qkv_bias)
     if model_type == "llama":
         out.update(mlp_bias=cfg.mlp_bias)
-    elif model_type in ("qwen2", *QWEN3):
+    elif model_type in ("qwen2", "qwen3"):
         out.update(use_sliding_window=bool(window), sliding_window=window,
                    max_window_layers=0 if window else cfg.n_layers, layer_types=types)
+    elif model_type == "qwen3_moe":
+        out.update(use_sliding_window=bool(window), sliding_window=window)
     elif model_type in GEMMA:
         out.update(sliding_window=window or cfg.max_seq_len, layer_types=types,
                    hidden_activation=act,
