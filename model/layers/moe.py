@@ -2,7 +2,8 @@
 
 Routing: softmax over the k selected router logits (= softmax over all, top-k,
 renormalised); with model.moe.normalize_top_k false, the k probabilities of the
-softmax over all experts as they are (Qwen3-MoE's norm_topk_prob false). Dropless by default: assignments are sorted by expert and run
+softmax over all experts as they are (Qwen3-MoE's norm_topk_prob false).
+Dropless by default: assignments are sorted by expert and run
 as grouped matmuls (`lax.ragged_dot`). With `model.moe.capacity_factor` c > 0
 each expert takes at most ceil(c * tokens * k / experts) assignments, in token
 order; the rest are dropped (their weight is zeroed) and counted. Tokens the
