@@ -159,6 +159,29 @@ def test_config_spellings_load_to_the_same_model():
                                                if k not in ("model_type", "architectures")})
     assert config_from_hf(written.to_dict()) == a
 
+    # google/gemma-3-1b-it's config.json as published (transformers 4.50): 26 layers, so
+    # four groups of the pattern and two local layers after them
+    published = {
+        "architectures": ["Gemma3ForCausalLM"], "attention_bias": False,
+        "attention_dropout": 0.0, "attn_logit_softcapping": None, "bos_token_id": 2,
+        "cache_implementation": "hybrid", "eos_token_id": [1, 106],
+        "final_logit_softcapping": None, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+        "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+        "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26,
+        "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": None,
+        "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": True,
+        "vocab_size": 262144}
+    one_b = config_from_hf(published)
+    assert (one_b.layer_pattern, one_b.sliding_window, one_b.rope.theta, one_b.rope.local_theta,
+            one_b.attn_scale, one_b.attn_logit_softcap, one_b.tie_embeddings) == (
+        "lllllg", 512, 1e6, 1e4, 1 / 16, 0.0, True)
+    reread = transformers.Gemma3TextConfig(**{k: v for k, v in published.items()
+                                              if k not in ("model_type", "architectures")})
+    assert config_from_hf(reread.to_dict()) == one_b
+
     phi = {"model_type": "phi3", **{k: v for k, v in COMMON.items() if v is not None},
            "original_max_position_embeddings": 16}
     su = config_from_hf({**phi, "rope_scaling": {"type": "su", "short_factor": SHORT,
