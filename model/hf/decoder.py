@@ -172,8 +172,7 @@ def _llama_like(hf: dict, model_type: str) -> dict:
     heads = _get(hf, "num_attention_heads", required=True)
     n_layers = _get(hf, "num_hidden_layers", required=True)
     max_len = _get(hf, "max_position_embeddings", 2048)
-    act_key = "hidden_activation" if model_type in GEMMA and "hidden_activation" in hf \
-        else "hidden_act"
+    act_key = "hidden_activation" if model_type in GEMMA else "hidden_act"  # HF Gemma: only this key
     act = _get(hf, act_key, "gelu_pytorch_tanh" if model_type in GEMMA else "silu")
     moe_silu = model_type in ("mixtral", "qwen3_moe")
     if act not in _GATED_ACTS or (moe_silu and act not in ("silu", "swish")):
@@ -344,6 +343,8 @@ def _export_problems(cfg: ModelConfig, model_type: str) -> list[str]:
     need(cfg.qk_norm == qk, f"qk_norm={qk}")
     need(not cfg.layer_pattern or model_type in ("qwen2", "qwen3", *GEMMA), "layer_pattern=''")
     need(not cfg.rope.local_theta or model_type == "gemma3_text", "rope.local_theta=0")
+    need(model_type != "gemma3_text" or "l" not in cfg.layer_pattern or cfg.rope.local_theta
+         or cfg.rope.scaling == "none", "rope.local_theta > 0 (the local layers' unscaled base)")
     need(cfg.rope.scaling != "longrope" or model_type == "phi3", "rope.scaling other than longrope")
     need(cfg.moe.normalize_top_k or model_type == "qwen3_moe", "moe.normalize_top_k=true")
     if model_type == "gpt2":
