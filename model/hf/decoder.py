@@ -172,7 +172,7 @@ def _llama_like(hf: dict, model_type: str) -> dict:
     heads = _get(hf, "num_attention_heads", required=True)
     n_layers = _get(hf, "num_hidden_layers", required=True)
     max_len = _get(hf, "max_position_embeddings", 2048)
-    act_key = "hidden_activation" if model_type in GEMMA else "hidden_act"  # HF Gemma: only this key
+    act_key = "hidden_activation" if model_type in GEMMA else "hidden_act"  # Gemma: only this
     act = _get(hf, act_key, "gelu_pytorch_tanh" if model_type in GEMMA else "silu")
     moe_silu = model_type in ("mixtral", "qwen3_moe")
     if act not in _GATED_ACTS or (moe_silu and act not in ("silu", "swish")):
