@@ -9,6 +9,7 @@ feed-forward (an MLP, or a mixture of experts), each a residual branch:
     pre-norm  (GPT-2, Llama, T5):  x = x + attn(ln1(x)); [x = x + cross(ln_cross(x))];
                                    x = x + ffn(ln2(x))
     post-norm (BERT):              x = ln1(x + attn(x)); x = ln2(x + ffn(x))
+    sandwich  (Gemma 2, 3):        x = x + ln1_post(attn(ln1(x))); x = x + ln2_post(ffn(ln2(x)))
 
 with model.dropout on each branch's output and model.attention_dropout on the
 probabilities when `BlockInputs.dropout_key` is given (training). The store is
@@ -16,10 +17,18 @@ an argument and rides in the stack's carry, so the same block serves training
 (`NoCache`), a prefill or a decode step over a contiguous or a paged cache, and
 a recording of every layer's K/V. `over_layers` is the one place that chooses a
 scan over stacked layers or an unrolled loop over unstacked ones.
+
+Local / global layers (model.layer_pattern, e.g. Gemma 2's "lg"): the scan runs
+over groups of the pattern, one body of len(pattern) layers, each with its own
+static config (`layer_config`: its window and RoPE base), so compile time stays
+independent of depth and every attention kernel sees a static window; the
+layers past the last whole group run unrolled after the scan.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -27,7 +36,7 @@ import jax.numpy as jnp
 
 from ..sharding.rules import constrain
 from .adapters import layer_weights
-from .config import dtype_of
+from .config import RopeConfig, dtype_of
 from .kernels import MaskSpec, attention
 from .kv import NoCache, read_cross
 from .layers.attention import output_projection, project_qkv
@@ -76,11 +85,14 @@ def block(layer, x, store, i, inp: BlockInputs, cfg, cross=None):
     key = site_key(inp.dropout_key, i)  # this layer's (None: no dropout)
     drop = lambda y, site: dropout(y, cfg.dropout, site_key(key, site))  # noqa: E731
     post = cfg.norm_position == "post"
+    sandwich = cfg.norm_position == "sandwich"
 
     q, k, v = project_qkv(layer["attn"], x if post else norm(layer["ln1"], x, cfg),
                           inp.positions, cfg)
     store, o = store.attend(i, q, k, v, inp.mask, inp.bias, cfg, site_key(key, ATTN_PROBS))
     y = drop(output_projection(layer["attn"], o, cfg), ATTN_OUT)
+    if sandwich:
+        y = norm(layer["ln1_post"], y, cfg)
     x = norm(layer["ln1"], x + y, cfg) if post else x + y
     if cross is not None:
         q = constrain(dense(norm(layer["ln_cross"], x, cfg), layer["cross"]["q"]),
@@ -93,7 +105,27 @@ def block(layer, x, store, i, inp: BlockInputs, cfg, cross=None):
     y, stats = feed_forward(layer, x if post else norm(layer["ln2"], x, cfg), cfg,
                             inp.token_mask)
     y = drop(y, MLP_OUT)
+    if sandwich:
+        y = norm(layer["ln2_post"], y, cfg)
     return (norm(layer["ln2"], x + y, cfg) if post else x + y), store, stats
+
+
+@functools.lru_cache(maxsize=256)
+def layer_config(cfg, j: int):
+    """The config of the layers at place j of model.layer_pattern: a local layer keeps
+    model.sliding_window and takes model.rope.local_theta (when set, unscaled); a global
+    one has no window. cfg itself without a pattern."""
+    if not cfg.layer_pattern:
+        return cfg
+    if cfg.layer_pattern[j % len(cfg.layer_pattern)] == "g":
+        return dataclasses.replace(cfg, layer_pattern="", sliding_window=0)
+    rope = RopeConfig(theta=cfg.rope.local_theta) if cfg.rope.local_theta else cfg.rope
+    return dataclasses.replace(cfg, layer_pattern="", rope=rope)
+
+
+def _layer_inputs(inp: BlockInputs, cfg) -> BlockInputs:
+    """inp with its mask's window set to this layer config's (patterned layers)."""
+    return inp._replace(mask=inp.mask._replace(window=cfg.sliding_window or None))
 
 
 def run_layers(layers, cfg, x, store, inp: BlockInputs, cross=None):
@@ -101,33 +133,61 @@ def run_layers(layers, cfg, x, store, inp: BlockInputs, cross=None):
     without experts; `layer_mean` averages them)). `layers` stacked [L, ...] or unstacked (a tuple,
     `unstack_layers`); `cross`: every layer's encoder K/V stacked [L, ...]. Without
     a cache (training) each block is rematerialized by model.remat."""
-    def body(carry, xs):
-        x, store = carry
-        layer, i, cross_i = xs
-        x, store, stats = block(layer, x, store, i, inp, cfg, cross_i)
-        return (x, store), stats
+    def body_of(j):  # the layers at place j of model.layer_pattern (static config)
+        lcfg = layer_config(cfg, j)
+        linp = _layer_inputs(inp, lcfg) if cfg.layer_pattern else inp
 
-    if type(store) is NoCache:
-        body = remat(body, cfg)
-    (x, store), stats = over_layers(body, (x, store), layers, cross)
+        def body(carry, xs):
+            x, store = carry
+            layer, i, cross_i = xs
+            x, store, stats = block(layer, x, store, i, linp, lcfg, cross_i)
+            return (x, store), stats
+        return remat(body, cfg) if type(store) is NoCache else body
+
+    bodies = [body_of(j) for j in range(cfg.layer_period)]
+    (x, store), stats = over_layers(lambda c, xs, j: bodies[j](c, xs), (x, store), layers,
+                                    cross, cfg.layer_period)
     return x, store, stats
 
 
-def over_layers(fn, carry, layers, extra=None):
-    """fn(carry, (layer, i, extra_i)) -> (carry, out) over the layers: `lax.scan`
-    over stacked layers [L, ...] (i an int32 array), or unrolled over unstacked
-    ones (a tuple of per-layer trees, `unstack_layers`; i a Python int). `extra`:
-    a tree with a leading layer axis [L, ...] (or None) sliced alongside.
-    -> (carry, the outs stacked [L, ...])."""
+def over_layers(fn, carry, layers, extra=None, period: int = 1):
+    """fn(carry, (layer, i, extra_i), j) -> (carry, out) over the layers, j = i % period
+    (a Python int: the layer's place in the pattern): `lax.scan` over stacked layers
+    [L, ...] (i an int32 array) in groups of `period` layers (the body unrolls one
+    group; the L % period layers after the last group run unrolled), or unrolled
+    over unstacked ones (a tuple of per-layer trees, `unstack_layers`; i a Python
+    int). `extra`: a tree with a leading layer axis [L, ...] (or None) sliced
+    alongside. -> (carry, the outs stacked [L, ...])."""
+    take = lambda tree, i: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa
     if isinstance(layers, (list, tuple)):
         outs = []
         for i, layer in enumerate(layers):
-            extra_i = None if extra is None else jax.tree.map(lambda a, i=i: a[i], extra)
-            carry, out = fn(carry, (layer, i, extra_i))
+            carry, out = fn(carry, (layer, i, take(extra, i)), i % period)
             outs.append(out)
         return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    ids = jnp.arange(jax.tree.leaves(layers)[0].shape[0], dtype=jnp.int32)
-    return jax.lax.scan(fn, carry, (layers, ids, extra))
+    n = jax.tree.leaves(layers)[0].shape[0]
+    ids = jnp.arange(n, dtype=jnp.int32)
+    if period == 1:
+        return jax.lax.scan(lambda c, xs: fn(c, xs, 0), carry, (layers, ids, extra))
+    groups = n // period
+    whole = groups * period
+    group = lambda a: (a if whole == n else a[:whole]).reshape(groups, period, *a.shape[1:])  # noqa
+
+    def body(carry, xs):
+        outs = []
+        for j in range(period):
+            carry, out = fn(carry, take(xs, j), j)
+            outs.append(out)
+        return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    outs = []
+    if groups:
+        carry, out = jax.lax.scan(body, carry, jax.tree.map(group, (layers, ids, extra)))
+        outs.append(jax.tree.map(lambda a: a.reshape(whole, *a.shape[2:]), out))
+    for i in range(whole, n):  # the tail: fewer than `period` layers
+        carry, out = fn(carry, take((layers, ids, extra), i), i % period)
+        outs.append(jax.tree.map(lambda a: a[None], out))
+    return carry, jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
 
 
 def layer_mean(stats) -> dict:

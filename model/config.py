@@ -41,7 +41,8 @@ class RopeConfig:
     _prefix = "model.rope."
 
     theta: float = 10000.0  # base of the rotary frequencies
-    scaling: str = "none"  # long-context scaling: none | llama3 | linear | dynamic | yarn
+    # long-context scaling: none | llama3 | linear | dynamic | yarn | longrope
+    scaling: str = "none"
     factor: float = 8.0  # the scaling factor: how many times longer the context gets
     # llama3: wavelengths longer than original_max_len / low_freq_factor are scaled by factor
     low_freq_factor: float = 1.0
@@ -49,15 +50,35 @@ class RopeConfig:
     # (between the two bounds: interpolated)
     high_freq_factor: float = 4.0
     original_max_len: int = 8192  # llama3, yarn: pretraining length; dynamic: NTK from here
-    attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 * ln(factor) + 1
+    # yarn: cos/sin scale, 0: 0.1 * ln(factor) + 1; longrope: 0: sqrt(1 + ln(factor) /
+    # ln(original_max_len)) (1 when factor is 1)
+    attention_factor: float = 0.0
     yarn: YarnConfig = field(default_factory=YarnConfig)
+    # longrope (Phi-3): per-frequency divisors [head_dim / 2] of the rotary frequencies for a
+    # call whose row reaches past original_max_len (long) or not (short)
+    short_factor: tuple = ()
+    long_factor: tuple = ()  # see short_factor
+    # RoPE base of the local (sliding-window) layers of model.layer_pattern, without scaling
+    # (Gemma 3: 10000); 0: the same rotary embedding as the global layers
+    local_theta: float = 0.0
 
     def __post_init__(self):
         _section_type(self, "yarn", YarnConfig)
         _positive(self, "theta")
-        _choice(self, "scaling", ("none", "llama3", "linear", "dynamic", "yarn"))
+        _choice(self, "scaling", ("none", "llama3", "linear", "dynamic", "yarn", "longrope"))
+        if self.local_theta < 0:
+            raise ConfigError(f"model.rope.local_theta={self.local_theta} must be >= 0 (0: theta)")
+        for name in ("short_factor", "long_factor"):
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)) or not all(
+                    isinstance(x, (int, float)) and x > 0 for x in v):
+                raise ConfigError(f"model.rope.{name}={v!r:.60} must be a list of numbers > 0")
+            object.__setattr__(self, name, tuple(float(x) for x in v))
         if self.scaling == "none":
             return
+        if self.scaling == "longrope" and not (self.short_factor and self.long_factor):
+            raise ConfigError("model.rope.scaling='longrope' needs model.rope.short_factor and "
+                              "model.rope.long_factor")
         if not self.factor >= 1:
             raise ConfigError(f"model.rope.factor={self.factor} must be >= 1 "
                               f"for model.rope.scaling={self.scaling!r}")
@@ -83,6 +104,9 @@ class MoeConfig:
     capacity_factor: float = 0.0  # 0: dropless; c: each expert takes c * T * k / E tokens
     aux_loss_coef: float = 0.02  # weight of the router's load-balancing loss
     z_loss_coef: float = 0.001  # weight of the router's z-loss
+    # the k selected experts' weights sum to 1 (Mixtral, Qwen3-MoE's norm_topk_prob);
+    # false: each is its softmax probability over all experts
+    normalize_top_k: bool = True
 
     def __post_init__(self):
         if self.n_experts < 0 or self.capacity_factor < 0:
@@ -107,7 +131,12 @@ class ModelConfig:
     max_seq_len: int = 2048  # the longest sequence (learned positions, KV cache) it takes
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5  # the norms' epsilon
-    norm_position: str = "pre"  # pre (before each sublayer: GPT-2, Llama, T5) | post (BERT)
+    # pre (before each sublayer: GPT-2, Llama, T5) | post (BERT) | sandwich (pre, and a norm
+    # on each sublayer's output before the residual add: Gemma 2 and 3)
+    norm_position: str = "pre"
+    norm_unit_offset: bool = False  # RMSNorm multiplies by (1 + scale) (Gemma; scales init 0)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
+    scale_embeddings: bool = False  # token embeddings times sqrt(d_model) (Gemma)
     mlp: str = "swiglu"  # the MLP: swiglu | geglu (gated) | gelu | relu
     gelu_approximate: bool = False  # tanh-approximated GELU (GPT-2's "gelu_new")
     positions: str = "rope"  # rope | learned | sinusoidal | alibi | t5_relative | none
@@ -117,11 +146,16 @@ class ModelConfig:
     n_decoder_layers: int = 0  # encoder_decoder: decoder depth (0: n_layers)
     attn_scale: float = 0.0  # attention scores' scale; 0: head_dim ** -0.5; T5: 1.0
     attn_logit_softcap: float = 0.0  # 0: off; c: scores -> c * tanh(scores / c) (Gemma 2)
+    final_logit_softcap: float = 0.0  # 0: off; c: logits -> c * tanh(logits / c) (Gemma 2)
     rope: RopeConfig = field(default_factory=RopeConfig)  # rope.theta, rope.scaling, ...
     qkv_bias: bool = False  # biases on the q, k, v projections
     out_bias: bool = False  # a bias on the attention output projection
     mlp_bias: bool = False  # biases on the MLP's projections
     sliding_window: int = 0  # 0: full attention; W: a token sees the last W positions
+    # local / global layers by pattern, repeated from layer 0: "l" a sliding-window layer
+    # (model.sliding_window, RoPE base model.rope.local_theta), "g" a global one (full
+    # attention, model.rope); Gemma 2: "lg", Gemma 3: "lllllg". "": every layer alike
+    layer_pattern: str = ""
     moe: MoeConfig = field(default_factory=MoeConfig)  # moe.n_experts 0: dense MLPs
     tie_embeddings: bool = False  # the output head is the input embedding (transposed)
     head: bool = True  # false: no output head (a base model, e.g. HF LlamaModel): hidden states only
@@ -158,7 +192,7 @@ class ModelConfig:
         _section_type(self, "moe", MoeConfig)
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
         _choice(self, "family", ("decoder", "encoder", "encoder_decoder"))
-        _choice(self, "norm_position", ("pre", "post"))
+        _choice(self, "norm_position", ("pre", "post", "sandwich"))
         _choice(self, "norm", ("rmsnorm", "layernorm"))
         _choice(self, "mlp", ("swiglu", "geglu", "gelu", "relu"))
         _choice(self, "positions", ("rope", "learned", "sinusoidal", "alibi", "t5_relative",
@@ -192,6 +226,9 @@ class ModelConfig:
             raise ConfigError(f"model.attn_logit_softcap={self.attn_logit_softcap} must be >= 0")
         if self.sliding_window < 0:
             raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: off)")
+        if self.final_logit_softcap < 0:
+            raise ConfigError(f"model.final_logit_softcap={self.final_logit_softcap} must be >= 0")
+        self._check_pattern()
         if self.moe.n_experts and self.mlp != "swiglu":
             raise ConfigError(f"model.moe.n_experts={self.moe.n_experts} needs model.mlp='swiglu' "
                               f"(the experts are SwiGLU), not {self.mlp!r}")
@@ -202,6 +239,26 @@ class ModelConfig:
         if (self.dropout or self.attention_dropout) and self.family == "decoder":
             raise ConfigError("model.dropout and model.attention_dropout are for the encoder and "
                               "encoder_decoder families (BERT, T5); the decoder has none")
+
+    def _check_pattern(self):
+        p = self.layer_pattern
+        if not isinstance(p, str) or set(p) - set("lg"):
+            raise ConfigError(f"model.layer_pattern={p!r} must be a string of 'l' (local) and "
+                              "'g' (global) layers")
+        if "l" in p and not self.sliding_window:
+            raise ConfigError(f"model.layer_pattern={p!r} has local layers: it needs "
+                              "model.sliding_window > 0")
+        r = self.rope
+        if r.scaling == "longrope" and not len(r.short_factor) == len(r.long_factor) == \
+                self.head_dim // 2:
+            raise ConfigError(f"model.rope.short_factor and long_factor need head_dim / 2 = "
+                              f"{self.head_dim // 2} values each, not {len(r.short_factor)} "
+                              f"and {len(r.long_factor)}")
+        if (self.norm_unit_offset or self.qk_norm) and self.norm != "rmsnorm":
+            raise ConfigError("model.norm_unit_offset and model.qk_norm need model.norm=rmsnorm")
+        if (p or self.norm_position == "sandwich") and self.family != "decoder":
+            raise ConfigError("model.layer_pattern and model.norm_position=sandwich are for the "
+                              "decoder family")
 
     def _check_labels(self):
         if self.num_labels < 0 or self.pad_token_id < -1:
@@ -220,6 +277,12 @@ class ModelConfig:
         if self.num_labels and not self.head:
             raise ConfigError(f"model.num_labels={self.num_labels} needs model.head=true: the "
                               "score head is the model's output head")
+
+    @property
+    def layer_period(self) -> int:
+        """How many layers the stack's scan body runs: the length of model.layer_pattern
+        when its layers differ, else 1."""
+        return len(self.layer_pattern) if len(set(self.layer_pattern)) > 1 else 1
 
     @property
     def q_per_kv(self) -> int:

@@ -8,7 +8,8 @@ from jaxlm.model.config import ModelConfig
 
 
 PARAMS_B = {"llama3-8b": 8.03, "mistral-7b": 7.24, "qwen2-0.5b": 0.494, "mixtral-8x7b": 46.70,
-            "gpt2": 0.1244}
+            "gpt2": 0.1244, "qwen3-8b": 8.191, "qwen3-30b-a3b": 30.53, "gemma2-9b": 9.242,
+            "gemma3-4b": 3.880, "phi3-mini": 3.821}
 
 
 def test_presets_load_and_round_trip():
@@ -264,7 +265,8 @@ def test_init_from_takes_old_model_key_names(tmp_path):
 # Keys that sit in a nested section without ever having had a flat name (none yet).
 # keys that were born nested, with no flat name of their own (nor a TRL spelling)
 NEVER_FLAT = {"train.distill.loss", "train.distill.beta", "train.distill.temperature",
-              "train.distill.alpha"}
+              "train.distill.alpha", "model.moe.normalize_top_k", "model.rope.local_theta",
+              "model.rope.long_factor", "model.rope.short_factor"}
 
 
 def test_every_nested_key_has_its_old_flat_name_in_the_alias_table():

@@ -309,8 +309,10 @@ def test_config_mapping_windows_and_gpt2():
     everywhere = {**qwen, "use_sliding_window": True, "sliding_window": 16,
                   "max_window_layers": 0, "layer_types": None}
     assert config_from_hf(everywhere).sliding_window == 16
-    with pytest.raises(CheckpointError, match="some layers only"):
-        config_from_hf({**everywhere, "max_window_layers": 1})
+    half = config_from_hf({**everywhere, "max_window_layers": 1})  # layers 1, 3, ...: windowed
+    assert (half.sliding_window, half.layer_pattern) == (16, "gl")
+    with pytest.raises(CheckpointError, match="must repeat a pattern"):  # 15 full, then 5
+        config_from_hf({**everywhere, "num_hidden_layers": 20, "max_window_layers": 15})
     mistral = transformers.MistralConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2,
                                          intermediate_size=40, sliding_window=None).to_dict()

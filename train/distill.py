@@ -206,6 +206,8 @@ def distill_sums(student, teacher, mcfg, teacher_cfg, batch, tcfg, vocab_chunk: 
     d = tcfg.distill
     batch = context_reorder(batch, context_size())
     mask = batch["loss_mask"]
+    if mcfg.final_logit_softcap or teacher_cfg.final_logit_softcap:
+        vocab_chunk = 0  # the chunked divergence has no soft cap: the full logits
     if vocab_chunk > 0:
         hs, ws, aux = _hidden_and_head(student, mcfg, batch, dropout_key)
         ht, wt, _ = jax.lax.stop_gradient(_hidden_and_head(teacher, teacher_cfg, batch))

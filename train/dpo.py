@@ -55,7 +55,8 @@ def sequence_logprobs(params, cfg, batch, vocab_chunk: int = 0, masks=None):
     if vocab_chunk > 0:
         top = materialize_outside_layers(params, dtype_of(cfg.dtype))
         w = head_weights(top, cfg).astype(out.dtype)
-        row = lambda h, t, m: chunked_lm_loss(h, w, t, m, vocab_chunk)[0]  # noqa: E731
+        row = lambda h, t, m: chunked_lm_loss(h, w, t, m, vocab_chunk,  # noqa: E731
+                                              cfg.final_logit_softcap)[0]
         sums = [-jax.vmap(row)(out, targets, m) for m in masks]
     else:
         logp = jax.nn.log_softmax(out, axis=-1)

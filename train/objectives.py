@@ -53,10 +53,11 @@ def labelled_rows(batch):
     return jnp.any(batch["segment_ids"] > 0, axis=-1)
 
 
-def chunked_lm_loss(hidden, w, targets, loss_mask, chunk: int):
+def chunked_lm_loss(hidden, w, targets, loss_mask, chunk: int, softcap: float = 0.0):
     """The same loss from hidden states [B,S,D] and the head w [D,V], computed
     over vocab chunks of about `chunk` columns ([B*S] rows, or [B,S] under a
-    context mesh).
+    context mesh). softcap c > 0: the logits are c * tanh(logits / c) (the
+    model's final_logit_softcap), in both passes.
 
     The [B,S,V] logits are never materialised: the forward pass keeps a
     running log-sum-exp per token; the backward pass recomputes each chunk's
@@ -70,7 +71,7 @@ def chunked_lm_loss(hidden, w, targets, loss_mask, chunk: int):
         # flattening [B, S] would gather the sequence, so the leading axes stay apart
         hidden = hidden.reshape(-1, hidden.shape[-1])
         targets, mask = targets.reshape(-1), mask.reshape(-1)
-    loss = _chunked_ce(hidden, w, targets, mask, _chunking(w.shape[1], chunk))
+    loss = _chunked_ce(hidden, w, targets, mask, (*_chunking(w.shape[1], chunk), softcap))
     return loss, jnp.sum(mask)
 
 
@@ -86,10 +87,15 @@ def _chunks(w, n, size):
     return w.reshape(d, n, size).transpose(1, 0, 2)
 
 
-def _chunk_logits(x, w_c, c, size, vocab):
+def _chunk_logits(x, w_c, c, size, vocab, softcap=0.0):
+    """(logits, cols, d logits / d raw logits (1 without a soft cap)) of one chunk."""
     logits = jnp.matmul(x, w_c, preferred_element_type=jnp.float32)
+    slope = 1.0
+    if softcap:
+        th = jnp.tanh(logits / softcap)
+        logits, slope = softcap * th, 1.0 - th * th
     cols = c * size + jnp.arange(size)
-    return jnp.where(cols < vocab, logits, -jnp.inf), cols
+    return jnp.where(cols < vocab, logits, -jnp.inf), cols, slope
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -98,13 +104,13 @@ def _chunked_ce(x, w, targets, mask, chunking):
 
 
 def _chunked_ce_fwd(x, w, targets, mask, chunking):
-    n, size = chunking
+    n, size, softcap = chunking
     vocab = w.shape[1]
 
     def step(carry, c_and_w):
         m, s, t = carry
         c, w_c = c_and_w
-        logits, cols = _chunk_logits(x, w_c, c, size, vocab)
+        logits, cols, _ = _chunk_logits(x, w_c, c, size, vocab, softcap)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
         t = t + jnp.sum(jnp.where(cols == targets[..., None], logits, 0.0), axis=-1)
@@ -119,16 +125,16 @@ def _chunked_ce_fwd(x, w, targets, mask, chunking):
 
 def _chunked_ce_bwd(chunking, res, g):
     x, w, targets, mask, lse = res
-    n, size = chunking
+    n, size, softcap = chunking
     vocab = w.shape[1]
     coef = g * mask
 
     def step(dx, c_and_w):
         c, w_c = c_and_w
-        logits, cols = _chunk_logits(x, w_c, c, size, vocab)
+        logits, cols, slope = _chunk_logits(x, w_c, c, size, vocab, softcap)
         dlogits = jnp.exp(logits - lse[..., None]) * coef[..., None]
         dlogits = dlogits - jnp.where(cols == targets[..., None], coef[..., None], 0.0)
-        dlogits = dlogits.astype(x.dtype)
+        dlogits = (dlogits * slope).astype(x.dtype)
         dx = dx + jnp.matmul(dlogits, w_c.T, preferred_element_type=jnp.float32)
         lead = tuple(range(x.ndim - 1))  # x [..., D], dlogits [..., size] -> [D, size]
         return dx, jnp.tensordot(x, dlogits, (lead, lead), preferred_element_type=jnp.float32)

@@ -79,7 +79,8 @@ def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_wei
             out, w = mlm_head_inputs(top, mcfg, out)
         else:
             w = head_weights(top, mcfg).astype(out.dtype)
-        loss_sum, count = chunked_lm_loss(out, w, batch["targets"], batch["loss_mask"], vocab_chunk)
+        loss_sum, count = chunked_lm_loss(out, w, batch["targets"], batch["loss_mask"], vocab_chunk,
+                                          mcfg.final_logit_softcap)
     else:
         loss_sum, count = causal_lm_loss(out, batch["targets"], batch["loss_mask"])
     return _with_router_losses(loss_sum, count, extra, aux, mcfg, denominator, aux_weight)

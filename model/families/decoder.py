@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ...errors import ConfigError
 from ..adapters import materialize_outside_layers
 from ..block import BlockInputs, layer_mean, run_layers
 from ..config import dtype_of
@@ -35,6 +36,8 @@ from ...sharding.pipeline import pipelined_layers
 def decoder_specs(cfg):
     layer = {"ln1": norm_specs(cfg), "attn": attention_specs(cfg), "ln2": norm_specs(cfg),
              "mlp": moe_specs(cfg) if cfg.moe.n_experts else mlp_specs(cfg)}
+    if cfg.norm_position == "sandwich":  # the norms on the sublayers' outputs
+        layer.update(ln1_post=norm_specs(cfg), ln2_post=norm_specs(cfg))
     specs = {"embed": embedding_specs(cfg), "layers": stack(layer, cfg.n_layers),
              "final_ln": norm_specs(cfg)}
     if cfg.positions == "learned":
@@ -87,6 +90,9 @@ def decoder_pipelined(params, cfg, tokens, positions, segment_ids, pipeline):
     outside, on every stage; no attention bias. aux["pipeline"] holds the busy
     stage-ticks and ticks."""
     b, s = tokens.shape
+    if cfg.layer_pattern:  # the stages would restart the pattern (`over_layers`)
+        raise ConfigError(f"model.layer_pattern={cfg.layer_pattern!r} does not run pipelined "
+                          "(mesh.stage > 1)")
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))

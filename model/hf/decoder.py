@@ -1,5 +1,6 @@
 """Hugging Face decoder-only families: llama (Llama 1-3, incl. Llama-3 rope
-scaling), mistral, qwen2, mixtral, gpt2.
+scaling), mistral, qwen2, mixtral, gpt2, qwen3, qwen3_moe, phi3 (incl. LongRoPE),
+gemma2, gemma3_text (Gemma 3's text model, `Gemma3ForCausalLM`).
 
 * `config_from_hf(config_json_dict) -> ModelConfig`, `hf_config_from(cfg)`.
 * `rules(cfg, hf, keys)`: the table (`jaxlm.model.hf.rules.Rule`) mapping every
@@ -18,7 +19,15 @@ Mixtral experts come in two layouts, detected per checkpoint:
     model.layers.N.mlp.gate.weight [E, D]
     model.layers.N.mlp.experts.gate_up_proj [E, 2F, D]  (gate rows first, then up)
     model.layers.N.mlp.experts.down_proj [E, D, F]
-Export writes the per-expert layout.
+Export writes the per-expert layout. Qwen3-MoE's experts are
+`mlp.experts.E.{gate,up,down}_proj.weight` (or the same fused layout) with the router
+`mlp.gate.weight`.
+
+Phi-3's fused `qkv_proj` [(H + 2 KVH) * hd, D] and `gate_up_proj` [2F, D] load as
+our separate q, k, v and gate, up (`Rule.part`) and export fused again. Gemma's
+sandwich norms: input_layernorm -> ln1, post_attention_layernorm -> ln1_post,
+pre_feedforward_layernorm -> ln2, post_feedforward_layernorm -> ln2_post; their
+scales are stored zero-centred (model.norm_unit_offset), as HF's.
 
 Sequence classifiers (`LlamaForSequenceClassification`, ...,
 `GPT2ForSequenceClassification`: `score.weight` [N, D] in place of `lm_head.weight`)
@@ -27,6 +36,7 @@ load as model.num_labels = N (hf/labels.py), and export as such.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -37,22 +47,22 @@ from .labels import hf_label_fields, label_fields
 from .rules import Rule, linear, merged
 from ..layers.positions import SCALED_ROPE, rope_fields_from_hf, rope_parameters_to_hf
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
+_CLASSES = {  # model_type: HF class prefix
+    "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "mixtral": "Mixtral",
+    "gpt2": "GPT2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "phi3": "Phi3",
+    "gemma2": "Gemma2", "gemma3_text": "Gemma3Text"}
+MODEL_TYPES = tuple(_CLASSES)
 SUPPORTED = MODEL_TYPES
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
-                 "gpt2": "GPT2LMHeadModel"}
+ARCHITECTURES = {t: f"{c}ForCausalLM" for t, c in _CLASSES.items()}
+ARCHITECTURES.update(gpt2="GPT2LMHeadModel", gemma3_text="Gemma3ForCausalLM")
 # base model classes (no lm_head; keys without the `model.` / `transformer.` prefix):
 # they load as model.head=false (hidden states only)
-BASE_ARCHITECTURES = {"llama": "LlamaModel", "mistral": "MistralModel", "qwen2": "Qwen2Model",
-                      "mixtral": "MixtralModel", "gpt2": "GPT2Model"}
+BASE_ARCHITECTURES = {t: f"{c}Model" for t, c in _CLASSES.items()}
 # sequence classifiers (a score head, no lm_head): model.num_labels > 0 (hf/labels.py)
-CLASSIFIER_ARCHITECTURES = {"llama": "LlamaForSequenceClassification",
-                            "mistral": "MistralForSequenceClassification",
-                            "qwen2": "Qwen2ForSequenceClassification",
-                            "mixtral": "MixtralForSequenceClassification",
-                            "gpt2": "GPT2ForSequenceClassification"}
-_DEFAULT_THETA = {"mixtral": 1e6}  # else 10000
+CLASSIFIER_ARCHITECTURES = {t: f"{c}ForSequenceClassification" for t, c in _CLASSES.items()}
+QWEN3 = ("qwen3", "qwen3_moe")
+GEMMA = ("gemma2", "gemma3_text")
+_DEFAULT_THETA = {"mixtral": 1e6, "gemma3_text": 1e6}  # else 10000
 # llama-style hidden_act -> (our gated mlp, gelu_approximate)
 _GATED_ACTS = {"silu": ("swiglu", False), "swish": ("swiglu", False), "gelu": ("geglu", False),
                "gelu_pytorch_tanh": ("geglu", True), "gelu_new": ("geglu", True)}
@@ -90,6 +100,13 @@ def _rope(hf: dict, model_type: str, max_len: int) -> RopeConfig:
     if partial != 1.0:
         raise CheckpointError(f"{CONFIG_FILE}: partial_rotary_factor={partial} is not supported")
     kind = params.get("rope_type", params.get("type")) or "default"
+    if model_type == "phi3" and kind in ("su", "yarn", "longrope"):  # HF's Phi-3 reads all three
+        kind = "longrope"  # as LongRoPE, its pretraining length the top-level key's (HF: 4096)
+        params = {**params, "original_max_position_embeddings": hf.get(
+            "original_max_position_embeddings") or params.get(
+            "original_max_position_embeddings") or 4096}
+    elif kind == "longrope" and not params.get("original_max_position_embeddings"):
+        params = {**params, "original_max_position_embeddings": max_len}
     if kind == "default":
         return RopeConfig(theta=float(theta))
     if kind == "llama3":
@@ -104,24 +121,50 @@ def _rope(hf: dict, model_type: str, max_len: int) -> RopeConfig:
                           f"(supported: default, llama3, {', '.join(SCALED_ROPE)})")
 
 
-def _window(hf: dict, model_type: str, n_layers: int) -> int:
+_GEMMA_PERIOD = {"gemma2": 2, "gemma3_text": 6}  # HF's default layer_types
+
+
+def _window(hf: dict, model_type: str, n_layers: int) -> tuple[int, str]:
+    """(model.sliding_window, model.layer_pattern) of the config."""
     window = hf.get("sliding_window") or 0
-    if model_type in ("mistral", "mixtral"):
-        return int(window)
-    if model_type != "qwen2":
-        return 0
-    # qwen2: a window only where use_sliding_window, on layers >= max_window_layers
-    if not hf.get("use_sliding_window") or not window:
-        return 0
-    types = hf.get("layer_types") or [
-        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-        for i in range(n_layers)]
-    if all(t == "full_attention" for t in types):
-        return 0
-    if all(t == "sliding_attention" for t in types):
-        return int(window)
-    raise CheckpointError(f"{CONFIG_FILE}: a sliding window on some layers only (layer_types "
-                          f"{types}) is not supported; the window must cover all layers or none")
+    if model_type in ("mistral", "mixtral", "phi3"):
+        return int(window), ""
+    if model_type == "qwen3_moe":  # every layer, where use_sliding_window
+        return (int(window), "") if hf.get("use_sliding_window") else (0, "")
+    if model_type in GEMMA:  # local layers by layer_types, else every P-th layer global
+        period = hf.get("sliding_window_pattern") or _GEMMA_PERIOD[model_type]
+        types = hf.get("layer_types") or [
+            "sliding_attention" if (i + 1) % period else "full_attention"
+            for i in range(n_layers)]
+    elif model_type in ("qwen2", "qwen3"):
+        # a window only where use_sliding_window, on layers >= max_window_layers
+        if not hf.get("use_sliding_window") or not window:
+            return 0, ""
+        types = hf.get("layer_types") or [
+            "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+            for i in range(n_layers)]
+    else:
+        return 0, ""
+    return _pattern(types, int(window), n_layers)
+
+
+def _pattern(types: list, window: int, n_layers: int) -> tuple[int, str]:
+    """layer_types -> (sliding_window, layer_pattern): the shortest repeating pattern."""
+    kinds = {"sliding_attention": "l", "full_attention": "g"}
+    if len(types) != n_layers or set(types) - set(kinds):
+        raise CheckpointError(f"{CONFIG_FILE}: layer_types={types} is not supported (one of "
+                              f"{', '.join(kinds)} per layer, {n_layers} layers)")
+    chars = "".join(kinds[t] for t in types)
+    if "l" not in chars or not window:
+        return 0, ""
+    if "g" not in chars:
+        return window, ""
+    period = next(p for p in range(1, n_layers + 1)
+                  if all(chars[i] == chars[i % p] for i in range(n_layers)))
+    if period > max(8, n_layers // 2):  # no repeating pattern: the scan would unroll the stack
+        raise CheckpointError(f"{CONFIG_FILE}: layer_types={types} is not supported: sliding "
+                              "and full layers must repeat a pattern (at least twice)")
+    return window, chars[:period]
 
 
 def _llama_like(hf: dict, model_type: str) -> dict:
@@ -129,26 +172,46 @@ def _llama_like(hf: dict, model_type: str) -> dict:
     heads = _get(hf, "num_attention_heads", required=True)
     n_layers = _get(hf, "num_hidden_layers", required=True)
     max_len = _get(hf, "max_position_embeddings", 2048)
-    act = _get(hf, "hidden_act", "silu")
-    if act not in _GATED_ACTS or (model_type == "mixtral" and act not in ("silu", "swish")):
-        raise CheckpointError(f"{CONFIG_FILE}: hidden_act {act!r} is not supported for "
+    act_key = "hidden_activation" if model_type in GEMMA else "hidden_act"  # Gemma: only this
+    act = _get(hf, act_key, "gelu_pytorch_tanh" if model_type in GEMMA else "silu")
+    moe_silu = model_type in ("mixtral", "qwen3_moe")
+    if act not in _GATED_ACTS or (moe_silu and act not in ("silu", "swish")):
+        raise CheckpointError(f"{CONFIG_FILE}: {act_key} {act!r} is not supported for "
                               f"{model_type} (supported: silu"
-                              + ("" if model_type == "mixtral" else ", gelu, gelu_pytorch_tanh")
+                              + ("" if moe_silu else ", gelu, gelu_pytorch_tanh")
                               + ")")
+    _refuse_unbuilt(hf, model_type)
     mlp, approximate = _GATED_ACTS[act]
+    window, pattern = _window(hf, model_type, n_layers)
     fields = dict(
         vocab_size=_get(hf, "vocab_size", required=True), d_model=d, n_layers=n_layers,
         n_heads=heads, n_kv_heads=_get(hf, "num_key_value_heads", heads),
         head_dim=_get(hf, "head_dim", 0), d_ff=_get(hf, "intermediate_size", required=True),
         max_seq_len=max_len, norm="rmsnorm", norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
         mlp=mlp, gelu_approximate=approximate, positions="rope",
-        sliding_window=_window(hf, model_type, n_layers),
-        tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+        sliding_window=window, layer_pattern=pattern,
+        tie_embeddings=bool(_get(hf, "tie_word_embeddings", model_type in GEMMA)),
         init_std=float(_get(hf, "initializer_range", 0.02)),
-        rope=_rope(hf, model_type, max_len))
-    if model_type == "llama":
+        rope=_gemma3_rope(hf, max_len) if model_type == "gemma3_text"
+        else _rope(hf, model_type, max_len))
+    if model_type in ("llama", *QWEN3, *GEMMA):
         bias = bool(_get(hf, "attention_bias", False))
         fields.update(qkv_bias=bias, out_bias=bias, mlp_bias=bool(_get(hf, "mlp_bias", False)))
+    if model_type in QWEN3 or model_type == "gemma3_text":
+        fields.update(qk_norm=True)
+    if model_type in GEMMA:
+        attn_cap, final_cap = (50.0, 30.0) if model_type == "gemma2" else (None, None)
+        fields.update(norm_position="sandwich", norm_unit_offset=True, scale_embeddings=True,
+                      attn_scale=float(_get(hf, "query_pre_attn_scalar", 256)) ** -0.5,
+                      attn_logit_softcap=float(hf.get("attn_logit_softcapping", attn_cap) or 0),
+                      final_logit_softcap=float(hf.get("final_logit_softcapping", final_cap)
+                                                or 0))
+    if model_type == "qwen3_moe" and _get(hf, "num_experts", hf.get("num_local_experts", 128)):
+        fields.update(d_ff=_get(hf, "moe_intermediate_size", 768), moe=MoeConfig(
+            n_experts=_get(hf, "num_experts", hf.get("num_local_experts", 128)),
+            experts_per_token=_get(hf, "num_experts_per_tok", 8),
+            normalize_top_k=bool(_get(hf, "norm_topk_prob", False)),
+            aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.001)), capacity_factor=0.0))
     elif model_type == "qwen2":
         fields.update(qkv_bias=True)
     elif model_type == "mixtral":
@@ -157,6 +220,49 @@ def _llama_like(hf: dict, model_type: str) -> dict:
             experts_per_token=_get(hf, "num_experts_per_tok", 2),
             aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.001)), capacity_factor=0.0))
     return fields
+
+
+def _refuse_unbuilt(hf: dict, model_type: str):
+    """One line naming a config.json key whose value changes the forward in a way not
+    built here (the keys these families read are mapped in `_llama_like`)."""
+    def refuse(key, why=""):
+        raise CheckpointError(f"{CONFIG_FILE}: {key}={hf[key]!r} is not supported for "
+                              f"{model_type}{why}")
+    if hf.get("use_bidirectional_attention"):
+        refuse("use_bidirectional_attention", " (causal attention only)")
+    if model_type == "qwen3_moe":
+        if hf.get("mlp_only_layers"):
+            refuse("mlp_only_layers", " (every layer a mixture of experts)")
+        if hf.get("decoder_sparse_step", 1) != 1:
+            refuse("decoder_sparse_step", " (every layer a mixture of experts: 1)")
+    for key in ("shared_expert_intermediate_size", "n_shared_experts"):
+        if hf.get(key):
+            refuse(key, " (no shared experts)")
+
+
+def _gemma3_rope(hf: dict, max_len: int) -> RopeConfig:
+    """Gemma 3's two rotary embeddings: the global layers' (rope_theta, rope_scaling) and
+    the local layers' base (rope_local_base_freq; transformers 5: rope_parameters nested
+    by layer type)."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+        if hf.get("rope_scaling"):
+            full.update(hf["rope_scaling"])
+    else:
+        full = dict(hf.get("rope_scaling") or {})
+        local = {}
+    full.setdefault("rope_theta", hf.get("rope_theta") or 1e6)
+    if hf.get("partial_rotary_factor") is not None:
+        full.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq") or 1e4)
+    kind = local.get("rope_type", local.get("type")) or "default"
+    if kind != "default":
+        raise CheckpointError(f"{CONFIG_FILE}: rope_parameters.sliding_attention.rope_type="
+                              f"{kind!r} is not supported (the local layers' RoPE is unscaled)")
+    rope = _rope({"rope_parameters": full}, "gemma3_text", max_len)
+    return dataclasses.replace(rope, local_theta=float(local["rope_theta"]))
 
 
 def _gpt2(hf: dict) -> dict:
@@ -203,6 +309,12 @@ def infer_model_type(cfg: ModelConfig) -> str:
     """The HF family a config exports as."""
     if cfg.positions == "learned" and cfg.norm == "layernorm":
         return "gpt2"
+    if cfg.norm_position == "sandwich":
+        return "gemma3_text" if cfg.qk_norm else "gemma2"
+    if cfg.qk_norm:
+        return "qwen3_moe" if cfg.moe.n_experts else "qwen3"
+    if cfg.rope.scaling == "longrope":
+        return "phi3"
     if cfg.moe.n_experts:
         return "mixtral"
     if cfg.qkv_bias and not cfg.out_bias:
@@ -217,10 +329,24 @@ def _export_problems(cfg: ModelConfig, model_type: str) -> list[str]:
     def need(ok, what):
         if not ok:
             bad.append(what)
+    gemma = model_type in GEMMA
     need(cfg.family == "decoder", "family=decoder")
-    need(getattr(cfg, "norm_position", "pre") == "pre", "norm_position=pre")
-    need(getattr(cfg, "attn_scale", 0.0) in (0.0, cfg.head_dim ** -0.5), "attn_scale=0")
+    need(cfg.norm_position == ("sandwich" if gemma else "pre"),
+         "norm_position=" + ("sandwich" if gemma else "pre"))
+    need(gemma or cfg.attn_scale in (0.0, cfg.head_dim ** -0.5), "attn_scale=0")
     need(not getattr(cfg, "type_vocab_size", 0), "type_vocab_size=0")
+    need(cfg.norm_unit_offset == gemma and cfg.scale_embeddings == gemma,
+         f"norm_unit_offset={gemma} and scale_embeddings={gemma}")
+    need(gemma or not (cfg.attn_logit_softcap or cfg.final_logit_softcap),
+         "attn_logit_softcap=0 and final_logit_softcap=0")
+    qk = model_type in ("gemma3_text", *QWEN3)
+    need(cfg.qk_norm == qk, f"qk_norm={qk}")
+    need(not cfg.layer_pattern or model_type in ("qwen2", "qwen3", *GEMMA), "layer_pattern=''")
+    need(not cfg.rope.local_theta or model_type == "gemma3_text", "rope.local_theta=0")
+    need(model_type != "gemma3_text" or "l" not in cfg.layer_pattern or cfg.rope.local_theta
+         or cfg.rope.scaling == "none", "rope.local_theta > 0 (the local layers' unscaled base)")
+    need(cfg.rope.scaling != "longrope" or model_type == "phi3", "rope.scaling other than longrope")
+    need(cfg.moe.normalize_top_k or model_type == "qwen3_moe", "moe.normalize_top_k=true")
     if model_type == "gpt2":
         need(cfg.norm == "layernorm", "norm=layernorm")
         need(cfg.positions == "learned", "positions=learned")
@@ -233,13 +359,14 @@ def _export_problems(cfg: ModelConfig, model_type: str) -> list[str]:
         return bad
     need(cfg.norm == "rmsnorm", "norm=rmsnorm")
     need(cfg.positions == "rope", "positions=rope")
-    need(cfg.mlp in ("swiglu", "geglu") if model_type != "mixtral" else cfg.mlp == "swiglu",
-         "mlp=swiglu" + ("" if model_type == "mixtral" else " or geglu"))
-    need(bool(cfg.moe.n_experts) == (model_type == "mixtral"),
-         "moe.n_experts > 0" if model_type == "mixtral" else "moe.n_experts=0")
-    if model_type == "llama":
+    moe = model_type in ("mixtral", "qwen3_moe")
+    need(cfg.mlp in ("swiglu", "geglu") if not moe else cfg.mlp == "swiglu",
+         "mlp=swiglu" + ("" if moe else " or geglu"))
+    need(bool(cfg.moe.n_experts) == moe, "moe.n_experts > 0" if moe else "moe.n_experts=0")
+    if model_type in ("llama", *QWEN3, *GEMMA):
         need(cfg.qkv_bias == cfg.out_bias, "qkv_bias == out_bias (attention_bias)")
-        need(not cfg.sliding_window, "sliding_window=0")
+        need(model_type != "llama" or not cfg.sliding_window, "sliding_window=0")
+        need(model_type == "llama" or not cfg.mlp_bias, "mlp_bias=false")
     elif model_type == "qwen2":
         need(cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias,
              "qkv_bias=true, out_bias=false, mlp_bias=false")
@@ -275,6 +402,8 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
     act = "silu" if cfg.mlp == "swiglu" else ("gelu_pytorch_tanh" if cfg.gelu_approximate
                                              else "gelu")
     rope = {"rope_type": "default", "rope_theta": cfg.rope.theta}
+    if model_type == "phi3":
+        rope["partial_rotary_factor"] = 1.0
     if cfg.rope.scaling == "llama3":
         rope.update(rope_type="llama3", factor=cfg.rope.factor,
                     low_freq_factor=cfg.rope.low_freq_factor,
@@ -290,19 +419,57 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
            "rope_parameters": rope, "rope_theta": cfg.rope.theta,
            "rope_scaling": rope if cfg.rope.scaling != "none" else None}
     window = cfg.sliding_window or None
+    types = _layer_types(cfg)
+    if model_type in ("llama", *QWEN3, *GEMMA):
+        out.update(attention_bias=cfg.qkv_bias)
     if model_type == "llama":
-        out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-    elif model_type == "qwen2":
+        out.update(mlp_bias=cfg.mlp_bias)
+    elif model_type in ("qwen2", "qwen3"):
         out.update(use_sliding_window=bool(window), sliding_window=window,
-                   max_window_layers=0 if window else cfg.n_layers)
+                   max_window_layers=0 if window else cfg.n_layers, layer_types=types)
+    elif model_type == "qwen3_moe":
+        out.update(use_sliding_window=bool(window), sliding_window=window)
+    elif model_type in GEMMA:
+        out.update(sliding_window=window or cfg.max_seq_len, layer_types=types,
+                   hidden_activation=act,
+                   query_pre_attn_scalar=_pre_attn_scalar(cfg),
+                   attn_logit_softcapping=cfg.attn_logit_softcap or None,
+                   final_logit_softcapping=cfg.final_logit_softcap or None,
+                   use_bidirectional_attention=False)
     else:
         out.update(sliding_window=window)
+    if model_type == "gemma3_text":  # transformers 5's nested rope_parameters, and 4's keys
+        local = {"rope_type": "default", "rope_theta": cfg.rope.local_theta or cfg.rope.theta}
+        out.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
+                   rope_local_base_freq=local["rope_theta"])
+    if model_type == "phi3":
+        out.update(original_max_position_embeddings=cfg.rope.original_max_len
+                   if cfg.rope.scaling == "longrope" else cfg.max_seq_len,
+                   resid_pdrop=0.0, embd_pdrop=0.0)
+    if model_type == "qwen3_moe":
+        out.update(num_experts=cfg.moe.n_experts, num_experts_per_tok=cfg.moe.experts_per_token,
+                   moe_intermediate_size=cfg.d_ff, norm_topk_prob=cfg.moe.normalize_top_k,
+                   decoder_sparse_step=1, mlp_only_layers=[],
+                   router_aux_loss_coef=cfg.moe.aux_loss_coef, output_router_logits=False)
     if model_type == "mixtral":
         out.update(num_local_experts=cfg.moe.n_experts,
                    num_experts_per_tok=cfg.moe.experts_per_token,
                    router_aux_loss_coef=cfg.moe.aux_loss_coef, output_router_logits=False,
                    router_jitter_noise=0.0)
     return out
+
+
+def _layer_types(cfg: ModelConfig) -> list:
+    """HF layer_types of cfg: its pattern (or its one kind) repeated over the layers."""
+    pattern = cfg.layer_pattern or ("l" if cfg.sliding_window else "g")
+    return ["sliding_attention" if pattern[i % len(pattern)] == "l" else "full_attention"
+            for i in range(cfg.n_layers)]
+
+
+def _pre_attn_scalar(cfg: ModelConfig):
+    """Gemma's query_pre_attn_scalar of model.attn_scale (its -2 power; whole when close)."""
+    value = (cfg.attn_scale or cfg.head_dim ** -0.5) ** -2
+    return round(value) if abs(value - round(value)) < 1e-6 * value else value
 
 
 # ------------------------------------------------------------------ the mapping
@@ -312,10 +479,10 @@ def rules(cfg: ModelConfig, hf: dict, keys=frozenset()) -> list[Rule]:
     prefix/layout on import."""
     if hf["model_type"] == "gpt2":
         return _gpt2_rules(cfg, keys)
-    return _llama_rules(cfg, keys)
+    return _llama_rules(cfg, keys, hf["model_type"])
 
 
-def _llama_rules(cfg, keys):
+def _llama_rules(cfg, keys, model_type):
     pre = "" if ("embed_tokens.weight" in keys and "model.embed_tokens.weight" not in keys) \
         else "model."
     layer = pre + "layers.{i}."
@@ -326,12 +493,24 @@ def _llama_rules(cfg, keys):
         Rule(("embed", "tokens"), pre + "embed_tokens.weight"),
         Rule(("final_ln", "scale"), pre + "norm.weight"),
         Rule(("layers", "ln1", "scale"), layer + "input_layernorm.weight"),
-        Rule(("layers", "ln2", "scale"), layer + "post_attention_layernorm.weight"),
-        Rule(("layers", "attn", "q"), att + "q_proj.weight", heads),
-        Rule(("layers", "attn", "k"), att + "k_proj.weight", heads),
-        Rule(("layers", "attn", "v"), att + "v_proj.weight", heads),
         Rule(("layers", "attn", "o"), att + "o_proj.weight", linear(2, 3)),  # [D, H*hd]
     ]
+    if model_type in GEMMA:
+        rules += [Rule(("layers", "ln1_post", "scale"), layer + "post_attention_layernorm.weight"),
+                  Rule(("layers", "ln2", "scale"), layer + "pre_feedforward_layernorm.weight"),
+                  Rule(("layers", "ln2_post", "scale"),
+                       layer + "post_feedforward_layernorm.weight")]
+    else:
+        rules.append(Rule(("layers", "ln2", "scale"), layer + "post_attention_layernorm.weight"))
+    if model_type == "phi3":  # qkv_proj [(H + 2 KVH) * hd, D]: q, k, v chunks
+        sizes = (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)
+        rules += [Rule(("layers", "attn", w), att + "qkv_proj.weight", heads, (0, j, sizes))
+                  for j, w in enumerate("qkv")]
+    else:
+        rules += [Rule(("layers", "attn", w), att + f"{w}_proj.weight", heads) for w in "qkv"]
+    if cfg.qk_norm:
+        rules += [Rule(("layers", "attn", f"{w}_norm", "scale"), att + f"{w}_norm.weight")
+                  for w in "qk"]
     rules += _head_rules(cfg)
     if cfg.qkv_bias:
         rules += [Rule(("layers", "attn", w + "_bias"), att + f"{w}_proj.bias", head_bias)
@@ -339,7 +518,14 @@ def _llama_rules(cfg, keys):
     if cfg.out_bias:
         rules.append(Rule(("layers", "attn", "o_bias"), att + "o_proj.bias"))
     if cfg.moe.n_experts:
-        return rules + _mixtral_expert_rules(layer, keys)
+        return rules + _expert_rules(layer, keys, model_type)
+    if model_type == "phi3":  # gate_up_proj [2F, D]: gate rows first, then up
+        return rules + [
+            Rule(("layers", "mlp", "gate"), layer + "mlp.gate_up_proj.weight", linear(1, 2),
+                 (0, 0, 2)),
+            Rule(("layers", "mlp", "up"), layer + "mlp.gate_up_proj.weight", linear(1, 2),
+                 (0, 1, 2)),
+            Rule(("layers", "mlp", "down"), layer + "mlp.down_proj.weight", linear(1, 2))]
     for name in ("gate", "up", "down") if cfg.mlp in ("swiglu", "geglu") else ("up", "down"):
         rules.append(Rule(("layers", "mlp", name), layer + f"mlp.{name}_proj.weight",
                           linear(1, 2)))
@@ -348,7 +534,7 @@ def _llama_rules(cfg, keys):
     return rules
 
 
-def _mixtral_expert_rules(layer, keys):
+def _expert_rules(layer, keys, model_type):
     if layer.format(i=0) + "mlp.experts.gate_up_proj" in keys:  # fused: [E, 2F, D], [E, D, F]
         experts = layer + "mlp.experts."
         swap = ((0,), (2,), (1,))  # HF [E, F, D] <-> ours [E, D, F]
@@ -358,6 +544,10 @@ def _mixtral_expert_rules(layer, keys):
             Rule(("layers", "mlp", "up"), experts + "gate_up_proj", swap, (1, 1, 2)),
             Rule(("layers", "mlp", "down"), experts + "down_proj", swap),
         ]
+    if model_type == "qwen3_moe":
+        return [Rule(("layers", "mlp", "router"), layer + "mlp.gate.weight", linear(1, 2))] + [
+            Rule(("layers", "mlp", w), layer + f"mlp.experts.{{e}}.{w}_proj.weight", linear(1, 2))
+            for w in ("gate", "up", "down")]
     moe = layer + "block_sparse_moe."
     return [
         Rule(("layers", "mlp", "router"), moe + "gate.weight", linear(1, 2)),

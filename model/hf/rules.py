@@ -53,7 +53,9 @@ class Rule(NamedTuple):
       axes): ours = hf.reshape(split).transpose(perm). ((1, 2), (0,)) is HF
       [H*hd, D] <-> ours [D, H, hd].
     part: (hf_axis, index, count): ours is chunk `index` of `count` equal chunks of
-      the HF tensor along hf_axis (fused tensors: GPT-2 c_attn, Mixtral gate_up_proj).
+      the HF tensor along hf_axis (fused tensors: GPT-2 c_attn, Mixtral gate_up_proj);
+      count may be a tuple of the chunks' relative sizes (Phi-3's qkv_proj with GQA:
+      (H, KVH, KVH)).
     aliases: other names (templates like key) the tensor may have, tried in order.
     """
     path: tuple
@@ -70,6 +72,13 @@ class Rule(NamedTuple):
     def _groups(self, ndim: int) -> tuple:
         return self.groups if self.groups is not None else tuple((k,) for k in range(ndim))
 
+    def _span(self, size: int) -> tuple[int, int]:
+        """(offset, total) along the fused axis of our chunk of `size` rows."""
+        _, index, count = self.part
+        weights = (1,) * count if isinstance(count, int) else tuple(count)
+        unit = size // weights[index]
+        return unit * sum(weights[:index]), unit * sum(weights)
+
     def chunk_shape(self, slot: tuple) -> tuple:
         """Shape of our part of one HF tensor (the whole tensor unless fused)."""
         return tuple(math.prod(slot[k] for k in g) for g in self._groups(len(slot)))
@@ -78,7 +87,7 @@ class Rule(NamedTuple):
         """Shape of the whole HF tensor one slot of shape `slot` comes from."""
         shape = list(self.chunk_shape(slot))
         if self.part:
-            shape[self.part[0]] *= self.part[2]
+            shape[self.part[0]] = self._span(shape[self.part[0]])[1]
         return tuple(shape)
 
     def _order(self, ndim: int) -> tuple:
@@ -130,7 +139,7 @@ class Rule(NamedTuple):
             last = np.ravel_multi_index([wide[k][1] - 1 for k in group], sizes) if sizes else 0
             offset = 0
             if self.part and self.part[0] == h:
-                offset = self.part[1] * math.prod(sizes)
+                offset = self._span(math.prod(sizes))[0]
             hf_index.append(slice(offset + int(first), offset + int(last) + 1))
         within = tuple(slice(a - w0, b - w0) for (a, b), (w0, _) in zip(spans, wide))
         return tuple(hf_index), tuple(b - a for a, b in wide), within

@@ -2,6 +2,7 @@
 
 from ..kernels import attention
 from .dense import dense
+from .norms import norm, norm_specs
 from .positions import alibi_bias, rope
 from .relative import relative_bias
 from ..params import Spec, normal, zeros
@@ -23,6 +24,9 @@ def attention_specs(cfg):
         specs["v_bias"] = Spec((kvh, hd), ("kv_heads", "head_dim"), zeros, dt)
     if cfg.out_bias:
         specs["o_bias"] = Spec((d,), ("embed",), zeros, dt)
+    if cfg.qk_norm:  # one scale over head_dim, shared by the heads
+        specs["q_norm"] = norm_specs(cfg, hd, "head_dim")
+        specs["k_norm"] = norm_specs(cfg, hd, "head_dim")
     return specs
 
 
@@ -39,6 +43,8 @@ def project_qkv(p, x, positions, cfg):
         q, k, v = qkv[..., :h, :], qkv[..., h:h + kvh, :], qkv[..., h + kvh:, :]
     else:
         q, k, v = (_project(p, x, n) for n in ("q", "k", "v"))
+    if cfg.qk_norm:
+        q, k = norm(p["q_norm"], q, cfg), norm(p["k_norm"], k, cfg)
     if cfg.positions == "rope":
         q, k = rope(q, positions, cfg), rope(k, positions, cfg)
     q = constrain(q, ("batch", "seq", "heads", "head_dim"))

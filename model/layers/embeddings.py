@@ -20,8 +20,16 @@ def head_specs(cfg):
 
 
 def embed(p, tokens, cfg):
-    x = jnp.take(p["tokens"], tokens, axis=0).astype(dtype_of(cfg.dtype))
-    return constrain(x, ("batch", "seq", "embed"))
+    x = jnp.take(p["tokens"], tokens, axis=0)
+    if cfg.scale_embeddings:  # sqrt(d_model) rounded to the weights' dtype, as HF's Gemma
+        x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
+    return constrain(x.astype(dtype_of(cfg.dtype)), ("batch", "seq", "embed"))
+
+
+def cap_logits(logits, cfg):
+    """model.final_logit_softcap c > 0: c * tanh(logits / c) (Gemma 2); else logits."""
+    c = cfg.final_logit_softcap
+    return logits if not c else c * jnp.tanh(logits / c)
 
 
 def head_weights(params, cfg):
@@ -41,4 +49,4 @@ def embed_tokens_and_positions(params, tokens, positions, cfg):
 def unembed(params, x, cfg):
     """Logits in float32 from hidden states [..., D]."""
     logits = dense(x, head_weights(params, cfg).astype(x.dtype), out_dtype=jnp.float32)
-    return constrain(logits, ("batch", "seq", "vocab"))
+    return constrain(cap_logits(logits, cfg), ("batch", "seq", "vocab"))

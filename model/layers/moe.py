@@ -1,7 +1,9 @@
 """Mixture of experts: a top-k router over SwiGLU experts (Mixtral style).
 
 Routing: softmax over the k selected router logits (= softmax over all, top-k,
-renormalised). Dropless by default: assignments are sorted by expert and run
+renormalised); with model.moe.normalize_top_k false, the k probabilities of the
+softmax over all experts as they are (Qwen3-MoE's norm_topk_prob false).
+Dropless by default: assignments are sorted by expert and run
 as grouped matmuls (`lax.ragged_dot`). With `model.moe.capacity_factor` c > 0
 each expert takes at most ceil(c * tokens * k / experts) assignments, in token
 order; the rest are dropped (their weight is zeroed) and counted. Tokens the
@@ -45,7 +47,11 @@ def route(p, x, cfg):
     """x [T,D] -> (weights [T,k], experts [T,k], router logits [T,E] float32)."""
     logits = dense(x, p["router"].astype(x.dtype), out_dtype=jnp.float32)
     top_logits, experts = jax.lax.top_k(logits, cfg.moe.experts_per_token)
-    return jax.nn.softmax(top_logits, axis=-1), experts, logits
+    if cfg.moe.normalize_top_k:
+        return jax.nn.softmax(top_logits, axis=-1), experts, logits
+    # each its probability over all experts: exp(top - logsumexp(all))
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return jnp.exp(top_logits - lse), experts, logits
 
 
 def _expert_rank(flat_experts, n_experts: int, counted):

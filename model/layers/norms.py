@@ -6,17 +6,24 @@ import jax.numpy as jnp
 from ..params import Spec, ones, zeros
 
 
-def norm_specs(cfg):
-    specs = {"scale": Spec((cfg.d_model,), ("embed",), ones, cfg.param_dtype)}
+def norm_specs(cfg, size: int = 0, axis: str = "embed"):
+    """A norm over the last axis of `size` features (default d_model). With
+    model.norm_unit_offset the scale starts at 0 (it multiplies by 1 + scale)."""
+    size = size or cfg.d_model
+    specs = {"scale": Spec((size,), (axis,), zeros if cfg.norm_unit_offset else ones,
+                           cfg.param_dtype)}
     if cfg.norm == "layernorm":
-        specs["bias"] = Spec((cfg.d_model,), ("embed",), zeros, cfg.param_dtype)
+        specs["bias"] = Spec((size,), (axis,), zeros, cfg.param_dtype)
     return specs
 
 
-def rmsnorm(p, x, eps: float):
-    """x * rsqrt(mean(x^2) + eps) * scale, computed in float32."""
+def rmsnorm(p, x, eps: float, unit_offset: bool = False):
+    """x * rsqrt(mean(x^2) + eps) * scale, computed in float32; unit_offset: times
+    (1 + scale) in float32 before the cast back (Gemma's)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if unit_offset:
+        return (y * (1.0 + p["scale"].astype(jnp.float32))).astype(x.dtype)
     return y.astype(x.dtype) * p["scale"].astype(x.dtype)
 
 
@@ -32,4 +39,4 @@ def layernorm(p, x, eps: float):
 def norm(p, x, cfg):
     if cfg.norm == "layernorm":
         return layernorm(p, x, cfg.norm_eps)
-    return rmsnorm(p, x, cfg.norm_eps)
+    return rmsnorm(p, x, cfg.norm_eps, cfg.norm_unit_offset)

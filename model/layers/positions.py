@@ -21,6 +21,15 @@ RoPE scaling (`model.rope.scaling`), with Hugging Face's semantics
   factor (`rope.attention_factor`, or 0.1 * ln(factor) + 1, or the ratio of
   the two mscales when both `rope.yarn.mscale` and `rope.yarn.mscale_all_dim`
   are set).
+* `longrope` (Phi-3, HF's "su" / "longrope"): every frequency divided by its own
+  factor, `rope.long_factor` for a row whose largest position in the call is past
+  `rope.original_max_len`, else `rope.short_factor`; cos/sin multiplied by the
+  attention factor (`rope.attention_factor`, or sqrt(1 + ln(factor) /
+  ln(original_max_len))). HF decides over the whole batch (max(position_ids));
+  jaxlm per row, so that requests sharing the engine do not change each other.
+  Cached keys keep the rotation they were written with (HF's Phi-3 generate
+  recomputes its cache once when a sequence crosses original_max_len; jaxlm does
+  not).
 """
 
 import math
@@ -31,7 +40,7 @@ from ...errors import CheckpointError
 from ..config import YarnConfig
 from ..params import Spec, normal
 
-SCALED_ROPE = ("linear", "dynamic", "yarn")  # besides llama3
+SCALED_ROPE = ("linear", "dynamic", "yarn", "longrope")  # besides llama3
 
 
 def _base_frequencies(theta, d: int):
@@ -69,11 +78,14 @@ def _yarn(cfg):
 
 
 def rope_attention_factor(cfg) -> float:
-    """What cos and sin are multiplied by (yarn's mscale; 1 otherwise)."""
-    if cfg.rope.scaling != "yarn":
+    """What cos and sin are multiplied by (yarn's mscale, longrope's factor; 1 otherwise)."""
+    if cfg.rope.scaling not in ("yarn", "longrope"):
         return 1.0
     if cfg.rope.attention_factor:
         return cfg.rope.attention_factor
+    if cfg.rope.scaling == "longrope":
+        f = cfg.rope.factor
+        return 1.0 if f <= 1 else math.sqrt(1 + math.log(f) / math.log(cfg.rope.original_max_len))
 
     def mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -96,6 +108,8 @@ def rope_frequencies(cfg, seq_len=None):
         theta = cfg.rope.theta * (factor * length / orig - (factor - 1)) ** (d / (d - 2))
         return _base_frequencies(theta, d)
     inv_freq = _base_frequencies(cfg.rope.theta, d)
+    if kind == "longrope":  # the short factors (`rope` picks per row)
+        return inv_freq / jnp.asarray(cfg.rope.short_factor, jnp.float32)
     if kind == "linear":
         return inv_freq / cfg.rope.factor
     if kind == "llama3":
@@ -103,10 +117,24 @@ def rope_frequencies(cfg, seq_len=None):
     return inv_freq
 
 
+def _longrope(cfg, positions):
+    """Per-row inverse frequencies [B, 1, D/2]: the long factors for a row reaching past
+    original_max_len, else the short ones."""
+    base = _base_frequencies(cfg.rope.theta, cfg.head_dim)
+    long = jnp.max(positions, axis=1, keepdims=True)[..., None] + 1 > cfg.rope.original_max_len
+    factors = jnp.where(long, jnp.asarray(cfg.rope.long_factor, jnp.float32),
+                        jnp.asarray(cfg.rope.short_factor, jnp.float32))
+    return base / factors
+
+
 def rope(x, positions, cfg):
     """Rotate x [B,S,H,D] by positions [B,S]; pairs are (i, i + D/2) (Llama layout)."""
-    seq_len = jnp.max(positions) + 1 if cfg.rope.scaling == "dynamic" else None
-    angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(cfg, seq_len)  # [B,S,D/2]
+    if cfg.rope.scaling == "longrope":
+        inv_freq = _longrope(cfg, positions)
+    else:
+        seq_len = jnp.max(positions) + 1 if cfg.rope.scaling == "dynamic" else None
+        inv_freq = rope_frequencies(cfg, seq_len)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,S,D/2]
     scale = rope_attention_factor(cfg)
     cos = (jnp.cos(angles) * scale)[:, :, None, :]
     sin = (jnp.sin(angles) * scale)[:, :, None, :]
@@ -119,6 +147,8 @@ def rope_fields_from_hf(kind: str, params: dict, max_position_embeddings: int) -
     """RopeConfig fields (model.rope.*, theta aside) for a Hugging Face
     rope_parameters dict of type linear, dynamic or yarn (transformers' defaults for
     the keys it leaves out)."""
+    if kind == "longrope":
+        return _longrope_fields(params, max_position_embeddings)
     if not isinstance(params.get("factor"), (int, float)):
         raise CheckpointError(f"config.json: rope_parameters of type {kind!r} needs a numeric "
                               f"'factor', not {params.get('factor')!r}")
@@ -138,12 +168,30 @@ def rope_fields_from_hf(kind: str, params: dict, max_position_embeddings: int) -
     return fields
 
 
+def _longrope_fields(params: dict, max_position_embeddings: int) -> dict:
+    orig = params.get("original_max_position_embeddings")
+    if not isinstance(orig, int) or orig <= 0:
+        raise CheckpointError("config.json: longrope needs original_max_position_embeddings, "
+                              f"not {orig!r}")
+    factor = params.get("factor") or max_position_embeddings / orig
+    return {"scaling": "longrope", "factor": max(float(factor), 1.0), "original_max_len": orig,
+            "attention_factor": float(params.get("attention_factor") or 0.0),
+            "short_factor": tuple(params.get("short_factor") or ()),
+            "long_factor": tuple(params.get("long_factor") or ())}
+
+
 def rope_parameters_to_hf(cfg) -> dict:
     """The inverse of rope_fields_from_hf: HF rope_parameters entries (empty
     unless cfg.rope.scaling is linear, dynamic or yarn)."""
     if cfg.rope.scaling not in SCALED_ROPE:
         return {}
     out = {"rope_type": cfg.rope.scaling, "factor": cfg.rope.factor}
+    if cfg.rope.scaling == "longrope":
+        out.update(short_factor=list(cfg.rope.short_factor),
+                   long_factor=list(cfg.rope.long_factor),
+                   original_max_position_embeddings=cfg.rope.original_max_len)
+        if cfg.rope.attention_factor:
+            out["attention_factor"] = cfg.rope.attention_factor
     if cfg.rope.scaling == "yarn":
         out.update(original_max_position_embeddings=cfg.rope.original_max_len,
                    beta_fast=cfg.rope.yarn.beta_fast, beta_slow=cfg.rope.yarn.beta_slow,
