@@ -105,8 +105,9 @@ def _rope(hf: dict, model_type: str, max_len: int) -> RopeConfig:
         params = {**params, "original_max_position_embeddings": hf.get(
             "original_max_position_embeddings") or params.get(
             "original_max_position_embeddings") or 4096}
-    elif kind == "longrope" and not params.get("original_max_position_embeddings"):
-        params = {**params, "original_max_position_embeddings": max_len}
+    elif kind in ("su", "longrope"):  # built and checked against transformers for Phi-3 only
+        raise CheckpointError(f"{CONFIG_FILE}: rope_type {kind!r} is supported for model_type "
+                              f"phi3 only, not {model_type!r}")
     if kind == "default":
         return RopeConfig(theta=float(theta))
     if kind == "llama3":
