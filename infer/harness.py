@@ -82,9 +82,9 @@ class JaxlmLM(TemplateLM):
             if not path:
                 raise ConfigError("the jaxlm backend needs --model_args checkpoint=PATH")
             from ..api import companions_dir, load
-            from ..model.tokenizer import load_tokenizer
+            from .evaluate import tokenizer_for
             files = companions_dir(path)
-            tokenizer = tokenizer or tokenizer_of(files)
+            tokenizer = tokenizer or tokenizer_for(files)
             cfg, params = load(path, cfg=cfg, mesh=mesh, rules=rules, dtype=dtype,
                                step=None if step is None else int(step))
             chat_template_dir = chat_template_dir or files
@@ -232,16 +232,6 @@ class JaxlmLM(TemplateLM):
             self.truncated += n
             print(f"jaxlm: {n} request(s) longer than the model's {self.max_length} positions "
                   "were cut from the left", file=sys.stderr)
-
-
-def tokenizer_of(directory):
-    """The checkpoint's tokenizer; one line naming the dir where it has none."""
-    from ..model.tokenizer import load_tokenizer
-    try:
-        return load_tokenizer(directory)
-    except InputError as e:
-        raise CheckpointError(f"{directory} has no tokenizer (tokenizer.json or "
-                              f"tokenizer.model): evaluation reads text ({e})") from None
 
 
 def main(argv=None) -> None:
