@@ -1,7 +1,7 @@
 """jaxlm's lm-eval backend against lm-eval's own `hf` backend on the same weights: a
 Llama-style and a GPT-2-style Hugging Face dir (random weights, a tokenizer trained
-here), two local tasks (multiple choice: 4 options, 200 items; generate_until: 50
-items with stop strings): the same per-item choices, log-likelihoods within 1e-4, and
+here), three local tasks (multiple choice: 4 options, 200 items; generate_until: 50
+items with stop strings; loglikelihood_rolling over documents longer than the model): the same per-item choices, log-likelihoods within 1e-4, and
 the same greedy generations."""
 
 import json
@@ -36,6 +36,22 @@ def write_tasks(directory, rng, n_mc=200, n_gen=50):
         for _ in range(n_gen):
             f.write(json.dumps({"prompt": sentence(rng, int(rng.integers(2, 7))),
                                 "target": "red"}) + "\n")
+    with open(directory / "roll.jsonl", "w") as f:  # some longer than the 64 positions
+        for n in (5, 20, 60, 90):
+            f.write(json.dumps({"text": sentence(rng, n)}) + "\n")
+    (directory / "jx_roll.yaml").write_text(f"""task: jx_roll
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {directory / 'roll.jsonl'}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+""")
     (directory / "jx_mc.yaml").write_text(f"""task: jx_mc
 dataset_path: json
 dataset_kwargs:
@@ -127,7 +143,7 @@ def evaluate(model, model_args, tasks):
 
     from jaxlm.infer.harness import register
     register()
-    out = simple_evaluate(model=model, model_args=model_args, tasks=["jx_mc", "jx_gen"],
+    out = simple_evaluate(model=model, model_args=model_args, tasks=["jx_mc", "jx_gen", "jx_roll"],
                           task_manager=tasks, batch_size=16,
                           log_samples=True, bootstrap_iters=0, random_seed=0,
                           numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
@@ -150,6 +166,10 @@ def test_same_numbers_as_the_hf_backend(setup, family):
         assert int(np.argmax(la)) == int(np.argmax(lb))
         assert [r[1] for r in a["filtered_resps"]] == [r[1] for r in b["filtered_resps"]]
     assert ours["results"]["jx_mc"]["acc,none"] == ref["results"]["jx_mc"]["acc,none"]
+    roll = [np.array([s["filtered_resps"][0] for s in sorted(out["samples"]["jx_roll"],
+                                                           key=lambda s: s["doc_id"])])
+            for out in (ours, ref)]
+    np.testing.assert_allclose(roll[0], roll[1], atol=1e-4)  # whole documents, windowed
     gen_ours = sorted(ours["samples"]["jx_gen"], key=lambda s: s["doc_id"])
     gen_ref = sorted(ref["samples"]["jx_gen"], key=lambda s: s["doc_id"])
     texts = [s["resps"][0][0] for s in gen_ours]
