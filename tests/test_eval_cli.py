@@ -126,3 +126,46 @@ def test_bad_input_is_one_line(tiny_checkpoint, files, tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown task 'nope'"):
         check_tasks(TaskManager(include_path=str(tmp_path / "t"), include_defaults=False),
                     ["nope"])
+
+
+def test_eval_tasks_during_training(sp_tokenizer_file, tmp_path, capsys):
+    """train.eval_tasks at eval_every: logged to metrics.jsonl and TensorBoard; the last
+    step's numbers are `jaxlm eval --tasks` of the run's final checkpoint."""
+    from jaxlm.config import load_config
+    from jaxlm.train.loop import train
+    (tmp_path / "roll.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in
+                                                   [TEXT[:200], *LINES]) + "\n")
+    (tmp_path / "jx_roll.yaml").write_text(f"""task: jx_roll
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / 'roll.jsonl'}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: bits_per_byte
+""")
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [
+        "model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=4",
+        "model.n_kv_heads=4", "model.d_ff=64", "model.max_seq_len=32", "data.seq_len=32",
+        "data.batch_size=4", "data.max_docs=20", "train.steps=2", "train.warmup_steps=0",
+        "train.eval_every=1", "train.eval_batches=1", "train.checkpoint_every=2",
+        "train.eval_tasks=[jx_roll]", f"train.eval_task_path={tmp_path}", "mesh.devices=1",
+        f"data.tokenizer={sp_tokenizer_file}", f"run_dir={run_dir}"])
+    train(cfg, progress=False)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    got = {r["step"]: r["eval_jx_roll/bits_per_byte"] for r in rows
+           if "eval_jx_roll/bits_per_byte" in r}
+    assert set(got) >= {1, 2} and got[1] != got[2]  # (and the start's, step 0)
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(run_dir))
+    events.Reload()
+    assert {e.step for e in events.Scalars("eval_jx_roll/bits_per_byte")} == set(got)
+    rc, cap = run(capsys, "--checkpoint", run_dir, "--tasks", "jx_roll", "--include-path",
+                  tmp_path, "mesh.devices=1")
+    assert rc == 0, cap.err
+    final = json.loads((run_dir / "eval-step-2.json").read_text())
+    assert abs(final["tasks"]["jx_roll"]["bits_per_byte,none"] - got[2]) < 1e-6
