@@ -6,19 +6,22 @@ and `perplexity` (token NLL, perplexity, bits per byte over sliding windows).
     ppl = perplexity(params, cfg, ["a document", ...], tokenizer=tok, stride=512)
     ppl.perplexity, ppl.bits_per_byte, ppl.token_nlls[0]
 
-Both reduce to rows: a row is an input sequence and a list of queries (position,
-token): the log-probability of `token` given the row's tokens up to and including
-`position`, and whether it is the argmax there. One jitted pass per batch of rows
-(forward, then only the queried positions' log-softmax), rows sorted by length and
-padded to few widths (multiples of 16) and a fixed batch size: few compiles.
-
 Pairs (context, continuation) are encoded as lm-eval encodes them: the whole text
 and the context apart, the continuation the ids past the context's; a context's
 trailing spaces go to the continuation; an empty context is the prefix token (BOS,
-else EOS). A pair longer than max_length + 1 tokens is cut from the left, as
-lm-eval's `hf` backend cuts it, and counted in `truncated`. Pairs whose model input
-(the pair's ids but the last) is a prefix of another pair's share that pair's row:
-a multiple-choice question whose choices are one token each runs its context once.
+else EOS). Pairs that share a context run it once: one jitted call prefills
+`batch_size` contexts into a KV cache (`jaxlm.model.kv.Contiguous`), copies each
+context's cache rows to its continuations, and runs every continuation over them
+(a multiple-choice question: its context once, not once per choice). A pair longer
+than max_length + 1 tokens is cut from the left, as lm-eval's `hf` backend cuts it,
+counted in `truncated`, and scored as a row of its own.
+
+Rows (cut pairs, perplexity windows): an input sequence and a list of queries
+(position, token): the log-probability of `token` given the row's tokens up to and
+including `position`, and whether it is the argmax there. One jitted pass per batch
+of rows; a row whose input is a prefix of another's shares that row. Either way the
+LM head runs on the queried positions only, and batches are padded to few widths
+(multiples of 16) and a fixed batch size: few compiles.
 
 Perplexity windows: each document's ids (prefix token first) are scored token by
 token, every token once; the targets are taken `stride` at a time, each chunk in a
@@ -140,7 +143,6 @@ def score_ids(params, cfg, pairs: Sequence[tuple], *, batch_size: int = 16,
               progress: bool = False) -> Scores:
     """`score` on (context ids, continuation ids) pairs, already checked."""
     length = _max_length(cfg, max_length)
-    inputs, targets, truncated = [], [], 0
     for i, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont:
             raise InputError(f"score: pair {i} has an empty {'context' if not ctx else 'continuation'}"
@@ -148,10 +150,27 @@ def score_ids(params, cfg, pairs: Sequence[tuple], *, batch_size: int = 16,
         if len(cont) > length:
             raise InputError(f"score: continuation {i} has {len(cont)} tokens, more than the "
                              f"model's {length} positions")
-        whole = list(ctx) + list(cont)
-        if len(whole) > length + 1:
-            truncated += 1
-            whole = whole[-(length + 1):]
+    logprobs = np.zeros(len(pairs), np.float64)
+    greedy = np.zeros(len(pairs), bool)
+    fits = [i for i, (c, x) in enumerate(pairs) if len(c) + len(x) - 1 <= length]
+    for i, lp, gr in _shared_contexts(params, cfg, [pairs[i] for i in fits], fits, batch_size,
+                                      mesh, rules, progress):
+        logprobs[i], greedy[i] = lp, gr
+    long = [i for i, (c, x) in enumerate(pairs) if len(c) + len(x) - 1 > length]
+    for i, lp, gr in _cut_rows(params, cfg, [pairs[i] for i in long], long, length,
+                               batch_size, mesh, rules, progress):
+        logprobs[i], greedy[i] = lp, gr
+    return Scores(logprobs, greedy, len(long))
+
+
+def _cut_rows(params, cfg, pairs, ids, length, batch_size, mesh, rules, progress):
+    """(index, log-prob, greedy) of pairs longer than the model: each cut from the left to
+    length + 1 ids, one row each (or a row it is a prefix of)."""
+    if not pairs:
+        return
+    inputs, targets = [], []
+    for ctx, cont in pairs:
+        whole = (list(ctx) + list(cont))[-(length + 1):]
         inputs.append(tuple(whole[:-1]))
         targets.append(list(cont))
     # a pair whose input is a prefix of another's reads its log-probs from that row:
@@ -174,13 +193,71 @@ def score_ids(params, cfg, pairs: Sequence[tuple], *, batch_size: int = 16,
     keys = list(rows)
     got = dict(zip(keys, query_rows(params, cfg, [rows[k] for k in keys], batch_size=batch_size,
                                     mesh=mesh, rules=rules, progress=progress)))
-    logprobs = np.zeros(len(pairs), np.float64)
-    greedy = np.zeros(len(pairs), bool)
     for i, (row, start, n) in where.items():
         lp, gr = got[row]
-        logprobs[i] = float(np.sum(lp[start:start + n], dtype=np.float64))
-        greedy[i] = bool(np.all(gr[start:start + n]))
-    return Scores(logprobs, greedy, truncated)
+        yield ids[i], float(np.sum(lp[start:start + n], dtype=np.float64)), \
+            bool(np.all(gr[start:start + n]))
+
+
+def _shared_contexts(params, cfg, pairs, ids, batch_size, mesh, rules, progress):
+    """(index, log-prob, greedy) of pairs that fit the model: the pairs of one context
+    share one pass over it (`_shared_context_logprobs`), `batch_size` contexts a call."""
+    from tqdm.auto import tqdm
+    if not pairs:
+        return
+    groups: dict = {}
+    for k, (ctx, cont) in enumerate(pairs):
+        groups.setdefault(tuple(ctx), []).append(k)
+    order = sorted(groups, key=lambda c: -len(c))
+    multiple = _batch_multiple(mesh, rules)
+    b = -(-batch_size // multiple) * multiple
+    r_step = _BUCKET * multiple // math.gcd(_BUCKET, multiple)
+    pad = max(cfg.pad_token_id, 0)
+    bar = tqdm(total=len(pairs), disable=not progress, desc="scoring", unit="pair",
+               dynamic_ncols=True)
+    chunks, part, n_conts = [], [], 0
+    for c in order:  # up to b contexts and about 4b continuations a call
+        if part and (len(part) == b or n_conts + len(groups[c]) > 4 * b):
+            chunks.append(part)
+            part, n_conts = [], 0
+        part.append(c)
+        n_conts += len(groups[c])
+    if part:
+        chunks.append(part)
+    with _mesh_context(mesh, rules):
+        for part in chunks:
+            members = [(g, k) for g, c in enumerate(part) for k in groups[c]]
+            width = _bucket(max(len(c) for c in part), cfg.max_seq_len)
+            x = _bucket(max(max(len(pairs[k][1]) for _, k in members) - 1, 1), 1 << 30)
+            r = -(-len(members) // r_step) * r_step
+            ctx = np.full((b, width), pad, np.int32)
+            ctx_len = np.ones((b,), np.int32)
+            for g, c in enumerate(part):
+                ctx[g, :len(c)], ctx_len[g] = c, len(c)
+            group = np.zeros((r,), np.int32)
+            cont_in = np.full((r, x), pad, np.int32)
+            tok = np.zeros((r, x + 1), np.int32)
+            for j, (g, k) in enumerate(members):
+                cont = pairs[k][1]
+                group[j] = g
+                cont_in[j, :len(cont) - 1] = cont[:-1]
+                tok[j, :len(cont)] = cont
+            lp, gr = _shared_context_logprobs(
+                params, cfg, *put_rows((ctx, ctx_len, group, cont_in, tok), mesh, rules))
+            lp, gr = np.asarray(lp), np.asarray(gr)
+            for j, (_, k) in enumerate(members):
+                n = len(pairs[k][1])
+                yield ids[k], float(np.sum(lp[j, :n], dtype=np.float64)), bool(np.all(gr[j, :n]))
+            bar.update(len(members))
+    bar.close()
+
+
+def _mesh_context(mesh, rules):
+    import contextlib
+    if mesh is None:
+        return contextlib.nullcontext()
+    from ..sharding.rules import use_mesh
+    return use_mesh(mesh, rules)
 
 
 def windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -245,16 +322,48 @@ def perplexity(params, cfg, documents, *, tokenizer=None, max_length: Optional[i
 
 # ------------------------------------------------------------ rows -> query log-probs
 
+def _picked_logprobs(params, cfg, hidden, tok):
+    """hidden [B, Q, D] (the states that predict tok [B, Q]) -> (log p(tok) [B, Q] f32,
+    tok is the argmax [B, Q] bool); the head runs on these states only."""
+    from ..model import unembed
+    logits = unembed(params, hidden, cfg)  # [B, Q, V] float32
+    lp = jnp.take_along_axis(logits, tok[..., None], axis=-1)[..., 0] \
+        - jax.nn.logsumexp(logits, axis=-1)
+    return lp, jnp.argmax(logits, axis=-1) == tok
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _query_logprobs(params, cfg, tokens, pos, tok):
     """tokens [B, W], pos / tok [B, Q] -> (log p(tok | tokens[:pos + 1]) [B, Q] f32,
     tok is the argmax there [B, Q] bool)."""
     from ..model import forward
-    logits, _ = forward(params, cfg, tokens)  # [B, W, V]
-    picked = jnp.take_along_axis(logits, pos[..., None], axis=1).astype(jnp.float32)  # [B,Q,V]
-    lp = jnp.take_along_axis(picked, tok[..., None], axis=-1)[..., 0] \
-        - jax.nn.logsumexp(picked, axis=-1)
-    return lp, jnp.argmax(picked, axis=-1) == tok
+    hidden, _ = forward(params, cfg, tokens, return_hidden=True)  # [B, W, D]
+    picked = jnp.take_along_axis(hidden, pos[..., None], axis=1)  # [B, Q, D]
+    return _picked_logprobs(params, cfg, picked, tok)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _shared_context_logprobs(params, cfg, ctx, ctx_len, group, cont_in, tok):
+    """Contexts run once, each of their continuations over the context's cache.
+
+    ctx [G, Wc] (right-padded), ctx_len [G]; per continuation r: group [R] (its
+    context), cont_in [R, X] (its ids but the last), tok [R, X + 1] (its ids).
+    -> (log p [R, X + 1], is argmax [R, X + 1]) of tok given the context and the
+    continuation's ids before it."""
+    from ..model import forward
+    from ..model.kv import Contiguous
+    from ..model.kv.contiguous import init_cache
+    g, wc = ctx.shape
+    store = Contiguous.of(init_cache(cfg, g, wc + cont_in.shape[1]), fresh=True)
+    hidden, aux = forward(params, cfg, ctx, store=store, return_hidden=True)  # [G, Wc, D]
+    first = hidden[group, ctx_len[group] - 1]  # [R, D]: predicts each continuation's first id
+    kv = jax.tree.map(lambda x: jnp.take(x, group, axis=1), aux["store"].kv)  # [L, R, T, ...]
+    rows = Contiguous(kv, lengths=ctx_len[group])  # continuations go after their context
+    # padding past the model's positions reads the last one (learned positions: no gather
+    # out of range, whose NaN would reach the real tokens through masked-out values)
+    at = jnp.minimum(rows.positions(*cont_in.shape), cfg.max_seq_len - 1)
+    rest, _ = forward(params, cfg, cont_in, at, store=rows, return_hidden=True)  # [R, X, D]
+    return _picked_logprobs(params, cfg, jnp.concatenate([first[:, None], rest], axis=1), tok)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -293,12 +402,7 @@ def query_rows(params, cfg, rows, *, batch_size: int = 16, mesh=None, rules=None
     out: list = [None] * len(rows)
     bar = tqdm(total=len(rows), disable=not progress, desc="scoring", unit="row",
                dynamic_ncols=True)
-    import contextlib
-    ctx = contextlib.nullcontext()
-    if mesh is not None:
-        from ..sharding.rules import use_mesh
-        ctx = use_mesh(mesh, rules)
-    with ctx:
+    with _mesh_context(mesh, rules):
         for s in range(0, len(order), b):
             part = order[s:s + b]
             width = _bucket(max(len(rows[i][0]) for i in part), cfg.max_seq_len)

@@ -72,17 +72,26 @@ def test_perplexity_matches_transformers_with_and_without_stride(pair):
                            perplexity(params, cfg, docs[:1], stride=16).token_nlls[0][L:])
 
 
-def test_score_matches_transformers(pair):
+def test_score_matches_transformers(pair, monkeypatch):
     model, cfg, params = pair
     rng = np.random.default_rng(1)
     ctx = rng.integers(0, V, 10).tolist()
     logp = hf_logprobs(model, ctx)
     best = int(np.argmax(logp[-1]))
-    pairs = [(ctx, [c]) for c in (best, (best + 1) % V, (best + 2) % V)]  # one shared row
-    pairs += [(ctx, rng.integers(0, V, 5).tolist()), (ctx[:3], ctx[3:])]  # ctx[:3] shares too
+    pairs = [(ctx, [c]) for c in (best, (best + 1) % V, (best + 2) % V)]  # one context, run
+    pairs += [(ctx, rng.integers(0, V, 5).tolist()), (ctx[:3], ctx[3:])]  # once for 4 pairs
     pairs += [(rng.integers(0, V, 60).tolist(), rng.integers(0, V, 4).tolist())]  # > L + 1
+    from jaxlm.infer import score as module
+    contexts, run = [], module._shared_context_logprobs
+
+    def spy(params, cfg, ctx, ctx_len, *rest):  # the contexts each pass runs
+        contexts.extend(tuple(np.asarray(r)[:n]) for r, n in zip(ctx, np.asarray(ctx_len)))
+        return run(params, cfg, ctx, ctx_len, *rest)
+
+    monkeypatch.setattr(module, "_shared_context_logprobs", spy)
     got = score_ids(params, cfg, pairs, batch_size=2)
-    assert got.truncated == 1
+    assert got.truncated == 1  # the 60 + 4 ids: cut to L + 1, on the rows path
+    assert contexts.count(tuple(ctx)) == 1 and contexts.count(tuple(ctx[:3])) == 1
     for (c, x), lp, greedy in zip(pairs, got.logprobs, got.is_greedy):
         whole = (c + x)[-(L + 1):]
         ref = hf_logprobs(model, whole[:-1])[-len(x):]
