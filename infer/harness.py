@@ -201,13 +201,13 @@ class JaxlmLM(TemplateLM):
                             seed=int(kwargs.get("seed", 0) or 0))
         eos = list(generation_settings(self._template_dir, self.tokenizer).eos_ids) \
             if self._template_dir else [i for i in (self.eot_token_id,) if i is not None]
-        from ..sharding.rules import use_mesh
-        import contextlib
-        with use_mesh(self.mesh, self.rules) if self.mesh is not None else \
-                contextlib.nullcontext():
+        from .score import _batch_multiple, _mesh_context
+        shards = _batch_multiple(self.mesh, self.rules)  # slots split over the batch axes
+        slots = -(-min(self.batch_size, len(prompts)) // shards) * shards
+        with _mesh_context(self.mesh, self.rules):
             out = generate_ids(self.params, self.cfg, prompts, max_new_tokens=max_new,
                                eos_id=eos or None, stop=until, detokenize=self.tok_decode,
-                               slots=min(self.batch_size, len(prompts)), **settings)
+                               slots=slots, **settings)
         return list(out.texts)
 
     # ---------------------------------------------------------------- chat templates

@@ -228,7 +228,8 @@ def _shared_contexts(params, cfg, pairs, ids, batch_size, mesh, rules, progress)
         for part in chunks:
             members = [(g, k) for g, c in enumerate(part) for k in groups[c]]
             width = _bucket(max(len(c) for c in part), cfg.max_seq_len)
-            x = _bucket(max(max(len(pairs[k][1]) for _, k in members) - 1, 1), 1 << 30)
+            # continuations are short: their width is a power of two, not a multiple of 16
+            x = 1 << (max(max(len(pairs[k][1]) for _, k in members) - 1, 1) - 1).bit_length()
             r = -(-len(members) // r_step) * r_step
             ctx = np.full((b, width), pad, np.int32)
             ctx_len = np.ones((b,), np.int32)
