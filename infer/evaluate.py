@@ -156,8 +156,8 @@ def run_tasks(params, cfg, tokenizer, tasks, *, task_path=None, manager=None,
     got = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
                           num_fewshot=num_fewshot, limit=limit, bootstrap_iters=0,
                           log_samples=False)
-    results = {name: {k: v for k, v in metrics.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    results = {name: {k: v for k, v in metrics.items() if k != "sample_len"
+                      and isinstance(v, (int, float)) and not isinstance(v, bool)}
                for name, metrics in got["results"].items()}
     return {"tasks": results, "truncated": lm.truncated}
 

@@ -107,6 +107,8 @@ def run_eval(args, init_from=None, accept_base_change=False) -> dict:
                            progress=True))
     out = args.output or (os.path.join(args.checkpoint, f"eval-step-{step}.json")
                           if run_dir else None)
+    if out and args.output is None and os.path.isfile(out):  # this step's earlier evals
+        result = merged(out, result)
     text = json.dumps(result, indent=2, allow_nan=False, default=str)
     if out:
         tmp = out + ".tmp"
@@ -117,6 +119,20 @@ def run_eval(args, init_from=None, accept_base_change=False) -> dict:
         print(text)
     print(summary(result, out))
     return result
+
+
+def merged(path: str, result: dict) -> dict:
+    """An earlier result of the same checkpoint (another --data, other --tasks) with
+    `result` over it: what was measured stays, what is measured again is replaced."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return result
+    if not isinstance(old, dict):
+        return result
+    tasks = {**(old.get("tasks") or {}), **(result.get("tasks") or {})}
+    return {**old, **result, **({"tasks": tasks} if tasks else {})}
 
 
 def summary(result: dict, out) -> str:
