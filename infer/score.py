@@ -211,7 +211,6 @@ def _shared_contexts(params, cfg, pairs, ids, batch_size, mesh, rules, progress)
     order = sorted(groups, key=lambda c: -len(c))
     multiple = _batch_multiple(mesh, rules)
     b = -(-batch_size // multiple) * multiple
-    r_step = _BUCKET * multiple // math.gcd(_BUCKET, multiple)
     pad = max(cfg.pad_token_id, 0)
     bar = tqdm(total=len(pairs), disable=not progress, desc="scoring", unit="pair",
                dynamic_ncols=True)
@@ -230,7 +229,8 @@ def _shared_contexts(params, cfg, pairs, ids, batch_size, mesh, rules, progress)
             width = _bucket(max(len(c) for c in part), cfg.max_seq_len)
             # continuations are short: their width is a power of two, not a multiple of 16
             x = 1 << (max(max(len(pairs[k][1]) for _, k in members) - 1, 1) - 1).bit_length()
-            r = -(-len(members) // r_step) * r_step
+            r = max(multiple, 1 << (len(members) - 1).bit_length())  # a power of two
+            r = -(-r // multiple) * multiple
             ctx = np.full((b, width), pad, np.int32)
             ctx_len = np.ones((b,), np.int32)
             for g, c in enumerate(part):
