@@ -9,6 +9,7 @@
     out = jaxlm.generate(params, cfg, [[1, 5, 9]], max_new_tokens=64)
     out = jaxlm.generate(params, cfg, ["def f"], tokenizer=tok, max_new_tokens=64)  # out.texts
     out = jaxlm.generate_many(params, cfg, prompts, max_new_tokens=[64, 8], slots=8)  # paged
+    out = jaxlm.score(params, cfg, ["The sky is"], [" blue"], tokenizer=tok)  # lm-eval's loglikelihood
     jaxlm.save("exported", cfg, params)
     tok = jaxlm.load_tokenizer("runs/tiny-llama")
 
@@ -28,6 +29,7 @@ _LAZY = {
     "forward": "jaxlm.validate", "init_params": "jaxlm.validate", "ModelConfig": "jaxlm.model",
     "generate": "jaxlm.infer.text",
     "generate_many": "jaxlm.infer.generate",
+    "score": "jaxlm.infer.score",
     "embed": "jaxlm.validate", "classify": "jaxlm.validate",
     "load_tokenizer": "jaxlm.model.tokenizer",
     "Config": "jaxlm.config", "load_config": "jaxlm.config",

@@ -343,6 +343,11 @@ class TrainConfig:
     grad_clip: float = 1.0  # the gradients' global norm clipped to this; 0: off
     eval_every: int = 100  # steps between eval-loss measurements
     eval_batches: int = 4  # held-out batches per eval
+    # lm-eval tasks run on the training params at every eval_every (jaxlm's lm-eval
+    # backend, the `eval` extra), logged as eval_<task>/<metric>: a list of task names
+    eval_tasks: tuple = ()
+    eval_task_path: str = ""  # a directory of lm-eval task YAMLs (local tasks) for eval_tasks
+    eval_task_limit: int = 0  # items per task at each eval_tasks run (0: all of them)
     checkpoint_every: int = 200  # steps between checkpoints
     keep_checkpoints: int = 3  # checkpoints kept (the latest)
     log_every: int = 10  # steps between metrics.jsonl / progress-bar updates
@@ -393,6 +398,14 @@ class TrainConfig:
         _section_type(self, "distill", DistillConfig)
         _section_type(self, "grpo", GrpoConfig)
         _section_type(self, "ppo", PpoConfig)
+        tasks = [self.eval_tasks] if isinstance(self.eval_tasks, str) else self.eval_tasks
+        if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) and t.strip()
+                                                             for t in tasks):
+            raise ConfigError(f"train.eval_tasks={self.eval_tasks!r} must be a list of lm-eval "
+                              "task names")
+        object.__setattr__(self, "eval_tasks", tuple(t.strip() for t in tasks))
+        if self.eval_task_limit < 0:
+            raise ConfigError(f"train.eval_task_limit={self.eval_task_limit} must be >= 0")
         _positive(self, "steps", "learning_rate", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints", "log_every", "max_skipped_steps")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:

@@ -1,5 +1,5 @@
-"""The `jaxlm` command: train | generate | batch-infer | score | convert | quantize | bench | plan
-| prepare | config.
+"""The `jaxlm` command: train | generate | batch-infer | score | eval | convert | quantize | bench
+| plan | prepare | config.
 
 Each subcommand takes `--config` (a YAML path or a preset name) and
 `key=value` overrides. Bad input prints one `error:` line and exits 2.
@@ -114,6 +114,12 @@ def cmd_score(args):
     print(run_score(args.checkpoint, args.input, args.output, args.batch_size))
 
 
+def cmd_eval(args):
+    from .eval import run_eval, split_data_args
+    split_data_args(args)
+    run_eval(args, **base_choice(args))
+
+
 def cmd_bench(args):
     from .bench import run_bench
     run_bench(_config(args))
@@ -223,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--output", required=True, help="JSONL: each row with \"score\" added")
     sc.add_argument("--batch-size", type=int, default=16, help="rows scored at once")
     sc.set_defaults(fn=cmd_score)
+
+    from .eval import add_arguments as eval_arguments
+    ev = sub.add_parser("eval", help="perplexity / bits per byte of text files, and lm-eval "
+                        "tasks on jaxlm's backend")
+    eval_arguments(ev)
+    _base_options(ev)
+    ev.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("convert", help="convert a checkpoint between jaxlm and Hugging Face")
     c.add_argument("--input", required=True, help="a jaxlm run/checkpoint dir or a HF dir")

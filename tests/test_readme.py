@@ -10,7 +10,8 @@ directory where the README's example paths exist:
                          ChatML chat template; path/to/hf_llama: the same;
                          path/to/hf_llama_cls: it with a 2-label score head
   chats.jsonl, prefs.jsonl, feedback.jsonl (KTO), completions.jsonl (to score),
-  labels.jsonl, math.jsonl (GRPO), prompts.txt, prompts.jsonl, tok.model, data/*.parquet
+  labels.jsonl, math.jsonl (GRPO), prompts.txt, prompts.jsonl, tok.model, data/*.parquet,
+  valid.txt, tasks/my_mc.jsonl and tasks/my_mc.yaml (the README's yaml block)
                          small inputs of the formats the README describes
 
 Anything else a block uses (runs/mine, runs/lora, ...) an earlier block makes.
@@ -244,6 +245,13 @@ def make_inputs(work: Path, tokenizer: str) -> None:
         {"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": f"{2 * i}."}
         for i in range(20)))
     (work / "prompts.txt").write_text("import os\ndef main():\n")
+    (work / "valid.txt").write_text("def add(a, b):\n    return a + b\n" * 12)
+    (work / "tasks").mkdir()
+    (work / "tasks/my_mc.jsonl").write_text(lines(
+        {"question": f"What is {i} + 1?", "choices": [str(i + 1), str(i + 2)], "answer": 0}
+        for i in range(8)))
+    (work / "tasks/my_mc.yaml").write_text(next(  # the README's own task file
+        b["code"] for b in BLOCKS if b["lang"] == "yaml" and "task: my_mc" in b["code"]))
     (work / "prompts.jsonl").write_text(lines(
         {"id": i, "prompt": p} for i, p in enumerate(["import os", "def main():", "class A:"])))
     import pyarrow as pa

@@ -109,6 +109,7 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
                 pinned.write(run_dir, rec, name)
 
     batches, eval_host, tokenizer = _data(cfg)
+    tasks = _eval_tasks(cfg, tokenizer)  # a typo in train.eval_tasks stops here, not at eval
 
     mesh = make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
@@ -147,6 +148,7 @@ def _train(cfg: Config, *, resume: bool, stop_after: int | None, progress: bool,
         evals = [put_batch(local_rows(b, cfg.data.batch_size), batch_sharding) for b in eval_host]
         loop = _Loop(cfg, mngr, batches, train_step, eval_step, evals, batch_sharding, progress,
                      stop, on_policy_hook(cfg, tokenizer))
+        loop.tasks = tasks
         if cfg.train.objective in ("grpo", "ppo"):  # rollouts by the engine over the params
             # ppo: the reward model (of its pinned step), read into its shardings
             batches.place(mesh, frozen.get(pinned.REWARD_MODEL, (None,))[0])
@@ -214,6 +216,7 @@ class _Loop:
         self.peak, _ = device_peak(cfg.model.dtype, cfg.train.peak_flops, sharing=local)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
         self.rollouts = None  # GRPO, PPO: train/rollout.py's Rollouts (batches from the state)
+        self.tasks = None  # train.eval_tasks: (lm-eval's task manager, the tokenizer)
 
     def next_batch(self, state, step):
         """(the device batch of optimizer step `step`, host metrics of making it): the
@@ -306,8 +309,10 @@ class _Loop:
                 if eval_due or save_due or step % tcfg.log_every == 0:
                     rows, pending = pending, []
                     self._flush(rows, t_mark, bar)
-                    if eval_due and self.evals:
-                        summary["eval"].append(self._eval(state, step))
+                    if eval_due and (self.evals or self.tasks):
+                        record = self._eval(state, step)
+                        if record is not None and "eval_loss" in record:
+                            summary["eval"].append(record)
                     if save_due:
                         self.checkpoint(state)
                     t_mark = time.perf_counter()  # the first interval holds the compile
@@ -376,18 +381,59 @@ class _Loop:
 
     def _eval(self, state, step):
         means = self.evaluate(state)
-        if not means:
+        record, line = {"step": step}, f"step {step}:"
+        if means:
+            loss = means.pop("loss")
+            record.update(eval_loss=loss, **{f"eval_{k}": v for k, v in means.items()})
+            line += f" eval loss {loss:.4f}"
+            if is_token_cross_entropy(self.cfg.train.objective):  # not for a preference loss
+                record["eval_perplexity"] = math.exp(min(loss, 50.0))
+                line += f", perplexity {record['eval_perplexity']:.2f}"
+        if self.tasks:
+            scores = self._task_scores(state)
+            record.update(scores)
+            line += "".join(f" {k[len('eval_'):]} {v:.4f}" for k, v in scores.items())
+        if len(record) == 1:
             return None
-        loss = means.pop("loss")
-        record = {"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in means.items()}}
-        line = f"step {step}: eval loss {loss:.4f}"
-        if is_token_cross_entropy(self.cfg.train.objective):  # not for a preference loss
-            record["eval_perplexity"] = math.exp(min(loss, 50.0))
-            line += f", perplexity {record['eval_perplexity']:.2f}"
         self.log.write(record)
         if self.progress:
             tqdm.write(line)
         return record
+
+
+    def _task_scores(self, state) -> dict:
+        """train.eval_tasks on the training params (LoRA: merged; PPO: the policy's):
+        {"eval_<task>/<metric>": value}."""
+        from ..infer.evaluate import run_tasks
+        from .rollout import policy_params
+        manager, tokenizer = self.tasks
+        t = self.cfg.train
+        got = run_tasks(policy_params(self.cfg, state), self.cfg.model, tokenizer,
+                        list(t.eval_tasks), manager=manager, batch_size=self.cfg.data.batch_size,
+                        limit=t.eval_task_limit or None, mesh=self.batch_sharding.mesh,
+                        rules=self.cfg.mesh.rules)
+        return {f"eval_{task}/{metric.split(',')[0]}": float(v)
+                for task, metrics in got["tasks"].items() for metric, v in metrics.items()
+                if not metric.split(",")[0].endswith("_stderr")}
+
+
+def _eval_tasks(cfg: Config, tokenizer):
+    """(lm-eval's task manager, the tokenizer) for train.eval_tasks, checked; None
+    without them."""
+    if not cfg.train.eval_tasks:
+        return None
+    if cfg.model.family != "decoder":
+        raise ConfigError(f"train.eval_tasks: lm-eval tasks score causal decoders, not a "
+                          f"{cfg.model.family} model")
+    if tokenizer is None:
+        raise ConfigError("train.eval_tasks needs the run's tokenizer (data.tokenizer)")
+    from ..infer.evaluate import check_tasks, task_manager
+    try:
+        manager = task_manager(cfg.train.eval_task_path or None, cfg.train.eval_tasks)
+    except ImportError:
+        raise ConfigError("train.eval_tasks needs lm-eval: pip install 'jaxlm[eval]'") from None
+    check_tasks(manager, cfg.train.eval_tasks)
+    return manager, tokenizer
 
 
 def _data(cfg: Config):
