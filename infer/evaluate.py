@@ -86,6 +86,7 @@ def _prepared_docs(path: pathlib.Path, tokenizer):
 def task_manager(task_path: str | None = None, names: Sequence[str] = ()):
     """lm-eval's TaskManager: only `task_path`'s YAMLs when every name is found there
     (indexing lm-eval's own thousands of task files takes a while), else with them."""
+    _need_lm_eval()
     from lm_eval.tasks import TaskManager
     if task_path:
         if not os.path.isdir(task_path):
@@ -94,6 +95,13 @@ def task_manager(task_path: str | None = None, names: Sequence[str] = ()):
         if names and all(_known(local, n) for n in names):
             return local
     return TaskManager(include_path=task_path or None)
+
+
+def _need_lm_eval() -> None:
+    import importlib.util
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("tasks run through lm-evaluation-harness, which is not installed: "
+                          "pip install 'jaxlm[eval]'")
 
 
 def _known(manager, name: str) -> bool:
@@ -144,6 +152,7 @@ def run_tasks(params, cfg, tokenizer, tasks, *, task_path=None, manager=None,
               mesh=None, rules=None, chat_template_dir=None, progress=False) -> dict:
     """lm-eval's simple_evaluate of `tasks` on jaxlm's backend: {"tasks": {task:
     {metric: value}}, "truncated": requests cut from the left}."""
+    _need_lm_eval()
     from lm_eval import simple_evaluate
 
     from .harness import JaxlmLM, register
