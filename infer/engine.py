@@ -1066,9 +1066,10 @@ class Engine:
         return None
 
     def _slot_pages(self, s: int) -> int:
+        """The pages slot s holds at its longest (shared ones included: what it still
+        takes is this minus what it holds)."""
         req, k = self.owner[s]
-        first, other = self._future_pages(req)
-        return first if s == req.slots[0] else other
+        return self._future_pages(req)[0]
 
     def _take(self, req: Request, slots: list) -> None:
         req.slots = list(slots)
@@ -1205,7 +1206,7 @@ class Engine:
         tokens = np.zeros((s_total, width), np.int32)
         lengths, last = np.zeros(s_total, np.int32), np.zeros(s_total, np.int32)
         live = np.zeros(s_total, bool)
-        n_hist = _pow2(sum(len(r.prompt) for r, _ in group), 16)
+        n_hist = s_total * self.max_prompt_len  # one shape per engine: no compile per mix
         h_tok, h_pos = np.zeros(n_hist, np.int32), np.zeros(n_hist, np.int32)
         h_slot = np.full(n_hist, s_total, np.int32)
         at = 0

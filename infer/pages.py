@@ -53,6 +53,7 @@ class PagePool:
         self.cached: list[dict] = [{} for _ in range(shards)]
         self.key_of: dict[int, bytes] = {}
         self.idle: list[OrderedDict] = [OrderedDict() for _ in range(shards)]
+        self.evictions = 0  # cached pages taken back for new ones
 
     def shard_of(self, slot: int) -> int:
         return slot // self.slots_per_shard
@@ -74,6 +75,7 @@ class PagePool:
         if not self.idle[shard]:
             raise RuntimeError("page pool exhausted (admission control failed)")
         page, _ = self.idle[shard].popitem(last=False)  # the least recently used
+        self.evictions += 1
         del self.cached[shard][self.key_of.pop(page)]
         return page
 

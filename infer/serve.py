@@ -101,11 +101,17 @@ def make_engine(s: Served):
     generate.prefix_cache), prompts up to the context, answers up to serve.max_tokens."""
     from .engine import Engine
     c = s.serve
-    return Engine(s.params, s.cfg, settings=s.settings, max_prompt_len=s.cfg.max_seq_len - 1,
-                  max_new_tokens=min(c.max_tokens, s.cfg.max_seq_len - 1), slots=c.slots,
-                  cache="paged", page_size=c.page_size, n_pages=c.n_pages or None,
-                  steps_per_call=c.steps_per_call, refill_batch=1,
-                  features=engine_features(s), detokenize=s.detokenize)
+    eng = Engine(s.params, s.cfg, settings=s.settings, max_prompt_len=s.cfg.max_seq_len - 1,
+                 max_new_tokens=min(c.max_tokens, s.cfg.max_seq_len - 1), slots=c.slots,
+                 cache="paged", page_size=c.page_size, n_pages=c.n_pages or None,
+                 steps_per_call=c.steps_per_call, refill_batch=1,
+                 features=engine_features(s), detokenize=s.detokenize)
+    # compile the admission and the decode loop before the first request waits on them
+    eng.add([0], max_new_tokens=2, temperature=0.0)
+    eng.run()
+    eng.forget_finished()
+    eng.stats = dict.fromkeys(eng.stats, 0)
+    return eng
 
 
 # ------------------------------------------------------------ the engine thread
@@ -162,10 +168,12 @@ class Worker:
     def cancel_all(self, why: str) -> None:
         self.inbox.put(("cancel_all", why))
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the thread after its current step -> whether it has ended."""
         self._stop = True
         self.inbox.put(("wake",))
-        self.thread.join(timeout=60)
+        self.thread.join(timeout=timeout)
+        return not self.thread.is_alive()
 
     def tokens_per_s(self, window: float = 10.0) -> float:
         now = time.perf_counter()
@@ -517,7 +525,9 @@ class Server:
     def __init__(self, served: Served, worker: Worker, api_key: Optional[str] = None):
         self.s, self.worker, self.api_key = served, worker, api_key
         self.outstanding = 0  # jobs accepted and not answered (the event loop's count)
+        self.active: set = set()  # those jobs
         self.draining = False
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.guides: dict = {}
         self.metrics = _Metrics(self)
 
@@ -552,6 +562,7 @@ class Server:
     async def handle(self, request, chat: bool):
         from starlette.responses import JSONResponse, StreamingResponse
         jobs: list = []
+        self.loop = asyncio.get_running_loop()
         try:
             self._check(request)
             body = await self._body(request)
@@ -568,10 +579,14 @@ class Server:
             for ids, p in zip(prompts, parsed):
                 job = Job(ids, p.settings, p.guide, p.row_seed, self.s.eos_ids, loop)
                 jobs.append(job)
+                self.active.add(job)
                 self.outstanding += 1
                 self.worker.submit(job)
             for job in jobs:  # each added, or the engine's reason why not
                 item = await job.queue.get()
+                if item[0] == "abort":
+                    raise BadRequest(f"the request was cancelled: {item[1]}",
+                                     code="cancelled", status=503)
                 if item[0] != "added":
                     raise BadRequest(item[1], code="invalid_value")
         except BadRequest as e:
@@ -611,6 +626,7 @@ class Server:
             if job.released:
                 continue
             job.released = True
+            self.active.discard(job)
             if not job.done:
                 job.done = True
                 self.worker.cancel(job)
@@ -769,12 +785,26 @@ class Server:
             Route("/metrics", metrics)], exception_handlers={404: not_found})
 
     def drain(self, grace: float) -> None:
-        """SIGTERM: stop admitting; cancel what still runs shortly before `grace` ends."""
+        """SIGTERM: stop admitting; cancel what still runs shortly before `grace` ends
+        (answered from the event loop itself: a clean error even while the engine
+        thread is busy in a step)."""
         self.draining = True
-        timer = threading.Timer(max(grace - 1.0, grace * 0.8), self.worker.cancel_all,
-                                args=("the server is shutting down",))
+
+        def abort():
+            why = "the server is shutting down"
+            self.worker.cancel_all(why)
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self._abort_all, why)
+
+        timer = threading.Timer(max(grace - 1.0, grace * 0.8), abort)
         timer.daemon = True
         timer.start()
+
+    def _abort_all(self, why: str) -> None:
+        for job in list(self.active):
+            if not job.done:
+                job.done = True
+                job.queue.put_nowait(("abort", why))
 
 
 class _Metrics:

@@ -42,4 +42,10 @@ def run_serve(args) -> int:
     host, port = sock.getsockname()[:2]
     print(f"serving {served.name!r} on http://{host}:{port}/v1", flush=True)
     run(server, sock=sock)
+    if server.worker.thread.is_alive():  # a step still compiling: leave without waiting
+        import os
+        import sys
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

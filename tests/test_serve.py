@@ -4,7 +4,10 @@
 import asyncio
 import json
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -25,6 +28,8 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% en
 SETTINGS = ["model.max_seq_len=96", "mesh.devices=1", "serve.slots=8", "serve.max_tokens=24",
             "serve.page_size=8", "serve.max_queue=48", "serve.steps_per_call=4",
             "serve.max_top_k=8", "generate.max_new_tokens=16"]
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPTS = ["def main(", "import os\nimport sys\n", "class Foo:", "return self.",
            "for i in range(", "    if x is None:\n        "]
 
@@ -42,7 +47,7 @@ def served(checkpoint):
     """(Server, base_url, port) of one server for the module."""
     from jaxlm.infer.serve import load_served, start, uvicorn_server
     s, run, mesh = load_served(checkpoint, SETTINGS)
-    server = start(s, mesh, run.mesh.rules)
+    server = start(s, mesh, run.mesh.rules, api_key=KEY)
     sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     uv = uvicorn_server(server, log_level="warning")
@@ -60,7 +65,7 @@ def served(checkpoint):
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served[1], api_key="none", max_retries=0)
+    return openai.OpenAI(base_url=served[1], api_key=KEY, max_retries=0)
 
 
 def pool_whole(server, timeout=10.0):
@@ -187,11 +192,11 @@ def test_bad_requests_are_400s(served, body, fragment):
     _, url = served
     data = body if isinstance(body, str) else json.dumps(body)
     r = httpx.post(f"{url}/completions", content=data,
-                   headers={"content-type": "application/json"})
+                   headers={"content-type": "application/json", **AUTH})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert fragment in err["message"] and err["type"] == "invalid_request_error"
-    assert httpx.get(f"{url}/models").json()["data"][0]["id"] == "tiny"  # still serving
+    assert httpx.get(f"{url}/models", headers=AUTH).json()["data"][0]["id"] == "tiny"
 
 
 def test_load_equals_batch_infer_and_pool_whole(served, client, checkpoint, tmp_path):
@@ -205,7 +210,7 @@ def test_load_equals_batch_infer_and_pool_whole(served, client, checkpoint, tmp_
     budgets = [int(rng.integers(2, 20)) for _ in prompts]
 
     async def main():
-        aclient = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        aclient = openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0)
         sem = asyncio.Semaphore(16)
 
         async def one(p, m):
@@ -215,7 +220,7 @@ def test_load_equals_batch_infer_and_pool_whole(served, client, checkpoint, tmp_
                 return r.choices[0].text
 
         async def quitter(p):
-            async with httpx.AsyncClient() as h:
+            async with httpx.AsyncClient(headers=AUTH) as h:
                 async with h.stream("POST", f"{url}/completions", json={
                         "model": "tiny", "prompt": p, "max_tokens": 24, "temperature": 0,
                         "stream": True}) as r:
@@ -262,3 +267,96 @@ def test_prefix_cache_counts_and_metrics(served, client):
                       if x.startswith("jaxlm_prefix_cache_hit_rate ")).split()[1])
     assert rate == pytest.approx(eng.prefix_hit_rate()) and rate > 0
     pool_whole(server)
+
+
+def test_api_key_and_health(served):
+    _, url = served
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(f"{url}/completions", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/models").status_code == 401
+    assert httpx.get(url.replace("/v1", "/health")).status_code == 200
+
+
+def test_a_full_queue_is_429_with_retry_after(served):
+    """100 requests at once on 8 slots + a queue of 48: the rest get 429, none is lost."""
+    server, url = served
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120, headers=AUTH,
+                                     limits=httpx.Limits(max_connections=200)) as h:
+            body = {"model": "tiny", "prompt": "def f(", "max_tokens": 16, "temperature": 0}
+            return await asyncio.gather(*[h.post(f"{url}/completions", json=body)
+                                          for _ in range(100)])
+
+    rs = asyncio.run(main())
+    codes = [r.status_code for r in rs]
+    assert codes.count(200) >= 56 and codes.count(429) >= 1 and set(codes) == {200, 429}
+    busy = next(r for r in rs if r.status_code == 429)
+    assert busy.headers["retry-after"] == "1"
+    assert busy.json()["error"]["code"] == "rate_limit_exceeded"
+    assert len({r.json()["choices"][0]["text"] for r in rs if r.status_code == 200}) == 1
+    pool_whole(server)
+    assert server.outstanding == 0
+
+
+def test_sigterm_finishes_or_cancels_then_exits_0(checkpoint):
+    """`jaxlm serve` under load gets SIGTERM: it stops admitting, every stream ends
+    with [DONE] or a clean error event, and it exits 0 within the grace period."""
+    grace = 3.0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxlm.scripts.cli", "serve", "--checkpoint", checkpoint,
+         "--port", "0", *[x for x in SETTINGS if "steps_per_call" not in x],
+         "serve.steps_per_call=1", f"serve.grace_seconds={grace}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert " on http://127.0.0.1:" in line, proc.stderr.read()
+        url = line.split(" on ")[1].strip()
+
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as h:
+                async def one(i):
+                    events = []
+                    async with h.stream("POST", f"{url}/completions", json={
+                            "model": "tiny", "prompt": PROMPTS[i % 6], "max_tokens": 24,
+                            "temperature": 0, "stream": True}) as r:
+                        if r.status_code != 200:  # refused before it started
+                            return r.status_code, [(await r.aread()).decode()]
+                        async for x in r.aiter_lines():
+                            if x.startswith("data: "):
+                                events.append(x[6:])
+                                flowing.set()
+                    return r.status_code, events
+
+                flowing = asyncio.Event()
+                tasks = [asyncio.create_task(one(i)) for i in range(40)]
+                await asyncio.wait_for(flowing.wait(), 60)  # tokens are streaming: now
+                proc.send_signal(signal.SIGTERM)
+                t0 = time.time()
+                results = await asyncio.gather(*tasks)
+                return results, t0
+
+        results, t0 = asyncio.run(main())
+        assert proc.wait(timeout=grace + 10) == 0
+        assert time.time() - t0 < grace + 5
+        done = errors = 0
+        for status, events in results:
+            assert status in (200, 503)
+            if status == 503:
+                errors += 1
+                assert json.loads(events[0])["error"]["code"] == "cancelled"
+                continue
+            assert events[-1] == "[DONE]"
+            last = json.loads(events[-2])
+            if "error" in last:  # cancelled at the end of the grace period
+                errors += 1
+                assert last["error"]["code"] == "cancelled"
+            else:
+                done += 1
+                assert last["choices"][0]["finish_reason"] in ("stop", "length")
+        assert done >= 1 and done + errors == 40
+    finally:
+        if proc.poll() is None:
+            proc.kill()
