@@ -615,12 +615,12 @@ class ServeConfig:
     page_size: int = 16  # tokens per KV page
     n_pages: int = 0  # KV pages in the pool; 0: enough for every slot's longest request
     steps_per_call: int = 8  # decode steps per device round trip (streamed tokens come this often)
-    # the compiled features: sampling (temperature, top_k / top_p / min_p), penalties
-    # (repetition, presence, frequency), guided JSON (response_format)
-    sampling: bool = True
+    # what the compiled loop runs (false: requests asking for it get a 400)
+
+    sampling: bool = True  # temperature > 0 with top_k / top_p / min_p (false: greedy only)
     max_top_k: int = 64  # the largest top_k a request may ask (candidates the sampler keeps)
-    penalties: bool = True
-    guided: bool = True
+    penalties: bool = True  # repetition, presence and frequency penalties
+    guided: bool = True  # response_format json_object / json_schema (guided decoding)
     max_logprobs: int = 5  # the most top log-probs a request may ask; -1: no log-probs at all
     grace_seconds: float = 30.0  # SIGTERM: in-flight requests finish or are cancelled by then
 
