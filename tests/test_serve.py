@@ -201,8 +201,8 @@ def test_bad_requests_are_400s(served, body, fragment):
 
 def test_load_equals_batch_infer_and_pool_whole(served, client, checkpoint, tmp_path):
     """40 requests from 16 concurrent clients (lengths varied), 5 more disconnecting
-    mid-stream: every request completes once, greedy outputs equal batch-infer's, and
-    the pool is whole afterwards."""
+    mid-stream and 10 malformed ones: every request completes once, greedy outputs
+    equal batch-infer's, and the pool is whole afterwards."""
     server, url = served
     rng = np.random.default_rng(0)
     words = "def class return import self value index print range None".split()
@@ -227,10 +227,21 @@ def test_load_equals_batch_infer_and_pool_whole(served, client, checkpoint, tmp_
                     async for _ in r.aiter_lines():
                         break  # the first chunk, then hang up
 
-        jobs = [one(p, m) for p, m in zip(prompts, budgets)] + [quitter(p) for p in prompts[:5]]
+        async def bad(i):
+            async with httpx.AsyncClient(headers=AUTH) as h:
+                r = await h.post(f"{url}/completions", content=[
+                    b"{", b'{"model": "tiny", "prompt": "x", "n": 0}',
+                    b'{"model": "tiny", "prompt": "x", "max_tokens": -1}',
+                    b'{"model": "other", "prompt": "x"}', b'[1, 2]'][i % 5])
+                return r.status_code
+
+        jobs = [one(p, m) for p, m in zip(prompts, budgets)] + [
+            quitter(p) for p in prompts[:5]] + [bad(i) for i in range(10)]
         return await asyncio.gather(*jobs)
 
-    texts = asyncio.run(main())[:40]
+    got = asyncio.run(main())
+    assert got[-10:] == [400] * 10  # malformed requests mixed into the load
+    texts = got[:40]
     rows = tmp_path / "in.jsonl"
     rows.write_text("".join(json.dumps({"id": i, "prompt": p, "max_new_tokens": m}) + "\n"
                             for i, (p, m) in enumerate(zip(prompts, budgets))))
