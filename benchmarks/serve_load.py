@@ -127,7 +127,9 @@ async def drive(url: str, requests: list, clients: int, chat: bool = False):
 
     t = time.perf_counter()
     await asyncio.gather(*[client(c) for c in pool])
-    return results, time.perf_counter() - t
+    wall = time.perf_counter() - t
+    await asyncio.gather(*[c.close() for c in pool])
+    return results, wall
 
 
 def batch_infer_run(checkpoint: str, requests: list, slots: int, out_dir: pathlib.Path,

@@ -545,7 +545,10 @@ class Engine:
     max_len per slot). draft: (params, cfg) of a draft model (speculative decoding,
     features.speculative drafts per cycle). detokenize(ids) -> str: needed for stop
     strings and `Output.text`. guides: every Guide requests will use (stacked into
-    one table on device)."""
+    one table on device). page_buckets: the loop reads the page tables cut to the
+    next power of two of the most pages a slot holds (the XLA attention path gathers
+    only those; at most log2(max_pages) + 1 loop compilations over the engine's
+    life: a server's long context, mostly short requests)."""
 
     def __init__(self, params, cfg, *, settings, max_prompt_len: Optional[int] = None,
                  max_new_tokens: Optional[int] = None,
@@ -554,7 +557,8 @@ class Engine:
                  refill_batch: Optional[int] = None, features: Optional[Features] = None,
                  draft=None, detokenize: Optional[Callable] = None, decoder_start_id: int = 0,
                  guides: Sequence = (), max_len: Optional[int] = None,
-                 on_refill: Optional[Callable[[dict], None]] = None, presplit: bool = True):
+                 on_refill: Optional[Callable[[dict], None]] = None, presplit: bool = True,
+                 page_buckets: bool = False):
         if cfg.family not in ("decoder", "encoder_decoder"):
             raise InputError(f"model.family={cfg.family!r} does not generate text")
         if cache not in ("paged", "contiguous"):
@@ -575,6 +579,7 @@ class Engine:
         self.steps_per_call, self.refill_batch = int(steps_per_call), int(refill_batch)
         self.detokenize, self.start_id = detokenize, int(decoder_start_id)
         self.on_refill = on_refill
+        self.page_buckets = bool(page_buckets)
         feats = features or Features.of([settings], cfg.vocab_size)
         width = bucket(max_new_tokens, WIDTH_BUCKET)
         # the positions a slot's cache holds: decoders prompt + new tokens (+ a cycle's
@@ -869,9 +874,12 @@ class Engine:
         return (None, None) if self.draft is None else self.draft
 
     def _table(self):
-        if self.pool is not None:
+        if self.pool is None:
+            return np.zeros((self.n_slots, 1), np.int32)
+        if not self.page_buckets:
             return self.pool.table.copy()
-        return np.zeros((self.n_slots, 1), np.int32)
+        used = max(map(len, self.pool.held), default=1)
+        return self.pool.table[:, :min(_pow2(used, 1), self.max_pages)].copy()
 
     def _collect(self, was_live, out, lps, tops=None) -> None:
         """Stream the new tokens, end the finished outputs, check stop strings."""
@@ -1215,7 +1223,7 @@ class Engine:
             tokens[s, :n - c], lengths[s], last[s], live[s] = req.prompt[c:], c, n - c - 1, True
             h_tok[at:at + n], h_pos[at:at + n], h_slot[at:at + n] = req.prompt, np.arange(n), s
             at += n
-        return Extend(tokens, lengths, last, live, self.pool.table.copy(), h_tok, h_slot, h_pos)
+        return Extend(tokens, lengths, last, live, self._table(), h_tok, h_slot, h_pos)
 
     def _page_pack(self, group: list) -> Pack:
         """Each data shard's prompts of group packed into its row (`_packs` made them fit)."""

@@ -104,7 +104,7 @@ def make_engine(s: Served):
     eng = Engine(s.params, s.cfg, settings=s.settings, max_prompt_len=s.cfg.max_seq_len - 1,
                  max_new_tokens=min(c.max_tokens, s.cfg.max_seq_len - 1), slots=c.slots,
                  cache="paged", page_size=c.page_size, n_pages=c.n_pages or None,
-                 steps_per_call=c.steps_per_call, refill_batch=1,
+                 steps_per_call=c.steps_per_call, refill_batch=1, page_buckets=True,
                  features=engine_features(s), detokenize=s.detokenize)
     # compile the admission and the decode loop before the first request waits on them
     eng.add([0], max_new_tokens=2, temperature=0.0)
@@ -900,7 +900,7 @@ def start(served: Served, mesh=None, rules=None, api_key: Optional[str] = None) 
 def uvicorn_server(server: Server, host: str = "127.0.0.1", port: int = 8000,
                    log_level: str = "info"):
     """The uvicorn.Server of the app: SIGTERM / SIGINT drain it (`Server.drain`), then
-    uvicorn waits up to serve.grace_seconds (+1) for the open connections."""
+    uvicorn waits up to serve.grace_seconds for the open connections."""
     import uvicorn
     grace = server.s.serve.grace_seconds
 
@@ -911,7 +911,7 @@ def uvicorn_server(server: Server, host: str = "127.0.0.1", port: int = 8000,
             super().handle_exit(sig, frame)
 
     return _Uvicorn(uvicorn.Config(server.app(), host=host, port=port, log_level=log_level,
-                                   timeout_graceful_shutdown=grace + 1, access_log=False))
+                                   timeout_graceful_shutdown=grace, access_log=False))
 
 
 def run(server: Server, host: str = "127.0.0.1", port: int = 8000, sock=None,
@@ -929,6 +929,6 @@ def run(server: Server, host: str = "127.0.0.1", port: int = 8000, sock=None,
         uvicorn_server(server, host, port, log_level).run(
             sockets=[sock] if sock is not None else None)
     finally:
-        server.worker.stop()
+        server.worker.stop(timeout=1.0)  # a step still running: the caller exits anyway
         for sig, handler in previous.items():
             signal.signal(sig, handler)
