@@ -159,6 +159,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--features", choices=("all", "greedy"), default="all",
                     help="the server's compiled features: every request field, or greedy "
                     "decoding only (batch-infer's loop for this greedy workload)")
+    ap.add_argument("--parts", default="load,prefix", help="which cases to run")
     args = ap.parse_args(argv)
     root = pathlib.Path(tempfile.mkdtemp(prefix="serve-load-"))
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -176,90 +177,102 @@ def main(argv=None) -> dict:
         # 1. the load, and batch-infer on the same rows and slots, each measured on its
         # second run (the first compiles its shapes: the jit caches are this process's;
         # the second server is a new engine, its prefix cache empty)
-        batch_infer_run(ckpt, load, args.slots, root, "warm")
-        want, summary = batch_infer_run(ckpt, load, args.slots, root, "load")
-        warm = InProcess(ckpt, base)
-        try:
-            asyncio.run(drive(warm.url, load, args.clients))
-        finally:
-            warm.close()
-        srv = InProcess(ckpt, base)
-        try:
-            stats0 = dict(srv.server.worker.engine.stats)
-            results, wall = asyncio.run(drive(srv.url, load, args.clients))
-            eng = srv.server.worker.engine
-            pool = eng.pool
-            whole = pool.in_use() == 0 and \
-                sum(map(len, pool.free)) + pool.n_cached() == pool.n_pages
-            steps = eng.stats["steps"] - stats0["steps"]
-        finally:
-            srv.close()
-        tokens = sum(r[1] for r in results)
-        texts = [r[0] for r in results]
-        report["load"] = {
-            "requests": len(results), "completed": sum(r[4] is not None for r in results),
-            "equal_to_batch_infer": sum(a == b for a, b in zip(texts, want)),
-            "completion_tokens": tokens, "wall_s": round(wall, 2),
-            "serve_tokens_per_s": round(tokens / wall, 1),
-            "batch_infer_tokens_per_s": summary["tokens_per_s"],
-            "batch_infer_s": summary["seconds"],
-            "ratio": round(tokens / wall / summary["tokens_per_s"], 3),
-            "ttft_ms_p50": pct([r[2] for r in results], 50),
-            "ttft_ms_p99": pct([r[2] for r in results], 99),
-            "itl_ms_p50": pct([r[3] for r in results], 50),
-            "itl_ms_p99": pct([r[3] for r in results], 99),
-            "decode_steps": steps, "pool_whole": whole}
-        print(json.dumps(report["load"]), flush=True)
-        # 2. the prefix cache: one 512-token system prompt, short questions, on vs off
-        rng = np.random.default_rng(0)
-        docs = workload(tok, 4 * args.prefix_requests, 2)
-        ids = tok.encode("".join(p for p, _ in docs))
-        system = tok.decode(ids[:512])
-        questions = [(tok.decode(ids[2000 + 16 * i:2000 + 16 * i + int(rng.integers(8, 16))]),
-                      16) for i in range(args.prefix_requests)]
-
-        def chats(sys_text):
-            return [([{"role": "system", "content": sys_text},
-                      {"role": "user", "content": q}], m) for q, m in questions]
-
-        prefix = {}
-        outs = {}
-        for on in (False, True):
-            flag = [f"generate.prefix_cache={str(on).lower()}"]
-            warm = InProcess(ckpt, base + flag)  # its shapes compiled (module docstring)
-            try:
-                asyncio.run(drive(warm.url, chats(system), args.clients, chat=True))
-            finally:
-                warm.close()
-            srv = InProcess(ckpt, base + flag)
-            try:
-                eng = srv.server.worker.engine
-                before = dict(eng.stats)
-                res, wall = asyncio.run(drive(srv.url, chats(system), args.clients,
-                                              chat=True))
-                pool = eng.pool
-                prefix[on] = {
-                    "prefill_tokens": eng.stats["prefill_tokens"] - before["prefill_tokens"],
-                    "prompt_tokens": eng.stats["prompt_tokens"] - before["prompt_tokens"],
-                    "tokens_per_s": round(sum(r[1] for r in res) / wall, 1),
-                    "wall_s": round(wall, 2),
-                    "ttft_ms_p50": pct([r[2] for r in res], 50),
-                    "pool_whole": pool.in_use() == 0 and
-                    sum(map(len, pool.free)) + pool.n_cached() == pool.n_pages}
-                outs[on] = [r[0] for r in res]
-            finally:
-                srv.close()
-        report["prefix"] = {
-            "off": prefix[False], "on": prefix[True],
-            "prefill_reduction": round(prefix[False]["prefill_tokens"] /
-                                       max(prefix[True]["prefill_tokens"], 1), 2),
-            "speedup": round(prefix[True]["tokens_per_s"] / prefix[False]["tokens_per_s"], 2),
-            "same_outputs": outs[True] == outs[False]}
-        print(json.dumps(report["prefix"]), flush=True)
+        if "load" in args.parts:
+            report["load"] = load_case(args, ckpt, load, base, root)
+        if "prefix" in args.parts:
+            report["prefix"] = prefix_case(args, ckpt, tok, base)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(report, indent=1))
     return report
+
+
+def load_case(args, ckpt, load, base, root) -> dict:
+    batch_infer_run(ckpt, load, args.slots, root, "warm")
+    want, summary = batch_infer_run(ckpt, load, args.slots, root, "load")
+    warm = InProcess(ckpt, base)
+    try:
+        asyncio.run(drive(warm.url, load, args.clients))
+    finally:
+        warm.close()
+    srv = InProcess(ckpt, base)
+    try:
+        stats0 = dict(srv.server.worker.engine.stats)
+        results, wall = asyncio.run(drive(srv.url, load, args.clients))
+        eng = srv.server.worker.engine
+        pool = eng.pool
+        whole = pool.in_use() == 0 and \
+            sum(map(len, pool.free)) + pool.n_cached() == pool.n_pages
+        steps = eng.stats["steps"] - stats0["steps"]
+    finally:
+        srv.close()
+    tokens = sum(r[1] for r in results)
+    texts = [r[0] for r in results]
+    out = {
+        "requests": len(results), "completed": sum(r[4] is not None for r in results),
+        "equal_to_batch_infer": sum(a == b for a, b in zip(texts, want)),
+        "completion_tokens": tokens, "wall_s": round(wall, 2),
+        "serve_tokens_per_s": round(tokens / wall, 1),
+        "batch_infer_tokens_per_s": summary["tokens_per_s"],
+        "batch_infer_s": summary["seconds"],
+        "ratio": round(tokens / wall / summary["tokens_per_s"], 3),
+        "ttft_ms_p50": pct([r[2] for r in results], 50),
+        "ttft_ms_p99": pct([r[2] for r in results], 99),
+        "itl_ms_p50": pct([r[3] for r in results], 50),
+        "itl_ms_p99": pct([r[3] for r in results], 99),
+        "decode_steps": steps, "pool_whole": whole}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def prefix_case(args, ckpt, tok, base) -> dict:
+    # 2. the prefix cache: one 512-token system prompt, short questions, on vs off
+    rng = np.random.default_rng(0)
+    docs = workload(tok, 4 * args.prefix_requests, 2)
+    ids = tok.encode("".join(p for p, _ in docs))
+    system = tok.decode(ids[:512])
+    questions = [(tok.decode(ids[2000 + 16 * i:2000 + 16 * i + int(rng.integers(8, 16))]),
+                  16) for i in range(args.prefix_requests)]
+
+    def chats(sys_text):
+        return [([{"role": "system", "content": sys_text},
+                  {"role": "user", "content": q}], m) for q, m in questions]
+
+    prefix = {}
+    outs = {}
+    for on in (False, True):
+        flag = [f"generate.prefix_cache={str(on).lower()}"]
+        warm = InProcess(ckpt, base + flag)  # its shapes compiled (module docstring)
+        try:
+            asyncio.run(drive(warm.url, chats(system), args.clients, chat=True))
+        finally:
+            warm.close()
+        srv = InProcess(ckpt, base + flag)
+        try:
+            eng = srv.server.worker.engine
+            before = dict(eng.stats)
+            res, wall = asyncio.run(drive(srv.url, chats(system), args.clients,
+                                          chat=True))
+            pool = eng.pool
+            prefix[on] = {
+                "prefill_tokens": eng.stats["prefill_tokens"] - before["prefill_tokens"],
+                "prompt_tokens": eng.stats["prompt_tokens"] - before["prompt_tokens"],
+                "tokens_per_s": round(sum(r[1] for r in res) / wall, 1),
+                "wall_s": round(wall, 2),
+                "ttft_ms_p50": pct([r[2] for r in res], 50),
+                "pool_whole": pool.in_use() == 0 and
+                sum(map(len, pool.free)) + pool.n_cached() == pool.n_pages}
+            outs[on] = [r[0] for r in res]
+        finally:
+            srv.close()
+    out = {
+        "off": prefix[False], "on": prefix[True],
+        "prefill_reduction": round(prefix[False]["prefill_tokens"] /
+                                   max(prefix[True]["prefill_tokens"], 1), 2),
+        "speedup": round(prefix[True]["tokens_per_s"] / prefix[False]["tokens_per_s"], 2),
+        "same_outputs": outs[True] == outs[False]}
+    print(json.dumps(out), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -217,12 +217,14 @@ class Pack(NamedTuple):
 
 class Extend(NamedTuple):
     """Prompts whose first pages are cached (prefix caching): each admitted request's
-    first slot computes the rest of its prompt over its page table."""
-    tokens: jax.Array  # [S, T] int32: slot s's uncached prompt tokens (left-aligned)
-    lengths: jax.Array  # [S] int32: its cached tokens (where the row's tokens start)
-    last: jax.Array  # [S] int32: the column of its last prompt token
-    live: jax.Array  # [S] bool: the slots computed
-    table: jax.Array  # [S, P] the page tables
+    first slot computes the rest of its prompt over its page table, one row each
+    (one data shard: the admitted slots' rows only; else every slot's row, in order)."""
+    tokens: jax.Array  # [R, T] int32: the row's uncached prompt tokens (left-aligned)
+    lengths: jax.Array  # [R] int32: its cached tokens (where the row's tokens start)
+    last: jax.Array  # [R] int32: the column of its last prompt token
+    live: jax.Array  # [R] bool: the rows computed
+    table: jax.Array  # [R, P] their page tables
+    slot: jax.Array  # [R] the row's slot (S: none)
     hist_tokens: jax.Array  # [N] every prompt token of the admitted requests (history)
     hist_slot: jax.Array  # [N] its slot (S: padding)
     hist_pos: jax.Array  # [N] its position
@@ -355,7 +357,7 @@ def _admit(params, cfg, draft_params, draft_cfg, state: State, pack, new: New, a
                            jnp.zeros((a,), jnp.int32))
     elif isinstance(pack, Extend):
         kv, logits = _extend_decoder(params, cfg, state.kv, pack, s)
-        logits_all = _where_rows(pack.live, logits, rows.logits)
+        logits_all = rows.logits.at[pack.slot].set(logits, mode="drop")
         hist = _history_of(rows.hist, pack.hist_slot, pack.hist_tokens, pack.hist_pos)
     else:
         kv, logits = _prefill_decoder(params, cfg, kind, state.kv, pack, s, whole)
@@ -1211,19 +1213,25 @@ class Engine:
         s_total = self.n_slots
         rest = max(len(r.prompt) - r.cached for r, _ in group)
         width = _pack_width(rest, 1)
-        tokens = np.zeros((s_total, width), np.int32)
-        lengths, last = np.zeros(s_total, np.int32), np.zeros(s_total, np.int32)
-        live = np.zeros(s_total, bool)
+        compact = self.shards == 1
+        n_rows = min(_pow2(len(group), 1), s_total) if compact else s_total
+        tokens = np.zeros((n_rows, width), np.int32)
+        lengths, last = np.zeros(n_rows, np.int32), np.zeros(n_rows, np.int32)
+        live, slot = np.zeros(n_rows, bool), np.full(n_rows, s_total, np.int32)
+        table = self._table()
         n_hist = s_total * self.max_prompt_len  # one shape per engine: no compile per mix
         h_tok, h_pos = np.zeros(n_hist, np.int32), np.zeros(n_hist, np.int32)
         h_slot = np.full(n_hist, s_total, np.int32)
         at = 0
-        for req, slots in group:
+        for k, (req, slots) in enumerate(group):
             n, c, s = len(req.prompt), req.cached, slots[0]
-            tokens[s, :n - c], lengths[s], last[s], live[s] = req.prompt[c:], c, n - c - 1, True
+            r = k if compact else s
+            tokens[r, :n - c], lengths[r], last[r], live[r] = req.prompt[c:], c, n - c - 1, True
+            slot[r] = s
             h_tok[at:at + n], h_pos[at:at + n], h_slot[at:at + n] = req.prompt, np.arange(n), s
             at += n
-        return Extend(tokens, lengths, last, live, self._table(), h_tok, h_slot, h_pos)
+        rows_table = table[np.minimum(slot, s_total - 1)] if compact else table
+        return Extend(tokens, lengths, last, live, rows_table, slot, h_tok, h_slot, h_pos)
 
     def _page_pack(self, group: list) -> Pack:
         """Each data shard's prompts of group packed into its row (`_packs` made them fit)."""
