@@ -1007,8 +1007,16 @@ class Engine:
         requests admitted."""
         free = [s for s in range(self.n_slots) if self.owner[s] is None]
         chosen = []
+        pending: set = set()  # full prompt pages this admission writes (prefix caching)
         while self.queue:
             req = self.queue[0]
+            if self.prefix:
+                if not req.keys:
+                    req.keys = self.pool.chain(req.prompt)
+                usable = req.keys[:(len(req.prompt) - 1) // self.page_size]
+                if any(k in pending and not any(k in c for c in self.pool.cached)
+                       for k in usable):
+                    break  # pages of its prefix are being written now: read at the next refill
             slots = self._place(req, free)
             if slots is None:
                 break  # wait for slots or pages (a finishing sequence gives its pages back)
@@ -1016,6 +1024,7 @@ class Engine:
             free = [s for s in free if s not in slots]
             chosen.append((req, slots))
             self._take(req, slots)
+            pending.update(req.keys)
         if not chosen:
             return []
         if self.seq2seq:
@@ -1094,11 +1103,10 @@ class Engine:
             self.slots["budget"][slot] = req.settings.max_new_tokens
             self.slots["live"][slot] = True
             self.slots["eos"][slot] = False
-        req.cached, req.keys = 0, []
+        req.cached = 0
         if self.pool is None or self.seq2seq:
             return
         if self.prefix:  # the longest cached run of its full pages, leaving a token to compute
-            req.keys = self.pool.chain(req.prompt)
             hit = self.pool.lookup(slots[0], req.keys[:(n - 1) // self.page_size])
             self.pool.attach(slots[0], hit)
             req.cached = len(hit) * self.page_size

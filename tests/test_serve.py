@@ -220,7 +220,7 @@ def test_load_equals_batch_infer_and_pool_whole(served, client, checkpoint, tmp_
                 return r.choices[0].text
 
         async def quitter(p):
-            async with httpx.AsyncClient(headers=AUTH) as h:
+            async with httpx.AsyncClient(headers=AUTH, timeout=120) as h:
                 async with h.stream("POST", f"{url}/completions", json={
                         "model": "tiny", "prompt": p, "max_tokens": 24, "temperature": 0,
                         "stream": True}) as r:
@@ -228,7 +228,7 @@ def test_load_equals_batch_infer_and_pool_whole(served, client, checkpoint, tmp_
                         break  # the first chunk, then hang up
 
         async def bad(i):
-            async with httpx.AsyncClient(headers=AUTH) as h:
+            async with httpx.AsyncClient(headers=AUTH, timeout=120) as h:
                 r = await h.post(f"{url}/completions", content=[
                     b"{", b'{"model": "tiny", "prompt": "x", "n": 0}',
                     b'{"model": "tiny", "prompt": "x", "max_tokens": -1}',
