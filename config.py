@@ -570,6 +570,9 @@ class GenerateConfig:
     early_stopping: typing.Union[bool, str] = False
     num_return_sequences: int = 1  # sequences per prompt: samples, or the best beams
     kv_dtype: str = "auto"  # KV cache: auto (the model's dtype) or int8 (per-token scales)
+    # reuse the KV pages of prompt prefixes already in a paged engine's pool (a hash
+    # chain over full pages; the outputs are the same either way)
+    prefix_cache: bool = True
 
     def __post_init__(self):
         if self.kv_dtype not in ("auto", "int8"):
@@ -614,12 +617,45 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`jaxlm serve`: the engine behind the server and what its compiled loop runs
+    (requests needing a feature switched off get a 400 naming the key)."""
+    _prefix = "serve."
+
+    slots: int = 16  # sequences decoded together (a request with n samples takes n)
+    max_queue: int = 64  # requests waiting for a slot, at most; beyond: 429 with Retry-After
+    max_tokens: int = 256  # the largest max_tokens a request may ask (the engine's buffers)
+    page_size: int = 16  # tokens per KV page
+    n_pages: int = 0  # KV pages in the pool; 0: enough for every slot's longest request
+    steps_per_call: int = 8  # decode steps per device round trip (streamed tokens come this often)
+    # what the compiled loop runs (false: requests asking for it get a 400)
+
+    sampling: bool = True  # temperature > 0 with top_k / top_p / min_p (false: greedy only)
+    max_top_k: int = 64  # the largest top_k a request may ask (candidates the sampler keeps)
+    penalties: bool = True  # repetition, presence and frequency penalties
+    guided: bool = True  # response_format json_object / json_schema (guided decoding)
+    max_logprobs: int = 5  # the most top log-probs a request may ask; -1: no log-probs at all
+    grace_seconds: float = 30.0  # SIGTERM: in-flight requests finish or are cancelled by then
+
+    def __post_init__(self):
+        _positive(self, "slots", "max_tokens", "page_size", "steps_per_call")
+        for name in ("max_queue", "n_pages", "max_top_k"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"serve.{name}={getattr(self, name)} must be >= 0")
+        if self.max_logprobs < -1 or self.max_logprobs > 20:
+            raise ConfigError(f"serve.max_logprobs={self.max_logprobs} must be in [-1, 20]")
+        if self.grace_seconds < 0:
+            raise ConfigError(f"serve.grace_seconds={self.grace_seconds} must be >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     run_dir: str = "runs/default"  # the run's directory: config.yaml, checkpoints, metrics
 
     def __post_init__(self):
@@ -1326,7 +1362,7 @@ def select_keys(docs: list[KeyDoc], names) -> list[KeyDoc]:
 
 __all__ = ["Config", "DataConfig", "TrainConfig", "LoraConfig", "DpoConfig", "KtoConfig",
            "RewardConfig", "DistillConfig", "GrpoConfig", "PpoConfig", "MeshConfig",
-           "GenerateConfig", "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
+           "GenerateConfig", "ServeConfig", "DEFAULT_RULES", "MESH_AXES", "load_config", "config_from_dict",
            "model_config_from_dict", "apply_overrides", "refuse_repeated_keys", "to_dict",
            "flatten", "parse_override", "read_yaml", "ALIASES", "canonical_key",
            "resolve_aliases", "KeyDoc", "field_docs", "describe_keys", "config_sections",

@@ -429,7 +429,9 @@ def batch_infer(checkpoint: str, input_path: str, output_path: str, *, batch_siz
         overrides, saved=None if hf_dir else to_dict(g)))
     stops = tuple(stop_ids(gen.eos_ids, g, cfg.vocab_size))
     settings = _hash({"checkpoint": os.path.realpath(checkpoint), "step": step,
-                      "generate": to_dict(g), "model": sorted(model_overrides),
+                      "generate": {k: v for k, v in to_dict(g).items()
+                                   if k != "prefix_cache"},  # the outputs' own settings
+                      "model": sorted(model_overrides),
                       **({"chat": True} if chat else {}),
                       **({"stop": list(stops)} if hf_dir else {}),
                       **({"guide": list(guide)} if guide is not None else {})})

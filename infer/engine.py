@@ -97,6 +97,7 @@ class Features:
     beams: int = 0  # num_beams of every request (0: no beam search)
     speculative: int = 0  # drafts per cycle (0: none)
     logprobs: bool = False
+    top_logprobs: int = 0  # the k most likely tokens' log-probs recorded each step (0: none)
     return_logits: bool = False
     width: int = WIDTH_BUCKET  # output columns per slot
     stops: int = STOP_SLOTS  # stop ids per slot
@@ -147,6 +148,8 @@ class Rows(NamedTuple):
     guide: Optional[jax.Array] = None  # [S] int32 automaton states
     logprobs: Optional[jax.Array] = None  # [S, W] f32
     step_logits: Optional[jax.Array] = None  # [S, W, V] f32
+    top_ids: Optional[jax.Array] = None  # [S, W, K] int32: each step's K most likely tokens
+    top_lps: Optional[jax.Array] = None  # [S, W, K] f32: their log-probs
 
 
 class State(NamedTuple):
@@ -212,6 +215,21 @@ class Pack(NamedTuple):
     tok_slot: jax.Array  # [J, W] the slot of each token (S: padding)
 
 
+class Extend(NamedTuple):
+    """Prompts whose first pages are cached (prefix caching): each admitted request's
+    first slot computes the rest of its prompt over its page table, one row each
+    (one data shard: the admitted slots' rows only; else every slot's row, in order)."""
+    tokens: jax.Array  # [R, T] int32: the row's uncached prompt tokens (left-aligned)
+    lengths: jax.Array  # [R] int32: its cached tokens (where the row's tokens start)
+    last: jax.Array  # [R] int32: the column of its last prompt token
+    live: jax.Array  # [R] bool: the rows computed
+    table: jax.Array  # [R, P] their page tables
+    slot: jax.Array  # [R] the row's slot (S: none)
+    hist_tokens: jax.Array  # [N] every prompt token of the admitted requests (history)
+    hist_slot: jax.Array  # [N] its slot (S: padding)
+    hist_pos: jax.Array  # [N] its position
+
+
 class EncPack(NamedTuple):
     """Encoder inputs of the admitted requests of an encoder-decoder."""
     tokens: jax.Array  # [A, P] int32, right-padded
@@ -272,6 +290,15 @@ def _copy_rows(a, src, dst, axis: int = 0):
     return a.at[index].set(moved, mode="drop")
 
 
+def _extend_decoder(params, cfg, kv, ext: Extend, slots: int):
+    """The uncached rest of prompts, each after its cached pages -> (kv with their K/V,
+    next-token logits [S, V] of each live slot)."""
+    store = Paged(kv, ext.table, ext.lengths, ext.live, slots=slots)
+    hidden, aux = decoder(params, cfg, ext.tokens, store=store)
+    last = jnp.take_along_axis(hidden, ext.last[:, None, None], axis=1)  # [S, 1, D]
+    return aux["store"].kv, unembed(params, last, cfg)[:, 0]
+
+
 def _prefill_decoder(params, cfg, kind, kv, pack: Pack, slots: int, whole: bool = False):
     """Packed prompts -> (kv with their K/V, next-token logits [R, V] of each prompt);
     whole: row r holds prompt r (`_admit`)."""
@@ -328,6 +355,10 @@ def _admit(params, cfg, draft_params, draft_cfg, state: State, pack, new: New, a
         logits_all = _where_rows(first, logits[:, 0], rows.logits)
         hist = _history_of(rows.hist, enc.out_slot, jnp.full((a,), start_id, jnp.int32),
                            jnp.zeros((a,), jnp.int32))
+    elif isinstance(pack, Extend):
+        kv, logits = _extend_decoder(params, cfg, state.kv, pack, s)
+        logits_all = rows.logits.at[pack.slot].set(logits, mode="drop")
+        hist = _history_of(rows.hist, pack.hist_slot, pack.hist_tokens, pack.hist_pos)
     else:
         kv, logits = _prefill_decoder(params, cfg, kind, state.kv, pack, s, whole)
         logits_all = (_where_rows(admitted, logits, rows.logits) if whole else
@@ -385,9 +416,13 @@ def record(rows: Rows, sl: Slots, tok, raw_logits) -> Rows:
     at = (jnp.arange(s), col)
     rows = rows._replace(out=rows.out.at[at].set(tok, mode="drop"))
     if rows.logprobs is not None:
-        lp = jax.nn.log_softmax(raw_logits.astype(jnp.float32), axis=-1)
-        lp = jnp.take_along_axis(lp, jnp.maximum(tok, 0)[:, None], axis=-1)[:, 0]
+        full = jax.nn.log_softmax(raw_logits.astype(jnp.float32), axis=-1)
+        lp = jnp.take_along_axis(full, jnp.maximum(tok, 0)[:, None], axis=-1)[:, 0]
         rows = rows._replace(logprobs=rows.logprobs.at[at].set(lp, mode="drop"))
+        if rows.top_ids is not None:
+            top_lps, top_ids = jax.lax.top_k(full, rows.top_ids.shape[-1])
+            rows = rows._replace(top_ids=rows.top_ids.at[at].set(top_ids, mode="drop"),
+                                 top_lps=rows.top_lps.at[at].set(top_lps, mode="drop"))
     if rows.step_logits is not None:
         rows = rows._replace(step_logits=rows.step_logits.at[at].set(raw_logits, mode="drop"))
     return rows
@@ -457,6 +492,8 @@ class Output:
     tokens: list = dataclasses.field(default_factory=list)  # ids, the final stop id included
     finish_reason: Optional[str] = None  # "stop" (a stop id or string) | "length" | "abort"
     logprobs: Optional[list] = None  # log-prob of each token under the raw model logits
+    # Features.top_logprobs: per token, the k most likely (id, log-prob), most likely first
+    top_logprobs: Optional[list] = None
     logits: Optional[np.ndarray] = None  # [len, V] raw next-token logits (return_logits)
     score: Optional[float] = None  # beam search: the length-penalised score
     text: Optional[str] = None  # with a detokenizer: the text (a stop string cut off)
@@ -474,6 +511,7 @@ class Request:
         self.outputs = [Output() for _ in range(settings.num_return_sequences)]
         self.slots: list[int] = []
         self.finished = False
+        self.cached, self.keys = 0, []  # prefix caching: prompt tokens read from cached pages
 
     @property
     def width(self) -> int:  # slots it takes
@@ -509,7 +547,10 @@ class Engine:
     max_len per slot). draft: (params, cfg) of a draft model (speculative decoding,
     features.speculative drafts per cycle). detokenize(ids) -> str: needed for stop
     strings and `Output.text`. guides: every Guide requests will use (stacked into
-    one table on device)."""
+    one table on device). page_buckets: the loop reads the page tables cut to the
+    next power of two of the most pages a slot holds (the XLA attention path gathers
+    only those; at most log2(max_pages) + 1 loop compilations over the engine's
+    life: a server's long context, mostly short requests)."""
 
     def __init__(self, params, cfg, *, settings, max_prompt_len: Optional[int] = None,
                  max_new_tokens: Optional[int] = None,
@@ -518,7 +559,8 @@ class Engine:
                  refill_batch: Optional[int] = None, features: Optional[Features] = None,
                  draft=None, detokenize: Optional[Callable] = None, decoder_start_id: int = 0,
                  guides: Sequence = (), max_len: Optional[int] = None,
-                 on_refill: Optional[Callable[[dict], None]] = None, presplit: bool = True):
+                 on_refill: Optional[Callable[[dict], None]] = None, presplit: bool = True,
+                 page_buckets: bool = False):
         if cfg.family not in ("decoder", "encoder_decoder"):
             raise InputError(f"model.family={cfg.family!r} does not generate text")
         if cache not in ("paged", "contiguous"):
@@ -539,15 +581,20 @@ class Engine:
         self.steps_per_call, self.refill_batch = int(steps_per_call), int(refill_batch)
         self.detokenize, self.start_id = detokenize, int(decoder_start_id)
         self.on_refill = on_refill
+        self.page_buckets = bool(page_buckets)
         feats = features or Features.of([settings], cfg.vocab_size)
         width = bucket(max_new_tokens, WIDTH_BUCKET)
         # the positions a slot's cache holds: decoders prompt + new tokens (+ a cycle's
         # drafts), encoder-decoders the decoder's tokens
-        self.span = (max_new_tokens if self.seq2seq else max_prompt_len + max_new_tokens) \
-            + feats.speculative
-        if not self.seq2seq and max_prompt_len + max_new_tokens > cfg.max_seq_len:
-            raise InputError(f"max_prompt_len={max_prompt_len} + max_new_tokens={max_new_tokens}"
-                             f" is longer than model.max_seq_len={cfg.max_seq_len}")
+        # (a decoder's request itself fits model.max_seq_len: `add` checks each one, so
+        # max_prompt_len and max_new_tokens may each reach it: a server's longest prompt
+        # and longest answer, not both at once)
+        longest = min(max_prompt_len + max_new_tokens, cfg.max_seq_len)
+        self.span = (max_new_tokens if self.seq2seq else longest) + feats.speculative
+        if not self.seq2seq and max(max_prompt_len, max_new_tokens) > cfg.max_seq_len:
+            raise InputError(f"max_prompt_len={max_prompt_len} / max_new_tokens="
+                             f"{max_new_tokens} is longer than model.max_seq_len="
+                             f"{cfg.max_seq_len}")
         history = bucket((1 if self.seq2seq else max_prompt_len) + width, WIDTH_BUCKET) \
             if feats.processors.ngram else 0
         self.feats = feats = dataclasses.replace(feats, width=width, history=history,
@@ -609,13 +656,20 @@ class Engine:
         self.owner: list = [None] * slots  # slot -> (request, output index)
         self.queue: deque = deque()
         self.requests: list[Request] = []
+        self.n_added = 0  # requests added so far (the next one's index)
         self.emitted = np.zeros(slots, np.int32)  # tokens of each slot streamed so far
         self.events: list[Event] = []
         # the engine's own counters: admission calls, prompts prefilled (once per request,
         # whatever its n), decode-loop calls and steps, requests admitted and finished,
         # prompt pages allocated (once per request: its samples share them)
+        # prompt tokens admitted, those computed by a prefill and those read from cached pages
         self.stats = {"admit_calls": 0, "prefilled": 0, "run_calls": 0, "steps": 0,
-                      "admitted": 0, "finished": 0, "prompt_pages": 0}
+                      "admitted": 0, "finished": 0, "prompt_pages": 0, "prompt_tokens": 0,
+                      "prefill_tokens": 0, "cached_tokens": 0}
+        # prefix caching (settings.prefix_cache): a decoder's paged pool, no beams (they
+        # reorder pages) and no draft model (its cache is not kept with the pages)
+        self.prefix = bool(getattr(settings, "prefix_cache", False)) and self.pool is not None \
+            and not self.seq2seq and not feats.beams and self.draft is None
 
     # -------------------------------------------------------- requests
 
@@ -632,7 +686,7 @@ class Engine:
             s = dataclasses.replace(s, **overrides)
         stop = s.stop
         ids = np.asarray(prompt, np.int32).reshape(-1)
-        i = len(self.requests)
+        i = self.n_added
         if ids.size == 0:
             raise InputError(f"prompt {i} is empty: every prompt needs at least one token")
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
@@ -643,6 +697,10 @@ class Engine:
         if s.max_new_tokens > self.max_new_tokens:
             raise InputError(f"max_new_tokens={s.max_new_tokens} (prompt {i}) is more than this "
                              f"engine's max_new_tokens={self.max_new_tokens}")
+        if not self.seq2seq and len(ids) + s.max_new_tokens > self.cfg.max_seq_len:
+            raise InputError(f"prompt {i} has {len(ids)} tokens + max_new_tokens="
+                             f"{s.max_new_tokens}, more than model.max_seq_len="
+                             f"{self.cfg.max_seq_len}")
         stop_ids = tuple(dict.fromkeys(list(eos_ids) + list(s.stop_ids)))
         if len(stop_ids) > self.feats.stops:
             raise InputError(f"prompt {i}: {len(stop_ids)} stop ids, more than this engine's "
@@ -678,7 +736,18 @@ class Engine:
                              f"than the {self.n_slots // self.shards} of a data shard")
         self.requests.append(req)
         self.queue.append(req)
+        self.n_added += 1
         return req
+
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens read from cached pages / prompt tokens admitted (0 before any)."""
+        total = self.stats["prompt_tokens"]
+        return self.stats["cached_tokens"] / total if total else 0.0
+
+    def forget_finished(self) -> None:
+        """Drop the finished requests from `requests` (a long-lived engine, a server:
+        the caller holds the ones it still reads)."""
+        self.requests = [r for r in self.requests if not r.finished]
 
     def _check_covered(self, s, guide, i: int) -> None:
         """InputError when the compiled features cannot run settings s."""
@@ -772,11 +841,14 @@ class Engine:
         # every process runs this loop on the same host state; fetch gathers what spans
         # other processes' devices (a collective each of them calls)
         rows = state.rows
-        new, out, lps = fetch((sl_dev._asdict(), rows.out, rows.logprobs))
+        new, out, lps, tops = fetch((sl_dev._asdict(), rows.out, rows.logprobs,
+                                     None if rows.top_ids is None else (rows.top_ids,
+                                                                        rows.top_lps)))
         was_live = self.slots["live"]
         self.slots = {k: np.array(v) for k, v in new.items()}
         self.stats["steps"] += int(fetch(steps))
-        self._collect(was_live, np.asarray(out), None if lps is None else np.asarray(lps))
+        self._collect(was_live, np.asarray(out), None if lps is None else np.asarray(lps),
+                      None if tops is None else tuple(map(np.asarray, tops)))
 
     def _refill_info(self, admitted: list) -> dict:
         """What `on_refill` sees after an admission (tests: the page accounting)."""
@@ -804,11 +876,14 @@ class Engine:
         return (None, None) if self.draft is None else self.draft
 
     def _table(self):
-        if self.pool is not None:
+        if self.pool is None:
+            return np.zeros((self.n_slots, 1), np.int32)
+        if not self.page_buckets:
             return self.pool.table.copy()
-        return np.zeros((self.n_slots, 1), np.int32)
+        used = max(map(len, self.pool.held), default=1)
+        return self.pool.table[:, :min(_pow2(used, 1), self.max_pages)].copy()
 
-    def _collect(self, was_live, out, lps) -> None:
+    def _collect(self, was_live, out, lps, tops=None) -> None:
         """Stream the new tokens, end the finished outputs, check stop strings."""
         sl = self.slots
         beams = self.feats.beams
@@ -832,6 +907,10 @@ class Engine:
                 if lps is not None:
                     o.logprobs = (o.logprobs or []) + [float(x) for x in
                                                        lps[s, self.emitted[s]:n]]
+                if tops is not None:
+                    ids, tl = tops[0][s, self.emitted[s]:n], tops[1][s, self.emitted[s]:n]
+                    o.top_logprobs = (o.top_logprobs or []) + [
+                        list(zip(map(int, i), map(float, v))) for i, v in zip(ids, tl)]
                 self.emitted[s] = n
             reason = None
             if was_live[s] and not sl["live"][s]:
@@ -862,6 +941,8 @@ class Engine:
                 o.tokens = o.tokens[:n]
                 if o.logprobs is not None:
                     o.logprobs = o.logprobs[:n]
+                if o.top_logprobs is not None:
+                    o.top_logprobs = o.top_logprobs[:n]
                 break
         o.text = text[:at]
         o.stopped_by_id = False
@@ -888,13 +969,18 @@ class Engine:
             self.stats["finished"] += 1
 
     def _free(self, s: int) -> None:
+        owner = self.owner[s]
         self.owner[s] = None
         self.slots["live"][s] = False
+        if self.prefix and owner is not None:  # its written full pages (a multi-turn chat's
+            req, k = owner                     # next prompt starts with them)
+            seq = np.concatenate([req.prompt, np.asarray(req.outputs[k].tokens, np.int32)])
+            written = min(int(self.slots["lengths"][s]), len(seq))
+            self.pool.remember(s, self.pool.chain(seq[:written]))
         if self.pool is not None:
             self.pool.release(s)
-        req = next((r for r in self.requests if s in r.slots), None)
-        if req is not None:
-            req.slots.remove(s)
+        if owner is not None and s in owner[0].slots:
+            owner[0].slots.remove(s)
 
     def _finish_beams(self, req: Request, first: int) -> None:
         from .beam import hypotheses
@@ -921,8 +1007,16 @@ class Engine:
         requests admitted."""
         free = [s for s in range(self.n_slots) if self.owner[s] is None]
         chosen = []
+        pending: set = set()  # full prompt pages this admission writes (prefix caching)
         while self.queue:
             req = self.queue[0]
+            if self.prefix:
+                if not req.keys:
+                    req.keys = self.pool.chain(req.prompt)
+                usable = req.keys[:(len(req.prompt) - 1) // self.page_size]
+                if any(k in pending and not any(k in c for c in self.pool.cached)
+                       for k in usable):
+                    break  # pages of its prefix are being written now: read at the next refill
             slots = self._place(req, free)
             if slots is None:
                 break  # wait for slots or pages (a finishing sequence gives its pages back)
@@ -930,18 +1024,28 @@ class Engine:
             free = [s for s in free if s not in slots]
             chosen.append((req, slots))
             self._take(req, slots)
+            pending.update(req.keys)
         if not chosen:
             return []
         if self.seq2seq:
             calls = [chosen]
         elif self.kind == "paged":
-            calls = self._packs(chosen)
+            fresh = [x for x in chosen if not x[0].cached]
+            hits = [x for x in chosen if x[0].cached]
+            calls = (self._packs(fresh) if fresh else []) + ([hits] if hits else [])
         else:
             calls = [chosen]
         for group in calls:
             self._admit_call(group)
             self.stats["prefilled"] += len(group)
         self.stats["admitted"] += len(chosen)
+        for req, slots in chosen:
+            n = len(req.prompt)
+            self.stats["prompt_tokens"] += n
+            self.stats["cached_tokens"] += req.cached
+            self.stats["prefill_tokens"] += n - req.cached
+            if self.prefix:  # its full prompt pages, now (being) written, for later requests
+                self.pool.remember(slots[0], req.keys)
         return [r for r, _ in chosen]
 
     def _future_pages(self, req: Request) -> tuple[int, int]:
@@ -981,9 +1085,10 @@ class Engine:
         return None
 
     def _slot_pages(self, s: int) -> int:
+        """The pages slot s holds at its longest (shared ones included: what it still
+        takes is this minus what it holds)."""
         req, k = self.owner[s]
-        first, other = self._future_pages(req)
-        return first if s == req.slots[0] else other
+        return self._future_pages(req)[0]
 
     def _take(self, req: Request, slots: list) -> None:
         req.slots = list(slots)
@@ -998,8 +1103,13 @@ class Engine:
             self.slots["budget"][slot] = req.settings.max_new_tokens
             self.slots["live"][slot] = True
             self.slots["eos"][slot] = False
+        req.cached = 0
         if self.pool is None or self.seq2seq:
             return
+        if self.prefix:  # the longest cached run of its full pages, leaving a token to compute
+            hit = self.pool.lookup(slots[0], req.keys[:(n - 1) // self.page_size])
+            self.pool.attach(slots[0], hit)
+            req.cached = len(hit) * self.page_size
         self.pool.grow(slots[0], n)
         self.stats["prompt_pages"] += len(self.pool.held[slots[0]])
         shared = 0 if req.settings.num_beams > 1 else n // self.page_size
@@ -1049,8 +1159,12 @@ class Engine:
         c = np.full((_pow2(len(copies), 1), 2), self.pool.n_pages if self.pool else 0, np.int32)
         if copies:
             c[:len(copies)] = copies
-        pack = self._enc_pack(group) if self.seq2seq else (
-            self._page_pack(group) if self.pool is not None else self._row_pack(group))
+        if self.seq2seq:
+            pack = self._enc_pack(group)
+        elif self.pool is not None:
+            pack = self._extend_pack(group) if group[0][0].cached else self._page_pack(group)
+        else:
+            pack = self._row_pack(group)
         whole = (not self.seq2seq and self.pool is None and context_size() > 1)
         self.state = _admit(self.params, self.cfg, *self._draft(), self.state, pack, new,
                             admitted, f if forks else None, c, feats=self.feats, kind=self.kind,
@@ -1100,6 +1214,32 @@ class Engine:
                              ints["ngram"], ints["min_new"]),
                    stop, ints["hist_len"], ints["guide"] if self.feats.guided else None,
                    lpen, early)
+
+    def _extend_pack(self, group: list) -> Extend:
+        """The uncached rest of each prompt of group at its first slot's row (the
+        widths bucketed: a bounded number of compilations)."""
+        s_total = self.n_slots
+        rest = max(len(r.prompt) - r.cached for r, _ in group)
+        width = _pack_width(rest, 1)
+        compact = self.shards == 1
+        n_rows = min(_pow2(len(group), 1), s_total) if compact else s_total
+        tokens = np.zeros((n_rows, width), np.int32)
+        lengths, last = np.zeros(n_rows, np.int32), np.zeros(n_rows, np.int32)
+        live, slot = np.zeros(n_rows, bool), np.full(n_rows, s_total, np.int32)
+        table = self._table()
+        n_hist = s_total * self.max_prompt_len  # one shape per engine: no compile per mix
+        h_tok, h_pos = np.zeros(n_hist, np.int32), np.zeros(n_hist, np.int32)
+        h_slot = np.full(n_hist, s_total, np.int32)
+        at = 0
+        for k, (req, slots) in enumerate(group):
+            n, c, s = len(req.prompt), req.cached, slots[0]
+            r = k if compact else s
+            tokens[r, :n - c], lengths[r], last[r], live[r] = req.prompt[c:], c, n - c - 1, True
+            slot[r] = s
+            h_tok[at:at + n], h_pos[at:at + n], h_slot[at:at + n] = req.prompt, np.arange(n), s
+            at += n
+        rows_table = table[np.minimum(slot, s_total - 1)] if compact else table
+        return Extend(tokens, lengths, last, live, rows_table, slot, h_tok, h_slot, h_pos)
 
     def _page_pack(self, group: list) -> Pack:
         """Each data shard's prompts of group packed into its row (`_packs` made them fit)."""
@@ -1209,7 +1349,9 @@ def _init_rows(slots: int, vocab: int, feats: Features) -> Rows:
                 jnp.full((slots, e), -1, jnp.int32), hist,
                 i32(0) if feats.guided else None,
                 jnp.zeros((slots, w), jnp.float32) if feats.logprobs else None,
-                jnp.zeros((slots, w, vocab), jnp.float32) if feats.return_logits else None)
+                jnp.zeros((slots, w, vocab), jnp.float32) if feats.return_logits else None,
+                *((jnp.zeros((slots, w, k), jnp.int32), jnp.zeros((slots, w, k), jnp.float32))
+                  if (k := min(feats.top_logprobs, vocab)) and feats.logprobs else (None, None)))
 
 
 def _init_beams(slots: int, feats: Features):

@@ -260,27 +260,38 @@ def _documented(wrapper, inner):
     return wrapper
 
 
+class TextDeltas:
+    """The text one output adds as its tokens arrive: a character split over tokens
+    waits for the token that completes it, and the last `hold` characters (the
+    longest stop string but one) wait until they cannot be a stop string's start;
+    the last push (final=the output's text) gives the rest of it."""
+
+    def __init__(self, detokenize, hold: int):
+        self.detokenize, self.hold = detokenize, hold
+        self.ids: list = []
+        self.shown = ""
+
+    def push(self, tokens, final: Optional[str] = None, done: bool = False) -> str:
+        self.ids += list(tokens)
+        if done:
+            text = final if final is not None else self.detokenize(self.ids)
+            delta = text[len(self.shown):] if text.startswith(self.shown) else text
+            self.shown = text
+            return delta
+        text = self.detokenize(self.ids)
+        text = text[:len(text) - 1] if text.endswith("\ufffd") else text
+        text = text[:max(len(text) - self.hold, 0)]
+        delta = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown += delta
+        return delta
+
+
 def _with_text(events, detokenize, hold: int):
-    """StreamEvents with `text` the new text each adds to its row: a character split
-    over tokens waits for the token that completes it, and the last `hold` characters
-    (the longest stop string but one) wait until they cannot be a stop string's start;
-    a row's last event carries the rest of its final text."""
-    seen: dict[int, tuple[list, str]] = {}
+    """StreamEvents with `text` the new text each adds to its row (`TextDeltas`)."""
+    rows: dict[int, TextDeltas] = {}
     for ev in events:
-        ids, shown = seen.get(ev.row, ([], ""))
-        ids = ids + list(ev.tokens)
-        if ev.finish_reason is not None:
-            text = ev.text if ev.text is not None else detokenize(ids)
-            delta = text[len(shown):] if text.startswith(shown) else text
-            shown = text
-        else:
-            text = detokenize(ids)
-            text = text[:len(text) - 1] if text.endswith("\ufffd") else text
-            text = text[:max(len(text) - hold, 0)]
-            delta = text[len(shown):] if text.startswith(shown) else ""
-            shown = shown + delta
-        seen[ev.row] = (ids, shown)
-        yield ev._replace(text=delta)
+        d = rows.setdefault(ev.row, TextDeltas(detokenize, hold))
+        yield ev._replace(text=d.push(ev.tokens, ev.text, ev.finish_reason is not None))
 
 
 # ------------------------------------------------------------ a checkpoint's settings

@@ -1,5 +1,5 @@
-"""The `jaxlm` command: train | generate | batch-infer | score | eval | convert | quantize | bench
-| plan | prepare | config.
+"""The `jaxlm` command: train | generate | batch-infer | serve | score | eval | convert |
+quantize | bench | plan | prepare | config.
 
 Each subcommand takes `--config` (a YAML path or a preset name) and
 `key=value` overrides. Bad input prints one `error:` line and exits 2.
@@ -102,6 +102,11 @@ def run_batch_infer(args):
           f"{s['new_tokens']} new tokens in {s['seconds']:.1f}s: {s['tokens_per_s']:.1f} tokens/s; "
           f"wrote {args.output}")
     return s
+
+
+def cmd_serve(args):
+    from .serve import run_serve
+    return run_serve(args)
 
 
 def cmd_convert(args):
@@ -219,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     _base_options(bi)
     bi.add_argument("overrides", nargs="*", metavar="generate.key=value|mesh.key=value")
     bi.set_defaults(fn=cmd_batch_infer)
+
+    from .serve import add_arguments as serve_arguments
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, "
+                        "streaming) on a checkpoint")
+    serve_arguments(sv)
+    sv.set_defaults(fn=cmd_serve)
 
     sc = sub.add_parser("score", help="a reward model's (a sequence classifier's) scores of "
                         "JSONL rows")

@@ -396,7 +396,7 @@ def test_select_keys_by_section_key_or_old_name():
     docs = describe_keys()
     assert {"model", "model.rope", "model.rope.yarn", "model.moe", "data", "train",
             "train.lora", "train.dpo", "train.kto", "train.reward", "train.distill",
-            "train.grpo", "train.ppo", "mesh", "generate"} == set(config_sections())
+            "train.grpo", "train.ppo", "mesh", "generate", "serve"} == set(config_sections())
     lora = [d.key for d in select_keys(docs, ["train.lora"])]
     assert lora == ["train.lora.rank", "train.lora.alpha", "train.lora.targets",
                     "train.lora.base_dtype", "train.lora.init_from"]

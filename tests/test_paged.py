@@ -68,7 +68,8 @@ def run_engine(params, prompts, news, **kw):
 
 def check_pages(infos):
     """At every refill: pages in use <= what the live sequences need (rounded up
-    to a page) and each live slot's pages are its own; a refill happened while
+    to a page) and each page's reference count is the number of live slots holding
+    it (prompts sharing a cached prefix share its pages); a refill happened while
     other slots were mid-sequence, and one left a slot empty for want of pages."""
     assert len(infos) > 2
     mid = 0
@@ -77,7 +78,8 @@ def check_pages(infos):
         assert info["pages_in_use"] <= N_PAGES
         held = [p for s in np.flatnonzero(info["live"]) for p in info["table"][s]
                 if p < info["n_pages"]]
-        assert len(held) == len(set(held)) == info["pages_in_use"]
+        assert len(set(held)) == info["pages_in_use"]
+        assert all(info["refs"][p] == held.count(p) for p in set(held))
         mid += bool(info["admitted"]) and info["live"].sum() > len(info["admitted"])
     assert mid > 0  # a prompt took a finished row's slot while the other rows went on
     assert any(i["waiting"] and not i["live"].all() for i in infos)  # waited for pages
