@@ -79,7 +79,8 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
              kv_dtype: str = "auto", logprobs: bool = False, stream: bool = False,
              cache: str = "auto", slots: Optional[int] = None, page_size: int = 16,
              draft=None, num_speculative: int = 4, stop: Sequence[str] = (),
-             detokenize=None, engine_options: Optional[dict] = None):
+             detokenize=None, engine_options: Optional[dict] = None,
+             prefix_cache: bool = True):
     """Continue each prompt (a list of token-id lists, or a 2-D int array) by up to
     max_new_tokens tokens; a row stops after emitting eos_id (an id, or a list
     of stop ids: any of them stops the row).
@@ -126,6 +127,8 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     stop: stop strings (with detokenize(ids) -> str): a row ends once its text
     holds one. stream=True: an iterator of StreamEvent, each row's tokens as they
     are produced; the engine frees a row's slots when the iterator is closed.
+    prefix_cache: a paged engine reuses the pages of prompt prefixes already in its
+    pool (the outputs are the same either way).
     """
     from ..validate import check_lm_head, check_model_args
     check_model_args(params, cfg, "generate")
@@ -170,7 +173,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                        min_new_tokens=int(min_new_tokens), num_beams=int(num_beams),
                        length_penalty=float(length_penalty), early_stopping=early_stopping,
                        num_return_sequences=int(num_return_sequences), kv_dtype=kv_dtype,
-                       stop=stop)
+                       stop=stop, prefix_cache=bool(prefix_cache))
     import dataclasses
     per_row = [base if m == base.max_new_tokens else dataclasses.replace(base, max_new_tokens=m)
                for m in budgets]
@@ -442,7 +445,7 @@ def generate_kwargs(g, eos_id=None) -> dict:
                 no_repeat_ngram_size=g.no_repeat_ngram_size, min_new_tokens=g.min_new_tokens,
                 num_beams=g.num_beams, length_penalty=g.length_penalty,
                 early_stopping=g.early_stopping, num_return_sequences=g.num_return_sequences,
-                kv_dtype=g.kv_dtype, stop=g.stop)
+                kv_dtype=g.kv_dtype, stop=g.stop, prefix_cache=g.prefix_cache)
 
 
 __all__ = ["generate", "GenerateOutput", "StreamEvent", "PAD_ID", "generate_kwargs",
