@@ -1,15 +1,19 @@
 """Self-attention block: projections (+ biases), RoPE, the attention call, output."""
 
+import jax.numpy as jnp
+
 from ..kernels import attention
 from .dense import dense
-from .norms import norm, norm_specs
-from .positions import alibi_bias, rope
+from .norms import norm, norm_specs, rmsnorm
+from .positions import alibi_bias, mla_softmax_scale, rope
 from .relative import relative_bias
-from ..params import Spec, normal, zeros
+from ..params import Spec, normal, ones, zeros
 from ...sharding.rules import constrain
 
 
 def attention_specs(cfg):
+    if cfg.mla.kv_lora_rank:
+        return mla_specs(cfg)
     init = normal(cfg.init_std)
     d, h, kvh, hd, dt = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
     specs = {
@@ -38,6 +42,8 @@ def _project(p, x, name):
 
 
 def project_qkv(p, x, positions, cfg):
+    if cfg.mla.kv_lora_rank:
+        return project_mla(p, x, positions, cfg)
     if "qkv" in p:  # fused (layers/fused.py): btd,dhk->bthk over h = H + 2 KVH, then split
         qkv, h, kvh = _project(p, x, "qkv"), cfg.n_heads, cfg.n_kv_heads
         q, k, v = qkv[..., :h, :], qkv[..., h:h + kvh, :], qkv[..., h + kvh:, :]
@@ -53,7 +59,80 @@ def project_qkv(p, x, positions, cfg):
     return q, k, v
 
 
+def mla_specs(cfg):
+    """Latent attention's weights (HF DeepseekV3Attention's): q_a [D, Rq] -> q_a_norm ->
+    q_b [Rq, H, hd] (or q [D, H, hd]); kv_a [D, Rkv + dr] (the latent, then the shared
+    RoPE key part) -> kv_a_norm on the latent -> kv_b [Rkv, H, nope + dv]; o [H, dv, D]."""
+    m, init, dt = cfg.mla, normal(cfg.init_std), cfg.param_dtype
+    d, h, hd = cfg.d_model, cfg.n_heads, cfg.head_dim
+    specs = {
+        "kv_a": Spec((d, m.kv_lora_rank + m.qk_rope_head_dim), ("embed", None), init, dt),
+        "kv_a_norm": {"scale": Spec((m.kv_lora_rank,), (None,), ones, dt)},
+        "kv_b": Spec((m.kv_lora_rank, h, m.qk_nope_head_dim + m.v_head_dim),
+                     (None, "heads", "head_dim"), init, dt),
+        "o": Spec((h, m.v_head_dim, d), ("heads", "head_dim", "embed"), init, dt),
+    }
+    if m.q_lora_rank:
+        specs["q_a"] = Spec((d, m.q_lora_rank), ("embed", None), init, dt)
+        specs["q_a_norm"] = {"scale": Spec((m.q_lora_rank,), (None,), ones, dt)}
+        specs["q_b"] = Spec((m.q_lora_rank, h, hd), (None, "heads", "head_dim"), init, dt)
+    else:
+        specs["q"] = Spec((d, h, hd), ("embed", "heads", "head_dim"), init, dt)
+    return specs
+
+
+_LATENT_EPS = 1e-6  # the latent norms' epsilon (HF's DeepseekV3RMSNorm default, not rms_norm_eps)
+
+
+def _rope_part(x, positions, cfg):
+    """RoPE on latent attention's rope part x [B,S,H,dr]; interleaved pairs (model.mla.
+    rope_interleave) are first laid out as (evens, odds), which HF's rotation outputs too."""
+    if cfg.mla.rope_interleave:
+        x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+    return rope(x, positions, cfg)
+
+
+def mla_latent(p, x, positions, cfg):
+    """x [B,S,D] -> (q [B,S,H,hd] (nope | roped part), latent [B,S,Rkv] after its norm,
+    roped shared key part [B,S,dr]): what latent attention caches per token is the last
+    two."""
+    m = cfg.mla
+    if "q_a" in p:
+        q = dense(rmsnorm(p["q_a_norm"], dense(x, p["q_a"]), _LATENT_EPS), p["q_b"])
+    else:
+        q = dense(x, p["q"])
+    q = jnp.concatenate([q[..., :m.qk_nope_head_dim],
+                         _rope_part(q[..., m.qk_nope_head_dim:], positions, cfg)], axis=-1)
+    kv = dense(x, p["kv_a"])
+    latent = rmsnorm(p["kv_a_norm"], kv[..., :m.kv_lora_rank], _LATENT_EPS)
+    k_rope = _rope_part(kv[..., None, m.kv_lora_rank:], positions, cfg)[:, :, 0]
+    return constrain(q, ("batch", "seq", "heads", "head_dim")), latent, k_rope
+
+
+def mla_expand(p, latent, k_rope, cfg):
+    """The latent [B,S,Rkv] and shared key part [B,S,dr] -> full k [B,S,H,hd] and v
+    [B,S,H,hd] (v_head_dim zero-padded to head_dim, so that every attention kernel takes
+    it; `mla_output` drops the padding)."""
+    m, h = cfg.mla, cfg.n_heads
+    kv = dense(latent, p["kv_b"])  # [B,S,H,nope+dv]
+    k_nope, v = kv[..., :m.qk_nope_head_dim], kv[..., m.qk_nope_head_dim:]
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(
+        k_rope[:, :, None, :].astype(k_nope.dtype), (*k_nope.shape[:3], m.qk_rope_head_dim))],
+        axis=-1)
+    v = jnp.pad(v, [(0, 0)] * 3 + [(0, cfg.head_dim - m.v_head_dim)])
+    return (constrain(k, ("batch", "seq", "kv_heads", "head_dim")),
+            constrain(v, ("batch", "seq", "kv_heads", "head_dim")))
+
+
+def project_mla(p, x, positions, cfg):
+    """Latent attention's q, k, v [B,S,H,hd] (v zero-padded: `mla_expand`)."""
+    q, latent, k_rope = mla_latent(p, x, positions, cfg)
+    return (q, *mla_expand(p, latent, k_rope, cfg))
+
+
 def output_projection(p, o, cfg):
+    if cfg.mla.kv_lora_rank:
+        o = o[..., :cfg.mla.v_head_dim]
     out = dense(o, p["o"], 2)  # bthk,hkd->btd
     if "o_bias" in p:
         out = out + p["o_bias"].astype(out.dtype)
@@ -79,7 +158,8 @@ def attend(q, k, v, mask, cfg, bias=None, dropout_key=None, kv_heads_major=False
     """The attention call with this config's scale and an optional position bias;
     `dropout_key`: model.attention_dropout on the probabilities (training);
     `kv_heads_major`: k, v [B,KVH,Sk,D] (see `jaxlm.model.kernels.attention`)."""
-    return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=cfg.attn_scale or None,
+    scale = mla_softmax_scale(cfg) if cfg.mla.kv_lora_rank else cfg.attn_scale or None
+    return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=scale,
                      softcap=cfg.attn_logit_softcap or None,
                      dropout_rate=cfg.attention_dropout, dropout_key=dropout_key,
                      kv_heads_major=kv_heads_major)

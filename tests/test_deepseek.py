@@ -1,0 +1,118 @@
+"""DeepSeek-V3 against transformers' DeepseekV3ForCausalLM (random weights, odd shapes):
+latent attention (q low-rank path, the K/V latent, the decoupled RoPE key part,
+interleaved RoPE), the DeepSeek MoE (sigmoid scores, bias-corrected group-limited
+selection, shared experts, routed scale, dense first layers in their own stack) and YaRN
+with its mscale on the softmax scale, past the original context; export back."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxlm.errors import CheckpointError  # noqa: E402
+from jaxlm.model import forward  # noqa: E402
+from jaxlm.model.hf import config_from_hf, load_hf, save_hf  # noqa: E402
+
+V = 97
+# 3 layers: one dense, two MoE (a scanned stack each); 6 experts in 3 groups of 2, each
+# token in its 2 best groups; YaRN from 16 to 64 positions with both mscales
+CONFIG = dict(
+    vocab_size=V, hidden_size=40, intermediate_size=24, moe_intermediate_size=12,
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=12,
+    kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5,
+    n_routed_experts=6, num_experts_per_tok=2, n_group=3, topk_group=2, n_shared_experts=1,
+    routed_scaling_factor=2.5, first_k_dense_replace=1, norm_topk_prob=True,
+    max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
+    pad_token_id=None, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
+        "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.8, "mscale_all_dim": 0.6})
+T = 22  # past the original 16
+TOKENS = np.random.default_rng(0).integers(0, V, (2, T))
+MASK = np.array([[1] * T, [1] * (T - 4) + [0] * 4])
+
+
+def hf_model(**changes):
+    config = transformers.DeepseekV3Config(**{**CONFIG, **changes},
+                                           attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():  # weights ~0.1, norms near 1, routers large, selection biases
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):
+                p.normal_(0, 1.0)
+            elif name.endswith("e_score_correction_bias"):
+                p.normal_(0, 0.3)
+            elif p.is_floating_point() and "inv_freq" not in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def torch_logits(model, tokens=TOKENS, mask=MASK):
+    with torch.no_grad():
+        return model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+def jax_logits(cfg, params, tokens=TOKENS, mask=MASK):
+    return np.asarray(forward(params, cfg, jnp.array(tokens), None,
+                              jnp.array(mask, jnp.int32))[0])
+
+
+def assert_close(ours, ref, tol=1e-4):
+    real = MASK.astype(bool)
+    diff = np.abs(ours[real] - ref[real]).max()
+    assert diff <= tol, diff
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    """(HF model, its dir, our cfg, our params)."""
+    path = tmp_path_factory.mktemp("deepseek") / "hf"
+    model = hf_model()
+    model.save_pretrained(path)
+    cfg, params = load_hf(path)
+    return model, path, cfg, params
+
+
+def test_forward_and_export_equal_transformers(deepseek, tmp_path):
+    model, path, cfg, params = deepseek
+    assert (cfg.mla.kv_lora_rank, cfg.head_dim, cfg.moe.first_dense, cfg.moe.n_groups,
+            cfg.rope.scaling) == (10, 10, 1, 3, "yarn")
+    assert jnp.shape(params["dense_layers"]["mlp"]["up"]) == (1, 40, 24)
+    assert jnp.shape(params["layers"]["mlp"]["gate"]) == (2, 6, 40, 12)
+    ours = jax_logits(cfg, params)
+    assert_close(ours, torch_logits(model))
+
+    save_hf(tmp_path / "out", cfg, params)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["architectures"] == ["DeepseekV3ForCausalLM"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
+                                                             attn_implementation="eager")
+    assert_close(torch_logits(back.eval()), ours)
+    assert config_from_hf(written) == cfg
+
+    # no q low-rank path, RoPE pairs (i, i + d/2), no group limit, no dense layers
+    other = hf_model(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1,
+                     first_k_dense_replace=0, norm_topk_prob=False)
+    other.save_pretrained(tmp_path / "other")
+    cfg2, params2 = load_hf(tmp_path / "other")
+    assert not cfg2.mla.q_lora_rank and "dense_layers" not in params2
+    assert_close(jax_logits(cfg2, params2), torch_logits(other))
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"attention_bias": True}, "attention_bias=True"),
+    ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
+    ({"topk_method": "greedy"}, "topk_method='greedy'"),
+])
+def test_unbuilt_keys_are_refused_in_one_line(change, words):
+    hf = {"model_type": "deepseek_v3", **{k: v for k, v in CONFIG.items() if v is not None},
+          **change}
+    with pytest.raises(CheckpointError, match=words):
+        config_from_hf(hf)
