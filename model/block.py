@@ -39,7 +39,8 @@ from .adapters import layer_weights
 from .config import RopeConfig, dtype_of
 from .kernels import MaskSpec, attention
 from .kv import NoCache, read_cross
-from .layers.attention import output_projection, project_qkv
+from .layers.attention import mla_absorbed, mla_absorbed_output, output_projection, \
+    project_qkv
 from .layers.dense import dense
 from .layers.dropout import ATTN_OUT, ATTN_PROBS, CROSS_OUT, CROSS_PROBS, MLP_OUT, dropout, \
     site_key
@@ -87,9 +88,14 @@ def block(layer, x, store, i, inp: BlockInputs, cfg, cross=None):
     post = cfg.norm_position == "post"
     sandwich = cfg.norm_position == "sandwich"
 
-    q, k, v = project_qkv(layer["attn"], x if post else norm(layer["ln1"], x, cfg),
-                          inp.positions, cfg)
-    store, o = store.attend(i, q, k, v, inp.mask, inp.bias, cfg, site_key(key, ATTN_PROBS))
+    h = x if post else norm(layer["ln1"], x, cfg)
+    if cfg.mla.kv_lora_rank and not isinstance(store, NoCache):  # the cache holds the latent
+        q, k = mla_absorbed(layer["attn"], h, inp.positions, cfg)
+        store, o = store.attend(i, q, k, None, inp.mask, inp.bias, cfg)
+        o = mla_absorbed_output(layer["attn"], o, cfg)
+    else:
+        q, k, v = project_qkv(layer["attn"], h, inp.positions, cfg)
+        store, o = store.attend(i, q, k, v, inp.mask, inp.bias, cfg, site_key(key, ATTN_PROBS))
     y = drop(output_projection(layer["attn"], o, cfg), ATTN_OUT)
     if sandwich:
         y = norm(layer["ln1_post"], y, cfg)

@@ -6,6 +6,8 @@ with its mscale on the softmax scale, past the original context; export back."""
 
 import json
 
+import jax
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -130,3 +132,48 @@ def test_greedy_generate_equals_transformers(deepseek):
     for cache in ("contiguous", "paged"):
         got = jaxlm.generate(params, cfg, [prompt], max_new_tokens=8, cache=cache, page_size=4)
         assert got.sequences()[0] == ref, cache
+
+
+def test_the_cache_holds_the_latent_and_decodes_absorbed(deepseek):
+    """Per token and layer the cache holds kv_lora_rank + qk_rope_head_dim values (no
+    full K/V, no "v"), in the contiguous and the paged store; the absorbed decode's
+    logits (prefill, then one token at a time) equal the full forward's; the latent
+    cache is created sharded over batch under a mesh; `plan` counts the same bytes."""
+    from jaxlm.model.kv import cache_shapes, init_cache, init_pages
+    from jaxlm.model.kv.contiguous import Contiguous
+    from jaxlm.model.families.decoder import decoder
+    from jaxlm.model.layers.embeddings import unembed
+    _, _, cfg, params = deepseek
+    per_token = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim  # 14, full K/V: 2 * 4 * 10
+    cache = init_cache(cfg, 2, 24)
+    assert set(cache) == {"k", "lengths"} and cache["k"].shape == (3, 2, 24, 1, per_token)
+    assert cache["k"].nbytes == 3 * 2 * 24 * per_token * 4
+    pages = init_pages(cfg, 5, 4)
+    assert set(pages) == {"k"} and pages["k"].nbytes == 3 * 5 * 4 * per_token * 4
+    int8 = cache_shapes(cfg, 2, 24, kv_dtype="int8")
+    assert int8["k"].shape[-1] == per_token and int8["k_scale"].shape == (3, 2, 24, 1)
+
+    from jaxlm.config import load_config
+    from jaxlm.sharding.plan import plan
+    real = load_config("deepseek-v3", ["mesh.devices=1"])  # bf16: 61 layers of (512 + 64) * 2 B
+    assert plan(real, 1, cache_len=1000, batch=3)["kv_cache"] == 61 * 3 * 1000 * 576 * 2
+
+    full = jax_logits(cfg, params, TOKENS[:, :T], np.ones((2, T), int))
+    store = Contiguous.of(cache, fresh=True)
+    hidden, aux = decoder(params, cfg, jnp.array(TOKENS[:, :9]), store=store)
+    steps = [unembed(params, hidden, cfg)]
+    store = Contiguous(aux["store"].kv, aux["store"].lengths)
+    for t in range(9, T):
+        hidden, aux = decoder(params, cfg, jnp.array(TOKENS[:, t:t + 1]), store=store)
+        steps.append(unembed(params, hidden, cfg))
+        store = aux["store"]
+    got = np.concatenate([np.asarray(x) for x in steps], axis=1)
+    assert np.abs(got - full).max() <= 1e-5
+
+    from jaxlm.config import MeshConfig
+    from jaxlm.sharding.rules import use_mesh
+    mesh = jax.make_mesh((8,), ("data",))
+    with use_mesh(mesh, MeshConfig().rules):
+        sharded = init_cache(cfg, 8, 16)["k"]
+    assert sharded.sharding.spec[1] == "data"
+    assert sorted(s.index[1].start for s in sharded.addressable_shards) == list(range(8))

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 
 from ..kernels import attention
-from .dense import dense
+from .dense import dense, operand
 from .norms import norm, norm_specs, rmsnorm
 from .positions import alibi_bias, mla_softmax_scale, rope
 from .relative import relative_bias
@@ -124,6 +124,36 @@ def mla_expand(p, latent, k_rope, cfg):
             constrain(v, ("batch", "seq", "kv_heads", "head_dim")))
 
 
+def _kv_b(p, dtype):
+    """kv_b [Rkv, H, nope + dv] as a float array (an int8 weight times its scales)."""
+    w, scale = operand(p["kv_b"], dtype)
+    return w if scale is None else w * scale.reshape(1, *w.shape[1:]).astype(dtype)
+
+
+def mla_absorbed(p, x, positions, cfg):
+    """Latent attention for a cache that holds the latent: -> (q [B,S,H,Rkv + dr], k
+    [B,S,1,Rkv + dr]). k is what the cache keeps per token (the normed latent, then the
+    roped shared key part), one head every query head attends to; q's nope part has
+    kv_b's key up-projection folded in (q_nope . W_uk), so q . k equals the full form's
+    scores. The values are the latent itself: attention over v = k, then
+    `mla_absorbed_output` takes the first Rkv dims and applies kv_b's value part."""
+    m = cfg.mla
+    q, latent, k_rope = mla_latent(p, x, positions, cfg)
+    w_uk = _kv_b(p, q.dtype)[..., :m.qk_nope_head_dim]  # [Rkv, H, nope]
+    q_lat = jnp.einsum("bshn,rhn->bshr", q[..., :m.qk_nope_head_dim], w_uk)
+    q = jnp.concatenate([q_lat, q[..., m.qk_nope_head_dim:]], axis=-1)
+    k = jnp.concatenate([latent, k_rope.astype(latent.dtype)], axis=-1)[:, :, None, :]
+    return constrain(q, ("batch", "seq", "heads", None)), k
+
+
+def mla_absorbed_output(p, o, cfg):
+    """Attention over the latent o [B,S,H,Rkv + dr] -> per-head values [B,S,H,dv]
+    (its latent dims through kv_b's value up-projection W_uv)."""
+    m = cfg.mla
+    w_uv = _kv_b(p, o.dtype)[..., m.qk_nope_head_dim:]  # [Rkv, H, dv]
+    return jnp.einsum("bshr,rhv->bshv", o[..., :m.kv_lora_rank], w_uv)
+
+
 def project_mla(p, x, positions, cfg):
     """Latent attention's q, k, v [B,S,H,hd] (v zero-padded: `mla_expand`)."""
     q, latent, k_rope = mla_latent(p, x, positions, cfg)
@@ -154,12 +184,17 @@ def position_bias(params, mask, cfg, *, bidirectional: bool):
     return None
 
 
+def softmax_scale(cfg):
+    """The scores' scale: model.attn_scale (None: head_dim ** -0.5); latent attention's
+    with YaRN's mscale (`mla_softmax_scale`)."""
+    return mla_softmax_scale(cfg) if cfg.mla.kv_lora_rank else cfg.attn_scale or None
+
+
 def attend(q, k, v, mask, cfg, bias=None, dropout_key=None, kv_heads_major=False):
     """The attention call with this config's scale and an optional position bias;
     `dropout_key`: model.attention_dropout on the probabilities (training);
     `kv_heads_major`: k, v [B,KVH,Sk,D] (see `jaxlm.model.kernels.attention`)."""
-    scale = mla_softmax_scale(cfg) if cfg.mla.kv_lora_rank else cfg.attn_scale or None
-    return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=scale,
+    return attention(q, k, v, mask, bias, impl=cfg.attention_impl, scale=softmax_scale(cfg),
                      softcap=cfg.attn_logit_softcap or None,
                      dropout_rate=cfg.attention_dropout, dropout_key=dropout_key,
                      kv_heads_major=kv_heads_major)
