@@ -177,3 +177,29 @@ def test_the_cache_holds_the_latent_and_decodes_absorbed(deepseek):
         sharded = init_cache(cfg, 8, 16)["k"]
     assert sharded.sharding.spec[1] == "data"
     assert sorted(s.index[1].start for s in sharded.addressable_shards) == list(range(8))
+
+
+def test_sharded_train_step_equals_one_device():
+    """(2 data x 2 expert x 2 tensor): loss, grad norm and params after one step equal one
+    device (<= 1e-5), with the dense and the MoE stack, every leaf sharded as the rules say."""
+    from test_families_2025 import one_step
+    from test_sharding import assert_rule_shardings
+    from jaxlm.model.config import MlaConfig, ModelConfig, MoeConfig, RopeConfig, YarnConfig
+    mcfg = ModelConfig(
+        vocab_size=128, d_model=64, n_layers=3, n_heads=8, d_ff=32, max_seq_len=32,
+        mla=MlaConfig(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                      v_head_dim=8),
+        moe=MoeConfig(n_experts=4, experts_per_token=2, router="sigmoid", n_groups=2,
+                      topk_groups=1, n_shared=1, first_dense=1, dense_d_ff=48,
+                      routed_scale=2.5),
+        rope=RopeConfig(scaling="yarn", factor=4.0, original_max_len=8,
+                        yarn=YarnConfig(mscale=1.0, mscale_all_dim=1.0)))
+    ref_metrics, ref_state, _, _ = one_step(mcfg, dict(data=1), jax.devices()[:1])
+    metrics, state, cfg, tx = one_step(mcfg, dict(data=2, expert=2, tensor=2))
+    for k in ("loss", "grad_norm"):
+        np.testing.assert_allclose(metrics[k], ref_metrics[k], atol=1e-5, rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
+                 jax.device_get(state.params), jax.device_get(ref_state.params))
+    assert_rule_shardings(cfg, tx, state)
+    assert state.params["layers"]["mlp"]["gate"].sharding.spec[1] == "expert"
+    assert not state.params["layers"]["attn"]["kv_b"].sharding.is_fully_replicated
