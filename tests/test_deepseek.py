@@ -205,3 +205,40 @@ def test_sharded_train_step_equals_one_device():
     assert_rule_shardings(cfg, tx, state)
     assert state.params["layers"]["mlp"]["gate"].sharding.spec[1] == "expert"
     assert not state.params["layers"]["attn"]["kv_b"].sharding.is_fully_replicated
+
+
+PUBLISHED = {  # deepseek-ai/DeepSeek-V3's config.json as published (no rope_interleave)
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False,
+    "attention_dropout": 0.0, "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1,
+    "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168,
+    "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1, "pretraining_tp": 1, "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                     "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+    "seq_aux": True, "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc",
+    "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": True,
+    "v_head_dim": 128, "vocab_size": 129280}
+
+
+def test_published_config_the_written_one_and_the_preset_agree():
+    """The published config.json, transformers 5's rewrite of it (rope_parameters,
+    rope_interleave written out) and configs/deepseek-v3.yaml are one model; its fp8
+    quantization_config is refused in one line."""
+    import dataclasses
+    from jaxlm.config import load_config
+    a = config_from_hf(PUBLISHED)
+    written = transformers.DeepseekV3Config(**{k: v for k, v in PUBLISHED.items()
+                                               if k not in ("model_type", "architectures")})
+    assert config_from_hf({**written.to_dict(), "model_type": "deepseek_v3"}) == a
+    assert a.mla.rope_interleave and a.head_dim == 192 and a.rope.factor == 40
+    preset = load_config("deepseek-v3", []).model
+    assert dataclasses.replace(preset, dtype="float32", remat="none") == a
+    with pytest.raises(CheckpointError, match="quant_method='fp8'"):
+        config_from_hf({**PUBLISHED, "quantization_config": {"quant_method": "fp8"}})

@@ -245,7 +245,7 @@ def _deepseek(hf: dict) -> dict:
                       n_shared=g("n_shared_experts", 1),
                       first_dense=g("first_k_dense_replace", 3),
                       dense_d_ff=g("intermediate_size", 18432),
-                      aux_loss_coef=0.0, capacity_factor=0.0))
+                      aux_loss_coef=float(g("aux_loss_alpha", 0.001)), capacity_factor=0.0))
 
 
 def _refuse_unbuilt(hf: dict, model_type: str):
@@ -254,6 +254,11 @@ def _refuse_unbuilt(hf: dict, model_type: str):
     def refuse(key, why=""):
         raise CheckpointError(f"{CONFIG_FILE}: {key}={hf[key]!r} is not supported for "
                               f"{model_type}{why}")
+    if hf.get("quantization_config"):  # e.g. DeepSeek-V3's fp8 blocks (weight_scale_inv)
+        q = hf["quantization_config"]
+        raise CheckpointError(f"{CONFIG_FILE}: quantization_config.quant_method="
+                              f"{q.get('quant_method') if isinstance(q, dict) else q!r} is not "
+                              "supported (dequantize the checkpoint to bf16 first)")
     if hf.get("use_bidirectional_attention"):
         refuse("use_bidirectional_attention", " (causal attention only)")
     if model_type == "qwen3_moe":
