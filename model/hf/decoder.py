@@ -1,6 +1,6 @@
 """Hugging Face decoder-only families: llama (Llama 1-3, incl. Llama-3 rope
 scaling), mistral, qwen2, mixtral, gpt2, qwen3, qwen3_moe, phi3 (incl. LongRoPE),
-gemma2, gemma3_text (Gemma 3's text model, `Gemma3ForCausalLM`).
+gemma2, gemma3_text (Gemma 3's text model, `Gemma3ForCausalLM`), deepseek_v3.
 
 * `config_from_hf(config_json_dict) -> ModelConfig`, `hf_config_from(cfg)`.
 * `rules(cfg, hf, keys)`: the table (`jaxlm.model.hf.rules.Rule`) mapping every
@@ -28,6 +28,14 @@ our separate q, k, v and gate, up (`Rule.part`) and export fused again. Gemma's
 sandwich norms: input_layernorm -> ln1, post_attention_layernorm -> ln1_post,
 pre_feedforward_layernorm -> ln2, post_feedforward_layernorm -> ln2_post; their
 scales are stored zero-centred (model.norm_unit_offset), as HF's.
+
+DeepSeek-V3: latent attention's q_a_proj / q_a_layernorm / q_b_proj (or q_proj),
+kv_a_proj_with_mqa / kv_a_layernorm / kv_b_proj map to our q_a, q_b, kv_a, kv_b leaves
+as they are (rope_interleave stays a config key: the model de-interleaves at run time);
+the first first_k_dense_replace layers load into "dense_layers", the rest into
+"layers" with `Rule.first` = first_k_dense_replace; the router's
+`mlp.gate.e_score_correction_bias` is our `router_bias`, `mlp.shared_experts.*` our
+`mlp.shared`. The MTP layers (model.layers.{num_hidden_layers + i}) are left unread.
 
 Sequence classifiers (`LlamaForSequenceClassification`, ...,
 `GPT2ForSequenceClassification`: `score.weight` [N, D] in place of `lm_head.weight`)

@@ -2,7 +2,10 @@
 
 Routing: softmax over the k selected router logits (= softmax over all, top-k,
 renormalised); with model.moe.normalize_top_k false, the k probabilities of the
-softmax over all experts as they are (Qwen3-MoE's norm_topk_prob false).
+softmax over all experts as they are (Qwen3-MoE's norm_topk_prob false). With
+model.moe.router=sigmoid (DeepSeek-V3): sigmoid scores, the choice by score plus a
+per-expert bias within the best groups (`_sigmoid_route`); the routed weights times
+model.moe.routed_scale; shared experts (model.moe.n_shared) added beside them.
 Dropless by default: assignments are sorted by expert and run
 as grouped matmuls (`lax.ragged_dot`). With `model.moe.capacity_factor` c > 0
 each expert takes at most ceil(c * tokens * k / experts) assignments, in token
