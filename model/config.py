@@ -437,11 +437,21 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """
     d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
     attn_proj = d * hd * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
-    mlp = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * d * cfg.d_ff
-    if cfg.moe.n_experts:  # each token runs through k experts, plus the router
-        mlp = cfg.moe.experts_per_token * mlp + d * cfg.moe.n_experts
+    m = cfg.mla
+    if m.kv_lora_rank:  # latent attention: q (low-rank), kv_a, kv_b, o
+        h = cfg.n_heads
+        q = (d * m.q_lora_rank + m.q_lora_rank * h * hd) if m.q_lora_rank else d * h * hd
+        attn_proj = (q + d * (m.kv_lora_rank + m.qk_rope_head_dim)
+                     + m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim)
+                     + h * m.v_head_dim * d)
+    gated = 3 if cfg.mlp in ("swiglu", "geglu") else 2
+    mlp = gated * d * cfg.d_ff
+    if cfg.moe.n_experts:  # each token runs through k experts (+ the shared), the router
+        mlp = (cfg.moe.experts_per_token + cfg.moe.n_shared) * mlp + d * cfg.moe.n_experts
     head = d * (cfg.num_labels or cfg.vocab_size)
-    matmul_params = L * (attn_proj + mlp) + head
+    k = cfg.moe.first_dense  # DeepSeek's dense first layers
+    dense = k * gated * d * (cfg.moe.dense_d_ff or cfg.d_ff)
+    matmul_params = L * attn_proj + (L - k) * mlp + dense + head
     attn_scores = 12.0 * L * seq_len * cfg.n_heads * hd
     if cfg.family == "decoder":
         attn_scores /= 2

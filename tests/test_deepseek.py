@@ -242,3 +242,27 @@ def test_published_config_the_written_one_and_the_preset_agree():
     assert dataclasses.replace(preset, dtype="float32", remat="none") == a
     with pytest.raises(CheckpointError, match="quant_method='fp8'"):
         config_from_hf({**PUBLISHED, "quantization_config": {"quant_method": "fp8"}})
+
+
+def test_flops_count_the_latent_projections_and_both_stacks():
+    """model_flops_per_token's matmul part is 6 x the matmul weights one token runs
+    through: every layer weight but norms, biases, router bias (of the experts: the k
+    routed ones), plus the head (a numpy count of the spec tree)."""
+    import math
+    from jaxlm.config import load_config
+    from jaxlm.model import model_specs
+    from jaxlm.model.config import model_flops_per_token
+    from jaxlm.model.params import is_spec
+    cfg = load_config("tiny-deepseek", []).model
+    total = 0
+    for path, s in jax.tree_util.tree_flatten_with_path(model_specs(cfg), is_leaf=is_spec)[0]:
+        keys = [getattr(k, "key", "") for k in path]
+        if keys[0] not in ("layers", "dense_layers", "head") or len(s.shape) < 2 + (
+                keys[0] != "head") or "norm" in "".join(keys):
+            continue
+        n = math.prod(s.shape)
+        if "experts" in s.axes:
+            n = n * cfg.moe.experts_per_token // cfg.moe.n_experts
+        total += n
+    attn = 12.0 * cfg.n_layers * 64 * cfg.n_heads * cfg.head_dim / 2
+    assert model_flops_per_token(cfg, 64) == 6.0 * total + attn
