@@ -65,7 +65,10 @@ def quantize(w, in_axes: tuple[int, ...]) -> QuantizedWeight:
     return QuantizedWeight(q=q, scale=scale)
 
 
-_QKV, _ATTN, _MLP = ("q", "k", "v"), ("attn", "cross"), ("up", "gate", "down")
+# latent attention's projections (q_a, q_b, kv_a, kv_b) are attention matmuls too
+_QKV, _ATTN, _MLP = ("q", "k", "v", "q_a", "q_b", "kv_a", "kv_b"), ("attn", "cross"), \
+    ("up", "gate", "down")
+STACKS = ("layers", "dense_layers")  # the layer stacks (DeepSeek's dense first layers)
 
 
 def _lead(axes) -> int:
@@ -80,7 +83,7 @@ def matmul_in_axes(path: tuple[str, ...], spec) -> tuple[int, ...] | None:
     """The input (contracted) axes of a layer matmul weight (attention q/k/v/o and
     cross-attention, MLP up/gate/down, expert weights, the MoE router), or None if
     `path` (e.g. ("layers", "attn", "q")) with Spec `spec` is not one."""
-    if "layers" not in path or len(path) < 2:
+    if not set(STACKS) & set(path) or len(path) < 2:
         return None
     parent, name = path[-2], path[-1]
     lead = _lead(spec.axes)
@@ -88,7 +91,8 @@ def matmul_in_axes(path: tuple[str, ...], spec) -> tuple[int, ...] | None:
         n_in = 1
     elif parent in _ATTN and name == "o":
         n_in = 2
-    elif parent == "mlp" and (name in _MLP or name == "router"):
+    elif (parent == "mlp" and (name in _MLP or name == "router")) or (
+            parent == "shared" and name in _MLP):  # the MoE's shared experts
         n_in = 1
     else:
         return None
@@ -150,7 +154,7 @@ def materialize_outside_layers(params, dtype=None):
     inside the scanned blocks)."""
     if not isinstance(params, dict):
         return materialize(params, dtype)
-    return {k: (v if k == "layers" else materialize_outside_layers(v, dtype))
+    return {k: (v if k in STACKS else materialize_outside_layers(v, dtype))
             for k, v in params.items()}
 
 

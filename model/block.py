@@ -39,7 +39,8 @@ from .adapters import layer_weights
 from .config import RopeConfig, dtype_of
 from .kernels import MaskSpec, attention
 from .kv import NoCache, read_cross
-from .layers.attention import output_projection, project_qkv
+from .layers.attention import mla_absorbed, mla_absorbed_output, output_projection, \
+    project_qkv
 from .layers.dense import dense
 from .layers.dropout import ATTN_OUT, ATTN_PROBS, CROSS_OUT, CROSS_PROBS, MLP_OUT, dropout, \
     site_key
@@ -87,9 +88,14 @@ def block(layer, x, store, i, inp: BlockInputs, cfg, cross=None):
     post = cfg.norm_position == "post"
     sandwich = cfg.norm_position == "sandwich"
 
-    q, k, v = project_qkv(layer["attn"], x if post else norm(layer["ln1"], x, cfg),
-                          inp.positions, cfg)
-    store, o = store.attend(i, q, k, v, inp.mask, inp.bias, cfg, site_key(key, ATTN_PROBS))
+    h = x if post else norm(layer["ln1"], x, cfg)
+    if cfg.mla.kv_lora_rank and not isinstance(store, NoCache):  # the cache holds the latent
+        q, k = mla_absorbed(layer["attn"], h, inp.positions, cfg)
+        store, o = store.attend(i, q, k, None, inp.mask, inp.bias, cfg)
+        o = mla_absorbed_output(layer["attn"], o, cfg)
+    else:
+        q, k, v = project_qkv(layer["attn"], h, inp.positions, cfg)
+        store, o = store.attend(i, q, k, v, inp.mask, inp.bias, cfg, site_key(key, ATTN_PROBS))
     y = drop(output_projection(layer["attn"], o, cfg), ATTN_OUT)
     if sandwich:
         y = norm(layer["ln1_post"], y, cfg)
@@ -123,16 +129,37 @@ def layer_config(cfg, j: int):
     return dataclasses.replace(cfg, layer_pattern="", rope=rope)
 
 
+@functools.lru_cache(maxsize=64)
+def dense_layer_config(cfg):
+    """The config of the first model.moe.first_dense layers (their own stack,
+    "dense_layers"): a dense MLP of model.moe.dense_d_ff (or d_ff)."""
+    m = cfg.moe
+    return dataclasses.replace(cfg, d_ff=m.dense_d_ff or cfg.d_ff, moe=dataclasses.replace(
+        m, n_experts=0, n_shared=0, first_dense=0, n_groups=1, topk_groups=1))
+
+
+def run_stacks(params, cfg, x, store, inp: BlockInputs):
+    """`run_layers` over the model's stacks: params["dense_layers"] (model.moe.first_dense
+    dense layers, when present) and then params["layers"]; -> (x, store, the router stats
+    of the experts' stack)."""
+    first = 0
+    if "dense_layers" in params:
+        x, store, _ = run_layers(params["dense_layers"], dense_layer_config(cfg), x, store, inp)
+        first = cfg.moe.first_dense
+    return run_layers(params["layers"], cfg, x, store, inp, first=first)
+
+
 def _layer_inputs(inp: BlockInputs, cfg) -> BlockInputs:
     """inp with its mask's window set to this layer config's (patterned layers)."""
     return inp._replace(mask=inp.mask._replace(window=cfg.sliding_window or None))
 
 
-def run_layers(layers, cfg, x, store, inp: BlockInputs, cross=None):
+def run_layers(layers, cfg, x, store, inp: BlockInputs, cross=None, first: int = 0):
     """The block over every layer: -> (x, store, router stats per layer [L, ...] ({}
     without experts; `layer_mean` averages them)). `layers` stacked [L, ...] or unstacked (a tuple,
-    `unstack_layers`); `cross`: every layer's encoder K/V stacked [L, ...]. Without
-    a cache (training) each block is rematerialized by model.remat."""
+    `unstack_layers`); `cross`: every layer's encoder K/V stacked [L, ...]; `first`: the
+    model's index of the first of these layers (a second stack: the store's layer i).
+    Without a cache (training) each block is rematerialized by model.remat."""
     def body_of(j):  # the layers at place j of model.layer_pattern (static config)
         lcfg = layer_config(cfg, j)
         linp = _layer_inputs(inp, lcfg) if cfg.layer_pattern else inp
@@ -146,27 +173,27 @@ def run_layers(layers, cfg, x, store, inp: BlockInputs, cross=None):
 
     bodies = [body_of(j) for j in range(cfg.layer_period)]
     (x, store), stats = over_layers(lambda c, xs, j: bodies[j](c, xs), (x, store), layers,
-                                    cross, cfg.layer_period)
+                                    cross, cfg.layer_period, first)
     return x, store, stats
 
 
-def over_layers(fn, carry, layers, extra=None, period: int = 1):
+def over_layers(fn, carry, layers, extra=None, period: int = 1, first: int = 0):
     """fn(carry, (layer, i, extra_i), j) -> (carry, out) over the layers, j = i % period
     (a Python int: the layer's place in the pattern): `lax.scan` over stacked layers
     [L, ...] (i an int32 array) in groups of `period` layers (the body unrolls one
     group; the L % period layers after the last group run unrolled), or unrolled
     over unstacked ones (a tuple of per-layer trees, `unstack_layers`; i a Python
     int). `extra`: a tree with a leading layer axis [L, ...] (or None) sliced
-    alongside. -> (carry, the outs stacked [L, ...])."""
+    alongside; `first` is added to i. -> (carry, the outs stacked [L, ...])."""
     take = lambda tree, i: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa
     if isinstance(layers, (list, tuple)):
         outs = []
         for i, layer in enumerate(layers):
-            carry, out = fn(carry, (layer, i, take(extra, i)), i % period)
+            carry, out = fn(carry, (layer, first + i, take(extra, i)), i % period)
             outs.append(out)
         return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
     n = jax.tree.leaves(layers)[0].shape[0]
-    ids = jnp.arange(n, dtype=jnp.int32)
+    ids = jnp.arange(first, first + n, dtype=jnp.int32)
     if period == 1:
         return jax.lax.scan(lambda c, xs: fn(c, xs, 0), carry, (layers, ids, extra))
     groups = n // period

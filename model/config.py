@@ -107,6 +107,23 @@ class MoeConfig:
     # the k selected experts' weights sum to 1 (Mixtral, Qwen3-MoE's norm_topk_prob);
     # false: each is its softmax probability over all experts
     normalize_top_k: bool = True
+    # the router's scores: softmax (Mixtral, Qwen3-MoE) | sigmoid (DeepSeek-V3: selection
+    # by score + a per-expert bias (`router_bias`, e_score_correction_bias; selection only,
+    # no gradient), weights the selected experts' scores)
+    router: str = "softmax"
+    # group-limited routing (DeepSeek-V3's n_group / topk_group): experts in n_groups equal
+    # groups, a group scored by the sum of its two best scores; tokens pick experts only
+    # in their topk_groups best groups. 1 and 1: no limit
+    n_groups: int = 1
+    topk_groups: int = 1  # see n_groups
+    routed_scale: float = 1.0  # the routed experts' weights times this (routed_scaling_factor)
+    # shared experts beside the routed ones, run by every token as one SwiGLU MLP of
+    # n_shared * d_ff (DeepSeek-V3's n_shared_experts); 0: none
+    n_shared: int = 0
+    # the first N layers have a dense MLP instead (DeepSeek-V3's first_k_dense_replace):
+    # their own scanned stack (params "dense_layers"), the rest the MoE stack
+    first_dense: int = 0
+    dense_d_ff: int = 0  # those dense layers' MLP hidden size; 0: model.d_ff
 
     def __post_init__(self):
         if self.n_experts < 0 or self.capacity_factor < 0:
@@ -114,6 +131,44 @@ class MoeConfig:
         if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
             raise ConfigError(f"model.moe.experts_per_token={self.experts_per_token} must be in "
                               f"[1, model.moe.n_experts={self.n_experts}]")
+        _choice(self, "router", ("softmax", "sigmoid"))
+        if min(self.n_shared, self.first_dense, self.dense_d_ff) < 0 or self.routed_scale <= 0:
+            raise ConfigError("model.moe.n_shared, first_dense and dense_d_ff must be >= 0 and "
+                              "model.moe.routed_scale > 0")
+        g, tg = self.n_groups, self.topk_groups
+        if not 1 <= tg <= g or (self.n_experts and (self.n_experts % g or
+                                                    (g > 1 and self.n_experts // g < 2))):
+            raise ConfigError(f"model.moe.n_groups={g} must divide model.moe.n_experts="
+                              f"{self.n_experts} (2+ experts a group) and model.moe.topk_groups="
+                              f"{tg} be in [1, n_groups]")
+        if g > 1 and self.router != "sigmoid":
+            raise ConfigError(f"model.moe.n_groups={g} needs model.moe.router=sigmoid")
+
+
+@dataclass(frozen=True)
+class MlaConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3; layers/attention.py): q through a
+    low-rank path, K and V from one compressed latent plus a shared RoPE key part.
+    kv_lora_rank 0: off (the usual q, k, v projections)."""
+    _prefix = "model.mla."
+
+    q_lora_rank: int = 0  # q's low-rank width (q_a, its RMSNorm, q_b); 0: one q projection
+    kv_lora_rank: int = 0  # the K/V latent's width (kv_a, its RMSNorm, kv_b); 0: MLA off
+    qk_nope_head_dim: int = 128  # the part of each q/k head without RoPE (from the latent)
+    qk_rope_head_dim: int = 64  # the RoPE part of each q head and the one shared key part
+    v_head_dim: int = 128  # each value head's size
+    # HF rope_interleave: the RoPE dims rotate in adjacent pairs (x0, x1), (x2, x3), ...
+    # (DeepSeek's checkpoints); false: pairs (i, i + d/2)
+    rope_interleave: bool = True
+
+    def __post_init__(self):
+        if min(self.q_lora_rank, self.kv_lora_rank) < 0:
+            raise ConfigError("model.mla.q_lora_rank and kv_lora_rank must be >= 0")
+        if self.kv_lora_rank:
+            _positive(self, "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+            if self.qk_rope_head_dim % 2:
+                raise ConfigError(f"model.mla.qk_rope_head_dim={self.qk_rope_head_dim} must be "
+                                  "even")
 
 
 @dataclass(frozen=True)
@@ -157,6 +212,7 @@ class ModelConfig:
     # attention, model.rope); Gemma 2: "lg", Gemma 3: "lllllg". "": every layer alike
     layer_pattern: str = ""
     moe: MoeConfig = field(default_factory=MoeConfig)  # moe.n_experts 0: dense MLPs
+    mla: MlaConfig = field(default_factory=MlaConfig)  # mla.kv_lora_rank 0: no latent attention
     tie_embeddings: bool = False  # the output head is the input embedding (transposed)
     head: bool = True  # false: no output head (a base model, e.g. HF LlamaModel): hidden states only
     # Sequence classification (HF *ForSequenceClassification, reward models): N > 0 puts a
@@ -190,6 +246,7 @@ class ModelConfig:
     def __post_init__(self):
         _section_type(self, "rope", RopeConfig)
         _section_type(self, "moe", MoeConfig)
+        _section_type(self, "mla", MlaConfig)
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
         _choice(self, "family", ("decoder", "encoder", "encoder_decoder"))
         _choice(self, "norm_position", ("pre", "post", "sandwich"))
@@ -204,6 +261,7 @@ class ModelConfig:
         if self.weight_dtype not in ("", "int8"):
             raise ConfigError(f"model.weight_dtype={self.weight_dtype!r} is not one of '' (the "
                               "weights at model.param_dtype), int8")
+        self._check_mla()
         if self.n_kv_heads == 0:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.head_dim == 0:
@@ -239,6 +297,39 @@ class ModelConfig:
         if (self.dropout or self.attention_dropout) and self.family == "decoder":
             raise ConfigError("model.dropout and model.attention_dropout are for the encoder and "
                               "encoder_decoder families (BERT, T5); the decoder has none")
+
+    def _check_mla(self):
+        """Latent attention: every head its own K/V (n_kv_heads = n_heads), q/k heads of
+        qk_nope_head_dim + qk_rope_head_dim (head_dim), RoPE on the rope part only."""
+        m = self.mla
+        if self.moe.first_dense and not self.moe.n_experts:
+            raise ConfigError(f"model.moe.first_dense={self.moe.first_dense} needs "
+                              "model.moe.n_experts > 0")
+        if self.moe.first_dense >= self.n_layers:
+            raise ConfigError(f"model.moe.first_dense={self.moe.first_dense} must be < "
+                              f"model.n_layers={self.n_layers}")
+        if not m.kv_lora_rank:
+            return
+        hd = m.qk_nope_head_dim + m.qk_rope_head_dim
+        if self.head_dim not in (0, hd) or self.n_kv_heads not in (0, self.n_heads):
+            raise ConfigError(f"model.mla.kv_lora_rank={m.kv_lora_rank} sets model.head_dim="
+                              f"{hd} (qk_nope + qk_rope) and model.n_kv_heads=n_heads; got "
+                              f"head_dim={self.head_dim}, n_kv_heads={self.n_kv_heads}")
+        if m.v_head_dim > hd:
+            raise ConfigError(f"model.mla.v_head_dim={m.v_head_dim} must be <= qk_nope_head_dim "
+                              f"+ qk_rope_head_dim = {hd}")
+        bad = [k for k, v in (("positions", self.positions != "rope"), ("qk_norm", self.qk_norm),
+                              ("qkv_bias", self.qkv_bias), ("out_bias", self.out_bias),
+                              ("family", self.family != "decoder"),
+                              ("layer_pattern", bool(self.layer_pattern)),
+                              ("rope.scaling", self.rope.scaling == "longrope"))
+               if v]
+        if bad:
+            raise ConfigError(f"model.mla.kv_lora_rank={m.kv_lora_rank} (latent attention) does "
+                              f"not take model.{bad[0]}={getattr(self, bad[0].split('.')[0])!r:.40}"
+                              " (decoder, rope, no qk_norm, no biases, no pattern, no longrope)")
+        object.__setattr__(self, "head_dim", hd)
+        object.__setattr__(self, "n_kv_heads", self.n_heads)
 
     def _check_pattern(self):
         p = self.layer_pattern
@@ -346,16 +437,26 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """
     d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
     attn_proj = d * hd * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
-    mlp = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * d * cfg.d_ff
-    if cfg.moe.n_experts:  # each token runs through k experts, plus the router
-        mlp = cfg.moe.experts_per_token * mlp + d * cfg.moe.n_experts
+    m = cfg.mla
+    if m.kv_lora_rank:  # latent attention: q (low-rank), kv_a, kv_b, o
+        h = cfg.n_heads
+        q = (d * m.q_lora_rank + m.q_lora_rank * h * hd) if m.q_lora_rank else d * h * hd
+        attn_proj = (q + d * (m.kv_lora_rank + m.qk_rope_head_dim)
+                     + m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim)
+                     + h * m.v_head_dim * d)
+    gated = 3 if cfg.mlp in ("swiglu", "geglu") else 2
+    mlp = gated * d * cfg.d_ff
+    if cfg.moe.n_experts:  # each token runs through k experts (+ the shared), the router
+        mlp = (cfg.moe.experts_per_token + cfg.moe.n_shared) * mlp + d * cfg.moe.n_experts
     head = d * (cfg.num_labels or cfg.vocab_size)
-    matmul_params = L * (attn_proj + mlp) + head
+    k = cfg.moe.first_dense  # DeepSeek's dense first layers
+    dense = k * gated * d * (cfg.moe.dense_d_ff or cfg.d_ff)
+    matmul_params = L * attn_proj + (L - k) * mlp + dense + head
     attn_scores = 12.0 * L * seq_len * cfg.n_heads * hd
     if cfg.family == "decoder":
         attn_scores /= 2
     return 6.0 * matmul_params + attn_scores
 
 
-__all__ = ["ModelConfig", "RopeConfig", "YarnConfig", "MoeConfig", "dtype_of",
+__all__ = ["ModelConfig", "RopeConfig", "YarnConfig", "MoeConfig", "MlaConfig", "dtype_of",
            "model_flops_per_token"]

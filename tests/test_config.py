@@ -266,7 +266,11 @@ def test_init_from_takes_old_model_key_names(tmp_path):
 # keys that were born nested, with no flat name of their own (nor a TRL spelling)
 NEVER_FLAT = {"train.distill.loss", "train.distill.beta", "train.distill.temperature",
               "train.distill.alpha", "model.moe.normalize_top_k", "model.rope.local_theta",
-              "model.rope.long_factor", "model.rope.short_factor"}
+              "model.rope.long_factor", "model.rope.short_factor", "model.moe.router",
+              "model.moe.n_groups", "model.moe.topk_groups", "model.moe.routed_scale",
+              "model.moe.n_shared", "model.moe.first_dense", "model.moe.dense_d_ff",
+              *(f"model.mla.{k}" for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                           "qk_rope_head_dim", "v_head_dim", "rope_interleave"))}
 
 
 def test_every_nested_key_has_its_old_flat_name_in_the_alias_table():
@@ -394,7 +398,7 @@ def test_described_values_are_the_resolved_config():
 def test_select_keys_by_section_key_or_old_name():
     from jaxlm.config import config_sections, describe_keys, select_keys
     docs = describe_keys()
-    assert {"model", "model.rope", "model.rope.yarn", "model.moe", "data", "train",
+    assert {"model", "model.rope", "model.rope.yarn", "model.moe", "model.mla", "data", "train",
             "train.lora", "train.dpo", "train.kto", "train.reward", "train.distill",
             "train.grpo", "train.ppo", "mesh", "generate", "serve"} == set(config_sections())
     lora = [d.key for d in select_keys(docs, ["train.lora"])]

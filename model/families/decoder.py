@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from ...errors import ConfigError
 from ..adapters import materialize_outside_layers
-from ..block import BlockInputs, layer_mean, run_layers
+from ..block import BlockInputs, dense_layer_config, layer_mean, run_layers, run_stacks
 from ..config import dtype_of
 from ..kv import NO_CACHE, NoCache, own_mask
 from ..layers.attention import attention_specs, position_bias
@@ -33,13 +33,20 @@ from ..params import stack
 from ...sharding.pipeline import pipelined_layers
 
 
-def decoder_specs(cfg):
+def _layer_specs(cfg):
     layer = {"ln1": norm_specs(cfg), "attn": attention_specs(cfg), "ln2": norm_specs(cfg),
              "mlp": moe_specs(cfg) if cfg.moe.n_experts else mlp_specs(cfg)}
     if cfg.norm_position == "sandwich":  # the norms on the sublayers' outputs
         layer.update(ln1_post=norm_specs(cfg), ln2_post=norm_specs(cfg))
-    specs = {"embed": embedding_specs(cfg), "layers": stack(layer, cfg.n_layers),
+    return layer
+
+
+def decoder_specs(cfg):
+    k = cfg.moe.first_dense  # DeepSeek's first dense layers: their own stack
+    specs = {"embed": embedding_specs(cfg), "layers": stack(_layer_specs(cfg), cfg.n_layers - k),
              "final_ln": norm_specs(cfg)}
+    if k:
+        specs["dense_layers"] = stack(_layer_specs(dense_layer_config(cfg)), k)
     if cfg.positions == "learned":
         specs["positions"] = learned_position_specs(cfg)
     if cfg.positions == "t5_relative":
@@ -77,7 +84,7 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, store=None):
                       cfg.sliding_window or None)
     inputs = BlockInputs(positions, mask, position_bias(params, mask, cfg, bidirectional=False),
                          None if segment_ids is None else segment_ids > 0)
-    x, store, stats = run_layers(params["layers"], cfg, x, store, inputs)
+    x, store, stats = run_stacks(params, cfg, x, store, inputs)
     aux = layer_mean(stats)
     if store is not NO_CACHE:
         aux["store"] = store.advance(s)
@@ -90,6 +97,9 @@ def decoder_pipelined(params, cfg, tokens, positions, segment_ids, pipeline):
     outside, on every stage; no attention bias. aux["pipeline"] holds the busy
     stage-ticks and ticks."""
     b, s = tokens.shape
+    if cfg.moe.first_dense:
+        raise ConfigError(f"model.moe.first_dense={cfg.moe.first_dense} does not run pipelined "
+                          "(mesh.stage > 1)")
     if cfg.layer_pattern:  # the stages would restart the pattern (`over_layers`)
         raise ConfigError(f"model.layer_pattern={cfg.layer_pattern!r} does not run pipelined "
                           "(mesh.stage > 1)")
@@ -121,17 +131,23 @@ def unstack_layers(params):
     Scanning the stacked weights instead makes XLA (CPU) copy every layer's
     weights out of the stack on every step (a dynamic slice of the stack
     feeding a dot is materialised), ~2x the weight bytes a step must read.
-    The layer stack (`jaxlm.model.block.over_layers`) then runs unrolled."""
-    layers = params["layers"]
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return dict(params, layers=tuple(jax.tree.map(lambda a, i=i: a[i], layers)
-                                     for i in range(n)))
+    The layer stack (`jaxlm.model.block.over_layers`) then runs unrolled (both stacks,
+    with model.moe.first_dense)."""
+    def split(layers):
+        n = jax.tree.leaves(layers)[0].shape[0]
+        return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))
+    out = dict(params, layers=split(params["layers"]))
+    if "dense_layers" in params:
+        out["dense_layers"] = split(params["dense_layers"])
+    return out
 
 
 def fuse_projections(params, cfg):
     """Unstacked params (`unstack_layers`) with each layer's q|k|v and gate|up weights
     concatenated (`jaxlm.model.layers.fused.fuse_layer`): for a decode loop, made
     once before it, one matmul per group per step."""
+    if cfg.mla.kv_lora_rank:  # latent attention has no q|k|v to fuse
+        return params
     return dict(params, layers=tuple(fuse_layer(layer, cfg) for layer in params["layers"]))
 
 

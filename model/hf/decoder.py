@@ -1,6 +1,6 @@
 """Hugging Face decoder-only families: llama (Llama 1-3, incl. Llama-3 rope
 scaling), mistral, qwen2, mixtral, gpt2, qwen3, qwen3_moe, phi3 (incl. LongRoPE),
-gemma2, gemma3_text (Gemma 3's text model, `Gemma3ForCausalLM`).
+gemma2, gemma3_text (Gemma 3's text model, `Gemma3ForCausalLM`), deepseek_v3.
 
 * `config_from_hf(config_json_dict) -> ModelConfig`, `hf_config_from(cfg)`.
 * `rules(cfg, hf, keys)`: the table (`jaxlm.model.hf.rules.Rule`) mapping every
@@ -29,6 +29,14 @@ sandwich norms: input_layernorm -> ln1, post_attention_layernorm -> ln1_post,
 pre_feedforward_layernorm -> ln2, post_feedforward_layernorm -> ln2_post; their
 scales are stored zero-centred (model.norm_unit_offset), as HF's.
 
+DeepSeek-V3: latent attention's q_a_proj / q_a_layernorm / q_b_proj (or q_proj),
+kv_a_proj_with_mqa / kv_a_layernorm / kv_b_proj map to our q_a, q_b, kv_a, kv_b leaves
+as they are (rope_interleave stays a config key: the model de-interleaves at run time);
+the first first_k_dense_replace layers load into "dense_layers", the rest into
+"layers" with `Rule.first` = first_k_dense_replace; the router's
+`mlp.gate.e_score_correction_bias` is our `router_bias`, `mlp.shared_experts.*` our
+`mlp.shared`. The MTP layers (model.layers.{num_hidden_layers + i}) are left unread.
+
 Sequence classifiers (`LlamaForSequenceClassification`, ...,
 `GPT2ForSequenceClassification`: `score.weight` [N, D] in place of `lm_head.weight`)
 load as model.num_labels = N (hf/labels.py), and export as such.
@@ -41,7 +49,7 @@ import json
 import re
 
 from ...errors import CheckpointError, ConfigError
-from ..config import ModelConfig, MoeConfig, RopeConfig
+from ..config import MlaConfig, ModelConfig, MoeConfig, RopeConfig
 from .io import CONFIG_FILE
 from .labels import hf_label_fields, label_fields
 from .rules import Rule, linear, merged
@@ -50,7 +58,7 @@ from ..layers.positions import SCALED_ROPE, rope_fields_from_hf, rope_parameters
 _CLASSES = {  # model_type: HF class prefix
     "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "mixtral": "Mixtral",
     "gpt2": "GPT2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "phi3": "Phi3",
-    "gemma2": "Gemma2", "gemma3_text": "Gemma3Text"}
+    "gemma2": "Gemma2", "gemma3_text": "Gemma3Text", "deepseek_v3": "DeepseekV3"}
 MODEL_TYPES = tuple(_CLASSES)
 SUPPORTED = MODEL_TYPES
 ARCHITECTURES = {t: f"{c}ForCausalLM" for t, c in _CLASSES.items()}
@@ -175,7 +183,7 @@ def _llama_like(hf: dict, model_type: str) -> dict:
     max_len = _get(hf, "max_position_embeddings", 2048)
     act_key = "hidden_activation" if model_type in GEMMA else "hidden_act"  # Gemma: only this
     act = _get(hf, act_key, "gelu_pytorch_tanh" if model_type in GEMMA else "silu")
-    moe_silu = model_type in ("mixtral", "qwen3_moe")
+    moe_silu = model_type in ("mixtral", "qwen3_moe", "deepseek_v3")
     if act not in _GATED_ACTS or (moe_silu and act not in ("silu", "swish")):
         raise CheckpointError(f"{CONFIG_FILE}: {act_key} {act!r} is not supported for "
                               f"{model_type} (supported: silu"
@@ -213,6 +221,8 @@ def _llama_like(hf: dict, model_type: str) -> dict:
             experts_per_token=_get(hf, "num_experts_per_tok", 8),
             normalize_top_k=bool(_get(hf, "norm_topk_prob", False)),
             aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.001)), capacity_factor=0.0))
+    elif model_type == "deepseek_v3":
+        fields.update(_deepseek(hf))
     elif model_type == "qwen2":
         fields.update(qkv_bias=True)
     elif model_type == "mixtral":
@@ -223,12 +233,41 @@ def _llama_like(hf: dict, model_type: str) -> dict:
     return fields
 
 
+def _deepseek(hf: dict) -> dict:
+    """DeepSeek-V3's latent attention and MoE (HF DeepseekV3Config's defaults). Its MTP
+    modules (model.layers.{num_hidden_layers + i}, num_nextn_predict_layers) are not part
+    of the forward (transformers drops them too)."""
+    g = lambda key, default: _get(hf, key, default)  # noqa: E731
+    return dict(
+        head_dim=0, n_kv_heads=0, d_ff=g("moe_intermediate_size", 2048),
+        mla=MlaConfig(q_lora_rank=g("q_lora_rank", 0) or 0,
+                      kv_lora_rank=g("kv_lora_rank", 512),
+                      qk_nope_head_dim=g("qk_nope_head_dim", 128),
+                      qk_rope_head_dim=g("qk_rope_head_dim", 64),
+                      v_head_dim=g("v_head_dim", 128),
+                      rope_interleave=bool(g("rope_interleave", True))),
+        moe=MoeConfig(n_experts=g("n_routed_experts", 256),
+                      experts_per_token=g("num_experts_per_tok", 8),
+                      normalize_top_k=bool(g("norm_topk_prob", True)), router="sigmoid",
+                      n_groups=g("n_group", 8), topk_groups=g("topk_group", 4),
+                      routed_scale=float(g("routed_scaling_factor", 2.5)),
+                      n_shared=g("n_shared_experts", 1),
+                      first_dense=g("first_k_dense_replace", 3),
+                      dense_d_ff=g("intermediate_size", 18432),
+                      aux_loss_coef=float(g("aux_loss_alpha", 0.001)), capacity_factor=0.0))
+
+
 def _refuse_unbuilt(hf: dict, model_type: str):
     """One line naming a config.json key whose value changes the forward in a way not
     built here (the keys these families read are mapped in `_llama_like`)."""
     def refuse(key, why=""):
         raise CheckpointError(f"{CONFIG_FILE}: {key}={hf[key]!r} is not supported for "
                               f"{model_type}{why}")
+    if hf.get("quantization_config"):  # e.g. DeepSeek-V3's fp8 blocks (weight_scale_inv)
+        q = hf["quantization_config"]
+        raise CheckpointError(f"{CONFIG_FILE}: quantization_config.quant_method="
+                              f"{q.get('quant_method') if isinstance(q, dict) else q!r} is not "
+                              "supported (dequantize the checkpoint to bf16 first)")
     if hf.get("use_bidirectional_attention"):
         refuse("use_bidirectional_attention", " (causal attention only)")
     if model_type == "qwen3_moe":
@@ -236,6 +275,12 @@ def _refuse_unbuilt(hf: dict, model_type: str):
             refuse("mlp_only_layers", " (every layer a mixture of experts)")
         if hf.get("decoder_sparse_step", 1) != 1:
             refuse("decoder_sparse_step", " (every layer a mixture of experts: 1)")
+    if model_type == "deepseek_v3":
+        for key, ok in (("attention_bias", False), ("scoring_func", "sigmoid"),
+                        ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+            if hf.get(key, ok) != ok:
+                refuse(key, f" (only {ok!r})")
+        return
     for key in ("shared_expert_intermediate_size", "n_shared_experts"):
         if hf.get(key):
             refuse(key, " (no shared experts)")
@@ -310,6 +355,8 @@ def infer_model_type(cfg: ModelConfig) -> str:
     """The HF family a config exports as."""
     if cfg.positions == "learned" and cfg.norm == "layernorm":
         return "gpt2"
+    if cfg.mla.kv_lora_rank:
+        return "deepseek_v3"
     if cfg.norm_position == "sandwich":
         return "gemma3_text" if cfg.qk_norm else "gemma2"
     if cfg.qk_norm:
@@ -347,7 +394,13 @@ def _export_problems(cfg: ModelConfig, model_type: str) -> list[str]:
     need(model_type != "gemma3_text" or "l" not in cfg.layer_pattern or cfg.rope.local_theta
          or cfg.rope.scaling == "none", "rope.local_theta > 0 (the local layers' unscaled base)")
     need(cfg.rope.scaling != "longrope" or model_type == "phi3", "rope.scaling other than longrope")
-    need(cfg.moe.normalize_top_k or model_type == "qwen3_moe", "moe.normalize_top_k=true")
+    ds = model_type == "deepseek_v3"
+    need(cfg.moe.normalize_top_k or model_type in ("qwen3_moe", "deepseek_v3"),
+         "moe.normalize_top_k=true")
+    need(bool(cfg.mla.kv_lora_rank) == ds, "mla.kv_lora_rank > 0" if ds else "mla.kv_lora_rank=0")
+    need((cfg.moe.router == "sigmoid") == ds, f"moe.router={'sigmoid' if ds else 'softmax'}")
+    need(ds or not (cfg.moe.n_shared or cfg.moe.first_dense or cfg.moe.routed_scale != 1),
+         "moe.n_shared=0, moe.first_dense=0, moe.routed_scale=1")
     if model_type == "gpt2":
         need(cfg.norm == "layernorm", "norm=layernorm")
         need(cfg.positions == "learned", "positions=learned")
@@ -360,7 +413,7 @@ def _export_problems(cfg: ModelConfig, model_type: str) -> list[str]:
         return bad
     need(cfg.norm == "rmsnorm", "norm=rmsnorm")
     need(cfg.positions == "rope", "positions=rope")
-    moe = model_type in ("mixtral", "qwen3_moe")
+    moe = model_type in ("mixtral", "qwen3_moe", "deepseek_v3")
     need(cfg.mlp in ("swiglu", "geglu") if not moe else cfg.mlp == "swiglu",
          "mlp=swiglu" + ("" if moe else " or geglu"))
     need(bool(cfg.moe.n_experts) == moe, "moe.n_experts > 0" if moe else "moe.n_experts=0")
@@ -452,6 +505,18 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
                    moe_intermediate_size=cfg.d_ff, norm_topk_prob=cfg.moe.normalize_top_k,
                    decoder_sparse_step=1, mlp_only_layers=[],
                    router_aux_loss_coef=cfg.moe.aux_loss_coef, output_router_logits=False)
+    if model_type == "deepseek_v3":
+        m, e = cfg.mla, cfg.moe
+        out.update(num_key_value_heads=cfg.n_heads, head_dim=m.qk_rope_head_dim,
+                   attention_bias=False, q_lora_rank=m.q_lora_rank or None,
+                   kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
+                   qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim,
+                   rope_interleave=m.rope_interleave, n_routed_experts=e.n_experts,
+                   num_experts_per_tok=e.experts_per_token, norm_topk_prob=e.normalize_top_k,
+                   n_group=e.n_groups, topk_group=e.topk_groups,
+                   routed_scaling_factor=e.routed_scale, n_shared_experts=e.n_shared,
+                   first_k_dense_replace=e.first_dense, moe_intermediate_size=cfg.d_ff,
+                   intermediate_size=e.dense_d_ff or cfg.d_ff, num_nextn_predict_layers=0)
     if model_type == "mixtral":
         out.update(num_local_experts=cfg.moe.n_experts,
                    num_experts_per_tok=cfg.moe.experts_per_token,
@@ -480,7 +545,54 @@ def rules(cfg: ModelConfig, hf: dict, keys=frozenset()) -> list[Rule]:
     prefix/layout on import."""
     if hf["model_type"] == "gpt2":
         return _gpt2_rules(cfg, keys)
+    if hf["model_type"] == "deepseek_v3":
+        return _deepseek_rules(cfg, keys)
     return _llama_rules(cfg, keys, hf["model_type"])
+
+
+def _deepseek_rules(cfg, keys):
+    """DeepSeek-V3: the first model.moe.first_dense layers ("dense_layers": a dense MLP),
+    then the MoE layers ("layers", HF numbers from first_dense on); latent attention."""
+    pre = "" if ("embed_tokens.weight" in keys and "model.embed_tokens.weight" not in keys) \
+        else "model."
+    layer = pre + "layers.{i}."
+    att = layer + "self_attn."
+    k = cfg.moe.first_dense
+    rules = [Rule(("embed", "tokens"), pre + "embed_tokens.weight"),
+             Rule(("final_ln", "scale"), pre + "norm.weight")] + _head_rules(cfg)
+    fused = layer.format(i=k) + "mlp.experts.gate_up_proj" in keys
+    for stack, first in (("dense_layers", 0), ("layers", k)) if k else (("layers", 0),):
+        r = lambda path, key, groups=None, part=None: Rule(  # noqa: E731
+            (stack, *path), key, groups, part, first=first)
+        rules += [r(("ln1", "scale"), layer + "input_layernorm.weight"),
+                  r(("ln2", "scale"), layer + "post_attention_layernorm.weight"),
+                  r(("attn", "o"), att + "o_proj.weight", linear(2, 3)),
+                  r(("attn", "kv_a"), att + "kv_a_proj_with_mqa.weight", linear(1, 2)),
+                  r(("attn", "kv_a_norm", "scale"), att + "kv_a_layernorm.weight"),
+                  r(("attn", "kv_b"), att + "kv_b_proj.weight", linear(1, 3))]
+        if cfg.mla.q_lora_rank:
+            rules += [r(("attn", "q_a"), att + "q_a_proj.weight", linear(1, 2)),
+                      r(("attn", "q_a_norm", "scale"), att + "q_a_layernorm.weight"),
+                      r(("attn", "q_b"), att + "q_b_proj.weight", linear(1, 3))]
+        else:
+            rules.append(r(("attn", "q"), att + "q_proj.weight", linear(1, 3)))
+        if stack == "dense_layers":
+            rules += [r(("mlp", w), layer + f"mlp.{w}_proj.weight", linear(1, 2))
+                      for w in ("gate", "up", "down")]
+            continue
+        rules += [r(("mlp", "router"), layer + "mlp.gate.weight", linear(1, 2)),
+                  r(("mlp", "router_bias"), layer + "mlp.gate.e_score_correction_bias")]
+        rules += [r(("mlp", "shared", w), layer + f"mlp.shared_experts.{w}_proj.weight",
+                    linear(1, 2)) for w in ("gate", "up", "down")]
+        if fused:  # [E, 2F, D], [E, D, F]
+            swap = ((0,), (2,), (1,))
+            rules += [r(("mlp", "gate"), layer + "mlp.experts.gate_up_proj", swap, (1, 0, 2)),
+                      r(("mlp", "up"), layer + "mlp.experts.gate_up_proj", swap, (1, 1, 2)),
+                      r(("mlp", "down"), layer + "mlp.experts.down_proj", swap)]
+        else:
+            rules += [r(("mlp", w), layer + f"mlp.experts.{{e}}.{w}_proj.weight", linear(1, 2))
+                      for w in ("gate", "up", "down")]
+    return rules
 
 
 def _llama_rules(cfg, keys, model_type):
@@ -596,6 +708,10 @@ def _head_rules(cfg):
 
 def unused_ok(name: str, cfg: ModelConfig) -> bool:
     """Tensors a checkpoint may hold that no config reads (buffers, a tied head)."""
+    if cfg.mla.kv_lora_rank:  # DeepSeek-V3's MTP modules: layers past the model's
+        m = re.search(r"layers\.(\d+)\.", name)
+        if m and int(m.group(1)) >= cfg.n_layers:
+            return True
     return bool(_IGNORED.search(name)) or (cfg.tie_embeddings and name.endswith("lm_head.weight"))
 
 

@@ -57,12 +57,15 @@ class Rule(NamedTuple):
       count may be a tuple of the chunks' relative sizes (Phi-3's qkv_proj with GQA:
       (H, KVH, KVH)).
     aliases: other names (templates like key) the tensor may have, tried in order.
+    first: the HF layer number of our slot 0 (a second layer stack: DeepSeek's MoE
+      layers after its dense ones).
     """
     path: tuple
     key: str
     groups: tuple | None = None
     part: tuple | None = None
     aliases: tuple = ()
+    first: int = 0
 
     @property
     def depth(self) -> int:
@@ -104,7 +107,7 @@ class Rule(NamedTuple):
         return x.transpose(self._order(x.ndim)).reshape(self.chunk_shape(x.shape))
 
     def names(self, i: int = 0, e: int = 0) -> list[str]:
-        return [k.format(i=i, e=e) for k in (self.key, *self.aliases)]
+        return [k.format(i=i + self.first, e=e) for k in (self.key, *self.aliases)]
 
     def slots(self, shape: tuple) -> list[tuple]:
         """(i,), (i, e) or () for every HF tensor of a leaf of `shape`."""
@@ -213,16 +216,16 @@ def export_tensors(rules: Sequence[Rule], params) -> Iterator[tuple[str, np.ndar
     A leaf (or the leaves of one fused tensor) is copied to the host whole."""
     leaves = dict(named_leaves(params, sep=None)[0])
     check_table(rules, list(leaves))
-    by_key: dict[str, list[Rule]] = {}
+    by_key: dict[tuple, list[Rule]] = {}
     for r in rules:
-        by_key.setdefault(r.key, []).append(r)
+        by_key.setdefault((r.key, r.first), []).append(r)
     for group in by_key.values():
         group.sort(key=lambda r: r.part[1] if r.part else 0)
         host = [np.asarray(jax.device_get(leaves[r.path])) for r in group]
         for ids in group[0].slots(host[0].shape):
             pieces = [r.to_hf(a[ids]) for r, a in zip(group, host)]
             tensor = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, group[0].part[0])
-            yield group[0].key.format(i=ids[0] if ids else 0, e=ids[1] if len(ids) > 1 else 0), \
+            yield group[0].names(ids[0] if ids else 0, ids[1] if len(ids) > 1 else 0)[0], \
                 np.ascontiguousarray(tensor)
 
 

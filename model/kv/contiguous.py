@@ -61,12 +61,25 @@ def cache_shapes(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "aut
     check_kv_dtype(kv_dtype)
     int8 = kv_dtype == "int8"
     dtype = jnp.int8 if int8 else dtype or dtype_of(cfg.dtype)
-    shape = (layers or cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    out = {"k": jax.ShapeDtypeStruct(shape, dtype), "v": jax.ShapeDtypeStruct(shape, dtype)}
+    kvh, hd, names = kv_layout(cfg)
+    shape = (layers or cfg.n_layers, batch, max_len, kvh, hd)
+    out = {n: jax.ShapeDtypeStruct(shape, dtype) for n in names}
     if int8:
-        out["k_scale"] = out["v_scale"] = jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
+        out.update({n + "_scale": jax.ShapeDtypeStruct(shape[:-1], jnp.float32) for n in names})
     out["lengths"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return out
+
+
+def kv_layout(cfg) -> tuple:
+    """(KV heads, head size, leaves) a cache keeps per token and layer: "k" and "v" of
+    n_kv_heads x head_dim; latent attention (model.mla): one "k" of one head of
+    kv_lora_rank + qk_rope_head_dim (the normed latent and the roped shared key part),
+    which is also what its queries attend over as values (`Contiguous.attend` with
+    v None: v is k)."""
+    m = cfg.mla
+    if m.kv_lora_rank:
+        return 1, m.kv_lora_rank + m.qk_rope_head_dim, ("k",)
+    return cfg.n_kv_heads, cfg.head_dim, ("k", "v")
 
 
 def fit_axes(mesh, entry, dims, used=()) -> tuple:
@@ -220,7 +233,7 @@ def write_kv(cache: dict, i, rows, positions, k, v) -> dict:
         return c.at[i, rows, positions].set(x.astype(c.dtype), mode="drop")
 
     out = dict(cache)
-    for name, x in (("k", k), ("v", v)):
+    for name, x in (("k", k), ("v", v)) if v is not None else (("k", k),):
         if name + "_scale" in cache:
             x, scale = quantize(x)
             out[name + "_scale"] = put(name + "_scale", scale)
@@ -234,7 +247,7 @@ def write_kv_block(cache: dict, i, k, v) -> dict:
     after S). With S equal
     to the cache length and both seq-sharded alike, every device writes its own block."""
     out = dict(cache)
-    for name, x in (("k", k), ("v", v)):
+    for name, x in (("k", k), ("v", v)) if v is not None else (("k", k),):
         if name + "_scale" in cache:
             x, scale = quantize(x)
             out[name + "_scale"] = jax.lax.dynamic_update_index_in_dim(
@@ -255,12 +268,13 @@ def _pad_to(x, cache_leaf):
 def read_kv(cache: dict, i, dtype):
     """Layer i's (k, v) [B, T, KVH, D] in `dtype` (dequantized when int8); of a split
     cache (`split_layers`) its head-major buffers [B, KVH, T, D] as they are (the
-    attention takes them with kv_heads_major=True)."""
+    attention takes them with kv_heads_major=True). A latent cache (no "v"): (k, k)."""
     def read(name):
         if name + "_scale" in cache:
             return dequantize(cache[name][i], cache[name + "_scale"][i], dtype)
         return cache[name][i].astype(dtype)
-    return read("k"), read("v")
+    k = read("k")
+    return k, read("v") if "v" in cache else k  # latent attention: the values are k
 
 
 def cache_bytes(cache: dict) -> int:
@@ -346,6 +360,8 @@ class Contiguous:
                           cache_length(self.kv))
 
     def attend(self, i, q, k, v, mask, bias, cfg, dropout_key=None):
+        """v None: latent attention's cache (`kv_layout`): k is stored alone and
+        attended over as the values too."""
         b, s = q.shape[:2]
         kv = self.kv
         if self._ring():  # every row, from position 0: one block write per layer
@@ -359,11 +375,14 @@ class Contiguous:
         kv = write_kv(kv, i, rows[:, None], at, k, v)
         if self.fresh:  # the prompt's own K/V, as the cache holds them
             if "k_scale" in kv:
-                k, v = (dequantize(*quantize(x), q.dtype) for x in (k, v))
+                k = dequantize(*quantize(k), q.dtype)
+                v = k if v is None else dequantize(*quantize(v), q.dtype)
+            v = k if v is None else v
             return dataclasses.replace(self, kv=kv), attend(q, k, v, mask, cfg, bias)
         ks, vs = read_kv(kv, i, q.dtype)
         if self.rows is not None:
-            ks, vs = (jnp.take(x, self.rows, axis=0, mode="clip") for x in (ks, vs))
+            ks = jnp.take(ks, self.rows, axis=0, mode="clip")
+            vs = ks if v is None else jnp.take(vs, self.rows, axis=0, mode="clip")
         o = attend(q, ks, vs, mask, cfg, bias, kv_heads_major=is_split(kv))
         return dataclasses.replace(self, kv=kv), o
 

@@ -43,10 +43,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import dtype_of
 from ..kernels.paged import gather_pages, paged_attention
-from ..layers.attention import attend
+from ..layers.attention import attend, softmax_scale
 from ...sharding.rules import active_mesh, partition_spec
 from ..kernels import MaskSpec
-from .contiguous import after, cache_mask, dequantize, quantize
+from .contiguous import after, cache_mask, dequantize, kv_layout, quantize
 
 
 def _rule_axes(mesh, rules, name, dims, used=()) -> tuple:
@@ -96,10 +96,11 @@ def pool_shapes(cfg, n_pages: int, page_size: int, dtype=None, kv_dtype: str = "
     check_kv_dtype(kv_dtype)
     int8 = kv_dtype == "int8"
     dtype = jnp.int8 if int8 else dtype or dtype_of(cfg.dtype)
-    shape = (layers or cfg.n_layers, n_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
-    out = {"k": jax.ShapeDtypeStruct(shape, dtype), "v": jax.ShapeDtypeStruct(shape, dtype)}
+    kvh, hd, names = kv_layout(cfg)  # latent attention: "k" alone
+    shape = (layers or cfg.n_layers, n_pages, page_size, kvh, hd)
+    out = {n: jax.ShapeDtypeStruct(shape, dtype) for n in names}
     if int8:
-        out["k_scale"] = out["v_scale"] = jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
+        out.update({n + "_scale": jax.ShapeDtypeStruct(shape[:-1], jnp.float32) for n in names})
     return out
 
 
@@ -110,7 +111,7 @@ def init_pages(cfg, n_pages: int, page_size: int, dtype=None, *, slots: int = 1,
     device holds the global pool)."""
     from .contiguous import _zeros_fn
     shapes = pool_shapes(cfg, n_pages, page_size, dtype, kv_dtype, layers)
-    layout = pool_layout(slots, n_pages, cfg.n_kv_heads)
+    layout = pool_layout(slots, n_pages, kv_layout(cfg)[0])
     if layout is None:
         return {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()}
     names = tuple(shapes)
@@ -189,6 +190,7 @@ class Paged:
                           self.page_table.shape[1] * self.page_size)
 
     def attend(self, i, q, k, v, mask, bias, cfg, dropout_key=None):
+        """v None: latent attention's pool ("k" alone, attended over as the values)."""
         r, s = q.shape[:2]
         ps = self.page_size
         n_pages = self.kv["k"].shape[1]
@@ -201,8 +203,8 @@ class Paged:
         pages = _write(self.kv, i, k, v, page, at % ps, self._layout())
         store = dataclasses.replace(self, kv=pages)
         if self.fresh:
-            return store, attend(q, k, v, mask, cfg, bias)
-        opts = dict(scale=cfg.attn_scale or None, softcap=cfg.attn_logit_softcap or None)
+            return store, attend(q, k, k if v is None else v, mask, cfg, bias)
+        opts = dict(scale=softmax_scale(cfg), softcap=cfg.attn_logit_softcap or None)
         if s == 1 and bias is None and "k_scale" not in pages and _kernel(cfg):
             o = _decode_kernel(pages, i, q[:, 0], self.page_table, self.lengths,
                                self._layout(), impl=cfg.attention_impl,
@@ -231,7 +233,7 @@ def _write(pages: dict, i, k, v, page, offset, layout) -> dict:
         pages = dict(zip(names, pages))
         page = _localize(page, layout, pages["k"].shape[1])
         out = dict(pages)
-        for name, x in (("k", k), ("v", v)):
+        for name, x in (("k", k), ("v", v)) if "v" in pages else (("k", k),):
             if name + "_scale" in pages:
                 x, scale = quantize(x)
                 sc = pages[name + "_scale"]
@@ -243,8 +245,8 @@ def _write(pages: dict, i, k, v, page, offset, layout) -> dict:
     rows = ("data", None, "kv", None)
     dims = tuple(_dims(pages[n]) for n in names)
     out = _sharded(local, layout, (dims, (), rows, rows, ("data", None), ("data", None)),
-                   dims)(tuple(pages[n] for n in names), jnp.asarray(i, jnp.int32), k, v, page,
-                         offset)
+                   dims)(tuple(pages[n] for n in names), jnp.asarray(i, jnp.int32), k,
+                         k if v is None else v, page, offset)
     return dict(zip(names, out))
 
 
@@ -257,7 +259,7 @@ def _gather(pages: dict, i, page_table, layout, dtype):
         pages = dict(zip(names, pages))
         table = _localize(table, layout, pages["k"].shape[1])
         out = []
-        for name in ("k", "v"):
+        for name in ("k", "v") if "v" in pages else ("k",):
             x = gather_pages(pages[name][i], table)
             if name + "_scale" in pages:
                 x = dequantize(x, gather_pages(pages[name + "_scale"][i][..., None],
@@ -267,8 +269,10 @@ def _gather(pages: dict, i, page_table, layout, dtype):
 
     dims = tuple(_dims(pages[n]) for n in names)
     rows = ("data", None, "kv", None)
-    return _sharded(local, layout, (dims, (), ("data", None)), (rows, rows))(
+    n_out = 2 if "v" in pages else 1
+    out = _sharded(local, layout, (dims, (), ("data", None)), (rows,) * n_out)(
         tuple(pages[n] for n in names), jnp.asarray(i, jnp.int32), page_table)
+    return tuple(out) if n_out == 2 else (out[0], out[0])  # latent attention: v is k
 
 
 def _decode_kernel(pages, i, q, page_table, lengths, layout, **attn):
@@ -281,4 +285,5 @@ def _decode_kernel(pages, i, q, page_table, lengths, layout, **attn):
     heads = ("data", "kv", None)
     return _sharded(local, layout,
                     (POOL_DIMS, POOL_DIMS, (), heads, ("data", None), ("data",)), heads)(
-        pages["k"], pages["v"], jnp.asarray(i, jnp.int32), q, page_table, lengths)
+        pages["k"], pages.get("v", pages["k"]), jnp.asarray(i, jnp.int32), q, page_table,
+        lengths)

@@ -2,7 +2,10 @@
 
 Routing: softmax over the k selected router logits (= softmax over all, top-k,
 renormalised); with model.moe.normalize_top_k false, the k probabilities of the
-softmax over all experts as they are (Qwen3-MoE's norm_topk_prob false).
+softmax over all experts as they are (Qwen3-MoE's norm_topk_prob false). With
+model.moe.router=sigmoid (DeepSeek-V3): sigmoid scores, the choice by score plus a
+per-expert bias within the best groups (`_sigmoid_route`); the routed weights times
+model.moe.routed_scale; shared experts (model.moe.n_shared) added beside them.
 Dropless by default: assignments are sorted by expert and run
 as grouped matmuls (`lax.ragged_dot`). With `model.moe.capacity_factor` c > 0
 each expert takes at most ceil(c * tokens * k / experts) assignments, in token
@@ -28,30 +31,61 @@ import jax
 import jax.numpy as jnp
 
 from .dense import dense, expert_einsum, grouped
-from ..params import Spec, normal
+from ..params import Spec, normal, zeros
 from ...sharding.rules import active_mesh, constrain
 
 
 def moe_specs(cfg):
     init, dt = normal(cfg.init_std), cfg.param_dtype
     e, d, f = cfg.moe.n_experts, cfg.d_model, cfg.d_ff
-    return {
+    specs = {
         "router": Spec((d, e), ("embed", None), init, dt),
         "gate": Spec((e, d, f), ("experts", "embed", "mlp"), init, dt),
         "up": Spec((e, d, f), ("experts", "embed", "mlp"), init, dt),
         "down": Spec((e, f, d), ("experts", "mlp", "embed"), init, dt),
     }
+    if cfg.moe.router == "sigmoid":  # selection bias (DeepSeek's e_score_correction_bias)
+        specs["router_bias"] = Spec((e,), (None,), zeros, "float32")
+    if cfg.moe.n_shared:  # the shared experts: one SwiGLU MLP of n_shared * d_ff
+        fs = cfg.moe.n_shared * f
+        specs["shared"] = {"gate": Spec((d, fs), ("embed", "mlp"), init, dt),
+                           "up": Spec((d, fs), ("embed", "mlp"), init, dt),
+                           "down": Spec((fs, d), ("mlp", "embed"), init, dt)}
+    return specs
+
+
+def _sigmoid_route(p, logits, cfg):
+    """DeepSeek-V3's routing: scores sigmoid(logits); experts chosen by score + router_bias
+    (no gradient through the choice) within each token's topk_groups best groups (a group
+    scored by its two best); weights the chosen scores (normalised when normalize_top_k)."""
+    m = cfg.moe
+    scores = jax.nn.sigmoid(logits)
+    choice = scores + jax.lax.stop_gradient(p["router_bias"].astype(jnp.float32))
+    if m.n_groups > 1:
+        t = choice.shape[0]
+        grouped_choice = choice.reshape(t, m.n_groups, -1)
+        group_score = jnp.sum(jax.lax.top_k(grouped_choice, 2)[0], axis=-1)  # [T, G]
+        _, best = jax.lax.top_k(group_score, m.topk_groups)
+        keep = jnp.zeros_like(group_score, bool).at[jnp.arange(t)[:, None], best].set(True)
+        choice = jnp.where(keep[:, :, None], grouped_choice, -jnp.inf).reshape(t, -1)
+    _, experts = jax.lax.top_k(jax.lax.stop_gradient(choice), m.experts_per_token)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if m.normalize_top_k:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return weights * m.routed_scale, experts
 
 
 def route(p, x, cfg):
     """x [T,D] -> (weights [T,k], experts [T,k], router logits [T,E] float32)."""
     logits = dense(x, p["router"].astype(x.dtype), out_dtype=jnp.float32)
+    if cfg.moe.router == "sigmoid":
+        return (*_sigmoid_route(p, logits, cfg), logits)
     top_logits, experts = jax.lax.top_k(logits, cfg.moe.experts_per_token)
     if cfg.moe.normalize_top_k:
-        return jax.nn.softmax(top_logits, axis=-1), experts, logits
-    # each its probability over all experts: exp(top - logsumexp(all))
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    return jnp.exp(top_logits - lse), experts, logits
+        weights = jax.nn.softmax(top_logits, axis=-1)
+    else:  # each its probability over all experts: exp(top - logsumexp(all))
+        weights = jnp.exp(top_logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    return weights * cfg.moe.routed_scale, experts, logits
 
 
 def _expert_rank(flat_experts, n_experts: int, counted):
@@ -138,7 +172,16 @@ def _experts_all_to_all(p, x, weights, experts, keep, cfg, plan):
 
 
 def moe(p, x, cfg, token_mask=None):
-    """x [B,S,D] -> (y [B,S,D], aux dict of per-layer scalars and [E] load)."""
+    """x [B,S,D] -> (y [B,S,D], aux dict of per-layer scalars and [E] load); the shared
+    experts (model.moe.n_shared) added to the routed ones'."""
+    y, aux = _routed(p, x, cfg, token_mask)
+    if "shared" in p:
+        sh = p["shared"]
+        y = y + dense(jax.nn.silu(dense(x, sh["gate"])) * dense(x, sh["up"]), sh["down"])
+    return y, aux
+
+
+def _routed(p, x, cfg, token_mask=None):
     b, s, d = x.shape
     flat = x.reshape(b * s, d)
     weights, experts, logits = route(p, flat, cfg)

@@ -58,8 +58,24 @@ def _llama3(inv_freq, cfg):
     return jnp.where(medium, smoothed, scaled)
 
 
+def rotary_dim(cfg) -> int:
+    """The dimensions RoPE turns: head_dim, or latent attention's qk_rope_head_dim."""
+    return cfg.mla.qk_rope_head_dim if cfg.mla.kv_lora_rank else cfg.head_dim
+
+
+def mla_softmax_scale(cfg) -> float:
+    """Latent attention's softmax scale: head_dim ** -0.5 (or model.attn_scale) times
+    mscale(factor, mscale_all_dim) ** 2 under yarn with rope.yarn.mscale_all_dim set
+    (DeepSeek's: the non-rotary dims scaled as the rotary ones)."""
+    scale = cfg.attn_scale or cfg.head_dim ** -0.5
+    m = cfg.rope.yarn.mscale_all_dim
+    if cfg.rope.scaling == "yarn" and m and cfg.rope.factor > 1:
+        scale *= (0.1 * m * math.log(cfg.rope.factor) + 1.0) ** 2
+    return scale
+
+
 def _yarn(cfg):
-    d, theta, factor = cfg.head_dim, cfg.rope.theta, cfg.rope.factor
+    d, theta, factor = rotary_dim(cfg), cfg.rope.theta, cfg.rope.factor
 
     def correction_dim(rotations):  # the dimension that turns `rotations` times in the context
         return d * math.log(cfg.rope.original_max_len / (rotations * 2 * math.pi)) / (
@@ -99,7 +115,7 @@ def rope_attention_factor(cfg) -> float:
 def rope_frequencies(cfg, seq_len=None):
     """Inverse frequencies [head_dim/2] under cfg.rope.scaling. seq_len (dynamic
     only; may be traced): the current length L; None means the original length."""
-    d, kind = cfg.head_dim, cfg.rope.scaling
+    d, kind = rotary_dim(cfg), cfg.rope.scaling
     if kind == "yarn":
         return _yarn(cfg)
     if kind == "dynamic":
