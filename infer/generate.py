@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import InputError
 from . import guided
-from .engine import Engine, Features, PAD_ID
+from .engine import PAD_ID, Engine, Features, _pow2, bucket
 from .processors import check_processors, count_eos, eos_array
 from .sampling import check_sampling
 
@@ -198,7 +198,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                         beams=base.num_beams if base.num_beams > 1 else 0,
                         speculative=int(num_speculative) if draft is not None else 0,
                         logprobs=bool(logprobs), return_logits=bool(return_logits),
-                        stops=max(4, _pow2(len(eos))))
+                        stops=max(4, _pow2(len(eos), 1)))
     options = {k: v for k, v in (engine_options or {}).items() if v is not None}
     if cache == "contiguous" and n_seq <= slots and not stream:
         # every sequence admitted at once: one round trip runs them to the end (a round
@@ -277,14 +277,6 @@ def _context_ok(span: int) -> bool:
     return True
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def _span(cfg, longest: int, max_new_tokens: int, max_len: Optional[int], seq2seq: bool) -> int:
     """The cache length: max_len, or (decoders) longest prompt + max_new_tokens
     rounded up to 128 and capped at model.max_seq_len; (encoder-decoders) the
@@ -300,8 +292,8 @@ def _span(cfg, longest: int, max_new_tokens: int, max_len: Optional[int], seq2se
                              f"{cfg.max_seq_len}")
         return int(max_len)
     if seq2seq:
-        return _round_up(max_new_tokens, CACHE_BUCKET)
-    return min(_round_up(longest + max_new_tokens, CACHE_BUCKET), cfg.max_seq_len)
+        return bucket(max_new_tokens, CACHE_BUCKET)
+    return min(bucket(longest + max_new_tokens, CACHE_BUCKET), cfg.max_seq_len)
 
 
 def _eos_tuple(eos_id) -> tuple:

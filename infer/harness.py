@@ -27,6 +27,7 @@ import os
 import sys
 
 from ..errors import CheckpointError, ConfigError, InputError
+from .engine import bucket
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -203,7 +204,7 @@ class JaxlmLM(TemplateLM):
             if self._template_dir else [i for i in (self.eot_token_id,) if i is not None]
         from .score import _batch_multiple, _mesh_context
         shards = _batch_multiple(self.mesh, self.rules)  # slots split over the batch axes
-        slots = -(-min(self.batch_size, len(prompts)) // shards) * shards
+        slots = bucket(min(self.batch_size, len(prompts)), shards)
         with _mesh_context(self.mesh, self.rules):
             out = generate_ids(self.params, self.cfg, prompts, max_new_tokens=max_new,
                                eos_id=eos or None, stop=until, detokenize=self.tok_decode,

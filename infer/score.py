@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InputError
+from .engine import _pow2, bucket
 
 _BUCKET = 16  # row widths and query counts are padded to a multiple of this
 
@@ -210,7 +211,7 @@ def _shared_contexts(params, cfg, pairs, ids, batch_size, mesh, rules, progress)
         groups.setdefault(tuple(ctx), []).append(k)
     order = sorted(groups, key=lambda c: -len(c))
     multiple = _batch_multiple(mesh, rules)
-    b = -(-batch_size // multiple) * multiple
+    b = bucket(batch_size, multiple)
     pad = max(cfg.pad_token_id, 0)
     bar = tqdm(total=len(pairs), disable=not progress, desc="scoring", unit="pair",
                dynamic_ncols=True)
@@ -228,9 +229,8 @@ def _shared_contexts(params, cfg, pairs, ids, batch_size, mesh, rules, progress)
             members = [(g, k) for g, c in enumerate(part) for k in groups[c]]
             width = _bucket(max(len(c) for c in part), cfg.max_seq_len)
             # continuations are short: their width is a power of two, not a multiple of 16
-            x = 1 << (max(max(len(pairs[k][1]) for _, k in members) - 1, 1) - 1).bit_length()
-            r = max(multiple, 1 << (len(members) - 1).bit_length())  # a power of two
-            r = -(-r // multiple) * multiple
+            x = _pow2(max(max(len(pairs[k][1]) for _, k in members) - 1, 1), 1)
+            r = bucket(_pow2(len(members), multiple), multiple)  # a power of two
             ctx = np.full((b, width), pad, np.int32)
             ctx_len = np.ones((b,), np.int32)
             for g, c in enumerate(part):
@@ -368,7 +368,7 @@ def _shared_context_logprobs(params, cfg, ctx, ctx_len, group, cont_in, tok):
 
 
 def _bucket(n: int, cap: int) -> int:
-    return max(n, min(cap, -(-n // _BUCKET) * _BUCKET))
+    return max(n, min(cap, bucket(n, _BUCKET)))
 
 
 def put_rows(arrays, mesh, rules):
@@ -397,7 +397,7 @@ def query_rows(params, cfg, rows, *, batch_size: int = 16, mesh=None, rules=None
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size={batch_size!r} must be an int >= 1")
     multiple = _batch_multiple(mesh, rules)
-    b = -(-batch_size // multiple) * multiple
+    b = bucket(batch_size, multiple)
     pad = max(cfg.pad_token_id, 0)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out: list = [None] * len(rows)
