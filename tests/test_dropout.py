@@ -149,7 +149,8 @@ def bert_cfg(tok, run_dir):  # vocab: the tokenizer's 512 ids + the reserved [MA
         "model.vocab_size=513", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
         "model.d_ff=64", "model.max_seq_len=64", "model.dropout=0.1",
         "model.attention_dropout=0.1", "model.attention_impl=xla", "data.seq_len=32",
-        "data.batch_size=2", "data.max_docs=20", "train.steps=6", "train.warmup_steps=1",
+        "data.batch_size=2", "data.max_docs=20", "data.shuffle_rows=64",
+        "train.steps=6", "train.warmup_steps=1",
         "train.eval_every=100000", "train.eval_batches=1", "train.checkpoint_every=100000",
         "train.log_every=1", "mesh.devices=1", f"data.tokenizer={tok}", f"run_dir={run_dir}"])
 

@@ -151,7 +151,8 @@ metric_list:
     cfg = load_config(None, [
         "model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=4",
         "model.n_kv_heads=4", "model.d_ff=64", "model.max_seq_len=32", "data.seq_len=32",
-        "data.batch_size=4", "data.max_docs=20", "train.steps=2", "train.warmup_steps=0",
+        "data.batch_size=4", "data.max_docs=20", "data.shuffle_rows=64",
+        "train.steps=2", "train.warmup_steps=0",
         "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=2",
         "train.eval_tasks=[jx_roll]", f"train.eval_task_path={tmp_path}", "mesh.devices=1",
         f"data.tokenizer={sp_tokenizer_file}", f"run_dir={run_dir}"])

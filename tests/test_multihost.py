@@ -66,7 +66,8 @@ def test_jaxlm_train_two_processes(tmp_path, sp_tokenizer_file):
     from jaxlm.train.loop import train
     args = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
             "model.n_kv_heads=2", "model.d_ff=64", "model.max_seq_len=64", "data.seq_len=32",
-            "data.batch_size=8", "data.max_docs=60", "data.eval_fraction=0.1", "train.steps=4",
+            "data.batch_size=8", "data.max_docs=60", "data.shuffle_rows=64",
+            "data.eval_fraction=0.1", "train.steps=4",
             "train.warmup_steps=1", "train.eval_every=2", "train.eval_batches=1",
             "train.checkpoint_every=2", "train.log_every=1", f"data.tokenizer={sp_tokenizer_file}"]
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
@@ -133,7 +134,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, sp_tok
     run_dir = tmp_path / "run"
     args = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
             "model.n_kv_heads=1", "model.d_ff=64", "model.max_seq_len=64", "data.seq_len=32",
-            "data.batch_size=8", "data.max_docs=20", "train.warmup_steps=1",
+            "data.batch_size=8", "data.max_docs=20", "data.shuffle_rows=64", "train.warmup_steps=1",
             "train.eval_every=100000", "train.eval_batches=1", "train.checkpoint_every=100000",
             "train.log_every=2", "train.min_lr_ratio=1.0",
             "train.peak_flops=1e12",  # no matmul timing at each of the 6 start-ups

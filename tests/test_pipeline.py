@@ -232,7 +232,8 @@ def test_stage_run_resumes_into_a_mesh_without_stages(tmp_path, sp_tokenizer_fil
     from jaxlm.train.loop import train
     base = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
             "model.n_kv_heads=2", "model.d_ff=64", "model.max_seq_len=32", "data.seq_len=32",
-            "data.batch_size=4", "data.max_docs=10", "train.steps=4", "train.warmup_steps=0",
+            "data.batch_size=4", "data.max_docs=10", "data.shuffle_rows=64",
+            "train.steps=4", "train.warmup_steps=0",
             "train.eval_every=100", "train.eval_batches=1", "train.checkpoint_every=2",
             "train.log_every=1", "train.tensorboard=false", "train.loss_vocab_chunk=64",
             f"data.tokenizer={sp_tokenizer_file}"]

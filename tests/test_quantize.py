@@ -104,7 +104,8 @@ def test_plan_reports_int8_bytes():
 
 TRAIN = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
          "model.n_kv_heads=1", "model.d_ff=128", "model.max_seq_len=64", "data.seq_len=64",
-         "data.batch_size=4", "data.max_docs=20", "train.steps=30", "train.warmup_steps=3",
+         "data.batch_size=4", "data.max_docs=20", "data.shuffle_rows=64",
+         "train.steps=30", "train.warmup_steps=3",
          "train.eval_every=30", "train.eval_batches=1", "train.checkpoint_every=30",
          "train.log_every=30", "mesh.devices=1"]
 

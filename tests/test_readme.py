@@ -53,7 +53,8 @@ SKIP = re.compile(r"<!--\s*skip-test:\s*(.*?)\s*-->")
 # too where the model comes from the preset, not from train.init_from
 SHRINK = {"train.steps": "2", "train.warmup_steps": "0", "train.eval_every": "2",
           "train.eval_batches": "1", "train.checkpoint_every": "2", "train.log_every": "1",
-          "data.batch_size": "8", "data.seq_len": "128", "data.max_docs": "20"}
+          "data.batch_size": "8", "data.seq_len": "128", "data.max_docs": "20",
+          "data.shuffle_rows": "64"}
 MODEL = {"model.vocab_size": "512", "model.d_model": "64", "model.n_heads": "4",
          "model.n_kv_heads": "2", "model.d_ff": "128", "model.n_layers": "2"}
 

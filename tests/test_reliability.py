@@ -34,7 +34,8 @@ import tiny_models
 
 TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
         "model.n_kv_heads=1", "model.d_ff=64", "model.max_seq_len=64", "data.seq_len=32",
-        "data.batch_size=2", "data.max_docs=20", "train.steps=6", "train.warmup_steps=1",
+        "data.batch_size=2", "data.max_docs=20", "data.shuffle_rows=64",
+        "train.steps=6", "train.warmup_steps=1",
         "train.eval_every=3", "train.eval_batches=1", "train.checkpoint_every=3",
         "train.log_every=1", "mesh.devices=1",
         # a given MFU peak: no second of matmul timing at each `jaxlm train` start-up

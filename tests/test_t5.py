@@ -406,7 +406,7 @@ def test_span_training_reduces_the_loss(tmp_path, sp_tokenizer_file):
     cfg = load_config("tiny-t5", [
         f"model.vocab_size={512 + reserved}", "model.d_model=32", "model.head_dim=8",
         "model.d_ff=64", "model.max_seq_len=64", "data.seq_len=32", "data.batch_size=4",
-        "data.max_docs=40", "data.eval_fraction=0.1", "train.steps=16",
+        "data.max_docs=40", "data.shuffle_rows=64", "data.eval_fraction=0.1", "train.steps=16",
         "train.warmup_steps=2", "train.learning_rate=1e-2", "train.eval_every=8",
         "train.eval_batches=2", "train.checkpoint_every=100", "train.log_every=4",
         "mesh.devices=1", f"data.tokenizer={sp_tokenizer_file}",

@@ -15,7 +15,8 @@ from jaxlm.train.loop import train
 
 TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
         "model.n_kv_heads=2", "model.d_ff=64", "model.max_seq_len=64",
-        "data.seq_len=32", "data.batch_size=4", "data.max_docs=60", "data.eval_fraction=0.1",
+        "data.seq_len=32", "data.batch_size=4", "data.max_docs=60", "data.shuffle_rows=64",
+        "data.eval_fraction=0.1",
         "train.steps=20", "train.warmup_steps=2", "train.learning_rate=1e-2",
         "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=5",
         "train.log_every=3", "mesh.devices=1"]
