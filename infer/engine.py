@@ -121,7 +121,8 @@ def bucket(n: int, multiple: int) -> int:
     return -(-int(n) // multiple) * multiple
 
 
-def _pow2(n: int, least: int) -> int:
+def pow2(n: int, least: int = 1) -> int:
+    """The smallest power of two >= n, and at least `least`."""
     return max(least, 1 << max(int(n) - 1, 0).bit_length())
 
 
@@ -638,7 +639,7 @@ class Engine:
                 init_cache(self.draft[1], slots, self.span))
         cross = enc_seg = None
         if self.seq2seq:
-            self.enc_len = _pow2(max_prompt_len, 16)
+            self.enc_len = pow2(max_prompt_len, 16)
             shapes = init_cache(cfg, slots, self.enc_len, kv_dtype=kv_dtype,
                                 layers=decoder_layers(cfg))
             cross = _kv_rows(shapes)
@@ -881,7 +882,7 @@ class Engine:
         if not self.page_buckets:
             return self.pool.table.copy()
         used = max(map(len, self.pool.held), default=1)
-        return self.pool.table[:, :min(_pow2(used, 1), self.max_pages)].copy()
+        return self.pool.table[:, :min(pow2(used, 1), self.max_pages)].copy()
 
     def _collect(self, was_live, out, lps, tops=None) -> None:
         """Stream the new tokens, end the finished outputs, check stop strings."""
@@ -1153,10 +1154,10 @@ class Engine:
         new = self._new_rows(group, admitted)
         # (src, dst) lists padded to a power of two (a bounded number of compilations;
         # each copy moves what it names: the padding points out of range)
-        f = np.full((_pow2(len(forks), 1), 2), s_total, np.int32)
+        f = np.full((pow2(len(forks), 1), 2), s_total, np.int32)
         if forks:
             f[:len(forks)] = forks
-        c = np.full((_pow2(len(copies), 1), 2), self.pool.n_pages if self.pool else 0, np.int32)
+        c = np.full((pow2(len(copies), 1), 2), self.pool.n_pages if self.pool else 0, np.int32)
         if copies:
             c[:len(copies)] = copies
         if self.seq2seq:
@@ -1222,7 +1223,7 @@ class Engine:
         rest = max(len(r.prompt) - r.cached for r, _ in group)
         width = _pack_width(rest, 1)
         compact = self.shards == 1
-        n_rows = min(_pow2(len(group), 1), s_total) if compact else s_total
+        n_rows = min(pow2(len(group), 1), s_total) if compact else s_total
         tokens = np.zeros((n_rows, width), np.int32)
         lengths, last = np.zeros(n_rows, np.int32), np.zeros(n_rows, np.int32)
         live, slot = np.zeros(n_rows, bool), np.full(n_rows, s_total, np.int32)
@@ -1273,8 +1274,8 @@ class Engine:
         from ..sharding.context import context_size
         s_total = self.n_slots
         longest = max(len(r.prompt) for r, _ in group)
-        width = min(_pow2(longest, 16), self.span)
-        j = min(_pow2(len(group), 1), s_total)
+        width = min(pow2(longest, 16), self.span)
+        j = min(pow2(len(group), 1), s_total)
         if context_size() > 1:
             if len(group) != s_total or self.slots["live"].sum() != s_total:
                 raise InputError("under context parallelism the contiguous cache is prefilled "
@@ -1295,8 +1296,8 @@ class Engine:
     def _enc_pack(self, group: list) -> EncPack:
         s_total = self.n_slots
         longest = max(len(r.prompt) for r, _ in group)
-        width = min(_pow2(longest, 16), self.enc_len)
-        a = min(_pow2(len(group), 1), s_total)
+        width = min(pow2(longest, 16), self.enc_len)
+        a = min(pow2(len(group), 1), s_total)
         tokens, segments = np.zeros((a, width), np.int32), np.zeros((a, width), np.int32)
         out_slot = np.full(a, s_total, np.int32)
         for row, (req, slots) in enumerate(group):

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InputError
-from .engine import _pow2, bucket
+from .engine import bucket, pow2
 
 _BUCKET = 16  # row widths and query counts are padded to a multiple of this
 
@@ -229,8 +229,8 @@ def _shared_contexts(params, cfg, pairs, ids, batch_size, mesh, rules, progress)
             members = [(g, k) for g, c in enumerate(part) for k in groups[c]]
             width = _bucket(max(len(c) for c in part), cfg.max_seq_len)
             # continuations are short: their width is a power of two, not a multiple of 16
-            x = _pow2(max(max(len(pairs[k][1]) for _, k in members) - 1, 1), 1)
-            r = bucket(_pow2(len(members), multiple), multiple)  # a power of two
+            x = pow2(max(max(len(pairs[k][1]) for _, k in members) - 1, 1), 1)
+            r = bucket(pow2(len(members), multiple), multiple)  # a power of two
             ctx = np.full((b, width), pad, np.int32)
             ctx_len = np.ones((b,), np.int32)
             for g, c in enumerate(part):

@@ -462,12 +462,12 @@ def rollout_engine(cfg, params, seed: int, eos: Sequence[int] = (), **options):
     samples per request, log-probs recorded, over `params` as they are (no per-layer
     split: the layer scan reads the stacked training weights in place)."""
     from ..config import GenerateConfig
-    from ..infer.engine import Engine, Features, _pow2
+    from ..infer.engine import Engine, Features, pow2
     g = sampling(cfg)
     settings = GenerateConfig(max_new_tokens=g.max_completion_length, temperature=g.temperature,
                               seed=seed, num_return_sequences=g.num_generations)
     feats = Features.of([settings], cfg.model.vocab_size, logprobs=True, split_weights=False,
-                        stops=max(4, _pow2(len(eos), 1)))
+                        stops=max(4, pow2(len(eos), 1)))
     return Engine(params, cfg.model, settings=settings,
                   max_prompt_len=cfg.data.seq_len - g.max_completion_length,
                   max_new_tokens=g.max_completion_length, slots=cfg.data.batch_size,
