@@ -429,9 +429,11 @@ def test_two_processes_serve_the_outputs_of_one(served, client, checkpoint):
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
            "XLA_FLAGS": xla_flags.for_devices(4), "JAX_PLATFORMS": "cpu"}
     coordinator = f"localhost:{_free_port()}"
-    settings = [x for x in SETTINGS if not x.startswith("mesh.")] + [
-        "mesh.data=2", "mesh.tensor=4", "serve.sampling=false", "serve.penalties=false",
-        "serve.guided=false", "serve.max_logprobs=-1", "serve.grace_seconds=5"]
+    # one page per request: the decode loop compiled at start-up serves them all
+    settings = [x for x in SETTINGS if not x.startswith(("mesh.", "serve.page_size"))] + [
+        "mesh.data=2", "mesh.tensor=4", "serve.page_size=32", "serve.sampling=false",
+        "serve.penalties=false", "serve.guided=false", "serve.max_logprobs=-1",
+        "serve.grace_seconds=5"]
     procs = [subprocess.Popen(
         [sys.executable, "-m", "jaxlm.scripts.cli", "serve", "--checkpoint", checkpoint,
          "--port", "0", "--coordinator", coordinator, "--num-processes", "2",
