@@ -430,8 +430,10 @@ def test_two_processes_serve_the_outputs_of_one(served, client, checkpoint):
            "XLA_FLAGS": xla_flags.for_devices(4), "JAX_PLATFORMS": "cpu"}
     coordinator = f"localhost:{_free_port()}"
     # one page per request: the decode loop compiled at start-up serves them all
-    settings = [x for x in SETTINGS if not x.startswith(("mesh.", "serve.page_size"))] + [
-        "mesh.data=2", "mesh.tensor=4", "serve.page_size=32", "serve.sampling=false",
+    settings = [x for x in SETTINGS if not x.startswith(("mesh.", "serve.page_size",
+                                                         "serve.steps_per_call"))] + [
+        "mesh.data=2", "mesh.tensor=4", "serve.page_size=32", "serve.steps_per_call=8",
+        "serve.sampling=false",
         "serve.penalties=false", "serve.guided=false", "serve.max_logprobs=-1",
         "serve.grace_seconds=5"]
     procs = [subprocess.Popen(
@@ -452,8 +454,8 @@ def test_two_processes_serve_the_outputs_of_one(served, client, checkpoint):
         async def ask(url, key):
             aclient = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
             outs = await asyncio.gather(*[aclient.completions.create(
-                model="tiny", prompt=p, max_tokens=8 + 2 * i, temperature=0)
-                for i, p in enumerate(PROMPTS)])
+                model="tiny", prompt=p, max_tokens=4 + i, temperature=0)
+                for i, p in enumerate(PROMPTS[:4])])
             return [o.choices[0].text for o in outs]
 
         got = asyncio.run(ask(str(two.base_url), "x"))
