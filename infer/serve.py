@@ -705,19 +705,19 @@ class Server:
         if parsed[0].stream:
             return StreamingResponse(self._stream(jobs, parsed, chat, rid, body["model"]),
                                      media_type="text/event-stream")
-        collect = asyncio.ensure_future(asyncio.gather(
-            *[self._collect(job, p) for job, p in zip(jobs, parsed)]))
+        tasks = [asyncio.ensure_future(self._collect(job, p)) for job, p in zip(jobs, parsed)]
+        collect = asyncio.gather(*tasks)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not collect.done():  # the client left: its requests are cancelled (released)
-                collect.cancel()
                 return Response(status_code=499)
             samples = collect.result()
         except BadRequest as e:
             return JSONResponse(e.body(), status_code=e.status)
         finally:
-            gone.cancel()
+            for task in (gone, *tasks):  # none left waiting on a cancelled job's queue
+                task.cancel()
             self._release(jobs)
         choices = []
         for samps, p in zip(samples, parsed):
