@@ -24,6 +24,9 @@ request (its slots and pages are freed at the engine's next round trip), and so 
 one waiting for a whole (non-streamed) answer; on SIGTERM
 the server stops admitting (503), lets in-flight requests finish, cancels what is
 left shortly before serve.grace_seconds (those get a clean error), and exits 0.
+
+Multi-process (`jax.distributed`): process 0 serves HTTP; every other process runs a
+follower of its engine thread, the same engine steps on the global arrays (`Worker`).
 """
 
 from __future__ import annotations
