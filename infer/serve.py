@@ -20,9 +20,13 @@ a request needing what it does not run gets a 400 naming the key.
 
 Load and faults: at most serve.slots running and serve.max_queue waiting requests,
 beyond that 429 with Retry-After; a streaming client that disconnects cancels its
-request (its slots and pages are freed at the engine's next round trip); on SIGTERM
+request (its slots and pages are freed at the engine's next round trip), and so does
+one waiting for a whole (non-streamed) answer; on SIGTERM
 the server stops admitting (503), lets in-flight requests finish, cancels what is
 left shortly before serve.grace_seconds (those get a clean error), and exits 0.
+
+Multi-process (`jax.distributed`): process 0 serves HTTP; every other process runs a
+follower of its engine thread, the same engine steps on the global arrays (`Worker`).
 """
 
 from __future__ import annotations
@@ -138,9 +142,20 @@ class Job:
 
 
 class Worker:
-    """The thread that owns and steps the engine (module docstring)."""
+    """The thread that owns and steps the engine (module docstring).
 
-    def __init__(self, make: Callable, context: Callable = None):
+    Multi-process (after `jax.distributed`): process 0's worker leads, each other
+    process runs a follower (`follow`, in its main thread) over its own Engine on the
+    same global arrays. Every round the leader shares what it did to its engine since
+    the last round (the requests it added, with their settings and guides, and the
+    ones it cancelled) and whether it is stopping; the followers do the same to
+    theirs, and every process then runs the same step (its collectives included). The
+    leader shares a round at least every half second while idle; a follower's SIGTERM
+    travels with a round and stops the leader (`on_stop_wanted`), which then stops
+    them all."""
+
+    def __init__(self, make: Callable, context: Callable = None, leader: bool = True):
+        import jax
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.engine = None
         self._make, self._context = make, context
@@ -151,6 +166,13 @@ class Worker:
         self.tokens_total = 0  # generated tokens
         self.recent: deque = deque(maxlen=256)  # (time, tokens) of recent round trips
         self.thread = threading.Thread(target=self._main, name="jaxlm-engine", daemon=True)
+        self.leader, self.multi = leader, jax.process_count() > 1
+        self.ops: list = []  # the leader's engine operations since the last shared round
+        self.guide_keys: dict = {}  # leader: id(guide) -> (key, guide), the guides shared
+        self.followed: dict = {}  # follower: request index -> its Request
+        self.guides: dict = {}  # follower: key -> guide
+        self.stop_wanted = False  # a follower's SIGTERM, sent with the next round
+        self.on_stop_wanted: Optional[Callable] = None  # leader: a follower asked to stop
 
     def start(self) -> "Worker":
         self.thread.start()
@@ -158,6 +180,13 @@ class Worker:
         if self._error is not None:
             raise self._error
         return self
+
+    def follow(self) -> None:
+        """A follower: build the engine and follow the leader's rounds in this thread
+        until the leader stops."""
+        self._main()
+        if self._error is not None:
+            raise self._error
 
     def submit(self, job: Job) -> None:
         self.inbox.put(("add", job))
@@ -194,39 +223,110 @@ class Worker:
                 finally:
                     self._ready.set()
                 self._loop()
-        except BaseException:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001
+            if not self.leader:
+                self._error = e
             log.exception("the engine thread stopped")
 
     def _loop(self) -> None:
         eng = self.engine
-        while not self._stop:
-            block = not eng.busy
-            while True:
-                try:
-                    cmd = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
-                except queue.Empty:
-                    break
-                self._command(cmd)
-                block = False
-            if self._stop:
+        asked = False
+        while True:
+            if self.leader:
+                self._read_inbox(block=not eng.busy)
+            ops, stop, wanted = self._share()
+            if wanted and self.leader and not asked and self.on_stop_wanted is not None:
+                asked = True
+                self.on_stop_wanted()
+            if not self.leader:
+                self._replay(ops)
+            if stop:
                 break
             if not eng.busy:
                 continue
-            t0, before = time.perf_counter(), self.tokens_total
+            before = self.tokens_total
             try:
                 eng.step()
             except Exception as e:  # noqa: BLE001 - every running request gets the error
+                if not self.leader:
+                    raise
                 log.exception("engine step failed")
                 for job in list(self.jobs):
                     self._cancel(job, f"internal error: {e}")
             eng.events.clear()
             eng.forget_finished()
+            if not self.leader:
+                for i in [i for i, r in self.followed.items() if r.finished]:
+                    del self.followed[i]
+                continue
             for job in [j for j in self.jobs if j.request is not None and j.request.finished]:
                 self.jobs.discard(job)
             self.recent.append((time.perf_counter(), self.tokens_total - before))
-            del t0
         for job in list(self.jobs):
             self._cancel(job, "the server is shutting down")
+
+    def _read_inbox(self, block: bool) -> None:
+        """The leader: apply the handlers' commands (waiting up to half a second for
+        one when the engine is idle)."""
+        while not self._stop:
+            try:
+                cmd = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._command(cmd)
+            block = False
+
+    def _share(self) -> tuple[list, bool, bool]:
+        """One round: (the leader's engine operations since the last, whether it stops,
+        whether a process asked to stop); one process: nothing to share."""
+        if not self.multi:
+            return [], self._stop, False
+        import pickle
+
+        from ..sharding.distributed import share_bytes
+        data = pickle.dumps((self.ops, self._stop)) if self.leader else b""
+        self.ops = []
+        raw, wanted = share_bytes(data, self.stop_wanted)
+        ops, stop = pickle.loads(raw)
+        return ops, stop, wanted
+
+    def _add(self, ids, settings, guide, row_seed: int, eos_ids: tuple, on_token=None):
+        """engine.add, recorded for the followers (the failed ones too: `add` may have
+        stacked the guide before it refused)."""
+        if self.multi and self.leader:
+            ref = None  # (key, the guide the first time, then None)
+            if guide is not None:
+                known = self.guide_keys.get(id(guide))
+                if known is None:
+                    self.guide_keys[id(guide)] = (len(self.guide_keys), guide)
+                    ref = (len(self.guide_keys) - 1, guide)
+                else:
+                    ref = (known[0], None)
+            self.ops.append(("add", list(map(int, ids)), settings, ref, row_seed,
+                             tuple(eos_ids)))
+        return self.engine.add(ids, settings, guide=guide, row_seed=row_seed,
+                               eos_ids=eos_ids, on_token=on_token)
+
+    def _replay(self, ops: list) -> None:
+        """A follower: the leader's operations, on this process's engine."""
+        for op in ops:
+            if op[0] == "cancel":
+                req = self.followed.pop(op[1], None)
+                if req is not None:
+                    self.engine.cancel(req)
+                continue
+            _, ids, settings, ref, row_seed, eos_ids = op
+            guide = None
+            if ref is not None:
+                if ref[1] is not None:
+                    self.guides[ref[0]] = ref[1]
+                guide = self.guides[ref[0]]
+            try:
+                req = self.engine.add(ids, settings, guide=guide, row_seed=row_seed,
+                                      eos_ids=eos_ids)
+            except JaxlmError:
+                continue
+            self.followed[req.index] = req
 
     def _command(self, cmd) -> None:
         kind = cmd[0]
@@ -235,9 +335,8 @@ class Worker:
             if job.done:
                 return
             try:
-                job.request = self.engine.add(job.ids, job.settings, guide=job.guide,
-                                              row_seed=job.row_seed, eos_ids=job.eos_ids,
-                                              on_token=lambda ev, job=job: self._on_token(job, ev))
+                job.request = self._add(job.ids, job.settings, job.guide, job.row_seed,
+                                        job.eos_ids, lambda ev, job=job: self._on_token(job, ev))
             except JaxlmError as e:
                 job.done = True
                 job.post(("error", str(e)))
@@ -254,6 +353,8 @@ class Worker:
         job.done = True
         self.jobs.discard(job)
         if job.request is not None and not job.request.finished:
+            if self.multi:
+                self.ops.append(("cancel", job.request.index))
             self.engine.cancel(job.request)
         if why is not None:
             job.post(("abort", why))
@@ -519,6 +620,13 @@ def _finish_reason(reason: str) -> str:
 
 # ------------------------------------------------------------ the app
 
+async def _disconnected(request) -> None:
+    """Returns once the client has closed the connection (its body already read: the
+    next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class Server:
     """The HTTP side: handlers, the bounded queue, auth, metrics (module docstring)."""
 
@@ -560,7 +668,7 @@ class Server:
         return body
 
     async def handle(self, request, chat: bool):
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import JSONResponse, Response, StreamingResponse
         jobs: list = []
         self.loop = asyncio.get_running_loop()
         try:
@@ -600,11 +708,19 @@ class Server:
         if parsed[0].stream:
             return StreamingResponse(self._stream(jobs, parsed, chat, rid, body["model"]),
                                      media_type="text/event-stream")
+        tasks = [asyncio.ensure_future(self._collect(job, p)) for job, p in zip(jobs, parsed)]
+        collect = asyncio.gather(*tasks)
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            samples = [await self._collect(job, p) for job, p in zip(jobs, parsed)]
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not collect.done():  # the client left: its requests are cancelled (released)
+                return Response(status_code=499)
+            samples = collect.result()
         except BadRequest as e:
             return JSONResponse(e.body(), status_code=e.status)
         finally:
+            for task in (gone, *tasks):  # none left waiting on a cancelled job's queue
+                task.cancel()
             self._release(jobs)
         choices = []
         for samps, p in zip(samples, parsed):
@@ -897,6 +1013,26 @@ def start(served: Served, mesh=None, rules=None, api_key: Optional[str] = None) 
     return Server(served, worker, api_key)
 
 
+def follow(served: Served, mesh=None, rules=None) -> None:
+    """Multi-process, a process other than 0: run the engine's steps as process 0's
+    server leads them (`Worker`), until it stops; SIGTERM here stops them all."""
+    import signal
+
+    from ..sharding.rules import use_mesh
+    context = None if mesh is None else (lambda: use_mesh(mesh, rules))
+    worker = Worker(lambda: make_engine(served), context, leader=False)
+
+    def wanted(*_):
+        worker.stop_wanted = True
+    previous = signal.signal(signal.SIGTERM, wanted) \
+        if threading.current_thread() is threading.main_thread() else None
+    try:
+        worker.follow()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def uvicorn_server(server: Server, host: str = "127.0.0.1", port: int = 8000,
                    log_level: str = "info"):
     """The uvicorn.Server of the app: SIGTERM / SIGINT drain it (`Server.drain`), then
@@ -925,10 +1061,15 @@ def run(server: Server, host: str = "127.0.0.1", port: int = 8000, sock=None,
     previous = {sig: signal.signal(sig, lambda *a: None)
                 for sig in (signal.SIGTERM, signal.SIGINT)} \
         if threading.current_thread() is threading.main_thread() else {}
+    import os
+    # a follower's SIGTERM (multi-process) stops this server as its own would
+    server.worker.on_stop_wanted = lambda: os.kill(os.getpid(), signal.SIGTERM)
     try:
         uvicorn_server(server, host, port, log_level).run(
             sockets=[sock] if sock is not None else None)
     finally:
-        server.worker.stop(timeout=1.0)  # a step still running: the caller exits anyway
+        # a step still running: the caller exits anyway; other processes wait for the
+        # stop to reach them
+        server.worker.stop(timeout=60.0 if server.worker.multi else 1.0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -264,7 +264,11 @@ class TextDeltas:
     """The text one output adds as its tokens arrive: a character split over tokens
     waits for the token that completes it, and the last `hold` characters (the
     longest stop string but one) wait until they cannot be a stop string's start;
-    the last push (final=the output's text) gives the rest of it."""
+    the last push (final=the output's text) gives the rest of it.
+
+    A character split over byte tokens decodes to one U+FFFD per byte so far (not one
+    for all), so every trailing U+FFFD waits: shown, it would be replaced by the
+    character later, and the text so far would no longer begin with what was sent."""
 
     def __init__(self, detokenize, hold: int):
         self.detokenize, self.hold = detokenize, hold
@@ -279,7 +283,7 @@ class TextDeltas:
             self.shown = text
             return delta
         text = self.detokenize(self.ids)
-        text = text[:len(text) - 1] if text.endswith("\ufffd") else text
+        text = text.rstrip("\ufffd")
         text = text[:max(len(text) - self.hold, 0)]
         delta = text[len(self.shown):] if text.startswith(self.shown) else ""
         self.shown += delta

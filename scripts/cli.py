@@ -151,6 +151,15 @@ def cmd_config(args):
     return run_config(args)
 
 
+def _process_options(p, role: str = "") -> None:
+    """The multi-host options (`sharding.distributed.initialize`)."""
+    p.add_argument("--coordinator", help="multi-host: host:port of process 0's coordinator")
+    p.add_argument("--coordinator-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="multi-host: how long to wait for every process (default 300)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help=f"multi-host: this process's index{role}")
+
+
 def _guide_options(parser, where: str = "") -> None:
     guide = parser.add_mutually_exclusive_group()
     guide.add_argument("--regex", help=f"guided decoding: outputs fully match this regex{where}")
@@ -169,11 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run dir's latest checkpoint")
     t.add_argument("--step", type=int, help="with --resume: the checkpoint step to continue "
                    "(default the latest; later ones are moved aside)")
-    t.add_argument("--coordinator", help="multi-host: host:port of process 0's coordinator")
-    t.add_argument("--coordinator-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="multi-host: how long to wait for every process (default 300)")
-    t.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    t.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    _process_options(t)
     _base_options(t)
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.set_defaults(fn=cmd_train)
@@ -211,12 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
     bi.add_argument("--chat", action="store_true",
                     help="render each prompt as a user message with the checkpoint's chat template")
-    bi.add_argument("--coordinator", help="multi-host: host:port of process 0's coordinator")
-    bi.add_argument("--coordinator-timeout", type=float, default=300.0, metavar="SECONDS",
-                    help="multi-host: how long to wait for every process (default 300)")
-    bi.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    bi.add_argument("--process-id", type=int, help="multi-host: this process's index "
-                    "(process 0 writes --output)")
+    _process_options(bi, " (process 0 writes --output)")
     bi.add_argument("--engine", choices=("auto", "continuous", "static"), default="auto",
                     help="the engine's cache: a paged pool (auto, continuous: the default) or "
                     "a contiguous row per slot (static: chunks of --batch-size prompts)")
@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, "
                         "streaming) on a checkpoint")
     serve_arguments(sv)
+    _process_options(sv, " (process 0 serves HTTP, the others follow its engine steps)")
     sv.set_defaults(fn=cmd_serve)
 
     sc = sub.add_parser("score", help="a reward model's (a sequence classifier's) scores of "

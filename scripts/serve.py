@@ -31,12 +31,26 @@ def run_serve(args) -> int:
             raise InputError(f"jaxlm serve needs {module}: pip install 'jaxlm[serve]'") from None
     if not 0 <= args.port < 65536:
         raise InputError(f"--port={args.port} must be in [0, 65535]")
+    import jax
+
+    from ..sharding.distributed import initialize, share_from_zero
+    initialize(args.coordinator, args.num_processes, args.process_id,  # before any device use
+               timeout_s=args.coordinator_timeout)
     served, cfg, mesh = load_served(args.checkpoint, args.overrides, args.config,
                                     args.served_model_name, args.step)
-    try:  # bind before the engine compiles: a port in use is a one-line error
-        sock = socket.create_server((args.host, args.port))
-    except OSError as e:
-        raise InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+    sock, error = None, None
+    if jax.process_index() == 0:
+        try:  # bind before the engine compiles: a port in use is a one-line error
+            sock = socket.create_server((args.host, args.port))
+        except OSError as e:
+            error = f"cannot listen on {args.host}:{args.port}: {e.strerror}"
+    error = share_from_zero(error)  # every process stops on it
+    if error is not None:
+        raise InputError(error)
+    if jax.process_index() != 0:
+        from ..infer.serve import follow
+        follow(served, mesh, cfg.mesh.rules)
+        return 0
     server = start(served, mesh, cfg.mesh.rules, api_key=args.api_key)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     host, port = sock.getsockname()[:2]

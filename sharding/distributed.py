@@ -123,18 +123,30 @@ def fetch(tree):
 def share_from_zero(obj):
     """Process 0's `obj` (JSON-serialisable), in every process (one process: `obj`).
 
-    Every process calls it; the others pass anything (None). Two broadcasts from
-    process 0: the length, then the UTF-8 bytes of the JSON text."""
+    Every process calls it; the others pass anything (None)."""
     if jax.process_count() == 1:
         return obj
     import json
+    data = json.dumps(obj).encode() if jax.process_index() == 0 else b""
+    return json.loads(share_bytes(data)[0].decode())
 
+
+def share_bytes(data: bytes, flag: bool = False) -> tuple[bytes, bool]:
+    """(process 0's `data`, whether any process passed flag=True), in every process.
+
+    Every process calls it (a collective); the others' data is ignored. Two
+    collectives: an allgather of (length, flag), then the broadcast of the bytes."""
+    if jax.process_count() == 1:
+        return data, bool(flag)
     import numpy as np
     from jax.experimental import multihost_utils
-    data = json.dumps(obj).encode() if jax.process_index() == 0 else b""
-    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+    head = np.asarray([len(data) if jax.process_index() == 0 else 0, int(bool(flag))], np.int32)
+    heads = np.asarray(multihost_utils.process_allgather(head)).reshape(-1, 2)
+    n, any_flag = int(heads[0, 0]), bool(heads[:, 1].any())
+    if n == 0:
+        return b"", any_flag
     buf = np.zeros(n, np.uint8)
     if jax.process_index() == 0:
         buf[:] = np.frombuffer(data, np.uint8)
     buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-    return json.loads(buf.tobytes().decode())
+    return buf.tobytes(), any_flag

@@ -12,12 +12,12 @@ from jaxlm.infer.engine import Engine
 PAGE = 8
 
 
-def _run(tiny, on: bool, n_pages=None):
+def _run(tiny, on: bool, n_pages=None, slots=4):
     cfg, params = tiny
     rng = np.random.default_rng(0)
     system = list(rng.integers(3, cfg.vocab_size, 37))
     g = GenerateConfig(max_new_tokens=12, prefix_cache=on, repetition_penalty=1.3)
-    eng = Engine(params, cfg, settings=g, slots=4, max_prompt_len=80, max_new_tokens=12,
+    eng = Engine(params, cfg, settings=g, slots=slots, max_prompt_len=80, max_new_tokens=12,
                  page_size=PAGE, n_pages=n_pages)
     first = [eng.add(system + list(rng.integers(3, cfg.vocab_size, int(k))),
                      num_return_sequences=2 if i % 3 == 0 else 1)
@@ -56,3 +56,24 @@ def test_prefix_cache_evicts_least_recently_used_in_a_tight_pool(tiny_llama, cac
     on, eng = _run(tiny_llama, True, n_pages=24)
     assert on == off
     assert eng.pool.evictions > 0 and eng.stats["cached_tokens"] > 0
+
+
+def test_prefix_cache_on_a_sharded_pool(tiny_llama, cache_off):
+    """4 data x 2 tensor: the pool's pages split over data (each data shard caches the
+    prefixes its slots wrote), its KV heads over tensor; the same tokens as one device
+    without the cache, and the pool whole afterwards (`_run`)."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jaxlm.sharding.rules import use_mesh
+    off, _ = cache_off
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+    rules = (("batch", ("data",)), ("embed", ("tensor",)), ("kv_heads", ("tensor",)),
+             ("heads", ("tensor",)))
+    with use_mesh(mesh, rules):
+        on, eng = _run(tiny_llama, True, slots=8)
+    assert on == off
+    assert eng.pool.shards == 4 and eng.stats["cached_tokens"] >= 6 * 4 * PAGE
+    pages_heads = NamedSharding(mesh, PartitionSpec(None, "data", None, "tensor", None))
+    for x in (eng.state.kv["k"], eng.state.kv["v"]):  # [layers, pages, page, kv heads, dim]
+        assert x.ndim == 5 and x.sharding.is_equivalent_to(pages_heads, 5), x.sharding
+        assert {s.data.nbytes for s in x.addressable_shards} == {x.nbytes // 8}

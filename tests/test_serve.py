@@ -123,6 +123,20 @@ def test_chat_streamed_and_not_n3(client):
     assert len({c.message.content for c in three.choices}) > 1  # n distinct samples
 
 
+@pytest.mark.parametrize("hold", [0, 2])
+def test_streamed_text_of_characters_split_over_byte_tokens(sp_tokenizer, hold):
+    """Characters outside the vocabulary arrive as one byte token each (sentencepiece's
+    byte fallback), and their first bytes decode to one U+FFFD each: the streamed
+    deltas, a token at a time, still concatenate to the tokenizer's text of them all."""
+    from jaxlm.infer.text import TextDeltas
+    ids = sp_tokenizer.encode("x = '中文' + 'ü€' # ok")
+    assert len(ids) > 12  # the CJK / symbol characters as byte tokens
+    deltas = TextDeltas(sp_tokenizer.decode, hold)
+    text = "".join(deltas.push([i]) for i in ids[:-1])
+    text += deltas.push(ids[-1:], sp_tokenizer.decode(ids), done=True)
+    assert text == sp_tokenizer.decode(ids)
+
+
 def test_stop_strings_honoured_not_returned(client):
     free = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=20,
                                      temperature=0).choices[0].text
@@ -255,6 +269,37 @@ def test_load_equals_batch_infer_and_pool_whole(served, client, checkpoint, tmp_
     assert server.outstanding == 0
 
 
+def test_a_non_streamed_client_that_leaves_is_cancelled(served):
+    """A client that gives up on a whole (non-streamed) answer: its request is
+    cancelled, its slot and pages freed, as a streaming client's is. The engine is held
+    after its first round trip, so the request is still running when the client goes."""
+    server, url = served
+    eng = server.worker.engine
+    pool_whole(server)
+    running, hold = [], threading.Event()
+
+    def held_step():
+        type(eng).step(eng)
+        running.extend(r for r in eng.requests if not r.finished and r.slots)
+        hold.wait(30)
+    eng.step = held_step
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/completions", headers=AUTH, timeout=2.0, json={
+                "model": "tiny", "prompt": PROMPTS[3], "max_tokens": 24, "temperature": 0})
+        deadline = time.time() + 10
+        while server.outstanding and time.time() < deadline:
+            time.sleep(0.02)
+        assert server.outstanding == 0  # the handler saw the client leave
+        assert len(running) == 1 and eng.pool.in_use() > 0  # still in its slot
+    finally:
+        del eng.step
+        hold.set()
+    pool_whole(server)
+    out = running[0].outputs[0]
+    assert out.finish_reason == "abort" and len(out.tokens) < 24
+
+
 def test_prefix_cache_counts_and_metrics(served, client):
     server, url = served
     eng = server.worker.engine
@@ -371,3 +416,62 @@ def test_sigterm_finishes_or_cancels_then_exits_0(checkpoint):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_two_processes_serve_the_outputs_of_one(served, client, checkpoint):
+    """`jaxlm serve` over 2 processes x 4 CPU devices (jax.distributed on localhost, the
+    pool and heads sharded over data x tensor): process 0 serves, process 1 follows its
+    engine steps; greedy answers equal the one-device server's, and a SIGTERM that
+    reaches only process 1 stops both with exit code 0."""
+    import os
+    import xla_flags
+    from test_multihost import _free_port
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+           "XLA_FLAGS": xla_flags.for_devices(4), "JAX_PLATFORMS": "cpu"}
+    coordinator = f"localhost:{_free_port()}"
+    # one page per request: the decode loop compiled at start-up serves them all
+    settings = [x for x in SETTINGS if not x.startswith(("mesh.", "serve.page_size",
+                                                         "serve.steps_per_call"))] + [
+        "mesh.data=2", "mesh.tensor=4", "serve.page_size=32", "serve.steps_per_call=8",
+        "serve.sampling=false",
+        "serve.penalties=false", "serve.guided=false", "serve.max_logprobs=-1",
+        "serve.grace_seconds=5"]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxlm.scripts.cli", "serve", "--checkpoint", checkpoint,
+         "--port", "0", "--coordinator", coordinator, "--num-processes", "2",
+         "--process-id", str(i), *settings], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    watchdog = threading.Timer(300, lambda: [p.kill() for p in procs])  # never hang
+    watchdog.start()
+    try:
+        for line in procs[0].stdout:  # gloo writes its own lines to stdout first
+            if " on http://127.0.0.1:" in line:
+                break
+        assert " on http://127.0.0.1:" in line, procs[0].stderr.read()[-3000:]
+        two = openai.OpenAI(base_url=line.split(" on ")[1].strip(), api_key="x",
+                            max_retries=0)
+
+        async def ask(url, key):
+            aclient = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
+            outs = await asyncio.gather(*[aclient.completions.create(
+                model="tiny", prompt=p, max_tokens=4 + i, temperature=0)
+                for i, p in enumerate(PROMPTS[:4])])
+            return [o.choices[0].text for o in outs]
+
+        got = asyncio.run(ask(str(two.base_url), "x"))
+        want = asyncio.run(ask(served[1], KEY))
+        assert got == want and len(set(got)) > 1
+        chat = [{"role": "user", "content": "def f(x):"}]
+        streamed = two.chat.completions.create(model="tiny", messages=chat, max_tokens=6,
+                                               temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == \
+            client.chat.completions.create(model="tiny", messages=chat, max_tokens=6,
+                                           temperature=0).choices[0].message.content
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=60) for p in procs]
+        assert codes == [0, 0], [p.stderr.read()[-3000:] for p in procs]
+    finally:
+        watchdog.cancel()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
