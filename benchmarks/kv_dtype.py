@@ -8,7 +8,9 @@ prompts of 16 tokens, every row generating exactly --new tokens. Per batch the f
 are timed in turn, round after round, each compiled first, so that load on a shared
 machine falls on all of them alike: the medians of tokens/s and of each format's ratio
 to auto in the same round. The cache bytes per format are those of the arrays
-`init_cache` allocates for that batch.
+`init_cache` allocates for that batch. Quality is not measured here: at random init
+the logits are near-ties, so any format parts greedy paths (tests/test_kv_quant.py
+compares logits against the float cache).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ def run(config, batches, new: int, cache: str, repeats: int) -> dict:
         kw = dict(max_new_tokens=new, min_new_tokens=new, cache=cache)
         runs = {d: (lambda d=d: jaxlm.generate(params, cfg, prompts, kv_dtype=d, **kw))
                 for d in KV_DTYPES}
-        ref = runs["auto"]().tokens
-        agree = {d: float(np.mean(runs[d]().tokens == ref)) for d in KV_DTYPES}  # compiles
+        for fn in runs.values():  # compile
+            fn()
         tps = {d: [] for d in KV_DTYPES}
         for _ in range(repeats):
             for d, fn in runs.items():
@@ -48,7 +50,6 @@ def run(config, batches, new: int, cache: str, repeats: int) -> dict:
         out["batches"][batch] = {d: {
             "tokens_per_s": round(float(np.median(tps[d])), 1),
             "vs_auto": round(float(np.median(np.divide(tps[d], tps["auto"]))), 3),
-            "greedy_agreement": round(agree[d], 3),
             "cache_bytes": cache_bytes(cache_shapes(cfg, batch, length, kv_dtype=d))}
             for d in KV_DTYPES}
     return out

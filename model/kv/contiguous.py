@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ...sharding.rules import active_mesh, partition_spec
-from ..kernels import MaskSpec
 from ..config import KV_DTYPES
+from ..kernels import MaskSpec
 from ..layers.attention import attend
 from .quant import FORMATS, dequantize, format_of, kv_dtype_of, quantize, roundtrip
 
