@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .errors import ConfigError, JaxlmError
-from .model.config import ModelConfig, _choice, _positive, _section_type
+from .model.config import KV_DTYPES, ModelConfig, _choice, _positive, _section_type
 
 
 @dataclass(frozen=True)
@@ -569,14 +569,15 @@ class GenerateConfig:
     # HF's heuristic), or once none can come (never)
     early_stopping: typing.Union[bool, str] = False
     num_return_sequences: int = 1  # sequences per prompt: samples, or the best beams
-    kv_dtype: str = "auto"  # KV cache: auto (the model's dtype) or int8 (per-token scales)
+    # KV cache: auto (the model's dtype), int8, int4 (2 per byte) or fp8 (E4M3), each
+    # quantized with a float32 scale per token and KV head
+    kv_dtype: str = "auto"
     # reuse the KV pages of prompt prefixes already in a paged engine's pool (a hash
     # chain over full pages; the outputs are the same either way)
     prefix_cache: bool = True
 
     def __post_init__(self):
-        if self.kv_dtype not in ("auto", "int8"):
-            raise ConfigError(f"generate.kv_dtype={self.kv_dtype!r} is not one of auto, int8")
+        _choice(self, "kv_dtype", KV_DTYPES)
         _positive(self, "max_new_tokens", "num_beams", "num_return_sequences",
                   "repetition_penalty")
         if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:

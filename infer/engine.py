@@ -62,6 +62,7 @@ from ..model.families.encoder_decoder import cross_kv, decode as decode_t5, deco
 from ..model.kv import Contiguous, Paged, init_cache, init_pages
 from ..model.kv.contiguous import split_layers, stack_layers
 from ..model.kv.paged import pages_for, pool_layout
+from ..model.kv.quant import kv_dtype_of
 from ..model.layers.embeddings import unembed
 from ..sharding.context import context_size
 from ..sharding.distributed import fetch
@@ -339,8 +340,7 @@ def _admit(params, cfg, draft_params, draft_cfg, state: State, pack, new: New, a
     if cfg.family == "encoder_decoder":
         enc = pack
         encoded = encode(params, cfg, enc.tokens, enc.segments)
-        kv_dtype = "int8" if "k_scale" in state.cross else "auto"
-        new_cross = cross_kv(params, cfg, encoded, kv_dtype)  # [L, A, P, KVH, D]
+        new_cross = cross_kv(params, cfg, encoded, kv_dtype_of(state.cross))  # [L, A, P, KVH, D]
         width = enc.tokens.shape[1]
         cross = {n: a.at[:, enc.out_slot, :width].set(new_cross[n].astype(a.dtype), mode="drop")
                  for n, a in cross.items()}

@@ -120,8 +120,8 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     decoding, num_speculative drafts per cycle (greedy output equals the target's
     own greedy output); `out.stats` holds the drafted / accepted counts.
 
-    kv_dtype: "auto" (the model's compute dtype) or "int8" (per-token, per-head
-    scales; encoder-decoders: the cross K/V too). cache: "auto" (contiguous when
+    kv_dtype: "auto" (the model's compute dtype), "int8", "int4" or "fp8" (per-token,
+    per-head scales; encoder-decoders: the cross K/V too). cache: "auto" (contiguous when
     every sequence fits `slots` at once, else paged), "contiguous" or "paged";
     slots: sequences decoded together (default: all of them, up to 256).
     stop: stop strings (with detokenize(ids) -> str): a row ends once its text

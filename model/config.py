@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
+# generate.kv_dtype: the KV cache's storage (auto: the model's compute dtype; the
+# quantized formats: jaxlm.model.kv.quant)
+KV_DTYPES = ("auto", "int8", "int4", "fp8")
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -3,6 +3,7 @@ mesh) and whether it fits --device-memory."""
 
 from __future__ import annotations
 
+from ..model.config import KV_DTYPES
 from ..sharding.plan import fmt_bytes, parse_bytes, plan
 
 
@@ -41,16 +42,19 @@ def run_plan(args) -> int:
     if p["cross_kv"]:
         print(f"  {'cross kv':<12} {fmt_bytes(p['cross_kv'])}  (cross-attention K/V over "
               f"the encoded seq {cfg.data.seq_len})")
-    kv, kv8 = p["kv_cache"] + p["cross_kv"], p["kv_cache_int8"] + p["cross_kv_int8"]
-    if kv:
-        print(f"  {'int8 kv':<12} {fmt_bytes(kv8)}  (generate.kv_dtype=int8: saves "
-              f"{fmt_bytes(kv - kv8)} per device vs {cfg.model.dtype})")
+    kv = p["kv_cache"] + p["cross_kv"]
+    for fmt in KV_DTYPES[1:]:
+        if kv and f"kv_cache_{fmt}" in p:
+            kvq = p[f"kv_cache_{fmt}"] + p[f"cross_kv_{fmt}"]
+            print(f"  {fmt + ' kv':<12} {fmt_bytes(kvq)}  (generate.kv_dtype={fmt}: saves "
+                  f"{fmt_bytes(kv - kvq)} per device vs {cfg.model.dtype})")
     print(f"  {'int8 weights':<12} {fmt_bytes(p['params_int8'])}  (params with model.weight_dtype"
           f"=int8: saves {fmt_bytes(p['params'] - p['params_int8'])} per device vs "
           f"{cfg.model.param_dtype})")
     weights = "int8 weights" if cfg.model.weight_dtype == "int8" else "float weights"
     if kv:
-        weights += ", int8 kv" if cfg.generate.kv_dtype == "int8" else f", {cfg.model.dtype} kv"
+        weights += (f", {cfg.generate.kv_dtype} kv" if cfg.generate.kv_dtype != "auto"
+                    else f", {cfg.model.dtype} kv")
     print(f"  {'inference':<12} {fmt_bytes(p['inference_total'])} ({weights})")
     if args.device_memory:
         limit = parse_bytes(args.device_memory)

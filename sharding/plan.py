@@ -58,15 +58,16 @@ ceil(n / m)):
                self-attention cache).
   cross kv     encoder-decoder: the cross-attention K/V, the same with
                data.seq_len (the encoded input) for cache_len.
-  int8 kv      both with generate.kv_dtype=int8: int8 values + a float32
-               scale per (layer, row, position, head).
+  int8 kv, int4 kv, fp8 kv   both with generate.kv_dtype=int8 | int4 | fp8: the
+               format's values (int8, int4 packed two per byte, float8_e4m3fn)
+               + a float32 scale per (layer, row, position, head).
   int8 weights params with model.weight_dtype=int8: the layer matmul weights
                int8 (1 byte) + float32 scales per output channel, the rest at
                param_dtype (model/quantize.py)
 train total = trained params (params, or LoRA's adapters) + frozen + gradients +
 optimizer + activations + ring kv;
 inference total = params (int8 weights when model.weight_dtype=int8) + kv cache
-(+ cross kv; int8 kv when generate.kv_dtype=int8).
+(+ cross kv; quantized per generate.kv_dtype).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ import re
 import numpy as np
 
 from ..errors import ConfigError
+from ..model.config import KV_DTYPES
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -221,27 +223,37 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     dec_layers = (m.n_decoder_layers or m.n_layers) if m.family == "encoder_decoder" else m.n_layers
     kv_axes = cache_axes()
 
-    def kv_bytes(length: int) -> tuple:
-        """(at model.dtype, int8) bytes of K and V [dec_layers, batch, length, KVH, D]
-        (+ the int8 scales): the leaves `cache_shapes` gives generate's cache."""
+    def kv_bytes(length: int) -> dict:
+        """{kv_dtype: bytes} of K and V [dec_layers, batch, length, KVH, D] (+ the scales
+        of a quantized format): the leaves `cache_shapes` gives generate's cache."""
         if m.family == "encoder":
-            return 0, 0
-        return tuple(sum(shard_bytes(x.shape, x.dtype, partition_spec(kv_axes[n], rules), sizes)
-                         for n, x in cache_shapes(m, cache_batch, length, kv_dtype=kv_dtype,
-                                                  layers=dec_layers).items() if n != "lengths")
-                     for kv_dtype in ("auto", "int8"))
+            return dict.fromkeys(KV_DTYPES, 0)
+        out = {}
+        for kv_dtype in KV_DTYPES:
+            try:
+                tree = cache_shapes(m, cache_batch, length, kv_dtype=kv_dtype, layers=dec_layers)
+            except ConfigError:  # int4 of an odd head size: counted only if asked for
+                if kv_dtype == cfg.generate.kv_dtype:
+                    raise
+                continue
+            out[kv_dtype] = sum(shard_bytes(x.shape, x.dtype, partition_spec(kv_axes[n], rules),
+                                            sizes) for n, x in tree.items() if n != "lengths")
+        return out
 
-    kv_cache, kv_cache_int8 = kv_bytes(cache_len)
+    def keyed(name, by_dtype):  # "kv_cache" (auto), "kv_cache_int8", ...
+        return {name if d == "auto" else f"{name}_{d}": n for d, n in by_dtype.items()}
+
+    kv_cache = kv_bytes(cache_len)
     # an encoder-decoder's cross-attention K/V over the encoded input (data.seq_len)
-    cross_kv, cross_kv_int8 = kv_bytes(s) if m.family == "encoder_decoder" else (0, 0)
+    cross = kv_bytes(s) if m.family == "encoder_decoder" else dict.fromkeys(KV_DTYPES, 0)
     out = {"mesh": sizes, "devices": n_devices, "params": params, "trained": trained,
            "frozen": frozen, "gradients": trained, "optimizer": optimizer,
-           "activations": activations, "kv_cache": kv_cache, "kv_cache_int8": kv_cache_int8,
-           "cross_kv": cross_kv, "cross_kv_int8": cross_kv_int8, "cache_len": cache_len,
+           "activations": activations, **keyed("kv_cache", kv_cache),
+           **keyed("cross_kv", cross), "cache_len": cache_len,
            "ring_kv": ring_kv, "bubble": bubble}
     out["train_total"] = 2 * trained + frozen + optimizer + activations + ring_kv
     out["params_int8"] = params_int8
-    kv = kv_cache_int8 + cross_kv_int8 if cfg.generate.kv_dtype == "int8" else kv_cache + cross_kv
+    kv = kv_cache[cfg.generate.kv_dtype] + cross[cfg.generate.kv_dtype]
     out["inference_total"] = (params_int8 if m.weight_dtype == "int8" else params) + kv
     return out
 

@@ -104,25 +104,18 @@ def test_no_device_allocates_the_global_cache(mesh):
     assert odd["k"].sharding.spec == P(None, None, None, "tensor", None)
 
 
-def test_int8_kv_cache_logits_and_bytes(params):
+def test_int8_kv_cache_bytes_and_bad_kv_dtype(params):
+    """The int8 cache's global bytes; decoding over it (and int4, fp8) against the float
+    cache: tests/test_kv_quant.py."""
     from jaxlm.errors import ConfigError
     from jaxlm.config import GenerateConfig
-    ref = gen.generate(params, CFG, PROMPTS[:4], max_new_tokens=NEW, return_logits=True)
-    q8 = gen.generate(params, CFG, PROMPTS[:4], max_new_tokens=NEW, return_logits=True,
-                      kv_dtype="int8")
-    for r in range(4):  # logits of the steps whose contexts are still the same tokens
-        same = np.flatnonzero(ref.tokens[r] != q8.tokens[r])
-        n = NEW if same.size == 0 else int(same[0]) + 1
-        err = np.max(np.abs(q8.logits[r, :n] - ref.logits[r, :n]))
-        # measured: <= 1.7% of the largest |logit| (jax 0.10.2 CPU); int8 absmax per token
-        assert err <= 0.03 * np.max(np.abs(ref.logits[r, :n])), (r, err)
-    assert np.mean(q8.tokens == ref.tokens) >= 0.75
     f32, i8 = init_cache(CFG, 4, 128), init_cache(CFG, 4, 128, kv_dtype="int8")
     assert i8["k"].dtype == jnp.int8 and i8["k_scale"].shape == (2, 4, 128, 2)
     slots = CFG.n_layers * 4 * 128 * CFG.n_kv_heads  # (layer, row, position, head)
     assert cache_bytes(f32) == 2 * slots * CFG.head_dim * 4 + 4 * 4
     assert cache_bytes(i8) == 2 * slots * (CFG.head_dim + 4) + 4 * 4  # int8 + f32 scale
-    with pytest.raises(ConfigError, match="generate.kv_dtype='fp8' is not one of auto, int8"):
-        GenerateConfig(kv_dtype="fp8")
+    with pytest.raises(ConfigError, match="generate.kv_dtype='fp16' is not one of auto, int8, "
+                                          "int4, fp8"):
+        GenerateConfig(kv_dtype="fp16")
     with pytest.raises(ConfigError, match="generate.kv_dtype"):
-        gen.generate(params, CFG, PROMPTS[:1], max_new_tokens=2, kv_dtype="int4")
+        gen.generate(params, CFG, PROMPTS[:1], max_new_tokens=2, kv_dtype="int2")

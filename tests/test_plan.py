@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxlm.errors import ConfigError
+from jaxlm.model.config import KV_DTYPES
 from jaxlm.model import model_specs
 from jaxlm.config import load_config
 from jaxlm.scripts.cli import main
@@ -106,9 +107,10 @@ def test_plan_errors():
     assert np.isfinite(plan(load_config("tiny-t5", []), n_devices=8)["activations"])
 
 
-def test_int8_kv_and_cross_kv_bytes_match_the_real_trees(capsys):
-    """kv_cache / kv_cache_int8 are the bytes of the cache generate allocates (float and
-    generate.kv_dtype=int8); an encoder-decoder's cross K/V those of `cross_kv`'s tree."""
+def test_quantized_kv_and_cross_kv_bytes_match_the_real_trees(capsys):
+    """kv_cache / kv_cache_int8 / _int4 / _fp8 are the bytes of the cache generate
+    allocates (float and each generate.kv_dtype); an encoder-decoder's cross K/V those
+    of `cross_kv`'s tree."""
     from jaxlm.model.kv.contiguous import cache_bytes, cache_shapes
     from jaxlm.model import init_params
     from jaxlm.model.families.encoder_decoder import cross_kv
@@ -117,10 +119,14 @@ def test_int8_kv_and_cross_kv_bytes_match_the_real_trees(capsys):
         m, b, s = cfg.model, cfg.data.batch_size, cfg.data.seq_len
         p = plan(cfg, n_devices=1)
         layers = m.n_decoder_layers or m.n_layers
-        for key, kv_dtype in (("kv_cache", "auto"), ("kv_cache_int8", "int8")):
+        for kv_dtype in KV_DTYPES:
+            key = "kv_cache" if kv_dtype == "auto" else f"kv_cache_{kv_dtype}"
             tree = cache_shapes(m, b, p["cache_len"], kv_dtype=kv_dtype, layers=layers)
             assert p[key] == cache_bytes({n: tree[n] for n in tree if n != "lengths"}), key
-        assert p["kv_cache_int8"] < 0.4 * p["kv_cache"]
+        assert p["kv_cache_int8"] == p["kv_cache_fp8"] < 0.4 * p["kv_cache"]
+        # int4: half the values' bytes, the same float32 scales
+        scales = p["kv_cache_int8"] - p["kv_cache"] // 4
+        assert p["kv_cache_int4"] == p["kv_cache"] // 8 + scales
         if m.family == "encoder_decoder":
             params = jax.eval_shape(lambda: init_params(m, jax.random.key(0)))
             encoded = jax.ShapeDtypeStruct((b, s, m.d_model), np.float32)
@@ -129,6 +135,8 @@ def test_int8_kv_and_cross_kv_bytes_match_the_real_trees(capsys):
                 assert p[key] == cache_bytes(tree), key
         else:
             assert p["cross_kv"] == 0
-        assert main(["plan", "--config", preset, "mesh.data=1", "generate.kv_dtype=int8"]) == 0
+        assert main(["plan", "--config", preset, "mesh.data=1", "generate.kv_dtype=int4"]) == 0
         out = capsys.readouterr().out
-        assert "int8 kv" in out and "saves" in out
+        for kv_dtype in KV_DTYPES[1:]:
+            assert f"{kv_dtype} kv" in out and f"generate.kv_dtype={kv_dtype}: saves" in out
+        assert "(float weights, int4 kv)" in out

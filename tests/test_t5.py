@@ -304,6 +304,16 @@ def test_int8_kv_cache_logits_and_greedy_ids():
         assert tree["k"].dtype == tree["v"].dtype == jnp.int8
         assert tree["k_scale"].dtype == tree["v_scale"].dtype == jnp.float32
         assert tree["k_scale"].shape == (2, 3, length, cfg.n_kv_heads)
+    # int4 (two values per byte) in the same run: cache and cross K/V packed, logits
+    # within the decoder-only test's int4 tolerance (tests/test_kv_quant.py)
+    held = {"engine": None}
+    q4 = generate(params, cfg, rows, max_new_tokens=8, return_logits=True, kv_dtype="int4",
+                  engine_options=held)
+    for tree in (held["engine"].state.kv, held["engine"].state.cross):
+        assert tree["k"].dtype == jnp.uint8 and tree["k"].shape[-1] == cfg.head_dim // 2
+    n = 1 + int(np.argmax(np.concatenate([q4.tokens != ref.tokens, [[True]] * 3], 1), 1).min())
+    err = np.max(np.abs(q4.logits[:, :n] - ref.logits[:, :n]))
+    assert 0 < err <= 0.3 * np.max(np.abs(ref.logits[:, :n])), err
 
 
 # ------------------------------------------------------------------ span corruption

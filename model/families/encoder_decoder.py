@@ -30,9 +30,9 @@ sees every non-padding position of the other.
 Generation uses the pieces separately: `encode` once, `cross_kv` once (the
 cross-attention keys/values of every decoder layer, {"k", "v": [L,B,S,H,D]}),
 then `decode` with a self-attention KV cache (see jaxlm.infer.seq2seq). Either
-may be int8 with per-token, per-head scales (`generate.kv_dtype=int8`): the
-cache is quantized on write and both are dequantized on read, by the decoder-only
-helpers of jaxlm.infer.cache.
+may be quantized with per-token, per-head scales (`generate.kv_dtype` int8, int4,
+fp8): the cache is quantized on write and both are dequantized on read, by the
+decoder-only stores' functions (jaxlm.model.kv).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def encode(params, cfg, tokens, segment_ids=None, positions=None, dropout_key=No
 
 def cross_kv(params, cfg, encoded, kv_dtype: str = "auto"):
     """Encoder output [B,S,D] -> the cross-attention {"k", "v": [L_dec,B,S,KVH,D]};
-    kv_dtype="int8": int8 k, v + float32 "k_scale", "v_scale" [L_dec,B,S,KVH]."""
+    a quantized kv_dtype: k, v in its format + float32 "k_scale", "v_scale" [L_dec,B,S,KVH]."""
     def project(_, cross):
         cross = layer_weights(cross, dtype_of(cfg.dtype))
         k = dense(encoded, cross["k"])  # bsd,dhk->bshk
@@ -139,7 +139,7 @@ def cross_kv(params, cfg, encoded, kv_dtype: str = "auto"):
         return None, (constrain(k, axes), constrain(v, axes))
 
     _, (k, v) = jax.lax.scan(project, None, params["decoder"]["layers"]["cross"])
-    return quantize_kv({"k": k, "v": v}) if kv_dtype == "int8" else {"k": k, "v": v}
+    return quantize_kv({"k": k, "v": v}, kv_dtype)
 
 
 def decode(params, cfg, decoder_tokens, cross, *, segment_ids=None,

@@ -13,7 +13,8 @@ sequence (flash-decoding): the splits run in parallel and their partial
 results are combined here with their log-sum-exps.
 
 Not supported (the dispatcher routes these to the flash kernel): segment
-ids, a bias. int8 KV: not yet, the cache has no int8 layout. Gradients (rare:
+ids, a bias. A quantized KV cache (generate.kv_dtype) reaches the kernel
+dequantized by its store (`jaxlm.model.kv.quant`). Gradients (rare:
 decode is inference) come from the XLA reference.
 """
 

@@ -1,9 +1,9 @@
 """The preallocated KV cache: `k`, `v` [layers, batch, max_len, kv_heads, head_dim] + `lengths`.
 
-`kv_dtype="int8"`: k, v are int8 with per-token, per-head float32 scales
-`k_scale`, `v_scale` [layers, batch, max_len, kv_heads] (symmetric absmax:
-x ~ q * scale, q in [-127, 127]); quantized on write, dequantized on read
-(`write_kv`, `read_kv`).
+`kv_dtype` int8 | int4 | fp8 (`quant.py`): k, v hold the format's values (int4:
+two per byte, [..., head_dim / 2] uint8) with per-token, per-head float32 scales
+`k_scale`, `v_scale` [layers, batch, max_len, kv_heads]; quantized on write,
+dequantized on read (`write_kv`, `read_kv`).
 
 Created with its sharding: under `jaxlm.sharding.rules.use_mesh` every leaf
 comes out of one jitted `zeros` with `out_shardings` from `cache_axes`, so no
@@ -23,8 +23,10 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ...sharding.rules import active_mesh, partition_spec
+from ..config import KV_DTYPES
 from ..kernels import MaskSpec
 from ..layers.attention import attend
+from .quant import FORMATS, dequantize, format_of, kv_dtype_of, quantize, roundtrip
 
 # max_len is the `seq` logical axis: under context parallelism (mesh.context > 1)
 # each device holds a contiguous 1/c of every row's cache, so no device holds the
@@ -34,7 +36,6 @@ from ..layers.attention import attend
 # `context`). Without a context axis in the rules, max_len stays whole.
 KV_AXES = ("layers", "batch", "seq", "kv_heads", None)
 SCALE_AXES = KV_AXES[:-1]  # k_scale, v_scale [layers, batch, max_len, kv_heads]
-KV_DTYPES = ("auto", "int8")  # auto: the model's compute dtype
 
 
 def cache_axes() -> dict:
@@ -53,19 +54,31 @@ def check_kv_dtype(kv_dtype: str, what: str = "generate.kv_dtype") -> str:
     return kv_dtype
 
 
+def kv_leaf_shapes(cfg, lead: tuple, dtype, kv_dtype: str) -> dict:
+    """{"k", "v"} (latent attention: "k") of shape lead + (KV heads, head size) as
+    ShapeDtypeStructs at `dtype` (auto), or in format kv_dtype: its values (int4: the
+    head size halved, packed) + float32 "k_scale", "v_scale" of shape lead + (KV heads,)."""
+    from ...errors import ConfigError
+    check_kv_dtype(kv_dtype)
+    kvh, hd, names = kv_layout(cfg)
+    if kv_dtype == "auto":
+        return {n: jax.ShapeDtypeStruct(lead + (kvh, hd), dtype) for n in names}
+    fmt = FORMATS[kv_dtype]
+    if hd % fmt.per_byte:
+        raise ConfigError(f"generate.kv_dtype={kv_dtype} packs {fmt.per_byte} values per byte: "
+                          f"the cached head size {hd} must divide by it")
+    out = {n: jax.ShapeDtypeStruct(lead + (kvh, hd // fmt.per_byte), fmt.dtype) for n in names}
+    out.update({n + "_scale": jax.ShapeDtypeStruct(lead + (kvh,), jnp.float32) for n in names})
+    return out
+
+
 def cache_shapes(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "auto",
                  layers: int | None = None) -> dict:
-    """The abstract cache: a tree of jax.ShapeDtypeStruct (+ the scales with int8).
-    `layers`: default cfg.n_layers (an encoder-decoder's decoder passes its own)."""
+    """The abstract cache: a tree of jax.ShapeDtypeStruct (+ the scales of a quantized
+    kv_dtype). `layers`: default cfg.n_layers (an encoder-decoder's decoder passes its own)."""
     from ..config import dtype_of
-    check_kv_dtype(kv_dtype)
-    int8 = kv_dtype == "int8"
-    dtype = jnp.int8 if int8 else dtype or dtype_of(cfg.dtype)
-    kvh, hd, names = kv_layout(cfg)
-    shape = (layers or cfg.n_layers, batch, max_len, kvh, hd)
-    out = {n: jax.ShapeDtypeStruct(shape, dtype) for n in names}
-    if int8:
-        out.update({n + "_scale": jax.ShapeDtypeStruct(shape[:-1], jnp.float32) for n in names})
+    out = kv_leaf_shapes(cfg, (layers or cfg.n_layers, batch, max_len),
+                         dtype or dtype_of(cfg.dtype), kv_dtype)
     out["lengths"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return out
 
@@ -122,7 +135,7 @@ def _zeros_fn(shapes: tuple, shardings: tuple):
 def init_cache(cfg, batch: int, max_len: int, dtype=None, kv_dtype: str = "auto",
                layers: int | None = None) -> dict:
     """The empty cache {"k", "v": [L, B, max_len, KVH, D] zeros, "lengths": [B] zeros}
-    (+ "k_scale", "v_scale" [L, B, max_len, KVH] with kv_dtype="int8"); under an
+    (+ "k_scale", "v_scale" [L, B, max_len, KVH] with a quantized kv_dtype); under an
     active mesh created sharded (see `cache_axes`). layers: default cfg.n_layers."""
     shapes = cache_shapes(cfg, batch, max_len, dtype, kv_dtype, layers)
     active = active_mesh()
@@ -160,7 +173,7 @@ def constrain_cache(cache: dict) -> dict:
 
 
 def split_layers(cache: dict) -> dict:
-    """The cache with each per-layer leaf (k, v [L, B, T, KVH, D], int8 scales
+    """The cache with each per-layer leaf (k, v [L, B, T, KVH, D], the scales
     [L, B, T, KVH]) split into a tuple of L per-layer head-major buffers
     ([B, KVH, T, D], [B, KVH, T]); `lengths` unchanged.
 
@@ -197,34 +210,41 @@ def cache_length(cache: dict) -> int:
     return cache["k"][0].shape[2] if is_split(cache) else cache["k"].shape[2]
 
 
-def quantize(x: jax.Array):
-    """x [..., D] -> (int8 [..., D], float32 scale [...]): x ~ q * scale, absmax over D."""
-    x = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
-    scale = jnp.where(scale > 0, scale, 1.0)
-    q = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
-    return q, scale
-
-
-def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """int8 q [..., D] and its scale [...] -> q * scale in `dtype` (`quantize`'s inverse)."""
-    return q.astype(dtype) * scale[..., None].astype(dtype)
-
-
-def quantize_kv(kv: dict) -> dict:
-    """{"k", "v": [..., D]} -> int8 "k", "v" + float32 "k_scale", "v_scale" [...]
-    (`quantize` per token and head); other leaves kept."""
+def quantize_kv(kv: dict, kv_dtype: str) -> dict:
+    """{"k", "v": [..., D]} -> "k", "v" in format kv_dtype + float32 "k_scale", "v_scale"
+    [...] (per token and head); other leaves kept. "auto": kv unchanged."""
+    if kv_dtype == "auto":
+        return kv
     out = dict(kv)
     for name in ("k", "v"):
-        out[name], out[name + "_scale"] = quantize(kv[name])
+        out[name], out[name + "_scale"] = quantize(kv[name], kv_dtype)
     return out
 
 
+def quantize_like(x, leaf):
+    """x [..., D] in the format of a cache leaf (its dtype names it)."""
+    if isinstance(leaf, tuple):
+        leaf = leaf[0]
+    return quantize(x, format_of(leaf.dtype).name)
+
+
+def as_stored(cache: dict, k, v, dtype):
+    """A fresh call's own (k, v) as a store of `cache`'s leaves holds them (quantized:
+    dequantize(quantize(x)), in `dtype`), so that a prompt attends to the values its
+    later tokens (and a prefix-cache hit) read; v None (latent attention): (k, k)."""
+    if "k_scale" in cache:
+        kv_dtype = kv_dtype_of(cache)
+        k = roundtrip(k, kv_dtype, dtype)
+        v = None if v is None else roundtrip(v, kv_dtype, dtype)
+    return k, k if v is None else v
+
+
 def write_kv(cache: dict, i, rows, positions, k, v) -> dict:
-    """The cache's per-layer leaves ({"k", "v": [L, B, T, KVH, D]}, + int8 "k_scale",
+    """The cache's per-layer leaves ({"k", "v": [L, B, T, KVH, D]}, + quantized "k_scale",
     "v_scale" [L, B, T, KVH]; or tuples of L head-major buffers, see `split_layers`,
     with a Python int i) with layer i's k, v [B, S, KVH, D] written at
-    [i, rows, positions] (quantized when int8): an in-place scatter into the carry."""
+    [i, rows, positions] (quantized in the cache's format): an in-place scatter into
+    the carry."""
     def put(name, x):
         c = cache[name]
         if isinstance(c, tuple):  # [B, KVH, T(, D)]: the indexed dims come first in x
@@ -235,7 +255,7 @@ def write_kv(cache: dict, i, rows, positions, k, v) -> dict:
     out = dict(cache)
     for name, x in (("k", k), ("v", v)) if v is not None else (("k", k),):
         if name + "_scale" in cache:
-            x, scale = quantize(x)
+            x, scale = quantize_like(x, cache[name])
             out[name + "_scale"] = put(name + "_scale", scale)
         out[name] = put(name, x)
     return out
@@ -249,7 +269,7 @@ def write_kv_block(cache: dict, i, k, v) -> dict:
     out = dict(cache)
     for name, x in (("k", k), ("v", v)) if v is not None else (("k", k),):
         if name + "_scale" in cache:
-            x, scale = quantize(x)
+            x, scale = quantize_like(x, cache[name])
             out[name + "_scale"] = jax.lax.dynamic_update_index_in_dim(
                 cache[name + "_scale"], _pad_to(scale, cache[name + "_scale"]), i, 0)
         c = cache[name]
@@ -266,7 +286,7 @@ def _pad_to(x, cache_leaf):
 
 
 def read_kv(cache: dict, i, dtype):
-    """Layer i's (k, v) [B, T, KVH, D] in `dtype` (dequantized when int8); of a split
+    """Layer i's (k, v) [B, T, KVH, D] in `dtype` (dequantized when quantized); of a split
     cache (`split_layers`) its head-major buffers [B, KVH, T, D] as they are (the
     attention takes them with kv_heads_major=True). A latent cache (no "v"): (k, k)."""
     def read(name):
@@ -283,7 +303,7 @@ def cache_bytes(cache: dict) -> int:
 
 
 def read_cross(cross: dict, dtype):
-    """One layer's cached encoder K/V {"k", "v": [B, S, KVH, D]} (+ int8 scales) of an
+    """One layer's cached encoder K/V {"k", "v": [B, S, KVH, D]} (+ scales) of an
     encoder-decoder's cross-attention -> (k, v) in `dtype`."""
     if "k_scale" in cross:
         return (dequantize(cross["k"], cross["k_scale"], dtype),
@@ -318,7 +338,7 @@ def cache_mask(fresh: bool, positions, segment_ids, window, lengths, span: int) 
 @dataclasses.dataclass(frozen=True)
 class Contiguous:
     """The preallocated cache as a KV store (see `jaxlm.model.kv`). kv: {"k", "v":
-    [L, B, T, KVH, D]} (+ int8 "k_scale", "v_scale"), or split per layer head-major
+    [L, B, T, KVH, D]} (+ quantized: "k_scale", "v_scale"), or split per layer head-major
     (`split_layers`, for a decode loop over unstacked weights); lengths [R]: the
     tokens already in the call's rows; rows [R]: the call's rows of the cache (None:
     all of them, in order); live [R] bool: the rows whose writes are kept (None:
@@ -327,7 +347,7 @@ class Contiguous:
 
     fresh (static): the call's rows are empty (lengths 0: a prompt); its tokens
     attend to each other (the call's own mask: segment ids keep a row's padding
-    out), over what the cache stores of them (int8: dequantized). Under a context
+    out), over what the cache stores of them (quantized: dequantized). Under a context
     mesh that is ring attention in the prompt's array order (contiguous chunks,
     so that each device's chunk is its own block of the seq-sharded cache,
     written in place by `write_kv_block`; the call then covers every row) instead
@@ -374,11 +394,8 @@ class Contiguous:
         rows = jnp.arange(b) if self.rows is None else self.rows
         kv = write_kv(kv, i, rows[:, None], at, k, v)
         if self.fresh:  # the prompt's own K/V, as the cache holds them
-            if "k_scale" in kv:
-                k = dequantize(*quantize(k), q.dtype)
-                v = k if v is None else dequantize(*quantize(v), q.dtype)
-            v = k if v is None else v
-            return dataclasses.replace(self, kv=kv), attend(q, k, v, mask, cfg, bias)
+            return dataclasses.replace(self, kv=kv), attend(q, *as_stored(kv, k, v, q.dtype),
+                                                            mask, cfg, bias)
         ks, vs = read_kv(kv, i, q.dtype)
         if self.rows is not None:
             ks = jnp.take(ks, self.rows, axis=0, mode="clip")

@@ -16,8 +16,9 @@ the cache's mask (kv_lengths, causal, window) and bias (ALiBi, T5 relative).
 lengths 0): the tokens attend to each other by the call's own mask (segment ids
 keep the packed prompts apart) and their K/V are written into the pages.
 
-kv_dtype="int8": k, v int8 with per-token, per-head float32 scales (quantized on
-write, dequantized on read, as the contiguous cache); the gather path reads them.
+kv_dtype int8 | int4 | fp8: k, v in that format (`quant.py`, int4 packed two per
+byte) with per-token, per-head float32 scales, quantized on write and dequantized on
+read by the same functions as the contiguous cache; the gather path reads them.
 
 Sharded (under `jaxlm.sharding.rules.use_mesh`): the pool is created in its
 sharding (`pool_layout`, `init_pages`): kv_heads over the kv_heads rule's axes
@@ -46,7 +47,8 @@ from ..kernels.paged import gather_pages, paged_attention
 from ..layers.attention import attend, softmax_scale
 from ...sharding.rules import active_mesh, partition_spec
 from ..kernels import MaskSpec
-from .contiguous import after, cache_mask, dequantize, kv_layout, quantize
+from .contiguous import after, as_stored, cache_mask, kv_layout, kv_leaf_shapes, quantize_like
+from .quant import dequantize
 
 
 def _rule_axes(mesh, rules, name, dims, used=()) -> tuple:
@@ -91,17 +93,10 @@ POOL_DIMS = (None, "data", None, "kv", None)  # [layers, pages, page_tokens, kv_
 def pool_shapes(cfg, n_pages: int, page_size: int, dtype=None, kv_dtype: str = "auto",
                 layers: int | None = None) -> dict:
     """The abstract pool: k, v [layers, n_pages, page_size, kv_heads, head_dim] (+ the
-    float32 scales [layers, n_pages, page_size, kv_heads] with kv_dtype="int8")."""
-    from .contiguous import check_kv_dtype
-    check_kv_dtype(kv_dtype)
-    int8 = kv_dtype == "int8"
-    dtype = jnp.int8 if int8 else dtype or dtype_of(cfg.dtype)
-    kvh, hd, names = kv_layout(cfg)  # latent attention: "k" alone
-    shape = (layers or cfg.n_layers, n_pages, page_size, kvh, hd)
-    out = {n: jax.ShapeDtypeStruct(shape, dtype) for n in names}
-    if int8:
-        out.update({n + "_scale": jax.ShapeDtypeStruct(shape[:-1], jnp.float32) for n in names})
-    return out
+    float32 scales [layers, n_pages, page_size, kv_heads] of a quantized kv_dtype; int4:
+    head_dim / 2 bytes)."""
+    return kv_leaf_shapes(cfg, (layers or cfg.n_layers, n_pages, page_size),
+                          dtype or dtype_of(cfg.dtype), kv_dtype)
 
 
 def init_pages(cfg, n_pages: int, page_size: int, dtype=None, *, slots: int = 1,
@@ -163,7 +158,7 @@ def pages_for(n_positions: int, page_size: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Paged:
     """The pool as a KV store (see the module docstring). kv: {"k", "v": [L, N, ps,
-    KVH, D]} (+ int8 scales); page_table [R, P] int32 global page ids; lengths [R]:
+    KVH, D]} (+ scales when quantized); page_table [R, P] int32 global page ids; lengths [R]:
     tokens already in row r's pages; live [R] bool: the rows whose writes are kept
     (None: all). Static: fresh (a packed prefill) and slots (the rows the pool's
     layout is fitted to: the engine's slot count)."""
@@ -203,7 +198,7 @@ class Paged:
         pages = _write(self.kv, i, k, v, page, at % ps, self._layout())
         store = dataclasses.replace(self, kv=pages)
         if self.fresh:
-            return store, attend(q, k, k if v is None else v, mask, cfg, bias)
+            return store, attend(q, *as_stored(pages, k, v, q.dtype), mask, cfg, bias)
         opts = dict(scale=softmax_scale(cfg), softcap=cfg.attn_logit_softcap or None)
         if s == 1 and bias is None and "k_scale" not in pages and _kernel(cfg):
             o = _decode_kernel(pages, i, q[:, 0], self.page_table, self.lengths,
@@ -226,7 +221,7 @@ def _kernel(cfg) -> bool:
 
 def _write(pages: dict, i, k, v, page, offset, layout) -> dict:
     """Layer i of the pool with k, v [R, S, KVH, D] written at (page, offset) [R, S]
-    (page n_pages: dropped); quantized when the pool is int8. Per data shard."""
+    (page n_pages: dropped); quantized in the pool's format. Per data shard."""
     names = tuple(pages)
 
     def local(pages, i, k, v, page, offset):
@@ -235,7 +230,7 @@ def _write(pages: dict, i, k, v, page, offset, layout) -> dict:
         out = dict(pages)
         for name, x in (("k", k), ("v", v)) if "v" in pages else (("k", k),):
             if name + "_scale" in pages:
-                x, scale = quantize(x)
+                x, scale = quantize_like(x, pages[name])
                 sc = pages[name + "_scale"]
                 out[name + "_scale"] = sc.at[i, page, offset].set(scale, mode="drop")
             out[name] = pages[name].at[i, page, offset].set(x.astype(pages[name].dtype),
@@ -252,7 +247,7 @@ def _write(pages: dict, i, k, v, page, offset, layout) -> dict:
 
 def _gather(pages: dict, i, page_table, layout, dtype):
     """Each row's pages of layer i as dense k, v [R, P * ps, KVH, D] in `dtype`
-    (dequantized when int8); per data shard, from its own block."""
+    (dequantized when quantized); per data shard, from its own block."""
     names = tuple(pages)
 
     def local(pages, i, table):
