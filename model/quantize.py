@@ -183,13 +183,12 @@ def from_storable(tree, specs):
 
 
 def bytes_per_param(fmt: str, group: int, double: bool = False) -> float:
-    """The format's storage per weight element, scales included, for a weight whose
-    input dimension `group` divides and whose output is a multiple of 256 (double)."""
-    if fmt in qformat.PER_CHANNEL or not fmt:
-        return {"": 4.0, "int8": 1.0, "fp8": 1.0}[fmt]
-    per_group = (1 if double else 4) + (4 / qformat.DOUBLE_BLOCK if double else 0) + (
-        1 if fmt == "int4" else 0)
-    return 0.5 + per_group / group
+    """The format's storage per weight element, scales (and zero points) included, with
+    `group` input rows per scale (per-channel formats: the weight's input dimension;
+    `double`: QLoRA's double-quantized scales, blocks of 256 filled)."""
+    code = {"int8": 1.0, "fp8": 1.0, "int4": 0.5, "nf4": 0.5}[fmt]
+    scale = 1 + 4 / qformat.DOUBLE_BLOCK if double else 4
+    return code + (scale + (1 if fmt == "int4" else 0)) / group
 
 
 def param_bytes(cfg) -> dict[str, int]:
