@@ -181,8 +181,14 @@ def test_bad_input_is_one_line(trained, quantized, tmp_path, capsys):
     before = sorted(os.listdir(quantized))
     cases = [(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "a")],
               "does not exist"),
-             (["--checkpoint", trained, "--out", str(tmp_path / "b"), "--weight-dtype", "int4"],
-              "int4"),
+             (["--checkpoint", trained, "--out", str(tmp_path / "b"), "--weight-dtype", "int3"],
+              "int3"),
+             (["--checkpoint", trained, "--out", str(tmp_path / "b"), "--dtype", "int4"],
+              "model.quant_group=128 does not divide the input dimension 64"),
+             (["--checkpoint", trained, "--out", str(tmp_path / "b"), "--dtype", "int4",
+               "--method", "gptq"], "GPTQ without calibration data"),
+             (["--checkpoint", trained, "--out", str(tmp_path / "b"), "--calibration", "x.txt"],
+              "--method rtn"),
              (["--checkpoint", trained, "--out", quantized], "not empty"),
              (["--checkpoint", quantized, "--out", str(tmp_path / "c")], "already int8")]
     for args, needle in cases:
@@ -195,6 +201,24 @@ def test_bad_input_is_one_line(trained, quantized, tmp_path, capsys):
         train(load_config("tiny-llama", TRAIN + ["model.weight_dtype=int8",
                                                  f"run_dir={tmp_path / 'run'}"]))
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_nf4_run_keeps_quality(trained, tmp_path, capsys):
+    """`jaxlm quantize --dtype nf4 --group 32`: a run of packed NF4 codes whose held-out
+    perplexity stays near float32's (the quality per format is recorded in BENCHMARKS.md)."""
+    out = str(tmp_path / "nf4")
+    assert cli.main(["quantize", "--checkpoint", trained, "--out", out, "--dtype", "nf4",
+                     "--group", "32"]) == 0
+    assert "wrote nf4 checkpoint" in capsys.readouterr().out
+    cfg, fparams = jaxlm.load(trained)
+    qcfg, qparams = jaxlm.load(out)
+    assert (qcfg.weight_dtype, qcfg.quant_group) == ("nf4", 32)
+    up = qparams["layers"]["mlp"]["up"]
+    assert up.fmt == "nf4" and up.q.dtype == jnp.uint8 and up.q.shape[1] * 2 == cfg.d_model
+    rows = held_out(jaxlm.load_tokenizer(trained), 8, 64)
+    ppl_f, _ = perplexity(fparams, cfg, rows)
+    ppl_q, _ = perplexity(qparams, qcfg, rows)
+    assert ppl_q <= 1.1 * ppl_f, (ppl_f, ppl_q)
 
 
 def test_int8_loads_sharded(trained, quantized):
