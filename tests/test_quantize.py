@@ -91,13 +91,17 @@ def test_weight_dtype_validated():
         ModelConfig(weight_dtype="int3")
 
 
-def test_plan_reports_int8_bytes():
-    cfg = load_config("tiny-llama", SMALL + ["mesh.devices=1"])
-    qparams = quantize_params(init_params(cfg.model, jax.random.key(0)),
-                              dataclasses.replace(cfg.model, weight_dtype="int8"))
+def test_plan_reports_bytes_per_weight_dtype():
+    cfg = load_config("tiny-llama", SMALL + ["mesh.devices=1", "model.quant_group=16"])
+    params = init_params(cfg.model, jax.random.key(0))
     p = plan(cfg, n_devices=1)
-    assert p["params_int8"] == sum(x.nbytes for x in jax.tree.leaves(qparams))
-    assert p["params_int8"] < p["params"]
+    for fmt in ("int8", "int4", "nf4", "fp8"):
+        qparams = quantize_params(params, dataclasses.replace(cfg.model, weight_dtype=fmt))
+        assert p["params_by_dtype"][fmt] == sum(x.nbytes for x in jax.tree.leaves(qparams))
+    assert p["params_int8"] == p["params_by_dtype"]["int8"] < p["params"]
+    assert p["params_by_dtype"]["nf4"] < p["params_by_dtype"]["int4"] < p["params_int8"]
+    wide = plan(load_config("tiny-llama", SMALL + ["mesh.devices=1"]), n_devices=1)
+    assert wide["params_by_dtype"]["int4"] is None  # quant_group 128 > d_model 32
 
 
 # ---------------------------------------------------------- a trained tiny-llama
