@@ -132,8 +132,9 @@ def cmd_bench(args):
 
 def cmd_quantize(args):
     from .quantize import run_quantize
-    print(run_quantize(args.checkpoint, args.out, args.weight_dtype, args.step,
-                       **base_choice(args, only=True)))
+    print(run_quantize(args.checkpoint, args.out, args.dtype, args.step,
+                       **base_choice(args, only=True), method=args.method,
+                       calibration=args.calibration or (), group=args.group))
 
 
 def cmd_plan(args):
@@ -261,11 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*", metavar="key=value")
     b.set_defaults(fn=cmd_bench)
 
-    qz = sub.add_parser("quantize", help="int8 weights with per-channel scales: a checkpoint "
-                        "-> a new jaxlm run dir")
+    qz = sub.add_parser("quantize", help="quantized weights (int8, int4, nf4, fp8): a "
+                        "checkpoint -> a new jaxlm run dir")
     qz.add_argument("--checkpoint", required=True, help="a jaxlm run/checkpoint dir or a HF dir")
     qz.add_argument("--out", required=True, help="a new directory (written atomically)")
-    qz.add_argument("--weight-dtype", default="int8", help="the weights' dtype (int8)")
+    qz.add_argument("--dtype", "--weight-dtype", dest="dtype", default="int8",
+                    help="the weights' format: int8 | int4 | nf4 | fp8 (model.weight_dtype)")
+    qz.add_argument("--group", type=int, help="int4 / nf4: input rows per scale (default: "
+                    "the checkpoint's model.quant_group, 128; 0: per output channel)")
+    qz.add_argument("--method", default="rtn", help="rtn (round to nearest) | gptq | awq")
+    qz.add_argument("--calibration", nargs="+", metavar="FILE",
+                    help="gptq / awq: text files whose sequences calibrate the weights")
     qz.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
     _base_options(qz, overrides=True)
     qz.set_defaults(fn=cmd_quantize)

@@ -1,6 +1,7 @@
 """`jaxlm quantize`: a checkpoint (jaxlm run or Hugging Face dir) -> a new jaxlm run
-dir whose layer matmul weights are int8 with per-output-channel float32 scales
-(`model.weight_dtype=int8`, model/quantize.py). `jaxlm.load`, `jaxlm generate
+dir whose layer matmul weights are quantized (`--dtype` int8 | int4 | nf4 | fp8, the
+run's `model.weight_dtype`; int4 / nf4 in groups of `--group` input rows,
+`model.quant_group`; model/qformat.py) by `--method rtn` (round to nearest). `jaxlm.load`, `jaxlm generate
 --checkpoint OUT` and `batch-infer` read it like any run dir.
 
 The output is written to a temporary sibling dir and renamed into place, so a
@@ -23,10 +24,31 @@ def _check_out(out: str) -> None:
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory")
 
 
+METHODS = ("rtn", "gptq", "awq")
+
+
+def check_method(method: str, calibration) -> None:
+    """One line for a method this build cannot run on these inputs."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    if method == "rtn" and calibration:
+        raise ConfigError("--calibration: --method rtn (round to nearest) uses no "
+                          "calibration data; drop it, or choose --method gptq | awq")
+    if method != "rtn" and not calibration:
+        raise ConfigError(f"--method {method} needs calibration data: --calibration FILES "
+                          f"({method.upper()} without calibration data has no activations "
+                          "to measure)")
+    if method != "rtn":
+        raise ConfigError(f"--method {method} is not available in this build; use --method rtn")
+
+
 def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | None = None,
-                 init_from: str | None = None, accept_base_change: bool = False) -> str:
+                 init_from: str | None = None, accept_base_change: bool = False,
+                 method: str = "rtn", calibration=(), group: int | None = None) -> str:
     """Quantize `src` into the new run dir `out`; returns the one-line summary.
-    `init_from` / `accept_base_change`: a LoRA run's moved / changed base (`jaxlm.load`)."""
+    `group`: int4 / nf4 input rows per scale (default: the checkpoint's
+    model.quant_group). `init_from` / `accept_base_change`: a LoRA run's moved /
+    changed base (`jaxlm.load`)."""
     from ..api import load, save
     from ..api import _chmod_umask, checkpoint_kind, model_config_of
     from ..config import Config, DataConfig
@@ -36,14 +58,22 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     from ..config import to_dict
     from ..train.loop import CONFIG_FILE, read_run_config
 
-    if weight_dtype != "int8":
-        raise ConfigError(f"--weight-dtype {weight_dtype!r}: quantize writes int8 weights "
-                          "(the only model.weight_dtype besides '' = param_dtype)")
+    from ..model import qformat
+    from ..model.quantize import params_specs
+    if weight_dtype not in qformat.FORMATS:
+        raise ConfigError(f"--dtype {weight_dtype!r} is not one of {', '.join(qformat.FORMATS)}")
+    if group is not None and group < 0:
+        raise ConfigError(f"--group {group} must be >= 0 (0: one scale per output channel)")
+    check_method(method, calibration)
     _check_out(out)
     base = model_config_of(src, init_from)  # a missing / unreadable checkpoint stops here
-    if base.weight_dtype == "int8":
-        raise CheckpointError(f"--checkpoint {src} is already int8 (model.weight_dtype=int8)")
-    cfg = dataclasses.replace(base, weight_dtype=weight_dtype)
+    if base.weight_dtype:
+        raise CheckpointError(f"--checkpoint {src} is already {base.weight_dtype} "
+                              f"(model.weight_dtype={base.weight_dtype}); quantize its float "
+                              "source")
+    cfg = dataclasses.replace(base, weight_dtype=weight_dtype,
+                              quant_group=base.quant_group if group is None else group)
+    params_specs(cfg)  # a group size that does not divide a weight: one line, before reading
     if checkpoint_kind(src) == "jaxlm":
         run = read_run_config(src)  # keep its data/generate settings; it is no LoRA run now
         full = dataclasses.replace(run, model=cfg, train=dataclasses.replace(
@@ -70,6 +100,8 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     b = param_bytes(cfg)
-    return (f"wrote int8 checkpoint {out} ({cfg.family}, {cfg.n_layers} layers): "
-            f"{b['quantized_params']:,} weights int8, params {fmt_bytes(b['float'])} at "
-            f"{cfg.param_dtype} -> {fmt_bytes(b['int8'])}")
+    fmt = weight_dtype + ("" if weight_dtype in qformat.PER_CHANNEL
+                          else f" (groups of {cfg.quant_group})")
+    return (f"wrote {weight_dtype} checkpoint {out} ({cfg.family}, {cfg.n_layers} layers): "
+            f"{b['quantized_params']:,} weights {fmt}, params {fmt_bytes(b['float'])} at "
+            f"{cfg.param_dtype} -> {fmt_bytes(b[weight_dtype])}")
