@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import InputError
 from . import guided
-from .engine import PAD_ID, Engine, Features, _pow2, bucket
+from .engine import PAD_ID, Engine, Features, bucket, pow2
 from .processors import check_processors, count_eos, eos_array
 from .sampling import check_sampling
 
@@ -198,7 +198,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                         beams=base.num_beams if base.num_beams > 1 else 0,
                         speculative=int(num_speculative) if draft is not None else 0,
                         logprobs=bool(logprobs), return_logits=bool(return_logits),
-                        stops=max(4, _pow2(len(eos), 1)))
+                        stops=max(4, pow2(len(eos), 1)))
     options = {k: v for k, v in (engine_options or {}).items() if v is not None}
     if cache == "contiguous" and n_seq <= slots and not stream:
         # every sequence admitted at once: one round trip runs them to the end (a round
