@@ -16,10 +16,11 @@ import pathlib
 import types
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from .errors import CheckpointError, ConfigError, InputError
-from .model import hf, quantize
+from .model import hf, qformat, quantize
 from .config import Config, DataConfig, LoraConfig, MeshConfig, TrainConfig
 from .model.companions import copy_companions
 from .model.config import ModelConfig
@@ -86,8 +87,8 @@ def load_params(path, cfg: ModelConfig, shardings=None, step: int | None = None,
     kind = checkpoint_kind(path)
     if kind == "peft":
         return _peft_params(os.fspath(path), cfg, shardings, **base)
-    stored = read_run_config(os.fspath(path)).model.weight_dtype if kind == "jaxlm" else ""
-    if stored != cfg.weight_dtype:  # int8 from float weights, or float from an int8 run
+    stored = read_run_config(os.fspath(path)).model if kind == "jaxlm" else None
+    if _weight_format(stored) != _weight_format(cfg):  # quantized from float weights, ...
         return _convert_weights(path, cfg, stored, shardings, step, base)
     if kind == "hf":
         if step is not None:
@@ -102,29 +103,49 @@ def load_params(path, cfg: ModelConfig, shardings=None, step: int | None = None,
     return quantize.from_storable(tree, quantize.params_specs(cfg))
 
 
-def _convert_weights(path, cfg: ModelConfig, stored: str, shardings, step, base: dict):
-    """Params of `cfg` (weight_dtype int8 or "") from a checkpoint stored with the
-    other weight_dtype: load as stored, then quantize / dequantize (under jit, into
-    `shardings`)."""
+def _weight_format(mcfg) -> tuple:
+    """How a checkpoint stores its layer matmul weights: (weight_dtype, group size for
+    the group-wise formats); ("", 0) for float weights (and Hugging Face dirs)."""
+    if mcfg is None or not mcfg.weight_dtype:
+        return ("", 0)
+    grouped = mcfg.weight_dtype not in qformat.PER_CHANNEL
+    return (mcfg.weight_dtype, mcfg.quant_group if grouped else 0)
+
+
+def _convert_weights(path, cfg: ModelConfig, stored, shardings, step, base: dict):
+    """Params of `cfg` from a checkpoint whose weights are stored in another format
+    (float, or another weight_dtype / quant_group): load as stored, then dequantize and
+    quantize as `cfg` says (under jit, into `shardings`)."""
     from .model.adapters import QuantizedWeight
     from .model.config import dtype_of
-    src = dataclasses.replace(cfg, weight_dtype=stored)
+    fmt, group = _weight_format(stored)
+    src = dataclasses.replace(cfg, weight_dtype=fmt, quant_group=group or cfg.quant_group)
     is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
     if shardings is None:
         src_shardings = None
-    elif cfg.weight_dtype == "int8":  # a float weight shards like its int8 q
-        src_shardings = jax.tree.map(lambda s: s.q if is_q(s) else s, shardings, is_leaf=is_q)
-    else:  # an int8 q shards like its float weight; the small scales are replicated
-        src_shardings = jax.tree.map(
-            lambda a, s: QuantizedWeight(q=s, scale=_replicated(s)) if is_q(a) else s,
-            quantize.params_specs(src), shardings,
-            is_leaf=lambda x: is_q(x) or isinstance(x, Spec))
+    else:  # a weight shards like its codes in any format; the small scales are replicated
+        plain = jax.tree.map(lambda s: s.q if is_q(s) else s, shardings, is_leaf=is_q)
+        src_shardings = jax.tree.map(_shards_like_codes, quantize.params_specs(src), plain,
+                                     is_leaf=lambda x: is_q(x) or isinstance(x, Spec))
     params = load_params(path, src, src_shardings, step, **base)
-    if cfg.weight_dtype == "int8":
-        fn = lambda p: quantize.quantize_params(p, cfg)  # noqa: E731
-    else:
-        fn = lambda p: quantize.dequantize_params(p, dtype_of(cfg.param_dtype))  # noqa: E731
+    dt = dtype_of(cfg.param_dtype)
+
+    def fn(p):
+        p = quantize.dequantize_params(p, dt)
+        return quantize.quantize_params(p, cfg) if cfg.weight_dtype else p
     return (jax.jit(fn) if shardings is None else jax.jit(fn, out_shardings=shardings))(params)
+
+
+def _shards_like_codes(spec, sharding):
+    """A stored QuantizedWeight's shardings: its codes like the float weight, the rest
+    (scales, zero points) replicated; plain leaves' unchanged."""
+    from .model.adapters import QuantizedWeight
+    if not isinstance(spec, QuantizedWeight):
+        return sharding
+    rep = _replicated(sharding)
+    return dataclasses.replace(spec, q=sharding, scale=rep,
+                               zero=None if spec.zero is None else rep,
+                               scale2=None if spec.scale2 is None else rep)
 
 
 def _replicated(sharding):
@@ -300,7 +321,7 @@ def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm",
         raise CheckpointError(f"save: companions={companions} is not a checkpoint directory")
     if format == "hf":
         model_cfg = cfg.model if isinstance(cfg, Config) else cfg
-        if model_cfg.weight_dtype == "int8":  # Hugging Face dirs hold float weights
+        if model_cfg.weight_dtype:  # Hugging Face dirs hold float weights
             from .model.config import dtype_of
             params = quantize.dequantize_params(params, dtype_of(model_cfg.param_dtype))
             model_cfg = dataclasses.replace(model_cfg, weight_dtype="")
@@ -313,9 +334,11 @@ def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm",
         raise ConfigError(f"save: unknown format {format!r} (supported: 'jaxlm', 'hf')")
     full = cfg if isinstance(cfg, Config) else Config(
         model=cfg, data=DataConfig(seq_len=min(DataConfig().seq_len, cfg.max_seq_len)))
-    expected = jax.tree.map(lambda s: (s.shape, s.dtype == "int8"),
+    kind = lambda d: "float" if jnp.issubdtype(d, jnp.floating) and jnp.dtype(  # noqa: E731
+        d).itemsize > 1 else str(d)
+    expected = jax.tree.map(lambda s: (s.shape, kind(s.dtype)),
                             quantize.params_abstract(full.model))
-    got = jax.tree.map(lambda a: (a.shape, a.dtype == "int8"), params)
+    got = jax.tree.map(lambda a: (a.shape, kind(a.dtype)), params)
     if expected != got:
         raise ConfigError("save: params do not match the config's parameter shapes")
     if checkpoint.latest_step(path) is not None:

@@ -1,16 +1,15 @@
-"""Weights that are not plain arrays: LoRA-adapted and int8-quantized, as pytree nodes.
+"""Weights that are not plain arrays: LoRA-adapted and quantized, as pytree nodes.
 
 Each family calls `layer_weights` on one layer's slice at the top of its
 scanned block (so only one layer's merged LoRA weights exist at a time) and
-`materialize_outside_layers` on the rest at the top of its forward. int8
-weights stay int8 through `layer_weights`: the matmul helpers of
-`jaxlm.model.layers.dense` take a QuantizedWeight and dequantize in the matmul
-(int8 -> compute dtype as the dot's operand, the scale on the dot's output).
+`materialize_outside_layers` on the rest at the top of its forward. Quantized
+weights stay quantized through `layer_weights`: the matmul helpers of
+`jaxlm.model.layers.dense` take a QuantizedWeight and dequantize in the matmul.
 Plain arrays pass through untouched, so plain params cost nothing.
 
-* `QuantizedWeight(q, scale)`: int8 `q` of the weight's shape and a float32
-  absmax scale per output channel, shaped like the weight with its input axes
-  kept as size 1 (a broadcast multiply dequantizes; `lax.scan` slices both).
+* `QuantizedWeight(q, scale, zero, scale2)`: int8 / fp8 / int4 / nf4 codes and their
+  scales, shaped like the weight (model/qformat.py: the formats, packing, rounding and
+  dequantization; `lax.scan` slices every child alike).
 * `LoraWeight(base, a, b, scale)`: the weight `base + scale * a @ b`, with
   `a [..., *in, r]`, `b [..., r, *out]` (`...`: stacked axes such as
   `layers`) and the static `scale = alpha / r`. `base` may be quantized.
@@ -27,16 +26,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QuantizedWeight:
-    q: jax.Array  # int8, the weight's shape
-    scale: jax.Array  # float32, the weight's shape with its input axes as 1
-
-    @property
-    def shape(self):
-        return self.q.shape
+from . import qformat
+from .qformat import QuantizedWeight, dequantize
 
 
 @jax.tree_util.register_dataclass
@@ -56,13 +47,13 @@ def is_node(x) -> bool:
     return isinstance(x, (LoraWeight, QuantizedWeight))
 
 
-def quantize(w, in_axes: tuple[int, ...]) -> QuantizedWeight:
-    """Symmetric int8 with one absmax scale per output channel (reduced over `in_axes`)."""
-    w32 = w.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(w32), axis=in_axes, keepdims=True)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
-    return QuantizedWeight(q=q, scale=scale)
+def quantize(w, in_axes: tuple[int, ...], fmt: str = "int8", group: int = 0,
+             double: bool = False) -> QuantizedWeight:
+    """Round-to-nearest `fmt` weights (model/qformat.py) over the contracted `in_axes`
+    (contiguous, followed by the output axes): per output channel for int8 / fp8,
+    per `group` input rows for int4 / nf4 (0: per channel); `double`: double-quantized
+    scales (QLoRA)."""
+    return qformat.quantize(w, len(in_axes), w.ndim - in_axes[-1] - 1, fmt, group, double)
 
 
 # latent attention's projections (q_a, q_b, kv_a, kv_b) are attention matmuls too
@@ -97,10 +88,6 @@ def matmul_in_axes(path: tuple[str, ...], spec) -> tuple[int, ...] | None:
     else:
         return None
     return tuple(range(lead, lead + n_in)) if len(spec.shape) >= lead + 2 else None
-
-
-def dequantize(w: QuantizedWeight, dtype=jnp.float32):
-    return (w.q.astype(jnp.float32) * w.scale).astype(dtype)
 
 
 def lora_delta(a, b, base_ndim: int, dtype=None):
@@ -143,9 +130,10 @@ def layer_weights(tree, dtype=None):
 def concatenate(ws, axis: int):
     """Weights (plain arrays or QuantizedWeights, not mixed) joined along an output
     `axis` (e.g. q|k|v along heads): an int8 weight's scales join along the same axis."""
-    if isinstance(ws[0], QuantizedWeight):
-        return QuantizedWeight(q=jnp.concatenate([w.q for w in ws], axis),
-                               scale=jnp.concatenate([w.scale for w in ws], axis))
+    if isinstance(ws[0], QuantizedWeight):  # q, scale and zero share the output axes
+        join = lambda name: None if getattr(ws[0], name) is None else jnp.concatenate(  # noqa: E731
+            [getattr(w, name) for w in ws], axis)
+        return dataclasses.replace(ws[0], q=join("q"), scale=join("scale"), zero=join("zero"))
     return jnp.concatenate(ws, axis)
 
 

@@ -225,10 +225,15 @@ class ModelConfig:
     label_names: tuple = ()  # num_labels > 0: HF id2label's names (): LABEL_0, LABEL_1, ...
     dtype: str = "float32"  # activations and matmuls: float32 | bfloat16 | float16
     param_dtype: str = "float32"  # the parameters (master weights): float32 | bfloat16 | float16
-    # "" (the weights at param_dtype) | int8: the layer matmul weights int8 with
-    # per-output-channel float32 scales, dequantized in the matmul (model/quantize.py;
-    # written by `jaxlm quantize`; inference only)
+    # "" (the weights at param_dtype) | int8 | int4 | nf4 | fp8: the layer matmul weights
+    # quantized, dequantized in the matmul (model/qformat.py; written by `jaxlm quantize`;
+    # inference only). int8: per-output-channel float32 scales; fp8: E4M3 with
+    # per-output-channel scales; int4 (zero point) and nf4 (QLoRA's NormalFloat): 4-bit
+    # codes, two per byte, with a float32 scale per model.quant_group input rows
     weight_dtype: str = ""
+    # int4 / nf4 weights (and train.lora.base_dtype int4 / nf4): input rows per scale; it
+    # must divide every quantized weight's input dimension; 0: one scale per output channel
+    quant_group: int = 128
     init_std: float = 0.02  # standard deviation of the initial weights (normal)
     # activation checkpointing of each layer: none | full (recompute all in the backward) |
     # dots (keep the matmul outputs) | dots_no_batch (those without a batch dimension)
@@ -258,9 +263,12 @@ class ModelConfig:
         _choice(self, "attention_impl", ATTENTION_IMPLS)
         _choice(self, "dtype", DTYPES)
         _choice(self, "param_dtype", DTYPES)
-        if self.weight_dtype not in ("", "int8"):
+        if self.weight_dtype not in ("", "int8", "int4", "nf4", "fp8"):
             raise ConfigError(f"model.weight_dtype={self.weight_dtype!r} is not one of '' (the "
-                              "weights at model.param_dtype), int8")
+                              "weights at model.param_dtype), int8, int4, nf4, fp8")
+        if self.quant_group < 0:
+            raise ConfigError(f"model.quant_group={self.quant_group} must be >= 0 (0: one "
+                              "scale per output channel)")
         self._check_mla()
         if self.n_kv_heads == 0:
             object.__setattr__(self, "n_kv_heads", self.n_heads)

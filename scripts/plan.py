@@ -20,7 +20,8 @@ def run_plan(args) -> int:
     else:
         print(f"  {'params':<12} {fmt_bytes(p['params'])}")
     if p["frozen"]:
-        what = ("the LoRA base" + (", int8" if cfg.train.lora.base_dtype == "int8" else "")
+        base = cfg.train.lora.base_dtype
+        what = ("the LoRA base" + (f", {base}" if base != "same" else "")
                 if cfg.train.lora.rank else
                 f"the distillation teacher, {cfg.train.distill.teacher}"
                 if cfg.train.objective == "distill" else "the reference policy, a frozen copy")
@@ -45,10 +46,17 @@ def run_plan(args) -> int:
     if kv:
         print(f"  {'int8 kv':<12} {fmt_bytes(kv8)}  (generate.kv_dtype=int8: saves "
               f"{fmt_bytes(kv - kv8)} per device vs {cfg.model.dtype})")
-    print(f"  {'int8 weights':<12} {fmt_bytes(p['params_int8'])}  (params with model.weight_dtype"
-          f"=int8: saves {fmt_bytes(p['params'] - p['params_int8'])} per device vs "
-          f"{cfg.model.param_dtype})")
-    weights = "int8 weights" if cfg.model.weight_dtype == "int8" else "float weights"
+    for fmt, b in p["params_by_dtype"].items():  # model.weight_dtype=fmt
+        if b is None:
+            print(f"  {fmt + ' weights':<12} -  (model.quant_group={cfg.model.quant_group} "
+                  "does not divide every weight's input dimension)")
+            continue
+        group = "" if fmt in ("int8", "fp8") else f", groups of {cfg.model.quant_group}"
+        print(f"  {fmt + ' weights':<12} {fmt_bytes(b)}  (params with model.weight_dtype={fmt}"
+              f"{group}: saves {fmt_bytes(p['params'] - b)} per device vs "
+              f"{cfg.model.param_dtype})")
+    weights = (f"{cfg.model.weight_dtype} weights" if cfg.model.weight_dtype
+               else "float weights")
     if kv:
         weights += ", int8 kv" if cfg.generate.kv_dtype == "int8" else f", {cfg.model.dtype} kv"
     print(f"  {'inference':<12} {fmt_bytes(p['inference_total'])} ({weights})")

@@ -147,14 +147,18 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     def leaf_bytes(s, a):
         return shard_bytes(s.shape, s.dtype, partition_spec(a, rules), sizes)
     params = sum(jax.tree.leaves(jax.tree.map(leaf_bytes, shapes, axes, is_leaf=is_axes)))
-    params_int8 = _int8_param_bytes(m, leaf_bytes, is_axes)
+    params_q = {f: _quantized_param_bytes(m, f, leaf_bytes, is_axes)
+                for f in ("int8", "int4", "nf4", "fp8")}
+    params_int8 = params_q["int8"]
     # what the train step differentiates and the optimizer follows (LoRA: the adapters)
     trained_specs = trainable_specs(cfg)
     trained_shapes, trained_axes = abstract(trained_specs), logical_axes(trained_specs)
     trained = sum(jax.tree.leaves(jax.tree.map(leaf_bytes, trained_shapes, trained_axes,
                                                is_leaf=is_axes)))
     if cfg.train.lora.rank:  # the base, frozen
-        frozen = params_int8 if cfg.train.lora.base_dtype == "int8" else params
+        base = cfg.train.lora.base_dtype
+        frozen = params if base == "same" else _quantized_param_bytes(
+            m, base, leaf_bytes, is_axes, double=base != "int8")
     elif cfg.train.objective == "distill":  # the teacher, another model's params
         from ..train.distill import teacher_config
         t_specs = model_specs(teacher_config(cfg.train))
@@ -241,19 +245,25 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
            "ring_kv": ring_kv, "bubble": bubble}
     out["train_total"] = 2 * trained + frozen + optimizer + activations + ring_kv
     out["params_int8"] = params_int8
+    out["params_by_dtype"] = params_q  # None: model.quant_group does not fit the weights
     kv = kv_cache_int8 + cross_kv_int8 if cfg.generate.kv_dtype == "int8" else kv_cache + cross_kv
-    out["inference_total"] = (params_int8 if m.weight_dtype == "int8" else params) + kv
+    weights = params_q.get(m.weight_dtype) if m.weight_dtype else params
+    out["inference_total"] = (params if weights is None else weights) + kv
     return out
 
 
-def _int8_param_bytes(m, leaf_bytes, is_axes) -> int:
-    """Per-device param bytes with model.weight_dtype=int8 (int8 layer matmul
-    weights + their float32 per-channel scales, the rest at param_dtype)."""
-    import dataclasses
-
+def _quantized_param_bytes(m, fmt: str, leaf_bytes, is_axes, double: bool = False):
+    """Per-device param bytes with the layer matmul weights in `fmt` (codes + scales +
+    zero points, model.quant_group for int4 / nf4; `double`: QLoRA's double-quantized
+    scales), the rest at param_dtype; None when the group size does not fit."""
     import jax
 
-    from ..model import quantize
-    q = dataclasses.replace(m, weight_dtype="int8")
-    return sum(jax.tree.leaves(jax.tree.map(leaf_bytes, quantize.params_abstract(q),
-                                            quantize.params_logical_axes(q), is_leaf=is_axes)))
+    from ..errors import ConfigError
+    from ..model import model_specs, quantize
+    from ..model.params import abstract, logical_axes
+    try:
+        specs = quantize.quantized_specs(model_specs(m), fmt, m.quant_group, double)
+    except ConfigError:
+        return None
+    return sum(jax.tree.leaves(jax.tree.map(leaf_bytes, abstract(specs), logical_axes(specs),
+                                            is_leaf=is_axes)))

@@ -87,8 +87,8 @@ def test_forward_equals_dequantized_float_model(preset):
 
 
 def test_weight_dtype_validated():
-    with pytest.raises(ConfigError, match="model.weight_dtype='int4'"):
-        ModelConfig(weight_dtype="int4")
+    with pytest.raises(ConfigError, match="model.weight_dtype='int3'"):
+        ModelConfig(weight_dtype="int3")
 
 
 def test_plan_reports_int8_bytes():

@@ -12,9 +12,12 @@ so they shard like their weight, and the model sees W + (alpha / r) * A @ B
 a fresh adapter leaves the logits exactly the base's. Targets: the paths
 ("layers/attn/q", "decoder/layers/cross/o", ...) that `re.fullmatch`
 `train.lora.targets`; MoE expert weights, routers, embeddings and heads are
-never targets. QLoRA (`train.lora.base_dtype=int8`): the frozen base's layer
-matmul weights (experts and routers included) are int8 with per-output-channel
-absmax scales (`QuantizedWeight`), dequantized per layer right before use.
+never targets. QLoRA (`train.lora.base_dtype=int8|int4|nf4`): the frozen base's
+layer matmul weights (experts included, routers not) are quantized
+(`QuantizedWeight`, model/qformat.py): int8 with per-output-channel absmax scales, or
+4-bit NF4 / int4 codes in groups of model.quant_group whose scales are themselves
+double-quantized (uint8 per scale, a float32 per 256 scales), as QLoRA does;
+dequantized per layer right before use.
 
 The adapter tree mirrors the params: {"layers": {"attn": {"q": {"a", "b"}}}}.
 """
@@ -29,8 +32,8 @@ import jax.numpy as jnp
 
 from ..errors import ConfigError
 from ..model import model_specs
-from ..model.adapters import (LoraWeight, QuantizedWeight, _lead, materialize,
-                                  matmul_in_axes, quantize)
+from ..model.adapters import LoraWeight, _lead, materialize, matmul_in_axes
+from ..model.qformat import PACKED
 from ..model.config import dtype_of
 from ..model.params import Spec, is_spec, zeros
 
@@ -129,25 +132,20 @@ def merge_lora(base, adapters, cfg):
     return jax.tree.map(lambda x: x.astype(dt), merged)
 
 
-def quantize_base(params, mcfg):
-    """QLoRA's frozen base: each layer matmul weight as an int8 QuantizedWeight."""
-    in_axes = {path: matmul_in_axes(path, s) for path, s in _named_specs(model_specs(mcfg))}
-
-    def one(path, w):
-        axes = in_axes.get(tuple(k.key for k in path))
-        return w if axes is None else quantize(w, axes)
-    return jax.tree_util.tree_map_with_path(one, params)
+def quantize_base(params, mcfg, fmt: str = "int8"):
+    """QLoRA's frozen base: each layer matmul weight (the MoE router excepted) as a
+    `fmt` QuantizedWeight; int4 / nf4 in groups of model.quant_group with
+    double-quantized scales, as QLoRA does."""
+    from ..model.quantize import quantize_params
+    return quantize_params(params, mcfg, fmt, double=fmt in PACKED)
 
 
 def frozen_axes(mcfg, tcfg):
     """Logical axes of the frozen base (with QuantizedWeight nodes under QLoRA)."""
-    from ..model.params import LogicalAxes
-
-    def one(path, s):
-        axes = LogicalAxes(s.axes)
-        in_axes = matmul_in_axes(tuple(k.key for k in path), s)
-        if tcfg.lora.base_dtype != "int8" or in_axes is None:
-            return axes
-        scale = LogicalAxes(None if i in in_axes else a for i, a in enumerate(s.axes))
-        return QuantizedWeight(q=axes, scale=scale)
-    return jax.tree_util.tree_map_with_path(one, model_specs(mcfg), is_leaf=is_spec)
+    from ..model.params import logical_axes
+    from ..model.quantize import quantized_specs
+    specs = model_specs(mcfg)
+    fmt = tcfg.lora.base_dtype
+    if fmt != "same":
+        specs = quantized_specs(specs, fmt, mcfg.quant_group, double=fmt in PACKED)
+    return logical_axes(specs)

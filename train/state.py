@@ -145,7 +145,8 @@ def _frozen(cfg, base):
     """The frozen tree made from the starting params: the (quantized) LoRA base, or the
     DPO reference policy (its own buffers); None for other runs."""
     if cfg.train.lora.rank:
-        return lora.quantize_base(base, cfg.model) if cfg.train.lora.base_dtype == "int8" else base
+        fmt = cfg.train.lora.base_dtype
+        return base if fmt == "same" else lora.quantize_base(base, cfg.model, fmt)
     if needs_reference(cfg.train):
         return jax.tree.map(jnp.copy, base)
     return None

@@ -1,4 +1,4 @@
-"""Projections as single 2-D matmuls, and int8 weights dequantized in the matmul.
+"""Projections as single 2-D matmuls, and quantized weights dequantized in the matmul.
 
 `dense(x, w, n)` contracts the last n axes of x with the first n axes of w,
 flattening everything else: x [..., *in] @ w [*in, *out] -> [..., *out].
@@ -7,11 +7,14 @@ but its gradients become multi-axis contractions that XLA's CPU backend runs
 about 2x slower than the plain GEMMs this produces. Under context parallelism
 (the sequence split over devices) the leading axes stay apart instead.
 
-`w` may be an int8 `QuantizedWeight` (q [*in, *out] int8, scale [1.., *out]
-float32, one per output channel): y = (x @ q.astype(x.dtype)) * scale. With
-per-output-channel scales this equals x @ (q * scale) up to float
+`w` may be a `QuantizedWeight` (model/qformat.py). int8 / fp8 (q [*in, *out], scale
+[1.., *out] float32, one per output channel): y = (x @ q.astype(x.dtype)) * scale.
+With per-output-channel scales this equals x @ (q * scale) up to float
 reassociation, and the only float weight-sized value is the dot's operand
 (a convert XLA can fuse into the dot) instead of a dequantized weight buffer.
+int4 / nf4 (group-wise scales along the contracted axis): the operand is the
+dequantized weight (unpack, table or zero point, group scale), again one
+elementwise producer XLA may fuse into the dot, made per layer inside the scan.
 Every layer matmul of every family (attention, MLP, the encoder-decoder's
 cross-attention, Mixtral's experts: `grouped` / `operand`) goes through here.
 """
@@ -21,16 +24,20 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ..adapters import QuantizedWeight
+from ..qformat import PER_CHANNEL, QuantizedWeight, dequantize
 from ..tap import untap
 from ...sharding.context import context_size
 
 
 def operand(w, dtype):
-    """(the matmul operand: w, or an int8 weight's q, in `dtype`; the int8 weight's
-    per-output-channel scale [1.., *out] float32, or None)."""
+    """(the matmul operand in `dtype`, a per-output-channel scale [1.., *out] float32 or
+    None). An int8 / fp8 weight gives its codes and its scale (applied to the dot's
+    output); a group-wise one (int4, nf4) its dequantized weight: group scales vary
+    along the contracted axis, so they cannot move past the dot."""
     if isinstance(w, QuantizedWeight):
-        return w.q.astype(dtype), w.scale
+        if w.fmt in PER_CHANNEL and w.zero is None and w.scale2 is None:
+            return w.q.astype(dtype), w.scale
+        return dequantize(w, dtype), None
     return w.astype(dtype), None
 
 
@@ -53,8 +60,8 @@ def dense(x, w, n_contract: int = 1, out_dtype=None):
 
 def grouped(rows, w, sizes, row_group):
     """Grouped matmul (`lax.ragged_dot`): rows [T, in] sorted by group, w [G, in, out],
-    sizes [G] -> [T, out]; `row_group` [T] is each row's group, which picks an int8
-    weight's scale row (scale [G, 1, out])."""
+    sizes [G] -> [T, out]; `row_group` [T] is each row's group, which picks an int8 /
+    fp8 weight's scale row (scale [G, 1, out])."""
     w, scale = operand(w, rows.dtype)
     y = jax.lax.ragged_dot(rows, w, sizes)
     return y if scale is None else y * scale[:, 0, :].astype(y.dtype)[row_group]
@@ -62,7 +69,7 @@ def grouped(rows, w, sizes, row_group):
 
 def expert_einsum(spec: str, x, w):
     """`jnp.einsum(spec, x, w)` for per-expert weights w [E, in, out] whose output
-    has the expert axis second and `out` last (e.g. "secd,edf->secf"); an int8
+    has the expert axis second and `out` last (e.g. "secd,edf->secf"); an int8 / fp8
     weight's scale [E, 1, out] multiplies the output."""
     w, scale = operand(w, x.dtype)
     y = jnp.einsum(spec, x, w)

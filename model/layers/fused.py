@@ -7,8 +7,8 @@ output axis. `fuse_layer` makes the concatenated weights once per generate call
 (outside the decode loop, beside `unstack_layers`); `project_qkv` and `mlp`
 split the one product back. Same dot products, one kernel.
 
-Weights that are plain arrays or int8 `QuantizedWeight`s (q and the per-output-
-channel scales concatenated along the same axis) fuse; LoRA-adapted ones do
+Weights that are plain arrays or `QuantizedWeight`s of one format (codes, scales
+and zero points concatenated along the same output axis) fuse; LoRA-adapted ones do
 not. Under a mesh that shards an output axis (heads, kv_heads, mlp) the layer
 stays unfused: a concatenation of tensor-parallel shards is not a shard.
 """
@@ -25,8 +25,12 @@ GATE_UP = ("gate", "up")
 
 
 def _fusable(ws) -> bool:
-    """All plain arrays or all QuantizedWeights (no LoRA, no mix)."""
-    return not any(is_node(w) for w in ws) or all(isinstance(w, QuantizedWeight) for w in ws)
+    """All plain arrays or all QuantizedWeights of one format with one group size (no
+    LoRA, no mix, no double-quantized scales: their blocks run along the output)."""
+    if not any(is_node(w) for w in ws):
+        return True
+    return (all(isinstance(w, QuantizedWeight) and w.scale2 is None for w in ws)
+            and len({(w.fmt, w.group, w.zero is None) for w in ws}) == 1)
 
 
 def _outputs_replicated(*logical) -> bool:
