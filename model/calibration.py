@@ -234,4 +234,26 @@ def calibrate(params, cfg, windows, method: str, group: int = 128, *, damp: floa
     return params, codes
 
 
-__all__ = ["SETS", "METHODS", "calibration_windows", "calibrate"]
+def quantized_params(params, cfg, codes, group: int = 128):
+    """`calibrate`'s (params, codes) -> params with every layer matmul weight an int4
+    QuantizedWeight (model/qformat.py): the calibrated ones from their codes, scales and
+    zero points; the rest (experts, latent attention) rounded to nearest."""
+    import dataclasses
+
+    from . import qformat
+    from .quantize import quantize_params
+    params = dict(params)
+    for (stack, sub, name), (c, scale, zero) in codes.items():
+        w = params[stack][sub][name]
+        n_in = _n_in(sub, name)
+        n_out = w.ndim - 1 - n_in
+        sshape = qformat.scale_shape(w.shape, n_in, n_out, scale.shape[1])
+        node = qformat.from_codes(c.reshape(w.shape), scale.reshape(sshape),
+                                  zero.astype(jnp.uint8).reshape(sshape), fmt="int4",
+                                  n_in=n_in, n_out=n_out)
+        params[stack] = {**params[stack], sub: {**params[stack][sub], name: node}}
+    return quantize_params(params, dataclasses.replace(cfg, weight_dtype="int4",
+                                                       quant_group=group))
+
+
+__all__ = ["SETS", "METHODS", "calibration_windows", "calibrate", "quantized_params"]
