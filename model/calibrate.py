@@ -21,7 +21,7 @@ input rows, output channel) a float scale and an integer zero point, so that
   original weight, AutoGPTQ's static_groups) so that groups stay contiguous.
 * `awq_scale`: AWQ (Lin et al. 2023): one scale per input channel,
   s = mean|x|^alpha normalised, alpha searched on a grid for the least output
-  error of the weights that share the input (q|k|v, gate|up) when quantized as
+  error of the weights that share the input (q|k|v, gate|up side by side) as
   rtn(w * s) / s. The error is measured exactly from the Hessian:
   ||x dw||^2 = tr(dw^T h dw). The caller folds 1/s into the op before
   (`model/calibration.py`).
@@ -139,23 +139,19 @@ def output_error(w, w_q, h) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("group", "grid"))
-def awq_scale(ws, h, x_abs_mean, group: int = 128, grid: int = 20):
-    """AWQ's per-input-channel scale for the weights `ws` (a tuple of [in, out]
-    arrays sharing one input, e.g. q, k, v): s = x_abs_mean^alpha / sqrt(max * min),
-    alpha in {0, 1/grid, ..., (grid-1)/grid} with the least summed output error of
-    rtn(w * s) / s. alpha = 0 (s = 1) is plain RTN, so AWQ is never worse on h.
-    -> s [in] float32."""
+def awq_scale(w, h, x_abs_mean, group: int = 128, grid: int = 20):
+    """AWQ's per-input-channel scale for w [in, out] (the weights that share one input
+    side by side, e.g. q | k | v): s = x_abs_mean^alpha / sqrt(max * min), alpha in
+    {0, 1/grid, ..., (grid-1)/grid} with the least output error of rtn(w * s) / s.
+    alpha = 0 (s = 1) is plain RTN, so AWQ is never worse on h. -> s [in] float32."""
     xm = jnp.maximum(x_abs_mean.astype(jnp.float32), 1e-8)
+    w = w.astype(jnp.float32)
 
     def loss(alpha):
         s = xm ** alpha
         s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
-        total = 0.0
-        for w in ws:
-            w = w.astype(jnp.float32)
-            codes, scale, zero = rtn(w * s[:, None], group)
-            total += output_error(w, dequantize(codes, scale, zero, group) / s[:, None], h)
-        return total, s
+        codes, scale, zero = rtn(w * s[:, None], group)
+        return output_error(w, dequantize(codes, scale, zero, group) / s[:, None], h), s
 
     losses, scales = jax.lax.map(loss, jnp.arange(grid, dtype=jnp.float32) / grid)
     return scales[jnp.argmin(losses)]

@@ -69,15 +69,19 @@ def calibration_windows(docs, seq_len: int, n: int) -> np.ndarray:
 
 
 class _Sink:
-    """Host-side sums per tapped input: x^T x (float64), sum |x|, token count."""
+    """Host-side sums per tapped input: x^T x (float64), sum |x|, token count. One per
+    `calibrate` call, reset before each pass: the compiled layer calls the sink it
+    was traced with (a Tap's static field)."""
 
-    def __init__(self, sizes: dict):
+    def reset(self, sizes: dict):
         self.sizes = sizes
         self.h = {k: np.zeros((n, n)) for k, n in sizes.items()}
         self.abs = {k: np.zeros(n) for k, n in sizes.items()}
         self.n = dict.fromkeys(sizes, 0)
 
     def __call__(self, name, x):
+        if name not in self.sizes:
+            return
         x = np.asarray(x, np.float32).reshape(-1, self.sizes[name])
         self.h[name] += x.T @ x
         self.abs[name] += np.abs(x).sum(0)
@@ -163,6 +167,7 @@ def calibrate(params, cfg, windows, method: str, group: int = 128, *, damp: floa
         stacks.insert(0, ("dense_layers", dense_layer_config(cfg), 0))
     params = dict(params)
     codes = {}
+    sink = _Sink()
     for stack, scfg, first in stacks:
         layers = params[stack]
         n = jax.tree.leaves(layers)[0].shape[0]
@@ -170,28 +175,27 @@ def calibrate(params, cfg, windows, method: str, group: int = 128, *, damp: floa
         for li in range(n):
             lcfg = layer_config(scfg, li % scfg.layer_period)
             layer = jax.tree.map(lambda a: a[li], layers)
-            run = lambda lay: [_run_layer(lay, x, first + li, outer, b, scfg, lcfg)  # noqa
-                               for x, b in zip(xs, batches)]
-
-            def collect(sets, layer=layer, run=run):
-                sizes = {f"{sub}/{names[0]}": math.prod(layer[sub][names[0]].shape[
-                    :_n_in(sub, names[0])]) for sub, names, _ in sets}
-                sink = _Sink(sizes)
-                tapped = {**layer}
-                for sub, names, _ in sets:
-                    tapped[sub] = {**tapped[sub], names[0]: Tap(layer[sub][names[0]],
-                                                                f"{sub}/{names[0]}", sink)}
-                jax.block_until_ready(run(tapped))
-                return sink
-
             sets = _sets(layer)
+
+            def run(lay, wanted=(), sets=sets, lcfg=lcfg, li=li):
+                """The layer over every batch; the inputs of the sets in `wanted` summed
+                into the sink (every set is tapped, so that one program serves each pass)."""
+                sink.reset({f"{sub}/{names[0]}": math.prod(lay[sub][names[0]].shape[
+                    :_n_in(sub, names[0])]) for sub, names, _ in wanted})
+                tapped = {**lay}
+                for sub, names, _ in sets:
+                    tapped[sub] = {**tapped[sub], names[0]: Tap(lay[sub][names[0]],
+                                                                f"{sub}/{names[0]}", sink)}
+                return jax.block_until_ready([_run_layer(tapped, x, first + li, outer, b, scfg,
+                                                         lcfg) for x, b in zip(xs, batches)])
+
             out = {}
             if method == "awq":
-                sink = collect(sets)
+                run(layer, sets)
             for sub, names, prev in sets:
                 key = f"{sub}/{names[0]}"
                 if method == "gptq":
-                    sink = collect([(sub, names, prev)], layer)
+                    run(layer, [(sub, names, prev)])
                 h = jnp.asarray(sink.h[key], jnp.float32)
                 if method == "awq" and _foldable(layer, sub, prev, lcfg):
                     xm = sink.abs[key] / max(sink.n[key], 1)
@@ -199,8 +203,8 @@ def calibrate(params, cfg, windows, method: str, group: int = 128, *, damp: floa
                         kvh = layer["attn"]["v"].shape[1]
                         xm = np.repeat(xm.reshape(kvh, -1, cfg.head_dim).mean(1, keepdims=True),
                                        xm.size // (kvh * cfg.head_dim), 1).reshape(-1)
-                    ws = tuple(_as_2d(layer[sub][nm], _n_in(sub, nm)) for nm in names)
-                    s = C.awq_scale(ws, h, jnp.asarray(xm), group)
+                    ws = [_as_2d(layer[sub][nm], _n_in(sub, nm)) for nm in names]
+                    s = C.awq_scale(jnp.concatenate(ws, 1), h, jnp.asarray(xm), group)
                     layer = _fold(layer, sub, prev, s if prev != "v" else s.reshape(
                         kvh, -1, cfg.head_dim)[:, 0].reshape(-1), lcfg)
                     p = dict(layer[sub])

@@ -133,6 +133,9 @@ def cmd_bench(args):
 def cmd_quantize(args):
     from .quantize import run_quantize
     print(run_quantize(args.checkpoint, args.out, args.weight_dtype, args.step,
+                       method=args.method, calibration=args.calibration, group=args.group,
+                       samples=args.calibration_samples, seq_len=args.calibration_len,
+                       progress=lambda m: print(m, file=sys.stderr, flush=True),
                        **base_choice(args, only=True)))
 
 
@@ -264,7 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "-> a new jaxlm run dir")
     qz.add_argument("--checkpoint", required=True, help="a jaxlm run/checkpoint dir or a HF dir")
     qz.add_argument("--out", required=True, help="a new directory (written atomically)")
-    qz.add_argument("--weight-dtype", default="int8", help="the weights' dtype (int8)")
+    qz.add_argument("--dtype", "--weight-dtype", dest="weight_dtype", default="int8",
+                    help="the weights' format: int8 | int4 | nf4 | fp8 (default int8)")
+    qz.add_argument("--method", default="rtn", help="rtn (round to nearest), gptq or awq "
+                    "(int4, calibrated on --calibration)")
+    qz.add_argument("--calibration", nargs="+", default=[], metavar="FILE",
+                    help="calibration text: text / .jsonl files or prepared dirs (gptq, awq)")
+    qz.add_argument("--calibration-samples", type=int, default=256,
+                    help="calibration windows (default 256)")
+    qz.add_argument("--calibration-len", type=int, default=0,
+                    help="tokens per window (default min(512, model.max_seq_len))")
+    qz.add_argument("--group", type=int, help="model.quant_group: input rows per int4 / nf4 "
+                    "scale (default 128)")
     qz.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
     _base_options(qz, overrides=True)
     qz.set_defaults(fn=cmd_quantize)

@@ -18,32 +18,50 @@ import yaml
 
 from ..errors import CheckpointError, ConfigError
 
+METHODS = ("rtn", "gptq", "awq")  # round to nearest; calibrated int4 (model/calibration.py)
+
 def _check_out(out: str) -> None:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory")
 
 
 def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | None = None,
-                 init_from: str | None = None, accept_base_change: bool = False) -> str:
+                 init_from: str | None = None, accept_base_change: bool = False,
+                 method: str = "rtn", calibration=(), group: int | None = None,
+                 samples: int = 256, seq_len: int = 0, progress=None) -> str:
     """Quantize `src` into the new run dir `out`; returns the one-line summary.
-    `init_from` / `accept_base_change`: a LoRA run's moved / changed base (`jaxlm.load`)."""
+    `init_from` / `accept_base_change`: a LoRA run's moved / changed base (`jaxlm.load`).
+    method: "rtn" (round to nearest), or "gptq" / "awq" (int4, calibrated on `samples`
+    windows of `seq_len` tokens (default min(512, model.max_seq_len)) of the text /
+    .jsonl files / prepared dirs in `calibration`, read as `jaxlm eval` reads its data);
+    group: model.quant_group (int4 / nf4)."""
     from ..api import load, save
     from ..api import _chmod_umask, checkpoint_kind, model_config_of
     from ..config import Config, DataConfig
-    from ..model.quantize import param_bytes
+    from ..model.quantize import WEIGHT_DTYPES, param_bytes
     from ..model.companions import copy_companions
     from ..sharding.plan import fmt_bytes
     from ..config import to_dict
     from ..train.loop import CONFIG_FILE, read_run_config
 
-    if weight_dtype != "int8":
-        raise ConfigError(f"--weight-dtype {weight_dtype!r}: quantize writes int8 weights "
-                          "(the only model.weight_dtype besides '' = param_dtype)")
+    if weight_dtype not in WEIGHT_DTYPES or not weight_dtype:
+        raise ConfigError(f"--dtype {weight_dtype!r}: one of "
+                          f"{', '.join(d for d in WEIGHT_DTYPES if d)}")
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r}: one of {', '.join(METHODS)}")
+    if method != "rtn" and weight_dtype != "int4":
+        raise ConfigError(f"--method {method} writes int4 weights (--dtype int4), "
+                          f"not {weight_dtype}")
+    if method != "rtn" and not calibration:
+        raise ConfigError(f"--method {method} calibrates on data: give --calibration FILES "
+                          "(text, .jsonl or prepared dirs; a few hundred sequences)")
     _check_out(out)
     base = model_config_of(src, init_from)  # a missing / unreadable checkpoint stops here
-    if base.weight_dtype == "int8":
-        raise CheckpointError(f"--checkpoint {src} is already int8 (model.weight_dtype=int8)")
-    cfg = dataclasses.replace(base, weight_dtype=weight_dtype)
+    if base.weight_dtype:
+        raise CheckpointError(f"--checkpoint {src} is already {base.weight_dtype} "
+                              f"(model.weight_dtype={base.weight_dtype})")
+    cfg = dataclasses.replace(base, weight_dtype=weight_dtype,
+                              quant_group=base.quant_group if group is None else group)
     if checkpoint_kind(src) == "jaxlm":
         run = read_run_config(src)  # keep its data/generate settings; it is no LoRA run now
         full = dataclasses.replace(run, model=cfg, train=dataclasses.replace(
@@ -52,8 +70,13 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     else:
         full = Config(model=cfg, data=DataConfig(seq_len=min(DataConfig().seq_len,
                                                              cfg.max_seq_len)))
-    _, params = load(src, cfg=cfg, step=step, init_from=init_from,
-                     accept_base_change=accept_base_change)
+    if method == "rtn":
+        _, params = load(src, cfg=cfg, step=step, init_from=init_from,
+                         accept_base_change=accept_base_change)
+    else:
+        params = _calibrated(src, cfg, method, calibration, samples, seq_len, progress,
+                             step=step, init_from=init_from,
+                             accept_base_change=accept_base_change)
 
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
@@ -70,6 +93,32 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     b = param_bytes(cfg)
-    return (f"wrote int8 checkpoint {out} ({cfg.family}, {cfg.n_layers} layers): "
-            f"{b['quantized_params']:,} weights int8, params {fmt_bytes(b['float'])} at "
-            f"{cfg.param_dtype} -> {fmt_bytes(b['int8'])}")
+    stored = b.get(weight_dtype, b.get("quantized"))
+    size = f" -> {fmt_bytes(stored)}" if stored else ""
+    return (f"wrote {weight_dtype} ({method}) checkpoint {out} ({cfg.family}, {cfg.n_layers} "
+            f"layers): {b['quantized_params']:,} weights {weight_dtype}, params "
+            f"{fmt_bytes(b['float'])} at {cfg.param_dtype}{size}")
+
+
+def _calibrated(src, cfg, method, calibration, samples, seq_len, progress, **load_kw):
+    """GPTQ / AWQ int4 params of `src` (model/calibration.py) on the calibration files."""
+    import dataclasses as dc
+
+    from ..api import load
+    from ..infer.evaluate import read_eval_data, tokenizer_for
+    from ..api import companions_dir
+    from ..model.calibration import calibrate, calibration_windows, quantized_params
+    from ..errors import InputError
+    if cfg.family != "decoder":
+        raise ConfigError(f"--method {method} calibrates decoder-only models; {cfg.family} "
+                          "quantizes with --method rtn")
+    tok = tokenizer_for(companions_dir(src, load_kw.get("init_from")))
+    docs = read_eval_data(list(calibration), tok)
+    length = seq_len or min(512, cfg.max_seq_len)
+    if length > cfg.max_seq_len:
+        raise InputError(f"--calibration-len {length} exceeds model.max_seq_len "
+                         f"{cfg.max_seq_len}")
+    windows = calibration_windows(docs.ids, length, samples)
+    _, params = load(src, cfg=dc.replace(cfg, weight_dtype=""), **load_kw)
+    params, codes = calibrate(params, cfg, windows, method, cfg.quant_group, progress=progress)
+    return quantized_params(params, cfg, codes, cfg.quant_group)

@@ -56,7 +56,7 @@ def test_gptq_and_awq_beat_rtn_on_output_error(act_order):
     e_gptq = err(*C.gptq(w, h, group=32, act_order=act_order))
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
     if not act_order:
-        s = np.asarray(C.awq_scale((w,), h, np.abs(x).mean(0), group=32))
+        s = np.asarray(C.awq_scale(w, h, np.abs(x).mean(0), group=32))
         c, sc, z = C.rtn(w * s[:, None], 32)
         e_awq = float(C.output_error(w, C.dequantize(c, sc, z, 32) / s[:, None], h))
         assert e_awq < e_rtn and not np.allclose(s, s[0])

@@ -181,8 +181,8 @@ def test_bad_input_is_one_line(trained, quantized, tmp_path, capsys):
     before = sorted(os.listdir(quantized))
     cases = [(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "a")],
               "does not exist"),
-             (["--checkpoint", trained, "--out", str(tmp_path / "b"), "--weight-dtype", "int4"],
-              "int4"),
+             (["--checkpoint", trained, "--out", str(tmp_path / "b"), "--weight-dtype", "int3"],
+              "int3"),
              (["--checkpoint", trained, "--out", quantized], "not empty"),
              (["--checkpoint", quantized, "--out", str(tmp_path / "c")], "already int8")]
     for args, needle in cases:
