@@ -87,7 +87,7 @@ def _data_sources(value) -> tuple:
 class LoraConfig:
     """LoRA (jaxlm.train.lora): rank 0 = off. Adapters on the weights whose path
     ("layers/attn/q", "decoder/layers/cross/o", ...) re.fullmatch-es `targets`;
-    scale alpha / rank (alpha 0: 2 * rank). base_dtype int8 | int4 | nf4: the frozen
+    scale alpha / rank (alpha 0: 2 * rank). base_dtype int8 | int4 | nf4 | fp8: the frozen
     base's layer matmul weights held quantized (QLoRA; 4-bit with double-quantized scales). init_from: a peft adapter dir the
     adapters start from (its r, lora_alpha and target_modules; `resolve_lora_from`)."""
     _prefix = "train.lora."
@@ -95,13 +95,13 @@ class LoraConfig:
     rank: int = 0  # the adapters' rank; 0: LoRA off
     alpha: float = 0.0  # adapters scaled by alpha / rank; 0: 2 * rank
     targets: str = "layers/attn/(q|k|v|o)"  # regex re.fullmatch-ed against weight paths
-    # the frozen base's layer matmul weights: same | int8 | int4 | nf4 (QLoRA: 4-bit codes in
-    # groups of model.quant_group, their scales double-quantized to 8 bits per 256)
+    # the frozen base's layer matmul weights: same | int8 | int4 | nf4 | fp8 (QLoRA; 4-bit:
+    # codes in groups of model.quant_group, their scales double-quantized, 8 bits per 256)
     base_dtype: str = "same"
     init_from: str = ""  # a peft LoRA adapter dir to continue (alias train.lora_from)
 
     def __post_init__(self):
-        _choice(self, "base_dtype", ("same", "int8", "int4", "nf4"))
+        _choice(self, "base_dtype", ("same", "int8", "int4", "nf4", "fp8"))
         if self.rank < 0:
             raise ConfigError(f"train.lora.rank={self.rank} must be >= 0 (0: LoRA off)")
         if self.alpha < 0:

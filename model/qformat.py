@@ -141,10 +141,10 @@ def scale_shape(shape, n_in: int, n_out: int, groups: int) -> tuple[int, ...]:
 
 
 def n_groups(shape, n_in: int, n_out: int, group: int) -> int:
-    """G = K / group (1 for group 0 or group >= K); ValueError if group does not divide K."""
+    """G = K / group (1 for group 0); ValueError if group does not divide K."""
     nd = len(shape)
     k = math.prod(shape[nd - n_in - n_out:nd - n_out])
-    if group <= 0 or group >= k:
+    if group <= 0:
         return 1
     if k % group:
         raise ValueError(f"the group size {group} does not divide the input dimension {k}")

@@ -1,26 +1,32 @@
-"""int8 weight-only quantization (`model.weight_dtype=int8`, `jaxlm quantize`).
+"""Weight-only quantization (`model.weight_dtype` = int8 | int4 | nf4 | fp8, `jaxlm quantize`).
 
 Which weights: every layer matmul weight of every family, i.e. attention
-q/k/v/o (and T5's cross-attention), the MLP's up/gate/down and Mixtral's
-expert weights (`adapters.matmul_in_axes`). Each becomes an int8
-`QuantizedWeight` with one float32 absmax scale per output channel (reduced
-over the weight's input axes: `embed` for q/k/v/up/gate, `heads, head_dim` for
-o, `mlp` for down; per expert for experts), dequantized in the matmul
-(`jaxlm.model.layers.dense`: y = (x @ q.astype(x.dtype)) * scale, the scale on
-the dot's output), so no float copy of a layer's weights is made by jaxlm and
-the activations stay float. Whether the backend then reads the int8 bytes inside
-the dot depends on it: XLA:CPU does only with YNNPACK's dot + eltwise fusions and
-batch > 1 (BENCHMARKS.md, int8 weights; tests/test_quantize_matmul.py).
+q/k/v/o (and T5's cross-attention, latent attention's projections), the MLP's
+up/gate/down, the experts' and shared experts' weights (`adapters.matmul_in_axes`).
+Each becomes a `QuantizedWeight` (model/qformat.py: the formats, their storage and
+rounding) whose scales are reduced over the weight's input axes (`embed` for
+q/k/v/up/gate, `heads, head_dim` for o, `mlp` for down; per expert for experts):
+one per output channel for int8 and fp8, one per model.quant_group input rows for
+int4 and nf4. Dequantized in the matmul (`jaxlm.model.layers.dense`): int8 / fp8 as
+y = (x @ q.astype(x.dtype)) * scale, the scale on the dot's output; int4 / nf4 with
+the dequantized weight as the dot's operand (group scales vary along the contracted
+axis). No float copy of the whole model is made; a layer's operands exist per layer
+inside the scan. Whether the backend reads the narrow bytes inside the dot depends
+on it: XLA:CPU does for int8 only with YNNPACK's dot + eltwise fusions and batch > 1
+(BENCHMARKS.md; tests/test_quantize_matmul.py).
 
 Stay float: norms and biases (tiny; they set the scale of everything after
-them), the MoE router (tiny, and an int8 rounding flips top-k choices), the
+them), the MoE router (tiny, and a rounding flips top-k choices), the
 token / position embeddings and the LM head (and BERT's MLM head): a gather
-gains nothing from int8, a tied head is the embedding itself, and the head's
+gains nothing from narrow codes, a tied head is the embedding itself, and the head's
 rounding goes straight into every logit. On the bench-cpu shape this keeps
 the 32000 x 256 embedding and head float; see `param_bytes` and `jaxlm plan`.
 
-On disk (a jaxlm run dir) a quantized weight is the dict {"q": int8, "scale":
-float32} (`storable` / `from_storable`): plain orbax leaves.
+On disk (a jaxlm run dir) a quantized weight is the dict {"q", "scale"} (int8 and
+fp8; + "zero" for int4; + "scale2" for double-quantized scales) (`storable` /
+`from_storable`): plain orbax leaves, read leaf by leaf into their shardings (the
+codes shard like the float weight; the packed axis halves with it). int8 runs
+written before the other formats existed have exactly this layout.
 """
 
 from __future__ import annotations
@@ -183,13 +189,12 @@ def from_storable(tree, specs):
 
 
 def bytes_per_param(fmt: str, group: int, double: bool = False) -> float:
-    """The format's storage per weight element, scales included, for a weight whose
-    input dimension `group` divides and whose output is a multiple of 256 (double)."""
-    if fmt in qformat.PER_CHANNEL or not fmt:
-        return {"": 4.0, "int8": 1.0, "fp8": 1.0}[fmt]
-    per_group = (1 if double else 4) + (4 / qformat.DOUBLE_BLOCK if double else 0) + (
-        1 if fmt == "int4" else 0)
-    return 0.5 + per_group / group
+    """The format's storage per weight element, scales (and zero points) included, with
+    `group` input rows per scale (per-channel formats: the weight's input dimension;
+    `double`: QLoRA's double-quantized scales, blocks of 256 filled)."""
+    code = {"int8": 1.0, "fp8": 1.0, "int4": 0.5, "nf4": 0.5}[fmt]
+    scale = 1 + 4 / qformat.DOUBLE_BLOCK if double else 4
+    return code + (scale + (1 if fmt == "int4" else 0)) / group
 
 
 def param_bytes(cfg) -> dict[str, int]:

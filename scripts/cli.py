@@ -132,11 +132,11 @@ def cmd_bench(args):
 
 def cmd_quantize(args):
     from .quantize import run_quantize
-    print(run_quantize(args.checkpoint, args.out, args.weight_dtype, args.step,
-                       method=args.method, calibration=args.calibration, group=args.group,
+    print(run_quantize(args.checkpoint, args.out, args.dtype, args.step,
+                       **base_choice(args, only=True), method=args.method,
+                       calibration=args.calibration or (), group=args.group,
                        samples=args.calibration_samples, seq_len=args.calibration_len,
-                       progress=lambda m: print(m, file=sys.stderr, flush=True),
-                       **base_choice(args, only=True)))
+                       progress=lambda m: print(m, file=sys.stderr, flush=True)))
 
 
 def cmd_plan(args):
@@ -263,22 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*", metavar="key=value")
     b.set_defaults(fn=cmd_bench)
 
-    qz = sub.add_parser("quantize", help="int8 weights with per-channel scales: a checkpoint "
-                        "-> a new jaxlm run dir")
+    qz = sub.add_parser("quantize", help="quantized weights (int8, int4, nf4, fp8): a "
+                        "checkpoint -> a new jaxlm run dir")
     qz.add_argument("--checkpoint", required=True, help="a jaxlm run/checkpoint dir or a HF dir")
     qz.add_argument("--out", required=True, help="a new directory (written atomically)")
-    qz.add_argument("--dtype", "--weight-dtype", dest="weight_dtype", default="int8",
-                    help="the weights' format: int8 | int4 | nf4 | fp8 (default int8)")
-    qz.add_argument("--method", default="rtn", help="rtn (round to nearest), gptq or awq "
-                    "(int4, calibrated on --calibration)")
-    qz.add_argument("--calibration", nargs="+", default=[], metavar="FILE",
-                    help="calibration text: text / .jsonl files or prepared dirs (gptq, awq)")
+    qz.add_argument("--dtype", "--weight-dtype", dest="dtype", default="int8",
+                    help="the weights' format: int8 | int4 | nf4 | fp8 (model.weight_dtype)")
+    qz.add_argument("--group", type=int, help="int4 / nf4: input rows per scale (default: "
+                    "the checkpoint's model.quant_group, 128; 0: per output channel)")
+    qz.add_argument("--method", default="rtn", help="rtn (round to nearest) | gptq | awq")
+    qz.add_argument("--calibration", nargs="+", metavar="FILE",
+                    help="gptq / awq: text files whose sequences calibrate the weights")
     qz.add_argument("--calibration-samples", type=int, default=256,
-                    help="calibration windows (default 256)")
+                    help="gptq / awq: calibration windows (default 256)")
     qz.add_argument("--calibration-len", type=int, default=0,
-                    help="tokens per window (default min(512, model.max_seq_len))")
-    qz.add_argument("--group", type=int, help="model.quant_group: input rows per int4 / nf4 "
-                    "scale (default 128)")
+                    help="gptq / awq: tokens per window (default min(512, model.max_seq_len))")
     qz.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
     _base_options(qz, overrides=True)
     qz.set_defaults(fn=cmd_quantize)

@@ -1,7 +1,9 @@
 """`jaxlm quantize`: a checkpoint (jaxlm run or Hugging Face dir) -> a new jaxlm run
-dir whose layer matmul weights are int8 with per-output-channel float32 scales
-(`model.weight_dtype=int8`, model/quantize.py). `jaxlm.load`, `jaxlm generate
---checkpoint OUT` and `batch-infer` read it like any run dir.
+dir whose layer matmul weights are quantized (`--dtype` int8 | int4 | nf4 | fp8, the
+run's `model.weight_dtype`; int4 / nf4 in groups of `--group` input rows,
+`model.quant_group`; model/qformat.py) by `--method rtn` (round to nearest), or int4 by
+`--method gptq | awq` calibrated on `--calibration FILES` (model/calibration.py).
+`jaxlm.load`, `jaxlm generate --checkpoint OUT` and `batch-infer` read it like any run dir.
 
 The output is written to a temporary sibling dir and renamed into place, so a
 failure leaves no half-written OUT, and an existing non-empty OUT is refused.
@@ -18,11 +20,26 @@ import yaml
 
 from ..errors import CheckpointError, ConfigError
 
-METHODS = ("rtn", "gptq", "awq")  # round to nearest; calibrated int4 (model/calibration.py)
 
 def _check_out(out: str) -> None:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory")
+
+
+METHODS = ("rtn", "gptq", "awq")  # round to nearest; calibrated int4 (model/calibration.py)
+
+
+def check_method(method: str, calibration) -> None:
+    """One line for a method this build cannot run on these inputs."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    if method == "rtn" and calibration:
+        raise ConfigError("--calibration: --method rtn (round to nearest) uses no "
+                          "calibration data; drop it, or choose --method gptq | awq")
+    if method != "rtn" and not calibration:
+        raise ConfigError(f"--method {method} needs calibration data: --calibration FILES "
+                          f"({method.upper()} without calibration data has no activations "
+                          "to measure)")
 
 
 def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | None = None,
@@ -44,24 +61,25 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     from ..config import to_dict
     from ..train.loop import CONFIG_FILE, read_run_config
 
-    if weight_dtype not in WEIGHT_DTYPES or not weight_dtype:
-        raise ConfigError(f"--dtype {weight_dtype!r}: one of "
-                          f"{', '.join(d for d in WEIGHT_DTYPES if d)}")
-    if method not in METHODS:
-        raise ConfigError(f"--method {method!r}: one of {', '.join(METHODS)}")
+    from ..model import qformat
+    from ..model.quantize import params_specs
+    if weight_dtype not in qformat.FORMATS:
+        raise ConfigError(f"--dtype {weight_dtype!r} is not one of {', '.join(qformat.FORMATS)}")
+    if group is not None and group < 0:
+        raise ConfigError(f"--group {group} must be >= 0 (0: one scale per output channel)")
+    check_method(method, calibration)
     if method != "rtn" and weight_dtype != "int4":
         raise ConfigError(f"--method {method} writes int4 weights (--dtype int4), "
                           f"not {weight_dtype}")
-    if method != "rtn" and not calibration:
-        raise ConfigError(f"--method {method} calibrates on data: give --calibration FILES "
-                          "(text, .jsonl or prepared dirs; a few hundred sequences)")
     _check_out(out)
     base = model_config_of(src, init_from)  # a missing / unreadable checkpoint stops here
     if base.weight_dtype:
         raise CheckpointError(f"--checkpoint {src} is already {base.weight_dtype} "
-                              f"(model.weight_dtype={base.weight_dtype})")
+                              f"(model.weight_dtype={base.weight_dtype}); quantize its float "
+                              "source")
     cfg = dataclasses.replace(base, weight_dtype=weight_dtype,
                               quant_group=base.quant_group if group is None else group)
+    params_specs(cfg)  # a group size that does not divide a weight: one line, before reading
     if checkpoint_kind(src) == "jaxlm":
         run = read_run_config(src)  # keep its data/generate settings; it is no LoRA run now
         full = dataclasses.replace(run, model=cfg, train=dataclasses.replace(
@@ -93,11 +111,12 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     b = param_bytes(cfg)
-    stored = b.get(weight_dtype, b.get("quantized"))
-    size = f" -> {fmt_bytes(stored)}" if stored else ""
-    return (f"wrote {weight_dtype} ({method}) checkpoint {out} ({cfg.family}, {cfg.n_layers} "
-            f"layers): {b['quantized_params']:,} weights {weight_dtype}, params "
-            f"{fmt_bytes(b['float'])} at {cfg.param_dtype}{size}")
+    fmt = weight_dtype + ("" if weight_dtype in qformat.PER_CHANNEL
+                          else f" (groups of {cfg.quant_group})")
+    return (f"wrote {weight_dtype} ({method}) checkpoint {out} ({cfg.family}, "
+            f"{cfg.n_layers} layers): "
+            f"{b['quantized_params']:,} weights {fmt}, params {fmt_bytes(b['float'])} at "
+            f"{cfg.param_dtype} -> {fmt_bytes(b[weight_dtype])}")
 
 
 def _calibrated(src, cfg, method, calibration, samples, seq_len, progress, **load_kw):
@@ -122,3 +141,4 @@ def _calibrated(src, cfg, method, calibration, samples, seq_len, progress, **loa
     _, params = load(src, cfg=dc.replace(cfg, weight_dtype=""), **load_kw)
     params, codes = calibrate(params, cfg, windows, method, cfg.quant_group, progress=progress)
     return quantized_params(params, cfg, codes, cfg.quant_group)
+

@@ -4,6 +4,7 @@ forward of the unfused model; LoRA-adapted weights and tensor-sharded outputs st
 unfused."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,26 +36,24 @@ def _randomize_biases(params):
     return jax.tree_util.tree_unflatten(tree, out)
 
 
-@jax.jit
-def _full_logits(params, tokens):  # no cache, unfused: the oracle
-    cfg = CFG if not any(isinstance(x, QuantizedWeight) for x in jax.tree.leaves(
-        params, is_leaf=lambda x: isinstance(x, QuantizedWeight))) else INT8
+@functools.partial(jax.jit, static_argnums=2)
+def _full_logits(params, tokens, cfg):  # no cache, unfused: the oracle
     return forward(params, cfg, tokens)[0]
 
 
-@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "int8", "nf4"])
 def test_fused_decode_logits_equal_full_forward(weights):
     params = _randomize_biases(init_params(CFG, jax.random.key(0)))
     cfg = CFG
-    if weights == "int8":
-        cfg = INT8
+    if weights != "float32":  # nf4: packed codes and group scales fused along the output
+        cfg = dataclasses.replace(CFG, weight_dtype=weights, quant_group=16)
         params = quantize_params(params, cfg)
     out = generate(params, cfg, PROMPTS, max_new_tokens=NEW, return_logits=True)
     for b, prompt in enumerate(PROMPTS):
         seq = np.zeros((1, 32), np.int32)
         full = prompt + out.tokens[b].tolist()
         seq[0, :len(full)] = full
-        ref = np.asarray(_full_logits(params, jnp.asarray(seq)))[0]
+        ref = np.asarray(_full_logits(params, jnp.asarray(seq), cfg))[0]
         ref = ref[len(prompt) - 1:len(prompt) - 1 + NEW]
         np.testing.assert_allclose(out.logits[b], ref, atol=2e-5, rtol=1e-5)
         assert out.tokens[b].tolist() == np.argmax(ref, -1).tolist()

@@ -221,6 +221,40 @@ def test_qlora_base_is_int8_and_steps_run(hf_llama):
                                   np.asarray(q.q))
 
 
+@pytest.mark.parametrize("fmt", ["nf4"])  # int4's double-quantized form: test_qformats.py
+def test_qlora_4bit_base_double_quantized_trains_and_exports_to_peft(hf_llama, fmt, tmp_path):
+    """QLoRA's 4-bit base: packed codes in groups, scales double-quantized (uint8 codes, a
+    float32 per block); bit-identical through training while the loss falls; the peft
+    export over the dequantized base gives transformers our logits."""
+    import jaxlm
+    path, _, mcfg, params = hf_llama
+    mcfg = dataclasses.replace(mcfg, quant_group=16)
+    cfg = lora_cfg(mcfg, base_dtype=fmt)
+    batch = lm_batch()
+    start, state, metrics, _, _ = run_lora(cfg, params, 10, batch)
+    up = start.frozen["layers"]["mlp"]["up"]  # [L, D, F] = [2, 32, 48]
+    assert isinstance(up, QuantizedWeight) and up.fmt == fmt
+    assert up.q.dtype == np.uint8 and up.q.shape == (2, 16, 48)  # two codes per byte
+    assert up.scale.dtype == np.uint8 and up.scale.shape == (2, 2, 48)  # 8-bit scales
+    assert up.scale2.dtype == np.float32 and up.scale2.shape == (2, 2, 1)  # per block
+    for a, b in zip(jax.tree.leaves(start.frozen), jax.tree.leaves(state.frozen)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the base, bit-identical
+    assert metrics[-1]["loss"] < 0.8 * metrics[0]["loss"], [m["loss"] for m in metrics]
+    ours = logits_of(apply_lora(state.frozen, state.params, lora_scale(cfg.train)), mcfg, batch)
+    deq = dataclasses.replace(mcfg, weight_dtype="")
+    jaxlm.save(str(tmp_path / "base"), deq, materialize(state.frozen, jnp.float32), format="hf")
+    save_lora_run(tmp_path / "adapter", cfg, jax.device_get(state.params), str(tmp_path / "base"))
+    hf_base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base",
+                                                            attn_implementation="eager")
+    hf_lora = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ref = hf_lora(torch.tensor(batch["tokens"], dtype=torch.long),
+                      attention_mask=torch.tensor(batch["segment_ids"])).logits.numpy()
+    real = batch["segment_ids"].astype(bool)
+    assert np.abs(ref[real] - ours[real]).max() <= 1e-3
+    assert np.abs(ours - logits_of(params, mcfg, batch)).max() > 1e-2  # not the float base
+
+
 # ------------------------------------------------------------------ sharded
 
 def test_sharded_lora_step_matches_one_device(hf_llama, trained):

@@ -11,6 +11,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxlm.model.kv.contiguous import init_cache
 from jaxlm.infer.engine import model_step
@@ -125,9 +126,11 @@ def test_decode_step_reads_int8_weights_inside_the_dot():
     assert _float_buffers(copy, shapes) and _weight_multiplies(copy, shapes)
 
 
-def test_int8_experts_all_to_all_equal_the_dequantized_grouped_path():
-    """Expert parallelism (shard_map + all_to_all over `expert`) carries int8 experts with
-    their scales: equal to the single-device grouped path on the dequantized weights."""
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_experts_all_to_all_equal_the_dequantized_grouped_path(fmt):
+    """Expert parallelism (shard_map + all_to_all over `expert`) carries quantized experts
+    with their scales (int4: packed codes, group scales, zero points): equal to the
+    single-device grouped path on the dequantized weights."""
     from jaxlm.model.adapters import materialize
     from jaxlm.config import MeshConfig
     from jaxlm.model.config import ModelConfig, MoeConfig
@@ -140,7 +143,7 @@ def test_int8_experts_all_to_all_equal_the_dequantized_grouped_path():
                       moe=MoeConfig(n_experts=8, experts_per_token=2,
                                     capacity_factor=4.0))  # capacity: nothing dropped
     p = initialize(moe_specs(cfg), jax.random.key(1))
-    qp = {k: (w if k == "router" else quantize(w, (1,))) for k, w in p.items()}
+    qp = {k: (w if k == "router" else quantize(w, (1,), fmt, 16)) for k, w in p.items()}
     x = jax.random.normal(jax.random.key(2), (8, 4, cfg.d_model))
     mcfg = MeshConfig(data=1, expert=8)
     with use_mesh(make_mesh(mcfg), mcfg.rules):

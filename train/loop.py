@@ -57,10 +57,11 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
     A LoRA or DPO run pins its base (train.init_from) in base.json: a resume whose
     base weights changed is refused unless `accept_base_change` (`jaxlm.train.base`).
     """
-    if cfg.model.weight_dtype == "int8":  # before the run dir is touched
-        raise ConfigError("model.weight_dtype=int8 is for inference (jaxlm quantize): train "
-                          "float weights (set model.weight_dtype=''), or fine-tune an int8 "
-                          "base with train.lora.rank=R train.lora.base_dtype=int8")
+    if cfg.model.weight_dtype:  # before the run dir is touched
+        w = cfg.model.weight_dtype
+        raise ConfigError(f"model.weight_dtype={w} is for inference (jaxlm quantize): train "
+                          f"float weights (set model.weight_dtype=''), or fine-tune a {w} "
+                          f"base with train.lora.rank=R train.lora.base_dtype={w}")
     check_objective(cfg.train, cfg.model)  # before the run dir is touched too
     from .distill import check_teacher
     from .ppo import check_ppo
