@@ -113,8 +113,8 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     b = param_bytes(cfg)
     fmt = weight_dtype + ("" if weight_dtype in qformat.PER_CHANNEL
                           else f" (groups of {cfg.quant_group})")
-    return (f"wrote {weight_dtype} ({method}) checkpoint {out} ({cfg.family}, "
-            f"{cfg.n_layers} layers): "
+    return (f"wrote {weight_dtype} checkpoint {out} ({cfg.family}, {cfg.n_layers} layers, "
+            f"{method}): "
             f"{b['quantized_params']:,} weights {fmt}, params {fmt_bytes(b['float'])} at "
             f"{cfg.param_dtype} -> {fmt_bytes(b[weight_dtype])}")
 
