@@ -99,14 +99,15 @@ def main(argv=None):
     rows = {"float32": base}
     formats = {"int8": lambda: Q.quantize_params(params, dataclasses.replace(
         cfg, weight_dtype="int8"))}
-    for name, dtype in (("fp8", "fp8"), ("rtn int4 g128", "int4"), ("nf4 g128", "nf4")):
+    g = f"g{args.group}"
+    for name, dtype in (("fp8", "fp8"), (f"rtn int4 {g}", "int4"), (f"nf4 {g}", "nf4")):
         if dtype in getattr(Q, "WEIGHT_DTYPES", ()):
             formats[name] = (lambda d: lambda: Q.quantize_params(params, dataclasses.replace(
                 cfg, weight_dtype=d, quant_group=args.group)))(dtype)
         else:
             print(f"{name}: skipped (model.weight_dtype={dtype} is not in this checkout)")
     for method in ("gptq", "awq"):
-        formats[f"{method} int4 g128"] = (lambda m: lambda: calibrate(
+        formats[f"{method} int4 {g}"] = (lambda m: lambda: calibrate(
             params, cfg, calib, m, args.group)[0])(method)
     for name, make in formats.items():
         t0 = time.perf_counter()
