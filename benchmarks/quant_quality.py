@@ -82,7 +82,7 @@ def main(argv=None):
 
     import jaxlm
     from jaxlm.model import quantize as Q
-    from jaxlm.model.calibration import calibrate
+    from jaxlm.model.calibration import calibrate, quantized_params
     from jaxlm.train.loop import read_run_config
     run_cfg = read_run_config(args.run)
     cfg, params = jaxlm.load(args.run)
@@ -107,8 +107,10 @@ def main(argv=None):
         else:
             print(f"{name}: skipped (model.weight_dtype={dtype} is not in this checkout)")
     for method in ("gptq", "awq"):
-        formats[f"{method} int4 {g}"] = (lambda m: lambda: calibrate(
-            params, cfg, calib, m, args.group)[0])(method)
+        def calibrated(m=method):
+            folded, codes = calibrate(params, cfg, calib, m, args.group)
+            return quantized_params(folded, cfg, codes, args.group)
+        formats[f"{method} int4 {g}"] = calibrated
     for name, make in formats.items():
         t0 = time.perf_counter()
         qp = make()

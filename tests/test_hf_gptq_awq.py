@@ -135,3 +135,24 @@ def test_other_methods_are_refused_by_name(packed_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps(conf))
     with pytest.raises(CheckpointError, match="quant_method='bitsandbytes' is not supported"):
         jaxlm.load(str(bad))
+
+
+def test_packed_dir_loads_sharded(packed_dir):
+    """Each int4 child read straight into its sharding on an fsdp x tensor mesh."""
+    from jaxlm.config import MeshConfig
+    from jaxlm.model.quantize import params_logical_axes
+    from jaxlm.sharding.mesh import make_mesh
+    from jaxlm.sharding.rules import tree_shardings
+    import jax
+    d, _, want = packed_dir
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+    cfg, params = jaxlm.load(d, mesh=mesh)
+    spec = tree_shardings(mesh, params_logical_axes(cfg), MeshConfig().rules)
+    q, sq = params["layers"]["attn"]["q"], spec["layers"]["attn"]["q"]
+    for part in ("q", "scale", "zero"):
+        got, exp = getattr(q, part), getattr(sq, part)
+        assert got.sharding.is_equivalent_to(exp, got.ndim), part
+    assert len({s.device for s in q.q.addressable_shards}) == 8
+    assert q.q.addressable_shards[0].data.size < q.q.size  # split, not replicated
+    np.testing.assert_array_equal(_hf_weights(jax.device_get(params))["model.layers.0.self_attn.q_proj"],
+                                  want["model.layers.0.self_attn.q_proj"])

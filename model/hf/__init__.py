@@ -84,7 +84,10 @@ def _packed_leaf(reader, rule, in_axes, shape, fmt_cfg, sharding):
     codes = part("weight", shape, "uint8", None if sh is None else sh.q)
     scale = part("weight_scale", sshape, "float32", None if sh is None else sh.scale)
     zero = part("weight_zero", sshape, "uint8", None if sh is None else sh.zero)
-    return qformat.from_codes(codes, scale, zero, fmt="int4", n_in=n_in, n_out=n_out)
+    node = qformat.from_codes(codes, scale, zero, fmt="int4", n_in=n_in, n_out=n_out)
+    if sh is not None:  # the packed codes where the spec puts them
+        node = dataclasses.replace(node, q=jax.device_put(node.q, sh.q))
+    return node
 
 
 def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
