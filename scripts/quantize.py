@@ -45,13 +45,15 @@ def check_method(method: str, calibration) -> None:
 def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | None = None,
                  init_from: str | None = None, accept_base_change: bool = False,
                  method: str = "rtn", calibration=(), group: int | None = None,
-                 samples: int = 256, seq_len: int = 0, progress=None) -> str:
+                 samples: int = 256, seq_len: int = 0, act_order: bool = False,
+                 progress=None) -> str:
     """Quantize `src` into the new run dir `out`; returns the one-line summary.
     `init_from` / `accept_base_change`: a LoRA run's moved / changed base (`jaxlm.load`).
     method: "rtn" (round to nearest), or "gptq" / "awq" (int4, calibrated on `samples`
     windows of `seq_len` tokens (default min(512, model.max_seq_len)) of the text /
     .jsonl files / prepared dirs in `calibration`, read as `jaxlm eval` reads its data);
-    group: model.quant_group (int4 / nf4)."""
+    group: model.quant_group (int4 / nf4); act_order: GPTQ's rows in order of decreasing
+    Hessian diagonal."""
     from ..api import load, save
     from ..api import _chmod_umask, checkpoint_kind, model_config_of
     from ..config import Config, DataConfig
@@ -68,6 +70,8 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
     if group is not None and group < 0:
         raise ConfigError(f"--group {group} must be >= 0 (0: one scale per output channel)")
     check_method(method, calibration)
+    if act_order and method != "gptq":
+        raise ConfigError(f"--act-order orders GPTQ's rows; --method {method} has none")
     if method != "rtn" and weight_dtype != "int4":
         raise ConfigError(f"--method {method} writes int4 weights (--dtype int4), "
                           f"not {weight_dtype}")
@@ -92,7 +96,8 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
         _, params = load(src, cfg=cfg, step=step, init_from=init_from,
                          accept_base_change=accept_base_change)
     else:
-        params = _calibrated(src, cfg, method, calibration, samples, seq_len, progress,
+        params = _calibrated(src, cfg, method, calibration, samples, seq_len, act_order,
+                             progress,
                              step=step, init_from=init_from,
                              accept_base_change=accept_base_change)
 
@@ -119,7 +124,8 @@ def run_quantize(src: str, out: str, weight_dtype: str = "int8", step: int | Non
             f"{cfg.param_dtype} -> {fmt_bytes(b[weight_dtype])}")
 
 
-def _calibrated(src, cfg, method, calibration, samples, seq_len, progress, **load_kw):
+def _calibrated(src, cfg, method, calibration, samples, seq_len, act_order, progress,
+                **load_kw):
     """GPTQ / AWQ int4 params of `src` (model/calibration.py) on the calibration files."""
     import dataclasses as dc
 
@@ -139,6 +145,7 @@ def _calibrated(src, cfg, method, calibration, samples, seq_len, progress, **loa
                          f"{cfg.max_seq_len}")
     windows = calibration_windows(docs.ids, length, samples)
     _, params = load(src, cfg=dc.replace(cfg, weight_dtype=""), **load_kw)
-    params, codes = calibrate(params, cfg, windows, method, cfg.quant_group, progress=progress)
+    params, codes = calibrate(params, cfg, windows, method, cfg.quant_group,
+                              act_order=act_order, progress=progress)
     return quantized_params(params, cfg, codes, cfg.quant_group)
 

@@ -32,7 +32,7 @@ def gptq_dir(tiny_checkpoint, texts, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("gptq") / "int4")
     assert cli.main(["quantize", "--checkpoint", tiny_checkpoint("llama"), "--out", out,
                      "--dtype", "int4", "--method", "gptq", "--calibration", texts[0],
-                     "--calibration-samples", "32", "--group", GROUP]) == 0
+                     "--calibration-samples", "32", "--group", GROUP, "--act-order"]) == 0
     return out
 
 
@@ -64,9 +64,11 @@ def test_bad_input_is_one_line(tiny_checkpoint, texts, tmp_path, capsys):
     cases = [(["--dtype", "int4", "--method", "gptq"], "--calibration FILES"),
              (["--dtype", "int8", "--method", "awq", "--calibration", texts[0]], "int4"),
              (["--dtype", "int4", "--method", "obq", "--calibration", texts[0]], "obq"),
+             (["--dtype", "int4", "--method", "awq", "--calibration", texts[0], "--act-order"],
+              "--act-order"),
              (["--dtype", "int4", "--method", "gptq", "--calibration", texts[0], "--group",
                "24"], "does not divide"),
-             (["--dtype", "int4", "--method", "gptq", "--calibration",
+             (["--dtype", "int4", "--method", "gptq", "--group", GROUP, "--calibration",
                str(tmp_path / "missing.txt")], "missing.txt")]
     for args, needle in cases:
         assert cli.main(["quantize", "--checkpoint", ck, "--out", out, *args]) == 2
