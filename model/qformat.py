@@ -205,14 +205,17 @@ def quantize(w, n_in: int, n_out: int, fmt: str = "int8", group: int = 0,
 
 
 def double_quantize(scale, n_out: int):
-    """float32 scales [*lead, 1.., G, *out] -> (uint8 codes of the same shape, float32
-    second-level scales [*lead, 1.., G, blocks]): code = round(s / (blockmax / 255))."""
+    """float32 scales [*lead, 1.., G, *out] (all > 0) -> (uint8 codes of the same shape,
+    float32 second-level scales [*lead, 1.., G, blocks]): code = round(s / (blockmax /
+    255)), at least 1 so that no group's scale becomes 0. Linear 8 bits over [0, max]
+    (scales are positive); QLoRA subtracts the mean and uses bitsandbytes' signed
+    dynamic 8-bit map, to the same end: 8 bits a scale and a float32 per 256."""
     lead = scale.shape[:scale.ndim - n_out]
     nb = double_blocks(scale.shape, n_out)
     blocks = scale.reshape(*lead, nb, -1)
     s2 = jnp.max(blocks, axis=-1) / 255.0
     s2 = jnp.where(s2 > 0, s2, 1.0)
-    q = jnp.clip(jnp.round(blocks / s2[..., None]), 0, 255).astype(jnp.uint8)
+    q = jnp.clip(jnp.round(blocks / s2[..., None]), 1, 255).astype(jnp.uint8)
     return q.reshape(scale.shape), s2
 
 

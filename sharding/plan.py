@@ -158,7 +158,7 @@ def plan(cfg, n_devices: int | None = None, cache_len: int | None = None,
     if cfg.train.lora.rank:  # the base, frozen
         base = cfg.train.lora.base_dtype
         frozen = params if base == "same" else _quantized_param_bytes(
-            m, base, leaf_bytes, is_axes, double=base != "int8")
+            m, base, leaf_bytes, is_axes, double=base in ("int4", "nf4"))
     elif cfg.train.objective == "distill":  # the teacher, another model's params
         from ..train.distill import teacher_config
         t_specs = model_specs(teacher_config(cfg.train))

@@ -240,6 +240,7 @@ def test_dpo_with_lora_from_a_hugging_face_dir(hf_llama, corpora, tmp_path):
     assert all(np.isfinite(steps[s]["loss"]) for s in steps)
 
 
+@pytest.mark.slow  # test_lora.py's nf4 QLoRA test shows the loss falling through the same step
 def test_qlora_nf4_sft_on_stdlib_lowers_the_loss(hf_llama, tmp_path):
     """QLoRA over a 4-bit NF4 base (double-quantized scales), SFT on stdlib-sft through
     the training loop: the loss falls; the run's base is the float dir, quantized at
