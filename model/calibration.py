@@ -17,7 +17,8 @@ GPTQ does. The weights of a layer, in the order they run:
 * gptq: in that order, each set's Hessian taken with the sets before it already
   quantized (AutoGPTQ's true-sequential), each weight by `calibrate.gptq`.
 * awq: one pass of the float layer; each set's per-input-channel scale s by
-  `calibrate.awq_scale`, folded into the op before it so that no input scale is
+  `calibrate.awq_scale` (all of them before any rounding, as AutoAWQ), folded into
+  the op before it so that no input scale is
   stored (as AutoAWQ does, and as HF's AWQ / GPTQ layouts need): the weights'
   input rows times s, and ln1 / ln2's scale (and LayerNorm's bias) / s for
   q|k|v and gate|up, v's output (and bias) / s for o (s shared by the query
@@ -146,6 +147,27 @@ def _foldable(layer, sub, prev, cfg) -> bool:
     return prev in layer[sub] and (prev != "up" or "gate" in layer[sub])
 
 
+def _awq(layer, sub, names, prev, sink, group: int, cfg):
+    """AWQ's scale s of one set from the sink's float-layer statistics, folded: the
+    set's weights' input rows times s, the op before divided by s."""
+    key = f"{sub}/{names[0]}"
+    xm = sink.abs[key] / max(sink.n[key], 1)
+    if prev == "v":  # one scale per KV head's channel, shared by the heads over it
+        kvh = layer["attn"]["v"].shape[1]
+        rep = xm.size // (kvh * cfg.head_dim)
+        xm = np.repeat(xm.reshape(kvh, rep, cfg.head_dim).mean(1, keepdims=True), rep,
+                       1).reshape(-1)
+    ws = [_as_2d(layer[sub][nm], _n_in(sub, nm)) for nm in names]
+    s = C.awq_scale(jnp.concatenate(ws, 1), jnp.asarray(sink.h[key], jnp.float32),
+                    jnp.asarray(xm), group)
+    prev_s = s.reshape(kvh, rep, cfg.head_dim)[:, 0].reshape(-1) if prev == "v" else s
+    layer = _fold(layer, sub, prev, prev_s, cfg)
+    p = dict(layer[sub])
+    for nm, w2 in zip(names, ws):
+        p[nm] = (w2 * s[:, None]).reshape(p[nm].shape).astype(p[nm].dtype)
+    return {**layer, sub: p}
+
+
 def calibrate(params, cfg, windows, method: str, group: int = 128, *, damp: float = 0.01,
               act_order: bool = False, batch_size: int = 16, progress=None):
     """See the module docstring. `windows` [N, S] int32 token ids; `progress(msg)`
@@ -190,29 +212,15 @@ def calibrate(params, cfg, windows, method: str, group: int = 128, *, damp: floa
                                                          lcfg) for x, b in zip(xs, batches)])
 
             out = {}
-            if method == "awq":
+            if method == "awq":  # every set's scale from the float layer, folded first
                 run(layer, sets)
+                for sub, names, prev in sets:
+                    if _foldable(layer, sub, prev, lcfg):
+                        layer = _awq(layer, sub, names, prev, sink, group, lcfg)
             for sub, names, prev in sets:
-                key = f"{sub}/{names[0]}"
                 if method == "gptq":
                     run(layer, [(sub, names, prev)])
-                h = jnp.asarray(sink.h[key], jnp.float32)
-                if method == "awq" and _foldable(layer, sub, prev, lcfg):
-                    xm = sink.abs[key] / max(sink.n[key], 1)
-                    if prev == "v":  # one scale per KV head's channel: shared by its heads
-                        kvh = layer["attn"]["v"].shape[1]
-                        xm = np.repeat(xm.reshape(kvh, -1, cfg.head_dim).mean(1, keepdims=True),
-                                       xm.size // (kvh * cfg.head_dim), 1).reshape(-1)
-                    ws = [_as_2d(layer[sub][nm], _n_in(sub, nm)) for nm in names]
-                    s = C.awq_scale(jnp.concatenate(ws, 1), h, jnp.asarray(xm), group)
-                    layer = _fold(layer, sub, prev, s if prev != "v" else s.reshape(
-                        kvh, -1, cfg.head_dim)[:, 0].reshape(-1), lcfg)
-                    p = dict(layer[sub])
-                    for nm in names:
-                        w = p[nm]
-                        p[nm] = (_as_2d(w, _n_in(sub, nm)) * s[:, None]).reshape(w.shape).astype(
-                            w.dtype)
-                    layer = {**layer, sub: p}
+                    h = jnp.asarray(sink.h[f"{sub}/{names[0]}"], jnp.float32)
                 p = dict(layer[sub])
                 for nm in names:
                     w = p[nm]

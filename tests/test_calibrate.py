@@ -14,7 +14,8 @@ def np_gptq(w, h, group, damp=0.01):
     n, out = w.shape
     h = h + damp * np.mean(np.diag(h)) * np.eye(n)
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: u.T @ u = h^-1
-    codes, scale, zero = np.zeros((n, out)), np.zeros((n // group, out)), np.zeros((n // group, out))
+    codes = np.zeros((n, out))
+    scale, zero = np.zeros((n // group, out)), np.zeros((n // group, out))
     for i in range(n):
         g = i // group
         if i % group == 0:

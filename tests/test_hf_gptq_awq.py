@@ -13,7 +13,6 @@ from safetensors.numpy import load_file, save_file
 import jaxlm
 from jaxlm.errors import CheckpointError
 from jaxlm.model import qformat
-from jaxlm.model.adapters import is_node
 from test_hf_packed import ref_pack_awq, ref_pack_gptq
 
 GROUP = 16
@@ -154,5 +153,5 @@ def test_packed_dir_loads_sharded(packed_dir):
         assert got.sharding.is_equivalent_to(exp, got.ndim), part
     assert len({s.device for s in q.q.addressable_shards}) == 8
     assert q.q.addressable_shards[0].data.size < q.q.size  # split, not replicated
-    np.testing.assert_array_equal(_hf_weights(jax.device_get(params))["model.layers.0.self_attn.q_proj"],
-                                  want["model.layers.0.self_attn.q_proj"])
+    name = "model.layers.0.self_attn.q_proj"
+    np.testing.assert_array_equal(_hf_weights(jax.device_get(params))[name], want[name])

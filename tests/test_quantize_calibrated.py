@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxlm
-from jaxlm.model.calibration import calibrate, calibration_windows
+from jaxlm.model.calibration import calibrate, calibration_windows, quantized_params
 from jaxlm.model.families import forward
 from jaxlm.model.quantize import dequantize_params, quantize_params
 from jaxlm.scripts import cli
@@ -47,7 +47,11 @@ def test_gptq_and_awq_beat_round_to_nearest(tiny_checkpoint, gptq_dir, texts):
     rows = [tok.encode(d)[:32] for d in texts[1]]
     rows = jnp.asarray(np.asarray([r for r in rows if len(r) == 32][:16], np.int32))
     calib = calibration_windows([tok.encode(open(texts[0]).read())], 32, 32)
-    awq, _ = calibrate(params, cfg, calib, "awq", 16)  # float: AWQ's scales folded in
+    folded, codes = calibrate(params, cfg, calib, "awq", 16)  # AWQ's scales folded in
+    awq = quantized_params(folded, cfg, codes, 16)  # int4 nodes: what is stored
+    for w in ("up", "down"):  # the nodes are the float weights calibration ran on
+        np.testing.assert_array_equal(np.asarray(dequantize_params(awq)["layers"]["mlp"][w]),
+                                      np.asarray(folded["layers"]["mlp"][w]))
     # every model as float params (one compiled forward): the nodes dequantized
     fwd = jax.jit(lambda p: jax.nn.log_softmax(forward(p, cfg, rows)[0], -1))
     ref = fwd(params)

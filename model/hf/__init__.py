@@ -28,6 +28,7 @@ import os
 import pathlib
 
 import jax
+import numpy as np
 
 from ...errors import CheckpointError, ConfigError
 from ..config import ModelConfig
@@ -223,7 +224,7 @@ def _gptq_tensors(table, cfg, params):
     (`packed.pack_gptq`), the config's quantization_config): checkpoint_format "gptq"
     (zeros stored minus 1) unless a zero point is 0, then "gptq_v2"."""
     from .. import qformat
-    from ..adapters import is_node, materialize
+    from ..adapters import materialize
     quantized = _quantized_paths(cfg)
     nodes = {}
 
@@ -234,8 +235,8 @@ def _gptq_tensors(table, cfg, params):
             elif isinstance(v, dict):
                 walk(v, path + (k,))
     walk(params)
-    zmin = min((int(jax.numpy.min(n.zero)) for n in nodes.values()), default=1)
-    zall = {int(z) for n in nodes.values() for z in np_unique(n.zero)}
+    zall = {int(z) for n in nodes.values() for z in np.unique(np.asarray(n.zero))}
+    zmin = min(zall, default=1)
     v1 = zmin >= 1
 
     def tree_of(fn):
@@ -261,11 +262,6 @@ def _gptq_tensors(table, cfg, params):
         yield from export_tensors(rest, _without(materialize(params), nodes))
     qc = packed.quantization_config("gptq", cfg.quant_group, zall == {8}, v1)
     return tensors(), qc
-
-
-def np_unique(x):
-    import numpy as np
-    return np.unique(np.asarray(x))
 
 
 def _without(tree, paths):
