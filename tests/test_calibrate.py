@@ -74,3 +74,41 @@ def test_rtn_is_numpy_minmax_and_group_must_divide():
     np.testing.assert_array_equal(np.asarray(codes), ref.reshape(16, 4))
     with pytest.raises(ConfigError, match="does not divide"):
         C.rtn(w, 12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_awq_folding_keeps_the_float_model(family, request):
+    """AWQ's scales folded into the op before (ln1 / ln2 incl. LayerNorm's bias, v under
+    GQA, up) and multiplied into the weights' rows: before rounding, the same model."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlm.model import calibration as CB
+    from jaxlm.model.families import forward
+    cfg, params = request.getfixturevalue(f"tiny_{family}")
+    rng = np.random.default_rng(0)
+
+    class Sink:  # statistics that give every set a scale far from 1
+        h, abs, n = {}, {}, {}
+    layers = []
+    n = params["layers"]["attn"]["q"].shape[0]
+    folded_sets = set()
+    for i in range(n):
+        layer = jax.tree.map(lambda a: a[i], params["layers"])
+        for sub, names, prev in CB._sets(layer):
+            k = int(np.prod(layer[sub][names[0]].shape[:CB._n_in(sub, names[0])]))
+            key = f"{sub}/{names[0]}"
+            x = rng.normal(size=(64, k)) * rng.uniform(0.1, 10, k)
+            Sink.h[key], Sink.abs[key], Sink.n[key] = x.T @ x, np.abs(x).sum(0), 64
+            if CB._foldable(layer, sub, prev, cfg):
+                before = layer
+                layer = CB._awq(layer, sub, names, prev, Sink, 16, cfg)
+                assert not np.allclose(layer[sub][names[0]], before[sub][names[0]])
+                folded_sets.add(prev)
+        layers.append(layer)
+    # GPT-2's GELU MLP: nothing to fold down's scale into
+    assert folded_sets == {"ln1", "v", "ln2", "up"} - ({"up"} if family == "gpt2" else set())
+    folded = {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
+    np.testing.assert_allclose(np.asarray(forward(folded, cfg, tokens)[0]),
+                               np.asarray(forward(params, cfg, tokens)[0]), rtol=2e-4, atol=2e-4)
