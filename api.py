@@ -87,7 +87,9 @@ def load_params(path, cfg: ModelConfig, shardings=None, step: int | None = None,
     kind = checkpoint_kind(path)
     if kind == "peft":
         return _peft_params(os.fspath(path), cfg, shardings, **base)
-    stored = read_run_config(os.fspath(path)).model if kind == "jaxlm" else None
+    # an HF dir: float, or GPTQ / AWQ int4 (its config.json's quantization_config)
+    stored = read_run_config(os.fspath(path)).model if kind == "jaxlm" else \
+        hf.model_config(path)
     if _weight_format(stored) != _weight_format(cfg):  # quantized from float weights, ...
         return _convert_weights(path, cfg, stored, shardings, step, base)
     if kind == "hf":
@@ -321,7 +323,7 @@ def save(path: str, cfg: ModelConfig | Config, params, format: str = "jaxlm",
         raise CheckpointError(f"save: companions={companions} is not a checkpoint directory")
     if format == "hf":
         model_cfg = cfg.model if isinstance(cfg, Config) else cfg
-        if model_cfg.weight_dtype:  # Hugging Face dirs hold float weights
+        if model_cfg.weight_dtype not in ("", "int4"):  # int4: GPTQ's layout; else float
             from .model.config import dtype_of
             params = quantize.dequantize_params(params, dtype_of(model_cfg.param_dtype))
             model_cfg = dataclasses.replace(model_cfg, weight_dtype="")

@@ -134,7 +134,10 @@ def cmd_quantize(args):
     from .quantize import run_quantize
     print(run_quantize(args.checkpoint, args.out, args.dtype, args.step,
                        **base_choice(args, only=True), method=args.method,
-                       calibration=args.calibration or (), group=args.group))
+                       calibration=args.calibration or (), group=args.group,
+                       samples=args.calibration_samples, seq_len=args.calibration_len,
+                       act_order=args.act_order,
+                       progress=lambda m: print(m, file=sys.stderr, flush=True)))
 
 
 def cmd_plan(args):
@@ -273,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--method", default="rtn", help="rtn (round to nearest) | gptq | awq")
     qz.add_argument("--calibration", nargs="+", metavar="FILE",
                     help="gptq / awq: text files whose sequences calibrate the weights")
+    qz.add_argument("--calibration-samples", type=int, default=256,
+                    help="gptq / awq: calibration windows (default 256)")
+    qz.add_argument("--act-order", action="store_true",
+                    help="gptq: quantize input rows in order of decreasing activation "
+                    "energy (static groups)")
+    qz.add_argument("--calibration-len", type=int, default=0,
+                    help="gptq / awq: tokens per window (default min(512, model.max_seq_len))")
     qz.add_argument("--step", type=int, help="the checkpoint step (default the latest)")
     _base_options(qz, overrides=True)
     qz.set_defaults(fn=cmd_quantize)

@@ -73,6 +73,19 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, store=None):
     b, s = tokens.shape
     store = NO_CACHE if store is None else store
     params = materialize_outside_layers(params, dtype_of(cfg.dtype))
+    x, inputs = decoder_inputs(params, cfg, tokens, positions, segment_ids, store)
+    x, store, stats = run_stacks(params, cfg, x, store, inputs)
+    aux = layer_mean(stats)
+    if store is not NO_CACHE:
+        aux["store"] = store.advance(s)
+    return norm(params["final_ln"], x, cfg), aux
+
+
+def decoder_inputs(params, cfg, tokens, positions=None, segment_ids=None, store=NO_CACHE):
+    """What the layer stack reads: (the embedded tokens x [B,S,D], BlockInputs), for
+    `decoder` and for running the layers one at a time (calibration). `params`
+    outside the layers already materialized."""
+    b, s = tokens.shape
     # default positions (arange) stay implicit in a no-cache mask, so that cuDNN /
     # splash attention can take the call (`kernels.dispatch.call_impl`); biases need them
     implicit = positions is None and isinstance(store, NoCache) \
@@ -84,11 +97,7 @@ def decoder(params, cfg, tokens, positions=None, segment_ids=None, store=None):
                       cfg.sliding_window or None)
     inputs = BlockInputs(positions, mask, position_bias(params, mask, cfg, bidirectional=False),
                          None if segment_ids is None else segment_ids > 0)
-    x, store, stats = run_stacks(params, cfg, x, store, inputs)
-    aux = layer_mean(stats)
-    if store is not NO_CACHE:
-        aux["store"] = store.advance(s)
-    return norm(params["final_ln"], x, cfg), aux
+    return x, inputs
 
 
 def decoder_pipelined(params, cfg, tokens, positions, segment_ids, pipeline):

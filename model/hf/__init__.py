@@ -28,11 +28,12 @@ import os
 import pathlib
 
 import jax
+import numpy as np
 
 from ...errors import CheckpointError, ConfigError
 from ..config import ModelConfig
 from ..families import model_specs
-from . import bert, decoder, t5
+from . import bert, decoder, packed, t5
 from .io import (CONFIG_FILE, CheckpointReader,
                                is_hf_checkpoint, named_leaves,
                                read_config, write_checkpoint)
@@ -55,8 +56,39 @@ def _family_of(hf: dict):
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """The ModelConfig of an HF `config.json` dict (float32); CheckpointError if unsupported."""
-    return _family_of(hf).config_from_hf(hf)
+    """The ModelConfig of an HF `config.json` dict (float32); CheckpointError if unsupported.
+    A GPTQ / AWQ int4 checkpoint (`packed.packed_config`) is model.weight_dtype=int4 with
+    its group size as model.quant_group; any other quantization_config is refused."""
+    method = packed.packed_config(hf)
+    if method is None:
+        return _family_of(hf).config_from_hf(hf)
+    cfg = _family_of(hf).config_from_hf(_unpacked_config(hf))
+    return dataclasses.replace(cfg, weight_dtype="int4", quant_group=method[1])
+
+
+def _unpacked_config(hf: dict) -> dict:
+    return {k: v for k, v in hf.items() if k != "quantization_config"}
+
+
+def _packed_leaf(reader, rule, in_axes, shape, fmt_cfg, sharding):
+    """A GPTQ / AWQ Linear as an int4 QuantizedWeight: its codes, scales and zero points
+    read through the weight's own rule from `PackedReader`'s virtual tensors."""
+    from .. import qformat
+    n_in, n_out = len(in_axes), len(shape) - in_axes[-1] - 1
+    g = qformat.n_groups(shape, n_in, n_out, fmt_cfg.quant_group)
+    sshape = qformat.scale_shape(shape, n_in, n_out, g)
+    sh = sharding
+    def part(name, shp, dtype, s):
+        r = rule._replace(key=rule.key.replace(".weight", "." + name),
+                          aliases=tuple(a.replace(".weight", "." + name) for a in rule.aliases))
+        return load_leaf(reader, r, jax.ShapeDtypeStruct(shp, dtype), s)
+    codes = part("weight", shape, "uint8", None if sh is None else sh.q)
+    scale = part("weight_scale", sshape, "float32", None if sh is None else sh.scale)
+    zero = part("weight_zero", sshape, "uint8", None if sh is None else sh.zero)
+    node = qformat.from_codes(codes, scale, zero, fmt="int4", n_in=n_in, n_out=n_out)
+    if sh is not None:  # the packed codes where the spec puts them
+        node = dataclasses.replace(node, q=jax.device_put(node.q, sh.q))
+    return node
 
 
 def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
@@ -84,6 +116,14 @@ def model_config(directory, *, dtype: str | None = None,
     return _with_dtypes(config_from_hf(read_config(directory)), dtype, param_dtype)
 
 
+def _quantized_paths(cfg) -> dict:
+    """{path: input axes} of the weights `cfg` keeps quantized ({} for float)."""
+    if not cfg.weight_dtype:
+        return {}
+    from ..quantize import quantized_in_axes
+    return quantized_in_axes(model_specs(cfg))
+
+
 def load_hf(directory, *, cfg: ModelConfig | None = None, dtype: str | None = None,
             param_dtype: str | None = None, shardings=None) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) of an HF checkpoint directory (config.json + safetensors).
@@ -99,7 +139,14 @@ def load_hf(directory, *, cfg: ModelConfig | None = None, dtype: str | None = No
     directory = pathlib.Path(os.fspath(directory))
     hf = read_config(directory)
     family = _family_of(hf)
-    cfg = _with_dtypes(cfg or family.config_from_hf(hf), dtype, param_dtype)
+    method = packed.packed_config(hf)
+    cfg = _with_dtypes(cfg or config_from_hf(hf), dtype, param_dtype)
+    if method is not None:
+        hf = _unpacked_config(hf)
+        if cfg.weight_dtype != "int4" or cfg.quant_group != method[1]:
+            raise CheckpointError(f"{directory} holds {method[0]} int4 weights in groups of "
+                                  f"{method[1]}: load it with model.weight_dtype=int4, "
+                                  f"model.quant_group={method[1]}")
     named, treedef = named_leaves(abstract(model_specs(cfg)), sep=None)
     if shardings is None:
         placed = [None] * len(named)
@@ -107,11 +154,24 @@ def load_hf(directory, *, cfg: ModelConfig | None = None, dtype: str | None = No
         placed = treedef.flatten_up_to(shardings)
     with contextlib.ExitStack() as stack:
         reader = CheckpointReader(directory, stack)
+        if method is not None:
+            reader = packed.PackedReader(reader, method[0], method[2])
         table = family.rules(cfg, hf, frozenset(reader.keys()))
         check_table(table, [n for n, _ in named])
         by_path = {r.path: r for r in table}
-        leaves = [load_leaf(reader, by_path[name], spec, sharding)
-                  for (name, spec), sharding in zip(named, placed)]
+        quantized = _quantized_paths(cfg)
+
+        def leaf(name, spec, sharding):
+            rule = by_path[name]
+            if name not in quantized:
+                return load_leaf(reader, rule, spec, sharding)
+            first = rule.names()[0]  # layer (and expert) 0's tensor
+            if first.endswith(".weight") and first[:-7] in getattr(reader, "prefixes", ()):
+                return _packed_leaf(reader, rule, quantized[name], spec.shape, cfg, sharding)
+            from ..quantize import quantize  # a Linear the checkpoint keeps float
+            return quantize(load_leaf(reader, rule, spec), quantized[name], cfg.weight_dtype,
+                            cfg.quant_group)
+        leaves = [leaf(name, spec, sharding) for (name, spec), sharding in zip(named, placed)]
         unused = [] if family.unused_ok is None else sorted(
             k for k in reader.keys() if k not in reader.used and not family.unused_ok(k, cfg))
     if unused:
@@ -142,16 +202,78 @@ def save_hf(directory, cfg: ModelConfig, params, model_type: str | None = None, 
     hf = {**own, **(extra_config or {})}
     if cfg.num_labels:  # a classifier pools by its own pad id, whatever the tokenizer's
         hf["pad_token_id"] = own["pad_token_id"]
+    from ..adapters import is_node
     expected = jax.tree.map(lambda s: s.shape, abstract(model_specs(cfg)))
     try:
-        got = jax.tree.map(lambda a: tuple(a.shape), params)
+        got = jax.tree.map(lambda a: tuple(a.shape), params, is_leaf=is_node)
     except AttributeError:
         got = None
     if expected != got:
         raise ConfigError("save_hf: params do not match the config's parameter shapes")
     table = _family_of(hf).rules(cfg, hf)
-    return write_checkpoint(directory, hf, export_tensors(table, params), max_shard_bytes,
+    if cfg.weight_dtype == "int4":
+        tensors, hf["quantization_config"] = _gptq_tensors(table, cfg, params)
+    else:
+        tensors = export_tensors(table, params)
+    return write_checkpoint(directory, hf, tensors, max_shard_bytes,
                             who="save_hf", extra_files=extra_files)
+
+
+def _gptq_tensors(table, cfg, params):
+    """int4 params -> (HF tensors with each int4 weight in GPTQ's packed layout
+    (`packed.pack_gptq`), the config's quantization_config): checkpoint_format "gptq"
+    (zeros stored minus 1) unless a zero point is 0, then "gptq_v2"."""
+    from .. import qformat
+    from ..adapters import materialize
+    quantized = _quantized_paths(cfg)
+    nodes = {}
+
+    def walk(tree, path=()):
+        for k, v in tree.items():
+            if isinstance(v, qformat.QuantizedWeight) and path + (k,) in quantized:
+                nodes[path + (k,)] = v
+            elif isinstance(v, dict):
+                walk(v, path + (k,))
+    walk(params)
+    zall = {int(z) for n in nodes.values() for z in np.unique(np.asarray(n.zero))}
+    zmin = min(zall, default=1)
+    v1 = zmin >= 1
+
+    def tree_of(fn):
+        out = {}
+        for path, node in nodes.items():
+            d = out
+            for k in path[:-1]:
+                d = d.setdefault(k, {})
+            d[path[-1]] = fn(node)
+        return out
+    qtable = [r for r in table if r.path in nodes]
+    streams = [export_tensors(qtable, tree_of(f)) for f in (
+        qformat.codes, qformat.scales, lambda n: n.zero)]
+
+    def tensors():
+        names = set()
+        for (name, c), (_, s), (_, z) in zip(*streams):
+            prefix = name[:-len(".weight")]
+            names.add(name)
+            for part, t in packed.pack_gptq(c.T, z.T.astype("int64"), s.T, v1=v1).items():
+                yield f"{prefix}.{part}", t
+        rest = [r for r in table if r.path not in nodes]
+        yield from export_tensors(rest, _without(materialize(params), nodes))
+    qc = packed.quantization_config("gptq", cfg.quant_group, zall == {8}, v1)
+    return tensors(), qc
+
+
+def _without(tree, paths):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            sub = _without(v, {p[1:] for p in paths if p[0] == k})
+            if sub:
+                out[k] = sub
+        elif (k,) not in paths:
+            out[k] = v
+    return out
 
 
 __all__ = ["SUPPORTED", "config_from_hf", "hf_config_from", "infer_model_type", "model_config",

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ..qformat import PER_CHANNEL, QuantizedWeight, dequantize
+from ..tap import untap
 from ...sharding.context import context_size
 
 
@@ -42,8 +43,9 @@ def operand(w, dtype):
 
 def dense(x, w, n_contract: int = 1, out_dtype=None):
     """x [..., *in] @ w [*in, *out] -> [..., *out] (w cast to x.dtype; an int8
-    QuantizedWeight dequantized in the matmul: its scale multiplies the output)."""
-    w, scale = operand(w, x.dtype)
+    QuantizedWeight dequantized in the matmul: its scale multiplies the output; a
+    calibration `Tap` reports x first)."""
+    w, scale = operand(untap(x, w), x.dtype)
     lead = x.shape[:x.ndim - n_contract]
     k = math.prod(x.shape[x.ndim - n_contract:])
     out = w.shape[n_contract:]
