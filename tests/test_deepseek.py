@@ -283,6 +283,14 @@ def test_published_config_the_written_one_and_the_preset_agree():
     assert a.mla.rope_interleave and a.head_dim == 192 and a.rope.factor == 40
     preset = load_config("deepseek-v3", []).model
     assert dataclasses.replace(preset, dtype="float32", remat="none") == a
+    # jaxlm plan's weights: the hub's 684.53B tensor elements of deepseek-ai/DeepSeek-V3
+    # (its MTP layer and that layer's copies of the embedding and head included; its fp8
+    # block scales, about 0.006%, too)
+    from jaxlm.model import model_specs
+    from jaxlm.model.params import count
+    assert a.mtp_depth == 1
+    total = count(model_specs(a)) + 2 * a.vocab_size * a.d_model
+    assert abs(total / 684.53e9 - 1) < 1e-4, total
     with pytest.raises(CheckpointError, match="quant_method='fp8'"):
         config_from_hf({**PUBLISHED, "quantization_config": {"quant_method": "fp8"}})
 
