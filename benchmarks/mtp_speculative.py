@@ -5,7 +5,8 @@ the standard library, then greedy decoding drafted by its own MTP module
 
     python benchmarks/mtp_speculative.py --run runs/mtp-bench [--steps 300]
 
-Trains `--config tiny-deepseek` with model.mtp_depth=1 (smaller: --override's; skipped
+Trains `--config tiny-deepseek` with model.mtp_depth=1 (smaller: TRAIN; --override
+key=value replaces or adds a setting; skipped
 when --run already holds a finished run), then for batch sizes 1 and 8: the acceptance
 rate of the MTP drafts, the decode throughput (new tokens / s, the second of two runs:
 the first compiles) of both, the speed-up, and whether the outputs are equal token for
@@ -41,6 +42,12 @@ def prompts_from_stdlib(n: int, chars: int = 200) -> list[str]:
     return out
 
 
+def _merged(base, extra):
+    """key=value overrides: `extra`'s replace `base`'s of the same key."""
+    keys = {x.split("=", 1)[0] for x in extra}
+    return [x for x in base if x.split("=", 1)[0] not in keys] + list(extra)
+
+
 def timed_generate(params, cfg, ids, **kw):
     from jaxlm.infer.generate import generate
     generate(params, cfg, ids, **kw)  # compiles
@@ -59,11 +66,11 @@ def main() -> None:
     trained = os.path.exists(os.path.join(args.run, "checkpoints"))
     train_s = None
     if not trained:
-        t = time.perf_counter()
+        t = time.perf_counter()  # wall time: on a shared machine, other jobs' too
         subprocess.run([os.path.join(os.path.dirname(sys.executable), "jaxlm"), "train",
                         "--config", "tiny-deepseek", f"train.steps={args.steps}",
                         f"train.checkpoint_every={args.steps}", f"train.eval_every={args.steps}",
-                        f"run_dir={args.run}", *TRAIN, *args.override], check=True)
+                        f"run_dir={args.run}", *_merged(TRAIN, args.override)], check=True)
         train_s = time.perf_counter() - t
 
     import jaxlm
