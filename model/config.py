@@ -215,8 +215,9 @@ class ModelConfig:
     mla: MlaConfig = field(default_factory=MlaConfig)  # mla.kv_lora_rank 0: no latent attention
     tie_embeddings: bool = False  # the output head is the input embedding (transposed)
     # multi-token prediction (DeepSeek-V3): D sequential modules after the model, module k
-    # predicting the token k + 1 ahead (train.mtp_loss_weight; the draft of
-    # generate.draft=mtp); each one block, eh_proj, its norms, the shared embedding and head
+    # predicting the token k + 1 ahead (trained with train.mtp_loss_weight; the drafts of
+    # self-speculative decoding: draft="mtp", jaxlm generate --draft mtp); each one layer
+    # of the model's kind, eh_proj, its norms, the shared embedding and head
     mtp_depth: int = 0
     head: bool = True  # false: no output head (a base model, e.g. HF LlamaModel): hidden states only
     # Sequence classification (HF *ForSequenceClassification, reward models): N > 0 puts a
