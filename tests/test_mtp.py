@@ -160,9 +160,6 @@ def test_self_speculative_greedy_equals_plain_greedy(latent_params):
         rates.append(out.stats["acceptance_rate"])
     assert rates[0] == rates[1]
     assert 0.3 <= rates[0] < 0.9, rates  # module 1's drafts (a first cycle verifies none)
-    one = generate(params, LATENT, PROMPTS, max_new_tokens=13, draft="mtp", num_speculative=1)
-    np.testing.assert_array_equal(np.asarray(one.tokens), plain)
-    assert one.stats["acceptance_rate"] >= 0.75  # module 1's drafts alone
 
 
 def test_self_speculation_bad_input_is_one_line(latent_params):
