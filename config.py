@@ -373,6 +373,10 @@ class TrainConfig:
     span_noise_density: float = 0.15  # span: fraction of tokens corrupted
     span_mean_length: float = 3.0  # span: mean corrupted span length
     sft_loss_on: str = "completion"  # sft: the loss on completion / assistant tokens | all
+    # model.mtp_depth > 0 (clm, sft): DeepSeek-V3's lambda, the weight of the multi-token
+    # prediction loss (the mean over depths of module k's cross-entropy on token t+1+k,
+    # logged as mtp_loss, weighted) added to the objective; 0: the modules are not trained
+    mtp_loss_weight: float = 0.3
     # Per-device peak FLOP/s that MFU divides by; 0: the datasheet bf16 figure
     # for a known accelerator (train/metrics.py), else the measured matmul peak.
     peak_flops: float = 0.0
@@ -414,6 +418,8 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise ConfigError(
                 f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")
+        if self.mtp_loss_weight < 0:
+            raise ConfigError(f"train.mtp_loss_weight={self.mtp_loss_weight} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.objective in ("orpo", "simpo", "ipo"):  # TRL trainers of their own; here losses

@@ -62,8 +62,11 @@ from ..model.families.encoder_decoder import cross_kv, decode as decode_t5, deco
 from ..model.kv import Contiguous, Paged, init_cache, init_pages
 from ..model.kv.contiguous import split_layers, stack_layers
 from ..model.kv.paged import pages_for, pool_layout
+from ..model.block import BlockInputs
+from ..model.config import dtype_of
 from ..model.kv.quant import kv_dtype_of
 from ..model.layers.embeddings import unembed
+from ..model.mtp import mtp_module, shifted
 from ..sharding.context import context_size
 from ..sharding.distributed import fetch
 from . import guided
@@ -97,6 +100,7 @@ class Features:
     guided: bool = False
     beams: int = 0  # num_beams of every request (0: no beam search)
     speculative: int = 0  # drafts per cycle (0: none)
+    mtp: bool = False  # speculative drafts from the model's own MTP modules (model.mtp_depth)
     logprobs: bool = False
     top_logprobs: int = 0  # the k most likely tokens' log-probs recorded each step (0: none)
     return_logits: bool = False
@@ -161,24 +165,67 @@ class State(NamedTuple):
     enc_seg: Optional[jax.Array] = None  # [S, Te] encoder padding (0)
     guide: Optional[guided.GuideState] = None  # the stacked automaton tables (state unused)
     beams: Optional[object] = None  # jaxlm.infer.beam.Groups
-    draft_kv: Optional[dict] = None  # speculative decoding: the draft's cache
+    draft_kv: Optional[dict] = None  # speculative decoding: the draft's (MTP modules') cache
     spec: Optional[jax.Array] = None  # [2] int32: drafted, accepted
+    mtp: Optional["MtpRows"] = None  # self-speculation: what the next cycle's drafts read
+
+
+class MtpRows(NamedTuple):
+    """Per-slot state of self-speculative decoding (`jaxlm.infer.speculative`)."""
+    hidden: jax.Array  # [S, D] the model's hidden state at the last cached position
+    drafts: jax.Array  # [S, k] int32: the next cycle's drafts
+    q: Optional[jax.Array] = None  # [S, k, V] f32: their distributions (sampling)
+
+
+def _store(kind: str, kv, lengths, live, page_table):
+    if kind == "paged":
+        return Paged(kv, page_table, lengths, live, slots=page_table.shape[0])
+    return Contiguous(kv, lengths, live=live)
 
 
 def model_step(params, cfg, kind: str, kv, tokens, lengths, live, page_table, cross=None,
-               enc_seg=None):
+               enc_seg=None, with_hidden: bool = False):
     """Every slot's tokens [S, T] at positions lengths [S] + [0, T) -> (logits [S, T, V]
-    float32, kv with the live slots' K/V written): the family's forward over the
-    `kind` store (paged: page_table [S, P], the layout the pool's is fitted to)."""
-    if kind == "paged":
-        store = Paged(kv, page_table, lengths, live, slots=page_table.shape[0])
-    else:
-        store = Contiguous(kv, lengths, live=live)
+    float32, kv with the live slots' K/V written (, with_hidden: the final-norm hidden
+    states [S, T, D])): the family's forward over the `kind` store (paged: page_table
+    [S, P], the layout the pool's is fitted to)."""
+    store = _store(kind, kv, lengths, live, page_table)
     if cfg.family == "encoder_decoder":
         hidden, aux = decode_t5(params, cfg, tokens, cross, segment_ids=enc_seg, store=store)
     else:
         hidden, aux = decoder(params, cfg, tokens, store=store)
-    return unembed(params, hidden, cfg), aux["store"].kv
+    out = unembed(params, hidden, cfg), aux["store"].kv
+    return out + (hidden,) if with_hidden else out
+
+
+def mtp_step(params, cfg, kind: str, kv, k: int, hidden, tokens, lengths, live, page_table):
+    """MTP module k (`jaxlm.model.mtp`) over every slot's window: hidden [S, T, D] and
+    tokens [S, T] at positions lengths [S] + [0, T), its K/V written into layer k of the
+    modules' cache kv -> (its outputs [S, T, D] before its norm, kv)."""
+    store = _store(kind, kv, lengths, live, page_table)
+    b, t = tokens.shape
+    positions = store.positions(b, t)
+    inputs = BlockInputs(positions, store.mask(True, positions, None, cfg.sliding_window or None))
+    h, store, _ = mtp_module(params, cfg, k, hidden, tokens, store, inputs)
+    return h, store.kv
+
+
+def _mtp_prefill(params, cfg, kind, kv, pack: "Pack", hidden, slots: int):
+    """The MTP modules' cache over packed prompts: module k at position i reads the
+    model's (module k - 1's) hidden state there and prompt token i + k + 1 (past a
+    prompt's end: a placeholder, rewritten by its first cycle)."""
+    j = pack.tokens.shape[0]
+    if kind == "paged":
+        store = Paged(kv, pack.where, jnp.zeros((j,), jnp.int32), fresh=True, slots=slots)
+    else:
+        store = Contiguous(kv, jnp.zeros((j,), jnp.int32), rows=pack.where, fresh=True)
+    inputs = BlockInputs(pack.positions, store.mask(True, pack.positions, pack.segments,
+                                                    cfg.sliding_window or None),
+                         None, pack.segments > 0)
+    h = hidden
+    for k in range(cfg.mtp_depth):
+        h, store, _ = mtp_module(params, cfg, k, h, shifted(pack.tokens, k + 1), store, inputs)
+    return store.kv
 
 
 def unrolls(params, cfg) -> bool:
@@ -301,8 +348,10 @@ def _extend_decoder(params, cfg, kv, ext: Extend, slots: int):
     return aux["store"].kv, unembed(params, last, cfg)[:, 0]
 
 
-def _prefill_decoder(params, cfg, kind, kv, pack: Pack, slots: int, whole: bool = False):
-    """Packed prompts -> (kv with their K/V, next-token logits [R, V] of each prompt);
+def _prefill_decoder(params, cfg, kind, kv, pack: Pack, slots: int, whole: bool = False,
+                     with_hidden: bool = False):
+    """Packed prompts -> (kv with their K/V, next-token logits [R, V] of each prompt
+    (, with_hidden: the hidden states [J, W, D] and each prompt's last one [R, D]));
     whole: row r holds prompt r (`_admit`)."""
     j = pack.tokens.shape[0]
     if kind == "paged":
@@ -318,7 +367,8 @@ def _prefill_decoder(params, cfg, kind, kv, pack: Pack, slots: int, whole: bool 
         last = jnp.einsum("rs,rsd->rd", pick, rows)
     else:
         last = hidden.reshape(-1, hidden.shape[-1])[pack.last]
-    return aux["store"].kv, unembed(params, last[:, None], cfg)[:, 0]
+    out = aux["store"].kv, unembed(params, last[:, None], cfg)[:, 0]
+    return out + (hidden, last) if with_hidden else out
 
 
 @partial(jax.jit, static_argnames=("cfg", "draft_cfg", "feats", "kind", "start_id", "whole"),
@@ -361,12 +411,22 @@ def _admit(params, cfg, draft_params, draft_cfg, state: State, pack, new: New, a
         logits_all = rows.logits.at[pack.slot].set(logits, mode="drop")
         hist = _history_of(rows.hist, pack.hist_slot, pack.hist_tokens, pack.hist_pos)
     else:
-        kv, logits = _prefill_decoder(params, cfg, kind, state.kv, pack, s, whole)
+        out = _prefill_decoder(params, cfg, kind, state.kv, pack, s, whole, feats.mtp)
+        kv, logits = out[:2]
         logits_all = (_where_rows(admitted, logits, rows.logits) if whole else
                       rows.logits.at[pack.out_slot].set(logits, mode="drop"))
+        if feats.mtp:  # self-speculation: the modules' cache, the first cycle's inputs
+            draft_kv = _mtp_prefill(params, cfg, kind, draft_kv, pack, out[2], s)
+            m = state.mtp
+            put = (lambda new, old: _where_rows(admitted, new, old)) if whole else \
+                (lambda new, old: old.at[pack.out_slot].set(new, mode="drop"))
+            z = jnp.zeros((out[3].shape[0], feats.speculative), jnp.int32)  # placeholders
+            state = state._replace(mtp=MtpRows(
+                put(out[3].astype(m.hidden.dtype), m.hidden), put(z, m.drafts),
+                None if m.q is None else put(jax.nn.one_hot(z, m.q.shape[-1]), m.q)))
         hist = _history_of(rows.hist, pack.tok_slot.reshape(-1), pack.tokens.reshape(-1),
                            pack.positions.reshape(-1))
-        if draft_kv is not None:
+        if draft_kv is not None and not feats.mtp:
             draft_kv, _ = _prefill_decoder(draft_params, draft_cfg, kind, draft_kv, pack, s)
     rows = rows._replace(logits=logits_all, hist=hist)
     if forks is None:
@@ -382,6 +442,8 @@ def _admit(params, cfg, draft_params, draft_cfg, state: State, pack, new: New, a
     kv = jax.tree.map(move, kv)
     if draft_kv is not None:
         draft_kv = jax.tree.map(move, draft_kv)
+    if state.mtp is not None:
+        state = state._replace(mtp=jax.tree.map(copy, state.mtp))
     if cross is not None:
         cross = jax.tree.map(partial(_copy_rows, src=src, dst=dst, axis=1), cross)
         enc_seg = copy(enc_seg)
@@ -461,9 +523,13 @@ def _run(params, cfg, draft_params, draft_cfg, state: State, sl: Slots, page_tab
             st, kv, sl, stop = engine_step(st, kv, sl, step, feats, kind, page_table)
         elif feats.speculative:
             from .speculative import engine_cycle
-            st, kv, sl, stop = engine_cycle(st, kv, sl, step, feats, kind, page_table,
-                                            partial(model_step, draft_params, draft_cfg, kind,
-                                                    page_table=page_table))
+            if feats.mtp:  # self-speculation: the model's own MTP modules draft
+                propose = partial(mtp_step, params, cfg, kind, page_table=page_table)
+            else:
+                propose = partial(model_step, draft_params, draft_cfg, kind,
+                                  page_table=page_table)
+            st, kv, sl, stop = engine_cycle(st, kv, sl, step, feats, kind, page_table, propose,
+                                            params=params, cfg=cfg)
         else:
             rows = st.rows
             tok, rows = sample_step(rows, sl, feats, st.guide)
@@ -611,7 +677,13 @@ class Engine:
                 else p
 
         self.params = prepared(params, cfg)
-        self.draft = None if draft is None else (prepared(*draft), draft[1])
+        if draft == "mtp" and not (feats.mtp and cfg.mtp_depth >= feats.speculative > 0):
+            raise InputError(f"draft='mtp' needs Features(mtp=True) and 1 <= speculative <= "
+                             f"model.mtp_depth={cfg.mtp_depth}")
+        if feats.mtp and draft != "mtp":
+            raise InputError("Features(mtp=True) drafts with the model's MTP modules: "
+                             "draft='mtp'")
+        self.draft = None if draft is None or feats.mtp else (prepared(*draft), draft[1])
         self.n_slots = slots
         kv_dtype = settings.kv_dtype
         if cache == "paged":
@@ -629,6 +701,9 @@ class Engine:
                             layers=decoder_layers(cfg) if self.seq2seq else None)
             draft_kv = None if self.draft is None else init_pages(
                 self.draft[1], n_pages, page_size, slots=slots)
+            if feats.mtp:
+                draft_kv = init_pages(cfg, n_pages, page_size, slots=slots,
+                                      layers=cfg.mtp_depth)
         else:
             self.span = max_len or bucket(self.span, 128 if self.span > 128 else 1)
             self.page_size = self.span
@@ -637,6 +712,8 @@ class Engine:
                                      layers=decoder_layers(cfg) if self.seq2seq else None))
             draft_kv = None if self.draft is None else _kv_rows(
                 init_cache(self.draft[1], slots, self.span))
+            if feats.mtp:
+                draft_kv = _kv_rows(init_cache(cfg, slots, self.span, layers=cfg.mtp_depth))
         cross = enc_seg = None
         if self.seq2seq:
             self.enc_len = pow2(max_prompt_len, 16)
@@ -650,7 +727,8 @@ class Engine:
             self._stack_guides(list(guides))
         self.state = State(_init_rows(slots, cfg.vocab_size, feats), kv, cross, enc_seg,
                            self.guide_state, _init_beams(slots, feats),
-                           draft_kv, jnp.zeros((2,), jnp.int32) if feats.speculative else None)
+                           draft_kv, jnp.zeros((2,), jnp.int32) if feats.speculative else None,
+                           _init_mtp(slots, cfg, feats) if feats.mtp else None)
         z = np.zeros(slots, np.int32)
         self.slots = {"lengths": z.copy(), "count": z.copy(), "budget": z.copy(),
                       "live": np.zeros(slots, bool), "eos": np.zeros(slots, bool)}
@@ -670,7 +748,7 @@ class Engine:
         # prefix caching (settings.prefix_cache): a decoder's paged pool, no beams (they
         # reorder pages) and no draft model (its cache is not kept with the pages)
         self.prefix = bool(getattr(settings, "prefix_cache", False)) and self.pool is not None \
-            and not self.seq2seq and not feats.beams and self.draft is None
+            and not self.seq2seq and not feats.beams and self.draft is None and not feats.mtp
 
     # -------------------------------------------------------- requests
 
@@ -1327,6 +1405,14 @@ def _key_data(seeds, folds, subs, has_sub):
         return jnp.where(has, jax.random.key_data(jax.random.fold_in(k, sub)),
                          jax.random.key_data(k))
     return jax.vmap(one)(seeds, folds, subs, has_sub)
+
+
+def _init_mtp(slots: int, cfg, feats: Features) -> MtpRows:
+    k = feats.speculative
+    return MtpRows(jnp.zeros((slots, cfg.d_model), dtype_of(cfg.dtype)),
+                   jnp.zeros((slots, k), jnp.int32),
+                   jnp.zeros((slots, k, cfg.vocab_size), jnp.float32)
+                   if feats.sampler.sample else None)
 
 
 def _kv_rows(cache: dict) -> dict:

@@ -78,7 +78,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
              row_seeds: Optional[Sequence[int]] = None, guide=None,
              kv_dtype: str = "auto", logprobs: bool = False, stream: bool = False,
              cache: str = "auto", slots: Optional[int] = None, page_size: int = 16,
-             draft=None, num_speculative: int = 4, stop: Sequence[str] = (),
+             draft=None, num_speculative: Optional[int] = None, stop: Sequence[str] = (),
              detokenize=None, engine_options: Optional[dict] = None,
              prefix_cache: bool = True):
     """Continue each prompt (a list of token-id lists, or a 2-D int array) by up to
@@ -117,8 +117,10 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     eos_id. Not with beams or speculative decoding.
 
     draft: (params, cfg) of a draft decoder over the same vocabulary: speculative
-    decoding, num_speculative drafts per cycle (greedy output equals the target's
-    own greedy output); `out.stats` holds the drafted / accepted counts.
+    decoding, num_speculative drafts per cycle (default 4; greedy output equals the
+    target's own greedy output); `out.stats` holds the drafted / accepted counts.
+    draft="mtp": self-speculation, the model's own multi-token prediction modules draft
+    (model.mtp_depth > 0; num_speculative <= model.mtp_depth, default all of them).
 
     kv_dtype: "auto" (the model's compute dtype), "int8", "int4" or "fp8" (per-token,
     per-head scales; encoder-decoders: the cross K/V too). cache: "auto" (contiguous when
@@ -150,6 +152,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
                         num_return_sequences=num_return_sequences)
     guides = _check_guides(guide, len(rows), eos_id, beams, min(budgets))
     if draft is not None:
+        num_speculative = _num_speculative(cfg, draft, num_speculative)
         _check_draft(cfg, draft, num_speculative, beams, guides,
                      dict(min_p=min_p, repetition_penalty=repetition_penalty,
                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
@@ -197,6 +200,7 @@ def generate(params, cfg, prompts, *, max_new_tokens: int, temperature: float = 
     feats = Features.of([base], cfg.vocab_size, guided=guides is not None,
                         beams=base.num_beams if base.num_beams > 1 else 0,
                         speculative=int(num_speculative) if draft is not None else 0,
+                        mtp=draft == "mtp",
                         logprobs=bool(logprobs), return_logits=bool(return_logits),
                         stops=max(4, pow2(len(eos), 1)))
     options = {k: v for k, v in (engine_options or {}).items() if v is not None}
@@ -344,8 +348,25 @@ def check_beams(*, temperature, return_logits, num_beams, length_penalty, early_
     return True
 
 
+def _num_speculative(cfg, draft, k):
+    """num_speculative as given, or its default: 4 drafts, model.mtp_depth with draft="mtp"."""
+    if isinstance(draft, str):
+        if draft != "mtp":
+            raise InputError(f"draft={draft!r} must be (params, cfg) of a draft model or 'mtp' "
+                             "(the model's own multi-token prediction modules)")
+        if not cfg.mtp_depth:
+            raise InputError("draft='mtp' needs a model with multi-token prediction modules "
+                             "(model.mtp_depth > 0); this one has none")
+        k = cfg.mtp_depth if k is None else k
+        if isinstance(k, int) and not isinstance(k, bool) and k > cfg.mtp_depth:
+            raise InputError(f"num_speculative={k} is more than model.mtp_depth="
+                             f"{cfg.mtp_depth}: with draft='mtp' module j drafts token j")
+        return k
+    return 4 if k is None else k
+
+
 def _check_draft(cfg, draft, k, beams: bool, guides, options: dict) -> None:
-    dparams, dcfg = draft
+    dparams, dcfg = (None, cfg) if draft == "mtp" else draft
     for name, c in (("target", cfg), ("draft", dcfg)):
         if c.family != "decoder":
             raise InputError(f"speculative decoding needs decoder models; the {name} is "

@@ -59,7 +59,8 @@ def quantize(w, in_axes: tuple[int, ...], fmt: str = "int8", group: int = 0,
 # latent attention's projections (q_a, q_b, kv_a, kv_b) are attention matmuls too
 _QKV, _ATTN, _MLP = ("q", "k", "v", "q_a", "q_b", "kv_a", "kv_b"), ("attn", "cross"), \
     ("up", "gate", "down")
-STACKS = ("layers", "dense_layers")  # the layer stacks (DeepSeek's dense first layers)
+# the layer stacks (DeepSeek's dense first layers, its multi-token prediction modules)
+STACKS = ("layers", "dense_layers", "mtp")
 
 
 def _lead(axes) -> int:

@@ -218,6 +218,11 @@ class ModelConfig:
     moe: MoeConfig = field(default_factory=MoeConfig)  # moe.n_experts 0: dense MLPs
     mla: MlaConfig = field(default_factory=MlaConfig)  # mla.kv_lora_rank 0: no latent attention
     tie_embeddings: bool = False  # the output head is the input embedding (transposed)
+    # multi-token prediction (DeepSeek-V3): D sequential modules after the model, module k
+    # predicting the token k + 1 ahead (trained with train.mtp_loss_weight; the drafts of
+    # self-speculative decoding: draft="mtp", jaxlm generate --draft mtp); each one layer
+    # of the model's kind, eh_proj, its norms, the shared embedding and head
+    mtp_depth: int = 0
     head: bool = True  # false: no output head (a base model, e.g. HF LlamaModel): hidden states only
     # Sequence classification (HF *ForSequenceClassification, reward models): N > 0 puts a
     # score head over N labels where the LM / MLM head would be (model/layers/score.py);
@@ -306,6 +311,7 @@ class ModelConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
         self._check_labels()
+        self._check_mtp()
         if (self.dropout or self.attention_dropout) and self.family == "decoder":
             raise ConfigError("model.dropout and model.attention_dropout are for the encoder and "
                               "encoder_decoder families (BERT, T5); the decoder has none")
@@ -342,6 +348,21 @@ class ModelConfig:
                               " (decoder, rope, no qk_norm, no biases, no pattern, no longrope)")
         object.__setattr__(self, "head_dim", hd)
         object.__setattr__(self, "n_kv_heads", self.n_heads)
+
+    def _check_mtp(self):
+        if self.mtp_depth < 0:
+            raise ConfigError(f"model.mtp_depth={self.mtp_depth} must be >= 0 (0: off)")
+        if not self.mtp_depth:
+            return
+        bad = [k for k, v in (("family", self.family != "decoder"),
+                              ("num_labels", self.num_labels > 0), ("head", not self.head),
+                              ("layer_pattern", bool(self.layer_pattern)),
+                              ("positions", self.positions in ("alibi", "t5_relative")))
+               if v]
+        if bad:
+            raise ConfigError(f"model.mtp_depth={self.mtp_depth} (multi-token prediction) does "
+                              f"not take model.{bad[0]}={getattr(self, bad[0])!r:.40} (a "
+                              "decoder LM with one kind of layer and no attention bias)")
 
     def _check_pattern(self):
         p = self.layer_pattern
@@ -463,8 +484,10 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     head = d * (cfg.num_labels or cfg.vocab_size)
     k = cfg.moe.first_dense  # DeepSeek's dense first layers
     dense = k * gated * d * (cfg.moe.dense_d_ff or cfg.d_ff)
-    matmul_params = L * attn_proj + (L - k) * mlp + dense + head
-    attn_scores = 12.0 * L * seq_len * cfg.n_heads * hd
+    # model.mtp_depth modules: eh_proj, one layer (MoE when the model has experts), the head
+    mtp = cfg.mtp_depth * (2 * d * d + attn_proj + mlp + head)
+    matmul_params = L * attn_proj + (L - k) * mlp + dense + head + mtp
+    attn_scores = 12.0 * (L + cfg.mtp_depth) * seq_len * cfg.n_heads * hd
     if cfg.family == "decoder":
         attn_scores /= 2
     return 6.0 * matmul_params + attn_scores

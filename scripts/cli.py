@@ -200,9 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an id that ends a row (repeatable); default the checkpoint's "
                    "(generation_config.json eos_token_id, else the tokenizer's eos)")
     g.add_argument("--draft", help="speculative decoding: a draft checkpoint (a jaxlm or "
-                   "HF decoder dir) with the target's vocabulary")
-    g.add_argument("--num-speculative", type=int, default=4,
-                   help="tokens the draft proposes per cycle (with --draft; default 4)")
+                   "HF decoder dir) with the target's vocabulary, or 'mtp': the model's own "
+                   "multi-token prediction modules (model.mtp_depth > 0)")
+    g.add_argument("--num-speculative", type=int, default=None,
+                   help="tokens the draft proposes per cycle (with --draft; default 4, with "
+                   "--draft mtp model.mtp_depth)")
     _guide_options(g)
     _base_options(g)
     g.add_argument("overrides", nargs="*", metavar="generate.key=value")

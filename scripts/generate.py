@@ -115,15 +115,20 @@ def read_guide(args, tok, vocab_size: int):
 
 
 def _speculative(args, g, params, cfg, ids, stop):
-    """`--draft DIR --num-speculative K`: the target's settings, drafted by DIR's model."""
+    """`--draft DIR --num-speculative K`: the target's settings, drafted by DIR's model
+    (`--draft mtp`: by the model's own multi-token prediction modules)."""
     from ..api import load
     from ..infer.generate import generate, generate_kwargs
 
-    draft_cfg, draft_params = load(args.draft)
+    if args.draft == "mtp":  # self-speculation: the model's own MTP modules draft
+        draft = "mtp"
+    else:
+        draft_cfg, draft_params = load(args.draft)
+        draft = (draft_params, draft_cfg)
     kwargs = dict(generate_kwargs(g), eos_id=stop or None)
     try:
-        out = generate(params, cfg, ids, draft=(draft_params, draft_cfg),
-                       num_speculative=args.num_speculative, **kwargs)
+        out = generate(params, cfg, ids, draft=draft, num_speculative=args.num_speculative,
+                       **kwargs)
     except InputError as e:
         raise InputError(f"--draft: {e}") from None  # the target's settings it cannot run
     st = out.stats

@@ -108,6 +108,46 @@ def test_forward_and_export_equal_transformers(deepseek, tmp_path):
     assert_close(jax_logits(cfg2, params2), torch_logits(other))
 
 
+def test_mtp_modules_export_and_load_back(deepseek, tmp_path):
+    """transformers' save_pretrained drops the MTP layers (num_nextn_predict_layers=1 in
+    its config.json, none in its weights): that dir loads with model.mtp_depth=0. With
+    modules (mtp_depth=1, random weights) export writes model.layers.{n}.* (enorm, hnorm,
+    eh_proj, shared_head.norm / head, embed_tokens, a MoE layer), import reads them back
+    exactly, and transformers, which ignores them, gives our main model's logits."""
+    import dataclasses
+    from safetensors import safe_open
+    from jaxlm.model import model_specs
+    from jaxlm.model.hf import model_config
+    from jaxlm.model.params import initialize
+    model, path, cfg, params = deepseek
+    assert json.loads((path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    assert cfg.mtp_depth == 0 and "mtp" not in params and model_config(path).mtp_depth == 0
+    cfg1 = dataclasses.replace(cfg, mtp_depth=1)
+    mtp = initialize(model_specs(cfg1), jax.random.key(5))["mtp"]
+    params1 = {**params, "mtp": mtp}
+    save_hf(tmp_path / "out", cfg1, params1)
+    with safe_open(tmp_path / "out" / "model.safetensors", "np") as f:
+        keys = set(f.keys())
+        np.testing.assert_array_equal(f.get_tensor("model.layers.3.eh_proj.weight"),
+                                      np.asarray(mtp["eh_proj"][0]).T)
+        np.testing.assert_array_equal(f.get_tensor("model.layers.3.shared_head.head.weight"),
+                                      f.get_tensor("lm_head.weight"))
+    for name in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head",
+                 "embed_tokens", "input_layernorm", "self_attn.kv_b_proj",
+                 "mlp.gate.e_score_correction_bias", "mlp.experts.5.down_proj",
+                 "mlp.shared_experts.up_proj"):
+        assert f"model.layers.3.{name}.weight" in keys or \
+            f"model.layers.3.{name}" in keys, name
+    assert json.loads((tmp_path / "out" / "config.json").read_text())[
+        "num_nextn_predict_layers"] == 1
+    cfg2, params2 = load_hf(tmp_path / "out")
+    assert cfg2.mtp_depth == 1 and model_config(tmp_path / "out").mtp_depth == 1
+    jax.tree.map(np.testing.assert_array_equal, params2, params1)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
+                                                             attn_implementation="eager")
+    assert_close(torch_logits(back.eval()), jax_logits(cfg2, params2))
+
+
 @pytest.mark.parametrize("change, words", [
     ({"attention_bias": True}, "attention_bias=True"),
     ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
@@ -182,8 +222,9 @@ def test_the_cache_holds_the_latent_and_decodes_absorbed(deepseek):
 
 
 def test_sharded_train_step_equals_one_device():
-    """(2 data x 2 expert x 2 tensor): loss, grad norm and params after one step equal one
-    device (<= 1e-5), with the dense and the MoE stack, every leaf sharded as the rules say."""
+    """(2 data x 2 expert x 2 tensor): loss, grad norm, the MTP loss and params after one
+    step equal one device (<= 1e-5), with the dense and the MoE stack and one MTP module,
+    every leaf sharded as the rules say."""
     from test_families_2025 import one_step
     from test_sharding import assert_rule_shardings
     from jaxlm.model.config import MlaConfig, ModelConfig, MoeConfig, RopeConfig, YarnConfig
@@ -195,15 +236,17 @@ def test_sharded_train_step_equals_one_device():
                       topk_groups=1, n_shared=1, first_dense=1, dense_d_ff=48,
                       routed_scale=2.5),
         rope=RopeConfig(scaling="yarn", factor=4.0, original_max_len=8,
-                        yarn=YarnConfig(mscale=1.0, mscale_all_dim=1.0)))
+                        yarn=YarnConfig(mscale=1.0, mscale_all_dim=1.0)), mtp_depth=1)
     ref_metrics, ref_state, _, _ = one_step(mcfg, dict(data=1), jax.devices()[:1])
     metrics, state, cfg, tx = one_step(mcfg, dict(data=2, expert=2, tensor=2))
-    for k in ("loss", "grad_norm"):
+    assert metrics["mtp_loss"] > 0  # the MTP module's loss, train.mtp_loss_weight 0.3
+    for k in ("loss", "grad_norm", "mtp_loss"):
         np.testing.assert_allclose(metrics[k], ref_metrics[k], atol=1e-5, rtol=1e-5, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
                  jax.device_get(state.params), jax.device_get(ref_state.params))
     assert_rule_shardings(cfg, tx, state)
     assert state.params["layers"]["mlp"]["gate"].sharding.spec[1] == "expert"
+    assert state.params["mtp"]["block"]["mlp"]["gate"].sharding.spec[1] == "expert"
     assert not state.params["layers"]["attn"]["kv_b"].sharding.is_fully_replicated
 
 
@@ -240,6 +283,14 @@ def test_published_config_the_written_one_and_the_preset_agree():
     assert a.mla.rope_interleave and a.head_dim == 192 and a.rope.factor == 40
     preset = load_config("deepseek-v3", []).model
     assert dataclasses.replace(preset, dtype="float32", remat="none") == a
+    # jaxlm plan's weights: the hub's 684.53B tensor elements of deepseek-ai/DeepSeek-V3
+    # (its MTP layer and that layer's copies of the embedding and head included; its fp8
+    # block scales, about 0.006%, too)
+    from jaxlm.model import model_specs
+    from jaxlm.model.params import count
+    assert a.mtp_depth == 1
+    total = count(model_specs(a)) + 2 * a.vocab_size * a.d_model
+    assert abs(total / 684.53e9 - 1) < 1e-4, total
     with pytest.raises(CheckpointError, match="quant_method='fp8'"):
         config_from_hf({**PUBLISHED, "quantization_config": {"quant_method": "fp8"}})
 

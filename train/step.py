@@ -29,6 +29,8 @@ from ..config import TrainConfig
 from ..model.config import dtype_of
 from ..model.classify import pooled_scores
 from ..model.families.encoder import mlm_head_inputs
+from ..model.layers.embeddings import unembed
+from ..model.mtp import mtp_batch, mtp_hiddens
 from ..sharding.context import context_reorder, context_size
 from ..sharding.rules import constrain
 from . import distill, dpo, grpo, kto, ppo, reward
@@ -41,7 +43,7 @@ PAIRED = ("dpo", "kto", "reward")  # objectives over preference batches, not LM 
 
 
 def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_weight=1.0,
-            dropout_key=None, pipeline=None):
+            dropout_key=None, pipeline=None, mtp_weight: float = 0.0):
     """(training objective, (token loss sum, token count, extra metrics)).
 
     A sequence classifier (model.num_labels > 0) counts rows instead of tokens: its
@@ -52,6 +54,10 @@ def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_wei
     (logged apart). `vocab_chunk` > 0 computes the token loss over vocab chunks.
     `dropout_key`: the model's dropout key (training; None: no dropout).
     `pipeline`: a `jaxlm.sharding.pipeline.Pipeline` (decoders under mesh.stage > 1).
+    `mtp_weight` > 0 with model.mtp_depth D > 0: plus the multi-token prediction loss,
+    mtp_weight times the mean over depths k of module k's cross-entropy sum on token
+    t + 1 + k over the same denominator (DeepSeek-V3's L_MTP; "mtp_loss" in the extra
+    metrics, as a sum: divided by the count it is that term).
     """
     keyed = {} if dropout_key is None else {"dropout_key": dropout_key}
     if pipeline is not None:
@@ -64,6 +70,9 @@ def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_wei
         loss_sum, count, extra = classification_loss(scores, batch["labels"][:, 0],
                                                      labelled_rows(batch))
         return _with_router_losses(loss_sum, count, extra, aux, mcfg, denominator, aux_weight)
+    mtp = mcfg.family == "decoder" and mcfg.mtp_depth > 0 and mtp_weight > 0
+    if mtp:  # each module's inputs and targets, shifted before any reorder
+        batch = mtp_batch(batch, mcfg.mtp_depth)
     if mcfg.family == "decoder":  # context parallelism: causal load balancing (identity without)
         batch = context_reorder(batch, context_size())
     if mcfg.family == "encoder_decoder":  # span corruption: encoder inputs -> decoder targets
@@ -72,18 +81,36 @@ def loss_fn(params, mcfg, batch, vocab_chunk: int = 0, denominator=None, aux_wei
                            return_hidden=vocab_chunk > 0, **keyed)
     else:
         out, aux = forward(params, mcfg, batch["tokens"], batch["positions"],
-                           batch["segment_ids"], return_hidden=vocab_chunk > 0, **keyed)
+                           batch["segment_ids"], return_hidden=vocab_chunk > 0 or mtp, **keyed)
+    heads = [(out, batch["targets"], batch["loss_mask"])]
+    if mtp:  # the modules read the model's hidden states; the main loss its logits
+        heads += [(h, batch["mtp_targets"][..., k], batch["mtp_mask"][..., k]) for k, h in
+                  enumerate(mtp_hiddens(params, mcfg, out, batch, dropout_key))]
+        if not vocab_chunk:
+            heads = [(unembed(materialize_outside_layers(params, dtype_of(mcfg.dtype)), h,
+                              mcfg), t, m) for h, t, m in heads]
+    sums = [_token_loss(params, mcfg, h, t, m, vocab_chunk) for h, t, m in heads]
+    loss_sum, count = sums[0]
+    if mtp:
+        extra = {"mtp_loss": mtp_weight * sum(s for s, _ in sums[1:]) / mcfg.mtp_depth}
+        loss_sum = loss_sum + extra["mtp_loss"]
+    objective, (loss_sum, count, extra) = _with_router_losses(loss_sum, count, extra, aux, mcfg,
+                                                              denominator, aux_weight)
+    if mtp:  # the token loss logged stays the model's own
+        loss_sum = loss_sum - extra["mtp_loss"]
+    return objective, (loss_sum, count, extra)
+
+
+def _token_loss(params, mcfg, out, targets, loss_mask, vocab_chunk):
+    """(loss sum, count) of logits (vocab_chunk 0) or hidden states against targets."""
     if vocab_chunk > 0:
         top = materialize_outside_layers(params, dtype_of(mcfg.dtype))
         if mcfg.family == "encoder":  # the MLM head: transform, tied decoder + bias
             out, w = mlm_head_inputs(top, mcfg, out)
         else:
             w = head_weights(top, mcfg).astype(out.dtype)
-        loss_sum, count = chunked_lm_loss(out, w, batch["targets"], batch["loss_mask"], vocab_chunk,
-                                          mcfg.final_logit_softcap)
-    else:
-        loss_sum, count = causal_lm_loss(out, batch["targets"], batch["loss_mask"])
-    return _with_router_losses(loss_sum, count, extra, aux, mcfg, denominator, aux_weight)
+        return chunked_lm_loss(out, w, targets, loss_mask, vocab_chunk, mcfg.final_logit_softcap)
+    return causal_lm_loss(out, targets, loss_mask)
 
 
 def _with_router_losses(loss_sum, count, extra, aux, mcfg, denominator, aux_weight):
@@ -137,9 +164,10 @@ def _objective(trainable, frozen, batch, dropout_key, totals, *, mcfg, tcfg, voc
     if tcfg.objective == "ppo":  # `critic`: the value model's config
         loss_sum, sums = ppo.ppo_sums(params, trainable["value"], mcfg, critic, batch, tcfg)
         return loss_sum / count, {"loss_sum": loss_sum, **sums}
-    objective, (loss_sum, count, extra) = loss_fn(params, mcfg, batch, vocab_chunk,
-                                                  denominator=count, aux_weight=1.0 / k,
-                                                  dropout_key=dropout_key, pipeline=pipeline)
+    objective, (loss_sum, count, extra) = loss_fn(
+        params, mcfg, batch, vocab_chunk, denominator=count, aux_weight=1.0 / k,
+        dropout_key=dropout_key, pipeline=pipeline,
+        mtp_weight=tcfg.mtp_loss_weight if tcfg.objective in ("clm", "sft") else 0.0)
     return objective, {"loss_sum": loss_sum, "tokens": count, **extra}
 
 
@@ -224,6 +252,8 @@ def _metrics(sums, tcfg, totals=None):
         out.update(kto.kto_metrics(sums, n))
     if tcfg.objective == "distill":
         out.update({k: sums[k] / n for k in distill.METRICS})
+    if "mtp_loss" in sums:  # model.mtp_depth: the weighted multi-token prediction term
+        out["mtp_loss"] = sums["mtp_loss"] / n
     if "accuracy" in sums:  # classify (num_labels > 1): correct rows / rows
         out["accuracy"] = sums["accuracy"] / n
     out.update({k: v for k, v in sums.items() if k.startswith("moe_")})

@@ -29,6 +29,7 @@ from ..layers.norms import norm, norm_specs
 from ..layers.positions import learned_position_specs
 from ..layers.relative import relative_bias_specs
 from ..layers.score import score_specs
+from ..mtp import mtp_specs
 from ..params import stack
 from ...sharding.pipeline import pipelined_layers
 
@@ -47,6 +48,8 @@ def decoder_specs(cfg):
              "final_ln": norm_specs(cfg)}
     if k:
         specs["dense_layers"] = stack(_layer_specs(dense_layer_config(cfg)), k)
+    if cfg.mtp_depth:  # multi-token prediction: one more layer of the MoE stack's kind each
+        specs["mtp"] = mtp_specs(cfg, _layer_specs(cfg))
     if cfg.positions == "learned":
         specs["positions"] = learned_position_specs(cfg)
     if cfg.positions == "t5_relative":
@@ -106,6 +109,9 @@ def decoder_pipelined(params, cfg, tokens, positions, segment_ids, pipeline):
     outside, on every stage; no attention bias. aux["pipeline"] holds the busy
     stage-ticks and ticks."""
     b, s = tokens.shape
+    if cfg.mtp_depth:
+        raise ConfigError(f"model.mtp_depth={cfg.mtp_depth} does not run pipelined "
+                          "(mesh.stage > 1)")
     if cfg.moe.first_dense:
         raise ConfigError(f"model.moe.first_dense={cfg.moe.first_dense} does not run pipelined "
                           "(mesh.stage > 1)")

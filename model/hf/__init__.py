@@ -23,6 +23,7 @@ f32 is exact): master weights for fine-tuning. Ask for bfloat16 to keep it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import dataclasses
 import os
 import pathlib
@@ -109,11 +110,25 @@ def _with_dtypes(cfg: ModelConfig, dtype: str | None, param_dtype: str | None) -
         raise CheckpointError(str(e)) from None
 
 
+def _fit_to_weights(family, cfg: ModelConfig, hf: dict, keys) -> ModelConfig:
+    """cfg less what config.json declares and the weights lack (DeepSeek-V3's MTP modules
+    in a transformers save: `decoder.fit_to_weights`)."""
+    fit = getattr(family, "fit_to_weights", None)
+    return cfg if fit is None else fit(cfg, hf, frozenset(keys))
+
+
 def model_config(directory, *, dtype: str | None = None,
                  param_dtype: str | None = None) -> ModelConfig:
-    """The ModelConfig of an HF checkpoint dir, from its config.json only (float32 unless
-    dtype / param_dtype say otherwise)."""
-    return _with_dtypes(config_from_hf(read_config(directory)), dtype, param_dtype)
+    """The ModelConfig of an HF checkpoint dir, from its config.json and the tensor names
+    of its weights (float32 unless dtype / param_dtype say otherwise)."""
+    hf = read_config(directory)
+    family = _family_of(hf)
+    cfg = config_from_hf(hf)
+    if cfg.mtp_depth:
+        with contextlib.ExitStack() as stack:
+            cfg = _fit_to_weights(family, cfg, hf, CheckpointReader(
+                pathlib.Path(os.fspath(directory)), stack).keys())
+    return _with_dtypes(cfg, dtype, param_dtype)
 
 
 def _quantized_paths(cfg) -> dict:
@@ -140,22 +155,23 @@ def load_hf(directory, *, cfg: ModelConfig | None = None, dtype: str | None = No
     hf = read_config(directory)
     family = _family_of(hf)
     method = packed.packed_config(hf)
-    cfg = _with_dtypes(cfg or config_from_hf(hf), dtype, param_dtype)
-    if method is not None:
-        hf = _unpacked_config(hf)
-        if cfg.weight_dtype != "int4" or cfg.quant_group != method[1]:
-            raise CheckpointError(f"{directory} holds {method[0]} int4 weights in groups of "
-                                  f"{method[1]}: load it with model.weight_dtype=int4, "
-                                  f"model.quant_group={method[1]}")
-    named, treedef = named_leaves(abstract(model_specs(cfg)), sep=None)
-    if shardings is None:
-        placed = [None] * len(named)
-    else:
-        placed = treedef.flatten_up_to(shardings)
     with contextlib.ExitStack() as stack:
         reader = CheckpointReader(directory, stack)
+        if cfg is None:
+            cfg = _fit_to_weights(family, config_from_hf(hf), hf, reader.keys())
+        cfg = _with_dtypes(cfg, dtype, param_dtype)
         if method is not None:
+            hf = _unpacked_config(hf)
+            if cfg.weight_dtype != "int4" or cfg.quant_group != method[1]:
+                raise CheckpointError(f"{directory} holds {method[0]} int4 weights in groups "
+                                      f"of {method[1]}: load it with model.weight_dtype=int4, "
+                                      f"model.quant_group={method[1]}")
             reader = packed.PackedReader(reader, method[0], method[2])
+        named, treedef = named_leaves(abstract(model_specs(cfg)), sep=None)
+        if shardings is None:
+            placed = [None] * len(named)
+        else:
+            placed = treedef.flatten_up_to(shardings)
         table = family.rules(cfg, hf, frozenset(reader.keys()))
         check_table(table, [n for n, _ in named])
         by_path = {r.path: r for r in table}
@@ -210,11 +226,15 @@ def save_hf(directory, cfg: ModelConfig, params, model_type: str | None = None, 
         got = None
     if expected != got:
         raise ConfigError("save_hf: params do not match the config's parameter shapes")
-    table = _family_of(hf).rules(cfg, hf)
+    family = _family_of(hf)
+    table = family.rules(cfg, hf)
     if cfg.weight_dtype == "int4":
         tensors, hf["quantization_config"] = _gptq_tensors(table, cfg, params)
     else:
         tensors = export_tensors(table, params)
+    extra = getattr(family, "extra_tensors", None)
+    if extra is not None:  # copies the table does not list (DeepSeek-V3's MTP layers')
+        tensors = itertools.chain(tensors, extra(cfg, params))
     return write_checkpoint(directory, hf, tensors, max_shard_bytes,
                             who="save_hf", extra_files=extra_files)
 

@@ -35,7 +35,11 @@ as they are (rope_interleave stays a config key: the model de-interleaves at run
 the first first_k_dense_replace layers load into "dense_layers", the rest into
 "layers" with `Rule.first` = first_k_dense_replace; the router's
 `mlp.gate.e_score_correction_bias` is our `router_bias`, `mlp.shared_experts.*` our
-`mlp.shared`. The MTP layers (model.layers.{num_hidden_layers + i}) are left unread.
+`mlp.shared`. The MTP modules (model.layers.{num_hidden_layers + i}, num_nextn_predict_layers:
+model.mtp_depth) load into "mtp" (enorm, hnorm, eh_proj, shared_head.norm and the usual
+layer keys); their copies of the shared embed_tokens / shared_head.head are not read,
+and export writes them back. A checkpoint without them (transformers' save_pretrained
+drops them) loads with model.mtp_depth=0 (`fit_to_weights`).
 
 Sequence classifiers (`LlamaForSequenceClassification`, ...,
 `GPT2ForSequenceClassification`: `score.weight` [N, D] in place of `lm_head.weight`)
@@ -78,6 +82,7 @@ _GATED_ACTS = {"silu": ("swiglu", False), "swish": ("swiglu", False), "gelu": ("
 _PLAIN_ACTS = {"gelu_new": ("gelu", True), "gelu_pytorch_tanh": ("gelu", True),
                "gelu_fast": ("gelu", True), "gelu": ("gelu", False), "relu": ("relu", False)}
 # Tensors a checkpoint may hold that no config reads (buffers, not weights).
+_MTP_COPIES = re.compile(r"\.(embed_tokens|shared_head\.head)\.weight$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
 
@@ -234,11 +239,12 @@ def _llama_like(hf: dict, model_type: str) -> dict:
 
 
 def _deepseek(hf: dict) -> dict:
-    """DeepSeek-V3's latent attention and MoE (HF DeepseekV3Config's defaults). Its MTP
-    modules (model.layers.{num_hidden_layers + i}, num_nextn_predict_layers) are not part
-    of the forward (transformers drops them too)."""
+    """DeepSeek-V3's latent attention and MoE (HF DeepseekV3Config's defaults), and its
+    MTP modules (num_nextn_predict_layers: model.layers.{num_hidden_layers + i}, which
+    transformers drops; `fit_to_weights` drops them too where the weights hold none)."""
     g = lambda key, default: _get(hf, key, default)  # noqa: E731
     return dict(
+        mtp_depth=int(g("num_nextn_predict_layers", 0) or 0),
         head_dim=0, n_kv_heads=0, d_ff=g("moe_intermediate_size", 2048),
         mla=MlaConfig(q_lora_rank=g("q_lora_rank", 0) or 0,
                       kv_lora_rank=g("kv_lora_rank", 512),
@@ -372,6 +378,32 @@ def infer_model_type(cfg: ModelConfig) -> str:
     return "llama"
 
 
+def fit_to_weights(cfg: ModelConfig, hf: dict, keys) -> ModelConfig:
+    """cfg as the checkpoint's tensors `keys` hold it: a DeepSeek-V3 config.json whose
+    num_nextn_predict_layers says MTP modules that the weights lack (what transformers'
+    save_pretrained writes: it drops them) loads without them (model.mtp_depth=0)."""
+    if not cfg.mtp_depth:
+        return cfg
+    pre = "" if ("embed_tokens.weight" in keys and "model.embed_tokens.weight" not in keys) \
+        else "model."
+    if f"{pre}layers.{cfg.n_layers}.eh_proj.weight" in keys:
+        return cfg
+    return dataclasses.replace(cfg, mtp_depth=0)
+
+
+def extra_tensors(cfg: ModelConfig, params):
+    """(name, tensor) pairs an export writes beside the table's: DeepSeek-V3's MTP layers
+    each hold a copy of the shared embedding and output head (embed_tokens,
+    shared_head.head), as the published checkpoints do."""
+    import jax
+    import numpy as np
+    for i in range(cfg.mtp_depth):
+        layer = f"model.layers.{cfg.n_layers + i}."
+        yield layer + "embed_tokens.weight", np.asarray(jax.device_get(params["embed"]["tokens"]))
+        head = params["embed"]["tokens"] if cfg.tie_embeddings else params["head"]["kernel"].T
+        yield layer + "shared_head.head.weight", np.ascontiguousarray(jax.device_get(head))
+
+
 def _export_problems(cfg: ModelConfig, model_type: str) -> list[str]:
     bad = []
     def need(ok, what):
@@ -398,6 +430,7 @@ def _export_problems(cfg: ModelConfig, model_type: str) -> list[str]:
     need(cfg.moe.normalize_top_k or model_type in ("qwen3_moe", "deepseek_v3"),
          "moe.normalize_top_k=true")
     need(bool(cfg.mla.kv_lora_rank) == ds, "mla.kv_lora_rank > 0" if ds else "mla.kv_lora_rank=0")
+    need(ds or not cfg.mtp_depth, "mtp_depth=0 (MTP modules: deepseek_v3 only)")
     need((cfg.moe.router == "sigmoid") == ds, f"moe.router={'sigmoid' if ds else 'softmax'}")
     need(ds or not (cfg.moe.n_shared or cfg.moe.first_dense or cfg.moe.routed_scale != 1),
          "moe.n_shared=0, moe.first_dense=0, moe.routed_scale=1")
@@ -516,7 +549,8 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None) -> dict:
                    n_group=e.n_groups, topk_group=e.topk_groups,
                    routed_scaling_factor=e.routed_scale, n_shared_experts=e.n_shared,
                    first_k_dense_replace=e.first_dense, moe_intermediate_size=cfg.d_ff,
-                   intermediate_size=e.dense_d_ff or cfg.d_ff, num_nextn_predict_layers=0)
+                   intermediate_size=e.dense_d_ff or cfg.d_ff,
+                   num_nextn_predict_layers=cfg.mtp_depth)
     if model_type == "mixtral":
         out.update(num_local_experts=cfg.moe.n_experts,
                    num_experts_per_tok=cfg.moe.experts_per_token,
@@ -561,9 +595,17 @@ def _deepseek_rules(cfg, keys):
     rules = [Rule(("embed", "tokens"), pre + "embed_tokens.weight"),
              Rule(("final_ln", "scale"), pre + "norm.weight")] + _head_rules(cfg)
     fused = layer.format(i=k) + "mlp.experts.gate_up_proj" in keys
-    for stack, first in (("dense_layers", 0), ("layers", k)) if k else (("layers", 0),):
+    stacks = [(("dense_layers",), 0), (("layers",), k)] if k else [(("layers",), 0)]
+    if cfg.mtp_depth:  # the MTP modules: model.layers.{n_layers + i}, a MoE layer each
+        stacks.append((("mtp", "block"), cfg.n_layers))
+        n = cfg.n_layers
+        rules += [Rule(("mtp", "enorm", "scale"), layer + "enorm.weight", first=n),
+                  Rule(("mtp", "hnorm", "scale"), layer + "hnorm.weight", first=n),
+                  Rule(("mtp", "eh_proj"), layer + "eh_proj.weight", linear(1, 2), first=n),
+                  Rule(("mtp", "norm", "scale"), layer + "shared_head.norm.weight", first=n)]
+    for stack, first in stacks:
         r = lambda path, key, groups=None, part=None: Rule(  # noqa: E731
-            (stack, *path), key, groups, part, first=first)
+            (*stack, *path), key, groups, part, first=first)
         rules += [r(("ln1", "scale"), layer + "input_layernorm.weight"),
                   r(("ln2", "scale"), layer + "post_attention_layernorm.weight"),
                   r(("attn", "o"), att + "o_proj.weight", linear(2, 3)),
@@ -576,7 +618,7 @@ def _deepseek_rules(cfg, keys):
                       r(("attn", "q_b"), att + "q_b_proj.weight", linear(1, 3))]
         else:
             rules.append(r(("attn", "q"), att + "q_proj.weight", linear(1, 3)))
-        if stack == "dense_layers":
+        if stack == ("dense_layers",):
             rules += [r(("mlp", w), layer + f"mlp.{w}_proj.weight", linear(1, 2))
                       for w in ("gate", "up", "down")]
             continue
@@ -707,15 +749,19 @@ def _head_rules(cfg):
 
 
 def unused_ok(name: str, cfg: ModelConfig) -> bool:
-    """Tensors a checkpoint may hold that no config reads (buffers, a tied head)."""
-    if cfg.mla.kv_lora_rank:  # DeepSeek-V3's MTP modules: layers past the model's
+    """Tensors a checkpoint may hold that no config reads (buffers, a tied head; DeepSeek-V3's
+    MTP modules past model.mtp_depth, and the MTP layers' copies of the shared embedding
+    and head)."""
+    if cfg.mla.kv_lora_rank:
         m = re.search(r"layers\.(\d+)\.", name)
-        if m and int(m.group(1)) >= cfg.n_layers:
+        if m and int(m.group(1)) >= cfg.n_layers + cfg.mtp_depth:
+            return True
+        if m and int(m.group(1)) >= cfg.n_layers and _MTP_COPIES.search(name):
             return True
     return bool(_IGNORED.search(name)) or (cfg.tie_embeddings and name.endswith("lm_head.weight"))
 
 
 hf_config = hf_config_from
 
-__all__ = ["MODEL_TYPES", "config_from_hf", "hf_config_from", "hf_config", "infer_model_type",
+__all__ = ["MODEL_TYPES", "fit_to_weights", "extra_tensors", "config_from_hf", "hf_config_from", "hf_config", "infer_model_type",
            "rules", "unused_ok"]
