@@ -15,8 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_oracle import oracles  # noqa: E402
 from jaxlm.errors import CheckpointError  # noqa: E402
-from jaxlm.model import forward  # noqa: E402
 from jaxlm.model.hf import config_from_hf, load_hf, save_hf  # noqa: E402
 
 V = 97
@@ -56,20 +56,7 @@ def hf_model(**changes):
     return model
 
 
-def torch_logits(model, tokens=TOKENS, mask=MASK):
-    with torch.no_grad():
-        return model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
-
-
-def jax_logits(cfg, params, tokens=TOKENS, mask=MASK):
-    return np.asarray(forward(params, cfg, jnp.array(tokens), None,
-                              jnp.array(mask, jnp.int32))[0])
-
-
-def assert_close(ours, ref, tol=1e-4):
-    real = MASK.astype(bool)
-    diff = np.abs(ours[real] - ref[real]).max()
-    assert diff <= tol, diff
+torch_logits, jax_logits, assert_close = oracles(TOKENS, MASK)
 
 
 @pytest.fixture(scope="module")

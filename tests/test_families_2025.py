@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jaxlm  # noqa: E402
+from hf_oracle import oracles  # noqa: E402
 from jaxlm.errors import CheckpointError, ConfigError  # noqa: E402
 from jaxlm.model import abstract, forward, model_specs  # noqa: E402
 from jaxlm.model.config import ModelConfig  # noqa: E402
@@ -74,20 +75,7 @@ def hf_model(family, **changes):
     return model
 
 
-def torch_logits(model, tokens=TOKENS, mask=MASK):
-    with torch.no_grad():
-        return model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
-
-
-def jax_logits(cfg, params, tokens=TOKENS, mask=MASK):
-    return np.asarray(forward(params, cfg, jnp.array(tokens), None,
-                              jnp.array(mask, jnp.int32))[0])
-
-
-def assert_close(ours, ref, mask=MASK, tol=1e-4):
-    real = mask.astype(bool)
-    diff = np.abs(ours[real] - ref[real]).max()
-    assert diff <= tol, diff
+torch_logits, jax_logits, assert_close = oracles(TOKENS, MASK)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

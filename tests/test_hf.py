@@ -16,8 +16,9 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
+from hf_oracle import oracles  # noqa: E402
 from jaxlm.errors import CheckpointError, ConfigError  # noqa: E402
-from jaxlm.model import abstract, forward, model_specs  # noqa: E402
+from jaxlm.model import abstract, model_specs  # noqa: E402
 from jaxlm.model.config import ModelConfig, MoeConfig, RopeConfig  # noqa: E402
 from jaxlm.model.hf import (config_from_hf, hf_config_from, infer_model_type,  # noqa: E402
                             is_hf_checkpoint, load_hf, save_hf)
@@ -77,21 +78,7 @@ def randomize(model):
                 p.normal_(0, 0.1)
 
 
-def torch_logits(model, tokens=TOKENS, mask=MASK):
-    with torch.no_grad():
-        return model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.float().numpy()
-
-
-def jax_logits(cfg, params, tokens=TOKENS, mask=MASK):
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, _ = forward(params, cfg, jnp.array(tokens), positions, jnp.array(mask, jnp.int32))
-    return np.asarray(logits)
-
-
-def assert_close(ours, ref, mask=MASK, tol=1e-4):
-    real = mask.astype(bool)
-    diff = np.abs(ours[real] - ref[real]).max()
-    assert diff <= tol, diff
+torch_logits, jax_logits, assert_close = oracles(TOKENS, MASK)
 
 
 def random_params(cfg, seed=0):
