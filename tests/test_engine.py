@@ -1,5 +1,5 @@
 """The one engine behind `batch-infer`, on 8 CPU devices (4 data x 2 tensor), for a
-Llama-style, a Mixtral-style and a T5 model with 48 prompts of 3..30 tokens:
+Llama-style, a Mixtral-style and a T5 model with 24 prompts of 3..30 tokens:
 processors + min-p sampling equal to `jaxlm.generate` run on each prompt alone with
 its seed; JSON-schema-guided outputs that parse and validate; n = 3 samples per
 prompt, prefilled once (its pages allocated once); beams equal to
@@ -26,7 +26,7 @@ from jaxlm.train.data import load_documents  # noqa: E402
 import tiny_models  # noqa: E402
 
 V = 300
-N_PROMPTS = 48  # 6 batches of 8; the engine's slots are reused many times per run
+N_PROMPTS = 24  # 3 batches of 8 per kind of row; the engine's slots are reused many times per run
 NEW = 8
 MESH = ["mesh.data=4", "mesh.tensor=2"]
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
@@ -97,7 +97,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
-    """48 stdlib snippets of 3..30 characters (bytes: tokens), written as an input file."""
+    """24 stdlib snippets of 3..30 characters (bytes: tokens), written as an input file."""
     docs = load_documents("stdlib", max_docs=8)
     rng = np.random.default_rng(0)
     texts = []
@@ -139,7 +139,7 @@ PROCESSORS = dict(temperature=0.8, repetition_penalty=1.3, no_repeat_ngram_size=
 # the same code as llama's)
 @pytest.fixture(scope="module", params=["llama", "t5"])
 def mixed(request, checkpoints, prompts, tmp_path_factory):
-    """One batch-infer run per model over 144 rows, the 48 prompts three times with
+    """One batch-infer run per model over 72 rows, the 24 prompts three times with
     per-row settings: "p<i>" repetition penalty + no-repeat-ngram + min-p, sampled and
     seeded; "j<i>" guided by a JSON schema; "n<i>" n = 3 samples. -> (name, {kind:
     output rows in prompt order}, the summary). Each kind's rows share the run (one
