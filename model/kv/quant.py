@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import KV_DTYPES
-
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+from ..qformat import FP8_MAX, pack, unpack
 
 
 def _absmax_scale(x, top: float):
@@ -53,13 +52,12 @@ def quantize_int4(x):
     x = x.astype(jnp.float32)
     scale = _absmax_scale(x, 7.0)
     c = (jnp.clip(jnp.round(x / scale[..., None]), -7, 7) + 8).astype(jnp.uint8)
-    return c[..., 0::2] | (c[..., 1::2] << 4), scale
+    return pack(c, -1), scale
 
 
 def dequantize_int4(packed, scale, dtype):
     """uint8 [..., D / 2] and its scale [...] -> [..., D] in `dtype`."""
-    codes = jnp.stack([packed & 15, packed >> 4], axis=-1).reshape(
-        *packed.shape[:-1], 2 * packed.shape[-1])
+    codes = unpack(packed, -1)
     return (codes.astype(jnp.int8) - 8).astype(dtype) * scale[..., None].astype(dtype)
 
 
